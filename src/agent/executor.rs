@@ -1,0 +1,781 @@
+//! Runs one attempt's process.
+//!
+//! The process gets its own process group, a clean environment, a private work directory and,
+//! when the agent runs as root, an unprivileged user. Its stdout and stderr are appended to
+//! `<work_dir>/output.log` and streamed to the caller. On max runtime or cancel the whole group
+//! gets SIGTERM, then SIGKILL after a grace period; when the attempt ends, whatever is left of
+//! the group is killed, so background children cannot outlive it (a process that leaves the
+//! group with `setsid` escapes this; containing that needs cgroups).
+
+use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use std::ffi::CString;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt, lchown};
+use std::path::Path;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::{Gid, Pid, Uid, User, getgrouplist, getuid, setgid, setgroups, setuid};
+use tokio::fs::File;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, watch};
+use tokio::task::{AbortHandle, JoinHandle};
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+
+/// Default time between SIGTERM and SIGKILL on max runtime or cancel.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
+/// Name of the output file in the work directory.
+pub const OUTPUT_LOG: &str = "output.log";
+/// Largest chunk of output read and sent at once.
+pub const CHUNK_BYTES: usize = 16 * 1024;
+/// How long output pipes may stay open after the process group is gone.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a SIGKILLed process may take to die before `run` stops waiting for it.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+/// How long one chunk may wait for room in the caller's channel before chunks are dropped
+/// from the stream (never from the log file).
+const SEND_TIMEOUT: Duration = Duration::from_secs(1);
+/// The agent's variables a job inherits; every other one (config, credentials) is dropped.
+const KEPT_AGENT_ENV: [&str; 4] = ["PATH", "HOME", "LANG", "TZ"];
+
+/// What to run for one attempt.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// The job, exported as `HYBROKER_JOB_ID`.
+    pub job_id: String,
+    /// The attempt number, exported as `HYBROKER_ATTEMPT`.
+    pub attempt: u32,
+    /// argv; `command[0]` is looked up in `PATH` (the agent's, unless `env` sets one).
+    pub command: Vec<String>,
+    /// The job's environment; `HYBROKER_JOB_ID`, `HYBROKER_ATTEMPT` and `CUDA_VISIBLE_DEVICES`
+    /// in it are overridden.
+    pub env: BTreeMap<String, String>,
+    /// GPU indices or UUIDs, comma separated; `""` hides every GPU from a CPU job.
+    pub cuda_visible_devices: String,
+    /// Wall-clock limit from spawn; the group is then terminated.
+    pub max_runtime: Duration,
+    /// Per-attempt work directory, created with mode 0700; the process runs there.
+    pub work_dir: PathBuf,
+    /// Unprivileged user to run as; applied only when the agent runs as root.
+    pub run_as: Option<String>,
+    /// Time between SIGTERM and SIGKILL; normally [`DEFAULT_GRACE`].
+    pub grace: Duration,
+}
+
+/// How an attempt's process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// It exited by itself with this code.
+    Exited(i32),
+    /// It was killed by this signal, not by us.
+    Signaled(i32),
+    /// It ran past its max runtime (carried here) and was killed.
+    TimedOut(Duration),
+    /// It was cancelled and killed.
+    Cancelled,
+    /// It never ran; the text says why.
+    StartFailed(String),
+}
+
+impl Outcome {
+    /// The exit code, when the process exited by itself.
+    pub fn exit_code(&self) -> Option<i32> {
+        match self {
+            Outcome::Exited(code) => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// Whether the process exited with code 0.
+    pub fn succeeded(&self) -> bool {
+        matches!(self, Outcome::Exited(0))
+    }
+
+    /// A short text for people, like "exited with code 3".
+    pub fn reason(&self) -> String {
+        match self {
+            Outcome::Exited(code) => format!("exited with code {code}"),
+            Outcome::Signaled(signal) => format!("killed by signal {signal}"),
+            Outcome::TimedOut(max) => {
+                format!(
+                    "killed after max runtime {}",
+                    humantime::format_duration(*max)
+                )
+            }
+            Outcome::Cancelled => "cancelled".to_owned(),
+            Outcome::StartFailed(why) => format!("could not start: {why}"),
+        }
+    }
+}
+
+/// Why the wait for the process stopped.
+enum Stop {
+    Exited(std::io::Result<ExitStatus>),
+    TimedOut,
+    Cancelled,
+}
+
+/// Runs `launch` to its end: output goes to `output` (best effort; the log file has it all) and
+/// to the log file; `cancel` turning true stops it. Never panics on process trouble: a launch
+/// that cannot start gives [`Outcome::StartFailed`].
+pub async fn run(
+    launch: Launch,
+    output: mpsc::Sender<Vec<u8>>,
+    mut cancel: watch::Receiver<bool>,
+) -> Outcome {
+    let prepared = match prepare(&launch).await {
+        Ok(prepared) => prepared,
+        Err(why) => return Outcome::StartFailed(why),
+    };
+    let mut command = prepared.command;
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(error) => return Outcome::StartFailed(format!("{}: {error}", launch.command[0])),
+    };
+    let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) else {
+        return Outcome::StartFailed("process vanished right after spawn".to_owned());
+    };
+    let group = GroupGuard(Pid::from_raw(pid));
+    tracing::debug!(job = %launch.job_id, attempt = launch.attempt, pid, "attempt started");
+    let streams = Streams::start(&mut child, prepared.log, output);
+
+    let deadline = Instant::now().checked_add(launch.max_runtime);
+    let stop = tokio::select! {
+        status = child.wait() => Stop::Exited(status),
+        () = until(deadline) => Stop::TimedOut,
+        () = cancelled(&mut cancel) => Stop::Cancelled,
+    };
+    let outcome = match stop {
+        Stop::Exited(status) => exited(status),
+        Stop::TimedOut | Stop::Cancelled => {
+            group.signal(Signal::SIGTERM);
+            tokio::select! {
+                _ = child.wait() => {}
+                () = sleep(launch.grace) => {
+                    group.signal(Signal::SIGKILL);
+                    if timeout(KILL_WAIT, child.wait()).await.is_err() {
+                        // Stuck in the kernel (a hung driver, say); tokio reaps it later.
+                        tracing::warn!(pid, "attempt's process survives SIGKILL; leaving it to be reaped");
+                    }
+                }
+            }
+            match stop {
+                Stop::TimedOut => Outcome::TimedOut(launch.max_runtime),
+                _ => Outcome::Cancelled,
+            }
+        }
+    };
+    // The process is reaped; kill what is left of its group, then let the pipes drain.
+    drop(group);
+    streams.finish(DRAIN_TIMEOUT).await;
+    tracing::debug!(job = %launch.job_id, attempt = launch.attempt, reason = %outcome.reason(), "attempt ended");
+    outcome
+}
+
+/// Maps the process's own end to an outcome.
+fn exited(status: std::io::Result<ExitStatus>) -> Outcome {
+    match status {
+        Ok(status) => match (status.code(), status.signal()) {
+            (Some(code), _) => Outcome::Exited(code),
+            (None, Some(signal)) => Outcome::Signaled(signal),
+            (None, None) => Outcome::Exited(-1),
+        },
+        Err(error) => {
+            // Practically unreachable: tokio lost the child. Its group is killed all the same.
+            tracing::error!(%error, "waiting for the attempt's process failed");
+            Outcome::Signaled(Signal::SIGKILL as i32)
+        }
+    }
+}
+
+/// Completes at `deadline`, never without one.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Completes when the cancel flag is true; never if its sender is gone without setting it.
+async fn cancelled(cancel: &mut watch::Receiver<bool>) {
+    if cancel.wait_for(|c| *c).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// The attempt's process group; SIGKILLed when dropped, so even an aborted `run` leaves no
+/// process behind.
+struct GroupGuard(Pid);
+
+impl GroupGuard {
+    /// Signals the whole group; a group that is already gone is fine.
+    fn signal(&self, signal: Signal) {
+        match killpg(self.0, signal) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+            Err(error) => {
+                tracing::warn!(pgid = %self.0, %signal, %error, "signalling process group failed")
+            }
+        }
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.signal(Signal::SIGKILL);
+    }
+}
+
+/// Logs once per agent that `run_as` is ignored because the agent is not root.
+fn note_run_as_ignored(user: &str) {
+    static NOTED: AtomicBool = AtomicBool::new(false);
+    if !NOTED.swap(true, Ordering::Relaxed) {
+        tracing::info!(
+            user,
+            "agent is not root; jobs run as the agent's own user, not run_as"
+        );
+    }
+}
+
+// ---- preparation: work directory, user, environment ----
+
+/// A command ready to spawn and the log file its output goes to.
+struct Prepared {
+    command: Command,
+    log: File,
+}
+
+/// The user a job runs as, resolved from `run_as`.
+struct Credentials {
+    name: String,
+    uid: Uid,
+    gid: Gid,
+    groups: Vec<Gid>,
+    home: PathBuf,
+}
+
+/// Everything before spawn; an error is the text of [`Outcome::StartFailed`].
+async fn prepare(launch: &Launch) -> Result<Prepared, String> {
+    let program = launch.command.first().ok_or("empty command")?;
+    if program.is_empty() {
+        return Err("empty command".to_owned());
+    }
+    for key in launch.env.keys() {
+        if key.is_empty() || key.contains(['=', '\0']) {
+            return Err(format!("invalid environment variable name {key:?}"));
+        }
+    }
+    let credentials = match &launch.run_as {
+        Some(user) if getuid().is_root() => Some(resolve_user(user.clone()).await?),
+        Some(user) => {
+            note_run_as_ignored(user);
+            None
+        }
+        None => None,
+    };
+    let dir = launch.work_dir.clone();
+    let owner = credentials
+        .as_ref()
+        .map(|c| (c.uid.as_raw(), c.gid.as_raw()));
+    tokio::task::spawn_blocking(move || make_work_dir(&dir, owner))
+        .await
+        .map_err(|e| format!("work directory: {e}"))?
+        .map_err(|e| format!("work directory {}: {e}", launch.work_dir.display()))?;
+    let log_path = launch.work_dir.join(OUTPUT_LOG);
+    let log = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&log_path)
+        .await
+        .map_err(|e| format!("{}: {e}", log_path.display()))?;
+
+    let mut command = Command::new(program);
+    command
+        .args(&launch.command[1..])
+        .current_dir(&launch.work_dir)
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .env_clear();
+    for key in KEPT_AGENT_ENV {
+        if let Some(value) = std::env::var_os(key) {
+            command.env(key, value);
+        }
+    }
+    if let Some(c) = &credentials {
+        command
+            .env("HOME", &c.home)
+            .env("USER", &c.name)
+            .env("LOGNAME", &c.name);
+    }
+    command
+        .envs(&launch.env)
+        .env("HYBROKER_JOB_ID", &launch.job_id)
+        .env("HYBROKER_ATTEMPT", launch.attempt.to_string())
+        .env("CUDA_VISIBLE_DEVICES", &launch.cuda_visible_devices);
+    if let Some(c) = credentials {
+        let Credentials {
+            uid, gid, groups, ..
+        } = c;
+        // SAFETY: the closure runs between fork and exec and only makes the async-signal-safe
+        // setgroups, setgid and setuid system calls on data prepared before the fork.
+        unsafe {
+            command.pre_exec(move || {
+                setgroups(&groups)?;
+                setgid(gid)?;
+                setuid(uid)?;
+                Ok(())
+            });
+        }
+    }
+    Ok(Prepared { command, log })
+}
+
+/// Looks up `user` (and its groups) off the async threads: NSS may be slow.
+async fn resolve_user(user: String) -> Result<Credentials, String> {
+    tokio::task::spawn_blocking(move || {
+        let found = User::from_name(&user).map_err(|e| format!("run_as user {user:?}: {e}"))?;
+        let found = found.ok_or_else(|| format!("run_as user {user:?} does not exist"))?;
+        if found.uid.is_root() {
+            return Err(format!("run_as user {user:?} is root"));
+        }
+        let c_name =
+            CString::new(user.as_str()).map_err(|_| format!("run_as user {user:?}: nul byte"))?;
+        let groups = getgrouplist(&c_name, found.gid)
+            .map_err(|e| format!("run_as user {user:?}: groups: {e}"))?;
+        Ok(Credentials {
+            name: user,
+            uid: found.uid,
+            gid: found.gid,
+            groups,
+            home: found.dir,
+        })
+    })
+    .await
+    .map_err(|e| format!("run_as lookup: {e}"))?
+}
+
+/// Creates the work directory (mode 0700; parents as the umask says) and, for a `run_as` user,
+/// hands it and everything already in it (staged inputs) to that user, without following links.
+fn make_work_dir(dir: &Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+        other => other?,
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    let Some((uid, gid)) = owner else {
+        return Ok(());
+    };
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        lchown(&path, Some(uid), Some(gid))?;
+        if std::fs::symlink_metadata(&path)?.is_dir() {
+            for entry in std::fs::read_dir(&path)? {
+                pending.push(entry?.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---- output: pipes to the log file and the caller ----
+
+/// The tasks moving the process's output.
+struct Streams {
+    readers: Vec<JoinHandle<()>>,
+    sink: JoinHandle<()>,
+}
+
+impl Streams {
+    /// Starts reading the child's stdout and stderr into one ordered stream of chunks.
+    fn start(child: &mut Child, log: File, output: mpsc::Sender<Vec<u8>>) -> Self {
+        let (tx, rx) = mpsc::channel(16);
+        let mut readers = Vec::new();
+        if let Some(stdout) = child.stdout.take() {
+            readers.push(tokio::spawn(read_pipe(stdout, tx.clone())));
+        }
+        if let Some(stderr) = child.stderr.take() {
+            readers.push(tokio::spawn(read_pipe(stderr, tx)));
+        }
+        let sink = tokio::spawn(sink(
+            rx,
+            log,
+            Forwarder {
+                tx: Some(output),
+                lagging: false,
+                dropped: 0,
+            },
+        ));
+        Self { readers, sink }
+    }
+
+    /// Waits for the pipes to close (at most `drain`; a process that escaped the group could
+    /// hold them), then for everything read to be written.
+    async fn finish(self, drain: Duration) {
+        let aborts: Vec<_> = self.readers.iter().map(JoinHandle::abort_handle).collect();
+        let all = async {
+            for reader in self.readers {
+                let _ = reader.await;
+            }
+        };
+        if timeout(drain, all).await.is_err() {
+            tracing::warn!("output pipes still open after the process group ended; closing them");
+            aborts.iter().for_each(AbortHandle::abort);
+        }
+        let _ = self.sink.await;
+    }
+}
+
+/// Reads one pipe in chunks of at most [`CHUNK_BYTES`] until it closes.
+async fn read_pipe(mut pipe: impl AsyncRead + Unpin, tx: mpsc::Sender<Vec<u8>>) {
+    let mut buf = vec![0; CHUNK_BYTES];
+    loop {
+        match pipe.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => {
+                if tx.send(buf[..n].to_vec()).await.is_err() {
+                    break;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "reading the attempt's output failed");
+                break;
+            }
+        }
+    }
+}
+
+/// Appends every chunk to the log file and forwards it to the caller.
+async fn sink(mut rx: mpsc::Receiver<Vec<u8>>, mut log: File, mut forward: Forwarder) {
+    let mut log_ok = true;
+    while let Some(chunk) = rx.recv().await {
+        if log_ok && let Err(error) = log.write_all(&chunk).await {
+            tracing::warn!(%error, "writing {OUTPUT_LOG} failed; output only streamed from now");
+            log_ok = false;
+        }
+        forward.send(chunk).await;
+    }
+    if let Err(error) = log.flush().await {
+        tracing::warn!(%error, "flushing {OUTPUT_LOG} failed");
+    }
+    if forward.dropped > 0 {
+        tracing::warn!(
+            chunks = forward.dropped,
+            "output consumer too slow; chunks left out of the stream (all are in {OUTPUT_LOG})"
+        );
+    }
+}
+
+/// Sends chunks to the caller without letting a slow or gone receiver stall the process.
+struct Forwarder {
+    tx: Option<mpsc::Sender<Vec<u8>>>,
+    /// Set after a send timed out: chunks are then only offered (dropped when the channel is
+    /// full) until one fits again.
+    lagging: bool,
+    dropped: u64,
+}
+
+impl Forwarder {
+    async fn send(&mut self, chunk: Vec<u8>) {
+        let Some(tx) = &self.tx else { return };
+        match tx.try_send(chunk) {
+            Ok(()) => self.lagging = false,
+            Err(TrySendError::Closed(_)) => self.tx = None,
+            Err(TrySendError::Full(_)) if self.lagging => self.dropped += 1,
+            Err(TrySendError::Full(chunk)) => match timeout(SEND_TIMEOUT, tx.send(chunk)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => self.tx = None,
+                Err(_) => {
+                    self.lagging = true;
+                    self.dropped += 1;
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::errno::Errno;
+    use nix::sys::signal::kill;
+    use std::time::Instant as StdInstant;
+
+    fn launch(dir: &Path, argv: &[&str]) -> Launch {
+        Launch {
+            job_id: "job-1".into(),
+            attempt: 2,
+            command: argv.iter().map(|s| (*s).to_owned()).collect(),
+            env: BTreeMap::new(),
+            cuda_visible_devices: String::new(),
+            max_runtime: Duration::from_secs(60),
+            work_dir: dir.join("attempts").join("job-1-2"),
+            run_as: None,
+            grace: Duration::from_millis(200),
+        }
+    }
+
+    /// Runs to the end, collecting the streamed output.
+    async fn run_collect(launch: Launch) -> (Outcome, Vec<u8>) {
+        let (tx, mut rx) = mpsc::channel(4);
+        let (_cancel_tx, cancel_rx) = watch::channel(false);
+        let task = tokio::spawn(run(launch, tx, cancel_rx));
+        let mut out = Vec::new();
+        while let Some(chunk) = rx.recv().await {
+            assert!(chunk.len() <= CHUNK_BYTES);
+            out.extend(chunk);
+        }
+        (task.await.unwrap(), out)
+    }
+
+    /// Waits (bounded) until `pid` is gone or a zombie: a killed process that is not our child
+    /// dies asynchronously, and its reaper may be slow or absent.
+    async fn assert_dies(pid: i32) {
+        let until = StdInstant::now() + Duration::from_secs(5);
+        loop {
+            let dead = match kill(Pid::from_raw(pid), None) {
+                Err(Errno::ESRCH) => true,
+                Ok(()) => std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map(|s| {
+                        s.rsplit_once(") ")
+                            .is_some_and(|(_, rest)| rest.starts_with('Z'))
+                    })
+                    .unwrap_or(true),
+                Err(e) => panic!("kill({pid}, 0): {e}"),
+            };
+            if dead {
+                return;
+            }
+            assert!(
+                StdInstant::now() < until,
+                "process {pid} survived its attempt"
+            );
+            sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn read_pid(l: &Launch) -> i32 {
+        let text = std::fs::read_to_string(l.work_dir.join("pid")).unwrap();
+        text.trim().parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn exit_code_and_signal_propagate() {
+        let dir = tempfile::tempdir().unwrap();
+        let (outcome, _) = run_collect(launch(dir.path(), &["sh", "-c", "exit 3"])).await;
+        assert_eq!(outcome, Outcome::Exited(3));
+        assert_eq!(outcome.exit_code(), Some(3));
+        assert!(!outcome.succeeded());
+        assert_eq!(outcome.reason(), "exited with code 3");
+
+        let (outcome, _) = run_collect(launch(dir.path(), &["true"])).await;
+        assert!(outcome.succeeded());
+
+        let (outcome, _) = run_collect(launch(dir.path(), &["sh", "-c", "kill -9 $$"])).await;
+        assert_eq!(outcome, Outcome::Signaled(9));
+        assert_eq!(outcome.reason(), "killed by signal 9");
+        assert_eq!(outcome.exit_code(), None);
+    }
+
+    #[tokio::test]
+    async fn environment_is_clean_and_ours_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = launch(dir.path(), &["env"]);
+        l.cuda_visible_devices = "0,1".into();
+        l.env.insert("BATCH_SIZE".into(), "256".into());
+        l.env.insert("HYBROKER_JOB_ID".into(), "spoofed".into());
+        l.env.insert("CUDA_VISIBLE_DEVICES".into(), "7".into());
+        let (outcome, out) = run_collect(l).await;
+        assert!(outcome.succeeded(), "{outcome:?}");
+        let text = String::from_utf8(out).unwrap();
+        let vars: BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
+        assert_eq!(vars.get("HYBROKER_JOB_ID"), Some(&"job-1"));
+        assert_eq!(vars.get("HYBROKER_ATTEMPT"), Some(&"2"));
+        assert_eq!(vars.get("CUDA_VISIBLE_DEVICES"), Some(&"0,1"));
+        assert_eq!(vars.get("BATCH_SIZE"), Some(&"256"));
+        let allowed = ["PATH", "HOME", "LANG", "TZ", "BATCH_SIZE"];
+        for key in vars.keys() {
+            assert!(
+                allowed.contains(key)
+                    || [
+                        "HYBROKER_JOB_ID",
+                        "HYBROKER_ATTEMPT",
+                        "CUDA_VISIBLE_DEVICES"
+                    ]
+                    .contains(key),
+                "agent variable {key} leaked into the job"
+            );
+        }
+
+        // A CPU job sees CUDA_VISIBLE_DEVICES set and empty.
+        let (_, out) = run_collect(launch(dir.path(), &["env"])).await;
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.lines().any(|l| l == "CUDA_VISIBLE_DEVICES="), "{text}");
+    }
+
+    #[tokio::test]
+    async fn output_reaches_channel_and_file_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let script =
+            "i=0; while [ $i -lt 5000 ]; do echo \"line $i\"; i=$((i+1)); done; echo oops >&2";
+        let l = launch(dir.path(), &["sh", "-c", script]);
+        let log = l.work_dir.join(OUTPUT_LOG);
+        let (outcome, out) = run_collect(l).await;
+        assert!(outcome.succeeded());
+        assert_eq!(std::fs::read(&log).unwrap(), out, "file and stream differ");
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("line ")).collect();
+        let want: Vec<String> = (0..5000).map(|i| format!("line {i}")).collect();
+        assert_eq!(lines, want);
+        assert!(text.lines().any(|l| l == "oops"));
+    }
+
+    #[tokio::test]
+    async fn work_dir_is_private_and_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = launch(dir.path(), &["sh", "-c", "pwd; echo hi > made-here"]);
+        let work = l.work_dir.clone();
+        let (outcome, out) = run_collect(l).await;
+        assert!(outcome.succeeded());
+        assert_eq!(
+            String::from_utf8(out).unwrap().trim(),
+            work.to_str().unwrap()
+        );
+        assert!(work.join("made-here").exists());
+        let mode = std::fs::metadata(&work).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[tokio::test]
+    async fn max_runtime_kills_the_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = launch(dir.path(), &["sh", "-c", "sleep 30 & echo $! > pid; wait"]);
+        l.max_runtime = Duration::from_millis(300);
+        let started = StdInstant::now();
+        let (outcome, _) = run_collect(l.clone()).await;
+        assert_eq!(outcome, Outcome::TimedOut(Duration::from_millis(300)));
+        assert_eq!(outcome.reason(), "killed after max runtime 300ms");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert_dies(read_pid(&l)).await;
+    }
+
+    #[tokio::test]
+    async fn sigterm_is_followed_by_sigkill_after_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        // Both the shell and its sleep ignore SIGTERM.
+        let mut l = launch(
+            dir.path(),
+            &["sh", "-c", "trap '' TERM; sleep 30 & echo $! > pid; wait"],
+        );
+        l.max_runtime = Duration::from_millis(100);
+        let started = StdInstant::now();
+        let (outcome, _) = run_collect(l.clone()).await;
+        assert!(matches!(outcome, Outcome::TimedOut(_)), "{outcome:?}");
+        assert!(
+            started.elapsed() < DEFAULT_GRACE,
+            "grace of the launch not used"
+        );
+        assert_dies(read_pid(&l)).await;
+    }
+
+    #[tokio::test]
+    async fn background_children_do_not_outlive_the_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        // The shell exits at once; its sleep keeps stdout open.
+        let l = launch(dir.path(), &["sh", "-c", "sleep 30 & echo $! > pid"]);
+        let started = StdInstant::now();
+        let (outcome, _) = run_collect(l.clone()).await;
+        assert_eq!(outcome, Outcome::Exited(0));
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert_dies(read_pid(&l)).await;
+    }
+
+    #[tokio::test]
+    async fn cancel_kills() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = launch(
+            dir.path(),
+            &["sh", "-c", "sleep 30 & echo $! > pid; echo ready; wait"],
+        );
+        let (tx, mut rx) = mpsc::channel(4);
+        let (cancel_tx, cancel_rx) = watch::channel(false);
+        let task = tokio::spawn(run(l.clone(), tx, cancel_rx));
+        assert_eq!(rx.recv().await.unwrap(), b"ready\n");
+        cancel_tx.send(true).unwrap();
+        let outcome = task.await.unwrap();
+        assert_eq!(outcome, Outcome::Cancelled);
+        assert_eq!(outcome.reason(), "cancelled");
+        assert_dies(read_pid(&l)).await;
+    }
+
+    #[tokio::test]
+    async fn gone_receiver_still_fills_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = launch(dir.path(), &["sh", "-c", "echo one; echo two"]);
+        let log = l.work_dir.join(OUTPUT_LOG);
+        let (tx, rx) = mpsc::channel(1);
+        drop(rx);
+        let (_cancel_tx, cancel_rx) = watch::channel(false);
+        assert!(run(l, tx, cancel_rx).await.succeeded());
+        assert_eq!(std::fs::read_to_string(log).unwrap(), "one\ntwo\n");
+    }
+
+    #[tokio::test]
+    async fn start_failures_name_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let (outcome, _) = run_collect(launch(dir.path(), &["no-such-command-hybroker"])).await;
+        let reason = outcome.reason();
+        assert!(matches!(outcome, Outcome::StartFailed(_)), "{outcome:?}");
+        assert!(
+            reason.starts_with("could not start: ") && reason.contains("no-such-command-hybroker"),
+            "{reason}"
+        );
+
+        let (outcome, _) = run_collect(launch(dir.path(), &[])).await;
+        assert_eq!(outcome, Outcome::StartFailed("empty command".into()));
+
+        let mut l = launch(dir.path(), &["true"]);
+        l.env.insert("A=B".into(), "x".into());
+        assert!(matches!(run_collect(l).await.0, Outcome::StartFailed(_)));
+    }
+
+    #[tokio::test]
+    async fn run_as_drops_privileges_when_root() {
+        if !getuid().is_root() || User::from_name("nobody").ok().flatten().is_none() {
+            return;
+        }
+        let nobody = User::from_name("nobody").unwrap().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = launch(dir.path(), &["sh", "-c", "id -u; id -G; echo $HOME"]);
+        l.run_as = Some("nobody".into());
+        let work = l.work_dir.clone();
+        let (outcome, out) = run_collect(l).await;
+        assert!(outcome.succeeded(), "{outcome:?}");
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], nobody.uid.to_string());
+        assert!(
+            !lines[1].split(' ').any(|g| g == "0"),
+            "kept root's groups: {text}"
+        );
+        assert_eq!(lines[2], nobody.dir.to_str().unwrap());
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&work).unwrap().uid(), nobody.uid.as_raw());
+
+        let mut l = launch(dir.path(), &["true"]);
+        l.run_as = Some("no-such-user-hybroker".into());
+        let reason = run_collect(l).await.0.reason();
+        assert!(reason.contains("no-such-user-hybroker"), "{reason}");
+    }
+}

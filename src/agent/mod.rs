@@ -1,0 +1,207 @@
+//! The agent: runs on every GPU node, dials out to the broker (so it works behind NAT), reports its
+//! inventory, runs the attempts it is assigned and reports every transition. It keeps running its
+//! attempts while the broker is away, and reports them again when it reconnects.
+
+pub mod executor;
+pub mod gpu;
+mod session;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::AgentConfig;
+use crate::model::agent::{AttemptReport, Inventory, Phase};
+use crate::model::identity::{Identity, Role};
+use crate::proto;
+use crate::tls;
+use executor::{Launch, Outcome};
+use gpu::GpuProbe;
+
+/// What an attempt's task tells the agent.
+#[derive(Debug)]
+enum AttemptEvent {
+    Output { job_id: String, epoch: u64, data: Vec<u8> },
+    Ended { job_id: String, epoch: u64, outcome: Outcome },
+}
+
+/// One attempt on this node: running, or ended and not yet acknowledged by the broker.
+struct Attempt {
+    report: AttemptReport,
+    cancel: watch::Sender<bool>,
+}
+
+/// The agent's state, kept across broker sessions.
+struct Agent {
+    config: AgentConfig,
+    identity: Identity,
+    probe: GpuProbe,
+    attempts: HashMap<(String, u64), Attempt>,
+    events: mpsc::Sender<AttemptEvent>,
+}
+
+/// Runs the agent until `shutdown` resolves. Attempts still running then are stopped.
+pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    tls::install_crypto_provider();
+    let identity = tls::identity_of_cert_file(&config.tls.cert).context("agent certificate")?;
+    if identity.role != Role::Agent {
+        anyhow::bail!("{} is a {} certificate; the agent needs an agent certificate", config.tls.cert.display(), identity.role);
+    }
+    let client_tls = tls::client_config(&config.tls, &identity.trust_domain, Role::Broker)?;
+    let probe = GpuProbe::new(config.simulated_gpus(), &identity.name);
+    std::fs::create_dir_all(&config.agent.work_dir)
+        .with_context(|| format!("work directory {}", config.agent.work_dir.display()))?;
+    let (events, mut event_rx) = mpsc::channel(1024);
+    let mut agent = Agent { config, identity, probe, attempts: HashMap::new(), events };
+    tracing::info!(agent = agent.identity.agent_id(), gpus = agent.probe.gpus().len(), "agent starting");
+    session::run_sessions(&mut agent, client_tls, &mut event_rx, shutdown).await;
+    for attempt in agent.attempts.values() {
+        let _ = attempt.cancel.send(true);
+    }
+    Ok(())
+}
+
+impl Agent {
+    fn inventory(&self) -> Inventory {
+        let cfg = &self.config.agent;
+        Inventory {
+            gpus: self.probe.gpus(),
+            cpus: if cfg.cpus == 0 { gpu::host_cpus() } else { cfg.cpus },
+            memory_mib: if cfg.memory_mib == 0 { gpu::host_memory_mib() } else { cfg.memory_mib },
+            labels: cfg.labels.clone(),
+        }
+    }
+
+    fn register(&self) -> proto::Register {
+        proto::Register {
+            site: self.identity.site.clone().unwrap_or_default(),
+            node: self.identity.name.clone(),
+            inventory: Some(self.inventory().into()),
+            attempts: self.attempts.values().map(|a| a.report.clone().into()).collect(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+
+    /// Starts an assigned attempt; returns the first report to send (running, or failed).
+    fn start(&mut self, a: proto::Assignment) -> Option<AttemptReport> {
+        let key = (a.job_id.clone(), a.epoch);
+        if self.attempts.contains_key(&key) {
+            return None; // a repeated assignment
+        }
+        let mut report = AttemptReport {
+            job_id: a.job_id.clone(),
+            attempt: a.attempt,
+            epoch: a.epoch,
+            phase: Phase::Running,
+            exit_code: None,
+            reason: String::new(),
+            gpu_indices: a.gpu_indices.clone(),
+        };
+        let (cancel, cancel_rx) = watch::channel(false);
+        match self.cuda_devices(&a.gpu_indices) {
+            Ok(devices) => self.spawn(a, devices, cancel_rx),
+            Err(reason) => {
+                report.phase = Phase::Failed;
+                report.reason = reason;
+            }
+        }
+        self.attempts.insert(key, Attempt { report: report.clone(), cancel });
+        Some(report)
+    }
+
+    /// `CUDA_VISIBLE_DEVICES` for the given GPUs (UUIDs for real ones), refusing double-booking.
+    fn cuda_devices(&self, indices: &[u32]) -> Result<String, String> {
+        let gpus = self.probe.gpus();
+        let mut devices = Vec::new();
+        for index in indices {
+            let Some(g) = gpus.iter().find(|g| g.index == *index) else {
+                return Err(format!("gpu {index} does not exist on this node"));
+            };
+            let busy = self.attempts.values().any(|a| a.report.phase == Phase::Running && a.report.gpu_indices.contains(index));
+            if busy {
+                return Err(format!("gpu {index} is already in use on this node"));
+            }
+            devices.push(if g.simulated { index.to_string() } else { g.uuid.clone() });
+        }
+        Ok(devices.join(","))
+    }
+
+    fn spawn(&self, a: proto::Assignment, cuda_visible_devices: String, cancel: watch::Receiver<bool>) {
+        let work_dir: PathBuf = self.config.agent.work_dir.join(&a.job_id).join(format!("attempt-{}", a.attempt));
+        let launch = Launch {
+            job_id: a.job_id.clone(),
+            attempt: a.attempt,
+            command: a.command,
+            env: a.env.into_iter().collect(),
+            cuda_visible_devices,
+            max_runtime: Duration::from_millis(a.max_runtime_ms),
+            work_dir,
+            run_as: self.config.agent.run_as.clone(),
+            grace: executor::DEFAULT_GRACE,
+        };
+        let events = self.events.clone();
+        let (job_id, epoch) = (a.job_id, a.epoch);
+        tokio::spawn(async move {
+            let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(64);
+            let forward_events = events.clone();
+            let forward_job = job_id.clone();
+            let forward = tokio::spawn(async move {
+                while let Some(data) = out_rx.recv().await {
+                    let ev = AttemptEvent::Output { job_id: forward_job.clone(), epoch, data };
+                    if forward_events.send(ev).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let outcome = executor::run(launch, out_tx, cancel).await;
+            let _ = forward.await;
+            let _ = events.send(AttemptEvent::Ended { job_id, epoch, outcome }).await;
+        });
+    }
+
+    /// Applies an attempt event; returns what to tell the broker.
+    fn on_event(&mut self, ev: AttemptEvent) -> Option<proto::agent_message::Msg> {
+        match ev {
+            AttemptEvent::Output { job_id, epoch, data } => {
+                let attempt = self.attempts.get(&(job_id.clone(), epoch))?.report.attempt;
+                Some(proto::agent_message::Msg::Output(proto::OutputChunk { job_id, attempt, epoch, data }))
+            }
+            AttemptEvent::Ended { job_id, epoch, outcome } => {
+                let attempt = self.attempts.get_mut(&(job_id, epoch))?;
+                let report = &mut attempt.report;
+                report.exit_code = outcome.exit_code();
+                report.phase = if matches!(outcome, Outcome::Exited(_)) { Phase::Exited } else { Phase::Failed };
+                report.reason = outcome.reason();
+                tracing::info!(job = report.job_id, epoch, outcome = report.reason, "attempt ended");
+                Some(proto::agent_message::Msg::Update(report.clone().into()))
+            }
+        }
+    }
+
+    fn stop(&mut self, s: &proto::StopAttempt) {
+        if let Some(a) = self.attempts.get(&(s.job_id.clone(), s.epoch)) {
+            tracing::info!(job = s.job_id, epoch = s.epoch, reason = s.reason, "stopping attempt");
+            let _ = a.cancel.send(true);
+        }
+    }
+
+    fn ack(&mut self, ack: &proto::Ack) {
+        let key = (ack.job_id.clone(), ack.epoch);
+        if self.attempts.get(&key).is_some_and(|a| a.report.is_final()) {
+            self.attempts.remove(&key);
+        }
+    }
+}
+
+/// The broker's URL and the name to verify in its certificate.
+fn broker_target(config: &AgentConfig) -> (String, Option<String>) {
+    (config.agent.broker_url.clone(), config.agent.broker_server_name.clone())
+}
+
+/// Shared by the session loop for its TLS configuration.
+type ClientTls = Arc<rustls::ClientConfig>;

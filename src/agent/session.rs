@@ -1,0 +1,134 @@
+//! The agent's stream to the broker: connect, register, heartbeat, take assignments, report; on
+//! any failure reconnect with jittered exponential backoff. Attempt events are handled while
+//! disconnected too, so attempts keep running and their results wait for the next session.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{Agent, AttemptEvent, ClientTls, broker_target};
+use crate::proto::agent_service_client::AgentServiceClient;
+use crate::proto::{self, agent_message::Msg as Out, broker_message::Msg as In};
+use crate::tls;
+
+/// Messages queued for the broker; output chunks are dropped (never updates) when it is full.
+const OUTBOX: usize = 1024;
+
+/// Why a session ended.
+struct End(String);
+
+pub(super) async fn run_sessions(
+    agent: &mut Agent,
+    client_tls: ClientTls,
+    events: &mut mpsc::Receiver<AttemptEvent>,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    tokio::pin!(shutdown);
+    let (min, max) = (agent.config.reconnect.min_backoff.0, agent.config.reconnect.max_backoff.0);
+    let mut backoff = min;
+    loop {
+        let (registered, end) = tokio::select! {
+            r = session(agent, &client_tls, events) => r,
+            () = &mut shutdown => return,
+        };
+        tracing::warn!(agent = agent.identity.agent_id(), "broker session ended: {}", end.0);
+        backoff = if registered { min } else { (backoff * 2).min(max) };
+        let pause = backoff.mul_f64(0.5 + fastrand::f64());
+        let until = tokio::time::Instant::now() + pause;
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return,
+                () = tokio::time::sleep_until(until) => break,
+                Some(ev) = events.recv() => { agent.on_event(ev); }
+            }
+        }
+    }
+}
+
+/// One session; returns whether it got as far as registering, and why it ended.
+async fn session(agent: &mut Agent, client_tls: &ClientTls, events: &mut mpsc::Receiver<AttemptEvent>) -> (bool, End) {
+    let (url, server_name) = broker_target(&agent.config);
+    let channel = match tls::connect(&url, client_tls.clone(), server_name.as_deref()).await {
+        Ok(channel) => channel,
+        Err(e) => return (false, End(e.to_string())),
+    };
+    let mut client = AgentServiceClient::new(channel);
+    let (tx, rx) = mpsc::channel(OUTBOX);
+    let register = proto::AgentMessage { msg: Some(Out::Register(agent.register())) };
+    tx.try_send(register).expect("a new outbox has room");
+    let mut inbound = match client.session(ReceiverStream::new(rx)).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => return (false, End(tls::explain_status(&status))),
+    };
+    let mut registered = false;
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(10));
+    heartbeat.reset();
+    loop {
+        tokio::select! {
+            msg = inbound.message() => match msg {
+                Ok(Some(proto::BrokerMessage { msg: Some(msg) })) => {
+                    if let In::Registered(r) = &msg {
+                        registered = true;
+                        let every = Duration::from_millis(u64::from(r.heartbeat_interval_ms.max(50)));
+                        heartbeat = tokio::time::interval(every);
+                        heartbeat.reset();
+                        tracing::info!(agent = r.agent_id, "registered with the broker");
+                    }
+                    if let Some(reply) = on_message(agent, msg) {
+                        if !send(&tx, reply) {
+                            return (registered, End("outbox full".into()));
+                        }
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => return (registered, End("the broker closed the stream".into())),
+                Err(status) => return (registered, End(tls::explain_status(&status))),
+            },
+            Some(ev) = events.recv() => {
+                let is_output = matches!(ev, AttemptEvent::Output { .. });
+                if let Some(msg) = agent.on_event(ev) {
+                    let msg = proto::AgentMessage { msg: Some(msg) };
+                    if is_output {
+                        let _ = tx.try_send(msg); // output is best effort; the work dir keeps all of it
+                    } else if tx.send(msg).await.is_err() {
+                        return (registered, End("stream closed".into()));
+                    }
+                }
+            }
+            _ = heartbeat.tick() => {
+                let hb = Out::Heartbeat(proto::Heartbeat { inventory: Some(agent.inventory().into()) });
+                if !send(&tx, hb) {
+                    return (registered, End("outbox full".into()));
+                }
+            }
+        }
+        if tx.is_closed() {
+            return (registered, End("the request stream closed".into()));
+        }
+    }
+}
+
+fn send(tx: &mpsc::Sender<proto::AgentMessage>, msg: Out) -> bool {
+    tx.try_send(proto::AgentMessage { msg: Some(msg) }).is_ok()
+}
+
+/// Applies one broker message; returns what to report back.
+fn on_message(agent: &mut Agent, msg: In) -> Option<Out> {
+    match msg {
+        In::Registered(_) => None,
+        In::Assign(a) => {
+            tracing::info!(job = a.job_id, attempt = a.attempt, gpus = ?a.gpu_indices, "assigned");
+            agent.start(a).map(|r| Out::Update(r.into()))
+        }
+        In::Stop(s) => {
+            agent.stop(&s);
+            None
+        }
+        In::Ack(ack) => {
+            agent.ack(&ack);
+            None
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! The agent service: one bidirectional stream per agent, and the core's record of each agent.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::core::Cmd;
+use crate::model::agent::{AttemptReport, Inventory};
+use crate::model::identity::Role;
+use crate::placement::bind::FreeCapacity;
+use crate::proto::{self, agent_message::Msg as In, broker_message::Msg as Out};
+use crate::tls;
+
+/// Messages queued to one agent before it counts as too slow and its stream is closed.
+const OUTBOX: usize = 4096;
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub type Outbox = mpsc::Sender<Result<proto::BrokerMessage, Status>>;
+
+/// One open stream to an agent.
+pub struct Conn {
+    pub id: u64,
+    pub tx: Outbox,
+}
+
+/// Resources held by one attempt on an agent.
+#[derive(Debug, Clone)]
+pub struct Alloc {
+    pub gpus: Vec<u32>,
+    pub cpus: u32,
+    pub memory_mib: u64,
+}
+
+/// The core's view of one agent.
+pub struct AgentEntry {
+    pub id: String,
+    pub site: String,
+    pub node: String,
+    pub inventory: Inventory,
+    pub conn: Option<Conn>,
+    pub last_seen: Instant,
+    /// Keyed by (job id, epoch).
+    pub allocs: HashMap<(String, u64), Alloc>,
+}
+
+/// What the job service shows of an agent.
+#[derive(Debug, Clone)]
+pub struct AgentView {
+    pub id: String,
+    pub site: String,
+    pub node: String,
+    pub inventory: Inventory,
+    pub connected: bool,
+    pub running_jobs: Vec<String>,
+    pub last_seen_ms: i64,
+}
+
+impl AgentEntry {
+    pub fn new(id: &str, site: &str, node: &str) -> Self {
+        Self {
+            id: id.to_string(),
+            site: site.to_string(),
+            node: node.to_string(),
+            inventory: Inventory::default(),
+            conn: None,
+            last_seen: Instant::now(),
+            allocs: HashMap::new(),
+        }
+    }
+
+    pub fn conn_id(&self) -> Option<u64> {
+        self.conn.as_ref().map(|c| c.id)
+    }
+
+    /// Queues a message; an agent whose outbox is full or gone loses its stream (it reconnects and
+    /// reconciles), so no message is silently dropped on a stream that stays open.
+    pub fn send(&mut self, msg: Out) {
+        let Some(conn) = &self.conn else { return };
+        if conn.tx.try_send(Ok(proto::BrokerMessage { msg: Some(msg) })).is_err() {
+            tracing::warn!(agent = self.id, "agent stream is full or closed; dropping it");
+            self.conn = None;
+        }
+    }
+
+    /// Healthy GPUs, CPUs and memory not held by any attempt.
+    pub fn free(&self) -> FreeCapacity {
+        let held_gpus: Vec<u32> = self.allocs.values().flat_map(|a| a.gpus.iter().copied()).collect();
+        let cpus: u32 = self.allocs.values().map(|a| a.cpus).sum();
+        let memory: u64 = self.allocs.values().map(|a| a.memory_mib).sum();
+        FreeCapacity {
+            gpus: self
+                .inventory
+                .gpus
+                .iter()
+                .filter(|g| g.healthy && !held_gpus.contains(&g.index))
+                .map(|g| (g.index, g.model.clone()))
+                .collect(),
+            cpus: self.inventory.cpus.saturating_sub(cpus),
+            memory_mib: self.inventory.memory_mib.saturating_sub(memory),
+        }
+    }
+
+    pub fn view(&self) -> AgentView {
+        let seen = SystemTime::now() - self.last_seen.elapsed();
+        let mut running_jobs: Vec<String> = self.allocs.keys().map(|(job, _)| job.clone()).collect();
+        running_jobs.sort();
+        AgentView {
+            id: self.id.clone(),
+            site: self.site.clone(),
+            node: self.node.clone(),
+            inventory: self.inventory.clone(),
+            connected: self.conn.is_some(),
+            running_jobs,
+            last_seen_ms: seen.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),
+        }
+    }
+}
+
+/// The gRPC agent service.
+pub struct AgentService {
+    core: mpsc::Sender<Cmd>,
+    next_conn: Arc<AtomicU64>,
+}
+
+impl AgentService {
+    pub fn new(core: mpsc::Sender<Cmd>) -> Self {
+        Self { core, next_conn: Arc::new(AtomicU64::new(1)) }
+    }
+}
+
+#[tonic::async_trait]
+impl proto::agent_service_server::AgentService for AgentService {
+    type SessionStream = ReceiverStream<Result<proto::BrokerMessage, Status>>;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<proto::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let who = tls::require_role(&req, &[Role::Agent])?;
+        let (site, node) = (who.site.clone().unwrap_or_default(), who.name.clone());
+        let agent = who.agent_id();
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no register message within 10s"))??;
+        let Some(proto::AgentMessage { msg: Some(In::Register(reg)) }) = first else {
+            return Err(Status::invalid_argument("the first message of a session must be register"));
+        };
+        if reg.site != site || reg.node != node {
+            return Err(Status::permission_denied(format!(
+                "this certificate is for agent {site}/{node}; it may not register as {}/{}",
+                reg.site, reg.node
+            )));
+        }
+        let inventory = Inventory::from(reg.inventory.unwrap_or_default());
+        let attempts = reg.attempts.into_iter().map(AttemptReport::try_from).collect::<Result<Vec<_>, _>>()?;
+        let (tx, rx) = mpsc::channel(OUTBOX);
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let connected = Cmd::Connected { agent: agent.clone(), site, node, inventory, attempts, conn: Conn { id: conn, tx } };
+        self.core.send(connected).await.map_err(|_| Status::unavailable("broker is shutting down"))?;
+        let core = self.core.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(msg)) = inbound.message().await {
+                let Some(cmd) = command(&agent, conn, msg) else { continue };
+                if core.send(cmd).await.is_err() {
+                    return;
+                }
+            }
+            let _ = core.send(Cmd::Disconnected { agent, conn }).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Turns one stream message into a core command; invalid messages are logged and skipped.
+fn command(agent: &str, conn: u64, msg: proto::AgentMessage) -> Option<Cmd> {
+    let agent = agent.to_string();
+    match msg.msg? {
+        In::Register(_) => {
+            tracing::warn!(agent, "ignored a second register on one stream");
+            None
+        }
+        In::Heartbeat(hb) => Some(Cmd::Heartbeat { agent, conn, inventory: hb.inventory.map(Inventory::from) }),
+        In::Update(update) => match AttemptReport::try_from(update) {
+            Ok(report) => Some(Cmd::Report { agent, conn, report }),
+            Err(e) => {
+                tracing::warn!(agent, error = %e, "ignored an invalid attempt update");
+                None
+            }
+        },
+        In::Output(chunk) => {
+            Some(Cmd::Output { agent, conn, job_id: chunk.job_id, epoch: chunk.epoch, data: chunk.data })
+        }
+    }
+}

@@ -1,0 +1,585 @@
+//! The broker's core: one task that owns the live state of every unfinished job and every agent,
+//! applies commands in batches and commits each batch's transitions in one transaction (group
+//! commit). Replies, agent messages and watch events go out only after the commit, so nothing is
+//! acknowledged or dispatched that a crash could lose. A failed commit stops the core (crash-only:
+//! a restarted broker reloads from the store).
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::agents::{AgentEntry, AgentView, Alloc, Conn};
+use super::tail::Tail;
+use crate::error::ApiError;
+use crate::model::UnixMillis;
+use crate::model::agent::{AttemptReport, Inventory, Phase};
+use crate::model::job::JobSpec;
+use crate::model::state::{Input, JobState, Lifecycle};
+use crate::placement::bind::first_fit;
+use crate::proto;
+use crate::store::{AgentRecord, AttemptEnd, AttemptOutput, AttemptRecord, Batch, JobEvent, JobRecord, StoreError, Write, Writer};
+
+/// Most commands applied in one batch (one transaction).
+const MAX_BATCH: usize = 4096;
+
+/// Timings and limits the core needs.
+#[derive(Debug, Clone)]
+pub struct CoreSettings {
+    pub lease_ttl: Duration,
+    pub heartbeat_interval: Duration,
+    pub log_tail_bytes: usize,
+}
+
+pub type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
+
+/// What the services ask of the core.
+pub enum Cmd {
+    Submit { tenant: String, spec: Arc<JobSpec>, idempotency_key: Option<String>, reply: Reply<(String, bool)> },
+    Cancel { job_id: String, tenant: Option<String>, reason: String, reply: Reply<()> },
+    Connected { agent: String, site: String, node: String, inventory: Inventory, attempts: Vec<AttemptReport>, conn: Conn },
+    Disconnected { agent: String, conn: u64 },
+    Heartbeat { agent: String, conn: u64, inventory: Option<Inventory> },
+    Report { agent: String, conn: u64, report: AttemptReport },
+    Output { agent: String, conn: u64, job_id: String, epoch: u64, data: Vec<u8> },
+    Logs { job_id: String, reply: oneshot::Sender<Option<AttemptOutput>> },
+    Agents { reply: oneshot::Sender<Vec<AgentView>> },
+}
+
+struct ActiveJob {
+    rec: JobRecord,
+    life: Lifecycle,
+    spec: Arc<JobSpec>,
+    lease_deadline: Option<Instant>,
+    tail: Tail,
+}
+
+/// What a batch produced, released only after its commit.
+#[derive(Default)]
+struct Effects {
+    batch: Batch,
+    after_commit: Vec<Box<dyn FnOnce() + Send>>,
+    messages: Vec<(String, proto::broker_message::Msg)>,
+    events: Vec<JobEvent>,
+}
+
+impl Effects {
+    fn reply<T: Send + 'static>(&mut self, reply: Reply<T>, value: Result<T, ApiError>) {
+        self.after_commit.push(Box::new(move || {
+            let _ = reply.send(value);
+        }));
+    }
+
+    fn send(&mut self, agent: &str, msg: proto::broker_message::Msg) {
+        self.messages.push((agent.to_string(), msg));
+    }
+}
+
+pub struct Core {
+    writer: Writer,
+    settings: CoreSettings,
+    jobs: HashMap<String, ActiveJob>,
+    queue: BTreeSet<(Reverse<u32>, String)>,
+    agents: HashMap<String, AgentEntry>,
+    next_seq: u64,
+    events: broadcast::Sender<JobEvent>,
+}
+
+fn now_ms() -> UnixMillis {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Core {
+    /// Loads every unfinished job. Attempts in flight get one lease period for their agents to
+    /// reconnect and report them.
+    pub async fn load(mut writer: Writer, settings: CoreSettings, events: broadcast::Sender<JobEvent>) -> Result<Self, StoreError> {
+        let next_seq = writer.last_event_seq().await? + 1;
+        let mut core = Core { writer, settings, jobs: HashMap::new(), queue: BTreeSet::new(), agents: HashMap::new(), next_seq, events };
+        let deadline = Instant::now() + core.settings.lease_ttl;
+        for rec in core.writer.load_active().await? {
+            let spec = match JobSpec::from_json(rec.spec_json.as_bytes(), usize::MAX) {
+                Ok(spec) => Arc::new(spec),
+                Err(e) => return Err(StoreError::Corrupt(format!("job {}: stored spec: {e}", rec.id))),
+            };
+            let life = Lifecycle { state: rec.state, attempts: rec.attempts, max_attempts: rec.max_attempts, epoch: rec.epoch };
+            let lease_deadline = rec.state.has_attempt().then_some(deadline);
+            if !rec.state.has_attempt() {
+                core.queue.insert((Reverse(rec.priority), rec.id.clone()));
+            }
+            let tail = Tail::new(core.settings.log_tail_bytes);
+            core.jobs.insert(rec.id.clone(), ActiveJob { rec, life, spec, lease_deadline, tail });
+        }
+        tracing::info!(active_jobs = core.jobs.len(), "job store loaded");
+        Ok(core)
+    }
+
+    /// Runs until every command sender is gone, or a commit fails.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) -> Result<(), StoreError> {
+        let mut tick = tokio::time::interval((self.settings.lease_ttl / 4).max(Duration::from_millis(50)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut cmds = Vec::with_capacity(MAX_BATCH);
+        loop {
+            tokio::select! {
+                n = rx.recv_many(&mut cmds, MAX_BATCH) => if n == 0 { return Ok(()) },
+                _ = tick.tick() => {}
+            }
+            let mut out = Effects::default();
+            for cmd in cmds.drain(..) {
+                self.handle(cmd, &mut out).await?;
+            }
+            self.expire(Instant::now(), &mut out);
+            self.dispatch(&mut out);
+            self.writer.commit(&out.batch).await?;
+            self.deliver(out);
+        }
+    }
+
+    fn deliver(&mut self, out: Effects) {
+        for f in out.after_commit {
+            f();
+        }
+        for (agent, msg) in out.messages {
+            if let Some(entry) = self.agents.get_mut(&agent) {
+                entry.send(msg);
+            }
+        }
+        for ev in out.events {
+            let _ = self.events.send(ev);
+        }
+    }
+
+    async fn handle(&mut self, cmd: Cmd, out: &mut Effects) -> Result<(), StoreError> {
+        match cmd {
+            Cmd::Submit { tenant, spec, idempotency_key, reply } => {
+                let result = self.submit(tenant, spec, idempotency_key, out).await?;
+                out.reply(reply, Ok(result));
+            }
+            Cmd::Cancel { job_id, tenant, reason, reply } => {
+                let result = self.cancel(&job_id, tenant.as_deref(), reason, out);
+                out.reply(reply, result);
+            }
+            Cmd::Connected { agent, site, node, inventory, attempts, conn } => {
+                self.connected(agent, site, node, inventory, attempts, conn, out);
+            }
+            Cmd::Disconnected { agent, conn } => {
+                if let Some(entry) = self.agents.get_mut(&agent).filter(|e| e.conn_id() == Some(conn)) {
+                    tracing::info!(agent, "agent stream closed");
+                    entry.conn = None;
+                }
+            }
+            Cmd::Heartbeat { agent, conn, inventory } => {
+                if self.touch(&agent, conn) {
+                    if let (Some(inventory), Some(entry)) = (inventory, self.agents.get_mut(&agent)) {
+                        entry.inventory = inventory;
+                    }
+                }
+            }
+            Cmd::Report { agent, conn, report } => {
+                if self.touch(&agent, conn) {
+                    self.report(&agent, report, out);
+                }
+            }
+            Cmd::Output { agent, conn, job_id, epoch, data } => {
+                if self.touch(&agent, conn) {
+                    if let Some(job) = self.jobs.get_mut(&job_id).filter(|j| j.life.epoch == epoch) {
+                        job.tail.push(&data);
+                    }
+                }
+            }
+            Cmd::Logs { job_id, reply } => {
+                let live = self.jobs.get(&job_id).filter(|j| j.life.attempts > 0).map(|j| AttemptOutput {
+                    attempt: j.life.attempts,
+                    output: j.tail.bytes(),
+                    truncated: j.tail.truncated(),
+                });
+                let _ = reply.send(live);
+            }
+            Cmd::Agents { reply } => {
+                let mut views: Vec<AgentView> = self.agents.values().map(AgentEntry::view).collect();
+                views.sort_by(|a, b| a.id.cmp(&b.id));
+                let _ = reply.send(views);
+            }
+        }
+        Ok(())
+    }
+
+    async fn submit(
+        &mut self,
+        tenant: String,
+        spec: Arc<JobSpec>,
+        key: Option<String>,
+        out: &mut Effects,
+    ) -> Result<(String, bool), StoreError> {
+        if let Some(key) = &key {
+            let pending = self.jobs.values().find(|j| j.rec.tenant == tenant && j.rec.idempotency_key.as_ref() == Some(key));
+            if let Some(job) = pending {
+                return Ok((job.rec.id.clone(), true));
+            }
+            if let Some(id) = self.writer.find_idempotent(&tenant, key).await? {
+                return Ok((id, true));
+            }
+        }
+        let now = now_ms();
+        let rec = JobRecord {
+            id: uuid::Uuid::now_v7().to_string(),
+            tenant,
+            name: spec.name.clone(),
+            state: JobState::Queued,
+            spec_json: spec.to_json(),
+            priority: spec.priority,
+            attempts: 0,
+            max_attempts: spec.max_attempts,
+            epoch: 0,
+            site: None,
+            agent: None,
+            exit_code: None,
+            reason: String::new(),
+            idempotency_key: key,
+            created_at: now,
+            updated_at: now,
+        };
+        let id = rec.id.clone();
+        out.batch.push(Write::NewJob(rec.clone()));
+        let mut job = ActiveJob {
+            life: Lifecycle::new(rec.max_attempts),
+            rec,
+            spec,
+            lease_deadline: None,
+            tail: Tail::new(self.settings.log_tail_bytes),
+        };
+        self.event(&mut job, "submitted".into(), false, out);
+        self.queue.insert((Reverse(job.rec.priority), id.clone()));
+        self.jobs.insert(id.clone(), job);
+        Ok((id, false))
+    }
+
+    fn cancel(&mut self, job_id: &str, tenant: Option<&str>, reason: String, out: &mut Effects) -> Result<(), ApiError> {
+        let Some(mut job) = self.jobs.remove(job_id) else {
+            return Err(ApiError::FailedPrecondition(format!("job {job_id} is not active (already finished, or unknown)")));
+        };
+        if tenant.is_some_and(|t| t != job.rec.tenant) {
+            self.jobs.insert(job_id.to_string(), job);
+            return Err(ApiError::job_not_found(job_id));
+        }
+        let had_attempt = job.life.state.has_attempt();
+        job.life.apply(&Input::Cancel).expect("an active job can always be cancelled");
+        self.queue.remove(&(Reverse(job.rec.priority), job.rec.id.clone()));
+        let reason = if reason.is_empty() { "cancelled".to_string() } else { format!("cancelled: {reason}") };
+        if had_attempt {
+            let agent = job.rec.agent.clone().unwrap_or_default();
+            out.send(&agent, proto::broker_message::Msg::Stop(stop(&job, &reason)));
+            self.end_attempt(&job, JobState::Cancelled, None, &reason, out);
+        }
+        self.transition(job, JobState::Cancelled, reason, None, out);
+        Ok(())
+    }
+
+    /// Records the job's new state (row + event). Terminal jobs leave the live state.
+    fn transition(&mut self, mut job: ActiveJob, state: JobState, reason: String, exit_code: Option<i32>, out: &mut Effects) {
+        job.rec.state = state;
+        job.rec.attempts = job.life.attempts;
+        job.rec.epoch = job.life.epoch;
+        job.rec.exit_code = exit_code;
+        job.rec.updated_at = now_ms();
+        self.event(&mut job, reason, true, out);
+        if state.is_terminal() {
+            return;
+        }
+        if state == JobState::Queued {
+            job.lease_deadline = None;
+            self.queue.insert((Reverse(job.rec.priority), job.rec.id.clone()));
+        }
+        self.jobs.insert(job.rec.id.clone(), job);
+    }
+
+    /// Appends the job's event; with `row`, also writes the job's changed row.
+    fn event(&mut self, job: &mut ActiveJob, reason: String, row: bool, out: &mut Effects) {
+        job.rec.reason = reason.clone();
+        if row {
+            out.batch.push(Write::UpdateJob(job.rec.clone()));
+        }
+        let ev = JobEvent {
+            seq: self.next_seq,
+            job_id: job.rec.id.clone(),
+            state: job.rec.state,
+            attempt: job.life.attempts,
+            agent: job.rec.agent.clone(),
+            reason,
+            exit_code: job.rec.exit_code,
+            at: job.rec.updated_at,
+        };
+        self.next_seq += 1;
+        out.batch.push(Write::Event(ev.clone()));
+        out.events.push(ev);
+    }
+
+    fn end_attempt(&self, job: &ActiveJob, state: JobState, exit_code: Option<i32>, reason: &str, out: &mut Effects) {
+        out.batch.push(Write::EndAttempt(AttemptEnd {
+            job_id: job.rec.id.clone(),
+            attempt: job.life.attempts,
+            state,
+            exit_code,
+            reason: reason.to_string(),
+            output: job.tail.bytes(),
+            output_truncated: job.tail.truncated(),
+            ended_at: now_ms(),
+        }));
+    }
+
+    /// A message arrived on the agent's current stream: it is alive, and so are its leases.
+    fn touch(&mut self, agent: &str, conn: u64) -> bool {
+        let Some(entry) = self.agents.get_mut(agent).filter(|e| e.conn_id() == Some(conn)) else {
+            return false;
+        };
+        entry.last_seen = Instant::now();
+        let deadline = entry.last_seen + self.settings.lease_ttl;
+        for (job_id, epoch) in entry.allocs.keys() {
+            if let Some(job) = self.jobs.get_mut(job_id).filter(|j| j.life.epoch == *epoch) {
+                job.lease_deadline = Some(deadline);
+            }
+        }
+        true
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn connected(
+        &mut self,
+        agent: String,
+        site: String,
+        node: String,
+        inventory: Inventory,
+        reports: Vec<AttemptReport>,
+        conn: Conn,
+        out: &mut Effects,
+    ) {
+        tracing::info!(agent, gpus = inventory.gpus.len(), attempts = reports.len(), "agent registered");
+        let conn_id = conn.id;
+        let entry = self.agents.entry(agent.clone()).or_insert_with(|| AgentEntry::new(&agent, &site, &node));
+        entry.inventory = inventory;
+        entry.conn = Some(conn);
+        entry.last_seen = Instant::now();
+        entry.send(proto::broker_message::Msg::Registered(proto::Registered {
+            agent_id: agent.clone(),
+            heartbeat_interval_ms: self.settings.heartbeat_interval.as_millis() as u32,
+            lease_ttl_ms: self.settings.lease_ttl.as_millis() as u32,
+        }));
+        out.batch.push(Write::Agent(AgentRecord {
+            id: agent.clone(),
+            site,
+            node,
+            inventory_json: serde_json::to_string(&entry.inventory).unwrap_or_default(),
+            last_seen: now_ms(),
+        }));
+        // Reconcile: what the agent still holds is adopted (if current) or stopped; what the broker
+        // thinks it holds but the agent does not report is lost.
+        entry.allocs.clear();
+        for r in &reports {
+            let current = self.jobs.get(&r.job_id).filter(|j| {
+                j.life.epoch == r.epoch && j.life.state.has_attempt() && j.rec.agent.as_deref() == Some(agent.as_str())
+            });
+            if let Some(job) = current {
+                let cpus = job.spec.resources.cpus;
+                let memory_mib = u64::from(job.spec.resources.memory_gib) * 1024;
+                let entry = self.agents.get_mut(&agent).expect("entry inserted above");
+                entry.allocs.insert((r.job_id.clone(), r.epoch), Alloc { gpus: r.gpu_indices.clone(), cpus, memory_mib });
+            }
+        }
+        let held: Vec<(String, u64)> = self
+            .jobs
+            .values()
+            .filter(|j| j.life.state.has_attempt() && j.rec.agent.as_deref() == Some(agent.as_str()))
+            .map(|j| (j.rec.id.clone(), j.life.epoch))
+            .filter(|key| !reports.iter().any(|r| (&r.job_id, r.epoch) == (&key.0, key.1)))
+            .collect();
+        for (job_id, epoch) in held {
+            self.lease_lost(&job_id, epoch, "the agent reconnected without the attempt", out);
+        }
+        self.touch(&agent, conn_id);
+        for r in reports {
+            self.report(&agent, r, out);
+        }
+    }
+
+    /// Applies one report from `agent`'s current stream.
+    fn report(&mut self, agent: &str, r: AttemptReport, out: &mut Effects) {
+        use proto::broker_message::Msg;
+        let current = self.jobs.get(&r.job_id).is_some_and(|j| j.life.epoch == r.epoch && j.life.state.has_attempt());
+        if !current {
+            // Stale (a newer attempt exists), cancelled or unknown: refuse and tell the agent.
+            tracing::warn!(agent, job = r.job_id, epoch = r.epoch, "refused report about a stale or unknown attempt");
+            self.free(agent, &r.job_id, r.epoch);
+            if r.is_final() {
+                out.send(agent, Msg::Ack(proto::Ack { job_id: r.job_id, epoch: r.epoch }));
+            } else {
+                out.send(agent, Msg::Stop(proto::StopAttempt {
+                    job_id: r.job_id,
+                    attempt: r.attempt,
+                    epoch: r.epoch,
+                    reason: "stale attempt: the job moved on".into(),
+                }));
+            }
+            return;
+        }
+        let mut job = self.jobs.remove(&r.job_id).expect("checked above");
+        if job.rec.agent.as_deref() != Some(agent) {
+            tracing::warn!(agent, job = r.job_id, owner = ?job.rec.agent, "refused report about another agent's attempt");
+            self.jobs.insert(r.job_id.clone(), job);
+            return;
+        }
+        let input = match r.phase {
+            Phase::Running => Input::Started { epoch: r.epoch },
+            Phase::Exited => Input::Exited { epoch: r.epoch, exit_code: r.exit_code.unwrap_or(-1) },
+            Phase::Failed => Input::AttemptFailed { epoch: r.epoch },
+        };
+        match job.life.apply(&input) {
+            Ok(state) => {
+                let reason = match (r.phase, r.exit_code) {
+                    (Phase::Running, _) => "started".to_string(),
+                    (Phase::Exited, Some(code)) if r.reason.is_empty() => format!("exited with code {code}"),
+                    _ => r.reason.clone(),
+                };
+                if state.is_terminal() {
+                    self.end_attempt(&job, state, r.exit_code, &reason, out);
+                    self.free(agent, &r.job_id, r.epoch);
+                    out.send(agent, Msg::Ack(proto::Ack { job_id: r.job_id.clone(), epoch: r.epoch }));
+                }
+                self.transition(job, state, reason, r.exit_code, out);
+            }
+            Err(refusal) => {
+                // A repeated report (e.g. `running` again after a reconnect) changes nothing.
+                tracing::debug!(agent, job = r.job_id, %refusal, "report ignored");
+                self.jobs.insert(r.job_id.clone(), job);
+            }
+        }
+    }
+
+    fn free(&mut self, agent: &str, job_id: &str, epoch: u64) {
+        if let Some(entry) = self.agents.get_mut(agent) {
+            entry.allocs.remove(&(job_id.to_string(), epoch));
+        }
+    }
+
+    fn lease_lost(&mut self, job_id: &str, epoch: u64, why: &str, out: &mut Effects) {
+        let Some(mut job) = self.jobs.remove(job_id) else { return };
+        let agent = job.rec.agent.clone().unwrap_or_default();
+        match job.life.apply(&Input::LeaseLost { epoch }) {
+            Ok(state) => {
+                tracing::warn!(job = job_id, agent, epoch, "lease lost: {why}");
+                self.free(&agent, job_id, epoch);
+                let reason = format!("attempt {} lost on {agent}: {why}", job.life.attempts);
+                self.end_attempt(&job, JobState::Failed, None, &reason, out);
+                job.tail = Tail::new(self.settings.log_tail_bytes);
+                let reason = if state == JobState::Failed {
+                    format!("{reason}; no attempts left (max_attempts {})", job.life.max_attempts)
+                } else {
+                    reason
+                };
+                self.transition(job, state, reason, None, out);
+            }
+            Err(_) => {
+                self.jobs.insert(job_id.to_string(), job);
+            }
+        }
+    }
+
+    /// Agents silent past the lease TTL are dropped; attempts whose lease expired are lost.
+    fn expire(&mut self, now: Instant, out: &mut Effects) {
+        for entry in self.agents.values_mut() {
+            if entry.conn.is_some() && now.duration_since(entry.last_seen) > self.settings.lease_ttl {
+                tracing::warn!(agent = entry.id, "agent lost: silent for longer than the lease");
+                entry.conn = None;
+            }
+        }
+        let expired: Vec<(String, u64)> = self
+            .jobs
+            .values()
+            .filter(|j| j.lease_deadline.is_some_and(|d| d <= now))
+            .map(|j| (j.rec.id.clone(), j.life.epoch))
+            .collect();
+        for (job_id, epoch) in expired {
+            self.lease_lost(&job_id, epoch, "lease expired", out);
+        }
+    }
+
+    /// Binds queued jobs, by priority then age, to connected agents with room (first fit).
+    fn dispatch(&mut self, out: &mut Effects) {
+        if self.queue.is_empty() {
+            return;
+        }
+        let mut ids: Vec<&String> = self.agents.iter().filter(|(_, e)| e.conn.is_some()).map(|(id, _)| id).collect();
+        if ids.is_empty() {
+            return;
+        }
+        ids.sort();
+        let ids: Vec<String> = ids.into_iter().cloned().collect();
+        let mut free: Vec<_> = ids.iter().map(|id| self.agents[id].free()).collect();
+        let mut bound = Vec::new();
+        for (_, job_id) in &self.queue {
+            if free.iter().all(|f| f.cpus == 0) {
+                break;
+            }
+            let req = &self.jobs[job_id].spec.resources;
+            if let Some(b) = first_fit(req, &free) {
+                let f = &mut free[b.agent];
+                f.cpus -= req.cpus;
+                f.memory_mib -= u64::from(req.memory_gib) * 1024;
+                f.gpus.retain(|(i, _)| !b.gpu_indices.contains(i));
+                bound.push((job_id.clone(), ids[b.agent].clone(), b.gpu_indices));
+            }
+        }
+        for (job_id, agent, gpus) in bound {
+            self.lease(&job_id, &agent, gpus, out);
+        }
+    }
+
+    fn lease(&mut self, job_id: &str, agent: &str, gpus: Vec<u32>, out: &mut Effects) {
+        let mut job = self.jobs.remove(job_id).expect("queued jobs are active");
+        self.queue.remove(&(Reverse(job.rec.priority), job.rec.id.clone()));
+        let entry = &self.agents[agent];
+        let site = entry.site.clone();
+        if job.life.state == JobState::Queued {
+            job.life.apply(&Input::Place).expect("queued jobs can be placed");
+            job.rec.site = Some(site.clone());
+            job.rec.agent = None;
+            job.rec.state = JobState::Placed;
+            job.rec.updated_at = now_ms();
+            self.event(&mut job, format!("placed at site {site} (first fit)"), true, out);
+        }
+        job.life.apply(&Input::Lease).expect("placed jobs with attempts left can be leased");
+        job.rec.agent = Some(agent.to_string());
+        job.lease_deadline = Some(Instant::now() + self.settings.lease_ttl);
+        job.tail = Tail::new(self.settings.log_tail_bytes);
+        let (epoch, attempt) = (job.life.epoch, job.life.attempts);
+        let alloc = Alloc {
+            gpus: gpus.clone(),
+            cpus: job.spec.resources.cpus,
+            memory_mib: u64::from(job.spec.resources.memory_gib) * 1024,
+        };
+        self.agents.get_mut(agent).expect("agent exists").allocs.insert((job_id.to_string(), epoch), alloc);
+        out.batch.push(Write::NewAttempt(AttemptRecord {
+            job_id: job_id.to_string(),
+            attempt,
+            epoch,
+            agent: agent.to_string(),
+            gpu_indices: gpus.clone(),
+            started_at: now_ms(),
+        }));
+        out.send(agent, proto::broker_message::Msg::Assign(proto::Assignment {
+            job_id: job_id.to_string(),
+            attempt,
+            epoch,
+            command: job.spec.command.clone(),
+            env: job.spec.env.clone().into_iter().collect(),
+            gpu_indices: gpus.clone(),
+            max_runtime_ms: job.spec.max_runtime().as_millis() as u64,
+        }));
+        let reason = format!("attempt {attempt} leased to {agent} (gpus {gpus:?})");
+        self.transition(job, JobState::Leased, reason, None, out);
+    }
+}
+
+fn stop(job: &ActiveJob, reason: &str) -> proto::StopAttempt {
+    proto::StopAttempt { job_id: job.rec.id.clone(), attempt: job.life.attempts, epoch: job.life.epoch, reason: reason.to_string() }
+}

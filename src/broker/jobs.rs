@@ -1,0 +1,213 @@
+//! The job service, for the gateway and admins: submit, get, list, cancel, watch, logs, agents.
+
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::agents::AgentView;
+use super::core::Cmd;
+use crate::error::ApiError;
+use crate::model::identity::{Identity, Role, validate_name};
+use crate::model::job::JobSpec;
+use crate::model::state::JobState;
+use crate::proto;
+use crate::store::{JobEvent, JobFilter, JobRecord, Reader};
+use crate::tls;
+
+const CALLERS: &[Role] = &[Role::Gateway, Role::Admin];
+const DEFAULT_TENANT: &str = "default";
+const MAX_LIST: u32 = 1000;
+
+pub struct JobService {
+    core: mpsc::Sender<Cmd>,
+    reader: Reader,
+    events: broadcast::Sender<JobEvent>,
+    max_spec_bytes: usize,
+}
+
+impl JobService {
+    pub fn new(core: mpsc::Sender<Cmd>, reader: Reader, events: broadcast::Sender<JobEvent>, max_spec_bytes: usize) -> Self {
+        Self { core, reader, events, max_spec_bytes }
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, Status> {
+        let (tx, rx) = oneshot::channel();
+        let unavailable = || Status::unavailable("the broker's core is not running");
+        self.core.send(make(tx)).await.map_err(|_| unavailable())?;
+        rx.await.map_err(|_| unavailable())
+    }
+
+    /// The job, if it exists and the caller may see it; another tenant's job is "not found".
+    async fn visible_job(&self, id: &str, tenant: &str) -> Result<JobRecord, Status> {
+        match self.reader.job(id).await.map_err(ApiError::from)? {
+            Some(job) if tenant.is_empty() || job.tenant == tenant => Ok(job),
+            _ => Err(ApiError::job_not_found(id).into()),
+        }
+    }
+}
+
+/// Gateways must say which tenant they act for; admins act for all tenants unless they name one.
+fn tenant_of(who: &Identity, tenant: &str) -> Result<String, Status> {
+    if tenant.is_empty() && who.role == Role::Gateway {
+        return Err(Status::invalid_argument("tenant: required when calling as a gateway"));
+    }
+    if !tenant.is_empty() {
+        validate_name("tenant", tenant).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    }
+    Ok(tenant.to_string())
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<proto::JobEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl proto::job_service_server::JobService for JobService {
+    async fn submit(&self, req: Request<proto::SubmitRequest>) -> Result<Response<proto::SubmitResponse>, Status> {
+        let who = tls::require_role(&req, CALLERS)?;
+        let req = req.into_inner();
+        let tenant = tenant_of(&who, &req.tenant)?;
+        let tenant = if tenant.is_empty() { DEFAULT_TENANT.to_string() } else { tenant };
+        let spec = match proto::SpecFormat::try_from(req.format) {
+            Ok(proto::SpecFormat::Json) => JobSpec::from_json(&req.spec, self.max_spec_bytes),
+            // YAML is a superset of JSON: an unspecified format is read as YAML.
+            Ok(proto::SpecFormat::Yaml | proto::SpecFormat::Unspecified) => JobSpec::from_yaml(&req.spec, self.max_spec_bytes),
+            Err(_) => return Err(Status::invalid_argument(format!("format: unknown spec format {}", req.format))),
+        }
+        .map_err(ApiError::from)?;
+        let key = match req.idempotency_key.as_str() {
+            "" => None,
+            k if k.len() <= 128 && k.chars().all(|c| c.is_ascii_graphic()) => Some(k.to_string()),
+            _ => return Err(Status::invalid_argument("idempotency_key: at most 128 printable ASCII characters")),
+        };
+        let spec = Arc::new(spec);
+        let (job_id, duplicate) =
+            self.ask(|reply| Cmd::Submit { tenant, spec, idempotency_key: key, reply }).await??;
+        Ok(Response::new(proto::SubmitResponse { job_id, duplicate }))
+    }
+
+    async fn get(&self, req: Request<proto::GetJobRequest>) -> Result<Response<proto::Job>, Status> {
+        let who = tls::require_role(&req, CALLERS)?;
+        let req = req.into_inner();
+        let tenant = tenant_of(&who, &req.tenant)?;
+        Ok(Response::new(self.visible_job(&req.job_id, &tenant).await?.into()))
+    }
+
+    async fn list(&self, req: Request<proto::ListJobsRequest>) -> Result<Response<proto::ListJobsResponse>, Status> {
+        let who = tls::require_role(&req, CALLERS)?;
+        let req = req.into_inner();
+        let tenant = tenant_of(&who, &req.tenant)?;
+        let states = req
+            .states
+            .iter()
+            .map(|s| JobState::from_str(s).map_err(|e| Status::invalid_argument(format!("states: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let filter = JobFilter {
+            tenant: (!tenant.is_empty()).then_some(tenant),
+            states,
+            before: (!req.before.is_empty()).then_some(req.before),
+            limit: if req.limit == 0 { 100 } else { req.limit.min(MAX_LIST) },
+        };
+        let jobs = self.reader.jobs(&filter).await.map_err(ApiError::from)?;
+        Ok(Response::new(proto::ListJobsResponse { jobs: jobs.into_iter().map(Into::into).collect() }))
+    }
+
+    async fn cancel(&self, req: Request<proto::CancelJobRequest>) -> Result<Response<proto::Job>, Status> {
+        let who = tls::require_role(&req, CALLERS)?;
+        let req = req.into_inner();
+        let tenant = tenant_of(&who, &req.tenant)?;
+        let job = self.visible_job(&req.job_id, &tenant).await?;
+        if job.state.is_terminal() {
+            return Err(ApiError::FailedPrecondition(format!("job {} is already {}", job.id, job.state)).into());
+        }
+        let (job_id, reason) = (req.job_id.clone(), req.reason);
+        let tenant = (!tenant.is_empty()).then_some(tenant);
+        self.ask(|reply| Cmd::Cancel { job_id, tenant, reason, reply }).await??;
+        Ok(Response::new(self.visible_job(&req.job_id, "").await?.into()))
+    }
+
+    type WatchStream = EventStream;
+
+    async fn watch(&self, req: Request<proto::WatchJobRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let who = tls::require_role(&req, CALLERS)?;
+        let req = req.into_inner();
+        let tenant = tenant_of(&who, &req.tenant)?;
+        self.visible_job(&req.job_id, &tenant).await?;
+        // Subscribe before reading history, so no event falls between the two.
+        let mut live = self.events.subscribe();
+        let reader = self.reader.clone();
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut last = req.after_seq;
+            let mut backlog = true;
+            loop {
+                if backlog {
+                    let Ok(history) = reader.events(&req.job_id, last).await else { return };
+                    for ev in history {
+                        last = ev.seq;
+                        let done = ev.state.is_terminal();
+                        if tx.send(Ok(ev.into())).await.is_err() || done {
+                            return;
+                        }
+                    }
+                    backlog = false;
+                }
+                match live.recv().await {
+                    Ok(ev) if ev.job_id == req.job_id && ev.seq > last => {
+                        last = ev.seq;
+                        let done = ev.state.is_terminal();
+                        if tx.send(Ok(ev.into())).await.is_err() || done {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => backlog = true,
+                    Err(broadcast::error::RecvError::Closed) => {
+                        let _ = tx.send(Err(Status::unavailable("the broker is shutting down"))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn logs(&self, req: Request<proto::LogsRequest>) -> Result<Response<proto::LogsResponse>, Status> {
+        let who = tls::require_role(&req, CALLERS)?;
+        let req = req.into_inner();
+        let tenant = tenant_of(&who, &req.tenant)?;
+        self.visible_job(&req.job_id, &tenant).await?;
+        let job_id = req.job_id.clone();
+        let live = self.ask(|reply| Cmd::Logs { job_id, reply }).await?;
+        let live = live.filter(|l| req.attempt == 0 || l.attempt == req.attempt);
+        let out = match live {
+            Some(l) => Some(l),
+            None => self.reader.attempt_output(&req.job_id, req.attempt).await.map_err(ApiError::from)?,
+        };
+        let out = out.ok_or_else(|| Status::not_found(format!("job {} has no output yet", req.job_id)))?;
+        Ok(Response::new(proto::LogsResponse { attempt: out.attempt, output: out.output, truncated: out.truncated }))
+    }
+
+    async fn list_agents(
+        &self,
+        req: Request<proto::ListAgentsRequest>,
+    ) -> Result<Response<proto::ListAgentsResponse>, Status> {
+        tls::require_role(&req, CALLERS)?;
+        let views: Vec<AgentView> = self.ask(|reply| Cmd::Agents { reply }).await?;
+        let agents = views
+            .into_iter()
+            .map(|v| proto::AgentInfo {
+                id: v.id,
+                site: v.site,
+                node: v.node,
+                inventory: Some(v.inventory.into()),
+                connected: v.connected,
+                running_jobs: v.running_jobs,
+                last_seen_ms: v.last_seen_ms,
+            })
+            .collect();
+        Ok(Response::new(proto::ListAgentsResponse { agents }))
+    }
+}

@@ -1,0 +1,64 @@
+//! The broker: the control plane. Job service (gateway, admins) and agent service (one stream per
+//! agent) over mutual TLS, both feeding the [`core::Core`] task that owns live state and commits it.
+
+pub mod agents;
+pub mod core;
+pub mod jobs;
+mod tail;
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, mpsc};
+
+use crate::config::BrokerConfig;
+use crate::model::identity::Role;
+use crate::proto::agent_service_server::AgentServiceServer;
+use crate::proto::job_service_server::JobServiceServer;
+use crate::{store, tls};
+
+/// Commands waiting for the core; submitters wait (backpressure) when it is full.
+const CORE_QUEUE: usize = 65_536;
+/// Job events buffered for watchers; a watcher that falls further behind re-reads the store.
+const EVENT_BUFFER: usize = 65_536;
+
+/// Serves the broker on `listener` until `shutdown` resolves or the core stops (a failed commit).
+pub async fn run(config: BrokerConfig, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    tls::install_crypto_provider();
+    let trust_domain = tls::trust_domain_of_cert(&config.tls.cert).context("broker certificate")?;
+    let server_tls = tls::server_config(&config.tls, &trust_domain, &[Role::Agent, Role::Gateway, Role::Admin])?;
+    let (writer, reader) = store::open(&config.store.path).await?;
+    let (events, _) = broadcast::channel(EVENT_BUFFER);
+    let settings = core::CoreSettings {
+        lease_ttl: config.leases.ttl.0,
+        heartbeat_interval: config.leases.heartbeat_interval.0,
+        log_tail_bytes: config.limits.log_tail_bytes,
+    };
+    let core = core::Core::load(writer, settings, events.clone()).await?;
+    let (core_tx, core_rx) = mpsc::channel(CORE_QUEUE);
+    let mut core_task = tokio::spawn(core.run(core_rx));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<JobServiceServer<jobs::JobService>>().await;
+    health.set_serving::<AgentServiceServer<agents::AgentService>>().await;
+    let job_service = jobs::JobService::new(core_tx.clone(), reader, events, config.limits.max_spec_bytes);
+    let agent_service = agents::AgentService::new(core_tx);
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, trust_domain, "broker listening");
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(health_service)
+        .add_service(JobServiceServer::new(job_service).max_decoding_message_size(8 << 20))
+        .add_service(AgentServiceServer::new(agent_service))
+        .serve_with_incoming_shutdown(tls::tls_incoming(listener, server_tls), shutdown);
+    tokio::select! {
+        served = server => served.context("broker server")?,
+        stopped = &mut core_task => {
+            stopped.context("broker core panicked")?.context("broker core stopped")?;
+        }
+    }
+    Ok(())
+}

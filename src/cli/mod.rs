@@ -1,0 +1,81 @@
+//! The command-line side: `pki`, `quickstart`, and helpers shared by the subcommands.
+
+pub mod quickstart;
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Subcommand;
+
+use crate::model::identity::Role;
+use crate::pki::{self, IssueRequest};
+
+#[derive(Subcommand)]
+pub enum PkiCommand {
+    /// Make an ECDSA P-256 development CA in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "hybroker.local")]
+        trust_domain: String,
+    },
+    /// Issue a role certificate signed by the CA in DIR, written as NAME.pem and NAME-key.pem.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        /// broker | agent | gateway | admin
+        #[arg(long)]
+        role: Role,
+        #[arg(long)]
+        name: String,
+        /// The agent's site (required for agents).
+        #[arg(long)]
+        site: Option<String>,
+        /// DNS names the certificate is valid for (servers).
+        #[arg(long)]
+        dns: Vec<String>,
+        /// IP addresses the certificate is valid for (servers).
+        #[arg(long)]
+        ip: Vec<IpAddr>,
+        #[arg(long, default_value_t = 90)]
+        days: u32,
+        /// Where to write the files; default: DIR.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+pub fn pki(cmd: PkiCommand) -> anyhow::Result<()> {
+    match cmd {
+        PkiCommand::Init { dir, trust_domain } => {
+            let paths = pki::init_ca(&dir, &trust_domain)?;
+            println!("made CA for trust domain {trust_domain}: {}", paths.cert.display());
+        }
+        PkiCommand::Issue { dir, role, name, site, dns, ip, days, out } => {
+            let ca = pki::Ca::load(&dir)?;
+            let request = IssueRequest { role, name, site, dns, ips: ip, days };
+            let (cert, key) = ca.issue_to_dir(out.as_deref().unwrap_or(&dir), &request)?;
+            println!("issued {}: {} {}", role, cert.display(), key.display());
+        }
+    }
+    Ok(())
+}
+
+/// Writes a file so that readers see either nothing or the whole content.
+pub fn write_atomically(path: &Path, content: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, content).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}

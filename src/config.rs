@@ -1,0 +1,315 @@
+//! Configuration: TOML files with commented defaults under `config/`, `deny_unknown_fields`,
+//! environment overrides named `HYBROKER_<SECTION>__<KEY>`, and a `validate()` that reports every
+//! problem at once. Only this module and `main.rs` read the process environment (invariant 5).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::model::duration::HumanDuration;
+use crate::model::gpu::{SimulatedGpus, parse_simulated};
+use crate::tls::TlsPaths;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("config {path} is invalid:\n  - {}", .problems.join("\n  - "))]
+    Invalid { path: String, problems: Vec<String> },
+}
+
+/// `hybroker broker`'s configuration (`config/broker.toml`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    pub broker: BrokerSection,
+    pub tls: TlsPaths,
+    pub store: StoreSection,
+    #[serde(default)]
+    pub leases: LeaseSection,
+    #[serde(default)]
+    pub limits: LimitSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerSection {
+    /// Where the gRPC server listens (agents and the gateway dial it).
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// The SQLite database file.
+    pub path: PathBuf,
+}
+
+/// Lease and heartbeat timings; short in tests, seconds in production.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseSection {
+    /// An attempt whose agent is silent this long is lost, and the job is queued again.
+    #[serde(default = "default_lease_ttl")]
+    pub ttl: HumanDuration,
+    /// How often agents send a heartbeat (told to them when they register).
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_interval: HumanDuration,
+}
+
+fn default_lease_ttl() -> HumanDuration {
+    Duration::from_secs(30).into()
+}
+
+fn default_heartbeat() -> HumanDuration {
+    Duration::from_secs(10).into()
+}
+
+impl Default for LeaseSection {
+    fn default() -> Self {
+        Self { ttl: default_lease_ttl(), heartbeat_interval: default_heartbeat() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSection {
+    /// Largest accepted job spec document, in bytes.
+    #[serde(default = "default_max_spec_bytes")]
+    pub max_spec_bytes: usize,
+    /// Output kept per attempt by the broker (the tail), in bytes.
+    #[serde(default = "default_log_tail_bytes")]
+    pub log_tail_bytes: usize,
+}
+
+fn default_max_spec_bytes() -> usize {
+    64 * 1024
+}
+
+fn default_log_tail_bytes() -> usize {
+    64 * 1024
+}
+
+impl Default for LimitSection {
+    fn default() -> Self {
+        Self { max_spec_bytes: default_max_spec_bytes(), log_tail_bytes: default_log_tail_bytes() }
+    }
+}
+
+/// `hybroker agent`'s configuration (`config/agent.toml`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub agent: AgentSection,
+    pub tls: TlsPaths,
+    #[serde(default)]
+    pub reconnect: ReconnectSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    /// The broker's gRPC address, `https://host:port`.
+    pub broker_url: String,
+    /// The name to verify in the broker's certificate; default: the URL's host.
+    #[serde(default)]
+    pub broker_server_name: Option<String>,
+    /// Per-attempt work directories are made under this directory.
+    pub work_dir: PathBuf,
+    /// When the agent runs as root, jobs run as this unprivileged user.
+    #[serde(default)]
+    pub run_as: Option<String>,
+    /// Simulated GPUs for tests and demos, e.g. `4xH100-80GB,2xL4-24GB` (marked simulated everywhere).
+    #[serde(default)]
+    pub simulate_gpus: String,
+    /// CPUs offered to jobs; 0 = all of the host's.
+    #[serde(default)]
+    pub cpus: u32,
+    /// Memory offered to jobs in MiB; 0 = all of the host's.
+    #[serde(default)]
+    pub memory_mib: u64,
+    /// Free-form labels reported with the inventory.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Backoff between reconnects: doubles from `min` to `max`, with jitter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconnectSection {
+    #[serde(default = "default_backoff_min")]
+    pub min_backoff: HumanDuration,
+    #[serde(default = "default_backoff_max")]
+    pub max_backoff: HumanDuration,
+}
+
+fn default_backoff_min() -> HumanDuration {
+    Duration::from_millis(200).into()
+}
+
+fn default_backoff_max() -> HumanDuration {
+    Duration::from_secs(10).into()
+}
+
+impl Default for ReconnectSection {
+    fn default() -> Self {
+        Self { min_backoff: default_backoff_min(), max_backoff: default_backoff_max() }
+    }
+}
+
+impl BrokerConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let config: Self = load_toml(path, std::env::vars())?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Every problem at once.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        check_tls(&self.tls, &mut problems);
+        let (ttl, hb) = (self.leases.ttl.0, self.leases.heartbeat_interval.0);
+        if hb.is_zero() || hb >= ttl {
+            problems.push(format!("leases.heartbeat_interval ({hb:?}) must be more than 0 and less than leases.ttl ({ttl:?})"));
+        }
+        if hb > Duration::from_secs(50) {
+            problems.push("leases.heartbeat_interval must be at most 50s (gRPC keepalive needs traffic < 60s)".into());
+        }
+        if self.limits.max_spec_bytes < 1024 || self.limits.max_spec_bytes > 4 << 20 {
+            problems.push("limits.max_spec_bytes must be 1 KiB to 4 MiB".into());
+        }
+        if self.limits.log_tail_bytes > 16 << 20 {
+            problems.push("limits.log_tail_bytes must be at most 16 MiB".into());
+        }
+        finish(path, problems)
+    }
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let config: Self = load_toml(path, std::env::vars())?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    pub fn simulated_gpus(&self) -> Vec<SimulatedGpus> {
+        parse_simulated(&self.agent.simulate_gpus).unwrap_or_default()
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        check_tls(&self.tls, &mut problems);
+        if !self.agent.broker_url.starts_with("https://") {
+            problems.push(format!("agent.broker_url {:?} must start with https://", self.agent.broker_url));
+        }
+        if let Err(e) = parse_simulated(&self.agent.simulate_gpus) {
+            problems.push(format!("agent.simulate_gpus: {e}"));
+        }
+        if self.agent.run_as.as_deref().is_some_and(|u| u.is_empty() || u == "root") {
+            problems.push("agent.run_as must name an unprivileged user".into());
+        }
+        let (min, max) = (self.reconnect.min_backoff.0, self.reconnect.max_backoff.0);
+        if min.is_zero() || min > max {
+            problems.push("reconnect.min_backoff must be more than 0 and at most reconnect.max_backoff".into());
+        }
+        finish(path, problems)
+    }
+}
+
+fn check_tls(tls: &TlsPaths, problems: &mut Vec<String>) {
+    for (key, path) in [("tls.ca_cert", &tls.ca_cert), ("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+        if !path.is_file() {
+            problems.push(format!("{key}: {} does not exist (make one with `hybroker pki`)", path.display()));
+        }
+    }
+}
+
+fn finish(path: &Path, problems: Vec<String>) -> Result<(), ConfigError> {
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid { path: path.display().to_string(), problems })
+    }
+}
+
+/// Reads a TOML file, applies `HYBROKER_<SECTION>__<KEY>` overrides from `vars`, and deserialises.
+/// Relative paths in the file stay relative to the working directory.
+pub fn load_toml<T: DeserializeOwned>(
+    path: &Path,
+    vars: impl IntoIterator<Item = (String, String)>,
+) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+    parse_toml(&text, path, vars)
+}
+
+/// [`load_toml`] on text already read.
+pub fn parse_toml<T: DeserializeOwned>(
+    text: &str,
+    path: &Path,
+    vars: impl IntoIterator<Item = (String, String)>,
+) -> Result<T, ConfigError> {
+    let parse_err = |message: String| ConfigError::Parse { path: path.display().to_string(), message };
+    let mut table: toml::Table = toml::from_str(text).map_err(|e| parse_err(e.to_string()))?;
+    for (name, value) in vars {
+        // Other HYBROKER_* names (HYBROKER_TOKEN, a job's HYBROKER_JOB_ID) are not config.
+        let Some((section, key)) = name.strip_prefix("HYBROKER_").and_then(|rest| rest.split_once("__")) else {
+            continue;
+        };
+        let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+        let value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or(toml::Value::String(value));
+        let entry = table.entry(section.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let toml::Value::Table(section_table) = entry else {
+            return Err(parse_err(format!("{name}: [{section}] is not a section")));
+        };
+        section_table.insert(key, value);
+    }
+    let de = toml::Value::Table(table);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let at = e.path().to_string();
+        parse_err(if at == "." { e.inner().to_string() } else { format!("{at}: {}", e.inner()) })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_overrides_replace_and_add_keys() {
+        let text = "[broker]\nlisten = \"127.0.0.1:1\"\n[tls]\nca_cert = \"a\"\ncert = \"b\"\nkey = \"c\"\n[store]\npath = \"x.db\"\n";
+        let vars = [
+            ("HYBROKER_BROKER__LISTEN".to_string(), "127.0.0.1:9".to_string()),
+            ("HYBROKER_LEASES__TTL".to_string(), "5s".to_string()),
+            ("HYBROKER_TOKEN".to_string(), "not-config".to_string()),
+        ];
+        let c: BrokerConfig = parse_toml(text, Path::new("t.toml"), vars).unwrap();
+        assert_eq!(c.broker.listen.port(), 9);
+        assert_eq!(c.leases.ttl.0, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_path() {
+        let text = "[broker]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n";
+        let err = parse_toml::<BrokerConfig>(text, Path::new("t.toml"), []).unwrap_err().to_string();
+        assert!(err.contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn validate_reports_every_problem() {
+        let text = "[broker]\nlisten = \"127.0.0.1:1\"\n[tls]\nca_cert = \"/nope/a\"\ncert = \"/nope/b\"\nkey = \"/nope/c\"\n\
+                    [store]\npath = \"x.db\"\n[leases]\nttl = \"1s\"\nheartbeat_interval = \"2s\"\n";
+        let c: BrokerConfig = parse_toml(text, Path::new("t.toml"), []).unwrap();
+        let ConfigError::Invalid { problems, .. } = c.validate(Path::new("t.toml")).unwrap_err() else { panic!() };
+        assert_eq!(problems.len(), 4, "{problems:?}");
+    }
+}

@@ -1,0 +1,24 @@
+//! hybroker: a hybrid-cloud GPU workload broker.
+//!
+//! Code map (each module is drawn as if it were a crate; see README "Architecture"):
+//! - [`model`]: domain types and ids (jobs, states, GPUs, identities); pure, no I/O.
+//! - [`placement`]: pure binding of jobs to agents' free resources.
+//! - [`store`]: durable jobs, attempts, agents and the append-only event log (SQLite).
+//! - [`broker`]: the control plane: job service, agent streams, leases, dispatch.
+//! - [`agent`]: the GPU node daemon: inventory (NVML), executor, the stream to the broker.
+//! - [`cli`]: `pki`, `quickstart` and the client commands.
+//! - [`pki`], [`tls`]: development CA, role certificates and the mutual-TLS identity checks.
+//! - [`config`], [`telemetry`], [`error`], [`proto`]: configuration, logs, errors, generated gRPC.
+
+pub mod agent;
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod model;
+pub mod pki;
+pub mod placement;
+pub mod proto;
+pub mod store;
+pub mod telemetry;
+pub mod tls;

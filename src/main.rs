@@ -1,0 +1,85 @@
+//! The `hybroker` binary: parse the command line, load config, start logs, call a module's `run()`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use hybroker::cli::{self, PkiCommand};
+use hybroker::config::{AgentConfig, BrokerConfig};
+use hybroker::{agent, broker, telemetry, tls};
+
+#[derive(Parser)]
+#[command(name = "hybroker", version, about = "Hybrid-cloud GPU workload broker: on-prem GPUs and AWS/Azure as one pool")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker (the control plane).
+    Broker {
+        #[arg(long, default_value = "config/broker.toml")]
+        config: PathBuf,
+        /// Write the bound address to this file once listening (useful with port 0).
+        #[arg(long)]
+        addr_file: Option<PathBuf>,
+    },
+    /// Run the agent on a GPU node; it dials out to the broker.
+    Agent {
+        #[arg(long, default_value = "config/agent.toml")]
+        config: PathBuf,
+        /// Add simulated GPUs, e.g. `4xH100-80GB` (overrides the config's agent.simulate_gpus).
+        #[arg(long)]
+        simulate_gpus: Option<String>,
+    },
+    /// Make a development CA and issue role certificates.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    /// Everything in one process on embedded defaults, with sample jobs.
+    Quickstart {
+        /// Run the sample jobs, print the results and exit (0 only if all succeeded).
+        #[arg(long)]
+        once: bool,
+        /// Where the quickstart keeps its PKI, database and work directories (made afresh).
+        #[arg(long, default_value = ".hybroker/quickstart")]
+        state_dir: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    telemetry::init("info,h2=warn,tower=warn,hyper=warn,sqlx=warn");
+    tls::install_crypto_provider();
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Broker { config, addr_file } => {
+                let config = BrokerConfig::load(&config)?;
+                let listener = tokio::net::TcpListener::bind(config.broker.listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {}", config.broker.listen))?;
+                if let Some(path) = addr_file {
+                    cli::write_atomically(&path, &listener.local_addr()?.to_string())?;
+                }
+                broker::run(config, listener, cli::shutdown_signal()).await
+            }
+            Command::Agent { config, simulate_gpus } => {
+                let mut config = AgentConfig::load(&config)?;
+                if let Some(spec) = simulate_gpus {
+                    config.agent.simulate_gpus = spec;
+                    config.validate(std::path::Path::new("--simulate-gpus"))?;
+                }
+                agent::run(config, cli::shutdown_signal()).await
+            }
+            Command::Pki(cmd) => cli::pki(cmd),
+            Command::Quickstart { once, state_dir } => {
+                let ok = cli::quickstart::run(&state_dir, once).await?;
+                if !ok {
+                    std::process::exit(1);
+                }
+                Ok(())
+            }
+        }
+    })
+}

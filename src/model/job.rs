@@ -1,0 +1,416 @@
+//! The job spec (DESIGN §3): parsed from YAML or JSON, validated with every problem reported at once.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::duration::HumanDuration;
+use super::gpu::{is_known_model, known_models};
+
+/// Largest accepted values; they keep one job from exhausting the broker or an agent.
+pub const MAX_GPUS: u32 = 64;
+pub const MAX_CPUS: u32 = 1024;
+pub const MAX_MEMORY_GIB: u32 = 16 * 1024;
+pub const MAX_RUNTIME: Duration = Duration::from_secs(30 * 24 * 3600);
+pub const DEFAULT_MAX_RUNTIME: Duration = Duration::from_secs(24 * 3600);
+pub const MAX_ATTEMPTS: u32 = 10;
+const MAX_ARGS: usize = 256;
+const MAX_ARG_BYTES: usize = 4096;
+const MAX_ENV: usize = 128;
+const MAX_ENV_VALUE_BYTES: usize = 32 * 1024;
+const MAX_LABELS: usize = 64;
+
+/// What a tenant submits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    pub name: String,
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub resources: Resources,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_runtime: Option<HumanDuration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_runtime: Option<HumanDuration>,
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    #[serde(default = "default_priority")]
+    pub priority: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<Input>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<Output>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<Policy>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn default_max_attempts() -> u32 {
+    3
+}
+
+fn default_priority() -> u32 {
+    50
+}
+
+/// What one attempt needs on a single node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    #[serde(default)]
+    pub gpus: u32,
+    /// Acceptable canonical GPU models; empty = any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpu_model: Vec<String>,
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    #[serde(default = "default_memory_gib")]
+    pub memory_gib: u32,
+}
+
+fn default_cpus() -> u32 {
+    1
+}
+
+fn default_memory_gib() -> u32 {
+    1
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Self { gpus: 0, gpu_model: Vec::new(), cpus: default_cpus(), memory_gib: default_memory_gib() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Input {
+    pub uri: String,
+    pub path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Output {
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub residency: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cloud {
+    Aws,
+    Azure,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Spot {
+    #[default]
+    Allowed,
+    Never,
+}
+
+/// Narrows the tenant's policy; enforced by placement (a later issue).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub residency: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clouds: Vec<Cloud>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_usd_per_hour: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_usd_total: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spot: Option<Spot>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_wait: Option<HumanDuration>,
+}
+
+/// One problem with one field of a spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+/// Every problem found in a spec, or a document that could not be parsed at all.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("job spec is {size} bytes, more than the {limit} allowed")]
+    TooLarge { size: usize, limit: usize },
+    #[error("job spec is not valid {format}: {message}")]
+    Syntax { format: &'static str, message: String },
+    #[error("invalid job spec: {}", join(.0))]
+    Invalid(Vec<FieldError>),
+}
+
+fn join(errors: &[FieldError]) -> String {
+    errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl JobSpec {
+    /// Parses YAML (a superset of JSON) and validates.
+    pub fn from_yaml(doc: &[u8], limit: usize) -> Result<Self, SpecError> {
+        check_size(doc, limit)?;
+        let de = serde_yaml_ng::Deserializer::from_slice(doc);
+        let spec: JobSpec = serde_path_to_error::deserialize(de)
+            .map_err(|e| syntax("YAML", e.path().to_string(), e.inner().to_string()))?;
+        spec.validated()
+    }
+
+    /// Parses JSON and validates.
+    pub fn from_json(doc: &[u8], limit: usize) -> Result<Self, SpecError> {
+        check_size(doc, limit)?;
+        let mut de = serde_json::Deserializer::from_slice(doc);
+        let spec: JobSpec = serde_path_to_error::deserialize(&mut de)
+            .map_err(|e| syntax("JSON", e.path().to_string(), e.inner().to_string()))?;
+        spec.validated()
+    }
+
+    /// Canonical JSON, as stored and served.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a job spec always serialises")
+    }
+
+    /// The hard limit on one attempt's wall time.
+    pub fn max_runtime(&self) -> Duration {
+        self.max_runtime.map_or(DEFAULT_MAX_RUNTIME, |d| d.0)
+    }
+
+    fn validated(self) -> Result<Self, SpecError> {
+        let errors = self.problems();
+        if errors.is_empty() { Ok(self) } else { Err(SpecError::Invalid(errors)) }
+    }
+
+    /// Every problem with the spec; empty when it is valid.
+    pub fn problems(&self) -> Vec<FieldError> {
+        let mut p = Problems::default();
+        let name = self.name.trim();
+        if name.is_empty() || self.name.len() > 128 {
+            p.add("name", "must be 1 to 128 characters");
+        } else if self.name.chars().any(char::is_control) {
+            p.add("name", "must not contain control characters");
+        }
+        if self.command.is_empty() || self.command[0].is_empty() {
+            p.add("command", "must name a program (a list like [\"python3\", \"train.py\"])");
+        }
+        if self.command.len() > MAX_ARGS {
+            p.add("command", format!("has {} arguments, at most {MAX_ARGS} allowed", self.command.len()));
+        }
+        for (i, arg) in self.command.iter().enumerate() {
+            if arg.len() > MAX_ARG_BYTES || arg.contains('\0') {
+                p.add(format!("command[{i}]"), format!("must be at most {MAX_ARG_BYTES} bytes without NUL"));
+            }
+        }
+        self.check_env(&mut p);
+        self.check_resources(&mut p);
+        self.check_runtime(&mut p);
+        if !(1..=MAX_ATTEMPTS).contains(&self.max_attempts) {
+            p.add("max_attempts", format!("must be 1 to {MAX_ATTEMPTS}"));
+        }
+        if self.priority > 100 {
+            p.add("priority", "must be 0 to 100");
+        }
+        if self.labels.len() > MAX_LABELS {
+            p.add("labels", format!("at most {MAX_LABELS} labels"));
+        }
+        for (k, v) in &self.labels {
+            if !is_label_key(k) || v.len() > 256 {
+                p.add(format!("labels.{k}"), "keys are 1-63 of [A-Za-z0-9._-/], values at most 256 bytes");
+            }
+        }
+        self.check_data(&mut p);
+        p.0
+    }
+
+    fn check_env(&self, p: &mut Problems) {
+        if self.env.len() > MAX_ENV {
+            p.add("env", format!("at most {MAX_ENV} variables"));
+        }
+        for (k, v) in &self.env {
+            if !is_env_name(k) {
+                p.add(format!("env.{k}"), "names must match [A-Za-z_][A-Za-z0-9_]*");
+            } else if k.starts_with("HYBROKER_") || k == "CUDA_VISIBLE_DEVICES" || k == "TRACEPARENT" {
+                p.add(format!("env.{k}"), "is set by hybroker and may not be given");
+            }
+            if v.len() > MAX_ENV_VALUE_BYTES || v.contains('\0') {
+                p.add(format!("env.{k}"), format!("values must be at most {MAX_ENV_VALUE_BYTES} bytes without NUL"));
+            }
+        }
+    }
+
+    fn check_resources(&self, p: &mut Problems) {
+        let r = &self.resources;
+        if r.gpus > MAX_GPUS {
+            p.add("resources.gpus", format!("must be 0 to {MAX_GPUS}"));
+        }
+        if !(1..=MAX_CPUS).contains(&r.cpus) {
+            p.add("resources.cpus", format!("must be 1 to {MAX_CPUS}"));
+        }
+        if !(1..=MAX_MEMORY_GIB).contains(&r.memory_gib) {
+            p.add("resources.memory_gib", format!("must be 1 to {MAX_MEMORY_GIB}"));
+        }
+        for (i, m) in r.gpu_model.iter().enumerate() {
+            if !is_known_model(m) {
+                p.add(
+                    format!("resources.gpu_model[{i}]"),
+                    format!("unknown GPU model {m:?}; known models: {}", known_models().join(", ")),
+                );
+            }
+        }
+        if r.gpus == 0 && !r.gpu_model.is_empty() {
+            p.add("resources.gpu_model", "is given but resources.gpus is 0");
+        }
+    }
+
+    fn check_runtime(&self, p: &mut Problems) {
+        let max = self.max_runtime();
+        if max.is_zero() || max > MAX_RUNTIME {
+            p.add("max_runtime", "must be more than 0 and at most 30 days");
+        }
+        if let Some(expected) = self.expected_runtime {
+            if expected.0.is_zero() || expected.0 > max {
+                p.add("expected_runtime", "must be more than 0 and at most max_runtime");
+            }
+        }
+    }
+
+    /// Job data and policy are parsed and checked now; their machinery lands with later issues, so a
+    /// spec that uses them is refused rather than silently run without them.
+    fn check_data(&self, p: &mut Problems) {
+        for (i, input) in self.inputs.iter().enumerate() {
+            if let Err(e) = check_data_uri(&input.uri) {
+                p.add(format!("inputs[{i}].uri"), e);
+            }
+            if let Err(e) = check_work_path(&input.path) {
+                p.add(format!("inputs[{i}].path"), e);
+            }
+        }
+        for (i, output) in self.outputs.iter().enumerate() {
+            if let Err(e) = check_work_path(&output.path) {
+                p.add(format!("outputs[{i}].path"), e);
+            }
+            match (&output.to, &output.residency) {
+                (Some(to), None) => {
+                    if let Err(e) = check_data_uri(to) {
+                        p.add(format!("outputs[{i}].to"), e);
+                    }
+                }
+                (None, Some(_)) => {}
+                _ => p.add(format!("outputs[{i}]"), "give exactly one of `to` or `residency`"),
+            }
+        }
+        if let Some(policy) = &self.policy {
+            if policy.max_usd_per_hour.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+                p.add("policy.max_usd_per_hour", "must be a positive number");
+            }
+            if policy.max_usd_total.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+                p.add("policy.max_usd_total", "must be a positive number");
+            }
+            if let Some(deadline) = &policy.deadline {
+                if humantime::parse_rfc3339_weak(deadline).is_err() {
+                    p.add("policy.deadline", "must be an RFC 3339 time like 2026-12-01T18:00:00Z");
+                }
+            }
+            if policy.deadline.is_some() && policy.max_wait.is_some() {
+                p.add("policy", "give at most one of `deadline` or `max_wait`");
+            }
+        }
+        if p.0.is_empty() {
+            const LATER: &str = "is not supported yet: this broker does not stage job data or enforce placement policy";
+            if !self.inputs.is_empty() {
+                p.add("inputs", LATER);
+            }
+            if !self.outputs.is_empty() {
+                p.add("outputs", LATER);
+            }
+            if self.policy.is_some() {
+                p.add("policy", LATER);
+            }
+        }
+    }
+}
+
+/// Job data URIs: `s3://bucket/key`, `az://account/container/path`, `local://location/path`.
+/// Anything else (http, file, userinfo, encoded or dot segments) is refused: that is the SSRF guard.
+pub fn check_data_uri(uri: &str) -> Result<(), String> {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return Err(format!("{uri:?} is not a data URI (s3://, az:// or local://)"));
+    };
+    let min_segments = match scheme {
+        "s3" | "local" => 1,
+        "az" => 2,
+        _ => return Err(format!("scheme {scheme:?} is not allowed; use s3://, az:// or local://")),
+    };
+    if rest.contains(['@', '%', '\\', '?', '#']) || rest.chars().any(|c| c.is_control() || c == ' ') {
+        return Err(format!("{uri:?} may not contain userinfo, escapes, queries, fragments or spaces"));
+    }
+    let segments: Vec<&str> = rest.split('/').collect();
+    if segments.iter().any(|s| *s == "." || *s == "..") {
+        return Err(format!("{uri:?} may not contain . or .. segments"));
+    }
+    if segments.len() <= min_segments - 1 || segments[..min_segments].iter().any(|s| s.is_empty()) {
+        return Err(format!("{uri:?} must name the bucket, container or location"));
+    }
+    Ok(())
+}
+
+/// A relative path inside the work directory.
+fn check_work_path(path: &str) -> Result<(), String> {
+    if path.is_empty() || path.starts_with('/') || path.split('/').any(|s| s == "..") || path.contains('\0') {
+        return Err(format!("{path:?} must be a relative path inside the work directory"));
+    }
+    Ok(())
+}
+
+fn check_size(doc: &[u8], limit: usize) -> Result<(), SpecError> {
+    if doc.len() > limit { Err(SpecError::TooLarge { size: doc.len(), limit }) } else { Ok(()) }
+}
+
+fn syntax(format: &'static str, path: String, message: String) -> SpecError {
+    let message = if path == "." || path.is_empty() { message } else { format!("at {path}: {message}") };
+    SpecError::Syntax { format, message }
+}
+
+fn is_env_name(k: &str) -> bool {
+    let mut chars = k.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && k.len() <= 128
+}
+
+fn is_label_key(k: &str) -> bool {
+    !k.is_empty() && k.len() <= 63 && k.chars().all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c))
+}
+
+#[derive(Default)]
+struct Problems(Vec<FieldError>);
+
+impl Problems {
+    fn add(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError { field: field.into(), message: message.into() });
+    }
+}
+
+#[cfg(test)]
+#[path = "job_tests.rs"]
+mod tests;

@@ -1,0 +1,94 @@
+use super::*;
+
+const LIMIT: usize = 64 * 1024;
+
+#[test]
+fn full_design_spec_parses_and_only_later_features_are_refused() {
+    let yaml = r#"
+name: finetune-resnet
+command: ["python3", "train.py", "--epochs", "3"]
+env: {BATCH_SIZE: "256"}
+resources:
+  gpus: 2
+  gpu_model: [H100-80GB, A100-80GB]
+  cpus: 16
+  memory_gib: 64
+expected_runtime: 2h
+max_runtime: 6h
+max_attempts: 3
+priority: 50
+inputs:
+  - uri: s3://acme-datasets-eu/imagenet-mini/
+    path: data/
+outputs:
+  - path: out/
+    to: az://acmeml/results/
+policy:
+  residency: eu
+  clouds: [aws, azure]
+  max_usd_per_hour: 40
+  max_usd_total: 200
+  spot: allowed
+  deadline: 2026-12-01T18:00:00Z
+labels: {team: vision}
+"#;
+    let SpecError::Invalid(errors) = JobSpec::from_yaml(yaml.as_bytes(), LIMIT).unwrap_err() else { panic!() };
+    let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(fields, ["inputs", "outputs", "policy"]);
+    assert!(errors.iter().all(|e| e.message.contains("not supported yet")));
+}
+
+#[test]
+fn defaults_and_json_round_trip() {
+    let spec = JobSpec::from_yaml(b"name: x\ncommand: [echo, hi]\nmax_runtime: 90s\n", LIMIT).unwrap();
+    assert_eq!(spec.max_attempts, 3);
+    assert_eq!(spec.priority, 50);
+    assert_eq!(spec.resources, Resources::default());
+    assert_eq!(spec.max_runtime(), Duration::from_secs(90));
+    let again = JobSpec::from_json(spec.to_json().as_bytes(), LIMIT).unwrap();
+    assert_eq!(again, spec);
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let yaml = b"name: ''\ncommand: []\npriority: 101\nmax_attempts: 0\nresources: {cpus: 0}\n";
+    let SpecError::Invalid(errors) = JobSpec::from_yaml(yaml, LIMIT).unwrap_err() else { panic!() };
+    let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(fields, ["name", "command", "resources.cpus", "max_attempts", "priority"]);
+}
+
+#[test]
+fn unknown_fields_and_enum_values_name_their_place() {
+    let err = JobSpec::from_yaml(b"name: x\ncommand: [echo]\nresources: {gpu: 1}\n", LIMIT).unwrap_err();
+    assert!(err.to_string().contains("resources") && err.to_string().contains("gpu"), "{err}");
+    let err = JobSpec::from_json(br#"{"name":"x","command":["echo"],"policy":{"spot":"maybe"}}"#, LIMIT).unwrap_err();
+    assert!(err.to_string().contains("policy.spot"), "{err}");
+}
+
+#[test]
+fn data_uris_are_the_ssrf_guard() {
+    for ok in ["s3://bucket/key", "s3://bucket/prefix/", "az://acct/container/path", "local://scratch/x"] {
+        assert_eq!(check_data_uri(ok), Ok(()), "{ok}");
+    }
+    for bad in [
+        "http://169.254.169.254/latest",
+        "https://bucket.s3.amazonaws.com/x",
+        "file:///etc/passwd",
+        "gs://bucket/x",
+        "s3://user:pw@bucket/x",
+        "s3://bucket/%2e%2e/secret",
+        "s3://bucket/../other",
+        "s3:///key",
+        "az://acct",
+        "s3://bucket/x?versionId=1",
+        "bucket/key",
+    ] {
+        assert!(check_data_uri(bad).is_err(), "{bad} must be refused");
+    }
+}
+
+#[test]
+fn oversized_specs_are_refused_before_parsing() {
+    let doc = vec![b' '; LIMIT + 1];
+    assert_eq!(JobSpec::from_yaml(&doc, LIMIT), Err(SpecError::TooLarge { size: LIMIT + 1, limit: LIMIT }));
+}

@@ -1,0 +1,11 @@
+//! Domain types and ids. Pure: no I/O, no tonic, prost, sqlx or cloud SDK (README invariant 1).
+
+pub mod agent;
+pub mod duration;
+pub mod gpu;
+pub mod identity;
+pub mod job;
+pub mod state;
+
+/// Milliseconds since the Unix epoch; the broker's clock for stored timestamps.
+pub type UnixMillis = i64;

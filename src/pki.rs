@@ -1,0 +1,601 @@
+//! Development CA and role certificates (`hybroker pki init|issue`, and the tests).
+//!
+//! The CA is ECDSA P-256, valid 10 years, path length 0. A directory holds `ca.pem`, `ca-key.pem`
+//! (mode 0600) and `trust-domain`. Leaves get one URI SAN (their [`Identity`]), the requested
+//! DNS/IP SANs, key usage digitalSignature, `CA:FALSE`, and the role's extended key usage:
+//! serverAuth for the broker, clientAuth for agents, gateways and admins (DESIGN §6).
+//! [`Ca::issue_custom`] can also make the malformed certificates the TLS tests must see refused.
+
+use std::fmt;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::net::IpAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rcgen::string::{Ia5String, PrintableString};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+    SanType,
+};
+use x509_parser::asn1_rs::Tag;
+
+use crate::model::identity::{Identity, IdentityError, Role, validate_name, validate_trust_domain};
+
+/// Validity of a new CA.
+const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// How far back `not_before` is set, to tolerate small clock skew between machines.
+const BACKDATE: Duration = Duration::from_secs(5 * 60);
+
+/// Errors from creating, loading or using the development CA.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// A file could not be read or written.
+    #[error("could not {op} {path}: {source}")]
+    Io {
+        /// What was attempted ("read", "write", "create directory").
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// `init_ca` found an existing CA.
+    #[error("a CA already exists in {0} (refusing to overwrite it)")]
+    CaExists(PathBuf),
+    /// The CA files are unusable.
+    #[error("invalid CA in {path}: {reason}")]
+    BadCa {
+        /// The CA file or directory.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An agent certificate was requested without a site.
+    #[error("an agent certificate needs a site (--site)")]
+    SiteRequired,
+    /// A site was given for a role that has none.
+    #[error("a {0} certificate has no site; --site is only for agents")]
+    SiteNotAllowed(Role),
+    /// The validity is zero days.
+    #[error("a certificate must be valid for at least 1 day")]
+    ZeroDays,
+    /// A SAN value cannot be encoded.
+    #[error("invalid subject alternative name {0:?}")]
+    InvalidSan(String),
+    /// An identity part is invalid.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// rcgen refused to build or sign the certificate.
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+}
+
+/// Where [`init_ca`] wrote the CA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaPaths {
+    /// `ca.pem`: the CA certificate (the trust bundle to hand out).
+    pub cert: PathBuf,
+    /// `ca-key.pem`: the CA private key (mode 0600).
+    pub key: PathBuf,
+    /// `trust-domain`: the trust domain, as text.
+    pub trust_domain: PathBuf,
+}
+
+impl CaPaths {
+    /// The file names inside `dir`.
+    pub fn in_dir(dir: &Path) -> Self {
+        CaPaths {
+            cert: dir.join("ca.pem"),
+            key: dir.join("ca-key.pem"),
+            trust_domain: dir.join("trust-domain"),
+        }
+    }
+}
+
+/// Creates a new CA for `trust_domain` in `dir` (created if missing); refuses to overwrite one.
+pub fn init_ca(dir: &Path, trust_domain: &str) -> Result<CaPaths, PkiError> {
+    let paths = CaPaths::in_dir(dir);
+    if paths.cert.exists() || paths.key.exists() {
+        return Err(PkiError::CaExists(dir.to_path_buf()));
+    }
+    let ca = Ca::generate(trust_domain)?;
+    fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+    write_file(&paths.key, &ca.key.serialize_pem(), 0o600, false)?;
+    write_file(&paths.cert, &ca.cert_pem, 0o644, false)?;
+    write_file(
+        &paths.trust_domain,
+        &format!("{trust_domain}\n"),
+        0o644,
+        true,
+    )?;
+    Ok(paths)
+}
+
+/// A loaded (or freshly generated) CA that can issue leaf certificates.
+pub struct Ca {
+    trust_domain: String,
+    cert_pem: String,
+    /// Carries the CA subject (and key id method) for the `Issuer`.
+    params: CertificateParams,
+    key: KeyPair,
+}
+
+impl fmt::Debug for Ca {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ca")
+            .field("trust_domain", &self.trust_domain)
+            .field("key", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+/// A role certificate and its private key, PEM-encoded.
+#[derive(Clone)]
+pub struct Issued {
+    /// The certificate.
+    pub cert_pem: String,
+    /// The PKCS#8 private key.
+    pub key_pem: String,
+}
+
+impl fmt::Debug for Issued {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Issued")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"<redacted>")
+            .finish()
+    }
+}
+
+/// A role certificate request (what `hybroker pki issue` takes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssueRequest {
+    /// The role to grant.
+    pub role: Role,
+    /// The node id for agents, otherwise the name; also the output file stem.
+    pub name: String,
+    /// The site: required for agents, refused for other roles.
+    pub site: Option<String>,
+    /// DNS SANs (for the server name check of servers).
+    pub dns: Vec<String>,
+    /// IP SANs.
+    pub ips: Vec<IpAddr>,
+    /// Validity in days (at least 1).
+    pub days: u32,
+}
+
+/// Which extended key usages a leaf carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeafEku {
+    /// No extendedKeyUsage extension at all.
+    None,
+    /// clientAuth only.
+    Client,
+    /// serverAuth only.
+    Server,
+    /// serverAuth and clientAuth.
+    Both,
+}
+
+/// Everything [`Ca::issue_custom`] lets a caller (mostly a test) choose.
+#[derive(Debug, Clone)]
+pub struct LeafOptions {
+    /// The subject common name.
+    pub common_name: String,
+    /// URI SANs, in order (zero, one or several).
+    pub uris: Vec<String>,
+    /// DNS SANs.
+    pub dns: Vec<String>,
+    /// IP SANs.
+    pub ips: Vec<IpAddr>,
+    /// Extended key usages.
+    pub eku: LeafEku,
+    /// Marks the certificate as a CA (basicConstraints CA:TRUE, keyCertSign).
+    pub is_ca: bool,
+    /// Start of validity.
+    pub not_before: SystemTime,
+    /// End of validity.
+    pub not_after: SystemTime,
+}
+
+impl Default for LeafOptions {
+    /// A client certificate with no SANs, valid from five minutes ago for one day.
+    fn default() -> Self {
+        let now = SystemTime::now();
+        LeafOptions {
+            common_name: "hybroker leaf".to_string(),
+            uris: Vec::new(),
+            dns: Vec::new(),
+            ips: Vec::new(),
+            eku: LeafEku::Client,
+            is_ca: false,
+            not_before: now - BACKDATE,
+            not_after: now + Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl Ca {
+    /// Generates a new CA in memory (see [`init_ca`] to write one).
+    pub fn generate(trust_domain: &str) -> Result<Ca, PkiError> {
+        validate_trust_domain(trust_domain)?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = ca_subject(trust_domain);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = SystemTime::now();
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = (now + CA_VALIDITY).into();
+        let cert_pem = params.self_signed(&key)?.pem();
+        Ok(Ca {
+            trust_domain: trust_domain.to_string(),
+            cert_pem,
+            params,
+            key,
+        })
+    }
+
+    /// Loads the CA written by [`init_ca`] from `dir`.
+    pub fn load(dir: &Path) -> Result<Ca, PkiError> {
+        let paths = CaPaths::in_dir(dir);
+        let trust_domain = read_file(&paths.trust_domain)?.trim().to_string();
+        validate_trust_domain(&trust_domain)?;
+        let cert_pem = read_file(&paths.cert)?;
+        let key_pem = read_file(&paths.key)?;
+        let bad = |path: &Path, reason: String| PkiError::BadCa {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| bad(&paths.key, e.to_string()))?;
+        let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+            .map_err(|e| bad(&paths.cert, format!("not a pem certificate: {e}")))?;
+        let cert = pem
+            .parse_x509()
+            .map_err(|e| bad(&paths.cert, format!("not an x509 certificate: {e}")))?;
+        if !cert.is_ca() {
+            return Err(bad(&paths.cert, "not a CA certificate".to_string()));
+        }
+        if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(bad(&paths.key, "the key does not match ca.pem".to_string()));
+        }
+        let mut params = CertificateParams::default();
+        params.distinguished_name =
+            subject_to_rcgen(cert.subject()).map_err(|r| bad(&paths.cert, r))?;
+        Ok(Ca {
+            trust_domain,
+            cert_pem,
+            params,
+            key,
+        })
+    }
+
+    /// The trust domain this CA issues identities in.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The CA certificate, PEM-encoded (the trust bundle).
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Issues a role certificate (see the module docs for its contents).
+    pub fn issue(&self, req: &IssueRequest) -> Result<Issued, PkiError> {
+        let identity = match (req.role, &req.site) {
+            (Role::Agent, Some(site)) => Identity::agent(&self.trust_domain, site, &req.name),
+            (Role::Agent, None) => return Err(PkiError::SiteRequired),
+            (role, Some(_)) => return Err(PkiError::SiteNotAllowed(role)),
+            (role, None) => Identity::new(&self.trust_domain, role, &req.name),
+        };
+        identity.validate()?;
+        if req.days == 0 {
+            return Err(PkiError::ZeroDays);
+        }
+        if let Some(bad) = req
+            .dns
+            .iter()
+            .find(|d| rustls_pki_types::DnsName::try_from(d.as_str()).is_err())
+        {
+            return Err(PkiError::InvalidSan(bad.clone()));
+        }
+        let now = SystemTime::now();
+        self.issue_custom(&LeafOptions {
+            common_name: format!("{} {}", identity.role, identity.agent_id()),
+            uris: vec![identity.uri()],
+            dns: req.dns.clone(),
+            ips: req.ips.clone(),
+            eku: match req.role {
+                Role::Broker => LeafEku::Server,
+                Role::Agent | Role::Gateway | Role::Admin => LeafEku::Client,
+            },
+            is_ca: false,
+            not_before: now - BACKDATE,
+            not_after: now + Duration::from_secs(u64::from(req.days) * 24 * 3600),
+        })
+    }
+
+    /// Issues a role certificate into `dir` as `<name>.pem` and `<name>-key.pem` (mode 0600),
+    /// replacing earlier ones; returns (certificate path, key path).
+    pub fn issue_to_dir(
+        &self,
+        dir: &Path,
+        req: &IssueRequest,
+    ) -> Result<(PathBuf, PathBuf), PkiError> {
+        validate_name("name", &req.name)?;
+        let issued = self.issue(req)?;
+        fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+        let cert_path = dir.join(format!("{}.pem", req.name));
+        let key_path = dir.join(format!("{}-key.pem", req.name));
+        write_file(&key_path, &issued.key_pem, 0o600, true)?;
+        write_file(&cert_path, &issued.cert_pem, 0o644, true)?;
+        Ok((cert_path, key_path))
+    }
+
+    /// Issues a leaf exactly as described by `opts`, with no role rules applied.
+    pub fn issue_custom(&self, opts: &LeafOptions) -> Result<Issued, PkiError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, opts.common_name.as_str());
+        let ia5 = |s: &String| {
+            Ia5String::try_from(s.as_str()).map_err(|_| PkiError::InvalidSan(s.clone()))
+        };
+        for uri in &opts.uris {
+            params.subject_alt_names.push(SanType::URI(ia5(uri)?));
+        }
+        for dns in &opts.dns {
+            params.subject_alt_names.push(SanType::DnsName(ia5(dns)?));
+        }
+        params
+            .subject_alt_names
+            .extend(opts.ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.extended_key_usages = match opts.eku {
+            LeafEku::None => vec![],
+            LeafEku::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            LeafEku::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
+            LeafEku::Both => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        };
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.is_ca = if opts.is_ca {
+            params.key_usages.push(KeyUsagePurpose::KeyCertSign);
+            IsCa::Ca(BasicConstraints::Unconstrained)
+        } else {
+            IsCa::ExplicitNoCa
+        };
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = opts.not_before.into();
+        params.not_after = opts.not_after.into();
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+/// The subject of a new CA.
+fn ca_subject(trust_domain: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "hybroker");
+    // A random suffix keeps two CAs of one trust domain apart (rotation bundles, clear errors).
+    let suffix = fastrand::u32(..);
+    dn.push(
+        DnType::CommonName,
+        format!("hybroker CA {trust_domain} {suffix:08x}"),
+    );
+    dn
+}
+
+/// Rebuilds an rcgen subject from a parsed certificate's, keeping the string types so that the
+/// issuer name of new leaves matches the CA's subject byte for byte (chain building needs that).
+fn subject_to_rcgen(name: &x509_parser::x509::X509Name<'_>) -> Result<DistinguishedName, String> {
+    let mut dn = DistinguishedName::new();
+    for rdn in name.iter_rdn() {
+        let mut attrs = rdn.iter();
+        let (Some(attr), None) = (attrs.next(), attrs.next()) else {
+            return Err("multi-valued subject names are not supported".to_string());
+        };
+        let oid: Vec<u64> = attr
+            .attr_type()
+            .iter()
+            .ok_or("subject attribute oid too large")?
+            .collect();
+        let text = attr
+            .as_str()
+            .map_err(|e| format!("unsupported subject attribute: {e}"))?;
+        let value = match attr.attr_value().tag() {
+            Tag::Utf8String => DnValue::Utf8String(text.to_string()),
+            Tag::PrintableString => DnValue::PrintableString(
+                PrintableString::try_from(text).map_err(|e| e.to_string())?,
+            ),
+            tag => return Err(format!("unsupported subject string type {tag}")),
+        };
+        dn.push(DnType::from_oid(&oid), value);
+    }
+    Ok(dn)
+}
+
+/// Maps an I/O error to [`PkiError::Io`].
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> PkiError {
+    let path = path.to_path_buf();
+    move |source| PkiError::Io { op, path, source }
+}
+
+/// Reads a text file, naming it in the error.
+fn read_file(path: &Path) -> Result<String, PkiError> {
+    fs::read_to_string(path).map_err(io_err("read", path))
+}
+
+/// Writes `contents` with `mode`: through a temporary file and a rename when `replace`, or with
+/// `create_new` (failing if the file exists) otherwise.
+fn write_file(path: &Path, contents: &str, mode: u32, replace: bool) -> Result<(), PkiError> {
+    let target = if replace {
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        PathBuf::from(tmp)
+    } else {
+        path.to_path_buf()
+    };
+    if replace {
+        // A leftover from an interrupted run would keep its old mode; start afresh.
+        let _ = fs::remove_file(&target);
+    }
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&target)
+        .map_err(io_err("create", &target))?;
+    file.write_all(contents.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(io_err("write", &target))?;
+    if replace {
+        fs::rename(&target, path).map_err(io_err("replace", path))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use x509_parser::extensions::GeneralName;
+
+    fn request(role: Role, name: &str, site: Option<&str>) -> IssueRequest {
+        IssueRequest {
+            role,
+            name: name.to_string(),
+            site: site.map(str::to_string),
+            dns: vec!["localhost".to_string()],
+            ips: vec!["127.0.0.1".parse().unwrap()],
+            days: 30,
+        }
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn init_writes_files_and_refuses_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = init_ca(dir.path(), "hybroker.test").unwrap();
+        assert_eq!(mode(&paths.key), 0o600);
+        assert_eq!(
+            fs::read_to_string(&paths.trust_domain).unwrap().trim(),
+            "hybroker.test"
+        );
+        let err = init_ca(dir.path(), "hybroker.test").unwrap_err();
+        assert!(matches!(err, PkiError::CaExists(_)), "{err}");
+        assert!(init_ca(&dir.path().join("x"), "Bad Domain").is_err());
+    }
+
+    #[test]
+    fn loaded_ca_issues_role_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        init_ca(dir.path(), "hybroker.test").unwrap();
+        let ca = Ca::load(dir.path()).unwrap();
+        assert_eq!(ca.trust_domain(), "hybroker.test");
+        let (_, ca_pem) = x509_parser::pem::parse_x509_pem(ca.cert_pem().as_bytes()).unwrap();
+        let ca_cert = ca_pem.parse_x509().unwrap();
+
+        let cases = [
+            (
+                Role::Agent,
+                Some("lab-sto"),
+                "spiffe://hybroker.test/agent/lab-sto/gpu-01",
+            ),
+            (Role::Broker, None, "spiffe://hybroker.test/broker/gpu-01"),
+            (Role::Admin, None, "spiffe://hybroker.test/admin/gpu-01"),
+        ];
+        for (role, site, uri) in cases {
+            let issued = ca.issue(&request(role, "gpu-01", site)).unwrap();
+            let (_, pem) = x509_parser::pem::parse_x509_pem(issued.cert_pem.as_bytes()).unwrap();
+            let cert = pem.parse_x509().unwrap();
+            // The issuer must match the CA subject byte for byte, also after a reload.
+            assert_eq!(cert.issuer().as_raw(), ca_cert.subject().as_raw());
+            let sans = &cert
+                .subject_alternative_name()
+                .unwrap()
+                .unwrap()
+                .value
+                .general_names;
+            let uris: Vec<_> = sans
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::URI(u) => Some(*u),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(uris, [uri]);
+            assert!(sans.contains(&GeneralName::DNSName("localhost")));
+            let eku = cert.extended_key_usage().unwrap().unwrap().value;
+            assert_eq!(eku.server_auth, role == Role::Broker);
+            assert_eq!(eku.client_auth, role != Role::Broker);
+            assert!(!cert.is_ca());
+            assert!(cert.key_usage().unwrap().unwrap().value.digital_signature());
+            assert!(format!("{issued:?}").contains("<redacted>"));
+        }
+    }
+
+    #[test]
+    fn site_rules_and_days() {
+        let ca = Ca::generate("hybroker.test").unwrap();
+        let err = ca.issue(&request(Role::Agent, "n1", None)).unwrap_err();
+        assert!(matches!(err, PkiError::SiteRequired), "{err}");
+        let err = ca
+            .issue(&request(Role::Broker, "main", Some("lab")))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "a broker certificate has no site; --site is only for agents"
+        );
+        let err = ca
+            .issue(&request(Role::Agent, "n/1", Some("lab")))
+            .unwrap_err();
+        assert!(err.to_string().starts_with("invalid node"), "{err}");
+        let mut bad_dns = request(Role::Broker, "main", None);
+        bad_dns.dns.push("not a name".to_string());
+        assert!(matches!(ca.issue(&bad_dns), Err(PkiError::InvalidSan(_))));
+        let mut zero = request(Role::Admin, "ops", None);
+        zero.days = 0;
+        assert!(matches!(ca.issue(&zero), Err(PkiError::ZeroDays)));
+    }
+
+    #[test]
+    fn issue_to_dir_writes_private_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::generate("hybroker.test").unwrap();
+        let req = request(Role::Gateway, "gw", None);
+        let (cert, key) = ca.issue_to_dir(dir.path(), &req).unwrap();
+        assert_eq!(cert, dir.path().join("gw.pem"));
+        assert_eq!(key, dir.path().join("gw-key.pem"));
+        assert_eq!(mode(&key), 0o600);
+        // Reissuing replaces both files.
+        let old = fs::read_to_string(&cert).unwrap();
+        ca.issue_to_dir(dir.path(), &req).unwrap();
+        assert_ne!(fs::read_to_string(&cert).unwrap(), old);
+        assert_eq!(mode(&key), 0o600);
+    }
+
+    #[test]
+    fn load_reports_missing_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Ca::load(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("trust-domain"), "{err}");
+    }
+}

@@ -1,0 +1,95 @@
+//! First-fit binding of one job to one agent's free resources.
+
+use crate::model::job::Resources;
+
+/// One agent's free resources, as the dispatcher sees them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FreeCapacity {
+    /// Healthy, unallocated GPUs: (index, canonical model).
+    pub gpus: Vec<(u32, String)>,
+    pub cpus: u32,
+    pub memory_mib: u64,
+}
+
+/// Where a job goes: which agent (index into the slice given) and which of its GPUs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding {
+    pub agent: usize,
+    pub gpu_indices: Vec<u32>,
+}
+
+/// The GPUs of `free` that fit `req`, or `None` when the agent cannot take the job.
+pub fn fit(req: &Resources, free: &FreeCapacity) -> Option<Vec<u32>> {
+    if req.cpus > free.cpus || u64::from(req.memory_gib) * 1024 > free.memory_mib {
+        return None;
+    }
+    let wanted = req.gpus as usize;
+    let gpus: Vec<u32> = free
+        .gpus
+        .iter()
+        .filter(|(_, model)| req.gpu_model.is_empty() || req.gpu_model.contains(model))
+        .map(|(index, _)| *index)
+        .take(wanted)
+        .collect();
+    (gpus.len() == wanted).then_some(gpus)
+}
+
+/// The first agent (in the given order) that fits the job.
+pub fn first_fit(req: &Resources, agents: &[FreeCapacity]) -> Option<Binding> {
+    agents.iter().enumerate().find_map(|(agent, free)| fit(req, free).map(|gpu_indices| Binding { agent, gpu_indices }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn agent(gpus: &[(u32, &str)], cpus: u32, memory_gib: u64) -> FreeCapacity {
+        FreeCapacity {
+            gpus: gpus.iter().map(|(i, m)| (*i, (*m).to_string())).collect(),
+            cpus,
+            memory_mib: memory_gib * 1024,
+        }
+    }
+
+    fn job(gpus: u32, models: &[&str], cpus: u32, memory_gib: u32) -> Resources {
+        Resources { gpus, gpu_model: models.iter().map(|m| m.to_string()).collect(), cpus, memory_gib }
+    }
+
+    #[test]
+    fn picks_first_agent_with_matching_gpus() {
+        let agents = [agent(&[(0, "L4-24GB")], 8, 32), agent(&[(0, "H100-80GB"), (1, "H100-80GB")], 8, 32)];
+        let b = first_fit(&job(2, &["H100-80GB", "A100-80GB"], 4, 16), &agents).unwrap();
+        assert_eq!(b, Binding { agent: 1, gpu_indices: vec![0, 1] });
+        assert_eq!(first_fit(&job(1, &[], 1, 1), &agents).unwrap().agent, 0);
+    }
+
+    #[test]
+    fn refuses_when_cpu_memory_or_gpus_short() {
+        let agents = [agent(&[(0, "H100-80GB")], 4, 8)];
+        assert_eq!(first_fit(&job(2, &[], 1, 1), &agents), None);
+        assert_eq!(first_fit(&job(0, &[], 5, 1), &agents), None);
+        assert_eq!(first_fit(&job(0, &[], 1, 9), &agents), None);
+        assert_eq!(first_fit(&job(1, &["A100-80GB"], 1, 1), &agents), None);
+    }
+
+    proptest! {
+        /// A binding never hands out more than is free, nor a GPU of an unwanted model.
+        #[test]
+        fn binding_respects_capacity(
+            free_gpus in 0u32..8, cpus in 0u32..32, mem in 0u64..64,
+            want_gpus in 0u32..8, want_cpus in 1u32..32, want_mem in 1u32..64,
+        ) {
+            let gpus: Vec<(u32, &str)> = (0..free_gpus).map(|i| (i, if i % 2 == 0 { "H100-80GB" } else { "L4-24GB" })).collect();
+            let agents = [agent(&gpus, cpus, mem)];
+            let req = job(want_gpus, &["H100-80GB"], want_cpus, want_mem);
+            if let Some(b) = first_fit(&req, &agents) {
+                prop_assert_eq!(b.gpu_indices.len() as u32, want_gpus);
+                prop_assert!(b.gpu_indices.iter().all(|i| i % 2 == 0));
+                prop_assert!(want_cpus <= cpus && u64::from(want_mem) <= mem);
+            } else {
+                prop_assert!(want_cpus > cpus || u64::from(want_mem) > mem || want_gpus > free_gpus.div_ceil(2));
+            }
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Generated protobuf and gRPC types, and their conversions to and from [`crate::model`] and
+//! [`crate::store`] types. Generated types stop at the gRPC edges (README invariant 2).
+
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+mod generated {
+    tonic::include_proto!("hybroker.v1");
+}
+
+pub use generated::*;
+
+use crate::model::agent::{self, AttemptReport};
+use crate::model::gpu;
+use crate::store;
+
+impl From<Inventory> for agent::Inventory {
+    fn from(p: Inventory) -> Self {
+        Self {
+            gpus: p.gpus.into_iter().map(gpu::Gpu::from).collect(),
+            cpus: p.cpus,
+            memory_mib: p.memory_mib,
+            labels: p.labels.into_iter().collect(),
+        }
+    }
+}
+
+impl From<agent::Inventory> for Inventory {
+    fn from(m: agent::Inventory) -> Self {
+        Self {
+            gpus: m.gpus.into_iter().map(Gpu::from).collect(),
+            cpus: m.cpus,
+            memory_mib: m.memory_mib,
+            labels: m.labels.into_iter().collect(),
+        }
+    }
+}
+
+impl From<Gpu> for gpu::Gpu {
+    fn from(p: Gpu) -> Self {
+        Self {
+            index: p.index,
+            uuid: p.uuid,
+            model: p.model,
+            name: p.name,
+            memory_mib: p.memory_mib,
+            healthy: p.healthy,
+            simulated: p.simulated,
+            utilization_pct: p.utilization_pct,
+            temperature_c: p.temperature_c,
+            power_mw: p.power_mw,
+            ecc_errors: p.ecc_errors,
+            mig_enabled: p.mig_enabled,
+        }
+    }
+}
+
+impl From<gpu::Gpu> for Gpu {
+    fn from(m: gpu::Gpu) -> Self {
+        Self {
+            index: m.index,
+            uuid: m.uuid,
+            model: m.model,
+            name: m.name,
+            memory_mib: m.memory_mib,
+            healthy: m.healthy,
+            simulated: m.simulated,
+            utilization_pct: m.utilization_pct,
+            temperature_c: m.temperature_c,
+            power_mw: m.power_mw,
+            ecc_errors: m.ecc_errors,
+            mig_enabled: m.mig_enabled,
+        }
+    }
+}
+
+impl TryFrom<AttemptUpdate> for AttemptReport {
+    type Error = tonic::Status;
+
+    fn try_from(u: AttemptUpdate) -> Result<Self, Self::Error> {
+        let phase = match AttemptPhase::try_from(u.phase) {
+            Ok(AttemptPhase::Running) => agent::Phase::Running,
+            Ok(AttemptPhase::Exited) => agent::Phase::Exited,
+            Ok(AttemptPhase::Failed) => agent::Phase::Failed,
+            _ => return Err(tonic::Status::invalid_argument(format!("unknown attempt phase {}", u.phase))),
+        };
+        if phase == agent::Phase::Exited && u.exit_code.is_none() {
+            return Err(tonic::Status::invalid_argument("an exited attempt needs an exit code"));
+        }
+        Ok(Self {
+            job_id: u.job_id,
+            attempt: u.attempt,
+            epoch: u.epoch,
+            phase,
+            exit_code: u.exit_code,
+            reason: u.reason,
+            gpu_indices: u.gpu_indices,
+        })
+    }
+}
+
+impl From<AttemptReport> for AttemptUpdate {
+    fn from(r: AttemptReport) -> Self {
+        let phase = match r.phase {
+            agent::Phase::Running => AttemptPhase::Running,
+            agent::Phase::Exited => AttemptPhase::Exited,
+            agent::Phase::Failed => AttemptPhase::Failed,
+        };
+        Self {
+            job_id: r.job_id,
+            attempt: r.attempt,
+            epoch: r.epoch,
+            phase: phase.into(),
+            exit_code: r.exit_code,
+            reason: r.reason,
+            gpu_indices: r.gpu_indices,
+        }
+    }
+}
+
+impl From<store::JobRecord> for Job {
+    fn from(r: store::JobRecord) -> Self {
+        Self {
+            id: r.id,
+            tenant: r.tenant,
+            name: r.name,
+            state: r.state.to_string(),
+            spec_json: r.spec_json,
+            attempts: r.attempts,
+            max_attempts: r.max_attempts,
+            site: r.site.unwrap_or_default(),
+            agent: r.agent.unwrap_or_default(),
+            exit_code: r.exit_code,
+            reason: r.reason,
+            created_at_ms: r.created_at,
+            updated_at_ms: r.updated_at,
+        }
+    }
+}
+
+impl From<store::JobEvent> for JobEvent {
+    fn from(e: store::JobEvent) -> Self {
+        Self {
+            seq: e.seq,
+            job_id: e.job_id,
+            state: e.state.to_string(),
+            attempt: e.attempt,
+            agent: e.agent.unwrap_or_default(),
+            reason: e.reason,
+            exit_code: e.exit_code,
+            at_ms: e.at,
+        }
+    }
+}

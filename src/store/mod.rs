@@ -1,0 +1,136 @@
+//! Durable jobs, attempts, agents and the append-only job event log.
+//!
+//! SQLite through sqlx: WAL, `synchronous=FULL`. One [`Writer`] connection, owned by the broker's
+//! core task, commits a [`Batch`] of many transitions in one transaction (group commit); a
+//! [`Reader`] pool serves queries. PostgreSQL arrives with its own issue behind the same calls.
+
+mod schema;
+mod sqlite;
+
+pub use sqlite::{Reader, Writer, open};
+
+use crate::model::UnixMillis;
+use crate::model::state::JobState;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("job store: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("job store: {0}")]
+    Corrupt(String),
+    #[error("job store {path}: {message}")]
+    Open { path: String, message: String },
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRecord {
+    pub id: String,
+    pub tenant: String,
+    pub name: String,
+    pub state: JobState,
+    pub spec_json: String,
+    pub priority: u32,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub epoch: u64,
+    pub site: Option<String>,
+    pub agent: Option<String>,
+    pub exit_code: Option<i32>,
+    pub reason: String,
+    pub idempotency_key: Option<String>,
+    pub created_at: UnixMillis,
+    pub updated_at: UnixMillis,
+}
+
+/// One entry of the append-only job event log; `seq` is global and strictly increasing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobEvent {
+    pub seq: u64,
+    pub job_id: String,
+    pub state: JobState,
+    pub attempt: u32,
+    pub agent: Option<String>,
+    pub reason: String,
+    pub exit_code: Option<i32>,
+    pub at: UnixMillis,
+}
+
+/// One try of a job on one agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptRecord {
+    pub job_id: String,
+    pub attempt: u32,
+    pub epoch: u64,
+    pub agent: String,
+    pub gpu_indices: Vec<u32>,
+    pub started_at: UnixMillis,
+}
+
+/// How an attempt ended, with the bounded tail of its output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptEnd {
+    pub job_id: String,
+    pub attempt: u32,
+    pub state: JobState,
+    pub exit_code: Option<i32>,
+    pub reason: String,
+    pub output: Vec<u8>,
+    pub output_truncated: bool,
+    pub ended_at: UnixMillis,
+}
+
+/// An agent as last seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentRecord {
+    pub id: String,
+    pub site: String,
+    pub node: String,
+    pub inventory_json: String,
+    pub last_seen: UnixMillis,
+}
+
+/// The tail of one attempt's output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptOutput {
+    pub attempt: u32,
+    pub output: Vec<u8>,
+    pub truncated: bool,
+}
+
+/// One write of a batch.
+#[derive(Debug, Clone)]
+pub enum Write {
+    NewJob(JobRecord),
+    /// Updates the job's mutable fields (state, attempts, epoch, site, agent, exit code, reason).
+    UpdateJob(JobRecord),
+    Event(JobEvent),
+    NewAttempt(AttemptRecord),
+    EndAttempt(AttemptEnd),
+    Agent(AgentRecord),
+}
+
+/// Writes committed together, in order, in one transaction.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub writes: Vec<Write>,
+}
+
+impl Batch {
+    pub fn push(&mut self, write: Write) {
+        self.writes.push(write);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+}
+
+/// Filter for listing jobs.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub tenant: Option<String>,
+    pub states: Vec<JobState>,
+    pub before: Option<String>,
+    pub limit: u32,
+}

@@ -1,0 +1,62 @@
+//! Migrations, applied in order and recorded in SQLite's `user_version`.
+
+/// Each entry moves the schema one version up; never edit a released entry, append a new one.
+pub const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE jobs (
+    id              TEXT PRIMARY KEY,
+    tenant          TEXT NOT NULL,
+    name            TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    spec_json       TEXT NOT NULL,
+    priority        INTEGER NOT NULL,
+    attempts        INTEGER NOT NULL,
+    max_attempts    INTEGER NOT NULL,
+    epoch           INTEGER NOT NULL,
+    site            TEXT,
+    agent           TEXT,
+    exit_code       INTEGER,
+    reason          TEXT NOT NULL,
+    idempotency_key TEXT,
+    created_at_ms   INTEGER NOT NULL,
+    updated_at_ms   INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX jobs_idempotency ON jobs (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX jobs_tenant ON jobs (tenant, id);
+CREATE INDEX jobs_active ON jobs (state) WHERE state NOT IN ('succeeded', 'failed', 'cancelled');
+
+CREATE TABLE attempts (
+    job_id           TEXT NOT NULL REFERENCES jobs (id),
+    attempt          INTEGER NOT NULL,
+    epoch            INTEGER NOT NULL,
+    agent            TEXT NOT NULL,
+    gpu_indices      TEXT NOT NULL,
+    state            TEXT NOT NULL,
+    exit_code        INTEGER,
+    reason           TEXT NOT NULL DEFAULT '',
+    output           BLOB,
+    output_truncated INTEGER NOT NULL DEFAULT 0,
+    started_at_ms    INTEGER NOT NULL,
+    ended_at_ms      INTEGER,
+    PRIMARY KEY (job_id, attempt)
+);
+
+CREATE TABLE agents (
+    id             TEXT PRIMARY KEY,
+    site           TEXT NOT NULL,
+    node           TEXT NOT NULL,
+    inventory_json TEXT NOT NULL,
+    last_seen_ms   INTEGER NOT NULL
+);
+
+CREATE TABLE job_events (
+    seq       INTEGER PRIMARY KEY,
+    job_id    TEXT NOT NULL,
+    state     TEXT NOT NULL,
+    attempt   INTEGER NOT NULL,
+    agent     TEXT,
+    reason    TEXT NOT NULL,
+    exit_code INTEGER,
+    at_ms     INTEGER NOT NULL
+);
+CREATE INDEX job_events_job ON job_events (job_id, seq);
+"#];

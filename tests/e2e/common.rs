@@ -1,0 +1,249 @@
+//! A test cluster: a fresh PKI, the real `hybroker` binary as broker and agent processes on port 0,
+//! and an admin job-service client over mutual TLS.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hybroker::model::identity::Role;
+use hybroker::pki::{self, Ca, IssueRequest};
+use hybroker::proto::job_service_client::JobServiceClient;
+use hybroker::proto::{self, SpecFormat};
+use hybroker::tls::{self, TlsPaths};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_hybroker");
+pub const TRUST_DOMAIN: &str = "test.hybroker.local";
+/// Generous: CI machines are slow and shared; the tests wait on conditions, never on time.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub ca: Ca,
+    pub addr: SocketAddr,
+    pub lease_ttl: Duration,
+    broker: Option<Child>,
+    agents: Vec<(String, Child)>,
+}
+
+impl Cluster {
+    /// A broker (lease TTL as given) and agents `(node, simulated gpus)` at site `lab`.
+    pub async fn start(lease_ttl: Duration, agents: &[(&str, &str)]) -> Cluster {
+        tls::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let pki_dir = dir.path().join("pki");
+        pki::init_ca(&pki_dir, TRUST_DOMAIN).unwrap();
+        let ca = Ca::load(&pki_dir).unwrap();
+        let mut cluster = Cluster { dir, ca, addr: "127.0.0.1:0".parse().unwrap(), lease_ttl, broker: None, agents: vec![] };
+        cluster.issue(Role::Broker, "broker", None);
+        cluster.start_broker(0);
+        for (node, gpus) in agents {
+            cluster.start_agent(node, gpus);
+        }
+        cluster
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Issues a certificate into the PKI directory.
+    pub fn issue(&self, role: Role, name: &str, site: Option<&str>) -> TlsPaths {
+        let request = IssueRequest {
+            role,
+            name: name.into(),
+            site: site.map(Into::into),
+            dns: vec!["localhost".into()],
+            ips: vec!["127.0.0.1".parse().unwrap()],
+            days: 1,
+        };
+        let (cert, key) = self.ca.issue_to_dir(&self.path("pki"), &request).unwrap();
+        TlsPaths { ca_cert: self.path("pki/ca.pem"), cert, key }
+    }
+
+    /// Starts (or restarts) the broker process on `port` (0 = any) and waits until it listens.
+    pub fn start_broker(&mut self, port: u16) {
+        let addr_file = self.path("broker.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let hb = (self.lease_ttl / 4).max(Duration::from_millis(100));
+        let config = format!(
+            "[broker]\nlisten = \"127.0.0.1:{port}\"\n[tls]\nca_cert = \"{pki}/ca.pem\"\ncert = \"{pki}/broker.pem\"\n\
+             key = \"{pki}/broker-key.pem\"\n[store]\npath = \"{db}\"\n[leases]\nttl = \"{ttl}ms\"\nheartbeat_interval = \"{hb}ms\"\n",
+            pki = self.path("pki").display(),
+            db = self.path("broker.db").display(),
+            ttl = self.lease_ttl.as_millis(),
+            hb = hb.as_millis(),
+        );
+        std::fs::write(self.path("broker.toml"), config).unwrap();
+        let child = spawn(&["broker", "--config", path_str(&self.path("broker.toml")), "--addr-file", path_str(&addr_file)], &self.path("broker.log"));
+        self.broker = Some(child);
+        let started = Instant::now();
+        loop {
+            if let Ok(addr) = std::fs::read_to_string(&addr_file) {
+                self.addr = addr.trim().parse().unwrap();
+                return;
+            }
+            if let Some(status) = self.broker.as_mut().unwrap().try_wait().unwrap() {
+                panic!("broker exited with {status}:\n{}", self.broker_log());
+            }
+            assert!(started.elapsed() < DEADLINE, "broker did not start:\n{}", self.broker_log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `kill -9` the broker.
+    pub fn kill_broker(&mut self) {
+        if let Some(mut child) = self.broker.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    pub fn start_agent(&mut self, node: &str, gpus: &str) {
+        let tls = self.issue(Role::Agent, node, Some("lab"));
+        let config = format!(
+            "[agent]\nbroker_url = \"https://{addr}\"\nwork_dir = \"{work}\"\nsimulate_gpus = \"{gpus}\"\ncpus = 8\nmemory_mib = 65536\n\
+             [tls]\nca_cert = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n[reconnect]\nmin_backoff = \"50ms\"\nmax_backoff = \"500ms\"\n",
+            addr = self.addr,
+            work = self.work_dir(node).display(),
+            ca = tls.ca_cert.display(),
+            cert = tls.cert.display(),
+            key = tls.key.display(),
+        );
+        let config_path = self.path(&format!("agent-{node}.toml"));
+        std::fs::write(&config_path, config).unwrap();
+        let child = spawn(&["agent", "--config", path_str(&config_path)], &self.path(&format!("agent-{node}.log")));
+        self.agents.push((node.to_string(), child));
+    }
+
+    pub fn work_dir(&self, node: &str) -> PathBuf {
+        self.path(&format!("work-{node}"))
+    }
+
+    pub fn agent_pid(&self, node: &str) -> i32 {
+        self.agents.iter().find(|(n, _)| n == node).map(|(_, c)| c.id() as i32).expect("agent started")
+    }
+
+    /// `kill -9` an agent.
+    pub fn kill_agent(&mut self, node: &str) {
+        let i = self.agents.iter().position(|(n, _)| n == node).expect("agent started");
+        let (_, mut child) = self.agents.remove(i);
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    pub fn broker_log(&self) -> String {
+        std::fs::read_to_string(self.path("broker.log")).unwrap_or_default()
+    }
+
+    pub fn agent_log(&self, node: &str) -> String {
+        std::fs::read_to_string(self.path(&format!("agent-{node}.log"))).unwrap_or_default()
+    }
+
+    /// A job-service client with the given certificate.
+    pub async fn client_as(&self, paths: &TlsPaths) -> JobServiceClient<Channel> {
+        let config = tls::client_config(paths, TRUST_DOMAIN, Role::Broker).unwrap();
+        JobServiceClient::new(tls::connect(&format!("https://{}", self.addr), config, None).await.unwrap())
+    }
+
+    pub async fn admin(&self) -> JobServiceClient<Channel> {
+        let paths = self.issue(Role::Admin, "test-admin", None);
+        self.client_as(&paths).await
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.agents {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.kill_broker();
+    }
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn spawn(args: &[&str], log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "info,hybroker=debug,h2=warn,tower=warn,hyper=warn,sqlx=warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+/// Polls `check` until it yields a value or the deadline passes.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(started.elapsed() < DEADLINE, "timed out after {DEADLINE:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn submit(client: &mut JobServiceClient<Channel>, yaml: &str) -> String {
+    submit_keyed(client, yaml, "").await.unwrap()
+}
+
+pub async fn submit_keyed(client: &mut JobServiceClient<Channel>, yaml: &str, key: &str) -> Result<String, tonic::Status> {
+    let request = proto::SubmitRequest {
+        spec: yaml.as_bytes().to_vec(),
+        format: SpecFormat::Yaml.into(),
+        idempotency_key: key.into(),
+        tenant: String::new(),
+    };
+    Ok(client.submit(request).await?.into_inner().job_id)
+}
+
+pub async fn get(client: &mut JobServiceClient<Channel>, id: &str) -> proto::Job {
+    client.get(proto::GetJobRequest { job_id: id.into(), tenant: String::new() }).await.unwrap().into_inner()
+}
+
+/// Every event of the job until it is terminal.
+pub async fn watch_to_end(client: &mut JobServiceClient<Channel>, id: &str) -> Vec<proto::JobEvent> {
+    let request = proto::WatchJobRequest { job_id: id.into(), tenant: String::new(), after_seq: 0 };
+    let mut stream = client.watch(request).await.unwrap().into_inner();
+    let mut events = Vec::new();
+    tokio::time::timeout(DEADLINE, async {
+        while let Some(ev) = stream.next().await {
+            events.push(ev.unwrap());
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("job {id} did not finish; events so far: {events:?}"));
+    events
+}
+
+/// Waits until the job's latest state satisfies `pred`; returns the job.
+pub async fn wait_job(client: &JobServiceClient<Channel>, id: &str, what: &str, pred: impl Fn(&proto::Job) -> bool) -> proto::Job {
+    eventually(what, || {
+        let mut client = client.clone();
+        let id = id.to_string();
+        let pred = &pred;
+        async move {
+            let job = client.get(proto::GetJobRequest { job_id: id, tenant: String::new() }).await.ok()?.into_inner();
+            pred(&job).then_some(job)
+        }
+    })
+    .await
+}
+
+pub fn states(events: &[proto::JobEvent]) -> Vec<&str> {
+    events.iter().map(|e| e.state.as_str()).collect()
+}

@@ -1,0 +1,162 @@
+//! Jobs through real broker and agent processes: success, failure, lost agents, zombies, and a
+//! broker killed under load.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hybroker::proto;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::common::*;
+
+const HELLO: &str = "name: hello\ncommand: [sh, -c, 'echo hello $HYBROKER_JOB_ID; echo gpus=[$CUDA_VISIBLE_DEVICES]']\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_run_on_agents_and_every_transition_is_watched_in_order() {
+    let cluster = Cluster::start(Duration::from_secs(5), &[("node-a", "2xH100-80GB"), ("node-b", "1xL4-24GB")]).await;
+    let mut admin = cluster.admin().await;
+    let hello = submit(&mut admin, HELLO).await;
+    let gpu = submit(&mut admin, "name: gpu\ncommand: [sh, -c, 'echo on [$CUDA_VISIBLE_DEVICES]']\nresources: {gpus: 1, gpu_model: [L4-24GB]}\n").await;
+    let failing = submit(&mut admin, "name: failing\ncommand: [sh, -c, 'echo oops >&2; exit 3']\n").await;
+
+    for id in [&hello, &gpu] {
+        let events = watch_to_end(&mut admin, id).await;
+        assert_eq!(states(&events), ["queued", "placed", "leased", "running", "succeeded"], "{events:?}");
+        assert!(events.windows(2).all(|w| w[0].seq < w[1].seq), "events in commit order");
+        assert_eq!(events.last().unwrap().exit_code, Some(0));
+    }
+    let events = watch_to_end(&mut admin, &failing).await;
+    assert_eq!(states(&events).last(), Some(&"failed"));
+    let job = get(&mut admin, &failing).await;
+    assert_eq!((job.state.as_str(), job.exit_code, job.attempts), ("failed", Some(3), 1), "{job:?}");
+    assert!(job.reason.contains("exited with code 3"), "{}", job.reason);
+
+    // The GPU job got the L4 on node-b, and the output reached the store.
+    let job = get(&mut admin, &gpu).await;
+    assert_eq!(job.agent, "lab/node-b");
+    let logs = admin.logs(proto::LogsRequest { job_id: gpu.clone(), tenant: String::new(), attempt: 0 }).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&logs.into_inner().output).trim(), "on [0]");
+    let logs = admin.logs(proto::LogsRequest { job_id: failing, tenant: String::new(), attempt: 0 }).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&logs.into_inner().output).trim(), "oops");
+
+    // Agents and their (simulated) inventory are visible.
+    let agents = admin.list_agents(proto::ListAgentsRequest {}).await.unwrap().into_inner().agents;
+    let a = agents.iter().find(|a| a.id == "lab/node-a").expect("node-a registered");
+    let gpus = &a.inventory.as_ref().unwrap().gpus;
+    assert_eq!(gpus.len(), 2);
+    assert!(gpus.iter().all(|g| g.simulated && g.model == "H100-80GB"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_submit_returns_the_same_job() {
+    let cluster = Cluster::start(Duration::from_secs(5), &[]).await;
+    let mut admin = cluster.admin().await;
+    let first = submit_keyed(&mut admin, HELLO, "key-1").await.unwrap();
+    let again = submit_keyed(&mut admin, HELLO, "key-1").await.unwrap();
+    let other = submit_keyed(&mut admin, HELLO, "key-2").await.unwrap();
+    assert_eq!(first, again);
+    assert_ne!(first, other);
+}
+
+/// A job whose first attempt hangs (its pid saved for cleanup) and whose later attempts succeed.
+const FIRST_ATTEMPT_HANGS: &str = "name: flaky-node\ncommand: [sh, -c, 'echo $$ > pid; if [ $HYBROKER_ATTEMPT = 1 ]; then exec sleep 60; fi; echo done']\n";
+
+fn kill_saved_pid(cluster: &Cluster, node: &str, job: &str) {
+    let pid_file = cluster.work_dir(node).join(job).join("attempt-1/pid");
+    if let Ok(pid) = std::fs::read_to_string(pid_file) {
+        let _ = kill(Pid::from_raw(pid.trim().parse().unwrap()), Signal::SIGKILL);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agents_job_runs_again_on_the_other_agent() {
+    let mut cluster = Cluster::start(Duration::from_millis(1500), &[("node-a", ""), ("node-b", "")]).await;
+    let mut admin = cluster.admin().await;
+    let id = submit(&mut admin, FIRST_ATTEMPT_HANGS).await;
+    let job = wait_job(&admin, &id, "first attempt running", |j| j.state == "running").await;
+    let victim = job.agent.strip_prefix("lab/").unwrap().to_string();
+    let killed_at = Instant::now();
+    cluster.kill_agent(&victim);
+    let job = wait_job(&admin, &id, "second attempt leased", |j| j.attempts == 2).await;
+    let redispatch = killed_at.elapsed();
+    println!("re-dispatch after agent kill -9: {redispatch:?} (lease ttl {:?})", cluster.lease_ttl);
+    assert_ne!(job.agent, format!("lab/{victim}"));
+    let events = watch_to_end(&mut admin, &id).await;
+    kill_saved_pid(&cluster, &victim, &id);
+    assert_eq!(
+        states(&events),
+        ["queued", "placed", "leased", "running", "queued", "placed", "leased", "running", "succeeded"],
+        "{events:?}"
+    );
+    assert!(events[4].reason.contains("lease expired"), "{}", events[4].reason);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombie_agents_late_reports_are_refused() {
+    let cluster = Cluster::start(Duration::from_millis(1500), &[("node-a", ""), ("node-b", "")]).await;
+    let mut admin = cluster.admin().await;
+    // Attempt 1 ends on its own shortly after its agent is frozen; attempt 2 succeeds at once.
+    let spec = "name: zombie\ncommand: [sh, -c, 'if [ $HYBROKER_ATTEMPT = 1 ]; then while [ ! -f release ]; do sleep 0.05; done; fi; echo ok']\n";
+    let id = submit(&mut admin, spec).await;
+    let job = wait_job(&admin, &id, "first attempt running", |j| j.state == "running").await;
+    let zombie = job.agent.strip_prefix("lab/").unwrap().to_string();
+    let pid = Pid::from_raw(cluster.agent_pid(&zombie));
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let events = watch_to_end(&mut admin, &id).await;
+    assert_eq!(states(&events).last(), Some(&"succeeded"));
+    // Let the frozen agent's attempt succeed too, then thaw the agent: its report must be refused.
+    std::fs::write(cluster.work_dir(&zombie).join(&id).join("attempt-1/release"), "").unwrap();
+    kill(pid, Signal::SIGCONT).unwrap();
+    eventually("the zombie's report to be refused", || async {
+        cluster.broker_log().contains("refused report about a stale or unknown attempt").then_some(())
+    })
+    .await;
+    let job = get(&mut admin, &id).await;
+    assert_eq!((job.state.as_str(), job.attempts), ("succeeded", 2));
+    let request = proto::WatchJobRequest { job_id: id.clone(), tenant: String::new(), after_seq: 0 };
+    let mut all = Vec::new();
+    let mut stream = admin.watch(request).await.unwrap().into_inner();
+    while let Some(ev) = tokio_stream::StreamExt::next(&mut stream).await {
+        all.push(ev.unwrap());
+    }
+    assert_eq!(all.iter().filter(|e| e.state == "succeeded").count(), 1, "{all:?}");
+    assert_eq!(all.iter().find(|e| e.state == "succeeded").unwrap().attempt, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_killed_under_submits_loses_no_acknowledged_job() {
+    let mut cluster = Cluster::start(Duration::from_secs(2), &[("node-a", ""), ("node-b", "")]).await;
+    let port = cluster.addr.port();
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let submitter = {
+        let admin = cluster.admin().await;
+        let acked = acked.clone();
+        tokio::spawn(async move {
+            let mut admin = admin;
+            for i in 0..100_000 {
+                let spec = format!("name: load-{i}\ncommand: [sh, -c, 'echo {i}']\n");
+                match submit_keyed(&mut admin, &spec, &format!("load-{i}")).await {
+                    Ok(id) => acked.lock().unwrap().push(id),
+                    Err(_) => return i,
+                }
+            }
+            unreachable!("the broker is killed long before")
+        })
+    };
+    eventually("some acknowledged submits", || async { (acked.lock().unwrap().len() >= 40).then_some(()) }).await;
+    cluster.kill_broker();
+    let failed_at = submitter.await.unwrap();
+    cluster.start_broker(port);
+    let mut admin = cluster.admin().await;
+    // The submit that failed is retried with its key: it exists at most once.
+    let retried = submit_keyed(&mut admin, &format!("name: load-{failed_at}\ncommand: [sh, -c, 'echo {failed_at}']\n"), &format!("load-{failed_at}")).await.unwrap();
+    let mut ids = acked.lock().unwrap().clone();
+    ids.push(retried);
+    println!("acknowledged before the kill: {}", ids.len() - 1);
+    for id in &ids {
+        let events = watch_to_end(&mut admin, id).await;
+        assert_eq!(states(&events).last(), Some(&"succeeded"), "job {id}: {events:?}");
+        assert_eq!(events.iter().filter(|e| e.state == "succeeded").count(), 1, "job {id}: {events:?}");
+    }
+}

@@ -1,0 +1,8 @@
+//! End-to-end tests: the real `hybroker` binary's services as separate processes, real mutual TLS,
+//! port 0, conditions waited on with deadlines. One test binary, so it links once.
+
+mod bad_input;
+mod common;
+mod identity;
+mod lifecycle;
+mod product;

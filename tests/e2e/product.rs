@@ -1,0 +1,82 @@
+//! The product as a new user meets it: the quickstart, the shipped configs and examples, and the
+//! architecture invariants of the README.
+
+use std::path::Path;
+use std::process::Command;
+
+use hybroker::config::{AgentConfig, BrokerConfig, parse_toml};
+use hybroker::model::job::JobSpec;
+
+use crate::common::BIN;
+
+#[test]
+fn quickstart_once_runs_the_samples_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["quickstart", "--once", "--state-dir"])
+        .arg(dir.path().join("qs"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "quickstart failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    for sample in ["hello", "train-h100", "inference-l4"] {
+        let row = stdout.lines().find(|l| l.starts_with(sample)).unwrap_or_else(|| panic!("no row for {sample}:\n{stdout}"));
+        assert!(row.contains("succeeded") && row.contains("lab-sto"), "{row}");
+    }
+    assert!(stdout.contains("broker (gRPC, mTLS): https://127.0.0.1:"), "{stdout}");
+    assert!(stdout.contains("hello from job"), "{stdout}");
+    assert!(!stderr.contains("-----BEGIN"), "no key material in logs");
+}
+
+#[test]
+fn shipped_configs_parse() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let path = root.join("config/broker.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let broker: BrokerConfig = parse_toml(&text, &path, []).unwrap();
+    assert_eq!(broker.leases.ttl.0.as_secs(), 30);
+    let path = root.join("config/agent.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let agent: AgentConfig = parse_toml(&text, &path, []).unwrap();
+    assert!(agent.agent.broker_url.starts_with("https://"));
+}
+
+#[test]
+fn every_example_job_is_valid() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut count = 0;
+    for entry in std::fs::read_dir(root.join("examples")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let doc = std::fs::read(&path).unwrap();
+            JobSpec::from_yaml(&doc, 65536).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            count += 1;
+        }
+    }
+    assert!(count >= 3);
+}
+
+/// README invariants 1 and 2: pure modules import no I/O crates, and generated protobuf types stay
+/// at the gRPC edges.
+#[test]
+fn pure_modules_stay_pure() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let forbidden = ["tonic", "prost", "axum", "sqlx", "aws_sdk", "azure_", "reqwest", "tokio", "std::fs", "std::net", "crate::proto"];
+    for dir in ["model", "placement"] {
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            for word in forbidden {
+                assert!(!text.contains(word), "{} uses {word}", path.display());
+            }
+        }
+    }
+    for dir in ["store", "placement", "model"] {
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(!text.contains("crate::proto"), "{} uses generated protobuf types", path.display());
+        }
+    }
+}
