@@ -176,7 +176,9 @@ impl BrokerConfig {
         check_tls(&self.tls, &mut problems);
         let (ttl, hb) = (self.leases.ttl.0, self.leases.heartbeat_interval.0);
         if hb.is_zero() || hb >= ttl {
-            problems.push(format!("leases.heartbeat_interval ({hb:?}) must be more than 0 and less than leases.ttl ({ttl:?})"));
+            problems.push(format!(
+                "leases.heartbeat_interval ({hb:?}) must be more than 0 and less than leases.ttl ({ttl:?})"
+            ));
         }
         if hb > Duration::from_secs(50) {
             problems.push("leases.heartbeat_interval must be at most 50s (gRPC keepalive needs traffic < 60s)".into());
@@ -231,11 +233,7 @@ fn check_tls(tls: &TlsPaths, problems: &mut Vec<String>) {
 }
 
 fn finish(path: &Path, problems: Vec<String>) -> Result<(), ConfigError> {
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(ConfigError::Invalid { path: path.display().to_string(), problems })
-    }
+    if problems.is_empty() { Ok(()) } else { Err(ConfigError::Invalid { path: path.display().to_string(), problems }) }
 }
 
 /// Reads a TOML file, applies `HYBROKER_<SECTION>__<KEY>` overrides from `vars`, and deserialises.

@@ -9,7 +9,11 @@ use hybroker::config::{AgentConfig, BrokerConfig};
 use hybroker::{agent, broker, telemetry, tls};
 
 #[derive(Parser)]
-#[command(name = "hybroker", version, about = "Hybrid-cloud GPU workload broker: on-prem GPUs and AWS/Azure as one pool")]
+#[command(
+    name = "hybroker",
+    version,
+    about = "Hybrid-cloud GPU workload broker: on-prem GPUs and AWS/Azure as one pool"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -33,6 +37,8 @@ enum Command {
         #[arg(long)]
         simulate_gpus: Option<String>,
     },
+    /// Operate the broker directly with an admin certificate: submit, get, list, cancel, logs, agents.
+    Admin(cli::admin::AdminArgs),
     /// Make a development CA and issue role certificates.
     #[command(subcommand)]
     Pki(PkiCommand),
@@ -73,6 +79,13 @@ fn main() -> anyhow::Result<()> {
                 agent::run(config, cli::shutdown_signal()).await
             }
             Command::Pki(cmd) => cli::pki(cmd),
+            Command::Admin(args) => {
+                let code = cli::admin::run(args).await?;
+                if code != 0 {
+                    std::process::exit(code);
+                }
+                Ok(())
+            }
             Command::Quickstart { once, state_dir } => {
                 let ok = cli::quickstart::run(&state_dir, once).await?;
                 if !ok {

@@ -16,9 +16,8 @@ use std::time::{Duration, SystemTime};
 
 use rcgen::string::{Ia5String, PrintableString};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
-    SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
 };
 use x509_parser::asn1_rs::Tag;
 
@@ -87,11 +86,7 @@ pub struct CaPaths {
 impl CaPaths {
     /// The file names inside `dir`.
     pub fn in_dir(dir: &Path) -> Self {
-        CaPaths {
-            cert: dir.join("ca.pem"),
-            key: dir.join("ca-key.pem"),
-            trust_domain: dir.join("trust-domain"),
-        }
+        CaPaths { cert: dir.join("ca.pem"), key: dir.join("ca-key.pem"), trust_domain: dir.join("trust-domain") }
     }
 }
 
@@ -105,12 +100,7 @@ pub fn init_ca(dir: &Path, trust_domain: &str) -> Result<CaPaths, PkiError> {
     fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
     write_file(&paths.key, &ca.key.serialize_pem(), 0o600, false)?;
     write_file(&paths.cert, &ca.cert_pem, 0o644, false)?;
-    write_file(
-        &paths.trust_domain,
-        &format!("{trust_domain}\n"),
-        0o644,
-        true,
-    )?;
+    write_file(&paths.trust_domain, &format!("{trust_domain}\n"), 0o644, true)?;
     Ok(paths)
 }
 
@@ -143,10 +133,7 @@ pub struct Issued {
 
 impl fmt::Debug for Issued {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Issued")
-            .field("cert_pem", &self.cert_pem)
-            .field("key_pem", &"<redacted>")
-            .finish()
+        f.debug_struct("Issued").field("cert_pem", &self.cert_pem).field("key_pem", &"<redacted>").finish()
     }
 }
 
@@ -226,21 +213,13 @@ impl Ca {
         let mut params = CertificateParams::default();
         params.distinguished_name = ca_subject(trust_domain);
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let now = SystemTime::now();
         params.not_before = (now - BACKDATE).into();
         params.not_after = (now + CA_VALIDITY).into();
         let cert_pem = params.self_signed(&key)?.pem();
-        Ok(Ca {
-            trust_domain: trust_domain.to_string(),
-            cert_pem,
-            params,
-            key,
-        })
+        Ok(Ca { trust_domain: trust_domain.to_string(), cert_pem, params, key })
     }
 
     /// Loads the CA written by [`init_ca`] from `dir`.
@@ -250,16 +229,11 @@ impl Ca {
         validate_trust_domain(&trust_domain)?;
         let cert_pem = read_file(&paths.cert)?;
         let key_pem = read_file(&paths.key)?;
-        let bad = |path: &Path, reason: String| PkiError::BadCa {
-            path: path.to_path_buf(),
-            reason,
-        };
+        let bad = |path: &Path, reason: String| PkiError::BadCa { path: path.to_path_buf(), reason };
         let key = KeyPair::from_pem(&key_pem).map_err(|e| bad(&paths.key, e.to_string()))?;
         let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
             .map_err(|e| bad(&paths.cert, format!("not a pem certificate: {e}")))?;
-        let cert = pem
-            .parse_x509()
-            .map_err(|e| bad(&paths.cert, format!("not an x509 certificate: {e}")))?;
+        let cert = pem.parse_x509().map_err(|e| bad(&paths.cert, format!("not an x509 certificate: {e}")))?;
         if !cert.is_ca() {
             return Err(bad(&paths.cert, "not a CA certificate".to_string()));
         }
@@ -267,14 +241,8 @@ impl Ca {
             return Err(bad(&paths.key, "the key does not match ca.pem".to_string()));
         }
         let mut params = CertificateParams::default();
-        params.distinguished_name =
-            subject_to_rcgen(cert.subject()).map_err(|r| bad(&paths.cert, r))?;
-        Ok(Ca {
-            trust_domain,
-            cert_pem,
-            params,
-            key,
-        })
+        params.distinguished_name = subject_to_rcgen(cert.subject()).map_err(|r| bad(&paths.cert, r))?;
+        Ok(Ca { trust_domain, cert_pem, params, key })
     }
 
     /// The trust domain this CA issues identities in.
@@ -299,11 +267,7 @@ impl Ca {
         if req.days == 0 {
             return Err(PkiError::ZeroDays);
         }
-        if let Some(bad) = req
-            .dns
-            .iter()
-            .find(|d| rustls_pki_types::DnsName::try_from(d.as_str()).is_err())
-        {
+        if let Some(bad) = req.dns.iter().find(|d| rustls_pki_types::DnsName::try_from(d.as_str()).is_err()) {
             return Err(PkiError::InvalidSan(bad.clone()));
         }
         let now = SystemTime::now();
@@ -324,11 +288,7 @@ impl Ca {
 
     /// Issues a role certificate into `dir` as `<name>.pem` and `<name>-key.pem` (mode 0600),
     /// replacing earlier ones; returns (certificate path, key path).
-    pub fn issue_to_dir(
-        &self,
-        dir: &Path,
-        req: &IssueRequest,
-    ) -> Result<(PathBuf, PathBuf), PkiError> {
+    pub fn issue_to_dir(&self, dir: &Path, req: &IssueRequest) -> Result<(PathBuf, PathBuf), PkiError> {
         validate_name("name", &req.name)?;
         let issued = self.issue(req)?;
         fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
@@ -344,29 +304,20 @@ impl Ca {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, opts.common_name.as_str());
-        let ia5 = |s: &String| {
-            Ia5String::try_from(s.as_str()).map_err(|_| PkiError::InvalidSan(s.clone()))
-        };
+        params.distinguished_name.push(DnType::CommonName, opts.common_name.as_str());
+        let ia5 = |s: &String| Ia5String::try_from(s.as_str()).map_err(|_| PkiError::InvalidSan(s.clone()));
         for uri in &opts.uris {
             params.subject_alt_names.push(SanType::URI(ia5(uri)?));
         }
         for dns in &opts.dns {
             params.subject_alt_names.push(SanType::DnsName(ia5(dns)?));
         }
-        params
-            .subject_alt_names
-            .extend(opts.ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.subject_alt_names.extend(opts.ips.iter().map(|ip| SanType::IpAddress(*ip)));
         params.extended_key_usages = match opts.eku {
             LeafEku::None => vec![],
             LeafEku::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
             LeafEku::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
-            LeafEku::Both => vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ],
+            LeafEku::Both => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
         };
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.is_ca = if opts.is_ca {
@@ -380,10 +331,7 @@ impl Ca {
         params.not_after = opts.not_after.into();
         let issuer = Issuer::from_params(&self.params, &self.key);
         let cert = params.signed_by(&key, &issuer)?;
-        Ok(Issued {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
 }
 
@@ -393,10 +341,7 @@ fn ca_subject(trust_domain: &str) -> DistinguishedName {
     dn.push(DnType::OrganizationName, "hybroker");
     // A random suffix keeps two CAs of one trust domain apart (rotation bundles, clear errors).
     let suffix = fastrand::u32(..);
-    dn.push(
-        DnType::CommonName,
-        format!("hybroker CA {trust_domain} {suffix:08x}"),
-    );
+    dn.push(DnType::CommonName, format!("hybroker CA {trust_domain} {suffix:08x}"));
     dn
 }
 
@@ -409,19 +354,13 @@ fn subject_to_rcgen(name: &x509_parser::x509::X509Name<'_>) -> Result<Distinguis
         let (Some(attr), None) = (attrs.next(), attrs.next()) else {
             return Err("multi-valued subject names are not supported".to_string());
         };
-        let oid: Vec<u64> = attr
-            .attr_type()
-            .iter()
-            .ok_or("subject attribute oid too large")?
-            .collect();
-        let text = attr
-            .as_str()
-            .map_err(|e| format!("unsupported subject attribute: {e}"))?;
+        let oid: Vec<u64> = attr.attr_type().iter().ok_or("subject attribute oid too large")?.collect();
+        let text = attr.as_str().map_err(|e| format!("unsupported subject attribute: {e}"))?;
         let value = match attr.attr_value().tag() {
             Tag::Utf8String => DnValue::Utf8String(text.to_string()),
-            Tag::PrintableString => DnValue::PrintableString(
-                PrintableString::try_from(text).map_err(|e| e.to_string())?,
-            ),
+            Tag::PrintableString => {
+                DnValue::PrintableString(PrintableString::try_from(text).map_err(|e| e.to_string())?)
+            }
             tag => return Err(format!("unsupported subject string type {tag}")),
         };
         dn.push(DnType::from_oid(&oid), value);
@@ -454,15 +393,9 @@ fn write_file(path: &Path, contents: &str, mode: u32, replace: bool) -> Result<(
         // A leftover from an interrupted run would keep its old mode; start afresh.
         let _ = fs::remove_file(&target);
     }
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&target)
-        .map_err(io_err("create", &target))?;
-    file.write_all(contents.as_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(io_err("write", &target))?;
+    let mut file =
+        OpenOptions::new().write(true).create_new(true).mode(mode).open(&target).map_err(io_err("create", &target))?;
+    file.write_all(contents.as_bytes()).and_then(|()| file.sync_all()).map_err(io_err("write", &target))?;
     if replace {
         fs::rename(&target, path).map_err(io_err("replace", path))?;
     }
@@ -470,132 +403,5 @@ fn write_file(path: &Path, contents: &str, mode: u32, replace: bool) -> Result<(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::fs::PermissionsExt;
-    use x509_parser::extensions::GeneralName;
-
-    fn request(role: Role, name: &str, site: Option<&str>) -> IssueRequest {
-        IssueRequest {
-            role,
-            name: name.to_string(),
-            site: site.map(str::to_string),
-            dns: vec!["localhost".to_string()],
-            ips: vec!["127.0.0.1".parse().unwrap()],
-            days: 30,
-        }
-    }
-
-    fn mode(path: &Path) -> u32 {
-        fs::metadata(path).unwrap().permissions().mode() & 0o777
-    }
-
-    #[test]
-    fn init_writes_files_and_refuses_overwrite() {
-        let dir = tempfile::tempdir().unwrap();
-        let paths = init_ca(dir.path(), "hybroker.test").unwrap();
-        assert_eq!(mode(&paths.key), 0o600);
-        assert_eq!(
-            fs::read_to_string(&paths.trust_domain).unwrap().trim(),
-            "hybroker.test"
-        );
-        let err = init_ca(dir.path(), "hybroker.test").unwrap_err();
-        assert!(matches!(err, PkiError::CaExists(_)), "{err}");
-        assert!(init_ca(&dir.path().join("x"), "Bad Domain").is_err());
-    }
-
-    #[test]
-    fn loaded_ca_issues_role_certificates() {
-        let dir = tempfile::tempdir().unwrap();
-        init_ca(dir.path(), "hybroker.test").unwrap();
-        let ca = Ca::load(dir.path()).unwrap();
-        assert_eq!(ca.trust_domain(), "hybroker.test");
-        let (_, ca_pem) = x509_parser::pem::parse_x509_pem(ca.cert_pem().as_bytes()).unwrap();
-        let ca_cert = ca_pem.parse_x509().unwrap();
-
-        let cases = [
-            (
-                Role::Agent,
-                Some("lab-sto"),
-                "spiffe://hybroker.test/agent/lab-sto/gpu-01",
-            ),
-            (Role::Broker, None, "spiffe://hybroker.test/broker/gpu-01"),
-            (Role::Admin, None, "spiffe://hybroker.test/admin/gpu-01"),
-        ];
-        for (role, site, uri) in cases {
-            let issued = ca.issue(&request(role, "gpu-01", site)).unwrap();
-            let (_, pem) = x509_parser::pem::parse_x509_pem(issued.cert_pem.as_bytes()).unwrap();
-            let cert = pem.parse_x509().unwrap();
-            // The issuer must match the CA subject byte for byte, also after a reload.
-            assert_eq!(cert.issuer().as_raw(), ca_cert.subject().as_raw());
-            let sans = &cert
-                .subject_alternative_name()
-                .unwrap()
-                .unwrap()
-                .value
-                .general_names;
-            let uris: Vec<_> = sans
-                .iter()
-                .filter_map(|n| match n {
-                    GeneralName::URI(u) => Some(*u),
-                    _ => None,
-                })
-                .collect();
-            assert_eq!(uris, [uri]);
-            assert!(sans.contains(&GeneralName::DNSName("localhost")));
-            let eku = cert.extended_key_usage().unwrap().unwrap().value;
-            assert_eq!(eku.server_auth, role == Role::Broker);
-            assert_eq!(eku.client_auth, role != Role::Broker);
-            assert!(!cert.is_ca());
-            assert!(cert.key_usage().unwrap().unwrap().value.digital_signature());
-            assert!(format!("{issued:?}").contains("<redacted>"));
-        }
-    }
-
-    #[test]
-    fn site_rules_and_days() {
-        let ca = Ca::generate("hybroker.test").unwrap();
-        let err = ca.issue(&request(Role::Agent, "n1", None)).unwrap_err();
-        assert!(matches!(err, PkiError::SiteRequired), "{err}");
-        let err = ca
-            .issue(&request(Role::Broker, "main", Some("lab")))
-            .unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "a broker certificate has no site; --site is only for agents"
-        );
-        let err = ca
-            .issue(&request(Role::Agent, "n/1", Some("lab")))
-            .unwrap_err();
-        assert!(err.to_string().starts_with("invalid node"), "{err}");
-        let mut bad_dns = request(Role::Broker, "main", None);
-        bad_dns.dns.push("not a name".to_string());
-        assert!(matches!(ca.issue(&bad_dns), Err(PkiError::InvalidSan(_))));
-        let mut zero = request(Role::Admin, "ops", None);
-        zero.days = 0;
-        assert!(matches!(ca.issue(&zero), Err(PkiError::ZeroDays)));
-    }
-
-    #[test]
-    fn issue_to_dir_writes_private_key_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = Ca::generate("hybroker.test").unwrap();
-        let req = request(Role::Gateway, "gw", None);
-        let (cert, key) = ca.issue_to_dir(dir.path(), &req).unwrap();
-        assert_eq!(cert, dir.path().join("gw.pem"));
-        assert_eq!(key, dir.path().join("gw-key.pem"));
-        assert_eq!(mode(&key), 0o600);
-        // Reissuing replaces both files.
-        let old = fs::read_to_string(&cert).unwrap();
-        ca.issue_to_dir(dir.path(), &req).unwrap();
-        assert_ne!(fs::read_to_string(&cert).unwrap(), old);
-        assert_eq!(mode(&key), 0o600);
-    }
-
-    #[test]
-    fn load_reports_missing_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let err = Ca::load(dir.path()).unwrap_err();
-        assert!(err.to_string().contains("trust-domain"), "{err}");
-    }
-}
+#[path = "pki_tests.rs"]
+mod tests;

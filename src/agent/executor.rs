@@ -103,10 +103,7 @@ impl Outcome {
             Outcome::Exited(code) => format!("exited with code {code}"),
             Outcome::Signaled(signal) => format!("killed by signal {signal}"),
             Outcome::TimedOut(max) => {
-                format!(
-                    "killed after max runtime {}",
-                    humantime::format_duration(*max)
-                )
+                format!("killed after max runtime {}", humantime::format_duration(*max))
             }
             Outcome::Cancelled => "cancelled".to_owned(),
             Outcome::StartFailed(why) => format!("could not start: {why}"),
@@ -124,11 +121,7 @@ enum Stop {
 /// Runs `launch` to its end: output goes to `output` (best effort; the log file has it all) and
 /// to the log file; `cancel` turning true stops it. Never panics on process trouble: a launch
 /// that cannot start gives [`Outcome::StartFailed`].
-pub async fn run(
-    launch: Launch,
-    output: mpsc::Sender<Vec<u8>>,
-    mut cancel: watch::Receiver<bool>,
-) -> Outcome {
+pub async fn run(launch: Launch, output: mpsc::Sender<Vec<u8>>, mut cancel: watch::Receiver<bool>) -> Outcome {
     let prepared = match prepare(&launch).await {
         Ok(prepared) => prepared,
         Err(why) => return Outcome::StartFailed(why),
@@ -235,10 +228,7 @@ impl Drop for GroupGuard {
 fn note_run_as_ignored(user: &str) {
     static NOTED: AtomicBool = AtomicBool::new(false);
     if !NOTED.swap(true, Ordering::Relaxed) {
-        tracing::info!(
-            user,
-            "agent is not root; jobs run as the agent's own user, not run_as"
-        );
+        tracing::info!(user, "agent is not root; jobs run as the agent's own user, not run_as");
     }
 }
 
@@ -279,9 +269,7 @@ async fn prepare(launch: &Launch) -> Result<Prepared, String> {
         None => None,
     };
     let dir = launch.work_dir.clone();
-    let owner = credentials
-        .as_ref()
-        .map(|c| (c.uid.as_raw(), c.gid.as_raw()));
+    let owner = credentials.as_ref().map(|c| (c.uid.as_raw(), c.gid.as_raw()));
     tokio::task::spawn_blocking(move || make_work_dir(&dir, owner))
         .await
         .map_err(|e| format!("work directory: {e}"))?
@@ -311,10 +299,7 @@ async fn prepare(launch: &Launch) -> Result<Prepared, String> {
         }
     }
     if let Some(c) = &credentials {
-        command
-            .env("HOME", &c.home)
-            .env("USER", &c.name)
-            .env("LOGNAME", &c.name);
+        command.env("HOME", &c.home).env("USER", &c.name).env("LOGNAME", &c.name);
     }
     command
         .envs(&launch.env)
@@ -322,9 +307,7 @@ async fn prepare(launch: &Launch) -> Result<Prepared, String> {
         .env("HYBROKER_ATTEMPT", launch.attempt.to_string())
         .env("CUDA_VISIBLE_DEVICES", &launch.cuda_visible_devices);
     if let Some(c) = credentials {
-        let Credentials {
-            uid, gid, groups, ..
-        } = c;
+        let Credentials { uid, gid, groups, .. } = c;
         // SAFETY: the closure runs between fork and exec and only makes the async-signal-safe
         // setgroups, setgid and setuid system calls on data prepared before the fork.
         unsafe {
@@ -347,17 +330,9 @@ async fn resolve_user(user: String) -> Result<Credentials, String> {
         if found.uid.is_root() {
             return Err(format!("run_as user {user:?} is root"));
         }
-        let c_name =
-            CString::new(user.as_str()).map_err(|_| format!("run_as user {user:?}: nul byte"))?;
-        let groups = getgrouplist(&c_name, found.gid)
-            .map_err(|e| format!("run_as user {user:?}: groups: {e}"))?;
-        Ok(Credentials {
-            name: user,
-            uid: found.uid,
-            gid: found.gid,
-            groups,
-            home: found.dir,
-        })
+        let c_name = CString::new(user.as_str()).map_err(|_| format!("run_as user {user:?}: nul byte"))?;
+        let groups = getgrouplist(&c_name, found.gid).map_err(|e| format!("run_as user {user:?}: groups: {e}"))?;
+        Ok(Credentials { name: user, uid: found.uid, gid: found.gid, groups, home: found.dir })
     })
     .await
     .map_err(|e| format!("run_as lookup: {e}"))?
@@ -408,15 +383,7 @@ impl Streams {
         if let Some(stderr) = child.stderr.take() {
             readers.push(tokio::spawn(read_pipe(stderr, tx)));
         }
-        let sink = tokio::spawn(sink(
-            rx,
-            log,
-            Forwarder {
-                tx: Some(output),
-                lagging: false,
-                dropped: 0,
-            },
-        ));
+        let sink = tokio::spawn(sink(rx, log, Forwarder { tx: Some(output), lagging: false, dropped: 0 }));
         Self { readers, sink }
     }
 
@@ -506,276 +473,5 @@ impl Forwarder {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use nix::errno::Errno;
-    use nix::sys::signal::kill;
-    use std::time::Instant as StdInstant;
-
-    fn launch(dir: &Path, argv: &[&str]) -> Launch {
-        Launch {
-            job_id: "job-1".into(),
-            attempt: 2,
-            command: argv.iter().map(|s| (*s).to_owned()).collect(),
-            env: BTreeMap::new(),
-            cuda_visible_devices: String::new(),
-            max_runtime: Duration::from_secs(60),
-            work_dir: dir.join("attempts").join("job-1-2"),
-            run_as: None,
-            grace: Duration::from_millis(200),
-        }
-    }
-
-    /// Runs to the end, collecting the streamed output.
-    async fn run_collect(launch: Launch) -> (Outcome, Vec<u8>) {
-        let (tx, mut rx) = mpsc::channel(4);
-        let (_cancel_tx, cancel_rx) = watch::channel(false);
-        let task = tokio::spawn(run(launch, tx, cancel_rx));
-        let mut out = Vec::new();
-        while let Some(chunk) = rx.recv().await {
-            assert!(chunk.len() <= CHUNK_BYTES);
-            out.extend(chunk);
-        }
-        (task.await.unwrap(), out)
-    }
-
-    /// Waits (bounded) until `pid` is gone or a zombie: a killed process that is not our child
-    /// dies asynchronously, and its reaper may be slow or absent.
-    async fn assert_dies(pid: i32) {
-        let until = StdInstant::now() + Duration::from_secs(5);
-        loop {
-            let dead = match kill(Pid::from_raw(pid), None) {
-                Err(Errno::ESRCH) => true,
-                Ok(()) => std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                    .map(|s| {
-                        s.rsplit_once(") ")
-                            .is_some_and(|(_, rest)| rest.starts_with('Z'))
-                    })
-                    .unwrap_or(true),
-                Err(e) => panic!("kill({pid}, 0): {e}"),
-            };
-            if dead {
-                return;
-            }
-            assert!(
-                StdInstant::now() < until,
-                "process {pid} survived its attempt"
-            );
-            sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    fn read_pid(l: &Launch) -> i32 {
-        let text = std::fs::read_to_string(l.work_dir.join("pid")).unwrap();
-        text.trim().parse().unwrap()
-    }
-
-    #[tokio::test]
-    async fn exit_code_and_signal_propagate() {
-        let dir = tempfile::tempdir().unwrap();
-        let (outcome, _) = run_collect(launch(dir.path(), &["sh", "-c", "exit 3"])).await;
-        assert_eq!(outcome, Outcome::Exited(3));
-        assert_eq!(outcome.exit_code(), Some(3));
-        assert!(!outcome.succeeded());
-        assert_eq!(outcome.reason(), "exited with code 3");
-
-        let (outcome, _) = run_collect(launch(dir.path(), &["true"])).await;
-        assert!(outcome.succeeded());
-
-        let (outcome, _) = run_collect(launch(dir.path(), &["sh", "-c", "kill -9 $$"])).await;
-        assert_eq!(outcome, Outcome::Signaled(9));
-        assert_eq!(outcome.reason(), "killed by signal 9");
-        assert_eq!(outcome.exit_code(), None);
-    }
-
-    #[tokio::test]
-    async fn environment_is_clean_and_ours_wins() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut l = launch(dir.path(), &["env"]);
-        l.cuda_visible_devices = "0,1".into();
-        l.env.insert("BATCH_SIZE".into(), "256".into());
-        l.env.insert("HYBROKER_JOB_ID".into(), "spoofed".into());
-        l.env.insert("CUDA_VISIBLE_DEVICES".into(), "7".into());
-        let (outcome, out) = run_collect(l).await;
-        assert!(outcome.succeeded(), "{outcome:?}");
-        let text = String::from_utf8(out).unwrap();
-        let vars: BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
-        assert_eq!(vars.get("HYBROKER_JOB_ID"), Some(&"job-1"));
-        assert_eq!(vars.get("HYBROKER_ATTEMPT"), Some(&"2"));
-        assert_eq!(vars.get("CUDA_VISIBLE_DEVICES"), Some(&"0,1"));
-        assert_eq!(vars.get("BATCH_SIZE"), Some(&"256"));
-        let allowed = ["PATH", "HOME", "LANG", "TZ", "BATCH_SIZE"];
-        for key in vars.keys() {
-            assert!(
-                allowed.contains(key)
-                    || [
-                        "HYBROKER_JOB_ID",
-                        "HYBROKER_ATTEMPT",
-                        "CUDA_VISIBLE_DEVICES"
-                    ]
-                    .contains(key),
-                "agent variable {key} leaked into the job"
-            );
-        }
-
-        // A CPU job sees CUDA_VISIBLE_DEVICES set and empty.
-        let (_, out) = run_collect(launch(dir.path(), &["env"])).await;
-        let text = String::from_utf8(out).unwrap();
-        assert!(text.lines().any(|l| l == "CUDA_VISIBLE_DEVICES="), "{text}");
-    }
-
-    #[tokio::test]
-    async fn output_reaches_channel_and_file_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let script =
-            "i=0; while [ $i -lt 5000 ]; do echo \"line $i\"; i=$((i+1)); done; echo oops >&2";
-        let l = launch(dir.path(), &["sh", "-c", script]);
-        let log = l.work_dir.join(OUTPUT_LOG);
-        let (outcome, out) = run_collect(l).await;
-        assert!(outcome.succeeded());
-        assert_eq!(std::fs::read(&log).unwrap(), out, "file and stream differ");
-        let text = String::from_utf8(out).unwrap();
-        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("line ")).collect();
-        let want: Vec<String> = (0..5000).map(|i| format!("line {i}")).collect();
-        assert_eq!(lines, want);
-        assert!(text.lines().any(|l| l == "oops"));
-    }
-
-    #[tokio::test]
-    async fn work_dir_is_private_and_used() {
-        let dir = tempfile::tempdir().unwrap();
-        let l = launch(dir.path(), &["sh", "-c", "pwd; echo hi > made-here"]);
-        let work = l.work_dir.clone();
-        let (outcome, out) = run_collect(l).await;
-        assert!(outcome.succeeded());
-        assert_eq!(
-            String::from_utf8(out).unwrap().trim(),
-            work.to_str().unwrap()
-        );
-        assert!(work.join("made-here").exists());
-        let mode = std::fs::metadata(&work).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o700);
-    }
-
-    #[tokio::test]
-    async fn max_runtime_kills_the_group() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut l = launch(dir.path(), &["sh", "-c", "sleep 30 & echo $! > pid; wait"]);
-        l.max_runtime = Duration::from_millis(300);
-        let started = StdInstant::now();
-        let (outcome, _) = run_collect(l.clone()).await;
-        assert_eq!(outcome, Outcome::TimedOut(Duration::from_millis(300)));
-        assert_eq!(outcome.reason(), "killed after max runtime 300ms");
-        assert!(started.elapsed() < Duration::from_secs(10));
-        assert_dies(read_pid(&l)).await;
-    }
-
-    #[tokio::test]
-    async fn sigterm_is_followed_by_sigkill_after_grace() {
-        let dir = tempfile::tempdir().unwrap();
-        // Both the shell and its sleep ignore SIGTERM.
-        let mut l = launch(
-            dir.path(),
-            &["sh", "-c", "trap '' TERM; sleep 30 & echo $! > pid; wait"],
-        );
-        l.max_runtime = Duration::from_millis(100);
-        let started = StdInstant::now();
-        let (outcome, _) = run_collect(l.clone()).await;
-        assert!(matches!(outcome, Outcome::TimedOut(_)), "{outcome:?}");
-        assert!(
-            started.elapsed() < DEFAULT_GRACE,
-            "grace of the launch not used"
-        );
-        assert_dies(read_pid(&l)).await;
-    }
-
-    #[tokio::test]
-    async fn background_children_do_not_outlive_the_attempt() {
-        let dir = tempfile::tempdir().unwrap();
-        // The shell exits at once; its sleep keeps stdout open.
-        let l = launch(dir.path(), &["sh", "-c", "sleep 30 & echo $! > pid"]);
-        let started = StdInstant::now();
-        let (outcome, _) = run_collect(l.clone()).await;
-        assert_eq!(outcome, Outcome::Exited(0));
-        assert!(started.elapsed() < Duration::from_secs(10));
-        assert_dies(read_pid(&l)).await;
-    }
-
-    #[tokio::test]
-    async fn cancel_kills() {
-        let dir = tempfile::tempdir().unwrap();
-        let l = launch(
-            dir.path(),
-            &["sh", "-c", "sleep 30 & echo $! > pid; echo ready; wait"],
-        );
-        let (tx, mut rx) = mpsc::channel(4);
-        let (cancel_tx, cancel_rx) = watch::channel(false);
-        let task = tokio::spawn(run(l.clone(), tx, cancel_rx));
-        assert_eq!(rx.recv().await.unwrap(), b"ready\n");
-        cancel_tx.send(true).unwrap();
-        let outcome = task.await.unwrap();
-        assert_eq!(outcome, Outcome::Cancelled);
-        assert_eq!(outcome.reason(), "cancelled");
-        assert_dies(read_pid(&l)).await;
-    }
-
-    #[tokio::test]
-    async fn gone_receiver_still_fills_the_log() {
-        let dir = tempfile::tempdir().unwrap();
-        let l = launch(dir.path(), &["sh", "-c", "echo one; echo two"]);
-        let log = l.work_dir.join(OUTPUT_LOG);
-        let (tx, rx) = mpsc::channel(1);
-        drop(rx);
-        let (_cancel_tx, cancel_rx) = watch::channel(false);
-        assert!(run(l, tx, cancel_rx).await.succeeded());
-        assert_eq!(std::fs::read_to_string(log).unwrap(), "one\ntwo\n");
-    }
-
-    #[tokio::test]
-    async fn start_failures_name_the_problem() {
-        let dir = tempfile::tempdir().unwrap();
-        let (outcome, _) = run_collect(launch(dir.path(), &["no-such-command-hybroker"])).await;
-        let reason = outcome.reason();
-        assert!(matches!(outcome, Outcome::StartFailed(_)), "{outcome:?}");
-        assert!(
-            reason.starts_with("could not start: ") && reason.contains("no-such-command-hybroker"),
-            "{reason}"
-        );
-
-        let (outcome, _) = run_collect(launch(dir.path(), &[])).await;
-        assert_eq!(outcome, Outcome::StartFailed("empty command".into()));
-
-        let mut l = launch(dir.path(), &["true"]);
-        l.env.insert("A=B".into(), "x".into());
-        assert!(matches!(run_collect(l).await.0, Outcome::StartFailed(_)));
-    }
-
-    #[tokio::test]
-    async fn run_as_drops_privileges_when_root() {
-        if !getuid().is_root() || User::from_name("nobody").ok().flatten().is_none() {
-            return;
-        }
-        let nobody = User::from_name("nobody").unwrap().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let mut l = launch(dir.path(), &["sh", "-c", "id -u; id -G; echo $HOME"]);
-        l.run_as = Some("nobody".into());
-        let work = l.work_dir.clone();
-        let (outcome, out) = run_collect(l).await;
-        assert!(outcome.succeeded(), "{outcome:?}");
-        let text = String::from_utf8(out).unwrap();
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines[0], nobody.uid.to_string());
-        assert!(
-            !lines[1].split(' ').any(|g| g == "0"),
-            "kept root's groups: {text}"
-        );
-        assert_eq!(lines[2], nobody.dir.to_str().unwrap());
-        use std::os::unix::fs::MetadataExt;
-        assert_eq!(std::fs::metadata(&work).unwrap().uid(), nobody.uid.as_raw());
-
-        let mut l = launch(dir.path(), &["true"]);
-        l.run_as = Some("no-such-user-hybroker".into());
-        let reason = run_collect(l).await.0.reason();
-        assert!(reason.contains("no-such-user-hybroker"), "{reason}");
-    }
-}
+#[path = "executor_tests.rs"]
+mod tests;

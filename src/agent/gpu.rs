@@ -58,9 +58,7 @@ impl GpuProbe {
     pub fn new(simulated: Vec<SimulatedGpus>, node: &str) -> Self {
         let nvml = match Nvml::init() {
             Ok(nvml) => {
-                let driver = nvml
-                    .sys_driver_version()
-                    .unwrap_or_else(|_| "unknown".into());
+                let driver = nvml.sys_driver_version().unwrap_or_else(|_| "unknown".into());
                 tracing::info!(driver = %driver, "nvml loaded");
                 Some(nvml)
             }
@@ -79,12 +77,7 @@ impl GpuProbe {
     }
 
     fn with_nvml(nvml: Option<Nvml>, simulated: Vec<SimulatedGpus>, node: &str) -> Self {
-        Self {
-            nvml,
-            simulated,
-            node: node.to_owned(),
-            known: Mutex::new(BTreeMap::new()),
-        }
+        Self { nvml, simulated, node: node.to_owned(), known: Mutex::new(BTreeMap::new()) }
     }
 
     /// Whether NVML was loaded.
@@ -106,16 +99,11 @@ impl GpuProbe {
     fn real_gpus(&self, nvml: &Nvml) -> Vec<Gpu> {
         let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
         match nvml.device_count() {
-            Ok(count) => (0..count)
-                .filter_map(|index| probe_device(nvml, index, &mut known))
-                .collect(),
+            Ok(count) => (0..count).filter_map(|index| probe_device(nvml, index, &mut known)).collect(),
             Err(error) => {
                 // Without a count, the GPUs seen before are all that can be said: unusable now.
                 tracing::warn!(%error, "nvml device count failed");
-                known
-                    .iter_mut()
-                    .map(|(&index, k)| lost_gpu(index, k, &error.to_string()))
-                    .collect()
+                known.iter_mut().map(|(&index, k)| lost_gpu(index, k, &error.to_string())).collect()
             }
         }
     }
@@ -160,8 +148,7 @@ impl Queries {
             Err(error) if is_unsupported(&error) => None,
             Err(error) => {
                 if is_gpu_failure(&error) || (identity && matches!(error, NvmlError::Unknown)) {
-                    self.failure
-                        .get_or_insert_with(|| format!("{what}: {error}"));
+                    self.failure.get_or_insert_with(|| format!("{what}: {error}"));
                 } else {
                     tracing::debug!(index = self.index, %error, "nvml {what} failed");
                 }
@@ -173,66 +160,31 @@ impl Queries {
 
 /// Probes one GPU; `None` for a device this process may not use (it is then not reported).
 fn probe_device(nvml: &Nvml, index: u32, known: &mut BTreeMap<u32, Known>) -> Option<Gpu> {
-    let mut q = Queries {
-        index,
-        failure: None,
-    };
+    let mut q = Queries { index, failure: None };
     let Some(device) = q.check("device handle", true, nvml.device_by_index(index)) else {
         return handle_failed(index, q.failure, known);
     };
     let uuid = q.check("uuid", true, device.uuid());
     let name = q.check("name", false, device.name());
-    let memory = q
-        .check("memory", true, device.memory_info())
-        .map(|m| m.total / (1024 * 1024));
+    let memory = q.check("memory", true, device.memory_info()).map(|m| m.total / (1024 * 1024));
     let utilization = q.check("utilization", false, device.utilization_rates());
-    let temperature = q.check(
-        "temperature",
-        false,
-        device.temperature(TemperatureSensor::Gpu),
-    );
+    let temperature = q.check("temperature", false, device.temperature(TemperatureSensor::Gpu));
     let power = q.check("power", false, device.power_usage());
-    let ecc = q.check(
-        "ecc errors",
-        false,
-        device.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile),
-    );
+    let ecc = q.check("ecc errors", false, device.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile));
     let mig = q.check("mig mode", false, device.mig_mode());
 
     let ecc_errors = ecc.unwrap_or(0);
     if ecc_errors > 0 {
-        q.failure
-            .get_or_insert_with(|| format!("{ecc_errors} volatile uncorrected ecc errors"));
+        q.failure.get_or_insert_with(|| format!("{ecc_errors} volatile uncorrected ecc errors"));
     }
     let previous = known.get(&index);
-    let uuid = uuid
-        .or_else(|| previous.map(|k| k.uuid.clone()))
-        .unwrap_or_else(|| format!("GPU-unknown-{index}"));
-    let name = name
-        .or_else(|| previous.map(|k| k.name.clone()))
-        .unwrap_or_default();
-    let memory_mib = memory
-        .or_else(|| previous.map(|k| k.memory_mib))
-        .unwrap_or(0);
+    let uuid = uuid.or_else(|| previous.map(|k| k.uuid.clone())).unwrap_or_else(|| format!("GPU-unknown-{index}"));
+    let name = name.or_else(|| previous.map(|k| k.name.clone())).unwrap_or_default();
+    let memory_mib = memory.or_else(|| previous.map(|k| k.memory_mib)).unwrap_or(0);
     let model = canonical_model(&name, memory_mib);
     let healthy = q.failure.is_none();
-    log_health_change(
-        index,
-        &uuid,
-        previous.is_none_or(|k| k.healthy),
-        healthy,
-        q.failure.as_deref(),
-    );
-    known.insert(
-        index,
-        Known {
-            uuid: uuid.clone(),
-            name: name.clone(),
-            model: model.clone(),
-            memory_mib,
-            healthy,
-        },
-    );
+    log_health_change(index, &uuid, previous.is_none_or(|k| k.healthy), healthy, q.failure.as_deref());
+    known.insert(index, Known { uuid: uuid.clone(), name: name.clone(), model: model.clone(), memory_mib, healthy });
     Some(Gpu {
         index,
         uuid,
@@ -251,11 +203,7 @@ fn probe_device(nvml: &Nvml, index: u32, known: &mut BTreeMap<u32, Known>) -> Op
 
 /// A device whose handle cannot be had: unhealthy if it was seen before or the error says it
 /// failed; otherwise (no permission, say) not this agent's to report.
-fn handle_failed(
-    index: u32,
-    failure: Option<String>,
-    known: &mut BTreeMap<u32, Known>,
-) -> Option<Gpu> {
+fn handle_failed(index: u32, failure: Option<String>, known: &mut BTreeMap<u32, Known>) -> Option<Gpu> {
     let reason = match (&failure, known.contains_key(&index)) {
         (Some(reason), _) => reason.clone(),
         (None, true) => "device handle unavailable".to_owned(),
@@ -308,21 +256,14 @@ fn log_health_change(index: u32, uuid: &str, was: bool, now: bool, reason: Optio
 
 /// CPUs this process may use (affinity and cgroup quota respected), at least 1.
 pub fn host_cpus() -> u32 {
-    std::thread::available_parallelism()
-        .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
-        .unwrap_or(1)
+    std::thread::available_parallelism().map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX)).unwrap_or(1)
 }
 
 /// Memory of this host in MiB: `MemTotal` of `/proc/meminfo`, lowered to the cgroup v2 limit
 /// (`/sys/fs/cgroup/memory.max`) when one is set, as in a container. 0 when unknown.
 pub fn host_memory_mib() -> u64 {
-    let total = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| parse_meminfo_total_mib(&s))
-        .unwrap_or(0);
-    let limit = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
-        .ok()
-        .and_then(|s| parse_cgroup_limit_mib(&s));
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| parse_meminfo_total_mib(&s)).unwrap_or(0);
+    let limit = std::fs::read_to_string("/sys/fs/cgroup/memory.max").ok().and_then(|s| parse_cgroup_limit_mib(&s));
     match limit {
         Some(limit) if total == 0 || limit < total => limit,
         _ => total,
@@ -342,10 +283,7 @@ fn parse_meminfo_total_mib(meminfo: &str) -> Option<u64> {
 
 /// A cgroup v2 `memory.max` value in MiB; `None` for `max` (no limit) or garbage.
 fn parse_cgroup_limit_mib(text: &str) -> Option<u64> {
-    text.trim()
-        .parse::<u64>()
-        .ok()
-        .map(|bytes| bytes / (1024 * 1024))
+    text.trim().parse::<u64>().ok().map(|bytes| bytes / (1024 * 1024))
 }
 
 #[cfg(test)]
@@ -394,29 +332,14 @@ mod tests {
         assert!(is_gpu_failure(&NvmlError::ResetRequired));
         assert!(!is_gpu_failure(&NvmlError::NotSupported));
         assert!(is_unsupported(&NvmlError::NotSupported));
-        let mut q = Queries {
-            index: 0,
-            failure: None,
-        };
-        assert_eq!(
-            q.check::<u32>("power", false, Err(NvmlError::NotSupported)),
-            None
-        );
-        assert_eq!(
-            q.check::<u32>("power", false, Err(NvmlError::Unknown)),
-            None
-        );
+        let mut q = Queries { index: 0, failure: None };
+        assert_eq!(q.check::<u32>("power", false, Err(NvmlError::NotSupported)), None);
+        assert_eq!(q.check::<u32>("power", false, Err(NvmlError::Unknown)), None);
         assert!(q.failure.is_none());
         assert_eq!(q.check::<u32>("uuid", true, Err(NvmlError::Unknown)), None);
         assert!(q.failure.is_some());
-        let mut q = Queries {
-            index: 0,
-            failure: None,
-        };
-        assert_eq!(
-            q.check::<u32>("temperature", false, Err(NvmlError::GpuLost)),
-            None
-        );
+        let mut q = Queries { index: 0, failure: None };
+        assert_eq!(q.check::<u32>("temperature", false, Err(NvmlError::GpuLost)), None);
         assert_eq!(
             q.failure.as_deref(),
             Some("temperature: device fell off the bus or has otherwise become inacessible")

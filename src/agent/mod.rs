@@ -50,7 +50,11 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + Send)
     tls::install_crypto_provider();
     let identity = tls::identity_of_cert_file(&config.tls.cert).context("agent certificate")?;
     if identity.role != Role::Agent {
-        anyhow::bail!("{} is a {} certificate; the agent needs an agent certificate", config.tls.cert.display(), identity.role);
+        anyhow::bail!(
+            "{} is a {} certificate; the agent needs an agent certificate",
+            config.tls.cert.display(),
+            identity.role
+        );
     }
     let client_tls = tls::client_config(&config.tls, &identity.trust_domain, Role::Broker)?;
     let probe = GpuProbe::new(config.simulated_gpus(), &identity.name);
@@ -122,7 +126,10 @@ impl Agent {
             let Some(g) = gpus.iter().find(|g| g.index == *index) else {
                 return Err(format!("gpu {index} does not exist on this node"));
             };
-            let busy = self.attempts.values().any(|a| a.report.phase == Phase::Running && a.report.gpu_indices.contains(index));
+            let busy = self
+                .attempts
+                .values()
+                .any(|a| a.report.phase == Phase::Running && a.report.gpu_indices.contains(index));
             if busy {
                 return Err(format!("gpu {index} is already in use on this node"));
             }

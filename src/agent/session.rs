@@ -76,11 +76,10 @@ async fn session(agent: &mut Agent, client_tls: &ClientTls, events: &mut mpsc::R
                         heartbeat.reset();
                         tracing::info!(agent = r.agent_id, "registered with the broker");
                     }
-                    if let Some(reply) = on_message(agent, msg) {
-                        if !send(&tx, reply) {
+                    if let Some(reply) = on_message(agent, msg)
+                        && !send(&tx, reply) {
                             return (registered, End("outbox full".into()));
                         }
-                    }
                 }
                 Ok(Some(_)) => {}
                 Ok(None) => return (registered, End("the broker closed the stream".into())),

@@ -161,7 +161,8 @@ impl proto::agent_service_server::AgentService for AgentService {
         let attempts = reg.attempts.into_iter().map(AttemptReport::try_from).collect::<Result<Vec<_>, _>>()?;
         let (tx, rx) = mpsc::channel(OUTBOX);
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let connected = Cmd::Connected { agent: agent.clone(), site, node, inventory, attempts, conn: Conn { id: conn, tx } };
+        let connected =
+            Cmd::Connected { agent: agent.clone(), site, node, inventory, attempts, conn: Conn { id: conn, tx } };
         self.core.send(connected).await.map_err(|_| Status::unavailable("broker is shutting down"))?;
         let core = self.core.clone();
         tokio::spawn(async move {

@@ -20,7 +20,9 @@ use crate::model::job::JobSpec;
 use crate::model::state::{Input, JobState, Lifecycle};
 use crate::placement::bind::first_fit;
 use crate::proto;
-use crate::store::{AgentRecord, AttemptEnd, AttemptOutput, AttemptRecord, Batch, JobEvent, JobRecord, StoreError, Write, Writer};
+use crate::store::{
+    AgentRecord, AttemptEnd, AttemptOutput, AttemptRecord, Batch, JobEvent, JobRecord, StoreError, Write, Writer,
+};
 
 /// Most commands applied in one batch (one transaction).
 const MAX_BATCH: usize = 4096;
@@ -37,15 +39,54 @@ pub type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
 
 /// What the services ask of the core.
 pub enum Cmd {
-    Submit { tenant: String, spec: Arc<JobSpec>, idempotency_key: Option<String>, reply: Reply<(String, bool)> },
-    Cancel { job_id: String, tenant: Option<String>, reason: String, reply: Reply<()> },
-    Connected { agent: String, site: String, node: String, inventory: Inventory, attempts: Vec<AttemptReport>, conn: Conn },
-    Disconnected { agent: String, conn: u64 },
-    Heartbeat { agent: String, conn: u64, inventory: Option<Inventory> },
-    Report { agent: String, conn: u64, report: AttemptReport },
-    Output { agent: String, conn: u64, job_id: String, epoch: u64, data: Vec<u8> },
-    Logs { job_id: String, reply: oneshot::Sender<Option<AttemptOutput>> },
-    Agents { reply: oneshot::Sender<Vec<AgentView>> },
+    Submit {
+        tenant: String,
+        spec: Arc<JobSpec>,
+        idempotency_key: Option<String>,
+        reply: Reply<(String, bool)>,
+    },
+    Cancel {
+        job_id: String,
+        tenant: Option<String>,
+        reason: String,
+        reply: Reply<()>,
+    },
+    Connected {
+        agent: String,
+        site: String,
+        node: String,
+        inventory: Inventory,
+        attempts: Vec<AttemptReport>,
+        conn: Conn,
+    },
+    Disconnected {
+        agent: String,
+        conn: u64,
+    },
+    Heartbeat {
+        agent: String,
+        conn: u64,
+        inventory: Option<Inventory>,
+    },
+    Report {
+        agent: String,
+        conn: u64,
+        report: AttemptReport,
+    },
+    Output {
+        agent: String,
+        conn: u64,
+        job_id: String,
+        epoch: u64,
+        data: Vec<u8>,
+    },
+    Logs {
+        job_id: String,
+        reply: oneshot::Sender<Option<AttemptOutput>>,
+    },
+    Agents {
+        reply: oneshot::Sender<Vec<AgentView>>,
+    },
 }
 
 struct ActiveJob {
@@ -94,16 +135,33 @@ fn now_ms() -> UnixMillis {
 impl Core {
     /// Loads every unfinished job. Attempts in flight get one lease period for their agents to
     /// reconnect and report them.
-    pub async fn load(mut writer: Writer, settings: CoreSettings, events: broadcast::Sender<JobEvent>) -> Result<Self, StoreError> {
+    pub async fn load(
+        mut writer: Writer,
+        settings: CoreSettings,
+        events: broadcast::Sender<JobEvent>,
+    ) -> Result<Self, StoreError> {
         let next_seq = writer.last_event_seq().await? + 1;
-        let mut core = Core { writer, settings, jobs: HashMap::new(), queue: BTreeSet::new(), agents: HashMap::new(), next_seq, events };
+        let mut core = Core {
+            writer,
+            settings,
+            jobs: HashMap::new(),
+            queue: BTreeSet::new(),
+            agents: HashMap::new(),
+            next_seq,
+            events,
+        };
         let deadline = Instant::now() + core.settings.lease_ttl;
         for rec in core.writer.load_active().await? {
             let spec = match JobSpec::from_json(rec.spec_json.as_bytes(), usize::MAX) {
                 Ok(spec) => Arc::new(spec),
                 Err(e) => return Err(StoreError::Corrupt(format!("job {}: stored spec: {e}", rec.id))),
             };
-            let life = Lifecycle { state: rec.state, attempts: rec.attempts, max_attempts: rec.max_attempts, epoch: rec.epoch };
+            let life = Lifecycle {
+                state: rec.state,
+                attempts: rec.attempts,
+                max_attempts: rec.max_attempts,
+                epoch: rec.epoch,
+            };
             let lease_deadline = rec.state.has_attempt().then_some(deadline);
             if !rec.state.has_attempt() {
                 core.queue.insert((Reverse(rec.priority), rec.id.clone()));
@@ -170,10 +228,10 @@ impl Core {
                 }
             }
             Cmd::Heartbeat { agent, conn, inventory } => {
-                if self.touch(&agent, conn) {
-                    if let (Some(inventory), Some(entry)) = (inventory, self.agents.get_mut(&agent)) {
-                        entry.inventory = inventory;
-                    }
+                if self.touch(&agent, conn)
+                    && let (Some(inventory), Some(entry)) = (inventory, self.agents.get_mut(&agent))
+                {
+                    entry.inventory = inventory;
                 }
             }
             Cmd::Report { agent, conn, report } => {
@@ -182,10 +240,10 @@ impl Core {
                 }
             }
             Cmd::Output { agent, conn, job_id, epoch, data } => {
-                if self.touch(&agent, conn) {
-                    if let Some(job) = self.jobs.get_mut(&job_id).filter(|j| j.life.epoch == epoch) {
-                        job.tail.push(&data);
-                    }
+                if self.touch(&agent, conn)
+                    && let Some(job) = self.jobs.get_mut(&job_id).filter(|j| j.life.epoch == epoch)
+                {
+                    job.tail.push(&data);
                 }
             }
             Cmd::Logs { job_id, reply } => {
@@ -213,7 +271,8 @@ impl Core {
         out: &mut Effects,
     ) -> Result<(String, bool), StoreError> {
         if let Some(key) = &key {
-            let pending = self.jobs.values().find(|j| j.rec.tenant == tenant && j.rec.idempotency_key.as_ref() == Some(key));
+            let pending =
+                self.jobs.values().find(|j| j.rec.tenant == tenant && j.rec.idempotency_key.as_ref() == Some(key));
             if let Some(job) = pending {
                 return Ok((job.rec.id.clone(), true));
             }
@@ -255,9 +314,17 @@ impl Core {
         Ok((id, false))
     }
 
-    fn cancel(&mut self, job_id: &str, tenant: Option<&str>, reason: String, out: &mut Effects) -> Result<(), ApiError> {
+    fn cancel(
+        &mut self,
+        job_id: &str,
+        tenant: Option<&str>,
+        reason: String,
+        out: &mut Effects,
+    ) -> Result<(), ApiError> {
         let Some(mut job) = self.jobs.remove(job_id) else {
-            return Err(ApiError::FailedPrecondition(format!("job {job_id} is not active (already finished, or unknown)")));
+            return Err(ApiError::FailedPrecondition(format!(
+                "job {job_id} is not active (already finished, or unknown)"
+            )));
         };
         if tenant.is_some_and(|t| t != job.rec.tenant) {
             self.jobs.insert(job_id.to_string(), job);
@@ -277,7 +344,14 @@ impl Core {
     }
 
     /// Records the job's new state (row + event). Terminal jobs leave the live state.
-    fn transition(&mut self, mut job: ActiveJob, state: JobState, reason: String, exit_code: Option<i32>, out: &mut Effects) {
+    fn transition(
+        &mut self,
+        mut job: ActiveJob,
+        state: JobState,
+        reason: String,
+        exit_code: Option<i32>,
+        out: &mut Effects,
+    ) {
         job.rec.state = state;
         job.rec.attempts = job.life.attempts;
         job.rec.epoch = job.life.epoch;
@@ -383,7 +457,9 @@ impl Core {
                 let cpus = job.spec.resources.cpus;
                 let memory_mib = u64::from(job.spec.resources.memory_gib) * 1024;
                 let entry = self.agents.get_mut(&agent).expect("entry inserted above");
-                entry.allocs.insert((r.job_id.clone(), r.epoch), Alloc { gpus: r.gpu_indices.clone(), cpus, memory_mib });
+                entry
+                    .allocs
+                    .insert((r.job_id.clone(), r.epoch), Alloc { gpus: r.gpu_indices.clone(), cpus, memory_mib });
             }
         }
         let held: Vec<(String, u64)> = self
@@ -413,12 +489,15 @@ impl Core {
             if r.is_final() {
                 out.send(agent, Msg::Ack(proto::Ack { job_id: r.job_id, epoch: r.epoch }));
             } else {
-                out.send(agent, Msg::Stop(proto::StopAttempt {
-                    job_id: r.job_id,
-                    attempt: r.attempt,
-                    epoch: r.epoch,
-                    reason: "stale attempt: the job moved on".into(),
-                }));
+                out.send(
+                    agent,
+                    Msg::Stop(proto::StopAttempt {
+                        job_id: r.job_id,
+                        attempt: r.attempt,
+                        epoch: r.epoch,
+                        reason: "stale attempt: the job moved on".into(),
+                    }),
+                );
             }
             return;
         }
@@ -566,20 +645,28 @@ impl Core {
             gpu_indices: gpus.clone(),
             started_at: now_ms(),
         }));
-        out.send(agent, proto::broker_message::Msg::Assign(proto::Assignment {
-            job_id: job_id.to_string(),
-            attempt,
-            epoch,
-            command: job.spec.command.clone(),
-            env: job.spec.env.clone().into_iter().collect(),
-            gpu_indices: gpus.clone(),
-            max_runtime_ms: job.spec.max_runtime().as_millis() as u64,
-        }));
+        out.send(
+            agent,
+            proto::broker_message::Msg::Assign(proto::Assignment {
+                job_id: job_id.to_string(),
+                attempt,
+                epoch,
+                command: job.spec.command.clone(),
+                env: job.spec.env.clone().into_iter().collect(),
+                gpu_indices: gpus.clone(),
+                max_runtime_ms: job.spec.max_runtime().as_millis() as u64,
+            }),
+        );
         let reason = format!("attempt {attempt} leased to {agent} (gpus {gpus:?})");
         self.transition(job, JobState::Leased, reason, None, out);
     }
 }
 
 fn stop(job: &ActiveJob, reason: &str) -> proto::StopAttempt {
-    proto::StopAttempt { job_id: job.rec.id.clone(), attempt: job.life.attempts, epoch: job.life.epoch, reason: reason.to_string() }
+    proto::StopAttempt {
+        job_id: job.rec.id.clone(),
+        attempt: job.life.attempts,
+        epoch: job.life.epoch,
+        reason: reason.to_string(),
+    }
 }

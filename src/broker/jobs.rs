@@ -30,7 +30,12 @@ pub struct JobService {
 }
 
 impl JobService {
-    pub fn new(core: mpsc::Sender<Cmd>, reader: Reader, events: broadcast::Sender<JobEvent>, max_spec_bytes: usize) -> Self {
+    pub fn new(
+        core: mpsc::Sender<Cmd>,
+        reader: Reader,
+        events: broadcast::Sender<JobEvent>,
+        max_spec_bytes: usize,
+    ) -> Self {
         Self { core, reader, events, max_spec_bytes }
     }
 
@@ -73,7 +78,9 @@ impl proto::job_service_server::JobService for JobService {
         let spec = match proto::SpecFormat::try_from(req.format) {
             Ok(proto::SpecFormat::Json) => JobSpec::from_json(&req.spec, self.max_spec_bytes),
             // YAML is a superset of JSON: an unspecified format is read as YAML.
-            Ok(proto::SpecFormat::Yaml | proto::SpecFormat::Unspecified) => JobSpec::from_yaml(&req.spec, self.max_spec_bytes),
+            Ok(proto::SpecFormat::Yaml | proto::SpecFormat::Unspecified) => {
+                JobSpec::from_yaml(&req.spec, self.max_spec_bytes)
+            }
             Err(_) => return Err(Status::invalid_argument(format!("format: unknown spec format {}", req.format))),
         }
         .map_err(ApiError::from)?;
@@ -83,8 +90,7 @@ impl proto::job_service_server::JobService for JobService {
             _ => return Err(Status::invalid_argument("idempotency_key: at most 128 printable ASCII characters")),
         };
         let spec = Arc::new(spec);
-        let (job_id, duplicate) =
-            self.ask(|reply| Cmd::Submit { tenant, spec, idempotency_key: key, reply }).await??;
+        let (job_id, duplicate) = self.ask(|reply| Cmd::Submit { tenant, spec, idempotency_key: key, reply }).await??;
         Ok(Response::new(proto::SubmitResponse { job_id, duplicate }))
     }
 

@@ -25,7 +25,11 @@ const CORE_QUEUE: usize = 65_536;
 const EVENT_BUFFER: usize = 65_536;
 
 /// Serves the broker on `listener` until `shutdown` resolves or the core stops (a failed commit).
-pub async fn run(config: BrokerConfig, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+pub async fn run(
+    config: BrokerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
     tls::install_crypto_provider();
     let trust_domain = tls::trust_domain_of_cert(&config.tls.cert).context("broker certificate")?;
     let server_tls = tls::server_config(&config.tls, &trust_domain, &[Role::Agent, Role::Gateway, Role::Admin])?;

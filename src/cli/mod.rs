@@ -1,5 +1,6 @@
 //! The command-line side: `pki`, `quickstart`, and helpers shared by the subcommands.
 
+pub mod admin;
 pub mod quickstart;
 
 use std::net::IpAddr;

@@ -97,7 +97,10 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
     println!("  gateway (HTTP API):  not part of this release yet");
     println!("  state directory:     {}", state_dir.display());
     println!("  admin certificate:   {}", admin.cert.display());
-    println!("  agents:              {}", AGENTS.iter().map(|(n, g)| format!("{SITE}/{n} ({g}, simulated)")).collect::<Vec<_>>().join(", "));
+    println!(
+        "  agents:              {}",
+        AGENTS.iter().map(|(n, g)| format!("{SITE}/{n} ({g}, simulated)")).collect::<Vec<_>>().join(", ")
+    );
     println!();
 
     let mut ids = Vec::new();
@@ -108,7 +111,10 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
             idempotency_key: format!("quickstart-{path}"),
             tenant: "demo".into(),
         };
-        let response = jobs.submit(request).await.map_err(|s| anyhow::anyhow!("submitting {path}: {}", tls::explain_status(&s)))?;
+        let response = jobs
+            .submit(request)
+            .await
+            .map_err(|s| anyhow::anyhow!("submitting {path}: {}", tls::explain_status(&s)))?;
         ids.push(response.into_inner().job_id);
     }
     let mut all_ok = true;
@@ -124,7 +130,9 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
     print!("  {}", String::from_utf8_lossy(&logs.into_inner().output).replace('\n', "\n  "));
     println!();
     println!("next steps:");
-    println!("  hybroker pki init --dir pki && hybroker pki issue --dir pki --role broker --name broker --dns localhost --ip 127.0.0.1");
+    println!(
+        "  hybroker pki init --dir pki && hybroker pki issue --dir pki --role broker --name broker --dns localhost --ip 127.0.0.1"
+    );
     println!("  hybroker broker --config config/broker.toml      # a broker of your own");
     println!("  hybroker agent --config config/agent.toml --simulate-gpus 2xA100-80GB");
     println!("  estimated costs arrive with price-aware placement; `n/a` until then");

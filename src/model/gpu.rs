@@ -76,17 +76,11 @@ pub fn model_memory_mib(id: &str) -> Option<u64> {
 /// to 48 characters ("NVIDIA GH200 480GB" gives `UNKNOWN-GH200-480GB`; an empty name gives
 /// `UNKNOWN`). Such ids are never [known](is_known_model), so no job asks for them by accident.
 pub fn canonical_model(nvml_name: &str, memory_mib: u64) -> String {
-    if let Some(id) = MODEL_IDS
-        .iter()
-        .find(|m| m.eq_ignore_ascii_case(nvml_name.trim()))
-    {
+    if let Some(id) = MODEL_IDS.iter().find(|m| m.eq_ignore_ascii_case(nvml_name.trim())) {
         return (*id).to_owned();
     }
     let upper = nvml_name.to_ascii_uppercase();
-    let tokens: Vec<&str> = upper
-        .split(|c: char| !c.is_ascii_alphanumeric())
-        .filter(|t| !t.is_empty())
-        .collect();
+    let tokens: Vec<&str> = upper.split(|c: char| !c.is_ascii_alphanumeric()).filter(|t| !t.is_empty()).collect();
     let has = |t: &str| tokens.contains(&t);
     let mem_known = memory_mib > 0;
     let id = if has("H200") {
@@ -149,11 +143,7 @@ fn unknown_model_id(tokens: &[&str]) -> String {
     let mut name = tokens[skip..].join("-");
     name.truncate(48);
     let name = name.trim_end_matches('-');
-    if name.is_empty() {
-        UNKNOWN_PREFIX.to_owned()
-    } else {
-        format!("{UNKNOWN_PREFIX}-{name}")
-    }
+    if name.is_empty() { UNKNOWN_PREFIX.to_owned() } else { format!("{UNKNOWN_PREFIX}-{name}") }
 }
 
 /// One GPU of an agent's inventory, real (from NVML) or simulated.
@@ -237,16 +227,12 @@ pub fn parse_simulated(spec: &str) -> Result<Vec<SimulatedGpus>, GpuSpecError> {
     let mut total: u64 = 0;
     for raw in spec.split(',') {
         let part = raw.trim();
-        let malformed = |reason: &str| GpuSpecError::Malformed {
-            part: part.to_owned(),
-            reason: reason.to_owned(),
-        };
+        let malformed = |reason: &str| GpuSpecError::Malformed { part: part.to_owned(), reason: reason.to_owned() };
         if part.is_empty() {
             return Err(malformed("empty part"));
         }
-        let (count, model) = part
-            .split_once(['x', 'X'])
-            .ok_or_else(|| malformed("missing `x` between count and model"))?;
+        let (count, model) =
+            part.split_once(['x', 'X']).ok_or_else(|| malformed("missing `x` between count and model"))?;
         let count = count.trim();
         if count.is_empty() || !count.bytes().all(|b| b.is_ascii_digit()) {
             return Err(malformed("count must be a whole number"));
@@ -256,22 +242,14 @@ pub fn parse_simulated(spec: &str) -> Result<Vec<SimulatedGpus>, GpuSpecError> {
             return Err(malformed("count must be at least 1"));
         }
         let model = model.trim();
-        let canonical = MODEL_IDS
-            .iter()
-            .find(|m| m.eq_ignore_ascii_case(model))
-            .ok_or_else(|| GpuSpecError::UnknownModel {
-                part: part.to_owned(),
-                model: model.to_owned(),
-                known: MODEL_IDS.join(", "),
-            })?;
+        let canonical = MODEL_IDS.iter().find(|m| m.eq_ignore_ascii_case(model)).ok_or_else(|| {
+            GpuSpecError::UnknownModel { part: part.to_owned(), model: model.to_owned(), known: MODEL_IDS.join(", ") }
+        })?;
         total += u64::from(count);
         if total > u64::from(MAX_SIMULATED_GPUS) {
             return Err(GpuSpecError::TooMany { total });
         }
-        out.push(SimulatedGpus {
-            count,
-            model: (*canonical).to_owned(),
-        });
+        out.push(SimulatedGpus { count, model: (*canonical).to_owned() });
     }
     Ok(out)
 }
@@ -357,14 +335,8 @@ mod tests {
 
     #[test]
     fn unknown_names_are_sanitised() {
-        assert_eq!(
-            canonical_model("NVIDIA GH200 480GB", 97_871),
-            "UNKNOWN-GH200-480GB"
-        );
-        assert_eq!(
-            canonical_model("Quadro RTX 6000", 24_576),
-            "UNKNOWN-QUADRO-RTX-6000"
-        );
+        assert_eq!(canonical_model("NVIDIA GH200 480GB", 97_871), "UNKNOWN-GH200-480GB");
+        assert_eq!(canonical_model("Quadro RTX 6000", 24_576), "UNKNOWN-QUADRO-RTX-6000");
         assert_eq!(canonical_model("NVIDIA GB200", 0), "UNKNOWN-GB200");
         assert_eq!(canonical_model("", 0), "UNKNOWN");
         assert_eq!(canonical_model("  ;; ", 0), "UNKNOWN");
@@ -379,14 +351,8 @@ mod tests {
         assert_eq!(parse_simulated("").unwrap(), vec![]);
         assert_eq!(parse_simulated("  ").unwrap(), vec![]);
         let want = vec![
-            SimulatedGpus {
-                count: 4,
-                model: "H100-80GB".into(),
-            },
-            SimulatedGpus {
-                count: 2,
-                model: "L4-24GB".into(),
-            },
+            SimulatedGpus { count: 4, model: "H100-80GB".into() },
+            SimulatedGpus { count: 2, model: "L4-24GB".into() },
         ];
         assert_eq!(parse_simulated("4xH100-80GB,2xL4-24GB").unwrap(), want);
         assert_eq!(parse_simulated(" 4x h100-80gb , 2XL4-24GB ").unwrap(), want);
@@ -396,10 +362,7 @@ mod tests {
     fn refuses_bad_simulated_specs() {
         let err = parse_simulated("4xH100-81GB").unwrap_err();
         let text = err.to_string();
-        assert!(
-            text.contains("`H100-81GB`") && text.contains("H200-141GB"),
-            "{text}"
-        );
+        assert!(text.contains("`H100-81GB`") && text.contains("H200-141GB"), "{text}");
         for (spec, bad) in [
             ("0xH100-80GB", "0xH100-80GB"),
             ("H100-80GB", "H100-80GB"),
@@ -409,15 +372,9 @@ mod tests {
             ("garbage", "garbage"),
         ] {
             let err = parse_simulated(spec).unwrap_err();
-            assert!(
-                matches!(&err, GpuSpecError::Malformed { part, .. } if part == bad),
-                "{spec}: {err:?}"
-            );
+            assert!(matches!(&err, GpuSpecError::Malformed { part, .. } if part == bad), "{spec}: {err:?}");
         }
-        assert_eq!(
-            parse_simulated("200xL4-24GB,57xT4-16GB").unwrap_err(),
-            GpuSpecError::TooMany { total: 257 }
-        );
+        assert_eq!(parse_simulated("200xL4-24GB,57xT4-16GB").unwrap_err(), GpuSpecError::TooMany { total: 257 });
     }
 
     #[test]
@@ -431,9 +388,6 @@ mod tests {
         assert_eq!(gpus[0].memory_mib, 143_771);
         assert_eq!(gpus[2].uuid, "GPU-sim-node-a-3");
         assert_eq!(gpus[2].model, "L4-24GB");
-        assert!(
-            gpus.iter()
-                .all(|g| g.healthy && g.simulated && !g.mig_enabled)
-        );
+        assert!(gpus.iter().all(|g| g.healthy && g.simulated && !g.mig_enabled));
     }
 }

@@ -86,10 +86,7 @@ impl FromStr for Role {
     type Err = IdentityError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Role::ALL
-            .into_iter()
-            .find(|r| r.as_str() == s)
-            .ok_or_else(|| IdentityError::UnknownRole(s.to_string()))
+        Role::ALL.into_iter().find(|r| r.as_str() == s).ok_or_else(|| IdentityError::UnknownRole(s.to_string()))
     }
 }
 
@@ -109,28 +106,14 @@ pub struct Identity {
 impl Identity {
     /// An agent identity `spiffe://<trust_domain>/agent/<site>/<node>` (not validated; see
     /// [`Identity::validate`]).
-    pub fn agent(
-        trust_domain: impl Into<String>,
-        site: impl Into<String>,
-        node: impl Into<String>,
-    ) -> Self {
-        Identity {
-            trust_domain: trust_domain.into(),
-            role: Role::Agent,
-            name: node.into(),
-            site: Some(site.into()),
-        }
+    pub fn agent(trust_domain: impl Into<String>, site: impl Into<String>, node: impl Into<String>) -> Self {
+        Identity { trust_domain: trust_domain.into(), role: Role::Agent, name: node.into(), site: Some(site.into()) }
     }
 
     /// A non-agent identity `spiffe://<trust_domain>/<role>/<name>` (not validated). For agents use
     /// [`Identity::agent`]: an agent made here has no site and fails [`Identity::validate`].
     pub fn new(trust_domain: impl Into<String>, role: Role, name: impl Into<String>) -> Self {
-        Identity {
-            trust_domain: trust_domain.into(),
-            role,
-            name: name.into(),
-            site: None,
-        }
+        Identity { trust_domain: trust_domain.into(), role, name: name.into(), site: None }
     }
 
     /// Checks every part against the naming rules and the site rule (agents have one, others not).
@@ -145,10 +128,9 @@ impl Identity {
                 uri: self.uri(),
                 expected: "spiffe://<trust-domain>/agent/<site>/<node>",
             }),
-            (_, Some(_)) => Err(IdentityError::WrongShape {
-                uri: self.uri(),
-                expected: "spiffe://<trust-domain>/<role>/<name>",
-            }),
+            (_, Some(_)) => {
+                Err(IdentityError::WrongShape { uri: self.uri(), expected: "spiffe://<trust-domain>/<role>/<name>" })
+            }
             (_, None) => validate_name("name", &self.name),
         }
     }
@@ -156,19 +138,14 @@ impl Identity {
     /// The identity as a URI (the certificate's URI SAN).
     pub fn uri(&self) -> String {
         match &self.site {
-            Some(site) => format!(
-                "{SCHEME}{}/{}/{site}/{}",
-                self.trust_domain, self.role, self.name
-            ),
+            Some(site) => format!("{SCHEME}{}/{}/{site}/{}", self.trust_domain, self.role, self.name),
             None => format!("{SCHEME}{}/{}/{}", self.trust_domain, self.role, self.name),
         }
     }
 
     /// Parses and validates an identity URI; strict (see the module docs).
     pub fn parse(uri: &str) -> Result<Identity, IdentityError> {
-        let rest = uri
-            .strip_prefix(SCHEME)
-            .ok_or_else(|| IdentityError::NotSpiffe(uri.to_string()))?;
+        let rest = uri.strip_prefix(SCHEME).ok_or_else(|| IdentityError::NotSpiffe(uri.to_string()))?;
         let mut parts = rest.split('/');
         let trust_domain = parts.next().unwrap_or_default();
         validate_trust_domain(trust_domain)?;
@@ -216,24 +193,15 @@ impl fmt::Display for Identity {
 /// Checks one identity segment (site, node, name): 1..=63 characters of `[A-Za-z0-9._-]`, not
 /// `.` or `..`. `kind` names the segment in the error message.
 pub fn validate_name(kind: &str, s: &str) -> Result<(), IdentityError> {
-    let invalid = |reason| IdentityError::InvalidName {
-        kind: kind.to_string(),
-        value: s.to_string(),
-        reason,
-    };
+    let invalid = |reason| IdentityError::InvalidName { kind: kind.to_string(), value: s.to_string(), reason };
     if s.is_empty() {
         return Err(invalid("must not be empty"));
     }
     if s.len() > MAX_NAME_LEN {
         return Err(invalid("must be at most 63 characters"));
     }
-    if !s
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    {
-        return Err(invalid(
-            "may only contain letters, digits, '.', '_' and '-'",
-        ));
+    if !s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) {
+        return Err(invalid("may only contain letters, digits, '.', '_' and '-'"));
     }
     if s == "." || s == ".." {
         return Err(invalid("must not be '.' or '..'"));
@@ -243,24 +211,16 @@ pub fn validate_name(kind: &str, s: &str) -> Result<(), IdentityError> {
 
 /// Checks a trust domain: 1..=255 characters of lowercase letters, digits, `.`, `_` and `-`.
 pub fn validate_trust_domain(s: &str) -> Result<(), IdentityError> {
-    let invalid = |reason| IdentityError::InvalidName {
-        kind: "trust domain".to_string(),
-        value: s.to_string(),
-        reason,
-    };
+    let invalid =
+        |reason| IdentityError::InvalidName { kind: "trust domain".to_string(), value: s.to_string(), reason };
     if s.is_empty() {
         return Err(invalid("must not be empty"));
     }
     if s.len() > MAX_TRUST_DOMAIN_LEN {
         return Err(invalid("must be at most 255 characters"));
     }
-    if !s
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
-    {
-        return Err(invalid(
-            "may only contain lowercase letters, digits, '.', '_' and '-'",
-        ));
+    if !s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')) {
+        return Err(invalid("may only contain lowercase letters, digits, '.', '_' and '-'"));
     }
     if s == "." || s == ".." {
         return Err(invalid("must not be '.' or '..'"));
@@ -296,10 +256,7 @@ mod tests {
         for role in Role::ALL {
             assert_eq!(role.to_string().parse::<Role>().unwrap(), role);
         }
-        assert!(matches!(
-            "Broker".parse::<Role>(),
-            Err(IdentityError::UnknownRole(_))
-        ));
+        assert!(matches!("Broker".parse::<Role>(), Err(IdentityError::UnknownRole(_))));
     }
 
     #[test]
@@ -338,10 +295,7 @@ mod tests {
     #[test]
     fn parse_errors_are_clear() {
         let err = Identity::parse("spiffe://td/agent/lab/bad name").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "invalid node \"bad name\": may only contain letters, digits, '.', '_' and '-'"
-        );
+        assert_eq!(err.to_string(), "invalid node \"bad name\": may only contain letters, digits, '.', '_' and '-'");
         let err = Identity::parse("spiffe://td/agent/gpu-01").unwrap_err();
         assert!(err.to_string().contains("agent/<site>/<node>"), "{err}");
     }

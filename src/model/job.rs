@@ -287,10 +287,10 @@ impl JobSpec {
         if max.is_zero() || max > MAX_RUNTIME {
             p.add("max_runtime", "must be more than 0 and at most 30 days");
         }
-        if let Some(expected) = self.expected_runtime {
-            if expected.0.is_zero() || expected.0 > max {
-                p.add("expected_runtime", "must be more than 0 and at most max_runtime");
-            }
+        if let Some(expected) = self.expected_runtime
+            && (expected.0.is_zero() || expected.0 > max)
+        {
+            p.add("expected_runtime", "must be more than 0 and at most max_runtime");
         }
     }
 
@@ -326,10 +326,10 @@ impl JobSpec {
             if policy.max_usd_total.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
                 p.add("policy.max_usd_total", "must be a positive number");
             }
-            if let Some(deadline) = &policy.deadline {
-                if humantime::parse_rfc3339_weak(deadline).is_err() {
-                    p.add("policy.deadline", "must be an RFC 3339 time like 2026-12-01T18:00:00Z");
-                }
+            if let Some(deadline) = &policy.deadline
+                && humantime::parse_rfc3339_weak(deadline).is_err()
+            {
+                p.add("policy.deadline", "must be an RFC 3339 time like 2026-12-01T18:00:00Z");
             }
             if policy.deadline.is_some() && policy.max_wait.is_some() {
                 p.add("policy", "give at most one of `deadline` or `max_wait`");
@@ -368,7 +368,7 @@ pub fn check_data_uri(uri: &str) -> Result<(), String> {
     if segments.iter().any(|s| *s == "." || *s == "..") {
         return Err(format!("{uri:?} may not contain . or .. segments"));
     }
-    if segments.len() <= min_segments - 1 || segments[..min_segments].iter().any(|s| s.is_empty()) {
+    if segments.len() < min_segments || segments[..min_segments].iter().any(|s| s.is_empty()) {
         return Err(format!("{uri:?} must name the bucket, container or location"));
     }
     Ok(())

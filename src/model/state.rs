@@ -88,13 +88,22 @@ pub enum Input {
     /// Bound to an agent: a new attempt with a new epoch.
     Lease,
     /// The agent started the process.
-    Started { epoch: u64 },
+    Started {
+        epoch: u64,
+    },
     /// The process ended with an exit code.
-    Exited { epoch: u64, exit_code: i32 },
+    Exited {
+        epoch: u64,
+        exit_code: i32,
+    },
     /// The attempt could not start or was killed (max runtime); final for the job.
-    AttemptFailed { epoch: u64 },
+    AttemptFailed {
+        epoch: u64,
+    },
     /// The lease expired or the agent lost the attempt.
-    LeaseLost { epoch: u64 },
+    LeaseLost {
+        epoch: u64,
+    },
     Cancel,
 }
 

@@ -50,11 +50,13 @@ async fn invalid_specs_are_refused_and_nothing_is_stored() {
     assert!(err.message().contains("more than the 65536 allowed"), "{err:?}");
     let request = proto::SubmitRequest { spec: b"{}".to_vec(), format: 7, ..Default::default() };
     assert!(admin.submit(request).await.unwrap_err().message().contains("format"));
-    let request = proto::SubmitRequest { spec: b"not json".to_vec(), format: SpecFormat::Json.into(), ..Default::default() };
+    let request =
+        proto::SubmitRequest { spec: b"not json".to_vec(), format: SpecFormat::Json.into(), ..Default::default() };
     assert!(admin.submit(request).await.unwrap_err().message().contains("JSON"));
     let err = submit_keyed(&mut admin, "name: x\ncommand: [echo]\n", "has space").await.unwrap_err();
     assert!(err.message().contains("idempotency_key"));
-    let err = admin.list(proto::ListJobsRequest { states: vec!["done".into()], ..Default::default() }).await.unwrap_err();
+    let err =
+        admin.list(proto::ListJobsRequest { states: vec!["done".into()], ..Default::default() }).await.unwrap_err();
     assert!(err.message().contains("unknown job state"), "{err:?}");
 
     let jobs = admin.list(proto::ListJobsRequest::default()).await.unwrap().into_inner().jobs;

@@ -37,7 +37,8 @@ impl Cluster {
         let pki_dir = dir.path().join("pki");
         pki::init_ca(&pki_dir, TRUST_DOMAIN).unwrap();
         let ca = Ca::load(&pki_dir).unwrap();
-        let mut cluster = Cluster { dir, ca, addr: "127.0.0.1:0".parse().unwrap(), lease_ttl, broker: None, agents: vec![] };
+        let mut cluster =
+            Cluster { dir, ca, addr: "127.0.0.1:0".parse().unwrap(), lease_ttl, broker: None, agents: vec![] };
         cluster.issue(Role::Broker, "broker", None);
         cluster.start_broker(0);
         for (node, gpus) in agents {
@@ -78,7 +79,10 @@ impl Cluster {
             hb = hb.as_millis(),
         );
         std::fs::write(self.path("broker.toml"), config).unwrap();
-        let child = spawn(&["broker", "--config", path_str(&self.path("broker.toml")), "--addr-file", path_str(&addr_file)], &self.path("broker.log"));
+        let child = spawn(
+            &["broker", "--config", path_str(&self.path("broker.toml")), "--addr-file", path_str(&addr_file)],
+            &self.path("broker.log"),
+        );
         self.broker = Some(child);
         let started = Instant::now();
         loop {
@@ -201,7 +205,11 @@ pub async fn submit(client: &mut JobServiceClient<Channel>, yaml: &str) -> Strin
     submit_keyed(client, yaml, "").await.unwrap()
 }
 
-pub async fn submit_keyed(client: &mut JobServiceClient<Channel>, yaml: &str, key: &str) -> Result<String, tonic::Status> {
+pub async fn submit_keyed(
+    client: &mut JobServiceClient<Channel>,
+    yaml: &str,
+    key: &str,
+) -> Result<String, tonic::Status> {
     let request = proto::SubmitRequest {
         spec: yaml.as_bytes().to_vec(),
         format: SpecFormat::Yaml.into(),
@@ -231,7 +239,12 @@ pub async fn watch_to_end(client: &mut JobServiceClient<Channel>, id: &str) -> V
 }
 
 /// Waits until the job's latest state satisfies `pred`; returns the job.
-pub async fn wait_job(client: &JobServiceClient<Channel>, id: &str, what: &str, pred: impl Fn(&proto::Job) -> bool) -> proto::Job {
+pub async fn wait_job(
+    client: &JobServiceClient<Channel>,
+    id: &str,
+    what: &str,
+    pred: impl Fn(&proto::Job) -> bool,
+) -> proto::Job {
     eventually(what, || {
         let mut client = client.clone();
         let id = id.to_string();

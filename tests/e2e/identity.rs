@@ -42,21 +42,61 @@ async fn only_well_formed_certificates_of_the_right_role_get_in() {
     let other_ca = Ca::generate(TRUST_DOMAIN).unwrap();
     let now = SystemTime::now();
     let refused = [
-        ("foreign-ca", custom(&cluster, &other_ca, "foreign", LeafOptions { uris: vec![admin_uri("x")], ..Default::default() })),
+        (
+            "foreign-ca",
+            custom(&cluster, &other_ca, "foreign", LeafOptions { uris: vec![admin_uri("x")], ..Default::default() }),
+        ),
         (
             "expired",
-            custom(&cluster, &cluster.ca, "expired", LeafOptions {
-                uris: vec![admin_uri("x")],
-                not_before: now - Duration::from_secs(7200),
-                not_after: now - Duration::from_secs(3600),
-                ..Default::default()
-            }),
+            custom(
+                &cluster,
+                &cluster.ca,
+                "expired",
+                LeafOptions {
+                    uris: vec![admin_uri("x")],
+                    not_before: now - Duration::from_secs(7200),
+                    not_after: now - Duration::from_secs(3600),
+                    ..Default::default()
+                },
+            ),
         ),
-        ("no-eku", custom(&cluster, &cluster.ca, "no-eku", LeafOptions { uris: vec![admin_uri("x")], eku: LeafEku::None, ..Default::default() })),
-        ("two-uris", custom(&cluster, &cluster.ca, "two-uris", LeafOptions { uris: vec![admin_uri("x"), admin_uri("y")], ..Default::default() })),
-        ("ca-as-leaf", custom(&cluster, &cluster.ca, "ca-leaf", LeafOptions { uris: vec![admin_uri("x")], is_ca: true, ..Default::default() })),
+        (
+            "no-eku",
+            custom(
+                &cluster,
+                &cluster.ca,
+                "no-eku",
+                LeafOptions { uris: vec![admin_uri("x")], eku: LeafEku::None, ..Default::default() },
+            ),
+        ),
+        (
+            "two-uris",
+            custom(
+                &cluster,
+                &cluster.ca,
+                "two-uris",
+                LeafOptions { uris: vec![admin_uri("x"), admin_uri("y")], ..Default::default() },
+            ),
+        ),
+        (
+            "ca-as-leaf",
+            custom(
+                &cluster,
+                &cluster.ca,
+                "ca-leaf",
+                LeafOptions { uris: vec![admin_uri("x")], is_ca: true, ..Default::default() },
+            ),
+        ),
         ("no-uri", custom(&cluster, &cluster.ca, "no-uri", LeafOptions::default())),
-        ("server-eku-only", custom(&cluster, &cluster.ca, "srv-eku", LeafOptions { uris: vec![admin_uri("x")], eku: LeafEku::Server, ..Default::default() })),
+        (
+            "server-eku-only",
+            custom(
+                &cluster,
+                &cluster.ca,
+                "srv-eku",
+                LeafOptions { uris: vec![admin_uri("x")], eku: LeafEku::Server, ..Default::default() },
+            ),
+        ),
     ];
     for (what, paths) in refused {
         let err = list_as(&cluster, &paths).await.expect_err(what);
@@ -82,7 +122,8 @@ async fn only_well_formed_certificates_of_the_right_role_get_in() {
     anonymous.alpn_protocols = vec![b"h2".to_vec()];
     let channel = tls::connect(&format!("https://{}", cluster.addr), Arc::new(anonymous), None).await;
     if let Ok(channel) = channel {
-        let err = JobServiceClient::new(channel).list(proto::ListJobsRequest::default()).await.expect_err("no client cert");
+        let err =
+            JobServiceClient::new(channel).list(proto::ListJobsRequest::default()).await.expect_err("no client cert");
         println!("no client certificate: {}", tls::explain_status(&err));
     }
 
@@ -125,9 +166,21 @@ async fn an_agent_refuses_a_server_that_is_not_a_broker() {
         Err(e) => Err(e.to_string()),
         Ok(channel) => {
             let msg = proto::AgentMessage { msg: Some(Msg::Register(proto::Register::default())) };
-            AgentServiceClient::new(channel).session(tokio_stream::iter([msg])).await.map(|_| ()).map_err(|s| tls::explain_status(&s))
+            AgentServiceClient::new(channel)
+                .session(tokio_stream::iter([msg]))
+                .await
+                .map(|_| ())
+                .map_err(|s| tls::explain_status(&s))
         }
     };
     let err = result.expect_err("an agent must not talk to a non-broker");
     println!("agent vs impostor: {err}");
+    // The real agent process refuses it too, says why, and never registers.
+    cluster.start_agent("node-2", "");
+    let line = eventually("the agent to refuse the impostor", || async {
+        cluster.agent_log("node-2").lines().find(|l| l.contains("broker session ended")).map(str::to_string)
+    })
+    .await;
+    assert!(line.contains("role agent") || line.contains("certificate"), "{line}");
+    assert!(!cluster.broker_log().contains("agent registered"));
 }

@@ -10,14 +10,19 @@ use nix::unistd::Pid;
 
 use crate::common::*;
 
-const HELLO: &str = "name: hello\ncommand: [sh, -c, 'echo hello $HYBROKER_JOB_ID; echo gpus=[$CUDA_VISIBLE_DEVICES]']\n";
+const HELLO: &str =
+    "name: hello\ncommand: [sh, -c, 'echo hello $HYBROKER_JOB_ID; echo gpus=[$CUDA_VISIBLE_DEVICES]']\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_run_on_agents_and_every_transition_is_watched_in_order() {
     let cluster = Cluster::start(Duration::from_secs(5), &[("node-a", "2xH100-80GB"), ("node-b", "1xL4-24GB")]).await;
     let mut admin = cluster.admin().await;
     let hello = submit(&mut admin, HELLO).await;
-    let gpu = submit(&mut admin, "name: gpu\ncommand: [sh, -c, 'echo on [$CUDA_VISIBLE_DEVICES]']\nresources: {gpus: 1, gpu_model: [L4-24GB]}\n").await;
+    let gpu = submit(
+        &mut admin,
+        "name: gpu\ncommand: [sh, -c, 'echo on [$CUDA_VISIBLE_DEVICES]']\nresources: {gpus: 1, gpu_model: [L4-24GB]}\n",
+    )
+    .await;
     let failing = submit(&mut admin, "name: failing\ncommand: [sh, -c, 'echo oops >&2; exit 3']\n").await;
 
     for id in [&hello, &gpu] {
@@ -150,7 +155,13 @@ async fn a_broker_killed_under_submits_loses_no_acknowledged_job() {
     cluster.start_broker(port);
     let mut admin = cluster.admin().await;
     // The submit that failed is retried with its key: it exists at most once.
-    let retried = submit_keyed(&mut admin, &format!("name: load-{failed_at}\ncommand: [sh, -c, 'echo {failed_at}']\n"), &format!("load-{failed_at}")).await.unwrap();
+    let retried = submit_keyed(
+        &mut admin,
+        &format!("name: load-{failed_at}\ncommand: [sh, -c, 'echo {failed_at}']\n"),
+        &format!("load-{failed_at}"),
+    )
+    .await
+    .unwrap();
     let mut ids = acked.lock().unwrap().clone();
     ids.push(retried);
     println!("acknowledged before the kill: {}", ids.len() - 1);

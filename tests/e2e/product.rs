@@ -12,16 +12,14 @@ use crate::common::BIN;
 #[test]
 fn quickstart_once_runs_the_samples_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
-        .args(["quickstart", "--once", "--state-dir"])
-        .arg(dir.path().join("qs"))
-        .output()
-        .unwrap();
+    let out =
+        Command::new(BIN).args(["quickstart", "--once", "--state-dir"]).arg(dir.path().join("qs")).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "quickstart failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
     for sample in ["hello", "train-h100", "inference-l4"] {
-        let row = stdout.lines().find(|l| l.starts_with(sample)).unwrap_or_else(|| panic!("no row for {sample}:\n{stdout}"));
+        let row =
+            stdout.lines().find(|l| l.starts_with(sample)).unwrap_or_else(|| panic!("no row for {sample}:\n{stdout}"));
         assert!(row.contains("succeeded") && row.contains("lab-sto"), "{row}");
     }
     assert!(stdout.contains("broker (gRPC, mTLS): https://127.0.0.1:"), "{stdout}");
@@ -62,7 +60,20 @@ fn every_example_job_is_valid() {
 #[test]
 fn pure_modules_stay_pure() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let forbidden = ["tonic::", "prost::", "axum::", "sqlx::", "aws_sdk", "azure_storage", "reqwest::", "tokio::", "std::fs", "std::net", "std::process", "crate::proto"];
+    let forbidden = [
+        "tonic::",
+        "prost::",
+        "axum::",
+        "sqlx::",
+        "aws_sdk",
+        "azure_storage",
+        "reqwest::",
+        "tokio::",
+        "std::fs",
+        "std::net",
+        "std::process",
+        "crate::proto",
+    ];
     for dir in ["model", "placement"] {
         for entry in std::fs::read_dir(root.join(dir)).unwrap() {
             let path = entry.unwrap().path();

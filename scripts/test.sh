@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The README's test command: installs what the tests need on a fresh machine, then runs formatting,
+# lint and every test. CI (.ci/run) calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need() { command -v "$1" >/dev/null 2>&1; }
+apt_install() {
+  if need apt-get && [[ $(id -u) == 0 ]]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  else
+    echo "please install: $*" >&2; exit 1
+  fi
+}
+
+# Toolchain: rustup's cargo with rustfmt and clippy; gcc builds SQLite and ring.
+need cargo || { echo "cargo not found: install Rust 1.95 with rustup" >&2; exit 1; }
+need cc || apt_install gcc libc6-dev
+rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy
+# No system protoc is needed (a vendored one builds the gRPC code); the tests start the real
+# binary's services on loopback and need no emulator yet.
+
+export CARGO_TERM_COLOR=never
+export CARGO_INCREMENTAL=0
+export CARGO_PROFILE_DEV_DEBUG=line-tables-only
+
+echo "== rustfmt"
+cargo fmt --all -- --check
+echo "== clippy"
+cargo clippy --locked --all-targets -- -D warnings
+echo "== tests"
+cargo test --locked --all-targets

@@ -1,0 +1,216 @@
+//! Mutual TLS for every internal hop: rustls configurations, the identity checks and the tonic glue.
+//!
+//! Both sides verify the peer chain with rustls' webpki verifiers and then check the end-entity
+//! certificate beyond the chain (DESIGN §6): exactly one URI SAN that parses as an [`Identity`](crate::model::identity::Identity) in
+//! our trust domain, a role allowed for the endpoint, an extendedKeyUsage extension that is present
+//! and names the purpose (webpki accepts a certificate without one; we refuse it), and not a CA.
+//! Only TLS 1.3 is offered, with ALPN `h2` and no session resumption.
+//!
+//! Servers feed [`tls_incoming`] to `Server::serve_with_incoming_shutdown`, so tonic's
+//! `Request::peer_certs()` works ([`peer_identity`], [`require_role`]); clients use [`connect`].
+//! A client whose certificate the server refuses fails at its first call with an opaque status:
+//! [`explain_status`] turns that into a message a person can act on.
+
+mod explain;
+mod net;
+#[cfg(test)]
+mod tests;
+mod verify;
+
+pub use explain::explain_status;
+pub use net::{connect, connect_lazy, tls_incoming};
+pub use verify::{
+    KeyPurpose, PeerCertError, check_peer_cert, identity_of_cert_file, peer_identity, require_role,
+    trust_domain_of_cert,
+};
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+
+use crate::model::identity::{IdentityError, Role, validate_trust_domain};
+use verify::{ClientIdentityVerifier, ServerIdentityVerifier};
+
+/// ALPN protocol of gRPC.
+const ALPN_H2: &[u8] = b"h2";
+
+/// Errors from building TLS configurations or connecting.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read.
+    #[error("could not read {what} {path}: {source}")]
+    Read {
+        /// What the file should hold ("ca certificate", "certificate", "private key").
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// A file is not valid PEM.
+    #[error("invalid pem in {what} {path}: {source}")]
+    BadPem {
+        /// What the file should hold.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: rustls_pki_types::pem::Error,
+    },
+    /// A certificate file holds no certificate.
+    #[error("no certificate in {what} {path}")]
+    NoCertificate {
+        /// What the file should hold.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+    },
+    /// A key file holds no private key.
+    #[error("no private key in {0}")]
+    NoKey(PathBuf),
+    /// rustls refused the configuration (bad key, key not matching the certificate, bad CA).
+    #[error("invalid TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+    /// The webpki verifier could not be built.
+    #[error("invalid TLS configuration: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// The configured trust domain or role list is invalid.
+    #[error("invalid TLS configuration: {0}")]
+    Identity(#[from] IdentityError),
+    /// The configuration names no allowed client role.
+    #[error("invalid TLS configuration: no client role is allowed")]
+    NoClientRoles,
+    /// The URL cannot be dialled.
+    #[error("invalid url {url:?}: {reason}")]
+    BadUrl {
+        /// The URL given.
+        url: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A certificate file's leaf carries no usable identity.
+    #[error("certificate {path} has no usable identity: {source}")]
+    CertIdentity {
+        /// The certificate file.
+        path: PathBuf,
+        /// Why.
+        source: PeerCertError,
+    },
+    /// Connecting failed.
+    #[error("could not connect to {url}: {reason}")]
+    Connect {
+        /// The URL dialled.
+        url: String,
+        /// An explanation built from the error chain.
+        reason: String,
+    },
+}
+
+/// Certificate, key and CA bundle files of one endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsPaths {
+    /// The CA bundle that issues the peers' certificates.
+    pub ca_cert: PathBuf,
+    /// This endpoint's certificate chain.
+    pub cert: PathBuf,
+    /// This endpoint's private key.
+    pub key: PathBuf,
+}
+
+/// Installs ring as the process-wide rustls provider; calling it again is harmless.
+pub fn install_crypto_provider() {
+    // Err only means a provider is already installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The provider every configuration here uses, whatever the process default is.
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A server configuration that requires client certificates of `client_roles` in `trust_domain`.
+pub fn server_config(
+    paths: &TlsPaths,
+    trust_domain: &str,
+    client_roles: &[Role],
+) -> Result<Arc<ServerConfig>, TlsError> {
+    validate_trust_domain(trust_domain)?;
+    if client_roles.is_empty() {
+        return Err(TlsError::NoClientRoles);
+    }
+    let roots = load_roots(&paths.ca_cert)?;
+    let (certs, key) = load_pair(paths)?;
+    let inner = WebPkiClientVerifier::builder_with_provider(roots, provider()).build()?;
+    let verifier =
+        ClientIdentityVerifier { inner, trust_domain: trust_domain.to_string(), roles: client_roles.to_vec() };
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // No resumption: every connection shows (and has checked) a full certificate chain.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
+/// A client configuration that presents our certificate and accepts only a `server_role` server.
+pub fn client_config(paths: &TlsPaths, trust_domain: &str, server_role: Role) -> Result<Arc<ClientConfig>, TlsError> {
+    validate_trust_domain(trust_domain)?;
+    let roots = load_roots(&paths.ca_cert)?;
+    let (certs, key) = load_pair(paths)?;
+    let inner = WebPkiServerVerifier::builder_with_provider(roots, provider()).build()?;
+    let verifier = ServerIdentityVerifier { inner, trust_domain: trust_domain.to_string(), role: server_role };
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(certs, key)?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+/// Reads a file, naming it in the error.
+fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    fs::read(path).map_err(|source| TlsError::Read { what, path: path.to_path_buf(), source })
+}
+
+/// Reads the PEM certificates of a file (at least one).
+fn load_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(&read(what, path)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsError::BadPem { what, path: path.to_path_buf(), source })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate { what, path: path.to_path_buf() });
+    }
+    Ok(certs)
+}
+
+/// The CA bundle as a root store.
+fn load_roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs("CA certificate", path)? {
+        roots.add(cert)?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// Our certificate chain and private key.
+fn load_pair(paths: &TlsPaths) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let certs = load_certs("certificate", &paths.cert)?;
+    let key = PrivateKeyDer::from_pem_slice(&read("private key", &paths.key)?).map_err(|e| match e {
+        rustls_pki_types::pem::Error::NoItemsFound => TlsError::NoKey(paths.key.clone()),
+        source => TlsError::BadPem { what: "private key", path: paths.key.clone(), source },
+    })?;
+    Ok((certs, key))
+}

@@ -1,0 +1,175 @@
+//! The tonic glue: the server's TLS accept loop and the client's endpoint and connector.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ServerConfig};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use super::TlsError;
+use super::explain::{error_chain, explain_error};
+
+/// Longest a server waits for one client's TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in flight at once; further connections wait in the listen backlog.
+const MAX_HANDSHAKES: usize = 256;
+/// Pause after an accept error such as "too many open files".
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Client TCP + TLS connect timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Client HTTP/2 keepalive ping interval.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+
+/// Serves TLS streams accepted on `listener`, for `Server::serve_with_incoming_shutdown`.
+///
+/// Each handshake runs in its own task (at most [`MAX_HANDSHAKES`] at once, 10 s each); failed
+/// handshakes are logged and skipped, so the stream only ends when it is dropped. Must be called
+/// inside a tokio runtime.
+pub fn tls_incoming(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+) -> impl Stream<Item = Result<TlsStream<TcpStream>, io::Error>> + Send + 'static {
+    let (tx, rx) = mpsc::channel(32);
+    let acceptor = TlsAcceptor::from(config);
+    let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    tokio::spawn(async move {
+        loop {
+            let permit = tokio::select! {
+                () = tx.closed() => return,
+                permit = slots.clone().acquire_owned() => permit.expect("semaphore never closed"),
+            };
+            let accepted = tokio::select! {
+                () = tx.closed() => return,
+                accepted = listener.accept() => accepted,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            };
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
+            }
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                drop(permit);
+                match handshake {
+                    Ok(Ok(stream)) => {
+                        // Fails only when the server has stopped; the connection is then dropped.
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => log_handshake_error(peer, &e),
+                    Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Logs a failed server handshake: refusals the verifier has not logged yet at warn, the rest
+/// (probes, resets) at debug.
+fn log_handshake_error(peer: std::net::SocketAddr, e: &io::Error) {
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::NoCertificatesPresented) => {
+            tracing::warn!(%peer, "refused client: no client certificate");
+        }
+        _ => tracing::debug!(%peer, error = %e, "tls handshake failed"),
+    }
+}
+
+/// Connects to `url` (`https://host:port`) with mutual TLS; `server_name` overrides the name the
+/// server certificate must carry (by default the URL host; IP addresses work).
+pub async fn connect(url: &str, config: Arc<ClientConfig>, server_name: Option<&str>) -> Result<Channel, TlsError> {
+    let (endpoint, connector) = endpoint(url, config, server_name)?;
+    endpoint.connect_with_connector(connector).await.map_err(|e| TlsError::Connect {
+        url: url.to_string(),
+        reason: explain_error(&e).unwrap_or_else(|| error_chain(&e)),
+    })
+}
+
+/// Like [`connect`], but connects on first use (and reconnects as needed). Must be called inside
+/// a tokio runtime.
+pub fn connect_lazy(url: &str, config: Arc<ClientConfig>, server_name: Option<&str>) -> Result<Channel, TlsError> {
+    let (endpoint, connector) = endpoint(url, config, server_name)?;
+    Ok(endpoint.connect_with_connector_lazy(connector))
+}
+
+/// A client TLS stream.
+type ClientStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// Builds the endpoint and the TCP + TLS connector for `url`.
+///
+/// tonic would insist on its own TLS settings for an `https` endpoint, so the endpoint dials
+/// `http://host:port` through our connector (which always does TLS) and its origin stays `https`.
+fn endpoint(url: &str, config: Arc<ClientConfig>, server_name: Option<&str>) -> Result<(Endpoint, Dialer), TlsError> {
+    let bad = |reason: String| TlsError::BadUrl { url: url.to_string(), reason };
+    let uri = url.parse::<Uri>().map_err(|e| bad(e.to_string()))?;
+    if uri.scheme_str() != Some("https") {
+        return Err(bad("the scheme must be https".to_string()));
+    }
+    if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+        return Err(bad("a path is not allowed".to_string()));
+    }
+    let host = uri.host().ok_or_else(|| bad("no host".to_string()))?;
+    let port = uri.port_u16().unwrap_or(443);
+    let bare_host = host.trim_start_matches('[').trim_end_matches(']');
+    let name = server_name.unwrap_or(bare_host);
+    let name = ServerName::try_from(name.to_string()).map_err(|_| bad(format!("invalid TLS server name {name:?}")))?;
+    let plain = format!("http://{host}:{port}").parse::<Uri>();
+    let origin = format!("https://{host}:{port}").parse::<Uri>();
+    let (plain, origin) = plain.and_then(|p| Ok((p, origin?))).map_err(|e| bad(e.to_string()))?;
+    let endpoint = Endpoint::from(plain)
+        .origin(origin)
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true);
+    let dialer = Dialer { connector: TlsConnector::from(config), host: bare_host.to_string(), port, name };
+    Ok((endpoint, dialer))
+}
+
+/// The connector service: TCP connect (no Nagle), then the rustls handshake.
+#[derive(Clone)]
+struct Dialer {
+    connector: TlsConnector,
+    host: String,
+    port: u16,
+    name: ServerName<'static>,
+}
+
+impl tower::Service<Uri> for Dialer {
+    type Response = TokioIo<ClientStream>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let tcp = TcpStream::connect((this.host.as_str(), this.port)).await?;
+            tcp.set_nodelay(true)?;
+            let tls = this.connector.connect(this.name, tcp).await?;
+            Ok(TokioIo::new(tls))
+        })
+    }
+}
