@@ -104,6 +104,8 @@ struct Effects {
     after_commit: Vec<Box<dyn FnOnce() + Send>>,
     messages: Vec<(String, proto::broker_message::Msg)>,
     events: Vec<JobEvent>,
+    /// Idempotency keys submitted in this batch: (tenant, key) → job id.
+    keys: HashMap<(String, String), String>,
 }
 
 impl Effects {
@@ -271,10 +273,9 @@ impl Core {
         out: &mut Effects,
     ) -> Result<(String, bool), StoreError> {
         if let Some(key) = &key {
-            let pending =
-                self.jobs.values().find(|j| j.rec.tenant == tenant && j.rec.idempotency_key.as_ref() == Some(key));
-            if let Some(job) = pending {
-                return Ok((job.rec.id.clone(), true));
+            // Earlier batches are committed and found in the store; this batch's are not yet.
+            if let Some(id) = out.keys.get(&(tenant.clone(), key.clone())) {
+                return Ok((id.clone(), true));
             }
             if let Some(id) = self.writer.find_idempotent(&tenant, key).await? {
                 return Ok((id, true));
@@ -300,6 +301,9 @@ impl Core {
             updated_at: now,
         };
         let id = rec.id.clone();
+        if let Some(key) = &rec.idempotency_key {
+            out.keys.insert((rec.tenant.clone(), key.clone()), id.clone());
+        }
         out.batch.push(Write::NewJob(rec.clone()));
         let mut job = ActiveJob {
             life: Lifecycle::new(rec.max_attempts),
@@ -453,14 +457,15 @@ impl Core {
             let current = self.jobs.get(&r.job_id).filter(|j| {
                 j.life.epoch == r.epoch && j.life.state.has_attempt() && j.rec.agent.as_deref() == Some(agent.as_str())
             });
-            if let Some(job) = current {
-                let cpus = job.spec.resources.cpus;
-                let memory_mib = u64::from(job.spec.resources.memory_gib) * 1024;
-                let entry = self.agents.get_mut(&agent).expect("entry inserted above");
-                entry
-                    .allocs
-                    .insert((r.job_id.clone(), r.epoch), Alloc { gpus: r.gpu_indices.clone(), cpus, memory_mib });
-            }
+            // A stale attempt still running holds its GPUs until it ends (it is told to stop);
+            // its CPU and memory are not known any more and not counted.
+            let (cpus, memory_mib) = match current {
+                Some(job) => (job.spec.resources.cpus, u64::from(job.spec.resources.memory_gib) * 1024),
+                None if !r.is_final() => (0, 0),
+                None => continue,
+            };
+            let entry = self.agents.get_mut(&agent).expect("entry inserted above");
+            entry.allocs.insert((r.job_id.clone(), r.epoch), Alloc { gpus: r.gpu_indices.clone(), cpus, memory_mib });
         }
         let held: Vec<(String, u64)> = self
             .jobs
@@ -485,8 +490,8 @@ impl Core {
         if !current {
             // Stale (a newer attempt exists), cancelled or unknown: refuse and tell the agent.
             tracing::warn!(agent, job = r.job_id, epoch = r.epoch, "refused report about a stale or unknown attempt");
-            self.free(agent, &r.job_id, r.epoch);
             if r.is_final() {
+                self.free(agent, &r.job_id, r.epoch);
                 out.send(agent, Msg::Ack(proto::Ack { job_id: r.job_id, epoch: r.epoch }));
             } else {
                 out.send(

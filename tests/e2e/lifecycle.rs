@@ -171,3 +171,72 @@ async fn a_broker_killed_under_submits_loses_no_acknowledged_job() {
         assert_eq!(events.iter().filter(|e| e.state == "succeeded").count(), 1, "job {id}: {events:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_kills_the_process_group_and_max_runtime_is_enforced() {
+    let cluster = Cluster::start(Duration::from_secs(5), &[("node-a", "")]).await;
+    let mut admin = cluster.admin().await;
+    // The job's shell and its background child both record their pids.
+    let spec = "name: forever\ncommand: [sh, -c, 'sleep 60 & echo $! > child; echo $$ > pid; wait']\n";
+    let id = submit(&mut admin, spec).await;
+    wait_job(&admin, &id, "running", |j| j.state == "running").await;
+    let dir = cluster.work_dir("node-a").join(&id).join("attempt-1");
+    let pids: Vec<Pid> = eventually("pid files", || async {
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok().and_then(|s| s.trim().parse().ok());
+        Some(vec![Pid::from_raw(read("pid")?), Pid::from_raw(read("child")?)])
+    })
+    .await;
+    let job = admin
+        .cancel(proto::CancelJobRequest { job_id: id.clone(), tenant: String::new(), reason: "test".into() })
+        .await
+        .unwrap();
+    assert_eq!(job.into_inner().state, "cancelled");
+    eventually("the job's process group to be gone", || async {
+        pids.iter().all(|p| kill(*p, None).is_err()).then_some(())
+    })
+    .await;
+    let err = admin.cancel(proto::CancelJobRequest { job_id: id.clone(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+
+    let id = submit(&mut admin, "name: slow\ncommand: [sleep, '30']\nmax_runtime: 1s\n").await;
+    let events = watch_to_end(&mut admin, &id).await;
+    let last = events.last().unwrap();
+    assert_eq!(last.state, "failed");
+    assert!(last.reason.contains("max runtime"), "{}", last.reason);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpus_are_never_double_booked() {
+    let cluster = Cluster::start(Duration::from_secs(5), &[("node-a", "2xA100-80GB")]).await;
+    let mut admin = cluster.admin().await;
+    let spec = "name: both-gpus\ncommand: [sh, -c, 'echo [$CUDA_VISIBLE_DEVICES]; sleep 0.3']\nresources: {gpus: 2}\n";
+    let first = submit(&mut admin, spec).await;
+    let second = submit(&mut admin, spec).await;
+    let a = watch_to_end(&mut admin, &first).await;
+    let b = watch_to_end(&mut admin, &second).await;
+    let a_done = a.iter().find(|e| e.state == "succeeded").unwrap().seq;
+    let b_leased = b.iter().find(|e| e.state == "leased").unwrap().seq;
+    assert!(b_leased > a_done, "the second job waited for the GPUs: {a:?} {b:?}");
+    let logs = admin.logs(proto::LogsRequest { job_id: second, ..Default::default() }).await.unwrap().into_inner();
+    assert_eq!(String::from_utf8_lossy(&logs.output).trim(), "[0,1]");
+    // A job no agent can ever fit stays queued.
+    let id = submit(&mut admin, "name: too-big\ncommand: [true]\nresources: {gpus: 3}\n").await;
+    assert_eq!(get(&mut admin, &id).await.state, "queued");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_submits_with_one_key_make_one_job() {
+    let cluster = Cluster::start(Duration::from_secs(5), &[]).await;
+    let admin = cluster.admin().await;
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let mut admin = admin.clone();
+        tasks.push(tokio::spawn(async move { submit_keyed(&mut admin, HELLO, "same-key").await.unwrap() }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.unwrap());
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+}
