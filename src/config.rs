@@ -35,6 +35,53 @@ pub struct BrokerConfig {
     pub leases: LeaseSection,
     #[serde(default)]
     pub limits: LimitSection,
+    /// Tenants (`[[tenant]]`). The tenant `default` always exists, for admins' own submits.
+    #[serde(default, rename = "tenant")]
+    pub tenants: Vec<TenantConfig>,
+}
+
+/// One tenant: who may submit, and how much.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub name: String,
+    /// Admin tenants may see and drain agents through the gateway.
+    #[serde(default)]
+    pub admin: bool,
+    /// Jobs not yet finished (queued or running) the tenant may have at once.
+    #[serde(default = "default_max_queued_jobs")]
+    pub max_queued_jobs: u32,
+    /// Gateway requests per second (token bucket refill rate).
+    #[serde(default = "default_requests_per_second")]
+    pub requests_per_second: f64,
+    /// Gateway requests allowed in a burst (token bucket size).
+    #[serde(default = "default_burst")]
+    pub burst: u32,
+}
+
+fn default_max_queued_jobs() -> u32 {
+    1000
+}
+
+fn default_requests_per_second() -> f64 {
+    20.0
+}
+
+fn default_burst() -> u32 {
+    40
+}
+
+impl TenantConfig {
+    /// The implicit tenant of admins' submits that name none.
+    pub fn default_tenant() -> Self {
+        Self {
+            name: "default".into(),
+            admin: true,
+            max_queued_jobs: 100_000,
+            requests_per_second: default_requests_per_second(),
+            burst: default_burst(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -102,6 +149,88 @@ impl Default for LimitSection {
     }
 }
 
+/// `hybroker gateway`'s configuration (`config/gateway.toml`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    pub gateway: GatewaySection,
+    pub broker: BrokerTarget,
+    /// The gateway's own mTLS identity towards the broker (role gateway).
+    pub tls: TlsPaths,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySection {
+    /// Where tenants reach the HTTP API.
+    pub listen: SocketAddr,
+    /// The public HTTPS certificate and key (any CA; separate from the internal PKI).
+    #[serde(default)]
+    pub public_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub public_key: Option<PathBuf>,
+    /// Serve plain HTTP; allowed only when `listen` is a loopback address.
+    #[serde(default)]
+    pub plain_http: bool,
+    /// Largest accepted request body, in bytes (413 beyond).
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+}
+
+fn default_max_body_bytes() -> usize {
+    1 << 20
+}
+
+/// Where the broker is, for clients of it (the gateway).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerTarget {
+    /// `https://host:port`
+    pub url: String,
+    /// The name to verify in the broker's certificate; default: the URL's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+impl GatewayConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let config: Self = load_toml(path, std::env::vars())?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        check_tls(&self.tls, &mut problems);
+        let g = &self.gateway;
+        match (&g.public_cert, &g.public_key, g.plain_http) {
+            (Some(cert), Some(key), false) => {
+                for (k, p) in [("gateway.public_cert", cert), ("gateway.public_key", key)] {
+                    if !p.is_file() {
+                        problems.push(format!("{k}: {} does not exist", p.display()));
+                    }
+                }
+            }
+            (None, None, true) if g.listen.ip().is_loopback() => {}
+            (None, None, true) => problems.push(format!(
+                "gateway.plain_http is allowed only on a loopback address, not {}; give public_cert and public_key",
+                g.listen
+            )),
+            (None, None, false) => {
+                problems.push("gateway: give public_cert and public_key, or plain_http = true on loopback".into())
+            }
+            _ => problems.push("gateway: give both public_cert and public_key, and not plain_http with them".into()),
+        }
+        if g.max_body_bytes < 1024 {
+            problems.push("gateway.max_body_bytes must be at least 1 KiB".into());
+        }
+        if !self.broker.url.starts_with("https://") {
+            problems.push(format!("broker.url {:?} must start with https://", self.broker.url));
+        }
+        finish(path, problems)
+    }
+}
+
 /// `hybroker agent`'s configuration (`config/agent.toml`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -164,6 +293,15 @@ impl Default for ReconnectSection {
 }
 
 impl BrokerConfig {
+    /// The tenant's settings (`default` is always declared).
+    pub fn tenant(&self, name: &str) -> Option<TenantConfig> {
+        self.tenants
+            .iter()
+            .find(|t| t.name == name)
+            .cloned()
+            .or_else(|| (name == "default").then(TenantConfig::default_tenant))
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let config: Self = load_toml(path, std::env::vars())?;
         config.validate(path)?;
@@ -188,6 +326,21 @@ impl BrokerConfig {
         }
         if self.limits.log_tail_bytes > 16 << 20 {
             problems.push("limits.log_tail_bytes must be at most 16 MiB".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, t) in self.tenants.iter().enumerate() {
+            if let Err(e) = crate::model::identity::validate_name("tenant", &t.name) {
+                problems.push(format!("tenant[{i}].name: {e}"));
+            }
+            if !seen.insert(t.name.as_str()) {
+                problems.push(format!("tenant[{i}].name: {:?} is declared twice", t.name));
+            }
+            if !(t.requests_per_second.is_finite() && t.requests_per_second > 0.0) || t.burst == 0 {
+                problems.push(format!("tenant[{i}]: requests_per_second and burst must be more than 0"));
+            }
+            if t.max_queued_jobs == 0 {
+                problems.push(format!("tenant[{i}].max_queued_jobs must be more than 0"));
+            }
         }
         finish(path, problems)
     }

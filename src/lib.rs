@@ -15,6 +15,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod gateway;
 pub mod model;
 pub mod pki;
 pub mod placement;

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use hybroker::cli::{self, PkiCommand};
-use hybroker::config::{AgentConfig, BrokerConfig};
-use hybroker::{agent, broker, telemetry, tls};
+use hybroker::config::{AgentConfig, BrokerConfig, GatewayConfig};
+use hybroker::{agent, broker, gateway, telemetry, tls};
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +29,18 @@ enum Command {
         #[arg(long)]
         addr_file: Option<PathBuf>,
     },
+    /// Run the gateway: the tenants' HTTP API, a client of the broker.
+    Gateway {
+        #[arg(long, default_value = "config/gateway.toml")]
+        config: PathBuf,
+        /// Write the bound address to this file once listening (useful with port 0).
+        #[arg(long)]
+        addr_file: Option<PathBuf>,
+    },
+    #[command(flatten)]
+    Client(cli::client::ClientCommand),
+    /// Manage tenants' API keys (with an admin certificate, on the broker).
+    Tenants(cli::admin::TenantsArgs),
     /// Run the agent on a GPU node; it dials out to the broker.
     Agent {
         #[arg(long, default_value = "config/agent.toml")]
@@ -70,6 +82,18 @@ fn main() -> anyhow::Result<()> {
                 }
                 broker::run(config, listener, cli::shutdown_signal()).await
             }
+            Command::Gateway { config, addr_file } => {
+                let config = GatewayConfig::load(&config)?;
+                let listener = tokio::net::TcpListener::bind(config.gateway.listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {}", config.gateway.listen))?;
+                if let Some(path) = addr_file {
+                    cli::write_atomically(&path, &listener.local_addr()?.to_string())?;
+                }
+                gateway::run(config, listener, cli::shutdown_signal()).await
+            }
+            Command::Client(cmd) => exit_with(cli::client::run(cmd).await?),
+            Command::Tenants(args) => exit_with(cli::admin::tenants(args).await?),
             Command::Agent { config, simulate_gpus } => {
                 let mut config = AgentConfig::load(&config)?;
                 if let Some(spec) = simulate_gpus {
@@ -79,13 +103,7 @@ fn main() -> anyhow::Result<()> {
                 agent::run(config, cli::shutdown_signal()).await
             }
             Command::Pki(cmd) => cli::pki(cmd),
-            Command::Admin(args) => {
-                let code = cli::admin::run(args).await?;
-                if code != 0 {
-                    std::process::exit(code);
-                }
-                Ok(())
-            }
+            Command::Admin(args) => exit_with(cli::admin::run(args).await?),
             Command::Quickstart { once, state_dir } => {
                 let ok = cli::quickstart::run(&state_dir, once).await?;
                 if !ok {
@@ -95,4 +113,12 @@ fn main() -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// Ends the process with `code` when it is not 0.
+fn exit_with(code: i32) -> anyhow::Result<()> {
+    if code != 0 {
+        std::process::exit(code);
+    }
+    Ok(())
 }

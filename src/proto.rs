@@ -118,7 +118,12 @@ impl From<AttemptReport> for AttemptUpdate {
 
 impl From<store::JobRecord> for Job {
     fn from(r: store::JobRecord) -> Self {
+        let labels = serde_json::from_str::<serde_json::Value>(&r.spec_json)
+            .ok()
+            .and_then(|spec| serde_json::from_value(spec.get("labels")?.clone()).ok())
+            .unwrap_or_default();
         Self {
+            labels,
             id: r.id,
             tenant: r.tenant,
             name: r.name,

@@ -117,7 +117,7 @@ impl proto::job_service_server::JobService for JobService {
             limit: if req.limit == 0 { 100 } else { req.limit.min(MAX_LIST) },
         };
         let jobs = self.reader.jobs(&filter).await.map_err(ApiError::from)?;
-        Ok(Response::new(proto::ListJobsResponse { jobs: jobs.into_iter().map(Into::into).collect() }))
+        Ok(Response::new(proto::ListJobsResponse { jobs: jobs.into_iter().map(Into::into).collect(), next_cursor: String::new() }))
     }
 
     async fn cancel(&self, req: Request<proto::CancelJobRequest>) -> Result<Response<proto::Job>, Status> {
@@ -193,7 +193,7 @@ impl proto::job_service_server::JobService for JobService {
             None => self.reader.attempt_output(&req.job_id, req.attempt).await.map_err(ApiError::from)?,
         };
         let out = out.ok_or_else(|| Status::not_found(format!("job {} has no output yet", req.job_id)))?;
-        Ok(Response::new(proto::LogsResponse { attempt: out.attempt, output: out.output, truncated: out.truncated }))
+        Ok(Response::new(proto::LogsResponse { attempt: out.attempt, output: out.output, truncated: out.truncated, next_offset: 0, done: false }))
     }
 
     async fn list_agents(
@@ -212,8 +212,21 @@ impl proto::job_service_server::JobService for JobService {
                 connected: v.connected,
                 running_jobs: v.running_jobs,
                 last_seen_ms: v.last_seen_ms,
+                draining: false,
             })
             .collect();
         Ok(Response::new(proto::ListAgentsResponse { agents }))
+    }
+
+    async fn get_agent(&self, _req: Request<proto::GetAgentRequest>) -> Result<Response<proto::AgentInfo>, Status> {
+        Err(Status::unimplemented("in progress"))
+    }
+
+    async fn drain_agent(&self, _req: Request<proto::DrainAgentRequest>) -> Result<Response<proto::AgentInfo>, Status> {
+        Err(Status::unimplemented("in progress"))
+    }
+
+    async fn authenticate(&self, _req: Request<proto::AuthenticateRequest>) -> Result<Response<proto::TenantInfo>, Status> {
+        Err(Status::unimplemented("in progress"))
     }
 }

@@ -11,12 +11,22 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
 use crate::model::identity::Role;
+use crate::proto::admin_service_client::AdminServiceClient;
 use crate::proto::job_service_client::JobServiceClient;
 use crate::proto::{self, SpecFormat};
 use crate::tls::{self, TlsPaths};
 
 #[derive(Args)]
 pub struct AdminArgs {
+    #[command(flatten)]
+    conn: BrokerConn,
+    #[command(subcommand)]
+    command: AdminCommand,
+}
+
+/// How an operator reaches the broker: its address and an admin certificate.
+#[derive(Args)]
+pub struct BrokerConn {
     /// The broker's gRPC address.
     #[arg(long, default_value = "https://127.0.0.1:7443")]
     broker: String,
@@ -28,8 +38,75 @@ pub struct AdminArgs {
     cert: PathBuf,
     #[arg(long, default_value = "pki/admin-key.pem")]
     key: PathBuf,
+}
+
+impl BrokerConn {
+    async fn channel(self) -> anyhow::Result<Channel> {
+        tls::install_crypto_provider();
+        let paths = TlsPaths { ca_cert: self.ca_cert, cert: self.cert, key: self.key };
+        let me = tls::identity_of_cert_file(&paths.cert)?;
+        let config = tls::client_config(&paths, &me.trust_domain, Role::Broker)?;
+        Ok(tls::connect(&self.broker, config, None).await?)
+    }
+}
+
+#[derive(Args)]
+pub struct TenantsArgs {
+    #[command(flatten)]
+    conn: BrokerConn,
     #[command(subcommand)]
-    command: AdminCommand,
+    command: TenantsCommand,
+}
+
+#[derive(Subcommand)]
+enum TenantsCommand {
+    /// Make a new API key for a tenant declared in the broker config; the key is printed once.
+    Add { tenant: String },
+    /// List keys (id, tenant, created, last used, revoked); never the keys themselves.
+    List {
+        #[arg(long, default_value = "")]
+        tenant: String,
+    },
+    /// Revoke a key: it fails from the next request on.
+    Revoke { key_id: String },
+}
+
+pub async fn tenants(args: TenantsArgs) -> anyhow::Result<i32> {
+    let mut client = AdminServiceClient::new(args.conn.channel().await?);
+    let explain = |s: tonic::Status| anyhow::anyhow!(tls::explain_status(&s));
+    match args.command {
+        TenantsCommand::Add { tenant } => {
+            let added = client.add_key(proto::AddKeyRequest { tenant }).await.map_err(explain)?.into_inner();
+            let info = added.info.unwrap_or_default();
+            println!("tenant:  {}", info.tenant);
+            println!("key id:  {}", info.key_id);
+            println!("key:     {}", added.key);
+            eprintln!("the key is shown only now; give it to the tenant (HYBROKER_TOKEN) and keep it secret");
+        }
+        TenantsCommand::List { tenant } => {
+            let keys = client.list_keys(proto::ListKeysRequest { tenant }).await.map_err(explain)?.into_inner().keys;
+            println!("{:<26} {:<16} {:<22} {:<22} STATUS", "KEY ID", "TENANT", "CREATED", "LAST USED");
+            for k in keys {
+                println!(
+                    "{:<26} {:<16} {:<22} {:<22} {}",
+                    k.key_id,
+                    k.tenant,
+                    rfc3339(k.created_at_ms),
+                    if k.last_used_ms == 0 { "never".to_string() } else { rfc3339(k.last_used_ms) },
+                    if k.revoked { "revoked" } else { "active" }
+                );
+            }
+        }
+        TenantsCommand::Revoke { key_id } => {
+            let k = client.revoke_key(proto::RevokeKeyRequest { key_id }).await.map_err(explain)?.into_inner();
+            println!("revoked key {} of tenant {}", k.key_id, k.tenant);
+        }
+    }
+    Ok(0)
+}
+
+fn rfc3339(ms: i64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)).to_string()
 }
 
 #[derive(Subcommand)]
@@ -60,12 +137,7 @@ enum AdminCommand {
 }
 
 pub async fn run(args: AdminArgs) -> anyhow::Result<i32> {
-    tls::install_crypto_provider();
-    let paths = TlsPaths { ca_cert: args.ca_cert, cert: args.cert, key: args.key };
-    let me = tls::identity_of_cert_file(&paths.cert)?;
-    let config = tls::client_config(&paths, &me.trust_domain, Role::Broker)?;
-    let channel = tls::connect(&args.broker, config, None).await?;
-    let mut client = JobServiceClient::new(channel);
+    let mut client = JobServiceClient::new(args.conn.channel().await?);
     let explain = |s: tonic::Status| anyhow::anyhow!(tls::explain_status(&s));
     match args.command {
         AdminCommand::Submit { file, wait, tenant, idempotency_key } => {

@@ -1,6 +1,7 @@
 //! The command-line side: `pki`, `quickstart`, and helpers shared by the subcommands.
 
 pub mod admin;
+pub mod client;
 pub mod quickstart;
 
 use std::net::IpAddr;

@@ -62,6 +62,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
         store: StoreSection { path: state_dir.join("broker.db") },
         leases: LeaseSection { ttl: Duration::from_secs(10).into(), heartbeat_interval: Duration::from_secs(2).into() },
         limits: LimitSection::default(),
+        tenants: vec![],
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -126,7 +127,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
     }
     println!();
     println!("output of the first job:");
-    let logs = jobs.logs(proto::LogsRequest { job_id: ids[0].clone(), tenant: String::new(), attempt: 0 }).await?;
+    let logs = jobs.logs(proto::LogsRequest { job_id: ids[0].clone(), tenant: String::new(), attempt: 0, offset: 0 }).await?;
     print!("  {}", String::from_utf8_lossy(&logs.into_inner().output).replace('\n', "\n  "));
     println!();
     println!("next steps:");

@@ -1,0 +1,133 @@
+//! The tenants' HTTP API: the JSON shapes the gateway serves and the CLI reads. One definition for
+//! both sides, and the source of the OpenAPI document's schemas.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// A job as tenants see it (no lease epochs or other internals).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Job {
+    pub id: String,
+    pub name: String,
+    pub tenant: String,
+    /// queued | placed | leased | running | succeeded | failed | cancelled
+    pub state: String,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    /// The site the job was placed at, once placed.
+    pub site: Option<String>,
+    /// The agent (`site/node`) of the current or last attempt.
+    pub agent: Option<String>,
+    pub exit_code: Option<i32>,
+    /// Why the job is in its state (the last transition's reason).
+    pub reason: String,
+    pub labels: BTreeMap<String, String>,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339.
+    pub updated_at: String,
+    /// The job spec as submitted (canonical JSON of the DESIGN §3 fields).
+    #[schema(value_type = Object)]
+    pub spec: serde_json::Value,
+}
+
+/// `POST /v1/jobs` answer; the same for a repeated submit with the same `Idempotency-Key` and body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Submitted {
+    pub id: String,
+    /// `/v1/jobs/{id}`
+    pub url: String,
+}
+
+/// One page of `GET /v1/jobs`, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct JobList {
+    pub jobs: Vec<Job>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// One job event (the `data` of a Server-Sent Event whose `id` is `seq` and `event` is `state`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct JobEvent {
+    pub seq: u64,
+    pub job_id: String,
+    pub state: String,
+    pub attempt: u32,
+    pub agent: Option<String>,
+    pub reason: String,
+    pub exit_code: Option<i32>,
+    /// RFC 3339 with milliseconds.
+    pub at: String,
+}
+
+/// `POST /v1/jobs/{id}/cancel` body (optional).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CancelRequest {
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// One GPU of an agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Gpu {
+    pub index: u32,
+    pub uuid: String,
+    /// Canonical model id, e.g. `H100-80GB`.
+    pub model: String,
+    /// The name NVML reports.
+    pub name: String,
+    pub memory_mib: u64,
+    pub healthy: bool,
+    /// Simulated GPUs (tests, demos) are marked everywhere they are shown.
+    pub simulated: bool,
+    pub utilization_pct: u32,
+    pub temperature_c: u32,
+    pub power_mw: u32,
+    pub ecc_errors: u64,
+    pub mig_enabled: bool,
+}
+
+/// An agent (one node of a site), for admin tenants.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Agent {
+    /// `site/node`
+    pub id: String,
+    pub site: String,
+    pub node: String,
+    pub connected: bool,
+    /// Takes no new work; running jobs finish.
+    pub draining: bool,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub gpus: Vec<Gpu>,
+    pub labels: BTreeMap<String, String>,
+    pub running_jobs: Vec<String>,
+    /// RFC 3339.
+    pub last_seen: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AgentList {
+    pub agents: Vec<Agent>,
+}
+
+/// Every error: RFC 9457 problem details (`application/problem+json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Problem {
+    /// A URI naming the kind of problem, e.g. `https://hybroker.dev/problems/invalid-argument`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Short, the same for every problem of this kind (e.g. "Bad Request").
+    pub title: String,
+    /// The HTTP status code.
+    pub status: u16,
+    /// What went wrong, naming the field where there is one.
+    pub detail: String,
+    /// The request path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+}
