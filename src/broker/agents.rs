@@ -46,6 +46,8 @@ pub struct AgentEntry {
     pub last_seen: Instant,
     /// Keyed by (job id, epoch).
     pub allocs: HashMap<(String, u64), Alloc>,
+    /// Takes no new work; running attempts finish.
+    pub draining: bool,
 }
 
 /// What the job service shows of an agent.
@@ -58,6 +60,7 @@ pub struct AgentView {
     pub connected: bool,
     pub running_jobs: Vec<String>,
     pub last_seen_ms: i64,
+    pub draining: bool,
 }
 
 impl AgentEntry {
@@ -70,6 +73,7 @@ impl AgentEntry {
             conn: None,
             last_seen: Instant::now(),
             allocs: HashMap::new(),
+            draining: false,
         }
     }
 
@@ -117,6 +121,7 @@ impl AgentEntry {
             connected: self.conn.is_some(),
             running_jobs,
             last_seen_ms: seen.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),
+            draining: self.draining,
         }
     }
 }

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::agents::{AgentEntry, AgentView, Alloc, Conn};
+use super::keys::{self, KeyRing, KeyView};
 use super::tail::Tail;
+use crate::config::TenantConfig;
 use crate::error::ApiError;
 use crate::model::UnixMillis;
 use crate::model::agent::{AttemptReport, Inventory, Phase};
@@ -24,6 +26,9 @@ use crate::store::{
     AgentRecord, AttemptEnd, AttemptOutput, AttemptRecord, Batch, JobEvent, JobRecord, StoreError, Write, Writer,
 };
 
+/// An idempotency key's job and the hash of the request that created it.
+type KeyedJob = (String, Option<String>);
+
 /// Most commands applied in one batch (one transaction).
 const MAX_BATCH: usize = 4096;
 
@@ -33,6 +38,10 @@ pub struct CoreSettings {
     pub lease_ttl: Duration,
     pub heartbeat_interval: Duration,
     pub log_tail_bytes: usize,
+    /// Declared tenants (`default` included).
+    pub tenants: HashMap<String, TenantConfig>,
+    /// Shared with the services, which verify keys without asking the core.
+    pub keys: Arc<KeyRing>,
 }
 
 pub type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
@@ -43,6 +52,8 @@ pub enum Cmd {
         tenant: String,
         spec: Arc<JobSpec>,
         idempotency_key: Option<String>,
+        /// SHA-256 (hex) of the submitted document.
+        request_sha256: String,
         reply: Reply<(String, bool)>,
     },
     Cancel {
@@ -87,6 +98,18 @@ pub enum Cmd {
     Agents {
         reply: oneshot::Sender<Vec<AgentView>>,
     },
+    Drain {
+        agent: String,
+        reply: Reply<AgentView>,
+    },
+    AddKey {
+        tenant: String,
+        reply: Reply<(KeyView, String)>,
+    },
+    RevokeKey {
+        key_id: String,
+        reply: Reply<KeyView>,
+    },
 }
 
 struct ActiveJob {
@@ -104,8 +127,8 @@ struct Effects {
     after_commit: Vec<Box<dyn FnOnce() + Send>>,
     messages: Vec<(String, proto::broker_message::Msg)>,
     events: Vec<JobEvent>,
-    /// Idempotency keys submitted in this batch: (tenant, key) → job id.
-    keys: HashMap<(String, String), String>,
+    /// Idempotency keys submitted in this batch: (tenant, key) → job.
+    keys: HashMap<(String, String), KeyedJob>,
 }
 
 impl Effects {
@@ -126,6 +149,8 @@ pub struct Core {
     jobs: HashMap<String, ActiveJob>,
     queue: BTreeSet<(Reverse<u32>, String)>,
     agents: HashMap<String, AgentEntry>,
+    /// Unfinished jobs per tenant (for `max_queued_jobs`).
+    unfinished: HashMap<String, u32>,
     next_seq: u64,
     events: broadcast::Sender<JobEvent>,
 }
@@ -149,9 +174,21 @@ impl Core {
             jobs: HashMap::new(),
             queue: BTreeSet::new(),
             agents: HashMap::new(),
+            unfinished: HashMap::new(),
             next_seq,
             events,
         };
+        for key in core.writer.load_keys().await? {
+            core.settings.keys.insert(key);
+        }
+        for a in core.writer.load_agents().await? {
+            let mut entry = AgentEntry::new(&a.id, &a.site, &a.node);
+            entry.inventory = serde_json::from_str(&a.inventory_json).unwrap_or_default();
+            entry.draining = a.draining;
+            let age = Duration::from_millis(now_ms().saturating_sub(a.last_seen).max(0) as u64);
+            entry.last_seen = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+            core.agents.insert(a.id, entry);
+        }
         let deadline = Instant::now() + core.settings.lease_ttl;
         for rec in core.writer.load_active().await? {
             let spec = match JobSpec::from_json(rec.spec_json.as_bytes(), usize::MAX) {
@@ -169,6 +206,7 @@ impl Core {
                 core.queue.insert((Reverse(rec.priority), rec.id.clone()));
             }
             let tail = Tail::new(core.settings.log_tail_bytes);
+            *core.unfinished.entry(rec.tenant.clone()).or_default() += 1;
             core.jobs.insert(rec.id.clone(), ActiveJob { rec, life, spec, lease_deadline, tail });
         }
         tracing::info!(active_jobs = core.jobs.len(), "job store loaded");
@@ -191,6 +229,9 @@ impl Core {
             }
             self.expire(Instant::now(), &mut out);
             self.dispatch(&mut out);
+            for (key_id, at) in self.settings.keys.take_unpersisted_uses() {
+                out.batch.push(Write::KeyUsed { key_id, at });
+            }
             self.writer.commit(&out.batch).await?;
             self.deliver(out);
         }
@@ -212,9 +253,46 @@ impl Core {
 
     async fn handle(&mut self, cmd: Cmd, out: &mut Effects) -> Result<(), StoreError> {
         match cmd {
-            Cmd::Submit { tenant, spec, idempotency_key, reply } => {
-                let result = self.submit(tenant, spec, idempotency_key, out).await?;
-                out.reply(reply, Ok(result));
+            Cmd::Submit { tenant, spec, idempotency_key, request_sha256, reply } => {
+                let result = self.submit(tenant, spec, idempotency_key, request_sha256, out).await?;
+                out.reply(reply, result);
+            }
+            Cmd::Drain { agent, reply } => {
+                let result = match self.agents.get_mut(&agent) {
+                    Some(entry) => {
+                        if !entry.draining {
+                            tracing::info!(agent, "agent draining: no new work");
+                            entry.draining = true;
+                            out.batch.push(Write::AgentDraining { id: agent.clone(), draining: true });
+                        }
+                        Ok(entry.view())
+                    }
+                    None => Err(ApiError::NotFound(format!("agent {agent} not found"))),
+                };
+                out.reply(reply, result);
+            }
+            Cmd::AddKey { tenant, reply } => {
+                let (record, key) = keys::generate(&tenant, now_ms());
+                out.batch.push(Write::NewKey(record.clone()));
+                let ring = self.settings.keys.clone();
+                out.after_commit.push(Box::new(move || {
+                    let key_id = record.key_id.clone();
+                    ring.insert(record);
+                    let view = ring.view(&key_id).expect("just inserted");
+                    let _ = reply.send(Ok((view, key)));
+                }));
+            }
+            Cmd::RevokeKey { key_id, reply } => {
+                if self.settings.keys.view(&key_id).is_none() {
+                    out.reply(reply, Err(ApiError::NotFound(format!("key {key_id} not found"))));
+                } else {
+                    out.batch.push(Write::RevokeKey { key_id: key_id.clone(), at: now_ms() });
+                    let ring = self.settings.keys.clone();
+                    out.after_commit.push(Box::new(move || {
+                        ring.revoke(&key_id);
+                        let _ = reply.send(Ok(ring.view(&key_id).expect("exists")));
+                    }));
+                }
             }
             Cmd::Cancel { job_id, tenant, reason, reply } => {
                 let result = self.cancel(&job_id, tenant.as_deref(), reason, out);
@@ -249,10 +327,11 @@ impl Core {
                 }
             }
             Cmd::Logs { job_id, reply } => {
-                let live = self.jobs.get(&job_id).filter(|j| j.life.attempts > 0).map(|j| AttemptOutput {
+                let live = self.jobs.get(&job_id).filter(|j| j.life.state.has_attempt()).map(|j| AttemptOutput {
                     attempt: j.life.attempts,
                     output: j.tail.bytes(),
                     truncated: j.tail.truncated(),
+                    total: j.tail.total(),
                 });
                 let _ = reply.send(live);
             }
@@ -265,21 +344,37 @@ impl Core {
         Ok(())
     }
 
+    /// A new job, or the one an earlier submit with the same idempotency key and document made.
     async fn submit(
         &mut self,
         tenant: String,
         spec: Arc<JobSpec>,
         key: Option<String>,
+        request_sha256: String,
         out: &mut Effects,
-    ) -> Result<(String, bool), StoreError> {
+    ) -> Result<Result<(String, bool), ApiError>, StoreError> {
         if let Some(key) = &key {
             // Earlier batches are committed and found in the store; this batch's are not yet.
-            if let Some(id) = out.keys.get(&(tenant.clone(), key.clone())) {
-                return Ok((id.clone(), true));
+            let earlier = match out.keys.get(&(tenant.clone(), key.clone())) {
+                Some(found) => Some(found.clone()),
+                None => self.writer.find_idempotent(&tenant, key).await?,
+            };
+            if let Some((id, hash)) = earlier {
+                if hash.is_some_and(|h| h != request_sha256) {
+                    return Ok(Err(ApiError::AlreadyExists(format!(
+                        "Idempotency-Key {key:?} was already used for a different job spec (job {id})"
+                    ))));
+                }
+                return Ok(Ok((id, true)));
             }
-            if let Some(id) = self.writer.find_idempotent(&tenant, key).await? {
-                return Ok((id, true));
-            }
+        }
+        let cap = self.settings.tenants.get(&tenant).map_or(0, |t| t.max_queued_jobs);
+        let unfinished = self.unfinished.get(&tenant).copied().unwrap_or(0);
+        if unfinished >= cap {
+            return Ok(Err(ApiError::ResourceExhausted(format!(
+                "tenant {tenant} has {unfinished} unfinished jobs, its limit (max_queued_jobs {cap}); \
+                 wait for some to finish"
+            ))));
         }
         let now = now_ms();
         let rec = JobRecord {
@@ -297,13 +392,15 @@ impl Core {
             exit_code: None,
             reason: String::new(),
             idempotency_key: key,
+            request_sha256: Some(request_sha256),
             created_at: now,
             updated_at: now,
         };
         let id = rec.id.clone();
         if let Some(key) = &rec.idempotency_key {
-            out.keys.insert((rec.tenant.clone(), key.clone()), id.clone());
+            out.keys.insert((rec.tenant.clone(), key.clone()), (id.clone(), rec.request_sha256.clone()));
         }
+        *self.unfinished.entry(rec.tenant.clone()).or_default() += 1;
         out.batch.push(Write::NewJob(rec.clone()));
         let mut job = ActiveJob {
             life: Lifecycle::new(rec.max_attempts),
@@ -315,7 +412,7 @@ impl Core {
         self.event(&mut job, "submitted".into(), false, out);
         self.queue.insert((Reverse(job.rec.priority), id.clone()));
         self.jobs.insert(id.clone(), job);
-        Ok((id, false))
+        Ok(Ok((id, false)))
     }
 
     fn cancel(
@@ -363,6 +460,9 @@ impl Core {
         job.rec.updated_at = now_ms();
         self.event(&mut job, reason, true, out);
         if state.is_terminal() {
+            if let Some(n) = self.unfinished.get_mut(&job.rec.tenant) {
+                *n = n.saturating_sub(1);
+            }
             return;
         }
         if state == JobState::Queued {
@@ -402,6 +502,7 @@ impl Core {
             reason: reason.to_string(),
             output: job.tail.bytes(),
             output_truncated: job.tail.truncated(),
+            output_bytes: job.tail.total(),
             ended_at: now_ms(),
         }));
     }
@@ -449,6 +550,7 @@ impl Core {
             node,
             inventory_json: serde_json::to_string(&entry.inventory).unwrap_or_default(),
             last_seen: now_ms(),
+            draining: entry.draining,
         }));
         // Reconcile: what the agent still holds is adopted (if current) or stopped; what the broker
         // thinks it holds but the agent does not report is lost.
@@ -592,7 +694,8 @@ impl Core {
         if self.queue.is_empty() {
             return;
         }
-        let mut ids: Vec<&String> = self.agents.iter().filter(|(_, e)| e.conn.is_some()).map(|(id, _)| id).collect();
+        let mut ids: Vec<&String> =
+            self.agents.iter().filter(|(_, e)| e.conn.is_some() && !e.draining).map(|(id, _)| id).collect();
         if ids.is_empty() {
             return;
         }

@@ -1,8 +1,10 @@
 //! The job service, for the gateway and admins: submit, get, list, cancel, watch, logs, agents.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::Stream;
@@ -10,6 +12,8 @@ use tonic::{Request, Response, Status};
 
 use super::agents::AgentView;
 use super::core::Cmd;
+use super::keys::{KeyRing, sha256_hex};
+use crate::config::TenantConfig;
 use crate::error::ApiError;
 use crate::model::identity::{Identity, Role, validate_name};
 use crate::model::job::JobSpec;
@@ -27,6 +31,8 @@ pub struct JobService {
     reader: Reader,
     events: broadcast::Sender<JobEvent>,
     max_spec_bytes: usize,
+    tenants: Arc<HashMap<String, TenantConfig>>,
+    keys: Arc<KeyRing>,
 }
 
 impl JobService {
@@ -35,8 +41,18 @@ impl JobService {
         reader: Reader,
         events: broadcast::Sender<JobEvent>,
         max_spec_bytes: usize,
+        tenants: Arc<HashMap<String, TenantConfig>>,
+        keys: Arc<KeyRing>,
     ) -> Self {
-        Self { core, reader, events, max_spec_bytes }
+        Self { core, reader, events, max_spec_bytes, tenants, keys }
+    }
+
+    async fn agent_view(&self, agent_id: String) -> Result<AgentView, Status> {
+        let views: Vec<AgentView> = self.ask(|reply| Cmd::Agents { reply }).await?;
+        views
+            .into_iter()
+            .find(|v| v.id == agent_id)
+            .ok_or_else(|| Status::not_found(format!("agent {agent_id} not found")))
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, Status> {
@@ -75,6 +91,9 @@ impl proto::job_service_server::JobService for JobService {
         let req = req.into_inner();
         let tenant = tenant_of(&who, &req.tenant)?;
         let tenant = if tenant.is_empty() { DEFAULT_TENANT.to_string() } else { tenant };
+        if !self.tenants.contains_key(&tenant) {
+            return Err(Status::permission_denied(format!("tenant {tenant} is not declared in the broker config")));
+        }
         let spec = match proto::SpecFormat::try_from(req.format) {
             Ok(proto::SpecFormat::Json) => JobSpec::from_json(&req.spec, self.max_spec_bytes),
             // YAML is a superset of JSON: an unspecified format is read as YAML.
@@ -90,7 +109,9 @@ impl proto::job_service_server::JobService for JobService {
             _ => return Err(Status::invalid_argument("idempotency_key: at most 128 printable ASCII characters")),
         };
         let spec = Arc::new(spec);
-        let (job_id, duplicate) = self.ask(|reply| Cmd::Submit { tenant, spec, idempotency_key: key, reply }).await??;
+        let request_sha256 = sha256_hex(&[&[req.format as u8][..], &req.spec].concat());
+        let (job_id, duplicate) =
+            self.ask(|reply| Cmd::Submit { tenant, spec, idempotency_key: key, request_sha256, reply }).await??;
         Ok(Response::new(proto::SubmitResponse { job_id, duplicate }))
     }
 
@@ -110,14 +131,30 @@ impl proto::job_service_server::JobService for JobService {
             .iter()
             .map(|s| JobState::from_str(s).map_err(|e| Status::invalid_argument(format!("states: {e}"))))
             .collect::<Result<Vec<_>, _>>()?;
+        let labels = req
+            .labels
+            .iter()
+            .map(|l| match l.split_once('=') {
+                Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+                _ => Err(Status::invalid_argument(format!("labels: {l:?} is not key=value"))),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let limit = if req.limit == 0 { 100 } else { req.limit.min(MAX_LIST) };
         let filter = JobFilter {
             tenant: (!tenant.is_empty()).then_some(tenant),
             states,
+            labels,
             before: (!req.before.is_empty()).then_some(req.before),
-            limit: if req.limit == 0 { 100 } else { req.limit.min(MAX_LIST) },
+            limit: limit + 1,
         };
-        let jobs = self.reader.jobs(&filter).await.map_err(ApiError::from)?;
-        Ok(Response::new(proto::ListJobsResponse { jobs: jobs.into_iter().map(Into::into).collect(), next_cursor: String::new() }))
+        let mut jobs = self.reader.jobs(&filter).await.map_err(ApiError::from)?;
+        let next_cursor = if jobs.len() > limit as usize {
+            jobs.truncate(limit as usize);
+            jobs.last().map(|j| j.id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(proto::ListJobsResponse { jobs: jobs.into_iter().map(Into::into).collect(), next_cursor }))
     }
 
     async fn cancel(&self, req: Request<proto::CancelJobRequest>) -> Result<Response<proto::Job>, Status> {
@@ -184,7 +221,7 @@ impl proto::job_service_server::JobService for JobService {
         let who = tls::require_role(&req, CALLERS)?;
         let req = req.into_inner();
         let tenant = tenant_of(&who, &req.tenant)?;
-        self.visible_job(&req.job_id, &tenant).await?;
+        let job = self.visible_job(&req.job_id, &tenant).await?;
         let job_id = req.job_id.clone();
         let live = self.ask(|reply| Cmd::Logs { job_id, reply }).await?;
         let live = live.filter(|l| req.attempt == 0 || l.attempt == req.attempt);
@@ -192,8 +229,24 @@ impl proto::job_service_server::JobService for JobService {
             Some(l) => Some(l),
             None => self.reader.attempt_output(&req.job_id, req.attempt).await.map_err(ApiError::from)?,
         };
-        let out = out.ok_or_else(|| Status::not_found(format!("job {} has no output yet", req.job_id)))?;
-        Ok(Response::new(proto::LogsResponse { attempt: out.attempt, output: out.output, truncated: out.truncated, next_offset: 0, done: false }))
+        let done = job.state.is_terminal();
+        let Some(out) = out else {
+            if req.attempt != 0 {
+                return Err(Status::not_found(format!("job {} has no attempt {}", req.job_id, req.attempt)));
+            }
+            return Ok(Response::new(proto::LogsResponse { done, ..Default::default() }));
+        };
+        // The tail holds the last `output.len()` bytes of `total`; serve what lies after `offset`.
+        let total = out.total.max(out.output.len() as u64);
+        let start = total - out.output.len() as u64;
+        let (output, truncated) = if req.offset >= total {
+            (Vec::new(), false)
+        } else if req.offset >= start {
+            (out.output[(req.offset - start) as usize..].to_vec(), false)
+        } else {
+            (out.output, out.truncated || req.offset < start)
+        };
+        Ok(Response::new(proto::LogsResponse { attempt: out.attempt, output, truncated, next_offset: total, done }))
     }
 
     async fn list_agents(
@@ -202,31 +255,55 @@ impl proto::job_service_server::JobService for JobService {
     ) -> Result<Response<proto::ListAgentsResponse>, Status> {
         tls::require_role(&req, CALLERS)?;
         let views: Vec<AgentView> = self.ask(|reply| Cmd::Agents { reply }).await?;
-        let agents = views
-            .into_iter()
-            .map(|v| proto::AgentInfo {
-                id: v.id,
-                site: v.site,
-                node: v.node,
-                inventory: Some(v.inventory.into()),
-                connected: v.connected,
-                running_jobs: v.running_jobs,
-                last_seen_ms: v.last_seen_ms,
-                draining: false,
-            })
-            .collect();
+        let agents = views.into_iter().map(Into::into).collect();
         Ok(Response::new(proto::ListAgentsResponse { agents }))
     }
 
-    async fn get_agent(&self, _req: Request<proto::GetAgentRequest>) -> Result<Response<proto::AgentInfo>, Status> {
-        Err(Status::unimplemented("in progress"))
+    async fn get_agent(&self, req: Request<proto::GetAgentRequest>) -> Result<Response<proto::AgentInfo>, Status> {
+        tls::require_role(&req, CALLERS)?;
+        Ok(Response::new(self.agent_view(req.into_inner().agent_id).await?.into()))
     }
 
-    async fn drain_agent(&self, _req: Request<proto::DrainAgentRequest>) -> Result<Response<proto::AgentInfo>, Status> {
-        Err(Status::unimplemented("in progress"))
+    async fn drain_agent(&self, req: Request<proto::DrainAgentRequest>) -> Result<Response<proto::AgentInfo>, Status> {
+        tls::require_role(&req, CALLERS)?;
+        let agent = req.into_inner().agent_id;
+        let view = self.ask(|reply| Cmd::Drain { agent, reply }).await??;
+        Ok(Response::new(view.into()))
     }
 
-    async fn authenticate(&self, _req: Request<proto::AuthenticateRequest>) -> Result<Response<proto::TenantInfo>, Status> {
-        Err(Status::unimplemented("in progress"))
+    async fn authenticate(
+        &self,
+        req: Request<proto::AuthenticateRequest>,
+    ) -> Result<Response<proto::TenantInfo>, Status> {
+        tls::require_role(&req, &[Role::Gateway])?;
+        let key = req.into_inner().key;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let invalid = || Status::unauthenticated("invalid or revoked API key");
+        let (key_id, tenant) = self.keys.verify(&key, now).ok_or_else(invalid)?;
+        let Some(t) = self.tenants.get(&tenant) else {
+            return Err(Status::unauthenticated(format!("tenant {tenant} is no longer declared in the broker config")));
+        };
+        Ok(Response::new(proto::TenantInfo {
+            tenant,
+            key_id,
+            admin: t.admin,
+            requests_per_second: t.requests_per_second,
+            burst: t.burst,
+        }))
+    }
+}
+
+impl From<AgentView> for proto::AgentInfo {
+    fn from(v: AgentView) -> Self {
+        Self {
+            id: v.id,
+            site: v.site,
+            node: v.node,
+            inventory: Some(v.inventory.into()),
+            connected: v.connected,
+            running_jobs: v.running_jobs,
+            last_seen_ms: v.last_seen_ms,
+            draining: v.draining,
+        }
     }
 }

@@ -1,20 +1,25 @@
 //! The broker: the control plane. Job service (gateway, admins) and agent service (one stream per
 //! agent) over mutual TLS, both feeding the [`core::Core`] task that owns live state and commits it.
 
+pub mod admin;
 pub mod agents;
 pub mod core;
 pub mod jobs;
+pub mod keys;
 mod tail;
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc};
 
-use crate::config::BrokerConfig;
+use crate::config::{BrokerConfig, TenantConfig};
 use crate::model::identity::Role;
+use crate::proto::admin_service_server::AdminServiceServer;
 use crate::proto::agent_service_server::AgentServiceServer;
 use crate::proto::job_service_server::JobServiceServer;
 use crate::{store, tls};
@@ -35,10 +40,17 @@ pub async fn run(
     let server_tls = tls::server_config(&config.tls, &trust_domain, &[Role::Agent, Role::Gateway, Role::Admin])?;
     let (writer, reader) = store::open(&config.store.path).await?;
     let (events, _) = broadcast::channel(EVENT_BUFFER);
+    let mut tenants: HashMap<String, TenantConfig> =
+        config.tenants.iter().map(|t| (t.name.clone(), t.clone())).collect();
+    tenants.entry("default".into()).or_insert_with(TenantConfig::default_tenant);
+    let tenants = Arc::new(tenants);
+    let keys = Arc::new(keys::KeyRing::default());
     let settings = core::CoreSettings {
         lease_ttl: config.leases.ttl.0,
         heartbeat_interval: config.leases.heartbeat_interval.0,
         log_tail_bytes: config.limits.log_tail_bytes,
+        tenants: (*tenants).clone(),
+        keys: keys.clone(),
     };
     let core = core::Core::load(writer, settings, events.clone()).await?;
     let (core_tx, core_rx) = mpsc::channel(CORE_QUEUE);
@@ -47,7 +59,16 @@ pub async fn run(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<JobServiceServer<jobs::JobService>>().await;
     health.set_serving::<AgentServiceServer<agents::AgentService>>().await;
-    let job_service = jobs::JobService::new(core_tx.clone(), reader, events, config.limits.max_spec_bytes);
+    health.set_serving::<AdminServiceServer<admin::AdminService>>().await;
+    let job_service = jobs::JobService::new(
+        core_tx.clone(),
+        reader,
+        events,
+        config.limits.max_spec_bytes,
+        tenants.clone(),
+        keys.clone(),
+    );
+    let admin_service = admin::AdminService::new(core_tx.clone(), keys, tenants);
     let agent_service = agents::AgentService::new(core_tx);
     let addr = listener.local_addr()?;
     tracing::info!(%addr, trust_domain, "broker listening");
@@ -57,6 +78,7 @@ pub async fn run(
         .add_service(health_service)
         .add_service(JobServiceServer::new(job_service).max_decoding_message_size(8 << 20))
         .add_service(AgentServiceServer::new(agent_service))
+        .add_service(AdminServiceServer::new(admin_service))
         .serve_with_incoming_shutdown(tls::tls_incoming(listener, server_tls), shutdown);
     tokio::select! {
         served = server => served.context("broker server")?,

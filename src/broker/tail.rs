@@ -7,15 +7,18 @@ pub struct Tail {
     buf: VecDeque<u8>,
     cap: usize,
     truncated: bool,
+    /// Bytes ever pushed; the tail holds the last `buf.len()` of them.
+    total: u64,
 }
 
 impl Tail {
     pub fn new(cap: usize) -> Self {
-        Self { buf: VecDeque::new(), cap, truncated: false }
+        Self { buf: VecDeque::new(), cap, truncated: false, total: 0 }
     }
 
     /// Appends, dropping the oldest bytes beyond the cap.
     pub fn push(&mut self, data: &[u8]) {
+        self.total += data.len() as u64;
         self.buf.extend(data);
         if self.buf.len() > self.cap {
             let excess = self.buf.len() - self.cap;
@@ -32,6 +35,10 @@ impl Tail {
     pub fn truncated(&self) -> bool {
         self.truncated
     }
+
+    pub fn total(&self) -> u64 {
+        self.total
+    }
 }
 
 #[cfg(test)]
@@ -46,5 +53,6 @@ mod tests {
         t.push(b"cdef");
         assert_eq!(t.bytes(), b"cdef");
         assert!(t.truncated());
+        assert_eq!(t.total(), 6);
     }
 }

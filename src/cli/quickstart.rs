@@ -12,6 +12,7 @@ use tokio_stream::StreamExt;
 
 use crate::config::{
     AgentConfig, AgentSection, BrokerConfig, BrokerSection, LeaseSection, LimitSection, ReconnectSection, StoreSection,
+    TenantConfig,
 };
 use crate::model::identity::Role;
 use crate::pki::{self, IssueRequest};
@@ -28,6 +29,7 @@ pub const SAMPLES: &[(&str, &str)] = &[
 ];
 
 const TRUST_DOMAIN: &str = "quickstart.hybroker.local";
+const DEMO_TENANT: &str = "demo";
 const SITE: &str = "lab-sto";
 const AGENTS: &[(&str, &str)] = &[("gpu-node-1", "4xH100-80GB"), ("gpu-node-2", "2xL4-24GB")];
 const SAMPLE_DEADLINE: Duration = Duration::from_secs(120);
@@ -62,7 +64,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
         store: StoreSection { path: state_dir.join("broker.db") },
         leases: LeaseSection { ttl: Duration::from_secs(10).into(), heartbeat_interval: Duration::from_secs(2).into() },
         limits: LimitSection::default(),
-        tenants: vec![],
+        tenants: vec![TenantConfig { name: DEMO_TENANT.into(), admin: true, ..TenantConfig::default_tenant() }],
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -110,7 +112,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
             spec: spec.as_bytes().to_vec(),
             format: SpecFormat::Yaml.into(),
             idempotency_key: format!("quickstart-{path}"),
-            tenant: "demo".into(),
+            tenant: DEMO_TENANT.into(),
         };
         let response = jobs
             .submit(request)
@@ -127,7 +129,8 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
     }
     println!();
     println!("output of the first job:");
-    let logs = jobs.logs(proto::LogsRequest { job_id: ids[0].clone(), tenant: String::new(), attempt: 0, offset: 0 }).await?;
+    let logs =
+        jobs.logs(proto::LogsRequest { job_id: ids[0].clone(), tenant: String::new(), attempt: 0, offset: 0 }).await?;
     print!("  {}", String::from_utf8_lossy(&logs.into_inner().output).replace('\n', "\n  "));
     println!();
     println!("next steps:");

@@ -39,6 +39,8 @@ pub struct JobRecord {
     pub exit_code: Option<i32>,
     pub reason: String,
     pub idempotency_key: Option<String>,
+    /// SHA-256 (hex) of the submitted document, to tell a retry from a reused key.
+    pub request_sha256: Option<String>,
     pub created_at: UnixMillis,
     pub updated_at: UnixMillis,
 }
@@ -77,6 +79,8 @@ pub struct AttemptEnd {
     pub reason: String,
     pub output: Vec<u8>,
     pub output_truncated: bool,
+    /// The attempt's whole output in bytes (the tail is the last `output.len()` of them).
+    pub output_bytes: u64,
     pub ended_at: UnixMillis,
 }
 
@@ -88,6 +92,7 @@ pub struct AgentRecord {
     pub node: String,
     pub inventory_json: String,
     pub last_seen: UnixMillis,
+    pub draining: bool,
 }
 
 /// The tail of one attempt's output.
@@ -96,6 +101,19 @@ pub struct AttemptOutput {
     pub attempt: u32,
     pub output: Vec<u8>,
     pub truncated: bool,
+    /// The attempt's whole output so far, in bytes.
+    pub total: u64,
+}
+
+/// A tenant's API key as stored: only a hash of the secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub key_id: String,
+    pub tenant: String,
+    pub secret_sha256: String,
+    pub created_at: UnixMillis,
+    pub last_used: UnixMillis,
+    pub revoked_at: Option<UnixMillis>,
 }
 
 /// One write of a batch.
@@ -107,7 +125,21 @@ pub enum Write {
     Event(JobEvent),
     NewAttempt(AttemptRecord),
     EndAttempt(AttemptEnd),
+    /// Inserts or refreshes an agent (its inventory and last seen; `draining` only on insert).
     Agent(AgentRecord),
+    AgentDraining {
+        id: String,
+        draining: bool,
+    },
+    NewKey(KeyRecord),
+    RevokeKey {
+        key_id: String,
+        at: UnixMillis,
+    },
+    KeyUsed {
+        key_id: String,
+        at: UnixMillis,
+    },
 }
 
 /// Writes committed together, in order, in one transaction.
@@ -131,6 +163,8 @@ impl Batch {
 pub struct JobFilter {
     pub tenant: Option<String>,
     pub states: Vec<JobState>,
+    /// (key, value) pairs that must all be among the job's labels.
+    pub labels: Vec<(String, String)>,
     pub before: Option<String>,
     pub limit: u32,
 }

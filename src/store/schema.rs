@@ -1,7 +1,8 @@
 //! Migrations, applied in order and recorded in SQLite's `user_version`.
 
 /// Each entry moves the schema one version up; never edit a released entry, append a new one.
-pub const MIGRATIONS: &[&str] = &[r#"
+pub const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE jobs (
     id              TEXT PRIMARY KEY,
     tenant          TEXT NOT NULL,
@@ -59,4 +60,18 @@ CREATE TABLE job_events (
     at_ms     INTEGER NOT NULL
 );
 CREATE INDEX job_events_job ON job_events (job_id, seq);
-"#];
+"#,
+    r#"
+ALTER TABLE jobs ADD COLUMN request_sha256 TEXT;
+ALTER TABLE attempts ADD COLUMN output_bytes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE agents ADD COLUMN draining INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE api_keys (
+    key_id        TEXT PRIMARY KEY,
+    tenant        TEXT NOT NULL,
+    secret_sha256 TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    last_used_ms  INTEGER NOT NULL DEFAULT 0,
+    revoked_at_ms INTEGER
+);
+"#,
+];

@@ -8,11 +8,11 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{AssertSqlSafe, Connection, Row, SqliteConnection, SqlitePool};
 
 use super::schema::MIGRATIONS;
-use super::{AgentRecord, AttemptOutput, Batch, JobEvent, JobFilter, JobRecord, StoreError, Write};
+use super::{AgentRecord, AttemptOutput, Batch, JobEvent, JobFilter, JobRecord, KeyRecord, StoreError, Write};
 use crate::model::state::JobState;
 
 const JOB_COLUMNS: &str = "id, tenant, name, state, spec_json, priority, attempts, max_attempts, epoch, \
-     site, agent, exit_code, reason, idempotency_key, created_at_ms, updated_at_ms";
+     site, agent, exit_code, reason, idempotency_key, request_sha256, created_at_ms, updated_at_ms";
 
 /// Opens (creating and migrating if needed) the store at `path`.
 pub async fn open(path: &Path) -> Result<(Writer, Reader), StoreError> {
@@ -74,8 +74,8 @@ impl Writer {
                 Write::NewJob(j) => {
                     sqlx::query(
                         "INSERT INTO jobs (id, tenant, name, state, spec_json, priority, attempts, max_attempts, \
-                         epoch, site, agent, exit_code, reason, idempotency_key, created_at_ms, updated_at_ms) \
-                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         epoch, site, agent, exit_code, reason, idempotency_key, request_sha256, created_at_ms, \
+                         updated_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     )
                     .bind(&j.id)
                     .bind(&j.tenant)
@@ -91,6 +91,7 @@ impl Writer {
                     .bind(j.exit_code)
                     .bind(&j.reason)
                     .bind(&j.idempotency_key)
+                    .bind(&j.request_sha256)
                     .bind(j.created_at)
                     .bind(j.updated_at)
                     .execute(&mut *tx)
@@ -147,13 +148,14 @@ impl Writer {
                 Write::EndAttempt(a) => {
                     sqlx::query(
                         "UPDATE attempts SET state = ?, exit_code = ?, reason = ?, output = ?, output_truncated = ?, \
-                         ended_at_ms = ? WHERE job_id = ? AND attempt = ?",
+                         output_bytes = ?, ended_at_ms = ? WHERE job_id = ? AND attempt = ?",
                     )
                     .bind(a.state.as_str())
                     .bind(a.exit_code)
                     .bind(&a.reason)
                     .bind(&a.output)
                     .bind(a.output_truncated)
+                    .bind(a.output_bytes as i64)
                     .bind(a.ended_at)
                     .bind(&a.job_id)
                     .bind(a.attempt)
@@ -162,7 +164,7 @@ impl Writer {
                 }
                 Write::Agent(a) => {
                     sqlx::query(
-                        "INSERT INTO agents (id, site, node, inventory_json, last_seen_ms) VALUES (?, ?, ?, ?, ?) \
+                        "INSERT INTO agents (id, site, node, inventory_json, last_seen_ms, draining) VALUES (?, ?, ?, ?, ?, ?) \
                          ON CONFLICT (id) DO UPDATE SET inventory_json = excluded.inventory_json, \
                          last_seen_ms = excluded.last_seen_ms",
                     )
@@ -171,8 +173,44 @@ impl Writer {
                     .bind(&a.node)
                     .bind(&a.inventory_json)
                     .bind(a.last_seen)
+                    .bind(a.draining)
                     .execute(&mut *tx)
                     .await?;
+                }
+                Write::AgentDraining { id, draining } => {
+                    sqlx::query("UPDATE agents SET draining = ? WHERE id = ?")
+                        .bind(draining)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                Write::NewKey(k) => {
+                    sqlx::query(
+                        "INSERT INTO api_keys (key_id, tenant, secret_sha256, created_at_ms, last_used_ms, revoked_at_ms) \
+                         VALUES (?, ?, ?, ?, ?, ?)",
+                    )
+                    .bind(&k.key_id)
+                    .bind(&k.tenant)
+                    .bind(&k.secret_sha256)
+                    .bind(k.created_at)
+                    .bind(k.last_used)
+                    .bind(k.revoked_at)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Write::RevokeKey { key_id, at } => {
+                    sqlx::query("UPDATE api_keys SET revoked_at_ms = ? WHERE key_id = ?")
+                        .bind(at)
+                        .bind(key_id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                Write::KeyUsed { key_id, at } => {
+                    sqlx::query("UPDATE api_keys SET last_used_ms = MAX(last_used_ms, ?) WHERE key_id = ?")
+                        .bind(at)
+                        .bind(key_id)
+                        .execute(&mut *tx)
+                        .await?;
                 }
             }
         }
@@ -180,13 +218,57 @@ impl Writer {
         Ok(())
     }
 
-    /// The job an earlier submit with this idempotency key created, if any.
-    pub async fn find_idempotent(&mut self, tenant: &str, key: &str) -> Result<Option<String>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT id FROM jobs WHERE tenant = ? AND idempotency_key = ?")
+    /// The job an earlier submit with this idempotency key created, and its request hash.
+    pub async fn find_idempotent(
+        &mut self,
+        tenant: &str,
+        key: &str,
+    ) -> Result<Option<(String, Option<String>)>, StoreError> {
+        Ok(sqlx::query_as("SELECT id, request_sha256 FROM jobs WHERE tenant = ? AND idempotency_key = ?")
             .bind(tenant)
             .bind(key)
             .fetch_optional(&mut self.conn)
             .await?)
+    }
+
+    /// Every agent ever registered (for the broker's start: draining flags, last inventory).
+    pub async fn load_agents(&mut self) -> Result<Vec<AgentRecord>, StoreError> {
+        let rows = sqlx::query("SELECT id, site, node, inventory_json, last_seen_ms, draining FROM agents ORDER BY id")
+            .fetch_all(&mut self.conn)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AgentRecord {
+                    id: r.try_get("id")?,
+                    site: r.try_get("site")?,
+                    node: r.try_get("node")?,
+                    inventory_json: r.try_get("inventory_json")?,
+                    last_seen: r.try_get("last_seen_ms")?,
+                    draining: r.try_get("draining")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Every API key (hashes only).
+    pub async fn load_keys(&mut self) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT key_id, tenant, secret_sha256, created_at_ms, last_used_ms, revoked_at_ms FROM api_keys ORDER BY key_id",
+        )
+        .fetch_all(&mut self.conn)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(KeyRecord {
+                    key_id: r.try_get("key_id")?,
+                    tenant: r.try_get("tenant")?,
+                    secret_sha256: r.try_get("secret_sha256")?,
+                    created_at: r.try_get("created_at_ms")?,
+                    last_used: r.try_get("last_used_ms")?,
+                    revoked_at: r.try_get("revoked_at_ms")?,
+                })
+            })
+            .collect()
     }
 
     /// Every job that is not terminal, oldest first (for the broker's start).
@@ -231,6 +313,9 @@ impl Reader {
             let marks = vec!["?"; filter.states.len()].join(", ");
             sql.push_str(&format!(" AND state IN ({marks})"));
         }
+        for _ in &filter.labels {
+            sql.push_str(" AND json_extract(spec_json, ?) = ?");
+        }
         sql.push_str(" ORDER BY id DESC LIMIT ?");
         let mut query = sqlx::query(AssertSqlSafe(sql));
         if let Some(tenant) = &filter.tenant {
@@ -241,6 +326,10 @@ impl Reader {
         }
         for state in &filter.states {
             query = query.bind(state.as_str());
+        }
+        for (key, value) in &filter.labels {
+            // Label keys are [A-Za-z0-9._-/]: safe inside a quoted JSON path member.
+            query = query.bind(format!("$.labels.\"{key}\"")).bind(value);
         }
         let rows = query.bind(filter.limit).fetch_all(&self.pool).await?;
         rows.iter().map(job_from_row).collect()
@@ -275,7 +364,7 @@ impl Reader {
     /// The stored output tail of an attempt (0 = the latest attempt that has one).
     pub async fn attempt_output(&self, job_id: &str, attempt: u32) -> Result<Option<AttemptOutput>, StoreError> {
         let row = sqlx::query(
-            "SELECT attempt, output, output_truncated FROM attempts WHERE job_id = ? AND (? = 0 OR attempt = ?) \
+            "SELECT attempt, output, output_truncated, output_bytes FROM attempts WHERE job_id = ? AND (? = 0 OR attempt = ?) \
              ORDER BY attempt DESC LIMIT 1",
         )
         .bind(job_id)
@@ -288,6 +377,7 @@ impl Reader {
                 attempt: r.try_get("attempt")?,
                 output: r.try_get::<Option<Vec<u8>>, _>("output")?.unwrap_or_default(),
                 truncated: r.try_get("output_truncated")?,
+                total: r.try_get::<i64, _>("output_bytes")? as u64,
             })
         })
         .transpose()
@@ -301,23 +391,6 @@ impl Reader {
             .fetch_one(&self.pool)
             .await?;
         Ok(n as u32)
-    }
-
-    pub async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
-        let rows = sqlx::query("SELECT id, site, node, inventory_json, last_seen_ms FROM agents ORDER BY id")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(AgentRecord {
-                    id: r.try_get("id")?,
-                    site: r.try_get("site")?,
-                    node: r.try_get("node")?,
-                    inventory_json: r.try_get("inventory_json")?,
-                    last_seen: r.try_get("last_seen_ms")?,
-                })
-            })
-            .collect()
     }
 }
 
@@ -341,6 +414,7 @@ fn job_from_row(r: &SqliteRow) -> Result<JobRecord, StoreError> {
         exit_code: r.try_get("exit_code")?,
         reason: r.try_get("reason")?,
         idempotency_key: r.try_get("idempotency_key")?,
+        request_sha256: r.try_get("request_sha256")?,
         created_at: r.try_get("created_at_ms")?,
         updated_at: r.try_get("updated_at_ms")?,
     })

@@ -17,6 +17,9 @@ use tonic::transport::Channel;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_hybroker");
 pub const TRUST_DOMAIN: &str = "test.hybroker.local";
+/// Tenants every test broker declares: two ordinary ones with small limits, and an admin tenant.
+pub const TENANTS: &str = "[[tenant]]\nname = \"acme\"\n\n[[tenant]]\nname = \"globex\"\nmax_queued_jobs = 5\n\
+     requests_per_second = 5.0\nburst = 10\n\n[[tenant]]\nname = \"ops\"\nadmin = true\n";
 /// Generous: CI machines are slow and shared; the tests wait on conditions, never on time.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -72,7 +75,7 @@ impl Cluster {
         let hb = (self.lease_ttl / 4).max(Duration::from_millis(100));
         let config = format!(
             "[broker]\nlisten = \"127.0.0.1:{port}\"\n[tls]\nca_cert = \"{pki}/ca.pem\"\ncert = \"{pki}/broker.pem\"\n\
-             key = \"{pki}/broker-key.pem\"\n[store]\npath = \"{db}\"\n[leases]\nttl = \"{ttl}ms\"\nheartbeat_interval = \"{hb}ms\"\n",
+             key = \"{pki}/broker-key.pem\"\n[store]\npath = \"{db}\"\n[leases]\nttl = \"{ttl}ms\"\nheartbeat_interval = \"{hb}ms\"\n{TENANTS}",
             pki = self.path("pki").display(),
             db = self.path("broker.db").display(),
             ttl = self.lease_ttl.as_millis(),

@@ -40,9 +40,13 @@ async fn jobs_run_on_agents_and_every_transition_is_watched_in_order() {
     // The GPU job got the L4 on node-b, and the output reached the store.
     let job = get(&mut admin, &gpu).await;
     assert_eq!(job.agent, "lab/node-b");
-    let logs = admin.logs(proto::LogsRequest { job_id: gpu.clone(), tenant: String::new(), attempt: 0, offset: 0 }).await.unwrap();
+    let logs = admin
+        .logs(proto::LogsRequest { job_id: gpu.clone(), tenant: String::new(), attempt: 0, offset: 0 })
+        .await
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(&logs.into_inner().output).trim(), "on [0]");
-    let logs = admin.logs(proto::LogsRequest { job_id: failing, tenant: String::new(), attempt: 0, offset: 0 }).await.unwrap();
+    let logs =
+        admin.logs(proto::LogsRequest { job_id: failing, tenant: String::new(), attempt: 0, offset: 0 }).await.unwrap();
     assert_eq!(String::from_utf8_lossy(&logs.into_inner().output).trim(), "oops");
 
     // Agents and their (simulated) inventory are visible.

@@ -1,0 +1,82 @@
+//! The admin service: tenants' API keys, for operators with an admin-role certificate.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Request, Response, Status};
+
+use super::core::Cmd;
+use super::keys::{KeyRing, KeyView};
+use crate::config::TenantConfig;
+use crate::model::identity::Role;
+use crate::proto;
+use crate::tls;
+
+pub struct AdminService {
+    core: mpsc::Sender<Cmd>,
+    keys: Arc<KeyRing>,
+    tenants: Arc<HashMap<String, TenantConfig>>,
+}
+
+impl AdminService {
+    pub fn new(core: mpsc::Sender<Cmd>, keys: Arc<KeyRing>, tenants: Arc<HashMap<String, TenantConfig>>) -> Self {
+        Self { core, keys, tenants }
+    }
+}
+
+impl From<KeyView> for proto::KeyInfo {
+    fn from(k: KeyView) -> Self {
+        Self {
+            key_id: k.key_id,
+            tenant: k.tenant,
+            created_at_ms: k.created_at,
+            last_used_ms: k.last_used,
+            revoked: k.revoked,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl proto::admin_service_server::AdminService for AdminService {
+    async fn add_key(&self, req: Request<proto::AddKeyRequest>) -> Result<Response<proto::AddKeyResponse>, Status> {
+        tls::require_role(&req, &[Role::Admin])?;
+        let tenant = req.into_inner().tenant;
+        if !self.tenants.contains_key(&tenant) {
+            let mut known: Vec<&String> = self.tenants.keys().collect();
+            known.sort();
+            return Err(Status::not_found(format!(
+                "tenant {tenant:?} is not declared in the broker config ([[tenant]]); declared: {known:?}"
+            )));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.core.send(Cmd::AddKey { tenant, reply: tx }).await.map_err(|_| unavailable())?;
+        let (info, key) = rx.await.map_err(|_| unavailable())??;
+        tracing::info!(key_id = info.key_id, tenant = info.tenant, "api key added");
+        Ok(Response::new(proto::AddKeyResponse { info: Some(info.into()), key }))
+    }
+
+    async fn list_keys(
+        &self,
+        req: Request<proto::ListKeysRequest>,
+    ) -> Result<Response<proto::ListKeysResponse>, Status> {
+        tls::require_role(&req, &[Role::Admin])?;
+        let tenant = req.into_inner().tenant;
+        let keys = self.keys.list((!tenant.is_empty()).then_some(tenant.as_str()));
+        Ok(Response::new(proto::ListKeysResponse { keys: keys.into_iter().map(Into::into).collect() }))
+    }
+
+    async fn revoke_key(&self, req: Request<proto::RevokeKeyRequest>) -> Result<Response<proto::KeyInfo>, Status> {
+        tls::require_role(&req, &[Role::Admin])?;
+        let key_id = req.into_inner().key_id;
+        let (tx, rx) = oneshot::channel();
+        self.core.send(Cmd::RevokeKey { key_id, reply: tx }).await.map_err(|_| unavailable())?;
+        let info = rx.await.map_err(|_| unavailable())??;
+        tracing::info!(key_id = info.key_id, tenant = info.tenant, "api key revoked");
+        Ok(Response::new(info.into()))
+    }
+}
+
+fn unavailable() -> Status {
+    Status::unavailable("the broker's core is not running")
+}
