@@ -6,3 +6,4 @@ mod common;
 mod identity;
 mod lifecycle;
 mod product;
+mod tenants;
