@@ -2,7 +2,7 @@
 //! the sample jobs from `examples/` submitted through the real mTLS job service, and a summary on
 //! stdout. Logs go to stderr.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -174,9 +174,4 @@ async fn wait_terminal(jobs: &mut JobServiceClient<tonic::transport::Channel>, i
     }
     let get = proto::GetJobRequest { job_id: id.to_string(), tenant: String::new() };
     Ok(jobs.get(get).await?.into_inner())
-}
-
-/// Paths of the sample job files, for tests.
-pub fn sample_paths() -> Vec<PathBuf> {
-    SAMPLES.iter().map(|(p, _)| PathBuf::from(p)).collect()
 }

@@ -382,16 +382,6 @@ impl Reader {
         })
         .transpose()
     }
-
-    /// How many attempts of the job ended in `state` (tests and audits).
-    pub async fn count_attempts(&self, job_id: &str, state: JobState) -> Result<u32, StoreError> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM attempts WHERE job_id = ? AND state = ?")
-            .bind(job_id)
-            .bind(state.as_str())
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(n as u32)
-    }
 }
 
 fn state_of(s: String) -> Result<JobState, StoreError> {
