@@ -9,6 +9,9 @@ mod sqlite;
 
 pub use sqlite::{Reader, Writer, open};
 
+#[cfg(test)]
+mod tests;
+
 use crate::model::UnixMillis;
 use crate::model::state::JobState;
 
