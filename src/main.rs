@@ -67,7 +67,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    telemetry::init("info,h2=warn,tower=warn,hyper=warn,sqlx=warn");
+    telemetry::init("info,h2=warn,tower=warn,hyper=warn,sqlx=warn,rustls_platform_verifier=off");
     tls::install_crypto_provider();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {

@@ -177,7 +177,8 @@ impl proto::job_service_server::JobService for JobService {
         let who = tls::require_role(&req, CALLERS)?;
         let req = req.into_inner();
         let tenant = tenant_of(&who, &req.tenant)?;
-        self.visible_job(&req.job_id, &tenant).await?;
+        // A job already finished has all its events in the store: send those after `after_seq` and end.
+        let finished = self.visible_job(&req.job_id, &tenant).await?.state.is_terminal();
         // Subscribe before reading history, so no event falls between the two.
         let mut live = self.events.subscribe();
         let reader = self.reader.clone();
@@ -194,6 +195,9 @@ impl proto::job_service_server::JobService for JobService {
                         if tx.send(Ok(ev.into())).await.is_err() || done {
                             return;
                         }
+                    }
+                    if finished {
+                        return;
                     }
                     backlog = false;
                 }

@@ -1,20 +1,115 @@
-//! The gateway: the tenants' HTTP/JSON API (in progress).
+//! The gateway: the tenants' HTTP/JSON API, a client of the broker.
+//!
+//! Every request is authenticated with the broker (`Authorization: Bearer <key>`; no caching, so
+//! a revoked key fails on its next request) and rate limited per tenant; the broker is called over
+//! mutual TLS with a gateway-role certificate and always told the tenant, so other tenants'
+//! objects are "not found". Errors are RFC 9457 problems; `/openapi.json` is generated from the
+//! handlers.
+//!
+//! - [`api`]: the JSON shapes (shared with the CLI).
+//! - `router`: routes, middleware, `/healthz`, `/readyz`, `/openapi.json`; `openapi`: the
+//!   document's frame and problem responses.
+//! - `jobs`, `streams` (events, logs), `agents`: the handlers; `convert`: gRPC → JSON.
+//! - `auth`: API keys and rate limits; `problem`: errors; `serve`: the TLS/HTTP listener.
 
+mod agents;
 pub mod api;
+mod auth;
+mod convert;
+mod jobs;
+pub mod openapi;
+mod problem;
+mod router;
+mod serve;
+mod streams;
 
 use std::future::Future;
+use std::sync::Arc;
 
+use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use tonic_health::pb::health_client::HealthClient;
 
 use crate::config::GatewayConfig;
+use crate::model::identity::Role;
+use crate::proto::job_service_client::JobServiceClient;
+use crate::tls;
+
+pub use problem::{PROBLEM_BASE, PROBLEM_JSON};
+pub use router::router;
+pub use serve::ServeError;
+
+/// What every handler shares: the broker channel, the rate limiter and the stop signal.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    broker: Channel,
+    limiter: auth::RateLimiter,
+    max_body_bytes: usize,
+    stopping: watch::Receiver<bool>,
+}
+
+impl AppState {
+    /// State over a broker channel; streams end when `stopping` turns true.
+    pub fn new(broker: Channel, max_body_bytes: usize, stopping: watch::Receiver<bool>) -> Self {
+        let inner = Inner { broker, limiter: auth::RateLimiter::default(), max_body_bytes, stopping };
+        Self { inner: Arc::new(inner) }
+    }
+
+    fn jobs(&self) -> JobServiceClient<Channel> {
+        JobServiceClient::new(self.inner.broker.clone())
+    }
+
+    fn health(&self) -> HealthClient<Channel> {
+        HealthClient::new(self.inner.broker.clone())
+    }
+
+    fn limiter(&self) -> &auth::RateLimiter {
+        &self.inner.limiter
+    }
+
+    fn max_body_bytes(&self) -> usize {
+        self.inner.max_body_bytes
+    }
+
+    fn stopping(&self) -> watch::Receiver<bool> {
+        self.inner.stopping.clone()
+    }
+}
 
 /// Serves the gateway on `listener` until `shutdown` resolves.
+///
+/// The broker is dialled lazily, so the gateway starts (and `/readyz` says 503) while the broker
+/// is down.
 pub async fn run(
     config: GatewayConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let _ = (config, listener);
-    shutdown.await;
+    tls::install_crypto_provider();
+    let trust_domain = tls::trust_domain_of_cert(&config.tls.cert).context("gateway certificate")?;
+    let client_tls = tls::client_config(&config.tls, &trust_domain, Role::Broker).context("gateway tls")?;
+    let broker = tls::connect_lazy(&config.broker.url, client_tls, config.broker.server_name.as_deref())?;
+    let public_tls = match (&config.gateway.public_cert, &config.gateway.public_key) {
+        (Some(cert), Some(key)) => Some(serve::public_tls(cert, key)?),
+        _ => None,
+    };
+    let (stopping_tx, stopping) = watch::channel(false);
+    let state = AppState::new(broker, config.gateway.max_body_bytes, stopping);
+    let (app, _) = router(state);
+    let addr = listener.local_addr()?;
+    let scheme = if public_tls.is_some() { "https" } else { "http" };
+    tracing::info!(url = %format!("{scheme}://{addr}"), broker = config.broker.url, trust_domain, "gateway listening");
+    let shutdown = async move {
+        shutdown.await;
+        // Event and log streams end first, so their connections can finish.
+        let _ = stopping_tx.send(true);
+    };
+    serve::serve(listener, public_tls, app, shutdown).await;
     Ok(())
 }

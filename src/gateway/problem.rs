@@ -17,6 +17,9 @@ use crate::error::http_status;
 pub const PROBLEM_JSON: &str = "application/problem+json";
 /// Problem types are `PROBLEM_BASE` + a slug, e.g. `https://hybroker.dev/problems/not-found`.
 pub const PROBLEM_BASE: &str = "https://hybroker.dev/problems/";
+/// `Retry-After` of a refusal by a per-tenant cap of the broker (unfinished jobs): a hint, since
+/// only the tenant's jobs finishing frees room.
+const CAP_RETRY_AFTER_S: u64 = 5;
 /// Longest plain error body (from axum's own rejections) carried into a problem's detail.
 const MAX_PLAIN_DETAIL: usize = 4096;
 
@@ -91,7 +94,7 @@ impl From<tonic::Status> for HttpError {
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
         let (status, slug) = self.status_and_slug();
-        let mut response = problem_response(status, slug, self.to_string(), None);
+        let mut response = problem_response(status, slug, self.to_string());
         let headers = response.headers_mut();
         match &self {
             HttpError::Unauthenticated(_) => {
@@ -100,20 +103,23 @@ impl IntoResponse for HttpError {
             HttpError::RateLimited { retry_after, .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
             }
+            HttpError::Broker(status) if status.code() == Code::ResourceExhausted => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(CAP_RETRY_AFTER_S));
+            }
             _ => {}
         }
         response
     }
 }
 
-/// A problem response; `instance` is filled in by [`problem_layer`] from the request path.
-pub fn problem_response(status: StatusCode, slug: &str, detail: String, instance: Option<String>) -> Response {
+/// A problem response; [`problem_layer`] fills in `instance` from the request path.
+fn problem_response(status: StatusCode, slug: &str, detail: String) -> Response {
     let problem = Problem {
         kind: format!("{PROBLEM_BASE}{slug}"),
         title: status.canonical_reason().unwrap_or("Error").to_string(),
         status: status.as_u16(),
         detail,
-        instance,
+        instance: None,
     };
     let body = serde_json::to_vec(&problem).unwrap_or_default();
     let mut response = (status, body).into_response();
@@ -142,7 +148,8 @@ pub async fn problem_layer(request: Request, next: Next) -> Response {
     if !(status.is_client_error() || status.is_server_error()) {
         return response;
     }
-    let is_problem = response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes() == PROBLEM_JSON.as_bytes());
+    let is_problem =
+        response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes() == PROBLEM_JSON.as_bytes());
     let (mut parts, body) = response.into_parts();
     let bytes = axum::body::to_bytes(body, MAX_PLAIN_DETAIL * 4).await.unwrap_or_default();
     let mut problem = match serde_json::from_slice::<Problem>(&bytes) {
@@ -203,7 +210,10 @@ mod tests {
 
     #[test]
     fn plain_errors_become_lowercase_details() {
-        assert_eq!(plain_detail(StatusCode::PAYLOAD_TOO_LARGE, b"Failed to buffer the request body."), "failed to buffer the request body");
+        assert_eq!(
+            plain_detail(StatusCode::PAYLOAD_TOO_LARGE, b"Failed to buffer the request body."),
+            "failed to buffer the request body"
+        );
         assert_eq!(plain_detail(StatusCode::METHOD_NOT_ALLOWED, b""), "method not allowed");
     }
 }

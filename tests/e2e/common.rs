@@ -263,3 +263,106 @@ pub async fn wait_job(
 pub fn states(events: &[proto::JobEvent]) -> Vec<&str> {
     events.iter().map(|e| e.state.as_str()).collect()
 }
+
+/// A `hybroker gateway` process in front of a cluster's broker; killed when dropped.
+pub struct Gateway {
+    /// `http://127.0.0.1:PORT`, or `https://localhost:PORT` with public TLS.
+    pub url: String,
+    log: PathBuf,
+    child: Child,
+}
+
+impl Gateway {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Cluster {
+    /// Starts a gateway (plain HTTP on 127.0.0.1, port 0) and waits until it listens.
+    pub fn start_gateway(&self) -> Gateway {
+        self.start_gateway_named("gateway", false)
+    }
+
+    /// Starts a gateway called `name`; with `public_tls`, it serves HTTPS with a certificate for
+    /// `localhost` from the test CA (its own PKI's `ca.pem` verifies it).
+    pub fn start_gateway_named(&self, name: &str, public_tls: bool) -> Gateway {
+        let tls = self.issue(Role::Gateway, name, None);
+        let public = if public_tls {
+            let public = self.issue(Role::Broker, &format!("{name}-public"), None);
+            format!("public_cert = \"{}\"\npublic_key = \"{}\"\n", public.cert.display(), public.key.display())
+        } else {
+            "plain_http = true\n".to_string()
+        };
+        let config = format!(
+            "[gateway]\nlisten = \"127.0.0.1:0\"\n{public}max_body_bytes = 1048576\n[broker]\nurl = \"https://{addr}\"\n\
+             [tls]\nca_cert = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n",
+            addr = self.addr,
+            ca = tls.ca_cert.display(),
+            cert = tls.cert.display(),
+            key = tls.key.display(),
+        );
+        let config_path = self.path(&format!("{name}.toml"));
+        let addr_file = self.path(&format!("{name}.addr"));
+        let log = self.path(&format!("{name}.log"));
+        let _ = std::fs::remove_file(&addr_file);
+        std::fs::write(&config_path, config).unwrap();
+        let mut child =
+            spawn(&["gateway", "--config", path_str(&config_path), "--addr-file", path_str(&addr_file)], &log);
+        let started = Instant::now();
+        let addr: SocketAddr = loop {
+            if let Ok(addr) = std::fs::read_to_string(&addr_file) {
+                break addr.trim().parse().unwrap();
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("gateway exited with {status}:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+            assert!(started.elapsed() < DEADLINE, "gateway did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let url = if public_tls { format!("https://localhost:{}", addr.port()) } else { format!("http://{addr}") };
+        Gateway { url, log, child }
+    }
+
+    /// Runs `hybroker tenants ARGS` with an admin certificate; returns (success, stdout, stderr).
+    pub fn tenants_command(&self, args: &[&str]) -> (bool, String, String) {
+        let admin = self.issue(Role::Admin, "tenants-admin", None);
+        let out = Command::new(BIN)
+            .arg("tenants")
+            .args(["--broker", &format!("https://{}", self.addr)])
+            .args([
+                "--ca-cert",
+                path_str(&admin.ca_cert),
+                "--cert",
+                path_str(&admin.cert),
+                "--key",
+                path_str(&admin.key),
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    }
+
+    /// A new API key of `tenant` and its key id.
+    pub fn tenant_key_with_id(&self, tenant: &str) -> (String, String) {
+        let (ok, stdout, stderr) = self.tenants_command(&["add", tenant]);
+        assert!(ok, "tenants add {tenant} failed: {stdout}{stderr}");
+        let field = |name: &str| {
+            stdout.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_string()).expect("printed")
+        };
+        (field("key:"), field("key id:"))
+    }
+
+    /// A new API key of `tenant`.
+    pub fn tenant_key(&self, tenant: &str) -> String {
+        self.tenant_key_with_id(tenant).0
+    }
+}

@@ -49,6 +49,13 @@ async fn jobs_run_on_agents_and_every_transition_is_watched_in_order() {
         admin.logs(proto::LogsRequest { job_id: failing, tenant: String::new(), attempt: 0, offset: 0 }).await.unwrap();
     assert_eq!(String::from_utf8_lossy(&logs.into_inner().output).trim(), "oops");
 
+    // Watching a finished job from its last event on ends at once.
+    let last = watch_to_end(&mut admin, &hello).await.last().unwrap().seq;
+    let request = proto::WatchJobRequest { job_id: hello.clone(), tenant: String::new(), after_seq: last };
+    let mut rest = admin.watch(request).await.unwrap().into_inner();
+    let next = tokio::time::timeout(DEADLINE, tokio_stream::StreamExt::next(&mut rest)).await.unwrap();
+    assert!(next.is_none(), "{next:?}");
+
     // Agents and their (simulated) inventory are visible.
     let agents = admin.list_agents(proto::ListAgentsRequest {}).await.unwrap().into_inner().agents;
     let a = agents.iter().find(|a| a.id == "lab/node-a").expect("node-a registered");

@@ -2,7 +2,9 @@
 //! port 0, conditions waited on with deadlines. One test binary, so it links once.
 
 mod bad_input;
+mod cli;
 mod common;
+mod gateway;
 mod identity;
 mod lifecycle;
 mod product;

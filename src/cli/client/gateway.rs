@@ -2,7 +2,6 @@
 //! built from escaped path segments, and failures (problem details, refused connections, untrusted
 //! certificates) turned into errors a person can act on.
 
-use std::error::Error as _;
 use std::path::Path;
 use std::time::Duration;
 
@@ -167,7 +166,11 @@ impl Gateway {
 fn is_loopback(url: &Url) -> bool {
     let host = url.host_str().unwrap_or_default();
     host == "localhost"
-        || host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn load_ca(path: &Path) -> anyhow::Result<Vec<Certificate>> {
@@ -186,7 +189,9 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
         let s = err.to_string();
-        if !parts.iter().any(|p| p.contains(&s)) {
+        // reqwest's outer layers only say what the caller already knows (the request and its URL).
+        let noise = s.starts_with("error sending request") || s.starts_with("client error (");
+        if !noise && !parts.iter().any(|p| p.contains(&s)) {
             parts.push(s);
         }
         cur = err.source();
@@ -219,7 +224,10 @@ mod tests {
     #[test]
     fn urls_escape_segments_and_keep_the_base_path() {
         let gw = Gateway::new("http://127.0.0.1:8443/api/", Some("k"), None).unwrap();
-        assert_eq!(gw.url(&["v1", "agents", "lab", "node a"]).as_str(), "http://127.0.0.1:8443/api/v1/agents/lab/node%20a");
+        assert_eq!(
+            gw.url(&["v1", "agents", "lab", "node a"]).as_str(),
+            "http://127.0.0.1:8443/api/v1/agents/lab/node%20a"
+        );
         let gw = Gateway::new("http://127.0.0.1:8443", Some("k"), None).unwrap();
         assert_eq!(gw.url(&["v1", "jobs", "../x"]).as_str(), "http://127.0.0.1:8443/v1/jobs/..%2Fx");
     }

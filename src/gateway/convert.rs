@@ -1,0 +1,121 @@
+//! From the broker's gRPC messages to the tenants' JSON shapes ([`super::api`]): internal fields
+//! stay behind, empty strings become absent values and times become RFC 3339.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use super::api;
+use crate::proto;
+
+/// Milliseconds since the Unix epoch as RFC 3339 with milliseconds, in UTC.
+pub fn rfc3339(ms: i64) -> String {
+    let at = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+/// The URL of a job, as in `Location` and [`api::Submitted::url`].
+pub fn job_url(id: &str) -> String {
+    format!("/v1/jobs/{id}")
+}
+
+impl From<proto::Job> for api::Job {
+    fn from(j: proto::Job) -> Self {
+        let spec = serde_json::from_str(&j.spec_json).unwrap_or(serde_json::Value::Null);
+        Self {
+            id: j.id,
+            name: j.name,
+            tenant: j.tenant,
+            state: j.state,
+            attempts: j.attempts,
+            max_attempts: j.max_attempts,
+            site: non_empty(j.site),
+            agent: non_empty(j.agent),
+            exit_code: j.exit_code,
+            reason: j.reason,
+            labels: j.labels.into_iter().collect(),
+            created_at: rfc3339(j.created_at_ms),
+            updated_at: rfc3339(j.updated_at_ms),
+            spec,
+        }
+    }
+}
+
+impl From<proto::JobEvent> for api::JobEvent {
+    fn from(e: proto::JobEvent) -> Self {
+        Self {
+            seq: e.seq,
+            job_id: e.job_id,
+            state: e.state,
+            attempt: e.attempt,
+            agent: non_empty(e.agent),
+            reason: e.reason,
+            exit_code: e.exit_code,
+            at: rfc3339(e.at_ms),
+        }
+    }
+}
+
+impl From<proto::Gpu> for api::Gpu {
+    fn from(g: proto::Gpu) -> Self {
+        Self {
+            index: g.index,
+            uuid: g.uuid,
+            model: g.model,
+            name: g.name,
+            memory_mib: g.memory_mib,
+            healthy: g.healthy,
+            simulated: g.simulated,
+            utilization_pct: g.utilization_pct,
+            temperature_c: g.temperature_c,
+            power_mw: g.power_mw,
+            ecc_errors: g.ecc_errors,
+            mig_enabled: g.mig_enabled,
+        }
+    }
+}
+
+impl From<proto::AgentInfo> for api::Agent {
+    fn from(a: proto::AgentInfo) -> Self {
+        let inventory = a.inventory.unwrap_or_default();
+        Self {
+            id: a.id,
+            site: a.site,
+            node: a.node,
+            connected: a.connected,
+            draining: a.draining,
+            cpus: inventory.cpus,
+            memory_mib: inventory.memory_mib,
+            gpus: inventory.gpus.into_iter().map(api::Gpu::from).collect(),
+            labels: inventory.labels.into_iter().collect(),
+            running_jobs: a.running_jobs,
+            last_seen: rfc3339(a.last_seen_ms),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_lose_empty_fields_and_get_rfc3339_times() {
+        let job = proto::Job {
+            id: "j1".into(),
+            tenant: "acme".into(),
+            spec_json: r#"{"name":"x","command":["true"]}"#.into(),
+            created_at_ms: 1_764_245_281_123,
+            updated_at_ms: 0,
+            ..Default::default()
+        };
+        let job = api::Job::from(job);
+        assert_eq!((job.site.as_deref(), job.agent.as_deref()), (None, None));
+        assert_eq!(job.created_at, "2025-11-27T12:08:01.123Z");
+        assert_eq!(job.updated_at, "1970-01-01T00:00:00.000Z");
+        assert_eq!(job.spec["command"][0], "true");
+        let json = serde_json::to_value(&job).unwrap();
+        assert!(json.get("epoch").is_none() && json.get("created_at_ms").is_none());
+    }
+}

@@ -1,0 +1,146 @@
+//! The routes, their middleware (request log, body limit, problem responses) and the service
+//! endpoints: `/healthz`, `/readyz` and `/openapi.json`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderValue, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json, Router};
+use serde::Serialize;
+use tokio_stream::StreamExt;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use utoipa::{OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::auth::TenantSlot;
+use super::openapi::{ApiDoc, NotReady};
+use super::problem::{self, HttpError};
+use super::{AppState, agents, jobs, streams};
+use crate::proto::job_service_server::SERVICE_NAME as JOB_SERVICE;
+
+/// How long `/readyz` waits for the broker's health check.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+/// A body announced larger than the limit is still read (and dropped) up to this many bytes, so
+/// the client, still sending, gets the 413 instead of a reset connection.
+const DRAIN_LIMIT: u64 = 16 << 20;
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The service's routes and its OpenAPI document (which lists exactly these routes).
+pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
+    let max_body = state.max_body_bytes();
+    let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(jobs::submit, jobs::list))
+        .routes(routes!(jobs::get_job))
+        .routes(routes!(jobs::cancel))
+        .routes(routes!(streams::events))
+        .routes(routes!(streams::logs))
+        .routes(routes!(agents::list))
+        .routes(routes!(agents::get_agent))
+        .routes(routes!(agents::drain))
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(openapi_json))
+        .with_state(state)
+        .split_for_parts();
+    let document = Arc::new(openapi.to_json().expect("the OpenAPI document serialises"));
+    let router = router
+        .fallback(problem::no_route)
+        .method_not_allowed_fallback(problem::wrong_method)
+        .layer(Extension(OpenApiJson(document)))
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(max_body, refuse_large_bodies))
+        .layer(middleware::from_fn(problem::problem_layer))
+        .layer(middleware::from_fn(log_requests));
+    (router, openapi)
+}
+
+/// `/healthz` and a ready `/readyz` answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// `ok`
+    pub status: String,
+}
+
+/// Liveness: the gateway process serves requests.
+#[utoipa::path(get, path = "/healthz", operation_id = "healthz", tag = "service", responses((status = 200, description = "Alive", body = Health)))]
+pub async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok".into() })
+}
+
+/// Readiness: the broker answers its health check within 2 seconds.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    operation_id = "readyz",
+    tag = "service",
+    responses((status = 200, description = "Ready", body = Health), NotReady)
+)]
+pub async fn readyz(State(state): State<AppState>) -> Result<Json<Health>, HttpError> {
+    let request = HealthCheckRequest { service: JOB_SERVICE.to_string() };
+    let checked = tokio::time::timeout(READY_TIMEOUT, state.health().check(request)).await;
+    let reason = match checked {
+        Ok(Ok(answer)) if answer.get_ref().status == ServingStatus::Serving as i32 => {
+            return Ok(Json(Health { status: "ok".into() }));
+        }
+        Ok(Ok(_)) => "the broker's job service is not serving".to_string(),
+        Ok(Err(status)) => crate::tls::explain_status(&status),
+        Err(_) => format!("the broker did not answer within {} s", READY_TIMEOUT.as_secs()),
+    };
+    Err(HttpError::Unavailable(format!("not ready: {reason}")))
+}
+
+/// The served OpenAPI document, serialised once.
+#[derive(Clone)]
+struct OpenApiJson(Arc<String>);
+
+/// This OpenAPI document (3.1).
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    operation_id = "openapi",
+    tag = "service",
+    responses((status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object))
+)]
+async fn openapi_json(Extension(OpenApiJson(document)): Extension<OpenApiJson>) -> Response {
+    ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], document.as_str().to_owned())
+        .into_response()
+}
+
+/// Logs each request at info: method, route, status, tenant, latency (never the key).
+async fn log_requests(mut request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let route = request.extensions().get::<MatchedPath>().map_or("(none)", |m| m.as_str()).to_string();
+    let slot = TenantSlot::default();
+    request.extensions_mut().insert(slot.clone());
+    let response = next.run(request).await;
+    let tenant = slot.0.get().map_or("-", String::as_str);
+    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    tracing::info!(%method, route, status = response.status().as_u16(), tenant, latency_ms, "request");
+    response
+}
+
+/// Answers 413 to a body announced (`Content-Length`) larger than the limit, after reading and
+/// dropping it (up to [`DRAIN_LIMIT`]). Bodies without a length are cut off by the body limit
+/// when read.
+async fn refuse_large_bodies(State(max): State<usize>, request: Request, next: Next) -> Response {
+    let announced =
+        request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let Some(length) = announced.filter(|&n| n > max as u64) else {
+        return next.run(request).await;
+    };
+    if length <= DRAIN_LIMIT {
+        let mut body = request.into_body().into_data_stream();
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, async { while let Some(Ok(_)) = body.next().await {} }).await;
+    }
+    HttpError::PayloadTooLarge(max).into_response()
+}
+
+#[cfg(test)]
+#[path = "router_tests.rs"]
+mod tests;

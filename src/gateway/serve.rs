@@ -1,0 +1,135 @@
+//! The public listener: our own accept loop, rustls (ALPN `h2`, `http/1.1`) when the config gives
+//! a public certificate, plain HTTP on loopback otherwise, and hyper-util's auto builder (HTTP/1.1
+//! and HTTP/2) per connection. On shutdown it stops accepting, asks every connection to finish its
+//! requests and waits a bounded time for them.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use rustls::ServerConfig;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::pem::PemObject;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+
+/// Longest a client may take for its TLS handshake, and for its request headers.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long shutdown waits for open connections before dropping them.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after an accept error such as "too many open files".
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Errors setting up the public listener.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("could not read {what} {path}: {source}")]
+    Read { what: &'static str, path: String, source: rustls_pki_types::pem::Error },
+    #[error("public tls configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// The public HTTPS configuration from a PEM certificate chain and key (any CA).
+pub fn public_tls(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, ServeError> {
+    let read_err = |what, path: &Path| {
+        let path = path.display().to_string();
+        move |source| ServeError::Read { what, path, source }
+    };
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(read_err("certificate", cert))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(read_err("private key", key))?;
+    let mut config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then drains connections.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<Arc<ServerConfig>>,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    let acceptor = tls.map(TlsAcceptor::from);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+    let (closing_tx, closing) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut shutdown => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a connection failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (builder, router, closing) = (builder.clone(), router.clone(), closing.clone());
+        let acceptor = acceptor.clone();
+        connections.spawn(async move {
+            match acceptor {
+                None => serve_connection(&builder, tcp, router, closing).await,
+                Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => serve_connection(&builder, tls, router, closing).await,
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "tls handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
+                },
+            }
+        });
+    }
+    drop(listener);
+    let _ = closing_tx.send(true);
+    let open = connections.len();
+    if open > 0 {
+        tracing::info!(open, "waiting for open connections to finish");
+    }
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async { while connections.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(left = connections.len(), "dropping connections still open after {DRAIN_TIMEOUT:?}");
+        connections.abort_all();
+    }
+}
+
+/// One connection, HTTP/1.1 or HTTP/2; finishes gracefully once `closing` turns true.
+async fn serve_connection<I>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    router: Router,
+    mut closing: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = TowerToHyperService::new(router);
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = async { drop(closing.wait_for(|c| *c).await) } => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
