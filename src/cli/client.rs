@@ -8,10 +8,10 @@
 //! the gateway, no connection), with `error: …` on stderr; with `--follow`, the job's result: 0
 //! succeeded, a failed job's own exit code clamped to 1..=125 (else 1), 1 cancelled.
 
-mod follow;
-mod gateway;
+pub(crate) mod follow;
+pub(crate) mod gateway;
 mod output;
-mod spec;
+pub(crate) mod spec;
 mod sse;
 
 use std::path::PathBuf;

@@ -1,25 +1,29 @@
-//! `hybroker quickstart`: a fresh PKI, a broker and two agents with simulated GPUs in one process,
-//! the sample jobs from `examples/` submitted through the real mTLS job service, and a summary on
-//! stdout. Logs go to stderr.
+//! `hybroker quickstart`: a fresh PKI, a broker, two agents with simulated GPUs and the gateway in
+//! one process, a demo tenant with an API key, the sample jobs from `examples/` submitted through
+//! the gateway's HTTP API, and a summary on stdout. Logs go to stderr and never carry the key.
 
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
+use reqwest::Method;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::StreamExt;
 
+use super::client::follow::{self, Progress};
+use super::client::gateway::Gateway;
+use super::client::spec;
 use crate::config::{
-    AgentConfig, AgentSection, BrokerConfig, BrokerSection, LeaseSection, LimitSection, ReconnectSection, StoreSection,
-    TenantConfig,
+    AgentConfig, AgentSection, BrokerConfig, BrokerSection, BrokerTarget, GatewayConfig, GatewaySection, LeaseSection,
+    LimitSection, ReconnectSection, StoreSection, TenantConfig,
 };
+use crate::gateway::api::{Job, Submitted};
 use crate::model::identity::Role;
 use crate::pki::{self, IssueRequest};
-use crate::proto::job_service_client::JobServiceClient;
-use crate::proto::{self, SpecFormat};
+use crate::proto;
+use crate::proto::admin_service_client::AdminServiceClient;
 use crate::tls::{self, TlsPaths};
-use crate::{agent, broker};
+use crate::{agent, broker, gateway};
 
 /// The sample jobs, compiled in so the quickstart works from any directory.
 pub const SAMPLES: &[(&str, &str)] = &[
@@ -93,13 +97,34 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
     let admin = issue(Role::Admin, "quickstart-admin", None)?;
     let client_tls = tls::client_config(&admin, TRUST_DOMAIN, Role::Broker)?;
     let channel = tls::connect(&format!("https://{addr}"), client_tls, None).await?;
-    let mut jobs = JobServiceClient::new(channel);
+    let demo = AdminServiceClient::new(channel)
+        .add_key(proto::AddKeyRequest { tenant: DEMO_TENANT.into() })
+        .await
+        .map_err(|s| anyhow::anyhow!("making the demo key: {}", tls::explain_status(&s)))?
+        .into_inner()
+        .key;
+
+    let gateway_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let gateway_url = format!("http://{}", gateway_listener.local_addr()?);
+    let gateway_config = GatewayConfig {
+        gateway: GatewaySection {
+            listen: gateway_listener.local_addr()?,
+            public_cert: None,
+            public_key: None,
+            plain_http: true,
+            max_body_bytes: 1 << 20,
+        },
+        broker: BrokerTarget { url: format!("https://{addr}"), server_name: None },
+        tls: issue(Role::Gateway, "gateway", None)?,
+    };
+    let gateway_task = tokio::spawn(gateway::run(gateway_config, gateway_listener, stopped(stop_rx.clone())));
+    let gw = Gateway::new(&gateway_url, Some(&demo), None)?;
 
     println!("hybroker quickstart");
+    println!("  gateway (HTTP API):  {gateway_url}   (OpenAPI: {gateway_url}/openapi.json)");
+    println!("  demo tenant key:     {demo}");
     println!("  broker (gRPC, mTLS): https://{addr}");
-    println!("  gateway (HTTP API):  not part of this release yet");
     println!("  state directory:     {}", state_dir.display());
-    println!("  admin certificate:   {}", admin.cert.display());
     println!(
         "  agents:              {}",
         AGENTS.iter().map(|(n, g)| format!("{SITE}/{n} ({g}, simulated)")).collect::<Vec<_>>().join(", ")
@@ -107,39 +132,43 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
     println!();
 
     let mut ids = Vec::new();
-    for (path, spec) in SAMPLES {
-        let request = proto::SubmitRequest {
-            spec: spec.as_bytes().to_vec(),
-            format: SpecFormat::Yaml.into(),
-            idempotency_key: format!("quickstart-{path}"),
-            tenant: DEMO_TENANT.into(),
-        };
-        let response = jobs
-            .submit(request)
-            .await
-            .map_err(|s| anyhow::anyhow!("submitting {path}: {}", tls::explain_status(&s)))?;
-        ids.push(response.into_inner().job_id);
+    for (path, yaml) in SAMPLES {
+        let body = spec::yaml_to_json(yaml).map_err(|e| anyhow::anyhow!("{path}: {e}"))?;
+        let request = gw
+            .request(Method::POST, &["v1", "jobs"], false)
+            .header("content-type", "application/json")
+            .header("Idempotency-Key", format!("quickstart-{path}"))
+            .body(serde_json::to_vec(&body)?);
+        let submitted: Submitted = serde_json::from_value(gw.json(request).await.context(*path)?)?;
+        ids.push(submitted.id);
     }
     let mut all_ok = true;
-    println!("{:<24} {:<8} {:<11} {:<10} {:<38} WHY", "JOB", "SITE", "STATE", "EST. COST", "ID");
+    println!("{:<14} {:<8} {:<10} {:<10} {:<38} WHY", "JOB", "SITE", "STATE", "EST. COST", "ID");
     for id in &ids {
-        let job = wait_terminal(&mut jobs, id).await?;
+        tokio::time::timeout(SAMPLE_DEADLINE, follow::follow_events(&gw, id, &mut Progress::Quiet))
+            .await
+            .map_err(|_| anyhow::anyhow!("job {id} did not finish within {SAMPLE_DEADLINE:?}"))??;
+        let job: Job = serde_json::from_value(gw.json(gw.request(Method::GET, &["v1", "jobs", id], false)).await?)?;
         all_ok &= job.state == "succeeded";
-        println!("{:<24} {:<8} {:<11} {:<10} {:<38} {}", job.name, job.site, job.state, "n/a", job.id, job.reason);
+        let site = job.site.unwrap_or_default();
+        println!("{:<14} {:<8} {:<10} {:<10} {:<38} {}", job.name, site, job.state, "n/a", job.id, job.reason);
     }
     println!();
-    println!("output of the first job:");
-    let logs =
-        jobs.logs(proto::LogsRequest { job_id: ids[0].clone(), tenant: String::new(), attempt: 0, offset: 0 }).await?;
-    print!("  {}", String::from_utf8_lossy(&logs.into_inner().output).replace('\n', "\n  "));
+    let logs = gw.send(gw.request(Method::GET, &["v1", "jobs", &ids[0], "logs"], false)).await?.text().await?;
+    println!("output of {}:", SAMPLES[0].0);
+    for line in logs.lines() {
+        println!("  {line}");
+    }
     println!();
-    println!("next steps:");
-    println!(
-        "  hybroker pki init --dir pki && hybroker pki issue --dir pki --role broker --name broker --dns localhost --ip 127.0.0.1"
-    );
-    println!("  hybroker broker --config config/broker.toml      # a broker of your own");
-    println!("  hybroker agent --config config/agent.toml --simulate-gpus 2xA100-80GB");
-    println!("  estimated costs arrive with price-aware placement; `n/a` until then");
+    println!("try next (in another terminal, while this one serves):");
+    println!("  export HYBROKER_GATEWAY={gateway_url} HYBROKER_TOKEN={demo}");
+    println!("  hybroker jobs list");
+    println!("  hybroker jobs events {}       # every transition, where it ran and why", ids[1]);
+    println!("  hybroker submit examples/train-h100.yaml --follow");
+    println!("  hybroker jobs logs {}", ids[1]);
+    println!("  hybroker agents list");
+    println!("  curl -H \"Authorization: Bearer $HYBROKER_TOKEN\" $HYBROKER_GATEWAY/v1/jobs");
+    println!("(estimated costs arrive with price-aware placement: n/a until then)");
 
     if !once {
         println!();
@@ -147,31 +176,10 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
         crate::cli::shutdown_signal().await;
     }
     let _ = stop_tx.send(true);
+    gateway_task.await??;
     for task in agent_tasks {
         task.await??;
     }
     broker_task.await??;
     Ok(all_ok)
-}
-
-/// Follows the job's events until it ends; returns the final job.
-async fn wait_terminal(jobs: &mut JobServiceClient<tonic::transport::Channel>, id: &str) -> anyhow::Result<proto::Job> {
-    let request = proto::WatchJobRequest { job_id: id.to_string(), tenant: String::new(), after_seq: 0 };
-    let mut events = jobs.watch(request).await?.into_inner();
-    let followed = tokio::time::timeout(SAMPLE_DEADLINE, async {
-        while let Some(ev) = events.next().await {
-            let ev = ev?;
-            if ["succeeded", "failed", "cancelled"].contains(&ev.state.as_str()) {
-                return Ok::<_, anyhow::Error>(());
-            }
-        }
-        bail!("the watch of job {id} ended early")
-    })
-    .await;
-    match followed {
-        Ok(result) => result?,
-        Err(_) => bail!("job {id} did not finish within {SAMPLE_DEADLINE:?}"),
-    }
-    let get = proto::GetJobRequest { job_id: id.to_string(), tenant: String::new() };
-    Ok(jobs.get(get).await?.into_inner())
 }

@@ -23,7 +23,11 @@ fn quickstart_once_runs_the_samples_and_exits_zero() {
         assert!(row.contains("succeeded") && row.contains("lab-sto"), "{row}");
     }
     assert!(stdout.contains("broker (gRPC, mTLS): https://127.0.0.1:"), "{stdout}");
+    assert!(stdout.contains("gateway (HTTP API):  http://127.0.0.1:"), "{stdout}");
     assert!(stdout.contains("hello from job"), "{stdout}");
+    let key = stdout.lines().find_map(|l| l.trim().strip_prefix("demo tenant key:")).expect("the demo key").trim();
+    assert!(key.starts_with("hbk_"), "{key}");
+    assert!(!stderr.contains(key) && !stderr.contains("hbk_"), "logs never carry the key");
     assert!(!stderr.contains("-----BEGIN"), "no key material in logs");
 }
 

@@ -27,6 +27,8 @@ pub enum Progress {
     Lines,
     /// The events are the command's output (`jobs events`): lines, or each event's JSON, on stdout.
     Stdout { json: bool },
+    /// Nothing shown (the quickstart prints its own summary).
+    Quiet,
 }
 
 impl Progress {
@@ -51,6 +53,7 @@ impl Progress {
             Progress::Lines => eprintln!("{}", event_line(event)),
             Progress::Stdout { json: true } => println!("{raw}"),
             Progress::Stdout { json: false } => println!("{}", event_line(event)),
+            Progress::Quiet => {}
         }
     }
 
