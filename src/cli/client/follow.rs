@@ -23,7 +23,7 @@ const FRAMES: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '�
 pub enum Progress {
     /// One line on stderr, redrawn in place: `⠋ train-h100  running on lab/node-a  12s`.
     Spinner { name: String, status: String, started: Instant, frame: usize },
-    /// One line per event on stderr: `12:00:01 running    lab/node-a       started`.
+    /// One line per event on stderr: `12:00:01 running    lab/node-a           started`.
     Lines,
     /// The events are the command's output (`jobs events`): lines, or each event's JSON, on stdout.
     Stdout { json: bool },

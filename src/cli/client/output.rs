@@ -157,7 +157,7 @@ pub fn agent_details(a: &Agent) -> String {
     out
 }
 
-/// `12:00:01 running    lab/node-a       started`: the event's UTC time of day, state, agent (`-`
+/// `12:00:01 running    lab/node-a           started`: the event's UTC time of day, state, agent (`-`
 /// before there is one) and reason (or exit code).
 pub fn event_line(e: &JobEvent) -> String {
     let time = e.at.split_once('T').map_or(e.at.as_str(), |(_, t)| t.get(..8).unwrap_or(t));
@@ -166,7 +166,7 @@ pub fn event_line(e: &JobEvent) -> String {
         Some(code) if e.reason.is_empty() => format!("exit code {code}"),
         _ => e.reason.clone(),
     };
-    format!("{time} {:<10} {agent:<16} {reason}", e.state).trim_end().to_string()
+    format!("{time} {:<10} {agent:<20} {reason}", e.state).trim_end().to_string()
 }
 
 /// The summary of a job that has ended: `hello 0190… succeeded on lab/node-a, exit code 0, in 3s`.

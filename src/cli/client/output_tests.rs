@@ -124,16 +124,16 @@ fn event_lines_show_time_state_agent_and_reason() {
         exit_code: None,
         at: "2026-01-01T12:00:01.250Z".into(),
     };
-    assert_eq!(event_line(&e), "12:00:01 running    lab/node-a       started");
+    assert_eq!(event_line(&e), "12:00:01 running    lab/node-a           started");
     e.state = "failed".into();
     e.exit_code = Some(3);
     e.reason = String::new();
-    assert_eq!(event_line(&e), "12:00:01 failed     lab/node-a       exit code 3");
+    assert_eq!(event_line(&e), "12:00:01 failed     lab/node-a           exit code 3");
     e.agent = None;
     e.state = "queued".into();
     e.exit_code = None;
     e.reason = "submitted".into();
-    assert_eq!(event_line(&e), "12:00:01 queued     -                submitted");
+    assert_eq!(event_line(&e), "12:00:01 queued     -                    submitted");
 }
 
 #[test]
