@@ -25,6 +25,14 @@ use crate::tls;
 const CALLERS: &[Role] = &[Role::Gateway, Role::Admin];
 const DEFAULT_TENANT: &str = "default";
 const MAX_LIST: u32 = 1000;
+/// Most jobs in one SubmitBatch call.
+const MAX_BATCH: usize = 10_000;
+
+type SubmitReply = Result<(String, bool), ApiError>;
+
+fn unavailable() -> Status {
+    Status::unavailable("the broker's core is not running")
+}
 
 pub struct JobService {
     core: mpsc::Sender<Cmd>,
@@ -36,6 +44,39 @@ pub struct JobService {
 }
 
 impl JobService {
+    /// Validates one submit and hands it to the core; the receiver yields the core's answer.
+    fn submit_one(&self, who: &Identity, req: proto::SubmitRequest) -> Result<oneshot::Receiver<SubmitReply>, Status> {
+        let tenant = tenant_of(who, &req.tenant)?;
+        let tenant = if tenant.is_empty() { DEFAULT_TENANT.to_string() } else { tenant };
+        if !self.tenants.contains_key(&tenant) {
+            return Err(Status::permission_denied(format!("tenant {tenant} is not declared in the broker config")));
+        }
+        let spec = match proto::SpecFormat::try_from(req.format) {
+            Ok(proto::SpecFormat::Json) => JobSpec::from_json(&req.spec, self.max_spec_bytes),
+            // YAML is a superset of JSON: an unspecified format is read as YAML.
+            Ok(proto::SpecFormat::Yaml | proto::SpecFormat::Unspecified) => {
+                JobSpec::from_yaml(&req.spec, self.max_spec_bytes)
+            }
+            Err(_) => return Err(Status::invalid_argument(format!("format: unknown spec format {}", req.format))),
+        }
+        .map_err(ApiError::from)?;
+        let key = match req.idempotency_key.as_str() {
+            "" => None,
+            k if k.len() <= 128 && k.chars().all(|c| c.is_ascii_graphic()) => Some(k.to_string()),
+            _ => return Err(Status::invalid_argument("idempotency_key: at most 128 printable ASCII characters")),
+        };
+        let spec = Arc::new(spec);
+        let request_sha256 = sha256_hex(&[&[req.format as u8][..], &req.spec].concat());
+        let (reply, rx) = oneshot::channel();
+        let cmd = Cmd::Submit { tenant, spec, idempotency_key: key, request_sha256, reply };
+        // A full queue is backpressure: the caller retries; never block a gRPC worker here forever.
+        self.core.try_send(cmd).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Status::resource_exhausted("the broker is busy; retry shortly"),
+            mpsc::error::TrySendError::Closed(_) => unavailable(),
+        })?;
+        Ok(rx)
+    }
+
     pub fn new(
         core: mpsc::Sender<Cmd>,
         reader: Reader,
@@ -88,31 +129,36 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<proto::JobEvent, Status>> + 
 impl proto::job_service_server::JobService for JobService {
     async fn submit(&self, req: Request<proto::SubmitRequest>) -> Result<Response<proto::SubmitResponse>, Status> {
         let who = tls::require_role(&req, CALLERS)?;
-        let req = req.into_inner();
-        let tenant = tenant_of(&who, &req.tenant)?;
-        let tenant = if tenant.is_empty() { DEFAULT_TENANT.to_string() } else { tenant };
-        if !self.tenants.contains_key(&tenant) {
-            return Err(Status::permission_denied(format!("tenant {tenant} is not declared in the broker config")));
-        }
-        let spec = match proto::SpecFormat::try_from(req.format) {
-            Ok(proto::SpecFormat::Json) => JobSpec::from_json(&req.spec, self.max_spec_bytes),
-            // YAML is a superset of JSON: an unspecified format is read as YAML.
-            Ok(proto::SpecFormat::Yaml | proto::SpecFormat::Unspecified) => {
-                JobSpec::from_yaml(&req.spec, self.max_spec_bytes)
-            }
-            Err(_) => return Err(Status::invalid_argument(format!("format: unknown spec format {}", req.format))),
-        }
-        .map_err(ApiError::from)?;
-        let key = match req.idempotency_key.as_str() {
-            "" => None,
-            k if k.len() <= 128 && k.chars().all(|c| c.is_ascii_graphic()) => Some(k.to_string()),
-            _ => return Err(Status::invalid_argument("idempotency_key: at most 128 printable ASCII characters")),
-        };
-        let spec = Arc::new(spec);
-        let request_sha256 = sha256_hex(&[&[req.format as u8][..], &req.spec].concat());
-        let (job_id, duplicate) =
-            self.ask(|reply| Cmd::Submit { tenant, spec, idempotency_key: key, request_sha256, reply }).await??;
+        let reply = self.submit_one(&who, req.into_inner())?;
+        let (job_id, duplicate) = reply.await.map_err(|_| unavailable())??;
         Ok(Response::new(proto::SubmitResponse { job_id, duplicate }))
+    }
+
+    async fn submit_batch(
+        &self,
+        req: Request<proto::SubmitBatchRequest>,
+    ) -> Result<Response<proto::SubmitBatchResponse>, Status> {
+        let who = tls::require_role(&req, CALLERS)?;
+        let jobs = req.into_inner().jobs;
+        if jobs.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!("jobs: at most {MAX_BATCH} per batch")));
+        }
+        // All are handed to the core before any reply is awaited, so they share commits.
+        let replies: Vec<_> = jobs.into_iter().map(|job| self.submit_one(&who, job)).collect();
+        let mut results = Vec::with_capacity(replies.len());
+        for reply in replies {
+            let result = match reply {
+                Ok(rx) => match rx.await.map_err(|_| unavailable())? {
+                    Ok((job_id, duplicate)) => {
+                        proto::submit_result::Result::Ok(proto::SubmitResponse { job_id, duplicate })
+                    }
+                    Err(e) => proto::submit_result::Result::Error(e.to_string()),
+                },
+                Err(status) => proto::submit_result::Result::Error(status.message().to_string()),
+            };
+            results.push(proto::SubmitResult { result: Some(result) });
+        }
+        Ok(Response::new(proto::SubmitBatchResponse { results }))
     }
 
     async fn get(&self, req: Request<proto::GetJobRequest>) -> Result<Response<proto::Job>, Status> {
