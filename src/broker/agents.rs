@@ -44,8 +44,12 @@ pub struct AgentEntry {
     pub inventory: Inventory,
     pub conn: Option<Conn>,
     pub last_seen: Instant,
-    /// Keyed by (job id, epoch).
-    pub allocs: HashMap<(String, u64), Alloc>,
+    /// Resources held by attempts, keyed by (job id, epoch); change only through `allocate`/`release`.
+    allocs: HashMap<(String, u64), Alloc>,
+    /// Sums over `allocs`, kept so that dispatch needs no walk over them.
+    used_cpus: u32,
+    used_memory_mib: u64,
+    held_gpus: Vec<u32>,
     /// Takes no new work; running attempts finish.
     pub draining: bool,
 }
@@ -73,6 +77,9 @@ impl AgentEntry {
             conn: None,
             last_seen: Instant::now(),
             allocs: HashMap::new(),
+            used_cpus: 0,
+            used_memory_mib: 0,
+            held_gpus: Vec::new(),
             draining: false,
         }
     }
@@ -91,21 +98,51 @@ impl AgentEntry {
         }
     }
 
+    /// Books resources for an attempt (replacing what the same attempt held).
+    pub fn allocate(&mut self, job_id: &str, epoch: u64, alloc: Alloc) {
+        self.release(job_id, epoch);
+        self.used_cpus += alloc.cpus;
+        self.used_memory_mib += alloc.memory_mib;
+        self.held_gpus.extend(&alloc.gpus);
+        self.allocs.insert((job_id.to_string(), epoch), alloc);
+    }
+
+    /// Frees what the attempt held, if anything.
+    pub fn release(&mut self, job_id: &str, epoch: u64) {
+        if let Some(a) = self.allocs.remove(&(job_id.to_string(), epoch)) {
+            self.used_cpus -= a.cpus;
+            self.used_memory_mib -= a.memory_mib;
+            for gpu in &a.gpus {
+                if let Some(i) = self.held_gpus.iter().position(|g| g == gpu) {
+                    self.held_gpus.swap_remove(i);
+                }
+            }
+        }
+    }
+
+    pub fn release_all(&mut self) {
+        self.allocs.clear();
+        (self.used_cpus, self.used_memory_mib) = (0, 0);
+        self.held_gpus.clear();
+    }
+
+    /// The attempts holding resources here: (job id, epoch).
+    pub fn attempts(&self) -> impl Iterator<Item = &(String, u64)> {
+        self.allocs.keys()
+    }
+
     /// Healthy GPUs, CPUs and memory not held by any attempt.
     pub fn free(&self) -> FreeCapacity {
-        let held_gpus: Vec<u32> = self.allocs.values().flat_map(|a| a.gpus.iter().copied()).collect();
-        let cpus: u32 = self.allocs.values().map(|a| a.cpus).sum();
-        let memory: u64 = self.allocs.values().map(|a| a.memory_mib).sum();
         FreeCapacity {
             gpus: self
                 .inventory
                 .gpus
                 .iter()
-                .filter(|g| g.healthy && !held_gpus.contains(&g.index))
+                .filter(|g| g.healthy && !self.held_gpus.contains(&g.index))
                 .map(|g| (g.index, g.model.clone()))
                 .collect(),
-            cpus: self.inventory.cpus.saturating_sub(cpus),
-            memory_mib: self.inventory.memory_mib.saturating_sub(memory),
+            cpus: self.inventory.cpus.saturating_sub(self.used_cpus),
+            memory_mib: self.inventory.memory_mib.saturating_sub(self.used_memory_mib),
         }
     }
 

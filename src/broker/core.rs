@@ -5,7 +5,7 @@
 //! a restarted broker reloads from the store).
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -148,7 +148,8 @@ pub struct Core {
     settings: CoreSettings,
     jobs: HashMap<String, ActiveJob>,
     queue: BTreeSet<(Reverse<u32>, String)>,
-    agents: HashMap<String, AgentEntry>,
+    /// By id, so first fit walks them in a stable order.
+    agents: BTreeMap<String, AgentEntry>,
     /// Unfinished jobs per tenant (for `max_queued_jobs`).
     unfinished: HashMap<String, u32>,
     next_seq: u64,
@@ -173,7 +174,7 @@ impl Core {
             settings,
             jobs: HashMap::new(),
             queue: BTreeSet::new(),
-            agents: HashMap::new(),
+            agents: BTreeMap::new(),
             unfinished: HashMap::new(),
             next_seq,
             events,
@@ -219,15 +220,20 @@ impl Core {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut cmds = Vec::with_capacity(MAX_BATCH);
         loop {
+            // Leases are checked on the tick only: walking every job per batch would cost more
+            // than the batch itself under load.
+            let mut expiry_due = false;
             tokio::select! {
                 n = rx.recv_many(&mut cmds, MAX_BATCH) => if n == 0 { return Ok(()) },
-                _ = tick.tick() => {}
+                _ = tick.tick() => expiry_due = true,
             }
             let mut out = Effects::default();
             for cmd in cmds.drain(..) {
                 self.handle(cmd, &mut out).await?;
             }
-            self.expire(Instant::now(), &mut out);
+            if expiry_due {
+                self.expire(Instant::now(), &mut out);
+            }
             self.dispatch(&mut out);
             for (key_id, at) in self.settings.keys.take_unpersisted_uses() {
                 out.batch.push(Write::KeyUsed { key_id, at });
@@ -336,9 +342,7 @@ impl Core {
                 let _ = reply.send(live);
             }
             Cmd::Agents { reply } => {
-                let mut views: Vec<AgentView> = self.agents.values().map(AgentEntry::view).collect();
-                views.sort_by(|a, b| a.id.cmp(&b.id));
-                let _ = reply.send(views);
+                let _ = reply.send(self.agents.values().map(AgentEntry::view).collect());
             }
         }
         Ok(())
@@ -514,7 +518,7 @@ impl Core {
         };
         entry.last_seen = Instant::now();
         let deadline = entry.last_seen + self.settings.lease_ttl;
-        for (job_id, epoch) in entry.allocs.keys() {
+        for (job_id, epoch) in entry.attempts() {
             if let Some(job) = self.jobs.get_mut(job_id).filter(|j| j.life.epoch == *epoch) {
                 job.lease_deadline = Some(deadline);
             }
@@ -554,7 +558,7 @@ impl Core {
         }));
         // Reconcile: what the agent still holds is adopted (if current) or stopped; what the broker
         // thinks it holds but the agent does not report is lost.
-        entry.allocs.clear();
+        entry.release_all();
         for r in &reports {
             let current = self.jobs.get(&r.job_id).filter(|j| {
                 j.life.epoch == r.epoch && j.life.state.has_attempt() && j.rec.agent.as_deref() == Some(agent.as_str())
@@ -567,7 +571,7 @@ impl Core {
                 None => continue,
             };
             let entry = self.agents.get_mut(&agent).expect("entry inserted above");
-            entry.allocs.insert((r.job_id.clone(), r.epoch), Alloc { gpus: r.gpu_indices.clone(), cpus, memory_mib });
+            entry.allocate(&r.job_id, r.epoch, Alloc { gpus: r.gpu_indices.clone(), cpus, memory_mib });
         }
         let held: Vec<(String, u64)> = self
             .jobs
@@ -643,7 +647,7 @@ impl Core {
 
     fn free(&mut self, agent: &str, job_id: &str, epoch: u64) {
         if let Some(entry) = self.agents.get_mut(agent) {
-            entry.allocs.remove(&(job_id.to_string(), epoch));
+            entry.release(job_id, epoch);
         }
     }
 
@@ -694,13 +698,11 @@ impl Core {
         if self.queue.is_empty() {
             return;
         }
-        let mut ids: Vec<&String> =
-            self.agents.iter().filter(|(_, e)| e.conn.is_some() && !e.draining).map(|(id, _)| id).collect();
+        let ids: Vec<String> =
+            self.agents.iter().filter(|(_, e)| e.conn.is_some() && !e.draining).map(|(id, _)| id.clone()).collect();
         if ids.is_empty() {
             return;
         }
-        ids.sort();
-        let ids: Vec<String> = ids.into_iter().cloned().collect();
         let mut free: Vec<_> = ids.iter().map(|id| self.agents[id].free()).collect();
         let mut bound = Vec::new();
         for (_, job_id) in &self.queue {
@@ -744,7 +746,7 @@ impl Core {
             cpus: job.spec.resources.cpus,
             memory_mib: u64::from(job.spec.resources.memory_gib) * 1024,
         };
-        self.agents.get_mut(agent).expect("agent exists").allocs.insert((job_id.to_string(), epoch), alloc);
+        self.agents.get_mut(agent).expect("agent exists").allocate(job_id, epoch, alloc);
         out.batch.push(Write::NewAttempt(AttemptRecord {
             job_id: job_id.to_string(),
             attempt,
