@@ -120,10 +120,11 @@ impl AgentEntry {
         }
     }
 
-    pub fn release_all(&mut self) {
-        self.allocs.clear();
+    /// Frees everything, returning what was held.
+    pub fn take_allocs(&mut self) -> HashMap<(String, u64), Alloc> {
         (self.used_cpus, self.used_memory_mib) = (0, 0);
         self.held_gpus.clear();
+        std::mem::take(&mut self.allocs)
     }
 
     /// The attempts holding resources here: (job id, epoch).

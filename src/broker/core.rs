@@ -219,10 +219,10 @@ impl Core {
         let mut tick = tokio::time::interval((self.settings.lease_ttl / 4).max(Duration::from_millis(50)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut cmds = Vec::with_capacity(MAX_BATCH);
+        let mut expiry_due = false;
         loop {
             // Leases are checked on the tick only: walking every job per batch would cost more
             // than the batch itself under load.
-            let mut expiry_due = false;
             tokio::select! {
                 n = rx.recv_many(&mut cmds, MAX_BATCH) => if n == 0 { return Ok(()) },
                 _ = tick.tick() => expiry_due = true,
@@ -231,8 +231,10 @@ impl Core {
             for cmd in cmds.drain(..) {
                 self.handle(cmd, &mut out).await?;
             }
-            if expiry_due {
+            // Not while commands wait: a heartbeat queued behind them must not count as silence.
+            if expiry_due && rx.is_empty() {
                 self.expire(Instant::now(), &mut out);
+                expiry_due = false;
             }
             self.dispatch(&mut out);
             for (key_id, at) in self.settings.keys.take_unpersisted_uses() {
@@ -327,7 +329,10 @@ impl Core {
             }
             Cmd::Output { agent, conn, job_id, epoch, data } => {
                 if self.touch(&agent, conn)
-                    && let Some(job) = self.jobs.get_mut(&job_id).filter(|j| j.life.epoch == epoch)
+                    && let Some(job) = self
+                        .jobs
+                        .get_mut(&job_id)
+                        .filter(|j| j.life.epoch == epoch && j.rec.agent.as_deref() == Some(agent.as_str()))
                 {
                     job.tail.push(&data);
                 }
@@ -339,7 +344,10 @@ impl Core {
                     truncated: j.tail.truncated(),
                     total: j.tail.total(),
                 });
-                let _ = reply.send(live);
+                // After the commit: a job that ends in this batch must already be in the store.
+                out.after_commit.push(Box::new(move || {
+                    let _ = reply.send(live);
+                }));
             }
             Cmd::Agents { reply } => {
                 let _ = reply.send(self.agents.values().map(AgentEntry::view).collect());
@@ -558,7 +566,7 @@ impl Core {
         }));
         // Reconcile: what the agent still holds is adopted (if current) or stopped; what the broker
         // thinks it holds but the agent does not report is lost.
-        entry.release_all();
+        let mut previous = entry.take_allocs();
         for r in &reports {
             let current = self.jobs.get(&r.job_id).filter(|j| {
                 j.life.epoch == r.epoch && j.life.state.has_attempt() && j.rec.agent.as_deref() == Some(agent.as_str())
@@ -581,7 +589,18 @@ impl Core {
             .filter(|key| !reports.iter().any(|r| (&r.job_id, r.epoch) == (&key.0, key.1)))
             .collect();
         for (job_id, epoch) in held {
-            self.lease_lost(&job_id, epoch, "the agent reconnected without the attempt", out);
+            // An assignment the agent never received (its stream broke first) is sent again, with
+            // the same epoch; an attempt it had started and no longer has is lost.
+            let alloc = previous.remove(&(job_id.clone(), epoch));
+            match (self.jobs.get(&job_id), alloc) {
+                (Some(job), Some(alloc)) if job.life.state == JobState::Leased => {
+                    let assign = assignment(job, &alloc.gpus);
+                    tracing::info!(job = job_id, agent, epoch, "assignment sent again after a reconnect");
+                    self.agents.get_mut(&agent).expect("entry inserted above").allocate(&job_id, epoch, alloc);
+                    out.send(&agent, proto::broker_message::Msg::Assign(assign));
+                }
+                _ => self.lease_lost(&job_id, epoch, "the agent reconnected without the attempt", out),
+            }
         }
         self.touch(&agent, conn_id);
         for r in reports {
@@ -755,20 +774,22 @@ impl Core {
             gpu_indices: gpus.clone(),
             started_at: now_ms(),
         }));
-        out.send(
-            agent,
-            proto::broker_message::Msg::Assign(proto::Assignment {
-                job_id: job_id.to_string(),
-                attempt,
-                epoch,
-                command: job.spec.command.clone(),
-                env: job.spec.env.clone().into_iter().collect(),
-                gpu_indices: gpus.clone(),
-                max_runtime_ms: job.spec.max_runtime().as_millis() as u64,
-            }),
-        );
+        out.send(agent, proto::broker_message::Msg::Assign(assignment(&job, &gpus)));
         let reason = format!("attempt {attempt} leased to {agent} (gpus {gpus:?})");
         self.transition(job, JobState::Leased, reason, None, out);
+    }
+}
+
+/// What the agent needs to run the job's current attempt on the given GPUs.
+fn assignment(job: &ActiveJob, gpus: &[u32]) -> proto::Assignment {
+    proto::Assignment {
+        job_id: job.rec.id.clone(),
+        attempt: job.life.attempts,
+        epoch: job.life.epoch,
+        command: job.spec.command.clone(),
+        env: job.spec.env.clone().into_iter().collect(),
+        gpu_indices: gpus.to_vec(),
+        max_runtime_ms: job.spec.max_runtime().as_millis() as u64,
     }
 }
 
@@ -780,3 +801,7 @@ fn stop(job: &ActiveJob, reason: &str) -> proto::StopAttempt {
         reason: reason.to_string(),
     }
 }
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

@@ -247,7 +247,12 @@ impl proto::job_service_server::JobService for JobService {
                     }
                     backlog = false;
                 }
-                match live.recv().await {
+                // A watcher that went away must not keep a receiver of every event alive.
+                let next = tokio::select! {
+                    () = tx.closed() => return,
+                    next = live.recv() => next,
+                };
+                match next {
                     Ok(ev) if ev.job_id == req.job_id && ev.seq > last => {
                         last = ev.seq;
                         let done = ev.state.is_terminal();

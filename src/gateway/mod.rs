@@ -62,7 +62,8 @@ impl AppState {
     }
 
     fn jobs(&self) -> JobServiceClient<Channel> {
-        JobServiceClient::new(self.inner.broker.clone())
+        // A page of 1000 jobs with 64 KiB specs is 64 MiB.
+        JobServiceClient::new(self.inner.broker.clone()).max_decoding_message_size(64 << 20)
     }
 
     fn health(&self) -> HealthClient<Channel> {
