@@ -32,6 +32,8 @@ use tokio::time::{Instant, sleep, sleep_until, timeout};
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
 /// Name of the output file in the work directory.
 pub const OUTPUT_LOG: &str = "output.log";
+/// The attempt's process group id, kept in its work directory while it runs.
+pub const PID_FILE: &str = "attempt.pid";
 /// Largest chunk of output read and sent at once.
 pub const CHUNK_BYTES: usize = 16 * 1024;
 /// How long output pipes may stay open after the process group is gone.
@@ -135,6 +137,11 @@ pub async fn run(launch: Launch, output: mpsc::Sender<Vec<u8>>, mut cancel: watc
         return Outcome::StartFailed("process vanished right after spawn".to_owned());
     };
     let group = GroupGuard(Pid::from_raw(pid));
+    // If the agent dies, its successor finds this and ends the orphaned group (see `kill_leftovers`).
+    let pid_file = launch.work_dir.join(PID_FILE);
+    if let Err(e) = std::fs::write(&pid_file, pid.to_string()) {
+        tracing::warn!(path = %pid_file.display(), error = %e, "cannot record the attempt's process group");
+    }
     tracing::debug!(job = %launch.job_id, attempt = launch.attempt, pid, "attempt started");
     let streams = Streams::start(&mut child, prepared.log, output);
 
@@ -166,6 +173,7 @@ pub async fn run(launch: Launch, output: mpsc::Sender<Vec<u8>>, mut cancel: watc
     };
     // The process is reaped; kill what is left of its group, then let the pipes drain.
     drop(group);
+    let _ = std::fs::remove_file(&pid_file);
     streams.finish(DRAIN_TIMEOUT).await;
     tracing::debug!(job = %launch.job_id, attempt = launch.attempt, reason = %outcome.reason(), "attempt ended");
     outcome
@@ -470,6 +478,32 @@ impl Forwarder {
             },
         }
     }
+}
+
+/// Ends the process groups of attempts that a previous agent process left running (it was killed
+/// before it could stop them): any `<root>/<job>/attempt-<n>/attempt.pid` whose process still runs
+/// in that directory. A pid reused by an unrelated process (after a reboot, say) has another
+/// working directory and is left alone. Returns how many groups were killed.
+pub fn kill_leftovers(root: &Path) -> usize {
+    let mut killed = 0;
+    for job in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        for attempt in std::fs::read_dir(job.path()).into_iter().flatten().flatten() {
+            let dir = attempt.path();
+            let Ok(text) = std::fs::read_to_string(dir.join(PID_FILE)) else { continue };
+            let _ = std::fs::remove_file(dir.join(PID_FILE));
+            let Ok(pid) = text.trim().parse::<i32>() else { continue };
+            let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"));
+            let same_dir = match (cwd, dir.canonicalize()) {
+                (Ok(cwd), Ok(dir)) => cwd == dir,
+                _ => false,
+            };
+            if same_dir && killpg(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
+                tracing::warn!(pid, dir = %dir.display(), "killed an attempt left running by a previous agent");
+                killed += 1;
+            }
+        }
+    }
+    killed
 }
 
 #[cfg(test)]

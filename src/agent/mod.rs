@@ -60,6 +60,8 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + Send)
     let probe = GpuProbe::new(config.simulated_gpus(), &identity.name);
     std::fs::create_dir_all(&config.agent.work_dir)
         .with_context(|| format!("work directory {}", config.agent.work_dir.display()))?;
+    // Attempts of a killed predecessor would hold GPUs the broker now gives to others.
+    executor::kill_leftovers(&config.agent.work_dir);
     let (events, mut event_rx) = mpsc::channel(1024);
     let mut agent = Agent { config, identity, probe, attempts: HashMap::new(), events };
     tracing::info!(agent = agent.identity.agent_id(), gpus = agent.probe.gpus().len(), "agent starting");

@@ -366,3 +366,10 @@ impl Cluster {
         self.tenant_key_with_id(tenant).0
     }
 }
+
+/// Whether a process runs (a zombie waiting to be reaped does not count).
+pub fn alive(pid: nix::unistd::Pid) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+    nix::sys::signal::kill(pid, None).is_ok() && !matches!(state, Some('Z') | Some('X') | None)
+}

@@ -203,7 +203,7 @@ async fn cancel_kills_the_process_group_and_max_runtime_is_enforced() {
         .unwrap();
     assert_eq!(job.into_inner().state, "cancelled");
     eventually("the job's process group to be gone", || async {
-        pids.iter().all(|p| kill(*p, None).is_err()).then_some(())
+        pids.iter().all(|p| !alive(*p)).then_some(())
     })
     .await;
     let err = admin.cancel(proto::CancelJobRequest { job_id: id.clone(), ..Default::default() }).await.unwrap_err();
@@ -250,4 +250,27 @@ async fn concurrent_submits_with_one_key_make_one_job() {
     }
     ids.dedup();
     assert_eq!(ids.len(), 1, "{ids:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_ends_the_attempts_its_killed_predecessor_left_running() {
+    let mut cluster = Cluster::start(Duration::from_secs(30), &[("node-a", "")]).await;
+    let mut admin = cluster.admin().await;
+    let id = submit(&mut admin, "name: orphan\ncommand: [sh, -c, 'echo $$ > pid; exec sleep 60']\n").await;
+    wait_job(&admin, &id, "running", |j| j.state == "running").await;
+    let dir = cluster.work_dir("node-a").join(&id).join("attempt-1");
+    let pid = eventually("the pid file", || async {
+        std::fs::read_to_string(dir.join("pid")).ok()?.trim().parse().ok().map(Pid::from_raw)
+    })
+    .await;
+    cluster.kill_agent("node-a");
+    assert!(alive(pid), "the job outlives its agent's kill -9");
+    cluster.start_agent("node-a", "");
+    eventually("the orphaned attempt to be killed", || async { (!alive(pid)).then_some(()) }).await;
+    // The broker learns the attempt is gone from the new agent's register and runs the job again.
+    wait_job(&admin, &id, "a second attempt", |j| j.attempts == 2).await;
+    let _ = std::fs::read_to_string(cluster.work_dir("node-a").join(&id).join("attempt-2/pid"))
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+        .map(|p| kill(Pid::from_raw(p), Signal::SIGKILL));
 }
