@@ -4,6 +4,7 @@
 //! core task, commits a [`Batch`] of many transitions in one transaction (group commit); a
 //! [`Reader`] pool serves queries. PostgreSQL arrives with its own issue behind the same calls.
 
+mod coalesce;
 mod schema;
 mod sqlite;
 

@@ -2,13 +2,15 @@
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
 use sqlx::{AssertSqlSafe, Connection, Row, SqliteConnection, SqlitePool};
 
+use super::coalesce::{self, AgentUpsert, NewAttempt, NewJob};
 use super::schema::MIGRATIONS;
-use super::{AgentRecord, AttemptOutput, Batch, JobEvent, JobFilter, JobRecord, KeyRecord, StoreError, Write};
+use super::{AgentRecord, AttemptOutput, Batch, JobEvent, JobFilter, JobRecord, KeyRecord, StoreError};
 use crate::model::state::JobState;
 
 const JOB_COLUMNS: &str = "id, tenant, name, state, spec_json, priority, attempts, max_attempts, epoch, \
@@ -27,7 +29,9 @@ pub async fn open(path: &Path) -> Result<(Writer, Reader), StoreError> {
         .synchronous(SqliteSynchronous::Full)
         .busy_timeout(Duration::from_secs(10))
         .foreign_keys(true);
-    let mut conn = SqliteConnection::connect_with(&options)
+    // The writer's statements come in a few chunk sizes each (see `chunks`): keep them all prepared.
+    let writer_options = options.clone().statement_cache_capacity(256);
+    let mut conn = SqliteConnection::connect_with(&writer_options)
         .await
         .map_err(|e| StoreError::Open { path: path.display().to_string(), message: e.to_string() })?;
     migrate(&mut conn).await?;
@@ -64,44 +68,48 @@ pub struct Writer {
 
 impl Writer {
     /// Commits every write of the batch in one transaction; nothing of it is visible before.
+    ///
+    /// The batch is folded first (`coalesce::fold`: one row write per job, attempt, agent and
+    /// key) and written with multi-row statements, a few per table, leaving exactly the rows that
+    /// writing it write by write would, and failing exactly when that would.
     pub async fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
+        let f = coalesce::fold(batch);
         let mut tx = self.conn.begin().await?;
-        for write in &batch.writes {
-            match write {
-                Write::NewJob(j) => {
-                    sqlx::query(
-                        "INSERT INTO jobs (id, tenant, name, state, spec_json, priority, attempts, max_attempts, \
-                         epoch, site, agent, exit_code, reason, idempotency_key, request_sha256, created_at_ms, \
-                         updated_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    )
+        if f.attempts_first {
+            insert_attempts(&mut tx, &f.new_attempts).await?;
+        }
+        for rows in chunks(&f.new_jobs) {
+            let mut q = sqlx::query(INSERT_JOBS.sql(rows.len()));
+            for NewJob { new: j, last: u } in rows {
+                q = q
                     .bind(&j.id)
                     .bind(&j.tenant)
                     .bind(&j.name)
-                    .bind(j.state.as_str())
+                    .bind(u.state.as_str())
                     .bind(&j.spec_json)
                     .bind(j.priority)
-                    .bind(j.attempts)
+                    .bind(u.attempts)
                     .bind(j.max_attempts)
-                    .bind(j.epoch as i64)
-                    .bind(&j.site)
-                    .bind(&j.agent)
-                    .bind(j.exit_code)
-                    .bind(&j.reason)
+                    .bind(u.epoch as i64)
+                    .bind(&u.site)
+                    .bind(&u.agent)
+                    .bind(u.exit_code)
+                    .bind(&u.reason)
                     .bind(&j.idempotency_key)
                     .bind(&j.request_sha256)
                     .bind(j.created_at)
-                    .bind(j.updated_at)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                Write::UpdateJob(j) => {
-                    sqlx::query(
-                        "UPDATE jobs SET state = ?, attempts = ?, epoch = ?, site = ?, agent = ?, exit_code = ?, \
-                         reason = ?, updated_at_ms = ? WHERE id = ?",
-                    )
+                    .bind(u.updated_at);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        for rows in chunks(&f.job_updates) {
+            let mut q = sqlx::query(UPDATE_JOBS.sql(rows.len()));
+            for j in rows {
+                q = q
+                    .bind(&j.id)
                     .bind(j.state.as_str())
                     .bind(j.attempts)
                     .bind(j.epoch as i64)
@@ -109,16 +117,33 @@ impl Writer {
                     .bind(&j.agent)
                     .bind(j.exit_code)
                     .bind(&j.reason)
-                    .bind(j.updated_at)
-                    .bind(&j.id)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                Write::Event(e) => {
-                    sqlx::query(
-                        "INSERT INTO job_events (seq, job_id, state, attempt, agent, reason, exit_code, at_ms) \
-                         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    )
+                    .bind(j.updated_at);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        if !f.attempts_first {
+            insert_attempts(&mut tx, &f.new_attempts).await?;
+        }
+        for rows in chunks(&f.attempt_ends) {
+            let mut q = sqlx::query(UPDATE_ATTEMPTS.sql(rows.len()));
+            for a in rows {
+                q = q
+                    .bind(&a.job_id)
+                    .bind(a.attempt)
+                    .bind(a.state.as_str())
+                    .bind(a.exit_code)
+                    .bind(&a.reason)
+                    .bind(&a.output)
+                    .bind(a.output_truncated)
+                    .bind(a.output_bytes as i64)
+                    .bind(a.ended_at);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        for rows in chunks(&f.events) {
+            let mut q = sqlx::query(INSERT_EVENTS.sql(rows.len()));
+            for e in rows {
+                q = q
                     .bind(e.seq as i64)
                     .bind(&e.job_id)
                     .bind(e.state.as_str())
@@ -126,93 +151,50 @@ impl Writer {
                     .bind(&e.agent)
                     .bind(&e.reason)
                     .bind(e.exit_code)
-                    .bind(e.at)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                Write::NewAttempt(a) => {
-                    let gpus = a.gpu_indices.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-                    sqlx::query(
-                        "INSERT INTO attempts (job_id, attempt, epoch, agent, gpu_indices, state, started_at_ms) \
-                         VALUES (?, ?, ?, ?, ?, 'leased', ?)",
-                    )
-                    .bind(&a.job_id)
-                    .bind(a.attempt)
-                    .bind(a.epoch as i64)
-                    .bind(&a.agent)
-                    .bind(gpus)
-                    .bind(a.started_at)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                Write::EndAttempt(a) => {
-                    sqlx::query(
-                        "UPDATE attempts SET state = ?, exit_code = ?, reason = ?, output = ?, output_truncated = ?, \
-                         output_bytes = ?, ended_at_ms = ? WHERE job_id = ? AND attempt = ?",
-                    )
-                    .bind(a.state.as_str())
-                    .bind(a.exit_code)
-                    .bind(&a.reason)
-                    .bind(&a.output)
-                    .bind(a.output_truncated)
-                    .bind(a.output_bytes as i64)
-                    .bind(a.ended_at)
-                    .bind(&a.job_id)
-                    .bind(a.attempt)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                Write::Agent(a) => {
-                    sqlx::query(
-                        "INSERT INTO agents (id, site, node, inventory_json, last_seen_ms, draining) VALUES (?, ?, ?, ?, ?, ?) \
-                         ON CONFLICT (id) DO UPDATE SET inventory_json = excluded.inventory_json, \
-                         last_seen_ms = excluded.last_seen_ms",
-                    )
-                    .bind(&a.id)
-                    .bind(&a.site)
-                    .bind(&a.node)
-                    .bind(&a.inventory_json)
-                    .bind(a.last_seen)
-                    .bind(a.draining)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                Write::AgentDraining { id, draining } => {
-                    sqlx::query("UPDATE agents SET draining = ? WHERE id = ?")
-                        .bind(draining)
-                        .bind(id)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                Write::NewKey(k) => {
-                    sqlx::query(
-                        "INSERT INTO api_keys (key_id, tenant, secret_sha256, created_at_ms, last_used_ms, revoked_at_ms) \
-                         VALUES (?, ?, ?, ?, ?, ?)",
-                    )
-                    .bind(&k.key_id)
-                    .bind(&k.tenant)
-                    .bind(&k.secret_sha256)
-                    .bind(k.created_at)
-                    .bind(k.last_used)
-                    .bind(k.revoked_at)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                Write::RevokeKey { key_id, at } => {
-                    sqlx::query("UPDATE api_keys SET revoked_at_ms = ? WHERE key_id = ?")
-                        .bind(at)
-                        .bind(key_id)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                Write::KeyUsed { key_id, at } => {
-                    sqlx::query("UPDATE api_keys SET last_used_ms = MAX(last_used_ms, ?) WHERE key_id = ?")
-                        .bind(at)
-                        .bind(key_id)
-                        .execute(&mut *tx)
-                        .await?;
-                }
+                    .bind(e.at);
             }
+            q.execute(&mut *tx).await?;
+        }
+        // Draining first: for agents that existed, the upsert below leaves it as set here.
+        for rows in chunks(&f.agent_draining) {
+            let mut q = sqlx::query(UPDATE_AGENTS_DRAINING.sql(rows.len()));
+            for (id, draining) in rows {
+                q = q.bind(*id).bind(*draining);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        for rows in chunks(&f.agents) {
+            let mut q = sqlx::query(UPSERT_AGENTS.sql(rows.len()));
+            for AgentUpsert { first, last, draining } in rows {
+                q = q
+                    .bind(&first.id)
+                    .bind(&first.site)
+                    .bind(&first.node)
+                    .bind(&last.inventory_json)
+                    .bind(last.last_seen)
+                    .bind(*draining);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        for rows in chunks(&f.new_keys) {
+            let mut q = sqlx::query(INSERT_KEYS.sql(rows.len()));
+            for k in rows {
+                q = q
+                    .bind(&k.new.key_id)
+                    .bind(&k.new.tenant)
+                    .bind(&k.new.secret_sha256)
+                    .bind(k.new.created_at)
+                    .bind(k.last_used)
+                    .bind(k.revoked_at);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        for rows in chunks(&f.key_changes) {
+            let mut q = sqlx::query(UPDATE_KEYS.sql(rows.len()));
+            for k in rows {
+                q = q.bind(k.key_id).bind(k.revoked_at).bind(k.used);
+            }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -280,12 +262,148 @@ impl Writer {
         rows.iter().map(job_from_row).collect()
     }
 
+    /// The write connection itself, for tests that compare against writing statement by statement.
+    #[cfg(test)]
+    pub(super) fn conn(&mut self) -> &mut SqliteConnection {
+        &mut self.conn
+    }
+
     /// The highest event sequence number committed so far.
     pub async fn last_event_seq(&mut self) -> Result<u64, StoreError> {
         let seq: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM job_events").fetch_one(&mut self.conn).await?;
         Ok(seq.unwrap_or(0) as u64)
     }
 }
+
+async fn insert_attempts(conn: &mut SqliteConnection, attempts: &[NewAttempt<'_>]) -> Result<(), StoreError> {
+    for rows in chunks(attempts) {
+        let mut q = sqlx::query(INSERT_ATTEMPTS.sql(rows.len()));
+        for NewAttempt { new: a, end } in rows {
+            let gpus = a.gpu_indices.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+            q = q.bind(&a.job_id).bind(a.attempt).bind(a.epoch as i64).bind(&a.agent).bind(gpus);
+            q = match end {
+                Some(e) => q
+                    .bind(e.state.as_str())
+                    .bind(e.exit_code)
+                    .bind(&e.reason)
+                    .bind(&e.output)
+                    .bind(e.output_truncated)
+                    .bind(e.output_bytes as i64),
+                // The columns' defaults, as an insert that names only the others leaves them.
+                None => q
+                    .bind(JobState::Leased.as_str())
+                    .bind(None::<i32>)
+                    .bind("")
+                    .bind(None::<Vec<u8>>)
+                    .bind(false)
+                    .bind(0_i64),
+            };
+            q = q.bind(a.started_at).bind(end.map(|e| e.ended_at));
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Rows per statement at most: 256 rows of the widest (17 columns) bind 4,352 parameters, well
+/// under SQLite's 32,766 (bundled 3.51; the limit is only 999 before 3.32).
+const MAX_ROWS: usize = 256;
+
+/// Splits rows into chunks of power-of-two sizes (all of [`MAX_ROWS`], then the rest by its binary
+/// digits), so that a few statement texts, each prepared once and cached, serve any batch.
+fn chunks<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
+    std::iter::from_fn(move || {
+        if rows.is_empty() {
+            return None;
+        }
+        let n = if rows.len() >= MAX_ROWS { MAX_ROWS } else { 1 << rows.len().ilog2() };
+        let (chunk, rest) = rows.split_at(n);
+        rows = rest;
+        Some(chunk)
+    })
+}
+
+/// Chunk sizes: 1, 2, 4 … [`MAX_ROWS`].
+const SIZES: usize = MAX_ROWS.ilog2() as usize + 1;
+
+/// A statement with a multi-row `VALUES` list, its text built once per chunk size.
+struct MultiRow {
+    head: &'static str,
+    /// Parameters per row.
+    width: usize,
+    tail: &'static str,
+    texts: [OnceLock<String>; SIZES],
+}
+
+impl MultiRow {
+    const fn new(head: &'static str, width: usize, tail: &'static str) -> MultiRow {
+        MultiRow { head, width, tail, texts: [const { OnceLock::new() }; SIZES] }
+    }
+
+    /// The statement for `rows` rows, a power of two up to [`MAX_ROWS`].
+    fn sql(&'static self, rows: usize) -> &'static str {
+        debug_assert!(rows.is_power_of_two() && rows <= MAX_ROWS);
+        self.texts[rows.ilog2() as usize].get_or_init(|| {
+            let row = format!("({})", vec!["?"; self.width].join(", "));
+            format!("{} VALUES {}{}", self.head, vec![row; rows].join(", "), self.tail)
+        })
+    }
+}
+
+static INSERT_JOBS: MultiRow = MultiRow::new(
+    "INSERT INTO jobs (id, tenant, name, state, spec_json, priority, attempts, max_attempts, epoch, site, agent, \
+     exit_code, reason, idempotency_key, request_sha256, created_at_ms, updated_at_ms)",
+    17,
+    "",
+);
+
+/// `UPDATE … FROM (VALUES …)` touches only jobs that exist, as `UPDATE … WHERE id = ?` does (an
+/// upsert would create the missing ones).
+static UPDATE_JOBS: MultiRow = MultiRow::new(
+    "UPDATE jobs SET state = v.column2, attempts = v.column3, epoch = v.column4, site = v.column5, \
+     agent = v.column6, exit_code = v.column7, reason = v.column8, updated_at_ms = v.column9 FROM (",
+    9,
+    ") AS v WHERE jobs.id = v.column1",
+);
+
+static INSERT_EVENTS: MultiRow =
+    MultiRow::new("INSERT INTO job_events (seq, job_id, state, attempt, agent, reason, exit_code, at_ms)", 8, "");
+
+static INSERT_ATTEMPTS: MultiRow = MultiRow::new(
+    "INSERT INTO attempts (job_id, attempt, epoch, agent, gpu_indices, state, exit_code, reason, output, \
+     output_truncated, output_bytes, started_at_ms, ended_at_ms)",
+    13,
+    "",
+);
+
+static UPDATE_ATTEMPTS: MultiRow = MultiRow::new(
+    "UPDATE attempts SET state = v.column3, exit_code = v.column4, reason = v.column5, output = v.column6, \
+     output_truncated = v.column7, output_bytes = v.column8, ended_at_ms = v.column9 FROM (",
+    9,
+    ") AS v WHERE attempts.job_id = v.column1 AND attempts.attempt = v.column2",
+);
+
+static UPDATE_AGENTS_DRAINING: MultiRow =
+    MultiRow::new("UPDATE agents SET draining = v.column2 FROM (", 2, ") AS v WHERE agents.id = v.column1");
+
+static UPSERT_AGENTS: MultiRow = MultiRow::new(
+    "INSERT INTO agents (id, site, node, inventory_json, last_seen_ms, draining)",
+    6,
+    " ON CONFLICT (id) DO UPDATE SET inventory_json = excluded.inventory_json, last_seen_ms = excluded.last_seen_ms",
+);
+
+static INSERT_KEYS: MultiRow = MultiRow::new(
+    "INSERT INTO api_keys (key_id, tenant, secret_sha256, created_at_ms, last_used_ms, revoked_at_ms)",
+    6,
+    "",
+);
+
+static UPDATE_KEYS: MultiRow = MultiRow::new(
+    "UPDATE api_keys SET revoked_at_ms = COALESCE(v.column2, revoked_at_ms), \
+     last_used_ms = MAX(last_used_ms, COALESCE(v.column3, last_used_ms)) FROM (",
+    3,
+    ") AS v WHERE api_keys.key_id = v.column1",
+);
 
 /// Read-only queries over a small connection pool.
 #[derive(Clone)]

@@ -202,10 +202,7 @@ async fn cancel_kills_the_process_group_and_max_runtime_is_enforced() {
         .await
         .unwrap();
     assert_eq!(job.into_inner().state, "cancelled");
-    eventually("the job's process group to be gone", || async {
-        pids.iter().all(|p| !alive(*p)).then_some(())
-    })
-    .await;
+    eventually("the job's process group to be gone", || async { pids.iter().all(|p| !alive(*p)).then_some(()) }).await;
     let err = admin.cancel(proto::CancelJobRequest { job_id: id.clone(), ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
 
