@@ -7,10 +7,12 @@
 //! - [`broker`]: the control plane: job service, agent streams, leases, dispatch.
 //! - [`agent`]: the GPU node daemon: inventory (NVML), executor, the stream to the broker.
 //! - [`cli`]: `pki`, `quickstart` and the client commands.
+//! - [`bench`]: `hybroker bench`: a broker child process, simulated agents and a job driver; numbers.
 //! - [`pki`], [`tls`]: development CA, role certificates and the mutual-TLS identity checks.
 //! - [`config`], [`telemetry`], [`error`], [`proto`]: configuration, logs, errors, generated gRPC.
 
 pub mod agent;
+pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod config;

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use hybroker::cli::{self, PkiCommand};
 use hybroker::config::{AgentConfig, BrokerConfig, GatewayConfig};
-use hybroker::{agent, broker, gateway, telemetry, tls};
+use hybroker::{agent, bench, broker, gateway, telemetry, tls};
 
 #[derive(Parser)]
 #[command(
@@ -63,6 +63,9 @@ enum Command {
         #[arg(long, default_value = ".hybroker/quickstart")]
         state_dir: PathBuf,
     },
+    /// Benchmark: a broker child process, N simulated agents over mTLS, M jobs; prints and writes
+    /// throughput, latency, CPU and memory (and a reconnect storm or a broker kill on request).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -73,6 +76,9 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.command {
             Command::Broker { config, addr_file } => {
+                if let Err(e) = bench::raise_open_file_limit() {
+                    tracing::warn!("could not raise the open-file limit: {e}");
+                }
                 let config = BrokerConfig::load(&config)?;
                 let listener = tokio::net::TcpListener::bind(config.broker.listen)
                     .await
@@ -107,6 +113,12 @@ fn main() -> anyhow::Result<()> {
             Command::Quickstart { once, state_dir } => {
                 let ok = cli::quickstart::run(&state_dir, once).await?;
                 if !ok {
+                    std::process::exit(1);
+                }
+                Ok(())
+            }
+            Command::Bench(args) => {
+                if !bench::run(args).await? {
                     std::process::exit(1);
                 }
                 Ok(())

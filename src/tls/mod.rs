@@ -18,7 +18,7 @@ mod tests;
 mod verify;
 
 pub use explain::explain_status;
-pub use net::{connect, connect_lazy, tls_incoming};
+pub use net::{connect, connect_from, connect_lazy, tls_incoming};
 pub use verify::{
     KeyPurpose, PeerCertError, check_peer_cert, identity_of_cert_file, peer_identity, require_role,
     trust_domain_of_cert,
@@ -104,6 +104,14 @@ pub enum TlsError {
         /// Why.
         source: PeerCertError,
     },
+    /// In-memory PEM data is unusable (no item, or not valid PEM).
+    #[error("invalid {what}: {reason}")]
+    PemData {
+        /// What the data should hold.
+        what: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
     /// Connecting failed.
     #[error("could not connect to {url}: {reason}")]
     Connect {
@@ -168,6 +176,37 @@ pub fn client_config(paths: &TlsPaths, trust_domain: &str, server_role: Role) ->
     validate_trust_domain(trust_domain)?;
     let roots = load_roots(&paths.ca_cert)?;
     let (certs, key) = load_pair(paths)?;
+    build_client_config(roots, certs, key, trust_domain, server_role)
+}
+
+/// Like [`client_config`], from PEM data in memory (the CA bundle, our chain and our key) instead
+/// of files: for processes that hold many identities, such as `hybroker bench`.
+pub fn client_config_from_pem(
+    ca_pem: &[u8],
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    trust_domain: &str,
+    server_role: Role,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    validate_trust_domain(trust_domain)?;
+    let mut roots = RootCertStore::empty();
+    for cert in certs_from_pem("CA certificate", ca_pem)? {
+        roots.add(cert)?;
+    }
+    let certs = certs_from_pem("certificate", cert_pem)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| TlsError::PemData { what: "private key", reason: e.to_string() })?;
+    build_client_config(Arc::new(roots), certs, key, trust_domain, server_role)
+}
+
+/// The client configuration of [`client_config`] and [`client_config_from_pem`].
+fn build_client_config(
+    roots: Arc<RootCertStore>,
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    trust_domain: &str,
+    server_role: Role,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let inner = WebPkiServerVerifier::builder_with_provider(roots, provider()).build()?;
     let verifier = ServerIdentityVerifier { inner, trust_domain: trust_domain.to_string(), role: server_role };
     let mut config = ClientConfig::builder_with_provider(provider())
@@ -178,6 +217,17 @@ pub fn client_config(paths: &TlsPaths, trust_domain: &str, server_role: Role) ->
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
+}
+
+/// The PEM certificates in `pem` (at least one).
+fn certs_from_pem(what: &'static str, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::PemData { what, reason: e.to_string() })?;
+    if certs.is_empty() {
+        return Err(TlsError::PemData { what, reason: "no certificate found".to_string() });
+    }
+    Ok(certs)
 }
 
 /// Reads a file, naming it in the error.

@@ -1,6 +1,7 @@
 //! The tonic glue: the server's TLS accept loop and the client's endpoint and connector.
 
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -9,7 +10,7 @@ use std::time::Duration;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ServerConfig};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -98,6 +99,24 @@ fn log_handshake_error(peer: std::net::SocketAddr, e: &io::Error) {
 /// server certificate must carry (by default the URL host; IP addresses work).
 pub async fn connect(url: &str, config: Arc<ClientConfig>, server_name: Option<&str>) -> Result<Channel, TlsError> {
     let (endpoint, connector) = endpoint(url, config, server_name)?;
+    dial(url, endpoint, connector).await
+}
+
+/// Like [`connect`], but the TCP connection (and every reconnection) leaves from `local`, such as
+/// one of the loopback addresses `127.0.0.x`: one source address has only about 28,000 ports, so a
+/// process that holds tens of thousands of connections spreads them over several.
+pub async fn connect_from(
+    url: &str,
+    config: Arc<ClientConfig>,
+    server_name: Option<&str>,
+    local: IpAddr,
+) -> Result<Channel, TlsError> {
+    let (endpoint, mut connector) = endpoint(url, config, server_name)?;
+    connector.local = Some(local);
+    dial(url, endpoint, connector).await
+}
+
+async fn dial(url: &str, endpoint: Endpoint, connector: Dialer) -> Result<Channel, TlsError> {
     endpoint.connect_with_connector(connector).await.map_err(|e| TlsError::Connect {
         url: url.to_string(),
         reason: explain_error(&e).unwrap_or_else(|| error_chain(&e)),
@@ -141,7 +160,7 @@ fn endpoint(url: &str, config: Arc<ClientConfig>, server_name: Option<&str>) -> 
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_while_idle(true)
         .tcp_nodelay(true);
-    let dialer = Dialer { connector: TlsConnector::from(config), host: bare_host.to_string(), port, name };
+    let dialer = Dialer { connector: TlsConnector::from(config), host: bare_host.to_string(), port, name, local: None };
     Ok((endpoint, dialer))
 }
 
@@ -152,6 +171,24 @@ struct Dialer {
     host: String,
     port: u16,
     name: ServerName<'static>,
+    /// The source address to bind before connecting; `None` lets the kernel choose.
+    local: Option<IpAddr>,
+}
+
+impl Dialer {
+    /// The TCP connection, from `local` when one is set.
+    async fn tcp(&self) -> io::Result<TcpStream> {
+        let Some(local) = self.local else {
+            return TcpStream::connect((self.host.as_str(), self.port)).await;
+        };
+        let remote = tokio::net::lookup_host((self.host.as_str(), self.port))
+            .await?
+            .find(|addr| addr.is_ipv4() == local.is_ipv4())
+            .ok_or_else(|| io::Error::other(format!("{} has no address of the family of {local}", self.host)))?;
+        let socket = if local.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        socket.bind(SocketAddr::new(local, 0))?;
+        socket.connect(remote).await
+    }
 }
 
 impl tower::Service<Uri> for Dialer {
@@ -166,7 +203,7 @@ impl tower::Service<Uri> for Dialer {
     fn call(&mut self, _uri: Uri) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let tcp = TcpStream::connect((this.host.as_str(), this.port)).await?;
+            let tcp = this.tcp().await?;
             tcp.set_nodelay(true)?;
             let tls = this.connector.connect(this.name, tcp).await?;
             Ok(TokioIo::new(tls))

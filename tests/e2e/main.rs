@@ -2,6 +2,7 @@
 //! port 0, conditions waited on with deadlines. One test binary, so it links once.
 
 mod bad_input;
+mod bench;
 mod cli;
 mod common;
 mod gateway;

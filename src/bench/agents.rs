@@ -1,0 +1,246 @@
+//! Simulated agents: each one a task with its own certificate and its own TLS connection, dialing
+//! from one of several loopback source addresses. It registers with a CPU-only inventory,
+//! heartbeats as told, and reports every assignment at once as exited with code 0. Like the real
+//! agent it keeps its final reports until the broker acknowledges them, and reports them again when
+//! it reconnects (after a broker restart); on any failure it reconnects with jittered backoff.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rustls::ClientConfig;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::record::{Event, Events};
+use super::setup::{SITE, node_name};
+use crate::proto::agent_service_client::AgentServiceClient;
+use crate::proto::{self, agent_message::Msg as Out, broker_message::Msg as In};
+use crate::tls;
+
+/// TLS handshakes in flight at once while the fleet first connects.
+const SETUP_HANDSHAKES: usize = 256;
+/// Connections per loopback source address (each address has about 28,000 ports).
+const PER_SOURCE: usize = 1000;
+/// Messages queued to the broker on one stream.
+const OUTBOX: usize = 1024;
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// What every agent shares.
+struct Shared {
+    url: String,
+    inventory: proto::Inventory,
+    events: Events,
+    /// Held during each agent's first connection only.
+    setup: Arc<Semaphore>,
+    /// Bumped to make every agent drop its connection and reconnect at once.
+    storm: watch::Receiver<u64>,
+    stop: watch::Receiver<bool>,
+    /// Failed connects, handshakes and stream opens.
+    failures: AtomicU64,
+}
+
+/// The running fleet.
+pub struct Fleet {
+    shared: Arc<Shared>,
+    storm: watch::Sender<u64>,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Fleet {
+    /// Starts one agent per TLS configuration (agent `i` is `bench/node-<i>`), each reporting
+    /// `cpus` CPUs, against the broker at `url`.
+    pub fn spawn(url: String, configs: Vec<Arc<ClientConfig>>, cpus: u32, events: Events) -> Fleet {
+        let (storm, storm_rx) = watch::channel(0);
+        let (stop, stop_rx) = watch::channel(false);
+        let inventory =
+            proto::Inventory { gpus: vec![], cpus, memory_mib: u64::from(cpus) * 4096, labels: Default::default() };
+        let shared = Arc::new(Shared {
+            url,
+            inventory,
+            events,
+            setup: Arc::new(Semaphore::new(SETUP_HANDSHAKES)),
+            storm: storm_rx,
+            stop: stop_rx,
+            failures: AtomicU64::new(0),
+        });
+        let mut tasks = JoinSet::new();
+        for (index, tls) in configs.into_iter().enumerate() {
+            let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (index / PER_SOURCE % 254) as u8));
+            let agent = Agent { index, node: node_name(index), tls, source, pending: HashMap::new() };
+            tasks.spawn(agent.run(shared.clone()));
+        }
+        Fleet { shared, storm, stop, tasks }
+    }
+
+    /// Failed connects, handshakes and stream opens so far.
+    pub fn failures(&self) -> u64 {
+        self.shared.failures.load(Ordering::Relaxed)
+    }
+
+    /// Every agent drops its connection at once and reconnects.
+    pub fn storm(&self) {
+        self.storm.send_modify(|n| *n += 1);
+    }
+
+    /// Stops every agent and waits for them.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// How a session ended.
+enum End {
+    Stop,
+    Storm,
+    /// The connection failed or broke; whether it had registered.
+    Broke {
+        registered: bool,
+    },
+}
+
+struct Agent {
+    index: usize,
+    node: String,
+    tls: Arc<ClientConfig>,
+    source: IpAddr,
+    /// Final reports the broker has not acknowledged yet, by (job id, epoch).
+    pending: HashMap<(String, u64), proto::AttemptUpdate>,
+}
+
+impl Agent {
+    async fn run(mut self, shared: Arc<Shared>) {
+        let mut storm = shared.storm.clone();
+        let mut stop = shared.stop.clone();
+        let mut setup = Some(shared.setup.clone().acquire_owned().await.expect("never closed"));
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            storm.borrow_and_update();
+            let end = self.session(&shared, &mut storm, &mut stop, &mut setup).await;
+            setup = None;
+            match end {
+                End::Stop => return,
+                End::Storm => backoff = MIN_BACKOFF,
+                End::Broke { registered } => {
+                    backoff = if registered { MIN_BACKOFF } else { (backoff * 2).min(MAX_BACKOFF) };
+                    let pause = backoff.mul_f64(0.5 + fastrand::f64());
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        _ = stop.changed() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// One connection: register, then serve assignments until it ends.
+    async fn session(
+        &mut self,
+        shared: &Shared,
+        storm: &mut watch::Receiver<u64>,
+        stop: &mut watch::Receiver<bool>,
+        setup: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> End {
+        let index = self.index;
+        let failed = |why: String| {
+            tracing::debug!(agent = index, "connecting failed: {why}");
+            shared.failures.fetch_add(1, Ordering::Relaxed);
+            End::Broke { registered: false }
+        };
+        let connect = tls::connect_from(&shared.url, self.tls.clone(), None, self.source);
+        let channel = tokio::select! {
+            connected = connect => match connected {
+                Ok(channel) => channel,
+                Err(e) => return failed(e.to_string()),
+            },
+            _ = stop.changed() => return End::Stop,
+        };
+        let (tx, rx) = mpsc::channel(OUTBOX);
+        let register = proto::Register {
+            site: SITE.into(),
+            node: self.node.clone(),
+            inventory: Some(shared.inventory.clone()),
+            attempts: self.pending.values().cloned().collect(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        };
+        tx.try_send(message(Out::Register(register))).expect("a new outbox has room");
+        let mut inbound = match AgentServiceClient::new(channel).session(ReceiverStream::new(rx)).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => return failed(tls::explain_status(&status)),
+        };
+        let mut registered = false;
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(3600));
+        heartbeat.reset();
+        loop {
+            tokio::select! {
+                msg = inbound.message() => {
+                    let Ok(Some(proto::BrokerMessage { msg: Some(msg) })) = msg else {
+                        if !registered {
+                            return failed(format!("the stream ended before registering: {msg:?}"));
+                        }
+                        return End::Broke { registered };
+                    };
+                    if let In::Registered(r) = &msg {
+                        registered = true;
+                        *setup = None;
+                        let every = Duration::from_millis(u64::from(r.heartbeat_interval_ms.max(50)));
+                        heartbeat = tokio::time::interval(every);
+                        heartbeat.reset();
+                    }
+                    if let Some(reply) = self.on_message(msg, &shared.events)
+                        && tx.send(message(reply)).await.is_err()
+                    {
+                        return End::Broke { registered };
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    if tx.send(message(Out::Heartbeat(proto::Heartbeat { inventory: None }))).await.is_err() {
+                        return End::Broke { registered };
+                    }
+                }
+                _ = storm.changed() => return End::Storm,
+                _ = stop.changed() => return End::Stop,
+            }
+        }
+    }
+
+    /// Applies one broker message; returns the report to send back.
+    fn on_message(&mut self, msg: In, events: &Events) -> Option<Out> {
+        match msg {
+            In::Registered(_) => {
+                let _ = events.send(Event::Registered { agent: self.index });
+                None
+            }
+            In::Assign(a) => {
+                let _ = events.send(Event::Assigned { job: a.job_id.clone(), at: Instant::now() });
+                let update = proto::AttemptUpdate {
+                    job_id: a.job_id,
+                    attempt: a.attempt,
+                    epoch: a.epoch,
+                    phase: proto::AttemptPhase::Exited as i32,
+                    exit_code: Some(0),
+                    reason: String::new(),
+                    gpu_indices: a.gpu_indices,
+                };
+                self.pending.insert((update.job_id.clone(), update.epoch), update.clone());
+                Some(Out::Update(update))
+            }
+            In::Ack(ack) => {
+                self.pending.remove(&(ack.job_id.clone(), ack.epoch));
+                let _ = events.send(Event::Acked { job: ack.job_id, at: Instant::now() });
+                None
+            }
+            In::Stop(_) => None, // every attempt has already exited
+        }
+    }
+}
+
+fn message(msg: Out) -> proto::AgentMessage {
+    proto::AgentMessage { msg: Some(msg) }
+}

@@ -1,0 +1,360 @@
+//! `hybroker bench`: a broker on the embedded store as a child process (so it can be killed), N
+//! simulated agents over real mutual-TLS streams (one certificate and one connection each), and M
+//! jobs through the real job service, flat out or at an offered rate. It measures sustained
+//! submit→complete throughput, submit→agent latency, the broker's CPU and memory, the bench's
+//! memory per agent, and optionally a reconnect storm and a `kill -9` of the broker mid-load.
+//!
+//! [`run`] goes step by step: PKI and broker, the fleet, the jobs (and the kill), the storm, the
+//! check against the job service, the report. `setup` makes the PKI and the broker config,
+//! `process` runs the broker child and reads its `/proc` figures, `agents` simulates the fleet,
+//! `driver` submits the jobs, `record` gathers what agents and driver saw (over one channel, no
+//! shared lock) and `report` turns it into the table and the JSON.
+
+mod agents;
+mod driver;
+mod process;
+mod record;
+mod report;
+mod setup;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use rustls::ClientConfig;
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+use crate::model::duration::HumanDuration;
+use crate::proto::{self, job_service_client::JobServiceClient};
+use crate::tls;
+use agents::Fleet;
+use driver::{Plan, Trouble};
+use process::{Broker, own_stats};
+use record::{Event, Events, Record, quantile};
+use report::{BrokerUsage, Kill, Latency, Report, Storm};
+
+/// `hybroker bench`'s flags.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Simulated agents, each with its own certificate and TLS connection.
+    #[arg(long, default_value_t = 1000)]
+    pub agents: usize,
+    /// Jobs to submit.
+    #[arg(long, default_value_t = 100_000)]
+    pub jobs: usize,
+    /// Offered load in jobs per second; 0 submits flat out.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// Jobs per SubmitBatch call.
+    #[arg(long, default_value_t = 500)]
+    pub batch: usize,
+    /// CPUs each agent reports; every job asks for 1 CPU and no GPU.
+    #[arg(long, default_value_t = 64)]
+    pub cpus_per_agent: u32,
+    /// After the run, every agent drops its connection at once and reconnects.
+    #[arg(long)]
+    pub storm: bool,
+    /// `kill -9` the broker when half the jobs are acknowledged, restart it on the same port.
+    #[arg(long)]
+    pub kill_broker: bool,
+    /// Where the PKI, config, database, logs and result go; default: a fresh temporary directory.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// The JSON result; default: `bench-result.json` in the state directory.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// The broker's lease TTL (agents heartbeat every third of it).
+    #[arg(long, default_value = "30s", value_parser = HumanDuration::parse)]
+    pub lease_ttl: HumanDuration,
+    /// Give up (and exit 1) when the jobs have not all completed this long after the first submit.
+    #[arg(long, default_value = "10m", value_parser = HumanDuration::parse)]
+    pub deadline: HumanDuration,
+}
+
+impl BenchArgs {
+    /// Refuses flag values the run cannot honour.
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.agents == 0 || self.jobs == 0 {
+            anyhow::bail!("--agents and --jobs must be at least 1");
+        }
+        if !(1..=10_000).contains(&self.batch) {
+            anyhow::bail!("--batch must be 1 to 10000 (the broker's limit per call)");
+        }
+        if !self.rate.is_finite() || self.rate < 0.0 {
+            anyhow::bail!("--rate must be 0 (flat out) or a positive number of jobs per second");
+        }
+        if self.cpus_per_agent == 0 {
+            anyhow::bail!("--cpus-per-agent must be at least 1");
+        }
+        if self.lease_ttl.0 < Duration::from_millis(300) {
+            anyhow::bail!("--lease-ttl must be at least 300ms");
+        }
+        Ok(())
+    }
+}
+
+/// Raises this process's soft limit on open files to its hard limit (a broker or bench holding
+/// thousands of connections needs one descriptor each); returns the new soft limit.
+pub fn raise_open_file_limit() -> anyhow::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(hard)
+}
+
+/// How often progress is printed.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// Longest the fleet may take to (re)connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Runs the benchmark; returns whether every job completed and none was lost. Needs a
+/// multi-threaded tokio runtime (certificates are issued on blocking threads).
+pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
+    args.validate()?;
+    tls::install_crypto_provider();
+    let open_files = raise_open_file_limit()?;
+    if open_files < args.agents as u64 + 1024 {
+        tracing::warn!(open_files, agents = args.agents, "the open-file limit may be too low for this many agents");
+    }
+    let dir = setup::state_dir(args.state_dir.as_deref())?;
+    println!("state directory: {}", dir.display());
+    let pki = tokio::task::block_in_place(|| setup::make_pki(&dir, args.agents))?;
+    println!("issued {} agent certificates in {:.3} s", args.agents, pki.elapsed.as_secs_f64());
+    let config = setup::write_broker_config(&dir, args.lease_ttl.0, args.jobs)?;
+    let mut broker = Broker::start(&dir, config, &pki.admin).await?;
+    let log = dir.join("broker.log");
+    println!("broker pid {} listening on {} (log: {})", broker.pid(), broker.addr, log.display());
+
+    let (events, rx) = mpsc::unbounded_channel();
+    let mut watch = Watch { rx, rec: Record::default() };
+    let rss_before = own_stats().rss_kib;
+    let started = Instant::now();
+    let fleet = Fleet::spawn(broker.url(), pki.agents, args.cpus_per_agent, events.clone());
+    let connected = watch.until_registered(args.agents).await;
+    let connect_seconds = started.elapsed().as_secs_f64();
+    let bench_kib_per_agent = own_stats().rss_kib.saturating_sub(rss_before) as f64 / args.agents as f64;
+    println!("{} agents registered in {connect_seconds:.2} s", watch.rec.registered());
+    connected?;
+
+    let channel = tls::connect(&broker.url(), pki.admin.clone(), None).await?;
+    let mut run = Run { args: &args, broker: &mut broker, fleet: &fleet, admin: &pki.admin, watch: &mut watch };
+    let driven = run.drive(channel.clone(), events).await?;
+    let storm = if args.storm { Some(run.storm().await?) } else { None };
+    let succeeded = succeeded_jobs(channel).await?;
+    let rec = &watch.rec;
+    let lost = rec.submitted_ids().filter(|id| !succeeded.contains(*id)).count();
+    let mut kill = driven.kill;
+    if let Some(k) = &mut kill {
+        (k.acknowledged, k.lost, k.completed_twice) = (rec.submitted(), lost, rec.completed_twice());
+    }
+    let run_seconds = driven.run_seconds;
+    let cpu_seconds = driven.cpu_seconds;
+    let broker_usage = BrokerUsage {
+        cpu_seconds,
+        avg_cores: if run_seconds > 0.0 { cpu_seconds / run_seconds } else { 0.0 },
+        peak_rss_mib: broker.peak_rss_kib() as f64 / 1024.0,
+        rss_after_run_mib: driven.rss_after_run_mib,
+    };
+    fleet.stop().await;
+    broker.stop().await?;
+
+    let completed = rec.completed();
+    let latencies = rec.latencies_ms();
+    let report = Report {
+        agents: args.agents,
+        jobs: args.jobs,
+        offered_rate: args.rate,
+        batch: args.batch,
+        cpus_per_agent: args.cpus_per_agent,
+        pki_seconds: pki.elapsed.as_secs_f64(),
+        connect_seconds,
+        bench_kib_per_agent,
+        submitted: rec.submitted(),
+        completed,
+        run_seconds,
+        sustained_jobs_per_second: if run_seconds > 0.0 { completed as f64 / run_seconds } else { 0.0 },
+        latency_ms: Latency {
+            p50: quantile(&latencies, 0.5),
+            p99: quantile(&latencies, 0.99),
+            p999: quantile(&latencies, 0.999),
+            max: latencies.last().copied().unwrap_or(0.0),
+            samples: latencies.len(),
+        },
+        broker: broker_usage,
+        failed_submit_calls: driven.trouble.failed_calls.load(Ordering::Relaxed),
+        refused_submits: driven.trouble.refused_jobs.load(Ordering::Relaxed),
+        lost,
+        storm,
+        kill,
+        ok: lost == 0 && completed == args.jobs,
+    };
+    report.print();
+    let out = args.out.clone().unwrap_or_else(|| dir.join("bench-result.json"));
+    report.write(&out)?;
+    println!("result: {}", out.display());
+    Ok(report.ok)
+}
+
+/// The event channel and the record it fills.
+struct Watch {
+    rx: mpsc::UnboundedReceiver<Event>,
+    rec: Record,
+}
+
+impl Watch {
+    /// Applies events until `n` agents have registered (since the last reset).
+    async fn until_registered(&mut self, n: usize) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+        let mut progress = tokio::time::interval(PROGRESS_EVERY);
+        progress.reset();
+        while self.rec.registered() < n {
+            tokio::select! {
+                Some(event) = self.rx.recv() => self.rec.apply(event),
+                _ = progress.tick() => println!("  {} of {n} agents registered", self.rec.registered()),
+                () = tokio::time::sleep_until(deadline) => {
+                    anyhow::bail!("only {} of {n} agents registered within {CONNECT_TIMEOUT:?}", self.rec.registered());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the job phase measured.
+struct Driven {
+    run_seconds: f64,
+    cpu_seconds: f64,
+    rss_after_run_mib: f64,
+    kill: Option<Kill>,
+    trouble: Arc<Trouble>,
+}
+
+/// The phases that run against a connected fleet.
+struct Run<'a> {
+    args: &'a BenchArgs,
+    broker: &'a mut Broker,
+    fleet: &'a Fleet,
+    admin: &'a Arc<ClientConfig>,
+    watch: &'a mut Watch,
+}
+
+impl Run<'_> {
+    /// Submits every job and waits until all completed (or the deadline passed), killing and
+    /// restarting the broker halfway when asked to.
+    async fn drive(&mut self, channel: Channel, events: Events) -> anyhow::Result<Driven> {
+        let args = self.args;
+        let deadline = Instant::now() + args.deadline.0;
+        let run_id = format!("{:x}", fastrand::u64(..));
+        let plan = Plan { jobs: args.jobs, rate: args.rate, batch: args.batch, run_id, deadline };
+        let trouble = Arc::new(Trouble::default());
+        let cpu_start = self.broker.cpu_seconds();
+        let mut driver = tokio::spawn(driver::run(plan, channel, events, trouble.clone()));
+        let mut driver_done = false;
+        let mut kill: Option<(Kill, Instant, u64)> = None;
+        let mut progress = tokio::time::interval(PROGRESS_EVERY);
+        progress.reset();
+        loop {
+            tokio::select! {
+                Some(event) = self.watch.rx.recv() => self.watch.rec.apply(event),
+                done = &mut driver, if !driver_done => {
+                    done?;
+                    driver_done = true;
+                }
+                _ = progress.tick() => {
+                    println!("  {} submitted, {} completed", self.watch.rec.submitted(), self.watch.rec.completed());
+                }
+            }
+            let rec = &self.watch.rec;
+            if args.kill_broker && kill.is_none() && rec.submitted() >= args.jobs.div_ceil(2) {
+                kill = Some(self.kill().await?);
+            }
+            if let Some((k, at, failures)) = &mut kill
+                && k.reregistered_seconds.is_none()
+                && self.watch.rec.registered() >= args.agents
+            {
+                k.reregistered_seconds = Some(at.elapsed().as_secs_f64());
+                k.failed_connects = self.fleet.failures() - *failures;
+            }
+            let rec = &self.watch.rec;
+            if driver_done && rec.completed() >= rec.submitted() || Instant::now() > deadline {
+                break;
+            }
+        }
+        let rec = &self.watch.rec;
+        let run_seconds = rec.window().map_or(0.0, |(first, last)| last.duration_since(first).as_secs_f64());
+        println!("{} of {} jobs completed in {run_seconds:.2} s", rec.completed(), args.jobs);
+        Ok(Driven {
+            run_seconds,
+            cpu_seconds: self.broker.cpu_seconds() - cpu_start,
+            rss_after_run_mib: self.broker.stats().rss_kib as f64 / 1024.0,
+            kill: kill.map(|(k, _, _)| k),
+            trouble,
+        })
+    }
+
+    /// `kill -9`s the broker, restarts it and waits until it serves; returns the record so far,
+    /// when it was killed and the fleet's failure count then.
+    async fn kill(&mut self) -> anyhow::Result<(Kill, Instant, u64)> {
+        let acknowledged_at_kill = self.watch.rec.submitted();
+        println!("killing the broker (kill -9) with {acknowledged_at_kill} jobs acknowledged");
+        let failures = self.fleet.failures();
+        let at = Instant::now();
+        self.watch.rec.reset_registered();
+        self.broker.kill_and_restart().await?;
+        self.broker.wait_serving(self.admin).await?;
+        let restart_seconds = at.elapsed().as_secs_f64();
+        println!("broker (pid {}) serving again after {restart_seconds:.2} s", self.broker.pid());
+        let kill = Kill {
+            acknowledged_at_kill,
+            acknowledged: 0,
+            lost: 0,
+            completed_twice: 0,
+            restart_seconds,
+            reregistered_seconds: None,
+            failed_connects: 0,
+        };
+        Ok((kill, at, failures))
+    }
+
+    /// Every agent drops its connection at once and reconnects; measures until all are back.
+    async fn storm(&mut self) -> anyhow::Result<Storm> {
+        let n = self.args.agents;
+        println!("reconnect storm: {n} agents drop their connections at once");
+        let failures = self.fleet.failures();
+        self.watch.rec.reset_registered();
+        let at = Instant::now();
+        self.fleet.storm();
+        self.watch.until_registered(n).await?;
+        let reregistered_seconds = at.elapsed().as_secs_f64();
+        println!("all {n} agents registered again after {reregistered_seconds:.2} s");
+        Ok(Storm { reregistered_seconds, failed_connects: self.fleet.failures() - failures })
+    }
+}
+
+/// The ids of every succeeded job of the bench tenant, from the job service.
+async fn succeeded_jobs(channel: Channel) -> anyhow::Result<HashSet<String>> {
+    let mut client = JobServiceClient::new(channel);
+    let mut ids = HashSet::new();
+    let mut before = String::new();
+    loop {
+        let request = proto::ListJobsRequest {
+            tenant: setup::TENANT.into(),
+            states: vec!["succeeded".into()],
+            limit: 1000,
+            before: before.clone(),
+            labels: vec![],
+        };
+        let page = client.list(request).await?.into_inner();
+        ids.extend(page.jobs.into_iter().map(|j| j.id));
+        if page.next_cursor.is_empty() {
+            return Ok(ids);
+        }
+        before = page.next_cursor;
+    }
+}

@@ -1,0 +1,153 @@
+//! The result: a table on stdout and the same figures as JSON.
+
+use std::path::Path;
+
+use anyhow::Context;
+use serde::Serialize;
+
+/// Everything a run measured (the JSON document).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub agents: usize,
+    pub jobs: usize,
+    /// Offered jobs per second; 0 = flat out.
+    pub offered_rate: f64,
+    pub batch: usize,
+    pub cpus_per_agent: u32,
+    /// Issuing the CA, broker, admin and agent certificates.
+    pub pki_seconds: f64,
+    /// From starting the fleet until every agent had registered.
+    pub connect_seconds: f64,
+    /// The bench process's RSS growth while connecting, per agent.
+    pub bench_kib_per_agent: f64,
+    /// Jobs the broker acknowledged.
+    pub submitted: usize,
+    /// Acknowledged jobs whose completion the broker acknowledged to an agent.
+    pub completed: usize,
+    /// From the first submit to the last completion.
+    pub run_seconds: f64,
+    /// completed / run_seconds.
+    pub sustained_jobs_per_second: f64,
+    /// Submit (batch sent) to the assignment arriving at an agent.
+    pub latency_ms: Latency,
+    pub broker: BrokerUsage,
+    /// SubmitBatch calls that failed as a whole and were sent again.
+    pub failed_submit_calls: u64,
+    /// Jobs refused inside a batch (the broker was busy) and sent again.
+    pub refused_submits: u64,
+    /// Acknowledged jobs that are not `succeeded` at the end, according to the job service.
+    pub lost: usize,
+    pub storm: Option<Storm>,
+    pub kill: Option<Kill>,
+    /// Every job completed and none was lost.
+    pub ok: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    /// How many jobs the figures cover.
+    pub samples: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BrokerUsage {
+    /// User + system CPU over the run (first submit to last completion), all processes.
+    pub cpu_seconds: f64,
+    /// cpu_seconds / run_seconds.
+    pub avg_cores: f64,
+    /// The highest VmHWM of any broker process, MiB (a storm included).
+    pub peak_rss_mib: f64,
+    /// VmRSS when the jobs had completed (before any storm), MiB.
+    pub rss_after_run_mib: f64,
+}
+
+/// The reconnect storm after the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Storm {
+    /// From the drop until every agent had registered again.
+    pub reregistered_seconds: f64,
+    /// Connects, handshakes and stream opens that failed (and were retried).
+    pub failed_connects: u64,
+}
+
+/// The broker killed with SIGKILL mid-load.
+#[derive(Debug, Clone, Serialize)]
+pub struct Kill {
+    /// Jobs acknowledged when it was killed.
+    pub acknowledged_at_kill: usize,
+    /// Jobs acknowledged over the whole run.
+    pub acknowledged: usize,
+    /// Acknowledged jobs that are not `succeeded` at the end.
+    pub lost: usize,
+    /// Jobs agents were assigned more than once (informational: at-least-once execution).
+    pub completed_twice: usize,
+    /// From the kill until the restarted broker answered health checks.
+    pub restart_seconds: f64,
+    /// From the kill until every agent had registered again.
+    pub reregistered_seconds: Option<f64>,
+    /// Connects that failed while the broker was away.
+    pub failed_connects: u64,
+}
+
+impl Report {
+    /// Prints the table.
+    pub fn print(&self) {
+        let rate = if self.offered_rate > 0.0 { format!("{} jobs/s", self.offered_rate) } else { "flat out".into() };
+        let rows: Vec<(&str, String)> = vec![
+            ("agents", format!("{} ({} cpus each)", self.agents, self.cpus_per_agent)),
+            ("jobs", format!("{} in batches of {}, {rate}", self.jobs, self.batch)),
+            ("certificates issued", format!("{:.3} s", self.pki_seconds)),
+            ("all agents connected", format!("{:.2} s", self.connect_seconds)),
+            ("bench memory per agent", format!("{:.1} KiB", self.bench_kib_per_agent)),
+            ("submitted / completed", format!("{} / {}", self.submitted, self.completed)),
+            ("run (first submit→last done)", format!("{:.2} s", self.run_seconds)),
+            ("sustained submit→complete", format!("{:.0} jobs/s", self.sustained_jobs_per_second)),
+            (
+                "submit→agent latency",
+                format!(
+                    "p50 {:.1} ms, p99 {:.1} ms, p999 {:.1} ms, max {:.1} ms",
+                    self.latency_ms.p50, self.latency_ms.p99, self.latency_ms.p999, self.latency_ms.max
+                ),
+            ),
+            ("broker cpu", format!("{:.1} s ({:.2} cores on average)", self.broker.cpu_seconds, self.broker.avg_cores)),
+            (
+                "broker rss",
+                format!(
+                    "{:.1} MiB after the run, {:.1} MiB peak",
+                    self.broker.rss_after_run_mib, self.broker.peak_rss_mib
+                ),
+            ),
+            ("retried submits", format!("{} calls, {} refused jobs", self.failed_submit_calls, self.refused_submits)),
+            ("lost jobs", self.lost.to_string()),
+        ];
+        let mut rows = rows;
+        if let Some(s) = &self.storm {
+            rows.push(("storm: all re-registered", format!("{:.2} s", s.reregistered_seconds)));
+            rows.push(("storm: failed connects", s.failed_connects.to_string()));
+        }
+        if let Some(k) = &self.kill {
+            rows.push(("kill: acknowledged (at kill)", format!("{} ({})", k.acknowledged, k.acknowledged_at_kill)));
+            rows.push(("kill: lost", k.lost.to_string()));
+            rows.push(("kill: completed twice", k.completed_twice.to_string()));
+            rows.push(("kill: restart to serving", format!("{:.2} s", k.restart_seconds)));
+            let again = k.reregistered_seconds.map_or("not all".into(), |s| format!("{s:.2} s"));
+            rows.push(("kill: all agents back", again));
+            rows.push(("kill: failed connects", k.failed_connects.to_string()));
+        }
+        rows.push(("result", if self.ok { "ok".into() } else { "FAILED".into() }));
+        let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        for (key, value) in rows {
+            println!("  {key:<width$}  {value}");
+        }
+    }
+
+    /// Writes the JSON document to `path`.
+    pub fn write(&self, path: &Path) -> anyhow::Result<()> {
+        let json = serde_json::to_string_pretty(self)?;
+        std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))
+    }
+}

@@ -1,0 +1,135 @@
+//! The bench's PKI and the broker's configuration.
+//!
+//! The CA and every client identity live in memory; only what the broker child reads (the CA
+//! certificate, its own certificate and key, its config) is written to the state directory.
+//! Agent certificates (`spiffe://<td>/agent/bench/node-<i>`) are issued on all cores at once.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rustls::ClientConfig;
+
+use crate::model::identity::Role;
+use crate::pki::{Ca, IssueRequest};
+use crate::tls;
+
+/// The trust domain of a bench PKI.
+pub const TRUST_DOMAIN: &str = "bench.hybroker.local";
+/// The site every simulated agent belongs to.
+pub const SITE: &str = "bench";
+/// The tenant the jobs are submitted for.
+pub const TENANT: &str = "bench";
+
+/// What the bench's clients need: one TLS configuration per identity.
+pub struct Pki {
+    /// The admin's configuration (submits, lists, health checks).
+    pub admin: Arc<ClientConfig>,
+    /// Agent `i`'s configuration, for node `node-<i>`.
+    pub agents: Vec<Arc<ClientConfig>>,
+    /// How long issuing took.
+    pub elapsed: Duration,
+}
+
+/// The node name of agent `i`.
+pub fn node_name(i: usize) -> String {
+    format!("node-{i}")
+}
+
+/// Makes a CA, writes it and the broker's certificate into `dir`, and issues an admin and
+/// `agents` agent certificates in memory, in parallel on all cores.
+pub fn make_pki(dir: &Path, agents: usize) -> anyhow::Result<Pki> {
+    let started = Instant::now();
+    let ca = Ca::generate(TRUST_DOMAIN)?;
+    std::fs::write(dir.join("ca.pem"), ca.cert_pem()).context("writing ca.pem")?;
+    let broker = IssueRequest {
+        role: Role::Broker,
+        name: "broker".into(),
+        site: None,
+        dns: vec!["localhost".into()],
+        ips: vec!["127.0.0.1".parse().expect("an ip address")],
+        days: 1,
+    };
+    ca.issue_to_dir(dir, &broker)?;
+    let admin = client(&ca, Role::Admin, "bench-admin", None)?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(agents.max(1));
+    let mut issued: Vec<Option<Arc<ClientConfig>>> = vec![None; agents];
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let ca = &ca;
+                scope.spawn(move || {
+                    (t..agents)
+                        .step_by(threads)
+                        .map(|i| Ok((i, client(ca, Role::Agent, &node_name(i), Some(SITE))?)))
+                        .collect::<anyhow::Result<Vec<_>>>()
+                })
+            })
+            .collect();
+        for worker in workers {
+            for (i, config) in worker.join().expect("a certificate worker panicked")? {
+                issued[i] = Some(config);
+            }
+        }
+        Ok(())
+    })?;
+    let agents = issued.into_iter().map(|c| c.expect("every agent was issued")).collect();
+    Ok(Pki { admin, agents, elapsed: started.elapsed() })
+}
+
+/// Issues a client certificate and builds its TLS configuration, trusting only broker servers.
+fn client(ca: &Ca, role: Role, name: &str, site: Option<&str>) -> anyhow::Result<Arc<ClientConfig>> {
+    let request =
+        IssueRequest { role, name: name.into(), site: site.map(Into::into), dns: vec![], ips: vec![], days: 1 };
+    let issued = ca.issue(&request)?;
+    let config = tls::client_config_from_pem(
+        ca.cert_pem().as_bytes(),
+        issued.cert_pem.as_bytes(),
+        issued.key_pem.as_bytes(),
+        TRUST_DOMAIN,
+        Role::Broker,
+    )?;
+    Ok(config)
+}
+
+/// Writes the broker's config into `dir` and returns its path: listen on any loopback port, the
+/// SQLite store in `dir` (its default `synchronous=FULL`), the lease TTL, heartbeats every third
+/// of it, and a `bench` tenant allowed `max_unfinished` unfinished jobs.
+pub fn write_broker_config(dir: &Path, lease_ttl: Duration, max_unfinished: usize) -> anyhow::Result<PathBuf> {
+    let quote = |p: PathBuf| toml::Value::String(p.to_string_lossy().into_owned()).to_string();
+    let heartbeat = (lease_ttl / 3).max(Duration::from_millis(100));
+    let mut config = String::new();
+    writeln!(config, "[broker]\nlisten = \"127.0.0.1:0\"\n")?;
+    writeln!(config, "[tls]\nca_cert = {}", quote(dir.join("ca.pem")))?;
+    writeln!(config, "cert = {}\nkey = {}\n", quote(dir.join("broker.pem")), quote(dir.join("broker-key.pem")))?;
+    writeln!(config, "[store]\npath = {}\n", quote(dir.join("broker.db")))?;
+    writeln!(
+        config,
+        "[leases]\nttl = \"{}ms\"\nheartbeat_interval = \"{}ms\"\n",
+        lease_ttl.as_millis(),
+        heartbeat.as_millis()
+    )?;
+    let cap = u32::try_from(max_unfinished.max(1000)).unwrap_or(u32::MAX);
+    writeln!(config, "[[tenant]]\nname = \"{TENANT}\"\nmax_queued_jobs = {cap}")?;
+    let path = dir.join("broker.toml");
+    std::fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// The state directory: `given` (which must not hold an earlier run), or a fresh temporary one.
+pub fn state_dir(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let dir = match given {
+        Some(dir) => dir.to_path_buf(),
+        None => {
+            let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            std::env::temp_dir().join(format!("hybroker-bench-{}-{}", std::process::id(), stamp.as_millis()))
+        }
+    };
+    if dir.join("broker.db").exists() || dir.join("ca.pem").exists() {
+        anyhow::bail!("{} already holds a bench run; give a fresh --state-dir", dir.display());
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}

@@ -1,0 +1,39 @@
+//! `hybroker bench` as a smoke test: a small run with a broker kill and a reconnect storm must
+//! complete every job and lose none. It asserts no speed: the numbers live in the bench output.
+
+use std::process::Command;
+
+use crate::common::BIN;
+
+#[test]
+fn a_small_bench_with_a_broker_kill_and_a_storm_completes_every_job_and_loses_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("result.json");
+    let out = Command::new(BIN)
+        .args(["bench", "--agents", "20", "--jobs", "2000", "--kill-broker", "--storm"])
+        .args(["--lease-ttl", "5s", "--deadline", "50s", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .arg("--out")
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let log = std::fs::read_to_string(dir.path().join("state/broker.log")).unwrap_or_default();
+    let tail: String = log.lines().rev().take(40).collect::<Vec<_>>().join("\n");
+    assert!(
+        out.status.success(),
+        "bench failed\nstdout:\n{stdout}\nstderr:\n{stderr}\nbroker log (last lines):\n{tail}"
+    );
+    assert!(stdout.contains(&format!("result: {}", out_path.display())), "{stdout}");
+
+    let result: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out_path).unwrap()).unwrap();
+    assert_eq!(result["jobs"], 2000, "{result}");
+    assert_eq!(result["submitted"], 2000, "{result}");
+    assert_eq!(result["completed"], 2000, "{result}");
+    assert_eq!(result["lost"], 0, "{result}");
+    assert_eq!(result["kill"]["lost"], 0, "{result}");
+    assert_eq!(result["ok"], true, "{result}");
+    assert!(result["kill"]["acknowledged_at_kill"].as_u64().unwrap() >= 1000, "{result}");
+    assert!(result["storm"]["reregistered_seconds"].is_number(), "{result}");
+}
