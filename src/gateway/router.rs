@@ -125,20 +125,51 @@ async fn log_requests(mut request: Request, next: Next) -> Response {
     response
 }
 
-/// Answers 413 to a body announced (`Content-Length`) larger than the limit, after reading and
-/// dropping it (up to [`DRAIN_LIMIT`]). Bodies without a length are cut off by the body limit
-/// when read.
+/// Answers 413 to a body larger than the limit, after reading and dropping it (up to
+/// [`DRAIN_LIMIT`], so the client gets the answer instead of a reset connection). A body without a
+/// `Content-Length` (chunked) is read here, up to the limit, and handed on whole.
 async fn refuse_large_bodies(State(max): State<usize>, request: Request, next: Next) -> Response {
     let announced =
         request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    let Some(length) = announced.filter(|&n| n > max as u64) else {
-        return next.run(request).await;
-    };
-    if length <= DRAIN_LIMIT {
-        let mut body = request.into_body().into_data_stream();
-        let _ = tokio::time::timeout(DRAIN_TIMEOUT, async { while let Some(Ok(_)) = body.next().await {} }).await;
+    match announced {
+        Some(length) if length > max as u64 => {
+            if length <= DRAIN_LIMIT {
+                drain(request.into_body().into_data_stream()).await;
+            }
+            HttpError::PayloadTooLarge(max).into_response()
+        }
+        Some(_) => next.run(request).await,
+        None => {
+            let (parts, body) = request.into_parts();
+            let mut stream = body.into_data_stream();
+            let mut whole = Vec::new();
+            while let Some(chunk) = stream.next().await {
+                let Ok(chunk) = chunk else {
+                    return HttpError::BadRequest("body: the request body broke off".into()).into_response();
+                };
+                whole.extend_from_slice(&chunk);
+                if whole.len() > max {
+                    drain(stream).await;
+                    return HttpError::PayloadTooLarge(max).into_response();
+                }
+            }
+            next.run(Request::from_parts(parts, axum::body::Body::from(whole))).await
+        }
     }
-    HttpError::PayloadTooLarge(max).into_response()
+}
+
+/// Reads and drops what is left of a body, up to [`DRAIN_LIMIT`] bytes and [`DRAIN_TIMEOUT`].
+async fn drain(mut body: axum::body::BodyDataStream) {
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        let mut dropped = 0u64;
+        while let Some(Ok(chunk)) = body.next().await {
+            dropped += chunk.len() as u64;
+            if dropped > DRAIN_LIMIT {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 #[cfg(test)]
