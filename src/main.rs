@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use hybroker::cli::{self, PkiCommand};
 use hybroker::config::{AgentConfig, BrokerConfig, GatewayConfig};
@@ -80,9 +79,7 @@ fn main() -> anyhow::Result<()> {
                     tracing::warn!("could not raise the open-file limit: {e}");
                 }
                 let config = BrokerConfig::load(&config)?;
-                let listener = tokio::net::TcpListener::bind(config.broker.listen)
-                    .await
-                    .with_context(|| format!("cannot listen on {}", config.broker.listen))?;
+                let listener = cli::listen(config.broker.listen)?;
                 if let Some(path) = addr_file {
                     cli::write_atomically(&path, &listener.local_addr()?.to_string())?;
                 }
@@ -90,9 +87,7 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Gateway { config, addr_file } => {
                 let config = GatewayConfig::load(&config)?;
-                let listener = tokio::net::TcpListener::bind(config.gateway.listen)
-                    .await
-                    .with_context(|| format!("cannot listen on {}", config.gateway.listen))?;
+                let listener = cli::listen(config.gateway.listen)?;
                 if let Some(path) = addr_file {
                     cli::write_atomically(&path, &listener.local_addr()?.to_string())?;
                 }

@@ -228,8 +228,19 @@ impl Core {
                 _ = tick.tick() => expiry_due = true,
             }
             let mut out = Effects::default();
+            // Every idempotency key of the batch is looked up in one query.
+            let keys: Vec<(String, String)> = cmds
+                .iter()
+                .filter_map(|c| match c {
+                    Cmd::Submit { tenant, idempotency_key: Some(key), .. } => Some((tenant.clone(), key.clone())),
+                    _ => None,
+                })
+                .collect();
+            if !keys.is_empty() {
+                out.keys = self.writer.find_idempotent(&keys).await?;
+            }
             for cmd in cmds.drain(..) {
-                self.handle(cmd, &mut out).await?;
+                self.handle(cmd, &mut out);
             }
             // Not while commands wait: a heartbeat queued behind them must not count as silence.
             if expiry_due && rx.is_empty() {
@@ -259,10 +270,10 @@ impl Core {
         }
     }
 
-    async fn handle(&mut self, cmd: Cmd, out: &mut Effects) -> Result<(), StoreError> {
+    fn handle(&mut self, cmd: Cmd, out: &mut Effects) {
         match cmd {
             Cmd::Submit { tenant, spec, idempotency_key, request_sha256, reply } => {
-                let result = self.submit(tenant, spec, idempotency_key, request_sha256, out).await?;
+                let result = self.submit(tenant, spec, idempotency_key, request_sha256, out);
                 out.reply(reply, result);
             }
             Cmd::Drain { agent, reply } => {
@@ -353,40 +364,35 @@ impl Core {
                 let _ = reply.send(self.agents.values().map(AgentEntry::view).collect());
             }
         }
-        Ok(())
     }
 
     /// A new job, or the one an earlier submit with the same idempotency key and document made.
-    async fn submit(
+    /// `out.keys` holds the batch's idempotency keys found in the store, and those of this batch.
+    fn submit(
         &mut self,
         tenant: String,
         spec: Arc<JobSpec>,
         key: Option<String>,
         request_sha256: String,
         out: &mut Effects,
-    ) -> Result<Result<(String, bool), ApiError>, StoreError> {
-        if let Some(key) = &key {
-            // Earlier batches are committed and found in the store; this batch's are not yet.
-            let earlier = match out.keys.get(&(tenant.clone(), key.clone())) {
-                Some(found) => Some(found.clone()),
-                None => self.writer.find_idempotent(&tenant, key).await?,
-            };
-            if let Some((id, hash)) = earlier {
-                if hash.is_some_and(|h| h != request_sha256) {
-                    return Ok(Err(ApiError::AlreadyExists(format!(
-                        "Idempotency-Key {key:?} was already used for a different job spec (job {id})"
-                    ))));
-                }
-                return Ok(Ok((id, true)));
+    ) -> Result<(String, bool), ApiError> {
+        if let Some(key) = &key
+            && let Some((id, hash)) = out.keys.get(&(tenant.clone(), key.clone()))
+        {
+            if hash.as_ref().is_some_and(|h| *h != request_sha256) {
+                return Err(ApiError::AlreadyExists(format!(
+                    "Idempotency-Key {key:?} was already used for a different job spec (job {id})"
+                )));
             }
+            return Ok((id.clone(), true));
         }
         let cap = self.settings.tenants.get(&tenant).map_or(0, |t| t.max_queued_jobs);
         let unfinished = self.unfinished.get(&tenant).copied().unwrap_or(0);
         if unfinished >= cap {
-            return Ok(Err(ApiError::ResourceExhausted(format!(
+            return Err(ApiError::ResourceExhausted(format!(
                 "tenant {tenant} has {unfinished} unfinished jobs, its limit (max_queued_jobs {cap}); \
                  wait for some to finish"
-            ))));
+            )));
         }
         let now = now_ms();
         let rec = JobRecord {
@@ -424,7 +430,7 @@ impl Core {
         self.event(&mut job, "submitted".into(), false, out);
         self.queue.insert((Reverse(job.rec.priority), id.clone()));
         self.jobs.insert(id.clone(), job);
-        Ok(Ok((id, false)))
+        Ok((id, false))
     }
 
     fn cancel(

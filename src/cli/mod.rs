@@ -64,6 +64,15 @@ pub fn pki(cmd: PkiCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Listens on `addr` with a deep accept backlog (the kernel caps it at `net.core.somaxconn`), so a
+/// storm of reconnecting agents is queued rather than dropped.
+pub fn listen(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+    Ok(socket.listen(16_384)?)
+}
+
 /// Writes a file so that readers see either nothing or the whole content.
 pub fn write_atomically(path: &Path, content: &str) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");

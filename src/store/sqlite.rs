@@ -1,5 +1,6 @@
 //! The SQLite implementation of the job store.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::OnceLock;
@@ -200,17 +201,29 @@ impl Writer {
         Ok(())
     }
 
-    /// The job an earlier submit with this idempotency key created, and its request hash.
+    /// The jobs earlier submits with these (tenant, idempotency key)s created, with their request
+    /// hashes; one query per few hundred keys.
     pub async fn find_idempotent(
         &mut self,
-        tenant: &str,
-        key: &str,
-    ) -> Result<Option<(String, Option<String>)>, StoreError> {
-        Ok(sqlx::query_as("SELECT id, request_sha256 FROM jobs WHERE tenant = ? AND idempotency_key = ?")
-            .bind(tenant)
-            .bind(key)
-            .fetch_optional(&mut self.conn)
-            .await?)
+        keys: &[(String, String)],
+    ) -> Result<HashMap<(String, String), (String, Option<String>)>, StoreError> {
+        let mut found = HashMap::new();
+        for chunk in keys.chunks(256) {
+            let pairs = vec!["(?, ?)"; chunk.len()].join(", ");
+            // A join, so each pair is an index search (an IN over row values scans the table).
+            let sql = format!(
+                "SELECT j.tenant, j.idempotency_key, j.id, j.request_sha256 FROM (VALUES {pairs}) AS v \
+                 JOIN jobs j ON j.tenant = v.column1 AND j.idempotency_key = v.column2 AND j.idempotency_key IS NOT NULL"
+            );
+            let mut query = sqlx::query_as::<_, (String, String, String, Option<String>)>(AssertSqlSafe(sql));
+            for (tenant, key) in chunk {
+                query = query.bind(tenant).bind(key);
+            }
+            for (tenant, key, id, hash) in query.fetch_all(&mut self.conn).await? {
+                found.insert((tenant, key), (id, hash));
+            }
+        }
+        Ok(found)
     }
 
     /// Every agent ever registered (for the broker's start: draining flags, last inventory).

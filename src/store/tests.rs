@@ -63,7 +63,11 @@ async fn batches_commit_atomically_and_survive_reopening() {
     let active: Vec<String> = writer.load_active().await.unwrap().into_iter().map(|j| j.id).collect();
     assert_eq!(active, ["a"]);
     assert_eq!(writer.last_event_seq().await.unwrap(), 2);
-    assert_eq!(writer.find_idempotent("acme", "key-a").await.unwrap().map(|(_, h)| h), Some(Some("h".into())));
+    let keys =
+        [("acme".to_string(), "key-a".to_string()), ("acme".into(), "nope".into()), ("other".into(), "key-b".into())];
+    let found = writer.find_idempotent(&keys).await.unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[&keys[0]], ("a".to_string(), Some("h".to_string())));
     assert_eq!(reader.events("b", 0).await.unwrap().len(), 1);
 }
 
