@@ -67,7 +67,7 @@ EOF
 pids+=($!)
 
 admin=("$bin" admin --broker "https://$addr" --ca-cert pki/ca.pem --cert pki/admin.pem --key pki/admin-key.pem)
-until "${admin[@]}" agents 2>/dev/null | grep -q connected; do
+until "${admin[@]}" agents 2>/dev/null | grep -q '^connected: *yes'; do
   (( SECONDS < deadline )) || { echo "agent did not register"; cat agent.log; exit 1; }
   sleep 0.2
 done

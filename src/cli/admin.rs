@@ -10,6 +10,7 @@ use clap::{Args, Subcommand};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
+use super::client::output;
 use crate::model::identity::Role;
 use crate::proto::admin_service_client::AdminServiceClient;
 use crate::proto::job_service_client::JobServiceClient;
@@ -179,33 +180,8 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<i32> {
         }
         AdminCommand::Agents => {
             let agents = client.list_agents(proto::ListAgentsRequest {}).await.map_err(explain)?.into_inner().agents;
-            for a in agents {
-                let inv = a.inventory.unwrap_or_default();
-                let state = if a.connected { "connected" } else { "disconnected" };
-                println!(
-                    "{} ({state}): {} cpus, {} MiB memory, running {}",
-                    a.id,
-                    inv.cpus,
-                    inv.memory_mib,
-                    a.running_jobs.len()
-                );
-                for g in inv.gpus {
-                    println!(
-                        "  gpu {}: {} ({}) {} MiB uuid {} {}{} util {}% temp {}C power {:.1}W ecc {} mig {}",
-                        g.index,
-                        g.model,
-                        g.name,
-                        g.memory_mib,
-                        g.uuid,
-                        if g.healthy { "healthy" } else { "UNHEALTHY" },
-                        if g.simulated { " [simulated]" } else { "" },
-                        g.utilization_pct,
-                        g.temperature_c,
-                        f64::from(g.power_mw) / 1000.0,
-                        g.ecc_errors,
-                        if g.mig_enabled { "on" } else { "off" },
-                    );
-                }
+            for agent in agents {
+                println!("{}", output::agent_details(&agent.into()));
             }
         }
     }

@@ -10,7 +10,7 @@
 
 pub(crate) mod follow;
 pub(crate) mod gateway;
-mod output;
+pub(crate) mod output;
 pub(crate) mod spec;
 mod sse;
 
