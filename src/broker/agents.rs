@@ -242,3 +242,24 @@ fn command(agent: &str, conn: u64, msg: proto::AgentMessage) -> Option<Cmd> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::gpu::{parse_simulated, simulated_gpus};
+
+    #[test]
+    fn unhealthy_and_allocated_gpus_are_not_free() {
+        let mut entry = AgentEntry::new("lab/a", "lab", "a");
+        let mut gpus = simulated_gpus(&parse_simulated("4xH100-80GB").unwrap(), 0, "a");
+        gpus[1].healthy = false;
+        entry.inventory = Inventory { gpus, cpus: 16, memory_mib: 65536, labels: Default::default() };
+        entry.allocate("job-1", 1, Alloc { gpus: vec![2], cpus: 4, memory_mib: 1024 });
+        let free = entry.free();
+        assert_eq!(free.gpus.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [0, 3]);
+        assert_eq!((free.cpus, free.memory_mib), (12, 64512));
+        entry.release("job-1", 1);
+        assert_eq!(entry.free().gpus.len(), 3);
+        assert_eq!(entry.free().cpus, 16);
+    }
+}
