@@ -20,7 +20,7 @@ use crate::model::UnixMillis;
 use crate::model::agent::{AttemptReport, Inventory, Phase};
 use crate::model::job::JobSpec;
 use crate::model::state::{Input, JobState, Lifecycle};
-use crate::placement::bind::first_fit;
+use crate::placement::bind::{first_fit, fit};
 use crate::proto;
 use crate::store::{
     AgentRecord, AttemptEnd, AttemptOutput, AttemptRecord, Batch, JobEvent, JobRecord, StoreError, Write, Writer,
@@ -242,8 +242,9 @@ impl Core {
             for cmd in cmds.drain(..) {
                 self.handle(cmd, &mut out);
             }
-            // Not while commands wait: a heartbeat queued behind them must not count as silence.
-            if expiry_due && rx.is_empty() {
+            // Not while a backlog waits (a heartbeat queued behind it must not count as silence),
+            // but a steady stream of commands must not starve expiry either.
+            if expiry_due && rx.len() < MAX_BATCH {
                 self.expire(Instant::now(), &mut out);
                 expiry_due = false;
             }
@@ -597,7 +598,16 @@ impl Core {
         for (job_id, epoch) in held {
             // An assignment the agent never received (its stream broke first) is sent again, with
             // the same epoch; an attempt it had started and no longer has is lost.
-            let alloc = previous.remove(&(job_id.clone(), epoch));
+            let mut alloc = previous.remove(&(job_id.clone(), epoch));
+            if let Some(job) = self.jobs.get(&job_id).filter(|j| alloc.is_none() && j.life.state == JobState::Leased) {
+                // After a broker restart nothing is booked yet: book the job's needs afresh.
+                let r = &job.spec.resources;
+                alloc = fit(r, &self.agents[&agent].free()).map(|gpus| Alloc {
+                    gpus,
+                    cpus: r.cpus,
+                    memory_mib: u64::from(r.memory_gib) * 1024,
+                });
+            }
             match (self.jobs.get(&job_id), alloc) {
                 (Some(job), Some(alloc)) if job.life.state == JobState::Leased => {
                     let assign = assignment(job, &alloc.gpus);

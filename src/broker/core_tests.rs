@@ -68,3 +68,25 @@ async fn an_assignment_lost_with_its_stream_is_sent_again_not_counted_as_an_atte
     let job = &core.jobs[&id];
     assert_eq!((job.life.state, job.life.attempts), (JobState::Leased, 1));
 }
+
+#[tokio::test]
+async fn after_a_broker_restart_an_undelivered_assignment_is_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut core1 = core(&dir).await;
+    let mut out = Effects::default();
+    let _first = connect(&mut core1, 1, &mut out);
+    let spec = Arc::new(JobSpec::from_yaml(b"name: x\ncommand: [\"true\"]\nmax_attempts: 1\n", 65536).unwrap());
+    let (id, _) = core1.submit("default".into(), spec, None, "h".into(), &mut out).unwrap();
+    core1.dispatch(&mut out);
+    core1.writer.commit(&out.batch).await.unwrap();
+    drop((core1, out)); // the broker dies before delivering the assignment
+
+    let mut core2 = core(&dir).await;
+    let mut out = Effects::default();
+    let mut again = connect(&mut core2, 1, &mut out);
+    commit(&mut core2, out).await;
+    let sent = drain(&mut again);
+    assert!(matches!(sent.last(), Some(Msg::Assign(a)) if a.job_id == id && a.epoch == 1), "{sent:?}");
+    let job = &core2.jobs[&id];
+    assert_eq!((job.life.state, job.life.attempts), (JobState::Leased, 1));
+}
