@@ -17,6 +17,8 @@ apt_install() {
 need cargo || { echo "cargo not found: install Rust 1.95 with rustup" >&2; exit 1; }
 need cc || apt_install gcc libc6-dev
 rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy
+# cargo-deny checks licenses, banned crates (a second crypto provider) and sources.
+cargo deny --version >/dev/null 2>&1 || cargo install --locked cargo-deny --version 0.20.2
 # No system protoc is needed (a vendored one builds the gRPC code); the tests start the real
 # binary's services on loopback and need no emulator yet.
 
@@ -26,6 +28,8 @@ export CARGO_PROFILE_DEV_DEBUG=line-tables-only
 
 echo "== rustfmt"
 cargo fmt --all -- --check
+echo "== cargo deny (bans, licenses, sources; the advisory database cannot be fetched here)"
+cargo deny check bans licenses sources
 echo "== clippy"
 cargo clippy --locked --all-targets -- -D warnings
 echo "== tests"
