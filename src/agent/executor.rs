@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use std::ffi::CString;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt, lchown};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt, lchown};
 use std::path::Path;
 
 use nix::sys::signal::{Signal, killpg};
@@ -32,8 +32,10 @@ use tokio::time::{Instant, sleep, sleep_until, timeout};
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
 /// Name of the output file in the work directory.
 pub const OUTPUT_LOG: &str = "output.log";
-/// The attempt's process group id, kept in its work directory while it runs.
-pub const PID_FILE: &str = "attempt.pid";
+/// The attempt's process group id is kept in `<job dir>/attempt-<n>.pid` while it runs: beside the
+/// work directory, in the agent-owned parent, where the job's user can neither plant a symlink nor
+/// delete it.
+const PID_EXTENSION: &str = "pid";
 /// Largest chunk of output read and sent at once.
 pub const CHUNK_BYTES: usize = 16 * 1024;
 /// How long output pipes may stay open after the process group is gone.
@@ -138,8 +140,8 @@ pub async fn run(launch: Launch, output: mpsc::Sender<Vec<u8>>, mut cancel: watc
     };
     let group = GroupGuard(Pid::from_raw(pid));
     // If the agent dies, its successor finds this and ends the orphaned group (see `kill_leftovers`).
-    let pid_file = launch.work_dir.join(PID_FILE);
-    if let Err(e) = std::fs::write(&pid_file, pid.to_string()) {
+    let pid_file = launch.work_dir.with_extension(PID_EXTENSION);
+    if let Err(e) = write_new(&pid_file, &pid.to_string()) {
         tracing::warn!(path = %pid_file.display(), error = %e, "cannot record the attempt's process group");
     }
     tracing::debug!(job = %launch.job_id, attempt = launch.attempt, pid, "attempt started");
@@ -283,10 +285,12 @@ async fn prepare(launch: &Launch) -> Result<Prepared, String> {
         .map_err(|e| format!("work directory: {e}"))?
         .map_err(|e| format!("work directory {}: {e}", launch.work_dir.display()))?;
     let log_path = launch.work_dir.join(OUTPUT_LOG);
+    // O_NOFOLLOW: the directory belongs to the job's user, who must not point the agent elsewhere.
     let log = tokio::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
         .open(&log_path)
         .await
         .map_err(|e| format!("{}: {e}", log_path.display()))?;
@@ -480,18 +484,36 @@ impl Forwarder {
     }
 }
 
+/// Creates `path` (never following a symlink, never reusing a file) with `text`.
+fn write_new(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let _ = std::fs::remove_file(path);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)?;
+    file.write_all(text.as_bytes())
+}
+
 /// Ends the process groups of attempts that a previous agent process left running (it was killed
-/// before it could stop them): any `<root>/<job>/attempt-<n>/attempt.pid` whose process still runs
-/// in that directory. A pid reused by an unrelated process (after a reboot, say) has another
-/// working directory and is left alone. Returns how many groups were killed.
+/// before it could stop them): any `<root>/<job>/attempt-<n>.pid` whose process still runs in
+/// `<root>/<job>/attempt-<n>`. A pid reused by an unrelated process (after a reboot, say) has
+/// another working directory and is left alone. The caller must hold the work directory's lock
+/// (no other agent uses it). Returns how many groups were killed.
 pub fn kill_leftovers(root: &Path) -> usize {
     let mut killed = 0;
     for job in std::fs::read_dir(root).into_iter().flatten().flatten() {
-        for attempt in std::fs::read_dir(job.path()).into_iter().flatten().flatten() {
-            let dir = attempt.path();
-            let Ok(text) = std::fs::read_to_string(dir.join(PID_FILE)) else { continue };
-            let _ = std::fs::remove_file(dir.join(PID_FILE));
+        for entry in std::fs::read_dir(job.path()).into_iter().flatten().flatten() {
+            let pid_file = entry.path();
+            if pid_file.extension().is_none_or(|e| e != PID_EXTENSION) {
+                continue;
+            }
+            let text = std::fs::read_to_string(&pid_file).unwrap_or_default();
+            let _ = std::fs::remove_file(&pid_file);
             let Ok(pid) = text.trim().parse::<i32>() else { continue };
+            let dir = pid_file.with_extension("");
             let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"));
             let same_dir = match (cwd, dir.canonicalize()) {
                 (Ok(cwd), Ok(dir)) => cwd == dir,

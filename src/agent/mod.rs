@@ -60,6 +60,21 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + Send)
     let probe = GpuProbe::new(config.simulated_gpus(), &identity.name);
     std::fs::create_dir_all(&config.agent.work_dir)
         .with_context(|| format!("work directory {}", config.agent.work_dir.display()))?;
+    // One agent per work directory: the lock is held for the agent's life (and freed by the kernel
+    // when it dies), so what is left in the directory belongs to a dead predecessor.
+    let lock_path = config.agent.work_dir.join(".agent.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        anyhow::bail!(
+            "another agent uses the work directory {}; give each agent its own agent.work_dir",
+            config.agent.work_dir.display()
+        );
+    }
     // Attempts of a killed predecessor would hold GPUs the broker now gives to others.
     executor::kill_leftovers(&config.agent.work_dir);
     let (events, mut event_rx) = mpsc::channel(1024);
@@ -69,6 +84,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + Send)
     for attempt in agent.attempts.values() {
         let _ = attempt.cancel.send(true);
     }
+    drop(lock);
     Ok(())
 }
 

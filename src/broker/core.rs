@@ -31,6 +31,8 @@ type KeyedJob = (String, Option<String>);
 
 /// Most commands applied in one batch (one transaction).
 const MAX_BATCH: usize = 4096;
+/// Lease expiry waits out a backlog for at most this many ticks (a tick is a quarter lease).
+const MAX_DEFERRED_TICKS: u32 = 2;
 
 /// Timings and limits the core needs.
 #[derive(Debug, Clone)]
@@ -220,12 +222,16 @@ impl Core {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut cmds = Vec::with_capacity(MAX_BATCH);
         let mut expiry_due = false;
+        let mut ticks_deferred = 0;
         loop {
             // Leases are checked on the tick only: walking every job per batch would cost more
             // than the batch itself under load.
             tokio::select! {
                 n = rx.recv_many(&mut cmds, MAX_BATCH) => if n == 0 { return Ok(()) },
-                _ = tick.tick() => expiry_due = true,
+                _ = tick.tick() => {
+                    ticks_deferred += u32::from(expiry_due);
+                    expiry_due = true;
+                }
             }
             let mut out = Effects::default();
             // Every idempotency key of the batch is looked up in one query.
@@ -243,10 +249,11 @@ impl Core {
                 self.handle(cmd, &mut out);
             }
             // Not while a backlog waits (a heartbeat queued behind it must not count as silence),
-            // but a steady stream of commands must not starve expiry either.
-            if expiry_due && rx.len() < MAX_BATCH {
+            // but a lasting overload must not starve expiry either: after a few ticks it runs anyway.
+            if expiry_due && (rx.len() < MAX_BATCH || ticks_deferred >= MAX_DEFERRED_TICKS) {
                 self.expire(Instant::now(), &mut out);
                 expiry_due = false;
+                ticks_deferred = 0;
             }
             self.dispatch(&mut out);
             for (key_id, at) in self.settings.keys.take_unpersisted_uses() {

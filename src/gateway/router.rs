@@ -29,6 +29,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(2);
 /// the client, still sending, gets the 413 instead of a reset connection.
 const DRAIN_LIMIT: u64 = 16 << 20;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for a whole request body without a `Content-Length`.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The service's routes and its OpenAPI document (which lists exactly these routes).
 pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
@@ -143,17 +145,29 @@ async fn refuse_large_bodies(State(max): State<usize>, request: Request, next: N
             let (parts, body) = request.into_parts();
             let mut stream = body.into_data_stream();
             let mut whole = Vec::new();
-            while let Some(chunk) = stream.next().await {
-                let Ok(chunk) = chunk else {
-                    return HttpError::BadRequest("body: the request body broke off".into()).into_response();
-                };
-                whole.extend_from_slice(&chunk);
-                if whole.len() > max {
-                    drain(stream).await;
-                    return HttpError::PayloadTooLarge(max).into_response();
+            // Read before authentication, so bounded in time too: a slow sender holds no memory long.
+            let read = tokio::time::timeout(BODY_TIMEOUT, async {
+                while let Some(chunk) = stream.next().await {
+                    let Ok(chunk) = chunk else {
+                        return Err(HttpError::BadRequest("body: the request body broke off".into()));
+                    };
+                    whole.extend_from_slice(&chunk);
+                    if whole.len() > max {
+                        return Err(HttpError::PayloadTooLarge(max));
+                    }
                 }
+                Ok(())
+            })
+            .await;
+            match read {
+                Ok(Ok(())) => next.run(Request::from_parts(parts, axum::body::Body::from(whole))).await,
+                Ok(Err(e @ HttpError::PayloadTooLarge(_))) => {
+                    drain(stream).await;
+                    e.into_response()
+                }
+                Ok(Err(e)) => e.into_response(),
+                Err(_) => HttpError::BadRequest(format!("body: not received within {BODY_TIMEOUT:?}")).into_response(),
             }
-            next.run(Request::from_parts(parts, axum::body::Body::from(whole))).await
         }
     }
 }

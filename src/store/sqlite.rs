@@ -215,7 +215,9 @@ impl Writer {
                 "SELECT j.tenant, j.idempotency_key, j.id, j.request_sha256 FROM (VALUES {pairs}) AS v \
                  JOIN jobs j ON j.tenant = v.column1 AND j.idempotency_key = v.column2 AND j.idempotency_key IS NOT NULL"
             );
-            let mut query = sqlx::query_as::<_, (String, String, String, Option<String>)>(AssertSqlSafe(sql));
+            // Not cached: its texts vary with the chunk size and would push out the writer's statements.
+            let mut query =
+                sqlx::query_as::<_, (String, String, String, Option<String>)>(AssertSqlSafe(sql)).persistent(false);
             for (tenant, key) in chunk {
                 query = query.bind(tenant).bind(key);
             }

@@ -264,6 +264,20 @@ async fn a_restarted_agent_ends_the_attempts_its_killed_predecessor_left_running
     assert!(alive(pid), "the job outlives its agent's kill -9");
     cluster.start_agent("node-a", "");
     eventually("the orphaned attempt to be killed", || async { (!alive(pid)).then_some(()) }).await;
+    // A second agent on the same work directory refuses to start (it would kill live attempts).
+    let mut twin = std::process::Command::new(BIN)
+        .args(["agent", "--config", cluster.path("agent-node-a.toml").to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = eventually("the twin agent to exit", || {
+        let status = twin.try_wait().unwrap();
+        async move { status }
+    })
+    .await;
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(twin.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success() && stderr.contains("another agent uses the work directory"), "{stderr}");
     // The broker learns the attempt is gone from the new agent's register and runs the job again.
     wait_job(&admin, &id, "a second attempt", |j| j.attempts == 2).await;
     let _ = std::fs::read_to_string(cluster.work_dir("node-a").join(&id).join("attempt-2/pid"))
