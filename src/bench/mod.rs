@@ -146,9 +146,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
     let mut run = Run { args: &args, broker: &mut broker, fleet: &fleet, admin: &pki.admin, watch: &mut watch };
     let driven = run.drive(channel.clone(), events).await?;
     let storm = if args.storm { Some(run.storm().await?) } else { None };
-    let succeeded = succeeded_jobs(channel).await?;
+    // An agent's completion can be a stale attempt's (acknowledged, then refused); give requeued
+    // jobs up to a lease and some to finish before counting what never succeeded.
     let rec = &watch.rec;
+    let settle = Instant::now() + args.lease_ttl.0 + Duration::from_secs(10);
+    let succeeded = loop {
+        let succeeded = succeeded_jobs(channel.clone()).await?;
+        if rec.submitted_ids().all(|id| succeeded.contains(id)) || Instant::now() >= settle {
+            break succeeded;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let lost = rec.submitted_ids().filter(|id| !succeeded.contains(*id)).count();
+    // More succeeded jobs than acknowledged ones would mean a retried submit made a second job.
+    let extra_jobs = succeeded.len().saturating_sub(rec.submitted());
     let mut kill = driven.kill;
     if let Some(k) = &mut kill {
         (k.acknowledged, k.lost, k.completed_twice) = (rec.submitted(), lost, rec.completed_twice());
@@ -190,9 +201,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
         failed_submit_calls: driven.trouble.failed_calls.load(Ordering::Relaxed),
         refused_submits: driven.trouble.refused_jobs.load(Ordering::Relaxed),
         lost,
+        extra_jobs,
         storm,
         kill,
-        ok: lost == 0 && completed == args.jobs,
+        ok: lost == 0 && extra_jobs == 0 && completed == args.jobs,
     };
     report.print();
     let out = args.out.clone().unwrap_or_else(|| dir.join("bench-result.json"));

@@ -37,6 +37,8 @@ pub struct Report {
     pub refused_submits: u64,
     /// Acknowledged jobs that are not `succeeded` at the end, according to the job service.
     pub lost: usize,
+    /// Succeeded jobs beyond those acknowledged (a retried submit that made a second job).
+    pub extra_jobs: usize,
     pub storm: Option<Storm>,
     pub kill: Option<Kill>,
     /// Every job completed and none was lost.
@@ -123,6 +125,7 @@ impl Report {
             ),
             ("retried submits", format!("{} calls, {} refused jobs", self.failed_submit_calls, self.refused_submits)),
             ("lost jobs", self.lost.to_string()),
+            ("extra jobs (duplicates)", self.extra_jobs.to_string()),
         ];
         let mut rows = rows;
         if let Some(s) = &self.storm {
