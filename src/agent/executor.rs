@@ -162,8 +162,10 @@ pub async fn run(launch: Launch, output: mpsc::Sender<Vec<u8>>, mut cancel: watc
                 () = sleep(launch.grace) => {
                     group.signal(Signal::SIGKILL);
                     if timeout(KILL_WAIT, child.wait()).await.is_err() {
-                        // Stuck in the kernel (a hung driver, say); tokio reaps it later.
-                        tracing::warn!(pid, "attempt's process survives SIGKILL; leaving it to be reaped");
+                        // Stuck in the kernel (a hung driver, say). The attempt does not end before
+                        // the process does: ending it would free GPUs the process still holds.
+                        tracing::warn!(pid, "attempt's process survives SIGKILL; waiting for it to be reaped");
+                        let _ = child.wait().await;
                     }
                 }
             }
