@@ -158,7 +158,8 @@ pub struct Core {
     events: broadcast::Sender<JobEvent>,
 }
 
-fn now_ms() -> UnixMillis {
+/// The broker's clock for stored timestamps.
+pub(super) fn now_ms() -> UnixMillis {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 

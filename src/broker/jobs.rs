@@ -4,7 +4,6 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::Stream;
@@ -332,7 +331,7 @@ impl proto::job_service_server::JobService for JobService {
     ) -> Result<Response<proto::TenantInfo>, Status> {
         tls::require_role(&req, &[Role::Gateway])?;
         let key = req.into_inner().key;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let now = super::core::now_ms();
         let invalid = || Status::unauthenticated("invalid or revoked API key");
         let (key_id, tenant) = self.keys.verify(&key, now).ok_or_else(invalid)?;
         let Some(t) = self.tenants.get(&tenant) else {
