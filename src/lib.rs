@@ -22,6 +22,7 @@ pub mod model;
 pub mod pki;
 pub mod placement;
 pub mod proto;
+pub mod storage;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
