@@ -9,6 +9,7 @@ mod generated {
 pub use generated::*;
 
 use crate::model::agent::{self, AttemptReport};
+use crate::model::data::{self, JobData};
 use crate::model::gpu;
 use crate::store;
 
@@ -93,6 +94,14 @@ impl TryFrom<AttemptUpdate> for AttemptReport {
             exit_code: u.exit_code,
             reason: u.reason,
             gpu_indices: u.gpu_indices,
+            staging: u.staging.map(|s| data::StagingStats {
+                in_bytes: s.in_bytes,
+                in_files: s.in_files,
+                in_ms: s.in_ms,
+                out_bytes: s.out_bytes,
+                out_files: s.out_files,
+                out_ms: s.out_ms,
+            }),
         })
     }
 }
@@ -112,6 +121,14 @@ impl From<AttemptReport> for AttemptUpdate {
             exit_code: r.exit_code,
             reason: r.reason,
             gpu_indices: r.gpu_indices,
+            staging: r.staging.map(|s| StagingStats {
+                in_bytes: s.in_bytes,
+                in_files: s.in_files,
+                in_ms: s.in_ms,
+                out_bytes: s.out_bytes,
+                out_files: s.out_files,
+                out_ms: s.out_ms,
+            }),
         }
     }
 }
@@ -122,8 +139,18 @@ impl From<store::JobRecord> for Job {
             .ok()
             .and_then(|spec| serde_json::from_value(spec.get("labels")?.clone()).ok())
             .unwrap_or_default();
+        let data: JobData = r.data_json.as_deref().and_then(|d| serde_json::from_str(d).ok()).unwrap_or_default();
+        let outputs = match r.state {
+            crate::model::state::JobState::Succeeded => {
+                data.outputs.iter().map(|o| o.attempt_uri(&r.tenant, &r.id, r.attempts)).collect()
+            }
+            _ => Vec::new(),
+        };
         Self {
             labels,
+            input_objects: data.inputs.len() as u32,
+            input_bytes: data.input_bytes(),
+            outputs,
             id: r.id,
             tenant: r.tenant,
             name: r.name,

@@ -123,6 +123,7 @@ impl Agent {
             exit_code: None,
             reason: String::new(),
             gpu_indices: a.gpu_indices.clone(),
+            staging: None,
         };
         let (cancel, cancel_rx) = watch::channel(false);
         match self.cuda_devices(&a.gpu_indices) {

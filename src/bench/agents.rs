@@ -227,6 +227,7 @@ impl Agent {
                     exit_code: Some(0),
                     reason: String::new(),
                     gpu_indices: a.gpu_indices,
+                    staging: None,
                 };
                 self.pending.insert((update.job_id.clone(), update.epoch), update.clone());
                 Some(Out::Update(update))

@@ -9,7 +9,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::core::Cmd;
+use super::core::{AttemptData, Cmd};
+use super::data::DataPlane;
+use super::staging;
 use crate::model::agent::{AttemptReport, Inventory};
 use crate::model::identity::Role;
 use crate::placement::bind::FreeCapacity;
@@ -168,11 +170,18 @@ impl AgentEntry {
 pub struct AgentService {
     core: mpsc::Sender<Cmd>,
     next_conn: Arc<AtomicU64>,
+    data: Arc<DataPlane>,
 }
 
 impl AgentService {
-    pub fn new(core: mpsc::Sender<Cmd>) -> Self {
-        Self { core, next_conn: Arc::new(AtomicU64::new(1)) }
+    pub fn new(core: mpsc::Sender<Cmd>, data: Arc<DataPlane>) -> Self {
+        Self { core, next_conn: Arc::new(AtomicU64::new(1)), data }
+    }
+
+    /// The calling agent's id, and the data of the attempt it names.
+    async fn attempt<T>(&self, req: &Request<T>, job_id: &str, epoch: u64) -> Result<AttemptData, Status> {
+        let who = tls::require_role(req, &[Role::Agent])?;
+        staging::attempt_data(&self.core, &who.agent_id(), job_id, epoch).await
     }
 }
 
@@ -219,6 +228,38 @@ impl proto::agent_service_server::AgentService for AgentService {
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+
+    async fn input_urls(
+        &self,
+        req: Request<proto::InputUrlsRequest>,
+    ) -> Result<Response<proto::InputUrlsResponse>, Status> {
+        let attempt = self.attempt(&req, &req.get_ref().job_id, req.get_ref().epoch).await?;
+        Ok(Response::new(staging::input_urls(&self.data, &attempt, req.into_inner()).await?))
+    }
+
+    async fn plan_outputs(
+        &self,
+        req: Request<proto::PlanOutputsRequest>,
+    ) -> Result<Response<proto::PlanOutputsResponse>, Status> {
+        let attempt = self.attempt(&req, &req.get_ref().job_id, req.get_ref().epoch).await?;
+        let job_id = req.get_ref().job_id.clone();
+        Ok(Response::new(staging::plan_outputs(&self.data, &job_id, &attempt, req.into_inner()).await?))
+    }
+
+    async fn part_urls(&self, req: Request<proto::PartUrlsRequest>) -> Result<Response<proto::PartUrlsResponse>, Status> {
+        let attempt = self.attempt(&req, &req.get_ref().job_id, req.get_ref().epoch).await?;
+        let job_id = req.get_ref().job_id.clone();
+        Ok(Response::new(staging::part_urls(&self.data, &job_id, &attempt, req.into_inner()).await?))
+    }
+
+    async fn complete_outputs(
+        &self,
+        req: Request<proto::CompleteOutputsRequest>,
+    ) -> Result<Response<proto::CompleteOutputsResponse>, Status> {
+        let attempt = self.attempt(&req, &req.get_ref().job_id, req.get_ref().epoch).await?;
+        let job_id = req.get_ref().job_id.clone();
+        Ok(Response::new(staging::complete_outputs(&self.data, &job_id, &attempt, req.into_inner()).await?))
+    }
 }
 
 /// Turns one stream message into a core command; invalid messages are logged and skipped.
@@ -240,7 +281,24 @@ fn command(agent: &str, conn: u64, msg: proto::AgentMessage) -> Option<Cmd> {
         In::Output(chunk) => {
             Some(Cmd::Output { agent, conn, job_id: chunk.job_id, epoch: chunk.epoch, data: chunk.data })
         }
+        In::Progress(p) => {
+            let text = progress_text(&p);
+            Some(Cmd::Progress { agent, conn, job_id: p.job_id, epoch: p.epoch, text })
+        }
     }
+}
+
+/// A job event's text for staging progress, like `stage-in 40% (400 MiB of 1000 MiB, 3/10 files)`.
+fn progress_text(p: &proto::StagingProgress) -> String {
+    let stage = if p.stage == "out" { "stage-out" } else { "stage-in" };
+    let pct = if p.bytes_total == 0 { 100 } else { p.bytes_done.min(p.bytes_total) * 100 / p.bytes_total };
+    format!(
+        "{stage} {pct}% ({} of {} MiB, {}/{} files)",
+        p.bytes_done >> 20,
+        p.bytes_total >> 20,
+        p.files_done,
+        p.files_total
+    )
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use crate::config::TenantConfig;
 use crate::error::ApiError;
 use crate::model::UnixMillis;
 use crate::model::agent::{AttemptReport, Inventory, Phase};
+use crate::model::data::{JobData, StagingStats};
 use crate::model::job::JobSpec;
 use crate::model::state::{Input, JobState, Lifecycle};
 use crate::placement::bind::{first_fit, fit};
@@ -56,7 +57,24 @@ pub enum Cmd {
         idempotency_key: Option<String>,
         /// SHA-256 (hex) of the submitted document.
         request_sha256: String,
+        /// The job's data as resolved (inputs listed, outputs' locations), when it has any.
+        data: Option<Arc<JobData>>,
         reply: Reply<(String, bool)>,
+    },
+    /// A staging agent's progress: recorded as a job event.
+    Progress {
+        agent: String,
+        conn: u64,
+        job_id: String,
+        epoch: u64,
+        text: String,
+    },
+    /// The data of an attempt, for minting its URLs; only for the agent holding that attempt.
+    AttemptData {
+        agent: String,
+        job_id: String,
+        epoch: u64,
+        reply: Reply<AttemptData>,
     },
     Cancel {
         job_id: String,
@@ -114,10 +132,19 @@ pub enum Cmd {
     },
 }
 
+/// What an attempt's URLs are minted from.
+#[derive(Debug, Clone)]
+pub struct AttemptData {
+    pub tenant: String,
+    pub attempt: u32,
+    pub data: Arc<JobData>,
+}
+
 struct ActiveJob {
     rec: JobRecord,
     life: Lifecycle,
     spec: Arc<JobSpec>,
+    data: Option<Arc<JobData>>,
     lease_deadline: Option<Instant>,
     tail: Tail,
 }
@@ -209,9 +236,14 @@ impl Core {
             if !rec.state.has_attempt() {
                 core.queue.insert((Reverse(rec.priority), rec.id.clone()));
             }
+            let data = match rec.data_json.as_deref().map(serde_json::from_str::<JobData>) {
+                None => None,
+                Some(Ok(data)) => Some(Arc::new(data)),
+                Some(Err(e)) => return Err(StoreError::Corrupt(format!("job {}: stored data: {e}", rec.id))),
+            };
             let tail = Tail::new(core.settings.log_tail_bytes);
             *core.unfinished.entry(rec.tenant.clone()).or_default() += 1;
-            core.jobs.insert(rec.id.clone(), ActiveJob { rec, life, spec, lease_deadline, tail });
+            core.jobs.insert(rec.id.clone(), ActiveJob { rec, life, spec, data, lease_deadline, tail });
         }
         tracing::info!(active_jobs = core.jobs.len(), "job store loaded");
         Ok(core)
@@ -281,9 +313,35 @@ impl Core {
 
     fn handle(&mut self, cmd: Cmd, out: &mut Effects) {
         match cmd {
-            Cmd::Submit { tenant, spec, idempotency_key, request_sha256, reply } => {
-                let result = self.submit(tenant, spec, idempotency_key, request_sha256, out);
+            Cmd::Submit { tenant, spec, idempotency_key, request_sha256, data, reply } => {
+                let result = self.submit(tenant, spec, idempotency_key, request_sha256, data, out);
                 out.reply(reply, result);
+            }
+            Cmd::Progress { agent, conn, job_id, epoch, text } => {
+                if self.touch(&agent, conn)
+                    && let Some(mut job) = self.jobs.remove(&job_id)
+                {
+                    if job.life.epoch == epoch && job.rec.agent.as_deref() == Some(agent.as_str()) {
+                        self.event(&mut job, text, false, out);
+                    }
+                    self.jobs.insert(job_id, job);
+                }
+            }
+            Cmd::AttemptData { agent, job_id, epoch, reply } => {
+                let found = self.jobs.get(&job_id).filter(|j| {
+                    j.life.epoch == epoch && j.life.state.has_attempt() && j.rec.agent.as_deref() == Some(agent.as_str())
+                });
+                let result = match found {
+                    Some(j) => Ok(AttemptData {
+                        tenant: j.rec.tenant.clone(),
+                        attempt: j.life.attempts,
+                        data: j.data.clone().unwrap_or_default(),
+                    }),
+                    None => Err(ApiError::FailedPrecondition(format!(
+                        "job {job_id} epoch {epoch} is not an attempt of agent {agent} (stale, finished or unknown)"
+                    ))),
+                };
+                let _ = reply.send(result);
             }
             Cmd::Drain { agent, reply } => {
                 let result = match self.agents.get_mut(&agent) {
@@ -383,6 +441,7 @@ impl Core {
         spec: Arc<JobSpec>,
         key: Option<String>,
         request_sha256: String,
+        data: Option<Arc<JobData>>,
         out: &mut Effects,
     ) -> Result<(String, bool), ApiError> {
         if let Some(key) = &key
@@ -420,6 +479,7 @@ impl Core {
             reason: String::new(),
             idempotency_key: key,
             request_sha256: Some(request_sha256),
+            data_json: data.as_ref().map(|d| serde_json::to_string(&**d).expect("job data serialises")),
             created_at: now,
             updated_at: now,
         };
@@ -435,8 +495,15 @@ impl Core {
             spec,
             lease_deadline: None,
             tail: Tail::new(self.settings.log_tail_bytes),
+            data,
         };
-        self.event(&mut job, "submitted".into(), false, out);
+        let submitted = match &job.data {
+            Some(d) if !d.inputs.is_empty() => {
+                format!("submitted ({} input objects, {} bytes)", d.inputs.len(), d.input_bytes())
+            }
+            _ => "submitted".to_string(),
+        };
+        self.event(&mut job, submitted, false, out);
         self.queue.insert((Reverse(job.rec.priority), id.clone()));
         self.jobs.insert(id.clone(), job);
         Ok((id, false))
@@ -465,7 +532,7 @@ impl Core {
         if had_attempt {
             let agent = job.rec.agent.clone().unwrap_or_default();
             out.send(&agent, proto::broker_message::Msg::Stop(stop(&job, &reason)));
-            self.end_attempt(&job, JobState::Cancelled, None, &reason, out);
+            self.end_attempt(&job, JobState::Cancelled, None, &reason, None, out);
         }
         self.transition(job, JobState::Cancelled, reason, None, out);
         Ok(())
@@ -520,7 +587,15 @@ impl Core {
         out.events.push(ev);
     }
 
-    fn end_attempt(&self, job: &ActiveJob, state: JobState, exit_code: Option<i32>, reason: &str, out: &mut Effects) {
+    fn end_attempt(
+        &self,
+        job: &ActiveJob,
+        state: JobState,
+        exit_code: Option<i32>,
+        reason: &str,
+        staging: Option<&StagingStats>,
+        out: &mut Effects,
+    ) {
         out.batch.push(Write::EndAttempt(AttemptEnd {
             job_id: job.rec.id.clone(),
             attempt: job.life.attempts,
@@ -530,6 +605,7 @@ impl Core {
             output: job.tail.bytes(),
             output_truncated: job.tail.truncated(),
             output_bytes: job.tail.total(),
+            staging_json: staging.map(|s| serde_json::to_string(s).expect("stats serialise")),
             ended_at: now_ms(),
         }));
     }
@@ -674,7 +750,7 @@ impl Core {
                     _ => r.reason.clone(),
                 };
                 if state.is_terminal() {
-                    self.end_attempt(&job, state, r.exit_code, &reason, out);
+                    self.end_attempt(&job, state, r.exit_code, &reason, r.staging.as_ref(), out);
                     self.free(agent, &r.job_id, r.epoch);
                     out.send(agent, Msg::Ack(proto::Ack { job_id: r.job_id.clone(), epoch: r.epoch }));
                 }
@@ -702,7 +778,7 @@ impl Core {
                 tracing::warn!(job = job_id, agent, epoch, "lease lost: {why}");
                 self.free(&agent, job_id, epoch);
                 let reason = format!("attempt {} lost on {agent}: {why}", job.life.attempts);
-                self.end_attempt(&job, JobState::Failed, None, &reason, out);
+                self.end_attempt(&job, JobState::Failed, None, &reason, None, out);
                 job.tail = Tail::new(self.settings.log_tail_bytes);
                 let reason = if state == JobState::Failed {
                     format!("{reason}; no attempts left (max_attempts {})", job.life.max_attempts)
@@ -814,6 +890,12 @@ fn assignment(job: &ActiveJob, gpus: &[u32]) -> proto::Assignment {
         env: job.spec.env.clone().into_iter().collect(),
         gpu_indices: gpus.to_vec(),
         max_runtime_ms: job.spec.max_runtime().as_millis() as u64,
+        inputs: job.data.iter().flat_map(|d| &d.inputs).map(|i| proto::AssignedInput {
+            path: i.path.clone(),
+            size: i.size,
+            md5: i.md5.clone().unwrap_or_default(),
+        }).collect(),
+        outputs: job.data.iter().flat_map(|d| &d.outputs).map(|o| o.path.clone()).collect(),
     }
 }
 

@@ -52,7 +52,7 @@ async fn an_assignment_lost_with_its_stream_is_sent_again_not_counted_as_an_atte
     let mut out = Effects::default();
     let mut first = connect(&mut core, 1, &mut out);
     let spec = Arc::new(JobSpec::from_yaml(b"name: x\ncommand: [\"true\"]\nmax_attempts: 1\n", 65536).unwrap());
-    let (id, _) = core.submit("default".into(), spec, None, "h".into(), &mut out).unwrap();
+    let (id, _) = core.submit("default".into(), spec, None, "h".into(), None, &mut out).unwrap();
     core.dispatch(&mut out);
     commit(&mut core, out).await;
     let sent = drain(&mut first);
@@ -76,7 +76,7 @@ async fn after_a_broker_restart_an_undelivered_assignment_is_sent_again() {
     let mut out = Effects::default();
     let _first = connect(&mut core1, 1, &mut out);
     let spec = Arc::new(JobSpec::from_yaml(b"name: x\ncommand: [\"true\"]\nmax_attempts: 1\n", 65536).unwrap());
-    let (id, _) = core1.submit("default".into(), spec, None, "h".into(), &mut out).unwrap();
+    let (id, _) = core1.submit("default".into(), spec, None, "h".into(), None, &mut out).unwrap();
     core1.dispatch(&mut out);
     core1.writer.commit(&out.batch).await.unwrap();
     drop((core1, out)); // the broker dies before delivering the assignment

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 
 use super::agents::AgentView;
 use super::core::Cmd;
+use super::data::DataPlane;
 use super::keys::{KeyRing, sha256_hex};
 use crate::config::TenantConfig;
 use crate::error::ApiError;
@@ -40,16 +41,22 @@ pub struct JobService {
     max_spec_bytes: usize,
     tenants: Arc<HashMap<String, TenantConfig>>,
     keys: Arc<KeyRing>,
+    data: Arc<DataPlane>,
 }
 
 impl JobService {
-    /// Validates one submit and hands it to the core; the receiver yields the core's answer.
-    fn submit_one(&self, who: &Identity, req: proto::SubmitRequest) -> Result<oneshot::Receiver<SubmitReply>, Status> {
+    /// Validates one submit, resolves its job data (listing inputs for their sizes) and hands it to
+    /// the core; the receiver yields the core's answer.
+    async fn submit_one(
+        &self,
+        who: &Identity,
+        req: proto::SubmitRequest,
+    ) -> Result<oneshot::Receiver<SubmitReply>, Status> {
         let tenant = tenant_of(who, &req.tenant)?;
         let tenant = if tenant.is_empty() { DEFAULT_TENANT.to_string() } else { tenant };
-        if !self.tenants.contains_key(&tenant) {
+        let Some(tenant_config) = self.tenants.get(&tenant) else {
             return Err(Status::permission_denied(format!("tenant {tenant} is not declared in the broker config")));
-        }
+        };
         let spec = match proto::SpecFormat::try_from(req.format) {
             Ok(proto::SpecFormat::Json) => JobSpec::from_json(&req.spec, self.max_spec_bytes),
             // YAML is a superset of JSON: an unspecified format is read as YAML.
@@ -64,10 +71,15 @@ impl JobService {
             k if k.len() <= 128 && k.chars().all(|c| c.is_ascii_graphic()) => Some(k.to_string()),
             _ => return Err(Status::invalid_argument("idempotency_key: at most 128 printable ASCII characters")),
         };
+        let data = if spec.inputs.is_empty() && spec.outputs.is_empty() {
+            None
+        } else {
+            Some(Arc::new(self.data.resolve(tenant_config, &spec).await?))
+        };
         let spec = Arc::new(spec);
         let request_sha256 = sha256_hex(&[&[req.format as u8][..], &req.spec].concat());
         let (reply, rx) = oneshot::channel();
-        let cmd = Cmd::Submit { tenant, spec, idempotency_key: key, request_sha256, reply };
+        let cmd = Cmd::Submit { tenant, spec, idempotency_key: key, request_sha256, data, reply };
         // A full queue is backpressure: the caller retries; never block a gRPC worker here forever.
         self.core.try_send(cmd).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => Status::resource_exhausted("the broker is busy; retry shortly"),
@@ -83,8 +95,9 @@ impl JobService {
         max_spec_bytes: usize,
         tenants: Arc<HashMap<String, TenantConfig>>,
         keys: Arc<KeyRing>,
+        data: Arc<DataPlane>,
     ) -> Self {
-        Self { core, reader, events, max_spec_bytes, tenants, keys }
+        Self { core, reader, events, max_spec_bytes, tenants, keys, data }
     }
 
     async fn agent_view(&self, agent_id: String) -> Result<AgentView, Status> {
@@ -128,7 +141,7 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<proto::JobEvent, Status>> + 
 impl proto::job_service_server::JobService for JobService {
     async fn submit(&self, req: Request<proto::SubmitRequest>) -> Result<Response<proto::SubmitResponse>, Status> {
         let who = tls::require_role(&req, CALLERS)?;
-        let reply = self.submit_one(&who, req.into_inner())?;
+        let reply = self.submit_one(&who, req.into_inner()).await?;
         let (job_id, duplicate) = reply.await.map_err(|_| unavailable())??;
         Ok(Response::new(proto::SubmitResponse { job_id, duplicate }))
     }
@@ -143,7 +156,10 @@ impl proto::job_service_server::JobService for JobService {
             return Err(Status::invalid_argument(format!("jobs: at most {MAX_BATCH} per batch")));
         }
         // All are handed to the core before any reply is awaited, so they share commits.
-        let replies: Vec<_> = jobs.into_iter().map(|job| self.submit_one(&who, job)).collect();
+        let mut replies = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            replies.push(self.submit_one(&who, job).await);
+        }
         let mut results = Vec::with_capacity(replies.len());
         for reply in replies {
             let result = match reply {

@@ -4,8 +4,10 @@
 pub mod admin;
 pub mod agents;
 pub mod core;
+pub mod data;
 pub mod jobs;
 pub mod keys;
+mod staging;
 mod tail;
 
 use std::collections::HashMap;
@@ -52,6 +54,7 @@ pub async fn run(
         tenants: (*tenants).clone(),
         keys: keys.clone(),
     };
+    let data = Arc::new(data::DataPlane::start(&config).await?);
     let core = core::Core::load(writer, settings, events.clone()).await?;
     let (core_tx, core_rx) = mpsc::channel(CORE_QUEUE);
     let mut core_task = tokio::spawn(core.run(core_rx));
@@ -67,9 +70,10 @@ pub async fn run(
         config.limits.max_spec_bytes,
         tenants.clone(),
         keys.clone(),
+        data.clone(),
     );
     let admin_service = admin::AdminService::new(core_tx.clone(), keys, tenants);
-    let agent_service = agents::AgentService::new(core_tx);
+    let agent_service = agents::AgentService::new(core_tx, data);
     let addr = listener.local_addr()?;
     tracing::info!(%addr, trust_domain, "broker listening");
     let server = tonic::transport::Server::builder()

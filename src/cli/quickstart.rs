@@ -69,6 +69,8 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
         leases: LeaseSection { ttl: Duration::from_secs(10).into(), heartbeat_interval: Duration::from_secs(2).into() },
         limits: LimitSection::default(),
         tenants: vec![TenantConfig { name: DEMO_TENANT.into(), admin: true, ..TenantConfig::default_tenant() }],
+        storage: Vec::new(),
+        staging: Default::default(),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {

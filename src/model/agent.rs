@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::data::StagingStats;
 use super::gpu::Gpu;
 
 /// A node's resources as its agent reports them.
@@ -37,6 +38,8 @@ pub struct AttemptReport {
     pub exit_code: Option<i32>,
     pub reason: String,
     pub gpu_indices: Vec<u32>,
+    /// What staging moved, on final reports of attempts with job data.
+    pub staging: Option<StagingStats>,
 }
 
 impl AttemptReport {

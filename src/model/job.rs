@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::data::DataUri;
 use super::duration::HumanDuration;
 use super::gpu::{is_known_model, known_models};
 
@@ -21,6 +22,7 @@ const MAX_ARG_BYTES: usize = 4096;
 const MAX_ENV: usize = 128;
 const MAX_ENV_VALUE_BYTES: usize = 32 * 1024;
 const MAX_LABELS: usize = 64;
+const MAX_DATA_ENTRIES: usize = 64;
 
 /// What a tenant submits.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -294,9 +296,13 @@ impl JobSpec {
         }
     }
 
-    /// Job data and policy are parsed and checked now; their machinery lands with later issues, so a
-    /// spec that uses them is refused rather than silently run without them.
+    /// Job data is checked here (the URIs' syntax; the broker resolves them against its locations
+    /// and the tenant's allowed prefixes). Placement policy lands with a later issue, so a spec that
+    /// uses it (or an output that leaves its location to placement) is refused rather than run without it.
     fn check_data(&self, p: &mut Problems) {
+        if self.inputs.len() > MAX_DATA_ENTRIES || self.outputs.len() > MAX_DATA_ENTRIES {
+            p.add("inputs", format!("at most {MAX_DATA_ENTRIES} inputs and {MAX_DATA_ENTRIES} outputs"));
+        }
         for (i, input) in self.inputs.iter().enumerate() {
             if let Err(e) = check_data_uri(&input.uri) {
                 p.add(format!("inputs[{i}].uri"), e);
@@ -315,7 +321,10 @@ impl JobSpec {
                         p.add(format!("outputs[{i}].to"), e);
                     }
                 }
-                (None, Some(_)) => {}
+                (None, Some(_)) => p.add(
+                    format!("outputs[{i}].residency"),
+                    "is not supported yet: placement does not choose output locations yet; give `to`",
+                ),
                 _ => p.add(format!("outputs[{i}]"), "give exactly one of `to` or `residency`"),
             }
         }
@@ -336,15 +345,8 @@ impl JobSpec {
             }
         }
         if p.0.is_empty() {
-            const LATER: &str = "is not supported yet: this broker does not stage job data or enforce placement policy";
-            if !self.inputs.is_empty() {
-                p.add("inputs", LATER);
-            }
-            if !self.outputs.is_empty() {
-                p.add("outputs", LATER);
-            }
             if self.policy.is_some() {
-                p.add("policy", LATER);
+                p.add("policy", "is not supported yet: this broker does not enforce placement policy");
             }
         }
     }
@@ -353,31 +355,19 @@ impl JobSpec {
 /// Job data URIs: `s3://bucket/key`, `az://account/container/path`, `local://location/path`.
 /// Anything else (http, file, userinfo, encoded or dot segments) is refused: that is the SSRF guard.
 pub fn check_data_uri(uri: &str) -> Result<(), String> {
-    let Some((scheme, rest)) = uri.split_once("://") else {
-        return Err(format!("{uri:?} is not a data URI (s3://, az:// or local://)"));
-    };
-    let min_segments = match scheme {
-        "s3" | "local" => 1,
-        "az" => 2,
-        _ => return Err(format!("scheme {scheme:?} is not allowed; use s3://, az:// or local://")),
-    };
-    if rest.contains(['@', '%', '\\', '?', '#']) || rest.chars().any(|c| c.is_control() || c == ' ') {
-        return Err(format!("{uri:?} may not contain userinfo, escapes, queries, fragments or spaces"));
-    }
-    let segments: Vec<&str> = rest.split('/').collect();
-    if segments.iter().any(|s| *s == "." || *s == "..") {
-        return Err(format!("{uri:?} may not contain . or .. segments"));
-    }
-    if segments.len() < min_segments || segments[..min_segments].iter().any(|s| s.is_empty()) {
-        return Err(format!("{uri:?} must name the bucket, container or location"));
-    }
-    Ok(())
+    DataUri::parse(uri).map(|_| ())
 }
 
-/// A relative path inside the work directory.
+/// A relative path inside the work directory: no `.`/`..` or empty segments (a trailing `/` is
+/// fine), no control characters, and not the agent's own `output.log`.
 fn check_work_path(path: &str) -> Result<(), String> {
-    if path.is_empty() || path.starts_with('/') || path.split('/').any(|s| s == "..") || path.contains('\0') {
+    let trimmed = path.strip_suffix('/').unwrap_or(path);
+    let bad_segment = trimmed.split('/').any(|s| s.is_empty() || s == "." || s == "..");
+    if path.len() > 1024 || path.starts_with('/') || bad_segment || path.chars().any(char::is_control) {
         return Err(format!("{path:?} must be a relative path inside the work directory"));
+    }
+    if trimmed == "output.log" {
+        return Err("output.log is the attempt's log, kept by the agent".into());
     }
     Ok(())
 }

@@ -45,6 +45,8 @@ pub struct JobRecord {
     pub idempotency_key: Option<String>,
     /// SHA-256 (hex) of the submitted document, to tell a retry from a reused key.
     pub request_sha256: Option<String>,
+    /// The job's data plan (`model::data::JobData` as JSON): input objects with sizes, output targets.
+    pub data_json: Option<String>,
     pub created_at: UnixMillis,
     pub updated_at: UnixMillis,
 }
@@ -85,6 +87,8 @@ pub struct AttemptEnd {
     pub output_truncated: bool,
     /// The attempt's whole output in bytes (the tail is the last `output.len()` of them).
     pub output_bytes: u64,
+    /// Staging statistics (`model::data::StagingStats` as JSON), when the attempt moved data.
+    pub staging_json: Option<String>,
     pub ended_at: UnixMillis,
 }
 

@@ -74,4 +74,8 @@ CREATE TABLE api_keys (
     revoked_at_ms INTEGER
 );
 "#,
+    r#"
+ALTER TABLE jobs ADD COLUMN data_json TEXT;
+ALTER TABLE attempts ADD COLUMN staging_json TEXT;
+"#,
 ];

@@ -15,7 +15,7 @@ use super::{AgentRecord, AttemptOutput, Batch, JobEvent, JobFilter, JobRecord, K
 use crate::model::state::JobState;
 
 const JOB_COLUMNS: &str = "id, tenant, name, state, spec_json, priority, attempts, max_attempts, epoch, \
-     site, agent, exit_code, reason, idempotency_key, request_sha256, created_at_ms, updated_at_ms";
+     site, agent, exit_code, reason, idempotency_key, request_sha256, data_json, created_at_ms, updated_at_ms";
 
 /// Opens (creating and migrating if needed) the store at `path`.
 pub async fn open(path: &Path) -> Result<(Writer, Reader), StoreError> {
@@ -101,6 +101,7 @@ impl Writer {
                     .bind(&u.reason)
                     .bind(&j.idempotency_key)
                     .bind(&j.request_sha256)
+                    .bind(&j.data_json)
                     .bind(j.created_at)
                     .bind(u.updated_at);
             }
@@ -137,6 +138,7 @@ impl Writer {
                     .bind(&a.output)
                     .bind(a.output_truncated)
                     .bind(a.output_bytes as i64)
+                    .bind(&a.staging_json)
                     .bind(a.ended_at);
             }
             q.execute(&mut *tx).await?;
@@ -303,7 +305,8 @@ async fn insert_attempts(conn: &mut SqliteConnection, attempts: &[NewAttempt<'_>
                     .bind(&e.reason)
                     .bind(&e.output)
                     .bind(e.output_truncated)
-                    .bind(e.output_bytes as i64),
+                    .bind(e.output_bytes as i64)
+                    .bind(&e.staging_json),
                 // The columns' defaults, as an insert that names only the others leaves them.
                 None => q
                     .bind(JobState::Leased.as_str())
@@ -311,7 +314,8 @@ async fn insert_attempts(conn: &mut SqliteConnection, attempts: &[NewAttempt<'_>
                     .bind("")
                     .bind(None::<Vec<u8>>)
                     .bind(false)
-                    .bind(0_i64),
+                    .bind(0_i64)
+                    .bind(None::<String>),
             };
             q = q.bind(a.started_at).bind(end.map(|e| e.ended_at));
         }
@@ -320,7 +324,7 @@ async fn insert_attempts(conn: &mut SqliteConnection, attempts: &[NewAttempt<'_>
     Ok(())
 }
 
-/// Rows per statement at most: 256 rows of the widest (17 columns) bind 4,352 parameters, well
+/// Rows per statement at most: 256 rows of the widest (18 columns) bind 4,608 parameters, well
 /// under SQLite's 32,766 (bundled 3.51; the limit is only 999 before 3.32).
 const MAX_ROWS: usize = 256;
 
@@ -367,8 +371,8 @@ impl MultiRow {
 
 static INSERT_JOBS: MultiRow = MultiRow::new(
     "INSERT INTO jobs (id, tenant, name, state, spec_json, priority, attempts, max_attempts, epoch, site, agent, \
-     exit_code, reason, idempotency_key, request_sha256, created_at_ms, updated_at_ms)",
-    17,
+     exit_code, reason, idempotency_key, request_sha256, data_json, created_at_ms, updated_at_ms)",
+    18,
     "",
 );
 
@@ -386,15 +390,16 @@ static INSERT_EVENTS: MultiRow =
 
 static INSERT_ATTEMPTS: MultiRow = MultiRow::new(
     "INSERT INTO attempts (job_id, attempt, epoch, agent, gpu_indices, state, exit_code, reason, output, \
-     output_truncated, output_bytes, started_at_ms, ended_at_ms)",
-    13,
+     output_truncated, output_bytes, staging_json, started_at_ms, ended_at_ms)",
+    14,
     "",
 );
 
 static UPDATE_ATTEMPTS: MultiRow = MultiRow::new(
     "UPDATE attempts SET state = v.column3, exit_code = v.column4, reason = v.column5, output = v.column6, \
-     output_truncated = v.column7, output_bytes = v.column8, ended_at_ms = v.column9 FROM (",
-    9,
+     output_truncated = v.column7, output_bytes = v.column8, staging_json = v.column9, ended_at_ms = v.column10 \
+     FROM (",
+    10,
     ") AS v WHERE attempts.job_id = v.column1 AND attempts.attempt = v.column2",
 );
 
@@ -538,6 +543,7 @@ fn job_from_row(r: &SqliteRow) -> Result<JobRecord, StoreError> {
         reason: r.try_get("reason")?,
         idempotency_key: r.try_get("idempotency_key")?,
         request_sha256: r.try_get("request_sha256")?,
+        data_json: r.try_get("data_json")?,
         created_at: r.try_get("created_at_ms")?,
         updated_at: r.try_get("updated_at_ms")?,
     })

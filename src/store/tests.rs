@@ -18,6 +18,7 @@ fn job(id: &str) -> JobRecord {
         reason: String::new(),
         idempotency_key: Some(format!("key-{id}")),
         request_sha256: Some("h".into()),
+        data_json: None,
         created_at: 1,
         updated_at: 1,
     }
@@ -103,8 +104,8 @@ mod reference {
                 Write::NewJob(j) => {
                     sqlx::query(
                         "INSERT INTO jobs (id, tenant, name, state, spec_json, priority, attempts, max_attempts, \
-                         epoch, site, agent, exit_code, reason, idempotency_key, request_sha256, created_at_ms, \
-                         updated_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         epoch, site, agent, exit_code, reason, idempotency_key, request_sha256, data_json, \
+                         created_at_ms, updated_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     )
                     .bind(&j.id)
                     .bind(&j.tenant)
@@ -121,6 +122,7 @@ mod reference {
                     .bind(&j.reason)
                     .bind(&j.idempotency_key)
                     .bind(&j.request_sha256)
+                    .bind(&j.data_json)
                     .bind(j.created_at)
                     .bind(j.updated_at)
                     .execute(&mut *tx)
@@ -177,7 +179,7 @@ mod reference {
                 Write::EndAttempt(a) => {
                     sqlx::query(
                         "UPDATE attempts SET state = ?, exit_code = ?, reason = ?, output = ?, output_truncated = ?, \
-                         output_bytes = ?, ended_at_ms = ? WHERE job_id = ? AND attempt = ?",
+                         output_bytes = ?, staging_json = ?, ended_at_ms = ? WHERE job_id = ? AND attempt = ?",
                     )
                     .bind(a.state.as_str())
                     .bind(a.exit_code)
@@ -185,6 +187,7 @@ mod reference {
                     .bind(&a.output)
                     .bind(a.output_truncated)
                     .bind(a.output_bytes as i64)
+                    .bind(&a.staging_json)
                     .bind(a.ended_at)
                     .bind(&a.job_id)
                     .bind(a.attempt)
@@ -364,6 +367,7 @@ mod model {
             exit_code: opt(rng, |r| [0, 1, -9, i32::MAX][r.usize(..4)]),
             reason: text(rng),
             request_sha256: opt(rng, text),
+            data_json: opt(rng, text),
             created_at: millis(rng),
             updated_at: millis(rng),
         }
@@ -379,6 +383,7 @@ mod model {
             output: [&b""[..], b"out", b"\0\xff"][rng.usize(..3)].to_vec(),
             output_truncated: rng.bool(),
             output_bytes: [0, 3, u64::MAX][rng.usize(..3)],
+            staging_json: opt(rng, text),
             ended_at: millis(rng),
         }
     }
@@ -598,6 +603,7 @@ fn life(i: u64, stage: u8, out: &mut Batch) {
             output: b"hello\n".to_vec(),
             output_truncated: false,
             output_bytes: 6,
+            staging_json: None,
             ended_at: 3,
         }));
         rec.state = JobState::Succeeded;
@@ -692,6 +698,7 @@ async fn updates_of_missing_rows_create_nothing() {
                 output: vec![],
                 output_truncated: false,
                 output_bytes: 0,
+                staging_json: None,
                 ended_at: 1,
             }),
             Write::AgentDraining { id: "nobody".into(), draining: true },

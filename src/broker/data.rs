@@ -1,0 +1,275 @@
+//! The broker's side of job data: the configured storage locations, resolving a submission's
+//! inputs and outputs (listing and HEADing inputs for their sizes, checking the tenant's allowed
+//! prefixes) and minting each attempt's presigned requests. Only the broker holds credentials.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::task::JoinHandle;
+
+use crate::config::{BrokerConfig, StorageCloud, StorageConfig, TenantConfig};
+use crate::error::ApiError;
+use crate::model::data::{DataUri, InputObject, JobData, OutputTarget, Scheme, input_destination};
+use crate::model::job::JobSpec;
+use crate::storage::azure::{AzureBlobStore, AzureSettings};
+use crate::storage::local::LocalS3Server;
+use crate::storage::s3::{S3Settings, S3Store};
+use crate::storage::{CompletedPart, ObjectStore, Presigned, StorageError};
+
+/// Most parts one upload may have (S3's limit).
+const MAX_PARTS: u64 = 10_000;
+
+/// How the broker reaches one location.
+struct Location {
+    config: StorageConfig,
+    store: Arc<dyn ObjectStore>,
+}
+
+/// Every configured location, and the rules for minting URLs.
+pub struct DataPlane {
+    locations: HashMap<String, Location>,
+    by_uri: HashMap<(Scheme, String), String>,
+    url_ttl: Duration,
+    max_input_objects: usize,
+    multipart_threshold: u64,
+    part_size: u64,
+    /// The embedded local servers; aborted when the data plane is dropped.
+    servers: Vec<JoinHandle<()>>,
+}
+
+impl Drop for DataPlane {
+    fn drop(&mut self) {
+        for server in &self.servers {
+            server.abort();
+        }
+    }
+}
+
+/// One output file's upload, as the broker plans it.
+pub enum Upload {
+    Single { key: String, put: Presigned },
+    Multipart { key: String, upload_id: String, part_size: u64, parts: Vec<Presigned> },
+}
+
+impl DataPlane {
+    /// Connects to every location and starts the embedded local stores.
+    pub async fn start(config: &BrokerConfig) -> anyhow::Result<Self> {
+        let mut plane = DataPlane {
+            locations: HashMap::new(),
+            by_uri: HashMap::new(),
+            url_ttl: config.staging.url_ttl.0,
+            max_input_objects: config.staging.max_input_objects,
+            multipart_threshold: config.staging.multipart_threshold_mib << 20,
+            part_size: config.staging.part_size_mib << 20,
+            servers: Vec::new(),
+        };
+        for s in &config.storage {
+            let store: Arc<dyn ObjectStore> = match s.cloud {
+                StorageCloud::Aws => Arc::new(
+                    S3Store::new(S3Settings {
+                        bucket: s.bucket.clone().unwrap_or_default(),
+                        region: if s.region.is_empty() { "us-east-1".into() } else { s.region.clone() },
+                        endpoint: s.endpoint.clone(),
+                        profile: s.profile.clone(),
+                        static_credentials: None,
+                    })
+                    .await
+                    .with_context(|| format!("storage {}", s.name))?,
+                ),
+                StorageCloud::Azure => Arc::new(
+                    AzureBlobStore::new(AzureSettings {
+                        account: s.account.clone().unwrap_or_default(),
+                        container: s.container.clone().unwrap_or_default(),
+                        endpoint: s.endpoint.clone(),
+                        account_key: s.account_key().map_err(|e| anyhow::anyhow!("storage {}: {e}", s.name))?,
+                    })
+                    .await
+                    .with_context(|| format!("storage {}", s.name))?,
+                ),
+                StorageCloud::Local => {
+                    let dir = s.dir.clone().unwrap_or_default();
+                    let listener = tokio::net::TcpListener::bind(s.listen)
+                        .await
+                        .with_context(|| format!("storage {}: listen on {}", s.name, s.listen))?;
+                    let server = LocalS3Server::new(&dir, listener).with_context(|| format!("storage {}", s.name))?;
+                    let store = server.store(&s.name).await.with_context(|| format!("storage {}", s.name))?;
+                    tracing::info!(location = s.name, endpoint = server.endpoint(), dir = %dir.display(), "local store serving");
+                    plane.servers.push(tokio::spawn(server.run(std::future::pending())));
+                    Arc::new(store)
+                }
+            };
+            plane.by_uri.insert(s.uri_store(), s.name.clone());
+            plane.locations.insert(s.name.clone(), Location { config: s.clone(), store });
+        }
+        Ok(plane)
+    }
+
+    /// The location's store, by name.
+    fn store(&self, location: &str) -> Result<&Arc<dyn ObjectStore>, ApiError> {
+        self.locations
+            .get(location)
+            .map(|l| &l.store)
+            .ok_or_else(|| ApiError::FailedPrecondition(format!("storage location {location} is no longer configured")))
+    }
+
+    /// The location a URI names, checked against the tenant's allowed prefixes.
+    fn locate(&self, field: &str, uri: &str, tenant: &TenantConfig) -> Result<(DataUri, &Location), ApiError> {
+        let parsed = DataUri::parse(uri).map_err(|e| ApiError::InvalidArgument(format!("{field}: {e}")))?;
+        let location = self
+            .by_uri
+            .get(&(parsed.scheme, parsed.store.clone()))
+            .and_then(|name| self.locations.get(name))
+            .ok_or_else(|| {
+                ApiError::InvalidArgument(format!(
+                    "{field}: {}://{} is not a configured storage location",
+                    parsed.scheme.as_str(),
+                    parsed.store
+                ))
+            })?;
+        let allowed = tenant.storage.iter().filter_map(|p| DataUri::parse(p).ok()).any(|p| parsed.is_within(&p));
+        if !allowed {
+            let list = if tenant.storage.is_empty() { "none".to_string() } else { tenant.storage.join(", ") };
+            return Err(ApiError::InvalidArgument(format!(
+                "{field}: tenant {} may not use {uri} (its allowed storage prefixes: {list})",
+                tenant.name
+            )));
+        }
+        Ok((parsed, location))
+    }
+
+    /// Resolves a submission's data: every input object with its size, every output's target.
+    pub async fn resolve(&self, tenant: &TenantConfig, spec: &JobSpec) -> Result<JobData, ApiError> {
+        let mut data = JobData::default();
+        let mut destinations = HashSet::new();
+        for (i, input) in spec.inputs.iter().enumerate() {
+            let field = format!("inputs[{i}].uri");
+            let (uri, location) = self.locate(&field, &input.uri, tenant)?;
+            let objects = if uri.is_prefix() {
+                let limit = self.max_input_objects.saturating_sub(data.inputs.len());
+                let listed = location.store.list(&uri.path, limit).await.map_err(|e| store_error(&field, e))?;
+                let listed: Vec<_> = listed.into_iter().filter(|o| !o.key.ends_with('/')).collect();
+                if listed.is_empty() {
+                    return Err(ApiError::InvalidArgument(format!("{field}: no objects under {}", input.uri)));
+                }
+                listed
+            } else {
+                match location.store.head(&uri.path).await.map_err(|e| store_error(&field, e))? {
+                    Some(meta) => vec![meta],
+                    None => return Err(ApiError::InvalidArgument(format!("{field}: {} does not exist", input.uri))),
+                }
+            };
+            if data.inputs.len() + objects.len() > self.max_input_objects {
+                return Err(ApiError::InvalidArgument(format!(
+                    "inputs: more than {} objects in all (staging.max_input_objects)",
+                    self.max_input_objects
+                )));
+            }
+            for meta in objects {
+                let path = input_destination(&input.path, &uri.path, uri.is_prefix(), &meta.key).ok_or_else(|| {
+                    ApiError::InvalidArgument(format!("{field}: object key {:?} cannot be staged safely", meta.key))
+                })?;
+                if !destinations.insert(path.clone()) {
+                    return Err(ApiError::InvalidArgument(format!("{field}: two inputs land at {path}")));
+                }
+                data.inputs.push(InputObject {
+                    location: location.config.name.clone(),
+                    key: meta.key,
+                    path,
+                    size: meta.size,
+                    etag: meta.etag,
+                    md5: meta.content_md5,
+                });
+            }
+        }
+        for (i, output) in spec.outputs.iter().enumerate() {
+            let field = format!("outputs[{i}].to");
+            let to = output.to.as_deref().ok_or_else(|| ApiError::InvalidArgument(format!("{field}: missing")))?;
+            let (uri, location) = self.locate(&field, to, tenant)?;
+            let prefix = if uri.path.is_empty() || uri.path.ends_with('/') { uri.path } else { format!("{}/", uri.path) };
+            let to = format!("{}://{}/{prefix}", uri.scheme.as_str(), uri.store);
+            data.outputs.push(OutputTarget { path: output.path.clone(), location: location.config.name.clone(), to, prefix });
+        }
+        Ok(data)
+    }
+
+    /// Fresh GETs for the inputs with these indices (all when empty).
+    pub async fn input_urls(&self, data: &JobData, indices: &[u32]) -> Result<Vec<Presigned>, ApiError> {
+        let all: Vec<u32> = (0..data.inputs.len() as u32).collect();
+        let indices = if indices.is_empty() { &all[..] } else { indices };
+        let mut urls = Vec::with_capacity(indices.len());
+        for &i in indices {
+            let input = data
+                .inputs
+                .get(i as usize)
+                .ok_or_else(|| ApiError::InvalidArgument(format!("input {i} does not exist")))?;
+            let store = self.store(&input.location)?;
+            urls.push(store.presign_get(&input.key, self.url_ttl).await.map_err(|e| store_error("inputs", e))?);
+        }
+        Ok(urls)
+    }
+
+    /// The key of one output file of one attempt; `None` when the relative path is unsafe.
+    pub fn output_key(target: &OutputTarget, attempt_prefix: &str, rel: &str) -> Option<String> {
+        let name = if rel.is_empty() { target.path.trim_end_matches('/').rsplit('/').next()? } else { rel };
+        let bad = name.split('/').any(|s| s.is_empty() || s == "." || s == "..") || name.chars().any(char::is_control);
+        (!bad).then(|| format!("{attempt_prefix}{name}"))
+    }
+
+    /// Plans the upload of one output file: a PUT, or a multipart upload with every part's URL.
+    pub async fn plan_upload(&self, target: &OutputTarget, key: String, size: u64) -> Result<Upload, ApiError> {
+        let store = self.store(&target.location)?;
+        if size <= self.multipart_threshold {
+            let put = store.presign_put(&key, self.url_ttl).await.map_err(|e| store_error("outputs", e))?;
+            return Ok(Upload::Single { key, put });
+        }
+        let part_size = self.part_size.max(size.div_ceil(MAX_PARTS));
+        let upload_id = store.create_multipart(&key).await.map_err(|e| store_error("outputs", e))?;
+        let numbers: Vec<u32> = (1..=size.div_ceil(part_size) as u32).collect();
+        let parts = self.part_urls(target, &key, &upload_id, &numbers).await?;
+        Ok(Upload::Multipart { key, upload_id, part_size, parts })
+    }
+
+    /// Fresh URLs for parts of an upload.
+    pub async fn part_urls(
+        &self,
+        target: &OutputTarget,
+        key: &str,
+        upload_id: &str,
+        numbers: &[u32],
+    ) -> Result<Vec<Presigned>, ApiError> {
+        let store = self.store(&target.location)?;
+        let mut parts = Vec::with_capacity(numbers.len());
+        for &n in numbers {
+            if n == 0 || u64::from(n) > MAX_PARTS {
+                return Err(ApiError::InvalidArgument(format!("part number {n} is out of range 1..={MAX_PARTS}")));
+            }
+            parts.push(
+                store.presign_part(key, upload_id, n, self.url_ttl).await.map_err(|e| store_error("outputs", e))?,
+            );
+        }
+        Ok(parts)
+    }
+
+    /// Completes one multipart upload.
+    pub async fn complete(
+        &self,
+        target: &OutputTarget,
+        key: &str,
+        upload_id: &str,
+        parts: &[CompletedPart],
+    ) -> Result<(), ApiError> {
+        let store = self.store(&target.location)?;
+        store.complete_multipart(key, upload_id, parts).await.map_err(|e| store_error("outputs", e))
+    }
+}
+
+/// A store's answer as the caller sees it: a missing or denied object is the request's fault.
+fn store_error(field: &str, e: StorageError) -> ApiError {
+    match e {
+        StorageError::NotFound(_) | StorageError::TooMany { .. } => ApiError::InvalidArgument(format!("{field}: {e}")),
+        StorageError::Denied(_) => ApiError::FailedPrecondition(format!("{field}: {e}")),
+        StorageError::Request(_) | StorageError::Config(_) => ApiError::Unavailable(format!("{field}: {e}")),
+    }
+}

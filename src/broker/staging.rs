@@ -1,0 +1,125 @@
+//! The agent service's data calls: presigned requests for the attempt an agent holds. Every call
+//! first asks the core whether the calling agent holds that job's attempt at that epoch, so a
+//! stale or foreign agent gets nothing; output keys are built here, under the attempt's own prefix,
+//! never taken from the agent.
+
+use std::time::UNIX_EPOCH;
+
+use tokio::sync::{mpsc, oneshot};
+use tonic::Status;
+
+use super::core::{AttemptData, Cmd};
+use super::data::{DataPlane, Upload};
+use crate::error::ApiError;
+use crate::model::data::OutputTarget;
+use crate::proto;
+use crate::storage::{CompletedPart, Presigned};
+
+/// Most files planned in one call.
+const MAX_FILES_PER_CALL: usize = 1000;
+
+/// The attempt's data, when `agent` holds `job_id` at `epoch`.
+pub(super) async fn attempt_data(
+    core: &mpsc::Sender<Cmd>,
+    agent: &str,
+    job_id: &str,
+    epoch: u64,
+) -> Result<AttemptData, Status> {
+    let (reply, rx) = oneshot::channel();
+    let cmd = Cmd::AttemptData { agent: agent.to_string(), job_id: job_id.to_string(), epoch, reply };
+    let unavailable = || Status::unavailable("the broker's core is not running");
+    core.send(cmd).await.map_err(|_| unavailable())?;
+    Ok(rx.await.map_err(|_| unavailable())??)
+}
+
+pub(super) async fn input_urls(
+    data: &DataPlane,
+    attempt: &AttemptData,
+    req: proto::InputUrlsRequest,
+) -> Result<proto::InputUrlsResponse, Status> {
+    let urls = data.input_urls(&attempt.data, &req.indices).await?;
+    Ok(proto::InputUrlsResponse { urls: urls.into_iter().map(presigned).collect() })
+}
+
+pub(super) async fn plan_outputs(
+    data: &DataPlane,
+    job_id: &str,
+    attempt: &AttemptData,
+    req: proto::PlanOutputsRequest,
+) -> Result<proto::PlanOutputsResponse, Status> {
+    if req.files.len() > MAX_FILES_PER_CALL {
+        return Err(Status::invalid_argument(format!("files: at most {MAX_FILES_PER_CALL} per call")));
+    }
+    let mut uploads = Vec::with_capacity(req.files.len());
+    for file in req.files {
+        let target = target(attempt, file.output)?;
+        let prefix = target.attempt_prefix(&attempt.tenant, job_id, attempt.attempt);
+        let key = DataPlane::output_key(target, &prefix, &file.path)
+            .ok_or_else(|| Status::invalid_argument(format!("output file path {:?} is not a safe name", file.path)))?;
+        uploads.push(match data.plan_upload(target, key, file.size).await? {
+            Upload::Single { key, put } => proto::UploadPlan { key, put: Some(presigned(put)), ..Default::default() },
+            Upload::Multipart { key, upload_id, part_size, parts } => proto::UploadPlan {
+                key,
+                put: None,
+                upload_id,
+                part_size,
+                parts: parts.into_iter().map(presigned).collect(),
+            },
+        });
+    }
+    Ok(proto::PlanOutputsResponse { uploads })
+}
+
+pub(super) async fn part_urls(
+    data: &DataPlane,
+    job_id: &str,
+    attempt: &AttemptData,
+    req: proto::PartUrlsRequest,
+) -> Result<proto::PartUrlsResponse, Status> {
+    let target = target(attempt, req.output)?;
+    check_key(target, job_id, attempt, &req.key)?;
+    let parts = data.part_urls(target, &req.key, &req.upload_id, &req.numbers).await?;
+    Ok(proto::PartUrlsResponse { parts: parts.into_iter().map(presigned).collect() })
+}
+
+pub(super) async fn complete_outputs(
+    data: &DataPlane,
+    job_id: &str,
+    attempt: &AttemptData,
+    req: proto::CompleteOutputsRequest,
+) -> Result<proto::CompleteOutputsResponse, Status> {
+    for upload in req.uploads {
+        let target = target(attempt, upload.output)?;
+        check_key(target, job_id, attempt, &upload.key)?;
+        let parts: Vec<CompletedPart> =
+            upload.parts.into_iter().map(|p| CompletedPart { number: p.number, etag: p.etag }).collect();
+        data.complete(target, &upload.key, &upload.upload_id, &parts).await?;
+    }
+    Ok(proto::CompleteOutputsResponse {})
+}
+
+fn target(attempt: &AttemptData, output: u32) -> Result<&OutputTarget, Status> {
+    attempt
+        .data
+        .outputs
+        .get(output as usize)
+        .ok_or_else(|| Status::invalid_argument(format!("output {output} does not exist")))
+}
+
+/// Keys an agent sends back must lie under this attempt's prefix.
+fn check_key(target: &OutputTarget, job_id: &str, attempt: &AttemptData, key: &str) -> Result<(), Status> {
+    let prefix = target.attempt_prefix(&attempt.tenant, job_id, attempt.attempt);
+    match key.strip_prefix(&prefix) {
+        Some(rest) if DataPlane::output_key(target, &prefix, rest).as_deref() == Some(key) => Ok(()),
+        _ => Err(ApiError::PermissionDenied(format!("key {key:?} is not under this attempt's prefix {prefix}")).into()),
+    }
+}
+
+fn presigned(p: Presigned) -> proto::PresignedRequest {
+    proto::PresignedRequest {
+        method: p.method,
+        url: p.url,
+        headers: p.headers.into_iter().collect(),
+        expires_at_ms: p.expires_at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+    }
+}
