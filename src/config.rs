@@ -171,7 +171,9 @@ impl StorageConfig {
             }
         }
         let foreign = match self.cloud {
-            StorageCloud::Aws => self.account_key_file.is_some() || self.account_key_env.is_some() || self.dir.is_some(),
+            StorageCloud::Aws => {
+                self.account_key_file.is_some() || self.account_key_env.is_some() || self.dir.is_some()
+            }
             StorageCloud::Azure => self.profile.is_some() || self.bucket.is_some() || self.dir.is_some(),
             StorageCloud::Local => self.profile.is_some() || self.bucket.is_some() || self.account.is_some(),
         };

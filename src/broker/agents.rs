@@ -246,7 +246,10 @@ impl proto::agent_service_server::AgentService for AgentService {
         Ok(Response::new(staging::plan_outputs(&self.data, &job_id, &attempt, req.into_inner()).await?))
     }
 
-    async fn part_urls(&self, req: Request<proto::PartUrlsRequest>) -> Result<Response<proto::PartUrlsResponse>, Status> {
+    async fn part_urls(
+        &self,
+        req: Request<proto::PartUrlsRequest>,
+    ) -> Result<Response<proto::PartUrlsResponse>, Status> {
         let attempt = self.attempt(&req, &req.get_ref().job_id, req.get_ref().epoch).await?;
         let job_id = req.get_ref().job_id.clone();
         Ok(Response::new(staging::part_urls(&self.data, &job_id, &attempt, req.into_inner()).await?))

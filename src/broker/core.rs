@@ -329,7 +329,9 @@ impl Core {
             }
             Cmd::AttemptData { agent, job_id, epoch, reply } => {
                 let found = self.jobs.get(&job_id).filter(|j| {
-                    j.life.epoch == epoch && j.life.state.has_attempt() && j.rec.agent.as_deref() == Some(agent.as_str())
+                    j.life.epoch == epoch
+                        && j.life.state.has_attempt()
+                        && j.rec.agent.as_deref() == Some(agent.as_str())
                 });
                 let result = match found {
                     Some(j) => Ok(AttemptData {
@@ -890,11 +892,16 @@ fn assignment(job: &ActiveJob, gpus: &[u32]) -> proto::Assignment {
         env: job.spec.env.clone().into_iter().collect(),
         gpu_indices: gpus.to_vec(),
         max_runtime_ms: job.spec.max_runtime().as_millis() as u64,
-        inputs: job.data.iter().flat_map(|d| &d.inputs).map(|i| proto::AssignedInput {
-            path: i.path.clone(),
-            size: i.size,
-            md5: i.md5.clone().unwrap_or_default(),
-        }).collect(),
+        inputs: job
+            .data
+            .iter()
+            .flat_map(|d| &d.inputs)
+            .map(|i| proto::AssignedInput {
+                path: i.path.clone(),
+                size: i.size,
+                md5: i.md5.clone().unwrap_or_default(),
+            })
+            .collect(),
         outputs: job.data.iter().flat_map(|d| &d.outputs).map(|o| o.path.clone()).collect(),
     }
 }

@@ -187,9 +187,15 @@ impl DataPlane {
             let field = format!("outputs[{i}].to");
             let to = output.to.as_deref().ok_or_else(|| ApiError::InvalidArgument(format!("{field}: missing")))?;
             let (uri, location) = self.locate(&field, to, tenant)?;
-            let prefix = if uri.path.is_empty() || uri.path.ends_with('/') { uri.path } else { format!("{}/", uri.path) };
+            let prefix =
+                if uri.path.is_empty() || uri.path.ends_with('/') { uri.path } else { format!("{}/", uri.path) };
             let to = format!("{}://{}/{prefix}", uri.scheme.as_str(), uri.store);
-            data.outputs.push(OutputTarget { path: output.path.clone(), location: location.config.name.clone(), to, prefix });
+            data.outputs.push(OutputTarget {
+                path: output.path.clone(),
+                location: location.config.name.clone(),
+                to,
+                prefix,
+            });
         }
         Ok(data)
     }

@@ -70,11 +70,7 @@ impl DataUri {
                 return Err(format!("{uri:?} may not contain empty segments (//)"));
             }
         }
-        Ok(DataUri {
-            scheme,
-            store: segments[..store_segments].join("/"),
-            path: path_segments.join("/"),
-        })
+        Ok(DataUri { scheme, store: segments[..store_segments].join("/"), path: path_segments.join("/") })
     }
 
     /// Names a prefix (ends with `/`, or is the whole store) rather than one object.

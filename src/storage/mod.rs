@@ -103,8 +103,13 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     async fn create_multipart(&self, key: &str) -> Result<String, StorageError>;
 
     /// A PUT of part `number` (1-based) of that upload, valid for `ttl`.
-    async fn presign_part(&self, key: &str, upload_id: &str, number: u32, ttl: Duration)
-    -> Result<Presigned, StorageError>;
+    async fn presign_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: u32,
+        ttl: Duration,
+    ) -> Result<Presigned, StorageError>;
 
     /// Makes the object from the parts, in `number` order.
     async fn complete_multipart(&self, key: &str, upload_id: &str, parts: &[CompletedPart])
