@@ -20,7 +20,10 @@ rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup compon
 # cargo-deny checks licenses, banned crates (a second crypto provider) and sources.
 cargo deny --version >/dev/null 2>&1 || cargo install --locked cargo-deny --version 0.20.2
 # No system protoc is needed (a vendored one builds the gRPC code); the tests start the real
-# binary's services on loopback and need no emulator yet.
+# binary's services on loopback, and object-storage emulators (moto for S3, Azurite for Azure Blob)
+# installed here once and found by tests/e2e/emulators.rs through HYBROKER_EMULATORS.
+export HYBROKER_EMULATORS=${HYBROKER_EMULATORS:-$HOME/.cache/hybroker/emulators}
+bash scripts/install-emulators.sh
 
 export CARGO_TERM_COLOR=never
 export CARGO_INCREMENTAL=0

@@ -141,10 +141,9 @@ impl StorageConfig {
             StorageCloud::Azure => {
                 need("account", &self.account, problems);
                 need("container", &self.container, problems);
-                if self.account_key_file.is_none() && self.account_key_env.is_none() {
-                    problems.push(format!("{at}: give account_key_file or account_key_env"));
-                } else if let Err(e) = self.account_key() {
-                    problems.push(format!("{at}: account key: {e}"));
+                // The key itself is read when the broker starts (a missing one stops it clearly).
+                if self.account_key_file.is_none() == self.account_key_env.is_none() {
+                    problems.push(format!("{at}: give one of account_key_file or account_key_env"));
                 }
             }
             StorageCloud::Local => {
@@ -447,6 +446,72 @@ pub struct AgentConfig {
     pub tls: TlsPaths,
     #[serde(default)]
     pub reconnect: ReconnectSection,
+    #[serde(default)]
+    pub staging: AgentStagingSection,
+}
+
+/// How the agent moves job data (through the presigned URLs the broker hands it).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentStagingSection {
+    /// Requests in flight at once (files and ranges of big files).
+    #[serde(default = "default_staging_concurrency")]
+    pub concurrency: usize,
+    /// Tries of one request on 5xx, timeouts and connection errors, with jittered backoff.
+    #[serde(default = "default_staging_retries")]
+    pub retries: u32,
+    #[serde(default = "default_staging_min_backoff")]
+    pub min_backoff: HumanDuration,
+    #[serde(default = "default_staging_max_backoff")]
+    pub max_backoff: HumanDuration,
+    /// One request's limit (a ranged GET or a part PUT of at most a few tens of MiB).
+    #[serde(default = "default_staging_request_timeout")]
+    pub request_timeout: HumanDuration,
+}
+
+fn default_staging_concurrency() -> usize {
+    8
+}
+
+fn default_staging_retries() -> u32 {
+    5
+}
+
+fn default_staging_min_backoff() -> HumanDuration {
+    Duration::from_millis(200).into()
+}
+
+fn default_staging_max_backoff() -> HumanDuration {
+    Duration::from_secs(10).into()
+}
+
+fn default_staging_request_timeout() -> HumanDuration {
+    Duration::from_secs(120).into()
+}
+
+impl Default for AgentStagingSection {
+    fn default() -> Self {
+        Self {
+            concurrency: default_staging_concurrency(),
+            retries: default_staging_retries(),
+            min_backoff: default_staging_min_backoff(),
+            max_backoff: default_staging_max_backoff(),
+            request_timeout: default_staging_request_timeout(),
+        }
+    }
+}
+
+impl AgentStagingSection {
+    pub fn limits(&self) -> crate::agent::staging::StagingLimits {
+        crate::agent::staging::StagingLimits {
+            concurrency: self.concurrency,
+            retries: self.retries,
+            min_backoff: self.min_backoff.0,
+            max_backoff: self.max_backoff.0,
+            request_timeout: self.request_timeout.0,
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -625,6 +690,18 @@ impl AgentConfig {
         let (min, max) = (self.reconnect.min_backoff.0, self.reconnect.max_backoff.0);
         if min.is_zero() || min > max {
             problems.push("reconnect.min_backoff must be more than 0 and at most reconnect.max_backoff".into());
+        }
+        let st = &self.staging;
+        if !(1..=256).contains(&st.concurrency) {
+            problems.push("staging.concurrency must be 1 to 256".into());
+        }
+        if st.retries == 0 || st.retries > 100 {
+            problems.push("staging.retries must be 1 to 100".into());
+        }
+        if st.min_backoff.0.is_zero() || st.min_backoff.0 > st.max_backoff.0 || st.request_timeout.0.is_zero() {
+            problems.push(
+                "staging: min_backoff must be more than 0 and at most max_backoff; request_timeout more than 0".into(),
+            );
         }
         finish(path, problems)
     }

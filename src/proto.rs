@@ -81,6 +81,7 @@ impl TryFrom<AttemptUpdate> for AttemptReport {
             Ok(AttemptPhase::Running) => agent::Phase::Running,
             Ok(AttemptPhase::Exited) => agent::Phase::Exited,
             Ok(AttemptPhase::Failed) => agent::Phase::Failed,
+            Ok(AttemptPhase::StagingFailed) => agent::Phase::StagingFailed,
             _ => return Err(tonic::Status::invalid_argument(format!("unknown attempt phase {}", u.phase))),
         };
         if phase == agent::Phase::Exited && u.exit_code.is_none() {
@@ -112,6 +113,7 @@ impl From<AttemptReport> for AttemptUpdate {
             agent::Phase::Running => AttemptPhase::Running,
             agent::Phase::Exited => AttemptPhase::Exited,
             agent::Phase::Failed => AttemptPhase::Failed,
+            agent::Phase::StagingFailed => AttemptPhase::StagingFailed,
         };
         Self {
             job_id: r.job_id,

@@ -2,9 +2,11 @@
 //! inventory, runs the attempts it is assigned and reports every transition. It keeps running its
 //! attempts while the broker is away, and reports them again when it reconnects.
 
+mod attempt;
 pub mod executor;
 pub mod gpu;
 mod session;
+pub mod staging;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -17,8 +19,9 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::AgentConfig;
 use crate::model::agent::{AttemptReport, Inventory, Phase};
+use crate::model::data::StagingStats;
 use crate::model::identity::{Identity, Role};
-use crate::proto;
+use crate::proto::{self, agent_service_client::AgentServiceClient};
 use crate::tls;
 use executor::{Launch, Outcome};
 use gpu::GpuProbe;
@@ -27,7 +30,26 @@ use gpu::GpuProbe;
 #[derive(Debug)]
 enum AttemptEvent {
     Output { job_id: String, epoch: u64, data: Vec<u8> },
-    Ended { job_id: String, epoch: u64, outcome: Outcome },
+    Progress { job_id: String, epoch: u64, progress: staging::Progress },
+    Ended { job_id: String, epoch: u64, ended: Ended },
+}
+
+/// How an attempt ended: its process's outcome, what staging moved, and why staging failed.
+#[derive(Debug)]
+struct Ended {
+    outcome: Outcome,
+    staging: Option<StagingStats>,
+    staging_error: Option<String>,
+}
+
+impl Ended {
+    fn plain(outcome: Outcome) -> Self {
+        Self { outcome, staging: None, staging_error: None }
+    }
+
+    fn staging_failed(why: String, stats: StagingStats) -> Self {
+        Self { outcome: Outcome::StartFailed(why.clone()), staging: Some(stats), staging_error: Some(why) }
+    }
 }
 
 /// One attempt on this node: running, or ended and not yet acknowledged by the broker.
@@ -43,6 +65,7 @@ struct Agent {
     probe: GpuProbe,
     attempts: HashMap<(String, u64), Attempt>,
     events: mpsc::Sender<AttemptEvent>,
+    staging: attempt::Staging,
 }
 
 /// Runs the agent until `shutdown` resolves. Attempts still running then are stopped.
@@ -78,7 +101,13 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + Send)
     // Attempts of a killed predecessor would hold GPUs the broker now gives to others.
     executor::kill_leftovers(&config.agent.work_dir);
     let (events, mut event_rx) = mpsc::channel(1024);
-    let mut agent = Agent { config, identity, probe, attempts: HashMap::new(), events };
+    let (url, server_name) = broker_target(&config);
+    let staging = attempt::Staging {
+        http: staging::http_client(None).context("staging http client")?,
+        broker: AgentServiceClient::new(tls::connect_lazy(&url, client_tls.clone(), server_name.as_deref())?),
+        limits: Arc::new(config.staging.limits()),
+    };
+    let mut agent = Agent { config, identity, probe, attempts: HashMap::new(), events, staging };
     tracing::info!(agent = agent.identity.agent_id(), gpus = agent.probe.gpus().len(), "agent starting");
     session::run_sessions(&mut agent, client_tls, &mut event_rx, shutdown).await;
     for attempt in agent.attempts.values() {
@@ -159,6 +188,7 @@ impl Agent {
 
     fn spawn(&self, a: proto::Assignment, cuda_visible_devices: String, cancel: watch::Receiver<bool>) {
         let work_dir: PathBuf = self.config.agent.work_dir.join(&a.job_id).join(format!("attempt-{}", a.attempt));
+        let data = attempt::AttemptData::from_assignment(&a);
         let launch = Launch {
             job_id: a.job_id.clone(),
             attempt: a.attempt,
@@ -170,24 +200,8 @@ impl Agent {
             run_as: self.config.agent.run_as.clone(),
             grace: executor::DEFAULT_GRACE,
         };
-        let events = self.events.clone();
-        let (job_id, epoch) = (a.job_id, a.epoch);
-        tokio::spawn(async move {
-            let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(64);
-            let forward_events = events.clone();
-            let forward_job = job_id.clone();
-            let forward = tokio::spawn(async move {
-                while let Some(data) = out_rx.recv().await {
-                    let ev = AttemptEvent::Output { job_id: forward_job.clone(), epoch, data };
-                    if forward_events.send(ev).await.is_err() {
-                        return;
-                    }
-                }
-            });
-            let outcome = executor::run(launch, out_tx, cancel).await;
-            let _ = forward.await;
-            let _ = events.send(AttemptEvent::Ended { job_id, epoch, outcome }).await;
-        });
+        let run = attempt::run(launch, a.epoch, data, self.staging.clone(), self.events.clone(), cancel);
+        tokio::spawn(run);
     }
 
     /// Applies an attempt event; returns what to tell the broker.
@@ -197,12 +211,29 @@ impl Agent {
                 let attempt = self.attempts.get(&(job_id.clone(), epoch))?.report.attempt;
                 Some(proto::agent_message::Msg::Output(proto::OutputChunk { job_id, attempt, epoch, data }))
             }
-            AttemptEvent::Ended { job_id, epoch, outcome } => {
+            AttemptEvent::Progress { job_id, epoch, progress: p } => {
+                self.attempts.get(&(job_id.clone(), epoch))?;
+                Some(proto::agent_message::Msg::Progress(proto::StagingProgress {
+                    job_id,
+                    epoch,
+                    stage: attempt::stage_name(p.stage).to_string(),
+                    bytes_done: p.bytes_done,
+                    bytes_total: p.bytes_total,
+                    files_done: p.files_done,
+                    files_total: p.files_total,
+                }))
+            }
+            AttemptEvent::Ended { job_id, epoch, ended } => {
                 let attempt = self.attempts.get_mut(&(job_id, epoch))?;
                 let report = &mut attempt.report;
+                let outcome = ended.outcome;
                 report.exit_code = outcome.exit_code();
-                report.phase = if matches!(outcome, Outcome::Exited(_)) { Phase::Exited } else { Phase::Failed };
-                report.reason = outcome.reason();
+                report.staging = ended.staging;
+                (report.phase, report.reason) = match ended.staging_error {
+                    Some(why) => (Phase::StagingFailed, why),
+                    None if matches!(outcome, Outcome::Exited(_)) => (Phase::Exited, outcome.reason()),
+                    None => (Phase::Failed, outcome.reason()),
+                };
                 tracing::info!(job = report.job_id, epoch, outcome = report.reason, "attempt ended");
                 Some(proto::agent_message::Msg::Update(report.clone().into()))
             }

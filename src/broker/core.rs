@@ -743,6 +743,7 @@ impl Core {
             Phase::Running => Input::Started { epoch: r.epoch },
             Phase::Exited => Input::Exited { epoch: r.epoch, exit_code: r.exit_code.unwrap_or(-1) },
             Phase::Failed => Input::AttemptFailed { epoch: r.epoch },
+            Phase::StagingFailed => Input::StagingFailed { epoch: r.epoch },
         };
         match job.life.apply(&input) {
             Ok(state) => {
@@ -751,11 +752,20 @@ impl Core {
                     (Phase::Exited, Some(code)) if r.reason.is_empty() => format!("exited with code {code}"),
                     _ => r.reason.clone(),
                 };
-                if state.is_terminal() {
-                    self.end_attempt(&job, state, r.exit_code, &reason, r.staging.as_ref(), out);
+                if r.is_final() {
+                    let attempt_state = if state == JobState::Queued { JobState::Failed } else { state };
+                    self.end_attempt(&job, attempt_state, r.exit_code, &reason, r.staging.as_ref(), out);
                     self.free(agent, &r.job_id, r.epoch);
                     out.send(agent, Msg::Ack(proto::Ack { job_id: r.job_id.clone(), epoch: r.epoch }));
                 }
+                let reason = if state == JobState::Queued {
+                    job.tail = Tail::new(self.settings.log_tail_bytes);
+                    format!("attempt {} failed: {reason}; trying again", job.life.attempts)
+                } else if state == JobState::Failed && r.phase == Phase::StagingFailed {
+                    format!("{reason}; no attempts left (max_attempts {})", job.life.max_attempts)
+                } else {
+                    reason
+                };
                 self.transition(job, state, reason, r.exit_code, out);
             }
             Err(refusal) => {

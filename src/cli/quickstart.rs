@@ -92,6 +92,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
             },
             tls: issue(Role::Agent, node, Some(SITE))?,
             reconnect: ReconnectSection::default(),
+            staging: Default::default(),
         };
         agent_tasks.push(tokio::spawn(agent::run(config, stopped(stop_rx.clone()))));
     }

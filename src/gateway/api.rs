@@ -31,6 +31,12 @@ pub struct Job {
     /// The job spec as submitted (canonical JSON of the DESIGN §3 fields).
     #[schema(value_type = Object)]
     pub spec: serde_json::Value,
+    /// Input objects found at submit (listed or HEADed), and their total size in bytes.
+    pub input_objects: u32,
+    pub input_bytes: u64,
+    /// Where the succeeded attempt wrote each output: one URI prefix per output, in spec order
+    /// (`<to>/<tenant>/<job-id>/attempt-<n>/`); empty until the job succeeds.
+    pub outputs: Vec<String>,
 }
 
 /// `POST /v1/jobs` answer; the same for a repeated submit with the same `Idempotency-Key` and body.

@@ -39,6 +39,9 @@ impl From<proto::Job> for api::Job {
             created_at: rfc3339(j.created_at_ms),
             updated_at: rfc3339(j.updated_at_ms),
             spec,
+            input_objects: j.input_objects,
+            input_bytes: j.input_bytes,
+            outputs: j.outputs,
         }
     }
 }

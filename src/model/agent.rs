@@ -26,6 +26,8 @@ pub enum Phase {
     Exited,
     /// It could not start, or was killed (max runtime, cancel); `reason` says why.
     Failed,
+    /// Stage-in or stage-out failed; `reason` says why. The job may be tried again.
+    StagingFailed,
 }
 
 /// One agent report about one attempt, fenced by its epoch.

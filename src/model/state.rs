@@ -104,6 +104,11 @@ pub enum Input {
     LeaseLost {
         epoch: u64,
     },
+    /// Moving the job's data failed (a store or the network); like a lost lease, the job is tried
+    /// again (with a fresh attempt prefix) while attempts remain.
+    StagingFailed {
+        epoch: u64,
+    },
     Cancel,
 }
 
@@ -152,7 +157,7 @@ impl Lifecycle {
                 self.fence(epoch)?;
                 Failed
             }
-            Input::LeaseLost { epoch } => {
+            Input::LeaseLost { epoch } | Input::StagingFailed { epoch } => {
                 self.fence(epoch)?;
                 if self.attempts < self.max_attempts { Queued } else { Failed }
             }
@@ -188,6 +193,7 @@ mod tests {
             (0u64..5, -2i32..3).prop_map(|(epoch, exit_code)| Input::Exited { epoch, exit_code }),
             (0u64..5).prop_map(|epoch| Input::AttemptFailed { epoch }),
             (0u64..5).prop_map(|epoch| Input::LeaseLost { epoch }),
+            (0u64..5).prop_map(|epoch| Input::StagingFailed { epoch }),
         ]
     }
 

@@ -30,18 +30,51 @@ pub struct Cluster {
     pub lease_ttl: Duration,
     broker: Option<Child>,
     agents: Vec<(String, Child)>,
+    /// Replaces [`TENANTS`] in the broker config (tenants with storage prefixes, `[[storage]]`).
+    pub broker_extra: Option<String>,
+    /// Only the broker gets these (cloud credentials): agents must never see them.
+    pub broker_env: Vec<(String, String)>,
+    /// Appended to every agent config.
+    pub agent_extra: String,
+}
+
+/// How a test configures its cluster beyond the defaults.
+#[derive(Default)]
+pub struct Setup {
+    pub broker_extra: Option<String>,
+    pub broker_env: Vec<(String, String)>,
+    pub agent_extra: String,
 }
 
 impl Cluster {
     /// A broker (lease TTL as given) and agents `(node, simulated gpus)` at site `lab`.
     pub async fn start(lease_ttl: Duration, agents: &[(&str, &str)]) -> Cluster {
+        Self::start_with(lease_ttl, agents, |_| Setup::default()).await
+    }
+
+    /// Like [`Cluster::start`], with the setup made from the cluster's directory.
+    pub async fn start_with(
+        lease_ttl: Duration,
+        agents: &[(&str, &str)],
+        setup: impl FnOnce(&Path) -> Setup,
+    ) -> Cluster {
         tls::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         let pki_dir = dir.path().join("pki");
         pki::init_ca(&pki_dir, TRUST_DOMAIN).unwrap();
         let ca = Ca::load(&pki_dir).unwrap();
-        let mut cluster =
-            Cluster { dir, ca, addr: "127.0.0.1:0".parse().unwrap(), lease_ttl, broker: None, agents: vec![] };
+        let Setup { broker_extra, broker_env, agent_extra } = setup(dir.path());
+        let mut cluster = Cluster {
+            dir,
+            ca,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            lease_ttl,
+            broker: None,
+            agents: vec![],
+            broker_extra,
+            broker_env,
+            agent_extra,
+        };
         cluster.issue(Role::Broker, "broker", None);
         cluster.start_broker(0);
         for (node, gpus) in agents {
@@ -75,16 +108,18 @@ impl Cluster {
         let hb = (self.lease_ttl / 4).max(Duration::from_millis(100));
         let config = format!(
             "[broker]\nlisten = \"127.0.0.1:{port}\"\n[tls]\nca_cert = \"{pki}/ca.pem\"\ncert = \"{pki}/broker.pem\"\n\
-             key = \"{pki}/broker-key.pem\"\n[store]\npath = \"{db}\"\n[leases]\nttl = \"{ttl}ms\"\nheartbeat_interval = \"{hb}ms\"\n{TENANTS}",
+             key = \"{pki}/broker-key.pem\"\n[store]\npath = \"{db}\"\n[leases]\nttl = \"{ttl}ms\"\nheartbeat_interval = \"{hb}ms\"\n{extra}",
             pki = self.path("pki").display(),
             db = self.path("broker.db").display(),
             ttl = self.lease_ttl.as_millis(),
             hb = hb.as_millis(),
+            extra = self.broker_extra.as_deref().unwrap_or(TENANTS),
         );
         std::fs::write(self.path("broker.toml"), config).unwrap();
-        let child = spawn(
+        let child = spawn_with(
             &["broker", "--config", path_str(&self.path("broker.toml")), "--addr-file", path_str(&addr_file)],
             &self.path("broker.log"),
+            &self.broker_env,
         );
         self.broker = Some(child);
         let started = Instant::now();
@@ -113,12 +148,13 @@ impl Cluster {
         let tls = self.issue(Role::Agent, node, Some("lab"));
         let config = format!(
             "[agent]\nbroker_url = \"https://{addr}\"\nwork_dir = \"{work}\"\nsimulate_gpus = \"{gpus}\"\ncpus = 8\nmemory_mib = 65536\n\
-             [tls]\nca_cert = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n[reconnect]\nmin_backoff = \"50ms\"\nmax_backoff = \"500ms\"\n",
+             [tls]\nca_cert = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n[reconnect]\nmin_backoff = \"50ms\"\nmax_backoff = \"500ms\"\n{extra}",
             addr = self.addr,
             work = self.work_dir(node).display(),
             ca = tls.ca_cert.display(),
             cert = tls.cert.display(),
             key = tls.key.display(),
+            extra = self.agent_extra,
         );
         let config_path = self.path(&format!("agent-{node}.toml"));
         std::fs::write(&config_path, config).unwrap();
@@ -177,9 +213,21 @@ fn path_str(p: &Path) -> &str {
 }
 
 fn spawn(args: &[&str], log: &Path) -> Child {
+    spawn_with(args, log, &[])
+}
+
+fn spawn_with(args: &[&str], log: &Path, env: &[(String, String)]) -> Child {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     Command::new(BIN)
         .args(args)
+        // Whatever cloud credentials the test runner has stay out of the services; the broker
+        // gets its own through `env`.
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_PROFILE")
+        .env_remove("AZURE_STORAGE_KEY")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env("RUST_LOG", "info,hybroker=debug,h2=warn,tower=warn,hyper=warn,sqlx=warn")
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())

@@ -38,10 +38,23 @@ fn shipped_configs_parse() {
     let text = std::fs::read_to_string(&path).unwrap();
     let broker: BrokerConfig = parse_toml(&text, &path, []).unwrap();
     assert_eq!(broker.leases.ttl.0.as_secs(), 30);
+    only_missing_certificates(broker.validate(&path));
+    let path = root.join("config/broker-hybrid.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let hybrid: BrokerConfig = parse_toml(&text, &path, []).unwrap();
+    assert_eq!(hybrid.storage.len(), 4);
+    only_missing_certificates(hybrid.validate(&path));
     let path = root.join("config/agent.toml");
     let text = std::fs::read_to_string(&path).unwrap();
     let agent: AgentConfig = parse_toml(&text, &path, []).unwrap();
     assert!(agent.agent.broker_url.starts_with("https://"));
+}
+
+/// The shipped configs point at certificates made by `hybroker pki`; nothing else may be wrong.
+fn only_missing_certificates(validated: Result<(), hybroker::config::ConfigError>) {
+    if let Err(hybroker::config::ConfigError::Invalid { problems, .. }) = validated {
+        assert!(problems.iter().all(|p| p.starts_with("tls.")), "{problems:?}");
+    }
 }
 
 #[test]

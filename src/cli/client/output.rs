@@ -112,6 +112,15 @@ pub fn job_details(j: &Job) -> String {
         ("agent", or_dash(j.agent.as_deref())),
         ("exit code", j.exit_code.map_or("-".into(), |c| c.to_string())),
         ("labels", labels(&j.labels)),
+        (
+            "inputs",
+            if j.input_objects == 0 {
+                "-".into()
+            } else {
+                format!("{} objects, {} bytes", j.input_objects, j.input_bytes)
+            },
+        ),
+        ("outputs", if j.outputs.is_empty() { "-".into() } else { j.outputs.join(" ") }),
         ("created", j.created_at.clone()),
         ("updated", j.updated_at.clone()),
     ];

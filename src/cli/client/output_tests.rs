@@ -17,6 +17,9 @@ fn job(id: &str, name: &str, state: &str) -> Job {
         created_at: "2026-01-01T12:00:00.000Z".into(),
         updated_at: "2026-01-01T12:00:03.500Z".into(),
         spec: serde_json::json!({}),
+        input_objects: 0,
+        input_bytes: 0,
+        outputs: Vec::new(),
     }
 }
 

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Installs the object-storage emulators the e2e tests start (tests/e2e/emulators.rs), idempotently,
+# into ${HYBROKER_EMULATORS:-$HOME/.cache/hybroker/emulators}:
+#   moto/     a Python venv with moto's S3 server   (bin/moto_server)
+#   azurite/  Azurite's Blob service from npm        (node_modules/.bin/azurite-blob)
+# A tool already installed at the pinned version is skipped. Prints one line per tool with the time
+# it took. Needs python3 with venv and node with npm; as root with apt-get, installs them if missing.
+set -euo pipefail
+
+MOTO_VERSION=5.2.5
+AZURITE_VERSION=3.35.0
+DIR=${HYBROKER_EMULATORS:-$HOME/.cache/hybroker/emulators}
+mkdir -p "$DIR"
+
+need() { command -v "$1" >/dev/null 2>&1; }
+apt_updated=
+apt_install() {
+  if need apt-get && [[ $(id -u) == 0 ]]; then
+    [[ -n $apt_updated ]] || { apt-get update -qq; apt_updated=1; }
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  else
+    echo "please install: $*" >&2; exit 1
+  fi
+}
+now() { date +%s.%N; }
+took() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f s", b - a }'; }
+
+# moto: ready when its venv imports the pinned version and the server script runs.
+moto_ok() {
+  [[ -x $DIR/moto/bin/moto_server ]] &&
+    [[ $("$DIR/moto/bin/python" -c 'import moto; print(moto.__version__)' 2>/dev/null) == "$MOTO_VERSION" ]] &&
+    "$DIR/moto/bin/moto_server" --help >/dev/null 2>&1
+}
+start=$(now)
+if moto_ok; then
+  echo "moto $MOTO_VERSION: already installed in $DIR/moto ($(took "$start"))"
+else
+  need python3 || apt_install python3 python3-venv python3-pip
+  # Debian's python3 lacks venv/ensurepip until python3-venv is installed.
+  python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv python3-pip
+  rm -rf "$DIR/moto"
+  python3 -m venv "$DIR/moto"
+  "$DIR/moto/bin/pip" install -q --disable-pip-version-check "moto[server]==$MOTO_VERSION"
+  moto_ok || { echo "moto install in $DIR/moto does not run" >&2; exit 1; }
+  echo "moto $MOTO_VERSION: installed in $DIR/moto ($(took "$start"))"
+fi
+
+# Azurite: ready when azurite-blob reports the pinned version.
+azurite_ok() {
+  [[ -x $DIR/azurite/node_modules/.bin/azurite-blob ]] &&
+    [[ $("$DIR/azurite/node_modules/.bin/azurite-blob" --version 2>/dev/null) == "$AZURITE_VERSION" ]]
+}
+start=$(now)
+if azurite_ok; then
+  echo "azurite $AZURITE_VERSION: already installed in $DIR/azurite ($(took "$start"))"
+else
+  { need node && need npm; } || apt_install nodejs npm
+  rm -rf "$DIR/azurite"
+  mkdir -p "$DIR/azurite"
+  npm install --prefix "$DIR/azurite" --no-audit --no-fund --loglevel=error "azurite@$AZURITE_VERSION" >/dev/null
+  azurite_ok || { echo "azurite install in $DIR/azurite does not run" >&2; exit 1; }
+  echo "azurite $AZURITE_VERSION: installed in $DIR/azurite ($(took "$start"))"
+fi

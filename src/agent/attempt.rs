@@ -1,0 +1,249 @@
+//! One attempt from start to end: stage the inputs into a fresh work directory, run the process,
+//! stage the outputs out, and say how it ended. The URLs come from the broker ([`BrokerUrls`]) for
+//! exactly this attempt; the agent itself holds no cloud credentials.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use tokio::sync::{mpsc, watch};
+use tonic::transport::Channel;
+
+use super::executor::{self, Launch, Outcome};
+use super::staging::{
+    self, CompletedUpload, FoundFile, InputFile, Progress, Stage, StageStats, StagingLimits, UploadPlan, UrlSource,
+};
+use super::{AttemptEvent, Ended};
+use crate::model::data::StagingStats;
+use crate::proto::{self, agent_service_client::AgentServiceClient};
+use crate::storage::{CompletedPart, Presigned};
+
+/// What the attempt task needs to move its data.
+#[derive(Clone)]
+pub(super) struct Staging {
+    pub http: reqwest::Client,
+    pub broker: AgentServiceClient<Channel>,
+    pub limits: Arc<StagingLimits>,
+}
+
+/// The job's data for one attempt, from its assignment.
+pub(super) struct AttemptData {
+    pub inputs: Vec<InputFile>,
+    pub outputs: Vec<String>,
+}
+
+impl AttemptData {
+    pub fn from_assignment(a: &proto::Assignment) -> Self {
+        let inputs = a
+            .inputs
+            .iter()
+            .map(|i| InputFile { path: i.path.clone(), size: i.size, md5: (!i.md5.is_empty()).then(|| i.md5.clone()) })
+            .collect();
+        Self { inputs, outputs: a.outputs.clone() }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.inputs.is_empty() && self.outputs.is_empty()
+    }
+}
+
+/// Runs the attempt and reports its end (and output, progress) on `events`.
+pub(super) async fn run(
+    launch: Launch,
+    epoch: u64,
+    data: AttemptData,
+    staging: Staging,
+    events: mpsc::Sender<AttemptEvent>,
+    mut cancel: watch::Receiver<bool>,
+) {
+    let job_id = launch.job_id.clone();
+    let end = |ended: Ended| {
+        let events = events.clone();
+        let job_id = job_id.clone();
+        async move {
+            let _ = events.send(AttemptEvent::Ended { job_id, epoch, ended }).await;
+        }
+    };
+    if data.is_empty() {
+        let outcome = execute(launch, epoch, &events, cancel).await;
+        return end(Ended { outcome, staging: None, staging_error: None }).await;
+    }
+    let urls = BrokerUrls { client: staging.broker.clone(), job_id: job_id.clone(), epoch };
+    let progress = {
+        let (events, job_id) = (events.clone(), job_id.clone());
+        move |p: Progress| {
+            let _ = events.try_send(AttemptEvent::Progress { job_id: job_id.clone(), epoch, progress: p });
+        }
+    };
+    let mut stats = StagingStats::default();
+    let staged = async {
+        make_work_dir(&launch.work_dir).await?;
+        let initial = urls.input_urls(&[]).await.map_err(|e| format!("broker could not provide input URLs: {e}"))?;
+        staging::stage_in(&staging.http, &urls, &launch.work_dir, &data.inputs, initial, &staging.limits, &progress)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    let staged = tokio::select! {
+        staged = staged => staged,
+        () = cancelled(&mut cancel) => return end(Ended::plain(Outcome::Cancelled)).await,
+    };
+    match staged {
+        Ok(s) => (stats.in_bytes, stats.in_files, stats.in_ms) = counts(&s),
+        Err(e) => return end(Ended::staging_failed(format!("stage-in failed: {e}"), stats)).await,
+    }
+    let outcome = execute(launch.clone(), epoch, &events, cancel.clone()).await;
+    if !outcome.succeeded() || data.outputs.is_empty() {
+        return end(Ended { outcome, staging: Some(stats), staging_error: None }).await;
+    }
+    let staged = tokio::select! {
+        s = staging::stage_out(&staging.http, &urls, &launch.work_dir, &data.outputs, &staging.limits, &progress) => s,
+        () = cancelled(&mut cancel) => return end(Ended::plain(Outcome::Cancelled)).await,
+    };
+    match staged {
+        Ok(s) => {
+            (stats.out_bytes, stats.out_files, stats.out_ms) = counts(&s);
+            for skipped in &s.skipped {
+                tracing::warn!(job = job_id, path = skipped, "output entry skipped (not a regular file or directory)");
+            }
+            end(Ended { outcome, staging: Some(stats), staging_error: None }).await
+        }
+        Err(e) => end(Ended::staging_failed(format!("stage-out failed: {e}"), stats)).await,
+    }
+}
+
+/// Resolves when the attempt is cancelled (never when the sender is gone without cancelling).
+async fn cancelled(cancel: &mut watch::Receiver<bool>) {
+    if cancel.wait_for(|c| *c).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+fn counts(s: &StageStats) -> (u64, u32, u64) {
+    (s.bytes, s.files, s.duration.as_millis() as u64)
+}
+
+/// Runs the process, forwarding its output as events.
+async fn execute(
+    launch: Launch,
+    epoch: u64,
+    events: &mpsc::Sender<AttemptEvent>,
+    cancel: watch::Receiver<bool>,
+) -> Outcome {
+    let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(64);
+    let (forward_events, job_id) = (events.clone(), launch.job_id.clone());
+    let forward = tokio::spawn(async move {
+        while let Some(data) = out_rx.recv().await {
+            let ev = AttemptEvent::Output { job_id: job_id.clone(), epoch, data };
+            if forward_events.send(ev).await.is_err() {
+                return;
+            }
+        }
+    });
+    let outcome = executor::run(launch, out_tx, cancel).await;
+    let _ = forward.await;
+    outcome
+}
+
+/// The attempt's work directory, made by the agent (mode 0700) before inputs land in it; the
+/// executor hands it to the job's user afterwards.
+async fn make_work_dir(dir: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir: PathBuf = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir))
+        .await
+        .map_err(|e| format!("work directory: {e}"))?
+        .map_err(|e| format!("work directory: {e}"))
+}
+
+/// The broker's data calls for one attempt.
+struct BrokerUrls {
+    client: AgentServiceClient<Channel>,
+    job_id: String,
+    epoch: u64,
+}
+
+#[async_trait]
+impl UrlSource for BrokerUrls {
+    async fn input_urls(&self, indices: &[u32]) -> Result<Vec<Presigned>, String> {
+        let req = proto::InputUrlsRequest { job_id: self.job_id.clone(), epoch: self.epoch, indices: indices.to_vec() };
+        let resp = self.client.clone().input_urls(req).await.map_err(|s| s.message().to_string())?;
+        Ok(resp.into_inner().urls.into_iter().map(presigned).collect())
+    }
+
+    async fn plan_outputs(&self, files: &[FoundFile]) -> Result<Vec<UploadPlan>, String> {
+        let files =
+            files.iter().map(|f| proto::OutputFile { output: f.output, path: f.path.clone(), size: f.size }).collect();
+        let req = proto::PlanOutputsRequest { job_id: self.job_id.clone(), epoch: self.epoch, files };
+        let resp = self.client.clone().plan_outputs(req).await.map_err(|s| s.message().to_string())?;
+        resp.into_inner()
+            .uploads
+            .into_iter()
+            .map(|u| match u.put {
+                Some(put) => Ok(UploadPlan::Single { key: u.key, put: presigned(put) }),
+                None if !u.upload_id.is_empty() && u.part_size > 0 => Ok(UploadPlan::Multipart {
+                    key: u.key,
+                    upload_id: u.upload_id,
+                    part_size: u.part_size,
+                    parts: u.parts.into_iter().map(presigned).collect(),
+                }),
+                None => Err(format!("the broker sent an empty upload plan for {}", u.key)),
+            })
+            .collect()
+    }
+
+    async fn part_urls(
+        &self,
+        output: u32,
+        key: &str,
+        upload_id: &str,
+        numbers: &[u32],
+    ) -> Result<Vec<Presigned>, String> {
+        let req = proto::PartUrlsRequest {
+            job_id: self.job_id.clone(),
+            epoch: self.epoch,
+            output,
+            key: key.to_string(),
+            upload_id: upload_id.to_string(),
+            numbers: numbers.to_vec(),
+        };
+        let resp = self.client.clone().part_urls(req).await.map_err(|s| s.message().to_string())?;
+        Ok(resp.into_inner().parts.into_iter().map(presigned).collect())
+    }
+
+    async fn complete_outputs(&self, uploads: Vec<CompletedUpload>) -> Result<(), String> {
+        let uploads = uploads
+            .into_iter()
+            .map(|u| proto::CompletedUpload {
+                output: u.output,
+                key: u.key,
+                upload_id: u.upload_id,
+                parts: u
+                    .parts
+                    .into_iter()
+                    .map(|p: CompletedPart| proto::UploadedPart { number: p.number, etag: p.etag })
+                    .collect(),
+            })
+            .collect();
+        let req = proto::CompleteOutputsRequest { job_id: self.job_id.clone(), epoch: self.epoch, uploads };
+        self.client.clone().complete_outputs(req).await.map_err(|s| s.message().to_string())?;
+        Ok(())
+    }
+}
+
+fn presigned(p: proto::PresignedRequest) -> Presigned {
+    Presigned {
+        method: p.method,
+        url: p.url,
+        headers: p.headers.into_iter().collect(),
+        expires_at: UNIX_EPOCH + Duration::from_millis(p.expires_at_ms),
+    }
+}
+
+/// `stage` as sent to the broker.
+pub(super) fn stage_name(stage: Stage) -> &'static str {
+    match stage {
+        Stage::In => "in",
+        Stage::Out => "out",
+    }
+}
