@@ -64,6 +64,7 @@ enum Command {
     },
     /// Benchmark: a broker child process, N simulated agents over mTLS, M jobs; prints and writes
     /// throughput, latency, CPU and memory (and a reconnect storm or a broker kill on request).
+    /// `bench staging`: the agent's stage-in against curl.
     Bench(bench::BenchArgs),
 }
 
@@ -111,6 +112,9 @@ fn main() -> anyhow::Result<()> {
                     std::process::exit(1);
                 }
                 Ok(())
+            }
+            Command::Bench(bench::BenchArgs { other: Some(bench::BenchCommand::Staging(args)), .. }) => {
+                bench::staging::run(args).await
             }
             Command::Bench(args) => {
                 if !bench::run(args).await? {

@@ -16,6 +16,7 @@ mod process;
 mod record;
 mod report;
 mod setup;
+pub mod staging;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -40,6 +41,9 @@ use report::{BrokerUsage, Kill, Latency, Report, Storm};
 /// `hybroker bench`'s flags.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
+    /// Another benchmark instead of the broker's.
+    #[command(subcommand)]
+    pub other: Option<BenchCommand>,
     /// Simulated agents, each with its own certificate and TLS connection.
     #[arg(long, default_value_t = 1000)]
     pub agents: usize,
@@ -73,6 +77,13 @@ pub struct BenchArgs {
     /// Give up (and exit 1) when the jobs have not all completed this long after the first submit.
     #[arg(long, default_value = "10m", value_parser = HumanDuration::parse)]
     pub deadline: HumanDuration,
+}
+
+/// The benchmarks other than the broker's (`hybroker bench` alone).
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum BenchCommand {
+    /// The agent's stage-in of one big object from the local store against curl of the same URL.
+    Staging(staging::StagingArgs),
 }
 
 impl BenchArgs {

@@ -294,7 +294,7 @@ fn command(agent: &str, conn: u64, msg: proto::AgentMessage) -> Option<Cmd> {
 /// A job event's text for staging progress, like `stage-in 40% (400 MiB of 1000 MiB, 3/10 files)`.
 fn progress_text(p: &proto::StagingProgress) -> String {
     let stage = if p.stage == "out" { "stage-out" } else { "stage-in" };
-    let pct = if p.bytes_total == 0 { 100 } else { p.bytes_done.min(p.bytes_total) * 100 / p.bytes_total };
+    let pct = (p.bytes_done.min(p.bytes_total) * 100).checked_div(p.bytes_total).unwrap_or(100);
     format!(
         "{stage} {pct}% ({} of {} MiB, {}/{} files)",
         p.bytes_done >> 20,

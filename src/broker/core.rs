@@ -747,11 +747,14 @@ impl Core {
         };
         match job.life.apply(&input) {
             Ok(state) => {
-                let reason = match (r.phase, r.exit_code) {
+                let mut reason = match (r.phase, r.exit_code) {
                     (Phase::Running, _) => "started".to_string(),
                     (Phase::Exited, Some(code)) if r.reason.is_empty() => format!("exited with code {code}"),
                     _ => r.reason.clone(),
                 };
+                if let Some(s) = r.staging.as_ref().filter(|s| s.in_files + s.out_files > 0) {
+                    reason = format!("{reason}; {}", staged(s));
+                }
                 if r.is_final() {
                     let attempt_state = if state == JobState::Queued { JobState::Failed } else { state };
                     self.end_attempt(&job, attempt_state, r.exit_code, &reason, r.staging.as_ref(), out);
@@ -890,6 +893,20 @@ impl Core {
         let reason = format!("attempt {attempt} leased to {agent} (gpus {gpus:?})");
         self.transition(job, JobState::Leased, reason, None, out);
     }
+}
+
+/// What an attempt's staging moved, for its final event.
+fn staged(s: &StagingStats) -> String {
+    let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
+    format!(
+        "staged in {} files ({:.1} MiB, {:.1} s), out {} files ({:.1} MiB, {:.1} s)",
+        s.in_files,
+        mib(s.in_bytes),
+        s.in_ms as f64 / 1000.0,
+        s.out_files,
+        mib(s.out_bytes),
+        s.out_ms as f64 / 1000.0
+    )
 }
 
 /// What the agent needs to run the job's current attempt on the given GPUs.

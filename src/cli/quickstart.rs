@@ -15,7 +15,7 @@ use super::client::gateway::Gateway;
 use super::client::spec;
 use crate::config::{
     AgentConfig, AgentSection, BrokerConfig, BrokerSection, BrokerTarget, GatewayConfig, GatewaySection, LeaseSection,
-    LimitSection, ReconnectSection, StoreSection, TenantConfig,
+    LimitSection, ReconnectSection, StorageCloud, StorageConfig, StoreSection, TenantConfig,
 };
 use crate::gateway::api::{Job, Submitted};
 use crate::model::identity::Role;
@@ -30,6 +30,13 @@ pub const SAMPLES: &[(&str, &str)] = &[
     ("examples/hello.yaml", include_str!("../../examples/hello.yaml")),
     ("examples/train-h100.yaml", include_str!("../../examples/train-h100.yaml")),
     ("examples/inference-l4.yaml", include_str!("../../examples/inference-l4.yaml")),
+    ("examples/wordcount.yaml", include_str!("../../examples/wordcount.yaml")),
+];
+
+/// The input objects of `examples/wordcount.yaml`, put into the local store before it starts.
+const POEMS: &[(&str, &str)] = &[
+    ("fog.txt", "The fog comes\non little cat feet.\n"),
+    ("road.txt", "Two roads diverged in a yellow wood,\nAnd sorry I could not travel both\n"),
 ];
 
 const TRUST_DOMAIN: &str = "quickstart.hybroker.local";
@@ -37,6 +44,27 @@ const DEMO_TENANT: &str = "demo";
 const SITE: &str = "lab-sto";
 const AGENTS: &[(&str, &str)] = &[("gpu-node-1", "4xH100-80GB"), ("gpu-node-2", "2xL4-24GB")];
 const SAMPLE_DEADLINE: Duration = Duration::from_secs(120);
+/// The embedded local store's location name (`local://lab/...`).
+const LOCATION: &str = "lab";
+
+/// The embedded S3-compatible store over `<state>/objects` on a free loopback port.
+fn local_store(dir: &Path) -> StorageConfig {
+    StorageConfig {
+        name: LOCATION.into(),
+        cloud: StorageCloud::Local,
+        region: "onprem".into(),
+        residency: "eu".into(),
+        bucket: None,
+        account: None,
+        container: None,
+        endpoint: None,
+        profile: None,
+        account_key_file: None,
+        account_key_env: None,
+        dir: Some(dir.to_path_buf()),
+        listen: "127.0.0.1:0".parse().expect("an address"),
+    }
+}
 
 /// Runs the quickstart; returns whether every sample job succeeded.
 pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
@@ -60,6 +88,13 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
         Ok(TlsPaths { ca_cert: pki_dir.join("ca.pem"), cert, key })
     };
 
+    let objects = state_dir.join("objects");
+    let poems = objects.join(LOCATION).join(DEMO_TENANT).join("datasets/poems");
+    std::fs::create_dir_all(&poems)?;
+    for (name, text) in POEMS {
+        std::fs::write(poems.join(name), text)?;
+    }
+
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let broker_config = BrokerConfig {
@@ -68,8 +103,13 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
         store: StoreSection { path: state_dir.join("broker.db") },
         leases: LeaseSection { ttl: Duration::from_secs(10).into(), heartbeat_interval: Duration::from_secs(2).into() },
         limits: LimitSection::default(),
-        tenants: vec![TenantConfig { name: DEMO_TENANT.into(), admin: true, ..TenantConfig::default_tenant() }],
-        storage: Vec::new(),
+        tenants: vec![TenantConfig {
+            name: DEMO_TENANT.into(),
+            admin: true,
+            storage: vec![format!("local://{LOCATION}/{DEMO_TENANT}/")],
+            ..TenantConfig::default_tenant()
+        }],
+        storage: vec![local_store(&objects)],
         staging: Default::default(),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -146,6 +186,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
         ids.push(submitted.id);
     }
     let mut all_ok = true;
+    let mut outputs = Vec::new();
     println!("{:<14} {:<8} {:<10} {:<10} {:<38} WHY", "JOB", "SITE", "STATE", "EST. COST", "ID");
     for id in &ids {
         tokio::time::timeout(SAMPLE_DEADLINE, follow::follow_events(&gw, id, &mut Progress::Quiet))
@@ -153,6 +194,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
             .map_err(|_| anyhow::anyhow!("job {id} did not finish within {SAMPLE_DEADLINE:?}"))??;
         let job: Job = serde_json::from_value(gw.json(gw.request(Method::GET, &["v1", "jobs", id], false)).await?)?;
         all_ok &= job.state == "succeeded";
+        outputs.extend(job.outputs.iter().map(|uri| (job.name.clone(), job.id.clone(), uri.clone())));
         let site = job.site.unwrap_or_default();
         println!("{:<14} {:<8} {:<10} {:<10} {:<38} {}", job.name, site, job.state, "n/a", job.id, job.reason);
     }
@@ -162,6 +204,20 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
     for line in logs.lines() {
         println!("  {line}");
     }
+    println!();
+    for (name, id, uri) in &outputs {
+        // local://lab/<key prefix> is <state>/objects/lab/<key prefix> on disk.
+        let on_disk = objects.join(uri.strip_prefix("local://").unwrap_or(uri));
+        println!("outputs of {name} ({id}):");
+        println!("  {uri}");
+        println!("  on disk: {}", on_disk.display());
+        if let Ok(text) = std::fs::read_to_string(on_disk.join("counts.txt")) {
+            for line in text.lines() {
+                println!("    counts.txt: {line}");
+            }
+        }
+    }
+    println!("  (inputs were local://{LOCATION}/{DEMO_TENANT}/datasets/poems/ = {})", poems.display());
     println!();
     println!("try next (in another terminal, while this one serves):");
     println!("  export HYBROKER_GATEWAY={gateway_url} HYBROKER_TOKEN={demo}");

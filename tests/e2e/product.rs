@@ -25,6 +25,11 @@ fn quickstart_once_runs_the_samples_and_exits_zero() {
     assert!(stdout.contains("broker (gRPC, mTLS): https://127.0.0.1:"), "{stdout}");
     assert!(stdout.contains("gateway (HTTP API):  http://127.0.0.1:"), "{stdout}");
     assert!(stdout.contains("hello from job"), "{stdout}");
+    // The data sample read two objects from the local store and wrote its result back there.
+    assert!(stdout.contains("counts.txt:  21 total"), "{stdout}");
+    let on_disk = stdout.lines().find_map(|l| l.trim().strip_prefix("on disk: ")).expect("an output path");
+    let counts = std::fs::read_to_string(Path::new(on_disk).join("counts.txt")).unwrap();
+    assert!(counts.contains("data/fog.txt"), "{counts}");
     let key = stdout.lines().find_map(|l| l.trim().strip_prefix("demo tenant key:")).expect("the demo key").trim();
     assert!(key.starts_with("hbk_"), "{key}");
     assert!(!stderr.contains(key) && !stderr.contains("hbk_"), "logs never carry the key");

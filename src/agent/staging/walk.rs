@@ -51,6 +51,10 @@ pub(super) struct Walked {
 /// Finds the files of every output (work-dir paths, a file or a directory each).
 pub(super) fn find_outputs(work_dir: &Path, outputs: &[String]) -> Result<Walked, StagingError> {
     let root = open_root(work_dir).map_err(|e| io_error(".".into(), e))?;
+    if let Err(e) = std::fs::metadata(beneath(&root, "")) {
+        let why = format!("opening files without following symbolic links needs /proc: {e}");
+        return Err(io_error(".".into(), io::Error::other(why)));
+    }
     let mut walked = Walked::default();
     for (index, spec) in outputs.iter().enumerate() {
         let parts = relative_components("output", spec)?;
