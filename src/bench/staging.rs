@@ -94,7 +94,8 @@ async fn curl_version() -> anyhow::Result<String> {
     let output = tokio::process::Command::new("curl").arg("--version").output().await;
     match output {
         Ok(out) if out.status.success() => {
-            Ok(String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("curl").to_owned())
+            let text = String::from_utf8_lossy(&out.stdout);
+            Ok(text.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
         }
         Ok(out) => anyhow::bail!("`curl --version` failed ({}); the benchmark compares against curl", out.status),
         Err(e) => anyhow::bail!("curl is not available ({e}); the benchmark compares against curl, install it"),

@@ -6,6 +6,7 @@ pub mod duration;
 pub mod gpu;
 pub mod identity;
 pub mod job;
+pub mod price;
 pub mod state;
 
 /// Milliseconds since the Unix epoch; the broker's clock for stored timestamps.
