@@ -897,14 +897,18 @@ impl Core {
 
 /// What an attempt's staging moved, for its final event.
 fn staged(s: &StagingStats) -> String {
-    let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
+    let size = |bytes: u64| match bytes {
+        0..1024 => format!("{bytes} B"),
+        1024..1_048_576 => format!("{:.1} KiB", bytes as f64 / 1024.0),
+        _ => format!("{:.1} MiB", bytes as f64 / 1_048_576.0),
+    };
     format!(
-        "staged in {} files ({:.1} MiB, {:.1} s), out {} files ({:.1} MiB, {:.1} s)",
+        "staged in {} files ({}, {:.1} s), out {} files ({}, {:.1} s)",
         s.in_files,
-        mib(s.in_bytes),
+        size(s.in_bytes),
         s.in_ms as f64 / 1000.0,
         s.out_files,
-        mib(s.out_bytes),
+        size(s.out_bytes),
         s.out_ms as f64 / 1000.0
     )
 }
