@@ -482,6 +482,7 @@ impl Core {
             idempotency_key: key,
             request_sha256: Some(request_sha256),
             data_json: data.as_ref().map(|d| serde_json::to_string(&**d).expect("job data serialises")),
+            placement_json: None,
             created_at: now,
             updated_at: now,
         };

@@ -47,6 +47,8 @@ pub struct JobRecord {
     pub request_sha256: Option<String>,
     /// The job's data plan (`model::data::JobData` as JSON): input objects with sizes, output targets.
     pub data_json: Option<String>,
+    /// The latest placement decision (`placement::engine::Decision` as JSON), once placed by the engine.
+    pub placement_json: Option<String>,
     pub created_at: UnixMillis,
     pub updated_at: UnixMillis,
 }
@@ -128,7 +130,7 @@ pub struct KeyRecord {
 #[derive(Debug, Clone)]
 pub enum Write {
     NewJob(JobRecord),
-    /// Updates the job's mutable fields (state, attempts, epoch, site, agent, exit code, reason).
+    /// Updates the job's mutable fields (state, attempts, epoch, site, agent, exit code, reason, placement).
     UpdateJob(JobRecord),
     Event(JobEvent),
     NewAttempt(AttemptRecord),

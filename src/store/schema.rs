@@ -78,4 +78,7 @@ CREATE TABLE api_keys (
 ALTER TABLE jobs ADD COLUMN data_json TEXT;
 ALTER TABLE attempts ADD COLUMN staging_json TEXT;
 "#,
+    r#"
+ALTER TABLE jobs ADD COLUMN placement_json TEXT;
+"#,
 ];

@@ -15,7 +15,7 @@ use super::{AgentRecord, AttemptOutput, Batch, JobEvent, JobFilter, JobRecord, K
 use crate::model::state::JobState;
 
 const JOB_COLUMNS: &str = "id, tenant, name, state, spec_json, priority, attempts, max_attempts, epoch, \
-     site, agent, exit_code, reason, idempotency_key, request_sha256, data_json, created_at_ms, updated_at_ms";
+     site, agent, exit_code, reason, idempotency_key, request_sha256, data_json, placement_json, created_at_ms, updated_at_ms";
 
 /// Opens (creating and migrating if needed) the store at `path`.
 pub async fn open(path: &Path) -> Result<(Writer, Reader), StoreError> {
@@ -102,6 +102,7 @@ impl Writer {
                     .bind(&j.idempotency_key)
                     .bind(&j.request_sha256)
                     .bind(&j.data_json)
+                    .bind(&u.placement_json)
                     .bind(j.created_at)
                     .bind(u.updated_at);
             }
@@ -119,6 +120,7 @@ impl Writer {
                     .bind(&j.agent)
                     .bind(j.exit_code)
                     .bind(&j.reason)
+                    .bind(&j.placement_json)
                     .bind(j.updated_at);
             }
             q.execute(&mut *tx).await?;
@@ -324,7 +326,7 @@ async fn insert_attempts(conn: &mut SqliteConnection, attempts: &[NewAttempt<'_>
     Ok(())
 }
 
-/// Rows per statement at most: 256 rows of the widest (18 columns) bind 4,608 parameters, well
+/// Rows per statement at most: 256 rows of the widest (19 columns) bind 4,864 parameters, well
 /// under SQLite's 32,766 (bundled 3.51; the limit is only 999 before 3.32).
 const MAX_ROWS: usize = 256;
 
@@ -371,8 +373,8 @@ impl MultiRow {
 
 static INSERT_JOBS: MultiRow = MultiRow::new(
     "INSERT INTO jobs (id, tenant, name, state, spec_json, priority, attempts, max_attempts, epoch, site, agent, \
-     exit_code, reason, idempotency_key, request_sha256, data_json, created_at_ms, updated_at_ms)",
-    18,
+     exit_code, reason, idempotency_key, request_sha256, data_json, placement_json, created_at_ms, updated_at_ms)",
+    19,
     "",
 );
 
@@ -380,8 +382,9 @@ static INSERT_JOBS: MultiRow = MultiRow::new(
 /// upsert would create the missing ones).
 static UPDATE_JOBS: MultiRow = MultiRow::new(
     "UPDATE jobs SET state = v.column2, attempts = v.column3, epoch = v.column4, site = v.column5, \
-     agent = v.column6, exit_code = v.column7, reason = v.column8, updated_at_ms = v.column9 FROM (",
-    9,
+     agent = v.column6, exit_code = v.column7, reason = v.column8, placement_json = v.column9, \
+     updated_at_ms = v.column10 FROM (",
+    10,
     ") AS v WHERE jobs.id = v.column1",
 );
 
@@ -544,6 +547,7 @@ fn job_from_row(r: &SqliteRow) -> Result<JobRecord, StoreError> {
         idempotency_key: r.try_get("idempotency_key")?,
         request_sha256: r.try_get("request_sha256")?,
         data_json: r.try_get("data_json")?,
+        placement_json: r.try_get("placement_json")?,
         created_at: r.try_get("created_at_ms")?,
         updated_at: r.try_get("updated_at_ms")?,
     })

@@ -19,6 +19,7 @@ fn job(id: &str) -> JobRecord {
         idempotency_key: Some(format!("key-{id}")),
         request_sha256: Some("h".into()),
         data_json: None,
+        placement_json: None,
         created_at: 1,
         updated_at: 1,
     }
@@ -105,7 +106,8 @@ mod reference {
                     sqlx::query(
                         "INSERT INTO jobs (id, tenant, name, state, spec_json, priority, attempts, max_attempts, \
                          epoch, site, agent, exit_code, reason, idempotency_key, request_sha256, data_json, \
-                         created_at_ms, updated_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         placement_json, created_at_ms, updated_at_ms) \
+                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     )
                     .bind(&j.id)
                     .bind(&j.tenant)
@@ -123,6 +125,7 @@ mod reference {
                     .bind(&j.idempotency_key)
                     .bind(&j.request_sha256)
                     .bind(&j.data_json)
+                    .bind(&j.placement_json)
                     .bind(j.created_at)
                     .bind(j.updated_at)
                     .execute(&mut *tx)
@@ -131,7 +134,7 @@ mod reference {
                 Write::UpdateJob(j) => {
                     sqlx::query(
                         "UPDATE jobs SET state = ?, attempts = ?, epoch = ?, site = ?, agent = ?, exit_code = ?, \
-                         reason = ?, updated_at_ms = ? WHERE id = ?",
+                         reason = ?, placement_json = ?, updated_at_ms = ? WHERE id = ?",
                     )
                     .bind(j.state.as_str())
                     .bind(j.attempts)
@@ -140,6 +143,7 @@ mod reference {
                     .bind(&j.agent)
                     .bind(j.exit_code)
                     .bind(&j.reason)
+                    .bind(&j.placement_json)
                     .bind(j.updated_at)
                     .bind(&j.id)
                     .execute(&mut *tx)
@@ -368,6 +372,7 @@ mod model {
             reason: text(rng),
             request_sha256: opt(rng, text),
             data_json: opt(rng, text),
+            placement_json: opt(rng, text),
             created_at: millis(rng),
             updated_at: millis(rng),
         }
