@@ -12,6 +12,8 @@ use serde::de::DeserializeOwned;
 
 use crate::model::data::{DataUri, Scheme};
 use crate::model::duration::HumanDuration;
+use crate::model::price::Cloud;
+use crate::model::site::{ResidencyGroup, Site};
 use crate::model::gpu::{SimulatedGpus, parse_simulated};
 use crate::tls::TlsPaths;
 
@@ -44,6 +46,43 @@ pub struct BrokerConfig {
     pub storage: Vec<StorageConfig>,
     #[serde(default)]
     pub staging: StagingSection,
+    /// Sites (`[[site]]`): on-prem sites and cloud pools that run work. None: every agent's site
+    /// is used by plain first fit, without prices.
+    #[serde(default, rename = "site")]
+    pub sites: Vec<Site>,
+    /// Residency groups (`[[residency]]`): which regions of each cloud, and which on-prem regions,
+    /// belong to a group such as `eu`.
+    #[serde(default, rename = "residency")]
+    pub residency: Vec<ResidencyGroup>,
+    #[serde(default)]
+    pub placement: PlacementSection,
+}
+
+/// How placement decides.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementSection {
+    /// A job placed at a site that has not started within this time is placed again on fresh
+    /// prices and capacity (and this is the default `max_wait` of a job without one).
+    #[serde(default = "default_replace_after")]
+    pub replace_after: HumanDuration,
+    /// Prices older than this are flagged as stale in decisions (the last good ones are still used).
+    #[serde(default = "default_price_max_age")]
+    pub price_max_age: HumanDuration,
+}
+
+fn default_replace_after() -> HumanDuration {
+    Duration::from_secs(10 * 60).into()
+}
+
+fn default_price_max_age() -> HumanDuration {
+    Duration::from_secs(6 * 3600).into()
+}
+
+impl Default for PlacementSection {
+    fn default() -> Self {
+        Self { replace_after: default_replace_after(), price_max_age: default_price_max_age() }
+    }
 }
 
 /// Which kind of store a location is.
@@ -263,6 +302,26 @@ pub struct TenantConfig {
     /// must lie in a configured `[[storage]]` location. Empty: no job data.
     #[serde(default)]
     pub storage: Vec<String>,
+    /// Clouds the tenant's jobs may run in (on-prem is always allowed); empty = any.
+    #[serde(default)]
+    pub clouds: Vec<Cloud>,
+    /// Sites the tenant's jobs may run at; empty = any.
+    #[serde(default)]
+    pub sites: Vec<String>,
+    /// A residency group the tenant's jobs must stay in (default: derived from each job's data).
+    #[serde(default)]
+    pub residency: Option<String>,
+    /// Price caps: per hour of a job's compute, and per job in all.
+    #[serde(default)]
+    pub max_usd_per_hour: Option<f64>,
+    #[serde(default)]
+    pub max_usd_per_job: Option<f64>,
+    /// The tenant's monthly budget: a job whose estimate exceeds what is left is refused.
+    #[serde(default)]
+    pub monthly_budget_usd: Option<f64>,
+    /// Use owned (on-prem) hardware whenever it has room, whatever the cloud prices.
+    #[serde(default)]
+    pub owned_first: bool,
 }
 
 fn default_max_queued_jobs() -> u32 {
@@ -287,6 +346,13 @@ impl TenantConfig {
             requests_per_second: default_requests_per_second(),
             burst: default_burst(),
             storage: Vec::new(),
+            clouds: Vec::new(),
+            sites: Vec::new(),
+            residency: None,
+            max_usd_per_hour: None,
+            max_usd_per_job: None,
+            monthly_budget_usd: None,
+            owned_first: false,
         }
     }
 }
@@ -625,11 +691,58 @@ impl BrokerConfig {
             }
         }
         self.storage_problems(&mut problems);
+        self.placement_problems(&mut problems);
         finish(path, problems)
     }
 }
 
 impl BrokerConfig {
+    fn placement_problems(&self, problems: &mut Vec<String>) {
+        let mut names = std::collections::HashSet::new();
+        for (i, site) in self.sites.iter().enumerate() {
+            for p in site.problems().into_iter().chain(site.residency_problems(&self.residency)) {
+                problems.push(format!("site[{i}] ({}): {p}", site.name));
+            }
+            if !names.insert(site.name.as_str()) {
+                problems.push(format!("site[{i}].name: {:?} is declared twice", site.name));
+            }
+        }
+        let mut groups = std::collections::HashSet::new();
+        for (i, g) in self.residency.iter().enumerate() {
+            if !groups.insert(g.name.as_str()) {
+                problems.push(format!("residency[{i}].name: {:?} is declared twice", g.name));
+            }
+        }
+        for (i, t) in self.tenants.iter().enumerate() {
+            for s in &t.sites {
+                if !names.contains(s.as_str()) {
+                    problems.push(format!("tenant[{i}].sites: {s:?} is not a declared [[site]]"));
+                }
+            }
+            if let Some(r) = &t.residency
+                && !groups.contains(r.as_str())
+            {
+                problems.push(format!("tenant[{i}].residency: {r:?} is not a declared [[residency]] group"));
+            }
+            for (k, v) in [("max_usd_per_hour", t.max_usd_per_hour), ("max_usd_per_job", t.max_usd_per_job)]
+                .into_iter()
+                .chain([("monthly_budget_usd", t.monthly_budget_usd)])
+            {
+                if v.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+                    problems.push(format!("tenant[{i}].{k} must be a positive number"));
+                }
+            }
+        }
+        for (i, s) in self.storage.iter().enumerate() {
+            if !self.sites.is_empty() && !s.residency.is_empty() && !groups.contains(s.residency.as_str()) {
+                problems.push(format!("storage[{i}].residency: {:?} is not a declared [[residency]] group", s.residency));
+            }
+        }
+        if self.placement.replace_after.0.is_zero() || self.placement.price_max_age.0.is_zero() {
+            problems.push("placement.replace_after and price_max_age must be more than 0".into());
+        }
+    }
+
     fn storage_problems(&self, problems: &mut Vec<String>) {
         let mut names = std::collections::HashSet::new();
         let mut stores = std::collections::HashMap::new();

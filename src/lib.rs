@@ -3,6 +3,8 @@
 //! Code map (each module is drawn as if it were a crate; see README "Architecture"):
 //! - [`model`]: domain types and ids (jobs, states, GPUs, identities); pure, no I/O.
 //! - [`placement`]: pure binding of jobs to agents' free resources.
+//! - [`pricing`]: price feeds (Azure Retail Prices, AWS Price List and spot, snapshot file) and the
+//!   price book that refreshes, merges and persists them.
 //! - [`store`]: durable jobs, attempts, agents and the append-only event log (SQLite).
 //! - [`broker`]: the control plane: job service, agent streams, leases, dispatch.
 //! - [`agent`]: the GPU node daemon: inventory (NVML), executor, the stream to the broker.
@@ -21,6 +23,7 @@ pub mod gateway;
 pub mod model;
 pub mod pki;
 pub mod placement;
+pub mod pricing;
 pub mod proto;
 pub mod storage;
 pub mod store;

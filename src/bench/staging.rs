@@ -102,18 +102,34 @@ async fn curl_version() -> anyhow::Result<String> {
     }
 }
 
-/// The benchmark inside its fresh directory `root`.
+/// The benchmark inside its fresh directory `root`. The store is served by a runtime of its own
+/// (two worker threads), so the agent's tasks do not queue behind the server's as they would not
+/// with a remote store (they still share the machine's cores).
 async fn run_in(args: &StagingArgs, root: &Path, curl: &str) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the local store")?;
-    let server = LocalS3Server::new(&root.join("store"), listener)?;
-    let store = server.store(BUCKET).await?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("local-store")
+        .enable_all()
+        .build()
+        .context("starting the local store's runtime")?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(server.run(async {
-        let _ = stopped.await;
-    }));
-    let result = measure(args, root, curl, store).await;
+    let dir = root.join("store");
+    let started = runtime.spawn(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the local store")?;
+        let server = LocalS3Server::new(&dir, listener)?;
+        let store = server.store(BUCKET).await?;
+        tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        anyhow::Ok(store)
+    });
+    let result = match started.await {
+        Ok(Ok(store)) => measure(args, root, curl, store).await,
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(anyhow::anyhow!("the local store's start failed: {e}")),
+    };
     let _ = stop.send(());
-    let _ = serving.await;
+    runtime.shutdown_background();
     result
 }
 
@@ -133,7 +149,12 @@ async fn measure(args: &StagingArgs, root: &Path, curl: &str, store: S3Store) ->
     );
     let started = Instant::now();
     let md5 = upload(&store, args.size_mib).await?;
-    println!("uploaded in {:.1} s", started.elapsed().as_secs_f64());
+    // Written back now, so that the first download does not share the disk with it.
+    let object = root.join("store").join(BUCKET).join(KEY);
+    tokio::task::spawn_blocking(move || std::fs::File::open(&object)?.sync_all())
+        .await?
+        .context("syncing the uploaded object")?;
+    println!("uploaded and synced in {:.1} s", started.elapsed().as_secs_f64());
 
     let downloads = root.join("downloads");
     std::fs::create_dir_all(&downloads).with_context(|| format!("creating {}", downloads.display()))?;

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::agents::{AgentEntry, AgentView, Alloc, Conn};
+use super::placer::Placer;
+use crate::placement::engine::Decision;
 use super::keys::{self, KeyRing, KeyView};
 use super::tail::Tail;
 use crate::config::TenantConfig;
@@ -45,6 +47,8 @@ pub struct CoreSettings {
     pub tenants: HashMap<String, TenantConfig>,
     /// Shared with the services, which verify keys without asking the core.
     pub keys: Arc<KeyRing>,
+    /// Sites, policies and prices; placement is off (plain first fit) without sites.
+    pub placer: Arc<Placer>,
 }
 
 pub type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
@@ -147,6 +151,13 @@ struct ActiveJob {
     data: Option<Arc<JobData>>,
     lease_deadline: Option<Instant>,
     tail: Tail,
+    /// The placement decision the job is placed on (engine placement only).
+    decision: Option<Arc<Decision>>,
+    /// When it was placed (to place it again when it waits too long) and when its attempt began.
+    placed_at: Option<Instant>,
+    attempt_started: Option<Instant>,
+    /// Engine placement: not before this (a job no site can take is retried now and then).
+    next_placement: Option<Instant>,
 }
 
 /// What a batch produced, released only after its commit.
@@ -183,6 +194,8 @@ pub struct Core {
     unfinished: HashMap<String, u32>,
     next_seq: u64,
     events: broadcast::Sender<JobEvent>,
+    /// Each tenant's spend this month (actual cost of ended attempts), for budgets.
+    spent: HashMap<String, f64>,
 }
 
 /// The broker's clock for stored timestamps.
@@ -208,7 +221,10 @@ impl Core {
             unfinished: HashMap::new(),
             next_seq,
             events,
+            spent: HashMap::new(),
         };
+        let month_start = place::month_start(now_ms());
+        core.spent = core.writer.load_spend(month_start).await?;
         for key in core.writer.load_keys().await? {
             core.settings.keys.insert(key);
         }
@@ -243,7 +259,20 @@ impl Core {
             };
             let tail = Tail::new(core.settings.log_tail_bytes);
             *core.unfinished.entry(rec.tenant.clone()).or_default() += 1;
-            core.jobs.insert(rec.id.clone(), ActiveJob { rec, life, spec, data, lease_deadline, tail });
+            let decision = rec.placement_json.as_deref().and_then(|d| serde_json::from_str(d).ok()).map(Arc::new);
+            let job = ActiveJob {
+                rec,
+                life,
+                spec,
+                data,
+                lease_deadline,
+                tail,
+                decision,
+                placed_at: None,
+                attempt_started: None,
+                next_placement: None,
+            };
+            core.jobs.insert(job.rec.id.clone(), job);
         }
         tracing::info!(active_jobs = core.jobs.len(), "job store loaded");
         Ok(core)
@@ -464,6 +493,7 @@ impl Core {
                  wait for some to finish"
             )));
         }
+        self.admit(&tenant, &place::ActiveJobParts { spec: &spec, data: data.as_deref() })?;
         let now = now_ms();
         let rec = JobRecord {
             id: uuid::Uuid::now_v7().to_string(),
@@ -499,6 +529,10 @@ impl Core {
             lease_deadline: None,
             tail: Tail::new(self.settings.log_tail_bytes),
             data,
+            decision: None,
+            placed_at: None,
+            attempt_started: None,
+            next_placement: None,
         };
         let submitted = match &job.data {
             Some(d) if !d.inputs.is_empty() => {
@@ -591,7 +625,7 @@ impl Core {
     }
 
     fn end_attempt(
-        &self,
+        &mut self,
         job: &ActiveJob,
         state: JobState,
         exit_code: Option<i32>,
@@ -609,6 +643,7 @@ impl Core {
             output_truncated: job.tail.truncated(),
             output_bytes: job.tail.total(),
             staging_json: staging.map(|s| serde_json::to_string(s).expect("stats serialise")),
+            cost_usd: self.accrue(job),
             ended_at: now_ms(),
         }));
     }
@@ -833,6 +868,9 @@ impl Core {
         if self.queue.is_empty() {
             return;
         }
+        if self.settings.placer.enabled() {
+            return self.dispatch_placed(out);
+        }
         let ids: Vec<String> =
             self.agents.iter().filter(|(_, e)| e.conn.is_some() && !e.draining).map(|(id, _)| id.clone()).collect();
         if ids.is_empty() {
@@ -874,6 +912,7 @@ impl Core {
         job.life.apply(&Input::Lease).expect("placed jobs with attempts left can be leased");
         job.rec.agent = Some(agent.to_string());
         job.lease_deadline = Some(Instant::now() + self.settings.lease_ttl);
+        job.attempt_started = Some(Instant::now());
         job.tail = Tail::new(self.settings.log_tail_bytes);
         let (epoch, attempt) = (job.life.epoch, job.life.attempts);
         let alloc = Alloc {
@@ -946,6 +985,9 @@ fn stop(job: &ActiveJob, reason: &str) -> proto::StopAttempt {
         reason: reason.to_string(),
     }
 }
+
+#[path = "core_place.rs"]
+mod place;
 
 #[cfg(test)]
 #[path = "core_tests.rs"]

@@ -21,6 +21,7 @@ async fn core(dir: &tempfile::TempDir) -> Core {
         log_tail_bytes: 1024,
         tenants: HashMap::from([("default".to_string(), TenantConfig::default_tenant())]),
         keys: Arc::new(KeyRing::default()),
+        placer: Arc::new(crate::broker::placer::Placer::disabled()),
     };
     Core::load(writer, settings, events).await.unwrap()
 }

@@ -7,6 +7,7 @@ pub mod core;
 pub mod data;
 pub mod jobs;
 pub mod keys;
+pub mod placer;
 mod staging;
 mod tail;
 
@@ -47,12 +48,14 @@ pub async fn run(
     tenants.entry("default".into()).or_insert_with(TenantConfig::default_tenant);
     let tenants = Arc::new(tenants);
     let keys = Arc::new(keys::KeyRing::default());
+    let (_prices_tx, prices) = tokio::sync::watch::channel(Arc::new(crate::model::price::PriceSnapshot::default()));
     let settings = core::CoreSettings {
         lease_ttl: config.leases.ttl.0,
         heartbeat_interval: config.leases.heartbeat_interval.0,
         log_tail_bytes: config.limits.log_tail_bytes,
         tenants: (*tenants).clone(),
         keys: keys.clone(),
+        placer: Arc::new(placer::Placer::new(&config, prices)),
     };
     let data = Arc::new(data::DataPlane::start(&config).await?);
     let core = core::Core::load(writer, settings, events.clone()).await?;

@@ -111,6 +111,9 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
         }],
         storage: vec![local_store(&objects)],
         staging: Default::default(),
+        sites: Vec::new(),
+        residency: Vec::new(),
+        placement: Default::default(),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {

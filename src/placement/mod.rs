@@ -4,3 +4,7 @@
 //! GPUs, CPUs and memory. The placement issue adds the global, price-aware `place()` in front of it.
 
 pub mod bind;
+pub mod engine;
+pub mod request;
+pub mod world;
+pub mod synthetic;

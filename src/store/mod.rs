@@ -78,7 +78,7 @@ pub struct AttemptRecord {
 }
 
 /// How an attempt ended, with the bounded tail of its output.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AttemptEnd {
     pub job_id: String,
     pub attempt: u32,
@@ -91,6 +91,8 @@ pub struct AttemptEnd {
     pub output_bytes: u64,
     /// Staging statistics (`model::data::StagingStats` as JSON), when the attempt moved data.
     pub staging_json: Option<String>,
+    /// What the attempt cost (its runtime at the hourly price it was placed on), when placed by the engine.
+    pub cost_usd: Option<f64>,
     pub ended_at: UnixMillis,
 }
 

@@ -80,5 +80,6 @@ ALTER TABLE attempts ADD COLUMN staging_json TEXT;
 "#,
     r#"
 ALTER TABLE jobs ADD COLUMN placement_json TEXT;
+ALTER TABLE attempts ADD COLUMN cost_usd REAL;
 "#,
 ];

@@ -141,6 +141,7 @@ impl Writer {
                     .bind(a.output_truncated)
                     .bind(a.output_bytes as i64)
                     .bind(&a.staging_json)
+                    .bind(a.cost_usd)
                     .bind(a.ended_at);
             }
             q.execute(&mut *tx).await?;
@@ -287,6 +288,18 @@ impl Writer {
         &mut self.conn
     }
 
+    /// Each tenant's spend: the cost of its attempts that ended since `since` (Unix ms).
+    pub async fn load_spend(&mut self, since: i64) -> Result<HashMap<String, f64>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT jobs.tenant AS tenant, SUM(attempts.cost_usd) AS spent FROM attempts JOIN jobs ON jobs.id = attempts.job_id \
+             WHERE attempts.cost_usd IS NOT NULL AND attempts.ended_at_ms >= ? GROUP BY jobs.tenant",
+        )
+        .bind(since)
+        .fetch_all(&mut self.conn)
+        .await?;
+        rows.iter().map(|r| Ok((r.try_get("tenant")?, r.try_get::<f64, _>("spent")?))).collect()
+    }
+
     /// The highest event sequence number committed so far.
     pub async fn last_event_seq(&mut self) -> Result<u64, StoreError> {
         let seq: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM job_events").fetch_one(&mut self.conn).await?;
@@ -308,7 +321,8 @@ async fn insert_attempts(conn: &mut SqliteConnection, attempts: &[NewAttempt<'_>
                     .bind(&e.output)
                     .bind(e.output_truncated)
                     .bind(e.output_bytes as i64)
-                    .bind(&e.staging_json),
+                    .bind(&e.staging_json)
+                    .bind(e.cost_usd),
                 // The columns' defaults, as an insert that names only the others leaves them.
                 None => q
                     .bind(JobState::Leased.as_str())
@@ -317,7 +331,8 @@ async fn insert_attempts(conn: &mut SqliteConnection, attempts: &[NewAttempt<'_>
                     .bind(None::<Vec<u8>>)
                     .bind(false)
                     .bind(0_i64)
-                    .bind(None::<String>),
+                    .bind(None::<String>)
+                    .bind(None::<f64>),
             };
             q = q.bind(a.started_at).bind(end.map(|e| e.ended_at));
         }
@@ -393,16 +408,16 @@ static INSERT_EVENTS: MultiRow =
 
 static INSERT_ATTEMPTS: MultiRow = MultiRow::new(
     "INSERT INTO attempts (job_id, attempt, epoch, agent, gpu_indices, state, exit_code, reason, output, \
-     output_truncated, output_bytes, staging_json, started_at_ms, ended_at_ms)",
-    14,
+     output_truncated, output_bytes, staging_json, cost_usd, started_at_ms, ended_at_ms)",
+    15,
     "",
 );
 
 static UPDATE_ATTEMPTS: MultiRow = MultiRow::new(
     "UPDATE attempts SET state = v.column3, exit_code = v.column4, reason = v.column5, output = v.column6, \
-     output_truncated = v.column7, output_bytes = v.column8, staging_json = v.column9, ended_at_ms = v.column10 \
-     FROM (",
-    10,
+     output_truncated = v.column7, output_bytes = v.column8, staging_json = v.column9, cost_usd = v.column10, \
+     ended_at_ms = v.column11 FROM (",
+    11,
     ") AS v WHERE attempts.job_id = v.column1 AND attempts.attempt = v.column2",
 );
 

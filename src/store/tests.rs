@@ -183,7 +183,7 @@ mod reference {
                 Write::EndAttempt(a) => {
                     sqlx::query(
                         "UPDATE attempts SET state = ?, exit_code = ?, reason = ?, output = ?, output_truncated = ?, \
-                         output_bytes = ?, staging_json = ?, ended_at_ms = ? WHERE job_id = ? AND attempt = ?",
+                         output_bytes = ?, staging_json = ?, cost_usd = ?, ended_at_ms = ? WHERE job_id = ? AND attempt = ?",
                     )
                     .bind(a.state.as_str())
                     .bind(a.exit_code)
@@ -192,6 +192,7 @@ mod reference {
                     .bind(a.output_truncated)
                     .bind(a.output_bytes as i64)
                     .bind(&a.staging_json)
+                    .bind(a.cost_usd)
                     .bind(a.ended_at)
                     .bind(&a.job_id)
                     .bind(a.attempt)
@@ -389,6 +390,7 @@ mod model {
             output_truncated: rng.bool(),
             output_bytes: [0, 3, u64::MAX][rng.usize(..3)],
             staging_json: opt(rng, text),
+            cost_usd: opt(rng, |r| [0.0, 1.5, 1e9][r.usize(..3)]),
             ended_at: millis(rng),
         }
     }
@@ -609,6 +611,7 @@ fn life(i: u64, stage: u8, out: &mut Batch) {
             output_truncated: false,
             output_bytes: 6,
             staging_json: None,
+            cost_usd: None,
             ended_at: 3,
         }));
         rec.state = JobState::Succeeded;
@@ -704,6 +707,7 @@ async fn updates_of_missing_rows_create_nothing() {
                 output_truncated: false,
                 output_bytes: 0,
                 staging_json: None,
+            cost_usd: None,
                 ended_at: 1,
             }),
             Write::AgentDraining { id: "nobody".into(), draining: true },

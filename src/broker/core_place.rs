@@ -1,0 +1,209 @@
+//! Engine placement inside the core (with `[[site]]` configured): queued jobs are placed at the
+//! cheapest allowed site on the current prices and capacity (the decision is stored with the job
+//! and its summary is the `placed` event), then bound to an agent of that site with room. A job
+//! that waits at its site longer than `placement.replace_after` is placed again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{ActiveJob, Core, Effects, now_ms};
+use crate::error::ApiError;
+use crate::model::state::{Input, JobState};
+use crate::placement::bind::{FreeCapacity, first_fit};
+use crate::placement::engine::{Decision, Verdict};
+use crate::placement::world::World;
+use crate::broker::placer::summary;
+
+/// How long a job no site can take waits before placement tries it again.
+const RETRY_UNPLACED: Duration = Duration::from_secs(1);
+
+impl Core {
+    /// Free and total resources of every connected, non-draining agent, by site.
+    fn capacity(&self) -> HashMap<&str, (Vec<FreeCapacity>, Vec<FreeCapacity>)> {
+        let mut per_site: HashMap<&str, (Vec<FreeCapacity>, Vec<FreeCapacity>)> = HashMap::new();
+        for e in self.agents.values().filter(|e| e.conn.is_some() && !e.draining) {
+            let total = FreeCapacity {
+                gpus: e.inventory.gpus.iter().filter(|g| g.healthy).map(|g| (g.index, g.model.clone())).collect(),
+                cpus: e.inventory.cpus,
+                memory_mib: e.inventory.memory_mib,
+            };
+            let entry = per_site.entry(e.site.as_str()).or_default();
+            entry.0.push(e.free());
+            entry.1.push(total);
+        }
+        per_site
+    }
+
+    /// The tenant's monthly budget left, when it has one.
+    pub(super) fn budget_left(&self, tenant: &str) -> Option<f64> {
+        let budget = self.settings.placer.budget(tenant)?;
+        Some(budget - self.spent.get(tenant).copied().unwrap_or(0.0))
+    }
+
+    /// Admission: a job whose policy widens its tenant's is invalid; with a budget, a job every
+    /// site would refuse for the budget is refused now, with the numbers.
+    pub(super) fn admit(&self, tenant: &str, job: &ActiveJobParts<'_>) -> Result<(), ApiError> {
+        let placer = &self.settings.placer;
+        if !placer.enabled() {
+            return Ok(());
+        }
+        let budget_left = self.budget_left(tenant);
+        let req = placer.request(tenant, job.spec, job.data, budget_left).map_err(ApiError::InvalidArgument)?;
+        if budget_left.is_none() {
+            return Ok(());
+        }
+        let world = placer.world(&self.capacity(), now_ms());
+        let decision = placer.place(&req, &world);
+        let budget = decision.candidates.iter().find_map(|c| match &c.verdict {
+            Verdict::Rejected(why) if why.starts_with("budget:") => Some(why.clone()),
+            _ => None,
+        });
+        match (&decision.chosen, budget) {
+            (None, Some(why)) => {
+                Err(ApiError::ResourceExhausted(format!("tenant {tenant} cannot afford this job this month: {why}")))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Places queued jobs (and jobs waiting too long at their site) and binds placed jobs to
+    /// agents of their site.
+    pub(super) fn dispatch_placed(&mut self, out: &mut Effects) {
+        let now = Instant::now();
+        let placer = self.settings.placer.clone();
+        let capacity = self.capacity();
+        let mut world: Option<World> = None;
+        let mut decisions: Vec<(String, Decision)> = Vec::new();
+        let mut unplaced: Vec<(String, String)> = Vec::new();
+        for (_, job_id) in &self.queue {
+            let job = &self.jobs[job_id];
+            let due = match job.life.state {
+                JobState::Queued => job.next_placement.is_none_or(|t| t <= now),
+                JobState::Placed => job.placed_at.is_some_and(|t| now.duration_since(t) >= placer.replace_after),
+                _ => false,
+            };
+            if !due {
+                continue;
+            }
+            let budget_left = self.budget_left(&job.rec.tenant);
+            let req = match placer.request(&job.rec.tenant, &job.spec, job.data.as_deref(), budget_left) {
+                Ok(req) => req,
+                Err(why) => {
+                    unplaced.push((job_id.clone(), format!("not placed: {why}")));
+                    continue;
+                }
+            };
+            let world = world.get_or_insert_with(|| placer.world(&capacity, now_ms()));
+            let decision = placer.place(&req, world);
+            if decision.chosen.is_some() {
+                decisions.push((job_id.clone(), decision));
+            } else {
+                unplaced.push((job_id.clone(), summary(&decision)));
+            }
+        }
+        for (job_id, decision) in decisions {
+            self.placed(&job_id, decision, out);
+        }
+        for (job_id, why) in unplaced {
+            let mut job = self.jobs.remove(&job_id).expect("queued jobs are active");
+            job.next_placement = Some(now + RETRY_UNPLACED);
+            if job.rec.reason != why {
+                self.event(&mut job, why, false, out);
+            }
+            self.jobs.insert(job_id, job);
+        }
+        self.bind_placed(out);
+    }
+
+    /// Records a decision: the job is placed at the chosen site (again, if it was already placed).
+    fn placed(&mut self, job_id: &str, decision: Decision, out: &mut Effects) {
+        let Some(chosen) = &decision.chosen else { return };
+        let mut job = self.jobs.remove(job_id).expect("queued jobs are active");
+        if job.life.state == JobState::Queued {
+            job.life.apply(&Input::Place).expect("queued jobs can be placed");
+        }
+        let reason = summary(&decision);
+        job.rec.site = Some(chosen.site.clone());
+        job.rec.agent = None;
+        job.rec.state = JobState::Placed;
+        job.rec.updated_at = now_ms();
+        job.rec.placement_json = Some(serde_json::to_string(&decision).expect("decisions serialise"));
+        job.decision = Some(Arc::new(decision));
+        job.placed_at = Some(Instant::now());
+        job.next_placement = None;
+        self.event(&mut job, reason, true, out);
+        self.jobs.insert(job_id.to_string(), job);
+    }
+
+    /// Binds placed jobs, by priority, to agents of their site with room (first fit).
+    fn bind_placed(&mut self, out: &mut Effects) {
+        let ids: Vec<String> = self
+            .agents
+            .iter()
+            .filter(|(_, e)| e.conn.is_some() && !e.draining && self.settings.placer.knows_site(&e.site))
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut free: Vec<FreeCapacity> = ids.iter().map(|id| self.agents[id].free()).collect();
+        let mut bound = Vec::new();
+        for (_, job_id) in &self.queue {
+            let job = &self.jobs[job_id];
+            let Some(site) = job.rec.site.as_deref().filter(|_| job.life.state == JobState::Placed) else { continue };
+            let at_site: Vec<usize> = (0..ids.len()).filter(|&i| self.agents[&ids[i]].site == site).collect();
+            let candidates: Vec<FreeCapacity> = at_site.iter().map(|&i| free[i].clone()).collect();
+            let req = &job.spec.resources;
+            if let Some(b) = first_fit(req, &candidates) {
+                let f = &mut free[at_site[b.agent]];
+                f.cpus -= req.cpus;
+                f.memory_mib -= u64::from(req.memory_gib) * 1024;
+                f.gpus.retain(|(i, _)| !b.gpu_indices.contains(i));
+                bound.push((job_id.clone(), ids[at_site[b.agent]].clone(), b.gpu_indices));
+            }
+        }
+        for (job_id, agent, gpus) in bound {
+            self.lease(&job_id, &agent, gpus, out);
+        }
+    }
+
+    /// What an ended attempt cost: its runtime at the hourly price it was placed on; added to
+    /// the tenant's spend.
+    pub(super) fn accrue(&mut self, job: &ActiveJob) -> Option<f64> {
+        let decision = job.decision.as_ref()?;
+        let chosen = decision.chosen.as_ref()?;
+        let hours = job.attempt_started?.elapsed().as_secs_f64() / 3600.0;
+        let cost = chosen.offer.cost.usd_per_hour * hours;
+        *self.spent.entry(job.rec.tenant.clone()).or_default() += cost;
+        Some(cost)
+    }
+}
+
+/// The first millisecond of the current month (UTC), from which spend counts against budgets.
+pub(super) fn month_start(now: crate::model::UnixMillis) -> crate::model::UnixMillis {
+    let days = now.div_euclid(86_400_000);
+    // Civil from days (Howard Hinnant's algorithm), then back to the 1st of that month.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day_of_month = doy - (153 * mp + 2) / 5; // 0-based
+    (days - day_of_month) * 86_400_000
+}
+
+/// The parts of a job admission looks at.
+pub(super) struct ActiveJobParts<'a> {
+    pub spec: &'a crate::model::job::JobSpec,
+    pub data: Option<&'a crate::model::data::JobData>,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn months_start_on_the_first() {
+        // 2026-11-27T14:00:00Z → 2026-11-01T00:00:00Z; 2024-02-29 → 2024-02-01; 2026-01-01 itself.
+        assert_eq!(super::month_start(1_795_788_000_000), 1_793_491_200_000);
+        assert_eq!(super::month_start(1_709_208_000_000), 1_706_745_600_000);
+        assert_eq!(super::month_start(1_767_225_600_000), 1_767_225_600_000);
+    }
+}

@@ -1,0 +1,189 @@
+//! The broker's side of placement: the configured sites, residency groups and storage locations,
+//! each tenant's policy, and the current prices, turned into the pure engine's inputs
+//! ([`crate::placement::engine::place`]). With no `[[site]]` configured, placement is off and the
+//! core binds jobs to any agent with room (first fit), as before.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::config::{BrokerConfig, StorageCloud, TenantConfig};
+use crate::model::UnixMillis;
+use crate::model::data::JobData;
+use crate::model::job::{JobSpec, Spot};
+use crate::model::price::PriceSnapshot;
+use crate::model::site::{ResidencyGroup, Site, SiteKind, StorageLocation};
+use crate::placement::bind::FreeCapacity;
+use crate::placement::engine::{self, Decision};
+use crate::placement::request::{PlacementJob, PlacementPolicy};
+use crate::placement::world::{SiteCapacity, SiteState, World};
+
+/// The current prices; the price book replaces them in the background.
+pub type Prices = watch::Receiver<Arc<PriceSnapshot>>;
+
+/// Everything placement needs besides the live capacity.
+#[derive(Debug)]
+pub struct Placer {
+    sites: Vec<Site>,
+    residency: Vec<ResidencyGroup>,
+    locations: Vec<StorageLocation>,
+    policies: HashMap<String, PlacementPolicy>,
+    budgets: HashMap<String, f64>,
+    prices: Prices,
+    pub replace_after: Duration,
+    price_max_age: Duration,
+}
+
+impl Placer {
+    pub fn new(config: &BrokerConfig, prices: Prices) -> Self {
+        let locations = config
+            .storage
+            .iter()
+            .map(|s| StorageLocation {
+                name: s.name.clone(),
+                kind: match s.cloud {
+                    StorageCloud::Aws => SiteKind::Aws,
+                    StorageCloud::Azure => SiteKind::Azure,
+                    StorageCloud::Local => SiteKind::Onprem,
+                },
+                region: s.region.clone(),
+                residency: s.residency.clone(),
+            })
+            .collect();
+        let mut tenants: Vec<TenantConfig> = config.tenants.clone();
+        if !tenants.iter().any(|t| t.name == "default") {
+            tenants.push(TenantConfig::default_tenant());
+        }
+        let policies = tenants.iter().map(|t| (t.name.clone(), policy_of(t, config))).collect();
+        let budgets = tenants.iter().filter_map(|t| Some((t.name.clone(), t.monthly_budget_usd?))).collect();
+        Self {
+            sites: config.sites.clone(),
+            residency: config.residency.clone(),
+            locations,
+            policies,
+            budgets,
+            prices,
+            replace_after: config.placement.replace_after.0,
+            price_max_age: config.placement.price_max_age.0,
+        }
+    }
+
+    /// No sites: placement off (plain first fit).
+    pub fn disabled() -> Self {
+        Self {
+            sites: Vec::new(),
+            residency: Vec::new(),
+            locations: Vec::new(),
+            policies: HashMap::new(),
+            budgets: HashMap::new(),
+            prices: watch::channel(Arc::new(PriceSnapshot::default())).1,
+            replace_after: Duration::from_secs(600),
+            price_max_age: Duration::from_secs(3600),
+        }
+    }
+
+    /// Placement is on when sites are configured.
+    pub fn enabled(&self) -> bool {
+        !self.sites.is_empty()
+    }
+
+    pub fn knows_site(&self, site: &str) -> bool {
+        self.sites.iter().any(|s| s.name == site)
+    }
+
+    /// The tenant's monthly budget, if it has one.
+    pub fn budget(&self, tenant: &str) -> Option<f64> {
+        self.budgets.get(tenant).copied()
+    }
+
+    /// The job as placement sees it; an error when its policy would widen its tenant's.
+    pub fn request(
+        &self,
+        tenant: &str,
+        spec: &JobSpec,
+        data: Option<&JobData>,
+        budget_left: Option<f64>,
+    ) -> Result<PlacementJob, String> {
+        let tenant_policy = self.policies.get(tenant).cloned().unwrap_or_default();
+        let policy = match &spec.policy {
+            Some(p) => tenant_policy.narrow(p)?,
+            None => tenant_policy,
+        };
+        let empty = JobData::default();
+        Ok(PlacementJob::from_spec(spec, data.unwrap_or(&empty), policy, budget_left))
+    }
+
+    /// Sites with their capacity (from the agents' free and total resources per site), locations
+    /// and the current prices.
+    pub fn world(&self, capacity: &HashMap<&str, (Vec<FreeCapacity>, Vec<FreeCapacity>)>, now: UnixMillis) -> World {
+        let sites = self
+            .sites
+            .iter()
+            .map(|site| {
+                let (free, total) = capacity.get(site.name.as_str()).map(|(f, t)| (&f[..], &t[..])).unwrap_or_default();
+                SiteState { site: site.clone(), capacity: SiteCapacity::from_agents(free, total, None) }
+            })
+            .collect();
+        let prices = self.prices.borrow().clone();
+        World::new(sites, self.locations.clone(), &prices, now, self.price_max_age)
+    }
+
+    pub fn place(&self, job: &PlacementJob, world: &World) -> Decision {
+        engine::place(job, world)
+    }
+
+    /// Residency groups, for explanations.
+    pub fn residency_groups(&self) -> &[ResidencyGroup] {
+        &self.residency
+    }
+}
+
+/// A tenant's placement policy from its config; the placement section's `replace_after` is the
+/// default longest wait.
+fn policy_of(t: &TenantConfig, config: &BrokerConfig) -> PlacementPolicy {
+    PlacementPolicy {
+        residency: t.residency.clone(),
+        clouds: (!t.clouds.is_empty()).then(|| t.clouds.clone()),
+        sites: (!t.sites.is_empty()).then(|| t.sites.clone()),
+        max_usd_per_hour: t.max_usd_per_hour,
+        max_usd_total: t.max_usd_per_job,
+        spot: Spot::Allowed,
+        max_wait: Some(config.placement.replace_after.0),
+        deadline: None,
+        owned_first: t.owned_first,
+    }
+}
+
+/// A one-line summary of a decision for the job's event.
+pub fn summary(d: &Decision) -> String {
+    match &d.chosen {
+        Some(c) => {
+            let feasible = d.candidates.iter().filter(|c| matches!(c.verdict, engine::Verdict::Feasible(_))).count();
+            let stale = if d.stale { ", prices stale" } else { "" };
+            format!(
+                "placed at site {}: est. ${:.2} (compute ${:.2}, egress ${:.2}, storage ${:.2}); {} of {} candidates feasible{stale}",
+                c.site,
+                c.offer.cost.total_usd,
+                c.offer.cost.compute_usd,
+                c.offer.cost.egress_usd,
+                c.offer.cost.storage_usd,
+                feasible,
+                d.candidates.len()
+            )
+        }
+        None => {
+            let reasons: Vec<String> = d
+                .candidates
+                .iter()
+                .filter_map(|c| match &c.verdict {
+                    engine::Verdict::Rejected(why) => Some(format!("{}: {why}", c.site)),
+                    engine::Verdict::Feasible(_) => None,
+                })
+                .take(4)
+                .collect();
+            format!("not placed: no site can take it now ({})", reasons.join("; "))
+        }
+    }
+}

@@ -1,0 +1,506 @@
+//! The global placement engine (DESIGN §4): [`place`] one job in a [`World`]. Pure and fast.
+//!
+//! Candidates are sites × output location choices (only outputs that let placement choose add
+//! choices; outputs with the same group share one). Each breaks a rule (its verdict is the first
+//! reason, in this order: site and cloud allow-lists, residency, no fitting GPU/instance type/node, no
+//! price, queue wait against `max_wait`/deadline, transfer and storage prices, $/hour cap, total cap,
+//! budget) or is costed:
+//! - compute: cloud: the cheapest instance type of the site that fits the job on one node (GPU
+//!   model and count, vCPUs, memory; multi-node is not supported, so `instances` is 1 and a 1-GPU job
+//!   on an 8-GPU type pays the whole instance), at its on-demand price, or its spot price where both
+//!   the site and the policy allow spot and it is cheaper (or the only one); on-prem: the site's
+//!   $/GPU-hour (per model where given; the highest among the acceptable models the site could
+//!   give the job, so caps and budgets hold whichever GPUs bind picks) × GPUs, or `cpu_hour_usd` ×
+//!   CPUs for a CPU-only job; × estimated hours.
+//! - egress: every input's bytes from its location to the site and every output's bytes from the
+//!   site to its location, by the transfer rules of [`super::world`].
+//! - storage: the outputs' bytes × their location's $/GB-month × one month (on-prem: free).
+//!
+//! Queue wait is a constraint, not a cost. The cheapest feasible candidate wins; ties break by site
+//! name, then output locations. With `owned_first`, a feasible on-prem candidate that starts now wins
+//! whatever the price.
+
+use std::cmp::Ordering;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::request::{OutputDest, PlacementJob};
+use super::world::{NodeShape, SiteCapacity, World};
+use crate::model::job::Spot;
+use crate::model::price::Market;
+use crate::model::site::SiteKind;
+
+/// What a candidate would cost, in US dollars.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct CostBreakdown {
+    pub compute_usd: f64,
+    pub egress_usd: f64,
+    pub storage_usd: f64,
+    /// compute + egress + storage.
+    pub total_usd: f64,
+    /// Compute $/hour (what `max_usd_per_hour` caps).
+    pub usd_per_hour: f64,
+    /// Estimated hours of compute.
+    pub hours: f64,
+}
+
+/// A feasible candidate: what it would run on, when it could start, and its cost.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Offer {
+    /// Cloud: the instance type; `None` on-prem.
+    pub instance_type: Option<String>,
+    /// Instances (always 1: single node).
+    pub instances: u32,
+    /// Cloud: on-demand or spot; `None` on-prem.
+    pub market: Option<Market>,
+    /// The GPU model priced (cloud: the type's; on-prem: the one whose price was used).
+    pub gpu_model: Option<String>,
+    /// Estimated wait before the job starts, seconds (0: now).
+    pub wait_s: u64,
+    pub cost: CostBreakdown,
+}
+
+/// A candidate's verdict. JSON: `"feasible": {…offer…}` or `"rejected": "reason"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Feasible(Offer),
+    Rejected(String),
+}
+
+/// One candidate: a site and where each output would go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    pub site: String,
+    /// One location per job output, in the job's order.
+    pub output_locations: Vec<String>,
+    #[serde(flatten)]
+    pub verdict: Verdict,
+}
+
+/// The chosen candidate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Chosen {
+    pub site: String,
+    pub output_locations: Vec<String>,
+    #[serde(flatten)]
+    pub offer: Offer,
+}
+
+/// A placement decision: stored with the job and served as its explanation (a stable JSON contract).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    /// `None` when every candidate was rejected.
+    pub chosen: Option<Chosen>,
+    /// Every candidate, by site name then output locations.
+    pub candidates: Vec<Candidate>,
+    /// The residency group enforced, if any (given by policy or derived from the inputs).
+    pub residency: Option<String>,
+    pub snapshot_id: String,
+    /// How old the prices were at decision time.
+    pub snapshot_age_ms: i64,
+    /// Whether the prices were older than allowed.
+    pub stale: bool,
+}
+
+/// A reason that rejects every candidate, or the output location choices.
+struct Plan {
+    residency: Option<(String, bool)>,
+    /// Aggregated input bytes per location index.
+    inputs: Vec<(usize, u64)>,
+    /// Per output: fixed location index, or the index of its choice dimension.
+    outputs: Vec<Result<usize, usize>>,
+    /// Per choice dimension: the candidate location indices.
+    choices: Vec<Vec<usize>>,
+    global: Option<String>,
+}
+
+/// Places one job: every candidate with its verdict, and the cheapest feasible one.
+pub fn place(job: &PlacementJob, world: &World) -> Decision {
+    let plan = plan(job, world);
+    let combos: usize = plan.choices.iter().map(Vec::len).product();
+    let mut candidates = Vec::with_capacity(world.sites.len() * combos.max(1));
+    let mut site_of = Vec::with_capacity(candidates.capacity());
+    let mut choice = vec![0usize; plan.choices.len()];
+    let mut locs = vec![0usize; job.outputs.len()];
+    for (si, state) in world.sites.iter().enumerate() {
+        let base = plan.global.clone().map_or_else(|| site_offer(job, world, si, &plan), Err);
+        for combo in 0..combos.max(1) {
+            let mut rest = combo;
+            for (d, options) in plan.choices.iter().enumerate().rev() {
+                choice[d] = options.get(rest % options.len().max(1)).copied().unwrap_or(usize::MAX);
+                rest /= options.len().max(1);
+            }
+            for (o, dest) in plan.outputs.iter().enumerate() {
+                locs[o] = match dest {
+                    Ok(l) => *l,
+                    Err(d) => choice[*d],
+                };
+            }
+            let verdict = match &base {
+                Err(reason) => Verdict::Rejected(reason.clone()),
+                Ok((offer, inbound_usd)) => finish(job, world, si, &locs, offer.clone(), *inbound_usd),
+            };
+            let output_locations =
+                locs.iter().map(|&l| world.locations.get(l).map_or_else(String::new, |x| x.name.clone())).collect();
+            candidates.push(Candidate { site: state.site.name.clone(), output_locations, verdict });
+            site_of.push(si);
+        }
+    }
+    let chosen = choose(job, world, &candidates, &site_of).map(|i| {
+        let c = &candidates[i];
+        let Verdict::Feasible(offer) = &c.verdict else { unreachable!("only feasible candidates are chosen") };
+        Chosen { site: c.site.clone(), output_locations: c.output_locations.clone(), offer: offer.clone() }
+    });
+    Decision {
+        chosen,
+        candidates,
+        residency: plan.residency.map(|(r, _)| r),
+        snapshot_id: world.snapshot_id.clone(),
+        snapshot_age_ms: world.snapshot_age_ms,
+        stale: world.stale,
+    }
+}
+
+/// Resolves the job's locations, its residency and the output choices.
+fn plan(job: &PlacementJob, world: &World) -> Plan {
+    let mut global = None;
+    let mut inputs: Vec<(usize, u64)> = Vec::with_capacity(job.inputs.len());
+    for input in &job.inputs {
+        match world.location_index.get(&input.location) {
+            Some(&l) => match inputs.iter_mut().find(|(i, _)| *i == l) {
+                Some((_, b)) => *b += input.bytes,
+                None => inputs.push((l, input.bytes)),
+            },
+            None => global = Some(format!("unknown storage location {}", input.location)),
+        }
+    }
+    let residency = match &job.policy.residency {
+        Some(r) => Some((r.clone(), false)),
+        None => {
+            let mut groups = inputs.iter().map(|(l, _)| &world.locations[*l].residency);
+            let first = groups.next();
+            first.filter(|f| groups.all(|g| g == *f)).map(|f| (f.clone(), true))
+        }
+    };
+    let explicit = job.policy.residency.as_deref();
+    let mut outputs = Vec::with_capacity(job.outputs.len());
+    let mut keys: Vec<(&str, &[String])> = Vec::new();
+    let mut choices: Vec<Vec<usize>> = Vec::new();
+    for (o, output) in job.outputs.iter().enumerate() {
+        match &output.dest {
+            OutputDest::Location(name) => match world.location_index.get(name) {
+                Some(&l) => {
+                    let group = &world.locations[l].residency;
+                    if explicit.is_some_and(|r| r != group) {
+                        global = Some(format!("residency: output in {group}, policy {}", explicit.unwrap_or("")));
+                    }
+                    outputs.push(Ok(l));
+                }
+                None => {
+                    global = Some(format!("unknown storage location {name}"));
+                    outputs.push(Ok(usize::MAX));
+                }
+            },
+            OutputDest::Choose { residency: group, among } => {
+                if explicit.is_some_and(|r| r != group) {
+                    global = Some(format!("residency: output in {group}, policy {}", explicit.unwrap_or("")));
+                }
+                let key = (group.as_str(), among.as_slice());
+                let d = keys.iter().position(|k| *k == key).unwrap_or_else(|| {
+                    keys.push(key);
+                    let options: Vec<usize> = (0..world.locations.len())
+                        .filter(|&l| {
+                            let loc = &world.locations[l];
+                            loc.residency == *group && (among.is_empty() || among.contains(&loc.name))
+                        })
+                        .collect();
+                    if options.is_empty() {
+                        global = Some(format!("no storage location in {group} for output {o}"));
+                    }
+                    choices.push(options);
+                    choices.len() - 1
+                });
+                outputs.push(Err(d));
+            }
+        }
+    }
+    Plan { residency, inputs, outputs, choices, global }
+}
+
+/// The site-level part of a candidate: allow-lists, residency, compute, wait and input transfer.
+/// Gives the offer (cost so far: compute) and the input egress in dollars.
+fn site_offer(job: &PlacementJob, world: &World, si: usize, plan: &Plan) -> Result<(Offer, f64), String> {
+    let state = &world.sites[si];
+    let site = &state.site;
+    let policy = &job.policy;
+    if policy.sites.as_ref().is_some_and(|s| !s.contains(&site.name)) {
+        return Err(format!("site {} not allowed", site.name));
+    }
+    if let Some(cloud) = site.kind.cloud()
+        && policy.clouds.as_ref().is_some_and(|c| !c.contains(&cloud))
+    {
+        return Err(format!("cloud {} not allowed", cloud.as_str()));
+    }
+    if let Some((group, derived)) = &plan.residency
+        && site.residency != *group
+    {
+        let whose = if *derived { "data" } else { "policy" };
+        return Err(format!("residency: {whose} in {group}, site in {}", site.residency));
+    }
+    let hours = job.hours();
+    let needs_capacity = site.kind == SiteKind::Onprem || !site.elastic;
+    let (wait, now) = if needs_capacity { capacity_wait(job, &state.capacity)? } else { (Some(Duration::ZERO), true) };
+    let mut offer = match site.kind.cloud() {
+        Some(_) => cloud_compute(job, world, si)?,
+        None => onprem_compute(job, world, si, now)?,
+    };
+    let wait = wait.ok_or_else(|| "busy: no node free now and no wait estimate".to_owned())?;
+    check_time(job, world, wait)?;
+    offer.wait_s = wait.as_secs();
+    offer.cost.hours = hours;
+    offer.cost.compute_usd = offer.cost.usd_per_hour * hours;
+    let mut inbound = 0.0;
+    for &(l, bytes) in &plan.inputs {
+        if bytes > 0 {
+            inbound += gb(bytes) * world.inbound[l][si].clone()?;
+        }
+    }
+    Ok((offer, inbound))
+}
+
+/// Adds the outputs' transfer and storage to a site offer and applies the caps and the budget.
+fn finish(job: &PlacementJob, world: &World, si: usize, locs: &[usize], mut offer: Offer, inbound: f64) -> Verdict {
+    let mut egress = inbound;
+    let mut storage = 0.0;
+    for (output, &l) in job.outputs.iter().zip(locs) {
+        if output.bytes == 0 {
+            continue;
+        }
+        let (out, keep) = (&world.outbound[si][l], &world.storage[l]);
+        match (out, keep) {
+            (Ok(out), Ok(keep)) => {
+                egress += gb(output.bytes) * out;
+                storage += gb(output.bytes) * keep;
+            }
+            (Err(e), _) | (_, Err(e)) => return Verdict::Rejected(e.clone()),
+        }
+    }
+    let c = &mut offer.cost;
+    c.egress_usd = egress;
+    c.storage_usd = storage;
+    c.total_usd = c.compute_usd + egress + storage;
+    let policy = &job.policy;
+    if let Some(cap) = policy.max_usd_per_hour
+        && c.usd_per_hour > cap
+    {
+        return Verdict::Rejected(format!("price cap: {}/h > {}/h", usd(c.usd_per_hour), usd(cap)));
+    }
+    if let Some(cap) = policy.max_usd_total
+        && c.total_usd > cap
+    {
+        return Verdict::Rejected(format!("cost cap: {} > {}", usd(c.total_usd), usd(cap)));
+    }
+    if let Some(left) = job.budget_left_usd
+        && c.total_usd > left
+    {
+        return Verdict::Rejected(format!("budget: {} left, estimate {}", usd(left), usd(c.total_usd)));
+    }
+    Verdict::Feasible(offer)
+}
+
+/// The wait before the job could start at a site whose capacity counts (`None`: unknown) and
+/// whether a node has room now, or why no node of the site could ever take it.
+fn capacity_wait(job: &PlacementJob, capacity: &SiteCapacity) -> Result<(Option<Duration>, bool), String> {
+    if capacity.free.iter().any(|s| fits(job, s)) {
+        return Ok((Some(Duration::ZERO), true));
+    }
+    if !capacity.total.iter().any(|s| fits(job, s)) {
+        if capacity.total.is_empty() {
+            return Err("no connected agent at site".to_owned());
+        }
+        return Err(no_fit(job, "node", capacity.total.iter().flat_map(|s| s.gpus.iter().map(|(m, _)| m.as_str()))));
+    }
+    Ok((capacity.queue_wait, false))
+}
+
+/// Whether the job fits a node shape.
+pub(crate) fn fits(job: &PlacementJob, shape: &NodeShape) -> bool {
+    let gpus: u32 = shape.gpus.iter().filter(|(m, _)| job.accepts(m)).map(|(_, n)| n).sum();
+    gpus >= job.gpus && shape.cpus >= job.cpus && shape.memory_mib >= u64::from(job.memory_gib) * 1024
+}
+
+/// The reason nothing fits: the GPU model is missing altogether, or nothing is large enough.
+fn no_fit<'a>(job: &PlacementJob, what: &str, mut models: impl Iterator<Item = &'a str>) -> String {
+    if job.gpus > 0 && !models.any(|m| job.accepts(m)) {
+        return if job.gpu_models.is_empty() {
+            "no gpu at site".to_owned()
+        } else {
+            format!("no {} at site", job.gpu_models.join(" or "))
+        };
+    }
+    let gpus = match (job.gpus, job.gpu_models.as_slice()) {
+        (0, _) => String::new(),
+        (n, []) => format!("{n} gpus, "),
+        (n, models) => format!("{n}×{}, ", models.join("/")),
+    };
+    format!("no {what} fits {gpus}{} cpus, {} GiB", job.cpus, job.memory_gib)
+}
+
+/// Cloud compute: the cheapest priced instance type that fits.
+fn cloud_compute(job: &PlacementJob, world: &World, si: usize) -> Result<Offer, String> {
+    let site = &world.sites[si].site;
+    let spot_ok = site.spot && job.policy.spot == Spot::Allowed;
+    let mut best: Option<(f64, &str, Market, Option<&str>)> = None;
+    let mut unpriced: Option<&str> = None;
+    let mut spot_only: Option<&str> = None;
+    let mut any_fit = false;
+    for offer in &world.offers[si] {
+        let t = offer.ty;
+        let model_ok = job.gpus == 0 || t.gpu_model.is_some_and(|m| job.accepts(m));
+        if !(model_ok && t.gpus >= job.gpus && t.vcpus >= job.cpus && t.memory_gib >= job.memory_gib) {
+            continue;
+        }
+        any_fit = true;
+        let spot = offer.spot.filter(|_| spot_ok);
+        let price = match (offer.on_demand, spot) {
+            (Some(d), Some(s)) if s < d => Some((s, Market::Spot)),
+            (Some(d), _) => Some((d, Market::OnDemand)),
+            (None, Some(s)) => Some((s, Market::Spot)),
+            (None, None) => None,
+        };
+        match price {
+            Some((p, market)) => {
+                if best.is_none_or(|(bp, bn, ..)| p < bp || (p == bp && t.name < bn)) {
+                    best = Some((p, t.name, market, t.gpu_model));
+                }
+            }
+            None if offer.spot.is_some() => spot_only = spot_only.or(Some(t.name)),
+            None => unpriced = unpriced.or(Some(t.name)),
+        }
+    }
+    if !any_fit {
+        let models = world.offers[si].iter().filter_map(|o| o.ty.gpu_model);
+        return Err(no_fit(job, "instance type", models));
+    }
+    let Some((price, name, market, model)) = best else {
+        if let Some(name) = spot_only {
+            let who = if site.spot { "policy" } else { "site" };
+            return Err(format!("spot: only a spot price for {name} in {}, and the {who} says no spot", site.region));
+        }
+        return Err(format!("no price for {} in {}", unpriced.unwrap_or("?"), site.region));
+    };
+    Ok(Offer {
+        instance_type: Some(name.to_owned()),
+        instances: 1,
+        market: Some(market),
+        gpu_model: model.map(str::to_owned),
+        wait_s: 0,
+        cost: CostBreakdown { usd_per_hour: price, ..CostBreakdown::default() },
+    })
+}
+
+/// On-prem compute: the highest $/GPU-hour among the acceptable models of the nodes that fit.
+fn onprem_compute(job: &PlacementJob, world: &World, si: usize, now: bool) -> Result<Offer, String> {
+    let state = &world.sites[si];
+    let site = &state.site;
+    let per_hour;
+    let mut model = None;
+    if job.gpus == 0 {
+        per_hour = site.cpu_hour_usd * f64::from(job.cpus);
+    } else {
+        let shapes = if now { &state.capacity.free } else { &state.capacity.total };
+        let mut worst: Option<(f64, &str)> = None;
+        for shape in shapes.iter().filter(|s| fits(job, s)) {
+            for (m, _) in shape.gpus.iter().filter(|(m, n)| *n > 0 && job.accepts(m)) {
+                let p = site
+                    .gpu_hour_usd_by_model
+                    .get(m)
+                    .copied()
+                    .or(site.gpu_hour_usd)
+                    .ok_or_else(|| format!("no gpu-hour price for {m} at site"))?;
+                if worst.is_none_or(|(wp, wm)| p > wp || (p == wp && m.as_str() < wm)) {
+                    worst = Some((p, m));
+                }
+            }
+        }
+        let (p, m) = worst.ok_or_else(|| no_fit(job, "node", std::iter::empty()))?;
+        per_hour = p * f64::from(job.gpus);
+        model = Some(m.to_owned());
+    }
+    Ok(Offer {
+        instance_type: None,
+        instances: 1,
+        market: None,
+        gpu_model: model,
+        wait_s: 0,
+        cost: CostBreakdown { usd_per_hour: per_hour, ..CostBreakdown::default() },
+    })
+}
+
+/// `max_wait` and the deadline (wait + estimated runtime must end by it).
+fn check_time(job: &PlacementJob, world: &World, wait: Duration) -> Result<(), String> {
+    if let Some(max) = job.policy.max_wait
+        && wait > max
+    {
+        return Err(format!("max wait: wait {} > {}", dur(wait), dur(max)));
+    }
+    if let Some(deadline) = job.policy.deadline {
+        let left = Duration::from_millis(u64::try_from(deadline.saturating_sub(world.now)).unwrap_or(0));
+        if wait + job.runtime > left {
+            return Err(format!("deadline: wait {} + run {} > {}", dur(wait), dur(job.runtime), dur(left)));
+        }
+    }
+    Ok(())
+}
+
+/// The index of the chosen candidate: owned-first, else the cheapest; ties by candidate order.
+fn choose(job: &PlacementJob, world: &World, candidates: &[Candidate], site_of: &[usize]) -> Option<usize> {
+    let feasible = candidates.iter().enumerate().filter_map(|(i, c)| match &c.verdict {
+        Verdict::Feasible(o) => Some((i, o)),
+        Verdict::Rejected(_) => None,
+    });
+    let cheapest = |it: &mut dyn Iterator<Item = (usize, &Offer)>| {
+        it.fold(None::<(usize, f64)>, |best, (i, o)| match best {
+            Some((_, b)) if o.cost.total_usd.total_cmp(&b) != Ordering::Less => best,
+            _ => Some((i, o.cost.total_usd)),
+        })
+        .map(|(i, _)| i)
+    };
+    if job.policy.owned_first {
+        let owned = |&(i, o): &(usize, &Offer)| o.wait_s == 0 && world.sites[site_of[i]].site.kind == SiteKind::Onprem;
+        if let Some(i) = cheapest(&mut feasible.clone().filter(owned)) {
+            return Some(i);
+        }
+    }
+    cheapest(&mut feasible.into_iter())
+}
+
+fn gb(bytes: u64) -> f64 {
+    bytes as f64 / 1e9
+}
+
+/// Dollars as people write them: `$412`, `$31.20`.
+pub fn usd(v: f64) -> String {
+    let cents = (v * 100.0).round();
+    if cents % 100.0 == 0.0 { format!("${:.0}", cents / 100.0) } else { format!("${v:.2}") }
+}
+
+/// A duration as people write it: `3h`, `2h 30m`, `45s`, `500ms`.
+pub fn dur(d: Duration) -> String {
+    let secs = d.as_secs();
+    if secs == 0 {
+        return if d.is_zero() { "0s".to_owned() } else { format!("{}ms", d.as_millis()) };
+    }
+    let parts = [(secs / 3600, "h"), (secs % 3600 / 60, "m"), (secs % 60, "s")];
+    parts.iter().filter(|(n, _)| *n > 0).map(|(n, u)| format!("{n}{u}")).collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod tests;
+
+#[cfg(test)]
+#[path = "engine_props.rs"]
+mod props;

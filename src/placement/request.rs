@@ -1,0 +1,177 @@
+//! What placement is asked: one job's needs, data and effective policy as plain values
+//! ([`PlacementJob`]), built from a spec and its resolved data with [`PlacementJob::from_spec`].
+
+use std::collections::BTreeMap;
+use std::time::{Duration, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::UnixMillis;
+use crate::model::data::JobData;
+use crate::model::job::{JobSpec, Policy, Spot};
+use crate::model::price::Cloud;
+
+/// The policy placement enforces: the tenant's, narrowed by the job's ([`PlacementPolicy::narrow`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PlacementPolicy {
+    /// The residency group compute (and outputs) must stay in. `None`: derived from the inputs'
+    /// locations (all in one group: that group; mixed or no inputs: no constraint).
+    pub residency: Option<String>,
+    /// Clouds compute may use; `None` = any. On-prem sites are always allowed.
+    pub clouds: Option<Vec<Cloud>>,
+    /// Sites compute may use; `None` = any.
+    pub sites: Option<Vec<String>>,
+    /// Cap on the compute $/hour of a candidate.
+    pub max_usd_per_hour: Option<f64>,
+    /// Cap on a candidate's estimated total (compute + egress + storage).
+    pub max_usd_total: Option<f64>,
+    /// Whether spot capacity may be used (where the site allows it too).
+    pub spot: Spot,
+    /// Longest acceptable wait before the job starts; `None` with no deadline: any estimated wait.
+    pub max_wait: Option<Duration>,
+    /// When the job must be done (wait + estimated runtime), Unix milliseconds.
+    pub deadline: Option<UnixMillis>,
+    /// Owned hardware first: an on-prem site that can start the job now wins whatever the price.
+    pub owned_first: bool,
+}
+
+impl PlacementPolicy {
+    /// The tenant's policy (`self`) narrowed by a job's: residency must agree, clouds are
+    /// intersected, caps, `max_wait` and deadlines take the smaller, spot is `never` if either says
+    /// so. A job's policy can never widen its tenant's.
+    pub fn narrow(&self, job: &Policy) -> Result<PlacementPolicy, String> {
+        let mut out = self.clone();
+        if let Some(r) = &job.residency {
+            match &self.residency {
+                Some(t) if t != r => return Err(format!("policy.residency: {r} is outside the tenant's residency {t}")),
+                _ => out.residency = Some(r.clone()),
+            }
+        }
+        if !job.clouds.is_empty() {
+            let allowed = |c: &Cloud| self.clouds.as_ref().is_none_or(|t| t.contains(c));
+            let mut clouds: Vec<Cloud> = job.clouds.iter().copied().filter(allowed).collect();
+            clouds.sort();
+            clouds.dedup();
+            out.clouds = Some(clouds);
+        }
+        out.max_usd_per_hour = min_opt(self.max_usd_per_hour, job.max_usd_per_hour);
+        out.max_usd_total = min_opt(self.max_usd_total, job.max_usd_total);
+        if job.spot == Some(Spot::Never) {
+            out.spot = Spot::Never;
+        }
+        out.max_wait = match (self.max_wait, job.max_wait) {
+            (Some(a), Some(b)) => Some(a.min(b.0)),
+            (a, b) => a.or(b.map(|d| d.0)),
+        };
+        if let Some(text) = &job.deadline {
+            let at = humantime::parse_rfc3339_weak(text)
+                .map_err(|e| format!("policy.deadline: {text:?} is not an RFC 3339 time ({e})"))?;
+            let ms = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as UnixMillis);
+            out.deadline = Some(self.deadline.map_or(ms, |t| t.min(ms)));
+        }
+        Ok(out)
+    }
+}
+
+fn min_opt(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Input bytes stored in one location.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementInput {
+    /// The storage location's name.
+    pub location: String,
+    pub bytes: u64,
+}
+
+/// Where an output goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputDest {
+    /// A fixed storage location (the output gave `to`).
+    Location(String),
+    /// Placement picks a location of this residency group (the output gave `residency`): among
+    /// `among` when not empty (e.g. the locations the tenant may write to), else any in the group.
+    /// Outputs with the same group and list go to the same location.
+    Choose { residency: String, among: Vec<String> },
+}
+
+/// One output and its estimated size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementOutput {
+    pub dest: OutputDest,
+    /// Estimated bytes written (see [`PlacementJob::from_spec`] for the default estimate).
+    pub bytes: u64,
+}
+
+/// One job as placement sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlacementJob {
+    /// GPUs on one node (multi-node jobs are not supported).
+    pub gpus: u32,
+    /// Acceptable canonical GPU models; empty = any.
+    pub gpu_models: Vec<String>,
+    pub cpus: u32,
+    pub memory_gib: u32,
+    /// Estimated runtime: `expected_runtime`, else `max_runtime`.
+    pub runtime: Duration,
+    pub inputs: Vec<PlacementInput>,
+    pub outputs: Vec<PlacementOutput>,
+    pub policy: PlacementPolicy,
+    /// The tenant's remaining monthly budget, when it has one.
+    pub budget_left_usd: Option<f64>,
+}
+
+impl PlacementJob {
+    /// Builds the placement view of a validated spec and its resolved data. Inputs are summed per
+    /// location. Outputs are `data.outputs` (fixed locations) in order, then the spec's outputs that
+    /// give `residency` (placement chooses). Output sizes are unknown before the job runs, so the job's
+    /// input bytes are divided evenly among its outputs (as much out as in; 0 without inputs).
+    pub fn from_spec(
+        spec: &JobSpec,
+        data: &JobData,
+        policy: PlacementPolicy,
+        budget_left_usd: Option<f64>,
+    ) -> PlacementJob {
+        let mut per_location: BTreeMap<&str, u64> = BTreeMap::new();
+        for input in &data.inputs {
+            *per_location.entry(input.location.as_str()).or_default() += input.size;
+        }
+        let inputs =
+            per_location.into_iter().map(|(location, bytes)| PlacementInput { location: location.into(), bytes }).collect();
+        let mut dests: Vec<OutputDest> = data.outputs.iter().map(|o| OutputDest::Location(o.location.clone())).collect();
+        for output in &spec.outputs {
+            if let (None, Some(residency)) = (&output.to, &output.residency) {
+                dests.push(OutputDest::Choose { residency: residency.clone(), among: Vec::new() });
+            }
+        }
+        let each = if dests.is_empty() { 0 } else { data.input_bytes() / dests.len() as u64 };
+        let outputs = dests.into_iter().map(|dest| PlacementOutput { dest, bytes: each }).collect();
+        let r = &spec.resources;
+        PlacementJob {
+            gpus: r.gpus,
+            gpu_models: r.gpu_model.clone(),
+            cpus: r.cpus,
+            memory_gib: r.memory_gib,
+            runtime: spec.expected_runtime.map_or_else(|| spec.max_runtime(), |d| d.0),
+            inputs,
+            outputs,
+            policy,
+            budget_left_usd,
+        }
+    }
+
+    /// Estimated hours of compute.
+    pub fn hours(&self) -> f64 {
+        self.runtime.as_secs_f64() / 3600.0
+    }
+
+    /// Whether `model` is acceptable to the job.
+    pub fn accepts(&self, model: &str) -> bool {
+        self.gpu_models.is_empty() || self.gpu_models.iter().any(|m| m == model)
+    }
+}
