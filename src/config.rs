@@ -56,6 +56,91 @@ pub struct BrokerConfig {
     pub residency: Vec<ResidencyGroup>,
     #[serde(default)]
     pub placement: PlacementSection,
+    #[serde(default)]
+    pub prices: PricesSection,
+}
+
+/// Where prices come from (used when sites are configured).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PricesSection {
+    /// The dated offline snapshot: the fallback for whatever the live feeds don't give.
+    #[serde(default = "default_snapshot")]
+    pub snapshot: PathBuf,
+    /// Where the last good merged prices are kept, so a restart starts warm.
+    #[serde(default)]
+    pub persist: Option<PathBuf>,
+    #[serde(default = "default_price_refresh")]
+    pub refresh_interval: HumanDuration,
+    /// A live feed older than this is flagged stale.
+    #[serde(default = "default_feed_max_age")]
+    pub max_age: HumanDuration,
+    /// The Azure Retail Prices API (no credentials); `azure_url` for a mirror or a test server.
+    #[serde(default)]
+    pub azure: bool,
+    #[serde(default = "default_azure_url")]
+    pub azure_url: String,
+    /// AWS Price List Query API + EC2 spot price history (credentials from the AWS default chain).
+    #[serde(default)]
+    pub aws: bool,
+    #[serde(default)]
+    pub aws_pricing_url: Option<String>,
+    #[serde(default)]
+    pub aws_ec2_url: Option<String>,
+}
+
+fn default_snapshot() -> PathBuf {
+    PathBuf::from("config/prices/snapshot.json")
+}
+
+fn default_price_refresh() -> HumanDuration {
+    Duration::from_secs(30 * 60).into()
+}
+
+fn default_feed_max_age() -> HumanDuration {
+    Duration::from_secs(3 * 3600).into()
+}
+
+fn default_azure_url() -> String {
+    "https://prices.azure.com".into()
+}
+
+impl Default for PricesSection {
+    fn default() -> Self {
+        Self {
+            snapshot: default_snapshot(),
+            persist: None,
+            refresh_interval: default_price_refresh(),
+            max_age: default_feed_max_age(),
+            azure: false,
+            azure_url: default_azure_url(),
+            aws: false,
+            aws_pricing_url: None,
+            aws_ec2_url: None,
+        }
+    }
+}
+
+impl PricesSection {
+    /// The price book's settings.
+    pub fn settings(&self) -> crate::pricing::PricingSettings {
+        use crate::pricing::{AwsFeedSettings, AzureFeedSettings};
+        let mut aws = AwsFeedSettings::default();
+        if let Some(url) = &self.aws_pricing_url {
+            aws.pricing_endpoint = url.clone();
+        }
+        if let Some(url) = &self.aws_ec2_url {
+            aws.ec2_endpoint = url.clone();
+        }
+        crate::pricing::PricingSettings {
+            refresh_interval: self.refresh_interval.0,
+            max_age: self.max_age.0,
+            snapshot_path: Some(self.snapshot.clone()),
+            persist_path: self.persist.clone(),
+            azure: self.azure.then(|| AzureFeedSettings { base_url: self.azure_url.clone(), ..Default::default() }),
+            aws: self.aws.then_some(aws),
+        }
+    }
 }
 
 /// How placement decides.

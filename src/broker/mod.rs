@@ -48,7 +48,7 @@ pub async fn run(
     tenants.entry("default".into()).or_insert_with(TenantConfig::default_tenant);
     let tenants = Arc::new(tenants);
     let keys = Arc::new(keys::KeyRing::default());
-    let (_prices_tx, prices) = tokio::sync::watch::channel(Arc::new(crate::model::price::PriceSnapshot::default()));
+    let (prices, _price_book) = start_prices(&config).await?;
     let settings = core::CoreSettings {
         lease_ttl: config.leases.ttl.0,
         heartbeat_interval: config.leases.heartbeat_interval.0,
@@ -94,4 +94,50 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+/// The price book when sites are configured (offline snapshot, persisted last prices, live feeds
+/// refreshing in the background); otherwise an empty snapshot that placement never reads.
+async fn start_prices(config: &BrokerConfig) -> anyhow::Result<(placer::Prices, Option<AbortOnDrop>)> {
+    use crate::model::site::instance_type;
+    use crate::pricing::{PriceBook, Wanted, WantedInstance, WantedRegion};
+    if config.sites.is_empty() {
+        let (_, rx) = tokio::sync::watch::channel(Arc::new(crate::model::price::PriceSnapshot::default()));
+        return Ok((rx, None));
+    }
+    let mut wanted = Wanted::default();
+    for site in &config.sites {
+        let Some(cloud) = site.kind.cloud() else { continue };
+        wanted.regions.push(WantedRegion { cloud, region: site.region.clone() });
+        for t in site.instance_types.iter().filter(|t| instance_type(t).is_some()) {
+            wanted.compute.push(WantedInstance {
+                cloud,
+                region: site.region.clone(),
+                instance_type: t.clone(),
+                spot: site.spot,
+            });
+        }
+    }
+    for s in &config.storage {
+        let cloud = match s.cloud {
+            crate::config::StorageCloud::Aws => crate::model::price::Cloud::Aws,
+            crate::config::StorageCloud::Azure => crate::model::price::Cloud::Azure,
+            crate::config::StorageCloud::Local => continue,
+        };
+        wanted.regions.push(WantedRegion { cloud, region: s.region.clone() });
+    }
+    let book = Arc::new(PriceBook::from_settings(&config.prices.settings(), wanted).await.context("prices")?);
+    let prices = book.subscribe();
+    tracing::info!(snapshot = prices.borrow().id, "prices loaded");
+    let task = tokio::spawn(book.run(std::future::pending()));
+    Ok((prices, Some(AbortOnDrop(task))))
+}
+
+/// Stops a background task when the broker stops.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -8,6 +8,7 @@
 //! the gateway, no connection), with `error: …` on stderr; with `--follow`, the job's result: 0
 //! succeeded, a failed job's own exit code clamped to 1..=125 (else 1), 1 cancelled.
 
+pub(crate) mod explain;
 pub(crate) mod follow;
 pub(crate) mod gateway;
 pub(crate) mod output;
@@ -131,6 +132,9 @@ enum JobsCommand {
     },
     /// Print the job's state changes until it ends (with --output json, one event's JSON per line).
     Events { id: String },
+    /// Why the job is where it is: its placement decision, every candidate site with its cost or
+    /// the rule that rejected it (with --output json, the decision as the API serves it).
+    Explain { id: String },
 }
 
 #[derive(Args)]
@@ -277,6 +281,16 @@ async fn jobs(args: JobsArgs) -> anyhow::Result<i32> {
                     anyhow::bail!("the output stream of job {id} ended before the job did (state {})", job.state);
                 }
                 return Ok(output::exit_status(&job));
+            }
+        }
+        JobsCommand::Explain { id } => {
+            let value = gw.json(gw.request(Method::GET, &["v1", "jobs", &id, "placement"], false)).await?;
+            match out {
+                Output::Json => print_json(&value),
+                Output::Table => {
+                    let decision: crate::placement::engine::Decision = typed(value)?;
+                    print!("{}", explain::decision_table(&decision));
+                }
             }
         }
         JobsCommand::Events { id } => {

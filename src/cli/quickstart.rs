@@ -114,6 +114,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
         sites: Vec::new(),
         residency: Vec::new(),
         placement: Default::default(),
+        prices: Default::default(),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {

@@ -113,6 +113,34 @@ pub async fn get_job(
     Ok(Json(job.into()))
 }
 
+/// Why the job is where it is: the placement decision (chosen site and storage, the estimated cost
+/// and its parts, the price snapshot and its age, and every candidate with its cost or the rule
+/// that rejected it). 404 while the job has none (not placed yet, or placement is off).
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/placement",
+    operation_id = "get_job_placement",
+    tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    responses((status = 200, description = "The placement decision", body = Object), NotFound, TenantErrors),
+    security(("bearer" = []))
+)]
+pub async fn placement(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, HttpError> {
+    let job = state.jobs().get(proto::GetJobRequest { job_id: id.clone(), tenant: tenant.name }).await?.into_inner();
+    if job.placement_json.is_empty() {
+        return Err(HttpError::NotFound(format!(
+            "job {id} has no placement decision (not placed yet, or no sites are configured)"
+        )));
+    }
+    let decision = serde_json::from_str(&job.placement_json)
+        .map_err(|e| HttpError::Broker(tonic::Status::internal(format!("stored placement decision: {e}"))))?;
+    Ok(Json(decision))
+}
+
 /// Cancel a job: an unfinished job ends `cancelled` (a running attempt is stopped).
 #[utoipa::path(
     post,

@@ -39,6 +39,7 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(jobs::submit, jobs::list))
         .routes(routes!(jobs::get_job))
         .routes(routes!(jobs::cancel))
+        .routes(routes!(jobs::placement))
         .routes(routes!(streams::events))
         .routes(routes!(streams::logs))
         .routes(routes!(agents::list))

@@ -160,7 +160,9 @@ impl Site {
     pub fn residency_problems(&self, groups: &[ResidencyGroup]) -> Vec<String> {
         match residency_of(groups, self.kind, &self.region) {
             Some(group) if group == self.residency => Vec::new(),
-            Some(group) => vec![format!("residency: region {} is in group {group}, not {}", self.region, self.residency)],
+            Some(group) => {
+                vec![format!("residency: region {} is in group {group}, not {}", self.region, self.residency)]
+            }
             None if groups.iter().any(|g| g.name == self.residency) => vec![format!(
                 "residency: group {} does not list {} region {}",
                 self.residency,
@@ -229,14 +231,20 @@ pub struct InstanceType {
     pub memory_gib: u32,
 }
 
-const fn gpu(name: &'static str, cloud: Cloud, gpus: u32, model: &'static str, vcpus: u32, memory_gib: u32) -> InstanceType {
+const fn gpu(
+    name: &'static str,
+    cloud: Cloud,
+    gpus: u32,
+    model: &'static str,
+    vcpus: u32,
+    memory_gib: u32,
+) -> InstanceType {
     InstanceType { name, cloud, gpus, gpu_model: Some(model), vcpus, memory_gib }
 }
 
 const fn cpu(name: &'static str, cloud: Cloud, vcpus: u32, memory_gib: u32) -> InstanceType {
     InstanceType { name, cloud, gpus: 0, gpu_model: None, vcpus, memory_gib }
 }
-
 
 /// The catalog: the providers' published shapes (GPU count and model, vCPUs, memory).
 static CATALOG: [InstanceType; 31] = [
@@ -359,8 +367,18 @@ mod tests {
     #[test]
     fn residency_groups_name_regions() {
         let groups = [
-            ResidencyGroup { name: "eu".into(), aws: vec!["eu-west-1".into()], onprem: vec!["stockholm".into()], ..Default::default() },
-            ResidencyGroup { name: "us".into(), aws: vec!["us-east-1".into()], azure: vec!["eastus".into()], ..Default::default() },
+            ResidencyGroup {
+                name: "eu".into(),
+                aws: vec!["eu-west-1".into()],
+                onprem: vec!["stockholm".into()],
+                ..Default::default()
+            },
+            ResidencyGroup {
+                name: "us".into(),
+                aws: vec!["us-east-1".into()],
+                azure: vec!["eastus".into()],
+                ..Default::default()
+            },
         ];
         assert_eq!(residency_of(&groups, SiteKind::Azure, "eastus"), Some("us"));
         assert_eq!(residency_of(&groups, SiteKind::Aws, "eastus"), None);

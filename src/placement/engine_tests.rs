@@ -98,7 +98,13 @@ fn world(lab_capacity: SiteCapacity, compute_prices: Vec<ComputePrice>) -> World
         SiteState { site: onprem("lab-sto", "stockholm", "eu", 2.5), capacity: lab_capacity },
         elastic(cloud("aws-use1", SiteKind::Aws, "us-east-1", "us", &["p5.48xlarge", "g6.xlarge", "m7i.2xlarge"])),
         elastic(cloud("aws-euw1", SiteKind::Aws, "eu-west-1", "eu", &["p5.48xlarge", "m7i.2xlarge"])),
-        elastic(cloud("azure-weu", SiteKind::Azure, "westeurope", "eu", &["Standard_ND96isr_H100_v5", "Standard_D16s_v5"])),
+        elastic(cloud(
+            "azure-weu",
+            SiteKind::Azure,
+            "westeurope",
+            "eu",
+            &["Standard_ND96isr_H100_v5", "Standard_D16s_v5"],
+        )),
     ];
     let locations = vec![
         location("s3-euw1", SiteKind::Aws, "eu-west-1", "eu"),
@@ -106,7 +112,8 @@ fn world(lab_capacity: SiteCapacity, compute_prices: Vec<ComputePrice>) -> World
         location("az-weu", SiteKind::Azure, "westeurope", "eu"),
         location("lab", SiteKind::Onprem, "stockholm", "eu"),
     ];
-    let mut prices = PriceSnapshot { id: "snap-1".into(), fetched_at: 0, compute: compute_prices, ..Default::default() };
+    let mut prices =
+        PriceSnapshot { id: "snap-1".into(), fetched_at: 0, compute: compute_prices, ..Default::default() };
     for (c, r) in [(Cloud::Aws, "us-east-1"), (Cloud::Aws, "eu-west-1"), (Cloud::Azure, "westeurope")] {
         prices.egress.push(egress(c, r, Destination::Internet, 0.09));
         prices.egress.push(egress(c, r, Destination::InterRegion, 0.02));
@@ -144,7 +151,10 @@ fn gpu_job_goes_on_prem_when_it_fits() {
     let w = world(lab("H100-80GB", 8, None), standard_prices(98.0, 99.0));
     let d = place(&job(2, &["H100-80GB"], 3), &w);
     let c = chosen(&d);
-    assert_eq!((c.site.as_str(), c.offer.gpu_model.as_deref(), c.offer.instance_type.as_deref()), ("lab-sto", Some("H100-80GB"), None));
+    assert_eq!(
+        (c.site.as_str(), c.offer.gpu_model.as_deref(), c.offer.instance_type.as_deref()),
+        ("lab-sto", Some("H100-80GB"), None)
+    );
     assert_eq!(c.offer.cost.compute_usd, 2.5 * 2.0 * 3.0);
     assert_eq!(c.offer.cost.usd_per_hour, 5.0);
     assert_eq!(d.candidates.len(), 4);
@@ -247,12 +257,18 @@ fn a_missing_price_rejects_and_is_never_guessed() {
     let mut prices = standard_prices(98.0, 99.0);
     prices.iter_mut().filter(|p| p.instance_type == "p5.48xlarge").for_each(|p| p.market = Market::Spot);
     let w = world(lab("H100-80GB", 0, None), prices);
-    assert_eq!(rejection(&place(&job(8, &[], 1), &w), "aws-euw1"), "spot: only a spot price for p5.48xlarge in eu-west-1, and the site says no spot");
+    assert_eq!(
+        rejection(&place(&job(8, &[], 1), &w), "aws-euw1"),
+        "spot: only a spot price for p5.48xlarge in eu-west-1, and the site says no spot"
+    );
     // Moving data needs an egress price.
     let mut j = job(0, &[], 1);
     j.inputs = vec![input("s3-euw1", GB)];
     let sites = vec![elastic(cloud("aws-euc1", SiteKind::Aws, "eu-central-1", "eu", &["m7i.2xlarge"]))];
-    let prices = PriceSnapshot { compute: vec![compute(Cloud::Aws, "eu-central-1", "m7i.2xlarge", Market::OnDemand, 0.4)], ..Default::default() };
+    let prices = PriceSnapshot {
+        compute: vec![compute(Cloud::Aws, "eu-central-1", "m7i.2xlarge", Market::OnDemand, 0.4)],
+        ..Default::default()
+    };
     let w = World::new(sites, vec![location("s3-euw1", SiteKind::Aws, "eu-west-1", "eu")], &prices, 0, Duration::ZERO);
     assert_eq!(rejection(&place(&j, &w), "aws-euc1"), "no egress price for aws eu-west-1 (inter-region)");
 }
@@ -266,7 +282,10 @@ fn one_gpu_on_an_eight_gpu_type_pays_the_whole_instance() {
     let d = place(&j, &w);
     assert_eq!(rejection(&d, "azure-weu"), "cloud azure not allowed");
     let c = chosen(&d);
-    assert_eq!((c.site.as_str(), c.offer.instance_type.as_deref(), c.offer.instances), ("aws-euw1", Some("p5.48xlarge"), 1));
+    assert_eq!(
+        (c.site.as_str(), c.offer.instance_type.as_deref(), c.offer.instances),
+        ("aws-euw1", Some("p5.48xlarge"), 1)
+    );
     assert_eq!(c.offer.cost.compute_usd, 98.0 * 2.0);
     // The cheapest type that fits wins: a 1×L4 job takes g6.xlarge, not p5.
     let mut j = job(1, &["L4-24GB"], 1);
@@ -330,7 +349,10 @@ fn placement_chooses_output_locations() {
     assert_eq!(d.candidates.len(), 12);
     // The lab (free CPUs) keeps the chosen output at home: no egress, no storage bill.
     let c = chosen(&d);
-    assert_eq!((c.site.as_str(), c.output_locations.as_slice()), ("lab-sto", &["s3-use1".to_owned(), "lab".to_owned()][..]));
+    assert_eq!(
+        (c.site.as_str(), c.output_locations.as_slice()),
+        ("lab-sto", &["s3-use1".to_owned(), "lab".to_owned()][..])
+    );
     assert!((c.offer.cost.storage_usd - 0.023).abs() < 1e-9, "{:?}", c.offer.cost);
     assert!((c.offer.cost.egress_usd - (0.9 + 0.01)).abs() < 1e-9, "{:?}", c.offer.cost);
     // At the Azure site the same output stays in its region.
@@ -373,7 +395,10 @@ fn decisions_serialise_to_the_documented_json() {
 
 #[test]
 fn money_and_durations_read_like_the_issue() {
-    assert_eq!((usd(412.0), usd(31.2), usd(690.004), usd(0.0)), ("$412".into(), "$31.20".into(), "$690".into(), "$0".into()));
+    assert_eq!(
+        (usd(412.0), usd(31.2), usd(690.004), usd(0.0)),
+        ("$412".into(), "$31.20".into(), "$690".into(), "$0".into())
+    );
     let d = |s| dur(Duration::from_secs(s));
     assert_eq!((d(3 * 3600), d(5400), d(45), d(0)), ("3h".into(), "1h 30m".into(), "45s".into(), "0s".into()));
 }

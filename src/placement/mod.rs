@@ -6,5 +6,5 @@
 pub mod bind;
 pub mod engine;
 pub mod request;
-pub mod world;
 pub mod synthetic;
+pub mod world;

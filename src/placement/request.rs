@@ -43,7 +43,9 @@ impl PlacementPolicy {
         let mut out = self.clone();
         if let Some(r) = &job.residency {
             match &self.residency {
-                Some(t) if t != r => return Err(format!("policy.residency: {r} is outside the tenant's residency {t}")),
+                Some(t) if t != r => {
+                    return Err(format!("policy.residency: {r} is outside the tenant's residency {t}"));
+                }
                 _ => out.residency = Some(r.clone()),
             }
         }
@@ -141,9 +143,12 @@ impl PlacementJob {
         for input in &data.inputs {
             *per_location.entry(input.location.as_str()).or_default() += input.size;
         }
-        let inputs =
-            per_location.into_iter().map(|(location, bytes)| PlacementInput { location: location.into(), bytes }).collect();
-        let mut dests: Vec<OutputDest> = data.outputs.iter().map(|o| OutputDest::Location(o.location.clone())).collect();
+        let inputs = per_location
+            .into_iter()
+            .map(|(location, bytes)| PlacementInput { location: location.into(), bytes })
+            .collect();
+        let mut dests: Vec<OutputDest> =
+            data.outputs.iter().map(|o| OutputDest::Location(o.location.clone())).collect();
         for output in &spec.outputs {
             if let (None, Some(residency)) = (&output.to, &output.residency) {
                 dests.push(OutputDest::Choose { residency: residency.clone(), among: Vec::new() });

@@ -40,7 +40,12 @@ const GPU_MODELS: [&str; 5] = ["H100-80GB", "A100-80GB", "L4-24GB", "L40S-48GB",
 pub fn bench_world(cloud_sites: usize, agents: usize, seed: u64) -> (World, Vec<PlacementJob>) {
     let mut rng = fastrand::Rng::with_seed(seed);
     let provenance = Provenance { source: "synthetic".into(), fetched_at: 0 };
-    let mut prices = PriceSnapshot { id: format!("synthetic-{seed}"), fetched_at: 0, sources: vec!["synthetic".into()], ..Default::default() };
+    let mut prices = PriceSnapshot {
+        id: format!("synthetic-{seed}"),
+        fetched_at: 0,
+        sources: vec!["synthetic".into()],
+        ..Default::default()
+    };
     for (cloud, region, _) in REGIONS {
         for (destination, usd) in [(Destination::Internet, 0.09), (Destination::InterRegion, 0.02)] {
             let (region, provenance) = (region.to_owned(), provenance.clone());
@@ -145,7 +150,8 @@ fn bench_job(rng: &mut fastrand::Rng, locations: &[StorageLocation]) -> Placemen
             bytes: rng.u64(0..2_000_000_000_000),
         })
         .collect();
-    let mut outputs = vec![PlacementOutput { dest: OutputDest::Location("s3-use1".into()), bytes: rng.u64(0..1 << 30) }];
+    let mut outputs =
+        vec![PlacementOutput { dest: OutputDest::Location("s3-use1".into()), bytes: rng.u64(0..1 << 30) }];
     if rng.bool() {
         let residency = if rng.bool() { "eu" } else { "us" };
         outputs.push(PlacementOutput {

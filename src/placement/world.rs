@@ -154,7 +154,11 @@ impl World {
                     .instance_types
                     .iter()
                     .filter_map(|name| instance_type(name).filter(|t| t.cloud == cloud))
-                    .map(|ty| TypeOffer { ty, on_demand: price(ty.name, Market::OnDemand), spot: price(ty.name, Market::Spot) })
+                    .map(|ty| TypeOffer {
+                        ty,
+                        on_demand: price(ty.name, Market::OnDemand),
+                        spot: price(ty.name, Market::Spot),
+                    })
                     .collect()
             })
             .collect();

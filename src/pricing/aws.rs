@@ -10,25 +10,22 @@
 //! (`/offers/v1.0/aws/AmazonEC2/current/<region>/index.json`) need no credentials but weigh tens of
 //! MB or more per region, which is why the feed asks the Query API for the few SKUs it needs.
 
-use std::collections::HashMap;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, ProvideCredentials, SharedCredentialsProvider};
 use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
-use serde::Deserialize;
 use serde_json::json;
 
 use super::http::{self, RetryPolicy, percent_encode};
+use super::price_list::{PriceItem, ProductsPage, single};
 use super::sigv4::{self, AwsCredentials, SignableRequest};
 use super::spot::{lowest_current, parse_spot_page};
-use super::{FeedPrices, PriceFeed, PricingError, Wanted, now_ms, valid_price};
+use super::{FeedPrices, PriceFeed, PricingError, Wanted, now_ms};
 use crate::model::price::{Cloud, ComputePrice, Destination, EgressPrice, Market, Provenance, StoragePrice};
 
 /// The feed's name; its prices' sources are `aws:price-list` and `aws:spot-price-history`.
 pub const AWS_FEED_NAME: &str = "aws";
-/// The on-demand term's offer code.
-const ON_DEMAND_TERM: &str = "JRTCKXETXF";
 
 /// Where the AWS feed asks and with which credentials.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,91 +66,6 @@ pub struct AwsPriceFeed {
     settings: AwsFeedSettings,
     http: reqwest::Client,
     credentials: SharedCredentialsProvider,
-}
-
-/// One answer of `GetProducts`.
-#[derive(Deserialize)]
-struct ProductsPage {
-    #[serde(rename = "PriceList", default)]
-    price_list: Vec<serde_json::Value>,
-    #[serde(rename = "NextToken")]
-    next_token: Option<String>,
-}
-
-/// One `PriceList` element, once its string is parsed.
-#[derive(Debug, Deserialize)]
-struct PriceItem {
-    product: Product,
-    terms: Terms,
-}
-
-#[derive(Debug, Deserialize)]
-struct Product {
-    sku: String,
-    #[serde(rename = "productFamily", default)]
-    product_family: String,
-    #[serde(default)]
-    attributes: HashMap<String, String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Terms {
-    #[serde(rename = "OnDemand", default)]
-    on_demand: HashMap<String, Term>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Term {
-    #[serde(rename = "offerTermCode", default)]
-    offer_term_code: String,
-    #[serde(rename = "priceDimensions")]
-    price_dimensions: HashMap<String, Dimension>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Dimension {
-    #[serde(rename = "beginRange", default)]
-    begin_range: String,
-    #[serde(rename = "pricePerUnit")]
-    price_per_unit: HashMap<String, String>,
-}
-
-impl PriceItem {
-    fn attribute(&self, name: &str) -> &str {
-        self.product.attributes.get(name).map(String::as_str).unwrap_or_default()
-    }
-
-    fn matches(&self, filters: &[(&str, &str)]) -> bool {
-        filters.iter().all(|(name, value)| self.attribute(name) == *value)
-    }
-
-    /// The on-demand term's tiers as (begin of range, USD per unit), lowest range first.
-    fn on_demand_tiers(&self) -> Result<Vec<(f64, f64)>, String> {
-        let terms: Vec<&Term> = self.terms.on_demand.values().collect();
-        let term = match terms.as_slice() {
-            [term] => *term,
-            terms => terms
-                .iter()
-                .find(|t| t.offer_term_code == ON_DEMAND_TERM)
-                .copied()
-                .ok_or_else(|| format!("sku {}: {} on-demand terms", self.product.sku, terms.len()))?,
-        };
-        let mut tiers: Vec<(f64, f64)> = Vec::new();
-        for dimension in term.price_dimensions.values() {
-            let usd = dimension.price_per_unit.get("USD").ok_or_else(|| format!("sku {}: no usd", self.product.sku))?;
-            let price = usd.parse::<f64>().ok().filter(|p| valid_price(*p));
-            let begin = if dimension.begin_range.is_empty() { Some(0.0) } else { dimension.begin_range.parse().ok() };
-            match (begin, price) {
-                (Some(begin), Some(price)) => tiers.push((begin, price)),
-                _ => return Err(format!("sku {}: bad price {usd:?} or range", self.product.sku)),
-            }
-        }
-        tiers.sort_by(|a, b| a.0.total_cmp(&b.0));
-        if tiers.is_empty() {
-            return Err(format!("sku {}: no price dimensions", self.product.sku));
-        }
-        Ok(tiers)
-    }
 }
 
 impl AwsPriceFeed {
@@ -250,15 +162,9 @@ impl AwsPriceFeed {
                 service: "pricing",
             };
             let answer = self.signed_post(call, credentials).await?;
-            let page: ProductsPage = serde_json::from_str(&answer)
+            let page = ProductsPage::parse(&answer)
                 .map_err(|e| PricingError::Parse { what: what.clone(), message: e.to_string() })?;
-            for (index, element) in page.price_list.into_iter().enumerate() {
-                let parsed = match element {
-                    serde_json::Value::String(document) => {
-                        serde_json::from_str::<PriceItem>(&document).map_err(|e| e.to_string())
-                    }
-                    _ => Err("not a json document in a string".to_string()),
-                };
+            for (index, parsed) in page.items().into_iter().enumerate() {
                 match parsed {
                     Ok(item) => items.push(item),
                     Err(e) => prices
@@ -497,30 +403,6 @@ impl AwsPriceFeed {
             }
         }
         Ok(())
-    }
-}
-
-/// The one candidate's on-demand tiers, or a warning (none, several: refused, not guessed; or a
-/// candidate whose terms don't read).
-fn single(label: &str, candidates: &[&PriceItem], prices: &mut FeedPrices) -> Option<Vec<(f64, f64)>> {
-    match candidates {
-        [item] => match item.on_demand_tiers() {
-            Ok(tiers) => Some(tiers),
-            Err(e) => {
-                prices.warn(AWS_FEED_NAME, format!("no price for {label}: {e}"));
-                None
-            }
-        },
-        [] => {
-            prices.warn(AWS_FEED_NAME, format!("no price for {label}: no matching product"));
-            None
-        }
-        items => {
-            let skus = items.iter().map(|i| i.product.sku.as_str()).collect::<Vec<_>>().join(", ");
-            let message = format!("refusing to guess the price of {label}: {} products match: {skus}", items.len());
-            prices.warn(AWS_FEED_NAME, message);
-            None
-        }
     }
 }
 

@@ -278,7 +278,7 @@ impl PriceFeed for AzureRetailPriceFeed {
 /// The market of a Linux pay-as-you-go VM row; `None` for every other kind of row.
 fn vm_market(row: &Row) -> Option<Market> {
     let suffixed = |suffix: &str| row.meter_name.ends_with(suffix) || row.sku_name.ends_with(suffix);
-    if row.kind != "Consumption" ||  suffixed(" Low Priority") {
+    if row.kind != "Consumption" || row.product_name.ends_with(" Windows") || suffixed(" Low Priority") {
         return None;
     }
     Some(if suffixed(" Spot") { Market::Spot } else { Market::OnDemand })

@@ -99,7 +99,8 @@ where
 /// Throttling and server errors are worth another try. AWS's JSON protocols answer throttling
 /// with a 400 and `ThrottlingException`; EC2 with a 503 `RequestLimitExceeded`.
 fn retryable(status: StatusCode, body: &str) -> bool {
-     status.is_server_error()
+    status == StatusCode::TOO_MANY_REQUESTS
+        || status.is_server_error()
         || (status == StatusCode::BAD_REQUEST && (body.contains("ThrottlingException") || body.contains("Throttling")))
 }
 

@@ -18,6 +18,7 @@ mod aws;
 mod azure;
 mod book;
 mod http;
+mod price_list;
 mod sigv4;
 mod snapshot;
 mod spot;
@@ -38,8 +39,8 @@ use async_trait::async_trait;
 use crate::model::UnixMillis;
 use crate::model::price::{Cloud, ComputePrice, EgressPrice, StoragePrice};
 
-pub use aws::{AwsFeedSettings, AwsPriceFeed};
-pub use azure::{AzureFeedSettings, AzureRetailPriceFeed};
+pub use aws::{AWS_FEED_NAME, AwsFeedSettings, AwsPriceFeed};
+pub use azure::{AZURE_FEED_NAME, AzureFeedSettings, AzureRetailPriceFeed};
 pub use book::{FeedStatus, PriceBook, PricingSettings, RefreshOutcome};
 pub use http::RetryPolicy;
 pub use snapshot::{SnapshotFileFeed, read_snapshot, write_snapshot_atomically};

@@ -107,7 +107,7 @@ fn hex(bytes: &[u8]) -> String {
 fn host(url: &reqwest::Url) -> String {
     let host = url.host_str().unwrap_or_default();
     match url.port() {
-        Some(_) => host.to_string(),
+        Some(port) => format!("{host}:{port}"),
         None => host.to_string(),
     }
 }

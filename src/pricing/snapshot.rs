@@ -166,6 +166,20 @@ mod tests {
         assert_eq!(p5.usd_per_hour, 55.04, "the price after the 2025 cut");
     }
 
+    #[tokio::test]
+    async fn the_snapshot_feed_gives_everything_in_the_file() {
+        let feed = SnapshotFileFeed::new(repo_snapshot());
+        assert_eq!(feed.name(), format!("snapshot:{}", repo_snapshot().display()));
+        let prices = feed.fetch(&Wanted::default()).await.unwrap();
+        let snapshot = read_snapshot(&repo_snapshot()).unwrap();
+        assert_eq!(
+            (prices.compute, prices.egress, prices.storage),
+            (snapshot.compute, snapshot.egress, snapshot.storage)
+        );
+        let missing = SnapshotFileFeed::new("/nonexistent/prices.json").fetch(&Wanted::default()).await.unwrap_err();
+        assert!(missing.to_string().starts_with("/nonexistent/prices.json: "), "{missing}");
+    }
+
     #[test]
     fn a_written_snapshot_reads_back_and_leaves_no_temporary_file() {
         let dir = tempfile::tempdir().unwrap();

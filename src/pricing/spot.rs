@@ -67,7 +67,7 @@ pub(crate) fn lowest_current(items: &[SpotItem]) -> BTreeMap<String, f64> {
     for item in items.iter().filter(|i| is_linux(i)) {
         let key = (item.instance_type.as_str(), item.availability_zone.as_str());
         match latest.get(&key) {
-            Some(seen) if seen.timestamp <= item.timestamp => {}
+            Some(seen) if seen.timestamp >= item.timestamp => {}
             _ => {
                 latest.insert(key, item);
             }

@@ -11,5 +11,6 @@ mod emulators;
 mod gateway;
 mod identity;
 mod lifecycle;
+mod placement;
 mod product;
 mod tenants;

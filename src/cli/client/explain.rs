@@ -1,0 +1,80 @@
+//! `hybroker jobs explain`: a placement decision as a table, one row per candidate.
+
+use crate::placement::engine::{Decision, Verdict};
+
+/// The decision as people read it: the choice and its cost, then every candidate.
+pub fn decision_table(d: &Decision) -> String {
+    let mut out = String::new();
+    match &d.chosen {
+        Some(c) => {
+            let cost = &c.offer.cost;
+            out.push_str(&format!(
+                "chosen:    site {} {}\nestimate:  ${:.2} = compute ${:.2} + egress ${:.2} + storage ${:.2} ({:.2} h at ${:.2}/h)\n",
+                c.site,
+                describe_offer(&c.offer.instance_type, c.offer.instances, &c.offer.gpu_model),
+                cost.total_usd,
+                cost.compute_usd,
+                cost.egress_usd,
+                cost.storage_usd,
+                cost.hours,
+                cost.usd_per_hour,
+            ));
+            if !c.output_locations.is_empty() {
+                out.push_str(&format!("outputs:   {}\n", c.output_locations.join(", ")));
+            }
+        }
+        None => out.push_str("chosen:    none (every candidate was rejected)\n"),
+    }
+    let age = d.snapshot_age_ms.max(0) as f64 / 60_000.0;
+    let stale = if d.stale { " (STALE)" } else { "" };
+    out.push_str(&format!("prices:    snapshot {} from {age:.0} min before the decision{stale}\n", d.snapshot_id));
+    if let Some(r) = &d.residency {
+        out.push_str(&format!("residency: {r}\n"));
+    }
+    out.push('\n');
+    let rows: Vec<[String; 5]> = d
+        .candidates
+        .iter()
+        .map(|c| {
+            let outputs = if c.output_locations.is_empty() { "-".to_string() } else { c.output_locations.join(",") };
+            match &c.verdict {
+                Verdict::Feasible(o) => [
+                    c.site.clone(),
+                    outputs,
+                    format!("${:.2}", o.cost.total_usd),
+                    format!("${:.2}", o.cost.usd_per_hour),
+                    describe_offer(&o.instance_type, o.instances, &o.gpu_model),
+                ],
+                Verdict::Rejected(why) => [c.site.clone(), outputs, "-".into(), "-".into(), format!("rejected: {why}")],
+            }
+        })
+        .collect();
+    let header = ["SITE", "OUTPUTS", "TOTAL", "$/H", "WHY"].map(String::from);
+    let widths: Vec<usize> =
+        (0..4).map(|i| rows.iter().map(|r| r[i].len()).chain([header[i].len()]).max().unwrap_or(0)).collect();
+    for row in std::iter::once(&header).chain(&rows) {
+        let line = format!(
+            "{:<w0$}  {:<w1$}  {:>w2$}  {:>w3$}  {}",
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2],
+            w3 = widths[3]
+        );
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn describe_offer(instance_type: &Option<String>, instances: u32, gpu_model: &Option<String>) -> String {
+    match (instance_type, gpu_model) {
+        (Some(t), _) => format!("{instances}x {t}"),
+        (None, Some(m)) => format!("on-prem {m}"),
+        (None, None) => "on-prem".into(),
+    }
+}

@@ -1,0 +1,113 @@
+//! Placement end to end: a broker with on-prem, AWS and Azure sites and the offline price
+//! snapshot places jobs at the cheapest allowed site, stores the decision with every candidate,
+//! flips between clouds when only the prices change, and refuses a job over its tenant's budget.
+
+use std::path::Path;
+use std::time::Duration;
+
+use hybroker::proto;
+use serde_json::Value;
+use tonic::Code;
+
+use crate::common::{Cluster, Setup, get, wait_job, watch_to_end};
+use crate::data::submit_as;
+
+const TTL: Duration = Duration::from_secs(3);
+
+/// Sites: the test agents' on-prem `lab`, and elastic AWS and Azure sites without agents.
+fn sites(snapshot: &Path) -> String {
+    format!(
+        "[prices]\nsnapshot = \"{}\"\n\
+         [[residency]]\nname = \"us\"\naws = [\"us-east-1\"]\nazure = [\"eastus\"]\nonprem = [\"stockholm\"]\n\
+         [[site]]\nname = \"lab\"\nkind = \"onprem\"\nregion = \"stockholm\"\nresidency = \"us\"\ngpu_hour_usd = 1.5\n\
+         [[site]]\nname = \"aws-us-east-1\"\nkind = \"aws\"\nregion = \"us-east-1\"\nresidency = \"us\"\nelastic = true\n\
+         instance_types = [\"g6.xlarge\", \"p4de.24xlarge\", \"p5.48xlarge\"]\n\
+         [[site]]\nname = \"azure-eastus\"\nkind = \"azure\"\nregion = \"eastus\"\nresidency = \"us\"\nelastic = true\n\
+         instance_types = [\"Standard_NC24ads_A100_v4\", \"Standard_ND96isr_H100_v5\"]\n\
+         [[tenant]]\nname = \"acme\"\n[[tenant]]\nname = \"thrifty\"\nmonthly_budget_usd = 1.0\n",
+        snapshot.display()
+    )
+}
+
+fn shipped_snapshot() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("config/prices/snapshot.json")
+}
+
+async fn cluster(snapshot: std::path::PathBuf) -> Cluster {
+    Cluster::start_with(TTL, &[("n1", "1xH100-80GB")], move |_| Setup {
+        broker_extra: Some(sites(&snapshot)),
+        ..Setup::default()
+    })
+    .await
+}
+
+fn job(gpu: &str) -> String {
+    format!("name: {gpu}\ncommand: [\"true\"]\nexpected_runtime: 1h\nresources: {{gpus: 1, gpu_model: [{gpu}]}}\n")
+}
+
+fn decision(job: &proto::Job) -> Value {
+    assert!(!job.placement_json.is_empty(), "no decision stored: {job:?}");
+    serde_json::from_str(&job.placement_json).unwrap()
+}
+
+fn verdict<'a>(d: &'a Value, site: &str) -> &'a Value {
+    d["candidates"].as_array().unwrap().iter().find(|c| c["site"] == site).unwrap_or_else(|| panic!("{site} in {d}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_go_to_the_cheapest_allowed_site_with_every_candidate_explained() {
+    let cluster = cluster(shipped_snapshot()).await;
+    let mut admin = cluster.admin().await;
+
+    // An H100 job: the lab's owned GPU ($1.50/h) beats an 8-GPU p5 or ND96 instance.
+    let h100 = submit_as(&cluster, "acme", &job("H100-80GB")).await.unwrap();
+    watch_to_end(&mut admin, &h100).await;
+    let done = get(&mut admin, &h100).await;
+    assert_eq!((done.state.as_str(), done.site.as_str()), ("succeeded", "lab"));
+    let d = decision(&done);
+    assert_eq!(d["chosen"]["site"], "lab", "{d}");
+    assert!(verdict(&d, "aws-us-east-1")["feasible"]["cost"]["total_usd"].as_f64().unwrap() > 50.0, "{d}");
+
+    // An A100-80GB job: none on-prem; Azure's 1-GPU instance beats AWS's 8-GPU p4de.
+    let a100 = submit_as(&cluster, "acme", &job("A100-80GB")).await.unwrap();
+    let placed = wait_job(&admin, &a100, "placed", |j| j.state == "placed").await;
+    assert_eq!(placed.site, "azure-eastus");
+    let d = decision(&placed);
+    assert_eq!(d["chosen"]["instance_type"], "Standard_NC24ads_A100_v4", "{d}");
+    assert!(verdict(&d, "lab")["rejected"].as_str().unwrap().contains("A100-80GB"), "{d}");
+    let aws = verdict(&d, "aws-us-east-1")["feasible"]["cost"]["total_usd"].as_f64().unwrap();
+    assert!((aws - 27.44705).abs() < 0.01, "p4de for one hour: {aws}");
+    assert!(placed.reason.starts_with("placed at site azure-eastus: est. $3.67"), "{}", placed.reason);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn changing_only_the_prices_flips_the_cloud() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut snapshot: Value = serde_json::from_str(&std::fs::read_to_string(shipped_snapshot()).unwrap()).unwrap();
+    for p in snapshot["compute"].as_array_mut().unwrap() {
+        if p["instance_type"] == "Standard_NC24ads_A100_v4" {
+            p["usd_per_hour"] = 40.0.into();
+        }
+    }
+    snapshot["id"] = "pricier-azure".into();
+    let path = dir.path().join("snapshot.json");
+    std::fs::write(&path, snapshot.to_string()).unwrap();
+    let cluster = cluster(path).await;
+    let admin = cluster.admin().await;
+    let a100 = submit_as(&cluster, "acme", &job("A100-80GB")).await.unwrap();
+    let placed = wait_job(&admin, &a100, "placed", |j| j.state == "placed").await;
+    assert_eq!(placed.site, "aws-us-east-1");
+    let d = decision(&placed);
+    let azure = verdict(&d, "azure-eastus")["feasible"]["cost"]["total_usd"].as_f64().unwrap();
+    assert!((azure - 40.0).abs() < 0.01, "{d}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_over_its_tenants_budget_is_refused_with_the_numbers() {
+    let cluster = cluster(shipped_snapshot()).await;
+    let err = submit_as(&cluster, "thrifty", &job("A100-80GB")).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("budget: $1 left, estimate $"), "{}", err.message());
+    let list = proto::ListJobsRequest { limit: 10, ..Default::default() };
+    assert!(cluster.admin().await.list(list).await.unwrap().into_inner().jobs.is_empty());
+}
