@@ -10,12 +10,14 @@ use reqwest::Method;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use super::client::explain::decision_table;
 use super::client::follow::{self, Progress};
+use crate::placement::engine::Decision;
 use super::client::gateway::Gateway;
 use super::client::spec;
 use crate::config::{
     AgentConfig, AgentSection, BrokerConfig, BrokerSection, BrokerTarget, GatewayConfig, GatewaySection, LeaseSection,
-    LimitSection, ReconnectSection, StorageCloud, StorageConfig, StoreSection, TenantConfig,
+    LimitSection, PricesSection, ReconnectSection, StorageCloud, StorageConfig, StoreSection, TenantConfig,
 };
 use crate::gateway::api::{Job, Submitted};
 use crate::model::identity::Role;
@@ -42,7 +44,58 @@ const POEMS: &[(&str, &str)] = &[
 const TRUST_DOMAIN: &str = "quickstart.hybroker.local";
 const DEMO_TENANT: &str = "demo";
 const SITE: &str = "lab-sto";
-const AGENTS: &[(&str, &str)] = &[("gpu-node-1", "4xH100-80GB"), ("gpu-node-2", "2xL4-24GB")];
+/// (site, node, simulated GPUs): the on-prem site's two nodes and one simulated node per cloud site.
+const AGENTS: &[(&str, &str, &str)] = &[
+    (SITE, "gpu-node-1", "4xH100-80GB"),
+    (SITE, "gpu-node-2", "2xL4-24GB"),
+    ("aws-us-east-1", "aws-node-1", "1xL4-24GB"),
+    ("azure-westeurope", "azure-node-1", "1xA100-80GB"),
+];
+/// The sites and residency groups placement chooses among, with the offline price snapshot.
+const SITES: &str = r#"
+[[residency]]
+name = "eu"
+aws = ["eu-west-1"]
+azure = ["westeurope"]
+onprem = ["stockholm"]
+
+[[residency]]
+name = "us"
+aws = ["us-east-1"]
+azure = ["eastus"]
+
+[[site]]
+name = "lab-sto"
+kind = "onprem"
+region = "stockholm"
+residency = "eu"
+gpu_hour_usd = 2.0
+gpu_hour_usd_by_model = { "L4-24GB" = 1.2 }
+uplink_usd_per_gb = 0.02
+
+[[site]]
+name = "aws-us-east-1"
+kind = "aws"
+region = "us-east-1"
+residency = "us"
+instance_types = ["g6.xlarge", "g5.xlarge", "p4de.24xlarge", "p5.48xlarge"]
+elastic = true
+
+[[site]]
+name = "azure-westeurope"
+kind = "azure"
+region = "westeurope"
+residency = "eu"
+instance_types = ["Standard_NC24ads_A100_v4", "Standard_ND96isr_H100_v5"]
+elastic = true
+"#;
+
+/// Sites, residency groups and prices, as a broker config's `[[site]]`, `[[residency]]` and `[prices]`.
+#[derive(serde::Deserialize)]
+struct Sites {
+    site: Vec<crate::model::site::Site>,
+    residency: Vec<crate::model::site::ResidencyGroup>,
+}
 const SAMPLE_DEADLINE: Duration = Duration::from_secs(120);
 /// The embedded local store's location name (`local://lab/...`).
 const LOCATION: &str = "lab";
@@ -95,6 +148,10 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
         std::fs::write(poems.join(name), text)?;
     }
 
+    let sites: Sites = toml::from_str(SITES).expect("the quickstart's sites parse");
+    let prices_file = state_dir.join("prices-snapshot.json");
+    std::fs::write(&prices_file, include_str!("../../config/prices/snapshot.json"))?;
+
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let broker_config = BrokerConfig {
@@ -111,10 +168,10 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
         }],
         storage: vec![local_store(&objects)],
         staging: Default::default(),
-        sites: Vec::new(),
-        residency: Vec::new(),
+        sites: sites.site,
+        residency: sites.residency,
         placement: Default::default(),
-        prices: Default::default(),
+        prices: PricesSection { snapshot: prices_file, ..PricesSection::default() },
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -122,7 +179,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
     };
     let broker_task = tokio::spawn(broker::run(broker_config, listener, stopped(stop_rx.clone())));
     let mut agent_tasks = Vec::new();
-    for (node, gpus) in AGENTS {
+    for (site, node, gpus) in AGENTS {
         let config = AgentConfig {
             agent: AgentSection {
                 broker_url: format!("https://{addr}"),
@@ -134,7 +191,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
                 memory_mib: 32 * 1024,
                 labels: Default::default(),
             },
-            tls: issue(Role::Agent, node, Some(SITE))?,
+            tls: issue(Role::Agent, node, Some(site))?,
             reconnect: ReconnectSection::default(),
             staging: Default::default(),
         };
@@ -174,7 +231,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
     println!("  state directory:     {}", state_dir.display());
     println!(
         "  agents:              {}",
-        AGENTS.iter().map(|(n, g)| format!("{SITE}/{n} ({g}, simulated)")).collect::<Vec<_>>().join(", ")
+        AGENTS.iter().map(|(s, n, g)| format!("{s}/{n} ({g}, simulated)")).collect::<Vec<_>>().join(", ")
     );
     println!();
 
@@ -191,7 +248,8 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
     }
     let mut all_ok = true;
     let mut outputs = Vec::new();
-    println!("{:<14} {:<8} {:<10} {:<10} {:<38} WHY", "JOB", "SITE", "STATE", "EST. COST", "ID");
+    let mut explanations = Vec::new();
+    println!("{:<14} {:<17} {:<10} {:<10} {:<38} WHY", "JOB", "SITE", "STATE", "EST. COST", "ID");
     for id in &ids {
         tokio::time::timeout(SAMPLE_DEADLINE, follow::follow_events(&gw, id, &mut Progress::Quiet))
             .await
@@ -199,8 +257,20 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
         let job: Job = serde_json::from_value(gw.json(gw.request(Method::GET, &["v1", "jobs", id], false)).await?)?;
         all_ok &= job.state == "succeeded";
         outputs.extend(job.outputs.iter().map(|uri| (job.name.clone(), job.id.clone(), uri.clone())));
-        let site = job.site.unwrap_or_default();
-        println!("{:<14} {:<8} {:<10} {:<10} {:<38} {}", job.name, site, job.state, "n/a", job.id, job.reason);
+        let site = job.site.clone().unwrap_or_default();
+        let placement = gw.json(gw.request(Method::GET, &["v1", "jobs", id, "placement"], false)).await?;
+        let decision: Decision = serde_json::from_value(placement).context("placement decision")?;
+        let cost = decision.chosen.as_ref().map_or("-".into(), |c| format!("${:.4}", c.offer.cost.total_usd));
+        println!("{:<14} {:<17} {:<10} {:<10} {:<38} {}", job.name, site, job.state, cost, job.id, job.reason);
+        explanations.push((job.name, decision));
+    }
+    println!();
+    for (name, decision) in &explanations {
+        println!("why {name} ran where it did (hybroker jobs explain):");
+        for line in decision_table(decision).lines() {
+            println!("  {line}");
+        }
+        println!();
     }
     println!();
     let logs = gw.send(gw.request(Method::GET, &["v1", "jobs", &ids[0], "logs"], false)).await?.text().await?;
@@ -227,11 +297,12 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
     println!("  export HYBROKER_GATEWAY={gateway_url} HYBROKER_TOKEN={demo}");
     println!("  hybroker jobs list");
     println!("  hybroker jobs events {}       # every transition, where it ran and why", ids[1]);
+    println!("  hybroker jobs explain {}      # the placement decision: every site, its cost or why not", ids[2]);
     println!("  hybroker submit examples/train-h100.yaml --follow");
     println!("  hybroker jobs logs {}", ids[1]);
     println!("  hybroker agents list");
     println!("  curl -H \"Authorization: Bearer $HYBROKER_TOKEN\" $HYBROKER_GATEWAY/v1/jobs");
-    println!("(estimated costs arrive with price-aware placement: n/a until then)");
+    println!("(prices: the offline snapshot config/prices/snapshot.json; turn on live feeds with [prices] azure/aws)");
 
     if !once {
         println!();

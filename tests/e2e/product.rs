@@ -17,11 +17,16 @@ fn quickstart_once_runs_the_samples_and_exits_zero() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "quickstart failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
-    for sample in ["hello", "train-h100", "inference-l4"] {
+    // Owned GPUs win for H100 work; the cheaper cloud L4 wins over the owned one; EU data stays in the EU.
+    for (sample, site) in
+        [("hello", "lab-sto"), ("train-h100", "lab-sto"), ("inference-l4", "aws-us-east-1"), ("wordcount", "lab-sto")]
+    {
         let row =
             stdout.lines().find(|l| l.starts_with(sample)).unwrap_or_else(|| panic!("no row for {sample}:\n{stdout}"));
-        assert!(row.contains("succeeded") && row.contains("lab-sto"), "{row}");
+        assert!(row.contains("succeeded") && row.contains(site), "{row}");
     }
+    assert!(stdout.contains("why inference-l4 ran where it did"), "{stdout}");
+    assert!(stdout.contains("rejected: residency: data in eu, site in us"), "{stdout}");
     assert!(stdout.contains("broker (gRPC, mTLS): https://127.0.0.1:"), "{stdout}");
     assert!(stdout.contains("gateway (HTTP API):  http://127.0.0.1:"), "{stdout}");
     assert!(stdout.contains("hello from job"), "{stdout}");
