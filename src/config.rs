@@ -12,9 +12,9 @@ use serde::de::DeserializeOwned;
 
 use crate::model::data::{DataUri, Scheme};
 use crate::model::duration::HumanDuration;
+use crate::model::gpu::{SimulatedGpus, parse_simulated};
 use crate::model::price::Cloud;
 use crate::model::site::{ResidencyGroup, Site};
-use crate::model::gpu::{SimulatedGpus, parse_simulated};
 use crate::tls::TlsPaths;
 
 #[derive(Debug, thiserror::Error)]
@@ -820,7 +820,8 @@ impl BrokerConfig {
         }
         for (i, s) in self.storage.iter().enumerate() {
             if !self.sites.is_empty() && !s.residency.is_empty() && !groups.contains(s.residency.as_str()) {
-                problems.push(format!("storage[{i}].residency: {:?} is not a declared [[residency]] group", s.residency));
+                problems
+                    .push(format!("storage[{i}].residency: {:?} is not a declared [[residency]] group", s.residency));
             }
         }
         if self.placement.replace_after.0.is_zero() || self.placement.price_max_age.0.is_zero() {

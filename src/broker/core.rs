@@ -12,9 +12,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::agents::{AgentEntry, AgentView, Alloc, Conn};
-use super::placer::Placer;
-use crate::placement::engine::Decision;
 use super::keys::{self, KeyRing, KeyView};
+use super::placer::Placer;
 use super::tail::Tail;
 use crate::config::TenantConfig;
 use crate::error::ApiError;
@@ -24,6 +23,7 @@ use crate::model::data::{JobData, StagingStats};
 use crate::model::job::JobSpec;
 use crate::model::state::{Input, JobState, Lifecycle};
 use crate::placement::bind::{first_fit, fit};
+use crate::placement::engine::Decision;
 use crate::proto;
 use crate::store::{
     AgentRecord, AttemptEnd, AttemptOutput, AttemptRecord, Batch, JobEvent, JobRecord, StoreError, Write, Writer,

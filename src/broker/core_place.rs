@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{ActiveJob, Core, Effects, now_ms};
+use crate::broker::placer::summary;
 use crate::error::ApiError;
 use crate::model::state::{Input, JobState};
 use crate::placement::bind::{FreeCapacity, first_fit};
 use crate::placement::engine::{Decision, Verdict};
 use crate::placement::world::World;
-use crate::broker::placer::summary;
 
 /// How long a job no site can take waits before placement tries it again.
 const RETRY_UNPLACED: Duration = Duration::from_secs(1);

@@ -12,7 +12,6 @@ use tokio::sync::watch;
 
 use super::client::explain::decision_table;
 use super::client::follow::{self, Progress};
-use crate::placement::engine::Decision;
 use super::client::gateway::Gateway;
 use super::client::spec;
 use crate::config::{
@@ -22,6 +21,7 @@ use crate::config::{
 use crate::gateway::api::{Job, Submitted};
 use crate::model::identity::Role;
 use crate::pki::{self, IssueRequest};
+use crate::placement::engine::Decision;
 use crate::proto;
 use crate::proto::admin_service_client::AdminServiceClient;
 use crate::tls::{self, TlsPaths};

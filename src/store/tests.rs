@@ -707,7 +707,7 @@ async fn updates_of_missing_rows_create_nothing() {
                 output_truncated: false,
                 output_bytes: 0,
                 staging_json: None,
-            cost_usd: None,
+                cost_usd: None,
                 ended_at: 1,
             }),
             Write::AgentDraining { id: "nobody".into(), draining: true },
