@@ -46,6 +46,13 @@ impl Core {
     pub(super) fn admit(&self, tenant: &str, job: &ActiveJobParts<'_>) -> Result<(), ApiError> {
         let placer = &self.settings.placer;
         if !placer.enabled() {
+            if job.spec.policy.is_some() {
+                return Err(ApiError::InvalidArgument(
+                    "policy: this broker places jobs by first fit (no [[site]] configured), so it cannot enforce \
+                     a placement policy"
+                        .into(),
+                ));
+            }
             return Ok(());
         }
         let budget_left = self.budget_left(tenant);

@@ -339,9 +339,6 @@ impl JobSpec {
                 p.add("policy", "give at most one of `deadline` or `max_wait`");
             }
         }
-        if p.0.is_empty() && self.policy.is_some() {
-            p.add("policy", "is not supported yet: this broker does not enforce placement policy");
-        }
     }
 }
 

@@ -34,7 +34,7 @@ async fn invalid_specs_are_refused_and_nothing_is_stored() {
         ("name: x\ncommand: [echo]\ninputs: [{uri: 's3://user@bucket/x', path: data/}]\n", "inputs[0].uri"),
         ("name: x\ncommand: [echo]\ninputs: [{uri: 's3://bucket/%2e%2e/x', path: data/}]\n", "inputs[0].uri"),
         ("name: x\ncommand: [echo]\ninputs: [{uri: 's3://bucket/x', path: ../up}]\n", "inputs[0].path"),
-        ("name: x\ncommand: [echo]\npolicy: {residency: eu}\n", "not supported yet"),
+        ("name: x\ncommand: [echo]\npolicy: {residency: eu}\n", "cannot enforce a placement policy"),
         ("name: [x\n", "YAML"),
     ];
     for (spec, expected) in cases {
