@@ -65,6 +65,13 @@ pub enum Cmd {
         data: Option<Arc<JobData>>,
         reply: Reply<(String, bool)>,
     },
+    /// Where a job would be placed now, without submitting it.
+    Plan {
+        tenant: String,
+        spec: Arc<JobSpec>,
+        data: Option<Arc<JobData>>,
+        reply: Reply<Decision>,
+    },
     /// A staging agent's progress: recorded as a job event.
     Progress {
         agent: String,
@@ -345,6 +352,9 @@ impl Core {
             Cmd::Submit { tenant, spec, idempotency_key, request_sha256, data, reply } => {
                 let result = self.submit(tenant, spec, idempotency_key, request_sha256, data, out);
                 out.reply(reply, result);
+            }
+            Cmd::Plan { tenant, spec, data, reply } => {
+                let _ = reply.send(self.plan(&tenant, &spec, data.as_deref()));
             }
             Cmd::Progress { agent, conn, job_id, epoch, text } => {
                 if self.touch(&agent, conn)

@@ -74,6 +74,23 @@ impl Core {
         }
     }
 
+    /// The decision placement would take for this job now (a dry run).
+    pub(super) fn plan(
+        &self,
+        tenant: &str,
+        spec: &crate::model::job::JobSpec,
+        data: Option<&crate::model::data::JobData>,
+    ) -> Result<Decision, ApiError> {
+        let placer = &self.settings.placer;
+        if !placer.enabled() {
+            return Err(ApiError::FailedPrecondition(
+                "this broker places jobs by first fit: no [[site]] is configured, so there is nothing to plan".into(),
+            ));
+        }
+        let req = placer.request(tenant, spec, data, self.budget_left(tenant)).map_err(ApiError::InvalidArgument)?;
+        Ok(placer.place(&req, &placer.world(&self.capacity(), now_ms())))
+    }
+
     /// Places queued jobs (and jobs waiting too long at their site) and binds placed jobs to
     /// agents of their site.
     pub(super) fn dispatch_placed(&mut self, out: &mut Effects) {

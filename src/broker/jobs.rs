@@ -12,6 +12,8 @@ use tonic::{Request, Response, Status};
 use super::agents::AgentView;
 use super::core::Cmd;
 use super::data::DataPlane;
+use super::placer::Prices;
+use crate::model::data::JobData;
 use super::keys::{KeyRing, sha256_hex};
 use crate::config::TenantConfig;
 use crate::error::ApiError;
@@ -42,6 +44,8 @@ pub struct JobService {
     tenants: Arc<HashMap<String, TenantConfig>>,
     keys: Arc<KeyRing>,
     data: Arc<DataPlane>,
+    /// The current prices and the age past which they count as stale.
+    prices: (Prices, std::time::Duration, Arc<Vec<crate::model::site::Site>>),
 }
 
 impl JobService {
@@ -52,6 +56,29 @@ impl JobService {
         who: &Identity,
         req: proto::SubmitRequest,
     ) -> Result<oneshot::Receiver<SubmitReply>, Status> {
+        let (tenant, spec, data) = self.parse_and_resolve(who, &req).await?;
+        let key = match req.idempotency_key.as_str() {
+            "" => None,
+            k if k.len() <= 128 && k.chars().all(|c| c.is_ascii_graphic()) => Some(k.to_string()),
+            _ => return Err(Status::invalid_argument("idempotency_key: at most 128 printable ASCII characters")),
+        };
+        let request_sha256 = sha256_hex(&[&[req.format as u8][..], &req.spec].concat());
+        let (reply, rx) = oneshot::channel();
+        let cmd = Cmd::Submit { tenant, spec, idempotency_key: key, request_sha256, data, reply };
+        // A full queue is backpressure: the caller retries; never block a gRPC worker here forever.
+        self.core.try_send(cmd).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Status::resource_exhausted("the broker is busy; retry shortly"),
+            mpsc::error::TrySendError::Closed(_) => unavailable(),
+        })?;
+        Ok(rx)
+    }
+
+    /// The tenant, the validated spec and its resolved data (inputs listed for their sizes).
+    async fn parse_and_resolve(
+        &self,
+        who: &Identity,
+        req: &proto::SubmitRequest,
+    ) -> Result<(String, Arc<JobSpec>, Option<Arc<JobData>>), Status> {
         let tenant = tenant_of(who, &req.tenant)?;
         let tenant = if tenant.is_empty() { DEFAULT_TENANT.to_string() } else { tenant };
         let Some(tenant_config) = self.tenants.get(&tenant) else {
@@ -66,26 +93,12 @@ impl JobService {
             Err(_) => return Err(Status::invalid_argument(format!("format: unknown spec format {}", req.format))),
         }
         .map_err(ApiError::from)?;
-        let key = match req.idempotency_key.as_str() {
-            "" => None,
-            k if k.len() <= 128 && k.chars().all(|c| c.is_ascii_graphic()) => Some(k.to_string()),
-            _ => return Err(Status::invalid_argument("idempotency_key: at most 128 printable ASCII characters")),
-        };
         let data = if spec.inputs.is_empty() && spec.outputs.is_empty() {
             None
         } else {
             Some(Arc::new(self.data.resolve(tenant_config, &spec).await?))
         };
-        let spec = Arc::new(spec);
-        let request_sha256 = sha256_hex(&[&[req.format as u8][..], &req.spec].concat());
-        let (reply, rx) = oneshot::channel();
-        let cmd = Cmd::Submit { tenant, spec, idempotency_key: key, request_sha256, data, reply };
-        // A full queue is backpressure: the caller retries; never block a gRPC worker here forever.
-        self.core.try_send(cmd).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => Status::resource_exhausted("the broker is busy; retry shortly"),
-            mpsc::error::TrySendError::Closed(_) => unavailable(),
-        })?;
-        Ok(rx)
+        Ok((tenant, Arc::new(spec), data))
     }
 
     pub fn new(
@@ -96,8 +109,9 @@ impl JobService {
         tenants: Arc<HashMap<String, TenantConfig>>,
         keys: Arc<KeyRing>,
         data: Arc<DataPlane>,
+        prices: (Prices, std::time::Duration, Arc<Vec<crate::model::site::Site>>),
     ) -> Self {
-        Self { core, reader, events, max_spec_bytes, tenants, keys, data }
+        Self { core, reader, events, max_spec_bytes, tenants, keys, data, prices }
     }
 
     async fn agent_view(&self, agent_id: String) -> Result<AgentView, Status> {
@@ -139,6 +153,24 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<proto::JobEvent, Status>> + 
 
 #[tonic::async_trait]
 impl proto::job_service_server::JobService for JobService {
+    async fn plan(&self, req: Request<proto::SubmitRequest>) -> Result<Response<proto::PlanResponse>, Status> {
+        let who = tls::require_role(&req, CALLERS)?;
+        let (tenant, spec, data) = self.parse_and_resolve(&who, req.get_ref()).await?;
+        let decision = self.ask(|reply| Cmd::Plan { tenant, spec, data, reply }).await??;
+        let decision_json = serde_json::to_string(&decision).expect("decisions serialise");
+        Ok(Response::new(proto::PlanResponse { decision_json }))
+    }
+
+    async fn prices(&self, req: Request<proto::PricesRequest>) -> Result<Response<proto::PricesResponse>, Status> {
+        tls::require_role(&req, CALLERS)?;
+        let snapshot = self.prices.0.borrow().clone();
+        let now_ms = super::core::now_ms();
+        let stale = now_ms.saturating_sub(snapshot.fetched_at) > self.prices.1.as_millis() as i64;
+        let snapshot_json = serde_json::to_string(&*snapshot).expect("snapshots serialise");
+        let sites_json = serde_json::to_string(&*self.prices.2).expect("sites serialise");
+        Ok(Response::new(proto::PricesResponse { snapshot_json, stale, now_ms, sites_json }))
+    }
+
     async fn submit(&self, req: Request<proto::SubmitRequest>) -> Result<Response<proto::SubmitResponse>, Status> {
         let who = tls::require_role(&req, CALLERS)?;
         let reply = self.submit_one(&who, req.into_inner()).await?;

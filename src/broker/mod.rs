@@ -55,7 +55,7 @@ pub async fn run(
         log_tail_bytes: config.limits.log_tail_bytes,
         tenants: (*tenants).clone(),
         keys: keys.clone(),
-        placer: Arc::new(placer::Placer::new(&config, prices)),
+        placer: Arc::new(placer::Placer::new(&config, prices.clone())),
     };
     let data = Arc::new(data::DataPlane::start(&config).await?);
     let core = core::Core::load(writer, settings, events.clone()).await?;
@@ -74,6 +74,7 @@ pub async fn run(
         tenants.clone(),
         keys.clone(),
         data.clone(),
+        (prices.clone(), config.placement.price_max_age.0, Arc::new(config.sites.clone())),
     );
     let admin_service = admin::AdminService::new(core_tx.clone(), keys, tenants);
     let agent_service = agents::AgentService::new(core_tx, data);

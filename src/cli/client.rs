@@ -12,6 +12,7 @@ pub(crate) mod explain;
 pub(crate) mod follow;
 pub(crate) mod gateway;
 pub(crate) mod output;
+pub(crate) mod placement;
 pub(crate) mod spec;
 mod sse;
 
@@ -45,6 +46,11 @@ pub enum ClientCommand {
     Jobs(JobsArgs),
     /// Show agents and their GPUs, and drain them (admin tenants).
     Agents(AgentsArgs),
+    /// Where a job would run and why, without submitting it (from the gateway, or offline from a
+    /// broker config and a price snapshot with --config).
+    Plan(placement::PlanArgs),
+    /// The current prices per site and instance type, with their source and age.
+    Prices(placement::PricesArgs),
 }
 
 /// How to reach the gateway, and how to print.
@@ -186,6 +192,8 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<i32> {
         ClientCommand::Submit(args) => submit(args).await,
         ClientCommand::Jobs(args) => jobs(args).await,
         ClientCommand::Agents(args) => agents(args).await,
+        ClientCommand::Plan(args) => placement::plan(args).await,
+        ClientCommand::Prices(args) => placement::prices(args).await,
     };
     Ok(result.unwrap_or_else(|e| {
         eprintln!("error: {e:#}");

@@ -171,7 +171,7 @@ pub async fn cancel(
 }
 
 /// The request body, or the problem reading it (over the limit: 413).
-fn read_body(body: Result<Bytes, BytesRejection>, state: &AppState) -> Result<Bytes, HttpError> {
+pub(super) fn read_body(body: Result<Bytes, BytesRejection>, state: &AppState) -> Result<Bytes, HttpError> {
     body.map_err(|rejection| match rejection.status() {
         StatusCode::PAYLOAD_TOO_LARGE => HttpError::PayloadTooLarge(state.max_body_bytes()),
         _ => HttpError::BadRequest(format!("body: {}", rejection.body_text().to_lowercase())),
@@ -179,7 +179,7 @@ fn read_body(body: Result<Bytes, BytesRejection>, state: &AppState) -> Result<By
 }
 
 /// Refuses bodies that say they are not JSON (no `Content-Type` is taken as JSON).
-fn check_json_content_type(headers: &HeaderMap) -> Result<(), HttpError> {
+pub(super) fn check_json_content_type(headers: &HeaderMap) -> Result<(), HttpError> {
     let Some(value) = headers.get(header::CONTENT_TYPE) else { return Ok(()) };
     let media = value.to_str().unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     if media == "application/json" || (media.starts_with("application/") && media.ends_with("+json")) {

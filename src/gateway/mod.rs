@@ -18,6 +18,7 @@ mod auth;
 mod convert;
 mod jobs;
 pub mod openapi;
+mod placement;
 mod problem;
 mod router;
 mod serve;

@@ -20,7 +20,7 @@ use utoipa_axum::routes;
 use super::auth::TenantSlot;
 use super::openapi::{ApiDoc, NotReady};
 use super::problem::{self, HttpError};
-use super::{AppState, agents, jobs, streams};
+use super::{AppState, agents, jobs, placement, streams};
 use crate::proto::job_service_server::SERVICE_NAME as JOB_SERVICE;
 
 /// How long `/readyz` waits for the broker's health check.
@@ -40,6 +40,8 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(jobs::get_job))
         .routes(routes!(jobs::cancel))
         .routes(routes!(jobs::placement))
+        .routes(routes!(placement::plan))
+        .routes(routes!(placement::prices))
         .routes(routes!(streams::events))
         .routes(routes!(streams::logs))
         .routes(routes!(agents::list))

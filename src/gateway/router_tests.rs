@@ -27,6 +27,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/jobs/{id}/events"),
     ("get", "/v1/jobs/{id}/logs"),
     ("get", "/v1/jobs/{id}/placement"),
+    ("post", "/v1/plan"),
+    ("get", "/v1/prices"),
 ];
 
 fn app() -> (Router, utoipa::openapi::OpenApi) {

@@ -16,9 +16,11 @@
 //!   site to its location, by the transfer rules of [`super::world`].
 //! - storage: the outputs' bytes × their location's $/GB-month × one month (on-prem: free).
 //!
-//! Queue wait is a constraint, not a cost. The cheapest feasible candidate wins; ties break by site
-//! name, then output locations. With `owned_first`, a feasible on-prem candidate that starts now wins
-//! whatever the price.
+//! On-prem sites and non-elastic cloud sites must have a connected agent with room now (wait 0)
+//! or one that fits the job once free (wait = the site's queue estimate; unknown: rejected);
+//! elastic cloud sites can always start. Queue wait is a constraint, not a cost. The cheapest
+//! feasible candidate wins; ties break by site name, then output locations. With `owned_first`, a
+//! feasible on-prem candidate that starts now wins whatever the price.
 
 use std::cmp::Ordering;
 use std::time::Duration;
@@ -65,7 +67,9 @@ pub struct Offer {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
+    /// It breaks no rule; what it would run on and cost.
     Feasible(Offer),
+    /// The first rule it breaks, e.g. `price cap: $31.20/h > $20/h`.
     Rejected(String),
 }
 
@@ -104,7 +108,8 @@ pub struct Decision {
     pub stale: bool,
 }
 
-/// A reason that rejects every candidate, or the output location choices.
+/// The job resolved against the world: residency (group, derived?), inputs, output choices, and a
+/// reason that rejects every candidate (unknown location, output outside the policy's residency).
 struct Plan {
     residency: Option<(String, bool)>,
     /// Aggregated input bytes per location index.

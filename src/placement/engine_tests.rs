@@ -412,7 +412,8 @@ fn policies_only_narrow() {
         ..Default::default()
     };
     let job: crate::model::job::Policy = serde_json::from_str(
-        r#"{"clouds":["azure","aws"],"max_usd_per_hour":60,"max_usd_total":200,"spot":"never","max_wait":"30m","deadline":"2026-12-01T18:00:00Z"}"#,
+        r#"{"clouds":["azure","aws"],"max_usd_per_hour":60,"max_usd_total":200,"spot":"never",
+            "max_wait":"30m","deadline":"2026-12-01T18:00:00Z"}"#,
     )
     .unwrap();
     let p = tenant.narrow(&job).unwrap();

@@ -30,6 +30,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/jobs/{id}/events"),
     ("get", "/v1/jobs/{id}/logs"),
     ("get", "/v1/jobs/{id}/placement"),
+    ("post", "/v1/plan"),
+    ("get", "/v1/prices"),
 ];
 
 /// A tenant's view of a gateway.

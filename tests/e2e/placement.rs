@@ -111,3 +111,44 @@ async fn a_job_over_its_tenants_budget_is_refused_with_the_numbers() {
     let list = proto::ListJobsRequest { limit: 10, ..Default::default() };
     assert!(cluster.admin().await.list(list).await.unwrap().into_inner().jobs.is_empty());
 }
+
+/// Runs the CLI against the gateway as `tenant`.
+async fn cli(gateway: &crate::common::Gateway, key: &str, args: &[&str]) -> std::process::Output {
+    let mut command = tokio::process::Command::new(crate::common::BIN);
+    command.args(args).env("HYBROKER_GATEWAY", &gateway.url).env("HYBROKER_TOKEN", key).kill_on_drop(true);
+    tokio::time::timeout(crate::common::DEADLINE, command.output()).await.unwrap().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plan_agrees_with_the_stored_decision_and_prices_show_per_site() {
+    let cluster = cluster(shipped_snapshot()).await;
+    let gateway = cluster.start_gateway();
+    let key = cluster.tenant_key("acme");
+    let spec = cluster.path("a100.yaml");
+    std::fs::write(&spec, job("A100-80GB")).unwrap();
+    let spec = spec.to_str().unwrap();
+
+    let planned = cli(&gateway, &key, &["plan", spec, "--output", "json"]).await;
+    assert!(planned.status.success(), "{}", String::from_utf8_lossy(&planned.stderr));
+    let planned: Value = serde_json::from_slice(&planned.stdout).unwrap();
+    let table = cli(&gateway, &key, &["plan", spec]).await;
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("chosen:    site azure-eastus 1x Standard_NC24ads_A100_v4"), "{table}");
+    assert!(table.contains("rejected: no A100-80GB at site"), "{table}");
+
+    let id = submit_as(&cluster, "acme", &job("A100-80GB")).await.unwrap();
+    let placed = wait_job(&cluster.admin().await, &id, "placed", |j| j.state == "placed").await;
+    let stored = decision(&placed);
+    assert_eq!(stored["chosen"], planned["chosen"], "plan and the stored decision differ");
+    assert_eq!(stored["candidates"], planned["candidates"]);
+    let explained = cli(&gateway, &key, &["jobs", "explain", &id]).await;
+    // The same table, but for the prices' age (a little older by now).
+    let without_age = |t: &str| t.lines().filter(|l| !l.starts_with("prices:")).collect::<Vec<_>>().join("\n");
+    let explained = String::from_utf8_lossy(&explained.stdout);
+    assert_eq!(without_age(&explained), without_age(&table), "explain shows what plan showed");
+
+    let prices = cli(&gateway, &key, &["prices", "--site", "azure-eastus"]).await;
+    let prices = String::from_utf8_lossy(&prices.stdout);
+    assert!(prices.contains("azure-eastus") && prices.contains("Standard_NC24ads_A100_v4"), "{prices}");
+    assert!(prices.contains("3.6730") && !prices.contains("aws-us-east-1"), "{prices}");
+}

@@ -1,0 +1,71 @@
+//! Placement without submitting (`POST /v1/plan`) and the current prices (`GET /v1/prices`).
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::HeaderMap;
+
+use super::AppState;
+use super::auth::Tenant;
+use super::jobs::{check_json_content_type, read_body};
+use super::openapi::{BadRequest, PayloadTooLarge, TenantErrors};
+use super::problem::HttpError;
+use crate::proto::{self, SpecFormat};
+
+/// Where a job would run and why, without submitting it: the same checks as a submit (spec,
+/// data, policy, budget) and the decision placement would take now, in the JSON of
+/// `GET /v1/jobs/{id}/placement`. 409 when the broker has no sites (placement is off).
+#[utoipa::path(
+    post,
+    path = "/v1/plan",
+    operation_id = "plan_job",
+    tag = "placement",
+    request_body(content = Object, content_type = "application/json", description = "A job spec"),
+    responses((status = 200, description = "The placement decision", body = Object), BadRequest, PayloadTooLarge, TenantErrors),
+    security(("bearer" = []))
+)]
+pub async fn plan(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>, HttpError> {
+    let body = read_body(body, &state)?;
+    check_json_content_type(&headers)?;
+    let request = proto::SubmitRequest {
+        spec: body.to_vec(),
+        format: SpecFormat::Json.into(),
+        idempotency_key: String::new(),
+        tenant: tenant.name,
+    };
+    let planned = state.jobs().plan(request).await?.into_inner();
+    let decision = serde_json::from_str(&planned.decision_json)
+        .map_err(|e| HttpError::Broker(tonic::Status::internal(format!("placement decision: {e}"))))?;
+    Ok(Json(decision))
+}
+
+/// The broker's current prices: `snapshot` (every compute, egress and storage price with its
+/// source and fetch time), whether it is `stale`, the broker's clock `now_ms`, and the configured
+/// `sites` (to read prices per site and instance type).
+#[utoipa::path(
+    get,
+    path = "/v1/prices",
+    operation_id = "get_prices",
+    tag = "placement",
+    responses((status = 200, description = "The current price snapshot", body = Object), TenantErrors),
+    security(("bearer" = []))
+)]
+pub async fn prices(State(state): State<AppState>, _tenant: Tenant) -> Result<Json<serde_json::Value>, HttpError> {
+    let prices = state.jobs().prices(proto::PricesRequest {}).await?.into_inner();
+    let parse = |what: &str, text: &str| {
+        serde_json::from_str::<serde_json::Value>(text)
+            .map_err(|e| HttpError::Broker(tonic::Status::internal(format!("{what}: {e}"))))
+    };
+    Ok(Json(serde_json::json!({
+        "stale": prices.stale,
+        "now_ms": prices.now_ms,
+        "snapshot": parse("price snapshot", &prices.snapshot_json)?,
+        "sites": parse("sites", &prices.sites_json)?,
+    })))
+}
