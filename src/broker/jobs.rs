@@ -12,11 +12,11 @@ use tonic::{Request, Response, Status};
 use super::agents::AgentView;
 use super::core::Cmd;
 use super::data::DataPlane;
-use super::placer::Prices;
-use crate::model::data::JobData;
 use super::keys::{KeyRing, sha256_hex};
+use super::placer::Prices;
 use crate::config::TenantConfig;
 use crate::error::ApiError;
+use crate::model::data::JobData;
 use crate::model::identity::{Identity, Role, validate_name};
 use crate::model::job::JobSpec;
 use crate::model::state::JobState;
@@ -34,6 +34,16 @@ type SubmitReply = Result<(String, bool), ApiError>;
 
 fn unavailable() -> Status {
     Status::unavailable("the broker's core is not running")
+}
+
+/// What the job service shares with the rest of the broker.
+pub struct JobServiceParts {
+    pub max_spec_bytes: usize,
+    pub tenants: Arc<HashMap<String, TenantConfig>>,
+    pub keys: Arc<KeyRing>,
+    pub data: Arc<DataPlane>,
+    /// The current prices, the age past which they are stale, and the sites (for `Prices`).
+    pub prices: (Prices, std::time::Duration, Arc<Vec<crate::model::site::Site>>),
 }
 
 pub struct JobService {
@@ -105,12 +115,9 @@ impl JobService {
         core: mpsc::Sender<Cmd>,
         reader: Reader,
         events: broadcast::Sender<JobEvent>,
-        max_spec_bytes: usize,
-        tenants: Arc<HashMap<String, TenantConfig>>,
-        keys: Arc<KeyRing>,
-        data: Arc<DataPlane>,
-        prices: (Prices, std::time::Duration, Arc<Vec<crate::model::site::Site>>),
+        parts: JobServiceParts,
     ) -> Self {
+        let JobServiceParts { max_spec_bytes, tenants, keys, data, prices } = parts;
         Self { core, reader, events, max_spec_bytes, tenants, keys, data, prices }
     }
 

@@ -66,16 +66,14 @@ pub async fn run(
     health.set_serving::<JobServiceServer<jobs::JobService>>().await;
     health.set_serving::<AgentServiceServer<agents::AgentService>>().await;
     health.set_serving::<AdminServiceServer<admin::AdminService>>().await;
-    let job_service = jobs::JobService::new(
-        core_tx.clone(),
-        reader,
-        events,
-        config.limits.max_spec_bytes,
-        tenants.clone(),
-        keys.clone(),
-        data.clone(),
-        (prices.clone(), config.placement.price_max_age.0, Arc::new(config.sites.clone())),
-    );
+    let parts = jobs::JobServiceParts {
+        max_spec_bytes: config.limits.max_spec_bytes,
+        tenants: tenants.clone(),
+        keys: keys.clone(),
+        data: data.clone(),
+        prices: (prices.clone(), config.placement.price_max_age.0, Arc::new(config.sites.clone())),
+    };
+    let job_service = jobs::JobService::new(core_tx.clone(), reader, events, parts);
     let admin_service = admin::AdminService::new(core_tx.clone(), keys, tenants);
     let agent_service = agents::AgentService::new(core_tx, data);
     let addr = listener.local_addr()?;

@@ -1,7 +1,9 @@
 //! Placement. Pure: decisions are functions of plain values (README invariant 1).
 //!
-//! For now one level: [`bind::first_fit`] binds a queued job to the first connected agent with free
-//! GPUs, CPUs and memory. The placement issue adds the global, price-aware `place()` in front of it.
+//! Two levels (DESIGN §4): [`engine::place`] chooses the cheapest allowed site (and output
+//! locations) for a job from a [`world::World`] of sites, capacity and prices, with every candidate
+//! explained; [`bind::first_fit`] then binds the job to an agent of that site with free GPUs, CPUs
+//! and memory. [`synthetic`] builds large worlds for the placement benchmark.
 
 pub mod bind;
 pub mod engine;
