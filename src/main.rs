@@ -64,7 +64,7 @@ enum Command {
     },
     /// Benchmark: a broker child process, N simulated agents over mTLS, M jobs; prints and writes
     /// throughput, latency, CPU and memory (and a reconnect storm or a broker kill on request).
-    /// `bench staging`: the agent's stage-in against curl.
+    /// `bench staging`: the agent's stage-in against curl; `bench placement`: the placement engine.
     Bench(bench::BenchArgs),
 }
 
@@ -112,6 +112,9 @@ fn main() -> anyhow::Result<()> {
                     std::process::exit(1);
                 }
                 Ok(())
+            }
+            Command::Bench(bench::BenchArgs { other: Some(bench::BenchCommand::Placement(args)), .. }) => {
+                bench::placement::run(&args)
             }
             Command::Bench(bench::BenchArgs { other: Some(bench::BenchCommand::Staging(args)), .. }) => {
                 bench::staging::run(args).await

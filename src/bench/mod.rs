@@ -16,6 +16,7 @@ mod process;
 mod record;
 mod report;
 mod setup;
+pub mod placement;
 pub mod staging;
 
 use std::collections::HashSet;
@@ -84,6 +85,8 @@ pub struct BenchArgs {
 pub enum BenchCommand {
     /// The agent's stage-in of one big object from the local store against curl of the same URL.
     Staging(staging::StagingArgs),
+    /// Decisions per second and decision latency of the placement engine on a synthetic fleet.
+    Placement(placement::PlacementBenchArgs),
 }
 
 impl BenchArgs {
