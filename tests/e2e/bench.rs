@@ -37,3 +37,13 @@ fn a_small_bench_with_a_broker_kill_and_a_storm_completes_every_job_and_loses_no
     assert!(result["kill"]["acknowledged_at_kill"].as_u64().unwrap() >= 1000, "{result}");
     assert!(result["storm"]["reregistered_seconds"].is_number(), "{result}");
 }
+
+#[test]
+fn the_placement_bench_runs_and_prints_its_numbers() {
+    let out = Command::new(BIN).args(["bench", "placement", "--rounds", "1", "--cloud-sites", "10"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for line in ["decisions/s", "p99", "placed"] {
+        assert!(stdout.contains(line), "{stdout}");
+    }
+}
