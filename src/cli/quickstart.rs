@@ -33,6 +33,7 @@ pub const SAMPLES: &[(&str, &str)] = &[
     ("examples/train-h100.yaml", include_str!("../../examples/train-h100.yaml")),
     ("examples/inference-l4.yaml", include_str!("../../examples/inference-l4.yaml")),
     ("examples/wordcount.yaml", include_str!("../../examples/wordcount.yaml")),
+    ("examples/finetune-8xh100.yaml", include_str!("../../examples/finetune-8xh100.yaml")),
 ];
 
 /// The input objects of `examples/wordcount.yaml`, put into the local store before it starts.
@@ -48,7 +49,7 @@ const SITE: &str = "lab-sto";
 const AGENTS: &[(&str, &str, &str)] = &[
     (SITE, "gpu-node-1", "4xH100-80GB"),
     (SITE, "gpu-node-2", "2xL4-24GB"),
-    ("aws-us-east-1", "aws-node-1", "1xL4-24GB"),
+    ("aws-us-east-1", "aws-node-1", "8xH100-80GB,1xL4-24GB"),
     ("azure-westeurope", "azure-node-1", "1xA100-80GB"),
 ];
 /// The sites and residency groups placement chooses among, with the offline price snapshot.
@@ -249,7 +250,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
     let mut all_ok = true;
     let mut outputs = Vec::new();
     let mut explanations = Vec::new();
-    println!("{:<14} {:<17} {:<10} {:<10} {:<38} WHY", "JOB", "SITE", "STATE", "EST. COST", "ID");
+    println!("{:<16} {:<17} {:<10} {:<10} {:<38} WHY", "JOB", "SITE", "STATE", "EST. COST", "ID");
     for id in &ids {
         tokio::time::timeout(SAMPLE_DEADLINE, follow::follow_events(&gw, id, &mut Progress::Quiet))
             .await
@@ -261,7 +262,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
         let placement = gw.json(gw.request(Method::GET, &["v1", "jobs", id, "placement"], false)).await?;
         let decision: Decision = serde_json::from_value(placement).context("placement decision")?;
         let cost = decision.chosen.as_ref().map_or("-".into(), |c| format!("${:.4}", c.offer.cost.total_usd));
-        println!("{:<14} {:<17} {:<10} {:<10} {:<38} {}", job.name, site, job.state, cost, job.id, job.reason);
+        println!("{:<16} {:<17} {:<10} {:<10} {:<38} {}", job.name, site, job.state, cost, job.id, job.reason);
         explanations.push((job.name, decision));
     }
     println!();

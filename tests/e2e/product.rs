@@ -17,10 +17,15 @@ fn quickstart_once_runs_the_samples_and_exits_zero() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "quickstart failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
-    // Owned GPUs win for H100 work; the cheaper cloud L4 wins over the owned one; EU data stays in the EU.
-    for (sample, site) in
-        [("hello", "lab-sto"), ("train-h100", "lab-sto"), ("inference-l4", "aws-us-east-1"), ("wordcount", "lab-sto")]
-    {
+    // Owned GPUs win for H100 work; the cheaper cloud L4 wins over the owned one; EU data stays in
+    // the EU; a job bigger than any owned node spills to the cheapest cloud.
+    for (sample, site) in [
+        ("hello", "lab-sto"),
+        ("train-h100", "lab-sto"),
+        ("inference-l4", "aws-us-east-1"),
+        ("wordcount", "lab-sto"),
+        ("finetune-8xh100", "aws-us-east-1"),
+    ] {
         let row =
             stdout.lines().find(|l| l.starts_with(sample)).unwrap_or_else(|| panic!("no row for {sample}:\n{stdout}"));
         assert!(row.contains("succeeded") && row.contains(site), "{row}");
