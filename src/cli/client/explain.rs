@@ -25,9 +25,14 @@ pub fn decision_table(d: &Decision) -> String {
         }
         None => out.push_str("chosen:    none (every candidate was rejected)\n"),
     }
-    let age = d.snapshot_age_ms.max(0) as f64 / 60_000.0;
-    let stale = if d.stale { " (STALE)" } else { "" };
-    out.push_str(&format!("prices:    snapshot {} from {age:.0} min before the decision{stale}\n", d.snapshot_id));
+    let minutes = d.snapshot_age_ms.max(0) as f64 / 60_000.0;
+    let age = match minutes {
+        m if m < 120.0 => format!("{m:.0} min"),
+        m if m < 2880.0 => format!("{:.1} h", m / 60.0),
+        m => format!("{:.0} days", m / 1440.0),
+    };
+    let stale = if d.stale { " (STALE: older than allowed)" } else { "" };
+    out.push_str(&format!("prices:    snapshot {}, {age} old at the decision{stale}\n", d.snapshot_id));
     if let Some(r) = &d.residency {
         out.push_str(&format!("residency: {r}\n"));
     }
