@@ -18,7 +18,7 @@ use crate::config::{
     AgentConfig, AgentSection, BrokerConfig, BrokerSection, BrokerTarget, GatewayConfig, GatewaySection, LeaseSection,
     LimitSection, PricesSection, ReconnectSection, StorageCloud, StorageConfig, StoreSection, TenantConfig,
 };
-use crate::gateway::api::{Job, Submitted};
+use crate::gateway::api::{AgentList, Job, Submitted};
 use crate::model::identity::Role;
 use crate::pki::{self, IssueRequest};
 use crate::placement::engine::Decision;
@@ -224,6 +224,22 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
     };
     let gateway_task = tokio::spawn(gateway::run(gateway_config, gateway_listener, stopped(stop_rx.clone())));
     let gw = Gateway::new(&gateway_url, Some(&demo), None)?;
+    // Placement sees only connected agents: wait for all of them, so the samples' decisions are the
+    // same on every run.
+    let registered = async {
+        loop {
+            let answer = gw.json(gw.request(Method::GET, &["v1", "agents"], false)).await;
+            if let Ok(list) = answer.and_then(|v| Ok(serde_json::from_value::<AgentList>(v)?))
+                && list.agents.iter().filter(|a| a.connected).count() == AGENTS.len()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(SAMPLE_DEADLINE, registered)
+        .await
+        .map_err(|_| anyhow::anyhow!("the quickstart's agents did not all connect within {SAMPLE_DEADLINE:?}"))?;
 
     println!("hybroker quickstart");
     println!("  gateway (HTTP API):  {gateway_url}   (OpenAPI: {gateway_url}/openapi.json)");

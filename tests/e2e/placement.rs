@@ -33,12 +33,24 @@ fn shipped_snapshot() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("config/prices/snapshot.json")
 }
 
+/// The cluster, once its lab agent is connected: placement sees only connected agents' capacity,
+/// so a job submitted before would (rightly) go to a cloud site.
 async fn cluster(snapshot: std::path::PathBuf) -> Cluster {
-    Cluster::start_with(TTL, &[("n1", "1xH100-80GB")], move |_| Setup {
+    let cluster = Cluster::start_with(TTL, &[("n1", "1xH100-80GB")], move |_| Setup {
         broker_extra: Some(sites(&snapshot)),
         ..Setup::default()
     })
-    .await
+    .await;
+    let admin = cluster.admin().await;
+    crate::common::eventually("the lab agent to connect", || {
+        let mut admin = admin.clone();
+        async move {
+            let agents = admin.list_agents(proto::ListAgentsRequest {}).await.ok()?.into_inner().agents;
+            agents.iter().any(|a| a.id == "lab/n1" && a.connected).then_some(())
+        }
+    })
+    .await;
+    cluster
 }
 
 fn job(gpu: &str) -> String {
