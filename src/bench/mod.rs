@@ -12,11 +12,11 @@
 
 mod agents;
 mod driver;
+pub mod placement;
 mod process;
 mod record;
 mod report;
 mod setup;
-pub mod placement;
 pub mod staging;
 
 use std::collections::HashSet;
