@@ -141,7 +141,16 @@ impl From<store::JobRecord> for Job {
             .ok()
             .and_then(|spec| serde_json::from_value(spec.get("labels")?.clone()).ok())
             .unwrap_or_default();
-        let data: JobData = r.data_json.as_deref().and_then(|d| serde_json::from_str(d).ok()).unwrap_or_default();
+        let mut data: JobData = r.data_json.as_deref().and_then(|d| serde_json::from_str(d).ok()).unwrap_or_default();
+        if !data.outputs_resolved()
+            && let Some(chosen) = r
+                .placement_json
+                .as_deref()
+                .and_then(|d| serde_json::from_str::<crate::placement::engine::Decision>(d).ok())
+                .and_then(|d| d.chosen)
+        {
+            data = data.with_chosen_outputs(&chosen.output_locations);
+        }
         let outputs = match r.state {
             crate::model::state::JobState::Succeeded => {
                 data.outputs.iter().map(|o| o.attempt_uri(&r.tenant, &r.id, r.attempts)).collect()

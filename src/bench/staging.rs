@@ -228,20 +228,30 @@ fn block(base: &[u8], index: u64) -> Bytes {
     Bytes::from(data)
 }
 
-/// Generates the object (`mib` blocks), hashes it, then streams it to the store in one presigned
-/// PUT with `Content-MD5`; checks the store's size and ETag. Returns the MD5 in base64.
+/// Generates the object (`mib` blocks), hashes it (printing MD5's rate), then streams it to the
+/// store in one presigned PUT with `Content-MD5`; checks the store's size and ETag. Returns the MD5
+/// in base64.
 async fn upload(store: &S3Store, mib: u64) -> anyhow::Result<String> {
     let mut base = vec![0u8; BLOCK];
     fastrand::Rng::new().fill(&mut base);
     let base = Bytes::from(base);
     let hashed = base.clone();
-    let digest: [u8; 16] = tokio::task::spawn_blocking(move || {
-        let mut md5 = Md5::new();
-        (0..mib).for_each(|i| md5.update(block(&hashed, i)));
-        md5.finalize().into()
+    let (digest, hashing): ([u8; 16], Duration) = tokio::task::spawn_blocking(move || {
+        let (mut md5, mut hashing) = (Md5::new(), Duration::ZERO);
+        for i in 0..mib {
+            let data = block(&hashed, i);
+            let started = Instant::now();
+            md5.update(&data);
+            hashing += started.elapsed();
+        }
+        (md5.finalize().into(), hashing)
     })
     .await?;
     let content_md5 = B64.encode(digest);
+    println!(
+        "md5 runs at {:.1} MiB/s on one core here: no checked stage-in of one file is faster",
+        mib as f64 / hashing.as_secs_f64()
+    );
 
     let put = store.presign_put(KEY, URL_TTL).await?;
     let body = futures::stream::iter((0..mib).map(move |i| Ok::<_, std::io::Error>(block(&base, i))));

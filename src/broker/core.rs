@@ -376,7 +376,7 @@ impl Core {
                     Some(j) => Ok(AttemptData {
                         tenant: j.rec.tenant.clone(),
                         attempt: j.life.attempts,
-                        data: j.data.clone().unwrap_or_default(),
+                        data: place::effective_data(j),
                     }),
                     None => Err(ApiError::FailedPrecondition(format!(
                         "job {job_id} epoch {epoch} is not an attempt of agent {agent} (stale, finished or unknown)"

@@ -46,6 +46,13 @@ impl Core {
     pub(super) fn admit(&self, tenant: &str, job: &ActiveJobParts<'_>) -> Result<(), ApiError> {
         let placer = &self.settings.placer;
         if !placer.enabled() {
+            if job.data.is_some_and(|d| !d.outputs_resolved()) {
+                return Err(ApiError::InvalidArgument(
+                    "outputs: an output with `residency` needs placement to choose its location, and this broker \
+                     has no [[site]] configured; give `to`"
+                        .into(),
+                ));
+            }
             if job.spec.policy.is_some() {
                 return Err(ApiError::InvalidArgument(
                     "policy: this broker places jobs by first fit (no [[site]] configured), so it cannot enforce \
@@ -198,6 +205,15 @@ impl Core {
         let cost = chosen.offer.cost.usd_per_hour * hours;
         *self.spent.entry(job.rec.tenant.clone()).or_default() += cost;
         Some(cost)
+    }
+}
+
+/// The job's data with the output locations its placement decision chose (for minting URLs).
+pub(super) fn effective_data(job: &ActiveJob) -> Arc<crate::model::data::JobData> {
+    let data = job.data.clone().unwrap_or_default();
+    match job.decision.as_ref().and_then(|d| d.chosen.as_ref()) {
+        Some(chosen) if !data.outputs_resolved() => Arc::new(data.with_chosen_outputs(&chosen.output_locations)),
+        _ => data,
     }
 }
 

@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{BrokerConfig, StorageCloud, StorageConfig, TenantConfig};
 use crate::error::ApiError;
-use crate::model::data::{DataUri, InputObject, JobData, OutputTarget, Scheme, input_destination};
+use crate::model::data::{DataUri, InputObject, JobData, OutputChoice, OutputTarget, Scheme, input_destination};
 use crate::model::job::JobSpec;
 use crate::storage::azure::{AzureBlobStore, AzureSettings};
 use crate::storage::local::LocalS3Server;
@@ -184,6 +184,10 @@ impl DataPlane {
             }
         }
         for (i, output) in spec.outputs.iter().enumerate() {
+            if let (None, Some(residency)) = (&output.to, &output.residency) {
+                data.outputs.push(self.output_choices(i, &output.path, residency, tenant)?);
+                continue;
+            }
             let field = format!("outputs[{i}].to");
             let to = output.to.as_deref().ok_or_else(|| ApiError::InvalidArgument(format!("{field}: missing")))?;
             let (uri, location) = self.locate(&field, to, tenant)?;
@@ -195,9 +199,56 @@ impl DataPlane {
                 location: location.config.name.clone(),
                 to,
                 prefix,
+                residency: None,
+                choices: Vec::new(),
             });
         }
         Ok(data)
+    }
+
+    /// An output that leaves its location to placement: every location of the residency group
+    /// where the tenant may write (each with the tenant's first allowed prefix there).
+    fn output_choices(
+        &self,
+        i: usize,
+        path: &str,
+        residency: &str,
+        tenant: &TenantConfig,
+    ) -> Result<OutputTarget, ApiError> {
+        let mut choices = Vec::new();
+        for allowed in tenant.storage.iter().filter_map(|p| DataUri::parse(p).ok()) {
+            let Some(location) =
+                self.by_uri.get(&(allowed.scheme, allowed.store.clone())).and_then(|n| self.locations.get(n))
+            else {
+                continue;
+            };
+            if location.config.residency != residency
+                || choices.iter().any(|c: &OutputChoice| c.location == location.config.name)
+            {
+                continue;
+            }
+            let prefix = match allowed.path.as_str() {
+                "" => String::new(),
+                p if p.ends_with('/') => p.to_string(),
+                p => format!("{p}/"),
+            };
+            let to = format!("{}://{}/{prefix}", allowed.scheme.as_str(), allowed.store);
+            choices.push(OutputChoice { location: location.config.name.clone(), to, prefix });
+        }
+        if choices.is_empty() {
+            return Err(ApiError::InvalidArgument(format!(
+                "outputs[{i}].residency: tenant {} may write to no storage location in residency group {residency}",
+                tenant.name
+            )));
+        }
+        Ok(OutputTarget {
+            path: path.to_string(),
+            location: String::new(),
+            to: String::new(),
+            prefix: String::new(),
+            residency: Some(residency.to_string()),
+            choices,
+        })
     }
 
     /// Fresh GETs for the inputs with these indices (all when empty).

@@ -114,6 +114,25 @@ impl JobData {
     pub fn input_bytes(&self) -> u64 {
         self.inputs.iter().map(|i| i.size).sum()
     }
+
+    /// The outputs with placement's choice of location filled in (`chosen`: one location per
+    /// output, in order, as a decision gives them). Outputs with a fixed location are unchanged.
+    pub fn with_chosen_outputs(&self, chosen: &[String]) -> JobData {
+        let mut data = self.clone();
+        for (output, location) in data.outputs.iter_mut().zip(chosen) {
+            if let Some(choice) = output.choices.iter().find(|c| &c.location == location) {
+                output.location = choice.location.clone();
+                output.to = choice.to.clone();
+                output.prefix = choice.prefix.clone();
+            }
+        }
+        data
+    }
+
+    /// Whether every output has its location (none waits for placement to choose).
+    pub fn outputs_resolved(&self) -> bool {
+        self.outputs.iter().all(|o| !o.location.is_empty())
+    }
 }
 
 /// One input object, as listed or HEADed at submit.
@@ -141,6 +160,21 @@ pub struct OutputTarget {
     /// The destination URI as given (its path is the key prefix).
     pub to: String,
     /// Key prefix in the location (`to`'s path), empty or ending with `/`.
+    pub prefix: String,
+    /// An output that gave a residency group instead of `to`: placement picks one of these
+    /// (location, `to`, prefix) — the tenant's writable prefixes in that group — and `location`,
+    /// `to` and `prefix` above are empty until then ([`JobData::with_chosen_outputs`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub residency: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub choices: Vec<OutputChoice>,
+}
+
+/// A location placement may choose for an output, and where in it the output goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputChoice {
+    pub location: String,
+    pub to: String,
     pub prefix: String,
 }
 
@@ -263,6 +297,8 @@ mod tests {
             location: "results".into(),
             to: "az://acct/results/runs/".into(),
             prefix: "runs/".into(),
+            residency: None,
+            choices: Vec::new(),
         };
         assert_eq!(o.attempt_prefix("acme", "j1", 2), "runs/acme/j1/attempt-2/");
         assert_eq!(o.attempt_uri("acme", "j1", 2), "az://acct/results/runs/acme/j1/attempt-2/");

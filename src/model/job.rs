@@ -316,10 +316,7 @@ impl JobSpec {
                         p.add(format!("outputs[{i}].to"), e);
                     }
                 }
-                (None, Some(_)) => p.add(
-                    format!("outputs[{i}].residency"),
-                    "is not supported yet: placement does not choose output locations yet; give `to`",
-                ),
+                (None, Some(_)) => {}
                 _ => p.add(format!("outputs[{i}]"), "give exactly one of `to` or `residency`"),
             }
         }

@@ -33,9 +33,9 @@ policy:
 labels: {team: vision}
 "#;
     JobSpec::from_yaml(yaml.as_bytes(), LIMIT).unwrap();
-    let residency = "name: x\ncommand: [echo]\noutputs: [{path: out/, residency: eu}]\n";
-    let SpecError::Invalid(errors) = JobSpec::from_yaml(residency.as_bytes(), LIMIT).unwrap_err() else { panic!() };
-    assert_eq!(errors[0].field, "outputs[0].residency");
+    let both = "name: x\ncommand: [echo]\noutputs: [{path: out/, residency: eu, to: 's3://b/x/'}]\n";
+    let SpecError::Invalid(errors) = JobSpec::from_yaml(both.as_bytes(), LIMIT).unwrap_err() else { panic!() };
+    assert_eq!(errors[0].field, "outputs[0]");
 }
 
 #[test]

@@ -147,11 +147,23 @@ impl PlacementJob {
             .into_iter()
             .map(|(location, bytes)| PlacementInput { location: location.into(), bytes })
             .collect();
-        let mut dests: Vec<OutputDest> =
-            data.outputs.iter().map(|o| OutputDest::Location(o.location.clone())).collect();
-        for output in &spec.outputs {
-            if let (None, Some(residency)) = (&output.to, &output.residency) {
-                dests.push(OutputDest::Choose { residency: residency.clone(), among: Vec::new() });
+        let mut dests: Vec<OutputDest> = data
+            .outputs
+            .iter()
+            .map(|o| match &o.residency {
+                Some(residency) if o.location.is_empty() => OutputDest::Choose {
+                    residency: residency.clone(),
+                    among: o.choices.iter().map(|c| c.location.clone()).collect(),
+                },
+                _ => OutputDest::Location(o.location.clone()),
+            })
+            .collect();
+        // Outputs not resolved against storage (a dry run without data): placement still chooses.
+        if data.outputs.is_empty() {
+            for output in &spec.outputs {
+                if let (None, Some(residency)) = (&output.to, &output.residency) {
+                    dests.push(OutputDest::Choose { residency: residency.clone(), among: Vec::new() });
+                }
             }
         }
         let each = if dests.is_empty() { 0 } else { data.input_bytes() / dests.len() as u64 };

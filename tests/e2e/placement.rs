@@ -164,3 +164,43 @@ async fn plan_agrees_with_the_stored_decision_and_prices_show_per_site() {
     assert!(prices.contains("azure-eastus") && prices.contains("Standard_NC24ads_A100_v4"), "{prices}");
     assert!(prices.contains("3.6730") && !prices.contains("aws-us-east-1"), "{prices}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn placement_chooses_the_location_of_an_output_given_by_residency() {
+    let snapshot = shipped_snapshot();
+    let cluster = Cluster::start_with(TTL, &[("n1", "1xH100-80GB")], |dir| {
+        let extra = sites(&snapshot).replace(
+            "[[tenant]]\nname = \"acme\"\n",
+            &format!(
+                "[[storage]]\nname = \"vault\"\ncloud = \"local\"\nregion = \"stockholm\"\nresidency = \"us\"\ndir = \"{}\"\n\
+                 [[tenant]]\nname = \"acme\"\nstorage = [\"local://vault/acme/\"]\n",
+                dir.join("objects").display()
+            ),
+        );
+        Setup { broker_extra: Some(extra), ..Setup::default() }
+    })
+    .await;
+    let mut admin = cluster.admin().await;
+    crate::common::eventually("the lab agent to connect", || {
+        let mut admin = admin.clone();
+        async move {
+            let agents = admin.list_agents(proto::ListAgentsRequest {}).await.ok()?.into_inner().agents;
+            agents.iter().any(|a| a.connected).then_some(())
+        }
+    })
+    .await;
+    let yaml = "name: keep-in-us\ncommand: [\"sh\", \"-c\", \"mkdir out && echo kept > out/r.txt\"]\n\
+                outputs: [{path: out/, residency: us}]\n";
+    let id = submit_as(&cluster, "acme", yaml).await.unwrap();
+    watch_to_end(&mut admin, &id).await;
+    let job = get(&mut admin, &id).await;
+    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(decision(&job)["chosen"]["output_locations"][0], "vault");
+    assert_eq!(job.outputs, [format!("local://vault/acme/acme/{id}/attempt-1/")]);
+    let written = cluster.path(&format!("objects/vault/acme/acme/{id}/attempt-1/r.txt"));
+    assert_eq!(std::fs::read_to_string(written).unwrap(), "kept\n");
+    // A residency the tenant cannot write in is refused at submit.
+    let err = submit_as(&cluster, "acme", &yaml.replace("residency: us", "residency: eu")).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("may write to no storage location in residency group eu"), "{}", err.message());
+}

@@ -110,7 +110,14 @@ fn offline_data(spec: &JobSpec, config: &BrokerConfig) -> anyhow::Result<JobData
     for (i, output) in spec.outputs.iter().enumerate() {
         let Some(to) = &output.to else { continue };
         let (name, uri) = location(&format!("outputs[{i}].to"), to)?;
-        data.outputs.push(OutputTarget { path: output.path.clone(), location: name, to: to.clone(), prefix: uri.path });
+        data.outputs.push(OutputTarget {
+            path: output.path.clone(),
+            location: name,
+            to: to.clone(),
+            prefix: uri.path,
+            residency: None,
+            choices: Vec::new(),
+        });
     }
     Ok(data)
 }
