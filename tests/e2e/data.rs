@@ -117,6 +117,18 @@ async fn s3_inputs_become_azure_outputs() {
     assert_eq!(joined, [&b"hello "[..], &b].concat());
     let sums = emulators::azure_get(azurite, &container, &format!("{prefix}sums/b.md5")).await;
     assert!(String::from_utf8_lossy(&sums).starts_with(&md5_hex(&b)), "{}", String::from_utf8_lossy(&sums));
+    no_secrets_in_logs(&cluster);
+}
+
+/// The services' logs carry no signature, key or token, though presigned URLs went through both.
+fn no_secrets_in_logs(cluster: &Cluster) {
+    for (who, log) in [("broker", cluster.broker_log()), ("agent", cluster.agent_log("n1"))] {
+        assert!(!log.is_empty(), "{who} log is empty");
+        for secret in ["X-Amz-Signature", "X-Amz-Credential", "sig=", "hbk_", "-----BEGIN", Azurite::KEY, "AWS_SECRET"]
+        {
+            assert!(!log.contains(secret), "the {who} log holds {secret:?}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -151,6 +163,7 @@ async fn azure_inputs_become_s3_outputs_in_parts() {
     assert!(etag.trim_matches('"').ends_with("-3"), "a 3-part upload's ETag, got {etag}");
     let sums = emulators::s3_get(moto, &bucket, &format!("{prefix}sums/b.md5")).await;
     assert!(String::from_utf8_lossy(&sums).starts_with(&md5_hex(&b)));
+    no_secrets_in_logs(&cluster);
 }
 
 #[tokio::test(flavor = "multi_thread")]
