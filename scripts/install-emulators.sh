@@ -3,6 +3,7 @@
 # into ${HYBROKER_EMULATORS:-$HOME/.cache/hybroker/emulators}:
 #   moto/     a Python venv with moto's S3 server   (bin/moto_server)
 #   azurite/  Azurite's Blob service from npm        (node_modules/.bin/azurite-blob)
+# and promtool (Debian's `prometheus` package), which checks deploy/prometheus (tests/e2e/deploy.rs).
 # A tool already installed at the pinned version is skipped. Prints one line per tool with the time
 # it took. Needs python3 with venv and node with npm; as root with apt-get, installs them if missing.
 set -euo pipefail
@@ -60,4 +61,22 @@ else
   npm install --prefix "$DIR/azurite" --no-audit --no-fund --loglevel=error "azurite@$AZURITE_VERSION" >/dev/null
   azurite_ok || { echo "azurite install in $DIR/azurite does not run" >&2; exit 1; }
   echo "azurite $AZURITE_VERSION: installed in $DIR/azurite ($(took "$start"))"
+fi
+
+# promtool: from Debian's prometheus package. Its own Prometheus service (and node exporter) must not
+# keep running: they would hold ports 9090/9100 on a test machine.
+start=$(now)
+if need promtool; then
+  echo "promtool: already installed ($(promtool --version 2>&1 | head -n1)) ($(took "$start"))"
+else
+  apt_install --no-install-recommends prometheus
+  for svc in prometheus prometheus-node-exporter; do
+    if need systemctl && systemctl is-active --quiet "$svc" 2>/dev/null; then
+      systemctl disable --now "$svc" >/dev/null 2>&1 || true
+    elif need service; then
+      service "$svc" stop >/dev/null 2>&1 || true
+    fi
+  done
+  need promtool || { echo "promtool is still missing after installing prometheus" >&2; exit 1; }
+  echo "promtool: installed ($(promtool --version 2>&1 | head -n1)) ($(took "$start"))"
 fi

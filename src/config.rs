@@ -58,6 +58,9 @@ pub struct BrokerConfig {
     pub placement: PlacementSection,
     #[serde(default)]
     pub prices: PricesSection,
+    /// `[metrics]`: Prometheus `/metrics` (off unless `listen` is set).
+    #[serde(default)]
+    pub metrics: crate::metrics::MetricsSection,
 }
 
 /// Where prices come from (used when sites are configured).
@@ -515,6 +518,9 @@ pub struct GatewayConfig {
     pub broker: BrokerTarget,
     /// The gateway's own mTLS identity towards the broker (role gateway).
     pub tls: TlsPaths,
+    /// `[metrics]`: Prometheus `/metrics` (off unless `listen` is set).
+    #[serde(default)]
+    pub metrics: crate::metrics::MetricsSection,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -599,6 +605,9 @@ pub struct AgentConfig {
     pub reconnect: ReconnectSection,
     #[serde(default)]
     pub staging: AgentStagingSection,
+    /// `[metrics]`: Prometheus `/metrics` (off unless `listen` is set).
+    #[serde(default)]
+    pub metrics: crate::metrics::MetricsSection,
 }
 
 /// How the agent moves job data (through the presigned URLs the broker hands it).

@@ -11,6 +11,7 @@
 //! - [`cli`]: `pki`, `quickstart` and the client commands.
 //! - [`bench`]: `hybroker bench`: a broker child process, simulated agents and a job driver; numbers.
 //! - [`pki`], [`tls`]: development CA, role certificates and the mutual-TLS identity checks.
+//! - [`metrics`]: the Prometheus registry and each service's `/metrics` endpoint.
 //! - [`config`], [`telemetry`], [`error`], [`proto`]: configuration, logs, errors, generated gRPC.
 
 pub mod agent;
@@ -20,6 +21,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod gateway;
+pub mod metrics;
 pub mod model;
 pub mod pki;
 pub mod placement;

@@ -43,6 +43,7 @@ impl From<Gpu> for gpu::Gpu {
             model: p.model,
             name: p.name,
             memory_mib: p.memory_mib,
+            memory_used_mib: 0,
             healthy: p.healthy,
             simulated: p.simulated,
             utilization_pct: p.utilization_pct,

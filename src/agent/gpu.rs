@@ -166,7 +166,8 @@ fn probe_device(nvml: &Nvml, index: u32, known: &mut BTreeMap<u32, Known>) -> Op
     };
     let uuid = q.check("uuid", true, device.uuid());
     let name = q.check("name", false, device.name());
-    let memory = q.check("memory", true, device.memory_info()).map(|m| m.total / (1024 * 1024));
+    let memory_info = q.check("memory", true, device.memory_info());
+    let memory = memory_info.as_ref().map(|m| m.total / (1024 * 1024));
     let utilization = q.check("utilization", false, device.utilization_rates());
     let temperature = q.check("temperature", false, device.temperature(TemperatureSensor::Gpu));
     let power = q.check("power", false, device.power_usage());
@@ -191,6 +192,7 @@ fn probe_device(nvml: &Nvml, index: u32, known: &mut BTreeMap<u32, Known>) -> Op
         model,
         name,
         memory_mib,
+        memory_used_mib: memory_info.map_or(0, |m| m.used / (1024 * 1024)),
         healthy,
         simulated: false,
         utilization_pct: utilization.map_or(0, |u| u.gpu),
@@ -232,6 +234,7 @@ fn lost_gpu(index: u32, k: &mut Known, reason: &str) -> Gpu {
         model: k.model.clone(),
         name: k.name.clone(),
         memory_mib: k.memory_mib,
+        memory_used_mib: 0,
         healthy: false,
         simulated: false,
         utilization_pct: 0,

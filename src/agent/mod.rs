@@ -62,7 +62,7 @@ struct Attempt {
 struct Agent {
     config: AgentConfig,
     identity: Identity,
-    probe: GpuProbe,
+    probe: Arc<GpuProbe>,
     attempts: HashMap<(String, u64), Attempt>,
     events: mpsc::Sender<AttemptEvent>,
     staging: attempt::Staging,
@@ -80,7 +80,11 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + Send)
         );
     }
     let client_tls = tls::client_config(&config.tls, &identity.trust_domain, Role::Broker)?;
-    let probe = GpuProbe::new(config.simulated_gpus(), &identity.name);
+    let probe = Arc::new(GpuProbe::new(config.simulated_gpus(), &identity.name));
+    let scraped = probe.clone();
+    let refresh: crate::metrics::Refresh = Arc::new(move |registry| gpu_gauges(registry, &scraped.gpus()));
+    let _metrics = crate::metrics::start(&config.metrics, Some(refresh)).await?;
+    crate::metrics::global().set("hybroker_agent_attempts_running", &[], 0.0);
     std::fs::create_dir_all(&config.agent.work_dir)
         .with_context(|| format!("work directory {}", config.agent.work_dir.display()))?;
     // One agent per work directory: the lock is held for the agent's life (and freed by the kernel
@@ -163,6 +167,7 @@ impl Agent {
             }
         }
         self.attempts.insert(key, Attempt { report: report.clone(), cancel });
+        self.publish_running();
         Some(report)
     }
 
@@ -235,9 +240,22 @@ impl Agent {
                     None => (Phase::Failed, outcome.reason()),
                 };
                 tracing::info!(job = report.job_id, epoch, outcome = report.reason, "attempt ended");
-                Some(proto::agent_message::Msg::Update(report.clone().into()))
+                if let Some(s) = &report.staging {
+                    let metrics = crate::metrics::global();
+                    metrics.inc("hybroker_agent_staging_bytes_total", &["in"], s.in_bytes as f64);
+                    metrics.inc("hybroker_agent_staging_bytes_total", &["out"], s.out_bytes as f64);
+                }
+                let update = proto::agent_message::Msg::Update(report.clone().into());
+                self.publish_running();
+                Some(update)
             }
         }
+    }
+
+    /// The running-attempts gauge.
+    fn publish_running(&self) {
+        let running = self.attempts.values().filter(|a| a.report.phase == Phase::Running).count();
+        crate::metrics::global().set("hybroker_agent_attempts_running", &[], running as f64);
     }
 
     fn stop(&mut self, s: &proto::StopAttempt) {
@@ -253,6 +271,21 @@ impl Agent {
             self.attempts.remove(&key);
         }
     }
+}
+
+/// Per-GPU gauges, from a probe at scrape time.
+fn gpu_gauges(registry: &crate::metrics::Registry, gpus: &[crate::model::gpu::Gpu]) {
+    const MIB: f64 = 1024.0 * 1024.0;
+    let each = |value: &dyn Fn(&crate::model::gpu::Gpu) -> f64| {
+        gpus.iter().map(|g| (vec![g.index.to_string(), g.model.clone()], value(g))).collect::<Vec<_>>()
+    };
+    registry.set_family("hybroker_gpu_utilization_ratio", each(&|g| f64::from(g.utilization_pct) / 100.0));
+    registry.set_family("hybroker_gpu_memory_used_bytes", each(&|g| g.memory_used_mib as f64 * MIB));
+    registry.set_family("hybroker_gpu_memory_total_bytes", each(&|g| g.memory_mib as f64 * MIB));
+    registry.set_family("hybroker_gpu_temperature_celsius", each(&|g| f64::from(g.temperature_c)));
+    registry.set_family("hybroker_gpu_power_watts", each(&|g| f64::from(g.power_mw) / 1000.0));
+    registry.set_family("hybroker_gpu_ecc_errors_total", each(&|g| g.ecc_errors as f64));
+    registry.set_family("hybroker_gpu_healthy", each(&|g| f64::from(u8::from(g.healthy))));
 }
 
 /// The broker's URL and the name to verify in its certificate.

@@ -162,15 +162,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
     let storm = if args.storm { Some(run.storm().await?) } else { None };
     // An agent's completion can be a stale attempt's (acknowledged, then refused); give requeued
     // jobs up to a lease and some to finish before counting what never succeeded.
-    let rec = &watch.rec;
+    // Agents' acknowledgements keep arriving meanwhile: fold them in, so `completed` counts them.
     let settle = Instant::now() + args.lease_ttl.0 + Duration::from_secs(10);
     let succeeded = loop {
+        while let Ok(event) = watch.rx.try_recv() {
+            watch.rec.apply(event);
+        }
         let succeeded = succeeded_jobs(channel.clone()).await?;
-        if rec.submitted_ids().all(|id| succeeded.contains(id)) || Instant::now() >= settle {
+        let all_succeeded = watch.rec.submitted_ids().all(|id| succeeded.contains(id));
+        if (all_succeeded && watch.rec.completed() >= watch.rec.submitted()) || Instant::now() >= settle {
             break succeeded;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    let rec = &watch.rec;
     let lost = rec.submitted_ids().filter(|id| !succeeded.contains(*id)).count();
     // More succeeded jobs than acknowledged ones would mean a retried submit made a second job.
     let extra_jobs = succeeded.len().saturating_sub(rec.submitted());

@@ -292,6 +292,7 @@ impl Core {
         let mut cmds = Vec::with_capacity(MAX_BATCH);
         let mut expiry_due = false;
         let mut ticks_deferred = 0;
+        let mut gauges_due = false;
         loop {
             // Leases are checked on the tick only: walking every job per batch would cost more
             // than the batch itself under load.
@@ -300,6 +301,7 @@ impl Core {
                 _ = tick.tick() => {
                     ticks_deferred += u32::from(expiry_due);
                     expiry_due = true;
+                    gauges_due = true;
                 }
             }
             let mut out = Effects::default();
@@ -330,6 +332,9 @@ impl Core {
             }
             self.writer.commit(&out.batch).await?;
             self.deliver(out);
+            if std::mem::take(&mut gauges_due) {
+                self.publish_gauges();
+            }
         }
     }
 
@@ -601,6 +606,7 @@ impl Core {
         job.rec.updated_at = now_ms();
         self.event(&mut job, reason, true, out);
         if state.is_terminal() {
+            metrics::finished(&job, state);
             if let Some(n) = self.unfinished.get_mut(&job.rec.tenant) {
                 *n = n.saturating_sub(1);
             }
@@ -643,6 +649,8 @@ impl Core {
         staging: Option<&StagingStats>,
         out: &mut Effects,
     ) {
+        let cost_usd = self.accrue(job);
+        metrics::attempt_ended(job, cost_usd, staging);
         out.batch.push(Write::EndAttempt(AttemptEnd {
             job_id: job.rec.id.clone(),
             attempt: job.life.attempts,
@@ -653,7 +661,7 @@ impl Core {
             output_truncated: job.tail.truncated(),
             output_bytes: job.tail.total(),
             staging_json: staging.map(|s| serde_json::to_string(s).expect("stats serialise")),
-            cost_usd: self.accrue(job),
+            cost_usd,
             ended_at: now_ms(),
         }));
     }
@@ -940,6 +948,7 @@ impl Core {
             started_at: now_ms(),
         }));
         out.send(agent, proto::broker_message::Msg::Assign(assignment(&job, &gpus)));
+        metrics::dispatched(&job);
         let reason = format!("attempt {attempt} leased to {agent} (gpus {gpus:?})");
         self.transition(job, JobState::Leased, reason, None, out);
     }
@@ -998,6 +1007,9 @@ fn stop(job: &ActiveJob, reason: &str) -> proto::StopAttempt {
 
 #[path = "core_place.rs"]
 mod place;
+
+#[path = "core_metrics.rs"]
+mod metrics;
 
 #[cfg(test)]
 #[path = "core_tests.rs"]

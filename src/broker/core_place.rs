@@ -126,7 +126,9 @@ impl Core {
                 }
             };
             let world = world.get_or_insert_with(|| placer.world(&capacity, now_ms()));
+            let started = Instant::now();
             let decision = placer.place(&req, world);
+            super::metrics::decision_time(started.elapsed());
             if decision.chosen.is_some() {
                 decisions.push((job_id.clone(), decision));
             } else {
@@ -155,6 +157,7 @@ impl Core {
             job.life.apply(&Input::Place).expect("queued jobs can be placed");
         }
         let reason = summary(&decision);
+        super::metrics::placed(&job.rec.tenant, &chosen.site, chosen.offer.cost.total_usd);
         job.rec.site = Some(chosen.site.clone());
         job.rec.agent = None;
         job.rec.state = JobState::Placed;

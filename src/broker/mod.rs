@@ -48,7 +48,10 @@ pub async fn run(
     tenants.entry("default".into()).or_insert_with(TenantConfig::default_tenant);
     let tenants = Arc::new(tenants);
     let keys = Arc::new(keys::KeyRing::default());
-    let (prices, _price_book) = start_prices(&config).await?;
+    let (prices, price_book) = start_prices(&config).await?;
+    let book = price_book.as_ref().map(|(book, _)| book.clone());
+    let refresh: crate::metrics::Refresh = Arc::new(move |registry| feed_gauges(registry, book.as_deref()));
+    let _metrics = crate::metrics::start(&config.metrics, Some(refresh)).await?;
     let settings = core::CoreSettings {
         lease_ttl: config.leases.ttl.0,
         heartbeat_interval: config.leases.heartbeat_interval.0,
@@ -97,7 +100,9 @@ pub async fn run(
 
 /// The price book when sites are configured (offline snapshot, persisted last prices, live feeds
 /// refreshing in the background); otherwise an empty snapshot that placement never reads.
-async fn start_prices(config: &BrokerConfig) -> anyhow::Result<(placer::Prices, Option<AbortOnDrop>)> {
+async fn start_prices(
+    config: &BrokerConfig,
+) -> anyhow::Result<(placer::Prices, Option<(Arc<crate::pricing::PriceBook>, AbortOnDrop)>)> {
     use crate::model::site::instance_type;
     use crate::pricing::{PriceBook, Wanted, WantedInstance, WantedRegion};
     if config.sites.is_empty() {
@@ -128,8 +133,17 @@ async fn start_prices(config: &BrokerConfig) -> anyhow::Result<(placer::Prices, 
     let book = Arc::new(PriceBook::from_settings(&config.prices.settings(), wanted).await.context("prices")?);
     let prices = book.subscribe();
     tracing::info!(snapshot = prices.borrow().id, "prices loaded");
-    let task = tokio::spawn(book.run(std::future::pending()));
-    Ok((prices, Some(AbortOnDrop(task))))
+    let task = tokio::spawn(book.clone().run(std::future::pending()));
+    Ok((prices, Some((book, AbortOnDrop(task)))))
+}
+
+/// The price feeds' age and staleness, at scrape time.
+fn feed_gauges(registry: &crate::metrics::Registry, book: Option<&crate::pricing::PriceBook>) {
+    let feeds = book.map(|b| b.feed_status()).unwrap_or_default();
+    let age = feeds.iter().filter_map(|f| Some((vec![f.name.clone()], f.age?.as_secs_f64())));
+    registry.set_family("hybroker_price_feed_age_seconds", age);
+    let stale = feeds.iter().map(|f| (vec![f.name.clone()], f64::from(u8::from(f.stale))));
+    registry.set_family("hybroker_price_feed_stale", stale);
 }
 
 /// Stops a background task when the broker stops.

@@ -173,6 +173,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
         residency: sites.residency,
         placement: Default::default(),
         prices: PricesSection { snapshot: prices_file, ..PricesSection::default() },
+        metrics: Default::default(),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -195,6 +196,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
             tls: issue(Role::Agent, node, Some(site))?,
             reconnect: ReconnectSection::default(),
             staging: Default::default(),
+            metrics: Default::default(),
         };
         agent_tasks.push(tokio::spawn(agent::run(config, stopped(stop_rx.clone()))));
     }
@@ -221,6 +223,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
         },
         broker: BrokerTarget { url: format!("https://{addr}"), server_name: None },
         tls: issue(Role::Gateway, "gateway", None)?,
+        metrics: Default::default(),
     };
     let gateway_task = tokio::spawn(gateway::run(gateway_config, gateway_listener, stopped(stop_rx.clone())));
     let gw = Gateway::new(&gateway_url, Some(&demo), None)?;

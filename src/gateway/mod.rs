@@ -101,6 +101,7 @@ pub async fn run(
         (Some(cert), Some(key)) => Some(serve::public_tls(cert, key)?),
         _ => None,
     };
+    let _metrics = crate::metrics::start(&config.metrics, None).await?;
     let (stopping_tx, stopping) = watch::channel(false);
     let state = AppState::new(broker, config.gateway.max_body_bytes, stopping);
     let (app, _) = router(state);

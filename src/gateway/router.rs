@@ -1,4 +1,4 @@
-//! The routes, their middleware (request log, body limit, problem responses) and the service
+//! The routes, their middleware (request log and metrics, body limit, problem responses) and the service
 //! endpoints: `/healthz`, `/readyz` and `/openapi.json`.
 
 use std::sync::Arc;
@@ -125,8 +125,19 @@ async fn log_requests(mut request: Request, next: Next) -> Response {
     request.extensions_mut().insert(slot.clone());
     let response = next.run(request).await;
     let tenant = slot.0.get().map_or("-", String::as_str);
-    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
-    tracing::info!(%method, route, status = response.status().as_u16(), tenant, latency_ms, "request");
+    let elapsed = started.elapsed().as_secs_f64();
+    let status = response.status();
+    // Unmatched paths share one label value, so scanners cannot grow the series.
+    let label = if route == "(none)" { "unmatched" } else { route.as_str() };
+    let metrics = crate::metrics::global();
+    let method_label = match method.as_str() {
+        m @ ("GET" | "POST" | "PUT" | "DELETE" | "PATCH" | "HEAD" | "OPTIONS") => m,
+        _ => "other",
+    };
+    metrics.inc("hybroker_gateway_requests_total", &[label, method_label, status.as_str()], 1.0);
+    metrics.observe("hybroker_gateway_request_duration_seconds", &[label], elapsed);
+    let latency_ms = elapsed * 1000.0;
+    tracing::info!(%method, route, status = status.as_u16(), tenant, latency_ms, "request");
     response
 }
 

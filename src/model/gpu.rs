@@ -160,6 +160,9 @@ pub struct Gpu {
     pub name: String,
     /// Total memory in MiB.
     pub memory_mib: u64,
+    /// Memory in use, MiB (0 when unknown; not sent to the broker).
+    #[serde(default)]
+    pub memory_used_mib: u64,
     /// False when the GPU is lost, needs a reset or has uncorrected ECC errors.
     pub healthy: bool,
     /// True for a GPU made up by `--simulate-gpus`.
@@ -269,6 +272,7 @@ pub fn simulated_gpus(specs: &[SimulatedGpus], first_index: u32, node: &str) -> 
                 model: spec.model.clone(),
                 name: format!("Simulated {}", spec.model),
                 memory_mib: model_memory_mib(&spec.model).unwrap_or(0),
+                memory_used_mib: 0,
                 healthy: true,
                 simulated: true,
                 utilization_pct: 0,

@@ -76,7 +76,10 @@ pub fn tls_incoming(
                         let _ = tx.send(Ok(stream)).await;
                     }
                     Ok(Err(e)) => log_handshake_error(peer, &e),
-                    Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
+                    Err(_) => {
+                        crate::metrics::global().inc("hybroker_tls_handshake_failures_total", &["timeout"], 1.0);
+                        tracing::debug!(%peer, "tls handshake timed out");
+                    }
                 }
             });
         }
@@ -87,11 +90,26 @@ pub fn tls_incoming(
 /// Logs a failed server handshake: refusals the verifier has not logged yet at warn, the rest
 /// (probes, resets) at debug.
 fn log_handshake_error(peer: std::net::SocketAddr, e: &io::Error) {
-    match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+    let rustls_error = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    crate::metrics::global().inc("hybroker_tls_handshake_failures_total", &[failure_reason(rustls_error)], 1.0);
+    match rustls_error {
         Some(rustls::Error::NoCertificatesPresented) => {
             tracing::warn!(%peer, "refused client: no client certificate");
         }
         _ => tracing::debug!(%peer, error = %e, "tls handshake failed"),
+    }
+}
+
+/// A bounded reason for a failed handshake, for metrics.
+fn failure_reason(e: Option<&rustls::Error>) -> &'static str {
+    use rustls::CertificateError as C;
+    match e {
+        Some(rustls::Error::NoCertificatesPresented) => "no_certificate",
+        Some(rustls::Error::InvalidCertificate(C::UnknownIssuer)) => "unknown_ca",
+        Some(rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. })) => "expired",
+        // The identity checks of `verify` refuse with `CertificateError::Other`.
+        Some(rustls::Error::InvalidCertificate(C::Other(_))) => "bad_identity",
+        _ => "other",
     }
 }
 

@@ -342,6 +342,11 @@ impl Cluster {
     /// Starts a gateway called `name`; with `public_tls`, it serves HTTPS with a certificate for
     /// `localhost` from the test CA (its own PKI's `ca.pem` verifies it).
     pub fn start_gateway_named(&self, name: &str, public_tls: bool) -> Gateway {
+        self.start_gateway_with(name, public_tls, "")
+    }
+
+    /// Like [`Cluster::start_gateway_named`], with `extra` appended to the gateway's config.
+    pub fn start_gateway_with(&self, name: &str, public_tls: bool, extra: &str) -> Gateway {
         let tls = self.issue(Role::Gateway, name, None);
         let public = if public_tls {
             let public = self.issue(Role::Broker, &format!("{name}-public"), None);
@@ -351,7 +356,7 @@ impl Cluster {
         };
         let config = format!(
             "[gateway]\nlisten = \"127.0.0.1:0\"\n{public}max_body_bytes = 1048576\n[broker]\nurl = \"https://{addr}\"\n\
-             [tls]\nca_cert = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n",
+             [tls]\nca_cert = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n{extra}",
             addr = self.addr,
             ca = tls.ca_cert.display(),
             cert = tls.cert.display(),
