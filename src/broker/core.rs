@@ -203,6 +203,9 @@ pub struct Core {
     events: broadcast::Sender<JobEvent>,
     /// Each tenant's spend this month (actual cost of ended attempts), for budgets.
     spent: HashMap<String, f64>,
+    /// After a restart, agents the store knows get one lease period to reconnect before engine
+    /// placement runs: until then their sites would look empty and jobs would spill to the cloud.
+    placement_hold_until: Option<Instant>,
 }
 
 /// The broker's clock for stored timestamps.
@@ -229,6 +232,7 @@ impl Core {
             next_seq,
             events,
             spent: HashMap::new(),
+            placement_hold_until: None,
         };
         let month_start = place::month_start(now_ms());
         core.spent = core.writer.load_spend(month_start).await?;
@@ -280,6 +284,9 @@ impl Core {
                 next_placement: None,
             };
             core.jobs.insert(job.rec.id.clone(), job);
+        }
+        if !core.agents.is_empty() && core.settings.placer.enabled() {
+            core.placement_hold_until = Some(Instant::now() + core.settings.lease_ttl);
         }
         tracing::info!(active_jobs = core.jobs.len(), "job store loaded");
         Ok(core)

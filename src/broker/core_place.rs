@@ -35,6 +35,11 @@ impl Core {
         per_site
     }
 
+    /// Whether every agent the broker knows (from the store or since) has its stream open.
+    fn all_known_agents_connected(&self) -> bool {
+        self.agents.values().all(|e| e.conn.is_some())
+    }
+
     /// The tenant's monthly budget left, when it has one.
     pub(super) fn budget_left(&self, tenant: &str) -> Option<f64> {
         let budget = self.settings.placer.budget(tenant)?;
@@ -107,10 +112,11 @@ impl Core {
         let mut world: Option<World> = None;
         let mut decisions: Vec<(String, Decision)> = Vec::new();
         let mut unplaced: Vec<(String, String)> = Vec::new();
+        let held = self.placement_hold_until.is_some_and(|t| now < t && !self.all_known_agents_connected());
         for (_, job_id) in &self.queue {
             let job = &self.jobs[job_id];
             let due = match job.life.state {
-                JobState::Queued => job.next_placement.is_none_or(|t| t <= now),
+                JobState::Queued => !held && job.next_placement.is_none_or(|t| t <= now),
                 JobState::Placed => job.placed_at.is_some_and(|t| now.duration_since(t) >= placer.replace_after),
                 _ => false,
             };

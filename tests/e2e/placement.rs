@@ -204,3 +204,17 @@ async fn placement_chooses_the_location_of_an_output_given_by_residency() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("may write to no storage location in residency group eu"), "{}", err.message());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_broker_restart_jobs_wait_for_known_agents_instead_of_spilling() {
+    let mut cluster = cluster(shipped_snapshot()).await;
+    let port = cluster.addr.port();
+    cluster.kill_broker();
+    cluster.start_broker(port);
+    // Submitted before the lab agent is back: without the hold, the empty lab would send it to AWS.
+    let id = submit_as(&cluster, "acme", &job("H100-80GB")).await.unwrap();
+    let mut admin = cluster.admin().await;
+    watch_to_end(&mut admin, &id).await;
+    let done = get(&mut admin, &id).await;
+    assert_eq!((done.state.as_str(), done.site.as_str()), ("succeeded", "lab"), "{done:?}");
+}
