@@ -16,6 +16,9 @@ use hybroker::{agent, bench, broker, gateway, telemetry, tls};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines on stderr as text for people, or one JSON object per line for log pipelines.
+    #[arg(long, global = true, value_enum, env = "HYBROKER_LOG_FORMAT", default_value_t = telemetry::LogFormat::Text)]
+    log_format: telemetry::LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -70,7 +73,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    telemetry::init("info,h2=warn,tower=warn,hyper=warn,sqlx=warn,rustls_platform_verifier=off");
+    telemetry::init("info,h2=warn,tower=warn,hyper=warn,sqlx=warn,rustls_platform_verifier=off", cli.log_format);
     tls::install_crypto_provider();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {

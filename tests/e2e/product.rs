@@ -123,3 +123,23 @@ fn pure_modules_stay_pure() {
         }
     }
 }
+
+#[test]
+fn logs_can_be_one_json_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["quickstart", "--once", "--state-dir"])
+        .arg(dir.path().join("qs"))
+        .env("HYBROKER_LOG_FORMAT", "json")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(lines.len() > 10, "{stderr}");
+    for line in lines {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["level"].is_string() && v["timestamp"].is_string() && v["fields"].is_object(), "{line}");
+    }
+    assert!(!stderr.contains("hbk_"), "logs never carry the key");
+}
