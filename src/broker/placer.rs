@@ -1,4 +1,4 @@
-//! The broker's side of placement: the configured sites, residency groups and storage locations,
+//! The broker's side of placement: the configured sites and storage locations,
 //! each tenant's policy, and the current prices, turned into the pure engine's inputs
 //! ([`crate::placement::engine::place`]). With no `[[site]]` configured, placement is off and the
 //! core binds jobs to any agent with room (first fit), as before.
@@ -14,7 +14,7 @@ use crate::model::UnixMillis;
 use crate::model::data::JobData;
 use crate::model::job::{JobSpec, Spot};
 use crate::model::price::PriceSnapshot;
-use crate::model::site::{ResidencyGroup, Site, SiteKind, StorageLocation};
+use crate::model::site::{Site, SiteKind, StorageLocation};
 use crate::placement::bind::FreeCapacity;
 use crate::placement::engine::{self, Decision};
 use crate::placement::request::{PlacementJob, PlacementPolicy};
@@ -27,7 +27,6 @@ pub type Prices = watch::Receiver<Arc<PriceSnapshot>>;
 #[derive(Debug)]
 pub struct Placer {
     sites: Vec<Site>,
-    residency: Vec<ResidencyGroup>,
     locations: Vec<StorageLocation>,
     policies: HashMap<String, PlacementPolicy>,
     budgets: HashMap<String, f64>,
@@ -60,7 +59,6 @@ impl Placer {
         let budgets = tenants.iter().filter_map(|t| Some((t.name.clone(), t.monthly_budget_usd?))).collect();
         Self {
             sites: config.sites.clone(),
-            residency: config.residency.clone(),
             locations,
             policies,
             budgets,
@@ -74,7 +72,6 @@ impl Placer {
     pub fn disabled() -> Self {
         Self {
             sites: Vec::new(),
-            residency: Vec::new(),
             locations: Vec::new(),
             policies: HashMap::new(),
             budgets: HashMap::new(),
@@ -132,11 +129,6 @@ impl Placer {
 
     pub fn place(&self, job: &PlacementJob, world: &World) -> Decision {
         engine::place(job, world)
-    }
-
-    /// Residency groups, for explanations.
-    pub fn residency_groups(&self) -> &[ResidencyGroup] {
-        &self.residency
     }
 }
 
