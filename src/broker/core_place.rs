@@ -108,7 +108,7 @@ impl Core {
     pub(super) fn dispatch_placed(&mut self, out: &mut Effects) {
         let now = Instant::now();
         let placer = self.settings.placer.clone();
-        let capacity = self.capacity();
+        // Capacity and the world are built only when some job is due (not on every batch).
         let mut world: Option<World> = None;
         let mut decisions: Vec<(String, Decision)> = Vec::new();
         let mut unplaced: Vec<(String, String)> = Vec::new();
@@ -131,7 +131,7 @@ impl Core {
                     continue;
                 }
             };
-            let world = world.get_or_insert_with(|| placer.world(&capacity, now_ms()));
+            let world = world.get_or_insert_with(|| placer.world(&self.capacity(), now_ms()));
             let started = Instant::now();
             let decision = placer.place(&req, world);
             super::metrics::decision_time(started.elapsed());
