@@ -8,9 +8,12 @@ mod generated {
 
 pub use generated::*;
 
+use std::time::{Duration, UNIX_EPOCH};
+
 use crate::model::agent::{self, AttemptReport};
 use crate::model::data::{self, JobData};
 use crate::model::gpu;
+use crate::storage;
 use crate::store;
 
 impl From<Inventory> for agent::Inventory {
@@ -192,6 +195,28 @@ impl From<store::JobEvent> for JobEvent {
             reason: e.reason,
             exit_code: e.exit_code,
             at_ms: e.at,
+        }
+    }
+}
+
+impl From<storage::Presigned> for PresignedRequest {
+    fn from(p: storage::Presigned) -> Self {
+        Self {
+            method: p.method,
+            url: p.url,
+            headers: p.headers.into_iter().collect(),
+            expires_at_ms: p.expires_at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+        }
+    }
+}
+
+impl From<PresignedRequest> for storage::Presigned {
+    fn from(p: PresignedRequest) -> Self {
+        Self {
+            method: p.method,
+            url: p.url,
+            headers: p.headers.into_iter().collect(),
+            expires_at: UNIX_EPOCH + Duration::from_millis(p.expires_at_ms),
         }
     }
 }

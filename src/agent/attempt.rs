@@ -4,7 +4,6 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use tokio::sync::{mpsc, watch};
@@ -168,7 +167,7 @@ impl UrlSource for BrokerUrls {
     async fn input_urls(&self, indices: &[u32]) -> Result<Vec<Presigned>, String> {
         let req = proto::InputUrlsRequest { job_id: self.job_id.clone(), epoch: self.epoch, indices: indices.to_vec() };
         let resp = self.client.clone().input_urls(req).await.map_err(|s| s.message().to_string())?;
-        Ok(resp.into_inner().urls.into_iter().map(presigned).collect())
+        Ok(resp.into_inner().urls.into_iter().map(Presigned::from).collect())
     }
 
     async fn plan_outputs(&self, files: &[FoundFile]) -> Result<Vec<UploadPlan>, String> {
@@ -180,12 +179,12 @@ impl UrlSource for BrokerUrls {
             .uploads
             .into_iter()
             .map(|u| match u.put {
-                Some(put) => Ok(UploadPlan::Single { key: u.key, put: presigned(put) }),
+                Some(put) => Ok(UploadPlan::Single { key: u.key, put: Presigned::from(put) }),
                 None if !u.upload_id.is_empty() && u.part_size > 0 => Ok(UploadPlan::Multipart {
                     key: u.key,
                     upload_id: u.upload_id,
                     part_size: u.part_size,
-                    parts: u.parts.into_iter().map(presigned).collect(),
+                    parts: u.parts.into_iter().map(Presigned::from).collect(),
                 }),
                 None => Err(format!("the broker sent an empty upload plan for {}", u.key)),
             })
@@ -208,7 +207,7 @@ impl UrlSource for BrokerUrls {
             numbers: numbers.to_vec(),
         };
         let resp = self.client.clone().part_urls(req).await.map_err(|s| s.message().to_string())?;
-        Ok(resp.into_inner().parts.into_iter().map(presigned).collect())
+        Ok(resp.into_inner().parts.into_iter().map(Presigned::from).collect())
     }
 
     async fn complete_outputs(&self, uploads: Vec<CompletedUpload>) -> Result<(), String> {
@@ -228,15 +227,6 @@ impl UrlSource for BrokerUrls {
         let req = proto::CompleteOutputsRequest { job_id: self.job_id.clone(), epoch: self.epoch, uploads };
         self.client.clone().complete_outputs(req).await.map_err(|s| s.message().to_string())?;
         Ok(())
-    }
-}
-
-fn presigned(p: proto::PresignedRequest) -> Presigned {
-    Presigned {
-        method: p.method,
-        url: p.url,
-        headers: p.headers.into_iter().collect(),
-        expires_at: UNIX_EPOCH + Duration::from_millis(p.expires_at_ms),
     }
 }
 

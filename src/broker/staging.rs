@@ -3,8 +3,6 @@
 //! stale or foreign agent gets nothing; output keys are built here, under the attempt's own prefix,
 //! never taken from the agent.
 
-use std::time::UNIX_EPOCH;
-
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
@@ -13,7 +11,7 @@ use super::data::{DataPlane, Upload};
 use crate::error::ApiError;
 use crate::model::data::OutputTarget;
 use crate::proto;
-use crate::storage::{CompletedPart, Presigned};
+use crate::storage::CompletedPart;
 
 /// Most files planned in one call.
 const MAX_FILES_PER_CALL: usize = 1000;
@@ -38,7 +36,7 @@ pub(super) async fn input_urls(
     req: proto::InputUrlsRequest,
 ) -> Result<proto::InputUrlsResponse, Status> {
     let urls = data.input_urls(&attempt.data, &req.indices).await?;
-    Ok(proto::InputUrlsResponse { urls: urls.into_iter().map(presigned).collect() })
+    Ok(proto::InputUrlsResponse { urls: urls.into_iter().map(proto::PresignedRequest::from).collect() })
 }
 
 pub(super) async fn plan_outputs(
@@ -57,13 +55,13 @@ pub(super) async fn plan_outputs(
         let key = DataPlane::output_key(target, &prefix, &file.path)
             .ok_or_else(|| Status::invalid_argument(format!("output file path {:?} is not a safe name", file.path)))?;
         uploads.push(match data.plan_upload(target, key, file.size).await? {
-            Upload::Single { key, put } => proto::UploadPlan { key, put: Some(presigned(put)), ..Default::default() },
+            Upload::Single { key, put } => proto::UploadPlan { key, put: Some(put.into()), ..Default::default() },
             Upload::Multipart { key, upload_id, part_size, parts } => proto::UploadPlan {
                 key,
                 put: None,
                 upload_id,
                 part_size,
-                parts: parts.into_iter().map(presigned).collect(),
+                parts: parts.into_iter().map(proto::PresignedRequest::from).collect(),
             },
         });
     }
@@ -79,7 +77,7 @@ pub(super) async fn part_urls(
     let target = target(attempt, req.output)?;
     check_key(target, job_id, attempt, &req.key)?;
     let parts = data.part_urls(target, &req.key, &req.upload_id, &req.numbers).await?;
-    Ok(proto::PartUrlsResponse { parts: parts.into_iter().map(presigned).collect() })
+    Ok(proto::PartUrlsResponse { parts: parts.into_iter().map(proto::PresignedRequest::from).collect() })
 }
 
 pub(super) async fn complete_outputs(
@@ -112,14 +110,5 @@ fn check_key(target: &OutputTarget, job_id: &str, attempt: &AttemptData, key: &s
     match key.strip_prefix(&prefix) {
         Some(rest) if DataPlane::output_key(target, &prefix, rest).as_deref() == Some(key) => Ok(()),
         _ => Err(ApiError::PermissionDenied(format!("key {key:?} is not under this attempt's prefix {prefix}")).into()),
-    }
-}
-
-fn presigned(p: Presigned) -> proto::PresignedRequest {
-    proto::PresignedRequest {
-        method: p.method,
-        url: p.url,
-        headers: p.headers.into_iter().collect(),
-        expires_at_ms: p.expires_at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
     }
 }
