@@ -41,6 +41,12 @@ async fn cluster(snapshot: std::path::PathBuf) -> Cluster {
         ..Setup::default()
     })
     .await;
+    lab_agent_connected(&cluster).await;
+    cluster
+}
+
+/// Waits until the lab agent has its stream open.
+async fn lab_agent_connected(cluster: &Cluster) {
     let admin = cluster.admin().await;
     crate::common::eventually("the lab agent to connect", || {
         let mut admin = admin.clone();
@@ -50,7 +56,6 @@ async fn cluster(snapshot: std::path::PathBuf) -> Cluster {
         }
     })
     .await;
-    cluster
 }
 
 fn job(gpu: &str) -> String {
@@ -180,15 +185,8 @@ async fn placement_chooses_the_location_of_an_output_given_by_residency() {
         Setup { broker_extra: Some(extra), ..Setup::default() }
     })
     .await;
+    lab_agent_connected(&cluster).await;
     let mut admin = cluster.admin().await;
-    crate::common::eventually("the lab agent to connect", || {
-        let mut admin = admin.clone();
-        async move {
-            let agents = admin.list_agents(proto::ListAgentsRequest {}).await.ok()?.into_inner().agents;
-            agents.iter().any(|a| a.connected).then_some(())
-        }
-    })
-    .await;
     let yaml = "name: keep-in-us\ncommand: [\"sh\", \"-c\", \"mkdir out && echo kept > out/r.txt\"]\n\
                 outputs: [{path: out/, residency: us}]\n";
     let id = submit_as(&cluster, "acme", yaml).await.unwrap();
