@@ -61,6 +61,9 @@ pub struct BrokerConfig {
     /// `[metrics]`: Prometheus `/metrics` (off unless `listen` is set).
     #[serde(default)]
     pub metrics: crate::metrics::MetricsSection,
+    /// `[telemetry]`: OpenTelemetry trace export (off unless an endpoint is configured).
+    #[serde(default)]
+    pub telemetry: crate::telemetry::TelemetrySection,
 }
 
 /// Where prices come from (used when sites are configured).
@@ -521,6 +524,9 @@ pub struct GatewayConfig {
     /// `[metrics]`: Prometheus `/metrics` (off unless `listen` is set).
     #[serde(default)]
     pub metrics: crate::metrics::MetricsSection,
+    /// `[telemetry]`: OpenTelemetry trace export (off unless an endpoint is configured).
+    #[serde(default)]
+    pub telemetry: crate::telemetry::TelemetrySection,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -566,6 +572,7 @@ impl GatewayConfig {
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         check_tls(&self.tls, &mut problems);
+        self.telemetry.check(&mut problems);
         let g = &self.gateway;
         match (&g.public_cert, &g.public_key, g.plain_http) {
             (Some(cert), Some(key), false) => {
@@ -608,6 +615,9 @@ pub struct AgentConfig {
     /// `[metrics]`: Prometheus `/metrics` (off unless `listen` is set).
     #[serde(default)]
     pub metrics: crate::metrics::MetricsSection,
+    /// `[telemetry]`: OpenTelemetry trace export (off unless an endpoint is configured).
+    #[serde(default)]
+    pub telemetry: crate::telemetry::TelemetrySection,
 }
 
 /// How the agent moves job data (through the presigned URLs the broker hands it).
@@ -745,6 +755,7 @@ impl BrokerConfig {
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         check_tls(&self.tls, &mut problems);
+        self.telemetry.check(&mut problems);
         let (ttl, hb) = (self.leases.ttl.0, self.leases.heartbeat_interval.0);
         if hb.is_zero() || hb >= ttl {
             problems.push(format!(
@@ -886,6 +897,7 @@ impl AgentConfig {
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         check_tls(&self.tls, &mut problems);
+        self.telemetry.check(&mut problems);
         if !self.agent.broker_url.starts_with("https://") {
             problems.push(format!("agent.broker_url {:?} must start with https://", self.agent.broker_url));
         }

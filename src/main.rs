@@ -73,29 +73,39 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    telemetry::init("info,h2=warn,tower=warn,hyper=warn,sqlx=warn,rustls_platform_verifier=off", cli.log_format);
+    let format = cli.log_format;
     tls::install_crypto_provider();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
+        // Services trace their spans (their config says where to); every other command only logs.
+        if !matches!(cli.command, Command::Broker { .. } | Command::Gateway { .. } | Command::Agent { .. } | Command::Quickstart { .. }) {
+            telemetry::init(format, None)?;
+        }
         match cli.command {
             Command::Broker { config, addr_file } => {
+                let config = BrokerConfig::load(&config)?;
+                let tracing = traced(format, "broker", &config.telemetry, &config.tls.cert)?;
                 if let Err(e) = bench::raise_open_file_limit() {
                     tracing::warn!("could not raise the open-file limit: {e}");
                 }
-                let config = BrokerConfig::load(&config)?;
                 let listener = cli::listen(config.broker.listen)?;
                 if let Some(path) = addr_file {
                     cli::write_atomically(&path, &listener.local_addr()?.to_string())?;
                 }
-                broker::run(config, listener, cli::shutdown_signal()).await
+                let served = broker::run(config, listener, cli::shutdown_signal()).await;
+                tracing.shutdown().await;
+                served
             }
             Command::Gateway { config, addr_file } => {
                 let config = GatewayConfig::load(&config)?;
+                let tracing = traced(format, "gateway", &config.telemetry, &config.tls.cert)?;
                 let listener = cli::listen(config.gateway.listen)?;
                 if let Some(path) = addr_file {
                     cli::write_atomically(&path, &listener.local_addr()?.to_string())?;
                 }
-                gateway::run(config, listener, cli::shutdown_signal()).await
+                let served = gateway::run(config, listener, cli::shutdown_signal()).await;
+                tracing.shutdown().await;
+                served
             }
             Command::Client(cmd) => exit_with(cli::client::run(cmd).await?),
             Command::Tenants(args) => exit_with(cli::admin::tenants(args).await?),
@@ -105,12 +115,20 @@ fn main() -> anyhow::Result<()> {
                     config.agent.simulate_gpus = spec;
                     config.validate(std::path::Path::new("--simulate-gpus"))?;
                 }
-                agent::run(config, cli::shutdown_signal()).await
+                let tracing = traced(format, "agent", &config.telemetry, &config.tls.cert)?;
+                let ran = agent::run(config, cli::shutdown_signal()).await;
+                tracing.shutdown().await;
+                ran
             }
             Command::Pki(cmd) => cli::pki(cmd),
             Command::Admin(args) => exit_with(cli::admin::run(args).await?),
             Command::Quickstart { once, state_dir } => {
-                let ok = cli::quickstart::run(&state_dir, once).await?;
+                let section = telemetry::TelemetrySection::default();
+                let service = telemetry::Service { role: "quickstart", section: &section, site: None, instance: None };
+                let tracing = telemetry::init(format, Some(service))?;
+                let ok = cli::quickstart::run(&state_dir, once).await;
+                tracing.shutdown().await;
+                let ok = ok?;
                 if !ok {
                     std::process::exit(1);
                 }
@@ -130,6 +148,19 @@ fn main() -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// Logs and traces for a service: `hybroker-<role>`, its site and identity from its certificate.
+fn traced(
+    format: telemetry::LogFormat,
+    role: &'static str,
+    section: &telemetry::TelemetrySection,
+    cert: &std::path::Path,
+) -> anyhow::Result<telemetry::Telemetry> {
+    let identity = tls::identity_of_cert_file(cert).ok();
+    let site = identity.as_ref().and_then(|i| i.site.clone());
+    let instance = identity.map(|i| i.uri());
+    telemetry::init(format, Some(telemetry::Service { role, section, site, instance }))
 }
 
 /// Ends the process with `code` when it is not 0.

@@ -2,12 +2,13 @@
 //! stage the outputs out, and say how it ended. The URLs come from the broker ([`BrokerUrls`]) for
 //! exactly this attempt; the agent itself holds no cloud credentials.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio::sync::{mpsc, watch};
-use tonic::transport::Channel;
+use tracing::Instrument;
 
 use super::executor::{self, Launch, Outcome};
 use super::staging::{
@@ -17,12 +18,14 @@ use super::{AttemptEvent, Ended};
 use crate::model::data::StagingStats;
 use crate::proto::{self, agent_service_client::AgentServiceClient};
 use crate::storage::{CompletedPart, Presigned};
+use crate::telemetry::context;
+use crate::telemetry::grpc::TracedChannel;
 
 /// What the attempt task needs to move its data.
 #[derive(Clone)]
 pub(super) struct Staging {
     pub http: reqwest::Client,
-    pub broker: AgentServiceClient<Channel>,
+    pub broker: AgentServiceClient<TracedChannel>,
     pub limits: Arc<StagingLimits>,
 }
 
@@ -47,26 +50,49 @@ impl AttemptData {
     }
 }
 
-/// Runs the attempt and reports its end (and output, progress) on `events`.
+/// Runs the attempt and reports its end (and output, progress) on `events`. The attempt is a
+/// span in the job's trace (continuing the broker's dispatch span, from `trace_context`), with
+/// `stage-in`, `execute` and `stage-out` children.
 pub(super) async fn run(
     launch: Launch,
     epoch: u64,
     data: AttemptData,
     staging: Staging,
     events: mpsc::Sender<AttemptEvent>,
-    mut cancel: watch::Receiver<bool>,
+    cancel: watch::Receiver<bool>,
+    trace_context: &HashMap<String, String>,
 ) {
+    let span = tracing::info_span!(
+        "job.attempt",
+        otel.kind = "consumer",
+        otel.status_code = tracing::field::Empty,
+        job.id = %launch.job_id,
+        job.attempt = launch.attempt,
+        hybroker.outcome = tracing::field::Empty,
+    );
+    context::set_parent(&span, context::from_carrier(trace_context));
     let job_id = launch.job_id.clone();
-    let end = |ended: Ended| {
-        let events = events.clone();
-        let job_id = job_id.clone();
-        async move {
-            let _ = events.send(AttemptEvent::Ended { job_id, epoch, ended }).await;
-        }
-    };
+    let ended = attempt(launch, epoch, data, staging, &events, cancel).instrument(span.clone()).await;
+    span.record("hybroker.outcome", ended.staging_error.as_deref().unwrap_or(&ended.outcome.reason()));
+    if ended.staging_error.is_some() || !ended.outcome.succeeded() {
+        span.record("otel.status_code", "ERROR");
+    }
+    drop(span);
+    let _ = events.send(AttemptEvent::Ended { job_id, epoch, ended }).await;
+}
+
+async fn attempt(
+    launch: Launch,
+    epoch: u64,
+    data: AttemptData,
+    staging: Staging,
+    events: &mpsc::Sender<AttemptEvent>,
+    mut cancel: watch::Receiver<bool>,
+) -> Ended {
+    let job_id = launch.job_id.clone();
     if data.is_empty() {
-        let outcome = execute(launch, epoch, &events, cancel).await;
-        return end(Ended { outcome, staging: None, staging_error: None }).await;
+        let outcome = execute(launch, epoch, events, cancel).await;
+        return Ended { outcome, staging: None, staging_error: None };
     }
     let urls = BrokerUrls { client: staging.broker.clone(), job_id: job_id.clone(), epoch };
     let progress = {
@@ -76,38 +102,72 @@ pub(super) async fn run(
         }
     };
     let mut stats = StagingStats::default();
+    let span = stage_span("stage-in");
     let staged = async {
         make_work_dir(&launch.work_dir).await?;
         let initial = urls.input_urls(&[]).await.map_err(|e| format!("broker could not provide input URLs: {e}"))?;
         staging::stage_in(&staging.http, &urls, &launch.work_dir, &data.inputs, initial, &staging.limits, &progress)
             .await
             .map_err(|e| e.to_string())
-    };
+    }
+    .instrument(span.clone());
     let staged = tokio::select! {
         staged = staged => staged,
-        () = cancelled(&mut cancel) => return end(Ended::plain(Outcome::Cancelled)).await,
+        () = cancelled(&mut cancel) => return Ended::plain(Outcome::Cancelled),
     };
+    record_stage(&span, &staged);
     match staged {
         Ok(s) => (stats.in_bytes, stats.in_files, stats.in_ms) = counts(&s),
-        Err(e) => return end(Ended::staging_failed(format!("stage-in failed: {e}"), stats)).await,
+        Err(e) => return Ended::staging_failed(format!("stage-in failed: {e}"), stats),
     }
-    let outcome = execute(launch.clone(), epoch, &events, cancel.clone()).await;
+    let outcome = execute(launch.clone(), epoch, events, cancel.clone()).await;
     if !outcome.succeeded() || data.outputs.is_empty() {
-        return end(Ended { outcome, staging: Some(stats), staging_error: None }).await;
+        return Ended { outcome, staging: Some(stats), staging_error: None };
     }
+    let span = stage_span("stage-out");
+    let stage_out = staging::stage_out(&staging.http, &urls, &launch.work_dir, &data.outputs, &staging.limits, &progress)
+        .instrument(span.clone());
     let staged = tokio::select! {
-        s = staging::stage_out(&staging.http, &urls, &launch.work_dir, &data.outputs, &staging.limits, &progress) => s,
-        () = cancelled(&mut cancel) => return end(Ended::plain(Outcome::Cancelled)).await,
+        s = stage_out => s.map_err(|e| e.to_string()),
+        () = cancelled(&mut cancel) => return Ended::plain(Outcome::Cancelled),
     };
+    record_stage(&span, &staged);
     match staged {
         Ok(s) => {
             (stats.out_bytes, stats.out_files, stats.out_ms) = counts(&s);
             for skipped in &s.skipped {
                 tracing::warn!(job = job_id, path = skipped, "output entry skipped (not a regular file or directory)");
             }
-            end(Ended { outcome, staging: Some(stats), staging_error: None }).await
+            Ended { outcome, staging: Some(stats), staging_error: None }
         }
-        Err(e) => end(Ended::staging_failed(format!("stage-out failed: {e}"), stats)).await,
+        Err(e) => Ended::staging_failed(format!("stage-out failed: {e}"), stats),
+    }
+}
+
+/// A `stage-in` or `stage-out` span; [`record_stage`] fills it in.
+fn stage_span(name: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "stage",
+        otel.name = name,
+        otel.status_code = tracing::field::Empty,
+        staging.bytes = tracing::field::Empty,
+        staging.files = tracing::field::Empty,
+        staging.duration_ms = tracing::field::Empty,
+        error.message = tracing::field::Empty,
+    )
+}
+
+fn record_stage(span: &tracing::Span, staged: &Result<StageStats, String>) {
+    match staged {
+        Ok(s) => {
+            span.record("staging.bytes", s.bytes);
+            span.record("staging.files", s.files);
+            span.record("staging.duration_ms", s.duration.as_millis() as u64);
+        }
+        Err(e) => {
+            span.record("otel.status_code", "ERROR");
+            span.record("error.message", e.as_str());
+        }
     }
 }
 
@@ -122,8 +182,36 @@ fn counts(s: &StageStats) -> (u64, u32, u64) {
     (s.bytes, s.files, s.duration.as_millis() as u64)
 }
 
-/// Runs the process, forwarding its output as events.
+/// Runs the process, forwarding its output as events. Its span's context is the workload's
+/// `TRACEPARENT` (and `TRACESTATE`), so an instrumented job joins the trace.
 async fn execute(
+    mut launch: Launch,
+    epoch: u64,
+    events: &mpsc::Sender<AttemptEvent>,
+    cancel: watch::Receiver<bool>,
+) -> Outcome {
+    let span = tracing::info_span!(
+        "execute",
+        otel.status_code = tracing::field::Empty,
+        process.executable.name = launch.command.first().map_or("", String::as_str),
+        process.exit.code = tracing::field::Empty,
+        hybroker.outcome = tracing::field::Empty,
+    );
+    for (key, value) in context::carrier_of(&span) {
+        launch.env.insert(key.to_ascii_uppercase(), value);
+    }
+    let outcome = run_process(launch, epoch, events, cancel).instrument(span.clone()).await;
+    if let Some(code) = outcome.exit_code() {
+        span.record("process.exit.code", code);
+    }
+    span.record("hybroker.outcome", outcome.reason().as_str());
+    if !outcome.succeeded() {
+        span.record("otel.status_code", "ERROR");
+    }
+    outcome
+}
+
+async fn run_process(
     launch: Launch,
     epoch: u64,
     events: &mpsc::Sender<AttemptEvent>,
@@ -157,7 +245,7 @@ async fn make_work_dir(dir: &std::path::Path) -> Result<(), String> {
 
 /// The broker's data calls for one attempt.
 struct BrokerUrls {
-    client: AgentServiceClient<Channel>,
+    client: AgentServiceClient<TracedChannel>,
     job_id: String,
     epoch: u64,
 }

@@ -108,7 +108,11 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + Send)
     let (url, server_name) = broker_target(&config);
     let staging = attempt::Staging {
         http: staging::http_client(None).context("staging http client")?,
-        broker: AgentServiceClient::new(tls::connect_lazy(&url, client_tls.clone(), server_name.as_deref())?),
+        broker: AgentServiceClient::new(crate::telemetry::grpc::traced(tls::connect_lazy(
+            &url,
+            client_tls.clone(),
+            server_name.as_deref(),
+        )?)),
         limits: Arc::new(config.staging.limits()),
     };
     let mut agent = Agent { config, identity, probe, attempts: HashMap::new(), events, staging };
@@ -205,8 +209,8 @@ impl Agent {
             run_as: self.config.agent.run_as.clone(),
             grace: executor::DEFAULT_GRACE,
         };
-        let run = attempt::run(launch, a.epoch, data, self.staging.clone(), self.events.clone(), cancel);
-        tokio::spawn(run);
+        let (staging, events) = (self.staging.clone(), self.events.clone());
+        tokio::spawn(async move { attempt::run(launch, a.epoch, data, staging, events, cancel, &a.trace_context).await });
     }
 
     /// Applies an attempt event; returns what to tell the broker.

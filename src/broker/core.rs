@@ -63,6 +63,8 @@ pub enum Cmd {
         request_sha256: String,
         /// The job's data as resolved (inputs listed, outputs' locations), when it has any.
         data: Option<Arc<JobData>>,
+        /// The submission's trace context (JSON), stored with the job.
+        trace_context: Option<String>,
         reply: Reply<(String, bool)>,
     },
     /// Where a job would be placed now, without submitting it.
@@ -361,8 +363,9 @@ impl Core {
 
     fn handle(&mut self, cmd: Cmd, out: &mut Effects) {
         match cmd {
-            Cmd::Submit { tenant, spec, idempotency_key, request_sha256, data, reply } => {
-                let result = self.submit(tenant, spec, idempotency_key, request_sha256, data, out);
+            Cmd::Submit { tenant, spec, idempotency_key, request_sha256, data, trace_context, reply } => {
+                let submitted = Submitted { tenant, spec, key: idempotency_key, request_sha256, data, trace_context };
+                let result = self.submit(submitted, out);
                 out.reply(reply, result);
             }
             Cmd::Plan { tenant, spec, data, reply } => {
@@ -488,15 +491,8 @@ impl Core {
 
     /// A new job, or the one an earlier submit with the same idempotency key and document made.
     /// `out.keys` holds the batch's idempotency keys found in the store, and those of this batch.
-    fn submit(
-        &mut self,
-        tenant: String,
-        spec: Arc<JobSpec>,
-        key: Option<String>,
-        request_sha256: String,
-        data: Option<Arc<JobData>>,
-        out: &mut Effects,
-    ) -> Result<(String, bool), ApiError> {
+    fn submit(&mut self, submitted: Submitted, out: &mut Effects) -> Result<(String, bool), ApiError> {
+        let Submitted { tenant, spec, key, request_sha256, data, trace_context } = submitted;
         if let Some(key) = &key
             && let Some((id, hash)) = out.keys.get(&(tenant.clone(), key.clone()))
         {
@@ -535,6 +531,7 @@ impl Core {
             request_sha256: Some(request_sha256),
             data_json: data.as_ref().map(|d| serde_json::to_string(&**d).expect("job data serialises")),
             placement_json: None,
+            trace_context,
             created_at: now,
             updated_at: now,
         };
@@ -757,7 +754,8 @@ impl Core {
             }
             match (self.jobs.get(&job_id), alloc) {
                 (Some(job), Some(alloc)) if job.life.state == JobState::Leased => {
-                    let assign = assignment(job, &alloc.gpus);
+                    let trace_context = trace::dispatch(job, &agent, &self.agents[&agent].site);
+                    let assign = assignment(job, &alloc.gpus, trace_context);
                     tracing::info!(job = job_id, agent, epoch, "assignment sent again after a reconnect");
                     self.agents.get_mut(&agent).expect("entry inserted above").allocate(&job_id, epoch, alloc);
                     out.send(&agent, proto::broker_message::Msg::Assign(assign));
@@ -954,7 +952,8 @@ impl Core {
             gpu_indices: gpus.clone(),
             started_at: now_ms(),
         }));
-        out.send(agent, proto::broker_message::Msg::Assign(assignment(&job, &gpus)));
+        let trace_context = trace::dispatch(&job, agent, &site);
+        out.send(agent, proto::broker_message::Msg::Assign(assignment(&job, &gpus, trace_context)));
         metrics::dispatched(&job);
         let reason = format!("attempt {attempt} leased to {agent} (gpus {gpus:?})");
         self.transition(job, JobState::Leased, reason, None, out);
@@ -980,7 +979,7 @@ fn staged(s: &StagingStats) -> String {
 }
 
 /// What the agent needs to run the job's current attempt on the given GPUs.
-fn assignment(job: &ActiveJob, gpus: &[u32]) -> proto::Assignment {
+fn assignment(job: &ActiveJob, gpus: &[u32], trace_context: HashMap<String, String>) -> proto::Assignment {
     proto::Assignment {
         job_id: job.rec.id.clone(),
         attempt: job.life.attempts,
@@ -1000,7 +999,18 @@ fn assignment(job: &ActiveJob, gpus: &[u32]) -> proto::Assignment {
             })
             .collect(),
         outputs: job.data.iter().flat_map(|d| &d.outputs).map(|o| o.path.clone()).collect(),
+        trace_context,
     }
+}
+
+/// A submit as the core takes it.
+struct Submitted {
+    tenant: String,
+    spec: Arc<JobSpec>,
+    key: Option<String>,
+    request_sha256: String,
+    data: Option<Arc<JobData>>,
+    trace_context: Option<String>,
 }
 
 fn stop(job: &ActiveJob, reason: &str) -> proto::StopAttempt {
@@ -1017,6 +1027,9 @@ mod place;
 
 #[path = "core_metrics.rs"]
 mod metrics;
+
+#[path = "core_trace.rs"]
+mod trace;
 
 #[cfg(test)]
 #[path = "core_tests.rs"]

@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tracing::Span;
+
 use super::{ActiveJob, Core, Effects, now_ms};
 use crate::broker::placer::summary;
 use crate::error::ApiError;
@@ -110,8 +112,8 @@ impl Core {
         let placer = self.settings.placer.clone();
         // Capacity and the world are built only when some job is due (not on every batch).
         let mut world: Option<World> = None;
-        let mut decisions: Vec<(String, Decision)> = Vec::new();
-        let mut unplaced: Vec<(String, String)> = Vec::new();
+        let mut decisions: Vec<(String, Decision, Option<Span>)> = Vec::new();
+        let mut unplaced: Vec<(String, String, Option<(Decision, Option<Span>)>)> = Vec::new();
         let held = self.placement_hold_until.is_some_and(|t| now < t && !self.all_known_agents_connected());
         for (_, job_id) in &self.queue {
             let job = &self.jobs[job_id];
@@ -127,27 +129,36 @@ impl Core {
             let req = match placer.request(&job.rec.tenant, &job.spec, job.data.as_deref(), budget_left) {
                 Ok(req) => req,
                 Err(why) => {
-                    unplaced.push((job_id.clone(), format!("not placed: {why}")));
+                    unplaced.push((job_id.clone(), format!("not placed: {why}"), None));
                     continue;
                 }
             };
             let world = world.get_or_insert_with(|| placer.world(&self.capacity(), now_ms()));
+            // A job retried after "no site can take it" gets a span only when the answer changes.
+            let span = job.next_placement.is_none().then(|| super::trace::place_span(job));
             let started = Instant::now();
-            let decision = placer.place(&req, world);
+            let decision = {
+                let _entered = span.as_ref().map(Span::enter);
+                placer.place(&req, world)
+            };
             super::metrics::decision_time(started.elapsed());
             if decision.chosen.is_some() {
-                decisions.push((job_id.clone(), decision));
+                decisions.push((job_id.clone(), decision, span));
             } else {
-                unplaced.push((job_id.clone(), summary(&decision)));
+                unplaced.push((job_id.clone(), summary(&decision), Some((decision, span))));
             }
         }
-        for (job_id, decision) in decisions {
-            self.placed(&job_id, decision, out);
+        for (job_id, decision, span) in decisions {
+            self.placed(&job_id, decision, span, out);
         }
-        for (job_id, why) in unplaced {
+        for (job_id, why, decision) in unplaced {
             let mut job = self.jobs.remove(&job_id).expect("queued jobs are active");
             job.next_placement = Some(now + RETRY_UNPLACED);
             if job.rec.reason != why {
+                if let Some((decision, span)) = decision {
+                    let span = span.unwrap_or_else(|| super::trace::place_span(&job));
+                    super::trace::record_decision(&span, &decision);
+                }
                 self.event(&mut job, why, false, out);
             }
             self.jobs.insert(job_id, job);
@@ -156,9 +167,11 @@ impl Core {
     }
 
     /// Records a decision: the job is placed at the chosen site (again, if it was already placed).
-    fn placed(&mut self, job_id: &str, decision: Decision, out: &mut Effects) {
+    fn placed(&mut self, job_id: &str, decision: Decision, span: Option<Span>, out: &mut Effects) {
         let Some(chosen) = &decision.chosen else { return };
         let mut job = self.jobs.remove(job_id).expect("queued jobs are active");
+        let span = span.unwrap_or_else(|| super::trace::place_span(&job));
+        super::trace::record_decision(&span, &decision);
         if job.life.state == JobState::Queued {
             job.life.apply(&Input::Place).expect("queued jobs can be placed");
         }

@@ -74,7 +74,8 @@ impl JobService {
         };
         let request_sha256 = sha256_hex(&[&[req.format as u8][..], &req.spec].concat());
         let (reply, rx) = oneshot::channel();
-        let cmd = Cmd::Submit { tenant, spec, idempotency_key: key, request_sha256, data, reply };
+        let trace_context = crate::telemetry::context::current_as_json();
+        let cmd = Cmd::Submit { tenant, spec, idempotency_key: key, request_sha256, data, trace_context, reply };
         // A full queue is backpressure: the caller retries; never block a gRPC worker here forever.
         self.core.try_send(cmd).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => Status::resource_exhausted("the broker is busy; retry shortly"),

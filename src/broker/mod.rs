@@ -84,6 +84,7 @@ pub async fn run(
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .layer(crate::telemetry::grpc::ServerLayer)
         .add_service(health_service)
         .add_service(JobServiceServer::new(job_service).max_decoding_message_size(8 << 20))
         .add_service(AgentServiceServer::new(agent_service))

@@ -174,6 +174,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
         placement: Default::default(),
         prices: PricesSection { snapshot: prices_file, ..PricesSection::default() },
         metrics: Default::default(),
+        telemetry: Default::default(),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -197,6 +198,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
             reconnect: ReconnectSection::default(),
             staging: Default::default(),
             metrics: Default::default(),
+            telemetry: Default::default(),
         };
         agent_tasks.push(tokio::spawn(agent::run(config, stopped(stop_rx.clone()))));
     }
@@ -224,6 +226,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
         broker: BrokerTarget { url: format!("https://{addr}"), server_name: None },
         tls: issue(Role::Gateway, "gateway", None)?,
         metrics: Default::default(),
+        telemetry: Default::default(),
     };
     let gateway_task = tokio::spawn(gateway::run(gateway_config, gateway_listener, stopped(stop_rx.clone())));
     let gw = Gateway::new(&gateway_url, Some(&demo), None)?;

@@ -36,6 +36,7 @@ use tonic_health::pb::health_client::HealthClient;
 use crate::config::GatewayConfig;
 use crate::model::identity::Role;
 use crate::proto::job_service_client::JobServiceClient;
+use crate::telemetry::grpc::{TracedChannel, traced};
 use crate::tls;
 
 pub use problem::{PROBLEM_BASE, PROBLEM_JSON};
@@ -49,7 +50,7 @@ pub struct AppState {
 }
 
 struct Inner {
-    broker: Channel,
+    broker: TracedChannel,
     limiter: auth::RateLimiter,
     max_body_bytes: usize,
     stopping: watch::Receiver<bool>,
@@ -58,16 +59,16 @@ struct Inner {
 impl AppState {
     /// State over a broker channel; streams end when `stopping` turns true.
     pub fn new(broker: Channel, max_body_bytes: usize, stopping: watch::Receiver<bool>) -> Self {
-        let inner = Inner { broker, limiter: auth::RateLimiter::default(), max_body_bytes, stopping };
+        let inner = Inner { broker: traced(broker), limiter: auth::RateLimiter::default(), max_body_bytes, stopping };
         Self { inner: Arc::new(inner) }
     }
 
-    fn jobs(&self) -> JobServiceClient<Channel> {
+    fn jobs(&self) -> JobServiceClient<TracedChannel> {
         // A page of 1000 jobs with 64 KiB specs is 64 MiB.
         JobServiceClient::new(self.inner.broker.clone()).max_decoding_message_size(64 << 20)
     }
 
-    fn health(&self) -> HealthClient<Channel> {
+    fn health(&self) -> HealthClient<TracedChannel> {
         HealthClient::new(self.inner.broker.clone())
     }
 

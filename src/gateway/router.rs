@@ -16,12 +16,14 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use utoipa::{OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
+use tracing::Instrument;
 
 use super::auth::TenantSlot;
 use super::openapi::{ApiDoc, NotReady};
 use super::problem::{self, HttpError};
 use super::{AppState, agents, jobs, placement, streams};
 use crate::proto::job_service_server::SERVICE_NAME as JOB_SERVICE;
+use crate::telemetry::context;
 
 /// How long `/readyz` waits for the broker's health check.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -116,17 +118,43 @@ async fn openapi_json(Extension(OpenApiJson(document)): Extension<OpenApiJson>) 
         .into_response()
 }
 
-/// Logs each request at info: method, route, status, tenant, latency (never the key).
+/// Traces each request (a server span continuing the caller's `traceparent`, after the OTel
+/// HTTP conventions; the answer names the trace in `traceresponse`), counts it and logs it at info:
+/// method, route, status, tenant, latency (never the key).
 async fn log_requests(mut request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
     let route = request.extensions().get::<MatchedPath>().map_or("(none)", |m| m.as_str()).to_string();
+    let span = tracing::info_span!(
+        "http",
+        otel.name = %if route == "(none)" { method.to_string() } else { format!("{method} {route}") },
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %method,
+        http.route = tracing::field::Empty,
+        url.path = %request.uri().path(),
+        http.response.status_code = tracing::field::Empty,
+        hybroker.tenant = tracing::field::Empty,
+    );
+    if route != "(none)" {
+        span.record("http.route", route.as_str());
+    }
+    context::set_parent(&span, context::from_headers(request.headers()));
     let slot = TenantSlot::default();
     request.extensions_mut().insert(slot.clone());
-    let response = next.run(request).await;
+    let mut response = next.run(request).instrument(span.clone()).await;
+    let _entered = span.enter();
     let tenant = slot.0.get().map_or("-", String::as_str);
     let elapsed = started.elapsed().as_secs_f64();
     let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
+    span.record("hybroker.tenant", tenant);
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+    if let Some(value) = context::traceresponse(&span).and_then(|v| HeaderValue::try_from(v).ok()) {
+        response.headers_mut().insert("traceresponse", value);
+    }
     // Unmatched paths share one label value, so scanners cannot grow the series.
     let label = if route == "(none)" { "unmatched" } else { route.as_str() };
     let metrics = crate::metrics::global();

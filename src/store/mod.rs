@@ -49,6 +49,9 @@ pub struct JobRecord {
     pub data_json: Option<String>,
     /// The latest placement decision (`placement::engine::Decision` as JSON), once placed by the engine.
     pub placement_json: Option<String>,
+    /// The submission's W3C trace context (`{"traceparent": …}` as JSON): placement and dispatch,
+    /// however much later, continue that trace.
+    pub trace_context: Option<String>,
     pub created_at: UnixMillis,
     pub updated_at: UnixMillis,
 }

@@ -82,4 +82,7 @@ ALTER TABLE attempts ADD COLUMN staging_json TEXT;
 ALTER TABLE jobs ADD COLUMN placement_json TEXT;
 ALTER TABLE attempts ADD COLUMN cost_usd REAL;
 "#,
+    r#"
+ALTER TABLE jobs ADD COLUMN trace_context TEXT;
+"#,
 ];

@@ -15,7 +15,7 @@ use super::{AgentRecord, AttemptOutput, Batch, JobEvent, JobFilter, JobRecord, K
 use crate::model::state::JobState;
 
 const JOB_COLUMNS: &str = "id, tenant, name, state, spec_json, priority, attempts, max_attempts, epoch, \
-     site, agent, exit_code, reason, idempotency_key, request_sha256, data_json, placement_json, created_at_ms, updated_at_ms";
+     site, agent, exit_code, reason, idempotency_key, request_sha256, data_json, placement_json, trace_context, created_at_ms, updated_at_ms";
 
 /// Opens (creating and migrating if needed) the store at `path`.
 pub async fn open(path: &Path) -> Result<(Writer, Reader), StoreError> {
@@ -103,6 +103,7 @@ impl Writer {
                     .bind(&j.request_sha256)
                     .bind(&j.data_json)
                     .bind(&u.placement_json)
+                    .bind(&j.trace_context)
                     .bind(j.created_at)
                     .bind(u.updated_at);
             }
@@ -388,8 +389,9 @@ impl MultiRow {
 
 static INSERT_JOBS: MultiRow = MultiRow::new(
     "INSERT INTO jobs (id, tenant, name, state, spec_json, priority, attempts, max_attempts, epoch, site, agent, \
-     exit_code, reason, idempotency_key, request_sha256, data_json, placement_json, created_at_ms, updated_at_ms)",
-    19,
+     exit_code, reason, idempotency_key, request_sha256, data_json, placement_json, trace_context, created_at_ms, \
+     updated_at_ms)",
+    20,
     "",
 );
 
@@ -563,6 +565,7 @@ fn job_from_row(r: &SqliteRow) -> Result<JobRecord, StoreError> {
         request_sha256: r.try_get("request_sha256")?,
         data_json: r.try_get("data_json")?,
         placement_json: r.try_get("placement_json")?,
+        trace_context: r.try_get("trace_context")?,
         created_at: r.try_get("created_at_ms")?,
         updated_at: r.try_get("updated_at_ms")?,
     })

@@ -1,0 +1,105 @@
+//! The W3C trace context (`traceparent`, `tracestate`) in and out of its carriers: HTTP headers
+//! and gRPC metadata (both `http::HeaderMap`), the job record (a small JSON object) and the
+//! assignment (a string map). With telemetry not installed the propagator is a no-op: nothing is
+//! injected and every extraction is an empty context.
+
+use std::collections::HashMap;
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use opentelemetry::Context;
+use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::TraceContextExt;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// The context of `span` as carrier entries (`traceparent`, and `tracestate` when set); empty
+/// when the span is not traced.
+pub fn carrier_of(span: &tracing::Span) -> HashMap<String, String> {
+    let cx = span.context();
+    let mut carrier = HashMap::new();
+    if cx.span().span_context().is_valid() {
+        opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut carrier));
+    }
+    carrier
+}
+
+/// The current span's context as JSON, to store with a job; `None` when it is not traced.
+pub fn current_as_json() -> Option<String> {
+    let carrier = carrier_of(&tracing::Span::current());
+    (!carrier.is_empty()).then(|| serde_json::to_string(&carrier).expect("a string map serialises"))
+}
+
+/// A context from carrier entries (an empty context when there is none or it is malformed).
+pub fn from_carrier(carrier: &HashMap<String, String>) -> Context {
+    opentelemetry::global::get_text_map_propagator(|p| p.extract(carrier))
+}
+
+/// A context stored as JSON by [`current_as_json`].
+pub fn from_json(json: Option<&str>) -> Context {
+    let carrier: HashMap<String, String> = json.and_then(|j| serde_json::from_str(j).ok()).unwrap_or_default();
+    from_carrier(&carrier)
+}
+
+/// Makes `span` a child of `parent` when `parent` carries a span (call before the span is
+/// first entered).
+pub fn set_parent(span: &tracing::Span, parent: Context) {
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
+}
+
+/// The remote context in request headers (`traceparent`, `tracestate`).
+pub fn from_headers(headers: &HeaderMap) -> Context {
+    opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderCarrier(headers)))
+}
+
+/// Writes `span`'s context into request headers.
+pub fn inject_headers(span: &tracing::Span, headers: &mut HeaderMap) {
+    let cx = span.context();
+    if cx.span().span_context().is_valid() {
+        opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut HeaderCarrierMut(headers)));
+    }
+}
+
+/// The trace id of the current OpenTelemetry context (the entered span), as 32 hex digits.
+pub fn current_ids() -> Option<(String, String)> {
+    let cx = Context::current();
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
+}
+
+/// `span` as a W3C `traceresponse` value (`00-<trace id>-<span id>-<flags>`), when traced.
+pub fn traceresponse(span: &tracing::Span) -> Option<String> {
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| format!("00-{}-{}-{:02x}", sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8()))
+}
+
+/// The trace id of `span`, as 32 hex digits.
+pub fn trace_id_of(span: &tracing::Span) -> Option<String> {
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| sc.trace_id().to_string())
+}
+
+struct HeaderCarrier<'a>(&'a HeaderMap);
+
+impl Extractor for HeaderCarrier<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(HeaderName::as_str).collect()
+    }
+}
+
+struct HeaderCarrierMut<'a>(&'a mut HeaderMap);
+
+impl Injector for HeaderCarrierMut<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) = (HeaderName::try_from(key), HeaderValue::try_from(value)) {
+            self.0.insert(name, value);
+        }
+    }
+}

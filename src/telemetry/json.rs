@@ -1,0 +1,83 @@
+//! One JSON object per log line: `timestamp` (RFC 3339, UTC), `level`, `target`, `fields` (the
+//! event's, `message` among them), `span` (the innermost span's name and fields), `spans` (all of
+//! them, outermost first) and, inside a traced span, `trace_id` and `span_id` (hex, as in
+//! Tempo), so a log line leads to its trace.
+
+use std::fmt;
+
+use serde_json::{Map, Value};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::{JsonFields, Writer};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormattedFields};
+use tracing_subscriber::registry::LookupSpan;
+
+/// The JSON line format (spans' fields must be recorded with [`JsonFields`]).
+pub struct JsonLines;
+
+impl<S> FormatEvent<S, JsonFields> for JsonLines
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn format_event(&self, ctx: &FmtContext<'_, S, JsonFields>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+        let meta = event.metadata();
+        let mut line = Map::new();
+        line.insert("timestamp".into(), humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string().into());
+        line.insert("level".into(), meta.level().as_str().into());
+        line.insert("target".into(), meta.target().into());
+        if let Some((trace_id, span_id)) = super::context::current_ids() {
+            line.insert("trace_id".into(), trace_id.into());
+            line.insert("span_id".into(), span_id.into());
+        }
+        let mut fields = Map::new();
+        event.record(&mut JsonVisitor(&mut fields));
+        line.insert("fields".into(), Value::Object(fields));
+        if let Some(scope) = ctx.event_scope() {
+            let spans: Vec<Value> = scope
+                .from_root()
+                .map(|span| {
+                    let mut entry = match span.extensions().get::<FormattedFields<JsonFields>>() {
+                        Some(f) if !f.is_empty() => serde_json::from_str::<Map<String, Value>>(f).unwrap_or_default(),
+                        _ => Map::new(),
+                    };
+                    entry.insert("name".into(), span.name().into());
+                    Value::Object(entry)
+                })
+                .collect();
+            if let Some(last) = spans.last() {
+                line.insert("span".into(), last.clone());
+            }
+            line.insert("spans".into(), Value::Array(spans));
+        }
+        writeln!(writer, "{}", Value::Object(line))
+    }
+}
+
+/// Collects an event's fields as JSON values.
+struct JsonVisitor<'a>(&'a mut Map<String, Value>);
+
+impl Visit for JsonVisitor<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.0.insert(field.name().into(), format!("{value:?}").into());
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(field.name().into(), value.into());
+    }
+}
