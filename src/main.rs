@@ -78,7 +78,10 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         // Services trace their spans (their config says where to); every other command only logs.
-        if !matches!(cli.command, Command::Broker { .. } | Command::Gateway { .. } | Command::Agent { .. } | Command::Quickstart { .. }) {
+        if !matches!(
+            cli.command,
+            Command::Broker { .. } | Command::Gateway { .. } | Command::Agent { .. } | Command::Quickstart { .. }
+        ) {
             telemetry::init(format, None)?;
         }
         match cli.command {

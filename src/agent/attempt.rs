@@ -125,8 +125,9 @@ async fn attempt(
         return Ended { outcome, staging: Some(stats), staging_error: None };
     }
     let span = stage_span("stage-out");
-    let stage_out = staging::stage_out(&staging.http, &urls, &launch.work_dir, &data.outputs, &staging.limits, &progress)
-        .instrument(span.clone());
+    let stage_out =
+        staging::stage_out(&staging.http, &urls, &launch.work_dir, &data.outputs, &staging.limits, &progress)
+            .instrument(span.clone());
     let staged = tokio::select! {
         s = stage_out => s.map_err(|e| e.to_string()),
         () = cancelled(&mut cancel) => return Ended::plain(Outcome::Cancelled),

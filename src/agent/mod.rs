@@ -210,7 +210,9 @@ impl Agent {
             grace: executor::DEFAULT_GRACE,
         };
         let (staging, events) = (self.staging.clone(), self.events.clone());
-        tokio::spawn(async move { attempt::run(launch, a.epoch, data, staging, events, cancel, &a.trace_context).await });
+        tokio::spawn(
+            async move { attempt::run(launch, a.epoch, data, staging, events, cancel, &a.trace_context).await },
+        );
     }
 
     /// Applies an attempt event; returns what to tell the broker.

@@ -53,7 +53,7 @@ async fn an_assignment_lost_with_its_stream_is_sent_again_not_counted_as_an_atte
     let mut out = Effects::default();
     let mut first = connect(&mut core, 1, &mut out);
     let spec = Arc::new(JobSpec::from_yaml(b"name: x\ncommand: [\"true\"]\nmax_attempts: 1\n", 65536).unwrap());
-    let (id, _) = core.submit("default".into(), spec, None, "h".into(), None, &mut out).unwrap();
+    let (id, _) = core.submit(submitted(spec), &mut out).unwrap();
     core.dispatch(&mut out);
     commit(&mut core, out).await;
     let sent = drain(&mut first);
@@ -77,7 +77,7 @@ async fn after_a_broker_restart_an_undelivered_assignment_is_sent_again() {
     let mut out = Effects::default();
     let _first = connect(&mut core1, 1, &mut out);
     let spec = Arc::new(JobSpec::from_yaml(b"name: x\ncommand: [\"true\"]\nmax_attempts: 1\n", 65536).unwrap());
-    let (id, _) = core1.submit("default".into(), spec, None, "h".into(), None, &mut out).unwrap();
+    let (id, _) = core1.submit(submitted(spec), &mut out).unwrap();
     core1.dispatch(&mut out);
     core1.writer.commit(&out.batch).await.unwrap();
     drop((core1, out)); // the broker dies before delivering the assignment
@@ -90,4 +90,8 @@ async fn after_a_broker_restart_an_undelivered_assignment_is_sent_again() {
     assert!(matches!(sent.last(), Some(Msg::Assign(a)) if a.job_id == id && a.epoch == 1), "{sent:?}");
     let job = &core2.jobs[&id];
     assert_eq!((job.life.state, job.life.attempts), (JobState::Leased, 1));
+}
+
+fn submitted(spec: Arc<JobSpec>) -> Submitted {
+    Submitted { tenant: "default".into(), spec, key: None, request_sha256: "h".into(), data: None, trace_context: None }
 }

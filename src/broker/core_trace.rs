@@ -68,7 +68,10 @@ pub(super) fn record_decision(span: &Span, decision: &Decision) {
     for (site, why) in rejected.iter().take(MAX_REJECTION_EVENTS) {
         span.add_event(
             "candidate rejected",
-            vec![KeyValue::new("placement.candidate", site.to_string()), KeyValue::new("placement.reason", why.to_string())],
+            vec![
+                KeyValue::new("placement.candidate", site.to_string()),
+                KeyValue::new("placement.reason", why.to_string()),
+            ],
         );
     }
     if rejected.len() > MAX_REJECTION_EVENTS {

@@ -13,10 +13,10 @@ use serde::Serialize;
 use tokio_stream::StreamExt;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
+use tracing::Instrument;
 use utoipa::{OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-use tracing::Instrument;
 
 use super::auth::TenantSlot;
 use super::openapi::{ApiDoc, NotReady};

@@ -20,6 +20,7 @@ fn job(id: &str) -> JobRecord {
         request_sha256: Some("h".into()),
         data_json: None,
         placement_json: None,
+        trace_context: Some("{\"traceparent\":\"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\"}".into()),
         created_at: 1,
         updated_at: 1,
     }
@@ -106,8 +107,8 @@ mod reference {
                     sqlx::query(
                         "INSERT INTO jobs (id, tenant, name, state, spec_json, priority, attempts, max_attempts, \
                          epoch, site, agent, exit_code, reason, idempotency_key, request_sha256, data_json, \
-                         placement_json, created_at_ms, updated_at_ms) \
-                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         placement_json, trace_context, created_at_ms, updated_at_ms) \
+                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     )
                     .bind(&j.id)
                     .bind(&j.tenant)
@@ -126,6 +127,7 @@ mod reference {
                     .bind(&j.request_sha256)
                     .bind(&j.data_json)
                     .bind(&j.placement_json)
+                    .bind(&j.trace_context)
                     .bind(j.created_at)
                     .bind(j.updated_at)
                     .execute(&mut *tx)
@@ -374,6 +376,7 @@ mod model {
             request_sha256: opt(rng, text),
             data_json: opt(rng, text),
             placement_json: opt(rng, text),
+            trace_context: opt(rng, text),
             created_at: millis(rng),
             updated_at: millis(rng),
         }

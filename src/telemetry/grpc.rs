@@ -123,8 +123,15 @@ fn is_error(kind: Kind, code: i32) -> bool {
     use tonic::Code;
     match kind {
         Kind::Client => code != Code::Ok as i32,
-        Kind::Server => [Code::Unknown, Code::DeadlineExceeded, Code::Unimplemented, Code::Internal, Code::Unavailable, Code::DataLoss]
-            .iter()
-            .any(|c| *c as i32 == code),
+        Kind::Server => [
+            Code::Unknown,
+            Code::DeadlineExceeded,
+            Code::Unimplemented,
+            Code::Internal,
+            Code::Unavailable,
+            Code::DataLoss,
+        ]
+        .iter()
+        .any(|c| *c as i32 == code),
     }
 }

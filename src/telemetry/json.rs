@@ -19,10 +19,18 @@ impl<S> FormatEvent<S, JsonFields> for JsonLines
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
-    fn format_event(&self, ctx: &FmtContext<'_, S, JsonFields>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, JsonFields>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
         let meta = event.metadata();
         let mut line = Map::new();
-        line.insert("timestamp".into(), humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string().into());
+        line.insert(
+            "timestamp".into(),
+            humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string().into(),
+        );
         line.insert("level".into(), meta.level().as_str().into());
         line.insert("target".into(), meta.target().into());
         if let Some((trace_id, span_id)) = super::context::current_ids() {

@@ -16,3 +16,4 @@ mod metrics;
 mod placement;
 mod product;
 mod tenants;
+mod traces;

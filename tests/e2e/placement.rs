@@ -46,7 +46,7 @@ async fn cluster(snapshot: std::path::PathBuf) -> Cluster {
 }
 
 /// Waits until the lab agent has its stream open.
-async fn lab_agent_connected(cluster: &Cluster) {
+pub async fn lab_agent_connected(cluster: &Cluster) {
     let admin = cluster.admin().await;
     crate::common::eventually("the lab agent to connect", || {
         let mut admin = admin.clone();
