@@ -112,8 +112,8 @@ impl Core {
         let placer = self.settings.placer.clone();
         // Capacity and the world are built only when some job is due (not on every batch).
         let mut world: Option<World> = None;
-        let mut decisions: Vec<(String, Decision, Option<Span>)> = Vec::new();
-        let mut unplaced: Vec<(String, String, Option<(Decision, Option<Span>)>)> = Vec::new();
+        let mut decisions: Vec<(String, Decided)> = Vec::new();
+        let mut unplaced: Vec<(String, String, Option<Decided>)> = Vec::new();
         let held = self.placement_hold_until.is_some_and(|t| now < t && !self.all_known_agents_connected());
         for (_, job_id) in &self.queue {
             let job = &self.jobs[job_id];
@@ -143,19 +143,19 @@ impl Core {
             };
             super::metrics::decision_time(started.elapsed());
             if decision.chosen.is_some() {
-                decisions.push((job_id.clone(), decision, span));
+                decisions.push((job_id.clone(), Decided { decision, span }));
             } else {
-                unplaced.push((job_id.clone(), summary(&decision), Some((decision, span))));
+                unplaced.push((job_id.clone(), summary(&decision), Some(Decided { decision, span })));
             }
         }
-        for (job_id, decision, span) in decisions {
+        for (job_id, Decided { decision, span }) in decisions {
             self.placed(&job_id, decision, span, out);
         }
         for (job_id, why, decision) in unplaced {
             let mut job = self.jobs.remove(&job_id).expect("queued jobs are active");
             job.next_placement = Some(now + RETRY_UNPLACED);
             if job.rec.reason != why {
-                if let Some((decision, span)) = decision {
+                if let Some(Decided { decision, span }) = decision {
                     let span = span.unwrap_or_else(|| super::trace::place_span(&job));
                     super::trace::record_decision(&span, &decision);
                 }
@@ -251,6 +251,13 @@ pub(super) fn month_start(now: crate::model::UnixMillis) -> crate::model::UnixMi
     let mp = (5 * doy + 2) / 153;
     let day_of_month = doy - (153 * mp + 2) / 5; // 0-based
     (days - day_of_month) * 86_400_000
+}
+
+/// A decision taken this round, with the span opened before it (none for a job retried after
+/// "no site can take it", whose span opens only when the answer changes).
+struct Decided {
+    decision: Decision,
+    span: Option<Span>,
 }
 
 /// The parts of a job admission looks at.

@@ -159,6 +159,8 @@ impl Site {
     /// claims, and by no other.
     pub fn residency_problems(&self, groups: &[ResidencyGroup]) -> Vec<String> {
         match residency_of(groups, self.kind, &self.region) {
+            // An empty name is already reported by `problems`.
+            _ if self.residency.is_empty() => Vec::new(),
             Some(group) if group == self.residency => Vec::new(),
             Some(group) => {
                 vec![format!("residency: region {} is in group {group}, not {}", self.region, self.residency)]

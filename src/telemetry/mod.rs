@@ -220,3 +220,30 @@ fn resource(service: &Service<'_>) -> Resource {
     }
     builder.with_attributes(attributes).build()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::TelemetrySection;
+
+    fn problems(toml: &str) -> Vec<String> {
+        let section: TelemetrySection = toml::from_str(toml).unwrap();
+        let mut problems = Vec::new();
+        section.check(&mut problems);
+        problems
+    }
+
+    #[test]
+    fn the_section_names_every_problem() {
+        assert!(problems("otlp_endpoint = \"http://127.0.0.1:4317\"\nsample_ratio = 0.25").is_empty());
+        assert!(problems("").is_empty());
+        let found = problems("otlp_endpoint = \"collector:4317\"\nsample_ratio = 1.5");
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found[0].contains("must be an http:// or https:// URL"), "{found:?}");
+        assert!(found[1].contains("between 0 and 1"), "{found:?}");
+        let found = problems("otlp_endpoint = \"https://collector:4317\"");
+        assert!(found[0].contains("give telemetry.otlp_ca_cert"), "{found:?}");
+        let found = problems("otlp_endpoint = \"https://c:4317\"\notlp_ca_cert = \"/nonexistent/ca.pem\"");
+        assert!(found[0].contains("/nonexistent/ca.pem does not exist"), "{found:?}");
+        assert!(toml::from_str::<TelemetrySection>("endpoint = \"x\"").is_err(), "unknown keys are refused");
+    }
+}

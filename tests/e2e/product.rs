@@ -137,9 +137,20 @@ fn logs_can_be_one_json_object_per_line() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = stderr.lines().collect();
     assert!(lines.len() > 10, "{stderr}");
+    let mut traced_requests = 0;
     for line in lines {
         let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
         assert!(v["level"].is_string() && v["timestamp"].is_string() && v["fields"].is_object(), "{line}");
+        // The gateway's request lines are inside the request's span: they name its trace.
+        if v["fields"]["message"] == "request" && v["fields"]["route"] == "/v1/jobs" {
+            let hex = |key: &str, len: usize| {
+                v[key].as_str().is_some_and(|s| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit()))
+            };
+            assert!(hex("trace_id", 32) && hex("span_id", 16), "{line}");
+            assert_eq!(v["span"]["otel.name"], format!("{} /v1/jobs", v["fields"]["method"].as_str().unwrap()));
+            traced_requests += 1;
+        }
     }
+    assert!(traced_requests > 0, "{stderr}");
     assert!(!stderr.contains("hbk_"), "logs never carry the key");
 }
