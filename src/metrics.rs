@@ -106,7 +106,12 @@ pub static FAMILIES: &[Family] = &[
     family("hybroker_queue_oldest_wait_seconds", Gauge, "Age of the oldest waiting job since submit.", &["site"]),
     histogram("hybroker_placement_duration_seconds", "Placement engine decision time.", &[], FAST),
     histogram("hybroker_submit_to_dispatch_seconds", "Time from submit to the first lease.", &[], SLOW),
-    family("hybroker_cost_estimated_usd_total", Counter, "Estimated cost of placement decisions.", &["tenant", "site"]),
+    family(
+        "hybroker_cost_estimated_usd_total",
+        Counter,
+        "Estimated cost of the attempts dispatched (their placement decision's total).",
+        &["tenant", "site"],
+    ),
     family("hybroker_cost_actual_usd_total", Counter, "Cost accrued by ended attempts.", &["tenant", "site"]),
     family("hybroker_tenant_budget_used_ratio", Gauge, "Share of the monthly budget spent.", &["tenant"]),
     family("hybroker_price_feed_age_seconds", Gauge, "Age of each live price feed's last good prices.", &["feed"]),

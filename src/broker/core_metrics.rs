@@ -74,16 +74,21 @@ pub(super) fn attempt_ended(job: &ActiveJob, cost_usd: Option<f64>, staging: Opt
 }
 
 /// A job's first attempt was leased: how long it waited since submit.
+/// An attempt was dispatched: the first one's wait since submit, and the estimate of the decision
+/// it runs on (counted per attempt started, like actual cost, not per decision: a job placed
+/// again while it waits is estimated once).
 pub(super) fn dispatched(job: &ActiveJob) {
     if job.life.attempts == 1 {
         let waited = now_ms().saturating_sub(job.rec.created_at).max(0) as f64 / 1000.0;
         global().observe("hybroker_submit_to_dispatch_seconds", &[], waited);
     }
-}
-
-/// The engine placed a job at `site`, estimating `estimate_usd` in all.
-pub(super) fn placed(tenant: &str, site: &str, estimate_usd: f64) {
-    global().inc("hybroker_cost_estimated_usd_total", &[tenant, site], estimate_usd);
+    if let Some(chosen) = job.decision.as_ref().and_then(|d| d.chosen.as_ref()) {
+        global().inc(
+            "hybroker_cost_estimated_usd_total",
+            &[&job.rec.tenant, &chosen.site],
+            chosen.offer.cost.total_usd,
+        );
+    }
 }
 
 /// One engine decision's time.

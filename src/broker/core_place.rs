@@ -176,7 +176,6 @@ impl Core {
             job.life.apply(&Input::Place).expect("queued jobs can be placed");
         }
         let reason = summary(&decision);
-        super::metrics::placed(&job.rec.tenant, &chosen.site, chosen.offer.cost.total_usd);
         job.rec.site = Some(chosen.site.clone());
         job.rec.agent = None;
         job.rec.state = JobState::Placed;

@@ -8,11 +8,11 @@
 //! - [`context`]: W3C `traceparent`/`tracestate` in and out of HTTP headers, gRPC metadata, the
 //!   job record (JSON) and a workload's environment.
 //! - [`grpc`]: client and server spans around every gRPC call (OTel RPC conventions).
-//! - `json`: the JSON log line format.
+//! - `format`: the log line formats (text, JSON).
 
 pub mod context;
+mod format;
 pub mod grpc;
-mod json;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -136,12 +136,13 @@ pub fn init(format: LogFormat, service: Option<Service<'_>>) -> anyhow::Result<T
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .fmt_fields(format::TextFields)
             .with_filter(filter)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
-            .event_format(json::JsonLines)
+            .event_format(format::JsonLines)
             .with_filter(filter)
             .boxed(),
     };

@@ -1,4 +1,6 @@
-//! One JSON object per log line: `timestamp` (RFC 3339, UTC), `level`, `target`, `fields` (the
+//! The log line formats. Text: tracing's usual lines, without the span fields that only serve
+//! the OpenTelemetry conventions (`otel.kind`, `rpc.*`, `http.*`, `url.*`), which would repeat the
+//! span's name on every line. JSON: one object per line: `timestamp` (RFC 3339, UTC), `level`, `target`, `fields` (the
 //! event's, `message` among them), `span` (the innermost span's name and fields), `spans` (all of
 //! them, outermost first) and, inside a traced span, `trace_id` and `span_id` (hex, as in
 //! Tempo), so a log line leads to its trace.
@@ -8,9 +10,72 @@ use std::fmt;
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
+use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::format::{JsonFields, Writer};
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormattedFields};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
+
+/// Text fields: `name=value` separated by spaces, the message bare, convention-only span fields
+/// left out.
+pub struct TextFields;
+
+/// Span fields that are for trace backends only (`otel.name` stays: it says which call or route).
+fn for_traces_only(name: &str) -> bool {
+    name.starts_with("rpc.")
+        || name.starts_with("http.")
+        || name.starts_with("url.")
+        || name == "otel.kind"
+        || name == "otel.status_code"
+}
+
+impl<'writer> FormatFields<'writer> for TextFields {
+    fn format_fields<R: RecordFields>(&self, mut writer: Writer<'writer>, fields: R) -> fmt::Result {
+        let mut visitor = TextVisitor { writer: &mut writer, first: true, result: Ok(()) };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+
+    /// Fields recorded later on a span: appended only when something is left to show.
+    fn add_fields(&self, current: &mut FormattedFields<Self>, fields: &tracing::span::Record<'_>) -> fmt::Result {
+        let mut more = String::new();
+        self.format_fields(Writer::new(&mut more), fields)?;
+        if !more.is_empty() {
+            if !current.fields.is_empty() {
+                current.fields.push(' ');
+            }
+            current.fields.push_str(&more);
+        }
+        Ok(())
+    }
+}
+
+struct TextVisitor<'a, 'w> {
+    writer: &'a mut Writer<'w>,
+    first: bool,
+    result: fmt::Result,
+}
+
+impl Visit for TextVisitor<'_, '_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.record_debug(field, &format_args!("{value}"));
+        } else {
+            self.record_debug(field, &value);
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if self.result.is_err() || for_traces_only(field.name()) {
+            return;
+        }
+        let space = if self.first { "" } else { " " };
+        self.first = false;
+        self.result = match field.name() {
+            "message" => write!(self.writer, "{space}{value:?}"),
+            name => write!(self.writer, "{space}{name}={value:?}"),
+        };
+    }
+}
 
 /// The JSON line format (spans' fields must be recorded with [`JsonFields`]).
 pub struct JsonLines;
