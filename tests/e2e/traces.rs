@@ -151,7 +151,12 @@ async fn one_job_is_one_trace_across_gateway_broker_and_agent() {
         let input = dir.join("objects/lab/acme/in/data.txt");
         std::fs::create_dir_all(input.parent().unwrap()).unwrap();
         std::fs::write(&input, b"twelve bytes").unwrap();
-        Setup { broker_extra: Some(broker_extra(dir, otlp)), agent_extra: telemetry(otlp), ..Setup::default() }
+        Setup {
+            broker_extra: Some(broker_extra(dir, otlp)),
+            // The standard variables work too (and win over the config).
+            broker_env: vec![("OTEL_RESOURCE_ATTRIBUTES".into(), "deployment.environment=e2e".into())],
+            agent_extra: telemetry(otlp),
+        }
     })
     .await;
     let gateway = cluster.start_gateway_with("gateway", false, &telemetry(otlp));
@@ -221,6 +226,9 @@ async fn one_job_is_one_trace_across_gateway_broker_and_agent() {
     );
     let submit = one("hybroker.v1.JobService/Submit", "hybroker-broker", &call.span_id);
     assert_eq!((submit.kind, submit.attrs["rpc.grpc.status_code"].as_str()), (SERVER, "0"));
+    assert_eq!(submit.resource["deployment.environment"], "e2e");
+    assert_eq!(submit.resource["service.version"], env!("CARGO_PKG_VERSION"));
+    assert!(submit.resource["service.instance.id"].ends_with("/broker/broker"), "{:?}", submit.resource);
 
     // Broker: placement and dispatch, minutes later in real life, continue the submission.
     let places = children(&submit, "job.place");
