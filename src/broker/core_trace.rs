@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 
 use opentelemetry::KeyValue;
+use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer};
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -80,16 +81,27 @@ pub(super) fn record_decision(span: &Span, decision: &Decision) {
 }
 
 /// The dispatch of the job's current attempt to `agent`, as a span in the job's trace; returns
-/// its context for the assignment.
+/// its context for the assignment (empty for a job without a trace). Built with the OpenTelemetry
+/// API directly: it is on the core's hot path, and an instant span needs none of `tracing`'s
+/// machinery.
 pub(super) fn dispatch(job: &ActiveJob, agent: &str, site: &str) -> HashMap<String, String> {
-    let span = tracing::info_span!(
-        "job.dispatch",
-        otel.kind = "producer",
-        job.id = %job.rec.id,
-        job.attempt = job.life.attempts,
-        hybroker.agent = %agent,
-        hybroker.site = %site,
-    );
-    context::set_parent(&span, context::from_json(job.rec.trace_context.as_deref()));
-    context::carrier_of(&span)
+    let parent = context::from_json(job.rec.trace_context.as_deref());
+    if !parent.span().span_context().is_valid() {
+        return HashMap::new();
+    }
+    let tracer = opentelemetry::global::tracer("hybroker");
+    let span = tracer
+        .span_builder("job.dispatch")
+        .with_kind(SpanKind::Producer)
+        .with_attributes([
+            KeyValue::new("job.id", job.rec.id.clone()),
+            KeyValue::new("job.attempt", i64::from(job.life.attempts)),
+            KeyValue::new("hybroker.agent", agent.to_string()),
+            KeyValue::new("hybroker.site", site.to_string()),
+        ])
+        .start_with_context(&tracer, &parent);
+    let cx = parent.with_span(span);
+    let carrier = context::carrier_of_context(&cx);
+    cx.span().end();
+    carrier
 }

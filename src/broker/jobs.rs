@@ -60,11 +60,12 @@ pub struct JobService {
 
 impl JobService {
     /// Validates one submit, resolves its job data (listing inputs for their sizes) and hands it to
-    /// the core; the receiver yields the core's answer.
+    /// the core with the call's trace context; the receiver yields the core's answer.
     async fn submit_one(
         &self,
         who: &Identity,
         req: proto::SubmitRequest,
+        trace_context: Option<String>,
     ) -> Result<oneshot::Receiver<SubmitReply>, Status> {
         let (tenant, spec, data) = self.parse_and_resolve(who, &req).await?;
         let key = match req.idempotency_key.as_str() {
@@ -74,7 +75,6 @@ impl JobService {
         };
         let request_sha256 = sha256_hex(&[&[req.format as u8][..], &req.spec].concat());
         let (reply, rx) = oneshot::channel();
-        let trace_context = crate::telemetry::context::current_as_json();
         let cmd = Cmd::Submit { tenant, spec, idempotency_key: key, request_sha256, data, trace_context, reply };
         // A full queue is backpressure: the caller retries; never block a gRPC worker here forever.
         self.core.try_send(cmd).map_err(|e| match e {
@@ -181,7 +181,8 @@ impl proto::job_service_server::JobService for JobService {
 
     async fn submit(&self, req: Request<proto::SubmitRequest>) -> Result<Response<proto::SubmitResponse>, Status> {
         let who = tls::require_role(&req, CALLERS)?;
-        let reply = self.submit_one(&who, req.into_inner()).await?;
+        let trace_context = crate::telemetry::context::current_as_json();
+        let reply = self.submit_one(&who, req.into_inner(), trace_context).await?;
         let (job_id, duplicate) = reply.await.map_err(|_| unavailable())??;
         Ok(Response::new(proto::SubmitResponse { job_id, duplicate }))
     }
@@ -197,8 +198,9 @@ impl proto::job_service_server::JobService for JobService {
         }
         // All are handed to the core before any reply is awaited, so they share commits.
         let mut replies = Vec::with_capacity(jobs.len());
+        let trace_context = crate::telemetry::context::current_as_json();
         for job in jobs {
-            replies.push(self.submit_one(&who, job).await);
+            replies.push(self.submit_one(&who, job, trace_context.clone()).await);
         }
         let mut results = Vec::with_capacity(replies.len());
         for reply in replies {

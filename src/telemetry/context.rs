@@ -14,10 +14,14 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 /// The context of `span` as carrier entries (`traceparent`, and `tracestate` when set); empty
 /// when the span is not traced.
 pub fn carrier_of(span: &tracing::Span) -> HashMap<String, String> {
-    let cx = span.context();
+    carrier_of_context(&span.context())
+}
+
+/// Like [`carrier_of`], for an OpenTelemetry context.
+pub fn carrier_of_context(cx: &Context) -> HashMap<String, String> {
     let mut carrier = HashMap::new();
     if cx.span().span_context().is_valid() {
-        opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut carrier));
+        opentelemetry::global::get_text_map_propagator(|p| p.inject_context(cx, &mut carrier));
     }
     carrier
 }

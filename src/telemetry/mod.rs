@@ -162,6 +162,8 @@ pub fn init(format: LogFormat, service: Option<Service<'_>>) -> anyhow::Result<T
         builder = builder.with_batch_exporter(exporter);
     }
     let provider = builder.build();
+    // The core's hot-path spans use the OpenTelemetry API directly, through the global provider.
+    opentelemetry::global::set_tracer_provider(provider.clone());
     let tracer = provider.tracer("hybroker");
     // Only our own spans become trace spans, whatever RUST_LOG says about logs.
     let ours = Targets::new().with_target("hybroker", LevelFilter::INFO);
