@@ -74,7 +74,7 @@ pub(super) async fn run(
     let job_id = launch.job_id.clone();
     let ended = attempt(launch, epoch, data, staging, &events, cancel).instrument(span.clone()).await;
     span.record("hybroker.outcome", ended.staging_error.as_deref().unwrap_or(&ended.outcome.reason()));
-    if ended.staging_error.is_some() || !ended.outcome.succeeded() {
+    if ended.staging_error.is_some() || failed(&ended.outcome) {
         span.record("otel.status_code", "ERROR");
     }
     drop(span);
@@ -194,7 +194,7 @@ async fn execute(
     let span = tracing::info_span!(
         "execute",
         otel.status_code = tracing::field::Empty,
-        process.executable.name = launch.command.first().map_or("", String::as_str),
+        process.executable.name = launch.command.first().and_then(|c| c.rsplit('/').next()).unwrap_or(""),
         process.exit.code = tracing::field::Empty,
         hybroker.outcome = tracing::field::Empty,
     );
@@ -206,10 +206,15 @@ async fn execute(
         span.record("process.exit.code", code);
     }
     span.record("hybroker.outcome", outcome.reason().as_str());
-    if !outcome.succeeded() {
+    if failed(&outcome) {
         span.record("otel.status_code", "ERROR");
     }
     outcome
+}
+
+/// An outcome that is an error on the trace: not a success, and not a cancel someone asked for.
+fn failed(outcome: &Outcome) -> bool {
+    !outcome.succeeded() && !matches!(outcome, Outcome::Cancelled)
 }
 
 async fn run_process(

@@ -63,8 +63,10 @@ pub enum Cmd {
         request_sha256: String,
         /// The job's data as resolved (inputs listed, outputs' locations), when it has any.
         data: Option<Arc<JobData>>,
-        /// The submission's trace context (JSON), stored with the job.
+        /// The submission's trace context: as JSON (stored with the job) and as the parent of the
+        /// job's spans.
         trace_context: Option<String>,
+        trace_parent: opentelemetry::Context,
         reply: Reply<(String, bool)>,
     },
     /// Where a job would be placed now, without submitting it.
@@ -167,6 +169,9 @@ struct ActiveJob {
     attempt_started: Option<Instant>,
     /// Engine placement: not before this (a job no site can take is retried now and then).
     next_placement: Option<Instant>,
+    /// The submission's trace context (`rec.trace_context`, parsed once): the parent of the job's
+    /// placement and dispatch spans.
+    trace: opentelemetry::Context,
 }
 
 /// What a batch produced, released only after its commit.
@@ -273,6 +278,7 @@ impl Core {
             let tail = Tail::new(core.settings.log_tail_bytes);
             *core.unfinished.entry(rec.tenant.clone()).or_default() += 1;
             let decision = rec.placement_json.as_deref().and_then(|d| serde_json::from_str(d).ok()).map(Arc::new);
+            let rec_trace = rec.trace_context.clone();
             let job = ActiveJob {
                 rec,
                 life,
@@ -284,6 +290,7 @@ impl Core {
                 placed_at: None,
                 attempt_started: None,
                 next_placement: None,
+                trace: crate::telemetry::context::from_json(rec_trace.as_deref()),
             };
             core.jobs.insert(job.rec.id.clone(), job);
         }
@@ -363,8 +370,9 @@ impl Core {
 
     fn handle(&mut self, cmd: Cmd, out: &mut Effects) {
         match cmd {
-            Cmd::Submit { tenant, spec, idempotency_key, request_sha256, data, trace_context, reply } => {
-                let submitted = Submitted { tenant, spec, key: idempotency_key, request_sha256, data, trace_context };
+            Cmd::Submit { tenant, spec, idempotency_key, request_sha256, data, trace_context, trace_parent, reply } => {
+                let key = idempotency_key;
+                let submitted = Submitted { tenant, spec, key, request_sha256, data, trace_context, trace_parent };
                 let result = self.submit(submitted, out);
                 out.reply(reply, result);
             }
@@ -492,7 +500,7 @@ impl Core {
     /// A new job, or the one an earlier submit with the same idempotency key and document made.
     /// `out.keys` holds the batch's idempotency keys found in the store, and those of this batch.
     fn submit(&mut self, submitted: Submitted, out: &mut Effects) -> Result<(String, bool), ApiError> {
-        let Submitted { tenant, spec, key, request_sha256, data, trace_context } = submitted;
+        let Submitted { tenant, spec, key, request_sha256, data, trace_context, trace_parent } = submitted;
         if let Some(key) = &key
             && let Some((id, hash)) = out.keys.get(&(tenant.clone(), key.clone()))
         {
@@ -552,6 +560,7 @@ impl Core {
             placed_at: None,
             attempt_started: None,
             next_placement: None,
+            trace: trace_parent,
         };
         let submitted = match &job.data {
             Some(d) if !d.inputs.is_empty() => {
@@ -1011,6 +1020,7 @@ struct Submitted {
     request_sha256: String,
     data: Option<Arc<JobData>>,
     trace_context: Option<String>,
+    trace_parent: opentelemetry::Context,
 }
 
 fn stop(job: &ActiveJob, reason: &str) -> proto::StopAttempt {

@@ -93,5 +93,13 @@ async fn after_a_broker_restart_an_undelivered_assignment_is_sent_again() {
 }
 
 fn submitted(spec: Arc<JobSpec>) -> Submitted {
-    Submitted { tenant: "default".into(), spec, key: None, request_sha256: "h".into(), data: None, trace_context: None }
+    Submitted {
+        tenant: "default".into(),
+        spec,
+        key: None,
+        request_sha256: "h".into(),
+        data: None,
+        trace_context: None,
+        trace_parent: opentelemetry::Context::new(),
+    }
 }

@@ -4,6 +4,9 @@
 //! agent's attempt span continues it.
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use opentelemetry::global::BoxedTracer;
 
 use opentelemetry::KeyValue;
 use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer};
@@ -13,6 +16,10 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use super::ActiveJob;
 use crate::placement::engine::{Decision, Verdict};
 use crate::telemetry::context;
+
+/// The global provider's tracer (installed by `telemetry::init` before the core starts; a no-op
+/// without it).
+static TRACER: LazyLock<BoxedTracer> = LazyLock::new(|| opentelemetry::global::tracer("hybroker"));
 
 /// At most this many rejected candidates become span events; the rest are counted.
 pub(super) const MAX_REJECTION_EVENTS: usize = 16;
@@ -28,7 +35,7 @@ pub(super) fn place_span(job: &ActiveJob) -> Span {
         placement.candidates = tracing::field::Empty,
         placement.rejections = tracing::field::Empty,
     );
-    context::set_parent(&span, context::from_json(job.rec.trace_context.as_deref()));
+    context::set_parent(&span, job.trace.clone());
     span
 }
 
@@ -85,11 +92,11 @@ pub(super) fn record_decision(span: &Span, decision: &Decision) {
 /// API directly: it is on the core's hot path, and an instant span needs none of `tracing`'s
 /// machinery.
 pub(super) fn dispatch(job: &ActiveJob, agent: &str, site: &str) -> HashMap<String, String> {
-    let parent = context::from_json(job.rec.trace_context.as_deref());
+    let parent = &job.trace;
     if !parent.span().span_context().is_valid() {
         return HashMap::new();
     }
-    let tracer = opentelemetry::global::tracer("hybroker");
+    let tracer = &*TRACER;
     let span = tracer
         .span_builder("job.dispatch")
         .with_kind(SpanKind::Producer)
@@ -99,7 +106,7 @@ pub(super) fn dispatch(job: &ActiveJob, agent: &str, site: &str) -> HashMap<Stri
             KeyValue::new("hybroker.agent", agent.to_string()),
             KeyValue::new("hybroker.site", site.to_string()),
         ])
-        .start_with_context(&tracer, &parent);
+        .start_with_context(tracer, parent);
     let cx = parent.with_span(span);
     let carrier = context::carrier_of_context(&cx);
     cx.span().end();

@@ -65,7 +65,7 @@ impl JobService {
         &self,
         who: &Identity,
         req: proto::SubmitRequest,
-        trace_context: Option<String>,
+        trace: (Option<String>, opentelemetry::Context),
     ) -> Result<oneshot::Receiver<SubmitReply>, Status> {
         let (tenant, spec, data) = self.parse_and_resolve(who, &req).await?;
         let key = match req.idempotency_key.as_str() {
@@ -75,7 +75,17 @@ impl JobService {
         };
         let request_sha256 = sha256_hex(&[&[req.format as u8][..], &req.spec].concat());
         let (reply, rx) = oneshot::channel();
-        let cmd = Cmd::Submit { tenant, spec, idempotency_key: key, request_sha256, data, trace_context, reply };
+        let (trace_context, trace_parent) = trace;
+        let cmd = Cmd::Submit {
+            tenant,
+            spec,
+            idempotency_key: key,
+            request_sha256,
+            data,
+            trace_context,
+            trace_parent,
+            reply,
+        };
         // A full queue is backpressure: the caller retries; never block a gRPC worker here forever.
         self.core.try_send(cmd).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => Status::resource_exhausted("the broker is busy; retry shortly"),
@@ -181,8 +191,8 @@ impl proto::job_service_server::JobService for JobService {
 
     async fn submit(&self, req: Request<proto::SubmitRequest>) -> Result<Response<proto::SubmitResponse>, Status> {
         let who = tls::require_role(&req, CALLERS)?;
-        let trace_context = crate::telemetry::context::current_as_json();
-        let reply = self.submit_one(&who, req.into_inner(), trace_context).await?;
+        let trace = crate::telemetry::context::current_for_job();
+        let reply = self.submit_one(&who, req.into_inner(), trace).await?;
         let (job_id, duplicate) = reply.await.map_err(|_| unavailable())??;
         Ok(Response::new(proto::SubmitResponse { job_id, duplicate }))
     }
@@ -198,9 +208,9 @@ impl proto::job_service_server::JobService for JobService {
         }
         // All are handed to the core before any reply is awaited, so they share commits.
         let mut replies = Vec::with_capacity(jobs.len());
-        let trace_context = crate::telemetry::context::current_as_json();
+        let trace = crate::telemetry::context::current_for_job();
         for job in jobs {
-            replies.push(self.submit_one(&who, job, trace_context.clone()).await);
+            replies.push(self.submit_one(&who, job, trace.clone()).await);
         }
         let mut results = Vec::with_capacity(replies.len());
         for reply in replies {

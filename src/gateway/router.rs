@@ -118,14 +118,20 @@ async fn openapi_json(Extension(OpenApiJson(document)): Extension<OpenApiJson>) 
         .into_response()
 }
 
-/// Traces each request (a server span continuing the caller's `traceparent`, after the OTel
+/// Probes and the document: served, counted and logged, but not traced.
+const UNTRACED: [&str; 3] = ["/healthz", "/readyz", "/openapi.json"];
+
+/// Traces each request (but [`UNTRACED`]) (a server span continuing the caller's `traceparent`, after the OTel
 /// HTTP conventions; the answer names the trace in `traceresponse`), counts it and logs it at info:
 /// method, route, status, tenant, latency (never the key).
 async fn log_requests(mut request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
     let route = request.extensions().get::<MatchedPath>().map_or("(none)", |m| m.as_str()).to_string();
-    let span = tracing::info_span!(
+    let span = if UNTRACED.contains(&route.as_str()) {
+        tracing::Span::none()
+    } else {
+        tracing::info_span!(
         "http",
         otel.name = %if route == "(none)" { method.to_string() } else { format!("{method} {route}") },
         otel.kind = "server",
@@ -135,7 +141,8 @@ async fn log_requests(mut request: Request, next: Next) -> Response {
         url.path = %request.uri().path(),
         http.response.status_code = tracing::field::Empty,
         hybroker.tenant = tracing::field::Empty,
-    );
+        )
+    };
     if route != "(none)" {
         span.record("http.route", route.as_str());
     }

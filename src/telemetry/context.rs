@@ -26,10 +26,13 @@ pub fn carrier_of_context(cx: &Context) -> HashMap<String, String> {
     carrier
 }
 
-/// The current span's context as JSON, to store with a job; `None` when it is not traced.
-pub fn current_as_json() -> Option<String> {
-    let carrier = carrier_of(&tracing::Span::current());
-    (!carrier.is_empty()).then(|| serde_json::to_string(&carrier).expect("a string map serialises"))
+/// The current span's context for a new job: as JSON to store with it (`None` when not traced)
+/// and as the parent of its later spans.
+pub fn current_for_job() -> (Option<String>, Context) {
+    let cx = tracing::Span::current().context();
+    let carrier = carrier_of_context(&cx);
+    let json = (!carrier.is_empty()).then(|| serde_json::to_string(&carrier).expect("a string map serialises"));
+    (json, cx)
 }
 
 /// A context from carrier entries (an empty context when there is none or it is malformed).
@@ -64,7 +67,7 @@ pub fn inject_headers(span: &tracing::Span, headers: &mut HeaderMap) {
     }
 }
 
-/// The trace id of the current OpenTelemetry context (the entered span), as 32 hex digits.
+/// The trace and span ids of the current OpenTelemetry context (the entered span), in hex.
 pub fn current_ids() -> Option<(String, String)> {
     let cx = Context::current();
     let span = cx.span();

@@ -1,7 +1,8 @@
 //! A span around every gRPC call, on both sides, after the OpenTelemetry RPC conventions: named
 //! `package.Service/Method`, kind client or server, `rpc.system`, `rpc.service`, `rpc.method`
 //! and `rpc.grpc.status_code`. The client sends its span's context in the request metadata; the
-//! server's span continues it. A streaming call's span ends when its response starts.
+//! server's span continues it. A streaming call's span ends when its response starts. Health
+//! checks are not traced, nor client calls made outside any span.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -61,6 +62,13 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        // Health checks are probes, not work; a client call outside any span (a background poll,
+        // like a followed log's) would start a trace of its own each time.
+        let untraced = req.uri().path().starts_with("/grpc.health.")
+            || matches!(self.kind, Kind::Client if tracing::Span::current().is_none());
+        if untraced {
+            return Box::pin(self.inner.call(req));
+        }
         let path = req.uri().path().trim_start_matches('/').to_string();
         let (service, method) = path.split_once('/').unwrap_or((path.as_str(), ""));
         let span = match self.kind {

@@ -3,7 +3,8 @@
 //! `hybroker`, info and up, whatever `RUST_LOG` says) become OpenTelemetry spans, exported over
 //! OTLP/gRPC when an endpoint is configured (`[telemetry] otlp_endpoint` or the standard
 //! `OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`). Without one, spans still get trace ids, so the
-//! W3C trace context still crosses every hop and log lines still carry `trace_id`/`span_id`.
+//! W3C trace context still crosses every hop and log lines still carry `trace_id`/`span_id` (at
+//! the same per-job cost); `OTEL_SDK_DISABLED=true` turns spans off altogether.
 //!
 //! - [`context`]: W3C `traceparent`/`tracestate` in and out of HTTP headers, gRPC metadata, the
 //!   job record (JSON) and a workload's environment.
@@ -146,7 +147,9 @@ pub fn init(format: LogFormat, service: Option<Service<'_>>) -> anyhow::Result<T
             .with_filter(filter)
             .boxed(),
     };
-    let Some(service) = service else {
+    // `OTEL_SDK_DISABLED=true`: no spans at all (no export, no context passed on, no per-job cost).
+    let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.trim().eq_ignore_ascii_case("true"));
+    let Some(service) = service.filter(|_| !disabled) else {
         let _ = tracing_subscriber::registry().with(logs).try_init();
         return Ok(Telemetry::default());
     };
@@ -175,14 +178,13 @@ pub fn init(format: LogFormat, service: Option<Service<'_>>) -> anyhow::Result<T
     Ok(Telemetry { provider: exporting.then_some(provider) })
 }
 
-/// The OTLP exporter, when an endpoint is configured and the SDK is not disabled.
+/// The OTLP exporter, when an endpoint is configured.
 fn exporter(section: &TelemetrySection) -> anyhow::Result<Option<opentelemetry_otlp::SpanExporter>> {
     use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
-    let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.trim().eq_ignore_ascii_case("true"));
     let from_env = ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]
         .iter()
         .any(|k| std::env::var(k).is_ok_and(|v| !v.is_empty()));
-    if disabled || (!from_env && section.otlp_endpoint.is_none()) {
+    if !from_env && section.otlp_endpoint.is_none() {
         return Ok(None);
     }
     let mut builder = opentelemetry_otlp::SpanExporter::builder().with_tonic().with_timeout(Duration::from_secs(10));

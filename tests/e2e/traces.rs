@@ -163,6 +163,10 @@ async fn one_job_is_one_trace_across_gateway_broker_and_agent() {
     let api = Api::new(&gateway, &cluster.tenant_key("acme"));
     // Placement counts only connected agents: wait for the lab's.
     crate::placement::lab_agent_connected(&cluster).await;
+    // Probes are not traced (nor is the broker health check behind /readyz).
+    for probe in ["/healthz", "/readyz"] {
+        assert_eq!(api.get(probe).await.0, reqwest::StatusCode::OK, "{probe}");
+    }
 
     // Attempt 1 writes out/ but not more/, so its stage-out fails and the job runs again.
     let (trace_id, caller) = (format!("{:032x}", fastrand::u128(1..)), format!("{:016x}", fastrand::u64(1..)));
@@ -201,6 +205,9 @@ async fn one_job_is_one_trace_across_gateway_broker_and_agent() {
     })
     .await;
     print_tree(&spans, &caller, 0, spans.iter().map(|s| s.start_ns).min().unwrap());
+    let all = collector.0.lock().unwrap().clone();
+    let probes: Vec<&Span> = all.iter().filter(|s| s.name.contains("healthz") || s.name.contains("Health/")).collect();
+    assert!(probes.is_empty(), "probes traced: {probes:#?}");
     let services: std::collections::BTreeSet<&str> = spans.iter().map(|s| s.service.as_str()).collect();
     assert_eq!(services, ["hybroker-agent", "hybroker-broker", "hybroker-gateway"].into(), "{spans:#?}");
     let one = |name: &str, service: &str, parent: &str| -> Span {
