@@ -164,6 +164,7 @@ impl From<store::JobRecord> for Job {
         Self {
             labels,
             placement_json: r.placement_json.clone().unwrap_or_default(),
+            trace_id: crate::telemetry::context::trace_id_of_json(r.trace_context.as_deref()).unwrap_or_default(),
             input_objects: data.inputs.len() as u32,
             input_bytes: data.input_bytes(),
             outputs,

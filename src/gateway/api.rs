@@ -37,6 +37,10 @@ pub struct Job {
     /// Where the succeeded attempt wrote each output: one URI prefix per output, in spec order
     /// (`<to>/<tenant>/<job-id>/attempt-<n>/`); empty until the job succeeds.
     pub outputs: Vec<String>,
+    /// The job's W3C trace id (32 hex digits): its submission, placement, dispatch and every
+    /// attempt, for an operator's trace search (Grafana → *Job drill-down*, or Tempo); absent
+    /// when it was not traced.
+    pub trace_id: Option<String>,
 }
 
 /// `POST /v1/jobs` answer; the same for a repeated submit with the same `Idempotency-Key` and body.

@@ -42,6 +42,7 @@ impl From<proto::Job> for api::Job {
             input_objects: j.input_objects,
             input_bytes: j.input_bytes,
             outputs: j.outputs,
+            trace_id: non_empty(j.trace_id),
         }
     }
 }

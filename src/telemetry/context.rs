@@ -82,11 +82,16 @@ pub fn traceresponse(span: &tracing::Span) -> Option<String> {
     sc.is_valid().then(|| format!("00-{}-{}-{:02x}", sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8()))
 }
 
-/// The trace id of `span`, as 32 hex digits.
-pub fn trace_id_of(span: &tracing::Span) -> Option<String> {
-    let cx = span.context();
-    let sc = cx.span().span_context().clone();
-    sc.is_valid().then(|| sc.trace_id().to_string())
+/// The trace id (32 hex digits) of a context stored by [`current_for_job`].
+pub fn trace_id_of_json(json: Option<&str>) -> Option<String> {
+    let carrier: HashMap<String, String> = serde_json::from_str(json?).ok()?;
+    // Parsed here, not through the propagator: it is a no-op where telemetry is not installed.
+    let parent = carrier.get("traceparent")?;
+    let mut parts = parent.split('-');
+    let (_version, trace_id) = (parts.next()?, parts.next()?);
+    let valid =
+        trace_id.len() == 32 && trace_id.bytes().all(|b| b.is_ascii_hexdigit()) && trace_id.bytes().any(|b| b != b'0');
+    valid.then(|| trace_id.to_ascii_lowercase())
 }
 
 struct HeaderCarrier<'a>(&'a HeaderMap);
@@ -108,5 +113,27 @@ impl Injector for HeaderCarrierMut<'_> {
         if let (Ok(name), Ok(value)) = (HeaderName::try_from(key), HeaderValue::try_from(value)) {
             self.0.insert(name, value);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trace_id_of_json;
+
+    #[test]
+    fn a_stored_context_gives_its_trace_id() {
+        let stored = r#"{"traceparent":"00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01"}"#;
+        assert_eq!(trace_id_of_json(Some(stored)).as_deref(), Some("0af7651916cd43dd8448eb211c80319c"));
+        for bad in [
+            "",
+            "{}",
+            "not json",
+            r#"{"traceparent":"00-00000000000000000000000000000000-b7ad6b7169203331-01"}"#,
+            r#"{"traceparent":"00-0af7651916cd43dd-b7ad6b7169203331-01"}"#,
+            r#"{"traceparent":"00-0af7651916cd43dd8448eb211c80319z-b7ad6b7169203331-01"}"#,
+        ] {
+            assert_eq!(trace_id_of_json(Some(bad)), None, "{bad}");
+        }
+        assert_eq!(trace_id_of_json(None), None);
     }
 }

@@ -204,7 +204,7 @@ async fn tenants_never_see_each_others_jobs_and_only_admins_see_agents() {
     assert_eq!(status, StatusCode::OK, "{job}");
     let fields: BTreeSet<_> = job.as_object().unwrap().keys().map(String::as_str).collect();
     let expected = "agent attempts created_at exit_code id input_bytes input_objects labels max_attempts name outputs reason site \
-         spec state tenant updated_at";
+         spec state tenant trace_id updated_at";
     assert_eq!(fields, expected.split(' ').collect());
     assert_eq!((job["tenant"].as_str(), job["labels"]["team"].as_str()), (Some("acme"), Some("vision")));
     assert!(humantime::parse_rfc3339(job["created_at"].as_str().unwrap()).is_ok(), "{job}");

@@ -193,6 +193,8 @@ async fn one_job_is_one_trace_across_gateway_broker_and_agent() {
     let events = watch_to_end(&mut admin, &id).await;
     let job = get(&mut admin, &id).await;
     assert_eq!((job.state.as_str(), job.attempts), ("succeeded", 2), "{events:?}");
+    let (_, _, shown) = api.get(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(shown["trace_id"], trace_id.as_str(), "the API names the job's trace: {shown}");
 
     // Every expected span has arrived (each service exports in batches).
     let wanted = [("job.attempt", 2), ("stage-in", 2), ("execute", 2), ("stage-out", 2), ("job.dispatch", 2)];

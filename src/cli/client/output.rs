@@ -123,6 +123,7 @@ pub fn job_details(j: &Job) -> String {
         ("outputs", if j.outputs.is_empty() { "-".into() } else { j.outputs.join(" ") }),
         ("created", j.created_at.clone()),
         ("updated", j.updated_at.clone()),
+        ("trace", or_dash(j.trace_id.as_deref())),
     ];
     fields.iter().map(|(k, v)| format!("{:<10} {v}\n", format!("{k}:"))).collect()
 }

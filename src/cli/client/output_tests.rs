@@ -20,6 +20,7 @@ fn job(id: &str, name: &str, state: &str) -> Job {
         input_objects: 0,
         input_bytes: 0,
         outputs: Vec::new(),
+        trace_id: None,
     }
 }
 
