@@ -154,3 +154,78 @@ impl Visit for JsonVisitor<'_> {
         self.0.insert(field.name().into(), value.into());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use super::{JsonLines, TextFields};
+
+    /// Log lines written into memory.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn log_in_a_span() {
+        let span = tracing::info_span!(
+            "grpc",
+            otel.name = "hybroker.v1.JobService/Submit",
+            otel.kind = "server",
+            rpc.system = "grpc",
+            job.id = "j1",
+            http.route = tracing::field::Empty,
+        );
+        span.record("http.route", "/v1/jobs");
+        let _entered = span.enter();
+        tracing::info!(tenant = "acme", "job submitted");
+    }
+
+    #[test]
+    fn text_lines_leave_out_convention_only_span_fields() {
+        let lines = Lines::default();
+        let out = lines.clone();
+        let subscriber =
+            tracing_subscriber::fmt().with_writer(move || out.clone()).with_ansi(false).fmt_fields(TextFields).finish();
+        tracing::subscriber::with_default(subscriber, log_in_a_span);
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        assert!(text.contains("grpc{otel.name=\"hybroker.v1.JobService/Submit\" job.id=\"j1\"}:"), "{text}");
+        assert!(text.ends_with("job submitted tenant=\"acme\"\n"), "{text}");
+        for hidden in ["otel.kind", "rpc.system", "http.route"] {
+            assert!(!text.contains(hidden), "{hidden} in {text}");
+        }
+    }
+
+    #[test]
+    fn json_lines_carry_the_event_and_its_spans() {
+        let lines = Lines::default();
+        let out = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || out.clone())
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .event_format(JsonLines)
+            .finish();
+        tracing::subscriber::with_default(subscriber, log_in_a_span);
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let line: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        assert_eq!(line["fields"]["message"], "job submitted");
+        assert_eq!(line["fields"]["tenant"], "acme");
+        assert_eq!(line["level"], "INFO");
+        assert_eq!(line["span"]["name"], "grpc");
+        assert_eq!(line["span"]["job.id"], "j1");
+        assert_eq!(line["span"]["http.route"], "/v1/jobs");
+        assert_eq!(line["spans"].as_array().map(Vec::len), Some(1));
+        // No OpenTelemetry layer here, so no ids.
+        assert!(line.get("trace_id").is_none(), "{line}");
+    }
+}
