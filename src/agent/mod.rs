@@ -108,11 +108,10 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + Send)
     let (url, server_name) = broker_target(&config);
     let staging = attempt::Staging {
         http: staging::http_client(None).context("staging http client")?,
-        broker: AgentServiceClient::new(crate::telemetry::grpc::traced(tls::connect_lazy(
+        broker: AgentServiceClient::new(crate::telemetry::grpc::traced(
+            tls::connect_lazy(&url, client_tls.clone(), server_name.as_deref())?,
             &url,
-            client_tls.clone(),
-            server_name.as_deref(),
-        )?)),
+        )),
         limits: Arc::new(config.staging.limits()),
     };
     let mut agent = Agent { config, identity, probe, attempts: HashMap::new(), events, staging };

@@ -30,7 +30,6 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::config::GatewayConfig;
@@ -57,9 +56,9 @@ struct Inner {
 }
 
 impl AppState {
-    /// State over a broker channel; streams end when `stopping` turns true.
-    pub fn new(broker: Channel, max_body_bytes: usize, stopping: watch::Receiver<bool>) -> Self {
-        let inner = Inner { broker: traced(broker), limiter: auth::RateLimiter::default(), max_body_bytes, stopping };
+    /// State over a (traced) broker channel; streams end when `stopping` turns true.
+    pub fn new(broker: TracedChannel, max_body_bytes: usize, stopping: watch::Receiver<bool>) -> Self {
+        let inner = Inner { broker, limiter: auth::RateLimiter::default(), max_body_bytes, stopping };
         Self { inner: Arc::new(inner) }
     }
 
@@ -104,7 +103,7 @@ pub async fn run(
     };
     let _metrics = crate::metrics::start(&config.metrics, None).await?;
     let (stopping_tx, stopping) = watch::channel(false);
-    let state = AppState::new(broker, config.gateway.max_body_bytes, stopping);
+    let state = AppState::new(traced(broker, &config.broker.url), config.gateway.max_body_bytes, stopping);
     let (app, _) = router(state);
     let addr = listener.local_addr()?;
     let scheme = if public_tls.is_some() { "https" } else { "http" };

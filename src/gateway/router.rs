@@ -139,7 +139,10 @@ async fn log_requests(mut request: Request, next: Next) -> Response {
         http.request.method = %method,
         http.route = tracing::field::Empty,
         url.path = %request.uri().path(),
+        network.protocol.version = protocol_version(request.version()),
+        user_agent.original = request.headers().get(header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or(""),
         http.response.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
         hybroker.tenant = tracing::field::Empty,
         )
     };
@@ -158,6 +161,7 @@ async fn log_requests(mut request: Request, next: Next) -> Response {
     span.record("hybroker.tenant", tenant);
     if status.is_server_error() {
         span.record("otel.status_code", "ERROR");
+        span.record("error.type", status.as_str());
     }
     if let Some(value) = context::traceresponse(&span).and_then(|v| HeaderValue::try_from(v).ok()) {
         response.headers_mut().insert("traceresponse", value);
@@ -174,6 +178,17 @@ async fn log_requests(mut request: Request, next: Next) -> Response {
     let latency_ms = elapsed * 1000.0;
     tracing::info!(%method, route, status = status.as_u16(), tenant, latency_ms, "request");
     response
+}
+
+/// `network.protocol.version` of the OTel HTTP conventions.
+fn protocol_version(version: axum::http::Version) -> &'static str {
+    match version {
+        axum::http::Version::HTTP_10 => "1.0",
+        axum::http::Version::HTTP_11 => "1.1",
+        axum::http::Version::HTTP_2 => "2",
+        axum::http::Version::HTTP_3 => "3",
+        _ => "",
+    }
 }
 
 /// Answers 413 to a body larger than the limit, after reading and dropping it (up to

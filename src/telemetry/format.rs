@@ -21,11 +21,8 @@ pub struct TextFields;
 
 /// Span fields that are for trace backends only (`otel.name` stays: it says which call or route).
 fn for_traces_only(name: &str) -> bool {
-    name.starts_with("rpc.")
-        || name.starts_with("http.")
-        || name.starts_with("url.")
-        || name == "otel.kind"
-        || name == "otel.status_code"
+    ["rpc.", "http.", "url.", "network.", "user_agent.", "server."].iter().any(|p| name.starts_with(p))
+        || ["otel.kind", "otel.status_code", "error.type"].contains(&name)
 }
 
 impl<'writer> FormatFields<'writer> for TextFields {

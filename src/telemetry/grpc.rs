@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 
 use axum::http::{HeaderMap, Request, Response};
@@ -18,9 +19,13 @@ use super::context;
 /// A channel whose calls are traced (what every gRPC client in the product uses).
 pub type TracedChannel = Traced<Channel>;
 
-/// Wraps a channel: a client span per call, its context injected into the metadata.
-pub fn traced(channel: Channel) -> TracedChannel {
-    Traced { inner: channel, kind: Kind::Client }
+/// Wraps a channel to `url`: a client span per call (naming the server), its context injected
+/// into the metadata.
+pub fn traced(channel: Channel, url: &str) -> TracedChannel {
+    let uri = url.parse::<axum::http::Uri>().ok();
+    let host = uri.as_ref().and_then(|u| u.host()).unwrap_or_default();
+    let port = uri.as_ref().and_then(|u| u.port_u16()).unwrap_or(443);
+    Traced { inner: channel, kind: Kind::Client(Arc::new((host.to_string(), port))) }
 }
 
 /// A server layer: a server span per call, continuing the caller's context.
@@ -35,9 +40,10 @@ impl<S> Layer<S> for ServerLayer {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Kind {
-    Client,
+    /// Calls to this server (host, port).
+    Client(Arc<(String, u16)>),
     Server,
 }
 
@@ -65,14 +71,14 @@ where
         // Health checks are probes, not work; a client call outside any span (a background poll,
         // like a followed log's) would start a trace of its own each time.
         let untraced = req.uri().path().starts_with("/grpc.health.")
-            || matches!(self.kind, Kind::Client if tracing::Span::current().is_none());
+            || matches!(self.kind, Kind::Client(_) if tracing::Span::current().is_none());
         if untraced {
             return Box::pin(self.inner.call(req));
         }
         let path = req.uri().path().trim_start_matches('/').to_string();
         let (service, method) = path.split_once('/').unwrap_or((path.as_str(), ""));
-        let span = match self.kind {
-            Kind::Client => tracing::info_span!(
+        let span = match &self.kind {
+            Kind::Client(server) => tracing::info_span!(
                 "grpc",
                 otel.name = %path,
                 otel.kind = "client",
@@ -81,6 +87,8 @@ where
                 rpc.service = %service,
                 rpc.method = %method,
                 rpc.grpc.status_code = tracing::field::Empty,
+                server.address = server.0.as_str(),
+                server.port = server.1,
             ),
             Kind::Server => tracing::info_span!(
                 "grpc",
@@ -94,10 +102,10 @@ where
             ),
         };
         match self.kind {
-            Kind::Client => context::inject_headers(&span, req.headers_mut()),
+            Kind::Client(_) => context::inject_headers(&span, req.headers_mut()),
             Kind::Server => context::set_parent(&span, context::from_headers(req.headers())),
         }
-        let kind = self.kind;
+        let client = matches!(self.kind, Kind::Client(_));
         let call = self.inner.call(req);
         let recorder = span.clone();
         Box::pin(
@@ -109,7 +117,7 @@ where
                     Err(_) => tonic::Code::Unavailable as i32,
                 };
                 recorder.record("rpc.grpc.status_code", code);
-                if is_error(kind, code) {
+                if is_error(client, code) {
                     recorder.record("otel.status_code", "ERROR");
                 }
                 result
@@ -127,11 +135,11 @@ fn status_code(headers: &HeaderMap) -> i32 {
 
 /// The conventions: every non-OK code is an error for the client; for the server only the codes
 /// that mean the server failed.
-fn is_error(kind: Kind, code: i32) -> bool {
+fn is_error(client: bool, code: i32) -> bool {
     use tonic::Code;
-    match kind {
-        Kind::Client => code != Code::Ok as i32,
-        Kind::Server => [
+    match client {
+        true => code != Code::Ok as i32,
+        false => [
             Code::Unknown,
             Code::DeadlineExceeded,
             Code::Unimplemented,

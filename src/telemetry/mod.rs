@@ -170,7 +170,13 @@ pub fn init(format: LogFormat, service: Option<Service<'_>>) -> anyhow::Result<T
     let tracer = provider.tracer("hybroker");
     // Only our own spans become trace spans, whatever RUST_LOG says about logs.
     let ours = Targets::new().with_target("hybroker", LevelFilter::INFO);
-    let spans = tracing_opentelemetry::layer().with_tracer(tracer).with_tracked_inactivity(false).with_filter(ours);
+    let spans = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_tracked_inactivity(false)
+        .with_location(false)
+        .with_threads(false)
+        .with_target(false)
+        .with_filter(ours);
     let _ = tracing_subscriber::registry().with(logs).with(spans).try_init();
     if exporting {
         tracing::info!(service = service_name(service.role), "exporting traces over OTLP/gRPC");

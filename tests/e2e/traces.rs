@@ -228,7 +228,10 @@ async fn one_job_is_one_trace_across_gateway_broker_and_agent() {
     assert_eq!(http.attrs["http.request.method"], "POST");
     assert_eq!(http.attrs["http.route"], "/v1/jobs");
     assert_eq!(http.attrs["http.response.status_code"], "201");
+    assert_eq!(http.attrs["network.protocol.version"], "1.1");
     let call = one("hybroker.v1.JobService/Submit", "hybroker-gateway", &http.span_id);
+    assert_eq!(call.attrs["server.address"], "127.0.0.1");
+    assert_eq!(call.attrs["server.port"], cluster.addr.port().to_string());
     assert_eq!(
         (call.kind, call.attrs["rpc.system"].as_str(), call.attrs["rpc.method"].as_str()),
         (CLIENT, "grpc", "Submit")
