@@ -545,6 +545,9 @@ pub struct GatewaySection {
     /// Largest accepted request body, in bytes (413 beyond).
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// A client's `traceparent`: `continue` its trace, or `link` to it from a new one.
+    #[serde(default)]
+    pub client_traces: crate::telemetry::ClientTraces,
 }
 
 fn default_max_body_bytes() -> usize {

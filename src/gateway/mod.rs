@@ -35,6 +35,7 @@ use tonic_health::pb::health_client::HealthClient;
 use crate::config::GatewayConfig;
 use crate::model::identity::Role;
 use crate::proto::job_service_client::JobServiceClient;
+use crate::telemetry::ClientTraces;
 use crate::telemetry::grpc::{TracedChannel, traced};
 use crate::tls;
 
@@ -52,13 +53,20 @@ struct Inner {
     broker: TracedChannel,
     limiter: auth::RateLimiter,
     max_body_bytes: usize,
+    client_traces: ClientTraces,
     stopping: watch::Receiver<bool>,
 }
 
 impl AppState {
     /// State over a (traced) broker channel; streams end when `stopping` turns true.
-    pub fn new(broker: TracedChannel, max_body_bytes: usize, stopping: watch::Receiver<bool>) -> Self {
-        let inner = Inner { broker, limiter: auth::RateLimiter::default(), max_body_bytes, stopping };
+    pub fn new(
+        broker: TracedChannel,
+        max_body_bytes: usize,
+        client_traces: ClientTraces,
+        stopping: watch::Receiver<bool>,
+    ) -> Self {
+        let limiter = auth::RateLimiter::default();
+        let inner = Inner { broker, limiter, max_body_bytes, client_traces, stopping };
         Self { inner: Arc::new(inner) }
     }
 
@@ -77,6 +85,10 @@ impl AppState {
 
     fn max_body_bytes(&self) -> usize {
         self.inner.max_body_bytes
+    }
+
+    fn client_traces(&self) -> ClientTraces {
+        self.inner.client_traces
     }
 
     fn stopping(&self) -> watch::Receiver<bool> {
@@ -103,7 +115,8 @@ pub async fn run(
     };
     let _metrics = crate::metrics::start(&config.metrics, None).await?;
     let (stopping_tx, stopping) = watch::channel(false);
-    let state = AppState::new(traced(broker, &config.broker.url), config.gateway.max_body_bytes, stopping);
+    let broker = traced(broker, &config.broker.url);
+    let state = AppState::new(broker, config.gateway.max_body_bytes, config.gateway.client_traces, stopping);
     let (app, _) = router(state);
     let addr = listener.local_addr()?;
     let scheme = if public_tls.is_some() { "https" } else { "http" };

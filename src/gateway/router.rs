@@ -23,7 +23,7 @@ use super::openapi::{ApiDoc, NotReady};
 use super::problem::{self, HttpError};
 use super::{AppState, agents, jobs, placement, streams};
 use crate::proto::job_service_server::SERVICE_NAME as JOB_SERVICE;
-use crate::telemetry::context;
+use crate::telemetry::{ClientTraces, context};
 
 /// How long `/readyz` waits for the broker's health check.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -36,7 +36,7 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The service's routes and its OpenAPI document (which lists exactly these routes).
 pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
-    let max_body = state.max_body_bytes();
+    let (max_body, client_traces) = (state.max_body_bytes(), state.client_traces());
     let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(jobs::submit, jobs::list))
         .routes(routes!(jobs::get_job))
@@ -62,7 +62,7 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(max_body, refuse_large_bodies))
         .layer(middleware::from_fn(problem::problem_layer))
-        .layer(middleware::from_fn(log_requests));
+        .layer(middleware::from_fn_with_state(client_traces, log_requests));
     (router, openapi)
 }
 
@@ -124,7 +124,7 @@ const UNTRACED: [&str; 3] = ["/healthz", "/readyz", "/openapi.json"];
 /// Traces each request (but [`UNTRACED`]) (a server span continuing the caller's `traceparent`, after the OTel
 /// HTTP conventions; the answer names the trace in `traceresponse`), counts it and logs it at info:
 /// method, route, status, tenant, latency (never the key).
-async fn log_requests(mut request: Request, next: Next) -> Response {
+async fn log_requests(State(client_traces): State<ClientTraces>, mut request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
     let route = request.extensions().get::<MatchedPath>().map_or("(none)", |m| m.as_str()).to_string();
@@ -149,7 +149,11 @@ async fn log_requests(mut request: Request, next: Next) -> Response {
     if route != "(none)" {
         span.record("http.route", route.as_str());
     }
-    context::set_parent(&span, context::from_headers(request.headers()));
+    let client = context::from_headers(request.headers());
+    match client_traces {
+        ClientTraces::Continue => context::set_parent(&span, client),
+        ClientTraces::Link => context::add_link(&span, &client),
+    }
     let slot = TenantSlot::default();
     request.extensions_mut().insert(slot.clone());
     let mut response = next.run(request).instrument(span.clone()).await;

@@ -35,7 +35,12 @@ fn app() -> (Router, utoipa::openapi::OpenApi) {
     // Nothing listens on port 1: every broker call fails as unavailable.
     let broker = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
     let (_tx, stopping) = tokio::sync::watch::channel(false);
-    router(AppState::new(crate::telemetry::grpc::traced(broker, "https://127.0.0.1:1"), 1024, stopping))
+    router(AppState::new(
+        crate::telemetry::grpc::traced(broker, "https://127.0.0.1:1"),
+        1024,
+        Default::default(),
+        stopping,
+    ))
 }
 
 async fn call(app: &Router, request: axum::http::request::Builder, body: Body) -> (StatusCode, HeaderMap, Value) {

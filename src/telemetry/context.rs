@@ -54,6 +54,14 @@ pub fn set_parent(span: &tracing::Span, parent: Context) {
     }
 }
 
+/// Links `span` to the span in `other`, when there is one (call before the span is first entered).
+pub fn add_link(span: &tracing::Span, other: &Context) {
+    let sc = other.span().span_context().clone();
+    if sc.is_valid() {
+        span.add_link(sc);
+    }
+}
+
 /// The remote context in request headers (`traceparent`, `tracestate`).
 pub fn from_headers(headers: &HeaderMap) -> Context {
     opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderCarrier(headers)))

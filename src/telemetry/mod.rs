@@ -95,6 +95,18 @@ impl TelemetrySection {
     }
 }
 
+/// What the gateway does with a client's `traceparent`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientTraces {
+    /// Continue the client's trace: the job joins it (and the client's sampling decision holds).
+    #[default]
+    Continue,
+    /// Start a new trace that links to the client's: tenants cannot force sampling or put many
+    /// jobs into one trace.
+    Link,
+}
+
 /// A service whose spans are traced.
 pub struct Service<'a> {
     /// `broker`, `gateway`, `agent` or `quickstart`: the service name is `hybroker-<role>`.

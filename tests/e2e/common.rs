@@ -347,6 +347,11 @@ impl Cluster {
 
     /// Like [`Cluster::start_gateway_named`], with `extra` appended to the gateway's config.
     pub fn start_gateway_with(&self, name: &str, public_tls: bool, extra: &str) -> Gateway {
+        self.start_gateway_keyed(name, public_tls, "", extra)
+    }
+
+    /// Like [`Cluster::start_gateway_with`], with `keys` added to its `[gateway]` section.
+    pub fn start_gateway_keyed(&self, name: &str, public_tls: bool, keys: &str, extra: &str) -> Gateway {
         let tls = self.issue(Role::Gateway, name, None);
         let public = if public_tls {
             let public = self.issue(Role::Broker, &format!("{name}-public"), None);
@@ -355,7 +360,7 @@ impl Cluster {
             "plain_http = true\n".to_string()
         };
         let config = format!(
-            "[gateway]\nlisten = \"127.0.0.1:0\"\n{public}max_body_bytes = 1048576\n[broker]\nurl = \"https://{addr}\"\n\
+            "[gateway]\nlisten = \"127.0.0.1:0\"\n{public}max_body_bytes = 1048576\n{keys}\n[broker]\nurl = \"https://{addr}\"\n\
              [tls]\nca_cert = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n{extra}",
             addr = self.addr,
             ca = tls.ca_cert.display(),

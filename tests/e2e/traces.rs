@@ -38,6 +38,8 @@ struct Span {
     status: i32,
     attrs: BTreeMap<String, String>,
     events: Vec<(String, BTreeMap<String, String>)>,
+    /// (trace id, span id) of each link.
+    links: Vec<(String, String)>,
     start_ns: u64,
     end_ns: u64,
 }
@@ -68,6 +70,7 @@ impl TraceService for Collector {
                     status: s.status.map_or(0, |st| st.code),
                     attrs: flatten(&s.attributes),
                     events: s.events.iter().map(|e| (e.name.clone(), flatten(&e.attributes))).collect(),
+                    links: s.links.iter().map(|l| (hex(&l.trace_id), hex(&l.span_id))).collect(),
                     start_ns: s.start_time_unix_nano,
                     end_ns: s.end_time_unix_nano,
                 });
@@ -284,4 +287,20 @@ async fn one_job_is_one_trace_across_gateway_broker_and_agent() {
         }
     }
     drop(gateway);
+
+    // A gateway told to `link` client traces starts its own trace, linked to the client's.
+    let linking = cluster.start_gateway_keyed("linking", false, "client_traces = \"link\"", &telemetry(otlp));
+    let api = Api { url: linking.url.clone(), ..api };
+    let request = api
+        .request(reqwest::Method::GET, &format!("/v1/jobs/{id}"))
+        .header("traceparent", format!("00-{trace_id}-{caller}-01"));
+    let (status, headers, _) = crate::gateway::send(request).await;
+    assert_eq!(status, reqwest::StatusCode::OK);
+    let own = headers["traceresponse"].to_str().unwrap().split('-').nth(1).unwrap().to_string();
+    assert_ne!(own, trace_id, "a new trace");
+    let linked = eventually("the linking gateway's span", || async {
+        collector.0.lock().unwrap().iter().find(|s| s.trace_id == own && s.name == "GET /v1/jobs/{id}").cloned()
+    })
+    .await;
+    assert_eq!((linked.parent.as_str(), linked.links.as_slice()), ("", &[(trace_id.clone(), caller.clone())][..]));
 }
