@@ -172,6 +172,8 @@ struct ActiveJob {
     /// The submission's trace context (`rec.trace_context`, parsed once): the parent of the job's
     /// placement and dispatch spans.
     trace: opentelemetry::Context,
+    /// The current attempt's dispatch span: the parent of the attempt's end.
+    dispatched: opentelemetry::Context,
 }
 
 /// What a batch produced, released only after its commit.
@@ -291,6 +293,7 @@ impl Core {
                 attempt_started: None,
                 next_placement: None,
                 trace: crate::telemetry::context::from_json(rec_trace.as_deref()),
+                dispatched: opentelemetry::Context::new(),
             };
             core.jobs.insert(job.rec.id.clone(), job);
         }
@@ -561,6 +564,7 @@ impl Core {
             attempt_started: None,
             next_placement: None,
             trace: trace_parent,
+            dispatched: opentelemetry::Context::new(),
         };
         let submitted = match &job.data {
             Some(d) if !d.inputs.is_empty() => {
@@ -664,6 +668,7 @@ impl Core {
     ) {
         let cost_usd = self.accrue(job);
         metrics::attempt_ended(job, cost_usd, staging);
+        trace::attempt_ended(job, state, exit_code, reason, cost_usd);
         out.batch.push(Write::EndAttempt(AttemptEnd {
             job_id: job.rec.id.clone(),
             attempt: job.life.attempts,
@@ -763,7 +768,7 @@ impl Core {
             }
             match (self.jobs.get(&job_id), alloc) {
                 (Some(job), Some(alloc)) if job.life.state == JobState::Leased => {
-                    let trace_context = trace::dispatch(job, &agent, &self.agents[&agent].site);
+                    let (trace_context, _) = trace::dispatch(job, &agent, &self.agents[&agent].site);
                     let assign = assignment(job, &alloc.gpus, trace_context);
                     tracing::info!(job = job_id, agent, epoch, "assignment sent again after a reconnect");
                     self.agents.get_mut(&agent).expect("entry inserted above").allocate(&job_id, epoch, alloc);
@@ -961,7 +966,8 @@ impl Core {
             gpu_indices: gpus.clone(),
             started_at: now_ms(),
         }));
-        let trace_context = trace::dispatch(&job, agent, &site);
+        let (trace_context, dispatched) = trace::dispatch(&job, agent, &site);
+        job.dispatched = dispatched;
         out.send(agent, proto::broker_message::Msg::Assign(assignment(&job, &gpus, trace_context)));
         metrics::dispatched(&job);
         let reason = format!("attempt {attempt} leased to {agent} (gpus {gpus:?})");

@@ -1,19 +1,21 @@
 //! The core's spans. A job's placement and dispatch happen long after its submission, in the
 //! core task; their spans take the submission's trace context stored with the job as parent, so
 //! they join the job's one trace. The dispatch span's context travels with the assignment and the
-//! agent's attempt span continues it.
+//! agent's attempt span continues it; the attempt's end, as the broker records it, is a span
+//! beside the agent's.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
 
 use opentelemetry::global::BoxedTracer;
 
-use opentelemetry::KeyValue;
 use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer};
+use opentelemetry::{Context, KeyValue};
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::ActiveJob;
+use crate::model::state::JobState;
 use crate::placement::engine::{Decision, Verdict};
 use crate::telemetry::context;
 
@@ -88,27 +90,50 @@ pub(super) fn record_decision(span: &Span, decision: &Decision) {
 }
 
 /// The dispatch of the job's current attempt to `agent`, as a span in the job's trace; returns
-/// its context for the assignment (empty for a job without a trace). Built with the OpenTelemetry
-/// API directly: it is on the core's hot path, and an instant span needs none of `tracing`'s
-/// machinery.
-pub(super) fn dispatch(job: &ActiveJob, agent: &str, site: &str) -> HashMap<String, String> {
-    let parent = &job.trace;
+/// its context (for the assignment as carrier entries, empty for a job without a trace, and as the
+/// parent of the attempt's end).
+pub(super) fn dispatch(job: &ActiveJob, agent: &str, site: &str) -> (HashMap<String, String>, Context) {
+    let attributes = vec![
+        KeyValue::new("job.id", job.rec.id.clone()),
+        KeyValue::new("job.attempt", i64::from(job.life.attempts)),
+        KeyValue::new("hybroker.agent", agent.to_string()),
+        KeyValue::new("hybroker.site", site.to_string()),
+    ];
+    let cx = instant(&job.trace, "job.dispatch", SpanKind::Producer, attributes);
+    (context::carrier_of_context(&cx), cx)
+}
+
+/// The end of the job's current attempt as the broker records it, under its dispatch: the
+/// outcome, exit code and reason, and what it cost (engine placement).
+pub(super) fn attempt_ended(
+    job: &ActiveJob,
+    state: JobState,
+    exit_code: Option<i32>,
+    reason: &str,
+    cost_usd: Option<f64>,
+) {
+    let mut attributes = vec![
+        KeyValue::new("job.id", job.rec.id.clone()),
+        KeyValue::new("job.attempt", i64::from(job.life.attempts)),
+        KeyValue::new("hybroker.outcome", state.as_str()),
+        KeyValue::new("hybroker.reason", reason.to_string()),
+    ];
+    attributes.extend(exit_code.map(|c| KeyValue::new("process.exit.code", i64::from(c))));
+    attributes.extend(cost_usd.map(|c| KeyValue::new("hybroker.cost_usd", c)));
+    let parent = if job.dispatched.span().span_context().is_valid() { &job.dispatched } else { &job.trace };
+    instant(parent, "job.attempt.end", SpanKind::Internal, attributes);
+}
+
+/// A span that starts and ends now, under `parent`, built with the OpenTelemetry API directly:
+/// these are on the core's hot path and need none of `tracing`'s machinery. Nothing (an empty
+/// context) for a job without a trace.
+fn instant(parent: &Context, name: &'static str, kind: SpanKind, attributes: Vec<KeyValue>) -> Context {
     if !parent.span().span_context().is_valid() {
-        return HashMap::new();
+        return Context::new();
     }
     let tracer = &*TRACER;
-    let span = tracer
-        .span_builder("job.dispatch")
-        .with_kind(SpanKind::Producer)
-        .with_attributes([
-            KeyValue::new("job.id", job.rec.id.clone()),
-            KeyValue::new("job.attempt", i64::from(job.life.attempts)),
-            KeyValue::new("hybroker.agent", agent.to_string()),
-            KeyValue::new("hybroker.site", site.to_string()),
-        ])
-        .start_with_context(tracer, parent);
+    let span = tracer.span_builder(name).with_kind(kind).with_attributes(attributes).start_with_context(tracer, parent);
     let cx = parent.with_span(span);
-    let carrier = context::carrier_of_context(&cx);
     cx.span().end();
-    carrier
+    cx
 }

@@ -200,7 +200,14 @@ async fn one_job_is_one_trace_across_gateway_broker_and_agent() {
     assert_eq!(shown["trace_id"], trace_id.as_str(), "the API names the job's trace: {shown}");
 
     // Every expected span has arrived (each service exports in batches).
-    let wanted = [("job.attempt", 2), ("stage-in", 2), ("execute", 2), ("stage-out", 2), ("job.dispatch", 2)];
+    let wanted = [
+        ("job.attempt", 2),
+        ("stage-in", 2),
+        ("execute", 2),
+        ("stage-out", 2),
+        ("job.dispatch", 2),
+        ("job.attempt.end", 2),
+    ];
     let spans = eventually("the job's spans from all three services", || async {
         let spans: Vec<Span> = collector.0.lock().unwrap().iter().filter(|s| s.trace_id == trace_id).cloned().collect();
         let count = |name: &str| spans.iter().filter(|s| s.name == name).count();
@@ -268,6 +275,10 @@ async fn one_job_is_one_trace_across_gateway_broker_and_agent() {
         assert_eq!(dispatch.kind, PRODUCER);
         let n = dispatch.attrs["job.attempt"].clone();
         let attempt = one("job.attempt", "hybroker-agent", &dispatch.span_id);
+        // The broker's record of the attempt's end, beside it: outcome, reason, actual cost.
+        let end = one("job.attempt.end", "hybroker-broker", &dispatch.span_id);
+        let cost = end.attrs["hybroker.cost_usd"].parse::<f64>().unwrap();
+        assert!(cost > 0.0 && cost < 0.01, "a few seconds at $1.50/h: {end:#?}");
         assert_eq!((attempt.kind, attempt.attrs["job.attempt"].as_str()), (CONSUMER, n.as_str()));
         assert_eq!(attempt.resource["hybroker.site"], "lab");
         let stage_in = one("stage-in", "hybroker-agent", &attempt.span_id);
@@ -279,8 +290,14 @@ async fn one_job_is_one_trace_across_gateway_broker_and_agent() {
         if n == "1" {
             assert_eq!((stage_out.status, attempt.status), (STATUS_ERROR, STATUS_ERROR), "{stage_out:#?}");
             assert!(stage_out.attrs["error.message"].contains("more/"), "{stage_out:#?}");
+            assert_eq!(end.attrs["hybroker.outcome"], "failed");
+            assert!(end.attrs["hybroker.reason"].contains("more/"), "{end:#?}");
         } else {
             assert_eq!(stage_out.attrs["staging.files"], "2");
+            assert_eq!(
+                (end.attrs["hybroker.outcome"].as_str(), end.attrs["process.exit.code"].as_str()),
+                ("succeeded", "0")
+            );
             let key = format!("objects/lab/acme/r/acme/{id}/attempt-2/traceparent.txt");
             let seen = std::fs::read_to_string(cluster.path(&key)).unwrap();
             assert_eq!(seen.trim(), format!("00-{trace_id}-{}-01", execute.span_id));
