@@ -115,8 +115,21 @@ async fn a_zombie_agents_late_reports_are_refused() {
     // Attempt 1 ends on its own shortly after its agent is frozen; attempt 2 succeeds at once.
     let spec = "name: zombie\ncommand: [sh, -c, 'if [ $HYBROKER_ATTEMPT = 1 ]; then while [ ! -f release ]; do sleep 0.05; done; fi; echo ok']\n";
     let id = submit(&mut admin, spec).await;
-    let job = wait_job(&admin, &id, "first attempt running", |j| j.state == "running").await;
-    let zombie = job.agent.strip_prefix("lab/").unwrap().to_string();
+    // The agent of attempt 1 (on a loaded machine its lease may already have run out, and the
+    // job moved on: that agent is the zombie all the same).
+    let request = proto::WatchJobRequest { job_id: id.clone(), tenant: String::new(), after_seq: 0 };
+    let mut stream = admin.watch(request).await.unwrap().into_inner();
+    let first_running = async {
+        loop {
+            let ev = tokio_stream::StreamExt::next(&mut stream).await.unwrap().unwrap();
+            if ev.state == "running" && ev.attempt == 1 {
+                return ev.agent;
+            }
+        }
+    };
+    let agent = tokio::time::timeout(DEADLINE, first_running).await.expect("attempt 1 runs");
+    drop(stream);
+    let zombie = agent.strip_prefix("lab/").unwrap().to_string();
     let pid = Pid::from_raw(cluster.agent_pid(&zombie));
     kill(pid, Signal::SIGSTOP).unwrap();
     let events = watch_to_end(&mut admin, &id).await;
