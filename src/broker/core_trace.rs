@@ -137,3 +137,71 @@ fn instant(parent: &Context, name: &'static str, kind: SpanKind, attributes: Vec
     cx.span().end();
     cx
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_sdk::error::OTelSdkResult;
+    use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+    use tracing_subscriber::prelude::*;
+
+    use super::{MAX_REJECTION_EVENTS, record_decision};
+    use crate::placement::engine::{Candidate, Decision, Verdict};
+
+    /// Keeps every exported span.
+    #[derive(Debug, Clone, Default)]
+    struct Kept(Arc<Mutex<Vec<SpanData>>>);
+
+    impl SpanExporter for Kept {
+        fn export(&self, batch: Vec<SpanData>) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+            self.0.lock().unwrap().extend(batch);
+            async { Ok(()) }
+        }
+    }
+
+    #[test]
+    fn rejections_become_a_bounded_number_of_events() {
+        let kept = Kept::default();
+        let provider = SdkTracerProvider::builder().with_simple_exporter(kept.clone()).build();
+        let subscriber =
+            tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let candidates = (0..20)
+            .map(|i| Candidate {
+                site: format!("site-{i}"),
+                output_locations: vec![],
+                verdict: Verdict::Rejected(format!("gpu: no H100 at site-{i}")),
+            })
+            .collect();
+        let decision = Decision {
+            chosen: None,
+            candidates,
+            residency: None,
+            snapshot_id: "prices-1".into(),
+            snapshot_age_ms: 90_000,
+            stale: false,
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!(
+                "job.place",
+                placement.site = tracing::field::Empty,
+                placement.candidates = tracing::field::Empty,
+                placement.rejections = tracing::field::Empty,
+            );
+            record_decision(&span, &decision);
+        });
+        let spans = kept.0.lock().unwrap();
+        assert_eq!(spans.len(), 1);
+        let span = &spans[0];
+        let attribute =
+            |key: &str| span.attributes.iter().find(|kv| kv.key.as_str() == key).map(|kv| kv.value.to_string());
+        assert_eq!(span.events.len(), MAX_REJECTION_EVENTS);
+        assert_eq!(span.events[0].name, "candidate rejected");
+        assert_eq!(attribute("placement.rejections").as_deref(), Some("20"));
+        assert_eq!(attribute("placement.rejection_events_dropped").as_deref(), Some("4"));
+        assert_eq!(attribute("placement.price_age_seconds").as_deref(), Some("90"));
+        assert_eq!(attribute("placement.outcome").as_deref(), Some("no site can take it now"));
+        assert_eq!(attribute("placement.site"), None);
+    }
+}
