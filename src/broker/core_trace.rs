@@ -8,7 +8,6 @@ use std::collections::HashMap;
 use std::sync::LazyLock;
 
 use opentelemetry::global::BoxedTracer;
-
 use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue};
 use tracing::Span;
@@ -93,12 +92,14 @@ pub(super) fn record_decision(span: &Span, decision: &Decision) {
 /// its context (for the assignment as carrier entries, empty for a job without a trace, and as the
 /// parent of the attempt's end).
 pub(super) fn dispatch(job: &ActiveJob, agent: &str, site: &str) -> (HashMap<String, String>, Context) {
-    let attributes = vec![
-        KeyValue::new("job.id", job.rec.id.clone()),
-        KeyValue::new("job.attempt", i64::from(job.life.attempts)),
-        KeyValue::new("hybroker.agent", agent.to_string()),
-        KeyValue::new("hybroker.site", site.to_string()),
-    ];
+    let attributes = || {
+        vec![
+            KeyValue::new("job.id", job.rec.id.clone()),
+            KeyValue::new("job.attempt", i64::from(job.life.attempts)),
+            KeyValue::new("hybroker.agent", agent.to_string()),
+            KeyValue::new("hybroker.site", site.to_string()),
+        ]
+    };
     let cx = instant(&job.trace, "job.dispatch", SpanKind::Producer, attributes);
     (context::carrier_of_context(&cx), cx)
 }
@@ -112,27 +113,36 @@ pub(super) fn attempt_ended(
     reason: &str,
     cost_usd: Option<f64>,
 ) {
-    let mut attributes = vec![
-        KeyValue::new("job.id", job.rec.id.clone()),
-        KeyValue::new("job.attempt", i64::from(job.life.attempts)),
-        KeyValue::new("hybroker.outcome", state.as_str()),
-        KeyValue::new("hybroker.reason", reason.to_string()),
-    ];
-    attributes.extend(exit_code.map(|c| KeyValue::new("process.exit.code", i64::from(c))));
-    attributes.extend(cost_usd.map(|c| KeyValue::new("hybroker.cost_usd", c)));
+    let attributes = || {
+        let mut attributes = vec![
+            KeyValue::new("job.id", job.rec.id.clone()),
+            KeyValue::new("job.attempt", i64::from(job.life.attempts)),
+            KeyValue::new("hybroker.outcome", state.as_str()),
+            KeyValue::new("hybroker.reason", reason.to_string()),
+        ];
+        attributes.extend(exit_code.map(|c| KeyValue::new("process.exit.code", i64::from(c))));
+        attributes.extend(cost_usd.map(|c| KeyValue::new("hybroker.cost_usd", c)));
+        attributes
+    };
     let parent = if job.dispatched.span().span_context().is_valid() { &job.dispatched } else { &job.trace };
     instant(parent, "job.attempt.end", SpanKind::Internal, attributes);
 }
 
 /// A span that starts and ends now, under `parent`, built with the OpenTelemetry API directly:
 /// these are on the core's hot path and need none of `tracing`'s machinery. Nothing (an empty
-/// context) for a job without a trace.
-fn instant(parent: &Context, name: &'static str, kind: SpanKind, attributes: Vec<KeyValue>) -> Context {
+/// context) for a job without a trace, whose attributes are then never built.
+fn instant(
+    parent: &Context,
+    name: &'static str,
+    kind: SpanKind,
+    attributes: impl FnOnce() -> Vec<KeyValue>,
+) -> Context {
     if !parent.span().span_context().is_valid() {
         return Context::new();
     }
     let tracer = &*TRACER;
-    let span = tracer.span_builder(name).with_kind(kind).with_attributes(attributes).start_with_context(tracer, parent);
+    let span =
+        tracer.span_builder(name).with_kind(kind).with_attributes(attributes()).start_with_context(tracer, parent);
     let cx = parent.with_span(span);
     cx.span().end();
     cx

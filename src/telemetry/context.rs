@@ -20,10 +20,15 @@ pub fn carrier_of(span: &tracing::Span) -> HashMap<String, String> {
 /// Like [`carrier_of`], for an OpenTelemetry context.
 pub fn carrier_of_context(cx: &Context) -> HashMap<String, String> {
     let mut carrier = HashMap::new();
-    if cx.span().span_context().is_valid() {
-        opentelemetry::global::get_text_map_propagator(|p| p.inject_context(cx, &mut carrier));
-    }
+    inject(cx, &mut carrier);
     carrier
+}
+
+/// Writes `cx` into a carrier when it carries a span.
+fn inject(cx: &Context, carrier: &mut dyn Injector) {
+    if cx.span().span_context().is_valid() {
+        opentelemetry::global::get_text_map_propagator(|p| p.inject_context(cx, carrier));
+    }
 }
 
 /// The current span's context for a new job: as JSON to store with it (`None` when not traced)
@@ -40,7 +45,7 @@ pub fn from_carrier(carrier: &HashMap<String, String>) -> Context {
     opentelemetry::global::get_text_map_propagator(|p| p.extract(carrier))
 }
 
-/// A context stored as JSON by [`current_as_json`].
+/// A context stored as JSON by [`current_for_job`].
 pub fn from_json(json: Option<&str>) -> Context {
     let carrier: HashMap<String, String> = json.and_then(|j| serde_json::from_str(j).ok()).unwrap_or_default();
     from_carrier(&carrier)
@@ -69,10 +74,7 @@ pub fn from_headers(headers: &HeaderMap) -> Context {
 
 /// Writes `span`'s context into request headers.
 pub fn inject_headers(span: &tracing::Span, headers: &mut HeaderMap) {
-    let cx = span.context();
-    if cx.span().span_context().is_valid() {
-        opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut HeaderCarrierMut(headers)));
-    }
+    inject(&span.context(), &mut HeaderCarrierMut(headers));
 }
 
 /// The trace and span ids of the current OpenTelemetry context (the entered span), in hex.
