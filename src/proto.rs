@@ -23,6 +23,7 @@ impl From<Inventory> for agent::Inventory {
             cpus: p.cpus,
             memory_mib: p.memory_mib,
             labels: p.labels.into_iter().collect(),
+            isolation: agent::Isolation::parse(&p.isolation).unwrap_or(agent::Isolation::None),
         }
     }
 }
@@ -34,6 +35,7 @@ impl From<agent::Inventory> for Inventory {
             cpus: m.cpus,
             memory_mib: m.memory_mib,
             labels: m.labels.into_iter().collect(),
+            isolation: m.isolation.as_str().to_string(),
         }
     }
 }

@@ -5,6 +5,7 @@
 mod attempt;
 pub mod executor;
 pub mod gpu;
+pub mod sandbox;
 mod session;
 pub mod staging;
 
@@ -132,6 +133,7 @@ impl Agent {
             cpus: if cfg.cpus == 0 { gpu::host_cpus() } else { cfg.cpus },
             memory_mib: if cfg.memory_mib == 0 { gpu::host_memory_mib() } else { cfg.memory_mib },
             labels: cfg.labels.clone(),
+            isolation: crate::model::agent::Isolation::Sandbox,
         }
     }
 

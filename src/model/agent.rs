@@ -15,6 +15,52 @@ pub struct Inventory {
     pub memory_mib: u64,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// How the agent isolates its attempts from each other and from the node.
+    #[serde(default)]
+    pub isolation: Isolation,
+}
+
+/// How an agent isolates attempts (reported by the agent; the broker's config decides what a
+/// node without isolation may run).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    /// Namespaces, a per-attempt UID, a cgroup with limits and a device gate (a root agent).
+    #[default]
+    Sandbox,
+    /// Namespaces in an unprivileged user namespace (a non-root agent): no per-attempt UID, no
+    /// device gate, cgroup limits only where delegated.
+    Userns,
+    /// No isolation (`isolation = "none"`): the node must be dedicated to one tenant.
+    None,
+}
+
+impl Isolation {
+    /// The name used in config, the API and the inventory.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isolation::Sandbox => "sandbox",
+            Isolation::Userns => "userns",
+            Isolation::None => "none",
+        }
+    }
+
+    /// Parses [`Isolation::as_str`]. An empty text (an agent older than the field) reads as
+    /// `None`, the unsafe reading: an old agent is treated as unisolated.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "sandbox" => Some(Isolation::Sandbox),
+            "userns" => Some(Isolation::Userns),
+            "none" | "" => Some(Isolation::None),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Isolation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// How far an attempt got.
