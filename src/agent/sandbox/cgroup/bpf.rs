@@ -207,7 +207,11 @@ fn load_and_attach(
     expected_attach_type: u32,
 ) -> Result<(), CgroupError> {
     let what = |step: &str, e: io::Error| {
-        CgroupError::other(leaf, e.kind(), format!("bpf {step} of the {name} program: {e} (is BPF available to the agent?)"))
+        CgroupError::other(
+            leaf,
+            e.kind(),
+            format!("bpf {step} of the {name} program: {e} (is BPF available to the agent?)"),
+        )
     };
     let program = prog_load(name, prog_type, expected_attach_type, insns).map_err(|e| what("BPF_PROG_LOAD", e))?;
     let dir = std::fs::File::open(leaf).map_err(|e| CgroupError::new(leaf, e))?;

@@ -394,6 +394,7 @@ fn path_segment(name: &str) -> String {
 }
 
 /// Whether `path` is the root of a cgroup2 mount.
+#[allow(clippy::useless_conversion, reason = "f_type is i64 on x86_64 but narrower on other targets")]
 fn is_cgroup2(path: &Path) -> bool {
     let Ok(c_path) = CString::new(path.as_os_str().as_bytes()) else { return false };
     let mut buf = std::mem::MaybeUninit::<nix::libc::statfs>::zeroed();

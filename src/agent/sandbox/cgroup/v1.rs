@@ -69,7 +69,11 @@ pub(super) fn make_subtrees(root: &Path, segment: &str) -> Result<Vec<(Controlle
 }
 
 /// Writes the limits and the device gate into the attempt's fresh leaves.
-pub(super) fn apply(leaves: &[(Controller, PathBuf)], limits: &Limits, devices: &DeviceRules) -> Result<(), CgroupError> {
+pub(super) fn apply(
+    leaves: &[(Controller, PathBuf)],
+    limits: &Limits,
+    devices: &DeviceRules,
+) -> Result<(), CgroupError> {
     for (controller, dir) in leaves {
         match controller {
             Controller::Memory => {
