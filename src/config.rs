@@ -34,6 +34,9 @@ pub struct BrokerConfig {
     pub broker: BrokerSection,
     pub tls: TlsPaths,
     pub store: StoreSection,
+    /// `[secrets]`: the key file that seals jobs' `secret_env` at rest.
+    #[serde(default)]
+    pub secrets: SecretsSection,
     #[serde(default)]
     pub leases: LeaseSection,
     #[serde(default)]
@@ -462,6 +465,16 @@ pub struct StoreSection {
     pub path: PathBuf,
 }
 
+/// Job secrets at rest.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretsSection {
+    /// The AES-256 key file (`<id> <base64 key>` lines, the first current); made with a fresh key
+    /// (mode 0600) when missing. Default: `secrets.key` in the database's directory.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+}
+
 /// Lease and heartbeat timings; short in tests, seconds in production.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -754,10 +767,21 @@ impl BrokerConfig {
         Ok(config)
     }
 
+    /// `[secrets] key_file`, or `secrets.key` next to the database.
+    pub fn secrets_key_file(&self) -> PathBuf {
+        match &self.secrets.key_file {
+            Some(path) => path.clone(),
+            None => self.store.path.with_file_name("secrets.key"),
+        }
+    }
+
     /// Every problem at once.
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         check_tls(&self.tls, &mut problems);
+        if self.secrets.key_file.as_ref().is_some_and(|p| p.as_os_str().is_empty() || p.ends_with("..")) {
+            problems.push("secrets.key_file must name a file".into());
+        }
         self.telemetry.check(&mut problems);
         let (ttl, hb) = (self.leases.ttl.0, self.leases.heartbeat_interval.0);
         if hb.is_zero() || hb >= ttl {
