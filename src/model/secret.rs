@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::de::{self, Deserializer, Visitor};
+use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize, Serializer};
 
 /// What a secret value shows as everywhere but the job's own environment.
@@ -47,61 +47,13 @@ impl Serialize for SecretValue {
     }
 }
 
-/// A string, like `env` values; any other type is refused without quoting the value (serde's own
-/// "invalid type: integer `1234`" would put it in the error answer and the logs).
+/// A string, like `env` values. Any error is replaced by one that cannot quote the value (serde's
+/// own "invalid type: integer `1234`" would put it in the error answer and the logs).
 impl<'de> Deserialize<'de> for SecretValue {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_string(SecretVisitor)
-    }
-}
-
-struct SecretVisitor;
-
-fn not_a_string<E: de::Error>() -> E {
-    E::custom("secret values must be strings (quote them)")
-}
-
-impl Visitor<'_> for SecretVisitor {
-    type Value = SecretValue;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a string")
-    }
-
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<SecretValue, E> {
-        Ok(SecretValue(v.to_string()))
-    }
-
-    fn visit_string<E: de::Error>(self, v: String) -> Result<SecretValue, E> {
-        Ok(SecretValue(v))
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<SecretValue, E> {
-        Err(not_a_string())
-    }
-
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<SecretValue, E> {
-        Err(not_a_string())
-    }
-
-    fn visit_i128<E: de::Error>(self, _: i128) -> Result<SecretValue, E> {
-        Err(not_a_string())
-    }
-
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<SecretValue, E> {
-        Err(not_a_string())
-    }
-
-    fn visit_u128<E: de::Error>(self, _: u128) -> Result<SecretValue, E> {
-        Err(not_a_string())
-    }
-
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<SecretValue, E> {
-        Err(not_a_string())
-    }
-
-    fn visit_bytes<E: de::Error>(self, _: &[u8]) -> Result<SecretValue, E> {
-        Err(not_a_string())
+        String::deserialize(deserializer)
+            .map(SecretValue)
+            .map_err(|_| de::Error::custom("secret values must be strings (the value is not shown)"))
     }
 }
 
