@@ -1033,6 +1033,16 @@ mod tests {
     }
 
     #[test]
+    fn the_secrets_key_file_defaults_to_the_database_directory() {
+        let text = "[broker]\nlisten = \"127.0.0.1:1\"\n[tls]\nca_cert = \"a\"\ncert = \"b\"\nkey = \"c\"\n[store]\npath = \"st/x.db\"\n";
+        let c: BrokerConfig = parse_toml(text, Path::new("t.toml"), []).unwrap();
+        assert_eq!(c.secrets_key_file(), Path::new("st/secrets.key"));
+        let vars = [("HYBROKER_SECRETS__KEY_FILE".to_string(), "/etc/hybroker/k".to_string())];
+        let c: BrokerConfig = parse_toml(text, Path::new("t.toml"), vars).unwrap();
+        assert_eq!(c.secrets_key_file(), Path::new("/etc/hybroker/k"));
+    }
+
+    #[test]
     fn validate_reports_every_problem() {
         let text = "[broker]\nlisten = \"127.0.0.1:1\"\n[tls]\nca_cert = \"/nope/a\"\ncert = \"/nope/b\"\nkey = \"/nope/c\"\n\
                     [store]\npath = \"x.db\"\n[leases]\nttl = \"1s\"\nheartbeat_interval = \"2s\"\n";

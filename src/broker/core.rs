@@ -532,7 +532,8 @@ impl Core {
         let (spec, secret_env_sealed) = if spec.secret_env.is_empty() {
             (spec, None)
         } else {
-            let sealed = self.settings.secrets.seal(&id, &spec.secret_env).map_err(|e| ApiError::Internal(e.to_string()))?;
+            let sealed =
+                self.settings.secrets.seal(&id, &spec.secret_env).map_err(|e| ApiError::Internal(e.to_string()))?;
             (Arc::new(spec.without_secret_values()), Some(sealed))
         };
         let rec = JobRecord {

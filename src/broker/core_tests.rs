@@ -46,7 +46,8 @@ fn connect(
     out: &mut Effects,
 ) -> mpsc::Receiver<Result<proto::BrokerMessage, tonic::Status>> {
     let (tx, rx) = mpsc::channel(16);
-    let inventory = Inventory { gpus: vec![], cpus: 8, memory_mib: 65536, labels: Default::default(), ..Default::default() };
+    let inventory =
+        Inventory { gpus: vec![], cpus: 8, memory_mib: 65536, labels: Default::default(), ..Default::default() };
     core.connected("lab/a".into(), "lab".into(), "a".into(), inventory, vec![], Conn { id: conn, tx }, out);
     rx
 }
@@ -101,7 +102,8 @@ async fn after_a_broker_restart_an_undelivered_assignment_is_sent_again() {
     assert_eq!((job.life.state, job.life.attempts), (JobState::Leased, 1));
 }
 
-const SECRET_JOB: &[u8] = b"name: s\ncommand: [env]\nmax_attempts: 2\nenv: {PLAIN: p}\nsecret_env: {TOKEN: tok-3141592}\n";
+const SECRET_JOB: &[u8] =
+    b"name: s\ncommand: [env]\nmax_attempts: 2\nenv: {PLAIN: p}\nsecret_env: {TOKEN: tok-3141592}\n";
 
 #[tokio::test]
 async fn secrets_are_sealed_in_the_row_and_opened_only_into_the_assignment() {

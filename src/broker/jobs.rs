@@ -441,3 +441,26 @@ impl From<AgentView> for proto::AgentInfo {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hash(yaml: &str) -> String {
+        let spec = JobSpec::from_yaml(yaml.as_bytes(), 65536).unwrap();
+        request_hash(proto::SpecFormat::Yaml as i32, yaml.as_bytes(), &spec)
+    }
+
+    #[test]
+    fn the_idempotency_hash_leaves_secret_values_out_and_keeps_their_names() {
+        let with = |name: &str, value: &str| format!("name: x\ncommand: [env]\nsecret_env: {{{name}: {value}}}\n");
+        let stored = hash(&with("TOKEN", "guess-me-1"));
+        // Whatever the value, the same hash: a stored hash cannot confirm a guess.
+        assert_eq!(hash(&with("TOKEN", "guess-me-2")), stored);
+        assert_ne!(hash(&with("OTHER", "guess-me-1")), stored, "names count");
+        assert_ne!(hash("name: x\ncommand: [env]\nenv: {TOKEN: guess-me-1}\n"), stored);
+        // Without secrets, the submitted document itself, as before.
+        let plain = "name: x\ncommand: [env]\n";
+        assert_eq!(hash(plain), sha256_hex(&[&[proto::SpecFormat::Yaml as u8][..], plain.as_bytes()].concat()));
+    }
+}

@@ -70,6 +70,10 @@ async fn a_secret_reaches_the_jobs_environment_and_nothing_else() {
     // The same key and the same secrets: the first job.
     let (status, _, again) = api.submit(&spec, Some("secret-idem-1")).await;
     assert_eq!((status, again["id"].as_str()), (StatusCode::CREATED, Some(id.as_str())), "{again}");
+    // The hash leaves secret values out, not the rest: another spec under the key is still refused.
+    let (status, _, other) = api.submit(&secret_job("another-job", &secret), Some("secret-idem-1")).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{other}");
+    assert!(!other.to_string().contains(&secret), "{other}");
 
     let mut admin = cluster.admin().await;
     let job = wait_job(&admin, &id, "the secret job to end", |j| j.state == "succeeded" || j.state == "failed").await;
@@ -149,7 +153,9 @@ async fn rotated_keys_open_old_secrets_and_a_lost_key_fails_its_job_clearly() {
     let mut cluster = Cluster::start(Duration::from_secs(5), &[]).await;
     let (secret_a, secret_b) = (fresh_secret(), fresh_secret());
     let yaml = |name: &str, secret: &str| {
-        format!("name: {name}\ncommand: [sh, -c, '{PRINT_TOKEN_HASH}']\nmax_attempts: 1\nsecret_env: {{TOKEN: {secret}}}\n")
+        format!(
+            "name: {name}\ncommand: [sh, -c, '{PRINT_TOKEN_HASH}']\nmax_attempts: 1\nsecret_env: {{TOKEN: {secret}}}\n"
+        )
     };
     let a = submit(&mut cluster.admin().await, &yaml("sealed-old", &secret_a)).await;
     let first = std::fs::read_to_string(cluster.path("secrets.key")).unwrap();
