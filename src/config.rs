@@ -34,6 +34,9 @@ pub struct BrokerConfig {
     pub broker: BrokerSection,
     pub tls: TlsPaths,
     pub store: StoreSection,
+    /// `[secrets]`: the key file that seals jobs' `secret_env` at rest.
+    #[serde(default)]
+    pub secrets: SecretsSection,
     #[serde(default)]
     pub leases: LeaseSection,
     #[serde(default)]
@@ -462,6 +465,16 @@ pub struct StoreSection {
     pub path: PathBuf,
 }
 
+/// Job secrets at rest.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretsSection {
+    /// The AES-256 key file (`<id> <base64 key>` lines, the first current); made with a fresh key
+    /// (mode 0600) when missing. Default: `secrets.key` in the database's directory.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+}
+
 /// Lease and heartbeat timings; short in tests, seconds in production.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -754,10 +767,21 @@ impl BrokerConfig {
         Ok(config)
     }
 
+    /// `[secrets] key_file`, or `secrets.key` next to the database.
+    pub fn secrets_key_file(&self) -> PathBuf {
+        match &self.secrets.key_file {
+            Some(path) => path.clone(),
+            None => self.store.path.with_file_name("secrets.key"),
+        }
+    }
+
     /// Every problem at once.
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         check_tls(&self.tls, &mut problems);
+        if self.secrets.key_file.as_ref().is_some_and(|p| p.as_os_str().is_empty() || p.ends_with("..")) {
+            problems.push("secrets.key_file must name a file".into());
+        }
         self.telemetry.check(&mut problems);
         let (ttl, hb) = (self.leases.ttl.0, self.leases.heartbeat_interval.0);
         if hb.is_zero() || hb >= ttl {
@@ -1006,6 +1030,16 @@ mod tests {
         let text = "[broker]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n";
         let err = parse_toml::<BrokerConfig>(text, Path::new("t.toml"), []).unwrap_err().to_string();
         assert!(err.contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn the_secrets_key_file_defaults_to_the_database_directory() {
+        let text = "[broker]\nlisten = \"127.0.0.1:1\"\n[tls]\nca_cert = \"a\"\ncert = \"b\"\nkey = \"c\"\n[store]\npath = \"st/x.db\"\n";
+        let c: BrokerConfig = parse_toml(text, Path::new("t.toml"), []).unwrap();
+        assert_eq!(c.secrets_key_file(), Path::new("st/secrets.key"));
+        let vars = [("HYBROKER_SECRETS__KEY_FILE".to_string(), "/etc/hybroker/k".to_string())];
+        let c: BrokerConfig = parse_toml(text, Path::new("t.toml"), vars).unwrap();
+        assert_eq!(c.secrets_key_file(), Path::new("/etc/hybroker/k"));
     }
 
     #[test]

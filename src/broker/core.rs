@@ -14,6 +14,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use super::agents::{AgentEntry, AgentView, Alloc, Conn};
 use super::keys::{self, KeyRing, KeyView};
 use super::placer::Placer;
+use super::secrets::{SecretKeys, SecretsError};
 use super::tail::Tail;
 use crate::config::TenantConfig;
 use crate::error::ApiError;
@@ -49,6 +50,8 @@ pub struct CoreSettings {
     pub keys: Arc<KeyRing>,
     /// Sites, policies and prices; placement is off (plain first fit) without sites.
     pub placer: Arc<Placer>,
+    /// Seal jobs' `secret_env` at submit; open it for the assignment.
+    pub secrets: Arc<SecretKeys>,
 }
 
 pub type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
@@ -524,8 +527,17 @@ impl Core {
         }
         self.admit(&tenant, &place::ActiveJobParts { spec: &spec, data: data.as_deref() })?;
         let now = now_ms();
+        let id = uuid::Uuid::now_v7().to_string();
+        // Sealed for this job id; from here on the job holds the names only.
+        let (spec, secret_env_sealed) = if spec.secret_env.is_empty() {
+            (spec, None)
+        } else {
+            let sealed =
+                self.settings.secrets.seal(&id, &spec.secret_env).map_err(|e| ApiError::Internal(e.to_string()))?;
+            (Arc::new(spec.without_secret_values()), Some(sealed))
+        };
         let rec = JobRecord {
-            id: uuid::Uuid::now_v7().to_string(),
+            id,
             tenant,
             name: spec.name.clone(),
             state: JobState::Queued,
@@ -543,6 +555,7 @@ impl Core {
             data_json: data.as_ref().map(|d| serde_json::to_string(&**d).expect("job data serialises")),
             placement_json: None,
             trace_context,
+            secret_env_sealed,
             created_at: now,
             updated_at: now,
         };
@@ -769,10 +782,15 @@ impl Core {
             match (self.jobs.get(&job_id), alloc) {
                 (Some(job), Some(alloc)) if job.life.state == JobState::Leased => {
                     let (trace_context, _) = trace::dispatch(job, &agent, &self.agents[&agent].site);
-                    let assign = assignment(job, &alloc.gpus, trace_context);
-                    tracing::info!(job = job_id, agent, epoch, "assignment sent again after a reconnect");
+                    let assign = assignment(job, &alloc.gpus, trace_context, &self.settings.secrets);
                     self.agents.get_mut(&agent).expect("entry inserted above").allocate(&job_id, epoch, alloc);
-                    out.send(&agent, proto::broker_message::Msg::Assign(assign));
+                    match assign {
+                        Ok(assign) => {
+                            tracing::info!(job = job_id, agent, epoch, "assignment sent again after a reconnect");
+                            out.send(&agent, proto::broker_message::Msg::Assign(assign));
+                        }
+                        Err(e) => self.unassignable(&job_id, epoch, &e, out),
+                    }
                 }
                 _ => self.lease_lost(&job_id, epoch, "the agent reconnected without the attempt", out),
             }
@@ -968,10 +986,33 @@ impl Core {
         }));
         let (trace_context, dispatched) = trace::dispatch(&job, agent, &site);
         job.dispatched = dispatched;
-        out.send(agent, proto::broker_message::Msg::Assign(assignment(&job, &gpus, trace_context)));
+        let assign = assignment(&job, &gpus, trace_context, &self.settings.secrets);
         metrics::dispatched(&job);
         let reason = format!("attempt {attempt} leased to {agent} (gpus {gpus:?})");
         self.transition(job, JobState::Leased, reason, None, out);
+        match assign {
+            Ok(assign) => out.send(agent, proto::broker_message::Msg::Assign(assign)),
+            Err(e) => self.unassignable(job_id, epoch, &e, out),
+        }
+    }
+
+    /// An attempt whose secrets do not open (a key id no longer in the key file, a tampered row)
+    /// is never sent: it fails, and with it the job (trying again would not help).
+    fn unassignable(&mut self, job_id: &str, epoch: u64, why: &SecretsError, out: &mut Effects) {
+        let Some(mut job) = self.jobs.remove(job_id) else { return };
+        let agent = job.rec.agent.clone().unwrap_or_default();
+        match job.life.apply(&Input::AttemptFailed { epoch }) {
+            Ok(state) => {
+                tracing::warn!(job = job_id, agent, epoch, "attempt not sent: {why}");
+                self.free(&agent, job_id, epoch);
+                let reason = format!("attempt {} failed: {why}", job.life.attempts);
+                self.end_attempt(&job, JobState::Failed, None, &reason, None, out);
+                self.transition(job, state, reason, None, out);
+            }
+            Err(_) => {
+                self.jobs.insert(job_id.to_string(), job);
+            }
+        }
     }
 }
 
@@ -993,14 +1034,24 @@ fn staged(s: &StagingStats) -> String {
     )
 }
 
-/// What the agent needs to run the job's current attempt on the given GPUs.
-fn assignment(job: &ActiveJob, gpus: &[u32], trace_context: HashMap<String, String>) -> proto::Assignment {
-    proto::Assignment {
+/// What the agent needs to run the job's current attempt on the given GPUs. The job's secrets are
+/// opened here, and only here: they travel in the assignment's `env` (over mutual TLS).
+fn assignment(
+    job: &ActiveJob,
+    gpus: &[u32],
+    trace_context: HashMap<String, String>,
+    secrets: &SecretKeys,
+) -> Result<proto::Assignment, SecretsError> {
+    let mut env: HashMap<String, String> = job.spec.env.clone().into_iter().collect();
+    if let Some(sealed) = &job.rec.secret_env_sealed {
+        env.extend(secrets.open(&job.rec.id, sealed)?.into_iter().map(|(k, v)| (k, v.expose().to_string())));
+    }
+    Ok(proto::Assignment {
         job_id: job.rec.id.clone(),
         attempt: job.life.attempts,
         epoch: job.life.epoch,
         command: job.spec.command.clone(),
-        env: job.spec.env.clone().into_iter().collect(),
+        env,
         gpu_indices: gpus.to_vec(),
         max_runtime_ms: job.spec.max_runtime().as_millis() as u64,
         inputs: job
@@ -1015,7 +1066,7 @@ fn assignment(job: &ActiveJob, gpus: &[u32], trace_context: HashMap<String, Stri
             .collect(),
         outputs: job.data.iter().flat_map(|d| &d.outputs).map(|o| o.path.clone()).collect(),
         trace_context,
-    }
+    })
 }
 
 /// A submit as the core takes it.

@@ -12,7 +12,15 @@ use crate::config::TenantConfig;
 use crate::model::agent::Inventory;
 use crate::proto::broker_message::Msg;
 
+/// Two secrets keys: `k1` seals everything unless a test rotates to `k2` alone.
+const K1: &str = "k1 AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+const K2: &str = "k2 ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
+
 async fn core(dir: &tempfile::TempDir) -> Core {
+    core_with_keys(dir, K1).await
+}
+
+async fn core_with_keys(dir: &tempfile::TempDir, keys: &str) -> Core {
     let (writer, _) = crate::store::open(&dir.path().join("store.db")).await.unwrap();
     let (events, _) = broadcast::channel(1024);
     let settings = CoreSettings {
@@ -22,6 +30,7 @@ async fn core(dir: &tempfile::TempDir) -> Core {
         tenants: HashMap::from([("default".to_string(), TenantConfig::default_tenant())]),
         keys: Arc::new(KeyRing::default()),
         placer: Arc::new(crate::broker::placer::Placer::disabled()),
+        secrets: Arc::new(crate::broker::secrets::SecretKeys::parse(keys).unwrap()),
     };
     Core::load(writer, settings, events).await.unwrap()
 }
@@ -37,7 +46,8 @@ fn connect(
     out: &mut Effects,
 ) -> mpsc::Receiver<Result<proto::BrokerMessage, tonic::Status>> {
     let (tx, rx) = mpsc::channel(16);
-    let inventory = Inventory { gpus: vec![], cpus: 8, memory_mib: 65536, labels: Default::default(), ..Default::default() };
+    let inventory =
+        Inventory { gpus: vec![], cpus: 8, memory_mib: 65536, labels: Default::default(), ..Default::default() };
     core.connected("lab/a".into(), "lab".into(), "a".into(), inventory, vec![], Conn { id: conn, tx }, out);
     rx
 }
@@ -90,6 +100,63 @@ async fn after_a_broker_restart_an_undelivered_assignment_is_sent_again() {
     assert!(matches!(sent.last(), Some(Msg::Assign(a)) if a.job_id == id && a.epoch == 1), "{sent:?}");
     let job = &core2.jobs[&id];
     assert_eq!((job.life.state, job.life.attempts), (JobState::Leased, 1));
+}
+
+const SECRET_JOB: &[u8] =
+    b"name: s\ncommand: [env]\nmax_attempts: 2\nenv: {PLAIN: p}\nsecret_env: {TOKEN: tok-3141592}\n";
+
+#[tokio::test]
+async fn secrets_are_sealed_in_the_row_and_opened_only_into_the_assignment() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut core = core(&dir).await;
+    let mut out = Effects::default();
+    let mut agent = connect(&mut core, 1, &mut out);
+    let (id, _) = core.submit(submitted(Arc::new(JobSpec::from_yaml(SECRET_JOB, 65536).unwrap())), &mut out).unwrap();
+    let job = &core.jobs[&id];
+    assert_eq!(job.spec.secret_env["TOKEN"].expose(), "<redacted>", "the live job holds the names only");
+    let sealed = job.rec.secret_env_sealed.clone().expect("sealed");
+    assert!(sealed.starts_with("aes256gcm:k1:") && !job.rec.spec_json.contains("tok-3141592"), "{:?}", job.rec);
+    core.dispatch(&mut out);
+    commit(&mut core, out).await;
+    let sent = drain(&mut agent);
+    let Some(Msg::Assign(a)) = sent.last() else { panic!("{sent:?}") };
+    assert_eq!((a.env["TOKEN"].as_str(), a.env["PLAIN"].as_str()), ("tok-3141592", "p"));
+    let (_, reader) = crate::store::open(&dir.path().join("store.db")).await.unwrap();
+    let stored = reader.job(&id).await.unwrap().unwrap();
+    assert_eq!(stored.secret_env_sealed.as_deref(), Some(sealed.as_str()));
+    assert!(!format!("{stored:?}").contains("tok-3141592"));
+}
+
+#[tokio::test]
+async fn a_key_id_gone_from_the_key_file_fails_the_attempt_and_the_job_without_panicking() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut core1 = core(&dir).await;
+    let mut out = Effects::default();
+    let spec = Arc::new(JobSpec::from_yaml(SECRET_JOB, 65536).unwrap());
+    // One job leased before the restart (its assignment is sent again at reconnect), one queued.
+    let (leased, _) = core1.submit(submitted(spec.clone()), &mut out).unwrap();
+    commit(&mut core1, out).await;
+    let mut out = Effects::default();
+    let _agent = connect(&mut core1, 1, &mut out);
+    core1.dispatch(&mut out);
+    let (queued, _) = core1.submit(submitted(spec), &mut out).unwrap();
+    core1.writer.commit(&out.batch).await.unwrap();
+    drop((core1, out));
+
+    // Restarted with a key file that lost k1.
+    let mut core2 = core_with_keys(&dir, K2).await;
+    let mut out = Effects::default();
+    let mut agent = connect(&mut core2, 2, &mut out);
+    core2.dispatch(&mut out);
+    commit(&mut core2, out).await;
+    assert!(!drain(&mut agent).iter().any(|m| matches!(m, Msg::Assign(_))), "nothing is sent without its secrets");
+    let (_, reader) = crate::store::open(&dir.path().join("store.db")).await.unwrap();
+    for id in [leased, queued] {
+        let job = reader.job(&id).await.unwrap().unwrap();
+        assert_eq!(job.state, JobState::Failed, "{job:?}");
+        assert!(job.reason.contains("failed: secret key k1 not found"), "{}", job.reason);
+    }
+    assert!(core2.agents["lab/a"].free().cpus == 8, "the failed attempts hold nothing");
 }
 
 fn submitted(spec: Arc<JobSpec>) -> Submitted {

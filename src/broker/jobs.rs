@@ -73,7 +73,7 @@ impl JobService {
             k if k.len() <= 128 && k.chars().all(|c| c.is_ascii_graphic()) => Some(k.to_string()),
             _ => return Err(Status::invalid_argument("idempotency_key: at most 128 printable ASCII characters")),
         };
-        let request_sha256 = sha256_hex(&[&[req.format as u8][..], &req.spec].concat());
+        let request_sha256 = request_hash(req.format, &req.spec, &spec);
         let (reply, rx) = oneshot::channel();
         let (trace_context, trace_parent) = trace;
         let cmd = Cmd::Submit {
@@ -153,6 +153,18 @@ impl JobService {
             Some(job) if tenant.is_empty() || job.tenant == tenant => Ok(job),
             _ => Err(ApiError::job_not_found(id).into()),
         }
+    }
+}
+
+/// What an `Idempotency-Key` is checked against: SHA-256 of the submitted document, or for a spec
+/// with `secret_env` of its canonical JSON, which has the secret names and not their values (a
+/// stored hash must not let anyone test guesses of a secret). A retry with the same key and the same
+/// secrets matches; so does one that changes only secret values (it gets the first job).
+fn request_hash(format: i32, doc: &[u8], spec: &JobSpec) -> String {
+    if spec.secret_env.is_empty() {
+        sha256_hex(&[&[format as u8][..], doc].concat())
+    } else {
+        sha256_hex(&[&b"spec without secret values\0"[..], spec.to_json().as_bytes()].concat())
     }
 }
 
@@ -427,5 +439,28 @@ impl From<AgentView> for proto::AgentInfo {
             last_seen_ms: v.last_seen_ms,
             draining: v.draining,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hash(yaml: &str) -> String {
+        let spec = JobSpec::from_yaml(yaml.as_bytes(), 65536).unwrap();
+        request_hash(proto::SpecFormat::Yaml as i32, yaml.as_bytes(), &spec)
+    }
+
+    #[test]
+    fn the_idempotency_hash_leaves_secret_values_out_and_keeps_their_names() {
+        let with = |name: &str, value: &str| format!("name: x\ncommand: [env]\nsecret_env: {{{name}: {value}}}\n");
+        let stored = hash(&with("TOKEN", "guess-me-1"));
+        // Whatever the value, the same hash: a stored hash cannot confirm a guess.
+        assert_eq!(hash(&with("TOKEN", "guess-me-2")), stored);
+        assert_ne!(hash(&with("OTHER", "guess-me-1")), stored, "names count");
+        assert_ne!(hash("name: x\ncommand: [env]\nenv: {TOKEN: guess-me-1}\n"), stored);
+        // Without secrets, the submitted document itself, as before.
+        let plain = "name: x\ncommand: [env]\n";
+        assert_eq!(hash(plain), sha256_hex(&[&[proto::SpecFormat::Yaml as u8][..], plain.as_bytes()].concat()));
     }
 }

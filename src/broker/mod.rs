@@ -8,6 +8,7 @@ pub mod data;
 pub mod jobs;
 pub mod keys;
 pub mod placer;
+pub mod secrets;
 mod staging;
 mod tail;
 
@@ -42,6 +43,7 @@ pub async fn run(
     let trust_domain = tls::trust_domain_of_cert(&config.tls.cert).context("broker certificate")?;
     let server_tls = tls::server_config(&config.tls, &trust_domain, &[Role::Agent, Role::Gateway, Role::Admin])?;
     let (writer, reader) = store::open(&config.store.path).await?;
+    let secrets = Arc::new(secrets::SecretKeys::load_or_create(&config.secrets_key_file())?);
     let (events, _) = broadcast::channel(EVENT_BUFFER);
     let mut tenants: HashMap<String, TenantConfig> =
         config.tenants.iter().map(|t| (t.name.clone(), t.clone())).collect();
@@ -59,6 +61,7 @@ pub async fn run(
         tenants: (*tenants).clone(),
         keys: keys.clone(),
         placer: Arc::new(placer::Placer::new(&config, prices.clone())),
+        secrets,
     };
     let data = Arc::new(data::DataPlane::start(&config).await?);
     let core = core::Core::load(writer, settings, events.clone()).await?;

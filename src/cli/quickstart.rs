@@ -159,6 +159,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
         broker: BrokerSection { listen: addr },
         tls: issue(Role::Broker, "broker", None)?,
         store: StoreSection { path: state_dir.join("broker.db") },
+        secrets: Default::default(),
         leases: LeaseSection { ttl: Duration::from_secs(10).into(), heartbeat_interval: Duration::from_secs(2).into() },
         limits: LimitSection::default(),
         tenants: vec![TenantConfig {

@@ -28,7 +28,8 @@ pub struct Job {
     pub created_at: String,
     /// RFC 3339.
     pub updated_at: String,
-    /// The job spec as submitted (canonical JSON of the DESIGN §3 fields).
+    /// The job spec as submitted (canonical JSON of the DESIGN §3 fields); `secret_env` values
+    /// show as `"<redacted>"`: the API never returns them.
     #[schema(value_type = Object)]
     pub spec: serde_json::Value,
     /// Input objects found at submit (listed or HEADed), and their total size in bytes.

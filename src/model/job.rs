@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::data::DataUri;
 use super::duration::HumanDuration;
 use super::gpu::{is_known_model, known_models};
+use super::secret::{SecretEnv, SecretValue};
 
 /// Largest accepted values; they keep one job from exhausting the broker or an agent.
 pub const MAX_GPUS: u32 = 64;
@@ -21,6 +22,7 @@ const MAX_ARGS: usize = 256;
 const MAX_ARG_BYTES: usize = 4096;
 const MAX_ENV: usize = 128;
 const MAX_ENV_VALUE_BYTES: usize = 32 * 1024;
+const MAX_SECRET_ENV: usize = 64;
 const MAX_LABELS: usize = 64;
 const MAX_DATA_ENTRIES: usize = 64;
 
@@ -32,6 +34,10 @@ pub struct JobSpec {
     pub command: Vec<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// Like `env`, but sealed at rest and never shown: serialised (stored, served) as
+    /// `{NAME: "<redacted>"}`; the agent's assignment alone carries the values.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secret_env: SecretEnv,
     #[serde(default)]
     pub resources: Resources,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -188,6 +194,13 @@ impl JobSpec {
         serde_json::to_string(self).expect("a job spec always serialises")
     }
 
+    /// The spec with its secret values replaced by the placeholder (what the store gives back).
+    pub fn without_secret_values(&self) -> Self {
+        let mut spec = self.clone();
+        spec.secret_env.values_mut().for_each(|v| *v = SecretValue::redacted());
+        spec
+    }
+
     /// The hard limit on one attempt's wall time.
     pub fn max_runtime(&self) -> Duration {
         self.max_runtime.map_or(DEFAULT_MAX_RUNTIME, |d| d.0)
@@ -219,6 +232,7 @@ impl JobSpec {
             }
         }
         self.check_env(&mut p);
+        self.check_secret_env(&mut p);
         self.check_resources(&mut p);
         self.check_runtime(&mut p);
         if !(1..=MAX_ATTEMPTS).contains(&self.max_attempts) {
@@ -251,6 +265,29 @@ impl JobSpec {
             }
             if v.len() > MAX_ENV_VALUE_BYTES || v.contains('\0') {
                 p.add(format!("env.{k}"), format!("values must be at most {MAX_ENV_VALUE_BYTES} bytes without NUL"));
+            }
+        }
+    }
+
+    /// Names as in `env` and not also there; values never quoted in a problem.
+    fn check_secret_env(&self, p: &mut Problems) {
+        if self.secret_env.len() > MAX_SECRET_ENV {
+            p.add("secret_env", format!("at most {MAX_SECRET_ENV} variables"));
+        }
+        for (k, v) in &self.secret_env {
+            let field = format!("secret_env.{k}");
+            if !is_env_name(k) {
+                p.add(field, "names must match [A-Za-z_][A-Za-z0-9_]*");
+                continue;
+            }
+            if k.starts_with("HYBROKER_") || k == "CUDA_VISIBLE_DEVICES" || k == "TRACEPARENT" {
+                p.add(&field, "is set by hybroker and may not be given");
+            }
+            if self.env.contains_key(k) {
+                p.add(&field, "is also in env; give it in one of them");
+            }
+            if v.expose().len() > MAX_ENV_VALUE_BYTES || v.expose().contains('\0') {
+                p.add(&field, format!("values must be at most {MAX_ENV_VALUE_BYTES} bytes without NUL"));
             }
         }
     }

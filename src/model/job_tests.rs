@@ -50,6 +50,36 @@ fn defaults_and_json_round_trip() {
 }
 
 #[test]
+fn secret_env_is_validated_like_env_and_never_shown() {
+    let yaml = "name: x\ncommand: [env]\nenv: {A: '1'}\nsecret_env: {TOKEN: hunter2-value, PIN: 4321}\n";
+    let spec = JobSpec::from_yaml(yaml.as_bytes(), LIMIT).unwrap();
+    assert_eq!(spec.secret_env["TOKEN"].expose(), "hunter2-value");
+    assert_eq!(spec.secret_env["PIN"].expose(), "4321");
+    for shown in [format!("{spec:?}"), spec.to_json()] {
+        assert!(!shown.contains("hunter2-value") && !shown.contains("4321"), "{shown}");
+        assert!(shown.contains("TOKEN") && shown.contains("<redacted>"), "{shown}");
+    }
+    // What the store keeps reads back as the names with the placeholder.
+    let stored = JobSpec::from_json(spec.to_json().as_bytes(), LIMIT).unwrap();
+    assert_eq!(stored, spec.without_secret_values());
+    assert_eq!(stored.secret_env["TOKEN"].expose(), "<redacted>");
+
+    let bad = format!(
+        "name: x\ncommand: [env]\nenv: {{A: '1'}}\nsecret_env: {{A: s, 1B: s, HYBROKER_X: s, BIG: {}}}\n",
+        "v".repeat(40 * 1024)
+    );
+    let SpecError::Invalid(errors) = JobSpec::from_yaml(bad.as_bytes(), 128 * 1024).unwrap_err() else { panic!() };
+    let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(fields, ["secret_env.1B", "secret_env.A", "secret_env.BIG", "secret_env.HYBROKER_X"], "{errors:?}");
+    assert!(errors[1].message.contains("also in env"), "{errors:?}");
+    assert!(errors.iter().all(|e| !e.message.contains("vvvv")), "{errors:?}");
+    let many: String = (0..65).map(|i| format!("S{i}: v\n  ")).collect();
+    let many = format!("name: x\ncommand: [env]\nsecret_env:\n  {many}\n");
+    let SpecError::Invalid(errors) = JobSpec::from_yaml(many.as_bytes(), LIMIT).unwrap_err() else { panic!() };
+    assert_eq!(errors[0].field, "secret_env", "{errors:?}");
+}
+
+#[test]
 fn every_problem_is_reported_at_once() {
     let yaml = b"name: ''\ncommand: []\npriority: 101\nmax_attempts: 0\nresources: {cpus: 0}\n";
     let SpecError::Invalid(errors) = JobSpec::from_yaml(yaml, LIMIT).unwrap_err() else { panic!() };

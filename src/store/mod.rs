@@ -52,6 +52,9 @@ pub struct JobRecord {
     /// The submission's W3C trace context (`{"traceparent": …}` as JSON): placement and dispatch,
     /// however much later, continue that trace.
     pub trace_context: Option<String>,
+    /// The job's `secret_env`, sealed (`broker::secrets`: AES-256-GCM, key id recorded); never
+    /// the clear values. Written once, at submit.
+    pub secret_env_sealed: Option<String>,
     pub created_at: UnixMillis,
     pub updated_at: UnixMillis,
 }

@@ -85,4 +85,7 @@ ALTER TABLE attempts ADD COLUMN cost_usd REAL;
     r#"
 ALTER TABLE jobs ADD COLUMN trace_context TEXT;
 "#,
+    r#"
+ALTER TABLE jobs ADD COLUMN secret_env_sealed TEXT;
+"#,
 ];

@@ -15,7 +15,8 @@ use super::{AgentRecord, AttemptOutput, Batch, JobEvent, JobFilter, JobRecord, K
 use crate::model::state::JobState;
 
 const JOB_COLUMNS: &str = "id, tenant, name, state, spec_json, priority, attempts, max_attempts, epoch, \
-     site, agent, exit_code, reason, idempotency_key, request_sha256, data_json, placement_json, trace_context, created_at_ms, updated_at_ms";
+     site, agent, exit_code, reason, idempotency_key, request_sha256, data_json, placement_json, trace_context, \
+     secret_env_sealed, created_at_ms, updated_at_ms";
 
 /// Opens (creating and migrating if needed) the store at `path`.
 pub async fn open(path: &Path) -> Result<(Writer, Reader), StoreError> {
@@ -104,6 +105,7 @@ impl Writer {
                     .bind(&j.data_json)
                     .bind(&u.placement_json)
                     .bind(&j.trace_context)
+                    .bind(&j.secret_env_sealed)
                     .bind(j.created_at)
                     .bind(u.updated_at);
             }
@@ -389,9 +391,9 @@ impl MultiRow {
 
 static INSERT_JOBS: MultiRow = MultiRow::new(
     "INSERT INTO jobs (id, tenant, name, state, spec_json, priority, attempts, max_attempts, epoch, site, agent, \
-     exit_code, reason, idempotency_key, request_sha256, data_json, placement_json, trace_context, created_at_ms, \
-     updated_at_ms)",
-    20,
+     exit_code, reason, idempotency_key, request_sha256, data_json, placement_json, trace_context, secret_env_sealed, \
+     created_at_ms, updated_at_ms)",
+    21,
     "",
 );
 
@@ -566,6 +568,7 @@ fn job_from_row(r: &SqliteRow) -> Result<JobRecord, StoreError> {
         data_json: r.try_get("data_json")?,
         placement_json: r.try_get("placement_json")?,
         trace_context: r.try_get("trace_context")?,
+        secret_env_sealed: r.try_get("secret_env_sealed")?,
         created_at: r.try_get("created_at_ms")?,
         updated_at: r.try_get("updated_at_ms")?,
     })

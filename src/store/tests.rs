@@ -21,6 +21,7 @@ fn job(id: &str) -> JobRecord {
         data_json: None,
         placement_json: None,
         trace_context: Some("{\"traceparent\":\"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\"}".into()),
+        secret_env_sealed: Some("aes256gcm:k1:bm9uY2UtY2lwaGVydGV4dA==".into()),
         created_at: 1,
         updated_at: 1,
     }
@@ -65,6 +66,8 @@ async fn batches_commit_atomically_and_survive_reopening() {
     let (mut writer, reader) = open(&path).await.unwrap();
     let active: Vec<String> = writer.load_active().await.unwrap().into_iter().map(|j| j.id).collect();
     assert_eq!(active, ["a"]);
+    let sealed = reader.job("a").await.unwrap().unwrap().secret_env_sealed;
+    assert_eq!(sealed, job("a").secret_env_sealed, "sealed secrets survive reopening");
     assert_eq!(writer.last_event_seq().await.unwrap(), 2);
     let keys =
         [("acme".to_string(), "key-a".to_string()), ("acme".into(), "nope".into()), ("other".into(), "key-b".into())];
@@ -107,8 +110,8 @@ mod reference {
                     sqlx::query(
                         "INSERT INTO jobs (id, tenant, name, state, spec_json, priority, attempts, max_attempts, \
                          epoch, site, agent, exit_code, reason, idempotency_key, request_sha256, data_json, \
-                         placement_json, trace_context, created_at_ms, updated_at_ms) \
-                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         placement_json, trace_context, secret_env_sealed, created_at_ms, updated_at_ms) \
+                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     )
                     .bind(&j.id)
                     .bind(&j.tenant)
@@ -128,6 +131,7 @@ mod reference {
                     .bind(&j.data_json)
                     .bind(&j.placement_json)
                     .bind(&j.trace_context)
+                    .bind(&j.secret_env_sealed)
                     .bind(j.created_at)
                     .bind(j.updated_at)
                     .execute(&mut *tx)
@@ -377,6 +381,7 @@ mod model {
             data_json: opt(rng, text),
             placement_json: opt(rng, text),
             trace_context: opt(rng, text),
+            secret_env_sealed: opt(rng, text),
             created_at: millis(rng),
             updated_at: millis(rng),
         }

@@ -15,5 +15,6 @@ mod lifecycle;
 mod metrics;
 mod placement;
 mod product;
+mod secrets;
 mod tenants;
 mod traces;

@@ -99,6 +99,19 @@ fn labels(labels: &BTreeMap<String, String>) -> String {
     }
 }
 
+/// `NAME=<redacted>` for each of the spec's `secret_env` names, whatever the answer holds as values.
+fn secret_names(spec: &serde_json::Value) -> String {
+    match spec.get("secret_env").and_then(|s| s.as_object()) {
+        Some(names) if !names.is_empty() => {
+            let mut names: Vec<String> =
+                names.keys().map(|k| format!("{k}={}", crate::model::secret::REDACTED)).collect();
+            names.sort();
+            names.join(",")
+        }
+        _ => "-".into(),
+    }
+}
+
 /// One job, a field per line.
 pub fn job_details(j: &Job) -> String {
     let state = if j.reason.is_empty() { j.state.clone() } else { format!("{} ({})", j.state, j.reason) };
@@ -112,6 +125,7 @@ pub fn job_details(j: &Job) -> String {
         ("agent", or_dash(j.agent.as_deref())),
         ("exit code", j.exit_code.map_or("-".into(), |c| c.to_string())),
         ("labels", labels(&j.labels)),
+        ("secrets", secret_names(&j.spec)),
         (
             "inputs",
             if j.input_objects == 0 {

@@ -111,6 +111,11 @@ fn details_list_one_field_per_line() {
     assert!(out.contains("state:     running (started)\n"), "{out}");
     assert!(out.contains("labels:    team=vision\n"), "{out}");
     assert!(out.contains("attempts:  1/3\n"), "{out}");
+    assert!(out.contains("secrets:   -\n"), "{out}");
+    // Names only, whatever the answer holds as values.
+    j.spec = serde_json::json!({"secret_env": {"TOKEN": "<redacted>", "PIN": "0042"}});
+    let out = job_details(&j);
+    assert!(out.contains("secrets:   PIN=<redacted>,TOKEN=<redacted>\n") && !out.contains("0042"), "{out}");
     let out = agent_details(&agent("lab/node-a", vec![gpu("H100-80GB", true, true)]));
     assert!(out.contains("gpus:      1xH100-80GB [sim]\n"), "{out}");
     assert!(out.contains("  gpu 0: H100-80GB (NVIDIA) 81920 MiB healthy [simulated]"), "{out}");

@@ -32,6 +32,7 @@ struct StringFields {
     name: Option<String>,
     command: Option<Vec<String>>,
     env: Option<BTreeMap<String, String>>,
+    secret_env: Option<BTreeMap<String, String>>,
     labels: Option<BTreeMap<String, String>>,
 }
 
@@ -44,14 +45,14 @@ pub fn yaml_to_json(text: &str) -> Result<Value, String> {
     check_mapping(&value)?;
     // Lenient where the broker's YAML reading is lenient; anything else is left to the gateway.
     if let (Ok(strings), Some(map)) = (serde_yaml_ng::from_str::<StringFields>(text), value.as_object_mut()) {
-        let StringFields { name, command, env, labels } = strings;
+        let StringFields { name, command, env, secret_env, labels } = strings;
         if let Some(name) = name {
             map.insert("name".into(), Value::String(name));
         }
         if let Some(command) = command {
             map.insert("command".into(), command.into());
         }
-        for (key, strings) in [("env", env), ("labels", labels)] {
+        for (key, strings) in [("env", env), ("secret_env", secret_env), ("labels", labels)] {
             if let Some(strings) = strings {
                 let object = strings.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
                 map.insert(key.into(), Value::Object(object));
@@ -98,12 +99,13 @@ mod tests {
 
     #[test]
     fn string_fields_stay_strings_as_written() {
-        let yaml = "name: 2024\ncommand: [sleep, 5]\nenv: {BATCH_SIZE: 256, DEBUG: true}\nlabels: {run: 7}\n";
+        let yaml = "name: 2024\ncommand: [sleep, 5]\nenv: {BATCH_SIZE: 256, DEBUG: true}\nlabels: {run: 7}\n\
+                    secret_env: {PIN: 0042}\n";
         let json = yaml_to_json(yaml).unwrap();
         assert_eq!(
             json,
             json!({"name": "2024", "command": ["sleep", "5"], "env": {"BATCH_SIZE": "256", "DEBUG": "true"},
-                   "labels": {"run": "7"}})
+                   "labels": {"run": "7"}, "secret_env": {"PIN": "0042"}})
         );
     }
 
