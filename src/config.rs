@@ -41,6 +41,10 @@ pub struct BrokerConfig {
     /// Tenants (`[[tenant]]`). The tenant `default` always exists, for admins' own submits.
     #[serde(default, rename = "tenant")]
     pub tenants: Vec<TenantConfig>,
+    /// Nodes given to one tenant only (`[[dedicated]]`): they run only that tenant's jobs. An agent
+    /// without isolation (`isolation = "none"`) is refused unless it is listed here.
+    #[serde(default)]
+    pub dedicated: Vec<DedicatedAgent>,
     /// Storage locations for job data (`[[storage]]`).
     #[serde(default, rename = "storage")]
     pub storage: Vec<StorageConfig>,
@@ -413,6 +417,16 @@ pub struct TenantConfig {
     /// Use owned (on-prem) hardware whenever it has room, whatever the cloud prices.
     #[serde(default)]
     pub owned_first: bool,
+}
+
+/// One node dedicated to one tenant (`[[dedicated]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedicatedAgent {
+    /// `<site>/<node>`, as in the agent's certificate.
+    pub agent: String,
+    /// The declared tenant whose jobs alone run there.
+    pub tenant: String,
 }
 
 fn default_max_queued_jobs() -> u32 {
@@ -800,11 +814,31 @@ impl BrokerConfig {
         }
         self.storage_problems(&mut problems);
         self.placement_problems(&mut problems);
+        self.dedicated_problems(&mut problems);
         finish(path, problems)
     }
 }
 
 impl BrokerConfig {
+    fn dedicated_problems(&self, problems: &mut Vec<String>) {
+        let mut agents = std::collections::HashSet::new();
+        for (i, d) in self.dedicated.iter().enumerate() {
+            let valid = d.agent.split_once('/').is_some_and(|(site, node)| {
+                crate::model::identity::validate_name("site", site).is_ok()
+                    && crate::model::identity::validate_name("node", node).is_ok()
+            });
+            if !valid {
+                problems.push(format!("dedicated[{i}].agent: {:?} is not <site>/<node>", d.agent));
+            }
+            if self.tenant(&d.tenant).is_none() {
+                problems.push(format!("dedicated[{i}].tenant: {:?} is not a declared [[tenant]]", d.tenant));
+            }
+            if !agents.insert(d.agent.as_str()) {
+                problems.push(format!("dedicated[{i}].agent: {:?} is dedicated twice", d.agent));
+            }
+        }
+    }
+
     fn placement_problems(&self, problems: &mut Vec<String>) {
         let mut names = std::collections::HashSet::new();
         for (i, site) in self.sites.iter().enumerate() {

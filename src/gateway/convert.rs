@@ -90,6 +90,8 @@ impl From<proto::AgentInfo> for api::Agent {
             node: a.node,
             connected: a.connected,
             draining: a.draining,
+            isolation: inventory.isolation.clone(),
+            dedicated_tenant: non_empty(a.dedicated_tenant),
             cpus: inventory.cpus,
             memory_mib: inventory.memory_mib,
             gpus: inventory.gpus.into_iter().map(api::Gpu::from).collect(),
