@@ -1050,4 +1050,21 @@ mod tests {
         let ConfigError::Invalid { problems, .. } = c.validate(Path::new("t.toml")).unwrap_err() else { panic!() };
         assert_eq!(problems.len(), 4, "{problems:?}");
     }
+
+    #[test]
+    fn dedicated_agents_name_a_declared_tenant_once() {
+        let text = "[broker]\nlisten = \"127.0.0.1:1\"\n[tls]\nca_cert = \"/nope/a\"\ncert = \"/nope/b\"\nkey = \"/nope/c\"\n\
+                    [store]\npath = \"x.db\"\n[[tenant]]\nname = \"acme\"\n\
+                    [[dedicated]]\nagent = \"lab/gpu-9\"\ntenant = \"acme\"\n\
+                    [[dedicated]]\nagent = \"lab/gpu-9\"\ntenant = \"globex\"\n\
+                    [[dedicated]]\nagent = \"gpu-7\"\ntenant = \"default\"\n";
+        let c: BrokerConfig = parse_toml(text, Path::new("t.toml"), []).unwrap();
+        assert_eq!(c.dedicated.len(), 3);
+        let ConfigError::Invalid { problems, .. } = c.validate(Path::new("t.toml")).unwrap_err() else { panic!() };
+        let dedicated: Vec<&String> = problems.iter().filter(|p| p.starts_with("dedicated")).collect();
+        assert_eq!(dedicated.len(), 3, "{problems:?}");
+        assert!(dedicated.iter().any(|p| p.contains("\"globex\" is not a declared [[tenant]]")), "{problems:?}");
+        assert!(dedicated.iter().any(|p| p.contains("\"lab/gpu-9\" is dedicated twice")), "{problems:?}");
+        assert!(dedicated.iter().any(|p| p.contains("\"gpu-7\" is not <site>/<node>")), "{problems:?}");
+    }
 }

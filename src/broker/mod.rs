@@ -39,6 +39,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     tls::install_crypto_provider();
+    crate::private_files::narrow_logged(&config.tls.key).context("broker private key")?;
     let trust_domain = tls::trust_domain_of_cert(&config.tls.cert).context("broker certificate")?;
     let server_tls = tls::server_config(&config.tls, &trust_domain, &[Role::Agent, Role::Gateway, Role::Admin])?;
     let (writer, reader) = store::open(&config.store.path).await?;
