@@ -68,14 +68,14 @@ pub fn agents_table(agents: &[Agent]) -> String {
                 a.id.clone(),
                 yes_no(a.connected),
                 yes_no(a.draining),
-                a.isolation.clone(),
-                a.dedicated_tenant.clone().unwrap_or_else(|| "any".into()),
                 gpus(a),
                 a.running_jobs.len().to_string(),
+                a.isolation.clone(),
+                a.dedicated_tenant.clone().unwrap_or_else(|| "any".into()),
             ]
         })
         .collect();
-    table(&["ID", "CONNECTED", "DRAINING", "ISOLATION", "TENANTS", "GPUS", "RUNNING"], &rows)
+    table(&["ID", "CONNECTED", "DRAINING", "GPUS", "RUNNING", "ISOLATION", "TENANTS"], &rows)
 }
 
 /// `2xH100-80GB [sim]`, models in order of first appearance; unhealthy GPUs counted.

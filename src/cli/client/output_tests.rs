@@ -99,10 +99,10 @@ fn the_agents_table_summarises_gpus() {
     let out = agents_table(&[mixed, sick, none]);
     assert_eq!(
         out,
-        "ID          CONNECTED  DRAINING  ISOLATION  TENANTS  GPUS                                 RUNNING\n\
-         lab/node-a  yes        no        sandbox    any      2xH100-80GB [sim]                    1\n\
-         lab/node-b  no         yes       sandbox    any      1xA100-80GB,1xL4-24GB (1 unhealthy)  1\n\
-         aws/i-1     yes        no        none       acme     -                                    1\n"
+        "ID          CONNECTED  DRAINING  GPUS                                 RUNNING  ISOLATION  TENANTS\n\
+         lab/node-a  yes        no        2xH100-80GB [sim]                    1        sandbox    any\n\
+         lab/node-b  no         yes       1xA100-80GB,1xL4-24GB (1 unhealthy)  1        sandbox    any\n\
+         aws/i-1     yes        no        -                                    1        none       acme\n"
     );
 }
 
