@@ -51,8 +51,19 @@ fn connect_as(
     attempts: Vec<AttemptReport>,
     out: &mut Effects,
 ) -> mpsc::Receiver<Result<proto::BrokerMessage, tonic::Status>> {
-    let (tx, rx) = mpsc::channel(16);
     let inventory = Inventory { cpus: 8, memory_mib: 65536, ..Default::default() };
+    connect_with(core, node, conn, inventory, attempts, out)
+}
+
+fn connect_with(
+    core: &mut Core,
+    node: &str,
+    conn: u64,
+    inventory: Inventory,
+    attempts: Vec<AttemptReport>,
+    out: &mut Effects,
+) -> mpsc::Receiver<Result<proto::BrokerMessage, tonic::Status>> {
+    let (tx, rx) = mpsc::channel(16);
     core.connected(format!("lab/{node}"), "lab".into(), node.into(), inventory, attempts, Conn { id: conn, tx }, out);
     rx
 }
@@ -176,4 +187,55 @@ async fn an_agent_cannot_adopt_or_renew_another_agents_attempt() {
     let job = &core.jobs[&id];
     assert_eq!((job.life.state, job.life.attempts), (JobState::Queued, 1), "{}", job.rec.reason);
     assert!(job.rec.reason.contains("lease expired"), "{}", job.rec.reason);
+}
+
+/// An agent that claimed a future epoch of a job (a stale attempt: it is told to stop, and holds
+/// what it reported until it says the attempt ended) must not renew that epoch's lease once the
+/// job's next attempt is leased to another agent with it.
+#[tokio::test]
+async fn only_an_attempts_own_agent_renews_its_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut core = core(&dir).await;
+    let mut out = Effects::default();
+    let _a = connect_as(&mut core, "a", 1, vec![], &mut out);
+    let spec = Arc::new(JobSpec::from_yaml(b"name: x\ncommand: [\"true\"]\nmax_attempts: 3\n", 65536).unwrap());
+    let (id, _) = core.submit(submitted(spec), &mut out).unwrap();
+    core.dispatch(&mut out);
+    commit(&mut core, out).await;
+    let future = AttemptReport {
+        job_id: id.clone(),
+        attempt: 2,
+        epoch: 2,
+        phase: Phase::Running,
+        exit_code: None,
+        reason: String::new(),
+        gpu_indices: vec![],
+        staging: None,
+    };
+    let mut out = Effects::default();
+    let no_room = Inventory { cpus: 0, memory_mib: 0, ..Default::default() };
+    let mut b = connect_with(&mut core, "b", 2, no_room, vec![future], &mut out);
+    commit(&mut core, out).await;
+    assert!(drain(&mut b).iter().any(|m| matches!(m, Msg::Stop(s) if s.job_id == id && s.epoch == 2)));
+    assert_eq!(core.agents["lab/b"].attempts().count(), 1, "a stale attempt holds what it reported");
+
+    // Agent a is lost; the job's second attempt (epoch 2) goes to agent c.
+    let mut out = Effects::default();
+    core.handle(Cmd::Disconnected { agent: "lab/a".into(), conn: 1 }, &mut out);
+    let a_deadline = core.jobs[&id].lease_deadline.unwrap();
+    core.expire(a_deadline, &mut out);
+    let _c = connect_as(&mut core, "c", 3, vec![], &mut out);
+    core.dispatch(&mut out);
+    commit(&mut core, out).await;
+    let job = &core.jobs[&id];
+    assert_eq!((job.rec.agent.as_deref(), job.life.epoch), (Some("lab/c"), 2));
+    let deadline = job.lease_deadline.unwrap();
+
+    let mut out = Effects::default();
+    core.handle(Cmd::Heartbeat { agent: "lab/b".into(), conn: 2, inventory: None }, &mut out);
+    commit(&mut core, out).await;
+    assert_eq!(core.jobs[&id].lease_deadline, Some(deadline), "agent b's heartbeat does not renew c's lease");
+    let mut out = Effects::default();
+    core.handle(Cmd::Heartbeat { agent: "lab/c".into(), conn: 3, inventory: None }, &mut out);
+    assert!(core.jobs[&id].lease_deadline > Some(deadline), "agent c's own heartbeat does");
 }
