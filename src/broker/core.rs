@@ -708,10 +708,8 @@ impl Core {
         entry.last_seen = Instant::now();
         let deadline = entry.last_seen + self.settings.lease_ttl;
         for (job_id, epoch) in entry.attempts() {
-            if let Some(job) = self
-                .jobs
-                .get_mut(job_id)
-                .filter(|j| j.life.epoch == *epoch && j.rec.agent.as_deref() == Some(agent))
+            if let Some(job) =
+                self.jobs.get_mut(job_id).filter(|j| j.life.epoch == *epoch && j.rec.agent.as_deref() == Some(agent))
             {
                 job.lease_deadline = Some(deadline);
             }

@@ -79,8 +79,9 @@ impl LocalS3Server {
     pub fn new(root: &Path, listener: TcpListener) -> Result<Self, StorageError> {
         private_files::create_dir_all(root)
             .map_err(|e| StorageError::Config(format!("cannot create the local store {}: {e}", root.display())))?;
-        private_files::narrow_tree(root)
-            .map_err(|e| StorageError::Config(format!("cannot make the local store {} private: {e}", root.display())))?;
+        private_files::narrow_tree(root).map_err(|e| {
+            StorageError::Config(format!("cannot make the local store {} private: {e}", root.display()))
+        })?;
         let fs = s3s_fs::FileSystem::new(root)
             .map_err(|e| StorageError::Config(format!("cannot open the local store {}: {e:?}", root.display())))?;
         let (access_key, secret_key) = new_key()?;

@@ -36,8 +36,13 @@ impl RawAgent {
         let config = tls::client_config(&paths, TRUST_DOMAIN, Role::Broker).unwrap();
         let channel = tls::connect(&format!("https://{}", cluster.addr), config, None).await.unwrap();
         let (tx, rx) = mpsc::channel(64);
-        let register =
-            proto::Register { site: "lab".into(), node: node.into(), inventory: Some(inventory), attempts, ..Default::default() };
+        let register = proto::Register {
+            site: "lab".into(),
+            node: node.into(),
+            inventory: Some(inventory),
+            attempts,
+            ..Default::default()
+        };
         tx.send(proto::AgentMessage { msg: Some(In::Register(register)) }).await.unwrap();
         let inbound = AgentServiceClient::new(channel).session(ReceiverStream::new(rx)).await?.into_inner();
         // The protocol's cadence (not a synchronisation): well inside the lease.
@@ -59,7 +64,8 @@ impl RawAgent {
     async fn next<T>(&mut self, what: &str, wanted: impl Fn(Out) -> Option<T>) -> T {
         let found = tokio::time::timeout(DEADLINE, async {
             loop {
-                let msg = self.inbound.message().await.unwrap_or_else(|e| panic!("stream failed waiting for {what}: {e}"));
+                let msg =
+                    self.inbound.message().await.unwrap_or_else(|e| panic!("stream failed waiting for {what}: {e}"));
                 let msg = msg.unwrap_or_else(|| panic!("stream ended waiting for {what}"));
                 if let Some(found) = msg.msg.and_then(&wanted) {
                     return found;
@@ -146,11 +152,9 @@ async fn an_impostor_can_neither_adopt_another_agents_attempt_nor_keep_its_lease
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_isolation_runs_only_the_tenant_it_is_dedicated_to() {
     let extra = format!("{TENANTS}\n[[dedicated]]\nagent = \"lab/node-9\"\ntenant = \"acme\"\n");
-    let mut cluster = Cluster::start_with(Duration::from_secs(5), &[], |_| Setup {
-        broker_extra: Some(extra),
-        ..Default::default()
-    })
-    .await;
+    let mut cluster =
+        Cluster::start_with(Duration::from_secs(5), &[], |_| Setup { broker_extra: Some(extra), ..Default::default() })
+            .await;
 
     // Not dedicated: refused, naming the config key. An agent older than the field reads as none.
     for (node, isolation) in [("node-8", "none"), ("node-7", "")] {
