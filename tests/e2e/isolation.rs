@@ -237,3 +237,44 @@ async fn the_store_is_private_and_a_world_readable_one_is_narrowed_at_start() {
     let narrowed = log.lines().find(|l| l.contains("narrowed its mode") && l.contains(&db) && l.contains("0644"));
     assert!(narrowed.is_some_and(|l| l.contains("WARN")), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_sites_a_dedicated_nodes_room_counts_only_for_its_tenant() {
+    let snapshot = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/prices/snapshot.json");
+    let extra = format!(
+        "[prices]\nsnapshot = \"{}\"\n\
+         [[residency]]\nname = \"eu\"\naws = [\"eu-west-1\"]\nazure = [\"westeurope\"]\nonprem = [\"stockholm\"]\n\
+         [[site]]\nname = \"lab\"\nkind = \"onprem\"\nregion = \"stockholm\"\nresidency = \"eu\"\ngpu_hour_usd = 1.5\n\
+         [[tenant]]\nname = \"acme\"\n[[tenant]]\nname = \"globex\"\n\
+         [[dedicated]]\nagent = \"lab/node-9\"\ntenant = \"acme\"\n",
+        snapshot.display()
+    );
+    let cluster =
+        Cluster::start_with(Duration::from_secs(5), &[], |_| Setup { broker_extra: Some(extra), ..Default::default() })
+            .await;
+    let mut node9 = RawAgent::register(&cluster, "node-9", inventory("none", 8), vec![]).await.expect("dedicated");
+    node9.next("registered", |m| matches!(m, Out::Registered(_)).then_some(())).await;
+    let job = "name: x\ncommand: [\"true\"]\nexpected_runtime: 1h\n";
+
+    // The plan shows the lab's room to acme only.
+    let mut admin = cluster.admin().await;
+    let plan = |tenant: &str| proto::SubmitRequest {
+        spec: job.as_bytes().to_vec(),
+        format: proto::SpecFormat::Yaml.into(),
+        idempotency_key: String::new(),
+        tenant: tenant.into(),
+    };
+    let decision = |json: String| serde_json::from_str::<serde_json::Value>(&json).unwrap();
+    let acme_plan = decision(admin.plan(plan("acme")).await.unwrap().into_inner().decision_json);
+    let globex_plan = decision(admin.plan(plan("globex")).await.unwrap().into_inner().decision_json);
+    assert_eq!(acme_plan["chosen"]["site"], "lab", "{acme_plan}");
+    assert!(globex_plan["chosen"].is_null(), "the dedicated node's room is acme's alone: {globex_plan}");
+    println!("globex's plan: {}", globex_plan["candidates"]);
+
+    let other = submit_as(&cluster, "globex", job).await;
+    let mine = submit_as(&cluster, "acme", job).await;
+    let assigned = node9.next("acme's job", |m| if let Out::Assign(a) = m { Some(a.job_id) } else { None }).await;
+    assert_eq!(assigned, mine, "the first assignment of the dedicated node is acme's job");
+    let other = get(&mut admin, &other).await;
+    assert!(other.agent.is_empty() && matches!(other.state.as_str(), "queued" | "placed"), "{other:?}");
+}
