@@ -217,12 +217,18 @@ impl proto::agent_service_server::AgentService for AgentService {
                 reg.site, reg.node
             )));
         }
+        let reported = reg.inventory.as_ref().map(|i| i.isolation.clone()).unwrap_or_default();
         let inventory = Inventory::from(reg.inventory.unwrap_or_default());
         if inventory.isolation == Isolation::None && !self.dedicated.contains_key(&agent) {
-            tracing::warn!(agent, "refused an agent without isolation: it is not dedicated to a tenant");
+            tracing::warn!(agent, isolation = reported, "refused an agent without isolation: it is not dedicated");
+            let runs = if reported.is_empty() {
+                "reports no isolation (an agent older than the field), so it counts as isolation \"none\"".to_string()
+            } else {
+                format!("runs without isolation (isolation {reported:?})")
+            };
             return Err(Status::failed_precondition(format!(
-                "agent {agent} runs without isolation (isolation \"none\": its jobs are not kept apart) and is not \
-                 dedicated to a tenant: dedicate it in the broker's config ([[dedicated]] agent = \"{agent}\", \
+                "agent {agent} {runs}: its jobs are not kept apart, so it may run one tenant's jobs only, and it is \
+                 not dedicated to a tenant; dedicate it in the broker's config ([[dedicated]] agent = \"{agent}\", \
                  tenant = \"<tenant>\") or run the agent sandboxed"
             )));
         }

@@ -18,7 +18,7 @@ use super::tail::Tail;
 use crate::config::TenantConfig;
 use crate::error::ApiError;
 use crate::model::UnixMillis;
-use crate::model::agent::{AttemptReport, Inventory, Phase};
+use crate::model::agent::{AttemptReport, Inventory, Isolation, Phase};
 use crate::model::data::{JobData, StagingStats};
 use crate::model::job::JobSpec;
 use crate::model::state::{Input, JobState, Lifecycle};
@@ -732,8 +732,14 @@ impl Core {
         let conn_id = conn.id;
         let entry = self.agents.entry(agent.clone()).or_insert_with(|| AgentEntry::new(&agent, &site, &node));
         entry.dedicated = self.settings.dedicated.get(&agent).cloned();
-        if let Some(tenant) = &entry.dedicated {
-            tracing::info!(agent, tenant, isolation = %inventory.isolation, "agent dedicated to one tenant");
+        match (&entry.dedicated, inventory.isolation) {
+            (Some(tenant), Isolation::None) => {
+                tracing::warn!(agent, tenant, "agent without isolation: it runs only its dedicated tenant's jobs")
+            }
+            (Some(tenant), isolation) => {
+                tracing::info!(agent, tenant, %isolation, "agent dedicated to one tenant: it runs only its jobs")
+            }
+            (None, _) => {}
         }
         entry.inventory = inventory;
         entry.conn = Some(conn);
