@@ -240,3 +240,17 @@ async fn only_an_attempts_own_agent_renews_its_lease() {
     core.handle(Cmd::Heartbeat { agent: "lab/c".into(), conn: 3, inventory: None }, &mut out);
     assert!(core.jobs[&id].lease_deadline > Some(deadline), "agent c's own heartbeat does");
 }
+
+/// Isolation is checked at register; a heartbeat cannot turn a sandboxed agent into one without
+/// isolation (nor the reverse).
+#[tokio::test]
+async fn a_heartbeat_cannot_change_an_agents_isolation() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut core = core(&dir).await;
+    let mut out = Effects::default();
+    let _a = connect_as(&mut core, "a", 1, vec![], &mut out);
+    let unisolated = Inventory { cpus: 16, isolation: Isolation::None, ..Default::default() };
+    core.handle(Cmd::Heartbeat { agent: "lab/a".into(), conn: 1, inventory: Some(unisolated) }, &mut out);
+    let inventory = &core.agents["lab/a"].inventory;
+    assert_eq!((inventory.isolation, inventory.cpus), (Isolation::Sandbox, 16), "the rest of the inventory is fresh");
+}
