@@ -44,6 +44,10 @@ pub struct BrokerConfig {
     /// Tenants (`[[tenant]]`). The tenant `default` always exists, for admins' own submits.
     #[serde(default, rename = "tenant")]
     pub tenants: Vec<TenantConfig>,
+    /// Nodes given to one tenant only (`[[dedicated]]`): they run only that tenant's jobs. An agent
+    /// without isolation (`isolation = "none"`) is refused unless it is listed here.
+    #[serde(default)]
+    pub dedicated: Vec<DedicatedAgent>,
     /// Storage locations for job data (`[[storage]]`).
     #[serde(default, rename = "storage")]
     pub storage: Vec<StorageConfig>,
@@ -416,6 +420,16 @@ pub struct TenantConfig {
     /// Use owned (on-prem) hardware whenever it has room, whatever the cloud prices.
     #[serde(default)]
     pub owned_first: bool,
+}
+
+/// One node dedicated to one tenant (`[[dedicated]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedicatedAgent {
+    /// `<site>/<node>`, as in the agent's certificate.
+    pub agent: String,
+    /// The declared tenant whose jobs alone run there.
+    pub tenant: String,
 }
 
 fn default_max_queued_jobs() -> u32 {
@@ -824,11 +838,31 @@ impl BrokerConfig {
         }
         self.storage_problems(&mut problems);
         self.placement_problems(&mut problems);
+        self.dedicated_problems(&mut problems);
         finish(path, problems)
     }
 }
 
 impl BrokerConfig {
+    fn dedicated_problems(&self, problems: &mut Vec<String>) {
+        let mut agents = std::collections::HashSet::new();
+        for (i, d) in self.dedicated.iter().enumerate() {
+            let valid = d.agent.split_once('/').is_some_and(|(site, node)| {
+                crate::model::identity::validate_name("site", site).is_ok()
+                    && crate::model::identity::validate_name("node", node).is_ok()
+            });
+            if !valid {
+                problems.push(format!("dedicated[{i}].agent: {:?} is not <site>/<node>", d.agent));
+            }
+            if self.tenant(&d.tenant).is_none() {
+                problems.push(format!("dedicated[{i}].tenant: {:?} is not a declared [[tenant]]", d.tenant));
+            }
+            if !agents.insert(d.agent.as_str()) {
+                problems.push(format!("dedicated[{i}].agent: {:?} is dedicated twice", d.agent));
+            }
+        }
+    }
+
     fn placement_problems(&self, problems: &mut Vec<String>) {
         let mut names = std::collections::HashSet::new();
         for (i, site) in self.sites.iter().enumerate() {
@@ -1049,5 +1083,22 @@ mod tests {
         let c: BrokerConfig = parse_toml(text, Path::new("t.toml"), []).unwrap();
         let ConfigError::Invalid { problems, .. } = c.validate(Path::new("t.toml")).unwrap_err() else { panic!() };
         assert_eq!(problems.len(), 4, "{problems:?}");
+    }
+
+    #[test]
+    fn dedicated_agents_name_a_declared_tenant_once() {
+        let text = "[broker]\nlisten = \"127.0.0.1:1\"\n[tls]\nca_cert = \"/nope/a\"\ncert = \"/nope/b\"\nkey = \"/nope/c\"\n\
+                    [store]\npath = \"x.db\"\n[[tenant]]\nname = \"acme\"\n\
+                    [[dedicated]]\nagent = \"lab/gpu-9\"\ntenant = \"acme\"\n\
+                    [[dedicated]]\nagent = \"lab/gpu-9\"\ntenant = \"globex\"\n\
+                    [[dedicated]]\nagent = \"gpu-7\"\ntenant = \"default\"\n";
+        let c: BrokerConfig = parse_toml(text, Path::new("t.toml"), []).unwrap();
+        assert_eq!(c.dedicated.len(), 3);
+        let ConfigError::Invalid { problems, .. } = c.validate(Path::new("t.toml")).unwrap_err() else { panic!() };
+        let dedicated: Vec<&String> = problems.iter().filter(|p| p.starts_with("dedicated")).collect();
+        assert_eq!(dedicated.len(), 3, "{problems:?}");
+        assert!(dedicated.iter().any(|p| p.contains("\"globex\" is not a declared [[tenant]]")), "{problems:?}");
+        assert!(dedicated.iter().any(|p| p.contains("\"lab/gpu-9\" is dedicated twice")), "{problems:?}");
+        assert!(dedicated.iter().any(|p| p.contains("\"gpu-7\" is not <site>/<node>")), "{problems:?}");
     }
 }

@@ -12,6 +12,7 @@
 //! - [`bench`]: `hybroker bench`: a broker child process, simulated agents and a job driver; numbers.
 //! - [`pki`], [`tls`]: development CA, role certificates and the mutual-TLS identity checks.
 //! - [`metrics`]: the Prometheus registry and each service's `/metrics` endpoint.
+//! - [`private_files`]: owner-only modes for the store, the local object store and private keys.
 //! - [`config`], [`telemetry`], [`error`], [`proto`]: configuration, logs, errors, generated gRPC.
 
 pub mod agent;
@@ -26,6 +27,7 @@ pub mod model;
 pub mod pki;
 pub mod placement;
 pub mod pricing;
+pub mod private_files;
 pub mod proto;
 pub mod storage;
 pub mod store;

@@ -97,7 +97,7 @@ pub fn init_ca(dir: &Path, trust_domain: &str) -> Result<CaPaths, PkiError> {
         return Err(PkiError::CaExists(dir.to_path_buf()));
     }
     let ca = Ca::generate(trust_domain)?;
-    fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+    crate::private_files::create_dir_all(dir).map_err(io_err("create directory", dir))?;
     write_file(&paths.key, &ca.key.serialize_pem(), 0o600, false)?;
     write_file(&paths.cert, &ca.cert_pem, 0o644, false)?;
     write_file(&paths.trust_domain, &format!("{trust_domain}\n"), 0o644, true)?;
@@ -228,6 +228,7 @@ impl Ca {
         let trust_domain = read_file(&paths.trust_domain)?.trim().to_string();
         validate_trust_domain(&trust_domain)?;
         let cert_pem = read_file(&paths.cert)?;
+        crate::private_files::narrow_logged(&paths.key).map_err(io_err("restrict", &paths.key))?;
         let key_pem = read_file(&paths.key)?;
         let bad = |path: &Path, reason: String| PkiError::BadCa { path: path.to_path_buf(), reason };
         let key = KeyPair::from_pem(&key_pem).map_err(|e| bad(&paths.key, e.to_string()))?;
@@ -291,7 +292,7 @@ impl Ca {
     pub fn issue_to_dir(&self, dir: &Path, req: &IssueRequest) -> Result<(PathBuf, PathBuf), PkiError> {
         validate_name("name", &req.name)?;
         let issued = self.issue(req)?;
-        fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+        crate::private_files::create_dir_all(dir).map_err(io_err("create directory", dir))?;
         let cert_path = dir.join(format!("{}.pem", req.name));
         let key_path = dir.join(format!("{}-key.pem", req.name));
         write_file(&key_path, &issued.key_pem, 0o600, true)?;

@@ -29,6 +29,17 @@ fn init_writes_files_and_refuses_overwrite() {
 }
 
 #[test]
+fn a_new_pki_directory_is_private_and_a_wide_ca_key_is_narrowed_on_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    let paths = init_ca(&pki, "hybroker.test").unwrap();
+    assert_eq!(mode(&pki), 0o700);
+    fs::set_permissions(&paths.key, fs::Permissions::from_mode(0o644)).unwrap();
+    Ca::load(&pki).unwrap();
+    assert_eq!(mode(&paths.key), 0o600);
+}
+
+#[test]
 fn loaded_ca_issues_role_certificates() {
     let dir = tempfile::tempdir().unwrap();
     init_ca(dir.path(), "hybroker.test").unwrap();

@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::core::{AttemptData, Cmd};
 use super::data::DataPlane;
 use super::staging;
-use crate::model::agent::{AttemptReport, Inventory};
+use crate::model::agent::{AttemptReport, Inventory, Isolation};
 use crate::model::identity::Role;
 use crate::placement::bind::FreeCapacity;
 use crate::proto::{self, agent_message::Msg as In, broker_message::Msg as Out};
@@ -54,6 +54,8 @@ pub struct AgentEntry {
     held_gpus: Vec<u32>,
     /// Takes no new work; running attempts finish.
     pub draining: bool,
+    /// The only tenant whose jobs this node runs (`[[dedicated]]` in the broker's config).
+    pub dedicated: Option<String>,
 }
 
 /// What the job service shows of an agent.
@@ -67,6 +69,7 @@ pub struct AgentView {
     pub running_jobs: Vec<String>,
     pub last_seen_ms: i64,
     pub draining: bool,
+    pub dedicated: Option<String>,
 }
 
 impl AgentEntry {
@@ -83,6 +86,7 @@ impl AgentEntry {
             used_memory_mib: 0,
             held_gpus: Vec::new(),
             draining: false,
+            dedicated: None,
         }
     }
 
@@ -146,6 +150,7 @@ impl AgentEntry {
                 .collect(),
             cpus: self.inventory.cpus.saturating_sub(self.used_cpus),
             memory_mib: self.inventory.memory_mib.saturating_sub(self.used_memory_mib),
+            tenant: self.dedicated.clone(),
         }
     }
 
@@ -162,6 +167,7 @@ impl AgentEntry {
             running_jobs,
             last_seen_ms: seen.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),
             draining: self.draining,
+            dedicated: self.dedicated.clone(),
         }
     }
 }
@@ -171,11 +177,13 @@ pub struct AgentService {
     core: mpsc::Sender<Cmd>,
     next_conn: Arc<AtomicU64>,
     data: Arc<DataPlane>,
+    /// Agent id (`site/node`) → the tenant it is dedicated to (`[[dedicated]]`).
+    dedicated: Arc<HashMap<String, String>>,
 }
 
 impl AgentService {
-    pub fn new(core: mpsc::Sender<Cmd>, data: Arc<DataPlane>) -> Self {
-        Self { core, next_conn: Arc::new(AtomicU64::new(1)), data }
+    pub fn new(core: mpsc::Sender<Cmd>, data: Arc<DataPlane>, dedicated: Arc<HashMap<String, String>>) -> Self {
+        Self { core, next_conn: Arc::new(AtomicU64::new(1)), data, dedicated }
     }
 
     /// The calling agent's id, and the data of the attempt it names.
@@ -209,7 +217,21 @@ impl proto::agent_service_server::AgentService for AgentService {
                 reg.site, reg.node
             )));
         }
+        let reported = reg.inventory.as_ref().map(|i| i.isolation.clone()).unwrap_or_default();
         let inventory = Inventory::from(reg.inventory.unwrap_or_default());
+        if inventory.isolation == Isolation::None && !self.dedicated.contains_key(&agent) {
+            tracing::warn!(agent, isolation = reported, "refused an agent without isolation: it is not dedicated");
+            let runs = if reported.is_empty() {
+                "reports no isolation (an agent older than the field), so it counts as isolation \"none\"".to_string()
+            } else {
+                format!("runs without isolation (isolation {reported:?})")
+            };
+            return Err(Status::failed_precondition(format!(
+                "agent {agent} {runs}: its jobs are not kept apart, so it may run one tenant's jobs only, and it is \
+                 not dedicated to a tenant; dedicate it in the broker's config ([[dedicated]] agent = \"{agent}\", \
+                 tenant = \"<tenant>\") or run the agent sandboxed"
+            )));
+        }
         let attempts = reg.attempts.into_iter().map(AttemptReport::try_from).collect::<Result<Vec<_>, _>>()?;
         let (tx, rx) = mpsc::channel(OUTBOX);
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
@@ -314,7 +336,8 @@ mod tests {
         let mut entry = AgentEntry::new("lab/a", "lab", "a");
         let mut gpus = simulated_gpus(&parse_simulated("4xH100-80GB").unwrap(), 0, "a");
         gpus[1].healthy = false;
-        entry.inventory = Inventory { gpus, cpus: 16, memory_mib: 65536, labels: Default::default(), ..Default::default() };
+        entry.inventory =
+            Inventory { gpus, cpus: 16, memory_mib: 65536, labels: Default::default(), ..Default::default() };
         entry.allocate("job-1", 1, Alloc { gpus: vec![2], cpus: 4, memory_mib: 1024 });
         let free = entry.free();
         assert_eq!(free.gpus.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [0, 3]);

@@ -19,7 +19,7 @@ use super::tail::Tail;
 use crate::config::TenantConfig;
 use crate::error::ApiError;
 use crate::model::UnixMillis;
-use crate::model::agent::{AttemptReport, Inventory, Phase};
+use crate::model::agent::{AttemptReport, Inventory, Isolation, Phase};
 use crate::model::data::{JobData, StagingStats};
 use crate::model::job::JobSpec;
 use crate::model::state::{Input, JobState, Lifecycle};
@@ -52,6 +52,8 @@ pub struct CoreSettings {
     pub placer: Arc<Placer>,
     /// Seal jobs' `secret_env` at submit; open it for the assignment.
     pub secrets: Arc<SecretKeys>,
+    /// Agent id (`site/node`) → the only tenant whose jobs it runs (`[[dedicated]]`).
+    pub dedicated: Arc<HashMap<String, String>>,
 }
 
 pub type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
@@ -253,6 +255,7 @@ impl Core {
         }
         for a in core.writer.load_agents().await? {
             let mut entry = AgentEntry::new(&a.id, &a.site, &a.node);
+            entry.dedicated = core.settings.dedicated.get(&a.id).cloned();
             entry.inventory = serde_json::from_str(&a.inventory_json).unwrap_or_default();
             entry.draining = a.draining;
             let age = Duration::from_millis(now_ms().saturating_sub(a.last_seen).max(0) as u64);
@@ -465,8 +468,19 @@ impl Core {
             }
             Cmd::Heartbeat { agent, conn, inventory } => {
                 if self.touch(&agent, conn)
-                    && let (Some(inventory), Some(entry)) = (inventory, self.agents.get_mut(&agent))
+                    && let (Some(mut inventory), Some(entry)) = (inventory, self.agents.get_mut(&agent))
                 {
+                    // Isolation is what the agent registered with (checked then); it cannot change
+                    // on a live stream.
+                    if inventory.isolation != entry.inventory.isolation {
+                        tracing::warn!(
+                            agent,
+                            registered = %entry.inventory.isolation,
+                            reported = %inventory.isolation,
+                            "ignored a change of isolation in a heartbeat"
+                        );
+                        inventory.isolation = entry.inventory.isolation;
+                    }
                     entry.inventory = inventory;
                 }
             }
@@ -697,7 +711,9 @@ impl Core {
         }));
     }
 
-    /// A message arrived on the agent's current stream: it is alive, and so are its leases.
+    /// A message arrived on the agent's current stream: it is alive, and so are its leases, the
+    /// current attempts that are its own (an attempt it holds resources for but that is leased to
+    /// another agent is never renewed by it).
     fn touch(&mut self, agent: &str, conn: u64) -> bool {
         let Some(entry) = self.agents.get_mut(agent).filter(|e| e.conn_id() == Some(conn)) else {
             return false;
@@ -705,7 +721,9 @@ impl Core {
         entry.last_seen = Instant::now();
         let deadline = entry.last_seen + self.settings.lease_ttl;
         for (job_id, epoch) in entry.attempts() {
-            if let Some(job) = self.jobs.get_mut(job_id).filter(|j| j.life.epoch == *epoch) {
+            if let Some(job) =
+                self.jobs.get_mut(job_id).filter(|j| j.life.epoch == *epoch && j.rec.agent.as_deref() == Some(agent))
+            {
                 job.lease_deadline = Some(deadline);
             }
         }
@@ -726,6 +744,16 @@ impl Core {
         tracing::info!(agent, gpus = inventory.gpus.len(), attempts = reports.len(), "agent registered");
         let conn_id = conn.id;
         let entry = self.agents.entry(agent.clone()).or_insert_with(|| AgentEntry::new(&agent, &site, &node));
+        entry.dedicated = self.settings.dedicated.get(&agent).cloned();
+        match (&entry.dedicated, inventory.isolation) {
+            (Some(tenant), Isolation::None) => {
+                tracing::warn!(agent, tenant, "agent without isolation: it runs only its dedicated tenant's jobs")
+            }
+            (Some(tenant), isolation) => {
+                tracing::info!(agent, tenant, %isolation, "agent dedicated to one tenant: it runs only its jobs")
+            }
+            (None, _) => {}
+        }
         entry.inventory = inventory;
         entry.conn = Some(conn);
         entry.last_seen = Instant::now();
@@ -745,6 +773,23 @@ impl Core {
         // Reconcile: what the agent still holds is adopted (if current) or stopped; what the broker
         // thinks it holds but the agent does not report is lost.
         let mut previous = entry.take_allocs();
+        let mut adopted = Vec::with_capacity(reports.len());
+        for r in reports {
+            // Another agent's current attempt is never adopted: its lease stays its owner's.
+            if let Some(owner) = self.owner_if_foreign(&agent, &r) {
+                tracing::warn!(
+                    agent,
+                    job = r.job_id,
+                    epoch = r.epoch,
+                    owner,
+                    "refused to adopt another agent's attempt at register; told to stop it"
+                );
+                self.refuse_foreign(&agent, r, out);
+                continue;
+            }
+            adopted.push(r);
+        }
+        let reports = adopted;
         for r in &reports {
             let current = self.jobs.get(&r.job_id).filter(|j| {
                 j.life.epoch == r.epoch && j.life.state.has_attempt() && j.rec.agent.as_deref() == Some(agent.as_str())
@@ -773,7 +818,7 @@ impl Core {
             if let Some(job) = self.jobs.get(&job_id).filter(|j| alloc.is_none() && j.life.state == JobState::Leased) {
                 // After a broker restart nothing is booked yet: book the job's needs afresh.
                 let r = &job.spec.resources;
-                alloc = fit(r, &self.agents[&agent].free()).map(|gpus| Alloc {
+                alloc = fit(&job.rec.tenant, r, &self.agents[&agent].free()).map(|gpus| Alloc {
                     gpus,
                     cpus: r.cpus,
                     memory_mib: u64::from(r.memory_gib) * 1024,
@@ -824,12 +869,12 @@ impl Core {
             }
             return;
         }
-        let mut job = self.jobs.remove(&r.job_id).expect("checked above");
-        if job.rec.agent.as_deref() != Some(agent) {
-            tracing::warn!(agent, job = r.job_id, owner = ?job.rec.agent, "refused report about another agent's attempt");
-            self.jobs.insert(r.job_id.clone(), job);
+        if let Some(owner) = self.owner_if_foreign(agent, &r) {
+            tracing::warn!(agent, job = r.job_id, owner, "refused report about another agent's attempt");
+            self.refuse_foreign(agent, r, out);
             return;
         }
+        let mut job = self.jobs.remove(&r.job_id).expect("checked above");
         let input = match r.phase {
             Phase::Running => Input::Started { epoch: r.epoch },
             Phase::Exited => Input::Exited { epoch: r.epoch, exit_code: r.exit_code.unwrap_or(-1) },
@@ -867,6 +912,27 @@ impl Core {
                 tracing::debug!(agent, job = r.job_id, %refusal, "report ignored");
                 self.jobs.insert(r.job_id.clone(), job);
             }
+        }
+    }
+
+    /// The agent that holds the reported attempt, when it is current and held by another agent.
+    fn owner_if_foreign(&self, agent: &str, r: &AttemptReport) -> Option<String> {
+        let job = self.jobs.get(&r.job_id).filter(|j| j.life.epoch == r.epoch && j.life.state.has_attempt())?;
+        let owner = job.rec.agent.as_deref().unwrap_or("");
+        (owner != agent).then(|| owner.to_string())
+    }
+
+    /// Refuses a report about another agent's attempt: the reporter is told to stop it (or, for a
+    /// final report, that it may forget it); the owner's attempt and lease are not touched.
+    fn refuse_foreign(&mut self, agent: &str, r: AttemptReport, out: &mut Effects) {
+        use proto::broker_message::Msg;
+        self.free(agent, &r.job_id, r.epoch);
+        if r.is_final() {
+            out.send(agent, Msg::Ack(proto::Ack { job_id: r.job_id, epoch: r.epoch }));
+        } else {
+            let reason = "not this agent's attempt: it is leased to another agent".to_string();
+            let stop = proto::StopAttempt { job_id: r.job_id, attempt: r.attempt, epoch: r.epoch, reason };
+            out.send(agent, Msg::Stop(stop));
         }
     }
 
@@ -937,8 +1003,9 @@ impl Core {
             if free.iter().all(|f| f.cpus == 0) {
                 break;
             }
-            let req = &self.jobs[job_id].spec.resources;
-            if let Some(b) = first_fit(req, &free) {
+            let job = &self.jobs[job_id];
+            let req = &job.spec.resources;
+            if let Some(b) = first_fit(&job.rec.tenant, req, &free) {
                 let f = &mut free[b.agent];
                 f.cpus -= req.cpus;
                 f.memory_mib -= u64::from(req.memory_gib) * 1024;

@@ -21,15 +21,20 @@ use crate::placement::world::World;
 const RETRY_UNPLACED: Duration = Duration::from_secs(1);
 
 impl Core {
-    /// Free and total resources of every connected, non-draining agent, by site.
-    fn capacity(&self) -> HashMap<&str, (Vec<FreeCapacity>, Vec<FreeCapacity>)> {
+    /// Free and total resources, by site, of every connected, non-draining agent that may run
+    /// `tenant`'s jobs (a node dedicated to another tenant has no room for it).
+    fn capacity(&self, tenant: &str) -> HashMap<&str, (Vec<FreeCapacity>, Vec<FreeCapacity>)> {
         let mut per_site: HashMap<&str, (Vec<FreeCapacity>, Vec<FreeCapacity>)> = HashMap::new();
         for e in self.agents.values().filter(|e| e.conn.is_some() && !e.draining) {
             let total = FreeCapacity {
                 gpus: e.inventory.gpus.iter().filter(|g| g.healthy).map(|g| (g.index, g.model.clone())).collect(),
                 cpus: e.inventory.cpus,
                 memory_mib: e.inventory.memory_mib,
+                tenant: e.dedicated.clone(),
             };
+            if !total.admits(tenant) {
+                continue;
+            }
             let entry = per_site.entry(e.site.as_str()).or_default();
             entry.0.push(e.free());
             entry.1.push(total);
@@ -74,7 +79,7 @@ impl Core {
         if budget_left.is_none() {
             return Ok(());
         }
-        let world = placer.world(&self.capacity(), now_ms());
+        let world = placer.world(&self.capacity(tenant), now_ms());
         let decision = placer.place(&req, &world);
         let budget = decision.candidates.iter().find_map(|c| match &c.verdict {
             Verdict::Rejected(why) if why.starts_with("budget:") => Some(why.clone()),
@@ -102,7 +107,7 @@ impl Core {
             ));
         }
         let req = placer.request(tenant, spec, data, self.budget_left(tenant)).map_err(ApiError::InvalidArgument)?;
-        Ok(placer.place(&req, &placer.world(&self.capacity(), now_ms())))
+        Ok(placer.place(&req, &placer.world(&self.capacity(tenant), now_ms())))
     }
 
     /// Places queued jobs (and jobs waiting too long at their site) and binds placed jobs to
@@ -110,8 +115,10 @@ impl Core {
     pub(super) fn dispatch_placed(&mut self, out: &mut Effects) {
         let now = Instant::now();
         let placer = self.settings.placer.clone();
-        // Capacity and the world are built only when some job is due (not on every batch).
-        let mut world: Option<World> = None;
+        // Capacity and the world are built only when some job is due (not on every batch); with
+        // dedicated nodes, once per tenant (each sees only the nodes that may run its jobs).
+        let mut worlds: HashMap<String, World> = HashMap::new();
+        let per_tenant = self.agents.values().any(|e| e.dedicated.is_some());
         let mut decisions: Vec<(String, Decided)> = Vec::new();
         let mut unplaced: Vec<(String, String, Option<Decided>)> = Vec::new();
         let held = self.placement_hold_until.is_some_and(|t| now < t && !self.all_known_agents_connected());
@@ -133,7 +140,10 @@ impl Core {
                     continue;
                 }
             };
-            let world = world.get_or_insert_with(|| placer.world(&self.capacity(), now_ms()));
+            let key = if per_tenant { job.rec.tenant.as_str() } else { "" };
+            let world = worlds
+                .entry(key.to_string())
+                .or_insert_with(|| placer.world(&self.capacity(&job.rec.tenant), now_ms()));
             // A job retried after "no site can take it" gets a span only when the answer changes.
             let span = job.next_placement.is_none().then(|| super::trace::place_span(job));
             let started = Instant::now();
@@ -204,7 +214,7 @@ impl Core {
             let at_site: Vec<usize> = (0..ids.len()).filter(|&i| self.agents[&ids[i]].site == site).collect();
             let candidates: Vec<FreeCapacity> = at_site.iter().map(|&i| free[i].clone()).collect();
             let req = &job.spec.resources;
-            if let Some(b) = first_fit(req, &candidates) {
+            if let Some(b) = first_fit(&job.rec.tenant, req, &candidates) {
                 let f = &mut free[at_site[b.agent]];
                 f.cpus -= req.cpus;
                 f.memory_mib -= u64::from(req.memory_gib) * 1024;

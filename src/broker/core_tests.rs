@@ -31,6 +31,7 @@ async fn core_with_keys(dir: &tempfile::TempDir, keys: &str) -> Core {
         keys: Arc::new(KeyRing::default()),
         placer: Arc::new(crate::broker::placer::Placer::disabled()),
         secrets: Arc::new(crate::broker::secrets::SecretKeys::parse(keys).unwrap()),
+        dedicated: Arc::new(HashMap::new()),
     };
     Core::load(writer, settings, events).await.unwrap()
 }
@@ -49,6 +50,31 @@ fn connect(
     let inventory =
         Inventory { gpus: vec![], cpus: 8, memory_mib: 65536, labels: Default::default(), ..Default::default() };
     core.connected("lab/a".into(), "lab".into(), "a".into(), inventory, vec![], Conn { id: conn, tx }, out);
+    rx
+}
+
+/// Connects agent `lab/<node>` on stream `conn`, reporting `attempts` in its register.
+fn connect_as(
+    core: &mut Core,
+    node: &str,
+    conn: u64,
+    attempts: Vec<AttemptReport>,
+    out: &mut Effects,
+) -> mpsc::Receiver<Result<proto::BrokerMessage, tonic::Status>> {
+    let inventory = Inventory { cpus: 8, memory_mib: 65536, ..Default::default() };
+    connect_with(core, node, conn, inventory, attempts, out)
+}
+
+fn connect_with(
+    core: &mut Core,
+    node: &str,
+    conn: u64,
+    inventory: Inventory,
+    attempts: Vec<AttemptReport>,
+    out: &mut Effects,
+) -> mpsc::Receiver<Result<proto::BrokerMessage, tonic::Status>> {
+    let (tx, rx) = mpsc::channel(16);
+    core.connected(format!("lab/{node}"), "lab".into(), node.into(), inventory, attempts, Conn { id: conn, tx }, out);
     rx
 }
 
@@ -169,4 +195,128 @@ fn submitted(spec: Arc<JobSpec>) -> Submitted {
         trace_context: None,
         trace_parent: opentelemetry::Context::new(),
     }
+}
+
+/// The lease-pinning impostor: another agent's certificate names a running attempt at register and
+/// then heartbeats. The adoption is refused (the impostor is told to stop), and its traffic never
+/// renews the real agent's lease, which expires on time.
+#[tokio::test]
+async fn an_agent_cannot_adopt_or_renew_another_agents_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut core = core(&dir).await;
+    let mut out = Effects::default();
+    let mut real = connect_as(&mut core, "a", 1, vec![], &mut out);
+    let spec = Arc::new(JobSpec::from_yaml(b"name: x\ncommand: [\"true\"]\nmax_attempts: 2\n", 65536).unwrap());
+    let (id, _) = core.submit(submitted(spec), &mut out).unwrap();
+    core.dispatch(&mut out);
+    commit(&mut core, out).await;
+    assert!(drain(&mut real).iter().any(|m| matches!(m, Msg::Assign(a) if a.job_id == id)));
+    let running = AttemptReport {
+        job_id: id.clone(),
+        attempt: 1,
+        epoch: 1,
+        phase: Phase::Running,
+        exit_code: None,
+        reason: String::new(),
+        gpu_indices: vec![],
+        staging: None,
+    };
+    let mut out = Effects::default();
+    core.handle(Cmd::Report { agent: "lab/a".into(), conn: 1, report: running.clone() }, &mut out);
+    commit(&mut core, out).await;
+    assert_eq!(core.jobs[&id].life.state, JobState::Running);
+    let deadline = core.jobs[&id].lease_deadline.expect("a running attempt has a lease");
+
+    // The impostor registers naming the attempt, then reports it and heartbeats.
+    let mut out = Effects::default();
+    let mut impostor = connect_as(&mut core, "b", 2, vec![running.clone()], &mut out);
+    commit(&mut core, out).await;
+    let sent = drain(&mut impostor);
+    assert!(
+        sent.iter().any(|m| matches!(m, Msg::Stop(s) if s.job_id == id && s.epoch == 1)),
+        "the impostor is told to stop the attempt: {sent:?}"
+    );
+    assert_eq!(core.agents["lab/b"].attempts().count(), 0, "nothing adopted");
+    let mut out = Effects::default();
+    core.handle(Cmd::Heartbeat { agent: "lab/b".into(), conn: 2, inventory: None }, &mut out);
+    core.handle(Cmd::Report { agent: "lab/b".into(), conn: 2, report: running }, &mut out);
+    commit(&mut core, out).await;
+    assert!(drain(&mut impostor).iter().any(|m| matches!(m, Msg::Stop(s) if s.job_id == id)));
+    let job = &core.jobs[&id];
+    assert_eq!(job.rec.agent.as_deref(), Some("lab/a"), "the attempt stays the real agent's");
+    assert_eq!(job.lease_deadline, Some(deadline), "the impostor's traffic does not renew the lease");
+
+    // The real agent falls silent: at its deadline the lease expires and the job is queued again.
+    let mut out = Effects::default();
+    core.handle(Cmd::Disconnected { agent: "lab/a".into(), conn: 1 }, &mut out);
+    core.expire(deadline, &mut out);
+    commit(&mut core, out).await;
+    let job = &core.jobs[&id];
+    assert_eq!((job.life.state, job.life.attempts), (JobState::Queued, 1), "{}", job.rec.reason);
+    assert!(job.rec.reason.contains("lease expired"), "{}", job.rec.reason);
+}
+
+/// An agent that claimed a future epoch of a job (a stale attempt: it is told to stop, and holds
+/// what it reported until it says the attempt ended) must not renew that epoch's lease once the
+/// job's next attempt is leased to another agent with it.
+#[tokio::test]
+async fn only_an_attempts_own_agent_renews_its_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut core = core(&dir).await;
+    let mut out = Effects::default();
+    let _a = connect_as(&mut core, "a", 1, vec![], &mut out);
+    let spec = Arc::new(JobSpec::from_yaml(b"name: x\ncommand: [\"true\"]\nmax_attempts: 3\n", 65536).unwrap());
+    let (id, _) = core.submit(submitted(spec), &mut out).unwrap();
+    core.dispatch(&mut out);
+    commit(&mut core, out).await;
+    let future = AttemptReport {
+        job_id: id.clone(),
+        attempt: 2,
+        epoch: 2,
+        phase: Phase::Running,
+        exit_code: None,
+        reason: String::new(),
+        gpu_indices: vec![],
+        staging: None,
+    };
+    let mut out = Effects::default();
+    let no_room = Inventory { cpus: 0, memory_mib: 0, ..Default::default() };
+    let mut b = connect_with(&mut core, "b", 2, no_room, vec![future], &mut out);
+    commit(&mut core, out).await;
+    assert!(drain(&mut b).iter().any(|m| matches!(m, Msg::Stop(s) if s.job_id == id && s.epoch == 2)));
+    assert_eq!(core.agents["lab/b"].attempts().count(), 1, "a stale attempt holds what it reported");
+
+    // Agent a is lost; the job's second attempt (epoch 2) goes to agent c.
+    let mut out = Effects::default();
+    core.handle(Cmd::Disconnected { agent: "lab/a".into(), conn: 1 }, &mut out);
+    let a_deadline = core.jobs[&id].lease_deadline.unwrap();
+    core.expire(a_deadline, &mut out);
+    let _c = connect_as(&mut core, "c", 3, vec![], &mut out);
+    core.dispatch(&mut out);
+    commit(&mut core, out).await;
+    let job = &core.jobs[&id];
+    assert_eq!((job.rec.agent.as_deref(), job.life.epoch), (Some("lab/c"), 2));
+    let deadline = job.lease_deadline.unwrap();
+
+    let mut out = Effects::default();
+    core.handle(Cmd::Heartbeat { agent: "lab/b".into(), conn: 2, inventory: None }, &mut out);
+    commit(&mut core, out).await;
+    assert_eq!(core.jobs[&id].lease_deadline, Some(deadline), "agent b's heartbeat does not renew c's lease");
+    let mut out = Effects::default();
+    core.handle(Cmd::Heartbeat { agent: "lab/c".into(), conn: 3, inventory: None }, &mut out);
+    assert!(core.jobs[&id].lease_deadline > Some(deadline), "agent c's own heartbeat does");
+}
+
+/// Isolation is checked at register; a heartbeat cannot turn a sandboxed agent into one without
+/// isolation (nor the reverse).
+#[tokio::test]
+async fn a_heartbeat_cannot_change_an_agents_isolation() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut core = core(&dir).await;
+    let mut out = Effects::default();
+    let _a = connect_as(&mut core, "a", 1, vec![], &mut out);
+    let unisolated = Inventory { cpus: 16, isolation: Isolation::None, ..Default::default() };
+    core.handle(Cmd::Heartbeat { agent: "lab/a".into(), conn: 1, inventory: Some(unisolated) }, &mut out);
+    let inventory = &core.agents["lab/a"].inventory;
+    assert_eq!((inventory.isolation, inventory.cpus), (Isolation::Sandbox, 16), "the rest of the inventory is fresh");
 }

@@ -438,6 +438,7 @@ impl From<AgentView> for proto::AgentInfo {
             running_jobs: v.running_jobs,
             last_seen_ms: v.last_seen_ms,
             draining: v.draining,
+            dedicated_tenant: v.dedicated.unwrap_or_default(),
         }
     }
 }

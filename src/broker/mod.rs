@@ -40,6 +40,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     tls::install_crypto_provider();
+    crate::private_files::narrow_logged(&config.tls.key).context("broker private key")?;
     let trust_domain = tls::trust_domain_of_cert(&config.tls.cert).context("broker certificate")?;
     let server_tls = tls::server_config(&config.tls, &trust_domain, &[Role::Agent, Role::Gateway, Role::Admin])?;
     let (writer, reader) = store::open(&config.store.path).await?;
@@ -50,6 +51,8 @@ pub async fn run(
     tenants.entry("default".into()).or_insert_with(TenantConfig::default_tenant);
     let tenants = Arc::new(tenants);
     let keys = Arc::new(keys::KeyRing::default());
+    let dedicated: Arc<HashMap<String, String>> =
+        Arc::new(config.dedicated.iter().map(|d| (d.agent.clone(), d.tenant.clone())).collect());
     let (prices, price_book) = start_prices(&config).await?;
     let book = price_book.as_ref().map(|(book, _)| book.clone());
     let refresh: crate::metrics::Refresh = Arc::new(move |registry| feed_gauges(registry, book.as_deref()));
@@ -62,6 +65,7 @@ pub async fn run(
         keys: keys.clone(),
         placer: Arc::new(placer::Placer::new(&config, prices.clone())),
         secrets,
+        dedicated: dedicated.clone(),
     };
     let data = Arc::new(data::DataPlane::start(&config).await?);
     let core = core::Core::load(writer, settings, events.clone()).await?;
@@ -81,7 +85,7 @@ pub async fn run(
     };
     let job_service = jobs::JobService::new(core_tx.clone(), reader, events, parts);
     let admin_service = admin::AdminService::new(core_tx.clone(), keys, tenants);
-    let agent_service = agents::AgentService::new(core_tx, data);
+    let agent_service = agents::AgentService::new(core_tx, data, dedicated);
     let addr = listener.local_addr()?;
     tracing::info!(%addr, trust_domain, "broker listening");
     let server = tonic::transport::Server::builder()

@@ -168,6 +168,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
             storage: vec![format!("local://{LOCATION}/{DEMO_TENANT}/")],
             ..TenantConfig::default_tenant()
         }],
+        dedicated: Vec::new(),
         storage: vec![local_store(&objects)],
         staging: Default::default(),
         sites: sites.site,

@@ -112,6 +112,13 @@ pub struct Agent {
     pub connected: bool,
     /// Takes no new work; running jobs finish.
     pub draining: bool,
+    /// How the agent isolates attempts: `sandbox`, `userns` (a non-root agent: namespaces only)
+    /// or `none` (no isolation: the node is dedicated to one tenant).
+    #[serde(default)]
+    pub isolation: String,
+    /// The only tenant whose jobs this node runs (`[[dedicated]]` in the broker's config).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedicated_tenant: Option<String>,
     pub cpus: u32,
     pub memory_mib: u64,
     pub gpus: Vec<Gpu>,

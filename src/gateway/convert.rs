@@ -90,6 +90,8 @@ impl From<proto::AgentInfo> for api::Agent {
             node: a.node,
             connected: a.connected,
             draining: a.draining,
+            isolation: inventory.isolation.clone(),
+            dedicated_tenant: non_empty(a.dedicated_tenant),
             cpus: inventory.cpus,
             memory_mib: inventory.memory_mib,
             gpus: inventory.gpus.into_iter().map(api::Gpu::from).collect(),
@@ -121,5 +123,27 @@ mod tests {
         assert_eq!(job.spec["command"][0], "true");
         let json = serde_json::to_value(&job).unwrap();
         assert!(json.get("epoch").is_none() && json.get("created_at_ms").is_none());
+    }
+
+    #[test]
+    fn agents_show_their_isolation_and_dedicated_tenant() {
+        let inventory = proto::Inventory { isolation: "none".into(), ..Default::default() };
+        let info = proto::AgentInfo {
+            id: "lab/gpu-9".into(),
+            inventory: Some(inventory),
+            dedicated_tenant: "acme".into(),
+            ..Default::default()
+        };
+        let agent = api::Agent::from(info);
+        assert_eq!((agent.isolation.as_str(), agent.dedicated_tenant.as_deref()), ("none", Some("acme")));
+        let json = serde_json::to_value(&agent).unwrap();
+        assert_eq!((&json["isolation"], &json["dedicated_tenant"]), (&"none".into(), &"acme".into()));
+        let shared = api::Agent::from(proto::AgentInfo { id: "lab/gpu-1".into(), ..Default::default() });
+        assert!(serde_json::to_value(&shared).unwrap().get("dedicated_tenant").is_none());
+        // The OpenAPI schema documents both fields.
+        let schema = serde_json::to_value(<api::Agent as utoipa::PartialSchema>::schema()).unwrap();
+        for field in ["isolation", "dedicated_tenant"] {
+            assert!(schema["properties"][field]["description"].is_string(), "{field}: {schema}");
+        }
     }
 }

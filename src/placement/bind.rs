@@ -1,4 +1,5 @@
-//! First-fit binding of one job to one agent's free resources.
+//! First-fit binding of one job to one agent's free resources, and the one place where a node
+//! dedicated to a tenant (`[[dedicated]]` in the broker's config) refuses other tenants' jobs.
 
 use crate::model::job::Resources;
 
@@ -9,6 +10,15 @@ pub struct FreeCapacity {
     pub gpus: Vec<(u32, String)>,
     pub cpus: u32,
     pub memory_mib: u64,
+    /// The only tenant whose jobs this agent may run (a dedicated node); `None`: any tenant.
+    pub tenant: Option<String>,
+}
+
+impl FreeCapacity {
+    /// Whether `tenant`'s jobs may run here at all: the tenant filter of dedicated nodes.
+    pub fn admits(&self, tenant: &str) -> bool {
+        self.tenant.as_deref().is_none_or(|t| t == tenant)
+    }
 }
 
 /// Where a job goes: which agent (index into the slice given) and which of its GPUs.
@@ -18,9 +28,10 @@ pub struct Binding {
     pub gpu_indices: Vec<u32>,
 }
 
-/// The GPUs of `free` that fit `req`, or `None` when the agent cannot take the job.
-pub fn fit(req: &Resources, free: &FreeCapacity) -> Option<Vec<u32>> {
-    if req.cpus > free.cpus || u64::from(req.memory_gib) * 1024 > free.memory_mib {
+/// The GPUs of `free` that fit `tenant`'s job needing `req`, or `None` when the agent cannot take
+/// the job (too little room, or a node dedicated to another tenant).
+pub fn fit(tenant: &str, req: &Resources, free: &FreeCapacity) -> Option<Vec<u32>> {
+    if !free.admits(tenant) || req.cpus > free.cpus || u64::from(req.memory_gib) * 1024 > free.memory_mib {
         return None;
     }
     let wanted = req.gpus as usize;
@@ -34,9 +45,12 @@ pub fn fit(req: &Resources, free: &FreeCapacity) -> Option<Vec<u32>> {
     (gpus.len() == wanted).then_some(gpus)
 }
 
-/// The first agent (in the given order) that fits the job.
-pub fn first_fit(req: &Resources, agents: &[FreeCapacity]) -> Option<Binding> {
-    agents.iter().enumerate().find_map(|(agent, free)| fit(req, free).map(|gpu_indices| Binding { agent, gpu_indices }))
+/// The first agent (in the given order) that fits `tenant`'s job.
+pub fn first_fit(tenant: &str, req: &Resources, agents: &[FreeCapacity]) -> Option<Binding> {
+    agents
+        .iter()
+        .enumerate()
+        .find_map(|(agent, free)| fit(tenant, req, free).map(|gpu_indices| Binding { agent, gpu_indices }))
 }
 
 #[cfg(test)]
@@ -49,6 +63,7 @@ mod tests {
             gpus: gpus.iter().map(|(i, m)| (*i, (*m).to_string())).collect(),
             cpus,
             memory_mib: memory_gib * 1024,
+            tenant: None,
         }
     }
 
@@ -59,18 +74,33 @@ mod tests {
     #[test]
     fn picks_first_agent_with_matching_gpus() {
         let agents = [agent(&[(0, "L4-24GB")], 8, 32), agent(&[(0, "H100-80GB"), (1, "H100-80GB")], 8, 32)];
-        let b = first_fit(&job(2, &["H100-80GB", "A100-80GB"], 4, 16), &agents).unwrap();
+        let b = first_fit("acme", &job(2, &["H100-80GB", "A100-80GB"], 4, 16), &agents).unwrap();
         assert_eq!(b, Binding { agent: 1, gpu_indices: vec![0, 1] });
-        assert_eq!(first_fit(&job(1, &[], 1, 1), &agents).unwrap().agent, 0);
+        assert_eq!(first_fit("acme", &job(1, &[], 1, 1), &agents).unwrap().agent, 0);
     }
 
     #[test]
     fn refuses_when_cpu_memory_or_gpus_short() {
         let agents = [agent(&[(0, "H100-80GB")], 4, 8)];
-        assert_eq!(first_fit(&job(2, &[], 1, 1), &agents), None);
-        assert_eq!(first_fit(&job(0, &[], 5, 1), &agents), None);
-        assert_eq!(first_fit(&job(0, &[], 1, 9), &agents), None);
-        assert_eq!(first_fit(&job(1, &["A100-80GB"], 1, 1), &agents), None);
+        assert_eq!(first_fit("acme", &job(2, &[], 1, 1), &agents), None);
+        assert_eq!(first_fit("acme", &job(0, &[], 5, 1), &agents), None);
+        assert_eq!(first_fit("acme", &job(0, &[], 1, 9), &agents), None);
+        assert_eq!(first_fit("acme", &job(1, &["A100-80GB"], 1, 1), &agents), None);
+    }
+
+    #[test]
+    fn a_dedicated_agent_takes_only_its_tenants_jobs() {
+        let dedicated = FreeCapacity { tenant: Some("acme".into()), ..agent(&[(0, "H100-80GB")], 8, 32) };
+        let shared = agent(&[(0, "L4-24GB")], 8, 32);
+        let gpu_job = job(1, &[], 1, 1);
+        assert_eq!(fit("acme", &gpu_job, &dedicated), Some(vec![0]));
+        assert_eq!(fit("globex", &gpu_job, &dedicated), None, "another tenant's job never fits a dedicated node");
+        assert_eq!(fit("globex", &gpu_job, &shared), Some(vec![0]), "a shared node takes any tenant");
+        // First fit skips the dedicated node for other tenants, whatever its room.
+        let agents = [dedicated, shared];
+        assert_eq!(first_fit("acme", &gpu_job, &agents).unwrap().agent, 0);
+        assert_eq!(first_fit("globex", &gpu_job, &agents).unwrap().agent, 1);
+        assert_eq!(first_fit("globex", &gpu_job, &agents[..1]), None);
     }
 
     proptest! {
@@ -83,7 +113,7 @@ mod tests {
             let gpus: Vec<(u32, &str)> = (0..free_gpus).map(|i| (i, if i % 2 == 0 { "H100-80GB" } else { "L4-24GB" })).collect();
             let agents = [agent(&gpus, cpus, mem)];
             let req = job(want_gpus, &["H100-80GB"], want_cpus, want_mem);
-            if let Some(b) = first_fit(&req, &agents) {
+            if let Some(b) = first_fit("acme", &req, &agents) {
                 prop_assert_eq!(b.gpu_indices.len() as u32, want_gpus);
                 prop_assert!(b.gpu_indices.iter().all(|i| i % 2 == 0));
                 prop_assert!(want_cpus <= cpus && u64::from(want_mem) <= mem);

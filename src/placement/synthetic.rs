@@ -99,6 +99,7 @@ pub fn bench_world(cloud_sites: usize, agents: usize, seed: u64) -> (World, Vec<
                 gpus: (0..gpus).map(|g| (g, model.clone())).collect(),
                 cpus,
                 memory_mib: gib * 1024,
+                tenant: None,
             };
             total.push(node(8, 96, 1024));
             let busy = rng.u32(0..=8);

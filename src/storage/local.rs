@@ -5,6 +5,11 @@
 //! Bodies stream between the socket and files (s3s-fs writes a temporary file and renames it), so
 //! object size is bounded by the disk, not memory. One correction to s3s-fs: `Content-MD5` is
 //! checked while the body streams, for objects and parts alike, and a mismatch stores nothing.
+//!
+//! The store is private to the broker's user: the root and bucket directories are 0700, so nothing
+//! below them (s3s-fs's temporary files, parts and metadata included) can be reached by anyone
+//! else; stored objects, the directories above them and their metadata are narrowed to 0600/0700
+//! as they are written; at start anything found wider is narrowed and logged.
 
 use std::fmt;
 use std::future::Future;
@@ -40,6 +45,7 @@ use tokio::task::JoinSet;
 
 use super::StorageError;
 use super::s3::{S3Settings, S3Store};
+use crate::private_files;
 
 /// The region the store's clients sign for (s3s does not check it).
 pub const LOCAL_REGION: &str = "us-east-1";
@@ -68,14 +74,18 @@ impl fmt::Debug for LocalS3Server {
 }
 
 impl LocalS3Server {
-    /// Takes the listener the server will answer on; makes `root` if needed.
+    /// Takes the listener the server will answer on; makes `root` if needed (0700), and narrows
+    /// what it finds there with a wider mode (logged).
     pub fn new(root: &Path, listener: TcpListener) -> Result<Self, StorageError> {
-        std::fs::create_dir_all(root)
+        private_files::create_dir_all(root)
             .map_err(|e| StorageError::Config(format!("cannot create the local store {}: {e}", root.display())))?;
+        private_files::narrow_tree(root).map_err(|e| {
+            StorageError::Config(format!("cannot make the local store {} private: {e}", root.display()))
+        })?;
         let fs = s3s_fs::FileSystem::new(root)
             .map_err(|e| StorageError::Config(format!("cannot open the local store {}: {e:?}", root.display())))?;
         let (access_key, secret_key) = new_key()?;
-        let mut builder = S3ServiceBuilder::new(Md5Checked(fs));
+        let mut builder = S3ServiceBuilder::new(Md5Checked(fs, root.to_path_buf()));
         builder.set_auth(SimpleAuth::from_single(access_key.clone(), secret_key.clone()));
         Ok(Self { root: root.to_path_buf(), listener, service: builder.build(), access_key, secret_key })
     }
@@ -102,8 +112,7 @@ impl LocalS3Server {
             )));
         }
         let dir = self.root.join(bucket);
-        tokio::fs::create_dir_all(&dir)
-            .await
+        private_files::create_dir_all(&dir)
             .map_err(|e| StorageError::Config(format!("cannot create local bucket {}: {e}", dir.display())))?;
         S3Store::new(S3Settings {
             bucket: bucket.to_string(),
@@ -160,7 +169,30 @@ fn new_key() -> Result<(String, String), StorageError> {
 
 /// s3s-fs for the operations the broker and agents use, with `Content-MD5` enforced: upstream checks
 /// it for objects only after the file is in place, and never for parts. Other operations are refused.
-struct Md5Checked(s3s_fs::FileSystem);
+/// Objects written are made private (the store's root is the second field).
+struct Md5Checked(s3s_fs::FileSystem, PathBuf);
+
+impl Md5Checked {
+    /// Narrows a stored object, the directories s3s-fs made for its key and its metadata files
+    /// (named as s3s-fs 0.14 names them) to 0600/0700. s3s-fs has refused keys that leave the
+    /// bucket before this runs; a key with `..` is skipped all the same.
+    fn make_private(&self, bucket: &str, key: &str) {
+        if key.split('/').any(|part| part == "..") || bucket.contains('/') {
+            return;
+        }
+        let bucket_dir = self.1.join(bucket);
+        let object = bucket_dir.join(key);
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let sidecars = [".metadata.json", ".internal.json"]
+            .map(|suffix| self.1.join(format!(".bucket-{}.object-{}{suffix}", b64(bucket), b64(key))));
+        let dirs = object.ancestors().skip(1).take_while(|d| d.starts_with(&bucket_dir) && *d != bucket_dir);
+        for path in std::iter::once(object.as_path()).chain(dirs).chain(sidecars.iter().map(PathBuf::as_path)) {
+            if let Err(e) = private_files::narrow(path) {
+                tracing::warn!(path = %path.display(), error = %e, "local store: cannot make a stored file private");
+            }
+        }
+    }
+}
 
 /// Wraps `body` in an MD5 check when the request has `Content-MD5`; the flag turns true on a mismatch.
 fn check_md5(body: &mut Option<StreamingBlob>, content_md5: Option<String>) -> S3Result<Option<Arc<AtomicBool>>> {
@@ -246,7 +278,10 @@ type Answer<T> = S3Result<S3Response<T>>;
 impl S3 for Md5Checked {
     async fn put_object(&self, mut req: S3Request<PutObjectInput>) -> Answer<PutObjectOutput> {
         let mismatch = check_md5(&mut req.input.body, req.input.content_md5.take())?;
-        self.0.put_object(req).await.map_err(|e| digest_error(e, mismatch.as_ref()))
+        let (bucket, key) = (req.input.bucket.clone(), req.input.key.clone());
+        let stored = self.0.put_object(req).await.map_err(|e| digest_error(e, mismatch.as_ref()))?;
+        self.make_private(&bucket, &key);
+        Ok(stored)
     }
 
     async fn upload_part(&self, mut req: S3Request<UploadPartInput>) -> Answer<UploadPartOutput> {
@@ -289,7 +324,10 @@ impl S3 for Md5Checked {
         &self,
         req: S3Request<CompleteMultipartUploadInput>,
     ) -> Answer<CompleteMultipartUploadOutput> {
-        self.0.complete_multipart_upload(req).await.map_err(unknown_upload)
+        let (bucket, key) = (req.input.bucket.clone(), req.input.key.clone());
+        let stored = self.0.complete_multipart_upload(req).await.map_err(unknown_upload)?;
+        self.make_private(&bucket, &key);
+        Ok(stored)
     }
 
     async fn abort_multipart_upload(

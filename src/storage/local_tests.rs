@@ -414,3 +414,53 @@ async fn large_objects_stream() {
     assert!(peak < 512, "peak rss {peak} MiB");
     f.stop().await;
 }
+
+/// Every file and directory under `root` with its mode.
+fn modes(root: &std::path::Path) -> Vec<(std::path::PathBuf, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut found = Vec::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        if meta.is_dir() {
+            pending.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        }
+        found.push((path, meta.permissions().mode() & 0o777));
+    }
+    found
+}
+
+#[tokio::test]
+async fn stored_objects_and_their_directories_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = start().await;
+    let root = f.server.as_ref().unwrap().2.path().join("store");
+    f.put("in/c/d.bin", b"dd").await;
+    let id = f.store.create_multipart("out/deep/big.bin").await.unwrap();
+    let p = f.store.presign_part("out/deep/big.bin", &id, 1, TTL).await.unwrap();
+    let resp = f.upload(&p, b"part", &md5_b64(b"part")).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let parts = [CompletedPart { number: 1, etag: etag(&resp) }];
+    f.store.complete_multipart("out/deep/big.bin", &id, &parts).await.unwrap();
+    let found = modes(&root);
+    assert!(found.iter().any(|(p, _)| p.ends_with("jobdata/in/c/d.bin")), "{found:?}");
+    assert!(found.iter().any(|(p, _)| p.ends_with("jobdata/out/deep/big.bin")), "{found:?}");
+    for (path, mode) in &found {
+        let want = if path.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(*mode, want, "{} is {mode:04o}", path.display());
+    }
+    let (stop, task, _dir) = f.server.expect("in-process server");
+    stop.send(()).unwrap();
+    task.await.unwrap();
+
+    // A store left world-readable is narrowed when a server opens it again.
+    let object = root.join("jobdata/in/c/d.bin");
+    std::fs::set_permissions(&object, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(root.join("jobdata/in"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let _server = LocalS3Server::new(&root, listener).unwrap();
+    for (path, mode) in modes(&root) {
+        let want = if path.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(mode, want, "{} is {mode:04o}", path.display());
+    }
+}

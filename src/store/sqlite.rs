@@ -1,7 +1,7 @@
 //! The SQLite implementation of the job store.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -13,16 +13,24 @@ use super::coalesce::{self, AgentUpsert, NewAttempt, NewJob};
 use super::schema::MIGRATIONS;
 use super::{AgentRecord, AttemptOutput, Batch, JobEvent, JobFilter, JobRecord, KeyRecord, StoreError};
 use crate::model::state::JobState;
+use crate::private_files;
 
 const JOB_COLUMNS: &str = "id, tenant, name, state, spec_json, priority, attempts, max_attempts, epoch, \
      site, agent, exit_code, reason, idempotency_key, request_sha256, data_json, placement_json, trace_context, \
      secret_env_sealed, created_at_ms, updated_at_ms";
 
 /// Opens (creating and migrating if needed) the store at `path`.
+/// The database file and SQLite's `-wal` and `-shm` next to it are private (0600, a missing
+/// directory is made 0700): SQLite gives the WAL and SHM the database file's mode, so the file is
+/// made 0600 before SQLite first opens it, and wider modes found at start are narrowed (logged).
 pub async fn open(path: &Path) -> Result<(Writer, Reader), StoreError> {
+    let open_error = |e: std::io::Error| StoreError::Open { path: path.display().to_string(), message: e.to_string() };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError::Open { path: path.display().to_string(), message: e.to_string() })?;
+        private_files::create_dir_all(dir).map_err(open_error)?;
+    }
+    private_files::create_file(path).map_err(open_error)?;
+    for file in store_files(path) {
+        private_files::narrow_logged(&file).map_err(open_error)?;
     }
     let options = SqliteConnectOptions::new()
         .filename(path)
@@ -42,7 +50,21 @@ pub async fn open(path: &Path) -> Result<(Writer, Reader), StoreError> {
         .connect_with(options.read_only(true))
         .await
         .map_err(|e| StoreError::Open { path: path.display().to_string(), message: e.to_string() })?;
+    // Made by SQLite with the database file's mode; checked all the same.
+    for file in store_files(path) {
+        private_files::narrow_logged(&file).map_err(open_error)?;
+    }
     Ok((Writer { conn }, Reader { pool }))
+}
+
+/// The database file, its write-ahead log and its shared-memory index.
+pub(crate) fn store_files(path: &Path) -> [PathBuf; 3] {
+    let with_suffix = |suffix: &str| {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        PathBuf::from(name)
+    };
+    [path.to_path_buf(), with_suffix("-wal"), with_suffix("-shm")]
 }
 
 async fn migrate(conn: &mut SqliteConnection) -> Result<(), StoreError> {

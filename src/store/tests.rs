@@ -78,6 +78,37 @@ async fn batches_commit_atomically_and_survive_reopening() {
 }
 
 #[tokio::test]
+async fn the_database_its_wal_and_shm_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state/store.db");
+    let (mut writer, reader) = open(&path).await.unwrap();
+    let mut batch = Batch::default();
+    batch.push(Write::NewJob(job("a")));
+    writer.commit(&batch).await.unwrap();
+    assert!(reader.job("a").await.unwrap().is_some());
+    assert_eq!(mode(&dir.path().join("state")), 0o700, "a directory the store makes is private");
+    let files = super::sqlite::store_files(&path);
+    for file in &files {
+        assert!(file.exists(), "{} exists while the store is open", file.display());
+        assert_eq!(mode(file), 0o600, "{}", file.display());
+    }
+    drop((writer, reader));
+
+    // A store left world-readable (an older broker, a copy) is narrowed when it is opened.
+    for file in &files {
+        if file.exists() {
+            std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
+    let (_writer, _reader) = open(&path).await.unwrap();
+    for file in &files {
+        assert_eq!(mode(file), 0o600, "{}", file.display());
+    }
+}
+
+#[tokio::test]
 async fn a_store_from_a_newer_broker_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.db");

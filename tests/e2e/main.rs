@@ -11,6 +11,7 @@ mod deploy;
 mod emulators;
 mod gateway;
 mod identity;
+mod isolation;
 mod lifecycle;
 mod metrics;
 mod placement;

@@ -63,9 +63,19 @@ pub fn agents_table(agents: &[Agent]) -> String {
     let yes_no = |b: bool| if b { "yes" } else { "no" }.to_string();
     let rows: Vec<Vec<String>> = agents
         .iter()
-        .map(|a| vec![a.id.clone(), yes_no(a.connected), yes_no(a.draining), gpus(a), a.running_jobs.len().to_string()])
+        .map(|a| {
+            vec![
+                a.id.clone(),
+                yes_no(a.connected),
+                yes_no(a.draining),
+                gpus(a),
+                a.running_jobs.len().to_string(),
+                a.isolation.clone(),
+                a.dedicated_tenant.clone().unwrap_or_else(|| "any".into()),
+            ]
+        })
         .collect();
-    table(&["ID", "CONNECTED", "DRAINING", "GPUS", "RUNNING"], &rows)
+    table(&["ID", "CONNECTED", "DRAINING", "GPUS", "RUNNING", "ISOLATION", "TENANTS"], &rows)
 }
 
 /// `2xH100-80GB [sim]`, models in order of first appearance; unhealthy GPUs counted.
@@ -150,6 +160,8 @@ pub fn agent_details(a: &Agent) -> String {
         ("id", a.id.clone()),
         ("connected", if a.connected { "yes" } else { "no" }.into()),
         ("draining", if a.draining { "yes" } else { "no" }.into()),
+        ("isolation", a.isolation.clone()),
+        ("tenants", a.dedicated_tenant.as_ref().map_or("any".into(), |t| format!("{t} only (dedicated)"))),
         ("cpus", a.cpus.to_string()),
         ("memory", format!("{} MiB", a.memory_mib)),
         ("labels", labels(&a.labels)),

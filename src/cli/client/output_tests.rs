@@ -49,6 +49,8 @@ fn agent(id: &str, gpus: Vec<Gpu>) -> Agent {
         node: node.into(),
         connected: true,
         draining: false,
+        isolation: "sandbox".into(),
+        dedicated_tenant: None,
         cpus: 8,
         memory_mib: 65536,
         gpus,
@@ -91,14 +93,16 @@ fn the_agents_table_summarises_gpus() {
     let mut sick = agent("lab/node-b", vec![gpu("A100-80GB", false, false), gpu("L4-24GB", true, false)]);
     sick.draining = true;
     sick.connected = false;
-    let none = agent("aws/i-1", vec![]);
+    let mut none = agent("aws/i-1", vec![]);
+    none.isolation = "none".into();
+    none.dedicated_tenant = Some("acme".into());
     let out = agents_table(&[mixed, sick, none]);
     assert_eq!(
         out,
-        "ID          CONNECTED  DRAINING  GPUS                                 RUNNING\n\
-         lab/node-a  yes        no        2xH100-80GB [sim]                    1\n\
-         lab/node-b  no         yes       1xA100-80GB,1xL4-24GB (1 unhealthy)  1\n\
-         aws/i-1     yes        no        -                                    1\n"
+        "ID          CONNECTED  DRAINING  GPUS                                 RUNNING  ISOLATION  TENANTS\n\
+         lab/node-a  yes        no        2xH100-80GB [sim]                    1        sandbox    any\n\
+         lab/node-b  no         yes       1xA100-80GB,1xL4-24GB (1 unhealthy)  1        sandbox    any\n\
+         aws/i-1     yes        no        -                                    1        none       acme\n"
     );
 }
 
@@ -119,6 +123,11 @@ fn details_list_one_field_per_line() {
     let out = agent_details(&agent("lab/node-a", vec![gpu("H100-80GB", true, true)]));
     assert!(out.contains("gpus:      1xH100-80GB [sim]\n"), "{out}");
     assert!(out.contains("  gpu 0: H100-80GB (NVIDIA) 81920 MiB healthy [simulated]"), "{out}");
+    assert!(out.contains("isolation: sandbox\n") && out.contains("tenants:   any\n"), "{out}");
+    let mut dedicated = agent("lab/node-9", vec![]);
+    (dedicated.isolation, dedicated.dedicated_tenant) = ("none".into(), Some("acme".into()));
+    let out = agent_details(&dedicated);
+    assert!(out.contains("isolation: none\n") && out.contains("tenants:   acme only (dedicated)\n"), "{out}");
 }
 
 #[test]

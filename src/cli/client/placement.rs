@@ -130,7 +130,7 @@ fn room(site: &Site) -> FreeCapacity {
         site.gpu_hour_usd_by_model.keys().cloned().collect()
     };
     let gpus = models.iter().flat_map(|m| (0..64).map(move |_| m.clone())).enumerate();
-    FreeCapacity { gpus: gpus.map(|(i, m)| (i as u32, m)).collect(), cpus: 4096, memory_mib: 64 << 20 }
+    FreeCapacity { gpus: gpus.map(|(i, m)| (i as u32, m)).collect(), cpus: 4096, memory_mib: 64 << 20, tenant: None }
 }
 
 pub async fn prices(args: PricesArgs) -> anyhow::Result<i32> {
