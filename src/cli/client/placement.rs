@@ -108,7 +108,18 @@ fn offline_data(spec: &JobSpec, config: &BrokerConfig) -> anyhow::Result<JobData
         });
     }
     for (i, output) in spec.outputs.iter().enumerate() {
-        let Some(to) = &output.to else { continue };
+        let Some(to) = &output.to else {
+            // Given by residency: placement chooses among every location of the group.
+            data.outputs.push(OutputTarget {
+                path: output.path.clone(),
+                location: String::new(),
+                to: String::new(),
+                prefix: String::new(),
+                residency: output.residency.clone(),
+                choices: Vec::new(),
+            });
+            continue;
+        };
         let (name, uri) = location(&format!("outputs[{i}].to"), to)?;
         data.outputs.push(OutputTarget {
             path: output.path.clone(),
