@@ -9,6 +9,7 @@ pub mod job;
 pub mod price;
 pub mod site;
 pub mod state;
+pub mod text;
 
 /// Milliseconds since the Unix epoch; the broker's clock for stored timestamps.
 pub type UnixMillis = i64;
