@@ -59,12 +59,15 @@ pub async fn events(
             HttpError::BadRequest("last-event-id: must be the id (a number) of an event of this stream".into())
         })?,
     };
+    // Held by the forwarding task: freed when the stream ends, the client goes or the gateway stops.
+    let slot = state.limits().streams.acquire(&tenant.name)?;
     // The broker resumes after `after_seq`, and ends at once for a job that already finished.
     let request = proto::WatchJobRequest { job_id: id, tenant: tenant.name, after_seq: after };
     let mut watch = state.jobs().watch(request).await?.into_inner();
     let mut stopping = state.stopping();
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(16);
     tokio::spawn(async move {
+        let _slot = slot;
         loop {
             let next = tokio::select! {
                 () = tx.closed() => return,
@@ -136,13 +139,18 @@ pub async fn logs(
     Path(id): Path<String>,
     Query(query): Query<LogsQuery>,
 ) -> Result<Response, HttpError> {
+    // A followed log holds a stream slot while it is open (a plain tail needs none).
+    let slot = if query.follow { Some(state.limits().streams.acquire(&tenant.name)?) } else { None };
     let follower = LogFollower { state, job_id: id, tenant: tenant.name, pinned: query.attempt };
     let first = follower.fetch(query.attempt, 0).await?;
     let body = if !query.follow || first.done {
         Body::from(first.output)
     } else {
         let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(16);
-        tokio::spawn(async move { follower.follow(first, tx).await });
+        tokio::spawn(async move {
+            let _slot = slot;
+            follower.follow(first, tx).await;
+        });
         Body::from_stream(ReceiverStream::new(rx))
     };
     let headers = [
