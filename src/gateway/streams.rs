@@ -1,5 +1,6 @@
 //! The long-lived answers: a job's events as Server-Sent Events (resumable with `Last-Event-ID`)
-//! and its output, as a tail or followed while the job runs. Both end when the gateway stops.
+//! and its output, as a tail or followed while the job runs. Both end when the gateway stops, and
+//! each open one holds one of its tenant's stream slots ([`super::limits::StreamSlots`]).
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -31,7 +32,8 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 ///
 /// Each event has `id` = the event's sequence number, `event` = the job's state and `data` = a
 /// `JobEvent`. The stream ends after the terminal event. Reconnect with `Last-Event-ID` to resume
-/// after the last event seen.
+/// after the last event seen. Each open stream counts against the tenant's
+/// `max_streams_per_tenant` (with followed logs); beyond it, 429.
 #[utoipa::path(
     get,
     path = "/v1/jobs/{id}/events",
@@ -120,7 +122,9 @@ pub struct LogsQuery {
 
 /// A job's output: the tail the broker keeps, or followed until the job ends (`follow=true`).
 ///
-/// When a followed job starts a new attempt, a line `--- attempt N ---` separates the outputs.
+/// When a followed job starts a new attempt, a line `--- attempt N ---` separates the outputs. A
+/// followed log counts against the tenant's `max_streams_per_tenant` (with event streams) while
+/// it is open; beyond it, 429.
 #[utoipa::path(
     get,
     path = "/v1/jobs/{id}/logs",

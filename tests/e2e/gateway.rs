@@ -2,6 +2,7 @@
 //! submits, tenant isolation on every route, limits, keys, the OpenAPI document, Server-Sent
 //! Events and log following, readiness and public TLS.
 
+mod limits;
 mod streams;
 
 use std::collections::BTreeSet;
