@@ -3,6 +3,7 @@
 //! Events and log following, readiness and public TLS.
 
 mod limits;
+mod text;
 mod streams;
 
 use std::collections::BTreeSet;
