@@ -3,8 +3,8 @@
 //! Events and log following, readiness and public TLS.
 
 mod limits;
-mod text;
 mod streams;
+mod text;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
