@@ -91,8 +91,10 @@ impl AddressLimiter {
         }
     }
 
-    /// Makes room for one more address: drops every bucket that has refilled to full (it holds
-    /// nothing a fresh one would not), else the least recently used one.
+    /// Makes room for more addresses: drops every bucket that has refilled to full (it holds
+    /// nothing a fresh one would not), then, if still more than 7/8 full, the least recently used
+    /// down to 7/8. One pass over the map frees room for many new addresses, so a flood of fresh
+    /// addresses costs O(1) per request on average.
     fn evict(&self, buckets: &mut HashMap<IpAddr, Bucket>, now: Instant) {
         let (rate, capacity) = (self.rate, f64::from(self.burst));
         buckets.retain(|_, b| {
@@ -100,10 +102,18 @@ impl AddressLimiter {
             b.refill(now, rate, capacity);
             b.tokens < capacity
         });
-        if buckets.len() >= self.max_addresses
-            && let Some(oldest) = buckets.iter().min_by_key(|(_, b)| b.refilled).map(|(k, _)| *k)
-        {
-            buckets.remove(&oldest);
+        let keep = self.max_addresses - self.max_addresses / 8 - 1;
+        if buckets.len() > keep {
+            let mut ages: Vec<Instant> = buckets.values().map(|b| b.refilled).collect();
+            let drop = ages.len() - keep;
+            let (_, cutoff, _) = ages.select_nth_unstable(drop - 1);
+            let cutoff = *cutoff;
+            let mut dropped = 0;
+            buckets.retain(|_, b| {
+                let old = b.refilled <= cutoff && dropped < drop;
+                dropped += usize::from(old);
+                !old
+            });
         }
     }
 }
@@ -216,6 +226,23 @@ mod tests {
             let _ = limiter.take_at(IpAddr::from((0x0a00_0000 + i).to_be_bytes()), later);
         }
         assert!(limiter.len() <= 3, "{}", limiter.len());
+    }
+
+    #[test]
+    fn the_least_recently_seen_addresses_are_forgotten_first() {
+        // Burst 1, slow refill: every address below has spent its allowance.
+        let limiter = AddressLimiter::new(0.001, 1, 8);
+        let t0 = Instant::now();
+        let addr = |i: u8| IpAddr::from([192, 0, 2, i]);
+        for i in 0..8 {
+            limiter.take_at(addr(i), t0 + Duration::from_millis(u64::from(i))).unwrap();
+        }
+        // A ninth address makes room down to 7/8 of the bound: the two oldest go.
+        limiter.take_at(addr(8), t0 + Duration::from_millis(8)).unwrap();
+        assert_eq!(limiter.len(), 7);
+        let now = t0 + Duration::from_millis(9);
+        assert!(limiter.take_at(addr(2), now).is_err(), "still remembered, still spent");
+        assert!(limiter.take_at(addr(0), now).is_ok(), "forgotten: a fresh allowance");
     }
 
     #[test]
