@@ -57,6 +57,8 @@ struct Inner {
     broker: TracedChannel,
     limiter: auth::RateLimiter,
     limits: GatewayLimits,
+    /// The last `/readyz` check and when it was made.
+    last_ready: tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>,
     max_body_bytes: usize,
     client_traces: ClientTraces,
     stopping: watch::Receiver<bool>,
@@ -96,7 +98,8 @@ impl AppState {
     ) -> Self {
         let limiter = auth::RateLimiter::default();
         let limits = GatewayLimits::new(&GatewaySection::default());
-        let inner = Inner { broker, limiter, limits, max_body_bytes, client_traces, stopping };
+        let last_ready = tokio::sync::Mutex::default();
+        let inner = Inner { broker, limiter, limits, last_ready, max_body_bytes, client_traces, stopping };
         Self { inner: Arc::new(inner) }
     }
 
@@ -122,6 +125,10 @@ impl AppState {
 
     fn limits(&self) -> &GatewayLimits {
         &self.inner.limits
+    }
+
+    fn last_ready(&self) -> &tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>> {
+        &self.inner.last_ready
     }
 
     fn max_body_bytes(&self) -> usize {
