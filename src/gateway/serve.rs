@@ -4,11 +4,10 @@
 //! requests and waits a bounded time for them.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-
-use std::net::SocketAddr;
 
 use axum::Router;
 use axum::extract::ConnectInfo;
