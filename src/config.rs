@@ -575,10 +575,66 @@ pub struct GatewaySection {
     /// A client's `traceparent`: `continue` its trace, or `link` to it from a new one.
     #[serde(default)]
     pub client_traces: crate::telemetry::ClientTraces,
+    /// Requests without an accepted key, per client address: refilled at this many per second
+    /// (429 with `Retry-After` beyond, before the broker is asked).
+    #[serde(default = "default_unauthenticated_per_second")]
+    pub unauthenticated_per_second: f64,
+    /// ... and this many at once.
+    #[serde(default = "default_unauthenticated_burst")]
+    pub unauthenticated_burst: u32,
+    /// Client addresses remembered for that limit (the least recently seen are forgotten).
+    #[serde(default = "default_max_client_addresses")]
+    pub max_client_addresses: usize,
+    /// A header in which a reverse proxy names the client (`x-forwarded-for`), believed only from
+    /// `trusted_proxies`; the client is the right-most hop that is not a trusted proxy.
+    #[serde(default)]
+    pub trusted_proxy_header: Option<String>,
+    /// The reverse proxies' addresses or networks (`10.0.0.0/8`).
+    #[serde(default)]
+    pub trusted_proxies: Vec<crate::gateway::client_address::IpNetwork>,
+    /// Event streams and followed logs a tenant may have open at once (429 beyond).
+    #[serde(default = "default_max_streams_per_tenant")]
+    pub max_streams_per_tenant: u32,
 }
 
 fn default_max_body_bytes() -> usize {
     1 << 20
+}
+
+fn default_unauthenticated_per_second() -> f64 {
+    5.0
+}
+
+fn default_unauthenticated_burst() -> u32 {
+    50
+}
+
+fn default_max_client_addresses() -> usize {
+    65_536
+}
+
+fn default_max_streams_per_tenant() -> u32 {
+    32
+}
+
+impl Default for GatewaySection {
+    /// Plain HTTP on `127.0.0.1:8443` with every limit at its default.
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            public_cert: None,
+            public_key: None,
+            plain_http: true,
+            max_body_bytes: default_max_body_bytes(),
+            client_traces: Default::default(),
+            unauthenticated_per_second: default_unauthenticated_per_second(),
+            unauthenticated_burst: default_unauthenticated_burst(),
+            max_client_addresses: default_max_client_addresses(),
+            trusted_proxy_header: None,
+            trusted_proxies: Vec::new(),
+            max_streams_per_tenant: default_max_streams_per_tenant(),
+        }
+    }
 }
 
 /// Where the broker is, for clients of it (the gateway).
@@ -625,10 +681,40 @@ impl GatewayConfig {
         if g.max_body_bytes < 1024 {
             problems.push("gateway.max_body_bytes must be at least 1 KiB".into());
         }
+        g.limit_problems(&mut problems);
         if !self.broker.url.starts_with("https://") {
             problems.push(format!("broker.url {:?} must start with https://", self.broker.url));
         }
         finish(path, problems)
+    }
+}
+
+impl GatewaySection {
+    fn limit_problems(&self, problems: &mut Vec<String>) {
+        if !(self.unauthenticated_per_second.is_finite() && self.unauthenticated_per_second > 0.0) {
+            problems.push("gateway.unauthenticated_per_second must be a number above 0".into());
+        }
+        if self.unauthenticated_burst == 0 {
+            problems.push("gateway.unauthenticated_burst must be at least 1".into());
+        }
+        if self.max_client_addresses == 0 {
+            problems.push("gateway.max_client_addresses must be at least 1".into());
+        }
+        if self.max_streams_per_tenant == 0 {
+            problems.push("gateway.max_streams_per_tenant must be at least 1".into());
+        }
+        match (&self.trusted_proxy_header, self.trusted_proxies.is_empty()) {
+            (Some(h), _) if axum::http::HeaderName::from_bytes(h.as_bytes()).is_err() => {
+                problems.push(format!("gateway.trusted_proxy_header: {h:?} is not an HTTP header name"));
+            }
+            (Some(_), true) => problems.push(
+                "gateway.trusted_proxy_header needs trusted_proxies: the proxies whose header is believed".into(),
+            ),
+            (None, false) => {
+                problems.push("gateway.trusted_proxies needs trusted_proxy_header: the header the proxies set".into())
+            }
+            _ => {}
+        }
     }
 }
 
@@ -1100,5 +1186,39 @@ mod tests {
         assert!(dedicated.iter().any(|p| p.contains("\"globex\" is not a declared [[tenant]]")), "{problems:?}");
         assert!(dedicated.iter().any(|p| p.contains("\"lab/gpu-9\" is dedicated twice")), "{problems:?}");
         assert!(dedicated.iter().any(|p| p.contains("\"gpu-7\" is not <site>/<node>")), "{problems:?}");
+    }
+
+    #[test]
+    fn the_gateway_example_loads_with_its_documented_limits_and_bad_limits_are_named() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/gateway.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let c: GatewayConfig = parse_toml(&text, &path, []).unwrap();
+        let d = GatewaySection::default();
+        let g = &c.gateway;
+        assert_eq!(
+            (g.unauthenticated_per_second, g.unauthenticated_burst, g.max_client_addresses, g.max_streams_per_tenant),
+            (d.unauthenticated_per_second, d.unauthenticated_burst, d.max_client_addresses, d.max_streams_per_tenant)
+        );
+        assert!(g.trusted_proxy_header.is_none() && g.trusted_proxies.is_empty());
+        let base = "[broker]\nurl = \"https://b:1\"\n[tls]\nca_cert = \"a\"\ncert = \"b\"\nkey = \"c\"\n";
+        let bad = format!(
+            "[gateway]\nlisten = \"127.0.0.1:0\"\nplain_http = true\nunauthenticated_per_second = 0\n\
+             unauthenticated_burst = 0\nmax_streams_per_tenant = 0\ntrusted_proxy_header = \"x forwarded\"\n{base}"
+        );
+        let c: GatewayConfig = parse_toml(&bad, Path::new("g.toml"), []).unwrap();
+        let ConfigError::Invalid { problems, .. } = c.validate(Path::new("g.toml")).unwrap_err() else { panic!() };
+        for key in
+            ["unauthenticated_per_second", "unauthenticated_burst", "max_streams_per_tenant", "trusted_proxy_header"]
+        {
+            assert!(problems.iter().any(|p| p.contains(key)), "{key}: {problems:?}");
+        }
+        let proxies = format!("[gateway]\nlisten = \"127.0.0.1:0\"\ntrusted_proxies = [\"10.0.0.0/33\"]\n{base}");
+        let err = parse_toml::<GatewayConfig>(&proxies, Path::new("g.toml"), []).unwrap_err().to_string();
+        assert!(err.contains("trusted_proxies") && err.contains("10.0.0.0/33"), "{err}");
+        let lonely =
+            format!("[gateway]\nlisten = \"127.0.0.1:0\"\nplain_http = true\ntrusted_proxies = [\"10.0.0.1\"]\n{base}");
+        let c: GatewayConfig = parse_toml(&lonely, Path::new("g.toml"), []).unwrap();
+        let ConfigError::Invalid { problems, .. } = c.validate(Path::new("g.toml")).unwrap_err() else { panic!() };
+        assert!(problems.iter().any(|p| p.contains("needs trusted_proxy_header")), "{problems:?}");
     }
 }

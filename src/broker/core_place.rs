@@ -53,8 +53,9 @@ impl Core {
         Some(budget - self.spent.get(tenant).copied().unwrap_or(0.0))
     }
 
-    /// Admission: a job whose policy widens its tenant's is invalid; with a budget, a job every
-    /// site would refuse for the budget is refused now, with the numbers.
+    /// Admission: a job whose policy widens its tenant's is invalid, so is one every site rejects
+    /// for a reason about the job itself (an output outside its residency); with a budget, a job
+    /// every site would refuse for the budget is refused now, with the numbers.
     pub(super) fn admit(&self, tenant: &str, job: &ActiveJobParts<'_>) -> Result<(), ApiError> {
         let placer = &self.settings.placer;
         if !placer.enabled() {
@@ -76,10 +77,18 @@ impl Core {
         }
         let budget_left = self.budget_left(tenant);
         let req = placer.request(tenant, job.spec, job.data, budget_left).map_err(ApiError::InvalidArgument)?;
-        if budget_left.is_none() {
+        if budget_left.is_none() && req.outputs.is_empty() {
             return Ok(());
         }
         let world = placer.world(&self.capacity(tenant), now_ms());
+        // A reason about the job itself (an output leaving its residency) rejects every site, now
+        // and later: refused now with that reason rather than queued for ever.
+        if let Some(why) = crate::placement::engine::refusal(&req, &world) {
+            return Err(ApiError::InvalidArgument(format!("no site can take this job: {why}")));
+        }
+        if budget_left.is_none() {
+            return Ok(());
+        }
         let decision = placer.place(&req, &world);
         let budget = decision.candidates.iter().find_map(|c| match &c.verdict {
             Verdict::Rejected(why) if why.starts_with("budget:") => Some(why.clone()),

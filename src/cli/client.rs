@@ -196,9 +196,10 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<i32> {
         ClientCommand::Prices(args) => placement::prices(args).await,
     };
     Ok(result.unwrap_or_else(|e| {
-        eprintln!("error: {e:#}");
+        // Problem details may quote what a tenant wrote: shown escaped, like every table.
+        eprintln!("error: {}", crate::model::text::escape(&format!("{e:#}")));
         if let Some(hint) = e.downcast_ref::<ClientError>().and_then(|c| c.hint.as_deref()) {
-            eprintln!("hint: {hint}");
+            eprintln!("hint: {}", crate::model::text::escape(hint));
         }
         EXIT_ERROR
     }))

@@ -225,6 +225,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
             plain_http: true,
             max_body_bytes: 1 << 20,
             client_traces: Default::default(),
+            ..Default::default()
         },
         broker: BrokerTarget { url: format!("https://{addr}"), server_name: None },
         tls: issue(Role::Gateway, "gateway", None)?,

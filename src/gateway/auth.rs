@@ -1,12 +1,15 @@
 //! Tenants: the `Authorization: Bearer <key>` of every request is checked with the broker (no
 //! caching, so a revoked key fails on its next request), and each tenant's requests go through an
-//! in-memory token bucket with the rate and burst the broker returns for it.
+//! in-memory token bucket with the rate and burst the broker returns for it. Before the broker is
+//! asked, the client address's allowance for requests without an accepted key is checked
+//! ([`super::limits::AddressLimiter`]): a flood of bad keys gets 429 without broker calls.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use axum::extract::FromRequestParts;
+use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, header};
 
@@ -45,16 +48,27 @@ impl FromRequestParts<AppState> for Tenant {
     type Rejection = HttpError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        // In process (tests calling the router directly) there is no peer: one unknown address.
+        let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+        let limits = state.limits();
+        let client = limits.proxies.client_address(peer, &parts.headers);
+        limits.addresses.take(client)?;
+        // From here, a missing or refused key spends the token; an accepted key (or a broker that
+        // could not say) gives it back.
         let key = bearer_key(&parts.headers)?;
-        let info = state
-            .jobs()
-            .authenticate(AuthenticateRequest { key })
-            .await
-            .map_err(|status| match status.code() {
-                tonic::Code::Unauthenticated => HttpError::Unauthenticated("the api key is unknown or revoked".into()),
-                _ => HttpError::from(status),
-            })?
-            .into_inner();
+        let info = match state.jobs().authenticate(AuthenticateRequest { key }).await {
+            Ok(answer) => {
+                limits.addresses.give_back(client);
+                answer.into_inner()
+            }
+            Err(status) if status.code() == tonic::Code::Unauthenticated => {
+                return Err(HttpError::Unauthenticated("the api key is unknown or revoked".into()));
+            }
+            Err(status) => {
+                limits.addresses.give_back(client);
+                return Err(HttpError::from(status));
+            }
+        };
         if let Some(slot) = parts.extensions.get::<TenantSlot>() {
             let _ = slot.0.set(info.tenant.clone());
         }

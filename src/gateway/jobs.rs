@@ -29,7 +29,10 @@ const MAX_LIMIT: u32 = 1000;
 ///
 /// The body is a job spec (the fields of the YAML job spec, as JSON). With an `Idempotency-Key`,
 /// a retried submit with the same body returns the same job and the same answer; the same key
-/// with a different body is refused (422). Keys are per tenant.
+/// with a different body is refused (422). Keys are per tenant. Names and label values with
+/// control or bidirectional formatting characters (U+202A–U+202E, U+2066–U+2069, U+200E, U+200F,
+/// U+061C, C0/C1 controls) are refused (400 naming the field), and so is a job whose outputs would
+/// leave its residency (explicit, or derived from its inputs' locations).
 #[utoipa::path(
     post,
     path = "/v1/jobs",

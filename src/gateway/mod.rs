@@ -10,13 +10,17 @@
 //! - `router`: routes, middleware, `/healthz`, `/readyz`, `/openapi.json`; `openapi`: the
 //!   document's frame and problem responses.
 //! - `jobs`, `streams` (events, logs), `agents`: the handlers; `convert`: gRPC → JSON.
-//! - `auth`: API keys and rate limits; `problem`: errors; `serve`: the TLS/HTTP listener.
+//! - `auth`: API keys and rate limits; `limits`: requests without an accepted key per client
+//!   address (`client_address`: the TCP peer, or behind a trusted proxy its header) and open
+//!   streams per tenant; `problem`: errors; `serve`: the TLS/HTTP listener.
 
 mod agents;
 pub mod api;
 mod auth;
+pub mod client_address;
 mod convert;
 mod jobs;
+mod limits;
 pub mod openapi;
 mod placement;
 mod problem;
@@ -32,7 +36,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::config::GatewayConfig;
+use crate::config::{GatewayConfig, GatewaySection};
 use crate::model::identity::Role;
 use crate::proto::job_service_client::JobServiceClient;
 use crate::telemetry::ClientTraces;
@@ -52,9 +56,36 @@ pub struct AppState {
 struct Inner {
     broker: TracedChannel,
     limiter: auth::RateLimiter,
+    limits: GatewayLimits,
+    /// The last `/readyz` check and when it was made.
+    last_ready: tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>,
     max_body_bytes: usize,
     client_traces: ClientTraces,
     stopping: watch::Receiver<bool>,
+}
+
+/// The limits in front of the broker: requests without an accepted key per client address, and
+/// open streams per tenant.
+pub struct GatewayLimits {
+    addresses: limits::AddressLimiter,
+    proxies: client_address::TrustedProxies,
+    streams: limits::StreamSlots,
+}
+
+impl GatewayLimits {
+    /// The limits of a `[gateway]` section (validated: the header name parses).
+    pub fn new(section: &GatewaySection) -> Self {
+        let header = section.trusted_proxy_header.as_deref().and_then(|h| h.parse().ok());
+        Self {
+            addresses: limits::AddressLimiter::new(
+                section.unauthenticated_per_second,
+                section.unauthenticated_burst,
+                section.max_client_addresses,
+            ),
+            proxies: client_address::TrustedProxies::new(header, section.trusted_proxies.clone()),
+            streams: limits::StreamSlots::new(section.max_streams_per_tenant),
+        }
+    }
 }
 
 impl AppState {
@@ -66,7 +97,16 @@ impl AppState {
         stopping: watch::Receiver<bool>,
     ) -> Self {
         let limiter = auth::RateLimiter::default();
-        let inner = Inner { broker, limiter, max_body_bytes, client_traces, stopping };
+        let limits = GatewayLimits::new(&GatewaySection::default());
+        let last_ready = tokio::sync::Mutex::default();
+        let inner = Inner { broker, limiter, limits, last_ready, max_body_bytes, client_traces, stopping };
+        Self { inner: Arc::new(inner) }
+    }
+
+    /// The same state with other limits; before the state is shared.
+    pub fn with_limits(self, limits: GatewayLimits) -> Self {
+        let Ok(mut inner) = Arc::try_unwrap(self.inner) else { panic!("limits are set before the state is shared") };
+        inner.limits = limits;
         Self { inner: Arc::new(inner) }
     }
 
@@ -81,6 +121,14 @@ impl AppState {
 
     fn limiter(&self) -> &auth::RateLimiter {
         &self.inner.limiter
+    }
+
+    fn limits(&self) -> &GatewayLimits {
+        &self.inner.limits
+    }
+
+    fn last_ready(&self) -> &tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>> {
+        &self.inner.last_ready
     }
 
     fn max_body_bytes(&self) -> usize {
@@ -116,7 +164,8 @@ pub async fn run(
     let _metrics = crate::metrics::start(&config.metrics, None).await?;
     let (stopping_tx, stopping) = watch::channel(false);
     let broker = traced(broker, &config.broker.url);
-    let state = AppState::new(broker, config.gateway.max_body_bytes, config.gateway.client_traces, stopping);
+    let state = AppState::new(broker, config.gateway.max_body_bytes, config.gateway.client_traces, stopping)
+        .with_limits(GatewayLimits::new(&config.gateway));
     let (app, _) = router(state);
     let addr = listener.local_addr()?;
     let scheme = if public_tls.is_some() { "https" } else { "http" };

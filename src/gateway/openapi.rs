@@ -47,11 +47,17 @@ pub enum TenantErrors {
         headers(("WWW-Authenticate" = String, description = "Bearer"))
     )]
     Unauthorized(Problem),
-    /// The tenant's request rate or its number of unfinished jobs is over its limit.
+    /// A limit was reached: the tenant's request rate, its unfinished jobs, its open event streams
+    /// and followed logs (`max_streams_per_tenant`; close one first), or the requests without an
+    /// accepted API key from the client's address (answered before the key is checked, so while
+    /// an address is over it every request from it gets 429).
     #[response(
         status = 429,
         content_type = "application/problem+json",
-        headers(("Retry-After" = u64, description = "Whole seconds to wait before retrying"))
+        headers((
+            "Retry-After" = u64,
+            description = "Whole seconds to wait before retrying (not sent for open streams: closing one frees room)"
+        ))
     )]
     TooManyRequests(Problem),
     /// The broker cannot be reached.

@@ -46,6 +46,17 @@ pub enum HttpError {
     /// The tenant's token bucket is empty; retry after this many whole seconds.
     #[error("rate limit of {rate} requests per second (burst {burst}) exceeded; retry in {retry_after} s")]
     RateLimited { rate: f64, burst: u32, retry_after: u64 },
+    /// Too many requests without an accepted key from one client address; checked before the
+    /// broker is asked about the key.
+    #[error(
+        "too many unauthenticated requests from {client} (at most {rate} per second, burst {burst}); retry in {retry_after} s"
+    )]
+    TooManyUnauthenticated { client: std::net::IpAddr, rate: f64, burst: u32, retry_after: u64 },
+    /// The tenant has as many event streams and followed logs open as it may.
+    #[error(
+        "tenant {tenant} has {limit} event streams and followed logs open, its limit (max_streams_per_tenant); close one first"
+    )]
+    TooManyStreams { tenant: String, limit: u32 },
     /// The broker could not be reached or did not answer in time.
     #[error("{0}")]
     Unavailable(String),
@@ -66,7 +77,9 @@ impl HttpError {
             HttpError::Unauthenticated(_) => via_code(Code::Unauthenticated),
             HttpError::Forbidden(_) => via_code(Code::PermissionDenied),
             HttpError::NotFound(_) => via_code(Code::NotFound),
-            HttpError::RateLimited { .. } => via_code(Code::ResourceExhausted),
+            HttpError::RateLimited { .. }
+            | HttpError::TooManyUnauthenticated { .. }
+            | HttpError::TooManyStreams { .. } => via_code(Code::ResourceExhausted),
             HttpError::Unavailable(_) => via_code(Code::Unavailable),
             HttpError::Broker(status) => via_code(status.code()),
             HttpError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed"),
@@ -100,7 +113,7 @@ impl IntoResponse for HttpError {
             HttpError::Unauthenticated(_) => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            HttpError::RateLimited { retry_after, .. } => {
+            HttpError::RateLimited { retry_after, .. } | HttpError::TooManyUnauthenticated { retry_after, .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
             }
             HttpError::Broker(status) if status.code() == Code::ResourceExhausted => {

@@ -27,6 +27,9 @@ use crate::telemetry::{ClientTraces, context};
 
 /// How long `/readyz` waits for the broker's health check.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a `/readyz` answer is reused: `/readyz` needs no key, so a flood of it costs at most
+/// one broker health check per this interval.
+const READY_REUSE: Duration = Duration::from_secs(1);
 /// A body announced larger than the limit is still read (and dropped) up to this many bytes, so
 /// the client, still sending, gets the 413 instead of a reset connection.
 const DRAIN_LIMIT: u64 = 16 << 20;
@@ -79,7 +82,8 @@ pub async fn healthz() -> Json<Health> {
     Json(Health { status: "ok".into() })
 }
 
-/// Readiness: the broker answers its health check within 2 seconds.
+/// Readiness: the broker answers its health check within 2 seconds (checked at most once a second;
+/// answers in between reuse the last check).
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -88,17 +92,31 @@ pub async fn healthz() -> Json<Health> {
     responses((status = 200, description = "Ready", body = Health), NotReady)
 )]
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Health>, HttpError> {
+    // One check at a time; those waiting for it take its answer.
+    let mut last = state.last_ready().lock().await;
+    let answer = match &*last {
+        Some((at, answer)) if at.elapsed() < READY_REUSE => answer.clone(),
+        _ => {
+            let answer = check_broker(&state).await;
+            *last = Some((Instant::now(), answer.clone()));
+            answer
+        }
+    };
+    drop(last);
+    answer.map(|()| Json(Health { status: "ok".into() })).map_err(HttpError::Unavailable)
+}
+
+/// The broker's health check: `Ok`, or why the gateway is not ready.
+async fn check_broker(state: &AppState) -> Result<(), String> {
     let request = HealthCheckRequest { service: JOB_SERVICE.to_string() };
     let checked = tokio::time::timeout(READY_TIMEOUT, state.health().check(request)).await;
     let reason = match checked {
-        Ok(Ok(answer)) if answer.get_ref().status == ServingStatus::Serving as i32 => {
-            return Ok(Json(Health { status: "ok".into() }));
-        }
+        Ok(Ok(answer)) if answer.get_ref().status == ServingStatus::Serving as i32 => return Ok(()),
         Ok(Ok(_)) => "the broker's job service is not serving".to_string(),
         Ok(Err(status)) => crate::tls::explain_status(&status),
         Err(_) => format!("the broker did not answer within {} s", READY_TIMEOUT.as_secs()),
     };
-    Err(HttpError::Unavailable(format!("not ready: {reason}")))
+    Err(format!("not ready: {reason}"))
 }
 
 /// The served OpenAPI document, serialised once.

@@ -141,3 +141,33 @@ async fn the_document_is_openapi_3_1_and_lists_every_route() {
         assert!(!body["detail"].as_str().unwrap_or("").starts_with("no route"), "{method} {path}: {body}");
     }
 }
+
+#[tokio::test]
+async fn a_flood_of_readyz_costs_at_most_one_broker_check_a_second() {
+    // A "broker" that accepts connections and never answers: each check takes its full 2 s timeout.
+    let black_hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", black_hole.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((socket, _)) = black_hole.accept().await {
+            sockets.push(socket);
+        }
+    });
+    let broker = tonic::transport::Endpoint::from_shared(url.clone()).unwrap().connect_lazy();
+    let (_tx, stopping) = tokio::sync::watch::channel(false);
+    let (app, _) =
+        router(AppState::new(crate::telemetry::grpc::traced(broker, &url), 1024, Default::default(), stopping));
+    let started = std::time::Instant::now();
+    let (status, headers, body) = call(&app, get("/readyz"), Body::empty()).await;
+    let first = problem(status, &headers, &body, StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    assert!(first.contains("did not answer within 2 s"), "{first}");
+    assert!(started.elapsed() >= READY_TIMEOUT, "{:?}", started.elapsed());
+    // Asked again at once, many times: the last answer, without another 2 s check.
+    let again = std::time::Instant::now();
+    for _ in 0..20 {
+        let (status, headers, body) = call(&app, get("/readyz"), Body::empty()).await;
+        assert_eq!(problem(status, &headers, &body, StatusCode::SERVICE_UNAVAILABLE, "unavailable"), first);
+    }
+    assert!(again.elapsed() < READY_REUSE, "{:?}", again.elapsed());
+    held.abort();
+}

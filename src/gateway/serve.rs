@@ -4,11 +4,15 @@
 //! requests and waits a bounded time for them.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::ConnectInfo;
+use axum::http::Request;
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
@@ -20,6 +24,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
 
 /// Longest a client may take for its TLS handshake, and for its request headers.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -88,9 +93,9 @@ pub async fn serve(
         let acceptor = acceptor.clone();
         connections.spawn(async move {
             match acceptor {
-                None => serve_connection(&builder, tcp, router, closing).await,
+                None => serve_connection(&builder, tcp, peer, router, closing).await,
                 Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => serve_connection(&builder, tls, router, closing).await,
+                    Ok(Ok(tls)) => serve_connection(&builder, tls, peer, router, closing).await,
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "tls handshake failed"),
                     Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
                 },
@@ -110,16 +115,22 @@ pub async fn serve(
     }
 }
 
-/// One connection, HTTP/1.1 or HTTP/2; finishes gracefully once `closing` turns true.
+/// One connection, HTTP/1.1 or HTTP/2; finishes gracefully once `closing` turns true. Every
+/// request carries the peer's address (`ConnectInfo`).
 async fn serve_connection<I>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
+    peer: SocketAddr,
     router: Router,
     mut closing: watch::Receiver<bool>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = TowerToHyperService::new(router);
+    let service = tower::service_fn(move |mut request: Request<Incoming>| {
+        request.extensions_mut().insert(ConnectInfo(peer));
+        router.clone().oneshot(request)
+    });
+    let service = TowerToHyperService::new(service);
     let connection = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
     let result = tokio::select! {

@@ -1,5 +1,6 @@
 //! The long-lived answers: a job's events as Server-Sent Events (resumable with `Last-Event-ID`)
-//! and its output, as a tail or followed while the job runs. Both end when the gateway stops.
+//! and its output, as a tail or followed while the job runs. Both end when the gateway stops, and
+//! each open one holds one of its tenant's stream slots ([`super::limits::StreamSlots`]).
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -31,7 +32,8 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 ///
 /// Each event has `id` = the event's sequence number, `event` = the job's state and `data` = a
 /// `JobEvent`. The stream ends after the terminal event. Reconnect with `Last-Event-ID` to resume
-/// after the last event seen.
+/// after the last event seen. Each open stream counts against the tenant's
+/// `max_streams_per_tenant` (with followed logs); beyond it, 429.
 #[utoipa::path(
     get,
     path = "/v1/jobs/{id}/events",
@@ -59,12 +61,15 @@ pub async fn events(
             HttpError::BadRequest("last-event-id: must be the id (a number) of an event of this stream".into())
         })?,
     };
+    // Held by the forwarding task: freed when the stream ends, the client goes or the gateway stops.
+    let slot = state.limits().streams.acquire(&tenant.name)?;
     // The broker resumes after `after_seq`, and ends at once for a job that already finished.
     let request = proto::WatchJobRequest { job_id: id, tenant: tenant.name, after_seq: after };
     let mut watch = state.jobs().watch(request).await?.into_inner();
     let mut stopping = state.stopping();
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(16);
     tokio::spawn(async move {
+        let _slot = slot;
         loop {
             let next = tokio::select! {
                 () = tx.closed() => return,
@@ -117,7 +122,9 @@ pub struct LogsQuery {
 
 /// A job's output: the tail the broker keeps, or followed until the job ends (`follow=true`).
 ///
-/// When a followed job starts a new attempt, a line `--- attempt N ---` separates the outputs.
+/// When a followed job starts a new attempt, a line `--- attempt N ---` separates the outputs. A
+/// followed log counts against the tenant's `max_streams_per_tenant` (with event streams) while
+/// it is open; beyond it, 429.
 #[utoipa::path(
     get,
     path = "/v1/jobs/{id}/logs",
@@ -136,13 +143,18 @@ pub async fn logs(
     Path(id): Path<String>,
     Query(query): Query<LogsQuery>,
 ) -> Result<Response, HttpError> {
+    // A followed log holds a stream slot while it is open (a plain tail needs none).
+    let slot = if query.follow { Some(state.limits().streams.acquire(&tenant.name)?) } else { None };
     let follower = LogFollower { state, job_id: id, tenant: tenant.name, pinned: query.attempt };
     let first = follower.fetch(query.attempt, 0).await?;
     let body = if !query.follow || first.done {
         Body::from(first.output)
     } else {
         let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(16);
-        tokio::spawn(async move { follower.follow(first, tx).await });
+        tokio::spawn(async move {
+            let _slot = slot;
+            follower.follow(first, tx).await;
+        });
         Body::from_stream(ReceiverStream::new(rx))
     };
     let headers = [

@@ -217,8 +217,8 @@ impl JobSpec {
         let name = self.name.trim();
         if name.is_empty() || self.name.len() > 128 {
             p.add("name", "must be 1 to 128 characters");
-        } else if self.name.chars().any(char::is_control) {
-            p.add("name", "must not contain control characters");
+        } else if let Some(problem) = super::text::display_control_problem(&self.name) {
+            p.add("name", problem);
         }
         if self.command.is_empty() || self.command[0].is_empty() {
             p.add("command", "must name a program (a list like [\"python3\", \"train.py\"])");
@@ -246,7 +246,10 @@ impl JobSpec {
         }
         for (k, v) in &self.labels {
             if !is_label_key(k) || v.len() > 256 {
+                let k = super::text::escape(k);
                 p.add(format!("labels.{k}"), "keys are 1-63 of [A-Za-z0-9._-/], values at most 256 bytes");
+            } else if let Some(problem) = super::text::display_control_problem(v) {
+                p.add(format!("labels.{k}"), format!("the value {problem}"));
             }
         }
         self.check_data(&mut p);
@@ -383,12 +386,13 @@ pub fn check_data_uri(uri: &str) -> Result<(), String> {
 }
 
 /// A relative path inside the work directory: no `.`/`..` or empty segments (a trailing `/` is
-/// fine), no control characters, and not the agent's own `output.log`.
+/// fine), no control or bidirectional formatting characters, and not the agent's own `output.log`.
 fn check_work_path(path: &str) -> Result<(), String> {
     let trimmed = path.strip_suffix('/').unwrap_or(path);
     let bad_segment = trimmed.split('/').any(|s| s.is_empty() || s == "." || s == "..");
-    if path.len() > 1024 || path.starts_with('/') || bad_segment || path.chars().any(char::is_control) {
-        return Err(format!("{path:?} must be a relative path inside the work directory"));
+    if path.len() > 1024 || path.starts_with('/') || bad_segment || path.chars().any(super::text::is_display_control) {
+        let shown = super::text::escape(path);
+        return Err(format!("\"{shown}\" must be a relative path inside the work directory"));
     }
     if trimmed == "output.log" {
         return Err("output.log is the attempt's log, kept by the agent".into());

@@ -122,3 +122,28 @@ fn oversized_specs_are_refused_before_parsing() {
     let doc = vec![b' '; LIMIT + 1];
     assert_eq!(JobSpec::from_yaml(&doc, LIMIT), Err(SpecError::TooLarge { size: LIMIT + 1, limit: LIMIT }));
 }
+
+#[test]
+fn bidi_and_control_characters_are_refused_in_names_labels_and_paths_naming_the_field() {
+    let refused = |json: &str| -> Vec<FieldError> {
+        match JobSpec::from_json(json.as_bytes(), LIMIT) {
+            Err(SpecError::Invalid(errors)) => errors,
+            other => panic!("{json}: {other:?}"),
+        }
+    };
+    for c in ["\\u202e", "\\u202a", "\\u2066", "\\u2069", "\\u200e", "\\u200f", "\\u001b", "\\u0085"] {
+        let errors = refused(&format!(r#"{{"name":"report{c}fdp.exe","command":["true"]}}"#));
+        assert_eq!(errors[0].field, "name", "{c}");
+        assert!(errors[0].message.contains("bidirectional formatting"), "{c}: {}", errors[0].message);
+        let errors = refused(&format!(r#"{{"name":"x","command":["true"],"labels":{{"team":"a{c}b"}}}}"#));
+        assert_eq!(errors[0].field, "labels.team", "{c}");
+    }
+    // A key with one is refused too, and named escaped, never raw.
+    let errors = refused(r#"{"name":"x","command":["true"],"labels":{"te\u202eam":"a"}}"#);
+    assert_eq!(errors[0].field, "labels.te\\u{202e}am");
+    let errors = refused(r#"{"name":"x","command":["true"],"outputs":[{"path":"out\u202e/","to":"s3://b/x/"}]}"#);
+    assert!(errors[0].message.contains("out\\u{202e}/"), "{:?}", errors[0]);
+    // Other scripts and right-to-left text without controls are names like any other.
+    let spec = r#"{"name":"تدريب-模型-é","command":["true"],"labels":{"team":"ج"}}"#;
+    assert!(JobSpec::from_json(spec.as_bytes(), LIMIT).is_ok());
+}

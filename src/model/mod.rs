@@ -10,6 +10,7 @@ pub mod price;
 pub mod secret;
 pub mod site;
 pub mod state;
+pub mod text;
 
 /// Milliseconds since the Unix epoch; the broker's clock for stored timestamps.
 pub type UnixMillis = i64;

@@ -4,7 +4,9 @@
 //! choices; outputs with the same group share one). Each breaks a rule (its verdict is the first
 //! reason, in this order: site and cloud allow-lists, residency, no fitting GPU/instance type/node, no
 //! price, queue wait against `max_wait`/deadline, transfer and storage prices, $/hour cap, total cap,
-//! budget) or is costed:
+//! budget) or is costed. A reason about the job itself ([`refusal`]: an unknown location, an output
+//! going outside the job's residency, explicit or derived from its inputs) rejects every candidate.
+//! Costs:
 //! - compute: cloud: the cheapest instance type of the site that fits the job on one node (GPU
 //!   model and count, vCPUs, memory; multi-node is not supported, so `instances` is 1 and a 1-GPU job
 //!   on an 8-GPU type pays the whole instance), at its on-demand price, or its spot price where both
@@ -109,7 +111,8 @@ pub struct Decision {
 }
 
 /// The job resolved against the world: residency (group, derived?), inputs, output choices, and a
-/// reason that rejects every candidate (unknown location, output outside the policy's residency).
+/// reason that rejects every candidate (an unknown location, an output outside the job's residency,
+/// explicit or derived from its inputs).
 struct Plan {
     residency: Option<(String, bool)>,
     /// Aggregated input bytes per location index.
@@ -168,6 +171,13 @@ pub fn place(job: &PlacementJob, world: &World) -> Decision {
     }
 }
 
+/// Why no candidate can take the job whatever the capacity and prices: a reason about the job
+/// itself (an unknown storage location, an output outside the job's residency), which rejects
+/// every candidate of [`place`]. The broker refuses such a job at submit.
+pub fn refusal(job: &PlacementJob, world: &World) -> Option<String> {
+    plan(job, world).global
+}
+
 /// Resolves the job's locations, its residency and the output choices.
 fn plan(job: &PlacementJob, world: &World) -> Plan {
     let mut global = None;
@@ -178,7 +188,9 @@ fn plan(job: &PlacementJob, world: &World) -> Plan {
                 Some((_, b)) => *b += input.bytes,
                 None => inputs.push((l, input.bytes)),
             },
-            None => global = Some(format!("unknown storage location {}", input.location)),
+            None => {
+                global.get_or_insert_with(|| format!("unknown storage location {}", input.location));
+            }
         }
     }
     let residency = match &job.policy.residency {
@@ -189,29 +201,23 @@ fn plan(job: &PlacementJob, world: &World) -> Plan {
             first.filter(|f| groups.all(|g| g == *f)).map(|f| (f.clone(), true))
         }
     };
-    let explicit = job.policy.residency.as_deref();
     let mut outputs = Vec::with_capacity(job.outputs.len());
     let mut keys: Vec<(&str, &[String])> = Vec::new();
     let mut choices: Vec<Vec<usize>> = Vec::new();
     for (o, output) in job.outputs.iter().enumerate() {
-        match &output.dest {
+        let group = match &output.dest {
             OutputDest::Location(name) => match world.location_index.get(name) {
                 Some(&l) => {
-                    let group = &world.locations[l].residency;
-                    if explicit.is_some_and(|r| r != group) {
-                        global = Some(format!("residency: output in {group}, policy {}", explicit.unwrap_or("")));
-                    }
                     outputs.push(Ok(l));
+                    Some(world.locations[l].residency.as_str())
                 }
                 None => {
-                    global = Some(format!("unknown storage location {name}"));
+                    global.get_or_insert_with(|| format!("unknown storage location {name}"));
                     outputs.push(Ok(usize::MAX));
+                    None
                 }
             },
             OutputDest::Choose { residency: group, among } => {
-                if explicit.is_some_and(|r| r != group) {
-                    global = Some(format!("residency: output in {group}, policy {}", explicit.unwrap_or("")));
-                }
                 let key = (group.as_str(), among.as_slice());
                 let d = keys.iter().position(|k| *k == key).unwrap_or_else(|| {
                     keys.push(key);
@@ -222,16 +228,32 @@ fn plan(job: &PlacementJob, world: &World) -> Plan {
                         })
                         .collect();
                     if options.is_empty() {
-                        global = Some(format!("no storage location in {group} for output {o}"));
+                        global.get_or_insert_with(|| format!("no storage location in {group} for output {o}"));
                     }
                     choices.push(options);
                     choices.len() - 1
                 });
                 outputs.push(Err(d));
+                Some(group.as_str())
             }
+        };
+        if let Some(why) = group.and_then(|g| output_outside(&residency, o, &output.path, g)) {
+            global.get_or_insert(why);
         }
     }
     Plan { residency, inputs, outputs, choices, global }
+}
+
+/// Why an output going to residency group `group` would leave the job's residency (explicit, or
+/// derived from its inputs), e.g. `residency: output out/ goes to us, data in eu`.
+fn output_outside(residency: &Option<(String, bool)>, o: usize, path: &str, group: &str) -> Option<String> {
+    let (required, derived) = residency.as_ref()?;
+    if required == group {
+        return None;
+    }
+    let whose = if *derived { "data" } else { "policy" };
+    let output = if path.is_empty() { format!("#{o}") } else { path.to_owned() };
+    Some(format!("residency: output {output} goes to {group}, {whose} in {required}"))
 }
 
 /// The site-level part of a candidate: allow-lists, residency, compute, wait and input transfer.

@@ -135,7 +135,7 @@ fn random_job(rng: &mut fastrand::Rng, locations: &[StorageLocation]) -> Placeme
                 };
                 OutputDest::Choose { residency: pick(rng, &["eu", "us"]).into(), among }
             };
-            PlacementOutput { dest, bytes: pick(rng, &[0, 5_000_000_000, 80_000_000_000]) }
+            PlacementOutput { path: "out/".into(), dest, bytes: pick(rng, &[0, 5_000_000_000, 80_000_000_000]) }
         })
         .collect();
     let policy = PlacementPolicy {
@@ -275,10 +275,12 @@ fn evaluate(case: &Case, st: &SiteState, outs: &[usize]) -> Option<(f64, bool)> 
         ins.push((case.locations.iter().find(|l| l.name == i.location)?, i.bytes));
     }
     let derived = ins.first().map(|(l, _)| l.residency.clone()).filter(|g| ins.iter().all(|(l, _)| l.residency == *g));
-    if pol.residency.clone().or(derived).is_some_and(|r| site.residency != r) {
+    let residency = pol.residency.clone().or(derived);
+    if residency.as_ref().is_some_and(|r| site.residency != *r) {
         return None;
     }
-    if pol.residency.as_ref().is_some_and(|r| outs.iter().any(|&o| case.locations[o].residency != *r)) {
+    // Outputs stay in the job's residency too, whether given by policy or derived from the inputs.
+    if residency.as_ref().is_some_and(|r| outs.iter().any(|&o| case.locations[o].residency != *r)) {
         return None;
     }
     if pol.sites.as_ref().is_some_and(|s| !s.contains(&site.name))

@@ -339,11 +339,9 @@ fn owned_first_prefers_a_free_lab_whatever_the_price() {
 fn placement_chooses_output_locations() {
     let w = world(lab("H100-80GB", 0, None), standard_prices(98.0, 99.0));
     let mut j = job(0, &[], 1);
-    j.inputs = vec![input("az-weu", 10 * GB)];
-    j.outputs = vec![
-        PlacementOutput { dest: OutputDest::Location("s3-use1".into()), bytes: GB },
-        PlacementOutput { dest: OutputDest::Choose { residency: "eu".into(), among: Vec::new() }, bytes: 100 * GB },
-    ];
+    // Inputs in both groups: no residency derived, so an output may go to the US.
+    j.inputs = vec![input("az-weu", 10 * GB), input("s3-use1", 0)];
+    j.outputs = vec![output("out/", OutputDest::Location("s3-use1".into()), GB), choose("ckpt/", "eu", 100 * GB)];
     let d = place(&j, &w);
     // 4 sites × 3 eu locations.
     assert_eq!(d.candidates.len(), 12);
@@ -369,7 +367,56 @@ fn placement_chooses_output_locations() {
     j.outputs.remove(1);
     let d = place(&j, &w);
     assert!(d.chosen.is_none());
-    assert_eq!(rejection(&d, "azure-weu"), "residency: output in us, policy eu");
+    assert_eq!(rejection(&d, "azure-weu"), "residency: output out/ goes to us, policy in eu");
+}
+
+fn output(path: &str, dest: OutputDest, bytes: u64) -> PlacementOutput {
+    PlacementOutput { path: path.into(), dest, bytes }
+}
+
+fn choose(path: &str, residency: &str, bytes: u64) -> PlacementOutput {
+    output(path, OutputDest::Choose { residency: residency.into(), among: Vec::new() }, bytes)
+}
+
+#[test]
+fn outputs_of_eu_data_never_leave_the_eu() {
+    let w = world(lab("H100-80GB", 8, None), standard_prices(98.0, 99.0));
+    let mut j = job(0, &[], 1);
+    j.inputs = vec![input("s3-euw1", GB)];
+    // Fixed to a US location: every candidate is rejected, the EU ones included, and why.
+    j.outputs = vec![
+        output("logs/", OutputDest::Location("lab".into()), GB),
+        output("out/", OutputDest::Location("s3-use1".into()), GB),
+    ];
+    let d = place(&j, &w);
+    assert_eq!(d.residency.as_deref(), Some("eu"));
+    assert!(d.chosen.is_none(), "{:?}", d.chosen);
+    for c in &d.candidates {
+        assert_eq!(c.verdict, Verdict::Rejected("residency: output out/ goes to us, data in eu".into()), "{}", c.site);
+    }
+    assert_eq!(refusal(&j, &w).as_deref(), Some("residency: output out/ goes to us, data in eu"));
+    // An output asking placement for a US location is refused the same way.
+    j.outputs = vec![choose("ckpt/", "us", GB)];
+    assert_eq!(refusal(&j, &w).as_deref(), Some("residency: output ckpt/ goes to us, data in eu"));
+    assert!(place(&j, &w).chosen.is_none());
+    // An output given by residency only gets EU locations: every candidate is in the group.
+    j.outputs = vec![choose("ckpt/", "eu", GB)];
+    let d = place(&j, &w);
+    assert_eq!(refusal(&j, &w), None);
+    let eu = ["az-weu", "lab", "s3-euw1"];
+    assert_eq!(d.candidates.len(), 4 * eu.len());
+    assert!(d.candidates.iter().all(|c| eu.contains(&c.output_locations[0].as_str())), "{:#?}", d.candidates);
+    assert!(eu.contains(&chosen(&d).output_locations[0].as_str()));
+    // The same EU output with US data is refused; an EU output with EU data is placed.
+    j.inputs = vec![input("s3-use1", GB)];
+    assert_eq!(refusal(&j, &w).as_deref(), Some("residency: output ckpt/ goes to eu, data in us"));
+    j.inputs = vec![input("lab", GB)];
+    j.outputs = vec![output("out/", OutputDest::Location("s3-euw1".into()), GB)];
+    assert_eq!(chosen(&place(&j, &w)).output_locations, ["s3-euw1"]);
+    // Without inputs nor policy there is no residency to keep.
+    j.inputs.clear();
+    j.outputs = vec![output("out/", OutputDest::Location("s3-use1".into()), GB)];
+    assert_eq!((refusal(&j, &w), place(&j, &w).residency), (None, None));
 }
 
 #[test]

@@ -105,6 +105,9 @@ pub enum OutputDest {
 /// One output and its estimated size.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlacementOutput {
+    /// The output's path in the work directory (`out/`), for reasons.
+    #[serde(default)]
+    pub path: String,
     pub dest: OutputDest,
     /// Estimated bytes written (see [`PlacementJob::from_spec`] for the default estimate).
     pub bytes: u64,
@@ -130,8 +133,9 @@ pub struct PlacementJob {
 
 impl PlacementJob {
     /// Builds the placement view of a validated spec and its resolved data. Inputs are summed per
-    /// location. Outputs are `data.outputs` (fixed locations) in order, then the spec's outputs that
-    /// give `residency` (placement chooses). Output sizes are unknown before the job runs, so the job's
+    /// location. Outputs are `data.outputs` in the spec's order (a fixed location, or a residency
+    /// group placement chooses in); without resolved outputs, the spec's outputs that give
+    /// `residency`. Output sizes are unknown before the job runs, so the job's
     /// input bytes are divided evenly among its outputs (as much out as in; 0 without inputs).
     pub fn from_spec(
         spec: &JobSpec,
@@ -147,27 +151,31 @@ impl PlacementJob {
             .into_iter()
             .map(|(location, bytes)| PlacementInput { location: location.into(), bytes })
             .collect();
-        let mut dests: Vec<OutputDest> = data
+        let mut dests: Vec<(String, OutputDest)> = data
             .outputs
             .iter()
-            .map(|o| match &o.residency {
-                Some(residency) if o.location.is_empty() => OutputDest::Choose {
-                    residency: residency.clone(),
-                    among: o.choices.iter().map(|c| c.location.clone()).collect(),
-                },
-                _ => OutputDest::Location(o.location.clone()),
+            .map(|o| {
+                let dest = match &o.residency {
+                    Some(residency) if o.location.is_empty() => OutputDest::Choose {
+                        residency: residency.clone(),
+                        among: o.choices.iter().map(|c| c.location.clone()).collect(),
+                    },
+                    _ => OutputDest::Location(o.location.clone()),
+                };
+                (o.path.clone(), dest)
             })
             .collect();
         // Outputs not resolved against storage (a dry run without data): placement still chooses.
         if data.outputs.is_empty() {
             for output in &spec.outputs {
                 if let (None, Some(residency)) = (&output.to, &output.residency) {
-                    dests.push(OutputDest::Choose { residency: residency.clone(), among: Vec::new() });
+                    let dest = OutputDest::Choose { residency: residency.clone(), among: Vec::new() };
+                    dests.push((output.path.clone(), dest));
                 }
             }
         }
         let each = if dests.is_empty() { 0 } else { data.input_bytes() / dests.len() as u64 };
-        let outputs = dests.into_iter().map(|dest| PlacementOutput { dest, bytes: each }).collect();
+        let outputs = dests.into_iter().map(|(path, dest)| PlacementOutput { path, dest, bytes: each }).collect();
         let r = &spec.resources;
         PlacementJob {
             gpus: r.gpus,

@@ -145,17 +145,22 @@ fn bench_job(rng: &mut fastrand::Rng, locations: &[StorageLocation]) -> Placemen
         (0, _) | (_, 0) => Vec::new(),
         _ => vec![GPU_MODELS[rng.usize(..GPU_MODELS.len())].to_owned()],
     };
-    let inputs = (0..rng.usize(0..3))
+    let inputs: Vec<PlacementInput> = (0..rng.usize(0..3))
         .map(|_| PlacementInput {
             location: locations[rng.usize(..locations.len())].name.clone(),
             bytes: rng.u64(0..2_000_000_000_000),
         })
         .collect();
+    // Outputs stay in the inputs' residency (a job's outputs may not leave it): the fixed one goes
+    // where the first input is.
+    let first = inputs.first().and_then(|i| locations.iter().find(|l| l.name == i.location));
+    let fixed = first.map_or("s3-use1", |l| l.name.as_str()).to_owned();
     let mut outputs =
-        vec![PlacementOutput { dest: OutputDest::Location("s3-use1".into()), bytes: rng.u64(0..1 << 30) }];
+        vec![PlacementOutput { path: "out/".into(), dest: OutputDest::Location(fixed), bytes: rng.u64(0..1 << 30) }];
     if rng.bool() {
-        let residency = if rng.bool() { "eu" } else { "us" };
+        let residency = first.map_or(if rng.bool() { "eu" } else { "us" }, |l| l.residency.as_str());
         outputs.push(PlacementOutput {
+            path: "checkpoints/".into(),
             dest: OutputDest::Choose { residency: residency.into(), among: Vec::new() },
             bytes: rng.u64(0..50_000_000_000),
         });

@@ -1,6 +1,7 @@
 //! Placement end to end: a broker with on-prem, AWS and Azure sites and the offline price
 //! snapshot places jobs at the cheapest allowed site, stores the decision with every candidate,
-//! flips between clouds when only the prices change, and refuses a job over its tenant's budget.
+//! flips between clouds when only the prices change, refuses a job over its tenant's budget, and
+//! keeps the outputs of EU data in the EU.
 
 use std::path::Path;
 use std::time::Duration;
@@ -215,4 +216,93 @@ async fn after_a_broker_restart_jobs_wait_for_known_agents_instead_of_spilling()
     watch_to_end(&mut admin, &id).await;
     let done = get(&mut admin, &id).await;
     assert_eq!((done.state.as_str(), done.site.as_str()), ("succeeded", "lab"), "{done:?}");
+}
+
+/// EU and US residency groups, a lab in the EU and AWS in the US; two EU local locations and a US
+/// one, all writable by `acme`; an input object in the EU.
+fn residency_setup(dir: &Path, snapshot: &Path) -> Setup {
+    let objects = dir.join("objects");
+    let input = objects.join("eu-a/acme/in/data.txt");
+    std::fs::create_dir_all(input.parent().unwrap()).unwrap();
+    std::fs::write(&input, b"eu bytes\n").unwrap();
+    let local = |name: &str, region: &str, group: &str| {
+        format!(
+            "[[storage]]\nname = \"{name}\"\ncloud = \"local\"\nregion = \"{region}\"\nresidency = \"{group}\"\ndir = \"{}\"\n",
+            objects.display()
+        )
+    };
+    let extra = format!(
+        "[prices]\nsnapshot = \"{}\"\n\
+         [[residency]]\nname = \"eu\"\nonprem = [\"stockholm\"]\n\
+         [[residency]]\nname = \"us\"\naws = [\"us-east-1\"]\nonprem = [\"virginia\"]\n\
+         [[site]]\nname = \"lab\"\nkind = \"onprem\"\nregion = \"stockholm\"\nresidency = \"eu\"\ngpu_hour_usd = 1.5\n\
+         [[site]]\nname = \"aws-us-east-1\"\nkind = \"aws\"\nregion = \"us-east-1\"\nresidency = \"us\"\nelastic = true\n\
+         instance_types = [\"g6.xlarge\", \"m7i.2xlarge\"]\n{}{}{}\
+         [[tenant]]\nname = \"acme\"\nstorage = [\"local://eu-a/acme/\", \"local://eu-b/acme/\", \"local://us-a/acme/\"]\n",
+        snapshot.display(),
+        local("eu-a", "stockholm", "eu"),
+        local("eu-b", "stockholm", "eu"),
+        local("us-a", "virginia", "us"),
+    );
+    Setup { broker_extra: Some(extra), ..Setup::default() }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outputs_of_eu_data_stay_in_the_eu_and_plan_says_why() {
+    let snapshot = shipped_snapshot();
+    let cluster = Cluster::start_with(TTL, &[("n1", "1xH100-80GB")], |dir| residency_setup(dir, &snapshot)).await;
+    lab_agent_connected(&cluster).await;
+    let gateway = cluster.start_gateway();
+    let key = cluster.tenant_key("acme");
+    let to_us = "name: leak\ncommand: [\"sh\", \"-c\", \"mkdir out && cp data.txt out/\"]\n\
+                 inputs: [{uri: local://eu-a/acme/in/data.txt, path: data.txt}]\n\
+                 outputs: [{path: out/, to: local://us-a/acme/results/}]\n";
+    let why = "residency: output out/ goes to us, data in eu";
+
+    // Refused at submit, with the reason; nothing is stored.
+    let err = submit_as(&cluster, "acme", to_us).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains(why), "{}", err.message());
+    let list = proto::ListJobsRequest { limit: 10, ..Default::default() };
+    assert!(cluster.admin().await.list(list).await.unwrap().into_inner().jobs.is_empty());
+    // Through the gateway: 400 with the reason.
+    let api = crate::gateway::Api::new(&gateway, &key);
+    let spec: Value = serde_yaml_ng::from_str(to_us).unwrap();
+    let (status, _, body) = crate::gateway::send(api.request(reqwest::Method::POST, "/v1/jobs").json(&spec)).await;
+    assert_eq!(status, reqwest::StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains(why), "{body}");
+
+    // `hybroker plan` shows why: every candidate, the EU lab included, is rejected for it.
+    let file = cluster.path("to-us.yaml");
+    std::fs::write(&file, to_us).unwrap();
+    let table = cli(&gateway, &key, &["plan", file.to_str().unwrap()]).await;
+    assert!(table.status.success(), "{}", String::from_utf8_lossy(&table.stderr));
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("chosen:    none") && table.contains("residency: eu"), "{table}");
+    for site in ["lab", "aws-us-east-1"] {
+        let row = table.lines().find(|l| l.starts_with(site)).unwrap_or_else(|| panic!("{site}: {table}"));
+        assert!(row.contains("us-a") && row.ends_with(&format!("rejected: {why}")), "{row}");
+    }
+
+    // An output given by residency: only EU locations are candidates, and it runs there.
+    let in_eu = to_us.replace("to: local://us-a/acme/results/", "residency: eu").replace("leak", "kept");
+    let file = cluster.path("in-eu.yaml");
+    std::fs::write(&file, &in_eu).unwrap();
+    let planned = cli(&gateway, &key, &["plan", file.to_str().unwrap(), "--output", "json"]).await;
+    assert!(planned.status.success(), "{}", String::from_utf8_lossy(&planned.stderr));
+    let planned: Value = serde_json::from_slice(&planned.stdout).unwrap();
+    let candidates = planned["candidates"].as_array().unwrap();
+    let mut locations: Vec<&str> = candidates.iter().map(|c| c["output_locations"][0].as_str().unwrap()).collect();
+    locations.sort();
+    locations.dedup();
+    assert_eq!(locations, ["eu-a", "eu-b"], "{planned}");
+    let id = submit_as(&cluster, "acme", &in_eu).await.unwrap();
+    let mut admin = cluster.admin().await;
+    watch_to_end(&mut admin, &id).await;
+    let job = get(&mut admin, &id).await;
+    assert_eq!((job.state.as_str(), job.site.as_str()), ("succeeded", "lab"), "{job:?}");
+    let d = decision(&job);
+    let chosen = d["chosen"]["output_locations"][0].as_str().unwrap();
+    let written = cluster.path(&format!("objects/{chosen}/acme/acme/{id}/attempt-1/data.txt"));
+    assert_eq!(std::fs::read_to_string(written).unwrap(), "eu bytes\n");
 }

@@ -1,10 +1,13 @@
 //! `hybroker jobs explain`: a placement decision as a table, one row per candidate.
 
+use crate::model::text::{escape, escape_keeping_lines};
 use crate::placement::engine::{Decision, Verdict};
 
-/// The decision as people read it: the choice and its cost, then every candidate.
+/// The decision as people read it: the choice and its cost, then every candidate. Text is shown
+/// escaped (a reason may quote what a tenant wrote, e.g. an output's path).
 pub fn decision_table(d: &Decision) -> String {
-    let mut out = String::new();
+    let mut head = String::new();
+    let out = &mut head;
     match &d.chosen {
         Some(c) => {
             let cost = &c.offer.cost;
@@ -36,21 +39,24 @@ pub fn decision_table(d: &Decision) -> String {
     if let Some(r) = &d.residency {
         out.push_str(&format!("residency: {r}\n"));
     }
+    let mut out = escape_keeping_lines(&head);
     out.push('\n');
     let rows: Vec<[String; 5]> = d
         .candidates
         .iter()
         .map(|c| {
             let outputs = if c.output_locations.is_empty() { "-".to_string() } else { c.output_locations.join(",") };
+            let site = escape(&c.site).into_owned();
+            let outputs = escape(&outputs).into_owned();
             match &c.verdict {
                 Verdict::Feasible(o) => [
-                    c.site.clone(),
+                    site,
                     outputs,
                     format!("${:.2}", o.cost.total_usd),
                     format!("${:.2}", o.cost.usd_per_hour),
                     describe_offer(&o.instance_type, o.instances, &o.gpu_model),
                 ],
-                Verdict::Rejected(why) => [c.site.clone(), outputs, "-".into(), "-".into(), format!("rejected: {why}")],
+                Verdict::Rejected(why) => [site, outputs, "-".into(), "-".into(), format!("rejected: {}", escape(why))],
             }
         })
         .collect();
@@ -81,5 +87,34 @@ fn describe_offer(instance_type: &Option<String>, instances: u32, gpu_model: &Op
         (Some(t), _) => format!("{instances}x {t}"),
         (None, Some(m)) => format!("on-prem {m}"),
         (None, None) => "on-prem".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_quoting_tenant_text_are_shown_escaped() {
+        let why = "residency: output out\u{202e}/ goes to us, data in eu";
+        let d = Decision {
+            chosen: None,
+            candidates: vec![crate::placement::engine::Candidate {
+                site: "lab".into(),
+                output_locations: vec!["us-a".into()],
+                verdict: Verdict::Rejected(why.into()),
+            }],
+            residency: Some("eu".into()),
+            snapshot_id: "snap".into(),
+            snapshot_age_ms: 60_000,
+            stale: false,
+        };
+        let table = decision_table(&d);
+        assert!(table.contains("chosen:    none") && table.contains("residency: eu\n"), "{table}");
+        assert!(
+            table.contains("lab   us-a         -    -  rejected: residency: output out\\u{202e}/ goes to us"),
+            "{table}"
+        );
+        assert!(!table.contains('\u{202e}'), "{table}");
     }
 }

@@ -64,7 +64,7 @@ impl Progress {
                 *status = message.to_string();
                 self.tick();
             }
-            _ => eprintln!("{message}"),
+            _ => eprintln!("{}", crate::model::text::escape(message)),
         }
     }
 
@@ -72,6 +72,7 @@ impl Progress {
         if let Progress::Spinner { name, status, started, frame } = self {
             *frame = (*frame + 1) % FRAMES.len();
             let elapsed = short_duration(started.elapsed());
+            let (name, status) = (crate::model::text::escape(name), crate::model::text::escape(status));
             let line: String = format!("{} {name}  {status}  {elapsed}", FRAMES[*frame]).chars().take(100).collect();
             let mut err = std::io::stderr().lock();
             let _ = write!(err, "\r\x1b[2K{line}");

@@ -1,5 +1,7 @@
 //! What the CLI prints: aligned tables of jobs and agents, one job's details, one line per job event,
-//! and the exit status a followed job ends the process with.
+//! and the exit status a followed job ends the process with. Text from the API (names, labels,
+//! reasons, event messages) is shown with control and bidirectional formatting characters escaped
+//! (`\u{202e}`, [`crate::model::text::escape`]), so it cannot reorder or rewrite what is printed.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -7,18 +9,21 @@ use std::time::{Duration, SystemTime};
 
 use crate::gateway::api::{Agent, Job, JobEvent};
 use crate::model::state::JobState;
+use crate::model::text::escape;
 
-/// Left-aligned columns two spaces apart; the last column is not padded.
+/// Left-aligned columns two spaces apart; the last column is not padded. Cells are shown escaped.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> =
+        rows.iter().map(|row| row.iter().map(|cell| escape(cell).into_owned()).collect()).collect();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
+    for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
     let mut out = String::new();
     let header: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
-    for row in std::iter::once(&header).chain(rows) {
+    for row in std::iter::once(&header).chain(&rows) {
         let mut line = String::new();
         for (i, cell) in row.iter().enumerate() {
             if i + 1 == row.len() {
@@ -149,7 +154,7 @@ pub fn job_details(j: &Job) -> String {
         ("updated", j.updated_at.clone()),
         ("trace", or_dash(j.trace_id.as_deref())),
     ];
-    fields.iter().map(|(k, v)| format!("{:<10} {v}\n", format!("{k}:"))).collect()
+    fields.iter().map(|(k, v)| format!("{:<10} {}\n", format!("{k}:"), escape(v))).collect()
 }
 
 /// One agent, a field per line, then one line per GPU.
@@ -170,11 +175,10 @@ pub fn agent_details(a: &Agent) -> String {
         ("gpus", gpus(a)),
     ];
     for (k, v) in fields {
-        let _ = writeln!(out, "{:<10} {v}", format!("{k}:"));
+        let _ = writeln!(out, "{:<10} {}", format!("{k}:"), escape(&v));
     }
     for g in &a.gpus {
-        let _ = writeln!(
-            out,
+        let line = format!(
             "  gpu {}: {} ({}) {} MiB {}{} util {}% temp {}C power {:.1}W ecc {}{} uuid {}",
             g.index,
             g.model,
@@ -189,6 +193,7 @@ pub fn agent_details(a: &Agent) -> String {
             if g.mig_enabled { " mig" } else { "" },
             g.uuid,
         );
+        let _ = writeln!(out, "{}", escape(&line));
     }
     out
 }
@@ -202,14 +207,15 @@ pub fn event_line(e: &JobEvent) -> String {
         Some(code) if e.reason.is_empty() => format!("exit code {code}"),
         _ => e.reason.clone(),
     };
-    format!("{time} {:<10} {agent:<20} {reason}", e.state).trim_end().to_string()
+    let (state, agent, reason) = (escape(&e.state), escape(agent), escape(&reason));
+    format!("{} {state:<10} {agent:<20} {reason}", escape(time)).trim_end().to_string()
 }
 
 /// The summary of a job that has ended: `hello 0190… succeeded on lab/node-a, exit code 0, in 3s`.
 pub fn final_line(j: &Job) -> String {
-    let mut line = format!("{} {} {}", j.name, j.id, j.state);
+    let mut line = format!("{} {} {}", escape(&j.name), escape(&j.id), escape(&j.state));
     if let Some(agent) = j.agent.as_deref().filter(|a| !a.is_empty()) {
-        let _ = write!(line, " on {agent}");
+        let _ = write!(line, " on {}", escape(agent));
     }
     if let Some(code) = j.exit_code {
         let _ = write!(line, ", exit code {code}");
@@ -218,7 +224,7 @@ pub fn final_line(j: &Job) -> String {
         let _ = write!(line, ", in {}", short_duration(to.duration_since(from).unwrap_or_default()));
     }
     if j.state != "succeeded" && !j.reason.is_empty() {
-        let _ = write!(line, ": {}", j.reason);
+        let _ = write!(line, ": {}", escape(&j.reason));
     }
     line
 }

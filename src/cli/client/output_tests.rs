@@ -188,3 +188,41 @@ fn ages_are_short() {
     assert_eq!(age("yesterday", now), "-");
     assert!(is_terminal("cancelled") && !is_terminal("running") && !is_terminal("bogus"));
 }
+
+#[test]
+fn names_labels_reasons_and_events_are_shown_escaped() {
+    // What an old broker (or another client) might still hand out: bidi and terminal controls.
+    let evil = "report\u{202e}fdp.exe";
+    let mut j = job("j1", evil, "failed");
+    j.reason = "exited\u{1b}[2J with \u{2066}3\u{2069}".into();
+    j.labels.insert("team".into(), "a\u{200f}b".into());
+    j.agent = Some("lab/node\u{202d}-a".into());
+    let shown = [
+        jobs_table(std::slice::from_ref(&j), at("2026-01-01T12:05:00Z")),
+        job_details(&j),
+        final_line(&j),
+        event_line(&JobEvent {
+            seq: 1,
+            job_id: "j1".into(),
+            state: "failed".into(),
+            attempt: 1,
+            agent: j.agent.clone(),
+            reason: j.reason.clone(),
+            exit_code: Some(3),
+            at: "2026-01-01T12:00:01Z".into(),
+        }),
+    ];
+    for out in &shown {
+        assert!(!out.chars().any(|c| c != '\n' && crate::model::text::is_display_control(c)), "{out:?}");
+    }
+    assert!(shown[0].contains("report\\u{202e}fdp.exe  failed"), "{}", shown[0]);
+    assert!(shown[1].contains("name:      report\\u{202e}fdp.exe\n"), "{}", shown[1]);
+    assert!(shown[1].contains("labels:    team=a\\u{200f}b\n"), "{}", shown[1]);
+    assert!(shown[2].ends_with(": exited\\u{1b}[2J with \\u{2066}3\\u{2069}"), "{}", shown[2]);
+    assert!(shown[3].contains("lab/node\\u{202d}-a"), "{}", shown[3]);
+    let mut a = agent("lab/node-a", vec![gpu("H100-80GB", true, false)]);
+    a.labels.insert("rack".into(), "r\u{202e}1".into());
+    a.gpus[0].name = "NVIDIA\u{202e}".into();
+    let out = agent_details(&a);
+    assert!(out.contains("rack=r\\u{202e}1") && out.contains("(NVIDIA\\u{202e})"), "{out}");
+}

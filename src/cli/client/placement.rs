@@ -49,7 +49,7 @@ pub struct PricesArgs {
 
 pub async fn plan(args: PlanArgs) -> anyhow::Result<i32> {
     let decision = match &args.config {
-        Some(config) => serde_json::to_value(plan_offline(&args, config)?)?,
+        Some(config) => serde_json::to_value(plan_offline(&args.file, config, args.prices.as_deref(), &args.tenant)?)?,
         None => {
             let body = spec::request_body(&args.file)?;
             let gw = connect(&args.gw)?;
@@ -65,20 +65,25 @@ pub async fn plan(args: PlanArgs) -> anyhow::Result<i32> {
 }
 
 /// The decision from a broker config and a price snapshot alone.
-fn plan_offline(args: &PlanArgs, config_path: &std::path::Path) -> anyhow::Result<Decision> {
+fn plan_offline(
+    file: &std::path::Path,
+    config_path: &std::path::Path,
+    prices: Option<&std::path::Path>,
+    tenant: &str,
+) -> anyhow::Result<Decision> {
     let text = std::fs::read_to_string(config_path).with_context(|| config_path.display().to_string())?;
     let config: BrokerConfig = parse_toml(&text, config_path, [])?;
     if config.sites.is_empty() {
         anyhow::bail!("{} declares no [[site]]: there is nothing to plan", config_path.display());
     }
-    let snapshot_path = args.prices.clone().unwrap_or_else(|| config.prices.snapshot.clone());
+    let snapshot_path = prices.map_or_else(|| config.prices.snapshot.clone(), std::path::Path::to_path_buf);
     let snapshot: PriceSnapshot = crate::pricing::read_snapshot(&snapshot_path)?;
-    let doc = std::fs::read(&args.file).with_context(|| args.file.display().to_string())?;
+    let doc = std::fs::read(file).with_context(|| file.display().to_string())?;
     let spec = JobSpec::from_yaml(&doc, config.limits.max_spec_bytes)?;
     let data = offline_data(&spec, &config)?;
     let (_tx, prices) = tokio::sync::watch::channel(Arc::new(snapshot));
     let placer = Placer::new(&config, prices);
-    let job = placer.request(&args.tenant, &spec, Some(&data), None).map_err(anyhow::Error::msg)?;
+    let job = placer.request(tenant, &spec, Some(&data), None).map_err(anyhow::Error::msg)?;
     let room: Vec<(String, Vec<FreeCapacity>)> =
         config.sites.iter().filter(|s| s.kind == SiteKind::Onprem).map(|s| (s.name.clone(), vec![room(s)])).collect();
     let capacity: HashMap<&str, (Vec<FreeCapacity>, Vec<FreeCapacity>)> =
@@ -108,7 +113,18 @@ fn offline_data(spec: &JobSpec, config: &BrokerConfig) -> anyhow::Result<JobData
         });
     }
     for (i, output) in spec.outputs.iter().enumerate() {
-        let Some(to) = &output.to else { continue };
+        let Some(to) = &output.to else {
+            // Given by residency: placement chooses among every location of the group.
+            data.outputs.push(OutputTarget {
+                path: output.path.clone(),
+                location: String::new(),
+                to: String::new(),
+                prefix: String::new(),
+                residency: output.residency.clone(),
+                choices: Vec::new(),
+            });
+            continue;
+        };
         let (name, uri) = location(&format!("outputs[{i}].to"), to)?;
         data.outputs.push(OutputTarget {
             path: output.path.clone(),
@@ -191,4 +207,45 @@ fn prices_table(value: &Value, only: Option<&str>) -> anyhow::Result<String> {
         anyhow::bail!("no site {o}; sites: {}", sites.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", "));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::engine::Verdict;
+
+    /// Plans `yaml` offline against the shipped hybrid config and price snapshot.
+    fn plan(yaml: &str) -> Decision {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("job.yaml");
+        std::fs::write(&file, yaml).unwrap();
+        // The config's relative snapshot path is the repository's.
+        let prices = root.join("config/prices/snapshot.json");
+        plan_offline(&file, &root.join("config/broker-hybrid.toml"), Some(&prices), "acme").unwrap()
+    }
+
+    #[test]
+    fn offline_plans_keep_outputs_in_the_residency_of_the_inputs() {
+        let job = "name: x\ncommand: [\"true\"]\ninputs: [{uri: s3://acme-datasets-eu/acme/in/, path: in/}]\n";
+        let to_us = format!("{job}outputs: [{{path: out/, to: s3://acme-datasets-us/acme/r/}}]\n");
+        let d = plan(&to_us);
+        assert_eq!(d.residency.as_deref(), Some("eu"));
+        assert!(d.chosen.is_none());
+        for c in &d.candidates {
+            let why = "residency: output out/ goes to us, data in eu";
+            assert_eq!(c.verdict, Verdict::Rejected(why.into()), "{}", c.site);
+        }
+        // An output given by residency is planned too (next to one given by `to`), in the group.
+        let mixed = format!(
+            "{job}outputs: [{{path: out/, to: s3://acme-datasets-eu/acme/r/}}, {{path: ckpt/, residency: eu}}]\n"
+        );
+        let d = plan(&mixed);
+        let eu = ["datasets-eu", "results-eu", "scratch"];
+        assert!(d.chosen.is_some(), "{:#?}", d.candidates);
+        for c in &d.candidates {
+            assert_eq!(c.output_locations.len(), 2, "{c:?}");
+            assert!(eu.contains(&c.output_locations[1].as_str()), "{c:?}");
+        }
+    }
 }
