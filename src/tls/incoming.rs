@@ -261,20 +261,19 @@ pub fn tls_incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
 ) -> impl Stream<Item = Result<TlsStream<TcpStream>, io::Error>> + Send + 'static {
-    tls_incoming_with(listener, config, HandshakeLimits::default())
+    tls_incoming_with(listener, config, HandshakeGate::new(HandshakeLimits::default()))
 }
 
-/// [`tls_incoming`] with explicit limits.
+/// [`tls_incoming`] with the limits of `gate` (which the caller may watch).
 ///
 /// Each handshake runs in its own task; failed handshakes are counted, logged and skipped, so the
 /// stream only ends when it is dropped.
 pub fn tls_incoming_with(
     listener: TcpListener,
     config: Arc<ServerConfig>,
-    limits: HandshakeLimits,
+    gate: Arc<HandshakeGate>,
 ) -> impl Stream<Item = Result<TlsStream<TcpStream>, io::Error>> + Send + 'static {
     let (tx, rx) = mpsc::channel(32);
-    let gate = HandshakeGate::new(limits);
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {

@@ -17,7 +17,11 @@
 
 mod explain;
 mod incoming;
+#[cfg(test)]
+mod incoming_tests;
 mod net;
+#[cfg(test)]
+mod profile_tests;
 #[cfg(test)]
 mod tests;
 mod verify;
