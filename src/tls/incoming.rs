@@ -308,17 +308,15 @@ pub fn tls_incoming_with(
     ReceiverStream::new(rx)
 }
 
-/// Counts and logs a failed server handshake: refusals the verifier has not logged yet at warn,
-/// the rest (probes, resets, idle sockets) at debug.
+/// Counts and logs a failed server handshake: a missing client certificate (the refusal the
+/// verifier does not log) at warn, the rest (probes, old TLS versions, resets, idle sockets) at
+/// debug: they are counted by reason.
 pub fn log_handshake_error(peer: SocketAddr, e: &HandshakeError) {
     let reason = e.reason();
     crate::metrics::global().inc(FAILURES, &[reason], 1.0);
     match e.rustls_error() {
         Some(rustls::Error::NoCertificatesPresented) => {
             tracing::warn!(%peer, "refused client: no client certificate");
-        }
-        Some(rustls::Error::PeerIncompatible(_)) => {
-            tracing::warn!(%peer, reason, error = %e, "refused client: incompatible tls");
         }
         _ => tracing::debug!(%peer, reason, error = %e, "tls handshake failed"),
     }

@@ -58,7 +58,8 @@ impl Server {
             HealthClient::new(channel.clone()).check(check).await.map_err(|e| explain_status(&e))?;
             Ok::<_, String>(channel)
         };
-        let channel = tokio::time::timeout(DEADLINE, call).await.map_err(|_| format!("no answer within {DEADLINE:?}"))??;
+        let channel =
+            tokio::time::timeout(DEADLINE, call).await.map_err(|_| format!("no answer within {DEADLINE:?}"))??;
         Ok((channel, started.elapsed()))
     }
 
@@ -115,7 +116,8 @@ async fn idle_sockets_leave_room_for_other_clients() {
     let _idle = idle_sockets(ip("127.0.0.1"), server.addr, 300).await;
     server.wait_unfinished(300).await;
 
-    let (_same, same_took) = server.call_from(&fx, ip("127.0.0.1")).await.expect("a call from the idle sockets' address");
+    let (_same, same_took) =
+        server.call_from(&fx, ip("127.0.0.1")).await.expect("a call from the idle sockets' address");
     let (_other, other_took) = server.call_from(&fx, ip("127.0.0.2")).await.expect("a call from another address");
     println!("with 300 idle sockets: a call from their address took {same_took:?}, from another {other_took:?}");
     // The idle sockets still hold their slots: the calls got through beside them.

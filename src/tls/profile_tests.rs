@@ -90,7 +90,8 @@ impl TestPki {
 
     /// The broker's server configuration (its certificate from the root), allowing agents.
     fn server(&self) -> Arc<ServerConfig> {
-        let paths = self.write("broker", &leaf("spiffe://hybroker.test/broker/b", ExtendedKeyUsagePurpose::ServerAuth), None);
+        let paths =
+            self.write("broker", &leaf("spiffe://hybroker.test/broker/b", ExtendedKeyUsagePurpose::ServerAuth), None);
         server_config(&paths, TD, &[Role::Agent]).unwrap()
     }
 

@@ -15,10 +15,10 @@ use std::time::Duration;
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::TrustAnchor;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme};
 use tonic::{Request, Status};
 use x509_parser::certificate::X509Certificate;
@@ -131,9 +131,9 @@ fn with_clock_skew<T>(
         Err(e) => e,
     };
     let secs = match &first {
-        rustls::Error::InvalidCertificate(CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. }) => {
-            now.as_secs().saturating_add(CLOCK_SKEW.as_secs())
-        }
+        rustls::Error::InvalidCertificate(
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+        ) => now.as_secs().saturating_add(CLOCK_SKEW.as_secs()),
         rustls::Error::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. }) => {
             now.as_secs().saturating_sub(CLOCK_SKEW.as_secs())
         }
@@ -186,7 +186,9 @@ impl AnchorPathLimits {
             let limit = self
                 .anchors
                 .iter()
-                .position(|a| a.subject == anchor.subject && a.subject_public_key_info == anchor.subject_public_key_info)
+                .position(|a| {
+                    a.subject == anchor.subject && a.subject_public_key_info == anchor.subject_public_key_info
+                })
                 .and_then(|i| self.limits[i]);
             let depth = path.intermediate_certificates().count();
             match limit {
