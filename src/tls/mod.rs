@@ -4,7 +4,7 @@
 //! certificate beyond the chain (DESIGN §6): exactly one URI SAN that parses as an [`Identity`](crate::model::identity::Identity) in
 //! our trust domain, a role allowed for the endpoint, an extendedKeyUsage extension that is present
 //! and names the purpose (webpki accepts a certificate without one; we refuse it), and not a CA;
-//! and the certificate profile of [`verify`]: basicConstraints present, no certificate-signing key
+//! and the certificate profile (module `verify`): basicConstraints present, no certificate-signing key
 //! usage, the root's path length constraint, [`CLOCK_SKEW`] of allowance on validity.
 //! Only TLS 1.3 is offered, with ALPN `h2` and no session resumption.
 //!
