@@ -178,14 +178,11 @@ pub struct HandshakeSlot {
 }
 
 impl HandshakeGate {
-    /// A gate with no handshake in progress.
+    /// A gate with no handshake in progress. Raises the process's soft open-file limit if the
+    /// limits need more (each unfinished handshake holds a socket).
     pub fn new(limits: HandshakeLimits) -> Arc<Self> {
+        ensure_open_file_limit(&limits);
         Arc::new(HandshakeGate { limits, state: Mutex::new(GateState::default()) })
-    }
-
-    /// The limits this gate applies.
-    pub fn limits(&self) -> &HandshakeLimits {
-        &self.limits
     }
 
     /// A slot for a new connection from `peer`, or `None` (counted and logged) when its source or
@@ -240,6 +237,29 @@ impl Drop for HandshakeSlot {
                 state.per_source.remove(&self.source);
             }
         }
+    }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` toward the hard limit so that `limits.total` unfinished
+/// handshakes fit beside as many established connections; warns when the hard limit is too low
+/// (sockets over it fail at accept, and the per-source limits no longer protect anyone).
+fn ensure_open_file_limit(limits: &HandshakeLimits) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let wanted = u64::try_from(limits.total).unwrap_or(u64::MAX).saturating_mul(2).saturating_add(1024);
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    if soft >= wanted {
+        return;
+    }
+    let target = wanted.min(hard);
+    if target > soft && setrlimit(Resource::RLIMIT_NOFILE, target, hard).is_ok() {
+        tracing::info!(from = soft, to = target, "raised the open file limit for tls handshakes");
+    }
+    if target < wanted {
+        tracing::warn!(
+            limit = target,
+            wanted,
+            "the open file limit is below what the tls handshake limits need; raise it (LimitNOFILE)",
+        );
     }
 }
 

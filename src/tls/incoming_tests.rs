@@ -198,3 +198,16 @@ async fn silent_or_stalled_clients_time_out() {
     assert_eq!(err.reason(), "timeout", "{err}");
     assert!(started.elapsed() >= limits.handshake_timeout - Duration::from_millis(50));
 }
+
+#[test]
+fn a_gate_raises_the_open_file_limit_it_needs() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    let limits = HandshakeLimits::default();
+    let wanted = (2 * limits.total + 1024) as u64;
+    // Other tests hold a few hundred sockets at most; 2,000 leaves them room.
+    setrlimit(Resource::RLIMIT_NOFILE, 2000.min(hard), hard).unwrap();
+    let _gate = HandshakeGate::new(limits);
+    let (soft, _) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    assert!(soft >= wanted.min(hard), "soft open file limit {soft}, wanted {wanted} (hard {hard})");
+}
