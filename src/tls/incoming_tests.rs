@@ -167,7 +167,7 @@ async fn a_source_over_its_limit_is_refused_and_counted() {
 }
 
 #[tokio::test]
-async fn silent_or_stalled_clients_time_out() {
+async fn silent_stalled_or_plain_clients_fail_with_their_reason() {
     let fx = Fixture::new();
     let limits = HandshakeLimits {
         client_hello_timeout: Duration::from_millis(200),
@@ -184,6 +184,13 @@ async fn silent_or_stalled_clients_time_out() {
     let err = accept_tls(tcp, fx.server(&[Role::Agent]), &limits).await.unwrap_err();
     assert_eq!(err.reason(), "no_client_hello", "{err}");
     assert!(started.elapsed() >= limits.client_hello_timeout);
+
+    // Not TLS at all.
+    let mut plain = TcpStream::connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut plain, b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    let (tcp, _) = listener.accept().await.unwrap();
+    let err = accept_tls(tcp, fx.server(&[Role::Agent]), &limits).await.unwrap_err();
+    assert_eq!(err.reason(), "bad_message", "{err}");
 
     // Stalled: a ClientHello, then nothing; the whole handshake's bound applies.
     let mut stalled = TcpStream::connect(addr).await.unwrap();
