@@ -66,7 +66,8 @@ pub async fn serve(
 ) {
     // The broker's limits on unfinished handshakes: a ClientHello within 3 s, at most 1,024
     // unfinished per client address.
-    let gate = HandshakeGate::new(HandshakeLimits::default());
+    let limits = HandshakeLimits::default();
+    let gate = HandshakeGate::new(limits);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
     let (closing_tx, closing) = watch::channel(false);
@@ -98,12 +99,16 @@ pub async fn serve(
         let (builder, router, closing) = (builder.clone(), router.clone(), closing.clone());
         let tls = tls.clone();
         connections.spawn(async move {
-            match (tls, slot) {
-                (Some(config), Some(slot)) => match slot.accept(tcp, config).await {
-                    Ok(tls) => serve_connection(&builder, tls, router, closing).await,
-                    Err(e) => crate::tls::log_handshake_error(peer, &e),
-                },
-                _ => serve_connection(&builder, tcp, router, closing).await,
+            match tls {
+                None => serve_connection(&builder, tcp, router, closing).await,
+                Some(config) => {
+                    let handshake = crate::tls::accept_tls(tcp, config, &limits).await;
+                    drop(slot);
+                    match handshake {
+                        Ok(tls) => serve_connection(&builder, tls, router, closing).await,
+                        Err(e) => crate::tls::log_handshake_error(peer, &e),
+                    }
+                }
             }
         });
     }

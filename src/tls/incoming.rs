@@ -11,12 +11,6 @@
 //! as it is accepted and counted in `hybroker_tls_handshake_failures_total` with the reason
 //! `too_many_unfinished` (its source is over its limit) or `server_busy` (the total is reached), so
 //! one address cannot take the slots of the others and nothing waits in the listen backlog.
-//!
-//! Once its ClientHello is in, a handshake (the part that costs CPU) waits for one of
-//! [`HandshakeLimits::in_progress`] (256) places, and for one of its source's
-//! [`HandshakeLimits::in_progress_per_source`] (64), both first come first served: in a reconnect
-//! storm handshakes finish in order instead of all slowing down together past the clients'
-//! timeouts, and one source that stalls after its ClientHello holds at most its share.
 
 use std::collections::HashMap;
 use std::io;
@@ -27,7 +21,7 @@ use std::time::Duration;
 use rustls::ServerConfig;
 use rustls::server::Acceptor;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -54,10 +48,6 @@ pub struct HandshakeLimits {
     pub per_source: usize,
     /// Unfinished handshakes from all sources together.
     pub total: usize,
-    /// Handshakes past their ClientHello at once (more wait for a place).
-    pub in_progress: usize,
-    /// Handshakes past their ClientHello at once from one source.
-    pub in_progress_per_source: usize,
 }
 
 impl Default for HandshakeLimits {
@@ -67,8 +57,6 @@ impl Default for HandshakeLimits {
             handshake_timeout: Duration::from_secs(10),
             per_source: 1024,
             total: 16_384,
-            in_progress: 256,
-            in_progress_per_source: 64,
         }
     }
 }
@@ -148,23 +136,11 @@ fn rustls_reason(e: &rustls::Error) -> &'static str {
     }
 }
 
-/// Runs the server side of a handshake on `tcp` within `limits`' timeouts (and no limit on
-/// handshakes in progress: see [`HandshakeSlot::accept`]).
+/// Runs the server side of a handshake on `tcp` within `limits`' timeouts.
 pub async fn accept_tls(
     tcp: TcpStream,
     config: Arc<ServerConfig>,
     limits: &HandshakeLimits,
-) -> Result<TlsStream<TcpStream>, HandshakeError> {
-    run_handshake(tcp, config, limits, None).await
-}
-
-/// The handshake, after the ClientHello within the places `places` (its source's, then the
-/// global ones) when given.
-async fn run_handshake(
-    tcp: TcpStream,
-    config: Arc<ServerConfig>,
-    limits: &HandshakeLimits,
-    places: Option<(&Semaphore, &Semaphore)>,
 ) -> Result<TlsStream<TcpStream>, HandshakeError> {
     let deadline = Instant::now() + limits.handshake_timeout;
     let hello = LazyConfigAcceptor::new(Acceptor::default(), tcp);
@@ -172,15 +148,7 @@ async fn run_handshake(
         .await
         .map_err(|_| HandshakeError::NoClientHello(limits.client_hello_timeout))?
         .map_err(HandshakeError::Io)?;
-    let finish = async {
-        let _places = match places {
-            // Never closed: `acquire` fails only on a closed semaphore.
-            Some((source, all)) => Some((source.acquire().await.ok(), all.acquire().await.ok())),
-            None => None,
-        };
-        start.into_stream(config).await
-    };
-    tokio::time::timeout_at(deadline, finish)
+    tokio::time::timeout_at(deadline, start.into_stream(config))
         .await
         .map_err(|_| HandshakeError::Timeout(limits.handshake_timeout))?
         .map_err(HandshakeError::Io)
@@ -191,25 +159,15 @@ async fn run_handshake(
 pub struct HandshakeGate {
     limits: HandshakeLimits,
     state: Mutex<GateState>,
-    /// Places for handshakes past their ClientHello.
-    in_progress: Semaphore,
 }
 
 #[derive(Debug, Default)]
 struct GateState {
-    per_source: HashMap<IpAddr, SourceState>,
+    per_source: HashMap<IpAddr, usize>,
     total: usize,
     /// Sockets refused since the last warning, and when that was.
     refused_since_warning: u64,
     last_warning: Option<Instant>,
-}
-
-/// The unfinished handshakes of one source.
-#[derive(Debug)]
-struct SourceState {
-    unfinished: usize,
-    /// Its places for handshakes past their ClientHello.
-    in_progress: Arc<Semaphore>,
 }
 
 /// One unfinished handshake's place in its [`HandshakeGate`]; dropping it frees the place.
@@ -217,19 +175,6 @@ struct SourceState {
 pub struct HandshakeSlot {
     gate: Arc<HandshakeGate>,
     source: IpAddr,
-    source_in_progress: Arc<Semaphore>,
-}
-
-impl HandshakeSlot {
-    /// Runs the handshake of this slot's connection within its gate's limits, then frees the slot.
-    pub async fn accept(
-        self,
-        tcp: TcpStream,
-        config: Arc<ServerConfig>,
-    ) -> Result<TlsStream<TcpStream>, HandshakeError> {
-        let places = Some((&*self.source_in_progress, &self.gate.in_progress));
-        run_handshake(tcp, config, &self.gate.limits, places).await
-    }
 }
 
 impl HandshakeGate {
@@ -237,8 +182,7 @@ impl HandshakeGate {
     /// limits need more (each unfinished handshake holds a socket).
     pub fn new(limits: HandshakeLimits) -> Arc<Self> {
         ensure_open_file_limit(&limits);
-        let in_progress = Semaphore::new(limits.in_progress);
-        Arc::new(HandshakeGate { limits, state: Mutex::new(GateState::default()), in_progress })
+        Arc::new(HandshakeGate { limits, state: Mutex::new(GateState::default()) })
     }
 
     /// A slot for a new connection from `peer`, or `None` (counted and logged) when its source or
@@ -246,7 +190,7 @@ impl HandshakeGate {
     pub fn admit(self: &Arc<Self>, peer: SocketAddr) -> Option<HandshakeSlot> {
         let source = source_of(peer.ip());
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let count = state.per_source.get(&source).map_or(0, |s| s.unfinished);
+        let count = state.per_source.get(&source).copied().unwrap_or(0);
         let refusal = if count >= self.limits.per_source {
             Some("too_many_unfinished")
         } else if state.total >= self.limits.total {
@@ -272,15 +216,9 @@ impl HandshakeGate {
             }
             return None;
         }
-        let per_source = self.limits.in_progress_per_source;
-        let entry = state
-            .per_source
-            .entry(source)
-            .or_insert_with(|| SourceState { unfinished: 0, in_progress: Arc::new(Semaphore::new(per_source)) });
-        entry.unfinished += 1;
-        let source_in_progress = Arc::clone(&entry.in_progress);
+        *state.per_source.entry(source).or_insert(0) += 1;
         state.total += 1;
-        Some(HandshakeSlot { gate: Arc::clone(self), source, source_in_progress })
+        Some(HandshakeSlot { gate: Arc::clone(self), source })
     }
 
     /// Unfinished handshakes in all.
@@ -293,9 +231,9 @@ impl Drop for HandshakeSlot {
     fn drop(&mut self) {
         let mut state = self.gate.state.lock().unwrap_or_else(|e| e.into_inner());
         state.total -= 1;
-        if let Some(entry) = state.per_source.get_mut(&self.source) {
-            entry.unfinished -= 1;
-            if entry.unfinished == 0 {
+        if let Some(count) = state.per_source.get_mut(&self.source) {
+            *count -= 1;
+            if *count == 0 {
                 state.per_source.remove(&self.source);
             }
         }
@@ -377,7 +315,9 @@ pub fn tls_incoming_with(
             }
             let (config, tx) = (Arc::clone(&config), tx.clone());
             tokio::spawn(async move {
-                match slot.accept(tcp, config).await {
+                let handshake = accept_tls(tcp, config, &slot.gate.limits).await;
+                drop(slot);
+                match handshake {
                     // Fails only when the server has stopped; the connection is then dropped.
                     Ok(stream) => drop(tx.send(Ok(stream)).await),
                     Err(e) => log_handshake_error(peer, &e),
