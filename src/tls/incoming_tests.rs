@@ -89,6 +89,20 @@ async fn idle_sockets(from: IpAddr, to: SocketAddr, n: usize) -> Vec<TcpStream> 
     sockets
 }
 
+/// `n` sockets from `from` that each send a ClientHello, then nothing.
+async fn stalled_after_hello(fx: &Fixture, from: IpAddr, to: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let config = fx.agent_client();
+    let mut sockets = idle_sockets(from, to, n).await;
+    for socket in &mut sockets {
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut client = rustls::ClientConnection::new(Arc::clone(&config), name).unwrap();
+        let mut hello = Vec::new();
+        client.write_tls(&mut hello).unwrap();
+        tokio::io::AsyncWriteExt::write_all(socket, &hello).await.unwrap();
+    }
+    sockets
+}
+
 /// Asserts that the server closes `socket` (EOF or reset) without a byte, within [`DEADLINE`].
 async fn assert_closed(mut socket: TcpStream) {
     let mut buf = [0u8; 1];
@@ -109,19 +123,27 @@ fn failures(reason: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_sockets_leave_room_for_other_clients() {
     let fx = Fixture::new();
-    // A pre-handshake timeout far beyond the calls' deadline: the calls cannot be helped by the
-    // idle sockets being dropped; the default limits otherwise.
-    let limits = HandshakeLimits { client_hello_timeout: Duration::from_secs(60), ..HandshakeLimits::default() };
+    // Timeouts far beyond the calls' deadline: the calls cannot be helped by the idle sockets
+    // being dropped; the default limits otherwise.
+    let limits = HandshakeLimits {
+        client_hello_timeout: Duration::from_secs(60),
+        handshake_timeout: Duration::from_secs(60),
+        ..HandshakeLimits::default()
+    };
     let server = Server::start(&fx, limits).await;
     let _idle = idle_sockets(ip("127.0.0.1"), server.addr, 300).await;
-    server.wait_unfinished(300).await;
+    // And 100 that stall after their ClientHello: they hold nothing but their slot either.
+    let _stalled = stalled_after_hello(&fx, ip("127.0.0.1"), server.addr, 100).await;
+    server.wait_unfinished(400).await;
 
     let (_same, same_took) =
         server.call_from(&fx, ip("127.0.0.1")).await.expect("a call from the idle sockets' address");
     let (_other, other_took) = server.call_from(&fx, ip("127.0.0.2")).await.expect("a call from another address");
-    println!("with 300 idle sockets: a call from their address took {same_took:?}, from another {other_took:?}");
+    println!(
+        "with 300 idle and 100 stalled sockets: a call from their address took {same_took:?}, from another {other_took:?}"
+    );
     // The idle sockets still hold their slots: the calls got through beside them.
-    assert_eq!(server.gate.unfinished(), 300);
+    assert_eq!(server.gate.unfinished(), 400);
     server.stop().await;
 }
 
