@@ -470,6 +470,65 @@ impl TenantConfig {
 pub struct BrokerSection {
     /// Where the gRPC server listens (agents and the gateway dial it).
     pub listen: SocketAddr,
+    /// Unfinished TLS handshakes allowed from one source address (IPv4, or IPv6 /64); sockets
+    /// over it are closed at once. Sized for a whole site behind one NAT address.
+    #[serde(default = "default_unfinished_per_source")]
+    pub max_unfinished_handshakes_per_source: usize,
+    /// Unfinished TLS handshakes allowed from all sources together.
+    #[serde(default = "default_unfinished_total")]
+    pub max_unfinished_handshakes: usize,
+    /// How long a new connection may take to send its ClientHello.
+    #[serde(default = "default_client_hello_timeout")]
+    pub client_hello_timeout: HumanDuration,
+}
+
+fn default_unfinished_per_source() -> usize {
+    crate::tls::HandshakeLimits::default().per_source
+}
+
+fn default_unfinished_total() -> usize {
+    crate::tls::HandshakeLimits::default().total
+}
+
+fn default_client_hello_timeout() -> HumanDuration {
+    crate::tls::HandshakeLimits::default().client_hello_timeout.into()
+}
+
+impl BrokerSection {
+    /// Listening on `listen`, with the default handshake limits.
+    pub fn listening_on(listen: SocketAddr) -> Self {
+        BrokerSection {
+            listen,
+            max_unfinished_handshakes_per_source: default_unfinished_per_source(),
+            max_unfinished_handshakes: default_unfinished_total(),
+            client_hello_timeout: default_client_hello_timeout(),
+        }
+    }
+
+    /// The gRPC listener's limits on TLS handshakes.
+    pub fn handshake_limits(&self) -> crate::tls::HandshakeLimits {
+        crate::tls::HandshakeLimits {
+            client_hello_timeout: self.client_hello_timeout.0,
+            per_source: self.max_unfinished_handshakes_per_source,
+            total: self.max_unfinished_handshakes,
+            ..crate::tls::HandshakeLimits::default()
+        }
+    }
+
+    /// Reports bad handshake limits.
+    fn check_handshake_limits(&self, problems: &mut Vec<String>) {
+        let (per_source, total) = (self.max_unfinished_handshakes_per_source, self.max_unfinished_handshakes);
+        if per_source == 0 || total < per_source {
+            problems.push(format!(
+                "broker.max_unfinished_handshakes_per_source ({per_source}) must be more than 0 and at most \
+                 broker.max_unfinished_handshakes ({total})"
+            ));
+        }
+        let (hello, whole) = (self.client_hello_timeout.0, self.handshake_limits().handshake_timeout);
+        if hello.is_zero() || hello > whole {
+            problems.push(format!("broker.client_hello_timeout must be more than 0 and at most {whole:?}"));
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -883,6 +942,7 @@ impl BrokerConfig {
             problems.push("secrets.key_file must name a file".into());
         }
         self.telemetry.check(&mut problems);
+        self.broker.check_handshake_limits(&mut problems);
         let (ttl, hb) = (self.leases.ttl.0, self.leases.heartbeat_interval.0);
         if hb.is_zero() || hb >= ttl {
             problems.push(format!(
@@ -1220,5 +1280,23 @@ mod tests {
         let c: GatewayConfig = parse_toml(&lonely, Path::new("g.toml"), []).unwrap();
         let ConfigError::Invalid { problems, .. } = c.validate(Path::new("g.toml")).unwrap_err() else { panic!() };
         assert!(problems.iter().any(|p| p.contains("needs trusted_proxy_header")), "{problems:?}");
+    }
+
+    #[test]
+    fn handshake_limits_default_and_are_checked() {
+        let text = "[broker]\nlisten = \"127.0.0.1:1\"\n[tls]\nca_cert = \"a\"\ncert = \"b\"\nkey = \"c\"\n[store]\npath = \"x.db\"\n";
+        let c: BrokerConfig = parse_toml(text, Path::new("t.toml"), []).unwrap();
+        assert_eq!(c.broker.handshake_limits(), crate::tls::HandshakeLimits::default());
+        assert!(c.broker.handshake_limits().per_source >= 1000);
+        let vars = [
+            ("HYBROKER_BROKER__MAX_UNFINISHED_HANDSHAKES_PER_SOURCE".to_string(), "20".to_string()),
+            ("HYBROKER_BROKER__MAX_UNFINISHED_HANDSHAKES".to_string(), "10".to_string()),
+            ("HYBROKER_BROKER__CLIENT_HELLO_TIMEOUT".to_string(), "0s".to_string()),
+        ];
+        let c: BrokerConfig = parse_toml(text, Path::new("t.toml"), vars).unwrap();
+        let mut problems = Vec::new();
+        c.broker.check_handshake_limits(&mut problems);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("at most broker.max_unfinished_handshakes (10)"), "{problems:?}");
     }
 }

@@ -117,7 +117,14 @@ pub static FAMILIES: &[Family] = &[
     family("hybroker_price_feed_age_seconds", Gauge, "Age of each live price feed's last good prices.", &["feed"]),
     family("hybroker_price_feed_stale", Gauge, "1 when a live price feed is stale or never fetched.", &["feed"]),
     family("hybroker_agents_connected", Gauge, "Agents connected, by site.", &["site"]),
-    family("hybroker_tls_handshake_failures_total", Counter, "Refused mutual TLS handshakes.", &["reason"]),
+    family(
+        "hybroker_tls_handshake_failures_total",
+        Counter,
+        "Failed or refused TLS handshakes by reason (e.g. expired, not_yet_valid, wrong_eku, path_len, \
+         no_client_hello, protocol_version), and sockets closed unread: too_many_unfinished (their \
+         source address has too many unfinished handshakes), server_busy (too many in all).",
+        &["reason"],
+    ),
     family("hybroker_staging_bytes_total", Counter, "Bytes staged by ended attempts.", &["direction", "site"]),
     histogram("hybroker_staging_duration_seconds", "Stage-in and stage-out durations.", &["direction"], SLOW),
     family("hybroker_gateway_requests_total", Counter, "Gateway HTTP requests.", &["route", "method", "status"]),

@@ -88,6 +88,7 @@ pub async fn run(
     let agent_service = agents::AgentService::new(core_tx, data, dedicated);
     let addr = listener.local_addr()?;
     tracing::info!(%addr, trust_domain, "broker listening");
+    let handshakes = tls::HandshakeGate::new(config.broker.handshake_limits());
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -96,7 +97,7 @@ pub async fn run(
         .add_service(JobServiceServer::new(job_service).max_decoding_message_size(8 << 20))
         .add_service(AgentServiceServer::new(agent_service))
         .add_service(AdminServiceServer::new(admin_service))
-        .serve_with_incoming_shutdown(tls::tls_incoming(listener, server_tls), shutdown);
+        .serve_with_incoming_shutdown(tls::tls_incoming_with(listener, server_tls, handshakes), shutdown);
     tokio::select! {
         served = server => served.context("broker server")?,
         stopped = &mut core_task => {

@@ -156,7 +156,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let broker_config = BrokerConfig {
-        broker: BrokerSection { listen: addr },
+        broker: BrokerSection::listening_on(addr),
         tls: issue(Role::Broker, "broker", None)?,
         store: StoreSection { path: state_dir.join("broker.db") },
         secrets: Default::default(),

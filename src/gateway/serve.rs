@@ -23,11 +23,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
-/// Longest a client may take for its TLS handshake, and for its request headers.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::tls::{HandshakeGate, HandshakeLimits};
+
+/// Longest a client may take for its request headers (the TLS handshake's bounds are
+/// [`HandshakeLimits`]'s).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long shutdown waits for open connections before dropping them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -68,7 +69,10 @@ pub async fn serve(
     router: Router,
     shutdown: impl Future<Output = ()> + Send,
 ) {
-    let acceptor = tls.map(TlsAcceptor::from);
+    // The broker's limits on unfinished handshakes: a ClientHello within 3 s, at most 1,024
+    // unfinished per client address.
+    let limits = HandshakeLimits::default();
+    let gate = HandshakeGate::new(limits);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
     let (closing_tx, closing) = watch::channel(false);
@@ -88,17 +92,28 @@ pub async fn serve(
                 continue;
             }
         };
+        // Over its address's limit of unfinished handshakes: dropping the socket closes it.
+        let slot = match tls {
+            Some(_) => match gate.admit(peer) {
+                Some(slot) => Some(slot),
+                None => continue,
+            },
+            None => None,
+        };
         let _ = tcp.set_nodelay(true);
         let (builder, router, closing) = (builder.clone(), router.clone(), closing.clone());
-        let acceptor = acceptor.clone();
+        let tls = tls.clone();
         connections.spawn(async move {
-            match acceptor {
+            match tls {
                 None => serve_connection(&builder, tcp, peer, router, closing).await,
-                Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => serve_connection(&builder, tls, peer, router, closing).await,
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "tls handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
-                },
+                Some(config) => {
+                    let handshake = crate::tls::accept_tls(tcp, config, &limits).await;
+                    drop(slot);
+                    match handshake {
+                        Ok(tls) => serve_connection(&builder, tls, peer, router, closing).await,
+                        Err(e) => crate::tls::log_handshake_error(peer, &e),
+                    }
+                }
             }
         });
     }

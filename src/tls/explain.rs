@@ -53,7 +53,8 @@ pub(super) fn explain_error(err: &(dyn StdError + 'static)) -> Option<String> {
                 K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::UnexpectedEof => Some(format!(
                     "the broker closed the connection ({io_err}); if this happens at the first \
                          call, it may have refused our certificate (check that it is issued by \
-                         the broker's CA, not expired, and has the right role)"
+                         the broker's CA, not expired, and has the right role), or have too many \
+                         unfinished handshakes from our address"
                 )),
                 _ => None,
             };

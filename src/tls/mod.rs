@@ -3,24 +3,37 @@
 //! Both sides verify the peer chain with rustls' webpki verifiers and then check the end-entity
 //! certificate beyond the chain (DESIGN §6): exactly one URI SAN that parses as an [`Identity`](crate::model::identity::Identity) in
 //! our trust domain, a role allowed for the endpoint, an extendedKeyUsage extension that is present
-//! and names the purpose (webpki accepts a certificate without one; we refuse it), and not a CA.
+//! and names the purpose (webpki accepts a certificate without one; we refuse it), and not a CA;
+//! and the certificate profile (module `verify`): basicConstraints present, no certificate-signing key
+//! usage, the root's path length constraint, [`CLOCK_SKEW`] of allowance on validity.
 //! Only TLS 1.3 is offered, with ALPN `h2` and no session resumption.
 //!
 //! Servers feed [`tls_incoming`] to `Server::serve_with_incoming_shutdown`, so tonic's
-//! `Request::peer_certs()` works ([`peer_identity`], [`require_role`]); clients use [`connect`].
+//! `Request::peer_certs()` works ([`peer_identity`], [`require_role`]); it bounds the time to the
+//! ClientHello and the unfinished handshakes per source address ([`HandshakeLimits`]). Clients use
+//! [`connect`].
 //! A client whose certificate the server refuses fails at its first call with an opaque status:
 //! [`explain_status`] turns that into a message a person can act on.
 
 mod explain;
+mod incoming;
+#[cfg(test)]
+mod incoming_tests;
 mod net;
+#[cfg(test)]
+mod profile_tests;
 #[cfg(test)]
 mod tests;
 mod verify;
 
 pub use explain::explain_status;
-pub use net::{connect, connect_from, connect_lazy, tls_incoming};
+pub use incoming::{
+    HandshakeError, HandshakeGate, HandshakeLimits, HandshakeSlot, accept_tls, log_handshake_error, tls_incoming,
+    tls_incoming_with,
+};
+pub use net::{connect, connect_from, connect_lazy};
 pub use verify::{
-    KeyPurpose, PeerCertError, check_peer_cert, identity_of_cert_file, peer_identity, require_role,
+    CLOCK_SKEW, KeyPurpose, PeerCertError, check_peer_cert, identity_of_cert_file, peer_identity, require_role,
     trust_domain_of_cert,
 };
 
@@ -37,7 +50,7 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 
 use crate::model::identity::{IdentityError, Role, validate_trust_domain};
-use verify::{ClientIdentityVerifier, ServerIdentityVerifier};
+use verify::{AnchorPathLimits, ClientIdentityVerifier, ServerIdentityVerifier};
 
 /// ALPN protocol of gRPC.
 const ALPN_H2: &[u8] = b"h2";
@@ -85,6 +98,9 @@ pub enum TlsError {
     /// The configured trust domain or role list is invalid.
     #[error("invalid TLS configuration: {0}")]
     Identity(#[from] IdentityError),
+    /// A CA certificate of the bundle cannot be used as a trust anchor.
+    #[error("invalid CA certificate: {0}")]
+    BadCa(String),
     /// The configuration names no allowed client role.
     #[error("invalid TLS configuration: no client role is allowed")]
     NoClientRoles,
@@ -155,11 +171,16 @@ pub fn server_config(
     if client_roles.is_empty() {
         return Err(TlsError::NoClientRoles);
     }
-    let roots = load_roots(&paths.ca_cert)?;
+    let ca_certs = load_certs("CA certificate", &paths.ca_cert)?;
+    let roots = root_store(&ca_certs)?;
     let (certs, key) = load_pair(paths)?;
     let inner = WebPkiClientVerifier::builder_with_provider(roots, provider()).build()?;
-    let verifier =
-        ClientIdentityVerifier { inner, trust_domain: trust_domain.to_string(), roles: client_roles.to_vec() };
+    let verifier = ClientIdentityVerifier {
+        inner,
+        anchors: AnchorPathLimits::new(&ca_certs, provider().signature_verification_algorithms)?,
+        trust_domain: trust_domain.to_string(),
+        roles: client_roles.to_vec(),
+    };
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(verifier))
@@ -174,9 +195,9 @@ pub fn server_config(
 /// A client configuration that presents our certificate and accepts only a `server_role` server.
 pub fn client_config(paths: &TlsPaths, trust_domain: &str, server_role: Role) -> Result<Arc<ClientConfig>, TlsError> {
     validate_trust_domain(trust_domain)?;
-    let roots = load_roots(&paths.ca_cert)?;
+    let ca_certs = load_certs("CA certificate", &paths.ca_cert)?;
     let (certs, key) = load_pair(paths)?;
-    build_client_config(roots, certs, key, trust_domain, server_role)
+    build_client_config(&ca_certs, certs, key, trust_domain, server_role)
 }
 
 /// Like [`client_config`], from PEM data in memory (the CA bundle, our chain and our key) instead
@@ -189,26 +210,28 @@ pub fn client_config_from_pem(
     server_role: Role,
 ) -> Result<Arc<ClientConfig>, TlsError> {
     validate_trust_domain(trust_domain)?;
-    let mut roots = RootCertStore::empty();
-    for cert in certs_from_pem("CA certificate", ca_pem)? {
-        roots.add(cert)?;
-    }
+    let ca_certs = certs_from_pem("CA certificate", ca_pem)?;
     let certs = certs_from_pem("certificate", cert_pem)?;
     let key = PrivateKeyDer::from_pem_slice(key_pem)
         .map_err(|e| TlsError::PemData { what: "private key", reason: e.to_string() })?;
-    build_client_config(Arc::new(roots), certs, key, trust_domain, server_role)
+    build_client_config(&ca_certs, certs, key, trust_domain, server_role)
 }
 
 /// The client configuration of [`client_config`] and [`client_config_from_pem`].
 fn build_client_config(
-    roots: Arc<RootCertStore>,
+    ca_certs: &[CertificateDer<'static>],
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     trust_domain: &str,
     server_role: Role,
 ) -> Result<Arc<ClientConfig>, TlsError> {
-    let inner = WebPkiServerVerifier::builder_with_provider(roots, provider()).build()?;
-    let verifier = ServerIdentityVerifier { inner, trust_domain: trust_domain.to_string(), role: server_role };
+    let inner = WebPkiServerVerifier::builder_with_provider(root_store(ca_certs)?, provider()).build()?;
+    let verifier = ServerIdentityVerifier {
+        inner,
+        anchors: AnchorPathLimits::new(ca_certs, provider().signature_verification_algorithms)?,
+        trust_domain: trust_domain.to_string(),
+        role: server_role,
+    };
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -246,13 +269,19 @@ fn load_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'sta
     Ok(certs)
 }
 
-/// The CA bundle as a root store.
-fn load_roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
+/// The CA bundle's certificates as a root store.
+fn root_store(ca_certs: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, TlsError> {
     let mut roots = RootCertStore::empty();
-    for cert in load_certs("CA certificate", path)? {
-        roots.add(cert)?;
+    for cert in ca_certs {
+        roots.add(cert.clone())?;
     }
     Ok(Arc::new(roots))
+}
+
+/// The CA bundle file as a root store.
+#[cfg(test)]
+fn load_roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
+    root_store(&load_certs("CA certificate", path)?)
 }
 
 /// Our certificate chain and private key.

@@ -1,4 +1,5 @@
-//! The tonic glue: the server's TLS accept loop and the client's endpoint and connector.
+//! The client's tonic glue: the endpoint and the connector (the server's accept loop is in
+//! `incoming`).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -8,110 +9,19 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
+use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, ServerConfig};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
-use tokio_rustls::server::TlsStream;
-use tokio_rustls::{TlsAcceptor, TlsConnector};
-use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::TlsError;
 use super::explain::{error_chain, explain_error};
 
-/// Longest a server waits for one client's TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in flight at once; further connections wait in the listen backlog.
-const MAX_HANDSHAKES: usize = 256;
-/// Pause after an accept error such as "too many open files".
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Client TCP + TLS connect timeout.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Client HTTP/2 keepalive ping interval.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
-
-/// Serves TLS streams accepted on `listener`, for `Server::serve_with_incoming_shutdown`.
-///
-/// Each handshake runs in its own task (at most [`MAX_HANDSHAKES`] at once, 10 s each); failed
-/// handshakes are logged and skipped, so the stream only ends when it is dropped. Must be called
-/// inside a tokio runtime.
-pub fn tls_incoming(
-    listener: TcpListener,
-    config: Arc<ServerConfig>,
-) -> impl Stream<Item = Result<TlsStream<TcpStream>, io::Error>> + Send + 'static {
-    let (tx, rx) = mpsc::channel(32);
-    let acceptor = TlsAcceptor::from(config);
-    let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-    tokio::spawn(async move {
-        loop {
-            let permit = tokio::select! {
-                () = tx.closed() => return,
-                permit = slots.clone().acquire_owned() => permit.expect("semaphore never closed"),
-            };
-            let accepted = tokio::select! {
-                () = tx.closed() => return,
-                accepted = listener.accept() => accepted,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accepting a connection failed");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            };
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
-            }
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
-                drop(permit);
-                match handshake {
-                    Ok(Ok(stream)) => {
-                        // Fails only when the server has stopped; the connection is then dropped.
-                        let _ = tx.send(Ok(stream)).await;
-                    }
-                    Ok(Err(e)) => log_handshake_error(peer, &e),
-                    Err(_) => {
-                        crate::metrics::global().inc("hybroker_tls_handshake_failures_total", &["timeout"], 1.0);
-                        tracing::debug!(%peer, "tls handshake timed out");
-                    }
-                }
-            });
-        }
-    });
-    ReceiverStream::new(rx)
-}
-
-/// Logs a failed server handshake: refusals the verifier has not logged yet at warn, the rest
-/// (probes, resets) at debug.
-fn log_handshake_error(peer: std::net::SocketAddr, e: &io::Error) {
-    let rustls_error = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>());
-    crate::metrics::global().inc("hybroker_tls_handshake_failures_total", &[failure_reason(rustls_error)], 1.0);
-    match rustls_error {
-        Some(rustls::Error::NoCertificatesPresented) => {
-            tracing::warn!(%peer, "refused client: no client certificate");
-        }
-        _ => tracing::debug!(%peer, error = %e, "tls handshake failed"),
-    }
-}
-
-/// A bounded reason for a failed handshake, for metrics.
-fn failure_reason(e: Option<&rustls::Error>) -> &'static str {
-    use rustls::CertificateError as C;
-    match e {
-        Some(rustls::Error::NoCertificatesPresented) => "no_certificate",
-        Some(rustls::Error::InvalidCertificate(C::UnknownIssuer)) => "unknown_ca",
-        Some(rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. })) => "expired",
-        // The identity checks of `verify` refuse with `CertificateError::Other`.
-        Some(rustls::Error::InvalidCertificate(C::Other(_))) => "bad_identity",
-        _ => "other",
-    }
-}
 
 /// Connects to `url` (`https://host:port`) with mutual TLS; `server_name` overrides the name the
 /// server certificate must carry (by default the URL host; IP addresses work).

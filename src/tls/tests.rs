@@ -8,22 +8,22 @@ use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_rustls::TlsConnector;
 use tonic::{Code, Request, Status};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
 
-const TD: &str = "hybroker.test";
-const AGENT_URI: &str = "spiffe://hybroker.test/agent/lab/n1";
+pub(super) const TD: &str = "hybroker.test";
+pub(super) const AGENT_URI: &str = "spiffe://hybroker.test/agent/lab/n1";
 
 /// A CA in a temporary directory, and helpers to write certificates next to it.
-struct Fixture {
-    dir: tempfile::TempDir,
+pub(super) struct Fixture {
+    pub(super) dir: tempfile::TempDir,
     ca: Ca,
 }
 
 impl Fixture {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         init_ca(dir.path(), TD).unwrap();
@@ -32,7 +32,7 @@ impl Fixture {
     }
 
     /// Writes `issued` as `<name>.pem` / `<name>-key.pem`, trusting this fixture's CA.
-    fn write(&self, name: &str, issued: &Issued) -> TlsPaths {
+    pub(super) fn write(&self, name: &str, issued: &Issued) -> TlsPaths {
         let cert = self.dir.path().join(format!("{name}.pem"));
         let key = self.dir.path().join(format!("{name}-key.pem"));
         fs::write(&cert, &issued.cert_pem).unwrap();
@@ -40,7 +40,7 @@ impl Fixture {
         TlsPaths { ca_cert: self.dir.path().join("ca.pem"), cert, key }
     }
 
-    fn issue(&self, role: Role, name: &str, site: Option<&str>) -> TlsPaths {
+    pub(super) fn issue(&self, role: Role, name: &str, site: Option<&str>) -> TlsPaths {
         let issued = self
             .ca
             .issue(&IssueRequest {
@@ -56,7 +56,7 @@ impl Fixture {
     }
 
     /// An agent-like leaf for `lab/n1`, modified by `edit`.
-    fn custom(&self, name: &str, edit: impl FnOnce(&mut LeafOptions)) -> TlsPaths {
+    pub(super) fn custom(&self, name: &str, edit: impl FnOnce(&mut LeafOptions)) -> TlsPaths {
         let mut opts = LeafOptions {
             uris: vec![AGENT_URI.to_string()],
             ips: vec!["127.0.0.1".parse().unwrap()],
@@ -66,18 +66,19 @@ impl Fixture {
         self.write(name, &self.ca.issue_custom(&opts).unwrap())
     }
 
-    fn server(&self, client_roles: &[Role]) -> Arc<ServerConfig> {
+    pub(super) fn server(&self, client_roles: &[Role]) -> Arc<ServerConfig> {
         let paths = self.issue(Role::Broker, "broker", None);
         server_config(&paths, TD, client_roles).unwrap()
     }
 
-    fn agent_client(&self) -> Arc<ClientConfig> {
+    pub(super) fn agent_client(&self) -> Arc<ClientConfig> {
         client_config(&self.issue(Role::Agent, "n1", Some("lab")), TD, Role::Broker).unwrap()
     }
 }
 
-/// One real handshake on 127.0.0.1: (server's view: peer identity or error, client's view).
-async fn handshake(
+/// One real handshake on 127.0.0.1 through [`accept_tls`]: (server's view: peer identity, or the
+/// error as `<metric reason>: <message>`; client's view).
+pub(super) async fn handshake(
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
 ) -> (Result<Identity, String>, Result<(), String>) {
@@ -85,7 +86,8 @@ async fn handshake(
     let addr = listener.local_addr().unwrap();
     let server_side = async move {
         let (tcp, _) = listener.accept().await.unwrap();
-        let mut tls = TlsAcceptor::from(server).accept(tcp).await.map_err(|e| e.to_string())?;
+        let limits = HandshakeLimits::default();
+        let mut tls = accept_tls(tcp, server, &limits).await.map_err(|e| format!("{}: {e}", e.reason()))?;
         let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
         tls.write_all(b"k").await.map_err(|e| e.to_string())?;
         // Wait for the client to close, so no reset races the byte.

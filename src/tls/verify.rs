@@ -1,12 +1,22 @@
-//! The identity checks beyond the chain: the rustls verifiers, [`check_peer_cert`] and the
+//! The checks beyond webpki's chain validation: the rustls verifiers, [`check_peer_cert`] and the
 //! helpers that read a certificate's identity.
+//!
+//! The certificate profile (SPIFFE X509-SVID): the leaf has basicConstraints with CA:FALSE and no
+//! keyCertSign or cRLSign key usage; a chain through intermediates respects the trust anchor's own
+//! path length constraint (webpki checks it only for intermediates, so a `pathlen:0` root would
+//! otherwise accept a leaf issued through an intermediate). Validity is checked with an allowance of
+//! [`CLOCK_SKEW`] either way.
 
+use std::cell::Cell;
 use std::error::Error as StdError;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::TrustAnchor;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme};
@@ -72,6 +82,131 @@ pub enum PeerCertError {
     /// A CA certificate presented as an end entity.
     #[error("certificate is a CA certificate, not an end-entity certificate")]
     IsCa,
+    /// No basicConstraints extension (an X509-SVID leaf must have one, with CA:FALSE).
+    #[error("certificate has no basic constraints extension (CA:FALSE is required)")]
+    NoBasicConstraints,
+    /// A leaf whose key usage lets it sign certificates or CRLs.
+    #[error("certificate key usage includes {0}, which an end-entity certificate must not have")]
+    BadKeyUsage(&'static str),
+    /// The chain has more intermediates than the trust anchor's path length constraint allows.
+    #[error("certificate chain has {intermediates} intermediate(s); its root allows {allowed}")]
+    PathLen {
+        /// Intermediates between the leaf and the root.
+        intermediates: usize,
+        /// The root's path length constraint.
+        allowed: u32,
+    },
+}
+
+impl PeerCertError {
+    /// A bounded reason, the `reason` label of `hybroker_tls_handshake_failures_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PeerCertError::Unparsable(_) => "bad_encoding",
+            PeerCertError::UriSanCount(_) | PeerCertError::BadIdentity(_) => "bad_identity",
+            PeerCertError::WrongTrustDomain { .. } => "wrong_trust_domain",
+            PeerCertError::RoleNotAllowed { .. } => "wrong_role",
+            PeerCertError::NoEku(_) | PeerCertError::MissingEku(_) => "wrong_eku",
+            PeerCertError::IsCa => "ca_as_leaf",
+            PeerCertError::NoBasicConstraints => "no_basic_constraints",
+            PeerCertError::BadKeyUsage(_) => "bad_key_usage",
+            PeerCertError::PathLen { .. } => "path_len",
+        }
+    }
+}
+
+/// How far a peer's certificate validity may be off our clock, either way: a certificate issued a
+/// few seconds "in the future" by a CA whose clock runs ahead, or one that expired a moment ago
+/// while its holder renews, is accepted. Small enough not to matter for revocation by expiry.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(60);
+
+/// Runs `verify` at `now`; a certificate refused as not yet valid (expired) is tried again at
+/// `now` plus (minus) [`CLOCK_SKEW`]. Returns the time at which it passed, or the first error.
+fn with_clock_skew<T>(
+    now: UnixTime,
+    verify: impl Fn(UnixTime) -> Result<T, rustls::Error>,
+) -> Result<(T, UnixTime), rustls::Error> {
+    let first = match verify(now) {
+        Ok(verified) => return Ok((verified, now)),
+        Err(e) => e,
+    };
+    let secs = match &first {
+        rustls::Error::InvalidCertificate(
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+        ) => now.as_secs().saturating_add(CLOCK_SKEW.as_secs()),
+        rustls::Error::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. }) => {
+            now.as_secs().saturating_sub(CLOCK_SKEW.as_secs())
+        }
+        _ => return Err(first),
+    };
+    let at = UnixTime::since_unix_epoch(Duration::from_secs(secs));
+    verify(at).map(|verified| (verified, at)).map_err(|_| first)
+}
+
+/// The trust anchors with their own path length constraints, which webpki does not apply.
+#[derive(Debug)]
+pub(super) struct AnchorPathLimits {
+    anchors: Vec<TrustAnchor<'static>>,
+    /// `pathLenConstraint` of each anchor (same order); `None` when it has none.
+    limits: Vec<Option<u32>>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl AnchorPathLimits {
+    /// Reads the constraints of the CA bundle's certificates.
+    pub(super) fn new(roots: &[CertificateDer<'_>], algorithms: WebPkiSupportedAlgorithms) -> Result<Self, TlsError> {
+        let bad = |e: &dyn std::fmt::Display| TlsError::BadCa(e.to_string());
+        let mut anchors = Vec::with_capacity(roots.len());
+        let mut limits = Vec::with_capacity(roots.len());
+        for der in roots {
+            anchors.push(webpki::anchor_from_trusted_cert(der).map_err(|e| bad(&e))?.to_owned());
+            let cert = parse_cert(der).map_err(|e| bad(&e))?;
+            let basic = cert.basic_constraints().map_err(|e| bad(&e))?;
+            limits.push(basic.and_then(|b| b.value.path_len_constraint));
+        }
+        Ok(AnchorPathLimits { anchors, limits, algorithms })
+    }
+
+    /// Refuses a chain-valid leaf whose path (through `intermediates`) has more intermediates than
+    /// its anchor's path length constraint; free when no intermediate was presented.
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        at: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<(), PeerCertError> {
+        if intermediates.is_empty() || self.limits.iter().all(Option::is_none) {
+            return Ok(());
+        }
+        let leaf = webpki::EndEntityCert::try_from(end_entity).map_err(|e| PeerCertError::Unparsable(e.to_string()))?;
+        let violation = Cell::new(None);
+        let within_limit = |path: &webpki::VerifiedPath<'_>| {
+            let anchor = path.anchor();
+            let limit = self
+                .anchors
+                .iter()
+                .position(|a| {
+                    a.subject == anchor.subject && a.subject_public_key_info == anchor.subject_public_key_info
+                })
+                .and_then(|i| self.limits[i]);
+            let depth = path.intermediate_certificates().count();
+            match limit {
+                Some(allowed) if depth > allowed as usize => {
+                    violation.set(Some(PeerCertError::PathLen { intermediates: depth, allowed }));
+                    Err(webpki::Error::PathLenConstraintViolated)
+                }
+                _ => Ok(()),
+            }
+        };
+        // webpki tries every path; the chain already passed the same checks without ours, so a
+        // failure here means that every path breaks an anchor's constraint.
+        leaf.verify_for_usage(self.algorithms.all, &self.anchors, intermediates, at, usage, None, Some(&within_limit))
+            .map(drop)
+            .map_err(|_| {
+                violation.take().unwrap_or(PeerCertError::PathLen { intermediates: intermediates.len(), allowed: 0 })
+            })
+    }
 }
 
 /// Checks a chain-valid end-entity certificate beyond the chain; returns its identity.
@@ -83,8 +218,18 @@ pub fn check_peer_cert(
 ) -> Result<Identity, PeerCertError> {
     let cert = parse_cert(der)?;
     let basic = cert.basic_constraints().map_err(|e| PeerCertError::Unparsable(e.to_string()))?;
-    if basic.is_some_and(|b| b.value.ca) {
-        return Err(PeerCertError::IsCa);
+    match basic {
+        Some(b) if b.value.ca => return Err(PeerCertError::IsCa),
+        Some(_) => {}
+        None => return Err(PeerCertError::NoBasicConstraints),
+    }
+    if let Some(usage) = cert.key_usage().map_err(|e| PeerCertError::Unparsable(e.to_string()))? {
+        if usage.value.key_cert_sign() {
+            return Err(PeerCertError::BadKeyUsage("keyCertSign"));
+        }
+        if usage.value.crl_sign() {
+            return Err(PeerCertError::BadKeyUsage("cRLSign"));
+        }
     }
     let identity = identity_of(&cert)?;
     if identity.trust_domain != trust_domain {
@@ -145,6 +290,7 @@ pub fn require_role<T>(req: &Request<T>, allowed: &[Role]) -> Result<Identity, S
 #[derive(Debug)]
 pub(super) struct ClientIdentityVerifier {
     pub(super) inner: Arc<dyn ClientCertVerifier>,
+    pub(super) anchors: AnchorPathLimits,
     pub(super) trust_domain: String,
     pub(super) roles: Vec<Role>,
 }
@@ -164,10 +310,11 @@ impl ClientCertVerifier for ClientIdentityVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self
-            .inner
-            .verify_client_cert(end_entity, intermediates, now)
+        let (verified, at) = with_clock_skew(now, |t| self.inner.verify_client_cert(end_entity, intermediates, t))
             .inspect_err(|e| log_refusal("client", end_entity, e))?;
+        self.anchors
+            .check(end_entity, intermediates, at, webpki::KeyUsage::client_auth())
+            .map_err(|e| refuse("client", end_entity, e))?;
         check_peer_cert(end_entity, &self.trust_domain, &self.roles, KeyPurpose::ClientAuth)
             .map_err(|e| refuse("client", end_entity, e))?;
         Ok(verified)
@@ -200,6 +347,7 @@ impl ClientCertVerifier for ClientIdentityVerifier {
 #[derive(Debug)]
 pub(super) struct ServerIdentityVerifier {
     pub(super) inner: Arc<WebPkiServerVerifier>,
+    pub(super) anchors: AnchorPathLimits,
     pub(super) trust_domain: String,
     pub(super) role: Role,
 }
@@ -213,10 +361,13 @@ impl ServerCertVerifier for ServerIdentityVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let verified = self
-            .inner
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-            .inspect_err(|e| log_refusal("server", end_entity, e))?;
+        let (verified, at) = with_clock_skew(now, |t| {
+            self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, t)
+        })
+        .inspect_err(|e| log_refusal("server", end_entity, e))?;
+        self.anchors
+            .check(end_entity, intermediates, at, webpki::KeyUsage::server_auth())
+            .map_err(|e| refuse("server", end_entity, e))?;
         check_peer_cert(end_entity, &self.trust_domain, &[self.role], KeyPurpose::ServerAuth)
             .map_err(|e| refuse("server", end_entity, e))?;
         Ok(verified)

@@ -10,6 +10,7 @@ mod data;
 mod deploy;
 mod emulators;
 mod gateway;
+mod handshakes;
 mod identity;
 mod isolation;
 mod lifecycle;

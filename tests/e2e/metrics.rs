@@ -119,7 +119,8 @@ async fn every_service_serves_metrics_that_match_the_jobs_run() {
     let samples = eventually("broker metrics after the jobs", || async {
         let s = scrape(broker).await;
         let ready = value(&s, "hybroker_agents_connected", &[("site", "lab")]) == Some(1.0)
-            && value(&s, "hybroker_tls_handshake_failures_total", &[("reason", "other")]).is_some_and(|n| n >= 1.0)
+            && value(&s, "hybroker_tls_handshake_failures_total", &[("reason", "bad_message")])
+                .is_some_and(|n| n >= 1.0)
             && !s.iter().any(|(n, _, _)| n == "hybroker_jobs");
         ready.then_some(s)
     })
