@@ -69,10 +69,17 @@ enum Command {
     /// throughput, latency, CPU and memory (and a reconnect storm or a broker kill on request).
     /// `bench staging`: the agent's stage-in against curl; `bench placement`: the placement engine.
     Bench(bench::BenchArgs),
+    /// The agent's per-attempt sandbox init (the agent re-executes itself); not for people.
+    #[command(hide = true)]
+    SandboxInit { spec: PathBuf },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Before any thread exists: the init unshares namespaces and forks.
+    if let Command::SandboxInit { spec } = &cli.command {
+        agent::sandbox::init::main(spec);
+    }
     let format = cli.log_format;
     tls::install_crypto_provider();
     let runtime = tokio::runtime::Runtime::new()?;
@@ -149,6 +156,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
+            Command::SandboxInit { .. } => unreachable!("sandbox-init runs before the runtime"),
         }
     })
 }

@@ -1015,6 +1015,8 @@ fn assignment(job: &ActiveJob, gpus: &[u32], trace_context: HashMap<String, Stri
             .collect(),
         outputs: job.data.iter().flat_map(|d| &d.outputs).map(|o| o.path.clone()).collect(),
         trace_context,
+        cpus: job.spec.resources.cpus,
+        memory_gib: job.spec.resources.memory_gib,
     }
 }
 
