@@ -197,7 +197,10 @@ fn probe_device(nvml: &Nvml, index: u32, known: &mut BTreeMap<u32, Known>) -> Op
     let healthy = q.failure.is_none();
     log_health_change(index, &uuid, previous.is_none_or(|k| k.healthy), healthy, q.failure.as_deref());
     let minor = minor.or_else(|| previous.and_then(|k| k.minor));
-    known.insert(index, Known { uuid: uuid.clone(), name: name.clone(), model: model.clone(), memory_mib, minor, healthy });
+    known.insert(
+        index,
+        Known { uuid: uuid.clone(), name: name.clone(), model: model.clone(), memory_mib, minor, healthy },
+    );
     Some(Gpu {
         index,
         uuid,

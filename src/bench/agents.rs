@@ -58,8 +58,13 @@ impl Fleet {
     pub fn spawn(url: String, configs: Vec<Arc<ClientConfig>>, cpus: u32, events: Events) -> Fleet {
         let (storm, storm_rx) = watch::channel(0);
         let (stop, stop_rx) = watch::channel(false);
-        let inventory =
-            proto::Inventory { gpus: vec![], cpus, memory_mib: u64::from(cpus) * 4096, labels: Default::default(), isolation: "sandbox".into() };
+        let inventory = proto::Inventory {
+            gpus: vec![],
+            cpus,
+            memory_mib: u64::from(cpus) * 4096,
+            labels: Default::default(),
+            isolation: "sandbox".into(),
+        };
         let shared = Arc::new(Shared {
             url,
             inventory,

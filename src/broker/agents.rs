@@ -314,7 +314,8 @@ mod tests {
         let mut entry = AgentEntry::new("lab/a", "lab", "a");
         let mut gpus = simulated_gpus(&parse_simulated("4xH100-80GB").unwrap(), 0, "a");
         gpus[1].healthy = false;
-        entry.inventory = Inventory { gpus, cpus: 16, memory_mib: 65536, labels: Default::default(), ..Default::default() };
+        entry.inventory =
+            Inventory { gpus, cpus: 16, memory_mib: 65536, labels: Default::default(), ..Default::default() };
         entry.allocate("job-1", 1, Alloc { gpus: vec![2], cpus: 4, memory_mib: 1024 });
         let free = entry.free();
         assert_eq!(free.gpus.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [0, 3]);

@@ -37,7 +37,8 @@ fn connect(
     out: &mut Effects,
 ) -> mpsc::Receiver<Result<proto::BrokerMessage, tonic::Status>> {
     let (tx, rx) = mpsc::channel(16);
-    let inventory = Inventory { gpus: vec![], cpus: 8, memory_mib: 65536, labels: Default::default(), ..Default::default() };
+    let inventory =
+        Inventory { gpus: vec![], cpus: 8, memory_mib: 65536, labels: Default::default(), ..Default::default() };
     core.connected("lab/a".into(), "lab".into(), "a".into(), inventory, vec![], Conn { id: conn, tx }, out);
     rx
 }

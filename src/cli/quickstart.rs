@@ -14,9 +14,10 @@ use super::client::explain::decision_table;
 use super::client::follow::{self, Progress};
 use super::client::gateway::Gateway;
 use super::client::spec;
-use crate::config::{IsolationSetting, 
-    AgentConfig, AgentSection, BrokerConfig, BrokerSection, BrokerTarget, GatewayConfig, GatewaySection, LeaseSection,
-    LimitSection, PricesSection, ReconnectSection, StorageCloud, StorageConfig, StoreSection, TenantConfig,
+use crate::config::{
+    AgentConfig, AgentSection, BrokerConfig, BrokerSection, BrokerTarget, GatewayConfig, GatewaySection,
+    IsolationSetting, LeaseSection, LimitSection, PricesSection, ReconnectSection, StorageCloud, StorageConfig,
+    StoreSection, TenantConfig,
 };
 use crate::gateway::api::{AgentList, Job, Submitted};
 use crate::model::identity::Role;

@@ -15,5 +15,6 @@ mod lifecycle;
 mod metrics;
 mod placement;
 mod product;
+mod sandbox;
 mod tenants;
 mod traces;

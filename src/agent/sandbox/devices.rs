@@ -50,8 +50,7 @@ pub fn attempt_nodes(gpus: &[(u32, PathBuf)]) -> Vec<(PathBuf, String)> {
 
 /// Every device is denied except the default nodes, ptys and `nodes`.
 pub fn rules<'a>(nodes: impl Iterator<Item = &'a Path>) -> DeviceRules {
-    let mut allow: Vec<Device> =
-        DEFAULT_DEVICES.iter().filter_map(|n| device(&Path::new("/dev").join(n))).collect();
+    let mut allow: Vec<Device> = DEFAULT_DEVICES.iter().filter_map(|n| device(&Path::new("/dev").join(n))).collect();
     allow.push(Device { kind: 'c', major: 5, minor: 2 });
     allow.extend((0..PTYS).map(|minor| Device { kind: 'c', major: 136, minor }));
     allow.extend(nodes.filter_map(device));

@@ -49,11 +49,7 @@ fn run(command: &mut Command) -> Result<(), String> {
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!(
-            "{:?} failed: {}",
-            command.get_program(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(format!("{:?} failed: {}", command.get_program(), String::from_utf8_lossy(&out.stderr).trim()))
     }
 }
 

@@ -182,6 +182,11 @@ fn setup(spec: &InitSpec) -> Result<(), String> {
     match spec.user {
         Some((uid, gid)) => {
             let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(gid));
+            // Nothing the job execs can regain a capability (no_new_privs stops file caps too).
+            for cap in 0..64 {
+                // SAFETY: prctl with integer arguments; EINVAL past the last capability.
+                unsafe { nix::libc::prctl(nix::libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+            }
             setgroups(&[gid]).map_err(|e| format!("setgroups: {e}"))?;
             setresgid(gid, gid, gid).map_err(|e| format!("setresgid: {e}"))?;
             // From root to a non-zero uid: every capability goes.

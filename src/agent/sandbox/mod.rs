@@ -88,7 +88,8 @@ impl Sandbox {
         }
         let sandbox = if nix::unistd::geteuid().is_root() {
             let (first, last) = options.settings.uids().map_err(unavailable)?;
-            let uids = UidPool::new(&options.settings.uid_lock_dir, first, last).map_err(|e| unavailable(e.to_string()))?;
+            let uids =
+                UidPool::new(&options.settings.uid_lock_dir, first, last).map_err(|e| unavailable(e.to_string()))?;
             uids.sweep();
             let cgroups = CgroupRoot::detect(&options.agent).map_err(|e| unavailable(e.to_string()))?;
             let swept = cgroups.sweep();
@@ -206,7 +207,8 @@ impl Sandbox {
             return Ok(attempt);
         }
         if let (Some(owner), true) = (owner, settings.disk_mib > 0) {
-            attempt.disk = Some(disk::DiskCap::mount(&work_dir.with_extension("img"), work_dir, settings.disk_mib, owner)?);
+            attempt.disk =
+                Some(disk::DiskCap::mount(&work_dir.with_extension("img"), work_dir, settings.disk_mib, owner)?);
         }
         if let Some(root) = &self.cgroups {
             let limits = self.limits(resources);

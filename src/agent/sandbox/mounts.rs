@@ -21,7 +21,8 @@ const NONE: Option<&str> = None;
 pub fn build(spec: &InitSpec) -> Result<(), String> {
     let root = &spec.new_root;
     mount(NONE, "/", NONE, MsFlags::MS_REC | MsFlags::MS_PRIVATE, NONE).map_err(|e| err("make / private", e))?;
-    mount(Some("/"), root, NONE, MsFlags::MS_BIND | MsFlags::MS_REC, NONE).map_err(|e| err("bind / to the new root", e))?;
+    mount(Some("/"), root, NONE, MsFlags::MS_BIND | MsFlags::MS_REC, NONE)
+        .map_err(|e| err("bind / to the new root", e))?;
     remount_read_only(root)?;
     let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
 
@@ -149,9 +150,12 @@ fn make_dev(spec: &InitSpec, dev: &Path, shm_opts: &str) -> Result<(), String> {
     let shm = dev.join("shm");
     mkdir(&shm)?;
     tmpfs(&shm, shm_opts, MsFlags::empty())?;
-    for (link, to) in
-        [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")]
-    {
+    for (link, to) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
         symlink(to, &dev.join(link))?;
     }
     Ok(())
@@ -204,8 +208,7 @@ fn expose_work_dir(spec: &InitSpec, root: &Path) -> Result<(), String> {
 }
 
 fn bind_writable(source: &Path, target: &Path) -> Result<(), String> {
-    mount(Some(source), target, NONE, MsFlags::MS_BIND, NONE)
-        .map_err(|e| format!("bind {}: {e}", source.display()))?;
+    mount(Some(source), target, NONE, MsFlags::MS_BIND, NONE).map_err(|e| format!("bind {}: {e}", source.display()))?;
     let kept = statvfs(target).map(|s| kept_flags(s.flags())).unwrap_or(MsFlags::empty());
     mount(NONE, target, NONE, MsFlags::MS_REMOUNT | MsFlags::MS_BIND | nosuid_nodev() | kept, NONE)
         .map_err(|e| format!("remount {} writable: {e}", source.display()))

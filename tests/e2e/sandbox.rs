@@ -1,0 +1,189 @@
+//! The per-attempt sandbox through the real broker and agent processes: one tenant's job cannot
+//! read, alter or even see another's; jobs cannot reach the agent's secrets or signal it; limits
+//! end a job with a clear reason and leave the node healthy; a node that cannot sandbox says so.
+
+use std::path::Path;
+use std::time::Duration;
+
+use md5::{Digest, Md5};
+
+use crate::common::{Cluster, Setup, eventually, get, processes_with, watch_to_end};
+use crate::data::submit_as;
+
+const TTL: Duration = Duration::from_secs(5);
+
+/// A local store `vault` with a prefix per tenant.
+fn two_tenants(dir: &Path, agent_extra: &str) -> Setup {
+    let broker_extra = format!(
+        "[[storage]]\nname = \"vault\"\ncloud = \"local\"\nregion = \"lab\"\ndir = \"{}\"\n\
+         [[tenant]]\nname = \"acme\"\nstorage = [\"local://vault/acme/\"]\n\
+         [[tenant]]\nname = \"globex\"\nstorage = [\"local://vault/globex/\"]\n\
+         [[tenant]]\nname = \"ops\"\nadmin = true\n",
+        dir.join("objects").display()
+    );
+    Setup { broker_extra: Some(broker_extra), agent_extra: agent_extra.to_owned(), ..Setup::default() }
+}
+
+fn md5_hex(bytes: &[u8]) -> String {
+    Md5::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn marker(what: &str) -> String {
+    format!("{what}-{}", fastrand::u64(..))
+}
+
+/// The first finding, as an attack: tenant A's job leaves a `setsid` watcher that walks every
+/// process's work directory, reading inputs and appending to outputs; tenant B's job runs meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_leftover_watcher_cannot_read_alter_or_see_another_tenants_job() {
+    let cluster = Cluster::start_with(TTL, &[("node-a", "")], |d| two_tenants(d, "")).await;
+    let secret: Vec<u8> = (0..64 * 1024).map(|_| fastrand::u8(..)).collect();
+    let input = cluster.path("objects/vault/globex/in/data.bin");
+    std::fs::create_dir_all(input.parent().unwrap()).unwrap();
+    std::fs::write(&input, &secret).unwrap();
+    let (watcher, victim) = (marker("watcher"), marker("victim"));
+    // A: a watcher that survives its job (setsid, its own session and group), looting any work
+    // directory it can reach through /proc; and a loop recording any process of B it sees.
+    let a = format!(
+        "name: attacker\ncommand: [sh, -c, \"setsid sh -c 'while :; do for d in /proc/[0-9]*; do \
+         cat $d/cwd/in/data.bin >> /tmp/loot 2>/dev/null; echo pwned >> $d/cwd/out/result.bin 2>/dev/null; \
+         done; sleep 0.05; done' {watcher} </dev/null >/dev/null 2>&1 & \
+         mkdir -p out; i=0; while [ ! -e stop ] && [ $i -lt 600 ]; do \
+         grep -l {victim} /proc/[0-9]*/cmdline >> out/seen 2>/dev/null; i=$((i+1)); sleep 0.05; done; \
+         ls /proc > out/procs; touch out/seen\"]\noutputs: [{{path: out/, to: 'local://vault/acme/a/'}}]\n"
+    );
+    let a_id = submit_as(&cluster, "acme", &a).await.unwrap();
+    let a_dir = cluster.work_dir("node-a").join(&a_id).join("attempt-1");
+    eventually("the watcher to run", || async { (!processes_with(&watcher).is_empty()).then_some(()) }).await;
+    let b = format!(
+        "name: victim\ncommand: [sh, -c, 'mkdir -p out && cp in/data.bin out/result.bin && sleep 2 && md5sum in/data.bin', {victim}]\n\
+         inputs: [{{uri: 'local://vault/globex/in/', path: in/}}]\n\
+         outputs: [{{path: out/, to: 'local://vault/globex/b/'}}]\n"
+    );
+    let b_id = submit_as(&cluster, "globex", &b).await.unwrap();
+    let events = watch_to_end(&mut cluster.admin().await, &b_id).await;
+    assert_eq!(get(&mut cluster.admin().await, &b_id).await.state, "succeeded", "{events:?}");
+    std::fs::write(a_dir.join("stop"), "").unwrap();
+    watch_to_end(&mut cluster.admin().await, &a_id).await;
+    let a_job = get(&mut cluster.admin().await, &a_id).await;
+    assert_eq!(a_job.state, "succeeded", "{a_job:?}\n{}", cluster.agent_log("node-a"));
+
+    let result = std::fs::read(cluster.path(&format!("objects/vault/globex/b/globex/{b_id}/attempt-1/result.bin")));
+    assert_eq!(md5_hex(&result.unwrap()), md5_hex(&secret), "B's output is B's input, unaltered");
+    assert_eq!(md5_hex(&std::fs::read(&input).unwrap()), md5_hex(&secret), "B's input is unaltered");
+    let a_out = cluster.path(&format!("objects/vault/acme/a/acme/{a_id}/attempt-1"));
+    let seen = std::fs::read_to_string(a_out.join("seen")).unwrap();
+    assert!(seen.is_empty(), "A saw B's processes: {seen}");
+    let procs = std::fs::read_to_string(a_out.join("procs")).unwrap();
+    let pids: Vec<&str> = procs.lines().filter(|l| l.parse::<u32>().is_ok()).collect();
+    assert!(pids.len() <= 8, "A's /proc shows only its own few processes: {pids:?}");
+    eventually("A's watcher to be gone with A's attempt", || async {
+        processes_with(&watcher).is_empty().then_some(())
+    })
+    .await;
+    assert!(!a_dir.exists(), "A's work directory is removed after stage-out");
+}
+
+/// A job cannot read the agent's key, config or work root, the broker's database or the CA's
+/// key, nor signal the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cannot_read_the_agents_secrets_nor_signal_it() {
+    let cluster = Cluster::start(TTL, &[("node-a", "")]).await;
+    let secrets = [
+        cluster.path("pki/node-a-key.pem"),
+        cluster.path("agent-node-a.toml"),
+        cluster.path("broker.db"),
+        cluster.path("pki/ca-key.pem"),
+    ];
+    for s in &secrets {
+        assert!(s.is_file(), "{} exists on the host", s.display());
+    }
+    let reads: Vec<String> = secrets.iter().map(|s| format!("! cat {} >/dev/null", s.display())).collect();
+    let work_root = cluster.work_dir("node-a");
+    let agent = cluster.agent_pid("node-a");
+    let script = format!(
+        "{} && ! ls {root}/*/attempt-1.sandbox && [ -z \"$(ls -A {root} 2>/dev/null | grep -v $HYBROKER_JOB_ID)\" ] \
+         && ! kill -0 {agent} && ! kill -TERM {agent} && echo contained",
+        reads.join(" && "),
+        root = work_root.display()
+    );
+    let yaml = format!("name: snoop\ncommand: [sh, -c, '{script}']\n");
+    let mut admin = cluster.admin().await;
+    let id = crate::common::submit(&mut admin, &yaml).await;
+    let events = watch_to_end(&mut admin, &id).await;
+    let job = get(&mut admin, &id).await;
+    assert_eq!(job.state, "succeeded", "{events:?}\n{}", cluster.agent_log("node-a"));
+    assert!(crate::common::alive(nix::unistd::Pid::from_raw(agent)), "the agent lives");
+}
+
+/// A job that fills its disk cap fails with that reason; its work directory goes and the node
+/// runs the next job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_filling_its_disk_cap_fails_with_that_reason() {
+    let cluster = Cluster::start_with(TTL, &[("node-a", "")], |_| Setup {
+        agent_extra: "[sandbox]\ndisk_mib = 16\n".into(),
+        ..Setup::default()
+    })
+    .await;
+    let mut admin = cluster.admin().await;
+    let id = crate::common::submit(
+        &mut admin,
+        "name: filler\ncommand: [dd, 'if=/dev/zero', 'of=big', 'bs=1M', 'count=64']\n",
+    )
+    .await;
+    let events = watch_to_end(&mut admin, &id).await;
+    let last = events.last().unwrap();
+    assert_eq!(last.state, "failed", "{events:?}");
+    assert!(last.reason.contains("disk cap of 16 MiB reached"), "{}", last.reason);
+    let dir = cluster.work_dir("node-a").join(&id).join("attempt-1");
+    eventually("the work directory to be removed", || async { (!dir.exists()).then_some(()) }).await;
+    let id = crate::common::submit(&mut admin, "name: after\ncommand: [sh, -c, 'echo ok > f && cat f']\n").await;
+    watch_to_end(&mut admin, &id).await;
+    assert_eq!(get(&mut admin, &id).await.state, "succeeded", "the node stays healthy");
+}
+
+/// Two agents on one host run attempts at once: each has its own UID, claimed host-wide.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_on_one_host_never_share_a_uid() {
+    let cluster = Cluster::start(TTL, &[("node-a", ""), ("node-b", "")]).await;
+    let mut admin = cluster.admin().await;
+    let mark = marker("uid");
+    // Five of an agent's eight CPUs each: one such job per agent at a time.
+    let yaml = format!("name: holder\ncommand: [sh, -c, 'sleep 60', {mark}]\nresources: {{cpus: 5}}\n");
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        ids.push(crate::common::submit(&mut admin, &yaml).await);
+    }
+    let uids = eventually("two attempts running", || async {
+        let pids = processes_with(&mark);
+        (pids.len() == 2).then(|| pids.iter().map(|p| uid_of(*p)).collect::<Vec<u32>>())
+    })
+    .await;
+    let agents: std::collections::BTreeSet<String> = futures_agents(&mut admin, &ids).await.into_iter().collect();
+    assert_eq!(agents.len(), 2, "both agents run attempts: {agents:?}");
+    let mut distinct = uids.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 2, "{uids:?}");
+    assert!(uids.iter().all(|u| (2_000_000..=2_065_535).contains(u)), "{uids:?}");
+    for id in ids {
+        let _ = admin.cancel(hybroker::proto::CancelJobRequest { job_id: id, ..Default::default() }).await;
+    }
+}
+
+async fn futures_agents(
+    admin: &mut hybroker::proto::job_service_client::JobServiceClient<tonic::transport::Channel>,
+    ids: &[String],
+) -> Vec<String> {
+    let mut agents = Vec::new();
+    for id in ids {
+        agents.push(get(admin, id).await.agent);
+    }
+    agents
+}
+
+fn uid_of(pid: i32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or("Uid: 0");
+    line.split_whitespace().nth(1).and_then(|u| u.parse().ok()).unwrap_or(0)
+}
