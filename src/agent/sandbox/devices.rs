@@ -10,9 +10,6 @@ use super::mounts::DEFAULT_DEVICES;
 /// NVIDIA's control nodes, given (where they exist) to attempts that hold a real GPU.
 pub const NVIDIA_CONTROL: [&str; 4] = ["nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset"];
 
-/// How many pseudo-terminals an attempt may open (`/dev/pts/0` to `N-1`).
-const PTYS: u32 = 8;
-
 /// The device node at `path`, by number.
 pub fn device(path: &Path) -> Option<Device> {
     let meta = std::fs::metadata(path).ok()?;
@@ -48,11 +45,12 @@ pub fn attempt_nodes(gpus: &[(u32, PathBuf)]) -> Vec<(PathBuf, String)> {
     nodes
 }
 
-/// Every device is denied except the default nodes, ptys and `nodes`.
+/// Every device is denied except the default nodes, ptmx and ptys, and `nodes`. (Not
+/// [`DeviceRules::basic`]: that allows `/dev/full`, which tests use as a GPU stand-in.)
 pub fn rules<'a>(nodes: impl Iterator<Item = &'a Path>) -> DeviceRules {
     let mut allow: Vec<Device> = DEFAULT_DEVICES.iter().filter_map(|n| device(&Path::new("/dev").join(n))).collect();
-    allow.push(Device { kind: 'c', major: 5, minor: 2 });
-    allow.extend((0..PTYS).map(|minor| Device { kind: 'c', major: 136, minor }));
+    allow.push(Device::char(5, 2));
+    allow.push(Device::char(136, Device::ANY_MINOR));
     allow.extend(nodes.filter_map(device));
     allow.dedup();
     DeviceRules { allow }

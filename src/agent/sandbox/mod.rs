@@ -32,6 +32,9 @@ use cgroup::{AttemptCgroup, CgroupRoot, Limits};
 use spec::InitSpec;
 use uids::{UidClaim, UidPool};
 
+/// The cloud instance-metadata address, which attempts must not reach (the agent may).
+const METADATA_ADDRESS: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 169, 254);
+
 /// How long the end of an attempt waits for its cgroup to empty.
 const KILL_WAIT: Duration = Duration::from_secs(10);
 
@@ -193,6 +196,10 @@ impl Sandbox {
         };
         let owner = claim.as_ref().map(|c| (c.uid, c.uid));
         make_dir(work_dir).map_err(|e| format!("work directory {}: {e}", work_dir.display()))?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::lchown(work_dir, Some(uid), Some(gid))
+                .map_err(|e| format!("work directory {}: {e}", work_dir.display()))?;
+        }
         let mut attempt = AttemptSandbox {
             isolation: self.isolation,
             claim,
@@ -215,7 +222,16 @@ impl Sandbox {
             attempt.memory_mib = limits.memory_bytes.map(|b| b >> 20);
             let rules = devices::rules(devices.iter().map(|(host, _)| host.as_path()));
             let name = format!("{job_id}-{number}");
-            attempt.cgroup = Some(root.create(&name, &limits, &rules).map_err(|e| e.to_string())?);
+            let cgroup = root.create(&name, &limits, &rules).map_err(|e| e.to_string())?;
+            if settings.network == SandboxNetwork::Host
+                && let Err(e) = cgroup.block_ipv4(&[METADATA_ADDRESS])
+            {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    tracing::warn!(error = %e, "attempts can reach the instance metadata address 169.254.169.254")
+                });
+            }
+            attempt.cgroup = Some(cgroup);
         }
         let agent_ids = (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw());
         let mut hide = vec![self.options.work_root.clone()];
