@@ -49,8 +49,12 @@ async fn a_tenants_leftover_watcher_cannot_read_alter_or_see_another_tenants_job
          cat $d/cwd/in/data.bin >> /tmp/loot 2>/dev/null; echo pwned >> $d/cwd/out/result.bin 2>/dev/null; \
          done; sleep 0.05; done' {watcher} </dev/null >/dev/null 2>&1 & \
          mkdir -p out; i=0; while [ ! -e stop ] && [ $i -lt 600 ]; do \
-         grep -l {victim} /proc/[0-9]*/cmdline >> out/seen 2>/dev/null; i=$((i+1)); sleep 0.05; done; \
-         ls /proc > out/procs; touch out/seen\"]\noutputs: [{{path: out/, to: 'local://vault/acme/a/'}}]\n"
+         grep -l $V1$V2 /proc/[0-9]*/cmdline >> out/seen 2>/dev/null; i=$((i+1)); sleep 0.05; done; \
+         ls /proc > out/procs; touch out/seen\"]\noutputs: [{{path: out/, to: 'local://vault/acme/a/'}}]\n\
+         env: {{V1: '{v1}', V2: '{v2}'}}\n",
+        // The marker is put together at run time, so A's own command line does not hold it.
+        v1 = &victim[..4],
+        v2 = &victim[4..],
     );
     let a_id = submit_as(&cluster, "acme", &a).await.unwrap();
     let a_dir = cluster.work_dir("node-a").join(&a_id).join("attempt-1");
@@ -96,7 +100,7 @@ async fn a_job_cannot_read_the_agents_secrets_nor_signal_it() {
         cluster.path("pki/ca-key.pem"),
     ];
     for s in &secrets {
-        assert!(s.is_file(), "{} exists on the host", s.display());
+        eventually(&format!("{} on the host", s.display()), || async { s.is_file().then_some(()) }).await;
     }
     let reads: Vec<String> = secrets.iter().map(|s| format!("! cat {} >/dev/null", s.display())).collect();
     let work_root = cluster.work_dir("node-a");

@@ -27,9 +27,14 @@ impl DiskCap {
         Ok(cap)
     }
 
-    /// Whether the job used up the cap (less than one block left).
+    /// Whether the job used up the cap: at `ENOSPC` ext4 still shows a little room (delayed
+    /// allocation, a write's remainder), so "full" is less than 1 MiB or 2 % left.
     pub fn is_full(&self) -> bool {
-        nix::sys::statvfs::statvfs(&self.mount_point).is_ok_and(|s| (s.blocks_available() as u64) < 2)
+        nix::sys::statvfs::statvfs(&self.mount_point).is_ok_and(|s| {
+            let block = s.fragment_size() as u64;
+            let (left, total) = (s.blocks_available() as u64 * block, s.blocks() as u64 * block);
+            left < (1 << 20).max(total / 50)
+        })
     }
 
     /// Unmounts and deletes the image (the directory's contents go with it).

@@ -94,7 +94,8 @@ impl Sandbox {
             let uids =
                 UidPool::new(&options.settings.uid_lock_dir, first, last).map_err(|e| unavailable(e.to_string()))?;
             uids.sweep();
-            let cgroups = CgroupRoot::detect(&options.agent).map_err(|e| unavailable(e.to_string()))?;
+            let cgroups = CgroupRoot::detect(&subtree_name(&options.agent, &options.work_root))
+                .map_err(|e| unavailable(e.to_string()))?;
             let swept = cgroups.sweep();
             if swept > 0 {
                 tracing::warn!(swept, "killed attempts a previous agent left in its cgroups");
@@ -227,9 +228,9 @@ impl Sandbox {
                 && let Err(e) = cgroup.block_ipv4(&[METADATA_ADDRESS])
             {
                 static WARNED: std::sync::Once = std::sync::Once::new();
-                WARNED.call_once(|| {
-                    tracing::warn!(error = %e, "attempts can reach the instance metadata address 169.254.169.254")
-                });
+                WARNED.call_once(
+                    || tracing::warn!(error = %e, "attempts can reach the instance metadata address 169.254.169.254"),
+                );
             }
             attempt.cgroup = Some(cgroup);
         }
@@ -272,6 +273,19 @@ impl Sandbox {
     pub fn init_program(&self) -> Option<&Path> {
         (self.isolation != Isolation::None).then_some(self.options.init_program.as_path())
     }
+}
+
+/// The agent's cgroup subtree: its name and a hash of its work root. The work root is unique
+/// among live agents (its lock) and stable across restarts, so a restarted agent sweeps exactly
+/// its predecessor's attempts, never those of another agent with the same name on the host.
+fn subtree_name(agent: &str, work_root: &Path) -> String {
+    let hash = work_root
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3));
+    let name: String = agent.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+    format!("{name}-{:08x}", hash as u32)
 }
 
 /// Makes a directory 0700 (its parents as the umask says).
