@@ -191,3 +191,40 @@ fn uid_of(pid: i32) -> u32 {
     let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or("Uid: 0");
     line.split_whitespace().nth(1).and_then(|u| u.parse().ok()).unwrap_or(0)
 }
+
+/// Memory and process limits: a job over its memory is OOM-killed with that reason, a fork loop
+/// stops at the pids limit, and the node runs the next job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_and_process_limits_end_a_job_with_a_clear_reason() {
+    let extra = "[sandbox]\nmax_memory_mib = 64\npids = 32\n";
+    let cluster =
+        Cluster::start_with(TTL, &[("node-a", "")], |_| Setup { agent_extra: extra.into(), ..Setup::default() }).await;
+    let mut admin = cluster.admin().await;
+    // `tail -n 1` keeps a line without a newline in memory: 512 MiB of zeros.
+    let id = crate::common::submit(
+        &mut admin,
+        "name: hog\ncommand: [sh, -c, 'head -c 512m /dev/zero | tail -n 1 > /dev/null']\n",
+    )
+    .await;
+    let events = watch_to_end(&mut admin, &id).await;
+    let last = events.last().unwrap();
+    assert_eq!(last.state, "failed", "{events:?}");
+    assert!(last.reason.starts_with("out of memory: ") && last.reason.contains("64 MiB"), "{}", last.reason);
+
+    let started = std::time::Instant::now();
+    let id = crate::common::submit(
+        &mut admin,
+        "name: forker\ncommand: [sh, -c, 'n=0; while [ $n -lt 100 ]; do (sleep 30) & n=$((n+1)); done; wait']\n",
+    )
+    .await;
+    let events = watch_to_end(&mut admin, &id).await;
+    let last = events.last().unwrap();
+    assert_eq!(last.state, "failed", "the fork loop hit the pids limit: {events:?}");
+    assert!(started.elapsed() < Duration::from_secs(30), "the loop's children did not hold the job");
+    let dir = cluster.work_dir("node-a").join(&id).join("attempt-1");
+    eventually("the work directory to be removed", || async { (!dir.exists()).then_some(()) }).await;
+
+    let id = crate::common::submit(&mut admin, "name: after\ncommand: [sh, -c, 'echo ok']\n").await;
+    watch_to_end(&mut admin, &id).await;
+    assert_eq!(get(&mut admin, &id).await.state, "succeeded", "the node stays healthy");
+}
