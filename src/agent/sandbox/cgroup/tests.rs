@@ -2,6 +2,7 @@
 //! even when it fails (Drop guards). v2 ones (a cgroup2 mount the test makes, a fake tree for
 //! the limits) live in `tests/cgroup2.rs`.
 
+mod bench;
 mod cgroup2;
 
 use std::io::Read;

@@ -200,6 +200,12 @@ fn v2_limits_are_written_on_a_fake_tree() {
     std::fs::create_dir(&bare).unwrap();
     v2::write_limits(&bare, &limits).unwrap();
     assert_eq!(std::fs::read_dir(&bare).unwrap().count(), 0);
+
+    // A directory that is no cgroup: the device gate fails with a clear error and the errno.
+    if getuid().is_root() {
+        let err = bpf::attach_device_gate(&bare, &DeviceRules::basic()).unwrap_err().to_string();
+        assert!(err.contains("BPF_PROG_ATTACH of the hyb_devices program") && err.contains("os error"), "{err}");
+    }
 }
 
 #[test]
