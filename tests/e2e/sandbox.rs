@@ -228,3 +228,123 @@ async fn memory_and_process_limits_end_a_job_with_a_clear_reason() {
     watch_to_end(&mut admin, &id).await;
     assert_eq!(get(&mut admin, &id).await.state, "succeeded", "the node stays healthy");
 }
+
+/// The unprivileged user non-root agents run as in these tests.
+const NOBODY: u32 = 65534;
+
+/// A config for agent `node` that runs as [`NOBODY`]: its key, config and work directory are
+/// handed to that user, the cluster directory made traversable.
+fn unprivileged_agent_config(cluster: &Cluster, node: &str, extra: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::{PermissionsExt, chown};
+    let tls = cluster.issue(hybroker::model::identity::Role::Agent, node, Some("lab"));
+    let work = cluster.work_dir(node);
+    std::fs::create_dir_all(&work).unwrap();
+    let config = format!(
+        "[agent]\nbroker_url = \"https://{addr}\"\nwork_dir = \"{work}\"\ncpus = 8\nmemory_mib = 65536\n\
+         [tls]\nca_cert = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\
+         [reconnect]\nmin_backoff = \"50ms\"\nmax_backoff = \"500ms\"\n{extra}",
+        addr = cluster.addr,
+        work = work.display(),
+        ca = tls.ca_cert.display(),
+        cert = tls.cert.display(),
+        key = tls.key.display(),
+    );
+    let path = cluster.path(&format!("agent-{node}.toml"));
+    std::fs::write(&path, config).unwrap();
+    for owned in [&tls.key, &tls.cert, &path, &work] {
+        chown(owned, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(cluster.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    std::fs::set_permissions(cluster.path("pki"), std::fs::Permissions::from_mode(0o711)).unwrap();
+    path
+}
+
+/// A non-root agent isolates its jobs in user namespaces: a job cannot read the agent's key or
+/// config, nor signal it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_root_agents_job_cannot_read_its_key_or_config_nor_signal_it() {
+    let cluster = Cluster::start(TTL, &[]).await;
+    let config = unprivileged_agent_config(&cluster, "plain", "");
+    let log = std::fs::File::create(cluster.path("agent-plain.log")).unwrap();
+    let mut agent = std::process::Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups", crate::common::BIN, "agent", "--config"])
+        .arg(&config)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let pid = agent.id();
+    let mut admin = cluster.admin().await;
+    let key = cluster.path("pki/plain-key.pem");
+    let script = format!(
+        "! cat {key} && ! cat {config} && ! kill -0 {pid} && [ $(id -u) -ne 0 ] && echo contained",
+        key = key.display(),
+        config = config.display()
+    );
+    let id = crate::common::submit(&mut admin, &format!("name: snoop\ncommand: [sh, -c, '{script}']\n")).await;
+    let events = watch_to_end(&mut admin, &id).await;
+    let job = get(&mut admin, &id).await;
+    let log = cluster.agent_log("plain");
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert_eq!(job.state, "succeeded", "{events:?}\n{log}");
+    assert!(log.contains("unprivileged user namespaces"), "the agent says what it lacks without root:\n{log}");
+    let info = admin.get_agent(hybroker::proto::GetAgentRequest { agent_id: "lab/plain".into() }).await.unwrap();
+    assert_eq!(info.into_inner().inventory.unwrap().isolation, "userns");
+}
+
+/// Where no sandbox is possible (a non-root agent in a user namespace that may not make more),
+/// the agent refuses to start unless `isolation = "none"`; with it, it warns and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_cannot_sandbox_refuses_to_start_without_isolation_none() {
+    let cluster = Cluster::start(TTL, &[]).await;
+    // `unshare --user`, mapped by this (root) process, then max_user_namespaces = 0 in it, then
+    // the agent as an unprivileged user: a kernel that allows no user namespace, for real.
+    let run = |config: &Path, log: &Path| {
+        let script = format!(
+            "mkfifo {fifo} && (unshare --user sh -c 'read go < {fifo}; echo 0 > /proc/sys/user/max_user_namespaces && \
+             exec setpriv --reuid 65534 --regid 65534 --clear-groups {bin} agent --config {config}' & pid=$!; \
+             while [ \"$(readlink /proc/$pid/ns/user)\" = \"$(readlink /proc/self/ns/user)\" ]; do sleep 0.01; done; \
+             printf '0 0 1\\n65534 65534 1\\n' > /proc/$pid/uid_map && printf '0 0 1\\n65534 65534 1\\n' > /proc/$pid/gid_map \
+             && echo go > {fifo}; wait $pid)",
+            fifo = log.with_extension("fifo").display(),
+            bin = crate::common::BIN,
+            config = config.display(),
+        );
+        let log_file = std::fs::File::create(log).unwrap();
+        std::process::Command::new("sh")
+            .args(["-c", &script])
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .unwrap()
+    };
+    let config = unprivileged_agent_config(&cluster, "bare", "");
+    let log = cluster.path("agent-bare.log");
+    let status = run(&config, &log).wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "{text}");
+    assert!(text.contains("cannot sandbox attempts") && text.contains("isolation = \"none\""), "{text}");
+
+    let config = unprivileged_agent_config(&cluster, "bare", "[sandbox]\nisolation = \"none\"\n");
+    let mut agent = run(&config, &log);
+    let mut admin = cluster.admin().await;
+    let isolation = eventually("the agent to register", || {
+        let mut admin = admin.clone();
+        async move {
+            let info = admin.get_agent(hybroker::proto::GetAgentRequest { agent_id: "lab/bare".into() }).await.ok()?;
+            info.into_inner().inventory.map(|i| i.isolation)
+        }
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(agent.id() as i32), nix::sys::signal::Signal::SIGKILL);
+    for pid in crate::common::processes_with(&config.display().to_string()) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
+    let _ = agent.wait();
+    assert_eq!(isolation, "none");
+    assert!(text.contains("WARN") && text.contains("isolation = \"none\""), "{text}");
+    let _ = &mut admin;
+}
