@@ -302,15 +302,25 @@ async fn an_agent_that_cannot_sandbox_refuses_to_start_without_isolation_none() 
     // `unshare --user`, mapped by this (root) process, then max_user_namespaces = 0 in it, then
     // the agent as an unprivileged user: a kernel that allows no user namespace, for real.
     let run = |config: &Path, log: &Path| {
+        // Exec'd again once mapped, as root of the namespace, it may set the namespace's limit.
+        let inner = log.with_extension("sh");
+        std::fs::write(
+            &inner,
+            format!(
+                "echo 0 > /proc/sys/user/max_user_namespaces && \
+                 exec setpriv --reuid 65534 --regid 65534 --clear-groups {bin} agent --config {config}\n",
+                bin = crate::common::BIN,
+                config = config.display()
+            ),
+        )
+        .unwrap();
         let script = format!(
-            "mkfifo {fifo} && (unshare --user sh -c 'read go < {fifo}; echo 0 > /proc/sys/user/max_user_namespaces && \
-             exec setpriv --reuid 65534 --regid 65534 --clear-groups {bin} agent --config {config}' & pid=$!; \
+            "rm -f {fifo}; mkfifo {fifo} && (unshare --user sh -c 'read go < {fifo}; exec sh {inner}' & pid=$!; \
              while [ \"$(readlink /proc/$pid/ns/user)\" = \"$(readlink /proc/self/ns/user)\" ]; do sleep 0.01; done; \
              printf '0 0 1\\n65534 65534 1\\n' > /proc/$pid/uid_map && printf '0 0 1\\n65534 65534 1\\n' > /proc/$pid/gid_map \
              && echo go > {fifo}; wait $pid)",
             fifo = log.with_extension("fifo").display(),
-            bin = crate::common::BIN,
-            config = config.display(),
+            inner = inner.display(),
         );
         let log_file = std::fs::File::create(log).unwrap();
         std::process::Command::new("sh")
