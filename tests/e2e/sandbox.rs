@@ -358,3 +358,53 @@ async fn an_agent_that_cannot_sandbox_refuses_to_start_without_isolation_none() 
     assert!(text.contains("WARN") && text.contains("isolation = \"none\""), "{text}");
     let _ = &mut admin;
 }
+
+/// Devices: a job's private /dev holds only its own GPU's node, which it opens; the device cgroup
+/// built from the same rules refuses another attempt's node with EPERM (checked on the host's
+/// nodes, where no mount hides them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_opens_its_own_gpu_node_and_the_device_cgroup_refuses_anothers() {
+    use hybroker::agent::sandbox::cgroup::{CgroupRoot, Limits};
+    use hybroker::agent::sandbox::devices;
+    let extra = "[sandbox]\nsimulated_gpu_devices = [\"/dev/full\", \"/dev/kmsg\"]\n";
+    let cluster = Cluster::start_with(TTL, &[("node-a", "2xL4-24GB")], |_| Setup {
+        agent_extra: extra.into(),
+        ..Setup::default()
+    })
+    .await;
+    let mut admin = cluster.admin().await;
+    let script = "(exec 3>/dev/nvidia$CUDA_VISIBLE_DEVICES) && [ $(ls /dev | grep -c nvidia) -eq 1 ] \
+                  && ! (exec 4>/dev/kmsg) 2>/dev/null && ! (exec 4>/dev/full) 2>/dev/null";
+    let id = crate::common::submit(
+        &mut admin,
+        &format!("name: own-gpu\ncommand: [sh, -c, '{script}']\nresources: {{gpus: 1}}\n"),
+    )
+    .await;
+    let events = watch_to_end(&mut admin, &id).await;
+    assert_eq!(get(&mut admin, &id).await.state, "succeeded", "{events:?}\n{}", cluster.agent_log("node-a"));
+
+    // The gate itself: an attempt cgroup holding GPU 0 (/dev/full) only.
+    let root = CgroupRoot::detect(&marker("gate-test")).unwrap();
+    let cgroup =
+        root.create("attempt", &Limits::default(), &devices::rules([Path::new("/dev/full")].into_iter())).unwrap();
+    let mut open = std::process::Command::new("sh");
+    open.args(["-c", "(exec 3>/dev/full) || exit 10; (exec 4>/dev/kmsg) || exit 20"]);
+    hybroker::agent::sandbox::join_before_exec(&mut open, cgroup.join_fds().unwrap());
+    let out = open.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(20), "its own node opens, the other does not: {stderr}");
+    assert!(stderr.contains("Operation not permitted"), "EPERM from the device cgroup: {stderr}");
+    cgroup.remove().unwrap();
+}
+
+/// Attempts cannot reach the cloud's instance-metadata address: the sandbox's rule refuses the
+/// connect with EPERM (without it, the connect would time out or be unreachable here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cannot_reach_the_instance_metadata_address() {
+    let cluster = Cluster::start(TTL, &[("node-a", "")]).await;
+    let mut admin = cluster.admin().await;
+    let script = "timeout 10 bash -c \"exec 3<>/dev/tcp/169.254.169.254/80\" 2>&1 | grep \"Operation not permitted\"";
+    let id = crate::common::submit(&mut admin, &format!("name: metadata\ncommand: [sh, -c, '{script}']\n")).await;
+    let events = watch_to_end(&mut admin, &id).await;
+    assert_eq!(get(&mut admin, &id).await.state, "succeeded", "{events:?}\n{}", cluster.agent_log("node-a"));
+}
