@@ -34,12 +34,10 @@ pub fn build(spec: &InitSpec) -> Result<(), String> {
     for hidden in &spec.hide {
         hide(&inside(hidden), &inside(Path::new("/dev/null")))?;
     }
-    expose_work_dir(spec, root)?;
-    for path in &spec.read_write {
-        let target = inside(path);
-        if path.exists() && target.exists() {
-            bind_writable(path, &target)?;
-        }
+    let per_attempt_uid = spec.user.is_some();
+    expose(&spec.work_dir, root, per_attempt_uid)?;
+    for path in spec.read_write.iter().filter(|p| p.is_dir()) {
+        expose(path, root, per_attempt_uid)?;
     }
     enter(root)
 }
@@ -182,29 +180,28 @@ fn hide(target: &Path, null: &Path) -> Result<(), String> {
     mount(NONE, target, NONE, flags, NONE).map_err(|e| format!("hide {}: {e}", target.display()))
 }
 
-/// Binds the work directory read-write at its own path. Its ancestors must be traversable by
-/// the job: one that is not (a 0700 temporary directory, `/root`) gets an empty tmpfs in its
-/// place, and the path is made again in it; the work root, hidden, is such a tmpfs already.
-fn expose_work_dir(spec: &InitSpec, root: &Path) -> Result<(), String> {
-    let work = &spec.work_dir;
-    let mut inside = root.to_path_buf();
-    let ancestors: Vec<&Path> = work.ancestors().skip(1).collect();
+/// Binds a host directory (the work directory, an operator's `read_write` path) read-write at
+/// its own path. Its ancestors must be traversable by the job: one that is not (a 0700 temporary
+/// directory, `/root`) gets an empty tmpfs in its place, and the path is made again in it; so do
+/// paths under a tmpfs made earlier (the private `/tmp`, the hidden work root).
+fn expose(dir: &Path, root: &Path, per_attempt_uid: bool) -> Result<(), String> {
+    let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
+    let ancestors: Vec<&Path> = dir.ancestors().skip(1).collect();
     for ancestor in ancestors.iter().rev().skip(1) {
-        inside = root.join(ancestor.strip_prefix("/").unwrap_or(ancestor));
-        match std::fs::metadata(&inside) {
-            Err(_) => mkdir(&inside)?,
-            Ok(m) if spec.user.is_some() && m.mode() & 0o001 == 0 => {
-                tmpfs(&inside, "mode=0755,size=16k", MsFlags::MS_NOEXEC)?;
+        let target = inside(ancestor);
+        match std::fs::metadata(&target) {
+            Err(_) => mkdir(&target)?,
+            Ok(m) if per_attempt_uid && m.mode() & 0o001 == 0 => {
+                tmpfs(&target, "mode=0755,size=16k", MsFlags::MS_NOEXEC)?;
             }
             Ok(_) => {}
         }
     }
-    let target = root.join(work.strip_prefix("/").unwrap_or(work));
+    let target = inside(dir);
     if std::fs::metadata(&target).is_err() {
         mkdir(&target)?;
     }
-    let _ = inside;
-    bind_writable(work, &target)
+    bind_writable(dir, &target)
 }
 
 fn bind_writable(source: &Path, target: &Path) -> Result<(), String> {
