@@ -408,3 +408,73 @@ async fn a_job_cannot_reach_the_instance_metadata_address() {
     let events = watch_to_end(&mut admin, &id).await;
     assert_eq!(get(&mut admin, &id).await.state, "succeeded", "{events:?}\n{}", cluster.agent_log("node-a"));
 }
+
+/// Benchmark (not a test; `cargo test --release --test e2e sandbox_overhead -- --ignored
+/// --nocapture`): 1,000 `true` jobs through the executor without and with the sandbox (UID claim,
+/// cgroup, namespaces, mounts, teardown); prints p50/p99 of each and their difference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: run it on purpose"]
+async fn sandbox_overhead() {
+    use hybroker::agent::executor::{self, Launch, SandboxLaunch};
+    use hybroker::agent::sandbox::{AttemptResources, Sandbox, SandboxOptions};
+    const RUNS: usize = 1000;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("work");
+    std::fs::create_dir_all(&root).unwrap();
+    let sandbox = Sandbox::start(SandboxOptions {
+        settings: Default::default(),
+        work_root: root.clone(),
+        hide: Vec::new(),
+        agent: marker("bench"),
+        init_program: crate::common::BIN.into(),
+    })
+    .unwrap();
+    let launch = |i: usize| Launch {
+        job_id: format!("job-{i}"),
+        attempt: 1,
+        command: vec!["true".into()],
+        env: Default::default(),
+        cuda_visible_devices: String::new(),
+        max_runtime: Duration::from_secs(60),
+        work_dir: root.join(format!("job-{i}")).join("attempt-1"),
+        run_as: None,
+        grace: Duration::from_secs(1),
+        sandbox: None,
+    };
+    let (_cancel_tx, cancel) = tokio::sync::watch::channel(false);
+    let mut plain = Vec::with_capacity(RUNS);
+    let mut sandboxed = Vec::with_capacity(RUNS);
+    for i in 0..RUNS {
+        let (tx, _rx) = tokio::sync::mpsc::channel(64);
+        let started = std::time::Instant::now();
+        let outcome = executor::run(launch(i), tx, cancel.clone()).await;
+        plain.push(started.elapsed());
+        assert!(outcome.succeeded(), "{outcome:?}");
+        let _ = std::fs::remove_dir_all(root.join(format!("job-{i}")));
+
+        let (tx, _rx) = tokio::sync::mpsc::channel(64);
+        let started = std::time::Instant::now();
+        let mut l = launch(i);
+        let mut attempt =
+            sandbox.begin(&l.job_id, 1, &l.work_dir, AttemptResources { cpus: 1, memory_gib: 1 }, vec![]).unwrap();
+        l.sandbox = Some(SandboxLaunch {
+            init_program: crate::common::BIN.into(),
+            spec: attempt.spec.clone(),
+            join_fds: std::sync::Arc::new(attempt.join_fds().unwrap()),
+        });
+        let outcome = executor::run(l, tx, cancel.clone()).await;
+        let outcome = attempt.after_process(outcome);
+        attempt.finish(outcome.succeeded());
+        sandboxed.push(started.elapsed());
+        assert!(outcome.succeeded(), "{outcome:?}");
+        let _ = std::fs::remove_dir_all(root.join(format!("job-{i}")));
+    }
+    let pct = |v: &mut Vec<Duration>, p: f64| {
+        v.sort_unstable();
+        v[((v.len() as f64 * p) as usize).min(v.len() - 1)].as_secs_f64() * 1000.0
+    };
+    let (p50, p99) = (pct(&mut plain, 0.5), pct(&mut plain, 0.99));
+    let (s50, s99) = (pct(&mut sandboxed, 0.5), pct(&mut sandboxed, 0.99));
+    println!("{RUNS} `true` jobs: plain p50 {p50:.1} ms p99 {p99:.1} ms; sandboxed p50 {s50:.1} ms p99 {s99:.1} ms");
+    println!("sandbox setup + teardown overhead: p50 {:.1} ms, p99 {:.1} ms", s50 - p50, s99 - p99);
+}

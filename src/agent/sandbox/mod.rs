@@ -396,3 +396,41 @@ impl AttemptSandbox {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sandbox(settings: SandboxSection) -> Sandbox {
+        let options = SandboxOptions {
+            settings,
+            work_root: "/var/lib/hybroker/work".into(),
+            hide: Vec::new(),
+            agent: "node-a".into(),
+            init_program: "hybroker".into(),
+        };
+        Sandbox { isolation: Isolation::Sandbox, options, uids: None, cgroups: None }
+    }
+
+    #[test]
+    fn limits_are_the_jobs_resources_within_the_operators_maxima() {
+        let open = sandbox(SandboxSection::default());
+        let limits = open.limits(AttemptResources { cpus: 2, memory_gib: 3 });
+        assert_eq!(limits.memory_bytes, Some(3 << 30));
+        assert_eq!(limits.cpu_millis, Some(2000));
+        assert_eq!(limits.pids, Some(4096));
+        let capped = sandbox(SandboxSection { max_memory_mib: 512, max_cpus: 1, pids: 64, ..Default::default() });
+        let limits = capped.limits(AttemptResources { cpus: 4, memory_gib: 3 });
+        assert_eq!((limits.memory_bytes, limits.cpu_millis, limits.pids), (Some(512 << 20), Some(1000), Some(64)));
+        let unasked = capped.limits(AttemptResources::default());
+        assert_eq!(unasked.memory_bytes, Some(512 << 20), "no memory asked: the operator's maximum");
+    }
+
+    #[test]
+    fn cgroup_subtrees_differ_by_work_root_and_stay_put_across_restarts() {
+        let a = subtree_name("node-a", Path::new("/tmp/one/work-node-a"));
+        assert_eq!(a, subtree_name("node-a", Path::new("/tmp/one/work-node-a")));
+        assert_ne!(a, subtree_name("node-a", Path::new("/tmp/two/work-node-a")));
+        assert!(a.starts_with("node-a-") && !a.contains('/'), "{a}");
+    }
+}
