@@ -444,6 +444,7 @@ async fn sandbox_overhead() {
     let (_cancel_tx, cancel) = tokio::sync::watch::channel(false);
     let mut plain = Vec::with_capacity(RUNS);
     let mut sandboxed = Vec::with_capacity(RUNS);
+    let mut phases: [Vec<Duration>; 3] = Default::default();
     for i in 0..RUNS {
         let (tx, _rx) = tokio::sync::mpsc::channel(64);
         let started = std::time::Instant::now();
@@ -462,10 +463,15 @@ async fn sandbox_overhead() {
             spec: attempt.spec.clone(),
             join_fds: std::sync::Arc::new(attempt.join_fds().unwrap()),
         });
+        let begun = started.elapsed();
         let outcome = executor::run(l, tx, cancel.clone()).await;
+        let ran = started.elapsed();
         let outcome = attempt.after_process(outcome);
         attempt.finish(outcome.succeeded());
         sandboxed.push(started.elapsed());
+        phases[0].push(begun);
+        phases[1].push(ran - begun);
+        phases[2].push(started.elapsed() - ran);
         assert!(outcome.succeeded(), "{outcome:?}");
         let _ = std::fs::remove_dir_all(root.join(format!("job-{i}")));
     }
@@ -477,4 +483,9 @@ async fn sandbox_overhead() {
     let (s50, s99) = (pct(&mut sandboxed, 0.5), pct(&mut sandboxed, 0.99));
     println!("{RUNS} `true` jobs: plain p50 {p50:.1} ms p99 {p99:.1} ms; sandboxed p50 {s50:.1} ms p99 {s99:.1} ms");
     println!("sandbox setup + teardown overhead: p50 {:.1} ms, p99 {:.1} ms", s50 - p50, s99 - p99);
+    for (name, phase) in
+        ["begin (uid, work dir, cgroup)", "run (sandbox-init, job)", "end (kill, remove)"].iter().zip(&mut phases)
+    {
+        println!("  {name}: p50 {:.1} ms, p99 {:.1} ms", pct(phase, 0.5), pct(phase, 0.99));
+    }
 }
