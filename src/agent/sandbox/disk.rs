@@ -31,8 +31,8 @@ impl DiskCap {
     /// allocation, a write's remainder), so "full" is less than 1 MiB or 2 % left.
     pub fn is_full(&self) -> bool {
         nix::sys::statvfs::statvfs(&self.mount_point).is_ok_and(|s| {
-            let block = s.fragment_size() as u64;
-            let (left, total) = (s.blocks_available() as u64 * block, s.blocks() as u64 * block);
+            let block = s.fragment_size();
+            let (left, total) = (s.blocks_available() * block, s.blocks() * block);
             left < (1 << 20).max(total / 50)
         })
     }
