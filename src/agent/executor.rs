@@ -1,11 +1,13 @@
 //! Runs one attempt's process.
 //!
-//! The process gets its own process group, a clean environment, a private work directory and,
-//! when the agent runs as root, an unprivileged user. Its stdout and stderr are appended to
+//! The process gets its own process group, a clean environment and a private work directory. In a
+//! sandbox ([`SandboxLaunch`]) it is `hybroker sandbox-init`, which joins the attempt's cgroup
+//! before exec and runs the job in its namespaces as the attempt's UID (the caller kills the whole
+//! cgroup afterwards, so nothing escapes, `setsid` included); without one (`isolation = "none"`)
+//! it is the job itself, as `run_as` when the agent is root. Its stdout and stderr are appended to
 //! `<work_dir>/output.log` and streamed to the caller. On max runtime or cancel the whole group
 //! gets SIGTERM, then SIGKILL after a grace period; when the attempt ends, whatever is left of
-//! the group is killed, so background children cannot outlive it (a process that leaves the
-//! group with `setsid` escapes this; containing that needs cgroups).
+//! the group is killed.
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;

@@ -107,7 +107,11 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + Send)
     // Attempts of a killed predecessor would hold GPUs the broker now gives to others.
     executor::kill_leftovers(&config.agent.work_dir);
     if let Some(user) = &config.agent.run_as {
-        tracing::warn!(user, "agent.run_as is deprecated and ignored: attempts run sandboxed (see [sandbox])");
+        tracing::warn!(
+            user,
+            "agent.run_as is deprecated: attempts run as per-attempt UIDs from sandbox.uid_range; it applies only \
+             with isolation = \"none\""
+        );
     }
     let sandbox = start_sandbox(&config, &identity.name)?;
     let (events, mut event_rx) = mpsc::channel(1024);
@@ -237,7 +241,7 @@ impl Agent {
             cuda_visible_devices,
             max_runtime: Duration::from_millis(a.max_runtime_ms),
             work_dir,
-            run_as: self.config.agent.run_as.clone(),
+            run_as: self.config.agent.run_as.clone().filter(|_| self.sandbox.init_program().is_none()),
             grace: executor::DEFAULT_GRACE,
             sandbox: None,
         };
