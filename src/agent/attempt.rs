@@ -109,10 +109,12 @@ async fn sandboxed(
         let nodes = devices::attempt_nodes(&gpu_nodes);
         let attempt = sandbox.begin(&job_id, number, &dir, resources, nodes)?;
         let fds = attempt.join_fds()?;
+        let claim = attempt.claim_fd()?.map(Arc::new);
         let init = sandbox.init_program().map(|p| SandboxLaunch {
             init_program: p.to_owned(),
             spec: attempt.spec.clone(),
             join_fds: Arc::new(fds),
+            claim,
         });
         Ok::<_, String>((attempt, init))
     })

@@ -89,6 +89,8 @@ pub struct SandboxLaunch {
     pub spec: InitSpec,
     /// `cgroup.procs` of the attempt's cgroup: the child writes `0` to each before exec.
     pub join_fds: Arc<Vec<OwnedFd>>,
+    /// The attempt's UID claim, inherited by the init (which holds it as long as the attempt lives).
+    pub claim: Option<Arc<OwnedFd>>,
 }
 
 /// How an attempt's process ended.
@@ -422,18 +424,22 @@ fn sandboxed_command(
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .env_clear();
-    let fds = sandbox.join_fds.clone();
-    if !fds.is_empty() {
-        // SAFETY: between fork and exec the closure only calls write(2) on descriptors opened
-        // before the fork.
-        unsafe {
-            command.pre_exec(move || {
-                for fd in fds.iter() {
-                    nix::unistd::write(fd, b"0")?;
+    let (fds, claim) = (sandbox.join_fds.clone(), sandbox.claim.clone());
+    // SAFETY: between fork and exec the closure only calls write(2) and fcntl(2) on descriptors
+    // opened before the fork.
+    unsafe {
+        command.pre_exec(move || {
+            for fd in fds.iter() {
+                nix::unistd::write(fd, b"0")?;
+            }
+            if let Some(claim) = &claim {
+                use std::os::fd::AsRawFd;
+                if nix::libc::fcntl(claim.as_raw_fd(), nix::libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
                 }
-                Ok(())
-            });
-        }
+            }
+            Ok(())
+        });
     }
     Ok(Prepared { command, log, error_file: Some(spec.error_file) })
 }

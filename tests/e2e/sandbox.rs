@@ -462,6 +462,7 @@ async fn sandbox_overhead() {
             init_program: crate::common::BIN.into(),
             spec: attempt.spec.clone(),
             join_fds: std::sync::Arc::new(attempt.join_fds().unwrap()),
+            claim: attempt.claim_fd().unwrap().map(std::sync::Arc::new),
         });
         let begun = started.elapsed();
         let outcome = executor::run(l, tx, cancel.clone()).await;
@@ -488,4 +489,38 @@ async fn sandbox_overhead() {
     {
         println!("  {name}: p50 {:.1} ms, p99 {:.1} ms", pct(phase, 0.5), pct(phase, 0.99));
     }
+}
+
+/// After `kill -9`, the attempt keeps its UID claimed (its sandbox's init holds the claim) and a
+/// restarted agent starts clean: the attempt killed, its disk cap unmounted, its work directory
+/// removed, its UID free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_starts_clean_after_kill_9() {
+    let extra = "[sandbox]\ndisk_mib = 16\n";
+    let mut cluster = Cluster::start_with(Duration::from_secs(30), &[("node-a", "")], |_| Setup {
+        agent_extra: extra.into(),
+        ..Setup::default()
+    })
+    .await;
+    let mut admin = cluster.admin().await;
+    let mark = marker("leftover");
+    let id =
+        crate::common::submit(&mut admin, &format!("name: leftover\ncommand: [sh, -c, 'sleep 60; :', {mark}]\n")).await;
+    let pid = eventually("the job to run", || async { processes_with(&mark).first().copied() }).await;
+    let uid = uid_of(pid);
+    let dir = cluster.work_dir("node-a").join(&id).join("attempt-1");
+    let mounted = || std::fs::read_to_string("/proc/self/mountinfo").unwrap().contains(&dir.display().to_string());
+    assert!(mounted(), "the disk cap is mounted on the work directory");
+    let claim = Path::new("/run/hybroker/uids").join(uid.to_string());
+    let claimed = || std::fs::File::open(&claim).unwrap().try_lock().is_err();
+    cluster.kill_agent("node-a");
+    assert!(
+        crate::common::alive(nix::unistd::Pid::from_raw(pid)) && claimed(),
+        "the attempt and its claim outlive the agent"
+    );
+    cluster.start_agent("node-a", "");
+    eventually("the restarted agent to clear what is left", || async {
+        (processes_with(&mark).is_empty() && !mounted() && !dir.exists() && !claimed()).then_some(())
+    })
+    .await;
 }

@@ -32,6 +32,8 @@ use super::spec::{InitSpec, SETUP_FAILED, USERNS_ID};
 
 /// Runs the init for the spec at `spec_path`; never returns.
 pub fn main(spec_path: &Path) -> ! {
+    // Descriptors the agent passed down (the UID claim) stay with the inits, not the job.
+    close_on_exec_above_stderr();
     let spec = match InitSpec::take(spec_path) {
         Ok(spec) => spec,
         Err(e) => {
@@ -99,6 +101,20 @@ pub fn main(spec_path: &Path) -> ! {
                 },
             }
         }
+    }
+}
+
+fn close_on_exec_above_stderr() {
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: fcntl on a descriptor number; a stale one (the directory's own) gives EBADF.
+        unsafe { nix::libc::fcntl(fd, nix::libc::F_SETFD, nix::libc::FD_CLOEXEC) };
     }
 }
 

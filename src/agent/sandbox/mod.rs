@@ -336,6 +336,11 @@ impl AttemptSandbox {
         self.claim.as_ref().map(|c| (c.uid, c.uid))
     }
 
+    /// A descriptor of the UID claim for the sandbox's init to hold (see [`UidClaim::share`]).
+    pub fn claim_fd(&self) -> Result<Option<OwnedFd>, String> {
+        self.claim.as_ref().map(|c| c.share().map_err(|e| format!("uid claim: {e}"))).transpose()
+    }
+
     /// Descriptors the child writes `0` to, to join the attempt's cgroup.
     pub fn join_fds(&self) -> Result<Vec<OwnedFd>, String> {
         match &self.cgroup {

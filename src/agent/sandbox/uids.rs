@@ -109,6 +109,14 @@ impl UidPool {
 }
 
 impl UidClaim {
+    /// Another descriptor of the claim's locked file: the lock lasts while any is open. The
+    /// sandbox's init inherits one, so a UID stays claimed as long as the attempt's processes
+    /// live, even when the agent is killed before it can end them.
+    pub fn share(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        self.file.as_fd().try_clone_to_owned()
+    }
+
     /// Records that `dir`, owned by this UID, is kept until `for_` from now: the UID is not
     /// reused before the directory is removed.
     pub fn keep(&mut self, dir: &Path, for_: Duration) {
