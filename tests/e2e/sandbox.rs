@@ -418,6 +418,10 @@ async fn sandbox_overhead() {
     use hybroker::agent::executor::{self, Launch, SandboxLaunch};
     use hybroker::agent::sandbox::{AttemptResources, Sandbox, SandboxOptions};
     const RUNS: usize = 1000;
+    // The init binary: this build's, or another (a release build) named in HYBROKER_BENCH_INIT.
+    let init: std::path::PathBuf =
+        std::env::var_os("HYBROKER_BENCH_INIT").map_or(crate::common::BIN.into(), Into::into);
+    println!("sandbox-init: {}", init.display());
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("work");
     std::fs::create_dir_all(&root).unwrap();
@@ -426,7 +430,7 @@ async fn sandbox_overhead() {
         work_root: root.clone(),
         hide: Vec::new(),
         agent: marker("bench"),
-        init_program: crate::common::BIN.into(),
+        init_program: init.clone(),
     })
     .unwrap();
     let launch = |i: usize| Launch {
@@ -459,7 +463,7 @@ async fn sandbox_overhead() {
         let mut attempt =
             sandbox.begin(&l.job_id, 1, &l.work_dir, AttemptResources { cpus: 1, memory_gib: 1 }, vec![]).unwrap();
         l.sandbox = Some(SandboxLaunch {
-            init_program: crate::common::BIN.into(),
+            init_program: init.clone(),
             spec: attempt.spec.clone(),
             join_fds: std::sync::Arc::new(attempt.join_fds().unwrap()),
             claim: attempt.claim_fd().unwrap().map(std::sync::Arc::new),
@@ -523,4 +527,20 @@ async fn a_restarted_agent_starts_clean_after_kill_9() {
         (processes_with(&mark).is_empty() && !mounted() && !dir.exists() && !claimed()).then_some(())
     })
     .await;
+}
+
+/// `network = "private"`: the job has only its own loopback; the broker's port, reachable from
+/// the host, is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_network_reaches_nothing_outside() {
+    let extra = "[sandbox]\nnetwork = \"private\"\n";
+    let cluster =
+        Cluster::start_with(TTL, &[("node-a", "")], |_| Setup { agent_extra: extra.into(), ..Setup::default() }).await;
+    let mut admin = cluster.admin().await;
+    let port = cluster.addr.port();
+    let script = format!("! timeout 5 bash -c \"exec 3<>/dev/tcp/127.0.0.1/{port}\"");
+    let id = crate::common::submit(&mut admin, &format!("name: offline\ncommand: [sh, -c, '{script}']\n")).await;
+    let events = watch_to_end(&mut admin, &id).await;
+    assert_eq!(get(&mut admin, &id).await.state, "succeeded", "{events:?}\n{}", cluster.agent_log("node-a"));
+    assert!(std::net::TcpStream::connect(cluster.addr).is_ok(), "the port is open on the host");
 }
