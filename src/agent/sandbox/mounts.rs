@@ -176,7 +176,10 @@ fn hide(target: &Path, null: &Path) -> Result<(), String> {
         return tmpfs(target, "mode=0755,size=16k", MsFlags::MS_NOEXEC);
     }
     mount(Some(null), target, NONE, MsFlags::MS_BIND, NONE).map_err(|e| format!("hide {}: {e}", target.display()))?;
-    let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | nosuid_nodev() | MsFlags::MS_NOEXEC;
+    // The flags it has are repeated: in a user namespace they are locked.
+    let kept = statvfs(target).map(|s| kept_flags(s.flags())).unwrap_or(MsFlags::empty());
+    let flags =
+        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | nosuid_nodev() | MsFlags::MS_NOEXEC | kept;
     mount(NONE, target, NONE, flags, NONE).map_err(|e| format!("hide {}: {e}", target.display()))
 }
 
