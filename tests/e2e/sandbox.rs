@@ -544,3 +544,27 @@ async fn a_private_network_reaches_nothing_outside() {
     assert_eq!(get(&mut admin, &id).await.state, "succeeded", "{events:?}\n{}", cluster.agent_log("node-a"));
     assert!(std::net::TcpStream::connect(cluster.addr).is_ok(), "the port is open on the host");
 }
+
+/// `keep_failed`: a failed attempt's work directory stays, still owned by its UID, and the UID's
+/// claim names it (so the UID is not reused while it is there); a successful one's goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_attempts_work_directory_is_kept_with_its_uid_reserved() {
+    use std::os::unix::fs::MetadataExt;
+    let extra = "[sandbox]\nkeep_failed = \"1h\"\n";
+    let cluster =
+        Cluster::start_with(TTL, &[("node-a", "")], |_| Setup { agent_extra: extra.into(), ..Setup::default() }).await;
+    let mut admin = cluster.admin().await;
+    let failed =
+        crate::common::submit(&mut admin, "name: failing\ncommand: [sh, -c, 'echo partial > f; exit 3']\n").await;
+    let ok = crate::common::submit(&mut admin, "name: passing\ncommand: [sh, -c, 'echo done > f']\n").await;
+    watch_to_end(&mut admin, &failed).await;
+    watch_to_end(&mut admin, &ok).await;
+    let kept = cluster.work_dir("node-a").join(&failed).join("attempt-1");
+    let gone = cluster.work_dir("node-a").join(&ok).join("attempt-1");
+    eventually("the successful attempt's directory to go", || async { (!gone.exists()).then_some(()) }).await;
+    let uid = std::fs::metadata(&kept).unwrap().uid();
+    assert!((2_000_000..=2_065_535).contains(&uid), "kept, owned by the attempt's uid {uid}");
+    assert_eq!(std::fs::read_to_string(kept.join("f")).unwrap(), "partial\n");
+    let claim = std::fs::read_to_string(Path::new("/run/hybroker/uids").join(uid.to_string())).unwrap();
+    assert!(claim.ends_with(&kept.display().to_string()), "the uid's claim names the kept directory: {claim}");
+}
