@@ -151,16 +151,17 @@ async fn a_job_filling_its_disk_cap_fails_with_that_reason() {
 async fn two_agents_on_one_host_never_share_a_uid() {
     let cluster = Cluster::start(TTL, &[("node-a", ""), ("node-b", "")]).await;
     let mut admin = cluster.admin().await;
-    let mark = marker("uid");
-    // Five of an agent's eight CPUs each: one such job per agent at a time.
-    let yaml = format!("name: holder\ncommand: [sh, -c, 'sleep 60', {mark}]\nresources: {{cpus: 5}}\n");
+    // One marker per job: every process of a job runs as that job's UID.
+    let marks = [marker("uid"), marker("uid")];
     let mut ids = Vec::new();
-    for _ in 0..2 {
+    for mark in &marks {
+        // Five of an agent's eight CPUs each: one such job per agent at a time.
+        let yaml = format!("name: holder\ncommand: [sh, -c, 'sleep 60; :', {mark}]\nresources: {{cpus: 5}}\n");
         ids.push(crate::common::submit(&mut admin, &yaml).await);
     }
-    let uids = eventually("two attempts running", || async {
-        let pids = processes_with(&mark);
-        (pids.len() == 2).then(|| pids.iter().map(|p| uid_of(*p)).collect::<Vec<u32>>())
+    let uids = eventually("both attempts running", || async {
+        let firsts: Vec<i32> = marks.iter().filter_map(|m| processes_with(m).first().copied()).collect();
+        (firsts.len() == 2).then(|| firsts.iter().map(|p| uid_of(*p)).collect::<Vec<u32>>())
     })
     .await;
     let agents: std::collections::BTreeSet<String> = futures_agents(&mut admin, &ids).await.into_iter().collect();
