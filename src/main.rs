@@ -75,11 +75,15 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    // Before any thread exists: the init unshares namespaces and forks.
-    if let Command::SandboxInit { spec } = &cli.command {
-        agent::sandbox::init::main(spec);
+    // Before any thread exists (the init unshares namespaces and forks), and before parsing the
+    // whole command line: it runs once per attempt.
+    let mut args = std::env::args_os().skip(1);
+    if let (Some(command), Some(spec), None) = (args.next(), args.next(), args.next())
+        && command == "sandbox-init"
+    {
+        agent::sandbox::init::main(std::path::Path::new(&spec));
     }
+    let cli = Cli::parse();
     let format = cli.log_format;
     tls::install_crypto_provider();
     let runtime = tokio::runtime::Runtime::new()?;
@@ -156,7 +160,9 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
-            Command::SandboxInit { .. } => unreachable!("sandbox-init runs before the runtime"),
+            Command::SandboxInit { .. } => {
+                anyhow::bail!("sandbox-init is run by the agent only, as `hybroker sandbox-init <spec>`")
+            }
         }
     })
 }
