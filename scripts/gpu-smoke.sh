@@ -102,7 +102,8 @@ dt = time.perf_counter() - t0
 print(f"bf16 matmul {n}x{n}: {2 * n**3 * iters / dt / 1e12:.1f} TFLOP/s, checksum {c.float().abs().mean().item():.3f}")
 EOF
 if python3 -c 'import torch' 2>/dev/null; then
-  cmd="[\"python3\", \"$work/matmul.py\"]"
+  # Inline: the job's sandbox has its own /tmp, where this script's files are not.
+  cmd=$(python3 -c 'import json, sys; print(json.dumps(["python3", "-c", open(sys.argv[1]).read()]))' matmul.py)
 else
   echo "(PyTorch not found: the job runs nvidia-smi instead)"
   cmd='["nvidia-smi", "--query-gpu=name,uuid,memory.total,temperature.gpu", "--format=csv"]'
@@ -123,6 +124,20 @@ status=0
 "${admin[@]}" submit job.yaml --wait || status=$?
 echo
 echo "== job output"
+"${admin[@]}" logs "$("${admin[@]}" list --limit 1 | awk 'NR==2 {print $1}')"
+
+# The device gate: a job without GPUs must not open any GPU's node, even the first one.
+cat > nogpu.yaml <<'EOF'
+name: gpu-smoke-no-gpu
+command: [sh, -c, 'if (exec 3<>/dev/nvidia0) 2>/dev/null; then echo "opened /dev/nvidia0 without a GPU"; exit 1; fi; echo "/dev/nvidia0 refused to a gpus: 0 job"']
+resources:
+  gpus: 0
+max_runtime: 1m
+max_attempts: 1
+EOF
+echo
+echo "== a gpus: 0 job cannot open /dev/nvidia0"
+"${admin[@]}" submit nogpu.yaml --wait || { echo "a gpus: 0 job opened /dev/nvidia0"; status=1; }
 "${admin[@]}" logs "$("${admin[@]}" list --limit 1 | awk 'NR==2 {print $1}')"
 echo
 if (( status == 0 )); then echo "gpu smoke test PASSED in ${SECONDS}s"; else echo "gpu smoke test FAILED"; tail -20 agent.log; fi

@@ -787,12 +787,18 @@ pub struct AgentConfig {
     pub reconnect: ReconnectSection,
     #[serde(default)]
     pub staging: AgentStagingSection,
+    /// `[sandbox]`: how attempts are isolated from each other and from the node.
+    #[serde(default)]
+    pub sandbox: SandboxSection,
     /// `[metrics]`: Prometheus `/metrics` (off unless `listen` is set).
     #[serde(default)]
     pub metrics: crate::metrics::MetricsSection,
     /// `[telemetry]`: OpenTelemetry trace export (off unless an endpoint is configured).
     #[serde(default)]
     pub telemetry: crate::telemetry::TelemetrySection,
+    /// The file this was loaded from (hidden from jobs); not a key.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// How the agent moves job data (through the presigned URLs the broker hands it).
@@ -869,7 +875,8 @@ pub struct AgentSection {
     pub broker_server_name: Option<String>,
     /// Per-attempt work directories are made under this directory.
     pub work_dir: PathBuf,
-    /// When the agent runs as root, jobs run as this unprivileged user.
+    /// Deprecated: attempts run as per-attempt UIDs from `sandbox.uid_range`. Still accepted (and
+    /// ignored with a WARN at start) so old configs load.
     #[serde(default)]
     pub run_as: Option<String>,
     /// Simulated GPUs for tests and demos, e.g. `4xH100-80GB,2xL4-24GB` (marked simulated everywhere).
@@ -884,6 +891,148 @@ pub struct AgentSection {
     /// Free-form labels reported with the inventory.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+}
+
+/// `[sandbox]`: the per-attempt sandbox (namespaces, a per-attempt UID, a cgroup, a device gate).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxSection {
+    /// `auto`: the full sandbox as root, else unprivileged user namespaces; the agent refuses to
+    /// start when neither works. `none`: no isolation (the node must be dedicated to one tenant).
+    #[serde(default)]
+    pub isolation: IsolationSetting,
+    /// UIDs (and GIDs) for attempts, `"first-last"`, claimed host-wide one per live attempt.
+    #[serde(default = "default_uid_range")]
+    pub uid_range: String,
+    /// Where UID claims (one locked file per UID) are kept, shared by every agent on the host.
+    #[serde(default = "default_uid_lock_dir")]
+    pub uid_lock_dir: PathBuf,
+    /// `host`: the host's network except 169.254.169.254; `private`: an empty network namespace.
+    #[serde(default)]
+    pub network: SandboxNetwork,
+    /// Memory limit when a job's `memory_gib` is 0, and the most any job gets (MiB; 0 = none).
+    #[serde(default)]
+    pub max_memory_mib: u64,
+    /// The most CPUs any job gets (0 = none; a job gets its `cpus`).
+    #[serde(default)]
+    pub max_cpus: u32,
+    /// Processes (and threads) per attempt.
+    #[serde(default = "default_pids")]
+    pub pids: u64,
+    /// Size of the attempt's private `/tmp` and `/dev/shm` (MiB, each; charged to its memory).
+    #[serde(default = "default_tmp_mib")]
+    pub tmp_mib: u64,
+    /// A cap on each attempt's work directory (MiB; 0 = none): a sparse ext4 image per attempt.
+    #[serde(default)]
+    pub disk_mib: u64,
+    /// How long a failed attempt's work directory is kept (still owned by its UID, which is not
+    /// reused meanwhile); `0s` removes it at once, like a successful one's.
+    #[serde(default = "default_keep_failed")]
+    pub keep_failed: HumanDuration,
+    /// Extra host paths hidden from attempts (an empty directory or file in their place).
+    #[serde(default)]
+    pub hide: Vec<PathBuf>,
+    /// Extra host paths attempts may write (everything else of the host is read-only).
+    #[serde(default)]
+    pub read_write: Vec<PathBuf>,
+    /// Device nodes standing in for simulated GPUs, by index (tests and demos):
+    /// `["/dev/full", "/dev/kmsg"]` gives simulated GPU 0 the node 1:7, GPU 1 the node 1:11.
+    #[serde(default)]
+    pub simulated_gpu_devices: Vec<PathBuf>,
+}
+
+/// `sandbox.isolation`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IsolationSetting {
+    #[default]
+    Auto,
+    None,
+}
+
+/// `sandbox.network`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxNetwork {
+    #[default]
+    Host,
+    Private,
+}
+
+fn default_uid_range() -> String {
+    "2000000-2065535".into()
+}
+
+fn default_uid_lock_dir() -> PathBuf {
+    "/run/hybroker/uids".into()
+}
+
+fn default_pids() -> u64 {
+    4096
+}
+
+fn default_tmp_mib() -> u64 {
+    1024
+}
+
+fn default_keep_failed() -> HumanDuration {
+    Duration::ZERO.into()
+}
+
+impl Default for SandboxSection {
+    fn default() -> Self {
+        Self {
+            isolation: IsolationSetting::Auto,
+            uid_range: default_uid_range(),
+            uid_lock_dir: default_uid_lock_dir(),
+            network: SandboxNetwork::Host,
+            max_memory_mib: 0,
+            max_cpus: 0,
+            pids: default_pids(),
+            tmp_mib: default_tmp_mib(),
+            disk_mib: 0,
+            keep_failed: default_keep_failed(),
+            hide: Vec::new(),
+            read_write: Vec::new(),
+            simulated_gpu_devices: Vec::new(),
+        }
+    }
+}
+
+impl SandboxSection {
+    /// `uid_range` as `(first, last)`, inclusive.
+    pub fn uids(&self) -> Result<(u32, u32), String> {
+        let (a, b) = self.uid_range.split_once('-').ok_or("expected \"first-last\"")?;
+        let first: u32 = a.trim().parse().map_err(|_| format!("{a:?} is not a uid"))?;
+        let last: u32 = b.trim().parse().map_err(|_| format!("{b:?} is not a uid"))?;
+        if first < 1000 || last < first || last >= 1 << 31 {
+            return Err("must be first-last with 1000 <= first <= last < 2^31".into());
+        }
+        Ok((first, last))
+    }
+
+    fn check(&self, problems: &mut Vec<String>) {
+        if let Err(e) = self.uids() {
+            problems.push(format!("sandbox.uid_range {:?}: {e}", self.uid_range));
+        }
+        if self.pids < 16 {
+            problems.push("sandbox.pids must be at least 16".into());
+        }
+        if self.tmp_mib == 0 {
+            problems.push("sandbox.tmp_mib must be more than 0".into());
+        }
+        if self.disk_mib != 0 && self.disk_mib < 16 {
+            problems.push("sandbox.disk_mib must be 0 (no cap) or at least 16".into());
+        }
+        for (key, paths) in [("hide", &self.hide), ("read_write", &self.read_write)] {
+            for p in paths.iter().filter(|p| !p.is_absolute() || p == &Path::new("/")) {
+                problems.push(format!("sandbox.{key}: {} must be an absolute path other than /", p.display()));
+            }
+        }
+        for p in self.simulated_gpu_devices.iter().filter(|p| !p.is_absolute()) {
+            problems.push(format!("sandbox.simulated_gpu_devices: {} must be an absolute path", p.display()));
+        }
+    }
 }
 
 /// Backoff between reconnects: doubles from `min` to `max`, with jitter.
@@ -1092,8 +1241,9 @@ impl BrokerConfig {
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let config: Self = load_toml(path, std::env::vars())?;
+        let mut config: Self = load_toml(path, std::env::vars())?;
         config.validate(path)?;
+        config.source = Some(path.to_owned());
         Ok(config)
     }
 
@@ -1114,6 +1264,7 @@ impl AgentConfig {
         if self.agent.run_as.as_deref().is_some_and(|u| u.is_empty() || u == "root") {
             problems.push("agent.run_as must name an unprivileged user".into());
         }
+        self.sandbox.check(&mut problems);
         let (min, max) = (self.reconnect.min_backoff.0, self.reconnect.max_backoff.0);
         if min.is_zero() || min > max {
             problems.push("reconnect.min_backoff must be more than 0 and at most reconnect.max_backoff".into());

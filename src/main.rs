@@ -69,9 +69,20 @@ enum Command {
     /// throughput, latency, CPU and memory (and a reconnect storm or a broker kill on request).
     /// `bench staging`: the agent's stage-in against curl; `bench placement`: the placement engine.
     Bench(bench::BenchArgs),
+    /// The agent's per-attempt sandbox init (the agent re-executes itself); not for people.
+    #[command(hide = true)]
+    SandboxInit { spec: PathBuf },
 }
 
 fn main() -> anyhow::Result<()> {
+    // Before any thread exists (the init unshares namespaces and forks), and before parsing the
+    // whole command line: it runs once per attempt.
+    let mut args = std::env::args_os().skip(1);
+    if let (Some(command), Some(spec), None) = (args.next(), args.next(), args.next())
+        && command == "sandbox-init"
+    {
+        agent::sandbox::init::main(std::path::Path::new(&spec));
+    }
     let cli = Cli::parse();
     let format = cli.log_format;
     tls::install_crypto_provider();
@@ -148,6 +159,9 @@ fn main() -> anyhow::Result<()> {
                     std::process::exit(1);
                 }
                 Ok(())
+            }
+            Command::SandboxInit { .. } => {
+                anyhow::bail!("sandbox-init is run by the agent only, as `hybroker sandbox-init <spec>`")
             }
         }
     })

@@ -10,7 +10,8 @@ use async_trait::async_trait;
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
-use super::executor::{self, Launch, Outcome};
+use super::executor::{self, Launch, Outcome, SandboxLaunch};
+use super::sandbox::{AttemptResources, AttemptSandbox, Sandbox, devices};
 use super::staging::{
     self, CompletedUpload, FoundFile, InputFile, Progress, Stage, StageStats, StagingLimits, UploadPlan, UrlSource,
 };
@@ -27,6 +28,14 @@ pub(super) struct Staging {
     pub http: reqwest::Client,
     pub broker: AgentServiceClient<TracedChannel>,
     pub limits: Arc<StagingLimits>,
+}
+
+/// The attempt's sandbox, to be made: the agent's way of isolating, what the job asked for, and
+/// its GPUs' device nodes `(index, node)`.
+pub(super) struct SandboxPlan {
+    pub sandbox: Arc<Sandbox>,
+    pub resources: AttemptResources,
+    pub gpu_nodes: Vec<(u32, PathBuf)>,
 }
 
 /// The job's data for one attempt, from its assignment.
@@ -53,9 +62,11 @@ impl AttemptData {
 /// Runs the attempt and reports its end (and output, progress) on `events`. The attempt is a
 /// span in the job's trace (continuing the broker's dispatch span, from `trace_context`), with
 /// `stage-in`, `execute` and `stage-out` children.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn run(
     launch: Launch,
     epoch: u64,
+    plan: SandboxPlan,
     data: AttemptData,
     staging: Staging,
     events: mpsc::Sender<AttemptEvent>,
@@ -72,7 +83,7 @@ pub(super) async fn run(
     );
     context::set_parent(&span, context::from_carrier(trace_context));
     let job_id = launch.job_id.clone();
-    let ended = attempt(launch, epoch, data, staging, &events, cancel).instrument(span.clone()).await;
+    let ended = sandboxed(launch, epoch, plan, data, staging, &events, cancel).instrument(span.clone()).await;
     span.record("hybroker.outcome", ended.staging_error.as_deref().unwrap_or(&ended.outcome.reason()));
     if ended.staging_error.is_some() || failed(&ended.outcome) {
         span.record("otel.status_code", "ERROR");
@@ -81,9 +92,72 @@ pub(super) async fn run(
     let _ = events.send(AttemptEvent::Ended { job_id, epoch, ended }).await;
 }
 
+/// The attempt in its sandbox: made before stage-in, its processes killed right after the job,
+/// its work directory removed (or kept, failed) and its UID freed at the end.
+async fn sandboxed(
+    mut launch: Launch,
+    epoch: u64,
+    plan: SandboxPlan,
+    data: AttemptData,
+    staging: Staging,
+    events: &mpsc::Sender<AttemptEvent>,
+    cancel: watch::Receiver<bool>,
+) -> Ended {
+    let (dir, job_id, number) = (launch.work_dir.clone(), launch.job_id.clone(), launch.attempt);
+    let SandboxPlan { sandbox, resources, gpu_nodes } = plan;
+    let begun = tokio::task::spawn_blocking(move || {
+        let nodes = devices::attempt_nodes(&gpu_nodes);
+        let attempt = sandbox.begin(&job_id, number, &dir, resources, nodes)?;
+        let fds = attempt.join_fds()?;
+        let claim = attempt.claim_fd()?.map(Arc::new);
+        let init = sandbox.init_program().map(|p| SandboxLaunch {
+            init_program: p.to_owned(),
+            spec: attempt.spec.clone(),
+            join_fds: Arc::new(fds),
+            claim,
+        });
+        Ok::<_, String>((attempt, init))
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r);
+    let (attempt_sandbox, init) = match begun {
+        Ok(begun) => begun,
+        Err(why) => return Ended::plain(Outcome::StartFailed(format!("sandbox: {why}"))),
+    };
+    launch.sandbox = init;
+    let mut held = Some(attempt_sandbox);
+    let ended = attempt(launch, epoch, &mut held, data, staging, events, cancel).await;
+    let succeeded = ended.staging_error.is_none() && ended.outcome.succeeded();
+    if let Some(attempt_sandbox) = held {
+        let _ = tokio::task::spawn_blocking(move || attempt_sandbox.finish(succeeded)).await;
+    }
+    ended
+}
+
+/// Runs the job in its sandbox; kills what is left of it and reads its limits' verdict.
+async fn execute_sandboxed(
+    launch: Launch,
+    epoch: u64,
+    sandbox: &mut Option<AttemptSandbox>,
+    events: &mpsc::Sender<AttemptEvent>,
+    cancel: watch::Receiver<bool>,
+) -> Outcome {
+    let outcome = execute(launch, epoch, events, cancel).await;
+    let Some(mut held) = sandbox.take() else { return outcome };
+    match tokio::task::spawn_blocking(move || (held.after_process(outcome), held)).await {
+        Ok((outcome, held)) => {
+            *sandbox = Some(held);
+            outcome
+        }
+        Err(e) => Outcome::StartFailed(format!("sandbox: {e}")),
+    }
+}
+
 async fn attempt(
     launch: Launch,
     epoch: u64,
+    sandbox: &mut Option<AttemptSandbox>,
     data: AttemptData,
     staging: Staging,
     events: &mpsc::Sender<AttemptEvent>,
@@ -91,7 +165,7 @@ async fn attempt(
 ) -> Ended {
     let job_id = launch.job_id.clone();
     if data.is_empty() {
-        let outcome = execute(launch, epoch, events, cancel).await;
+        let outcome = execute_sandboxed(launch, epoch, sandbox, events, cancel).await;
         return Ended { outcome, staging: None, staging_error: None };
     }
     let urls = BrokerUrls { client: staging.broker.clone(), job_id: job_id.clone(), epoch };
@@ -120,7 +194,7 @@ async fn attempt(
         Ok(s) => (stats.in_bytes, stats.in_files, stats.in_ms) = counts(&s),
         Err(e) => return Ended::staging_failed(format!("stage-in failed: {e}"), stats),
     }
-    let outcome = execute(launch.clone(), epoch, events, cancel.clone()).await;
+    let outcome = execute_sandboxed(launch.clone(), epoch, sandbox, events, cancel.clone()).await;
     if !outcome.succeeded() || data.outputs.is_empty() {
         return Ended { outcome, staging: Some(stats), staging_error: None };
     }

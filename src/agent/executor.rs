@@ -1,16 +1,20 @@
 //! Runs one attempt's process.
 //!
-//! The process gets its own process group, a clean environment, a private work directory and,
-//! when the agent runs as root, an unprivileged user. Its stdout and stderr are appended to
+//! The process gets its own process group, a clean environment and a private work directory. In a
+//! sandbox ([`SandboxLaunch`]) it is `hybroker sandbox-init`, which joins the attempt's cgroup
+//! before exec and runs the job in its namespaces as the attempt's UID (the caller kills the whole
+//! cgroup afterwards, so nothing escapes, `setsid` included); without one (`isolation = "none"`)
+//! it is the job itself, as `run_as` when the agent is root. Its stdout and stderr are appended to
 //! `<work_dir>/output.log` and streamed to the caller. On max runtime or cancel the whole group
 //! gets SIGTERM, then SIGKILL after a grace period; when the attempt ends, whatever is left of
-//! the group is killed, so background children cannot outlive it (a process that leaves the
-//! group with `setsid` escapes this; containing that needs cgroups).
+//! the group is killed.
 
 use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -27,6 +31,8 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
+
+use super::sandbox::spec::{InitSpec, SETUP_FAILED};
 
 /// Default time between SIGTERM and SIGKILL on max runtime or cancel.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
@@ -70,6 +76,21 @@ pub struct Launch {
     pub run_as: Option<String>,
     /// Time between SIGTERM and SIGKILL; normally [`DEFAULT_GRACE`].
     pub grace: Duration,
+    /// The attempt's sandbox; `None` runs the process directly (`isolation = "none"`).
+    pub sandbox: Option<SandboxLaunch>,
+}
+
+/// How to start an attempt in its sandbox: `hybroker sandbox-init` with a spec, in its cgroup.
+#[derive(Debug, Clone)]
+pub struct SandboxLaunch {
+    /// The `hybroker` binary.
+    pub init_program: PathBuf,
+    /// The sandbox; the command, environment, work directory and files are filled in here.
+    pub spec: InitSpec,
+    /// `cgroup.procs` of the attempt's cgroup: the child writes `0` to each before exec.
+    pub join_fds: Arc<Vec<OwnedFd>>,
+    /// The attempt's UID claim, inherited by the init (which holds it as long as the attempt lives).
+    pub claim: Option<Arc<OwnedFd>>,
 }
 
 /// How an attempt's process ended.
@@ -85,6 +106,8 @@ pub enum Outcome {
     Cancelled,
     /// It never ran; the text says why.
     StartFailed(String),
+    /// It hit a limit of its sandbox (memory, disk); the text says which, as people read it.
+    LimitReached(String),
 }
 
 impl Outcome {
@@ -111,6 +134,7 @@ impl Outcome {
             }
             Outcome::Cancelled => "cancelled".to_owned(),
             Outcome::StartFailed(why) => format!("could not start: {why}"),
+            Outcome::LimitReached(why) => why.clone(),
         }
     }
 }
@@ -131,6 +155,7 @@ pub async fn run(launch: Launch, output: mpsc::Sender<Vec<u8>>, mut cancel: watc
         Err(why) => return Outcome::StartFailed(why),
     };
     let mut command = prepared.command;
+    let (log, prepared) = (prepared.log, PreparedFiles { error_file: prepared.error_file });
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(error) => return Outcome::StartFailed(format!("{}: {error}", launch.command[0])),
@@ -145,7 +170,7 @@ pub async fn run(launch: Launch, output: mpsc::Sender<Vec<u8>>, mut cancel: watc
         tracing::warn!(path = %pid_file.display(), error = %e, "cannot record the attempt's process group");
     }
     tracing::debug!(job = %launch.job_id, attempt = launch.attempt, pid, "attempt started");
-    let streams = Streams::start(&mut child, prepared.log, output);
+    let streams = Streams::start(&mut child, log, output);
 
     let deadline = Instant::now().checked_add(launch.max_runtime);
     let stop = tokio::select! {
@@ -178,6 +203,17 @@ pub async fn run(launch: Launch, output: mpsc::Sender<Vec<u8>>, mut cancel: watc
     // The process is reaped; kill what is left of its group, then let the pipes drain.
     drop(group);
     let _ = std::fs::remove_file(&pid_file);
+    let outcome = match &prepared.error_file {
+        Some(path) => {
+            let why = std::fs::read_to_string(path).unwrap_or_default();
+            let _ = std::fs::remove_file(path);
+            match outcome {
+                Outcome::Exited(SETUP_FAILED) if !why.is_empty() => Outcome::StartFailed(format!("sandbox: {why}")),
+                other => other,
+            }
+        }
+        None => outcome,
+    };
     streams.finish(DRAIN_TIMEOUT).await;
     tracing::debug!(job = %launch.job_id, attempt = launch.attempt, reason = %outcome.reason(), "attempt ended");
     outcome
@@ -250,6 +286,13 @@ fn note_run_as_ignored(user: &str) {
 struct Prepared {
     command: Command,
     log: File,
+    /// Sandboxed: where `sandbox-init` says why it could not build the sandbox.
+    error_file: Option<PathBuf>,
+}
+
+/// What `run` looks at after the process.
+struct PreparedFiles {
+    error_file: Option<PathBuf>,
 }
 
 /// The user a job runs as, resolved from `run_as`.
@@ -273,6 +316,7 @@ async fn prepare(launch: &Launch) -> Result<Prepared, String> {
         }
     }
     let credentials = match &launch.run_as {
+        _ if launch.sandbox.is_some() => None,
         Some(user) if getuid().is_root() => Some(resolve_user(user.clone()).await?),
         Some(user) => {
             note_run_as_ignored(user);
@@ -281,7 +325,10 @@ async fn prepare(launch: &Launch) -> Result<Prepared, String> {
         None => None,
     };
     let dir = launch.work_dir.clone();
-    let owner = credentials.as_ref().map(|c| (c.uid.as_raw(), c.gid.as_raw()));
+    let owner = match &launch.sandbox {
+        Some(sandbox) => sandbox.spec.user,
+        None => credentials.as_ref().map(|c| (c.uid.as_raw(), c.gid.as_raw())),
+    };
     tokio::task::spawn_blocking(move || make_work_dir(&dir, owner))
         .await
         .map_err(|e| format!("work directory: {e}"))?
@@ -297,6 +344,30 @@ async fn prepare(launch: &Launch) -> Result<Prepared, String> {
         .await
         .map_err(|e| format!("{}: {e}", log_path.display()))?;
 
+    let mut env: Vec<(String, String)> = Vec::new();
+    for key in KEPT_AGENT_ENV {
+        if let Some(value) = std::env::var_os(key) {
+            env.push((key.to_owned(), value.to_string_lossy().into_owned()));
+        }
+    }
+    if let Some(c) = &credentials {
+        let home = c.home.to_string_lossy().into_owned();
+        env.extend([("HOME".to_owned(), home), ("USER".into(), c.name.clone()), ("LOGNAME".into(), c.name.clone())]);
+    }
+    if launch.sandbox.is_some() {
+        // The agent's home is not the job's (and is hidden or unwritable in the sandbox).
+        env.push(("HOME".to_owned(), launch.work_dir.to_string_lossy().into_owned()));
+    }
+    env.extend(launch.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.extend([
+        ("HYBROKER_JOB_ID".to_owned(), launch.job_id.clone()),
+        ("HYBROKER_ATTEMPT".to_owned(), launch.attempt.to_string()),
+        ("CUDA_VISIBLE_DEVICES".to_owned(), launch.cuda_visible_devices.clone()),
+    ]);
+    if let Some(sandbox) = &launch.sandbox {
+        return sandboxed_command(launch, sandbox, env, log);
+    }
+
     let mut command = Command::new(program);
     command
         .args(&launch.command[1..])
@@ -306,20 +377,8 @@ async fn prepare(launch: &Launch) -> Result<Prepared, String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
-        .env_clear();
-    for key in KEPT_AGENT_ENV {
-        if let Some(value) = std::env::var_os(key) {
-            command.env(key, value);
-        }
-    }
-    if let Some(c) = &credentials {
-        command.env("HOME", &c.home).env("USER", &c.name).env("LOGNAME", &c.name);
-    }
-    command
-        .envs(&launch.env)
-        .env("HYBROKER_JOB_ID", &launch.job_id)
-        .env("HYBROKER_ATTEMPT", launch.attempt.to_string())
-        .env("CUDA_VISIBLE_DEVICES", &launch.cuda_visible_devices);
+        .env_clear()
+        .envs(env);
     if let Some(c) = credentials {
         let Credentials { uid, gid, groups, .. } = c;
         // SAFETY: the closure runs between fork and exec and only makes the async-signal-safe
@@ -333,7 +392,56 @@ async fn prepare(launch: &Launch) -> Result<Prepared, String> {
             });
         }
     }
-    Ok(Prepared { command, log })
+    Ok(Prepared { command, log, error_file: None })
+}
+
+/// `hybroker sandbox-init <spec>`, joining the attempt's cgroup before exec; the job's command and
+/// environment go in the spec (a 0600 file beside the work directory, in the agent-owned job dir).
+fn sandboxed_command(
+    launch: &Launch,
+    sandbox: &SandboxLaunch,
+    env: Vec<(String, String)>,
+    log: File,
+) -> Result<Prepared, String> {
+    let mut spec = sandbox.spec.clone();
+    spec.argv = launch.command.clone();
+    // Later entries win, as with `Command::env`.
+    let mut merged: BTreeMap<String, String> = BTreeMap::new();
+    merged.extend(env);
+    spec.env = merged.into_iter().collect();
+    spec.work_dir = launch.work_dir.clone();
+    spec.error_file = launch.work_dir.with_extension("sandbox-error");
+    let spec_path = launch.work_dir.with_extension("sandbox");
+    spec.write(&spec_path).map_err(|e| format!("{}: {e}", spec_path.display()))?;
+    let mut command = Command::new(&sandbox.init_program);
+    command
+        .arg("sandbox-init")
+        .arg(&spec_path)
+        .current_dir(&launch.work_dir)
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .env_clear();
+    let (fds, claim) = (sandbox.join_fds.clone(), sandbox.claim.clone());
+    // SAFETY: between fork and exec the closure only calls write(2) and fcntl(2) on descriptors
+    // opened before the fork.
+    unsafe {
+        command.pre_exec(move || {
+            for fd in fds.iter() {
+                nix::unistd::write(fd, b"0")?;
+            }
+            if let Some(claim) = &claim {
+                use std::os::fd::AsRawFd;
+                if nix::libc::fcntl(claim.as_raw_fd(), nix::libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    Ok(Prepared { command, log, error_file: Some(spec.error_file) })
 }
 
 /// Looks up `user` (and its groups) off the async threads: NSS may be slow.

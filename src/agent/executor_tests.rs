@@ -14,6 +14,7 @@ fn launch(dir: &Path, argv: &[&str]) -> Launch {
         work_dir: dir.join("attempts").join("job-1-2"),
         run_as: None,
         grace: Duration::from_millis(200),
+        sandbox: None,
     }
 }
 

@@ -30,6 +30,8 @@ struct Known {
     name: String,
     model: String,
     memory_mib: u64,
+    /// The driver's minor number: the GPU's node is `/dev/nvidia<minor>` (not the CUDA index).
+    minor: Option<u32>,
     /// Health at the last probe, to log changes once instead of at every heartbeat.
     healthy: bool,
 }
@@ -94,6 +96,14 @@ impl GpuProbe {
         let next = gpus.iter().map(|g| g.index + 1).max().unwrap_or(0);
         gpus.extend(simulated_gpus(&self.simulated, next, &self.node));
         gpus
+    }
+
+    /// The device node of the real GPU `index`, from its NVML minor number (`/dev/nvidia<minor>`;
+    /// the CUDA index may differ). `None` for a simulated or unknown GPU.
+    pub fn device_node(&self, index: u32) -> Option<std::path::PathBuf> {
+        let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        let minor = known.get(&index)?.minor?;
+        Some(format!("/dev/nvidia{minor}").into())
     }
 
     fn real_gpus(&self, nvml: &Nvml) -> Vec<Gpu> {
@@ -173,6 +183,7 @@ fn probe_device(nvml: &Nvml, index: u32, known: &mut BTreeMap<u32, Known>) -> Op
     let power = q.check("power", false, device.power_usage());
     let ecc = q.check("ecc errors", false, device.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile));
     let mig = q.check("mig mode", false, device.mig_mode());
+    let minor = q.check("minor number", false, device.minor_number());
 
     let ecc_errors = ecc.unwrap_or(0);
     if ecc_errors > 0 {
@@ -185,7 +196,11 @@ fn probe_device(nvml: &Nvml, index: u32, known: &mut BTreeMap<u32, Known>) -> Op
     let model = canonical_model(&name, memory_mib);
     let healthy = q.failure.is_none();
     log_health_change(index, &uuid, previous.is_none_or(|k| k.healthy), healthy, q.failure.as_deref());
-    known.insert(index, Known { uuid: uuid.clone(), name: name.clone(), model: model.clone(), memory_mib, healthy });
+    let minor = minor.or_else(|| previous.and_then(|k| k.minor));
+    known.insert(
+        index,
+        Known { uuid: uuid.clone(), name: name.clone(), model: model.clone(), memory_mib, minor, healthy },
+    );
     Some(Gpu {
         index,
         uuid,
@@ -219,6 +234,7 @@ fn handle_failed(index: u32, failure: Option<String>, known: &mut BTreeMap<u32, 
         name: String::new(),
         model: canonical_model("", 0),
         memory_mib: 0,
+        minor: None,
         healthy: true,
     });
     Some(lost_gpu(index, k, &reason))

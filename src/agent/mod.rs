@@ -67,6 +67,7 @@ struct Agent {
     attempts: HashMap<(String, u64), Attempt>,
     events: mpsc::Sender<AttemptEvent>,
     staging: attempt::Staging,
+    sandbox: Arc<sandbox::Sandbox>,
 }
 
 /// Runs the agent until `shutdown` resolves. Attempts still running then are stopped.
@@ -105,6 +106,14 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + Send)
     }
     // Attempts of a killed predecessor would hold GPUs the broker now gives to others.
     executor::kill_leftovers(&config.agent.work_dir);
+    if let Some(user) = &config.agent.run_as {
+        tracing::warn!(
+            user,
+            "agent.run_as is deprecated: attempts run as per-attempt UIDs from sandbox.uid_range; it applies only \
+             with isolation = \"none\""
+        );
+    }
+    let sandbox = start_sandbox(&config, &identity.name)?;
     let (events, mut event_rx) = mpsc::channel(1024);
     let (url, server_name) = broker_target(&config);
     let staging = attempt::Staging {
@@ -115,7 +124,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + Send)
         )),
         limits: Arc::new(config.staging.limits()),
     };
-    let mut agent = Agent { config, identity, probe, attempts: HashMap::new(), events, staging };
+    let mut agent = Agent { config, identity, probe, attempts: HashMap::new(), events, staging, sandbox };
     tracing::info!(agent = agent.identity.agent_id(), gpus = agent.probe.gpus().len(), "agent starting");
     session::run_sessions(&mut agent, client_tls, &mut event_rx, shutdown).await;
     for attempt in agent.attempts.values() {
@@ -133,7 +142,7 @@ impl Agent {
             cpus: if cfg.cpus == 0 { gpu::host_cpus() } else { cfg.cpus },
             memory_mib: if cfg.memory_mib == 0 { gpu::host_memory_mib() } else { cfg.memory_mib },
             labels: cfg.labels.clone(),
-            isolation: crate::model::agent::Isolation::Sandbox,
+            isolation: self.sandbox.isolation,
         }
     }
 
@@ -196,9 +205,34 @@ impl Agent {
         Ok(devices.join(","))
     }
 
+    /// The device nodes of these GPUs: NVML's minor for real ones, the configured stand-ins for
+    /// simulated ones (none configured: no node).
+    fn gpu_nodes(&self, indices: &[u32]) -> Vec<(u32, PathBuf)> {
+        let gpus = self.probe.gpus();
+        let stand_ins = &self.config.sandbox.simulated_gpu_devices;
+        indices
+            .iter()
+            .filter_map(|&index| {
+                let gpu = gpus.iter().find(|g| g.index == index)?;
+                let node = if gpu.simulated {
+                    let nth = gpus.iter().filter(|g| g.simulated && g.index < index).count();
+                    stand_ins.get(nth).cloned()?
+                } else {
+                    self.probe.device_node(index)?
+                };
+                Some((index, node))
+            })
+            .collect()
+    }
+
     fn spawn(&self, a: proto::Assignment, cuda_visible_devices: String, cancel: watch::Receiver<bool>) {
         let work_dir: PathBuf = self.config.agent.work_dir.join(&a.job_id).join(format!("attempt-{}", a.attempt));
         let data = attempt::AttemptData::from_assignment(&a);
+        let plan = attempt::SandboxPlan {
+            sandbox: self.sandbox.clone(),
+            resources: sandbox::AttemptResources { cpus: a.cpus, memory_gib: a.memory_gib },
+            gpu_nodes: self.gpu_nodes(&a.gpu_indices),
+        };
         let launch = Launch {
             job_id: a.job_id.clone(),
             attempt: a.attempt,
@@ -207,13 +241,14 @@ impl Agent {
             cuda_visible_devices,
             max_runtime: Duration::from_millis(a.max_runtime_ms),
             work_dir,
-            run_as: self.config.agent.run_as.clone(),
+            run_as: self.config.agent.run_as.clone().filter(|_| self.sandbox.init_program().is_none()),
             grace: executor::DEFAULT_GRACE,
+            sandbox: None,
         };
         let (staging, events) = (self.staging.clone(), self.events.clone());
-        tokio::spawn(
-            async move { attempt::run(launch, a.epoch, data, staging, events, cancel, &a.trace_context).await },
-        );
+        tokio::spawn(async move {
+            attempt::run(launch, a.epoch, plan, data, staging, events, cancel, &a.trace_context).await
+        });
     }
 
     /// Applies an attempt event; returns what to tell the broker.
@@ -293,6 +328,27 @@ fn gpu_gauges(registry: &crate::metrics::Registry, gpus: &[crate::model::gpu::Gp
     registry.set_family("hybroker_gpu_power_watts", each(&|g| f64::from(g.power_mw) / 1000.0));
     registry.set_family("hybroker_gpu_ecc_errors_total", each(&|g| g.ecc_errors as f64));
     registry.set_family("hybroker_gpu_healthy", each(&|g| f64::from(u8::from(g.healthy))));
+}
+
+/// Decides how attempts are isolated (refusing to start when they cannot be, unless
+/// `isolation = "none"`), hiding the agent's config and keys from jobs.
+fn start_sandbox(config: &AgentConfig, name: &str) -> anyhow::Result<Arc<sandbox::Sandbox>> {
+    let absolute = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+    let mut hide: Vec<PathBuf> = vec![absolute(&config.tls.key)];
+    hide.extend(config.source.as_deref().map(absolute));
+    // The key's directory often holds more (a CA key in a development PKI).
+    if let Some(dir) = absolute(&config.tls.key).parent().filter(|d| d.parent().is_some()) {
+        hide.push(dir.to_owned());
+    }
+    let options = sandbox::SandboxOptions {
+        settings: config.sandbox.clone(),
+        work_root: absolute(&config.agent.work_dir),
+        hide,
+        agent: name.to_owned(),
+        init_program: std::env::current_exe().context("the agent's own executable")?,
+    };
+    let sandbox = tokio::task::block_in_place(|| sandbox::Sandbox::start(options))?;
+    Ok(sandbox)
 }
 
 /// The broker's URL and the name to verify in its certificate.

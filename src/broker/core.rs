@@ -1133,6 +1133,8 @@ fn assignment(
             .collect(),
         outputs: job.data.iter().flat_map(|d| &d.outputs).map(|o| o.path.clone()).collect(),
         trace_context,
+        cpus: job.spec.resources.cpus,
+        memory_gib: job.spec.resources.memory_gib,
     })
 }
 

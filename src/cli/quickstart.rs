@@ -15,8 +15,9 @@ use super::client::follow::{self, Progress};
 use super::client::gateway::Gateway;
 use super::client::spec;
 use crate::config::{
-    AgentConfig, AgentSection, BrokerConfig, BrokerSection, BrokerTarget, GatewayConfig, GatewaySection, LeaseSection,
-    LimitSection, PricesSection, ReconnectSection, StorageCloud, StorageConfig, StoreSection, TenantConfig,
+    AgentConfig, AgentSection, BrokerConfig, BrokerSection, BrokerTarget, GatewayConfig, GatewaySection,
+    IsolationSetting, LeaseSection, LimitSection, PricesSection, ReconnectSection, StorageCloud, StorageConfig,
+    StoreSection, TenantConfig,
 };
 use crate::gateway::api::{AgentList, Job, Submitted};
 use crate::model::identity::Role;
@@ -183,6 +184,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
         let _ = rx.wait_for(|s| *s).await;
     };
     let broker_task = tokio::spawn(broker::run(broker_config, listener, stopped(stop_rx.clone())));
+    let isolation = quickstart_isolation(state_dir);
     let mut agent_tasks = Vec::new();
     for (site, node, gpus) in AGENTS {
         let config = AgentConfig {
@@ -199,8 +201,10 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
             tls: issue(Role::Agent, node, Some(site))?,
             reconnect: ReconnectSection::default(),
             staging: Default::default(),
+            sandbox: crate::config::SandboxSection { isolation, ..Default::default() },
             metrics: Default::default(),
             telemetry: Default::default(),
+            source: None,
         };
         agent_tasks.push(tokio::spawn(agent::run(config, stopped(stop_rx.clone()))));
     }
@@ -256,6 +260,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
     println!("  demo tenant key:     {demo}");
     println!("  broker (gRPC, mTLS): https://{addr}");
     println!("  state directory:     {}", state_dir.display());
+    println!("  jobs run:            {}", isolation_line(isolation));
     println!(
         "  agents:              {}",
         AGENTS.iter().map(|(s, n, g)| format!("{s}/{n} ({g}, simulated)")).collect::<Vec<_>>().join(", ")
@@ -343,4 +348,38 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
     }
     broker_task.await??;
     Ok(all_ok)
+}
+
+/// Whether the quickstart's agents can sandbox their attempts (root: the full sandbox; else user
+/// namespaces); `none` when neither works here.
+fn quickstart_isolation(state_dir: &Path) -> IsolationSetting {
+    let probe_root = state_dir.join("work").join(".isolation-probe");
+    let options = crate::agent::sandbox::SandboxOptions {
+        settings: crate::config::SandboxSection::default(),
+        work_root: probe_root.clone(),
+        hide: Vec::new(),
+        agent: "quickstart-probe".into(),
+        init_program: std::env::current_exe().unwrap_or_else(|_| "hybroker".into()),
+    };
+    let started = tokio::task::block_in_place(|| crate::agent::sandbox::Sandbox::start(options));
+    let _ = std::fs::remove_dir_all(&probe_root);
+    match started {
+        Ok(_) => IsolationSetting::Auto,
+        Err(e) => {
+            tracing::debug!(error = %e, "no sandbox for the quickstart's jobs");
+            IsolationSetting::None
+        }
+    }
+}
+
+fn isolation_line(isolation: IsolationSetting) -> &'static str {
+    match isolation {
+        IsolationSetting::Auto if nix::unistd::geteuid().is_root() => {
+            "sandboxed (own UID, namespaces, cgroup limits, device gate)"
+        }
+        IsolationSetting::Auto => "sandboxed in user namespaces (not root: no per-job UID, no cgroup limits)",
+        IsolationSetting::None => {
+            "UNISOLATED (isolation = \"none\": no sandbox possible here; the agents are for the demo tenant only)"
+        }
+    }
 }

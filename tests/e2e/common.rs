@@ -431,3 +431,14 @@ pub fn alive(pid: nix::unistd::Pid) -> bool {
     let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
     nix::sys::signal::kill(pid, None).is_ok() && !matches!(state, Some('Z') | Some('X') | None)
 }
+
+/// Host processes whose command line contains `text` (a marker a test put in a job's argv).
+pub fn processes_with(text: &str) -> Vec<i32> {
+    let entries = std::fs::read_dir("/proc").into_iter().flatten().flatten();
+    let pids = entries.filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok());
+    pids.filter(|pid| {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        String::from_utf8_lossy(&cmdline).contains(text) && alive(nix::unistd::Pid::from_raw(*pid))
+    })
+    .collect()
+}

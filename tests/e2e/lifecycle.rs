@@ -78,10 +78,11 @@ async fn idempotent_submit_returns_the_same_job() {
 /// A job whose first attempt hangs (its pid saved for cleanup) and whose later attempts succeed.
 const FIRST_ATTEMPT_HANGS: &str = "name: flaky-node\ncommand: [sh, -c, 'echo $$ > pid; if [ $HYBROKER_ATTEMPT = 1 ]; then exec sleep 60; fi; echo done']\n";
 
-fn kill_saved_pid(cluster: &Cluster, node: &str, job: &str) {
-    let pid_file = cluster.work_dir(node).join(job).join("attempt-1/pid");
-    if let Ok(pid) = std::fs::read_to_string(pid_file) {
-        let _ = kill(Pid::from_raw(pid.trim().parse().unwrap()), Signal::SIGKILL);
+/// Ends the job's hanging first attempt left by a killed agent: its sandbox's process group (the
+/// sandbox's init names the job in its command line; the job's own pids are its namespace's).
+fn kill_saved_pid(_cluster: &Cluster, _node: &str, job: &str) {
+    for pid in processes_with(&format!("{job}/attempt-1")) {
+        let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
     }
 }
 
@@ -200,14 +201,15 @@ async fn a_broker_killed_under_submits_loses_no_acknowledged_job() {
 async fn cancel_kills_the_process_group_and_max_runtime_is_enforced() {
     let cluster = Cluster::start(Duration::from_secs(5), &[("node-a", "")]).await;
     let mut admin = cluster.admin().await;
-    // The job's shell and its background child both record their pids.
-    let spec = "name: forever\ncommand: [sh, -c, 'sleep 60 & echo $! > child; echo $$ > pid; wait']\n";
-    let id = submit(&mut admin, spec).await;
+    // The job's shell and its background child, found on the host by a marker in their argv
+    // (inside the sandbox their pids are their namespace's).
+    let mark = format!("forever-{}", fastrand::u64(..));
+    let spec = format!("name: forever\ncommand: [sh, -c, 'sh -c \"sleep 60; :\" child-$0 & wait', {mark}]\n");
+    let id = submit(&mut admin, &spec).await;
     wait_job(&admin, &id, "running", |j| j.state == "running").await;
-    let dir = cluster.work_dir("node-a").join(&id).join("attempt-1");
-    let pids: Vec<Pid> = eventually("pid files", || async {
-        let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok().and_then(|s| s.trim().parse().ok());
-        Some(vec![Pid::from_raw(read("pid")?), Pid::from_raw(read("child")?)])
+    let pids: Vec<Pid> = eventually("the job's shell and its child", || async {
+        let pids = processes_with(&mark);
+        (pids.len() == 2).then(|| pids.into_iter().map(Pid::from_raw).collect())
     })
     .await;
     let job = admin
@@ -266,13 +268,11 @@ async fn concurrent_submits_with_one_key_make_one_job() {
 async fn a_restarted_agent_ends_the_attempts_its_killed_predecessor_left_running() {
     let mut cluster = Cluster::start(Duration::from_secs(30), &[("node-a", "")]).await;
     let mut admin = cluster.admin().await;
-    let id = submit(&mut admin, "name: orphan\ncommand: [sh, -c, 'echo $$ > pid; exec sleep 60']\n").await;
+    let mark = format!("orphan-{}", fastrand::u64(..));
+    let id = submit(&mut admin, &format!("name: orphan\ncommand: [sh, -c, 'sleep 60; :', {mark}]\n")).await;
     wait_job(&admin, &id, "running", |j| j.state == "running").await;
-    let dir = cluster.work_dir("node-a").join(&id).join("attempt-1");
-    let pid = eventually("the pid file", || async {
-        std::fs::read_to_string(dir.join("pid")).ok()?.trim().parse().ok().map(Pid::from_raw)
-    })
-    .await;
+    let pid =
+        eventually("the job's process", || async { processes_with(&mark).first().copied().map(Pid::from_raw) }).await;
     cluster.kill_agent("node-a");
     assert!(alive(pid), "the job outlives its agent's kill -9");
     cluster.start_agent("node-a", "");
@@ -293,8 +293,7 @@ async fn a_restarted_agent_ends_the_attempts_its_killed_predecessor_left_running
     assert!(!status.success() && stderr.contains("another agent uses the work directory"), "{stderr}");
     // The broker learns the attempt is gone from the new agent's register and runs the job again.
     wait_job(&admin, &id, "a second attempt", |j| j.attempts == 2).await;
-    let _ = std::fs::read_to_string(cluster.work_dir("node-a").join(&id).join("attempt-2/pid"))
-        .ok()
-        .and_then(|p| p.trim().parse().ok())
-        .map(|p| kill(Pid::from_raw(p), Signal::SIGKILL));
+    for pid in processes_with(&mark) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
 }

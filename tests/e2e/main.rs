@@ -17,6 +17,7 @@ mod lifecycle;
 mod metrics;
 mod placement;
 mod product;
+mod sandbox;
 mod secrets;
 mod tenants;
 mod traces;

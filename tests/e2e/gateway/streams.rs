@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use hybroker::config::GatewayConfig;
 use hybroker::model::identity::Role;
-use nix::sys::signal::{Signal, kill};
+use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -153,9 +153,9 @@ async fn a_followed_log_marks_a_new_attempt_after_a_lost_agent() {
     let victim = job["agent"].as_str().unwrap().strip_prefix("lab/").unwrap().to_string();
     cluster.kill_agent(&victim);
     read_to_end(follow, &mut followed).await;
-    let pid_file = cluster.work_dir(&victim).join(&id).join("attempt-1/pid");
-    if let Ok(pid) = std::fs::read_to_string(pid_file) {
-        let _ = kill(Pid::from_raw(pid.trim().parse().unwrap()), Signal::SIGKILL);
+    // The orphaned first attempt: its sandbox's process group (its init names the job).
+    for pid in crate::common::processes_with(&format!("{id}/attempt-1")) {
+        let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
     }
     assert_eq!(followed, "attempt 1\n--- attempt 2 ---\nattempt 2\n");
     let (_, _, job) = acme.get(&format!("/v1/jobs/{id}")).await;
