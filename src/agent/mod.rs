@@ -71,8 +71,12 @@ struct Agent {
 }
 
 /// Runs the agent until `shutdown` resolves. Attempts still running then are stopped.
-pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+pub async fn run(mut config: AgentConfig, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     tls::install_crypto_provider();
+    // Attempts' work directories are named inside their sandboxes, whose working directory is not
+    // the agent's: a relative work_dir would point elsewhere there.
+    config.agent.work_dir = std::path::absolute(&config.agent.work_dir)
+        .with_context(|| format!("work directory {}", config.agent.work_dir.display()))?;
     let identity = tls::identity_of_cert_file(&config.tls.cert).context("agent certificate")?;
     if identity.role != Role::Agent {
         anyhow::bail!(

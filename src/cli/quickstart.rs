@@ -15,9 +15,9 @@ use super::client::follow::{self, Progress};
 use super::client::gateway::Gateway;
 use super::client::spec;
 use crate::config::{
-    AgentConfig, AgentSection, BrokerConfig, BrokerSection, BrokerTarget, GatewayConfig, GatewaySection,
-    IsolationSetting, LeaseSection, LimitSection, PricesSection, ReconnectSection, StorageCloud, StorageConfig,
-    StoreSection, TenantConfig,
+    AgentConfig, AgentSection, BrokerConfig, BrokerSection, BrokerTarget, DedicatedAgent, GatewayConfig,
+    GatewaySection, IsolationSetting, LeaseSection, LimitSection, PricesSection, ReconnectSection, StorageCloud,
+    StorageConfig, StoreSection, TenantConfig,
 };
 use crate::gateway::api::{AgentList, Job, Submitted};
 use crate::model::identity::Role;
@@ -156,6 +156,16 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
 
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
+    // Without a sandbox the agents run unisolated, which the broker accepts only for nodes its config
+    // dedicates to one tenant: here, the demo tenant.
+    let isolation = quickstart_isolation(state_dir);
+    let dedicated = match isolation {
+        IsolationSetting::None => AGENTS
+            .iter()
+            .map(|(site, node, _)| DedicatedAgent { agent: format!("{site}/{node}"), tenant: DEMO_TENANT.into() })
+            .collect(),
+        _ => Vec::new(),
+    };
     let broker_config = BrokerConfig {
         broker: BrokerSection::listening_on(addr),
         tls: issue(Role::Broker, "broker", None)?,
@@ -169,7 +179,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
             storage: vec![format!("local://{LOCATION}/{DEMO_TENANT}/")],
             ..TenantConfig::default_tenant()
         }],
-        dedicated: Vec::new(),
+        dedicated,
         storage: vec![local_store(&objects)],
         staging: Default::default(),
         sites: sites.site,
@@ -184,7 +194,6 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
         let _ = rx.wait_for(|s| *s).await;
     };
     let broker_task = tokio::spawn(broker::run(broker_config, listener, stopped(stop_rx.clone())));
-    let isolation = quickstart_isolation(state_dir);
     let mut agent_tasks = Vec::new();
     for (site, node, gpus) in AGENTS {
         let config = AgentConfig {

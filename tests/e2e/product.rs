@@ -12,8 +12,9 @@ use crate::common::BIN;
 #[test]
 fn quickstart_once_runs_the_samples_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
-    let out =
-        Command::new(BIN).args(["quickstart", "--once", "--state-dir"]).arg(dir.path().join("qs")).output().unwrap();
+    // As the README says to run it: the default, relative state directory (jobs run in sandboxes
+    // whose working directory is not the agent's, so relative paths must not leak into them).
+    let out = Command::new(BIN).args(["quickstart", "--once"]).current_dir(dir.path()).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "quickstart failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
@@ -38,7 +39,7 @@ fn quickstart_once_runs_the_samples_and_exits_zero() {
     // The data sample read two objects from the local store and wrote its result back there.
     assert!(stdout.contains("counts.txt:  21 total"), "{stdout}");
     let on_disk = stdout.lines().find_map(|l| l.trim().strip_prefix("on disk: ")).expect("an output path");
-    let counts = std::fs::read_to_string(Path::new(on_disk).join("counts.txt")).unwrap();
+    let counts = std::fs::read_to_string(dir.path().join(on_disk).join("counts.txt")).unwrap();
     assert!(counts.contains("data/fog.txt"), "{counts}");
     let key = stdout.lines().find_map(|l| l.trim().strip_prefix("demo tenant key:")).expect("the demo key").trim();
     assert!(key.starts_with("hbk_"), "{key}");
