@@ -17,6 +17,9 @@ apt_install() {
 need cargo || { echo "cargo not found: install Rust 1.95 with rustup" >&2; exit 1; }
 need cc || apt_install gcc libc6-dev
 rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy
+# The sandbox tests (run as root, as CI does) use loop-mounted ext4 images, unshare and setpriv.
+need mkfs.ext4 || apt_install e2fsprogs
+{ need unshare && need setpriv && need losetup; } || apt_install util-linux mount
 # cargo-deny checks licenses, banned crates (a second crypto provider) and sources.
 cargo deny --version >/dev/null 2>&1 || cargo install --locked cargo-deny --version 0.20.2
 # No system protoc is needed (a vendored one builds the gRPC code); the tests start the real
