@@ -30,6 +30,21 @@ pub fn create_file(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Writes `bytes` to `path` as a new 0600 file: whatever was there is removed first, and a
+/// symbolic link planted in its place is never followed.
+pub fn write_new(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = fs::remove_file(path);
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)?;
+    file.write_all(bytes)
+}
+
 /// Narrows `path` to 0600 (a file) or 0700 (a directory) when its group or others have any
 /// access, and returns the old mode then. A missing path or a symbolic link is left alone.
 pub fn narrow(path: &Path) -> io::Result<Option<u32>> {

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use std::ffi::CString;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt, lchown};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt, lchown};
 use std::path::Path;
 
 use nix::sys::signal::{Signal, killpg};
@@ -596,15 +596,7 @@ impl Forwarder {
 
 /// Creates `path` (never following a symlink, never reusing a file) with `text`.
 fn write_new(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let _ = std::fs::remove_file(path);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(path)?;
-    file.write_all(text.as_bytes())
+    crate::private_files::write_new(path, text.as_bytes())
 }
 
 /// Ends the process groups of attempts that a previous agent process left running (it was killed

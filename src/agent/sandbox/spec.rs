@@ -47,17 +47,8 @@ pub const USERNS_ID: u32 = 1000;
 impl InitSpec {
     /// Writes the spec to `path` (0600, never following a link, never reusing a file).
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         let text = serde_json::to_vec(self).map_err(std::io::Error::other)?;
-        let _ = std::fs::remove_file(path);
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(path)?;
-        file.write_all(&text)
+        crate::private_files::write_new(path, &text)
     }
 
     /// Reads the spec from `path` and removes the file.
