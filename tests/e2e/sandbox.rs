@@ -299,7 +299,9 @@ async fn a_non_root_agents_job_cannot_read_its_key_or_config_nor_signal_it() {
 /// the agent refuses to start unless `isolation = "none"`; with it, it warns and says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_that_cannot_sandbox_refuses_to_start_without_isolation_none() {
-    let cluster = Cluster::start(TTL, &[]).await;
+    // The broker takes an unisolated node only when its config dedicates it to one tenant.
+    let dedicated = format!("{}\n[[dedicated]]\nagent = \"lab/bare\"\ntenant = \"acme\"\n", crate::common::TENANTS);
+    let cluster = Cluster::start_with(TTL, &[], |_| Setup { broker_extra: Some(dedicated), ..Setup::default() }).await;
     // `unshare --user`, mapped by this (root) process, then max_user_namespaces = 0 in it, then
     // the agent as an unprivileged user: a kernel that allows no user namespace, for real.
     let run = |config: &Path, log: &Path| {
