@@ -372,7 +372,6 @@ async fn prepare(launch: &Launch) -> Result<Prepared, String> {
     command
         .args(&launch.command[1..])
         .current_dir(&launch.work_dir)
-        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -385,6 +384,7 @@ async fn prepare(launch: &Launch) -> Result<Prepared, String> {
         // setgroups, setgid and setuid system calls on data prepared before the fork.
         unsafe {
             command.pre_exec(move || {
+                nix::unistd::setsid()?;
                 setgroups(&groups)?;
                 setgid(gid)?;
                 setuid(uid)?;
@@ -418,7 +418,6 @@ fn sandboxed_command(
         .arg("sandbox-init")
         .arg(&spec_path)
         .current_dir(&launch.work_dir)
-        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -429,6 +428,9 @@ fn sandboxed_command(
     // opened before the fork.
     unsafe {
         command.pre_exec(move || {
+            // Its own session: no controlling terminal (a job must not type into an operator's
+            // shell), and its own process group, signalled as one.
+            nix::unistd::setsid()?;
             for fd in fds.iter() {
                 nix::unistd::write(fd, b"0")?;
             }

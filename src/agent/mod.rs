@@ -93,6 +93,15 @@ pub async fn run(mut config: AgentConfig, shutdown: impl Future<Output = ()> + S
     crate::metrics::global().set("hybroker_agent_attempts_running", &[], 0.0);
     std::fs::create_dir_all(&config.agent.work_dir)
         .with_context(|| format!("work directory {}", config.agent.work_dir.display()))?;
+    // Traversable, not listable: one attempt's user must not find the others' directories.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&config.agent.work_dir, std::fs::Permissions::from_mode(0o711))
+            .with_context(|| format!("work directory {}", config.agent.work_dir.display()))?;
+    }
+    // Symbolic links resolved: sandboxes bind the work directories at their real paths.
+    config.agent.work_dir = std::fs::canonicalize(&config.agent.work_dir)
+        .with_context(|| format!("work directory {}", config.agent.work_dir.display()))?;
     // One agent per work directory: the lock is held for the agent's life (and freed by the kernel
     // when it dies), so what is left in the directory belongs to a dead predecessor.
     let lock_path = config.agent.work_dir.join(".agent.lock");

@@ -571,3 +571,55 @@ async fn a_failed_attempts_work_directory_is_kept_with_its_uid_reserved() {
     let claim = std::fs::read_to_string(Path::new("/run/hybroker/uids").join(uid.to_string())).unwrap();
     assert!(claim.ends_with(&kept.display().to_string()), "the uid's claim names the kept directory: {claim}");
 }
+
+/// Found by review: a job had the agent's terminal session, the keys its UID's previous attempt
+/// left in the UID's keyring, and could see a hidden path named through a symbolic link. Two jobs
+/// on one UID (a range of one), one after the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_gets_no_terminal_session_no_keys_of_its_uids_past_and_no_symlinked_hidden_path() {
+    // Outside /tmp (jobs have their own /tmp): a directory the job's user could read, hidden
+    // from jobs by naming it through an absolute symbolic link.
+    let host = std::path::PathBuf::from("/var/tmp").join(marker("hybroker-hide"));
+    std::fs::create_dir_all(host.join("secret")).unwrap();
+    std::fs::write(host.join("secret/token"), "s3cr3t").unwrap();
+    std::os::unix::fs::symlink(host.join("secret"), host.join("link")).unwrap();
+    for p in [host.clone(), host.join("secret")] {
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let extra = format!("[sandbox]\nuid_range = \"2100007-2100007\"\nhide = [\"{}\"]\n", host.join("link").display());
+    let cluster =
+        Cluster::start_with(TTL, &[("node-a", "")], |_| Setup { agent_extra: extra, ..Setup::default() }).await;
+    let mut admin = cluster.admin().await;
+
+    // The first job plants a key in its UID's keyring, then waits for the test to look at it.
+    let first = marker("first");
+    let script = format!(
+        "perl -e \"my (\\$t, \\$d, \\$p) = (qq(user), qq(hbk-planted), qq(s3cr3t)); \
+         syscall(248, \\$t, \\$d, \\$p, 6, -4) > 0 or die qq(add_key: \\$!)\" \
+         && exec perl -e \"sleep 30\" {first}"
+    );
+    let id = crate::common::submit(&mut admin, &format!("name: plant\ncommand: [sh, -c, '{script}']\n")).await;
+    let job = eventually("the first job to run", || async { processes_with(&first).first().copied() }).await;
+    // Its own session (so no controlling terminal of the agent's): not the test's, which the
+    // agent shares.
+    let session = |pid: i32| nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(pid))).unwrap();
+    assert_ne!(session(job), nix::unistd::getsid(None).unwrap(), "the job shares the agent's session");
+    admin
+        .cancel(hybroker::proto::CancelJobRequest { job_id: id.clone(), reason: "seen".into(), ..Default::default() })
+        .await
+        .unwrap();
+    watch_to_end(&mut admin, &id).await;
+
+    // The second job has the same UID: no key of the first, and the hidden directory is empty.
+    let script = format!(
+        "if perl -e \"my (\\$t, \\$d) = (qq(user), qq(hbk-planted)); \
+         exit(syscall(250, 10, -4, \\$t, \\$d, 0) >= 0 ? 0 : 1)\"; then echo key-leaked; exit 3; fi; \
+         if [ -e {secret}/token ]; then echo hidden-path-visible; exit 4; fi",
+        secret = host.join("secret").display()
+    );
+    let id = crate::common::submit(&mut admin, &format!("name: inherit\ncommand: [sh, -c, '{script}']\n")).await;
+    let events = watch_to_end(&mut admin, &id).await;
+    let state = get(&mut admin, &id).await.state;
+    let _ = std::fs::remove_dir_all(&host);
+    assert_eq!(state, "succeeded", "{events:?}\n{}", cluster.agent_log("node-a"));
+}

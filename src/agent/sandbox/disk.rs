@@ -2,6 +2,7 @@
 //! (nodev, nosuid), owned by the attempt's UID. Filling it gives the job `ENOSPC`; the attempt's
 //! reason then says `disk cap of N MiB reached`.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -16,7 +17,15 @@ pub struct DiskCap {
 impl DiskCap {
     /// Makes a `mib` MiB image at `image`, owned by `owner`, and mounts it on `dir` (which exists).
     pub fn mount(image: &Path, dir: &Path, mib: u64, owner: (u32, u32)) -> Result<Self, String> {
-        let file = std::fs::File::create(image).map_err(|e| format!("disk image {}: {e}", image.display()))?;
+        // Owner-only: the image holds the job's files, readable by anyone who can read the image.
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(image)
+            .map_err(|e| format!("disk image {}: {e}", image.display()))?;
         file.set_len(mib * 1024 * 1024).map_err(|e| format!("disk image {}: {e}", image.display()))?;
         drop(file);
         let cap = DiskCap { mib, image: image.to_owned(), mount_point: dir.to_owned() };

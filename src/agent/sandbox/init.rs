@@ -104,6 +104,22 @@ pub fn main(spec_path: &Path) -> ! {
     }
 }
 
+/// Closes every descriptor above stderr except `keep`. Only PID 1 calls it, before anything it
+/// runs could hold one of them; it never returns to code that owns them.
+fn close_all_but(keep: i32) {
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2 && *fd != keep)
+        .collect();
+    for fd in fds {
+        // SAFETY: closing descriptor numbers; the directory's own one is gone already (EBADF).
+        unsafe { nix::libc::close(fd) };
+    }
+}
+
 fn close_on_exec_above_stderr() {
     let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
         .into_iter()
@@ -162,6 +178,9 @@ fn end_like(status: WaitStatus) -> ! {
 
 /// PID 1 of the attempt's namespace; never returns.
 fn inner_init(spec: &InitSpec, status: OwnedFd) -> ! {
+    // The UID claim and the error file stay with the outer init: PID 1 runs as the job's user
+    // and holds only its status pipe (and the standard streams).
+    close_all_but(std::os::fd::AsRawFd::as_raw_fd(&status));
     let mut status = std::fs::File::from(status);
     let mut report = |message: &[u8]| {
         let _ = status.write_all(message);
@@ -207,6 +226,10 @@ fn setup(spec: &InitSpec) -> Result<(), String> {
             setresgid(gid, gid, gid).map_err(|e| format!("setresgid: {e}"))?;
             // From root to a non-zero uid: every capability goes.
             setresuid(uid, uid, uid).map_err(|e| format!("setresuid: {e}"))?;
+            // The UID's own keyrings may hold what its previous attempt left there.
+            keyctl(KEYCTL_CLEAR, KEY_SPEC_USER_KEYRING).map_err(|e| format!("clear the user keyring: {e}"))?;
+            keyctl(KEYCTL_CLEAR, KEY_SPEC_USER_SESSION_KEYRING)
+                .map_err(|e| format!("clear the user session keyring: {e}"))?;
         }
         None => {
             let id = (Uid::from_raw(USERNS_ID), Gid::from_raw(USERNS_ID));
@@ -215,7 +238,28 @@ fn setup(spec: &InitSpec) -> Result<(), String> {
             drop_capabilities()?;
         }
     }
+    // A session keyring of its own: the agent's (a service's) is shared with every attempt.
+    keyctl(KEYCTL_JOIN_SESSION_KEYRING, 0).map_err(|e| format!("new session keyring: {e}"))?;
+    // Not dumpable: the job (another process of the same user) cannot open PID 1's /proc files.
+    nix::sys::prctl::set_dumpable(false).map_err(|e| format!("dumpable: {e}"))?;
     std::env::set_current_dir(&spec.work_dir).map_err(|e| format!("chdir {}: {e}", spec.work_dir.display()))
+}
+
+const KEYCTL_JOIN_SESSION_KEYRING: i64 = 1;
+const KEYCTL_CLEAR: i64 = 7;
+const KEY_SPEC_USER_KEYRING: i64 = -4;
+const KEY_SPEC_USER_SESSION_KEYRING: i64 = -5;
+
+/// `keyctl(operation, argument)`: joining a new anonymous session keyring (argument 0 = NULL
+/// name) or clearing a keyring.
+fn keyctl(operation: i64, argument: i64) -> Result<(), Errno> {
+    // SAFETY: keyctl with integer arguments (a NULL name for KEYCTL_JOIN_SESSION_KEYRING).
+    let rc = unsafe { nix::libc::syscall(nix::libc::SYS_keyctl, operation, argument, 0, 0, 0) };
+    match Errno::result(rc) {
+        // A kernel without keyrings has none to share.
+        Ok(_) | Err(Errno::ENOSYS) => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Clears this process's capability sets (a user namespace's creator holds them all in it; its

@@ -235,16 +235,18 @@ impl Sandbox {
             attempt.cgroup = Some(cgroup);
         }
         let agent_ids = (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw());
-        let mut hide = vec![self.options.work_root.clone()];
-        hide.extend(self.options.hide.iter().cloned());
-        hide.extend(settings.hide.iter().cloned());
+        // Resolved on the host: a mount follows an absolute symbolic link against the host's root,
+        // so `/var/run/x` (with `/var/run -> /run`) would otherwise be left unhidden.
+        let mut hide = vec![resolved(&self.options.work_root)];
+        hide.extend(self.options.hide.iter().map(|p| resolved(p)));
+        hide.extend(settings.hide.iter().map(|p| resolved(p)));
         attempt.spec = InitSpec {
             hostname: format!("{}-{job_id}", self.options.agent).chars().take(64).collect(),
             user: owner,
             userns: (self.isolation == Isolation::Userns).then_some(agent_ids),
             private_network: settings.network == SandboxNetwork::Private,
             hide,
-            read_write: settings.read_write.clone(),
+            read_write: settings.read_write.iter().map(|p| resolved(p)).collect(),
             devices,
             tmp_mib: settings.tmp_mib,
             new_root: self.new_root(),
@@ -288,10 +290,17 @@ fn subtree_name(agent: &str, work_root: &Path) -> String {
     format!("{name}-{:08x}", hash as u32)
 }
 
-/// Makes a directory 0700 (its parents as the umask says).
+/// `path` with every symbolic link resolved, when it exists.
+fn resolved(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned())
+}
+
+/// Makes a directory 0700 (the job's directory above it 0711).
 fn make_dir(dir: &Path) -> std::io::Result<()> {
     if let Some(parent) = dir.parent() {
-        std::fs::create_dir_all(parent)?;
+        // The job's directory (which holds its sandbox's spec, pid and disk image): traversable,
+        // not listable.
+        std::fs::DirBuilder::new().recursive(true).mode(0o711).create(parent)?;
     }
     match std::fs::DirBuilder::new().mode(0o700).create(dir) {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),

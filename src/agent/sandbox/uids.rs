@@ -77,7 +77,10 @@ impl UidPool {
         if file.try_lock().is_err() {
             return Ok(None);
         }
-        if matches!(nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)), Ok(Some(_))) {
+        // A real user's UID, or a real group's GID (the attempt's GID is its UID): never handed out.
+        if matches!(nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)), Ok(Some(_)))
+            || matches!(nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(uid)), Ok(Some(_)))
+        {
             return Ok(None);
         }
         if !clear_kept(&mut file) {
