@@ -378,19 +378,20 @@ async fn prepare(launch: &Launch) -> Result<Prepared, String> {
         .kill_on_drop(true)
         .env_clear()
         .envs(env);
-    if let Some(c) = credentials {
-        let Credentials { uid, gid, groups, .. } = c;
-        // SAFETY: the closure runs between fork and exec and only makes the async-signal-safe
-        // setgroups, setgid and setuid system calls on data prepared before the fork.
-        unsafe {
-            command.pre_exec(move || {
-                nix::unistd::setsid()?;
-                setgroups(&groups)?;
-                setgid(gid)?;
-                setuid(uid)?;
-                Ok(())
-            });
-        }
+    let credentials = credentials.map(|c| (c.uid, c.gid, c.groups));
+    // SAFETY: the closure runs between fork and exec and only makes the async-signal-safe setsid,
+    // setgroups, setgid and setuid system calls on data prepared before the fork.
+    unsafe {
+        command.pre_exec(move || {
+            // Its own session (no controlling terminal) and process group, signalled as one.
+            nix::unistd::setsid()?;
+            if let Some((uid, gid, groups)) = &credentials {
+                setgroups(groups)?;
+                setgid(*gid)?;
+                setuid(*uid)?;
+            }
+            Ok(())
+        });
     }
     Ok(Prepared { command, log, error_file: None })
 }
