@@ -158,7 +158,14 @@ pub async fn run(launch: Launch, output: mpsc::Sender<Vec<u8>>, mut cancel: watc
     let (log, prepared) = (prepared.log, PreparedFiles { error_file: prepared.error_file });
     let mut child = match command.spawn() {
         Ok(child) => child,
-        Err(error) => return Outcome::StartFailed(format!("{}: {error}", launch.command[0])),
+        Err(error) => {
+            // A sandbox's spec (the job's environment, secrets included) is read and removed by
+            // its init; an init that never ran leaves it to us.
+            if launch.sandbox.is_some() {
+                let _ = std::fs::remove_file(sandbox_spec_path(&launch.work_dir));
+            }
+            return Outcome::StartFailed(format!("{}: {error}", launch.command[0]));
+        }
     };
     let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) else {
         return Outcome::StartFailed("process vanished right after spawn".to_owned());
@@ -396,6 +403,12 @@ async fn prepare(launch: &Launch) -> Result<Prepared, String> {
     Ok(Prepared { command, log, error_file: None })
 }
 
+/// Where an attempt's sandbox spec waits for its init: beside the work directory, in the
+/// agent-owned job directory.
+fn sandbox_spec_path(work_dir: &Path) -> PathBuf {
+    work_dir.with_extension("sandbox")
+}
+
 /// `hybroker sandbox-init <spec>`, joining the attempt's cgroup before exec; the job's command and
 /// environment go in the spec (a 0600 file beside the work directory, in the agent-owned job dir).
 fn sandboxed_command(
@@ -412,7 +425,7 @@ fn sandboxed_command(
     spec.env = merged.into_iter().collect();
     spec.work_dir = launch.work_dir.clone();
     spec.error_file = launch.work_dir.with_extension("sandbox-error");
-    let spec_path = launch.work_dir.with_extension("sandbox");
+    let spec_path = sandbox_spec_path(&launch.work_dir);
     spec.write(&spec_path).map_err(|e| format!("{}: {e}", spec_path.display()))?;
     let mut command = Command::new(&sandbox.init_program);
     command

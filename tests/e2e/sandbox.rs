@@ -573,10 +573,11 @@ async fn a_failed_attempts_work_directory_is_kept_with_its_uid_reserved() {
 }
 
 /// Found by review: a job had the agent's terminal session, the keys its UID's previous attempt
-/// left in the UID's keyring, and could see a hidden path named through a symbolic link. Two jobs
+/// left in the UID's keyring, could see a hidden path named through a symbolic link, and could
+/// make user namespaces (threads must still start: `clone3` falls back to `clone`). Two jobs
 /// on one UID (a range of one), one after the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_gets_no_terminal_session_no_keys_of_its_uids_past_and_no_symlinked_hidden_path() {
+async fn a_job_gets_no_terminal_session_no_keys_of_its_uids_past_no_hidden_path_no_user_namespace() {
     // Outside /tmp (jobs have their own /tmp): a directory the job's user could read, hidden
     // from jobs by naming it through an absolute symbolic link.
     let host = std::path::PathBuf::from("/var/tmp").join(marker("hybroker-hide"));
@@ -614,7 +615,9 @@ async fn a_job_gets_no_terminal_session_no_keys_of_its_uids_past_and_no_symlinke
     let script = format!(
         "if perl -e \"my (\\$t, \\$d) = (qq(user), qq(hbk-planted)); \
          exit(syscall(250, 10, -4, \\$t, \\$d, 0) >= 0 ? 0 : 1)\"; then echo key-leaked; exit 3; fi; \
-         if [ -e {secret}/token ]; then echo hidden-path-visible; exit 4; fi",
+         if [ -e {secret}/token ]; then echo hidden-path-visible; exit 4; fi; \
+         if unshare -U true; then echo user-namespace; exit 5; fi; \
+         python3 -c \"import threading; t = threading.Thread(target=print); t.start(); t.join()\" || exit 6",
         secret = host.join("secret").display()
     );
     let id = crate::common::submit(&mut admin, &format!("name: inherit\ncommand: [sh, -c, '{script}']\n")).await;

@@ -242,6 +242,7 @@ fn setup(spec: &InitSpec) -> Result<(), String> {
     keyctl(KEYCTL_JOIN_SESSION_KEYRING, 0).map_err(|e| format!("new session keyring: {e}"))?;
     // Not dumpable: the job (another process of the same user) cannot open PID 1's /proc files.
     nix::sys::prctl::set_dumpable(false).map_err(|e| format!("dumpable: {e}"))?;
+    super::seccomp::refuse_user_namespaces().map_err(|e| format!("seccomp filter: {e}"))?;
     std::env::set_current_dir(&spec.work_dir).map_err(|e| format!("chdir {}: {e}", spec.work_dir.display()))
 }
 

@@ -17,6 +17,7 @@ pub mod devices;
 pub mod disk;
 pub mod init;
 pub mod mounts;
+mod seccomp;
 pub mod spec;
 pub mod uids;
 
