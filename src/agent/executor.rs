@@ -445,9 +445,7 @@ fn sandboxed_command(
             // Its own session: no controlling terminal (a job must not type into an operator's
             // shell), and its own process group, signalled as one.
             nix::unistd::setsid()?;
-            for fd in fds.iter() {
-                nix::unistd::write(fd, b"0")?;
-            }
+            crate::agent::sandbox::cgroup::join(&fds)?;
             if let Some(claim) = &claim {
                 use std::os::fd::AsRawFd;
                 if nix::libc::fcntl(claim.as_raw_fd(), nix::libc::F_SETFD, 0) < 0 {

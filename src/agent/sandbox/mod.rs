@@ -317,12 +317,7 @@ pub fn join_before_exec(command: &mut std::process::Command, fds: Vec<OwnedFd>) 
     }
     // SAFETY: between fork and exec the closure only calls write(2) on descriptors opened before.
     unsafe {
-        command.pre_exec(move || {
-            for fd in &fds {
-                nix::unistd::write(fd, b"0")?;
-            }
-            Ok(())
-        });
+        command.pre_exec(move || cgroup::join(&fds));
     }
 }
 

@@ -241,6 +241,16 @@ pub struct AttemptCgroup {
     unified_controls: bool,
 }
 
+/// Moves the calling process into the cgroups whose `cgroup.procs` are `fds` (from
+/// [`AttemptCgroup::join_fds`]) by writing `0` to each. Async-signal-safe (only write(2)), so a
+/// child calls it between fork and exec.
+pub fn join(fds: &[OwnedFd]) -> std::io::Result<()> {
+    for fd in fds {
+        nix::unistd::write(fd, b"0")?;
+    }
+    Ok(())
+}
+
 impl AttemptCgroup {
     /// `cgroup.procs` of every hierarchy, opened write-only and close-on-exec. The child writes
     /// `0` to each between fork and exec (async-signal-safe), so it and all it forks are inside.

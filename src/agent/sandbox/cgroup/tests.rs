@@ -6,7 +6,6 @@ mod bench;
 mod cgroup2;
 
 use std::io::Read;
-use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -67,23 +66,13 @@ impl std::ops::Deref for TestRoot {
 /// Spawns `program args` with its stdio piped, joined to `cgroup` between fork and exec.
 pub(super) fn spawn_in(cgroup: &AttemptCgroup, program: &str, args: &[&str]) -> Child {
     let fds = cgroup.join_fds().expect("join fds");
-    let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
     let mut command = Command::new(program);
     command.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     // SAFETY: between fork and exec the closure only calls write(2) on descriptors opened before.
     unsafe {
-        command.pre_exec(move || {
-            for fd in &raw {
-                if nix::libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
+        command.pre_exec(move || join(&fds));
     }
-    let child = command.spawn().expect("spawn");
-    drop(fds);
-    child
+    command.spawn().expect("spawn")
 }
 
 /// Waits for the child to exit (at most `wait`), returning its status, stdout and stderr.
