@@ -25,6 +25,13 @@ const ARG0_LOW: u32 = 16;
 const AUDIT_ARCH: u32 = 0xc000_003e;
 #[cfg(target_arch = "aarch64")]
 const AUDIT_ARCH: u32 = 0xc000_00b7;
+/// x32 system calls arrive with x86-64's audit architecture and this bit in their number: they
+/// are all refused (else `0x40000000 | unshare` would pass on a kernel with x32 enabled).
+/// aarch64 has no such bit.
+#[cfg(target_arch = "x86_64")]
+const X32_BIT: u32 = 0x4000_0000;
+#[cfg(target_arch = "aarch64")]
+const X32_BIT: u32 = 0;
 
 fn op(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
     libc::sock_filter { code, jt, jf, k }
@@ -37,16 +44,17 @@ fn program() -> Vec<libc::sock_filter> {
     let newuser = libc::CLONE_NEWUSER as u32;
     vec![
         op(LOAD, 0, 0, ARCH),                                            // 0
-        op(JUMP_EQ, 0, 6, AUDIT_ARCH),                                   // 1: else allow (8)
+        op(JUMP_EQ, 0, 7, AUDIT_ARCH),                                   // 1: else allow (9)
         op(LOAD, 0, 0, NR),                                              // 2
-        op(JUMP_EQ, 6, 0, libc::SYS_clone3 as u32),                      // 3: enosys (10)
-        op(JUMP_EQ, 1, 0, libc::SYS_unshare as u32),                     // 4: check (6)
-        op(JUMP_EQ, 0, 2, libc::SYS_clone as u32),                       // 5: else allow (8)
-        op(LOAD, 0, 0, ARG0_LOW),                                        // 6
-        op(JUMP_SET, 1, 0, newuser),                                     // 7: eperm (9)
-        op(RETURN, 0, 0, libc::SECCOMP_RET_ALLOW),                       // 8
-        op(RETURN, 0, 0, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32),  // 9
-        op(RETURN, 0, 0, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32), // 10
+        op(JUMP_SET, 6, 0, X32_BIT),                                     // 3: eperm (10)
+        op(JUMP_EQ, 6, 0, libc::SYS_clone3 as u32),                      // 4: enosys (11)
+        op(JUMP_EQ, 1, 0, libc::SYS_unshare as u32),                     // 5: check (7)
+        op(JUMP_EQ, 0, 2, libc::SYS_clone as u32),                       // 6: else allow (9)
+        op(LOAD, 0, 0, ARG0_LOW),                                        // 7
+        op(JUMP_SET, 1, 0, newuser),                                     // 8: eperm (10)
+        op(RETURN, 0, 0, libc::SECCOMP_RET_ALLOW),                       // 9
+        op(RETURN, 0, 0, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32),  // 10
+        op(RETURN, 0, 0, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32), // 11
     ]
 }
 
@@ -67,4 +75,45 @@ pub fn refuse_user_namespaces() -> Result<(), Errno> {
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 pub fn refuse_user_namespaces() -> Result<(), Errno> {
     Ok(())
+}
+
+#[cfg(all(test, any(target_arch = "x86_64", target_arch = "aarch64")))]
+mod tests {
+    use super::*;
+
+    /// Runs the classic BPF program on one call, as the kernel would: (nr, arch, first argument).
+    fn verdict(nr: u32, arch: u32, arg0: u32) -> u32 {
+        let prog = program();
+        let (mut pc, mut acc) = (0usize, 0u32);
+        loop {
+            let i = prog[pc];
+            pc += 1;
+            match i.code {
+                LOAD => acc = [nr, arch, 0, 0, arg0][i.k as usize / 4],
+                JUMP_EQ | JUMP_SET => {
+                    let taken = if i.code == JUMP_EQ { acc == i.k } else { acc & i.k != 0 };
+                    pc += usize::from(if taken { i.jt } else { i.jf });
+                }
+                RETURN => return i.k,
+                other => panic!("unknown instruction {other:#x}"),
+            }
+        }
+    }
+
+    #[test]
+    fn user_namespaces_are_refused_and_everything_else_passes() {
+        let eperm = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+        let newuser = libc::CLONE_NEWUSER as u32;
+        let (unshare, clone) = (libc::SYS_unshare as u32, libc::SYS_clone as u32);
+        assert_eq!(verdict(unshare, AUDIT_ARCH, newuser), eperm);
+        assert_eq!(verdict(clone, AUDIT_ARCH, newuser | libc::SIGCHLD as u32), eperm);
+        assert_eq!(verdict(libc::SYS_clone3 as u32, AUDIT_ARCH, 0), libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32);
+        assert_eq!(verdict(unshare, AUDIT_ARCH, libc::CLONE_NEWNS as u32), libc::SECCOMP_RET_ALLOW);
+        assert_eq!(verdict(clone, AUDIT_ARCH, libc::SIGCHLD as u32), libc::SECCOMP_RET_ALLOW);
+        assert_eq!(verdict(libc::SYS_read as u32, AUDIT_ARCH, 0), libc::SECCOMP_RET_ALLOW);
+        if X32_BIT != 0 {
+            assert_eq!(verdict(X32_BIT | unshare, AUDIT_ARCH, newuser), eperm, "x32 unshare");
+            assert_eq!(verdict(X32_BIT | libc::SYS_read as u32, AUDIT_ARCH, 0), eperm, "x32 at all");
+        }
+    }
 }
