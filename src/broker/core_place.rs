@@ -77,18 +77,17 @@ impl Core {
         }
         let budget_left = self.budget_left(tenant);
         let req = placer.request(tenant, job.spec, job.data, budget_left).map_err(ApiError::InvalidArgument)?;
-        if budget_left.is_none() && req.outputs.is_empty() {
-            return Ok(());
-        }
-        let world = placer.world(&self.capacity(tenant), now_ms());
         // A reason about the job itself (an output leaving its residency) rejects every site, now
         // and later: refused now with that reason rather than queued for ever.
-        if let Some(why) = crate::placement::engine::refusal(&req, &world) {
+        if !req.outputs.is_empty()
+            && let Some(why) = placer.refusal(&req)
+        {
             return Err(ApiError::InvalidArgument(format!("no site can take this job: {why}")));
         }
         if budget_left.is_none() {
             return Ok(());
         }
+        let world = placer.world(&self.capacity(tenant), now_ms());
         let decision = placer.place(&req, &world);
         let budget = decision.candidates.iter().find_map(|c| match &c.verdict {
             Verdict::Rejected(why) if why.starts_with("budget:") => Some(why.clone()),

@@ -31,13 +31,16 @@ pub struct Placer {
     policies: HashMap<String, PlacementPolicy>,
     budgets: HashMap<String, f64>,
     prices: Prices,
+    /// The storage locations alone (no sites, no prices): enough to judge what a job asks of its
+    /// data, built once rather than per submit.
+    data_world: World,
     pub replace_after: Duration,
     price_max_age: Duration,
 }
 
 impl Placer {
     pub fn new(config: &BrokerConfig, prices: Prices) -> Self {
-        let locations = config
+        let locations: Vec<StorageLocation> = config
             .storage
             .iter()
             .map(|s| StorageLocation {
@@ -57,12 +60,14 @@ impl Placer {
         }
         let policies = tenants.iter().map(|t| (t.name.clone(), policy_of(t, config))).collect();
         let budgets = tenants.iter().filter_map(|t| Some((t.name.clone(), t.monthly_budget_usd?))).collect();
+        let data_world = data_world(&locations);
         Self {
             sites: config.sites.clone(),
             locations,
             policies,
             budgets,
             prices,
+            data_world,
             replace_after: config.placement.replace_after.0,
             price_max_age: config.placement.price_max_age.0,
         }
@@ -76,6 +81,7 @@ impl Placer {
             policies: HashMap::new(),
             budgets: HashMap::new(),
             prices: watch::channel(Arc::new(PriceSnapshot::default())).1,
+            data_world: data_world(&[]),
             replace_after: Duration::from_secs(600),
             price_max_age: Duration::from_secs(3600),
         }
@@ -127,9 +133,20 @@ impl Placer {
         World::new(sites, self.locations.clone(), &prices, now, self.price_max_age)
     }
 
+    /// Why no site could ever take the job, whatever the capacity and prices (an output leaving
+    /// its residency, an unknown location).
+    pub fn refusal(&self, job: &PlacementJob) -> Option<String> {
+        engine::refusal(job, &self.data_world)
+    }
+
     pub fn place(&self, job: &PlacementJob, world: &World) -> Decision {
         engine::place(job, world)
     }
+}
+
+/// A world of storage locations only, for [`Placer::refusal`].
+fn data_world(locations: &[StorageLocation]) -> World {
+    World::new(Vec::new(), locations.to_vec(), &PriceSnapshot::default(), 0, Duration::ZERO)
 }
 
 /// A tenant's placement policy from its config; the placement section's `replace_after` is the
