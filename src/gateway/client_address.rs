@@ -4,7 +4,7 @@
 //! right-most untrusted hop was written by the client and is never believed.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 
 use axum::http::{HeaderMap, HeaderName};
@@ -124,18 +124,9 @@ fn parse_hop(hop: &str) -> Option<IpAddr> {
     hop.parse::<SocketAddr>().ok().map(|s| canonical(s.ip()))
 }
 
-/// The key a client address is counted under: IPv4 addresses as they are, IPv6 addresses by
-/// their /64 (one host usually holds a whole /64, so counting single addresses would let it pick
-/// a fresh one per request).
-pub fn rate_key(ip: IpAddr) -> IpAddr {
-    match canonical(ip) {
-        IpAddr::V6(v6) => {
-            let bits = u128::from(v6) & (u128::MAX << 64);
-            IpAddr::V6(Ipv6Addr::from(bits))
-        }
-        v4 => v4,
-    }
-}
+/// The key a client address is counted under: the same source as the TLS listeners count
+/// unfinished handshakes under (IPv6 by its /64).
+pub use crate::tls::source_of as rate_key;
 
 #[cfg(test)]
 mod tests {

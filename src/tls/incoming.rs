@@ -264,8 +264,10 @@ fn ensure_open_file_limit(limits: &HandshakeLimits) {
 }
 
 /// The source a peer address is counted under: IPv4 addresses (also IPv4-mapped IPv6) as they
-/// are, IPv6 addresses by their /64, since one host or site usually holds a whole /64.
-fn source_of(ip: IpAddr) -> IpAddr {
+/// are, IPv6 addresses by their /64, since one host or site usually holds a whole /64 (counting
+/// single addresses would let it pick a fresh one per connection). The gateway counts its
+/// clients the same way.
+pub fn source_of(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {

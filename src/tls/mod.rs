@@ -28,8 +28,8 @@ mod verify;
 
 pub use explain::explain_status;
 pub use incoming::{
-    HandshakeError, HandshakeGate, HandshakeLimits, HandshakeSlot, accept_tls, log_handshake_error, tls_incoming,
-    tls_incoming_with,
+    HandshakeError, HandshakeGate, HandshakeLimits, HandshakeSlot, accept_tls, log_handshake_error, source_of,
+    tls_incoming, tls_incoming_with,
 };
 pub use net::{connect, connect_from, connect_lazy};
 pub use verify::{
