@@ -186,8 +186,13 @@ impl Agent {
             staging: None,
         };
         let (cancel, cancel_rx) = watch::channel(false);
-        match self.cuda_devices(&a.gpu_indices) {
-            Ok(devices) => self.spawn(a, devices, cancel_rx),
+        // One NVML probe per assignment, for both the devices' names and their nodes.
+        let gpus = self.probe.gpus();
+        match self.cuda_devices(&gpus, &a.gpu_indices) {
+            Ok(devices) => {
+                let nodes = self.gpu_nodes(&gpus, &a.gpu_indices);
+                self.spawn(a, devices, nodes, cancel_rx)
+            }
             Err(reason) => {
                 report.phase = Phase::Failed;
                 report.reason = reason;
@@ -199,8 +204,7 @@ impl Agent {
     }
 
     /// `CUDA_VISIBLE_DEVICES` for the given GPUs (UUIDs for real ones), refusing double-booking.
-    fn cuda_devices(&self, indices: &[u32]) -> Result<String, String> {
-        let gpus = self.probe.gpus();
+    fn cuda_devices(&self, gpus: &[crate::model::gpu::Gpu], indices: &[u32]) -> Result<String, String> {
         let mut devices = Vec::new();
         for index in indices {
             let Some(g) = gpus.iter().find(|g| g.index == *index) else {
@@ -220,8 +224,7 @@ impl Agent {
 
     /// The device nodes of these GPUs: NVML's minor for real ones, the configured stand-ins for
     /// simulated ones (none configured: no node).
-    fn gpu_nodes(&self, indices: &[u32]) -> Vec<(u32, PathBuf)> {
-        let gpus = self.probe.gpus();
+    fn gpu_nodes(&self, gpus: &[crate::model::gpu::Gpu], indices: &[u32]) -> Vec<(u32, PathBuf)> {
         let stand_ins = &self.config.sandbox.simulated_gpu_devices;
         indices
             .iter()
@@ -238,13 +241,19 @@ impl Agent {
             .collect()
     }
 
-    fn spawn(&self, a: proto::Assignment, cuda_visible_devices: String, cancel: watch::Receiver<bool>) {
+    fn spawn(
+        &self,
+        a: proto::Assignment,
+        cuda_visible_devices: String,
+        gpu_nodes: Vec<(u32, PathBuf)>,
+        cancel: watch::Receiver<bool>,
+    ) {
         let work_dir: PathBuf = self.config.agent.work_dir.join(&a.job_id).join(format!("attempt-{}", a.attempt));
         let data = attempt::AttemptData::from_assignment(&a);
         let plan = attempt::SandboxPlan {
             sandbox: self.sandbox.clone(),
             resources: sandbox::AttemptResources { cpus: a.cpus, memory_gib: a.memory_gib },
-            gpu_nodes: self.gpu_nodes(&a.gpu_indices),
+            gpu_nodes,
         };
         let launch = Launch {
             job_id: a.job_id.clone(),
