@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use base64::Engine as _;
@@ -174,8 +174,8 @@ fn is_key_id(id: &str) -> bool {
 /// Writes a new key file (0600, its directory 0700 when made here) with one fresh key; `None`
 /// when another process made it first.
 fn create(path: &Path) -> std::io::Result<Option<String>> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::private_files::create_dir_all(dir)?;
     }
     let mut key = [0u8; KEY_BYTES];
     SystemRandom::new().fill(&mut key).map_err(|_| std::io::Error::other("the system's random source failed"))?;

@@ -203,7 +203,6 @@ impl Sandbox {
                 .map_err(|e| format!("work directory {}: {e}", work_dir.display()))?;
         }
         let mut attempt = AttemptSandbox {
-            isolation: self.isolation,
             claim,
             cgroup: None,
             disk: None,
@@ -324,7 +323,6 @@ pub fn join_before_exec(command: &mut std::process::Command, fds: Vec<OwnedFd>) 
 /// One attempt's sandbox, from before stage-in to after stage-out.
 #[derive(Debug)]
 pub struct AttemptSandbox {
-    pub isolation: Isolation,
     claim: Option<UidClaim>,
     cgroup: Option<AttemptCgroup>,
     disk: Option<disk::DiskCap>,
@@ -336,11 +334,6 @@ pub struct AttemptSandbox {
 }
 
 impl AttemptSandbox {
-    /// The attempt's own UID and GID (root mode).
-    pub fn owner(&self) -> Option<(u32, u32)> {
-        self.claim.as_ref().map(|c| (c.uid, c.uid))
-    }
-
     /// A descriptor of the UID claim for the sandbox's init to hold (see [`UidClaim::share`]).
     pub fn claim_fd(&self) -> Result<Option<OwnedFd>, String> {
         self.claim.as_ref().map(|c| c.share().map_err(|e| format!("uid claim: {e}"))).transpose()
