@@ -261,13 +261,10 @@ impl JobSpec {
             p.add("env", format!("at most {MAX_ENV} variables"));
         }
         for (k, v) in &self.env {
-            if !is_env_name(k) {
-                p.add(format!("env.{k}"), "names must match [A-Za-z_][A-Za-z0-9_]*");
-            } else if k.starts_with("HYBROKER_") || k == "CUDA_VISIBLE_DEVICES" || k == "TRACEPARENT" {
-                p.add(format!("env.{k}"), "is set by hybroker and may not be given");
-            }
-            if v.len() > MAX_ENV_VALUE_BYTES || v.contains('\0') {
-                p.add(format!("env.{k}"), format!("values must be at most {MAX_ENV_VALUE_BYTES} bytes without NUL"));
+            let field = format!("env.{k}");
+            check_env_name(p, &field, k);
+            if !env_value_ok(v) {
+                p.add(&field, format!("values must be at most {MAX_ENV_VALUE_BYTES} bytes without NUL"));
             }
         }
     }
@@ -279,17 +276,13 @@ impl JobSpec {
         }
         for (k, v) in &self.secret_env {
             let field = format!("secret_env.{k}");
-            if !is_env_name(k) {
-                p.add(field, "names must match [A-Za-z_][A-Za-z0-9_]*");
+            if !check_env_name(p, &field, k) {
                 continue;
-            }
-            if k.starts_with("HYBROKER_") || k == "CUDA_VISIBLE_DEVICES" || k == "TRACEPARENT" {
-                p.add(&field, "is set by hybroker and may not be given");
             }
             if self.env.contains_key(k) {
                 p.add(&field, "is also in env; give it in one of them");
             }
-            if v.expose().len() > MAX_ENV_VALUE_BYTES || v.expose().contains('\0') {
+            if !env_value_ok(v.expose()) {
                 p.add(&field, format!("values must be at most {MAX_ENV_VALUE_BYTES} bytes without NUL"));
             }
         }
@@ -407,6 +400,24 @@ fn check_size(doc: &[u8], limit: usize) -> Result<(), SpecError> {
 fn syntax(format: &'static str, path: String, message: String) -> SpecError {
     let message = if path == "." || path.is_empty() { message } else { format!("at {path}: {message}") };
     SpecError::Syntax { format, message }
+}
+
+/// Checks a variable's name for `env` and `secret_env`: well formed, and not one hybroker sets.
+/// Returns whether the name is well formed.
+fn check_env_name(p: &mut Problems, field: &str, name: &str) -> bool {
+    if !is_env_name(name) {
+        p.add(field, "names must match [A-Za-z_][A-Za-z0-9_]*");
+        return false;
+    }
+    if name.starts_with("HYBROKER_") || name == "CUDA_VISIBLE_DEVICES" || name == "TRACEPARENT" {
+        p.add(field, "is set by hybroker and may not be given");
+    }
+    true
+}
+
+/// A variable's value fits: at most [`MAX_ENV_VALUE_BYTES`], no NUL.
+fn env_value_ok(value: &str) -> bool {
+    value.len() <= MAX_ENV_VALUE_BYTES && !value.contains('\0')
 }
 
 fn is_env_name(k: &str) -> bool {
