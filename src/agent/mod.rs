@@ -73,10 +73,6 @@ struct Agent {
 /// Runs the agent until `shutdown` resolves. Attempts still running then are stopped.
 pub async fn run(mut config: AgentConfig, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     tls::install_crypto_provider();
-    // Attempts' work directories are named inside their sandboxes, whose working directory is not
-    // the agent's: a relative work_dir would point elsewhere there.
-    config.agent.work_dir = std::path::absolute(&config.agent.work_dir)
-        .with_context(|| format!("work directory {}", config.agent.work_dir.display()))?;
     let identity = tls::identity_of_cert_file(&config.tls.cert).context("agent certificate")?;
     if identity.role != Role::Agent {
         anyhow::bail!(
@@ -99,7 +95,8 @@ pub async fn run(mut config: AgentConfig, shutdown: impl Future<Output = ()> + S
         std::fs::set_permissions(&config.agent.work_dir, std::fs::Permissions::from_mode(0o711))
             .with_context(|| format!("work directory {}", config.agent.work_dir.display()))?;
     }
-    // Symbolic links resolved: sandboxes bind the work directories at their real paths.
+    // Absolute, symbolic links resolved: attempts' work directories are named inside sandboxes,
+    // whose working directory is not the agent's, and bound there at their real paths.
     config.agent.work_dir = std::fs::canonicalize(&config.agent.work_dir)
         .with_context(|| format!("work directory {}", config.agent.work_dir.display()))?;
     // One agent per work directory: the lock is held for the agent's life (and freed by the kernel
