@@ -553,8 +553,9 @@ async fn a_private_network_reaches_nothing_outside() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_attempts_work_directory_is_kept_with_its_uid_reserved() {
     use std::os::unix::fs::MetadataExt;
-    let extra = "[sandbox]\nkeep_failed = \"1h\"\n";
-    let cluster =
+    // With a disk cap: the kept directory is a mount that must outlive an agent restart.
+    let extra = "[sandbox]\nkeep_failed = \"1h\"\ndisk_mib = 64\n";
+    let mut cluster =
         Cluster::start_with(TTL, &[("node-a", "")], |_| Setup { agent_extra: extra.into(), ..Setup::default() }).await;
     let mut admin = cluster.admin().await;
     let failed =
@@ -570,6 +571,20 @@ async fn a_failed_attempts_work_directory_is_kept_with_its_uid_reserved() {
     assert_eq!(std::fs::read_to_string(kept.join("f")).unwrap(), "partial\n");
     let claim = std::fs::read_to_string(Path::new("/run/hybroker/uids").join(uid.to_string())).unwrap();
     assert!(claim.ends_with(&kept.display().to_string()), "the uid's claim names the kept directory: {claim}");
+
+    // A restarted agent sweeps what its predecessor left, but not the kept directory's files.
+    cluster.kill_agent("node-a");
+    cluster.start_agent("node-a", "");
+    eventually("the restarted agent to register", || {
+        let mut admin = admin.clone();
+        async move {
+            let info =
+                admin.get_agent(hybroker::proto::GetAgentRequest { agent_id: "lab/node-a".into() }).await.ok()?;
+            info.into_inner().connected.then_some(())
+        }
+    })
+    .await;
+    assert_eq!(std::fs::read_to_string(kept.join("f")).unwrap(), "partial\n", "the kept files survive a restart");
 }
 
 /// Found by review: a job had the agent's terminal session, the keys its UID's previous attempt

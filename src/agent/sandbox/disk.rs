@@ -67,11 +67,14 @@ fn run(command: &mut Command) -> Result<(), String> {
     }
 }
 
-/// Unmounts every mount under `root` (a killed agent's disk caps). Returns how many.
-pub fn unmount_under(root: &Path) -> usize {
+/// Unmounts every mount under `root` but `except` (a killed agent's disk caps, but those of
+/// work directories kept on purpose). Returns how many.
+pub fn unmount_under(root: &Path, except: &[PathBuf]) -> usize {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return 0 };
-    let mut points: Vec<PathBuf> =
-        super::mounts::mount_points(&info).into_iter().filter(|p| p.starts_with(root) && p != root).collect();
+    let mut points: Vec<PathBuf> = super::mounts::mount_points(&info)
+        .into_iter()
+        .filter(|p| p.starts_with(root) && p != root && !except.contains(p))
+        .collect();
     points.reverse();
     points.iter().filter(|p| nix::mount::umount2(p.as_path(), nix::mount::MntFlags::MNT_DETACH).is_ok()).count()
 }

@@ -129,8 +129,9 @@ impl Sandbox {
     /// ones kept on purpose.
     fn sweep_work_root(&self) {
         let root = &self.options.work_root;
-        let unmounted = disk::unmount_under(root);
         let kept = self.uids.as_ref().map(UidPool::kept_dirs).unwrap_or_default();
+        // A kept directory keeps its disk cap mounted: its files are what it is kept for.
+        let unmounted = disk::unmount_under(root, &kept);
         let mut removed = 0;
         for job in std::fs::read_dir(root).into_iter().flatten().flatten() {
             if job.file_name().to_string_lossy().starts_with('.') || !job.path().is_dir() {
