@@ -72,7 +72,8 @@ pub async fn serve(
     // The broker's limits on unfinished handshakes: a ClientHello within 3 s, at most 1,024
     // unfinished per client address.
     let limits = HandshakeLimits::default();
-    let gate = HandshakeGate::new(limits);
+    // Plain HTTP (loopback only) has no handshakes to limit.
+    let gate = tls.is_some().then(|| HandshakeGate::new(limits));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
     let (closing_tx, closing) = watch::channel(false);
@@ -93,8 +94,8 @@ pub async fn serve(
             }
         };
         // Over its address's limit of unfinished handshakes: dropping the socket closes it.
-        let slot = match tls {
-            Some(_) => match gate.admit(peer) {
+        let slot = match &gate {
+            Some(gate) => match gate.admit(peer) {
                 Some(slot) => Some(slot),
                 None => continue,
             },
