@@ -42,7 +42,6 @@ use crate::model::price::{Cloud, ComputePrice, EgressPrice, StoragePrice};
 pub use aws::{AWS_FEED_NAME, AwsFeedSettings, AwsPriceFeed};
 pub use azure::{AZURE_FEED_NAME, AzureFeedSettings, AzureRetailPriceFeed};
 pub use book::{FeedStatus, PriceBook, PricingSettings, RefreshOutcome};
-pub use http::RetryPolicy;
 pub use snapshot::{SnapshotFileFeed, read_snapshot, write_snapshot_atomically};
 
 /// What placement needs priced: instance types per region (and whether their spot price matters
