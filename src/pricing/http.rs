@@ -1,6 +1,6 @@
 //! The HTTP side every live feed shares: one rustls (ring) client and a bounded retry loop that
-//! backs off on throttling (429, AWS `ThrottlingException`) and server errors, honouring
-//! `Retry-After`.
+//! backs off on throttling (429, AWS `ThrottlingException`) and server errors as the feed's
+//! [`RetryPolicy`] says, honouring `Retry-After`.
 
 use std::error::Error as _;
 use std::time::{Duration, Instant};

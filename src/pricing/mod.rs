@@ -4,7 +4,7 @@
 //!
 //! - [`AzureRetailPriceFeed`]: public JSON, OData `$filter`, `NextPageLink` paging.
 //! - [`AwsPriceFeed`]: the Price List Query API (`GetProducts`, each price a JSON document inside a
-//!   string) and EC2 `DescribeSpotPriceHistory` (XML), both SigV4-signed (with ring, see `sigv4`).
+//!   string) and EC2 `DescribeSpotPriceHistory` (XML), both SigV4-signed (`aws-sigv4`, see `sigv4`).
 //! - [`SnapshotFileFeed`]: `config/prices/snapshot.json`, dated, for offline use and as the fallback.
 //!
 //! A feed yields only what it can vouch for: a row it cannot tell apart from another one (an
