@@ -7,6 +7,7 @@ pub mod gpu;
 pub mod identity;
 pub mod job;
 pub mod price;
+pub mod retry;
 pub mod secret;
 pub mod site;
 pub mod state;
