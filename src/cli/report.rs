@@ -78,7 +78,7 @@ mod tests {
     #[test]
     fn what_is_printed_is_escaped() {
         let e = hinted("job \u{202e}fdp.exe", "line\nbreak");
-        assert_eq!(error_lines(&e), "error: job \\u{202e}fdp.exe\nhint: line\\nbreak\n");
+        assert_eq!(error_lines(&e), "error: job \\u{202e}fdp.exe\nhint: line\\u{a}break\n");
     }
 
     #[test]

@@ -49,6 +49,10 @@ impl BrokerArgs {
         tls::install_crypto_provider();
         let paths = TlsPaths { ca_cert: self.ca_cert.clone(), cert: self.cert.clone(), key: self.key.clone() };
         let me = tls::identity_of_cert_file(&paths.cert).map_err(|e| self.file_error(e))?;
+        if me.role != Role::Admin {
+            let message = format!("certificate {} has role {}, not admin", self.cert.display(), me.role);
+            return Err(hinted(message, CERT_HINT));
+        }
         let config = tls::client_config(&paths, &me.trust_domain, Role::Broker).map_err(|e| self.file_error(e))?;
         tls::connect(&self.broker, config, None).await.map_err(|e| match e {
             TlsError::BadUrl { .. } => hinted(e.to_string(), URL_HINT),
