@@ -22,6 +22,12 @@ const REFUSED_HINT: &str = "the broker must accept your certificate: pass an adm
                             broker's CA and not expired, with --cert and --key (or HYBROKER_ADMIN_CERT and \
                             HYBROKER_ADMIN_KEY)";
 
+const LOST_HINT: &str = "check that --cert and --key (or HYBROKER_ADMIN_CERT and HYBROKER_ADMIN_KEY) are an admin \
+                         certificate issued by the broker's CA and not expired, and that the broker at --broker \
+                         (HYBROKER_BROKER) is still running";
+/// How [`tls::explain_status`] begins a call that failed in transport, after connecting.
+const CONNECTION_FAILED: &str = "the connection to the broker failed";
+
 /// How an operator reaches the broker, and how to print. Every flag may come before or after the
 /// subcommand.
 #[derive(Args)]
@@ -87,11 +93,20 @@ impl BrokerArgs {
 }
 
 /// A refused call, explained, with a hint where the operator can fix it.
+///
+/// A broker that refuses our certificate does so after our side of the TLS 1.3 handshake is done:
+/// its alert may arrive before the first call (the handshake fails), with it, or be lost when the
+/// connection closes first (the call fails with a closed connection). The last is said as such.
 pub fn status_error(status: tonic::Status) -> anyhow::Error {
-    let message = tls::explain_status(&status);
+    let mut message = tls::explain_status(&status);
+    let lost = message.starts_with(CONNECTION_FAILED);
+    if lost {
+        message.push_str(" (at a first call, the broker may have refused your certificate)");
+    }
     let hint = match status.code() {
         Code::PermissionDenied if message.contains("role") => Some(CERT_HINT),
         Code::Unauthenticated => Some(REFUSED_HINT),
+        _ if lost => Some(LOST_HINT),
         _ => connection_hint(&message),
     };
     match hint {
@@ -108,7 +123,7 @@ fn connection_hint(explained: &str) -> Option<&'static str> {
         || explained.contains("it may have refused our certificate")
     {
         Some(REFUSED_HINT)
-    } else if explained.contains("could not reach the broker") || explained.contains("the connection to the broker") {
+    } else if explained.contains("could not reach the broker") {
         Some(BROKER_HINT)
     } else {
         None
@@ -126,6 +141,15 @@ mod tests {
         assert!(hint("refused the broker's certificate: UnknownIssuer").contains("HYBROKER_ADMIN_CA_CERT"));
         assert!(hint("the broker refused the TLS handshake (alert UnknownCA): …").contains("HYBROKER_ADMIN_CERT"));
         assert_eq!(hint("job 42 not found"), "none");
+    }
+
+    #[test]
+    fn a_connection_closed_at_the_call_may_be_a_refused_certificate() {
+        let closed = std::io::Error::new(std::io::ErrorKind::Other, "connection closed");
+        let status = tonic::Status::from_error(Box::new(closed));
+        let lines = crate::cli::report::error_lines(&status_error(status));
+        assert!(lines.contains("may have refused your certificate"), "{lines}");
+        assert!(lines.contains("hint: check that --cert and --key"), "{lines}");
     }
 
     #[test]
