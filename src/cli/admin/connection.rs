@@ -145,7 +145,7 @@ mod tests {
 
     #[test]
     fn a_connection_closed_at_the_call_may_be_a_refused_certificate() {
-        let closed = std::io::Error::new(std::io::ErrorKind::Other, "connection closed");
+        let closed = std::io::Error::other("connection closed");
         let status = tonic::Status::from_error(Box::new(closed));
         let lines = crate::cli::report::error_lines(&status_error(status));
         assert!(lines.contains("may have refused your certificate"), "{lines}");
