@@ -266,6 +266,8 @@ async fn operator_mistakes_get_an_error_a_hint_and_status_2() {
         "{}",
         show(&out)
     );
+    let out = op.run(&["pki", "issue", "--dir", "/nonexistent/pki", "--role", "admin", "--name", "x"]).await;
+    assert!(out.status.code() == Some(2) && show(&out).contains("error: "), "{}", show(&out));
     for usage in [&["tenants", "add"][..], &["admin", "list", "--output", "yaml"], &["admin", "frobnicate"]] {
         let out = op.run(usage).await;
         assert_eq!(out.status.code(), Some(2), "a usage error: {}", show(&out));

@@ -104,7 +104,7 @@ pub fn status_error(status: tonic::Status) -> anyhow::Error {
         message.push_str(" (at a first call, the broker may have refused your certificate)");
     }
     let hint = match status.code() {
-        Code::PermissionDenied if message.contains("role") => Some(CERT_HINT),
+        Code::PermissionDenied if message.starts_with("role ") => Some(CERT_HINT),
         Code::Unauthenticated => Some(REFUSED_HINT),
         _ if lost => Some(LOST_HINT),
         _ => connection_hint(&message),

@@ -43,18 +43,23 @@ enum AdminCommand {
     /// Submit a job spec (YAML or JSON); with --wait, follow it and exit with its result.
     #[command(after_help = WAIT_HELP)]
     Submit {
+        /// The job spec file.
         file: PathBuf,
+        /// Print the job's events until it ends, then exit with its result.
         #[arg(long)]
         wait: bool,
+        /// Submit for this tenant (a declared one; default: `default`).
         #[arg(long, default_value = "")]
         tenant: String,
-        #[arg(long, default_value = "")]
+        /// Makes a retried submit safe: the same key and spec give the same job.
+        #[arg(long, default_value = "", value_name = "KEY")]
         idempotency_key: String,
     },
     /// Show one job.
     Get { id: String },
     /// List jobs, newest first.
     List {
+        /// At most this many jobs.
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
