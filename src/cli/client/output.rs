@@ -230,8 +230,8 @@ pub fn final_line(j: &Job) -> String {
 }
 
 /// The process exit status for a job's result: 0 succeeded; a failed job's own exit code clamped
-/// to 1..=125 (1 when it has none or it is 0); 1 cancelled or not ended.
-/// The same for the tenants' `--follow` and the operators' `--wait` ([`crate::cli::report`]).
+/// to 1..=125 (1 when it has none or it is 0); 1 cancelled or not ended. The same for the tenants'
+/// `--follow` and the operators' `--wait` (the table in [`crate::cli::report`]).
 pub fn exit_status(j: &Job) -> i32 {
     use crate::cli::report::{EXIT_JOB_FAILED, EXIT_OK};
     match j.state.as_str() {
