@@ -41,7 +41,7 @@ enum Command {
     },
     #[command(flatten)]
     Client(cli::client::ClientCommand),
-    /// Manage tenants' API keys (with an admin certificate, on the broker).
+    /// Manage tenants' API keys (with an admin certificate, on the broker): add, list, revoke.
     Tenants(cli::admin::TenantsArgs),
     /// Run the agent on a GPU node; it dials out to the broker.
     Agent {
@@ -51,7 +51,8 @@ enum Command {
         #[arg(long)]
         simulate_gpus: Option<String>,
     },
-    /// Operate the broker directly with an admin certificate: submit, get, list, cancel, logs, agents.
+    /// Operate the broker directly with an admin certificate: submit, get, list, cancel, logs, agents,
+    /// drain.
     Admin(cli::admin::AdminArgs),
     /// Make a development CA and issue role certificates.
     #[command(subcommand)]
@@ -122,7 +123,7 @@ fn main() -> anyhow::Result<()> {
                 served
             }
             Command::Client(cmd) => exit_with(cli::client::run(cmd).await?),
-            Command::Tenants(args) => exit_with(cli::admin::tenants(args).await?),
+            Command::Tenants(args) => exit_with(cli::admin::tenants(args).await),
             Command::Agent { config, simulate_gpus } => {
                 let mut config = AgentConfig::load(&config)?;
                 if let Some(spec) = simulate_gpus {
@@ -134,8 +135,8 @@ fn main() -> anyhow::Result<()> {
                 tracing.shutdown().await;
                 ran
             }
-            Command::Pki(cmd) => cli::pki(cmd),
-            Command::Admin(args) => exit_with(cli::admin::run(args).await?),
+            Command::Pki(cmd) => exit_with(cli::report::finish(cli::pki(cmd).map(|()| cli::report::EXIT_OK))),
+            Command::Admin(args) => exit_with(cli::admin::run(args).await),
             Command::Quickstart { once, state_dir } => {
                 let section = telemetry::TelemetrySection::default();
                 let service = telemetry::Service { role: "quickstart", section: &section, site: None, instance: None };

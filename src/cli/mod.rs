@@ -1,8 +1,11 @@
-//! The command-line side: `pki`, `quickstart`, and helpers shared by the subcommands.
+//! The command-line side: `pki`, `quickstart`, the operators' `admin`/`tenants`, the tenants'
+//! `client`, what they all share ([`report`]: output, exit statuses, errors), and helpers of the
+//! services' commands.
 
 pub mod admin;
 pub mod client;
 pub mod quickstart;
+pub mod report;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
