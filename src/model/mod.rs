@@ -6,6 +6,7 @@ pub mod duration;
 pub mod gpu;
 pub mod identity;
 pub mod job;
+pub mod network;
 pub mod price;
 pub mod secret;
 pub mod site;
