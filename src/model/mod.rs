@@ -7,6 +7,7 @@ pub mod gpu;
 pub mod identity;
 pub mod job;
 pub mod network;
+pub mod presigned;
 pub mod price;
 pub mod secret;
 pub mod site;
