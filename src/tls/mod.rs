@@ -16,6 +16,7 @@
 //! [`explain_status`] turns that into a message a person can act on.
 
 mod explain;
+mod handshake;
 mod incoming;
 #[cfg(test)]
 mod incoming_tests;
@@ -27,10 +28,10 @@ mod tests;
 mod verify;
 
 pub use explain::explain_status;
-pub use incoming::{
+pub use handshake::{
     HandshakeError, HandshakeGate, HandshakeLimits, HandshakeSlot, accept_tls, log_handshake_error, source_of,
-    tls_incoming, tls_incoming_with,
 };
+pub use incoming::{Connection, ServerTls, accept_connections, tls_incoming, tls_incoming_with};
 pub use net::{connect, connect_from, connect_lazy};
 pub use verify::{
     CLOCK_SKEW, KeyPurpose, PeerCertError, check_peer_cert, identity_of_cert_file, peer_identity, require_role,
