@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::placement::{PlacementSection, PricesSection};
-use super::storage::{StagingSection, StorageConfig};
-use super::tenants::{DedicatedAgent, TenantConfig};
+use super::placement::{PlacementSection, PricesSection, placement_problems};
+use super::storage::{StagingSection, StorageConfig, storage_problems};
+use super::tenants::{DedicatedAgent, TenantConfig, dedicated_problems};
 use super::{ConfigError, check_tls, finish, load_toml};
 use crate::model::data::DataUri;
 use crate::model::duration::HumanDuration;
@@ -268,9 +268,10 @@ impl BrokerConfig {
                 }
             }
         }
-        self.storage_problems(&mut problems);
-        self.placement_problems(&mut problems);
-        self.dedicated_problems(&mut problems);
+        storage_problems(&self.storage, &self.staging, &mut problems);
+        let (sites, residency, tenants) = (&self.sites, &self.residency, &self.tenants);
+        placement_problems(sites, residency, tenants, &self.storage, &self.placement, &mut problems);
+        dedicated_problems(&self.dedicated, &self.tenants, &mut problems);
         finish(path, problems)
     }
 }
@@ -315,5 +316,22 @@ mod tests {
         c.broker.check_handshake_limits(&mut problems);
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(problems[0].contains("at most broker.max_unfinished_handshakes (10)"), "{problems:?}");
+    }
+
+    #[test]
+    fn dedicated_agents_name_a_declared_tenant_once() {
+        let text = "[broker]\nlisten = \"127.0.0.1:1\"\n[tls]\nca_cert = \"/nope/a\"\ncert = \"/nope/b\"\nkey = \"/nope/c\"\n\
+                    [store]\npath = \"x.db\"\n[[tenant]]\nname = \"acme\"\n\
+                    [[dedicated]]\nagent = \"lab/gpu-9\"\ntenant = \"acme\"\n\
+                    [[dedicated]]\nagent = \"lab/gpu-9\"\ntenant = \"globex\"\n\
+                    [[dedicated]]\nagent = \"gpu-7\"\ntenant = \"default\"\n";
+        let c: BrokerConfig = parse_toml(text, Path::new("t.toml"), []).unwrap();
+        assert_eq!(c.dedicated.len(), 3);
+        let ConfigError::Invalid { problems, .. } = c.validate(Path::new("t.toml")).unwrap_err() else { panic!() };
+        let dedicated: Vec<&String> = problems.iter().filter(|p| p.starts_with("dedicated")).collect();
+        assert_eq!(dedicated.len(), 3, "{problems:?}");
+        assert!(dedicated.iter().any(|p| p.contains("\"globex\" is not a declared [[tenant]]")), "{problems:?}");
+        assert!(dedicated.iter().any(|p| p.contains("\"lab/gpu-9\" is dedicated twice")), "{problems:?}");
+        assert!(dedicated.iter().any(|p| p.contains("\"gpu-7\" is not <site>/<node>")), "{problems:?}");
     }
 }

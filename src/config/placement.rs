@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::broker::BrokerConfig;
+use super::storage::StorageConfig;
+use super::tenants::TenantConfig;
 use crate::model::duration::HumanDuration;
+use crate::model::site::{ResidencyGroup, Site};
 
 /// Where prices come from (used when sites are configured).
 #[derive(Debug, Clone, Deserialize)]
@@ -119,51 +121,57 @@ impl Default for PlacementSection {
     }
 }
 
-impl BrokerConfig {
-    pub(super) fn placement_problems(&self, problems: &mut Vec<String>) {
-        let mut names = std::collections::HashSet::new();
-        for (i, site) in self.sites.iter().enumerate() {
-            for p in site.problems().into_iter().chain(site.residency_problems(&self.residency)) {
-                problems.push(format!("site[{i}] ({}): {p}", site.name));
-            }
-            if !names.insert(site.name.as_str()) {
-                problems.push(format!("site[{i}].name: {:?} is declared twice", site.name));
+/// Problems of the sites, residency groups and `[placement]`, and of what tenants and storage
+/// locations say about them.
+pub(super) fn placement_problems(
+    sites: &[Site],
+    residency: &[ResidencyGroup],
+    tenants: &[TenantConfig],
+    storage: &[StorageConfig],
+    placement: &PlacementSection,
+    problems: &mut Vec<String>,
+) {
+    let mut names = std::collections::HashSet::new();
+    for (i, site) in sites.iter().enumerate() {
+        for p in site.problems().into_iter().chain(site.residency_problems(residency)) {
+            problems.push(format!("site[{i}] ({}): {p}", site.name));
+        }
+        if !names.insert(site.name.as_str()) {
+            problems.push(format!("site[{i}].name: {:?} is declared twice", site.name));
+        }
+    }
+    let mut groups = std::collections::HashSet::new();
+    for (i, g) in residency.iter().enumerate() {
+        if !groups.insert(g.name.as_str()) {
+            problems.push(format!("residency[{i}].name: {:?} is declared twice", g.name));
+        }
+    }
+    for (i, t) in tenants.iter().enumerate() {
+        for s in &t.sites {
+            if !names.contains(s.as_str()) {
+                problems.push(format!("tenant[{i}].sites: {s:?} is not a declared [[site]]"));
             }
         }
-        let mut groups = std::collections::HashSet::new();
-        for (i, g) in self.residency.iter().enumerate() {
-            if !groups.insert(g.name.as_str()) {
-                problems.push(format!("residency[{i}].name: {:?} is declared twice", g.name));
+        if let Some(r) = &t.residency
+            && !groups.contains(r.as_str())
+        {
+            problems.push(format!("tenant[{i}].residency: {r:?} is not a declared [[residency]] group"));
+        }
+        for (k, v) in [("max_usd_per_hour", t.max_usd_per_hour), ("max_usd_per_job", t.max_usd_per_job)]
+            .into_iter()
+            .chain([("monthly_budget_usd", t.monthly_budget_usd)])
+        {
+            if v.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+                problems.push(format!("tenant[{i}].{k} must be a positive number"));
             }
         }
-        for (i, t) in self.tenants.iter().enumerate() {
-            for s in &t.sites {
-                if !names.contains(s.as_str()) {
-                    problems.push(format!("tenant[{i}].sites: {s:?} is not a declared [[site]]"));
-                }
-            }
-            if let Some(r) = &t.residency
-                && !groups.contains(r.as_str())
-            {
-                problems.push(format!("tenant[{i}].residency: {r:?} is not a declared [[residency]] group"));
-            }
-            for (k, v) in [("max_usd_per_hour", t.max_usd_per_hour), ("max_usd_per_job", t.max_usd_per_job)]
-                .into_iter()
-                .chain([("monthly_budget_usd", t.monthly_budget_usd)])
-            {
-                if v.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
-                    problems.push(format!("tenant[{i}].{k} must be a positive number"));
-                }
-            }
+    }
+    for (i, s) in storage.iter().enumerate() {
+        if !sites.is_empty() && !s.residency.is_empty() && !groups.contains(s.residency.as_str()) {
+            problems.push(format!("storage[{i}].residency: {:?} is not a declared [[residency]] group", s.residency));
         }
-        for (i, s) in self.storage.iter().enumerate() {
-            if !self.sites.is_empty() && !s.residency.is_empty() && !groups.contains(s.residency.as_str()) {
-                problems
-                    .push(format!("storage[{i}].residency: {:?} is not a declared [[residency]] group", s.residency));
-            }
-        }
-        if self.placement.replace_after.0.is_zero() || self.placement.price_max_age.0.is_zero() {
-            problems.push("placement.replace_after and price_max_age must be more than 0".into());
-        }
+    }
+    if placement.replace_after.0.is_zero() || placement.price_max_age.0.is_zero() {
+        problems.push("placement.replace_after and price_max_age must be more than 0".into());
     }
 }

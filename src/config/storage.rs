@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::broker::BrokerConfig;
 use crate::model::data::Scheme;
 use crate::model::duration::HumanDuration;
 
@@ -207,37 +206,36 @@ impl Default for StagingSection {
     }
 }
 
-impl BrokerConfig {
-    pub(super) fn storage_problems(&self, problems: &mut Vec<String>) {
-        let mut names = std::collections::HashSet::new();
-        let mut stores = std::collections::HashMap::new();
-        for (i, s) in self.storage.iter().enumerate() {
-            s.problems(i, problems);
-            if !names.insert(s.name.as_str()) {
-                problems.push(format!("storage[{i}].name: {:?} is declared twice", s.name));
-            }
-            let (scheme, store) = s.uri_store();
-            if let Some(other) = stores.insert((scheme, store.clone()), &s.name) {
-                problems.push(format!(
+/// Problems of the `[[storage]]` locations and the `[staging]` section.
+pub(super) fn storage_problems(storage: &[StorageConfig], staging: &StagingSection, problems: &mut Vec<String>) {
+    let mut names = std::collections::HashSet::new();
+    let mut stores = std::collections::HashMap::new();
+    for (i, s) in storage.iter().enumerate() {
+        s.problems(i, problems);
+        if !names.insert(s.name.as_str()) {
+            problems.push(format!("storage[{i}].name: {:?} is declared twice", s.name));
+        }
+        let (scheme, store) = s.uri_store();
+        if let Some(other) = stores.insert((scheme, store.clone()), &s.name) {
+            problems.push(format!(
                     "storage[{i}] ({}): {}://{store} is already location {other:?}; a data URI must resolve to exactly one location",
                     s.name,
                     scheme.as_str()
                 ));
-            }
         }
-        let st = &self.staging;
-        let ttl = st.url_ttl.0;
-        if ttl < Duration::from_secs(1) || ttl > Duration::from_secs(15 * 60) {
-            problems.push("staging.url_ttl must be 1s to 15m".into());
-        }
-        if st.max_input_objects == 0 || st.max_input_objects > 1_000_000 {
-            problems.push("staging.max_input_objects must be 1 to 1000000".into());
-        }
-        if !(5..=5 * 1024).contains(&st.part_size_mib) {
-            problems.push("staging.part_size_mib must be 5 to 5120 (S3's part limits)".into());
-        }
-        if st.multipart_threshold_mib < st.part_size_mib {
-            problems.push("staging.multipart_threshold_mib must be at least staging.part_size_mib".into());
-        }
+    }
+    let st = staging;
+    let ttl = st.url_ttl.0;
+    if ttl < Duration::from_secs(1) || ttl > Duration::from_secs(15 * 60) {
+        problems.push("staging.url_ttl must be 1s to 15m".into());
+    }
+    if st.max_input_objects == 0 || st.max_input_objects > 1_000_000 {
+        problems.push("staging.max_input_objects must be 1 to 1000000".into());
+    }
+    if !(5..=5 * 1024).contains(&st.part_size_mib) {
+        problems.push("staging.part_size_mib must be 5 to 5120 (S3's part limits)".into());
+    }
+    if st.multipart_threshold_mib < st.part_size_mib {
+        problems.push("staging.multipart_threshold_mib must be at least staging.part_size_mib".into());
     }
 }

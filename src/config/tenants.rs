@@ -3,7 +3,6 @@
 
 use serde::Deserialize;
 
-use super::broker::BrokerConfig;
 use crate::model::price::Cloud;
 
 /// One tenant: who may submit, and how much.
@@ -92,47 +91,22 @@ impl TenantConfig {
     }
 }
 
-impl BrokerConfig {
-    pub(super) fn dedicated_problems(&self, problems: &mut Vec<String>) {
-        let mut agents = std::collections::HashSet::new();
-        for (i, d) in self.dedicated.iter().enumerate() {
-            let valid = d.agent.split_once('/').is_some_and(|(site, node)| {
-                crate::model::identity::validate_name("site", site).is_ok()
-                    && crate::model::identity::validate_name("node", node).is_ok()
-            });
-            if !valid {
-                problems.push(format!("dedicated[{i}].agent: {:?} is not <site>/<node>", d.agent));
-            }
-            if self.tenant(&d.tenant).is_none() {
-                problems.push(format!("dedicated[{i}].tenant: {:?} is not a declared [[tenant]]", d.tenant));
-            }
-            if !agents.insert(d.agent.as_str()) {
-                problems.push(format!("dedicated[{i}].agent: {:?} is dedicated twice", d.agent));
-            }
+/// Problems of the `[[dedicated]]` nodes: each names a node once, and a declared tenant.
+pub(super) fn dedicated_problems(dedicated: &[DedicatedAgent], tenants: &[TenantConfig], problems: &mut Vec<String>) {
+    let mut agents = std::collections::HashSet::new();
+    for (i, d) in dedicated.iter().enumerate() {
+        let valid = d.agent.split_once('/').is_some_and(|(site, node)| {
+            crate::model::identity::validate_name("site", site).is_ok()
+                && crate::model::identity::validate_name("node", node).is_ok()
+        });
+        if !valid {
+            problems.push(format!("dedicated[{i}].agent: {:?} is not <site>/<node>", d.agent));
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::path::Path;
-
-    use crate::config::{BrokerConfig, ConfigError, parse_toml};
-
-    #[test]
-    fn dedicated_agents_name_a_declared_tenant_once() {
-        let text = "[broker]\nlisten = \"127.0.0.1:1\"\n[tls]\nca_cert = \"/nope/a\"\ncert = \"/nope/b\"\nkey = \"/nope/c\"\n\
-                    [store]\npath = \"x.db\"\n[[tenant]]\nname = \"acme\"\n\
-                    [[dedicated]]\nagent = \"lab/gpu-9\"\ntenant = \"acme\"\n\
-                    [[dedicated]]\nagent = \"lab/gpu-9\"\ntenant = \"globex\"\n\
-                    [[dedicated]]\nagent = \"gpu-7\"\ntenant = \"default\"\n";
-        let c: BrokerConfig = parse_toml(text, Path::new("t.toml"), []).unwrap();
-        assert_eq!(c.dedicated.len(), 3);
-        let ConfigError::Invalid { problems, .. } = c.validate(Path::new("t.toml")).unwrap_err() else { panic!() };
-        let dedicated: Vec<&String> = problems.iter().filter(|p| p.starts_with("dedicated")).collect();
-        assert_eq!(dedicated.len(), 3, "{problems:?}");
-        assert!(dedicated.iter().any(|p| p.contains("\"globex\" is not a declared [[tenant]]")), "{problems:?}");
-        assert!(dedicated.iter().any(|p| p.contains("\"lab/gpu-9\" is dedicated twice")), "{problems:?}");
-        assert!(dedicated.iter().any(|p| p.contains("\"gpu-7\" is not <site>/<node>")), "{problems:?}");
+        if d.tenant != "default" && !tenants.iter().any(|t| t.name == d.tenant) {
+            problems.push(format!("dedicated[{i}].tenant: {:?} is not a declared [[tenant]]", d.tenant));
+        }
+        if !agents.insert(d.agent.as_str()) {
+            problems.push(format!("dedicated[{i}].agent: {:?} is dedicated twice", d.agent));
+        }
     }
 }
