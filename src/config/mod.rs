@@ -1,6 +1,7 @@
 //! Configuration: TOML files with commented defaults under `config/`, `deny_unknown_fields`,
 //! environment overrides named `HYBROKER_<SECTION>__<KEY>`, and a `validate()` that reports every
-//! problem at once. Only this module and `main.rs` read the process environment (invariant 5).
+//! problem at once. Only this module and `main.rs` read the process environment (invariant 5,
+//! checked by `tests/layers.rs`).
 //!
 //! One file per role: [`broker`] (and the sections only the broker reads: [`tenants`], [`storage`],
 //! [`placement`]), [`gateway`], [`agent`]. This file holds the loading and the shared checks.
