@@ -7,6 +7,8 @@
 //!   price book that refreshes, merges and persists them.
 //! - [`store`]: durable jobs, attempts, agents and the append-only event log (SQLite).
 //! - [`broker`]: the control plane: job service, agent streams, leases, dispatch.
+//! - [`gateway`]: the tenants' HTTP API (keys, rate limits, jobs, streams) in front of the broker.
+//! - [`storage`]: object stores for job data (S3, Azure Blob, the embedded local store) and presigning.
 //! - [`agent`]: the GPU node daemon: inventory (NVML), executor, the stream to the broker.
 //! - [`cli`]: `pki`, `quickstart` and the client commands.
 //! - [`bench`]: `hybroker bench`: a broker child process, simulated agents and a job driver; numbers.

@@ -112,6 +112,30 @@ mod tests {
         assert_eq!(c.leases.ttl.0, Duration::from_secs(5));
     }
 
+    /// Every example under `config/` parses as the configuration its name says (their validation,
+    /// which needs certificates, is checked end to end in `tests/e2e/product.rs`).
+    #[test]
+    fn every_example_config_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let mut parsed = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()).filter(|n| n.ends_with(".toml")) else {
+                continue;
+            };
+            let text = std::fs::read_to_string(&path).unwrap();
+            let result = match name.split(['-', '.']).next() {
+                Some("broker") => parse_toml::<BrokerConfig>(&text, &path, []).map(drop),
+                Some("gateway") => parse_toml::<crate::config::GatewayConfig>(&text, &path, []).map(drop),
+                Some("agent") => parse_toml::<crate::config::AgentConfig>(&text, &path, []).map(drop),
+                _ => panic!("{name}: name an example config after its role (broker, gateway, agent)"),
+            };
+            result.unwrap_or_else(|e| panic!("{e}"));
+            parsed.push(name.to_string());
+        }
+        assert!(parsed.len() >= 4, "{parsed:?}");
+    }
+
     #[test]
     fn unknown_keys_are_refused_with_their_path() {
         let text = "[broker]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n";

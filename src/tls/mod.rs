@@ -11,7 +11,8 @@
 //! Servers feed [`tls_incoming`] to `Server::serve_with_incoming_shutdown`, so tonic's
 //! `Request::peer_certs()` works ([`peer_identity`], [`require_role`]); it bounds the time to the
 //! ClientHello and the unfinished handshakes per source address ([`HandshakeLimits`]). Clients use
-//! [`connect`].
+//! [`connect`]. Every TCP server (also the gateway and the local store) accepts through
+//! [`accept_connections`].
 //! A client whose certificate the server refuses fails at its first call with an opaque status:
 //! [`explain_status`] turns that into a message a person can act on.
 
