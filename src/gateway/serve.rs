@@ -1,7 +1,7 @@
 //! The public listener: the shared accept loop ([`accept_connections`]), rustls (ALPN `h2`,
 //! `http/1.1`) when the config gives a public certificate, plain HTTP on loopback otherwise, and
-//! hyper-util's auto builder (HTTP/1.1 and HTTP/2) per connection. On shutdown it stops accepting, asks every connection to finish its
-//! requests and waits a bounded time for them.
+//! hyper-util's auto builder (HTTP/1.1 and HTTP/2) per connection. On shutdown it stops
+//! accepting, asks every connection to finish its requests and waits a bounded time for them.
 
 use std::future::Future;
 use std::net::SocketAddr;
