@@ -20,6 +20,11 @@ impl SourceTree {
             {
                 problems.push(format!("{name}: module `{top}` is in no layer: add it to LAYERS"));
             }
+            // Names a file brings in from `std` (`use std::time;`) are not the crates of that name.
+            let from_std: Vec<&str> = (file.external.iter())
+                .filter(|(path, _, _)| ["std::", "core::", "alloc::"].iter().any(|p| path.starts_with(p)))
+                .filter_map(|(path, _, _)| path.rsplit("::").next())
+                .collect();
             for (path, line, test) in &file.external {
                 let segments: Vec<&str> = path.split("::").collect();
                 let env_read = matches!(segments.as_slice(), [.., "env", "var" | "var_os" | "vars" | "vars_os"]);
@@ -27,9 +32,11 @@ impl SourceTree {
                     problems
                         .push(format!("{name}:{line}: reads the environment ({path}); only config/ and main.rs may"));
                 }
-                if from_top.is_some_and(|t| rules.pure.contains(&t))
-                    && rules.io_paths.iter().any(|io| path == io || path.starts_with(&format!("{io}::")))
-                {
+                let root = segments[0];
+                let io_crate =
+                    rules.crates.contains(&root) && !rules.pure_crates.contains(&root) && !from_std.contains(&root);
+                let io_std = rules.io_std.iter().any(|io| path == io || path.starts_with(&format!("{io}::")));
+                if from_top.is_some_and(|t| rules.pure.contains(&t)) && (io_crate || io_std) {
                     problems.push(format!("{name}:{line}: a pure module uses {path}"));
                 }
             }

@@ -15,7 +15,9 @@ fn rules() -> Rules<'static> {
         circles: &[],
         env_readers: &[("src/config/", "config")],
         pure: &["model"],
-        io_paths: &["tokio", "std::fs"],
+        pure_crates: &["serde"],
+        io_std: &["std::fs"],
+        crates: &["tokio", "serde", "time"],
     }
 }
 
@@ -120,6 +122,10 @@ fn reading_the_environment_outside_config_fails() {
 fn io_in_a_pure_module_fails() {
     fails_with(&with("src/model.rs", "use tokio::sync::Mutex;\n"), "a pure module uses tokio::sync::Mutex");
     fails_with(&with("src/model.rs", "fn f() { std::fs::read(\"x\"); }\n"), "a pure module uses std::fs::read");
+    fails_with(&with("src/model.rs", "fn f() { tokio::spawn(async {}); }\n"), "a pure module uses tokio::spawn");
+    // `time` is a crate the pure modules may not use here, but this `time` is `std::time`.
+    let files = with("src/model.rs", "use std::time;\nuse serde::Serialize;\nfn f() -> time::Duration { todo!() }\n");
+    assert_eq!(check(&files, &rules()), Vec::<String>::new());
 }
 
 #[test]
