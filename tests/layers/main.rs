@@ -42,7 +42,8 @@ const OWN_CONFIG: &[(&str, &str)] = &[("agent", "agent"), ("gateway", "gateway")
 /// Layer exceptions other branches of issue 13 remove; the lead empties this list when merging.
 /// (importing file, imported module).
 const PENDING_LAYER_EXCEPTIONS: &[(&str, &str)] = &[
-    // `metrics` writes its address file with `cli::write_atomically`: the `metrics` helper's branch.
+    // `metrics` writes its address file with `cli::write_atomically`; no branch moves it yet: move
+    // the function below `metrics` (e.g. into `private_files`) and drop this entry.
     ("src/metrics.rs", "cli"),
 ];
 
