@@ -6,6 +6,8 @@ pub mod duration;
 pub mod gpu;
 pub mod identity;
 pub mod job;
+pub mod network;
+pub mod presigned;
 pub mod price;
 pub mod retry;
 pub mod secret;

@@ -12,7 +12,7 @@ use reqwest::header::HeaderMap;
 use reqwest::{Method, RequestBuilder, Response};
 
 use super::{Progress, Stage, StagingError, StagingLimits};
-use crate::storage::{Presigned, redact_url};
+use crate::model::presigned::{Presigned, redact_url};
 
 /// A URL expiring within this is refreshed before use, and a 403 on it is taken for expiry.
 pub(super) const EXPIRY_MARGIN: Duration = Duration::from_secs(5);
