@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use hybroker::cli::{self, PkiCommand};
 use hybroker::config::{AgentConfig, BrokerConfig, GatewayConfig};
-use hybroker::{agent, bench, broker, gateway, telemetry, tls};
+use hybroker::{agent, bench, broker, gateway, private_files, telemetry, tls};
 
 #[derive(Parser)]
 #[command(
@@ -105,7 +105,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 let listener = cli::listen(config.broker.listen)?;
                 if let Some(path) = addr_file {
-                    cli::write_atomically(&path, &listener.local_addr()?.to_string())?;
+                    private_files::write_atomically(&path, &listener.local_addr()?.to_string())?;
                 }
                 let served = broker::run(config, listener, cli::shutdown_signal()).await;
                 tracing.shutdown().await;
@@ -116,7 +116,7 @@ fn main() -> anyhow::Result<()> {
                 let tracing = traced(format, "gateway", &config.telemetry, &config.tls.cert)?;
                 let listener = cli::listen(config.gateway.listen)?;
                 if let Some(path) = addr_file {
-                    cli::write_atomically(&path, &listener.local_addr()?.to_string())?;
+                    private_files::write_atomically(&path, &listener.local_addr()?.to_string())?;
                 }
                 let served = gateway::run(config, listener, cli::shutdown_signal()).await;
                 tracing.shutdown().await;

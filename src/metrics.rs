@@ -314,7 +314,7 @@ pub async fn start(section: &MetricsSection, refresh: Option<Refresh>) -> anyhow
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("metrics: binding {listen}"))?;
     let addr = listener.local_addr()?;
     if let Some(path) = &section.addr_file {
-        crate::cli::write_atomically(path, &addr.to_string()).context("metrics addr_file")?;
+        crate::private_files::write_atomically(path, &addr.to_string()).context("metrics addr_file")?;
     }
     let app = axum::Router::new().route(
         "/metrics",

@@ -41,19 +41,13 @@ const OWN_CONFIG: &[(&str, &str)] = &[("agent", "agent"), ("gateway", "gateway")
 
 /// Layer exceptions other branches of issue 13 remove; the lead empties this list when merging.
 /// (importing file, imported module).
-const PENDING_LAYER_EXCEPTIONS: &[(&str, &str)] = &[
-    // `metrics` writes its address file with `cli::write_atomically`; no branch moves it yet: move
-    // the function below `metrics` (e.g. into `private_files`) and drop this entry.
-    ("src/metrics.rs", "cli"),
-];
+const PENDING_LAYER_EXCEPTIONS: &[(&str, &str)] = &[];
 
 /// Import circles other branches of issue 13 remove; the lead empties this list when merging.
 /// A circle is tolerated only while all of its files are in one entry.
 const PENDING_CIRCLES: &[&[&str]] = &[
     // The broker core, its agent streams and its staging calls: the `core` helper's branch.
     &["src/broker/core.rs", "src/broker/agents.rs", "src/broker/staging.rs"],
-    // The AWS feed and its price list parser: the `pricing` helper's branch.
-    &["src/pricing/aws.rs", "src/pricing/price_list.rs"],
 ];
 
 /// Who may read the process environment (`std::env::var`, `var_os`, `vars`, `vars_os`), outside
