@@ -140,7 +140,11 @@ async fn round_trip(f: &Fixture) {
     assert!(f.store.list("none/", 0).await.unwrap().is_empty());
 
     let get = f.store.presign_get("in/a.bin", TTL).await.unwrap();
-    assert_eq!((get.method.as_str(), get.headers.len()), ("GET", 0));
+    // Asks for the object's checksums; presigning leaves that header unsigned, so a GET without it
+    // is served too (without checksums).
+    assert_eq!(get.method, "GET");
+    assert_eq!(get.headers, [("x-amz-checksum-mode".to_owned(), "ENABLED".to_owned())]);
+    assert!(get.url.contains("X-Amz-SignedHeaders=host&"), "{get:?}");
     assert_eq!(f.get(&get.url, None).await, (StatusCode::OK, body.to_vec()));
     assert_eq!(f.get(&get.url, Some("bytes=6-10")).await, (StatusCode::PARTIAL_CONTENT, b"world".to_vec()));
     assert_eq!(f.get(&get.url, Some("bytes=-1")).await, (StatusCode::PARTIAL_CONTENT, b"a".to_vec()));
@@ -207,6 +211,53 @@ async fn multipart(f: &Fixture) {
     let completed = f.store.complete_multipart("out/dropped.bin", &id, &parts).await;
     assert!(matches!(completed, Err(StorageError::NotFound(_))) || (f.server.is_none() && completed.is_err()));
     assert_eq!(f.store.head("out/dropped.bin").await.unwrap(), None);
+}
+
+fn crc32c_b64(data: &[u8]) -> String {
+    B64.encode((crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, data) as u32).to_be_bytes())
+}
+
+/// The checksum headers of a GET of `get` (with its headers) and its body.
+async fn checked_get(f: &Fixture, get: &Presigned, range: Option<&str>) -> (Option<String>, Vec<u8>) {
+    let mut req = f.http.get(&get.url);
+    for (name, value) in get.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).chain(range.map(|r| ("range", r))) {
+        req = req.header(name, value);
+    }
+    let resp = req.send().await.unwrap();
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let crc = resp.headers().get("x-amz-checksum-crc32c").map(|v| v.to_str().unwrap().to_owned());
+    (crc, resp.bytes().await.unwrap().to_vec())
+}
+
+#[tokio::test]
+async fn every_object_gets_a_crc32c_that_whole_gets_report() {
+    let f = start().await;
+    // One PUT: the store sums the body as it streams in (the client sent only Content-MD5).
+    let body: Vec<u8> = (0..3 * MIB + 5).map(|i| (i % 253) as u8).collect();
+    let put = f.store.presign_put("in/one.bin", TTL).await.unwrap();
+    let resp = f.upload(&put, &body, &md5_b64(&body)).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["x-amz-checksum-crc32c"].to_str().unwrap(), crc32c_b64(&body));
+    let get = f.store.presign_get("in/one.bin", TTL).await.unwrap();
+    assert_eq!(checked_get(&f, &get, None).await, (Some(crc32c_b64(&body)), body.clone()));
+    // Not on a range (as S3), and read in big chunks from any offset.
+    let range = format!("bytes={}-{}", MIB - 3, 2 * MIB + 7);
+    assert_eq!(checked_get(&f, &get, Some(&range)).await, (None, body[MIB - 3..2 * MIB + 8].to_vec()));
+
+    // A multipart upload over the same key: the assembled object's CRC replaces the old one.
+    let id = f.store.create_multipart("in/one.bin").await.unwrap();
+    let (first, last) = (vec![7u8; 5 * MIB], b"tail".to_vec());
+    let mut parts = Vec::new();
+    for (number, part) in [(1, &first), (2, &last)] {
+        let p = f.store.presign_part("in/one.bin", &id, number, TTL).await.unwrap();
+        let resp = f.upload(&p, part, &md5_b64(part)).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        parts.push(CompletedPart { number, etag: etag(&resp) });
+    }
+    f.store.complete_multipart("in/one.bin", &id, &parts).await.unwrap();
+    let whole = [first, last].concat();
+    assert_eq!(checked_get(&f, &get, None).await, (Some(crc32c_b64(&whole)), whole));
+    f.stop().await;
 }
 
 #[tokio::test]
