@@ -19,5 +19,6 @@ mod placement;
 mod product;
 mod sandbox;
 mod secrets;
+mod stores;
 mod tenants;
 mod traces;

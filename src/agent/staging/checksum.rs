@@ -1,5 +1,5 @@
-//! What a download is checked against: the whole object's CRC32C or CRC64NVME where the store
-//! reports one, else its MD5; and the sums computed over the downloaded bytes.
+//! What a download is checked against: the whole object's CRC64NVME, CRC32C or CRC32 where the
+//! store reports one, else its MD5; and the sums computed over the downloaded bytes.
 //!
 //! A CRC combines: the CRC of `a ‖ b` follows from the CRCs of `a` and `b` and the length of `b`.
 //! So the ranges of a big file are summed where they are written, in parallel, and combined in
@@ -27,6 +27,7 @@ pub(super) const CHECKSUM_MODE: &str = "x-amz-checksum-mode";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Sum {
     Md5([u8; 16]),
+    Crc32(u32),
     Crc32c(u32),
     Crc64Nvme(u64),
 }
@@ -35,6 +36,7 @@ impl Sum {
     fn name(&self) -> &'static str {
         match self {
             Sum::Md5(_) => "md5",
+            Sum::Crc32(_) => "crc32",
             Sum::Crc32c(_) => "crc32c",
             Sum::Crc64Nvme(_) => "crc64nvme",
         }
@@ -45,7 +47,7 @@ impl Sum {
     fn text(&self) -> String {
         match self {
             Sum::Md5(md5) => md5.iter().map(|b| format!("{b:02x}")).collect(),
-            Sum::Crc32c(crc) => STANDARD.encode(crc.to_be_bytes()),
+            Sum::Crc32(crc) | Sum::Crc32c(crc) => STANDARD.encode(crc.to_be_bytes()),
             Sum::Crc64Nvme(crc) => STANDARD.encode(crc.to_be_bytes()),
         }
     }
@@ -81,8 +83,8 @@ pub(super) fn asks_for_checksums(request: &Presigned) -> bool {
     request.headers.iter().any(|(name, value)| name.eq_ignore_ascii_case(CHECKSUM_MODE) && value == "ENABLED")
 }
 
-/// What a whole GET's headers say the object's checksum is: a full-object CRC64NVME or CRC32C,
-/// else the MD5 of [`store_md5`].
+/// What a whole GET's headers say the object's checksum is: a full-object CRC64NVME, CRC32C or
+/// CRC32 (what AWS SDKs send by default), else the MD5 of [`store_md5`].
 pub(super) fn store_checksum(headers: &HeaderMap) -> Option<Expected> {
     store_crc(headers).or_else(|| store_md5(headers, true))
 }
@@ -103,8 +105,12 @@ fn store_crc(headers: &HeaderMap) -> Option<Expected> {
         let sum = Sum::Crc64Nvme(u64::from_be_bytes(crc));
         return Some(Expected { sum, from: "the store's x-amz-checksum-crc64nvme" });
     }
-    let crc = bytes("x-amz-checksum-crc32c").and_then(|b| <[u8; 4]>::try_from(b).ok())?;
-    Some(Expected { sum: Sum::Crc32c(u32::from_be_bytes(crc)), from: "the store's x-amz-checksum-crc32c" })
+    let crc32 = |name| bytes(name).and_then(|b| <[u8; 4]>::try_from(b).ok()).map(u32::from_be_bytes);
+    if let Some(crc) = crc32("x-amz-checksum-crc32c") {
+        return Some(Expected { sum: Sum::Crc32c(crc), from: "the store's x-amz-checksum-crc32c" });
+    }
+    let crc = crc32("x-amz-checksum-crc32")?;
+    Some(Expected { sum: Sum::Crc32(crc), from: "the store's x-amz-checksum-crc32" })
 }
 
 /// The whole object's MD5 as the store's response headers give it: Azure's `Content-MD5` (on a
@@ -145,6 +151,7 @@ impl Hasher {
     pub(super) fn new(like: &Sum) -> Hasher {
         match like {
             Sum::Md5(_) => Hasher::Md5(Box::new(Md5::new())),
+            Sum::Crc32(_) => Hasher::Crc(CrcAlgorithm::Crc32IsoHdlc, CrcDigest::new(CrcAlgorithm::Crc32IsoHdlc)),
             Sum::Crc32c(_) => Hasher::Crc(CrcAlgorithm::Crc32Iscsi, CrcDigest::new(CrcAlgorithm::Crc32Iscsi)),
             Sum::Crc64Nvme(_) => Hasher::Crc(CrcAlgorithm::Crc64Nvme, CrcDigest::new(CrcAlgorithm::Crc64Nvme)),
         }
@@ -161,15 +168,17 @@ impl Hasher {
         match self {
             Hasher::Md5(md5) => Sum::Md5(md5.finalize().into()),
             Hasher::Crc(CrcAlgorithm::Crc64Nvme, crc) => Sum::Crc64Nvme(crc.finalize()),
+            Hasher::Crc(CrcAlgorithm::Crc32IsoHdlc, crc) => Sum::Crc32(crc.finalize() as u32),
             Hasher::Crc(_, crc) => Sum::Crc32c(crc.finalize() as u32),
         }
     }
 }
 
-/// Both CRCs of one range of a big file (which one the store keeps is known only once its first
-/// whole response arrived), over the bytes written so far.
+/// The CRCs of one range of a big file, each kind (which one the store keeps is known only once
+/// its first whole response arrived), over the bytes written so far.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct RangeCrcs {
+    crc32: CrcDigest,
     crc32c: CrcDigest,
     crc64nvme: CrcDigest,
     len: u64,
@@ -178,6 +187,7 @@ pub(super) struct RangeCrcs {
 impl Default for RangeCrcs {
     fn default() -> Self {
         RangeCrcs {
+            crc32: CrcDigest::new(CrcAlgorithm::Crc32IsoHdlc),
             crc32c: CrcDigest::new(CrcAlgorithm::Crc32Iscsi),
             crc64nvme: CrcDigest::new(CrcAlgorithm::Crc64Nvme),
             len: 0,
@@ -187,6 +197,7 @@ impl Default for RangeCrcs {
 
 impl RangeCrcs {
     pub(super) fn update(&mut self, data: &[u8]) {
+        self.crc32.update(data);
         self.crc32c.update(data);
         self.crc64nvme.update(data);
         self.len += data.len() as u64;
@@ -197,6 +208,7 @@ impl RangeCrcs {
 pub(super) fn combine(ranges: &[RangeCrcs], like: &Sum) -> Option<Sum> {
     let (algorithm, pick): (CrcAlgorithm, fn(&RangeCrcs) -> u64) = match like {
         Sum::Md5(_) => return None,
+        Sum::Crc32(_) => (CrcAlgorithm::Crc32IsoHdlc, |r| r.crc32.finalize()),
         Sum::Crc32c(_) => (CrcAlgorithm::Crc32Iscsi, |r| r.crc32c.finalize()),
         Sum::Crc64Nvme(_) => (CrcAlgorithm::Crc64Nvme, |r| r.crc64nvme.finalize()),
     };
@@ -206,6 +218,7 @@ pub(super) fn combine(ranges: &[RangeCrcs], like: &Sum) -> Option<Sum> {
     }
     Some(match like {
         Sum::Crc64Nvme(_) => Sum::Crc64Nvme(crc),
+        Sum::Crc32(_) => Sum::Crc32(crc as u32),
         _ => Sum::Crc32c(crc as u32),
     })
 }
@@ -225,6 +238,8 @@ mod tests {
         }
         let crc32c = crc_fast::checksum(CrcAlgorithm::Crc32Iscsi, &data) as u32;
         let crc64 = crc_fast::checksum(CrcAlgorithm::Crc64Nvme, &data);
+        let crc32 = crc_fast::checksum(CrcAlgorithm::Crc32IsoHdlc, &data) as u32;
+        assert_eq!(combine(&ranges, &Sum::Crc32(0)), Some(Sum::Crc32(crc32)));
         assert_eq!(combine(&ranges, &Sum::Crc32c(0)), Some(Sum::Crc32c(crc32c)));
         assert_eq!(combine(&ranges, &Sum::Crc64Nvme(0)), Some(Sum::Crc64Nvme(crc64)));
         // The known check value of CRC-32C ("123456789" → 0xe3069283).
@@ -250,6 +265,8 @@ mod tests {
         assert_eq!(store_checksum(&headers(&typed)), None);
         let both = [("x-amz-checksum-crc32c", crc.as_str()), ("x-amz-checksum-crc64nvme", "AAAAAAAAAAE=")];
         assert_eq!(store_checksum(&headers(&both)).map(|e| e.sum), Some(Sum::Crc64Nvme(1)));
+        let plain = store_checksum(&headers(&[("x-amz-checksum-crc32", "y/Q5Jg==")])).unwrap();
+        assert_eq!(plain.sum, Sum::Crc32(0xcbf4_3926)); // CRC-32 of "123456789"
         let md5 = "0123456789abcdef0123456789abcdef";
         let only_etag = store_checksum(&headers(&[("etag", &format!("\"{md5}\""))])).unwrap();
         assert_eq!(only_etag.sum.text(), md5);
