@@ -143,18 +143,22 @@ pub(super) fn store_md5(headers: &HeaderMap, whole: bool) -> Option<Expected> {
 
 /// Sums a whole file as it arrives, with the algorithm of the checksum it must match.
 pub(super) enum Hasher {
-    Md5(Box<Md5>),
-    Crc(CrcAlgorithm, CrcDigest),
+    Md5(Md5),
+    Crc(CrcAlgorithm, Box<CrcDigest>),
 }
 
 impl Hasher {
     pub(super) fn new(like: &Sum) -> Hasher {
         match like {
-            Sum::Md5(_) => Hasher::Md5(Box::new(Md5::new())),
-            Sum::Crc32(_) => Hasher::Crc(CrcAlgorithm::Crc32IsoHdlc, CrcDigest::new(CrcAlgorithm::Crc32IsoHdlc)),
-            Sum::Crc32c(_) => Hasher::Crc(CrcAlgorithm::Crc32Iscsi, CrcDigest::new(CrcAlgorithm::Crc32Iscsi)),
-            Sum::Crc64Nvme(_) => Hasher::Crc(CrcAlgorithm::Crc64Nvme, CrcDigest::new(CrcAlgorithm::Crc64Nvme)),
+            Sum::Md5(_) => Hasher::Md5(Md5::new()),
+            Sum::Crc32(_) => Hasher::crc(CrcAlgorithm::Crc32IsoHdlc),
+            Sum::Crc32c(_) => Hasher::crc(CrcAlgorithm::Crc32Iscsi),
+            Sum::Crc64Nvme(_) => Hasher::crc(CrcAlgorithm::Crc64Nvme),
         }
+    }
+
+    fn crc(algorithm: CrcAlgorithm) -> Hasher {
+        Hasher::Crc(algorithm, Box::new(CrcDigest::new(algorithm)))
     }
 
     pub(super) fn update(&mut self, data: &[u8]) {
