@@ -200,10 +200,20 @@ impl Default for RangeCrcs {
 }
 
 impl RangeCrcs {
-    pub(super) fn update(&mut self, data: &[u8]) {
-        self.crc32.update(data);
-        self.crc32c.update(data);
-        self.crc64nvme.update(data);
+    /// Sums `data` with every kind while the file's checksum is not known, then only with its
+    /// kind (none for an MD5): only the kind the file is checked with must cover every byte.
+    pub(super) fn update(&mut self, data: &[u8], known: Option<&Sum>) {
+        match known {
+            None => {
+                self.crc32.update(data);
+                self.crc32c.update(data);
+                self.crc64nvme.update(data);
+            }
+            Some(Sum::Md5(_)) => {}
+            Some(Sum::Crc32(_)) => self.crc32.update(data),
+            Some(Sum::Crc32c(_)) => self.crc32c.update(data),
+            Some(Sum::Crc64Nvme(_)) => self.crc64nvme.update(data),
+        }
         self.len += data.len() as u64;
     }
 }
@@ -237,7 +247,7 @@ mod tests {
         let mut ranges = Vec::new();
         for chunk in data.chunks(65_536) {
             let mut range = RangeCrcs::default();
-            chunk.chunks(1000).for_each(|c| range.update(c));
+            chunk.chunks(1000).for_each(|c| range.update(c, None));
             ranges.push(range);
         }
         let crc32c = crc_fast::checksum(CrcAlgorithm::Crc32Iscsi, &data) as u32;

@@ -355,6 +355,7 @@ async fn fetch_once(
         buffered: 0,
         hasher: expected.filter(|_| !file.ranged).map(|e| Hasher::new(&e.sum)),
         crcs: file.range_crcs.as_ref().map(|_| *crcs),
+        known: None,
     };
     let want = end - from;
     let mut got = 0u64;
@@ -381,6 +382,7 @@ async fn fetch_once(
             last |= first_of_whole && got == want;
         }
         if writer.buffered >= FLUSH_BYTES || (last && writer.buffered > 0) {
+            writer.known = file.state().expected.map(|e| e.sum);
             *done += writer.flush().await.map_err(|e| TryError::Other(file.io(e)))?;
             if let Some(sums) = writer.crcs {
                 *crcs = sums;
@@ -462,13 +464,16 @@ struct Writer {
     buffered: usize,
     hasher: Option<Hasher>,
     crcs: Option<RangeCrcs>,
+    /// The file's checksum, once known: the one kind of CRC a range still sums.
+    known: Option<Sum>,
 }
 
 impl Writer {
     /// Writes the gathered chunks at their offset; returns how many bytes.
     async fn flush(&mut self) -> io::Result<u64> {
         let (file, offset) = (self.file.clone(), self.offset);
-        let (chunks, mut hasher, mut crcs) = (std::mem::take(&mut self.chunks), self.hasher.take(), self.crcs);
+        let (chunks, mut hasher, mut crcs, known) =
+            (std::mem::take(&mut self.chunks), self.hasher.take(), self.crcs, self.known);
         let (hasher, crcs, result) = tokio::task::spawn_blocking(move || {
             let mut at = offset;
             for chunk in &chunks {
@@ -479,7 +484,7 @@ impl Writer {
                     h.update(chunk);
                 }
                 if let Some(c) = crcs.as_mut() {
-                    c.update(chunk);
+                    c.update(chunk, known.as_ref());
                 }
                 at += chunk.len() as u64;
             }
