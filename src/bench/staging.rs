@@ -62,6 +62,18 @@ pub struct StagingArgs {
     /// default: the system's temporary directory.
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// What stage-in checks the object against: `crc` (the store's CRC32C, ranges summed in
+    /// parallel: what an agent does with S3 and the local store) or `md5` (the whole file's MD5 in
+    /// order, as the broker gives it for Azure, and as every object was checked before CRCs).
+    #[arg(long, value_enum, default_value_t = Check::Crc)]
+    pub check: Check,
+}
+
+/// What the staging benchmark's stage-in checks the object against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Check {
+    Crc,
+    Md5,
 }
 
 impl StagingArgs {
@@ -143,15 +155,19 @@ async fn measure(args: &StagingArgs, root: &Path, curl: &str, store: S3Store) ->
         StagingLimits { concurrency: args.concurrency, range_size: args.range_mib << 20, ..Default::default() };
     println!(
         "staging benchmark: {} MiB object on the local store, {} runs; stage-in: {} requests in flight, \
-         {} MiB ranges; {} cpus; {curl}",
+         {} MiB ranges, checked by {}; {} cpus; {curl}",
         args.size_mib,
         args.runs,
         limits.concurrency,
         args.range_mib,
+        match args.check {
+            Check::Crc => "the store's crc32c",
+            Check::Md5 => "md5",
+        },
         std::thread::available_parallelism().map_or(1, |n| n.get()),
     );
     let started = Instant::now();
-    upload(&store, args.size_mib).await?;
+    let md5 = upload(&store, args.size_mib).await?;
     // Written back now, so that the first download does not share the disk with it.
     let object = root.join("store").join(BUCKET).join(KEY);
     tokio::task::spawn_blocking(move || std::fs::File::open(&object)?.sync_all())
@@ -170,7 +186,8 @@ async fn measure(args: &StagingArgs, root: &Path, curl: &str, store: S3Store) ->
             if side {
                 curl_s = curl_once(&store, &downloads.join(format!("curl-{run}.bin")), size).await?;
             } else {
-                let input = InputFile { path: "object.bin".into(), size, md5: None };
+                let md5 = (args.check == Check::Md5).then(|| md5.clone());
+                let input = InputFile { path: "object.bin".into(), size, md5 };
                 let work_dir = downloads.join(format!("stage-in-{run}"));
                 agent_s = stage_in_once(&urls, &work_dir, input, &limits).await?;
             }
@@ -233,8 +250,8 @@ fn block(base: &[u8], index: u64) -> Bytes {
 
 /// Generates the object (`mib` blocks), hashes it (printing the rates of MD5 and CRC32C), then
 /// streams it to the store in one presigned PUT with `Content-MD5`; checks the store's size and
-/// ETag.
-async fn upload(store: &S3Store, mib: u64) -> anyhow::Result<()> {
+/// ETag. Returns the MD5 in base64.
+async fn upload(store: &S3Store, mib: u64) -> anyhow::Result<String> {
     let mut base = vec![0u8; BLOCK];
     fastrand::Rng::new().fill(&mut base);
     let base = Bytes::from(base);
@@ -285,7 +302,7 @@ async fn upload(store: &S3Store, mib: u64) -> anyhow::Result<()> {
             meta.etag
         );
     }
-    Ok(())
+    Ok(content_md5)
 }
 
 fn with_headers(mut builder: reqwest::RequestBuilder, req: &Presigned) -> reqwest::RequestBuilder {
