@@ -61,8 +61,6 @@ pub const LOCAL_REGION: &str = "us-east-1";
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause after an accept error such as "too many open files".
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-/// Bytes a GET reads from its file at once.
-pub const READ_CHUNK: usize = 1 << 20;
 
 /// An S3-compatible endpoint over `root`; bucket `b` is the directory `root/b`.
 pub struct LocalS3Server {
@@ -165,6 +163,9 @@ impl LocalS3Server {
         connections.abort_all();
     }
 }
+
+/// Bytes a GET reads from its file at once.
+pub const READ_CHUNK: usize = 1 << 20;
 
 /// A 20-character access key id and a 40-character secret from the system's secure random source.
 fn new_key() -> Result<(String, String), StorageError> {
