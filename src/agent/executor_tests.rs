@@ -216,10 +216,10 @@ async fn start_failures_name_the_problem() {
 
 #[tokio::test]
 async fn run_as_drops_privileges_when_root() {
-    if !getuid().is_root() || User::from_name("nobody").ok().flatten().is_none() {
+    if !crate::agent::sandbox::cgroup::tests::root_or_skip() {
         return;
     }
-    let nobody = User::from_name("nobody").unwrap().unwrap();
+    let nobody = User::from_name("nobody").unwrap().expect("this test needs the user nobody");
     let dir = tempfile::tempdir().unwrap();
     let mut l = launch(dir.path(), &["sh", "-c", "id -u; id -G; echo $HOME"]);
     l.run_as = Some("nobody".into());

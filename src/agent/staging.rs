@@ -6,10 +6,12 @@
 //! [`UrlSource`] (the broker) gives fresh ones when they expire. Requests run with bounded
 //! concurrency (inputs larger than [`StagingLimits::range_size`] as parallel ranged GETs written at
 //! their offsets), transient failures are retried with jittered exponential backoff, and the bytes
-//! are checked: every response's length, the whole file's MD5 where it is known (the broker's, an
-//! S3 ETag of a single-part object, an Azure `Content-MD5`), and every upload carries `Content-MD5`
-//! so the store refuses damaged bodies. Big inputs are hashed in order from the page cache while
-//! later ranges still arrive, so hashing overlaps downloading.
+//! are checked: every response's length, and the whole file's checksum where it is known: the
+//! store's full-object CRC64NVME or CRC32C (S3 and the local store report one on a whole GET that
+//! asks for it), summed per range in parallel and combined, else its MD5 (the broker's, an S3
+//! ETag of a single-part object, an Azure `Content-MD5`), hashed in order from the page cache while
+//! later ranges still arrive. Every upload carries `Content-MD5`, so the store refuses damaged
+//! bodies (see [`upload`] for why not a CRC).
 //!
 //! Stage-out never follows a symbolic link: the work directory belongs to the job's user while the
 //! agent may be root. Every path below the work directory is opened one component at a time,
@@ -21,6 +23,7 @@
 //! Errors name the file, the HTTP status and the store's error code; never a URL's query (where
 //! the signature lives).
 
+mod checksum;
 mod download;
 mod md5sum;
 mod request;

@@ -138,6 +138,103 @@ async fn a_cut_range_resumes_where_it_stopped() {
     assert_eq!(ranges, ["bytes=0-2097151", "bytes=1048576-2097151", "bytes=2097152-3145727"]);
 }
 
+/// The CRC32C and CRC64NVME of `data` as S3 sends them.
+fn crc_headers(data: &[u8]) -> Vec<(&'static str, String)> {
+    use crc_fast::{CrcAlgorithm, checksum};
+    let crc32c = STANDARD.encode((checksum(CrcAlgorithm::Crc32Iscsi, data) as u32).to_be_bytes());
+    let crc64 = STANDARD.encode(checksum(CrcAlgorithm::Crc64Nvme, data).to_be_bytes());
+    vec![("x-amz-checksum-crc32c", crc32c), ("x-amz-checksum-crc64nvme", crc64)]
+}
+
+/// Stages `/b/<name>` in as `<name>` with URLs that ask for checksums; the requests' ranges.
+async fn stage_checked(server: &Server, name: &str, size: usize, dir: &Path) -> Result<Vec<String>, StagingError> {
+    let key = format!("/b/{name}");
+    let broker = Broker { checksums: true, ..Broker::new(server, &[key.as_str()]) };
+    let initial = vec![server.checked_url("GET", &key, "", 600)];
+    let before = server.store().log.len();
+    stage_in(&client(), &broker, dir, &[input(name, size)], initial, &limits(), &no_progress).await?;
+    let log = &server.store().log[before..];
+    Ok(log.iter().map(|l| l.2.clone().unwrap_or_default()).collect())
+}
+
+#[tokio::test]
+async fn big_files_are_checked_against_the_stores_crc_over_parallel_ranges() {
+    let server = Server::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let big = data(200_000, 18);
+    let sums = crc_headers(&big);
+    {
+        let mut store = server.store();
+        store.objects.insert("/b/crc".into(), big.clone().into());
+        // An ETag that is not the data's MD5: a file checked by its CRC never looks at it.
+        store.etags.insert("/b/crc".into(), format!("\"{}\"", md5_hex(b"other")));
+        store.checksums.insert("/b/crc".into(), sums[..1].to_vec());
+    }
+    let mut ranges = stage_checked(&server, "crc", 200_000, dir.path()).await.unwrap();
+    assert_eq!(std::fs::read(dir.path().join("crc")).unwrap(), big);
+    ranges.sort();
+    // The first range is a whole GET (where the store reports the CRC), read up to its end.
+    assert_eq!(ranges, ["", "bytes=131072-196607", "bytes=196608-199999", "bytes=65536-131071"]);
+    server.store().checksums.insert("/b/crc".into(), sums.clone());
+    stage_checked(&server, "crc", 200_000, dir.path()).await.unwrap();
+
+    // A range damaged on the way, with either CRC, and a CRC that is not the data's.
+    server.store().corrupt.insert("/b/crc".into(), 150_000);
+    let err = stage_checked(&server, "crc", 200_000, dir.path()).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.starts_with("stage-in of crc: crc64nvme mismatch: the store's x-amz-checksum-crc64nvme says"),
+        "{text}"
+    );
+    server.store().checksums.insert("/b/crc".into(), sums[..1].to_vec());
+    let err = stage_checked(&server, "crc", 200_000, dir.path()).await.unwrap_err();
+    assert!(err.to_string().starts_with("stage-in of crc: crc32c mismatch: the store's x-amz-checksum-crc32c"));
+    server.store().corrupt.clear();
+    server.store().checksums.insert("/b/crc".into(), crc_headers(b"other"));
+    let err = stage_checked(&server, "crc", 200_000, dir.path()).await.unwrap_err();
+    assert!(err.to_string().contains("crc64nvme mismatch"), "{err}");
+
+    // A composite checksum (of the parts' checksums) is not the data's: the ETag's MD5 is checked.
+    server.store().checksums.insert("/b/crc".into(), vec![("x-amz-checksum-crc32c", "AAAAAA==-2".into())]);
+    let err = stage_checked(&server, "crc", 200_000, dir.path()).await.unwrap_err();
+    assert!(err.to_string().contains("md5 mismatch: the store's ETag says"), "{err}");
+    server.store().etags.remove("/b/crc");
+    stage_checked(&server, "crc", 200_000, dir.path()).await.unwrap();
+
+    // A small file: its one GET checked against the CRC.
+    let small = data(1000, 19);
+    server.store().objects.insert("/b/small".into(), small.clone().into());
+    server.store().checksums.insert("/b/small".into(), crc_headers(&small));
+    assert_eq!(stage_checked(&server, "small", 1000, dir.path()).await.unwrap(), [""]);
+    server.store().corrupt.insert("/b/small".into(), 999);
+    let err = stage_checked(&server, "small", 1000, dir.path()).await.unwrap_err();
+    assert!(err.to_string().starts_with("stage-in of small: crc64nvme mismatch"), "{err}");
+}
+
+#[tokio::test]
+async fn a_cut_first_range_of_a_checked_file_resumes_as_a_range() {
+    let server = Server::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let big = data(3 << 20, 20);
+    {
+        let mut store = server.store();
+        store.checksums.insert("/b/big".into(), crc_headers(&big)[..1].to_vec());
+        store.objects.insert("/b/big".into(), big.clone().into());
+        // The whole GET of the first range breaks off after 1.5 MiB, 1 MiB of it on disk by then.
+        store.cut_once.insert("/b/big".into());
+    }
+    let broker = Broker { checksums: true, ..Broker::new(&server, &["/b/big"]) };
+    let initial = vec![server.checked_url("GET", "/b/big", "", 600)];
+    let limits = StagingLimits { range_size: 2 << 20, concurrency: 1, ..limits() };
+    stage_in(&client(), &broker, dir.path(), &[input("big", 3 << 20)], initial, &limits, &no_progress).await.unwrap();
+    assert_eq!(std::fs::read(dir.path().join("big")).unwrap(), big);
+    let ranges: Vec<_> = server.store().log.iter().map(|l| l.2.clone().unwrap_or_default()).collect();
+    assert_eq!((ranges.len(), ranges[0].as_str(), ranges[2].as_str()), (3, "", "bytes=2097152-3145727"), "{ranges:?}");
+    // Resumed where the flushed bytes end: at least 1 MiB, at most the 1.5 MiB that came.
+    let resumed: u64 = ranges[1].strip_prefix("bytes=").unwrap().strip_suffix("-2097151").unwrap().parse().unwrap();
+    assert!((1 << 20..=3 << 19).contains(&resumed), "{ranges:?}");
+}
+
 #[tokio::test]
 async fn persistent_failures_fail_after_the_retries() {
     let server = Server::start().await;

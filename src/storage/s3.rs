@@ -15,7 +15,7 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::presigning::{PresignedRequest, PresigningConfig};
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart as S3Part};
+use aws_sdk_s3::types::{ChecksumMode, CompletedMultipartUpload, CompletedPart as S3Part};
 use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
 
 use super::{CompletedPart, ObjectMeta, ObjectStore, Presigned, StorageError};
@@ -100,7 +100,9 @@ impl S3Store {
             )));
         }
         // Checksums only where S3 requires them: otherwise presigned PUTs would carry a checksum of an
-        // empty body and presigned GETs an `x-amz-checksum-mode` header.
+        // empty body. Presigned GETs ask for the object's checksums themselves (`x-amz-checksum-mode:
+        // ENABLED`, a signed header): a whole GET then reports its full-object CRC, which the agent
+        // checks its parallel ranges against.
         let mut config = aws_sdk_s3::config::Builder::from(&shared)
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
@@ -265,6 +267,7 @@ impl ObjectStore for S3Store {
             .get_object()
             .bucket(&self.bucket)
             .key(key)
+            .checksum_mode(ChecksumMode::Enabled)
             .presigned(config)
             .await
             .map_err(|err| self.error("presign get", key, err))?;

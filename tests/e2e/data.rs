@@ -1,6 +1,7 @@
 //! Job data end to end: inputs in one cloud's store, outputs in the other's, moved by a real agent
 //! through presigned URLs against real emulators (moto for S3, Azurite for Azure Blob), checked
-//! with clients built in the test; refused inputs; faults; a large object.
+//! with clients built in the test; refused inputs; faults; a large object; checksums: inputs are
+//! checked against the store's full-object CRC where it keeps one, so damage is refused.
 
 use std::path::Path;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use hybroker::proto::{self, SpecFormat};
 use md5::{Digest, Md5};
 use tonic::Code;
 
-use crate::common::{Cluster, DEADLINE, Setup, eventually, get, states, watch_to_end};
+use crate::common::{Cluster, DEADLINE, Setup, eventually, get, processes_with, states, watch_to_end};
 use crate::emulators::{self, Azurite, Moto, unique_name};
 
 const TTL: Duration = Duration::from_secs(3);
@@ -342,4 +343,75 @@ async fn a_large_object_is_staged_in_parallel_and_uploaded_in_parts() {
     let copied = std::fs::read(objects.join(format!("lab/acme/copies/acme/{id}/attempt-1/copy.bin"))).unwrap();
     assert_eq!(original.len(), 256 << 20);
     assert_eq!(md5_hex(&copied), md5_hex(&original));
+
+    // Bodies stream between sockets and files: the broker, which serves the local store, never held
+    // the 256 MiB object in memory.
+    let broker = processes_with(cluster.path("broker.toml").to_str().unwrap());
+    assert_eq!(broker.len(), 1, "{broker:?}");
+    let peak = peak_rss_mib(broker[0]);
+    assert!(peak < 192, "the broker's peak rss is {peak} MiB");
+
+    // The object's multipart ETag gives no MD5; the store recorded a CRC32C when the upload
+    // completed, which stage-in checks: a byte changed on the store's disk is refused.
+    let stored = objects.join(format!("lab/acme/gen/acme/{made}/attempt-1/big.bin"));
+    let file = std::fs::OpenOptions::new().write(true).open(&stored).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[!original[200 << 20]], 200 << 20).unwrap();
+    let id = submit_as(&cluster, "acme", &copy.replace("name: copy\n", "name: copy\nmax_attempts: 1\n")).await.unwrap();
+    let events = tokio::time::timeout(DEADLINE * 2, watch_to_end(&mut admin, &id)).await.unwrap();
+    let job = get(&mut admin, &id).await;
+    assert_eq!(job.state, "failed", "{events:?}");
+    let refused = "stage-in of data/big.bin: crc32c mismatch: the store's x-amz-checksum-crc32c says";
+    assert!(events.iter().any(|e| e.reason.contains(refused)), "{events:?}\n{}", cluster.agent_log("n1"));
+}
+
+/// Peak resident memory of process `pid`, from `/proc/PID/status`.
+fn peak_rss_mib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
+}
+
+/// PUTs `body` to moto with a CRC32 (what AWS SDKs send by default; moto 5.2 without the optional
+/// `crc32c` module computes a plain CRC32 for CRC32C too): moto computes it
+/// (`x-amz-sdk-checksum-algorithm` alone), or records `value` as given, unchecked, as a store whose
+/// copy was damaged would hold it.
+async fn put_s3_with_crc32(moto: &Moto, bucket: &str, key: &str, body: Vec<u8>, value: Option<&str>) {
+    hybroker::tls::install_crypto_provider();
+    let mut put = reqwest::Client::new()
+        .put(format!("{}/{bucket}/{key}", moto.endpoint()))
+        .header("x-amz-sdk-checksum-algorithm", "CRC32");
+    if let Some(value) = value {
+        put = put.header("x-amz-checksum-crc32", value);
+    }
+    let response = put.body(body).send().await.unwrap();
+    assert!(response.status().is_success(), "seeding s3://{bucket}/{key}: {}", response.status());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn s3_inputs_are_checked_against_the_stores_crc() {
+    let (moto, azurite) = (emulators::moto().await, emulators::azurite().await);
+    let (bucket, container) = (unique_name("crc"), unique_name("crc"));
+    moto.create_bucket(&bucket).await;
+    azurite.create_container(&container).await;
+    // 20 MiB: staged in as 16 MiB ranges (the first a whole GET, where S3 reports the checksum).
+    let big = random_bytes(20 << 20, 7);
+    put_s3_with_crc32(moto, &bucket, "ok/big.bin", big.clone(), None).await;
+    put_s3_with_crc32(moto, &bucket, "bad/big.bin", big.clone(), Some("AAAAAA==")).await;
+    let cluster =
+        Cluster::start_with(TTL, &[("n1", "1xH100-80GB")], |d| setup(d, moto, &bucket, azurite, &container)).await;
+    let mut admin = cluster.admin().await;
+    let job = |dir: &str| {
+        format!(
+            "name: crc\nmax_attempts: 1\ncommand: [\"sh\", \"-c\", \"md5sum data/big.bin\"]\n\
+             inputs: [{{uri: 's3://{bucket}/{dir}/big.bin', path: data/}}]\n"
+        )
+    };
+    let id = submit_as(&cluster, "acme", &job("ok")).await.unwrap();
+    let events = watch_to_end(&mut admin, &id).await;
+    assert_eq!(get(&mut admin, &id).await.state, "succeeded", "{events:?}\n{}", cluster.agent_log("n1"));
+    let id = submit_as(&cluster, "acme", &job("bad")).await.unwrap();
+    let events = watch_to_end(&mut admin, &id).await;
+    assert_eq!(get(&mut admin, &id).await.state, "failed", "{events:?}");
+    let refused = "stage-in of data/big.bin: crc32 mismatch: the store's x-amz-checksum-crc32 says AAAAAA==";
+    assert!(events.iter().any(|e| e.reason.contains(refused)), "{events:?}");
 }

@@ -20,5 +20,6 @@ mod placement;
 mod product;
 mod sandbox;
 mod secrets;
+mod stores;
 mod tenants;
 mod traces;

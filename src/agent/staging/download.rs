@@ -2,10 +2,15 @@
 //!
 //! Every input file is created (sized, mode 0600, directories 0700) before any byte moves, then
 //! fetched: in one GET when it is at most `range_size`, else as ranged GETs written at their
-//! offsets. A range that breaks off is resumed where it stopped. A small file is hashed as it is
-//! written; a big one by a blocking thread that reads back, in order, the prefix that is already
-//! on disk, so hashing runs beside downloading (on another core) instead of after it. MD5 runs at
-//! about 600 MB/s on one core, which bounds a checked big file's download rate.
+//! offsets. A range that breaks off is resumed where it stopped. A small file is summed as it is
+//! written. A big one is checked against the store's full-object CRC where it reports one (see
+//! [`super::checksum`]): every range sums its bytes as it writes them, in parallel, and the
+//! ranges' CRCs are combined in order at the end; the store reports that CRC only on a whole GET,
+//! so when the request asks for checksums the first range is fetched with a whole GET whose body
+//! is read up to the range's end and then dropped. Where the store keeps only an MD5 (Azure, an S3
+//! object without a checksum), a blocking thread reads back, in order, the prefix that is already
+//! on disk, so hashing runs beside downloading instead of after it; MD5 runs at about 600 MB/s on
+//! one core, which bounds such a file's download rate.
 //!
 //! The work directory is the agent's own at this point (the job's process has not started), so
 //! directories are made without symlink checks; files are still opened with `O_NOFOLLOW`.
@@ -22,12 +27,12 @@ use std::time::{Duration, Instant, SystemTime};
 use async_trait::async_trait;
 use futures::{StreamExt, TryStreamExt};
 use hyper::body::Bytes;
-use md5::{Digest, Md5};
 use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, RANGE};
 use tokio::task::JoinHandle;
 
-use super::md5sum::{Expected, Feed, hash_in_order, store_md5};
+use super::checksum::{Expected, Hasher, RangeCrcs, Sum, asks_for_checksums, combine, store_checksum, store_md5};
+use super::md5sum::{Feed, hash_in_order};
 use super::request::{
     Credit, Ctx, EXPIRY_MARGIN, Meter, Retry, TryError, UrlSlot, from_reqwest, header, request, send,
 };
@@ -76,6 +81,9 @@ pub async fn stage_in(
         file.remaining = AtomicUsize::new(ranges.len());
         pieces.extend(ranges.iter().enumerate().map(|(k, &(start, len))| Piece { file: index, index: k, start, len }));
         if file.ranged {
+            if input.md5.is_none() {
+                file.range_crcs = Some(Mutex::new(vec![None; ranges.len()]));
+            }
             file.feed = Some(Arc::new(Feed::new(ranges, input.size)));
         }
         files.push(file);
@@ -124,6 +132,8 @@ struct InFile<'a> {
     /// Ranged files: how far each range is on disk, for the in-order hasher.
     feed: Option<Arc<Feed>>,
     hasher: Mutex<Option<HashTask>>,
+    /// Ranged files whose checksum the broker did not give: each range's CRCs once it is done.
+    range_crcs: Option<Mutex<Vec<Option<RangeCrcs>>>>,
 }
 
 /// The in-order hasher of a ranged file: its MD5, or `None` when stopped.
@@ -154,7 +164,7 @@ impl<'a> InFile<'a> {
             return Err(bad("is listed twice"));
         }
         let expected = match &input.md5 {
-            Some(b64) => Some(Expected::from_base64(b64, "the broker").ok_or_else(|| StagingError::Source {
+            Some(b64) => Some(Expected::from_md5_base64(b64, "the broker").ok_or_else(|| StagingError::Source {
                 what: "input checksums",
                 reason: format!("{b64:?} is not a base64 md5 (for {rel})"),
             })?),
@@ -169,6 +179,7 @@ impl<'a> InFile<'a> {
             state: Mutex::new(FileState { expected, ..FileState::default() }),
             feed: None,
             hasher: Mutex::new(None),
+            range_crcs: None,
         })
     }
 
@@ -184,9 +195,11 @@ impl<'a> InFile<'a> {
         StagingError::Io { stage: Stage::In, path: self.rel.clone(), source }
     }
 
-    /// Checks a response's headers against what earlier ones said; learns the expected MD5 and,
-    /// for a ranged file, starts hashing once it is known.
-    fn on_response(&self, headers: &HeaderMap) -> Result<Option<Expected>, TryError> {
+    /// Checks a response's headers against what earlier ones said; learns the expected checksum
+    /// (from a whole GET; from a range only when the request did not ask for checksums, which
+    /// only a whole GET reports) and, for a ranged file whose checksum is an MD5, starts hashing
+    /// in order once it is known.
+    fn on_response(&self, headers: &HeaderMap, whole: bool, asks: bool) -> Result<Option<Expected>, TryError> {
         let mut state = self.state();
         if let Some(etag) = header(headers, "etag") {
             match &state.etag {
@@ -200,9 +213,14 @@ impl<'a> InFile<'a> {
             }
         }
         if state.expected.is_none() {
-            state.expected = store_md5(headers, !self.ranged);
+            if whole {
+                state.expected = store_checksum(headers);
+            } else if !asks {
+                state.expected = store_md5(headers, false);
+            }
         }
-        if let (Some(_), Some(feed), false) = (state.expected, &self.feed, state.hashing) {
+        let md5 = state.expected.is_some_and(|e| matches!(e.sum, Sum::Md5(_)));
+        if let (true, Some(feed), false) = (md5, &self.feed, state.hashing) {
             state.hashing = true;
             let (feed, dest) = (feed.clone(), self.dest.clone());
             let handle = tokio::task::spawn_blocking(move || hash_in_order(&feed, &dest));
@@ -211,15 +229,25 @@ impl<'a> InFile<'a> {
         Ok(state.expected)
     }
 
-    /// After its last piece: a ranged file's in-order hash against the expected MD5.
-    async fn verify_in_order(&self) -> Result<(), StagingError> {
+    /// After its last piece: a ranged file's combined CRC, or its in-order MD5, against the
+    /// expected checksum.
+    async fn verify_ranged(&self) -> Result<(), StagingError> {
         let handle = self.hasher.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let expected = self.state().expected;
-        let (Some(handle), Some(expected)) = (handle, expected) else {
+        let Some(expected) = self.state().expected else {
+            return Ok(());
+        };
+        if let Some(ranges) = &self.range_crcs {
+            let ranges = ranges.lock().unwrap_or_else(|e| e.into_inner());
+            let ranges: Option<Vec<RangeCrcs>> = ranges.iter().copied().collect();
+            if let Some(actual) = ranges.and_then(|r| combine(&r, &expected.sum)) {
+                return expected.check(&actual).map_err(|reason| self.integrity(reason));
+            }
+        }
+        let Some(handle) = handle else {
             return Ok(());
         };
         match handle.await.map_err(|e| join_error(e, &self.rel))?.map_err(|e| self.io(e))? {
-            Some(actual) => expected.check(&actual).map_err(|reason| self.integrity(reason)),
+            Some(actual) => expected.check(&Sum::Md5(actual)).map_err(|reason| self.integrity(reason)),
             None => Ok(()),
         }
     }
@@ -266,17 +294,20 @@ async fn fetch_piece(
     piece: &Piece,
 ) -> Result<(), StagingError> {
     let slot = InputSlot { urls, index: piece.file };
-    let (mut done, mut credit) = (0, Credit::default());
+    let (mut done, mut credit, mut crcs) = (0, Credit::default(), RangeCrcs::default());
     let mut retry = Retry::new(ctx, &file.rel, &slot);
     loop {
         let req = retry.request().await?;
-        match fetch_once(ctx, file, piece, &req, &mut done, &mut credit).await {
+        match fetch_once(ctx, file, piece, &req, (&mut done, &mut crcs), &mut credit).await {
             Ok(()) => break,
             Err(e) => retry.failed(e).await?,
         }
     }
+    if let Some(ranges) = &file.range_crcs {
+        ranges.lock().unwrap_or_else(|e| e.into_inner())[piece.index] = Some(crcs);
+    }
     if file.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-        file.verify_in_order().await?;
+        file.verify_ranged().await?;
         urls.done[piece.file].store(true, Ordering::Relaxed);
         ctx.meter.add_file();
     }
@@ -284,13 +315,13 @@ async fn fetch_piece(
 }
 
 /// One try of one piece. `done` is how much of the piece is on disk from earlier tries (a range
-/// resumes there; a whole file starts over).
+/// resumes there; a whole file starts over), `crcs` the CRCs of those bytes (ranged files).
 async fn fetch_once(
     ctx: &Ctx<'_>,
     file: &InFile<'_>,
     piece: &Piece,
     req: &Presigned,
-    done: &mut u64,
+    (done, crcs): (&mut u64, &mut RangeCrcs),
     credit: &mut Credit,
 ) -> Result<(), TryError> {
     if !file.ranged {
@@ -300,13 +331,18 @@ async fn fetch_once(
     if file.ranged && from == end {
         return Ok(()); // all on disk; the connection broke after the last byte
     }
+    let asks = asks_for_checksums(req);
+    // The first range of a big file as a whole GET, read up to the range's end: the store reports
+    // the object's checksum only there.
+    let first_of_whole = file.ranged && piece.index == 0 && *done == 0 && asks && file.state().expected.is_none();
+    let whole = !file.ranged || first_of_whole;
     let mut builder = request(ctx.http, req)?;
-    if file.ranged {
+    if !whole {
         builder = builder.header(RANGE, format!("bytes={from}-{}", end - 1));
     }
     let mut response = send(ctx, builder).await?;
-    check_framing(file, response.status(), response.headers(), from, end)?;
-    let expected = file.on_response(response.headers())?;
+    check_framing(file, whole, response.status(), response.headers(), from, end)?;
+    let expected = file.on_response(response.headers(), whole, asks)?;
     let dest = file.dest.clone();
     let handle = tokio::task::spawn_blocking(move || {
         OpenOptions::new().write(true).custom_flags(nix::libc::O_NOFOLLOW).open(dest)
@@ -317,7 +353,9 @@ async fn fetch_once(
         offset: from,
         chunks: Vec::new(),
         buffered: 0,
-        hasher: (!file.ranged && expected.is_some()).then(Md5::new),
+        hasher: expected.filter(|_| !file.ranged).map(|e| Hasher::new(&e.sum)),
+        crcs: file.range_crcs.as_ref().map(|_| *crcs),
+        known: None,
     };
     let want = end - from;
     let mut got = 0u64;
@@ -327,19 +365,28 @@ async fn fetch_once(
             Err(_) => return Err(TryError::transient(format!("no data for {}", humantime::format_duration(wait)))),
             Ok(result) => result.map_err(from_reqwest)?,
         };
-        let last = chunk.is_none();
-        if let Some(chunk) = chunk {
-            got += chunk.len() as u64;
-            if got > want {
-                return Err(TryError::Other(
-                    file.integrity(format!("the store sent more than the {want} bytes asked for")),
-                ));
+        let mut last = chunk.is_none();
+        if let Some(mut chunk) = chunk {
+            if got + chunk.len() as u64 > want {
+                if !first_of_whole {
+                    return Err(TryError::Other(
+                        file.integrity(format!("the store sent more than the {want} bytes asked for")),
+                    ));
+                }
+                chunk.truncate((want - got) as usize); // the rest of the object is for the other ranges
+                last = true;
             }
+            got += chunk.len() as u64;
             writer.buffered += chunk.len();
             writer.chunks.push(chunk);
+            last |= first_of_whole && got == want;
         }
         if writer.buffered >= FLUSH_BYTES || (last && writer.buffered > 0) {
+            writer.known = file.state().expected.map(|e| e.sum);
             *done += writer.flush().await.map_err(|e| TryError::Other(file.io(e)))?;
+            if let Some(sums) = writer.crcs {
+                *crcs = sums;
+            }
             credit.to(&ctx.meter, *done);
             if let Some(feed) = &file.feed {
                 feed.advance(piece.index, *done);
@@ -353,14 +400,16 @@ async fn fetch_once(
         return Err(TryError::transient(format!("the response ended after {got} of {want} bytes")));
     }
     if let (Some(hasher), Some(expected)) = (writer.hasher, expected) {
-        expected.check(&hasher.finalize().into()).map_err(|reason| TryError::Other(file.integrity(reason)))?;
+        expected.check(&hasher.finish()).map_err(|reason| TryError::Other(file.integrity(reason)))?;
     }
     Ok(())
 }
 
-/// Checks status, `Content-Range` and `Content-Length` of a response before its body is read.
+/// Checks status, `Content-Range` and `Content-Length` of a response (to a whole GET, or a ranged
+/// one) before its body is read.
 fn check_framing(
     file: &InFile<'_>,
+    whole: bool,
     status: StatusCode,
     headers: &HeaderMap,
     from: u64,
@@ -370,7 +419,7 @@ fn check_framing(
     let listed = |actual: u64| {
         TryError::Other(file.integrity(format!("the object is {actual} bytes in the store, {size} were listed")))
     };
-    if file.ranged {
+    if !whole {
         if status == StatusCode::OK {
             return Err(TryError::Fatal("the store ignored the range request (HTTP 200 to a ranged GET)".into()));
         }
@@ -391,7 +440,8 @@ fn check_framing(
         return Err(TryError::Fatal(format!("unexpected HTTP {status} to a GET")));
     }
     match header(headers, "content-length").and_then(|v| v.trim().parse::<u64>().ok()) {
-        Some(len) if len != end - from && !file.ranged => Err(listed(len)),
+        Some(len) if whole && len != size => Err(listed(len)),
+        Some(_) if whole => Ok(()),
         Some(len) if len != end - from => Err(TryError::Fatal(format!("{len} bytes for a range of {}", end - from))),
         _ => Ok(()),
     }
@@ -405,38 +455,45 @@ fn parse_content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
     Some((first.parse().ok()?, last.parse().ok()?, total))
 }
 
-/// Gathers a response's chunks and writes them (hashing them first, for a small file) off the
-/// async threads, about [`FLUSH_BYTES`] at a time, without copying them.
+/// Gathers a response's chunks and writes them (summing them first: a small file's checksum, a
+/// range's CRCs) off the async threads, about [`FLUSH_BYTES`] at a time, without copying them.
 struct Writer {
     file: Arc<File>,
     offset: u64,
     chunks: Vec<Bytes>,
     buffered: usize,
-    hasher: Option<Md5>,
+    hasher: Option<Hasher>,
+    crcs: Option<RangeCrcs>,
+    /// The file's checksum, once known: the one kind of CRC a range still sums.
+    known: Option<Sum>,
 }
 
 impl Writer {
     /// Writes the gathered chunks at their offset; returns how many bytes.
     async fn flush(&mut self) -> io::Result<u64> {
         let (file, offset) = (self.file.clone(), self.offset);
-        let (chunks, mut hasher) = (std::mem::take(&mut self.chunks), self.hasher.take());
-        let (hasher, result) = tokio::task::spawn_blocking(move || {
+        let (chunks, mut hasher, mut crcs, known) =
+            (std::mem::take(&mut self.chunks), self.hasher.take(), self.crcs, self.known);
+        let (hasher, crcs, result) = tokio::task::spawn_blocking(move || {
             let mut at = offset;
             for chunk in &chunks {
+                if let Err(e) = file.write_all_at(chunk, at) {
+                    return (hasher, crcs, Err(e));
+                }
                 if let Some(h) = hasher.as_mut() {
                     h.update(chunk);
                 }
-                if let Err(e) = file.write_all_at(chunk, at) {
-                    return (hasher, Err(e));
+                if let Some(c) = crcs.as_mut() {
+                    c.update(chunk, known.as_ref());
                 }
                 at += chunk.len() as u64;
             }
-            (hasher, Ok(at - offset))
+            (hasher, crcs, Ok(at - offset))
         })
         .await
         .map_err(|e| io::Error::other(e.to_string()))?;
         let n = result?;
-        (self.hasher, self.offset, self.buffered) = (hasher, offset + n, 0);
+        (self.hasher, self.crcs, self.offset, self.buffered) = (hasher, crcs, offset + n, 0);
         Ok(n)
     }
 }

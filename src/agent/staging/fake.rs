@@ -1,6 +1,6 @@
-//! Stand-ins for the staging tests: a presigned-URL endpoint on 127.0.0.1 (GET with ranges,
-//! PUT checking `Content-Length` and `Content-MD5`, injectable faults) and a broker that mints
-//! URLs for it.
+//! Stand-ins for the staging tests: a presigned-URL endpoint on 127.0.0.1 (GET with ranges and,
+//! like S3, `x-amz-checksum-*` headers on whole GETs that ask for them; PUT checking
+//! `Content-Length` and `Content-MD5`; injectable faults) and a broker that mints URLs for it.
 //!
 //! A URL is `http://127.0.0.1:<port><path>?[<params>&]exp=<unix seconds>&sig=secret`; the server
 //! answers 403 once `exp` has passed, like a store whose signature expired.
@@ -30,6 +30,11 @@ pub(super) struct Store {
     pub etags: HashMap<String, String>,
     /// `Content-MD5` to send on whole GETs, by path.
     pub content_md5: HashMap<String, String>,
+    /// Headers (`x-amz-checksum-crc32c`, …) to send on whole GETs with `x-amz-checksum-mode:
+    /// ENABLED`, by path.
+    pub checksums: HashMap<String, Vec<(&'static str, String)>>,
+    /// A byte (by offset in the object) every response that holds it sends flipped, by path.
+    pub corrupt: HashMap<String, usize>,
     /// So many of the next requests for a path answer 503.
     pub fail_first: HashMap<String, u32>,
     /// Paths that always answer 500.
@@ -72,6 +77,13 @@ impl Server {
         let sep = if params.is_empty() { "" } else { "&" };
         let url = format!("{}{path}?{params}{sep}exp={exp}&sig=secret", self.base);
         Presigned { method: method.into(), url, headers: vec![("x-test".into(), "1".into())], expires_at }
+    }
+
+    /// [`Server::url`] asking for the object's checksums, as the broker's S3 GETs do.
+    pub fn checked_url(&self, method: &str, path: &str, params: &str, ttl: i64) -> Presigned {
+        let mut url = self.url(method, path, params, ttl);
+        url.headers.push(("x-amz-checksum-mode".into(), "ENABLED".into()));
+        url
     }
 }
 
@@ -142,20 +154,29 @@ fn answer(
     };
     let etag = store.etags.get(path).cloned().unwrap_or_else(|| format!("\"{}\"", md5_hex(&object)));
     let mut response = Response::builder().header("etag", etag);
-    let (status, part) = match range.and_then(|r| r.strip_prefix("bytes=")?.split_once('-')) {
+    let (status, first, mut part) = match range.and_then(|r| r.strip_prefix("bytes=")?.split_once('-')) {
         Some((first, last)) => {
             let (first, last): (usize, usize) = (first.parse().unwrap(), last.parse().unwrap());
             let total = object.len();
             response = response.header("content-range", format!("bytes {first}-{last}/{total}"));
-            (StatusCode::PARTIAL_CONTENT, object.slice(first..=last.min(total - 1)))
+            (StatusCode::PARTIAL_CONTENT, first, object.slice(first..=last.min(total - 1)))
         }
         None => {
             if let Some(md5) = store.content_md5.get(path) {
                 response = response.header("content-md5", md5);
             }
-            (StatusCode::OK, object)
+            let asked = headers.get("x-amz-checksum-mode").is_some_and(|v| v == "ENABLED");
+            for (name, value) in store.checksums.get(path).filter(|_| asked).into_iter().flatten() {
+                response = response.header(*name, value);
+            }
+            (StatusCode::OK, 0, object)
         }
     };
+    if let Some(at) = store.corrupt.get(path).and_then(|at| at.checked_sub(first)).filter(|at| *at < part.len()) {
+        let mut bytes = part.to_vec();
+        bytes[at] ^= 0xff;
+        part = bytes.into();
+    }
     response = response.status(status).header("content-length", part.len());
     if store.cut_once.remove(path) {
         let half = part.slice(..part.len() / 2);
@@ -182,13 +203,15 @@ pub(super) struct Broker<'s> {
     pub part_size: u64,
     /// The first plan's part URLs have expired already.
     pub stale_parts: bool,
+    /// Input URLs ask for the objects' checksums ([`Server::checked_url`]).
+    pub checksums: bool,
     pub calls: Mutex<Calls>,
 }
 
 impl<'s> Broker<'s> {
     pub fn new(server: &'s Server, inputs: &[&str]) -> Self {
         let inputs = inputs.iter().map(|s| (*s).to_owned()).collect();
-        Broker { server, inputs, part_size: 64 << 10, stale_parts: false, calls: Mutex::default() }
+        Broker { server, inputs, part_size: 64 << 10, stale_parts: false, checksums: false, calls: Mutex::default() }
     }
 
     pub fn calls(&self) -> MutexGuard<'_, Calls> {
@@ -204,7 +227,11 @@ impl<'s> Broker<'s> {
 impl UrlSource for Broker<'_> {
     async fn input_urls(&self, indices: &[u32]) -> Result<Vec<Presigned>, String> {
         self.calls().input_urls.push(indices.to_vec());
-        Ok(indices.iter().map(|i| self.server.url("GET", &self.inputs[*i as usize], "", 600)).collect())
+        let url = |i: &u32| match self.checksums {
+            true => self.server.checked_url("GET", &self.inputs[*i as usize], "", 600),
+            false => self.server.url("GET", &self.inputs[*i as usize], "", 600),
+        };
+        Ok(indices.iter().map(url).collect())
     }
 
     async fn plan_outputs(&self, files: &[FoundFile]) -> Result<Vec<UploadPlan>, String> {

@@ -1,4 +1,4 @@
-//! The MD5s staging checks downloads against, the in-order hasher of ranged downloads, and the
+//! The in-order MD5 hasher of ranged downloads (where the store keeps only an MD5), and the
 //! `Content-MD5` of uploads.
 
 use std::fs::OpenOptions;
@@ -10,60 +10,6 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use md5::{Digest, Md5};
-use reqwest::header::HeaderMap;
-
-use super::request::header;
-
-/// The MD5 a downloaded file must have, and who said so.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Expected {
-    md5: [u8; 16],
-    from: &'static str,
-}
-
-impl Expected {
-    /// From a base64 MD5 (`Content-MD5` style); `None` when it is not one.
-    pub(super) fn from_base64(b64: &str, from: &'static str) -> Option<Expected> {
-        let md5 = STANDARD.decode(b64.trim()).ok()?.try_into().ok()?;
-        Some(Expected { md5, from })
-    }
-
-    /// Whether `actual` matches; else the reason, for people.
-    pub(super) fn check(&self, actual: &[u8; 16]) -> Result<(), String> {
-        if *actual == self.md5 {
-            return Ok(());
-        }
-        Err(format!("md5 mismatch: {} says {}, the downloaded data has {}", self.from, hex(&self.md5), hex(actual)))
-    }
-}
-
-/// The whole object's MD5 as the store's response headers give it: Azure's `Content-MD5` (on a
-/// whole GET; on a ranged one it would be the range's) or `x-ms-blob-content-md5` (ranged), else
-/// an S3 ETag that is a plain MD5 (single-part upload, not SSE-KMS or SSE-C encrypted).
-pub(super) fn store_md5(headers: &HeaderMap, whole: bool) -> Option<Expected> {
-    let azure = if whole {
-        header(headers, "content-md5").and_then(|v| Expected::from_base64(&v, "the store's Content-MD5"))
-    } else {
-        header(headers, "x-ms-blob-content-md5").and_then(|v| Expected::from_base64(&v, "the store's blob md5"))
-    };
-    azure.or_else(|| {
-        let encryption = header(headers, "x-amz-server-side-encryption").unwrap_or_default();
-        if encryption.starts_with("aws:kms") || headers.contains_key("x-amz-server-side-encryption-customer-algorithm")
-        {
-            return None;
-        }
-        let etag = header(headers, "etag")?;
-        let etag = etag.trim().trim_matches('"');
-        if etag.len() != 32 || !etag.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return None;
-        }
-        let mut md5 = [0u8; 16];
-        for (i, byte) in md5.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&etag[2 * i..2 * i + 2], 16).ok()?;
-        }
-        Some(Expected { md5, from: "the store's ETag" })
-    })
-}
 
 /// `Content-MD5` for a body with this MD5.
 pub(super) fn base64(md5: &[u8; 16]) -> String {
@@ -149,8 +95,4 @@ pub(super) fn hash_in_order(feed: &Feed, dest: &Path) -> io::Result<Option<[u8; 
         }
     }
     Ok(Some(md5.finalize().into()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

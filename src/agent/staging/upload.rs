@@ -6,6 +6,12 @@
 //! carries `Content-Length` and `Content-MD5`: its body is hashed first and read again to be sent,
 //! so the store refuses it if the file changed in between. The multipart uploads are completed by
 //! the broker in one call at the end.
+//!
+//! Not a CRC: S3 refuses a presigned request that carries an `x-amz-checksum-*` header the URL
+//! did not sign ("headers present in the request which were not signed"), and the broker signs
+//! before the agent has read the file. The stores record a full-object CRC themselves, which later
+//! downloads check: S3 a CRC64NVME for every object written without one, the local store a CRC32C
+//! (computed as the body streams in, and over the assembled object on completion).
 
 use std::fs::File;
 use std::io;

@@ -19,7 +19,7 @@ mod v1;
 mod v2;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;

@@ -19,7 +19,7 @@ const V1_ROOT: &str = "/sys/fs/cgroup";
 const MIB: u64 = 1024 * 1024;
 
 /// Whether the test may run: root, or (not root) skipped, except under CI where it fails.
-fn root_or_skip() -> bool {
+pub(crate) fn root_or_skip() -> bool {
     if getuid().is_root() {
         return true;
     }
