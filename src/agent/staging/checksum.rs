@@ -18,7 +18,7 @@ use md5::{Digest, Md5};
 use reqwest::header::HeaderMap;
 
 use super::request::header;
-use crate::storage::Presigned;
+use crate::model::presigned::Presigned;
 
 /// The request header that asks S3 for the object's checksums.
 pub(super) const CHECKSUM_MODE: &str = "x-amz-checksum-mode";
