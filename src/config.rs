@@ -27,6 +27,18 @@ pub enum ConfigError {
     Invalid { path: String, problems: Vec<String> },
 }
 
+/// `[metrics]`: the Prometheus endpoint of a service (off by default); served by `metrics::start`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Where `GET /metrics` is served (plain HTTP), e.g. `127.0.0.1:9464`; port 0 picks one.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Write the bound address to this file once listening (useful with port 0).
+    #[serde(default)]
+    pub addr_file: Option<PathBuf>,
+}
+
 /// `hybroker broker`'s configuration (`config/broker.toml`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -67,7 +79,7 @@ pub struct BrokerConfig {
     pub prices: PricesSection,
     /// `[metrics]`: Prometheus `/metrics` (off unless `listen` is set).
     #[serde(default)]
-    pub metrics: crate::metrics::MetricsSection,
+    pub metrics: MetricsSection,
     /// `[telemetry]`: OpenTelemetry trace export (off unless an endpoint is configured).
     #[serde(default)]
     pub telemetry: crate::telemetry::TelemetrySection,
@@ -609,7 +621,7 @@ pub struct GatewayConfig {
     pub tls: TlsPaths,
     /// `[metrics]`: Prometheus `/metrics` (off unless `listen` is set).
     #[serde(default)]
-    pub metrics: crate::metrics::MetricsSection,
+    pub metrics: MetricsSection,
     /// `[telemetry]`: OpenTelemetry trace export (off unless an endpoint is configured).
     #[serde(default)]
     pub telemetry: crate::telemetry::TelemetrySection,
@@ -792,7 +804,7 @@ pub struct AgentConfig {
     pub sandbox: SandboxSection,
     /// `[metrics]`: Prometheus `/metrics` (off unless `listen` is set).
     #[serde(default)]
-    pub metrics: crate::metrics::MetricsSection,
+    pub metrics: MetricsSection,
     /// `[telemetry]`: OpenTelemetry trace export (off unless an endpoint is configured).
     #[serde(default)]
     pub telemetry: crate::telemetry::TelemetrySection,

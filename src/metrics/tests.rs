@@ -70,7 +70,7 @@ fn names_match_the_declared_families() {
     let declared: Vec<&str> = FAMILIES.iter().map(|f| f.name).collect();
     assert_eq!(declared, NAMES);
     for f in FAMILIES {
-        assert!(f.name.starts_with("hybroker_"));
+        assert!(f.name.starts_with("hybroker_") || f.name.starts_with("process_"), "{}", f.name);
         assert_eq!(f.kind == Kind::Counter, f.name.ends_with("_total"), "{}", f.name);
         assert!(f.buckets.windows(2).all(|w| w[0] < w[1]), "{}", f.name);
         assert!(!f.labels.contains(&"job") && !f.labels.contains(&"job_id"));
@@ -139,4 +139,123 @@ fn histogram_buckets_are_cumulative_and_end_at_the_count() {
     let first =
         samples.iter().find(|(n, l, _)| n.ends_with("_bucket") && l["route"] == "/v1/jobs/{id}" && l["le"] == "0.0001");
     assert_eq!(first.unwrap().2, 1.0);
+}
+
+/// A registry's sample value, from its rendered text.
+fn sample(r: &Registry, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let (_, samples) = parse(&r.render());
+    samples
+        .iter()
+        .find(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
+        .map(|s| s.2)
+}
+
+#[test]
+fn declared_series_read_zero_and_survive_replacing_their_family() {
+    let r = Registry::default();
+    r.declare("hybroker_agents_connected", &["lab"]);
+    r.declare("hybroker_jobs_finished_total", &["succeeded", "lab"]);
+    assert_eq!(sample(&r, "hybroker_agents_connected", &[("site", "lab")]), Some(0.0));
+    assert_eq!(sample(&r, "hybroker_jobs_finished_total", &[("site", "lab")]), Some(0.0));
+    r.set_family("hybroker_agents_connected", vec![(vec!["lab".into()], 2.0), (vec!["cloud".into()], 1.0)]);
+    assert_eq!(sample(&r, "hybroker_agents_connected", &[("site", "lab")]), Some(2.0));
+    // Left out: the declared site drops back to 0, the undeclared one disappears.
+    r.set_family("hybroker_agents_connected", Vec::new());
+    assert_eq!(sample(&r, "hybroker_agents_connected", &[("site", "lab")]), Some(0.0));
+    assert_eq!(sample(&r, "hybroker_agents_connected", &[("site", "cloud")]), None);
+    // Declaring again keeps a counter's value.
+    r.inc("hybroker_jobs_finished_total", &["succeeded", "lab"], 2.0);
+    r.declare("hybroker_jobs_finished_total", &["succeeded", "lab"]);
+    assert_eq!(sample(&r, "hybroker_jobs_finished_total", &[("site", "lab")]), Some(2.0));
+}
+
+#[test]
+fn handles_update_the_series_they_were_resolved_to() {
+    let r = Registry::default();
+    let counter = r.handle("hybroker_staging_bytes_total", &["in", "lab"]).unwrap();
+    counter.inc(5.0);
+    counter.inc(-1.0);
+    r.inc("hybroker_staging_bytes_total", &["in", "lab"], 1.0);
+    assert_eq!(sample(&r, "hybroker_staging_bytes_total", &[("direction", "in")]), Some(6.0));
+    let histogram = r.handle("hybroker_placement_duration_seconds", &[]).unwrap();
+    histogram.observe(0.002);
+    assert_eq!(sample(&r, "hybroker_placement_duration_seconds_count", &[]), Some(1.0));
+    assert_eq!(sample(&r, "hybroker_placement_duration_seconds_bucket", &[("le", "0.005")]), Some(1.0));
+    assert_eq!(sample(&r, "hybroker_placement_duration_seconds_bucket", &[("le", "0.001")]), Some(0.0));
+    // A gauge given again by `set_family` keeps its series, so its handle stays live.
+    let gauge = r.handle("hybroker_queue_depth", &["lab"]).unwrap();
+    r.set_family("hybroker_queue_depth", vec![(vec!["lab".into()], 3.0)]);
+    assert_eq!(sample(&r, "hybroker_queue_depth", &[("site", "lab")]), Some(3.0));
+    gauge.set(4.0);
+    assert_eq!(sample(&r, "hybroker_queue_depth", &[("site", "lab")]), Some(4.0));
+}
+
+#[test]
+fn concurrent_increments_are_all_counted() {
+    const THREADS: usize = 8;
+    const EACH: usize = 10_000;
+    let r = Registry::default();
+    let sites = ["a", "b", "c"];
+    std::thread::scope(|scope| {
+        for t in 0..THREADS {
+            let r = &r;
+            scope.spawn(move || {
+                for i in 0..EACH {
+                    r.inc("hybroker_jobs_finished_total", &["succeeded", sites[(t + i) % sites.len()]], 1.0);
+                    r.observe("hybroker_staging_duration_seconds", &["in"], 1.0);
+                }
+            });
+        }
+    });
+    let (_, samples) = parse(&r.render());
+    let total: f64 = samples.iter().filter(|(n, _, _)| n == "hybroker_jobs_finished_total").map(|s| s.2).sum();
+    assert_eq!(total, (THREADS * EACH) as f64);
+    assert_eq!(sample(&r, "hybroker_staging_duration_seconds_count", &[]), Some((THREADS * EACH) as f64));
+    assert_eq!(sample(&r, "hybroker_staging_duration_seconds_sum", &[]), Some((THREADS * EACH) as f64));
+}
+
+#[test]
+fn series_render_sorted_by_label_values() {
+    let r = Registry::default();
+    for site in ["zeta", "alpha", "mid"] {
+        r.inc("hybroker_staging_bytes_total", &["out", site], 1.0);
+    }
+    let (_, samples) = parse(&r.render());
+    let sites: Vec<&str> = samples.iter().map(|(_, l, _)| l["site"].as_str()).collect();
+    assert_eq!(sites, ["alpha", "mid", "zeta"]);
+}
+
+#[test]
+fn process_stat_fields_are_counted_after_the_command_name() {
+    // A command name with spaces and a parenthesis, as proc(5) allows.
+    let stat = "4242 (my (odd) name) S 1 4242 4242 0 -1 4194560 1200 0 0 0 250 150 0 0 20 0 7 0 \
+                123456 2147483648 2048 18446744073709551615 1 1 0 0 0 0 0 4096 17987 0 0 0 17 3 0 0 0 0 0";
+    let stats = process::parse_stat(stat).unwrap();
+    assert_eq!(stats.cpu_seconds, 4.0);
+    assert_eq!(stats.threads, 7.0);
+    assert_eq!(stats.started_after_boot, 1234.56);
+    assert_eq!(stats.virtual_bytes, 2147483648.0);
+    assert_eq!(process::parse_stat("4242 (truncated) S 1 2"), None);
+    assert_eq!(process::parse_boot_time("cpu  1 2 3\nbtime 1700000000\nprocesses 9\n"), Some(1.7e9));
+    assert_eq!(process::parse_resident_bytes("Name:\tx\nVmRSS:\t    2048 kB\nThreads:\t3\n"), Some(2048.0 * 1024.0));
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn process_metrics_describe_this_process() {
+    let r = Registry::default();
+    process::publish(&r);
+    process::publish_build_info(&r);
+    let get = |name: &str| sample(&r, name, &[]).unwrap_or_else(|| panic!("{name} missing:\n{}", r.render()));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let started = get("process_start_time_seconds");
+    assert!(started <= now + 1.0 && started > now - 86_400.0, "started {started}, now {now}");
+    assert!(get("process_threads") >= 1.0);
+    assert!(get("process_open_fds") >= 3.0);
+    assert!(get("process_max_fds") >= get("process_open_fds"));
+    assert!(get("process_resident_memory_bytes") > 1e6);
+    assert!(get("process_virtual_memory_bytes") >= get("process_resident_memory_bytes"));
+    assert!(get("process_cpu_seconds_total") >= 0.0);
+    let version = sample(&r, "hybroker_build_info", &[("version", env!("CARGO_PKG_VERSION"))]);
+    assert_eq!(version, Some(1.0));
 }
