@@ -17,6 +17,7 @@ pub const NAMES: &[&str] = &[
     "hybroker_price_feed_age_seconds",
     "hybroker_price_feed_stale",
     "hybroker_agents_connected",
+    "hybroker_site_info",
     "hybroker_tls_handshake_failures_total",
     "hybroker_staging_bytes_total",
     "hybroker_staging_duration_seconds",
@@ -109,6 +110,13 @@ pub static FAMILIES: &[Family] = &[
     family("hybroker_price_feed_age_seconds", Gauge, "Age of each live price feed's last good prices.", &["feed"]),
     family("hybroker_price_feed_stale", Gauge, "1 when a live price feed is stale or never fetched.", &["feed"]),
     family("hybroker_agents_connected", Gauge, "Agents connected, by site.", &["site"]),
+    family(
+        "hybroker_site_info",
+        Gauge,
+        "Always 1, per configured site: its kind (onprem, aws, azure) and whether it is elastic (takes \
+         work before an agent exists, so 0 agents there is normal).",
+        &["site", "kind", "elastic"],
+    ),
     family(
         "hybroker_tls_handshake_failures_total",
         Counter,

@@ -12,6 +12,7 @@
 //! Every scrape adds the `process_*` metrics and `hybroker_build_info`.
 
 mod families;
+mod known;
 mod process;
 mod registry;
 
@@ -23,6 +24,7 @@ use anyhow::Context;
 
 pub use crate::config::MetricsSection;
 pub use families::{FAMILIES, Family, Kind, NAMES};
+pub use known::{declare_agent_series, declare_broker_series};
 pub use registry::{Handle, Registry, escape, global};
 
 /// The content type of the text exposition format.

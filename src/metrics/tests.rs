@@ -124,7 +124,8 @@ fn histogram_buckets_are_cumulative_and_end_at_the_count() {
                 .collect()
         };
         let buckets = of("_bucket");
-        assert_eq!(buckets.len(), FAMILIES[16].buckets.len() + 1);
+        let family = FAMILIES.iter().find(|f| f.name == "hybroker_gateway_request_duration_seconds").unwrap();
+        assert_eq!(buckets.len(), family.buckets.len() + 1);
         assert!(buckets.windows(2).all(|w| w[0].2 <= w[1].2), "cumulative");
         let les: Vec<f64> = buckets.iter().map(|b| b.1["le"].parse::<f64>().unwrap()).collect();
         assert!(les.windows(2).all(|w| w[0] < w[1]));
@@ -258,4 +259,48 @@ fn process_metrics_describe_this_process() {
     assert!(get("process_cpu_seconds_total") >= 0.0);
     let version = sample(&r, "hybroker_build_info", &[("version", env!("CARGO_PKG_VERSION"))]);
     assert_eq!(version, Some(1.0));
+}
+
+#[test]
+fn a_brokers_known_sites_tenants_and_states_read_zero() {
+    let site = |toml: &str| -> crate::model::site::Site { toml::from_str(toml).unwrap() };
+    let sites = [
+        site("name = \"lab\"\nkind = \"onprem\"\nregion = \"stockholm\"\nresidency = \"eu\"\n"),
+        site("name = \"aws-1\"\nkind = \"aws\"\nregion = \"us-east-1\"\nresidency = \"us\"\nelastic = true\n"),
+    ];
+    let r = Registry::default();
+    declare_broker_series(&r, &sites, &["acme", "default"]);
+    let zero =
+        |name: &str, labels: &[(&str, &str)]| assert_eq!(sample(&r, name, labels), Some(0.0), "{name} {labels:?}");
+    for site in ["lab", "aws-1"] {
+        zero("hybroker_agents_connected", &[("site", site)]);
+        zero("hybroker_queue_depth", &[("site", site)]);
+        zero("hybroker_staging_bytes_total", &[("direction", "out"), ("site", site)]);
+        zero("hybroker_cost_actual_usd_total", &[("tenant", "acme"), ("site", site)]);
+        zero("hybroker_cost_estimated_usd_total", &[("tenant", "default"), ("site", site)]);
+        for state in ["placed", "leased", "running"] {
+            zero("hybroker_jobs", &[("state", state), ("site", site)]);
+        }
+    }
+    for site in ["lab", "none"] {
+        for state in ["succeeded", "failed", "cancelled"] {
+            zero("hybroker_jobs_finished_total", &[("state", state), ("site", site)]);
+        }
+    }
+    zero("hybroker_jobs", &[("state", "queued"), ("site", "none")]);
+    zero("hybroker_queue_oldest_wait_seconds", &[("site", "none")]);
+    assert_eq!(sample(&r, "hybroker_jobs", &[("state", "queued"), ("site", "lab")]), None, "queued jobs have no site");
+    let info = |site: &str| sample(&r, "hybroker_site_info", &[("site", site)]).map(|_| ());
+    assert!(info("lab").is_some() && info("aws-1").is_some());
+    assert_eq!(sample(&r, "hybroker_site_info", &[("site", "aws-1"), ("kind", "aws"), ("elastic", "true")]), Some(1.0));
+    assert_eq!(sample(&r, "hybroker_site_info", &[("site", "lab"), ("elastic", "false")]), Some(1.0));
+    // The core's tick replaces the gauges: the declared sites stay, at 0.
+    r.set_family("hybroker_agents_connected", vec![(vec!["lab".into()], 2.0)]);
+    r.set_family("hybroker_agents_connected", Vec::new());
+    zero("hybroker_agents_connected", &[("site", "lab")]);
+
+    let agent = Registry::default();
+    declare_agent_series(&agent);
+    assert_eq!(sample(&agent, "hybroker_agent_staging_bytes_total", &[("direction", "in")]), Some(0.0));
+    assert_eq!(sample(&agent, "hybroker_agent_staging_bytes_total", &[("direction", "out")]), Some(0.0));
 }
