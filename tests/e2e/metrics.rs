@@ -41,6 +41,23 @@ async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
 
 type Samples = Vec<(String, BTreeMap<String, String>, f64)>;
 
+/// Feeds a scrape to `promtool check metrics` (Prometheus' own parser and linter).
+async fn promtool_check(addr: SocketAddr) {
+    use std::io::Write as _;
+    let (_, body) = http_get(addr, "/metrics").await;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (scripts/install-emulators.sh installs it)");
+    child.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && said.trim().is_empty(), "promtool check metrics:\n{said}\n{body}");
+}
+
 /// Scrapes `/metrics` and parses it strictly: HELP and TYPE before each family's samples, every
 /// other line `name{labels} value`.
 async fn scrape(addr: SocketAddr) -> Samples {
@@ -181,6 +198,9 @@ async fn every_service_serves_metrics_that_match_the_jobs_run() {
     let count = value(&samples, "hybroker_gateway_request_duration_seconds_count", &[("route", "/healthz")]);
     assert!(count.is_some_and(|n| n >= 1.0), "{samples:?}");
     assert_process_metrics(&samples);
+    for addr in [broker, agent, gateway_metrics] {
+        promtool_check(addr).await;
+    }
     drop(gateway);
     cluster.kill_agent("node-1");
 }
@@ -225,4 +245,5 @@ async fn a_broker_reports_its_configured_sites_and_tenants_at_zero() {
     assert_eq!(info("aws-us-east-1", "aws", "true"), Some(1.0));
     assert_eq!(value(&samples, "hybroker_jobs", &[("state", "queued"), ("site", "none")]), Some(0.0));
     assert_process_metrics(&samples);
+    promtool_check(metrics_addr(&cluster.path("broker.metrics"))).await;
 }
