@@ -155,7 +155,7 @@ pub static FAMILIES: &[Family] = &[
 
 /// The position of a family in [`FAMILIES`] (one hash lookup); `None` for a name not declared.
 pub(super) fn index(name: &str) -> Option<usize> {
-    static INDEX: OnceLock<HashMap<&'static str, usize>> = OnceLock::new();
+    static INDEX: OnceLock<HashMap<&'static str, usize, foldhash::fast::FixedState>> = OnceLock::new();
     let i = INDEX.get_or_init(|| FAMILIES.iter().enumerate().map(|(i, f)| (f.name, i)).collect()).get(name).copied();
     debug_assert!(i.is_some(), "unknown metric {name}");
     i

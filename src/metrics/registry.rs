@@ -85,13 +85,15 @@ impl Handle {
 }
 
 /// A family's series, keyed by the hash of their label values (collisions share a bucket).
-type SeriesMap = HashMap<u64, Vec<Arc<Series>>>;
+type SeriesMap = HashMap<u64, Vec<Arc<Series>>, foldhash::fast::FixedState>;
 
 /// The process's metrics.
 #[derive(Debug)]
 pub struct Registry {
     families: Box<[RwLock<SeriesMap>]>,
-    hasher: std::hash::RandomState,
+    /// Hashes label values: foldhash, seeded per process (SipHash, std's default, made the
+    /// lookup cost as much as the linear search it replaced, for a few short strings).
+    hasher: foldhash::fast::RandomState,
 }
 
 impl Default for Registry {
