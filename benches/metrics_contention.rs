@@ -98,7 +98,7 @@ fn main() {
         let pick = |t: usize, i: usize| (t * 7 + i) % sets.len();
         let runs: [(&str, &(dyn Fn(usize, usize) + Sync)); 3] = [
             ("before: mutex + linear search", &|t, i| before.inc(FAMILY, &sets[pick(t, i)], 1.0)),
-            ("after: inc (read lock + hash)", &|t, i| after.inc(FAMILY, &sets[pick(t, i)], 1.0)),
+            ("after: inc (arc-swap + hash)", &|t, i| after.inc(FAMILY, &sets[pick(t, i)], 1.0)),
             ("after: handle", &|t, i| handles[pick(t, i)].inc(1.0)),
         ];
         for (name, update) in runs {

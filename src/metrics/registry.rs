@@ -1,13 +1,17 @@
 //! The registry: per family, a read-mostly map from label values to series whose values are
-//! atomics. An update takes the family's read lock, one hash lookup and one atomic operation (a
-//! write lock only the first time a label set is seen); a [`Handle`] resolved once skips even
-//! that. Rendering sorts each family's series by label values, so the text is stable.
+//! atomics, published through an [`ArcSwap`]. An update loads the family's current map (no lock
+//! and no write to memory other threads share, so threads on many cores do not contend), does one
+//! hash lookup and one atomic operation; only a label set seen for the first time copies the map,
+//! under the family's writer mutex. A [`Handle`] resolved once skips the lookup too. Rendering
+//! sorts each family's series by label values, so the text is stable.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
 
 use super::families::{FAMILIES, Family, Kind, index};
 
@@ -87,10 +91,32 @@ impl Handle {
 /// A family's series, keyed by the hash of their label values (collisions share a bucket).
 type SeriesMap = HashMap<u64, Vec<Arc<Series>>, foldhash::fast::FixedState>;
 
+/// One family's series: read without locking; changed (copied, then swapped) one writer at a time.
+#[derive(Debug, Default)]
+struct FamilySeries {
+    current: ArcSwap<SeriesMap>,
+    writer: Mutex<()>,
+}
+
+impl FamilySeries {
+    /// Changes the map: `change` gets a copy of the current one, which then replaces it.
+    fn change<T>(&self, change: impl FnOnce(&mut SeriesMap) -> T) -> T {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next = SeriesMap::clone(&self.current.load());
+        let out = change(&mut next);
+        self.current.store(Arc::new(next));
+        out
+    }
+}
+
+fn find<'a>(map: &'a SeriesMap, hash: u64, labels: &[&str]) -> Option<&'a Arc<Series>> {
+    map.get(&hash)?.iter().find(|s| s.has_labels(labels))
+}
+
 /// The process's metrics.
 #[derive(Debug)]
 pub struct Registry {
-    families: Box<[RwLock<SeriesMap>]>,
+    families: Box<[FamilySeries]>,
     /// Hashes label values: foldhash, seeded per process (SipHash, std's default, made the
     /// lookup cost as much as the linear search it replaced, for a few short strings).
     hasher: foldhash::fast::RandomState,
@@ -98,7 +124,7 @@ pub struct Registry {
 
 impl Default for Registry {
     fn default() -> Self {
-        Self { families: FAMILIES.iter().map(|_| RwLock::default()).collect(), hasher: Default::default() }
+        Self { families: FAMILIES.iter().map(|_| FamilySeries::default()).collect(), hasher: Default::default() }
     }
 }
 
@@ -123,22 +149,18 @@ impl Registry {
         let family = &FAMILIES[i];
         debug_assert_eq!(family.labels.len(), labels.len(), "labels of {name}");
         let hash = self.hash(labels);
-        {
-            let map = self.families[i].read().unwrap_or_else(|e| e.into_inner());
-            if let Some(series) = map.get(&hash).and_then(|list| list.iter().find(|s| s.has_labels(labels))) {
-                return Some(f(series));
-            }
+        if let Some(series) = find(&self.families[i].current.load(), hash, labels) {
+            return Some(f(series));
         }
-        let mut map = self.families[i].write().unwrap_or_else(|e| e.into_inner());
-        let list = map.entry(hash).or_default();
-        let at = match list.iter().position(|s| s.has_labels(labels)) {
-            Some(at) => at,
-            None => {
-                list.push(Arc::new(Series::new(family, labels.iter().map(|l| l.to_string()).collect())));
-                list.len() - 1
+        let series = self.families[i].change(|map| {
+            if let Some(series) = find(map, hash, labels) {
+                return series.clone();
             }
-        };
-        Some(f(&list[at]))
+            let series = Arc::new(Series::new(family, labels.iter().map(|l| l.to_string()).collect()));
+            map.entry(hash).or_default().push(series.clone());
+            series
+        });
+        Some(f(&series))
     }
 
     /// Adds `by` (≥ 0) to a counter.
@@ -176,38 +198,38 @@ impl Registry {
         let family = &FAMILIES[i];
         let given: Vec<(Vec<String>, f64)> = series.into_iter().collect();
         debug_assert!(given.iter().all(|(l, _)| l.len() == family.labels.len()), "labels of {name}");
-        let mut map = self.families[i].write().unwrap_or_else(|e| e.into_inner());
-        let mut old = std::mem::take(&mut *map);
-        for (labels, value) in given {
-            let hash = self.hash(&labels);
-            let reused = old.get_mut(&hash).and_then(|list| {
-                let at = list.iter().position(|s| s.labels.iter().eq(labels.iter()))?;
-                Some(list.swap_remove(at))
-            });
-            let list = map.entry(hash).or_default();
-            // A label set given twice: the last value wins, as it did when it replaced the first.
-            if let Some(existing) = list.iter().find(|s| s.labels.iter().eq(labels.iter())) {
-                existing.set(value);
-                continue;
+        self.families[i].change(|map| {
+            let mut old = std::mem::take(map);
+            for (labels, value) in given {
+                let hash = self.hash(&labels);
+                let reused = old.get_mut(&hash).and_then(|list| {
+                    let at = list.iter().position(|s| s.labels.iter().eq(labels.iter()))?;
+                    Some(list.swap_remove(at))
+                });
+                let list = map.entry(hash).or_default();
+                // A label set given twice: the last value wins, as it did when it replaced the first.
+                if let Some(existing) = list.iter().find(|s| s.labels.iter().eq(labels.iter())) {
+                    existing.set(value);
+                    continue;
+                }
+                let series = reused.unwrap_or_else(|| Arc::new(Series::new(family, labels.into())));
+                series.set(value);
+                list.push(series);
             }
-            let series = reused.unwrap_or_else(|| Arc::new(Series::new(family, labels.into())));
-            series.set(value);
-            list.push(series);
-        }
-        for (hash, list) in old {
-            for series in list.into_iter().filter(|s| s.declared.load(Ordering::Relaxed)) {
-                series.set(0.0);
-                map.entry(hash).or_default().push(series);
+            for (hash, list) in old {
+                for series in list.into_iter().filter(|s| s.declared.load(Ordering::Relaxed)) {
+                    series.set(0.0);
+                    map.entry(hash).or_default().push(series);
+                }
             }
-        }
+        });
     }
 
     /// The text exposition (format 0.0.4) of every family with at least one series.
     pub fn render(&self) -> String {
         let mut out = String::new();
         for (family, series) in FAMILIES.iter().zip(&self.families) {
-            let mut list: Vec<Arc<Series>> =
-                series.read().unwrap_or_else(|e| e.into_inner()).values().flatten().cloned().collect();
+            let mut list: Vec<Arc<Series>> = series.current.load().values().flatten().cloned().collect();
             if list.is_empty() {
                 continue;
             }
