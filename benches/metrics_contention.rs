@@ -42,11 +42,17 @@ fn label_sets() -> Vec<[&'static str; 3]> {
     sets
 }
 
+/// One family's series in the previous registry: label values and value.
+type BeforeSeries = Vec<(Vec<String>, f64)>;
+
+/// One update: `(thread, i)`.
+type Update<'a> = &'a (dyn Fn(usize, usize) + Sync);
+
 /// The previous registry's update path: every family's series in one `Vec` behind one mutex,
 /// found by comparing label values one series after another.
 #[derive(Default)]
 struct Before {
-    series: Mutex<Vec<Vec<(Vec<String>, f64)>>>,
+    series: Mutex<Vec<BeforeSeries>>,
 }
 
 impl Before {
@@ -70,7 +76,7 @@ impl Before {
 }
 
 /// Runs `update(thread, i)` `per_thread` times on each of `threads` threads; nanoseconds per update.
-fn measure(threads: usize, per_thread: usize, update: &(dyn Fn(usize, usize) + Sync)) -> f64 {
+fn measure(threads: usize, per_thread: usize, update: Update<'_>) -> f64 {
     let started = Instant::now();
     std::thread::scope(|scope| {
         for t in 0..threads {
@@ -96,7 +102,7 @@ fn main() {
         let handles: Vec<_> = sets.iter().map(|l| after.handle(FAMILY, l).expect("declared family")).collect();
         // Threads start at different label sets, as concurrent requests do.
         let pick = |t: usize, i: usize| (t * 7 + i) % sets.len();
-        let runs: [(&str, &(dyn Fn(usize, usize) + Sync)); 3] = [
+        let runs: [(&str, Update<'_>); 3] = [
             ("before: mutex + linear search", &|t, i| before.inc(FAMILY, &sets[pick(t, i)], 1.0)),
             ("after: inc (arc-swap + hash)", &|t, i| after.inc(FAMILY, &sets[pick(t, i)], 1.0)),
             ("after: handle", &|t, i| handles[pick(t, i)].inc(1.0)),
