@@ -5,6 +5,7 @@
 //!
 //! `cargo bench --bench metrics_contention` (release); prints nanoseconds per update and updates
 //! per second for 1, 2, 4 and 8 threads. Under `cargo test --benches` it runs a few updates only.
+//! Measure on a quiet machine with at least as many cores as threads: contention is the point.
 
 use std::sync::Mutex;
 use std::time::Instant;

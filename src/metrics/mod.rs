@@ -6,9 +6,10 @@
 //! for the deploy dashboards' cross-check. Labels are bounded (sites, tenants, states, feeds,
 //! reasons, directions, GPUs), never job ids. Gauges of the broker's live state are set in bulk by
 //! the core on its tick ([`Registry::set_family`]); counters and histograms are updated where the
-//! event happens: a read lock, a hash lookup and an atomic add (a [`Handle`] skips the lookup),
-//! allocating only the first time a label set is seen. Known label sets (configured sites,
-//! tenants, job states) are [declared](Registry::declare) so they read 0 instead of being absent.
+//! event happens: a lock-free load of the family's map, a hash lookup and an atomic add (a
+//! [`Handle`] skips the lookup), allocating only the first time a label set is seen. Known label
+//! sets (configured sites, tenants, job states) are [declared](Registry::declare) so they read 0
+//! instead of being absent.
 //! Every scrape adds the `process_*` metrics and `hybroker_build_info`.
 
 mod families;
