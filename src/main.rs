@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use hybroker::cli::{self, PkiCommand};
 use hybroker::config::{AgentConfig, BrokerConfig, GatewayConfig};
-use hybroker::{agent, bench, broker, gateway, telemetry, tls};
+use hybroker::{agent, bench, broker, gateway, private_files, telemetry, tls};
 
 #[derive(Parser)]
 #[command(
@@ -41,7 +41,7 @@ enum Command {
     },
     #[command(flatten)]
     Client(cli::client::ClientCommand),
-    /// Manage tenants' API keys (with an admin certificate, on the broker).
+    /// Manage tenants' API keys (with an admin certificate, on the broker): add, list, revoke.
     Tenants(cli::admin::TenantsArgs),
     /// Run the agent on a GPU node; it dials out to the broker.
     Agent {
@@ -51,7 +51,8 @@ enum Command {
         #[arg(long)]
         simulate_gpus: Option<String>,
     },
-    /// Operate the broker directly with an admin certificate: submit, get, list, cancel, logs, agents.
+    /// Operate the broker directly with an admin certificate: submit, get, list, cancel, logs, agents,
+    /// drain.
     Admin(cli::admin::AdminArgs),
     /// Make a development CA and issue role certificates.
     #[command(subcommand)]
@@ -104,7 +105,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 let listener = cli::listen(config.broker.listen)?;
                 if let Some(path) = addr_file {
-                    cli::write_atomically(&path, &listener.local_addr()?.to_string())?;
+                    private_files::write_atomically(&path, &listener.local_addr()?.to_string())?;
                 }
                 let served = broker::run(config, listener, cli::shutdown_signal()).await;
                 tracing.shutdown().await;
@@ -115,14 +116,14 @@ fn main() -> anyhow::Result<()> {
                 let tracing = traced(format, "gateway", &config.telemetry, &config.tls.cert)?;
                 let listener = cli::listen(config.gateway.listen)?;
                 if let Some(path) = addr_file {
-                    cli::write_atomically(&path, &listener.local_addr()?.to_string())?;
+                    private_files::write_atomically(&path, &listener.local_addr()?.to_string())?;
                 }
                 let served = gateway::run(config, listener, cli::shutdown_signal()).await;
                 tracing.shutdown().await;
                 served
             }
             Command::Client(cmd) => exit_with(cli::client::run(cmd).await?),
-            Command::Tenants(args) => exit_with(cli::admin::tenants(args).await?),
+            Command::Tenants(args) => exit_with(cli::admin::tenants(args).await),
             Command::Agent { config, simulate_gpus } => {
                 let mut config = AgentConfig::load(&config)?;
                 if let Some(spec) = simulate_gpus {
@@ -134,8 +135,8 @@ fn main() -> anyhow::Result<()> {
                 tracing.shutdown().await;
                 ran
             }
-            Command::Pki(cmd) => cli::pki(cmd),
-            Command::Admin(args) => exit_with(cli::admin::run(args).await?),
+            Command::Pki(cmd) => exit_with(cli::report::finish(cli::pki(cmd).map(|()| cli::report::EXIT_OK))),
+            Command::Admin(args) => exit_with(cli::admin::run(args).await),
             Command::Quickstart { once, state_dir } => {
                 let section = telemetry::TelemetrySection::default();
                 let service = telemetry::Service { role: "quickstart", section: &section, site: None, instance: None };

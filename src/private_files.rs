@@ -102,6 +102,14 @@ fn warn_narrowed(path: &Path, old: u32) {
     );
 }
 
+/// Writes a file so that readers see either nothing or the whole content (a listener's address
+/// file): written beside it, then renamed over it. Not narrowed: address files are not secret.
+pub fn write_atomically(path: &Path, content: &str) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, content).map_err(|e| io::Error::new(e.kind(), format!("writing {}: {e}", tmp.display())))?;
+    fs::rename(&tmp, path).map_err(|e| io::Error::new(e.kind(), format!("writing {}: {e}", path.display())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

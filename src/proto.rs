@@ -13,7 +13,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use crate::model::agent::{self, AttemptReport};
 use crate::model::data::{self, JobData};
 use crate::model::gpu;
-use crate::storage;
+use crate::model::presigned::Presigned;
 use crate::store;
 
 impl From<Inventory> for agent::Inventory {
@@ -202,8 +202,8 @@ impl From<store::JobEvent> for JobEvent {
     }
 }
 
-impl From<storage::Presigned> for PresignedRequest {
-    fn from(p: storage::Presigned) -> Self {
+impl From<Presigned> for PresignedRequest {
+    fn from(p: Presigned) -> Self {
         Self {
             method: p.method,
             url: p.url,
@@ -213,7 +213,7 @@ impl From<storage::Presigned> for PresignedRequest {
     }
 }
 
-impl From<PresignedRequest> for storage::Presigned {
+impl From<PresignedRequest> for Presigned {
     fn from(p: PresignedRequest) -> Self {
         Self {
             method: p.method,

@@ -17,8 +17,8 @@ use super::staging::{
 };
 use super::{AttemptEvent, Ended};
 use crate::model::data::StagingStats;
+use crate::model::presigned::{CompletedPart, Presigned};
 use crate::proto::{self, agent_service_client::AgentServiceClient};
-use crate::storage::{CompletedPart, Presigned};
 use crate::telemetry::context;
 use crate::telemetry::grpc::TracedChannel;
 

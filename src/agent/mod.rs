@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 
-use crate::config::AgentConfig;
+use crate::config::agent::{AgentConfig, AgentStagingSection};
 use crate::model::agent::{AttemptReport, Inventory, Phase};
 use crate::model::data::StagingStats;
 use crate::model::identity::{Identity, Role};
@@ -133,7 +133,7 @@ pub async fn run(mut config: AgentConfig, shutdown: impl Future<Output = ()> + S
             tls::connect_lazy(&url, client_tls.clone(), server_name.as_deref())?,
             &url,
         )),
-        limits: Arc::new(config.staging.limits()),
+        limits: Arc::new(staging_limits(&config.staging)),
     };
     let mut agent = Agent { config, identity, probe, attempts: HashMap::new(), events, staging, sandbox };
     tracing::info!(agent = agent.identity.agent_id(), gpus = agent.probe.gpus().len(), "agent starting");
@@ -369,6 +369,18 @@ fn start_sandbox(config: &AgentConfig, name: &str) -> anyhow::Result<Arc<sandbox
     };
     let sandbox = tokio::task::block_in_place(|| sandbox::Sandbox::start(options))?;
     Ok(sandbox)
+}
+
+/// The staging engine's limits from `[staging]`.
+fn staging_limits(section: &AgentStagingSection) -> staging::StagingLimits {
+    staging::StagingLimits {
+        concurrency: section.concurrency,
+        retries: section.retries,
+        min_backoff: section.min_backoff.0,
+        max_backoff: section.max_backoff.0,
+        request_timeout: section.request_timeout.0,
+        ..Default::default()
+    }
 }
 
 /// The broker's URL and the name to verify in its certificate.

@@ -1,6 +1,7 @@
 //! The agent's stream to the broker: connect, register, heartbeat, take assignments, report; on
-//! any failure reconnect with jittered exponential backoff. Attempt events are handled while
-//! disconnected too, so attempts keep running and their results wait for the next session.
+//! any failure reconnect with jittered exponential backoff (the [`RetryPolicy`] every retry loop
+//! shares). Attempt events are handled while disconnected too, so attempts keep running and their
+//! results wait for the next session.
 
 use std::future::Future;
 use std::time::Duration;
@@ -9,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{Agent, AttemptEvent, ClientTls, broker_target};
+use crate::model::retry::RetryPolicy;
 use crate::proto::agent_service_client::AgentServiceClient;
 use crate::proto::{self, agent_message::Msg as Out, broker_message::Msg as In};
 use crate::tls;
@@ -26,16 +28,18 @@ pub(super) async fn run_sessions(
     shutdown: impl Future<Output = ()> + Send,
 ) {
     tokio::pin!(shutdown);
-    let (min, max) = (agent.config.reconnect.min_backoff.0, agent.config.reconnect.max_backoff.0);
-    let mut backoff = min;
+    let reconnect = &agent.config.reconnect;
+    let policy = reconnect_policy(reconnect.min_backoff.0, reconnect.max_backoff.0);
+    // Sessions that ended in a row without registering, the last one included.
+    let mut failures = 0u32;
     loop {
         let (registered, end) = tokio::select! {
             r = session(agent, &client_tls, events) => r,
             () = &mut shutdown => return,
         };
         tracing::warn!(agent = agent.identity.agent_id(), "broker session ended: {}", end.0);
-        backoff = if registered { min } else { (backoff * 2).min(max) };
-        let pause = backoff.mul_f64(0.5 + fastrand::f64());
+        failures = if registered { 1 } else { failures.saturating_add(1) };
+        let pause = policy.delay(failures, None, fastrand::f64());
         let until = tokio::time::Instant::now() + pause;
         loop {
             tokio::select! {
@@ -45,6 +49,13 @@ pub(super) async fn run_sessions(
             }
         }
     }
+}
+
+/// Reconnects: doubling from `min` to `max` while sessions fail to register, back to `min` after
+/// one that did; up to half of each pause taken off at random so that agents that lost the broker
+/// together do not all come back at once.
+fn reconnect_policy(min: Duration, max: Duration) -> RetryPolicy {
+    RetryPolicy::exponential(min, max).with_jitter(0.5)
 }
 
 /// One session; returns whether it got as far as registering, and why it ended.
@@ -128,6 +139,24 @@ fn on_message(agent: &mut Agent, msg: In) -> Option<Out> {
         In::Ack(ack) => {
             agent.ack(&ack);
             None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_pauses_double_from_min_to_max_with_up_to_half_taken_off() {
+        let policy = reconnect_policy(Duration::from_millis(200), Duration::from_secs(10));
+        let mut rng = fastrand::Rng::with_seed(13);
+        for failures in 1..=12u32 {
+            let longest = Duration::from_millis(200 << (failures - 1)).min(Duration::from_secs(10));
+            for _ in 0..50 {
+                let pause = policy.delay(failures, None, rng.f64());
+                assert!(pause <= longest && pause >= longest / 2, "failure {failures}: {pause:?}");
+            }
         }
     }
 }

@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::storage::{CompletedPart, Presigned};
+use crate::model::presigned::{CompletedPart, Presigned};
 
 pub use download::stage_in;
 pub use upload::stage_out;

@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::time::SystemTime;
 
 use anyhow::Context;
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 use reqwest::Method;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -28,10 +28,11 @@ use serde_json::Value;
 use crate::gateway::api::{Agent, AgentList, CancelRequest, Job, JobList, Submitted};
 use crate::model::state::JobState;
 use follow::Progress;
-use gateway::{ClientError, Gateway};
+use gateway::Gateway;
 
-/// The exit status of a command that failed (as for usage errors).
-pub const EXIT_ERROR: i32 = 2;
+use super::report::{Output, print_json};
+
+pub use super::report::EXIT_ERROR;
 
 const FOLLOW_HELP: &str = "Exit status with --follow: 0 when the job succeeded; when it failed, the job's own exit code \
     clamped to 1..=125 (1 when it has none, e.g. it could not start or ran past max_runtime); 1 when it was cancelled; \
@@ -68,14 +69,6 @@ pub struct GatewayArgs {
     /// How to print answers.
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Output {
-    /// Aligned columns for people.
-    Table,
-    /// The API's JSON (pretty), for programs.
-    Json,
 }
 
 #[derive(Args)]
@@ -195,14 +188,8 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<i32> {
         ClientCommand::Plan(args) => placement::plan(args).await,
         ClientCommand::Prices(args) => placement::prices(args).await,
     };
-    Ok(result.unwrap_or_else(|e| {
-        // Problem details may quote what a tenant wrote: shown escaped, like every table.
-        eprintln!("error: {}", crate::model::text::escape(&format!("{e:#}")));
-        if let Some(hint) = e.downcast_ref::<ClientError>().and_then(|c| c.hint.as_deref()) {
-            eprintln!("hint: {}", crate::model::text::escape(hint));
-        }
-        EXIT_ERROR
-    }))
+    // Problem details may quote what a tenant wrote: shown escaped, like every table.
+    Ok(super::report::finish(result))
 }
 
 fn connect(args: &GatewayArgs) -> anyhow::Result<Gateway> {
@@ -211,10 +198,6 @@ fn connect(args: &GatewayArgs) -> anyhow::Result<Gateway> {
 
 fn typed<T: DeserializeOwned>(value: Value) -> anyhow::Result<T> {
     serde_json::from_value(value).context("unexpected answer from the gateway")
-}
-
-fn print_json(value: &Value) {
-    println!("{}", serde_json::to_string_pretty(value).expect("json values serialise"));
 }
 
 async fn submit(args: SubmitArgs) -> anyhow::Result<i32> {

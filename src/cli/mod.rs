@@ -1,11 +1,14 @@
-//! The command-line side: `pki`, `quickstart`, and helpers shared by the subcommands.
+//! The command-line side: `pki`, `quickstart`, the operators' `admin`/`tenants`, the tenants'
+//! `client`, what they all share ([`report`]: output, exit statuses, errors), and helpers of the
+//! services' commands.
 
 pub mod admin;
 pub mod client;
 pub mod quickstart;
+pub mod report;
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Subcommand;
@@ -71,14 +74,6 @@ pub fn listen(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListe
     socket.set_reuseaddr(true)?;
     socket.bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
     Ok(socket.listen(16_384)?)
-}
-
-/// Writes a file so that readers see either nothing or the whole content.
-pub fn write_atomically(path: &Path, content: &str) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, content).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -36,7 +36,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::config::{GatewayConfig, GatewaySection};
+use crate::config::gateway::{GatewayConfig, GatewaySection};
 use crate::model::identity::Role;
 use crate::proto::job_service_client::JobServiceClient;
 use crate::telemetry::ClientTraces;

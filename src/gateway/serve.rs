@@ -1,7 +1,7 @@
-//! The public listener: our own accept loop, rustls (ALPN `h2`, `http/1.1`) when the config gives
-//! a public certificate, plain HTTP on loopback otherwise, and hyper-util's auto builder (HTTP/1.1
-//! and HTTP/2) per connection. On shutdown it stops accepting, asks every connection to finish its
-//! requests and waits a bounded time for them.
+//! The public listener: the shared accept loop ([`accept_connections`]), rustls (ALPN `h2`,
+//! `http/1.1`) when the config gives a public certificate, plain HTTP on loopback otherwise, and
+//! hyper-util's auto builder (HTTP/1.1 and HTTP/2) per connection. On shutdown it stops
+//! accepting, asks every connection to finish its requests and waits a bounded time for them.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,21 +19,17 @@ use hyper_util::service::TowerToHyperService;
 use rustls::ServerConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls_pki_types::pem::PemObject;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 use tower::ServiceExt;
 
-use crate::tls::{HandshakeGate, HandshakeLimits};
+use crate::tls::{Connection, HandshakeGate, HandshakeLimits, ServerTls, accept_connections};
 
 /// Longest a client may take for its request headers (the TLS handshake's bounds are
 /// [`HandshakeLimits`]'s).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long shutdown waits for open connections before dropping them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pause after an accept error such as "too many open files".
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Errors setting up the public listener.
 #[derive(Debug, thiserror::Error)]
@@ -70,55 +66,16 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) {
     // The broker's limits on unfinished handshakes: a ClientHello within 3 s, at most 1,024
-    // unfinished per client address.
-    let limits = HandshakeLimits::default();
-    // Plain HTTP (loopback only) has no handshakes to limit.
-    let gate = tls.is_some().then(|| HandshakeGate::new(limits));
+    // unfinished per client address. Plain HTTP (loopback only) has no handshakes to limit.
+    let tls = tls.map(|config| ServerTls { config, gate: HandshakeGate::new(HandshakeLimits::default()) });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
     let (closing_tx, closing) = watch::channel(false);
-    let mut connections = JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        let accepted = tokio::select! {
-            () = &mut shutdown => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-            accepted = listener.accept() => accepted,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(conn) => conn,
-            Err(e) => {
-                tracing::warn!(error = %e, "accepting a connection failed");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-                continue;
-            }
-        };
-        // Over its address's limit of unfinished handshakes: dropping the socket closes it.
-        let slot = match &gate {
-            Some(gate) => match gate.admit(peer) {
-                Some(slot) => Some(slot),
-                None => continue,
-            },
-            None => None,
-        };
-        let _ = tcp.set_nodelay(true);
+    let serve_one = move |connection, peer| {
         let (builder, router, closing) = (builder.clone(), router.clone(), closing.clone());
-        let tls = tls.clone();
-        connections.spawn(async move {
-            match tls {
-                None => serve_connection(&builder, tcp, peer, router, closing).await,
-                Some(config) => {
-                    let handshake = crate::tls::accept_tls(tcp, config, &limits).await;
-                    drop(slot);
-                    match handshake {
-                        Ok(tls) => serve_connection(&builder, tls, peer, router, closing).await,
-                        Err(e) => crate::tls::log_handshake_error(peer, &e),
-                    }
-                }
-            }
-        });
-    }
-    drop(listener);
+        async move { serve_connection(&builder, connection, peer, router, closing).await }
+    };
+    let mut connections = accept_connections("gateway", listener, tls, shutdown, serve_one).await;
     let _ = closing_tx.send(true);
     let open = connections.len();
     if open > 0 {
@@ -133,15 +90,13 @@ pub async fn serve(
 
 /// One connection, HTTP/1.1 or HTTP/2; finishes gracefully once `closing` turns true. Every
 /// request carries the peer's address (`ConnectInfo`).
-async fn serve_connection<I>(
+async fn serve_connection(
     builder: &auto::Builder<TokioExecutor>,
-    io: I,
+    io: Connection,
     peer: SocketAddr,
     router: Router,
     mut closing: watch::Receiver<bool>,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+) {
     let service = tower::service_fn(move |mut request: Request<Incoming>| {
         request.extensions_mut().insert(ConnectInfo(peer));
         router.clone().oneshot(request)

@@ -18,18 +18,30 @@ mod process;
 mod registry;
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
+use serde::Deserialize;
 
-pub use crate::config::MetricsSection;
 pub use families::{FAMILIES, Family, Kind, NAMES};
 pub use known::{declare_agent_series, declare_broker_series};
 pub use registry::{Handle, Registry, escape, global};
 
 /// The content type of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// `[metrics]`: the Prometheus endpoint of a service (off by default).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Where `GET /metrics` is served (plain HTTP), e.g. `127.0.0.1:9464`; port 0 picks one.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Write the bound address to this file once listening (useful with port 0).
+    #[serde(default)]
+    pub addr_file: Option<PathBuf>,
+}
 
 /// Refreshes scrape-time gauges just before a scrape is rendered.
 pub type Refresh = Arc<dyn Fn(&Registry) + Send + Sync>;
@@ -52,7 +64,7 @@ pub async fn start(section: &MetricsSection, refresh: Option<Refresh>) -> anyhow
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("metrics: binding {listen}"))?;
     let addr = listener.local_addr()?;
     if let Some(path) = &section.addr_file {
-        write_atomically(path, &addr.to_string()).context("metrics addr_file")?;
+        crate::private_files::write_atomically(path, &addr.to_string()).context("metrics addr_file")?;
     }
     let app = axum::Router::new().route(
         "/metrics",
@@ -75,14 +87,6 @@ pub async fn start(section: &MetricsSection, refresh: Option<Refresh>) -> anyhow
         }
     });
     Ok(Some(Server { addr, task }))
-}
-
-/// Writes a file so that readers see either nothing or the whole address.
-fn write_atomically(path: &Path, content: &str) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, content).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
 }
 
 #[cfg(test)]

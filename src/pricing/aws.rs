@@ -17,18 +17,19 @@ use aws_sdk_s3::config::{BehaviorVersion, Credentials, ProvideCredentials, Share
 use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
 use serde_json::json;
 
-use super::http::{self, RetryPolicy, percent_encode};
+use super::http::{self, percent_encode};
 use super::price_list::{PriceItem, ProductsPage, single};
-use super::sigv4::{self, AwsCredentials, SignableRequest};
+use super::sigv4::{self, SignableRequest};
 use super::spot::{lowest_current, parse_spot_page};
 use super::{FeedPrices, PriceFeed, PricingError, Wanted, now_ms};
 use crate::model::price::{Cloud, ComputePrice, Destination, EgressPrice, Market, Provenance, StoragePrice};
+use crate::model::retry::RetryPolicy;
 
 /// The feed's name; its prices' sources are `aws:price-list` and `aws:spot-price-history`.
 pub const AWS_FEED_NAME: &str = "aws";
 
 /// Where the AWS feed asks and with which credentials.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AwsFeedSettings {
     /// The Price List Query API: `https://api.pricing.us-east-1.amazonaws.com` (also `eu-central-1`
     /// and `ap-south-1`, whatever region is priced).
@@ -54,7 +55,7 @@ impl Default for AwsFeedSettings {
             ec2_endpoint: "https://ec2.{region}.amazonaws.com".into(),
             spot: true,
             profile: None,
-            retry: RetryPolicy::default(),
+            retry: http::default_retry_policy(),
             max_pages: 50,
         }
     }
@@ -95,27 +96,22 @@ impl AwsPriceFeed {
         Ok(Self { settings, http: http::client()?, credentials: SharedCredentialsProvider::new(credentials) })
     }
 
-    async fn credentials(&self) -> Result<AwsCredentials, PricingError> {
-        let c = self
-            .credentials
+    async fn credentials(&self) -> Result<Credentials, PricingError> {
+        self.credentials
             .provide_credentials()
             .await
-            .map_err(|e| PricingError::Credentials { what: "aws price feed".into(), message: e.to_string() })?;
-        Ok(AwsCredentials {
-            access_key_id: c.access_key_id().to_string(),
-            secret_access_key: c.secret_access_key().to_string(),
-            session_token: c.session_token().map(str::to_string),
-        })
+            .map_err(|e| PricingError::Credentials { what: "aws price feed".into(), message: e.to_string() })
     }
 
     /// POSTs `body`, signed for `service` in `region`, with retries; returns the answer's body.
-    async fn signed_post(&self, call: SignedCall<'_>, credentials: &AwsCredentials) -> Result<String, PricingError> {
+    async fn signed_post(&self, call: SignedCall<'_>, credentials: &Credentials) -> Result<String, PricingError> {
         let url = reqwest::Url::parse(call.url)
             .map_err(|e| PricingError::Config(format!("{}: bad url {:?}: {e}", call.what, call.url)))?;
         http::send_with_retries(&self.settings.retry, call.what, || {
             let request =
                 SignableRequest { method: "POST", url: &url, headers: call.headers, body: call.body.as_bytes() };
-            let signature = sigv4::sign(&request, credentials, call.region, call.service, SystemTime::now());
+            let signature = sigv4::sign(&request, credentials, call.region, call.service, SystemTime::now())
+                .map_err(|message| PricingError::Http { what: call.what.to_string(), message })?;
             let mut builder = self.http.post(url.clone()).body(call.body.to_string());
             for (name, value) in
                 call.headers.iter().copied().chain(signature.iter().map(|(n, v)| (n.as_str(), v.as_str())))
@@ -133,7 +129,7 @@ impl AwsPriceFeed {
         &self,
         service_code: &str,
         filters: &[(&str, &str)],
-        credentials: &AwsCredentials,
+        credentials: &Credentials,
         prices: &mut FeedPrices,
     ) -> Result<Vec<PriceItem>, PricingError> {
         let filter_json: Vec<_> = filters
@@ -236,7 +232,7 @@ impl AwsPriceFeed {
         &self,
         region: &str,
         instance_type: &str,
-        credentials: &AwsCredentials,
+        credentials: &Credentials,
         provenance: &Provenance,
         prices: &mut FeedPrices,
     ) -> Result<(), PricingError> {
@@ -251,7 +247,7 @@ impl AwsPriceFeed {
         let items = self.products("AmazonEC2", &filters, credentials, prices).await?;
         let candidates: Vec<&PriceItem> = items.iter().filter(|i| i.matches(&filters)).collect();
         let label = format!("{instance_type} (on-demand) in {region}");
-        if let Some(tiers) = single(&label, &candidates, prices) {
+        if let Some(tiers) = single_or_warn(&label, &candidates, prices) {
             prices.compute.push(ComputePrice {
                 cloud: Cloud::Aws,
                 region: region.to_string(),
@@ -267,7 +263,7 @@ impl AwsPriceFeed {
     async fn egress(
         &self,
         region: &str,
-        credentials: &AwsCredentials,
+        credentials: &Credentials,
         provenance: &Provenance,
         prices: &mut FeedPrices,
     ) -> Result<(), PricingError> {
@@ -279,7 +275,7 @@ impl AwsPriceFeed {
             })
             .collect();
         let label = format!("internet egress from {region}");
-        if let Some(tiers) = single(&label, &internet, prices) {
+        if let Some(tiers) = single_or_warn(&label, &internet, prices) {
             match tiers.iter().find(|(_, price)| *price > 0.0) {
                 Some(&(_, price)) => prices.egress.push(egress(region, Destination::Internet, price, provenance)),
                 None => prices.warn(AWS_FEED_NAME, format!("{label}: no paid tier")),
@@ -310,7 +306,7 @@ impl AwsPriceFeed {
     async fn storage(
         &self,
         region: &str,
-        credentials: &AwsCredentials,
+        credentials: &Credentials,
         provenance: &Provenance,
         prices: &mut FeedPrices,
     ) -> Result<(), PricingError> {
@@ -321,7 +317,7 @@ impl AwsPriceFeed {
         // `productFamily` is a field of the product, not one of its attributes.
         let candidates: Vec<&PriceItem> =
             items.iter().filter(|i| i.product.product_family == "Storage" && i.matches(&attributes)).collect();
-        if let Some(tiers) = single(&format!("s3 standard storage in {region}"), &candidates, prices) {
+        if let Some(tiers) = single_or_warn(&format!("s3 standard storage in {region}"), &candidates, prices) {
             prices.storage.push(StoragePrice {
                 cloud: Cloud::Aws,
                 region: region.to_string(),
@@ -337,7 +333,7 @@ impl AwsPriceFeed {
         &self,
         region: &str,
         instance_types: &[&str],
-        credentials: &AwsCredentials,
+        credentials: &Credentials,
         prices: &mut FeedPrices,
     ) -> Result<(), PricingError> {
         let provenance = Provenance { source: format!("{AWS_FEED_NAME}:spot-price-history"), fetched_at: now_ms() };
@@ -404,6 +400,11 @@ impl AwsPriceFeed {
         }
         Ok(())
     }
+}
+
+/// The one candidate's on-demand tiers, or `None` with a warning why not.
+fn single_or_warn(label: &str, candidates: &[&PriceItem], prices: &mut FeedPrices) -> Option<Vec<(f64, f64)>> {
+    single(label, candidates).map_err(|message| prices.warn(AWS_FEED_NAME, message)).ok()
 }
 
 fn egress(region: &str, destination: Destination, usd_per_gb: f64, provenance: &Provenance) -> EgressPrice {

@@ -4,9 +4,12 @@
 use std::time::{Duration, SystemTime};
 
 use super::fixture_server::{FixtureServer, Recorded, Reply};
-use super::sigv4::{self, AwsCredentials, SignableRequest};
-use super::{AwsFeedSettings, AwsPriceFeed, FeedPrices, PriceFeed, RetryPolicy, Wanted, WantedInstance, WantedRegion};
+use super::sigv4::{self, SignableRequest};
+use aws_sdk_s3::config::Credentials;
+
+use super::{AwsFeedSettings, AwsPriceFeed, FeedPrices, PriceFeed, Wanted, WantedInstance, WantedRegion};
 use crate::model::price::{Cloud, Destination, Market};
+use crate::model::retry::{RetryLimit, RetryPolicy};
 
 const KEY_ID: &str = "AKIDPRICETEST";
 const SECRET: &str = "price/test/secret";
@@ -18,11 +21,8 @@ fn feed(server: &FixtureServer, spot: bool) -> AwsPriceFeed {
         ec2_endpoint: format!("{}/ec2/{{region}}", server.base),
         spot,
         profile: None,
-        retry: RetryPolicy {
-            max_attempts: 3,
-            initial_backoff: Duration::from_millis(1),
-            max_backoff: Duration::from_millis(20),
-        },
+        retry: RetryPolicy::exponential(Duration::from_millis(1), Duration::from_millis(20))
+            .with_limit(RetryLimit::Tries(3)),
         max_pages: 10,
     };
     AwsPriceFeed::with_static_credentials(settings, KEY_ID, SECRET).unwrap()
@@ -75,14 +75,14 @@ fn assert_signed(request: &Recorded, service: &str, signed: &[&str]) {
     .assume_utc();
     let url = reqwest::Url::parse(&format!("http://{}{}", request.header("host"), request.path)).unwrap();
     let headers: Vec<(&str, &str)> = signed.iter().map(|name| (*name, request.header(name))).collect();
-    let credentials =
-        AwsCredentials { access_key_id: KEY_ID.into(), secret_access_key: SECRET.into(), session_token: None };
+    let credentials = Credentials::new(KEY_ID, SECRET, None, None, "test");
     let signable = SignableRequest { method: "POST", url: &url, headers: &headers, body: request.body.as_bytes() };
-    let expected = sigv4::sign(&signable, &credentials, "us-east-1", service, SystemTime::from(at));
+    let expected = sigv4::sign(&signable, &credentials, "us-east-1", service, SystemTime::from(at)).unwrap();
     let authorization = request.header("authorization");
     assert!(authorization.starts_with(&format!("AWS4-HMAC-SHA256 Credential={KEY_ID}/")), "{authorization}");
     assert!(authorization.contains(&format!("/us-east-1/{service}/aws4_request")), "{authorization}");
-    assert_eq!(authorization, expected.last().unwrap().1);
+    let expected = &expected.iter().find(|(name, _)| name == "authorization").unwrap().1;
+    assert_eq!(authorization, expected);
 }
 
 #[tokio::test]

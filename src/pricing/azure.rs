@@ -17,9 +17,10 @@ use std::fmt::Write as _;
 use async_trait::async_trait;
 use serde::Deserialize;
 
-use super::http::{self, RetryPolicy, percent_encode};
+use super::http::{self, percent_encode};
 use super::{FeedPrices, PriceFeed, PricingError, Wanted, now_ms, valid_price};
 use crate::model::price::{Cloud, ComputePrice, Destination, EgressPrice, Market, Provenance, StoragePrice};
+use crate::model::retry::RetryPolicy;
 
 /// The feed's name and its prices' source.
 pub const AZURE_FEED_NAME: &str = "azure-retail-prices";
@@ -33,7 +34,7 @@ const STORAGE_SKU: &str = "Hot LRS";
 const STORAGE_METER: &str = "Hot LRS Data Stored";
 
 /// Where the Azure feed reads and how it retries.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AzureFeedSettings {
     /// `https://prices.azure.com`; a local server in tests.
     pub base_url: String,
@@ -44,7 +45,7 @@ pub struct AzureFeedSettings {
 
 impl Default for AzureFeedSettings {
     fn default() -> Self {
-        Self { base_url: "https://prices.azure.com".into(), retry: RetryPolicy::default(), max_pages: 200 }
+        Self { base_url: "https://prices.azure.com".into(), retry: http::default_retry_policy(), max_pages: 200 }
     }
 }
 

@@ -3,16 +3,17 @@
 use std::time::Duration;
 
 use super::fixture_server::{FixtureServer, Recorded, Reply};
-use super::{AzureFeedSettings, AzureRetailPriceFeed, FeedPrices, PriceFeed, PricingError, RetryPolicy};
+use super::{AzureFeedSettings, AzureRetailPriceFeed, FeedPrices, PriceFeed, PricingError};
 use super::{Wanted, WantedInstance, WantedRegion};
 use crate::model::price::{Cloud, Destination, Market};
+use crate::model::retry::{RetryLimit, RetryPolicy};
 
 const H100: &str = "Standard_ND96isr_H100_v5";
 const A100: &str = "Standard_NC24ads_A100_v4";
 
 fn feed(server: &FixtureServer, max_attempts: u32) -> AzureRetailPriceFeed {
-    let retry =
-        RetryPolicy { max_attempts, initial_backoff: Duration::from_millis(1), max_backoff: Duration::from_millis(20) };
+    let retry = RetryPolicy::exponential(Duration::from_millis(1), Duration::from_millis(20))
+        .with_limit(RetryLimit::Tries(max_attempts));
     AzureRetailPriceFeed::new(AzureFeedSettings { base_url: format!("{}/", server.base), retry, max_pages: 10 })
         .unwrap()
 }

@@ -27,7 +27,7 @@ use crate::model::UnixMillis;
 use crate::model::price::{ComputePrice, EgressPrice, PriceSnapshot, StoragePrice};
 
 /// The price book's settings (the config keys are wired by the broker's configuration).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PricingSettings {
     /// How often the live feeds are asked.
     pub refresh_interval: Duration,

@@ -1,44 +1,26 @@
 //! The HTTP side every live feed shares: one rustls (ring) client and a bounded retry loop that
-//! backs off on throttling (429, AWS `ThrottlingException`) and server errors, honouring
-//! `Retry-After`.
+//! backs off on throttling (429, AWS `ThrottlingException`) and server errors as the feed's
+//! [`RetryPolicy`] says, honouring `Retry-After`.
 
 use std::error::Error as _;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 
 use super::PricingError;
+use crate::model::retry::{RetryLimit, RetryPolicy};
 
-/// How a feed retries a request the provider throttled or failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RetryPolicy {
-    /// Tries in all, the first one included (at least 1).
-    pub max_attempts: u32,
-    /// The wait before the first retry; doubled before each next one.
-    pub initial_backoff: Duration,
-    /// The longest wait between tries; also the cap on a server's `Retry-After`.
-    pub max_backoff: Duration,
-}
+/// What percent-encoding leaves alone: RFC 3986's unreserved characters (what SigV4 and OData
+/// want).
+const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
 
-impl Default for RetryPolicy {
-    /// Six tries over about a minute: the Azure Retail Prices API throttles at a few dozen
-    /// requests in flight and asks for seconds to a minute.
-    fn default() -> Self {
-        Self { max_attempts: 6, initial_backoff: Duration::from_secs(2), max_backoff: Duration::from_secs(60) }
-    }
-}
-
-impl RetryPolicy {
-    /// The wait before retry number `retry` (1 = the first retry): the server's `Retry-After` when
-    /// it sent one, else exponential backoff; never more than `max_backoff`.
-    pub fn delay(&self, retry: u32, retry_after: Option<Duration>) -> Duration {
-        let backoff = retry_after.unwrap_or_else(|| {
-            let factor = 2u32.saturating_pow(retry.saturating_sub(1));
-            self.initial_backoff.saturating_mul(factor)
-        });
-        backoff.min(self.max_backoff)
-    }
+/// How a feed retries a request the provider throttled or failed, unless its settings say
+/// otherwise: six tries over about a minute, doubling from 2 s, since the Azure Retail Prices API
+/// throttles at a few dozen requests in flight and asks for seconds to a minute.
+pub fn default_retry_policy() -> RetryPolicy {
+    RetryPolicy::exponential(Duration::from_secs(2), Duration::from_secs(60)).with_limit(RetryLimit::Tries(6))
 }
 
 /// The client the feeds use: rustls with the ring provider, a total timeout per request, no
@@ -59,7 +41,7 @@ pub(crate) async fn send_with_retries<F>(policy: &RetryPolicy, what: &str, build
 where
     F: Fn() -> Result<reqwest::RequestBuilder, PricingError>,
 {
-    let attempts = policy.max_attempts.max(1);
+    let started = Instant::now();
     let mut attempt = 1;
     loop {
         let (error, retry_after) = match build()?.send().await {
@@ -86,10 +68,9 @@ where
             }
             Err(e) => (PricingError::Http { what: what.to_string(), message: describe(&e) }, None),
         };
-        if attempt >= attempts {
+        let Some(wait) = policy.next_delay(attempt, started.elapsed(), retry_after, fastrand::f64()) else {
             return Err(error);
-        }
-        let wait = policy.delay(attempt, retry_after);
+        };
         tracing::debug!(what, attempt, wait_ms = wait.as_millis() as u64, "retrying: {error}");
         tokio::time::sleep(wait).await;
         attempt += 1;
@@ -122,17 +103,9 @@ pub(crate) fn describe(error: &reqwest::Error) -> String {
     message
 }
 
-/// Percent-encodes everything but RFC 3986's unreserved characters (what SigV4 and OData want).
+/// Percent-encodes everything but RFC 3986's unreserved characters.
 pub(crate) fn percent_encode(value: &str) -> String {
-    let mut out = String::with_capacity(value.len() * 3 / 2);
-    for byte in value.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
-            out.push(byte as char);
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
+    utf8_percent_encode(value, UNRESERVED).to_string()
 }
 
 #[cfg(test)]
@@ -140,18 +113,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_doubles_up_to_the_cap_and_retry_after_wins_within_it() {
-        let policy = RetryPolicy {
-            max_attempts: 5,
-            initial_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_millis(350),
-        };
-        assert_eq!(policy.delay(1, None), Duration::from_millis(100));
-        assert_eq!(policy.delay(2, None), Duration::from_millis(200));
-        assert_eq!(policy.delay(3, None), Duration::from_millis(350));
-        assert_eq!(policy.delay(1, Some(Duration::from_millis(300))), Duration::from_millis(300));
-        assert_eq!(policy.delay(1, Some(Duration::from_secs(30))), Duration::from_millis(350));
-        assert_eq!(policy.delay(40, None), Duration::from_millis(350), "no overflow on many retries");
+    fn feeds_try_six_times_over_about_a_minute_by_default() {
+        let policy = default_retry_policy();
+        let pauses: Vec<Duration> =
+            (1..).map_while(|tries| policy.next_delay(tries, Duration::ZERO, None, 0.0)).collect();
+        let secs: Vec<u64> = pauses.iter().map(Duration::as_secs).collect();
+        assert_eq!(secs, [2, 4, 8, 16, 32], "five retries after the first try");
+        assert_eq!(policy.delay(9, Some(Duration::from_secs(600)), 0.0), Duration::from_secs(60), "capped");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //!
 //! - [`AzureRetailPriceFeed`]: public JSON, OData `$filter`, `NextPageLink` paging.
 //! - [`AwsPriceFeed`]: the Price List Query API (`GetProducts`, each price a JSON document inside a
-//!   string) and EC2 `DescribeSpotPriceHistory` (XML), both SigV4-signed (with ring, see `sigv4`).
+//!   string) and EC2 `DescribeSpotPriceHistory` (XML), both SigV4-signed (`aws-sigv4`, see `sigv4`).
 //! - [`SnapshotFileFeed`]: `config/prices/snapshot.json`, dated, for offline use and as the fallback.
 //!
 //! A feed yields only what it can vouch for: a row it cannot tell apart from another one (an
@@ -42,7 +42,6 @@ use crate::model::price::{Cloud, ComputePrice, EgressPrice, StoragePrice};
 pub use aws::{AWS_FEED_NAME, AwsFeedSettings, AwsPriceFeed};
 pub use azure::{AZURE_FEED_NAME, AzureFeedSettings, AzureRetailPriceFeed};
 pub use book::{FeedStatus, PriceBook, PricingSettings, RefreshOutcome};
-pub use http::RetryPolicy;
 pub use snapshot::{SnapshotFileFeed, read_snapshot, write_snapshot_atomically};
 
 /// What placement needs priced: instance types per region (and whether their spot price matters

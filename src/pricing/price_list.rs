@@ -6,8 +6,7 @@ use std::collections::HashMap;
 
 use serde::Deserialize;
 
-use super::aws::AWS_FEED_NAME;
-use super::{FeedPrices, valid_price};
+use super::valid_price;
 
 /// The on-demand term's offer code.
 const ON_DEMAND_TERM: &str = "JRTCKXETXF";
@@ -113,26 +112,15 @@ impl PriceItem {
     }
 }
 
-/// The one candidate's on-demand tiers, or a warning (none, several: refused, not guessed; or a
-/// candidate whose terms don't read).
-pub(crate) fn single(label: &str, candidates: &[&PriceItem], prices: &mut FeedPrices) -> Option<Vec<(f64, f64)>> {
+/// The one candidate's on-demand tiers, or why there is no price: no candidate, several (refused,
+/// not guessed), or one whose terms don't read.
+pub(crate) fn single(label: &str, candidates: &[&PriceItem]) -> Result<Vec<(f64, f64)>, String> {
     match candidates {
-        [item] => match item.on_demand_tiers() {
-            Ok(tiers) => Some(tiers),
-            Err(e) => {
-                prices.warn(AWS_FEED_NAME, format!("no price for {label}: {e}"));
-                None
-            }
-        },
-        [] => {
-            prices.warn(AWS_FEED_NAME, format!("no price for {label}: no matching product"));
-            None
-        }
+        [item] => item.on_demand_tiers().map_err(|e| format!("no price for {label}: {e}")),
+        [] => Err(format!("no price for {label}: no matching product")),
         items => {
             let skus = items.iter().map(|i| i.product.sku.as_str()).collect::<Vec<_>>().join(", ");
-            let message = format!("refusing to guess the price of {label}: {} products match: {skus}", items.len());
-            prices.warn(AWS_FEED_NAME, message);
-            None
+            Err(format!("refusing to guess the price of {label}: {} products match: {skus}", items.len()))
         }
     }
 }

@@ -1,8 +1,10 @@
 //! EC2 `DescribeSpotPriceHistory` answers: the EC2 API speaks the query protocol and answers in
-//! XML (`DescribeSpotPriceHistoryResponse` → `spotPriceHistorySet` → `item`, and `nextToken`).
-//! The shape is small and fixed, so a tiny tag scanner reads it; no XML crate is needed.
+//! XML (`DescribeSpotPriceHistoryResponse` → `spotPriceHistorySet` → `item`, and `nextToken`),
+//! read with `quick-xml`'s serde support.
 
 use std::collections::BTreeMap;
+
+use serde::Deserialize;
 
 /// One `item` of the answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,36 +25,59 @@ pub(crate) struct SpotPage {
     pub skipped: Vec<String>,
 }
 
+/// The answer as it is on the wire; any other element (`requestId`, …) is ignored.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Answer {
+    spot_price_history_set: Option<ItemSet>,
+    next_token: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ItemSet {
+    #[serde(rename = "item", default)]
+    items: Vec<WireItem>,
+}
+
+/// An item's fields, each possibly missing: a malformed item is skipped, not the whole page.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireItem {
+    instance_type: Option<String>,
+    product_description: Option<String>,
+    spot_price: Option<String>,
+    timestamp: Option<String>,
+    availability_zone: Option<String>,
+}
+
 /// Reads one page; an answer without a `spotPriceHistorySet` is not a spot price history.
 pub(crate) fn parse_spot_page(xml: &str) -> Result<SpotPage, String> {
-    let set = element(xml, "spotPriceHistorySet").ok_or("no spotPriceHistorySet in the answer")?;
+    let answer: Answer = quick_xml::de::from_str(xml).map_err(|e| format!("not a spot price history: {e}"))?;
+    let set = answer.spot_price_history_set.ok_or("no spotPriceHistorySet in the answer")?;
     let mut page = SpotPage::default();
-    for (index, item) in elements(set, "item").into_iter().enumerate() {
+    for (index, item) in set.items.into_iter().enumerate() {
         match parse_item(item) {
             Ok(item) => page.items.push(item),
             Err(e) => page.skipped.push(format!("skipping malformed spot price item {index}: {e}")),
         }
     }
-    // `nextToken` is a sibling of the set: look only outside it.
-    let start = set.as_ptr() as usize - xml.as_ptr() as usize;
-    let token = element(&xml[start + set.len()..], "nextToken").or_else(|| element(&xml[..start], "nextToken"));
-    page.next_token = token.map(unescape).filter(|t| !t.is_empty());
+    page.next_token = answer.next_token.map(|t| t.trim().to_string()).filter(|t| !t.is_empty());
     Ok(page)
 }
 
-fn parse_item(item: &str) -> Result<SpotItem, String> {
-    let field = |tag: &str| element(item, tag).map(unescape).ok_or_else(|| format!("no {tag}"));
-    let price = field("spotPrice")?;
-    let spot_price = price.trim().parse::<f64>().map_err(|_| format!("spotPrice {price:?} is not a number"))?;
+fn parse_item(item: WireItem) -> Result<SpotItem, String> {
+    let field = |value: Option<String>, tag: &str| value.map(|v| v.trim().to_string()).ok_or(format!("no {tag}"));
+    let price = field(item.spot_price, "spotPrice")?;
+    let spot_price = price.parse::<f64>().map_err(|_| format!("spotPrice {price:?} is not a number"))?;
     if !super::valid_price(spot_price) {
         return Err(format!("spotPrice {price:?} is not a price"));
     }
     Ok(SpotItem {
-        instance_type: field("instanceType")?,
-        product_description: field("productDescription")?,
+        instance_type: field(item.instance_type, "instanceType")?,
+        product_description: field(item.product_description, "productDescription")?,
         spot_price,
-        timestamp: field("timestamp")?,
-        availability_zone: field("availabilityZone")?,
+        timestamp: field(item.timestamp, "timestamp")?,
+        availability_zone: field(item.availability_zone, "availabilityZone")?,
     })
 }
 
@@ -81,60 +106,43 @@ pub(crate) fn lowest_current(items: &[SpotItem]) -> BTreeMap<String, f64> {
     lowest
 }
 
-/// The text inside the first `<tag>…</tag>` (empty for `<tag/>`).
-fn element<'a>(xml: &'a str, tag: &str) -> Option<&'a str> {
-    elements(xml, tag).into_iter().next()
-}
-
-/// The text inside each `<tag>…</tag>` in order (an element may not contain one of its own name).
-fn elements<'a>(xml: &'a str, tag: &str) -> Vec<&'a str> {
-    let open = format!("<{tag}");
-    let close = format!("</{tag}>");
-    let mut out = Vec::new();
-    let mut rest = xml;
-    while let Some(start) = rest.find(&open) {
-        let after = &rest[start + open.len()..];
-        // `<itemSet>` is not `<item>`: the name must end here.
-        if !after.starts_with(['>', '/', ' ', '\t', '\n', '\r']) {
-            rest = after;
-            continue;
-        }
-        let Some(end_of_tag) = after.find('>') else { break };
-        if after[..end_of_tag].ends_with('/') {
-            out.push("");
-            rest = &after[end_of_tag + 1..];
-            continue;
-        }
-        let body = &after[end_of_tag + 1..];
-        let Some(end) = body.find(&close) else { break };
-        out.push(&body[..end]);
-        rest = &body[end + close.len()..];
-    }
-    out
-}
-
-/// XML's five predefined entities (EC2 values use no others).
-fn unescape(text: &str) -> String {
-    text.trim()
-        .replace("&lt;", "<")
-        .replace("&gt;", ">")
-        .replace("&quot;", "\"")
-        .replace("&apos;", "'")
-        .replace("&amp;", "&")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn the_scanner_tells_similar_names_and_empty_elements_apart() {
-        let xml = "<a><itemSet>x</itemSet><item>1</item><item attr=\"v\">2</item><item/><nextToken/></a>";
-        assert_eq!(elements(xml, "item"), vec!["1", "2", ""]);
-        assert_eq!(element(xml, "itemSet"), Some("x"));
-        assert_eq!(element(xml, "nextToken"), Some(""));
-        assert_eq!(element(xml, "missing"), None);
-        assert_eq!(unescape(" a &amp;lt; &lt;b&gt; "), "a &lt; <b>");
+    fn a_page_reads_items_entities_and_the_token_and_skips_malformed_items() {
+        let xml = r#"<?xml version="1.0" encoding="UTF-8"?>
+            <DescribeSpotPriceHistoryResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">
+              <requestId>r</requestId>
+              <spotPriceHistorySet>
+                <item><instanceType>p5.48xlarge</instanceType><productDescription>Linux/UNIX</productDescription>
+                  <spotPrice> 31.5 </spotPrice><timestamp>2026-09-16T09:12:44.000Z</timestamp>
+                  <availabilityZone>us-east-1a</availabilityZone><extra><x/></extra></item>
+                <item><instanceType>g6</instanceType></item>
+                <item><instanceType>g6</instanceType><productDescription>A &amp; B</productDescription>
+                  <spotPrice>-1</spotPrice><timestamp>t</timestamp><availabilityZone>z</availabilityZone></item>
+              </spotPriceHistorySet>
+              <nextToken>a&lt;b</nextToken>
+            </DescribeSpotPriceHistoryResponse>"#;
+        let page = parse_spot_page(xml).unwrap();
+        assert_eq!(page.items.len(), 1);
+        assert_eq!(page.items[0].spot_price, 31.5);
+        assert_eq!(page.items[0].availability_zone, "us-east-1a");
+        assert_eq!(page.next_token.as_deref(), Some("a<b"), "entities are decoded");
+        assert_eq!(page.skipped.len(), 2, "{:?}", page.skipped);
+        assert!(page.skipped[0].contains("item 1: no spotPrice"), "{:?}", page.skipped);
+        assert!(page.skipped[1].contains("item 2: spotPrice \"-1\" is not a price"), "{:?}", page.skipped);
+    }
+
+    #[test]
+    fn an_empty_set_or_token_is_a_last_page_and_other_answers_are_refused() {
+        let last = "<R><spotPriceHistorySet/><nextToken/></R>";
+        let page = parse_spot_page(last).unwrap();
+        assert!(page.items.is_empty() && page.next_token.is_none());
+        let error = "<Response><Errors><Error><Code>AuthFailure</Code></Error></Errors></Response>";
+        assert_eq!(parse_spot_page(error).unwrap_err(), "no spotPriceHistorySet in the answer");
+        assert!(parse_spot_page("{\"json\": true}").unwrap_err().starts_with("not a spot price history"));
     }
 
     fn item(az: &str, price: f64, timestamp: &str) -> SpotItem {

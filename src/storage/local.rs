@@ -41,18 +41,16 @@ use s3s::service::{S3Service, S3ServiceBuilder};
 use s3s::stream::{ByteStream, RemainingLength};
 use s3s::{S3, S3Error, S3ErrorCode, S3Request, S3Response, S3Result, StdError, s3_error};
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 
 use super::StorageError;
 use super::s3::{S3Settings, S3Store};
 use crate::private_files;
+use crate::tls::accept_connections;
 
 /// The region the store's clients sign for (s3s does not check it).
 pub const LOCAL_REGION: &str = "us-east-1";
 /// Longest a client may take to send its request headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
-/// Pause after an accept error such as "too many open files".
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// An S3-compatible endpoint over `root`; bucket `b` is the directory `root/b`.
 pub struct LocalS3Server {
@@ -128,31 +126,16 @@ impl LocalS3Server {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
-        let mut connections = JoinSet::new();
-        tokio::pin!(shutdown);
-        loop {
-            let accepted = tokio::select! {
-                () = &mut shutdown => break,
-                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-                accepted = self.listener.accept() => accepted,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!(error = %e, "local store: accepting a connection failed");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            let (builder, service) = (builder.clone(), self.service.clone());
-            connections.spawn(async move {
-                if let Err(e) = builder.serve_connection(TokioIo::new(tcp), service).await {
+        let service = self.service;
+        let serve_one = move |connection, peer| {
+            let (builder, service) = (builder.clone(), service.clone());
+            async move {
+                if let Err(e) = builder.serve_connection(TokioIo::new(connection), service).await {
                     tracing::debug!(%peer, error = %e, "local store connection failed");
                 }
-            });
-        }
-        connections.abort_all();
+            }
+        };
+        accept_connections("local store", self.listener, None, shutdown, serve_one).await.abort_all();
     }
 }
 

@@ -11,11 +11,13 @@
 //! Servers feed [`tls_incoming`] to `Server::serve_with_incoming_shutdown`, so tonic's
 //! `Request::peer_certs()` works ([`peer_identity`], [`require_role`]); it bounds the time to the
 //! ClientHello and the unfinished handshakes per source address ([`HandshakeLimits`]). Clients use
-//! [`connect`].
+//! [`connect`]. Every TCP server (also the gateway and the local store) accepts through
+//! [`accept_connections`].
 //! A client whose certificate the server refuses fails at its first call with an opaque status:
 //! [`explain_status`] turns that into a message a person can act on.
 
 mod explain;
+mod handshake;
 mod incoming;
 #[cfg(test)]
 mod incoming_tests;
@@ -27,10 +29,10 @@ mod tests;
 mod verify;
 
 pub use explain::explain_status;
-pub use incoming::{
+pub use handshake::{
     HandshakeError, HandshakeGate, HandshakeLimits, HandshakeSlot, accept_tls, log_handshake_error, source_of,
-    tls_incoming, tls_incoming_with,
 };
+pub use incoming::{Connection, ServerTls, accept_connections, tls_incoming, tls_incoming_with};
 pub use net::{connect, connect_from, connect_lazy};
 pub use verify::{
     CLOCK_SKEW, KeyPurpose, PeerCertError, check_peer_cert, identity_of_cert_file, peer_identity, require_role,

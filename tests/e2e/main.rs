@@ -15,6 +15,7 @@ mod identity;
 mod isolation;
 mod lifecycle;
 mod metrics;
+mod operator_cli;
 mod placement;
 mod product;
 mod sandbox;

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{IsolationSetting, SandboxNetwork, SandboxSection};
+use crate::config::agent::{IsolationSetting, SandboxNetwork, SandboxSection};
 pub use crate::model::agent::Isolation;
 use cgroup::{AttemptCgroup, CgroupRoot, Limits};
 use spec::InitSpec;

@@ -32,7 +32,7 @@ use super::request::{
     Credit, Ctx, EXPIRY_MARGIN, Meter, Retry, TryError, UrlSlot, from_reqwest, header, request, send,
 };
 use super::{InputFile, Progress, Stage, StageStats, StagingError, StagingLimits, UrlSource, relative_components};
-use crate::storage::Presigned;
+use crate::model::presigned::Presigned;
 
 /// Bytes gathered from the network before they are written (and hashed) in one go.
 const FLUSH_BYTES: usize = 1 << 20;

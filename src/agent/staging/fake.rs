@@ -19,7 +19,7 @@ use base64::engine::general_purpose::STANDARD;
 use md5::{Digest, Md5};
 
 use super::{CompletedUpload, FoundFile, UploadPlan, UrlSource};
-use crate::storage::Presigned;
+use crate::model::presigned::Presigned;
 
 /// What the server holds, does and saw.
 #[derive(Default)]

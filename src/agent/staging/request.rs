@@ -12,7 +12,7 @@ use reqwest::header::HeaderMap;
 use reqwest::{Method, RequestBuilder, Response};
 
 use super::{Progress, Stage, StagingError, StagingLimits};
-use crate::storage::{Presigned, redact_url};
+use crate::model::presigned::{Presigned, redact_url};
 
 /// A URL expiring within this is refreshed before use, and a 403 on it is taken for expiry.
 pub(super) const EXPIRY_MARGIN: Duration = Duration::from_secs(5);
@@ -127,10 +127,8 @@ impl<'r> Retry<'r> {
 /// The pause after the `tries`-th failed try: `min_backoff` doubled per try, capped at
 /// `max_backoff`, uniformly jittered over its upper half; at least the store's hint (capped).
 fn backoff(limits: &StagingLimits, tries: u32, hint: Option<Duration>) -> Duration {
-    let doubled = limits.min_backoff.saturating_mul(1u32 << (tries.saturating_sub(1)).min(20));
-    let cap = doubled.min(limits.max_backoff);
-    let jittered = cap / 2 + cap.mul_f64(fastrand::f64() / 2.0);
-    jittered.max(hint.unwrap_or_default().min(limits.max_backoff))
+    let policy = crate::model::retry::RetryPolicy::exponential(limits.min_backoff, limits.max_backoff);
+    policy.with_jitter(0.5).delay(tries, hint, fastrand::f64())
 }
 
 /// A request for `p`: its method, URL and headers.

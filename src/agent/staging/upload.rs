@@ -25,7 +25,7 @@ use super::request::{
 };
 use super::walk::{Found, find_outputs, open_found};
 use super::{CompletedUpload, Progress, Stage, StageStats, StagingError, StagingLimits, UploadPlan, UrlSource, md5sum};
-use crate::storage::{CompletedPart, Presigned};
+use crate::model::presigned::{CompletedPart, Presigned};
 
 /// Most files planned by the broker in one call.
 pub(super) const PLAN_BATCH: usize = 1000;

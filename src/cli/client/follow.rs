@@ -13,9 +13,14 @@ use super::gateway::{ClientError, Gateway};
 use super::output::{event_line, is_terminal, short_duration};
 use super::sse::{SseEvent, SseParser};
 use crate::gateway::api::{JobEvent, Problem};
+use crate::model::retry::{RetryLimit, RetryPolicy};
 
-/// Reconnects in a row without an event in between before giving up.
-const RETRIES: u32 = 5;
+/// Reconnects to a job's event stream: 200 ms doubling to 3.2 s, a little jitter, 5 retries in a row.
+fn reconnect_policy() -> RetryPolicy {
+    RetryPolicy::exponential(Duration::from_millis(200), Duration::from_millis(3200))
+        .with_jitter(0.25)
+        .with_limit(RetryLimit::Tries(6))
+}
 const SPINNER_TICK: Duration = Duration::from_millis(100);
 const FRAMES: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
 
@@ -95,7 +100,7 @@ impl Progress {
 }
 
 /// Shows the job's events until its terminal one; reconnects with `Last-Event-ID` when the stream
-/// drops or the gateway fails (5xx), up to [`RETRIES`] times in a row.
+/// drops or the gateway fails (5xx), up to five times in a row ([`reconnect_policy`]).
 pub async fn follow_events(gw: &Gateway, id: &str, progress: &mut Progress) -> anyhow::Result<JobEvent> {
     let result = follow(gw, id, progress).await;
     progress.finish();
@@ -142,11 +147,11 @@ async fn follow(gw: &Gateway, id: &str, progress: &mut Progress) -> anyhow::Resu
             Err(e) => return Err(e),
         };
         failures += 1;
-        if failures > RETRIES {
+        let Some(pause) = reconnect_policy().next_delay(failures, Duration::ZERO, None, fastrand::f64()) else {
             return Err(why.context(format!("lost the event stream of job {id}")));
-        }
+        };
         progress.note(&format!("reconnecting to the event stream ({why:#})"));
-        tokio::time::sleep(Duration::from_millis(200 << (failures - 1).min(4))).await;
+        tokio::time::sleep(pause).await;
     }
 }
 

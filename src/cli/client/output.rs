@@ -230,12 +230,14 @@ pub fn final_line(j: &Job) -> String {
 }
 
 /// The process exit status for a job's result: 0 succeeded; a failed job's own exit code clamped
-/// to 1..=125 (1 when it has none or it is 0); 1 cancelled or not ended.
+/// to 1..=125 (1 when it has none or it is 0); 1 cancelled or not ended. The same for the tenants'
+/// `--follow` and the operators' `--wait` (the table in [`crate::cli::report`]).
 pub fn exit_status(j: &Job) -> i32 {
+    use crate::cli::report::{EXIT_JOB_FAILED, EXIT_OK};
     match j.state.as_str() {
-        "succeeded" => 0,
-        "failed" => j.exit_code.filter(|c| *c != 0).map_or(1, |c| c.clamp(1, 125)),
-        _ => 1,
+        "succeeded" => EXIT_OK,
+        "failed" => j.exit_code.filter(|c| *c != 0).map_or(EXIT_JOB_FAILED, |c| c.clamp(1, 125)),
+        _ => EXIT_JOB_FAILED,
     }
 }
 

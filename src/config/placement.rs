@@ -1,0 +1,177 @@
+//! Where prices come from (`[prices]`) and how placement decides (`[placement]`), in the broker's
+//! configuration; sites and residency groups are checked here too.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::storage::StorageConfig;
+use super::tenants::TenantConfig;
+use crate::model::duration::HumanDuration;
+use crate::model::site::{ResidencyGroup, Site};
+
+/// Where prices come from (used when sites are configured).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PricesSection {
+    /// The dated offline snapshot: the fallback for whatever the live feeds don't give.
+    #[serde(default = "default_snapshot")]
+    pub snapshot: PathBuf,
+    /// Where the last good merged prices are kept, so a restart starts warm.
+    #[serde(default)]
+    pub persist: Option<PathBuf>,
+    #[serde(default = "default_price_refresh")]
+    pub refresh_interval: HumanDuration,
+    /// A live feed older than this is flagged stale.
+    #[serde(default = "default_feed_max_age")]
+    pub max_age: HumanDuration,
+    /// The Azure Retail Prices API (no credentials); `azure_url` for a mirror or a test server.
+    #[serde(default)]
+    pub azure: bool,
+    #[serde(default = "default_azure_url")]
+    pub azure_url: String,
+    /// AWS Price List Query API + EC2 spot price history (credentials from the AWS default chain).
+    #[serde(default)]
+    pub aws: bool,
+    #[serde(default)]
+    pub aws_pricing_url: Option<String>,
+    #[serde(default)]
+    pub aws_ec2_url: Option<String>,
+}
+
+fn default_snapshot() -> PathBuf {
+    PathBuf::from("config/prices/snapshot.json")
+}
+
+fn default_price_refresh() -> HumanDuration {
+    Duration::from_secs(30 * 60).into()
+}
+
+fn default_feed_max_age() -> HumanDuration {
+    Duration::from_secs(3 * 3600).into()
+}
+
+fn default_azure_url() -> String {
+    "https://prices.azure.com".into()
+}
+
+impl Default for PricesSection {
+    fn default() -> Self {
+        Self {
+            snapshot: default_snapshot(),
+            persist: None,
+            refresh_interval: default_price_refresh(),
+            max_age: default_feed_max_age(),
+            azure: false,
+            azure_url: default_azure_url(),
+            aws: false,
+            aws_pricing_url: None,
+            aws_ec2_url: None,
+        }
+    }
+}
+
+impl PricesSection {
+    /// The price book's settings.
+    pub fn settings(&self) -> crate::pricing::PricingSettings {
+        use crate::pricing::{AwsFeedSettings, AzureFeedSettings};
+        let mut aws = AwsFeedSettings::default();
+        if let Some(url) = &self.aws_pricing_url {
+            aws.pricing_endpoint = url.clone();
+        }
+        if let Some(url) = &self.aws_ec2_url {
+            aws.ec2_endpoint = url.clone();
+        }
+        crate::pricing::PricingSettings {
+            refresh_interval: self.refresh_interval.0,
+            max_age: self.max_age.0,
+            snapshot_path: Some(self.snapshot.clone()),
+            persist_path: self.persist.clone(),
+            azure: self.azure.then(|| AzureFeedSettings { base_url: self.azure_url.clone(), ..Default::default() }),
+            aws: self.aws.then_some(aws),
+        }
+    }
+}
+
+/// How placement decides.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementSection {
+    /// A job placed at a site that has not started within this time is placed again on fresh
+    /// prices and capacity (and this is the default `max_wait` of a job without one).
+    #[serde(default = "default_replace_after")]
+    pub replace_after: HumanDuration,
+    /// Prices older than this are flagged as stale in decisions (the last good ones are still used).
+    #[serde(default = "default_price_max_age")]
+    pub price_max_age: HumanDuration,
+}
+
+fn default_replace_after() -> HumanDuration {
+    Duration::from_secs(10 * 60).into()
+}
+
+fn default_price_max_age() -> HumanDuration {
+    Duration::from_secs(6 * 3600).into()
+}
+
+impl Default for PlacementSection {
+    fn default() -> Self {
+        Self { replace_after: default_replace_after(), price_max_age: default_price_max_age() }
+    }
+}
+
+/// Problems of the sites, residency groups and `[placement]`, and of what tenants and storage
+/// locations say about them.
+pub(super) fn placement_problems(
+    sites: &[Site],
+    residency: &[ResidencyGroup],
+    tenants: &[TenantConfig],
+    storage: &[StorageConfig],
+    placement: &PlacementSection,
+    problems: &mut Vec<String>,
+) {
+    let mut names = std::collections::HashSet::new();
+    for (i, site) in sites.iter().enumerate() {
+        for p in site.problems().into_iter().chain(site.residency_problems(residency)) {
+            problems.push(format!("site[{i}] ({}): {p}", site.name));
+        }
+        if !names.insert(site.name.as_str()) {
+            problems.push(format!("site[{i}].name: {:?} is declared twice", site.name));
+        }
+    }
+    let mut groups = std::collections::HashSet::new();
+    for (i, g) in residency.iter().enumerate() {
+        if !groups.insert(g.name.as_str()) {
+            problems.push(format!("residency[{i}].name: {:?} is declared twice", g.name));
+        }
+    }
+    for (i, t) in tenants.iter().enumerate() {
+        for s in &t.sites {
+            if !names.contains(s.as_str()) {
+                problems.push(format!("tenant[{i}].sites: {s:?} is not a declared [[site]]"));
+            }
+        }
+        if let Some(r) = &t.residency
+            && !groups.contains(r.as_str())
+        {
+            problems.push(format!("tenant[{i}].residency: {r:?} is not a declared [[residency]] group"));
+        }
+        for (k, v) in [("max_usd_per_hour", t.max_usd_per_hour), ("max_usd_per_job", t.max_usd_per_job)]
+            .into_iter()
+            .chain([("monthly_budget_usd", t.monthly_budget_usd)])
+        {
+            if v.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+                problems.push(format!("tenant[{i}].{k} must be a positive number"));
+            }
+        }
+    }
+    for (i, s) in storage.iter().enumerate() {
+        if !sites.is_empty() && !s.residency.is_empty() && !groups.contains(s.residency.as_str()) {
+            problems.push(format!("storage[{i}].residency: {:?} is not a declared [[residency]] group", s.residency));
+        }
+    }
+    if placement.replace_after.0.is_zero() || placement.price_max_age.0.is_zero() {
+        problems.push("placement.replace_after and price_max_age must be more than 0".into());
+    }
+}
