@@ -85,6 +85,7 @@ pub async fn run(mut config: AgentConfig, shutdown: impl Future<Output = ()> + S
     let probe = Arc::new(GpuProbe::new(config.simulated_gpus(), &identity.name));
     let scraped = probe.clone();
     let refresh: crate::metrics::Refresh = Arc::new(move |registry| gpu_gauges(registry, &scraped.gpus()));
+    crate::metrics::declare_agent_series(crate::metrics::global());
     let _metrics = crate::metrics::start(&config.metrics, Some(refresh)).await?;
     crate::metrics::global().set("hybroker_agent_attempts_running", &[], 0.0);
     std::fs::create_dir_all(&config.agent.work_dir)

@@ -35,6 +35,14 @@ impl Core {
         for entry in self.agents.values() {
             *agents.entry(entry.site.as_str()).or_default() += f64::from(u8::from(entry.conn.is_some()));
         }
+        // Every site an agent is known at reads 0 where nothing is (the configured sites, the
+        // tenants and `none` are declared at start: `metrics::declare_broker_series`).
+        for &site in agents.keys() {
+            for state in JobState::ALL.into_iter().filter(|s| !s.is_terminal() && *s != JobState::Queued) {
+                jobs.entry((state.as_str(), site)).or_default();
+            }
+            depth.entry(site).or_default();
+        }
         let budgets = self.settings.tenants.keys().filter_map(|tenant| {
             let budget = self.settings.placer.budget(tenant).filter(|b| *b > 0.0)?;
             Some((vec![tenant.clone()], self.spent.get(tenant).copied().unwrap_or(0.0) / budget))

@@ -56,6 +56,8 @@ pub async fn run(
     let (prices, price_book) = start_prices(&config).await?;
     let book = price_book.as_ref().map(|(book, _)| book.clone());
     let refresh: crate::metrics::Refresh = Arc::new(move |registry| feed_gauges(registry, book.as_deref()));
+    let tenant_names: Vec<&str> = tenants.keys().map(String::as_str).collect();
+    crate::metrics::declare_broker_series(crate::metrics::global(), &config.sites, &tenant_names);
     let _metrics = crate::metrics::start(&config.metrics, Some(refresh)).await?;
     let settings = core::CoreSettings {
         lease_ttl: config.leases.ttl.0,

@@ -98,6 +98,13 @@ fn promtool_accepts_the_prometheus_config_and_alert_rules() {
     run_promtool(&["check", "rules", "prometheus/alerts.yml"]);
 }
 
+/// The alert rules' unit tests (`prometheus/alerts_test.yml`): with every configured site reported
+/// (0 included), "site has no agents" fires for a site with none, not for an elastic one.
+#[test]
+fn alert_rules_pass_their_promtool_unit_tests() {
+    run_promtool(&["test", "rules", "prometheus/alerts_test.yml"]);
+}
+
 #[test]
 fn prometheus_scrapes_every_service_and_the_alerts_cover_the_fleet() {
     let config = yaml(&deploy().join("prometheus/prometheus.yml"));

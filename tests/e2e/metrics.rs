@@ -41,6 +41,23 @@ async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
 
 type Samples = Vec<(String, BTreeMap<String, String>, f64)>;
 
+/// Feeds a scrape to `promtool check metrics` (Prometheus' own parser and linter).
+async fn promtool_check(addr: SocketAddr) {
+    use std::io::Write as _;
+    let (_, body) = http_get(addr, "/metrics").await;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (scripts/install-emulators.sh installs it)");
+    child.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && said.trim().is_empty(), "promtool check metrics:\n{said}\n{body}");
+}
+
 /// Scrapes `/metrics` and parses it strictly: HELP and TYPE before each family's samples, every
 /// other line `name{labels} value`.
 async fn scrape(addr: SocketAddr) -> Samples {
@@ -90,6 +107,23 @@ fn value(samples: &Samples, name: &str, labels: &[(&str, &str)]) -> Option<f64> 
         .map(|s| s.2)
 }
 
+/// The `process_*` metrics of a running service, and `hybroker_build_info`.
+fn assert_process_metrics(samples: &Samples) {
+    let get = |name: &str| value(samples, name, &[]).unwrap_or_else(|| panic!("no {name}: {samples:?}"));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let started = get("process_start_time_seconds");
+    assert!(started <= now + 1.0 && started > now - DEADLINE.as_secs_f64() * 10.0, "started {started}, now {now}");
+    assert!(get("process_cpu_seconds_total") >= 0.0);
+    assert!(get("process_resident_memory_bytes") > 1e6);
+    assert!(get("process_virtual_memory_bytes") >= get("process_resident_memory_bytes"));
+    assert!(get("process_threads") >= 1.0);
+    // At least stdin, stdout, stderr and a listening socket.
+    assert!(get("process_open_fds") >= 4.0);
+    assert!(get("process_max_fds") >= get("process_open_fds"));
+    let version = [("version", env!("CARGO_PKG_VERSION"))];
+    assert_eq!(value(samples, "hybroker_build_info", &version), Some(1.0), "{samples:?}");
+}
+
 #[tokio::test]
 async fn every_service_serves_metrics_that_match_the_jobs_run() {
     let mut cluster = Cluster::start_with(Duration::from_secs(2), &[], |dir| Setup {
@@ -121,10 +155,16 @@ async fn every_service_serves_metrics_that_match_the_jobs_run() {
         let ready = value(&s, "hybroker_agents_connected", &[("site", "lab")]) == Some(1.0)
             && value(&s, "hybroker_tls_handshake_failures_total", &[("reason", "bad_message")])
                 .is_some_and(|n| n >= 1.0)
-            && !s.iter().any(|(n, _, _)| n == "hybroker_jobs");
+            && s.iter().filter(|(n, _, _)| n == "hybroker_jobs").all(|(_, _, v)| *v == 0.0);
         ready.then_some(s)
     })
     .await;
+    // Known sites and states read 0 rather than nothing: `none` (queued jobs) and the agent's site.
+    assert_eq!(value(&samples, "hybroker_jobs", &[("state", "queued"), ("site", "none")]), Some(0.0));
+    assert_eq!(value(&samples, "hybroker_jobs", &[("state", "running"), ("site", "lab")]), Some(0.0));
+    assert_eq!(value(&samples, "hybroker_queue_depth", &[("site", "lab")]), Some(0.0));
+    assert_eq!(value(&samples, "hybroker_jobs_finished_total", &[("state", "failed"), ("site", "none")]), Some(0.0));
+    assert_process_metrics(&samples);
     let finished = value(&samples, "hybroker_jobs_finished_total", &[("state", "succeeded"), ("site", "lab")]);
     assert_eq!(finished, Some(JOBS as f64), "{samples:?}");
     assert_eq!(value(&samples, "hybroker_submit_to_dispatch_seconds_count", &[]), Some(JOBS as f64));
@@ -147,6 +187,8 @@ async fn every_service_serves_metrics_that_match_the_jobs_run() {
         }
     }
     assert!(value(&samples, "hybroker_gpu_healthy", &[("gpu", "2")]).is_none());
+    assert_eq!(value(&samples, "hybroker_agent_staging_bytes_total", &[("direction", "out")]), Some(0.0));
+    assert_process_metrics(&samples);
 
     let (head, _) = http_get(gateway.url.strip_prefix("http://").unwrap().parse().unwrap(), "/healthz").await;
     assert!(head.contains(" 200 "), "{head}");
@@ -155,6 +197,53 @@ async fn every_service_serves_metrics_that_match_the_jobs_run() {
     assert!(value(&samples, "hybroker_gateway_requests_total", &labels).is_some_and(|n| n >= 1.0), "{samples:?}");
     let count = value(&samples, "hybroker_gateway_request_duration_seconds_count", &[("route", "/healthz")]);
     assert!(count.is_some_and(|n| n >= 1.0), "{samples:?}");
+    assert_process_metrics(&samples);
+    for addr in [broker, agent, gateway_metrics] {
+        promtool_check(addr).await;
+    }
     drop(gateway);
     cluster.kill_agent("node-1");
+}
+
+/// A broker with sites configured and no agent yet: every configured site, tenant and job state
+/// reads 0, and each site's kind and elasticity are there for the alert rules.
+#[tokio::test]
+async fn a_broker_reports_its_configured_sites_and_tenants_at_zero() {
+    let snapshot = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/prices/snapshot.json");
+    let cluster = Cluster::start_with(Duration::from_secs(2), &[], |dir| Setup {
+        broker_extra: Some(format!(
+            "[prices]\nsnapshot = \"{}\"\n\
+             [[residency]]\nname = \"us\"\naws = [\"us-east-1\"]\nonprem = [\"stockholm\"]\n\
+             [[site]]\nname = \"lab\"\nkind = \"onprem\"\nregion = \"stockholm\"\nresidency = \"us\"\ngpu_hour_usd = 1.5\n\
+             [[site]]\nname = \"aws-us-east-1\"\nkind = \"aws\"\nregion = \"us-east-1\"\nresidency = \"us\"\n\
+             elastic = true\ninstance_types = [\"g6.xlarge\"]\n\
+             [[tenant]]\nname = \"acme\"\n{}",
+            snapshot.display(),
+            section(&dir.join("broker.metrics"))
+        )),
+        ..Setup::default()
+    })
+    .await;
+    let samples = scrape(metrics_addr(&cluster.path("broker.metrics"))).await;
+    for site in ["lab", "aws-us-east-1"] {
+        assert_eq!(value(&samples, "hybroker_agents_connected", &[("site", site)]), Some(0.0), "{samples:?}");
+        assert_eq!(value(&samples, "hybroker_queue_depth", &[("site", site)]), Some(0.0));
+        assert_eq!(value(&samples, "hybroker_jobs", &[("state", "running"), ("site", site)]), Some(0.0));
+        for state in ["succeeded", "failed", "cancelled"] {
+            assert_eq!(value(&samples, "hybroker_jobs_finished_total", &[("state", state), ("site", site)]), Some(0.0));
+        }
+        for tenant in ["acme", "default"] {
+            let at = [("tenant", tenant), ("site", site)];
+            assert_eq!(value(&samples, "hybroker_cost_estimated_usd_total", &at), Some(0.0), "{samples:?}");
+            assert_eq!(value(&samples, "hybroker_cost_actual_usd_total", &at), Some(0.0));
+        }
+    }
+    let info = |site: &str, kind: &str, elastic: &str| {
+        value(&samples, "hybroker_site_info", &[("site", site), ("kind", kind), ("elastic", elastic)])
+    };
+    assert_eq!(info("lab", "onprem", "false"), Some(1.0), "{samples:?}");
+    assert_eq!(info("aws-us-east-1", "aws", "true"), Some(1.0));
+    assert_eq!(value(&samples, "hybroker_jobs", &[("state", "queued"), ("site", "none")]), Some(0.0));
+    assert_process_metrics(&samples);
+    promtool_check(metrics_addr(&cluster.path("broker.metrics"))).await;
 }
