@@ -175,11 +175,13 @@ fn command(agent: &str, conn: u64, msg: proto::AgentMessage) -> Option<Cmd> {
 impl From<AgentMessage> for Out {
     fn from(msg: AgentMessage) -> Self {
         match msg {
-            AgentMessage::Registered { agent_id, heartbeat_interval, lease_ttl } => Out::Registered(proto::Registered {
-                agent_id,
-                heartbeat_interval_ms: heartbeat_interval.as_millis() as u32,
-                lease_ttl_ms: lease_ttl.as_millis() as u32,
-            }),
+            AgentMessage::Registered { agent_id, heartbeat_interval, lease_ttl } => {
+                Out::Registered(proto::Registered {
+                    agent_id,
+                    heartbeat_interval_ms: heartbeat_interval.as_millis() as u32,
+                    lease_ttl_ms: lease_ttl.as_millis() as u32,
+                })
+            }
             AgentMessage::Assign(a) => Out::Assign(a.into()),
             AgentMessage::Stop(StopAttempt { job_id, attempt, epoch, reason }) => {
                 Out::Stop(proto::StopAttempt { job_id, attempt, epoch, reason })

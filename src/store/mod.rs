@@ -153,10 +153,16 @@ pub struct KeyRecord {
 #[derive(Debug, Clone)]
 pub enum Write {
     /// Inserts a job: its submission (shared with the core, not copied) and its first status.
-    NewJob { job: Arc<JobSubmission>, status: JobStatus },
+    NewJob {
+        job: Arc<JobSubmission>,
+        status: JobStatus,
+    },
     /// Updates the job's status columns (state, attempts, epoch, site, agent, exit code, reason,
     /// placement).
-    UpdateJob { id: String, status: JobStatus },
+    UpdateJob {
+        id: String,
+        status: JobStatus,
+    },
     Event(JobEvent),
     NewAttempt(AttemptRecord),
     EndAttempt(AttemptEnd),

@@ -33,13 +33,7 @@ impl Driver {
         events: broadcast::Sender<JobEvent>,
     ) -> Result<Self, StoreError> {
         let now = Now::system();
-        let stored = Stored {
-            last_event_seq: writer.last_event_seq().await?,
-            spent: writer.load_spend(place::month_start(now.ms)).await?,
-            keys: writer.load_keys().await?,
-            agents: writer.load_agents().await?,
-            jobs: writer.load_active().await?,
-        };
+        let stored = stored(&mut writer, now).await?;
         let lease_ttl = settings.lease_ttl;
         let core = Core::restore(settings, stored, now)?;
         Ok(Self { core, writer, outboxes: HashMap::new(), events, lease_ttl })
@@ -112,4 +106,15 @@ impl Driver {
             let _ = self.events.send(ev);
         }
     }
+}
+
+/// What the core needs of the store at start (`now` picks the month whose spend counts).
+pub(super) async fn stored(writer: &mut Writer, now: Now) -> Result<Stored, StoreError> {
+    Ok(Stored {
+        last_event_seq: writer.last_event_seq().await?,
+        spent: writer.load_spend(place::month_start(now.ms)).await?,
+        keys: writer.load_keys().await?,
+        agents: writer.load_agents().await?,
+        jobs: writer.load_active().await?,
+    })
 }

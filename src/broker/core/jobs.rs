@@ -54,7 +54,8 @@ impl ActiveJob {
     /// A job as the store holds it; an attempt in flight gets one lease period from `now`.
     pub fn restore(rec: JobRecord, settings: &CoreSettings, now: Now) -> Result<Self, StoreError> {
         let JobRecord { submission: sub, status } = rec;
-        let corrupt = |what: &str, e: &dyn std::fmt::Display| StoreError::Corrupt(format!("job {}: {what}: {e}", sub.id));
+        let corrupt =
+            |what: &str, e: &dyn std::fmt::Display| StoreError::Corrupt(format!("job {}: {what}: {e}", sub.id));
         let spec = JobSpec::from_json_unlimited(sub.spec_json.as_bytes()).map_err(|e| corrupt("stored spec", &e))?;
         let data = match sub.data_json.as_deref().map(serde_json::from_str::<JobData>) {
             None => None,
@@ -67,8 +68,7 @@ impl ActiveJob {
             max_attempts: sub.max_attempts,
             epoch: status.epoch,
         };
-        let decision =
-            status.placement_json.as_deref().and_then(|d| serde_json::from_str(d).ok()).map(Arc::new);
+        let decision = status.placement_json.as_deref().and_then(|d| serde_json::from_str(d).ok()).map(Arc::new);
         Ok(ActiveJob {
             trace: crate::telemetry::context::from_json(sub.trace_context.as_deref()),
             sub: Arc::new(sub),

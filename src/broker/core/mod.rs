@@ -497,9 +497,10 @@ impl Core {
 
     /// The data of the attempt `agent` holds of `job_id` at `epoch`.
     fn attempt_data(&self, agent: &str, job_id: &str, epoch: u64) -> Result<AttemptData, ApiError> {
-        let found = self.jobs.get(job_id).filter(|j| {
-            j.life.epoch == epoch && j.life.state.has_attempt() && j.agent.as_deref() == Some(agent)
-        });
+        let found = self
+            .jobs
+            .get(job_id)
+            .filter(|j| j.life.epoch == epoch && j.life.state.has_attempt() && j.agent.as_deref() == Some(agent));
         match found {
             Some(j) => {
                 Ok(AttemptData { tenant: j.sub.tenant.clone(), attempt: j.life.attempts, data: j.effective_data() })

@@ -15,8 +15,8 @@ use super::fleet::Alloc;
 use super::jobs::ActiveJob;
 use super::messages::AgentMessage;
 use super::{Core, Effects, metrics, trace};
-use crate::broker::tail::Tail;
 use crate::broker::placer::summary;
+use crate::broker::tail::Tail;
 use crate::error::ApiError;
 use crate::model::data::JobData;
 use crate::model::job::JobSpec;
@@ -227,14 +227,12 @@ impl Core {
         if agents.is_empty() {
             return;
         }
-        let free: Vec<(&str, FreeCapacity)> = agents.iter().map(|(id, site)| (*site, self.agents[*id].free())).collect();
+        let free: Vec<(&str, FreeCapacity)> =
+            agents.iter().map(|(id, site)| (*site, self.agents[*id].free())).collect();
         let jobs = self.queue.iter().filter_map(|(_, job_id)| {
             let job = &self.jobs[job_id];
-            let site = if placed {
-                Some(job.site.as_deref().filter(|_| job.life.state == JobState::Placed)?)
-            } else {
-                None
-            };
+            let site =
+                if placed { Some(job.site.as_deref().filter(|_| job.life.state == JobState::Placed)?) } else { None };
             Some((job_id.as_str(), Wanted { tenant: job.tenant(), resources: &job.spec.resources, site }))
         });
         let bound: Vec<(String, String, Vec<u32>)> = bind_in_order(free, jobs)
@@ -266,7 +264,8 @@ impl Core {
         job.tail = Tail::new(self.settings.log_tail_bytes);
         let (epoch, attempt) = (job.life.epoch, job.life.attempts);
         let resources = &job.spec.resources;
-        let alloc = Alloc { gpus: gpus.clone(), cpus: resources.cpus, memory_mib: u64::from(resources.memory_gib) * 1024 };
+        let alloc =
+            Alloc { gpus: gpus.clone(), cpus: resources.cpus, memory_mib: u64::from(resources.memory_gib) * 1024 };
         self.agents.get_mut(agent).expect("agent exists").allocate(job_id, epoch, alloc);
         let (trace_context, dispatched) = trace::dispatch(&job, agent, &site);
         job.dispatched = dispatched;
