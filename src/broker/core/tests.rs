@@ -114,7 +114,10 @@ impl Harness {
     }
 }
 
-pub(super) fn submit_cmd(yaml: &str, key: Option<&str>) -> (Cmd, oneshot::Receiver<Result<(String, bool), ApiError>>) {
+/// Where a submit's answer arrives.
+pub(super) type SubmitAnswer = oneshot::Receiver<Result<(String, bool), ApiError>>;
+
+pub(super) fn submit_cmd(yaml: &str, key: Option<&str>) -> (Cmd, SubmitAnswer) {
     let (reply, rx) = oneshot::channel();
     let spec = Arc::new(JobSpec::from_yaml(yaml.as_bytes(), 65536).unwrap());
     let cmd = Cmd::Submit(Submit {
