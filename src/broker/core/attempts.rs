@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use super::fleet::{AgentEntry, Alloc};
-use super::jobs::staged;
+use super::jobs::{ActiveJob, staged};
 use super::messages::{AgentMessage, StopAttempt};
 use super::{Core, Effects, trace};
 use crate::broker::secrets::SecretsError;
@@ -25,21 +25,28 @@ pub(super) struct Registration {
 impl Core {
     /// A message arrived on the agent's current stream: it is alive, and so are its leases, the
     /// current attempts that are its own (an attempt it holds resources for but that is leased to
-    /// another agent is never renewed by it).
+    /// another agent is never renewed by it). The leases are renewed lazily: see [`Core::lease_deadline`].
     pub(super) fn touch(&mut self, agent: &str, conn: u64) -> bool {
         let Some(entry) = self.agents.get_mut(agent).filter(|e| e.conn == Some(conn)) else {
             return false;
         };
         entry.last_seen = self.now.at;
-        let deadline = entry.last_seen + self.settings.lease_ttl;
-        for (job_id, epoch) in entry.attempts() {
-            if let Some(job) =
-                self.jobs.get_mut(job_id).filter(|j| j.life.epoch == *epoch && j.agent.as_deref() == Some(agent))
-            {
-                job.lease_deadline = Some(deadline);
-            }
-        }
         true
+    }
+
+    /// When the job's lease expires: a lease runs for one TTL from when it was granted, and from
+    /// each message on its own agent's current stream (computed here rather than written into
+    /// every job the agent holds on every message).
+    pub(super) fn lease_deadline(&self, job: &ActiveJob) -> Option<Instant> {
+        let granted = job.lease_deadline?;
+        let renewed = self.renewed(job).map_or(granted, |r| r.max(granted));
+        Some(renewed)
+    }
+
+    /// The deadline the job's own agent's last message gives its lease, when that agent holds it.
+    fn renewed(&self, job: &ActiveJob) -> Option<Instant> {
+        let entry = self.agents.get(job.agent.as_deref()?)?;
+        entry.holds(&job.sub.id, job.life.epoch).then(|| entry.last_seen + self.settings.lease_ttl)
     }
 
     /// An agent registered on stream `conn`, reporting the attempts it holds.
@@ -283,12 +290,19 @@ impl Core {
                 out.closed.push((entry.id.clone(), conn));
             }
         }
-        let expired: Vec<(String, u64)> = self
-            .jobs
-            .values()
-            .filter(|j| j.lease_deadline.is_some_and(|d| d <= now))
-            .map(|j| (j.sub.id.clone(), j.life.epoch))
-            .collect();
+        let mut expired: Vec<(String, u64)> = Vec::new();
+        let mut renewed: Vec<(String, Instant)> = Vec::new();
+        for job in self.jobs.values().filter(|j| j.lease_deadline.is_some_and(|d| d <= now)) {
+            match self.renewed(job) {
+                Some(deadline) if deadline > now => renewed.push((job.sub.id.clone(), deadline)),
+                _ => expired.push((job.sub.id.clone(), job.life.epoch)),
+            }
+        }
+        for (job_id, deadline) in renewed {
+            if let Some(job) = self.jobs.get_mut(&job_id) {
+                job.lease_deadline = Some(deadline);
+            }
+        }
         for (job_id, epoch) in expired {
             self.lease_lost(&job_id, epoch, "lease expired", out);
         }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
 
 use super::{Cmd, Conn, Core, CoreSettings, Effects, Now, Stored, place};
-use crate::store::{JobEvent, StoreError, Writer};
+use crate::store::{JobEvent, StoreError, Write, Writer};
 
 /// Most commands applied in one batch (one transaction).
 const MAX_BATCH: usize = 4096;
@@ -82,7 +82,7 @@ impl Driver {
         }
     }
 
-    /// Releases a committed batch's effects: replies, closed streams, agent messages, events.
+    /// Releases a committed batch's effects: replies, closed streams, agent messages, job events.
     fn deliver(&mut self, out: Effects) {
         for f in out.replies {
             f();
@@ -102,8 +102,13 @@ impl Driver {
                 self.core.stream_lost(&agent, id);
             }
         }
-        for ev in out.events {
-            let _ = self.events.send(ev);
+        // Job events travel in the batch; they are sent only when someone watches.
+        if self.events.receiver_count() > 0 {
+            for write in out.batch.writes {
+                if let Write::Event(ev) = write {
+                    let _ = self.events.send(ev);
+                }
+            }
         }
     }
 }

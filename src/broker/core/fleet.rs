@@ -102,6 +102,11 @@ impl AgentEntry {
         std::mem::take(&mut self.allocs)
     }
 
+    /// Whether the attempt of `job_id` at `epoch` holds resources here.
+    pub fn holds(&self, job_id: &str, epoch: u64) -> bool {
+        self.allocs.contains_key(&(job_id.to_string(), epoch))
+    }
+
     /// The attempts holding resources here: (job id, epoch).
     pub fn attempts(&self) -> impl Iterator<Item = &(String, u64)> {
         self.allocs.keys()

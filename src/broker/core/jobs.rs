@@ -33,6 +33,8 @@ pub(super) struct ActiveJob {
     pub updated_at: UnixMillis,
     pub spec: Arc<JobSpec>,
     pub data: Option<Arc<JobData>>,
+    /// The lease's deadline as granted (or last found renewed by expiry); its agent's messages
+    /// push it further: `Core::lease_deadline`.
     pub lease_deadline: Option<Instant>,
     pub tail: Tail,
     /// The placement decision the job is placed on (engine placement only), and as stored.
@@ -323,17 +325,16 @@ impl Core {
             state: job.life.state,
             attempt: job.life.attempts,
             agent: job.agent.clone(),
-            reason: reason.clone(),
+            reason,
             exit_code: job.exit_code,
             at: job.updated_at,
         };
-        job.reason = reason;
+        job.reason.clone_from(&ev.reason);
         if row {
             out.batch.push(Write::UpdateJob { id: job.sub.id.clone(), status: job.status() });
         }
         self.next_seq += 1;
-        out.batch.push(Write::Event(ev.clone()));
-        out.events.push(ev);
+        out.batch.push(Write::Event(ev));
     }
 
     pub(super) fn end_attempt(

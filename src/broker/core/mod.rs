@@ -219,7 +219,8 @@ impl Now {
     }
 }
 
-/// What a batch produced: its writes, and what the driver releases only after their commit.
+/// What a batch produced: its writes (job events among them), and what the driver releases only
+/// after their commit.
 #[derive(Default)]
 pub struct Effects {
     pub batch: Batch,
@@ -227,8 +228,6 @@ pub struct Effects {
     pub replies: Vec<Box<dyn FnOnce() + Send>>,
     /// Messages for agents' current streams.
     pub messages: Vec<(String, AgentMessage)>,
-    /// Job events for watchers.
-    pub events: Vec<JobEvent>,
     /// Streams to close: (agent, stream id); a stream that is no longer the agent's stays.
     pub closed: Vec<(String, u64)>,
     /// Idempotency keys found in the store, and those submitted in this batch.
@@ -236,6 +235,14 @@ pub struct Effects {
 }
 
 impl Effects {
+    /// The batch's job events (for watchers, once committed), in order.
+    pub fn events(&self) -> impl Iterator<Item = &JobEvent> {
+        self.batch.writes.iter().filter_map(|w| match w {
+            Write::Event(ev) => Some(ev),
+            _ => None,
+        })
+    }
+
     fn reply<T: Send + 'static>(&mut self, reply: Reply<T>, value: Result<T, ApiError>) {
         self.after_commit(move || {
             let _ = reply.send(value);

@@ -112,6 +112,11 @@ impl Harness {
     pub fn job(&self, id: &str) -> &jobs::ActiveJob {
         &self.core.jobs[id]
     }
+
+    /// When the job's lease expires now.
+    pub fn deadline(&self, id: &str) -> Option<std::time::Instant> {
+        self.core.lease_deadline(self.job(id))
+    }
 }
 
 /// Where a submit's answer arrives.
@@ -263,14 +268,15 @@ fn the_owners_heartbeat_renews_its_leases() {
     let (id, _) = h.submit_ok(ONE_CPU);
     h.now = h.now.after(Duration::from_secs(20));
     h.heartbeat("a", 1);
-    assert_eq!(h.job(&id).lease_deadline, Some(h.now.at + TTL));
+    assert_eq!(h.deadline(&id), Some(h.now.at + TTL));
     // Past the first deadline, within the renewed one: nothing expires.
     let out = h.expire_after(Duration::from_secs(20));
     assert!(out.batch.is_empty(), "{:?}", out.batch);
     // A heartbeat on a stream that is no longer the agent's renews nothing.
-    let deadline = h.job(&id).lease_deadline;
+    let deadline = h.deadline(&id);
+    h.now = h.now.after(Duration::from_secs(1));
     h.heartbeat("a", 99);
-    assert_eq!(h.job(&id).lease_deadline, deadline);
+    assert_eq!(h.deadline(&id), deadline);
 }
 
 #[test]
@@ -325,7 +331,7 @@ fn a_reconnect_adopts_what_the_agent_holds_resends_what_it_never_got_and_loses_t
     // `lost` fails its attempt, is queued again and, the agent having room, leased again at epoch 2.
     assert_eq!(written_states(&out, &lost), [JobState::Queued, JobState::Placed, JobState::Leased]);
     assert!(sent.contains(&(lost.clone(), 2)), "{sent:?}");
-    assert!(out.events.iter().any(|e| e.job_id == lost && e.reason.contains("reconnected without the attempt")));
+    assert!(out.events().any(|e| e.job_id == lost && e.reason.contains("reconnected without the attempt")));
     assert_eq!(h.core.agents["lab/a"].attempts().count(), 3);
 }
 
@@ -445,7 +451,7 @@ fn an_agent_cannot_adopt_or_renew_another_agents_attempt() {
     let running = report(&id, 1, Phase::Running, None);
     h.report("a", 1, running.clone());
     assert_eq!(h.job(&id).life.state, JobState::Running);
-    let deadline = h.job(&id).lease_deadline.expect("a running attempt has a lease");
+    let deadline = h.deadline(&id).expect("a running attempt has a lease");
 
     // The impostor (with no room of its own) registers naming the attempt, then reports it and
     // heartbeats.
@@ -459,7 +465,7 @@ fn an_agent_cannot_adopt_or_renew_another_agents_attempt() {
     assert_eq!(stopped(&out, "lab/b"), [(id.clone(), 1)]);
     let job = h.job(&id);
     assert_eq!(job.agent.as_deref(), Some("lab/a"), "the attempt stays the real agent's");
-    assert_eq!(job.lease_deadline, Some(deadline), "the impostor's traffic does not renew the lease");
+    assert_eq!(h.deadline(&id), Some(deadline), "the impostor's traffic does not renew the lease");
 
     // The real agent falls silent: at its deadline the lease expires and the job is queued again.
     h.step(vec![Cmd::Disconnected { agent: "lab/a".into(), conn: 1 }]);
@@ -490,13 +496,13 @@ fn only_an_attempts_own_agent_renews_its_lease() {
     h.connect("c", 3, vec![]);
     let job = h.job(&id);
     assert_eq!((job.agent.as_deref(), job.life.epoch), (Some("lab/c"), 2));
-    let deadline = job.lease_deadline.unwrap();
+    let deadline = h.deadline(&id).unwrap();
 
     h.now = h.now.after(Duration::from_secs(1));
     h.heartbeat("b", 2);
-    assert_eq!(h.job(&id).lease_deadline, Some(deadline), "agent b's heartbeat does not renew c's lease");
+    assert_eq!(h.deadline(&id), Some(deadline), "agent b's heartbeat does not renew c's lease");
     h.heartbeat("c", 3);
-    assert!(h.job(&id).lease_deadline > Some(deadline), "agent c's own heartbeat does");
+    assert!(h.deadline(&id) > Some(deadline), "agent c's own heartbeat does");
 }
 
 /// Isolation is checked at register; a heartbeat cannot turn a sandboxed agent into one without
