@@ -293,7 +293,7 @@ impl Core {
         let mut expired: Vec<(String, u64)> = Vec::new();
         let mut renewed: Vec<(String, Instant)> = Vec::new();
         for job in self.jobs.values().filter(|j| j.lease_deadline.is_some_and(|d| d <= now)) {
-            match self.renewed(job) {
+            match self.lease_deadline(job) {
                 Some(deadline) if deadline > now => renewed.push((job.sub.id.clone(), deadline)),
                 _ => expired.push((job.sub.id.clone(), job.life.epoch)),
             }
