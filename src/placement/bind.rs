@@ -71,11 +71,9 @@ pub fn bind_in_order<'a, K>(
     agents: Vec<(&'a str, FreeCapacity)>,
     jobs: impl IntoIterator<Item = (K, Wanted<'a>)>,
 ) -> Vec<(K, Binding)> {
-    let mut by_site: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (i, (site, _)) in agents.iter().enumerate() {
-        by_site.entry(*site).or_default().push(i);
-    }
-    let mut free: Vec<FreeCapacity> = agents.into_iter().map(|(_, f)| f).collect();
+    let (sites, mut free): (Vec<&str>, Vec<FreeCapacity>) = agents.into_iter().unzip();
+    // Agents by site, built when the first job names a site (plain first fit never does).
+    let mut by_site: Option<HashMap<&str, Vec<usize>>> = None;
     let everyone: Vec<usize> = (0..free.len()).collect();
     let mut with_cpus = free.iter().filter(|f| f.cpus > 0).count();
     let mut bound = Vec::new();
@@ -85,7 +83,16 @@ pub fn bind_in_order<'a, K>(
         }
         let candidates = match wanted.site {
             None => everyone.as_slice(),
-            Some(site) => by_site.get(site).map_or(&[][..], Vec::as_slice),
+            Some(site) => {
+                let by_site = by_site.get_or_insert_with(|| {
+                    let mut map: HashMap<&str, Vec<usize>> = HashMap::new();
+                    for (i, site) in sites.iter().enumerate() {
+                        map.entry(*site).or_default().push(i);
+                    }
+                    map
+                });
+                by_site.get(site).map_or(&[][..], Vec::as_slice)
+            }
         };
         let found =
             candidates.iter().find_map(|&i| fit(wanted.tenant, wanted.resources, &free[i]).map(|gpus| (i, gpus)));
