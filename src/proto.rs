@@ -143,13 +143,14 @@ impl From<AttemptReport> for AttemptUpdate {
 
 impl From<store::JobRecord> for Job {
     fn from(r: store::JobRecord) -> Self {
-        let labels = serde_json::from_str::<serde_json::Value>(&r.spec_json)
+        let store::JobRecord { submission: j, status: s } = r;
+        let labels = serde_json::from_str::<serde_json::Value>(&j.spec_json)
             .ok()
             .and_then(|spec| serde_json::from_value(spec.get("labels")?.clone()).ok())
             .unwrap_or_default();
-        let mut data: JobData = r.data_json.as_deref().and_then(|d| serde_json::from_str(d).ok()).unwrap_or_default();
+        let mut data: JobData = j.data_json.as_deref().and_then(|d| serde_json::from_str(d).ok()).unwrap_or_default();
         if !data.outputs_resolved()
-            && let Some(chosen) = r
+            && let Some(chosen) = s
                 .placement_json
                 .as_deref()
                 .and_then(|d| serde_json::from_str::<crate::placement::engine::Decision>(d).ok())
@@ -157,32 +158,32 @@ impl From<store::JobRecord> for Job {
         {
             data = data.with_chosen_outputs(&chosen.output_locations);
         }
-        let outputs = match r.state {
+        let outputs = match s.state {
             crate::model::state::JobState::Succeeded => {
-                data.outputs.iter().map(|o| o.attempt_uri(&r.tenant, &r.id, r.attempts)).collect()
+                data.outputs.iter().map(|o| o.attempt_uri(&j.tenant, &j.id, s.attempts)).collect()
             }
             _ => Vec::new(),
         };
         Self {
             labels,
-            placement_json: r.placement_json.clone().unwrap_or_default(),
-            trace_id: crate::telemetry::context::trace_id_of_json(r.trace_context.as_deref()).unwrap_or_default(),
+            placement_json: s.placement_json.as_deref().unwrap_or_default().to_string(),
+            trace_id: crate::telemetry::context::trace_id_of_json(j.trace_context.as_deref()).unwrap_or_default(),
             input_objects: data.inputs.len() as u32,
             input_bytes: data.input_bytes(),
             outputs,
-            id: r.id,
-            tenant: r.tenant,
-            name: r.name,
-            state: r.state.to_string(),
-            spec_json: r.spec_json,
-            attempts: r.attempts,
-            max_attempts: r.max_attempts,
-            site: r.site.unwrap_or_default(),
-            agent: r.agent.unwrap_or_default(),
-            exit_code: r.exit_code,
-            reason: r.reason,
-            created_at_ms: r.created_at,
-            updated_at_ms: r.updated_at,
+            id: j.id,
+            tenant: j.tenant,
+            name: j.name,
+            state: s.state.to_string(),
+            spec_json: j.spec_json,
+            attempts: s.attempts,
+            max_attempts: j.max_attempts,
+            site: s.site.unwrap_or_default(),
+            agent: s.agent.unwrap_or_default(),
+            exit_code: s.exit_code,
+            reason: s.reason,
+            created_at_ms: j.created_at,
+            updated_at_ms: s.updated_at,
         }
     }
 }

@@ -9,8 +9,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::agents::AgentView;
-use super::core::Cmd;
+use super::core::{AgentView, Cmd, Submit};
 use super::data::DataPlane;
 use super::keys::{KeyRing, sha256_hex};
 use super::placer::Prices;
@@ -76,7 +75,7 @@ impl JobService {
         let request_sha256 = request_hash(req.format, &req.spec, &spec);
         let (reply, rx) = oneshot::channel();
         let (trace_context, trace_parent) = trace;
-        let cmd = Cmd::Submit {
+        let cmd = Cmd::Submit(Submit {
             tenant,
             spec,
             idempotency_key: key,
@@ -85,7 +84,7 @@ impl JobService {
             trace_context,
             trace_parent,
             reply,
-        };
+        });
         // A full queue is backpressure: the caller retries; never block a gRPC worker here forever.
         self.core.try_send(cmd).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => Status::resource_exhausted("the broker is busy; retry shortly"),
@@ -150,7 +149,7 @@ impl JobService {
     /// The job, if it exists and the caller may see it; another tenant's job is "not found".
     async fn visible_job(&self, id: &str, tenant: &str) -> Result<JobRecord, Status> {
         match self.reader.job(id).await.map_err(ApiError::from)? {
-            Some(job) if tenant.is_empty() || job.tenant == tenant => Ok(job),
+            Some(job) if tenant.is_empty() || job.submission.tenant == tenant => Ok(job),
             _ => Err(ApiError::job_not_found(id).into()),
         }
     }
@@ -275,7 +274,7 @@ impl proto::job_service_server::JobService for JobService {
         let mut jobs = self.reader.jobs(&filter).await.map_err(ApiError::from)?;
         let next_cursor = if jobs.len() > limit as usize {
             jobs.truncate(limit as usize);
-            jobs.last().map(|j| j.id.clone()).unwrap_or_default()
+            jobs.last().map(|j| j.submission.id.clone()).unwrap_or_default()
         } else {
             String::new()
         };
@@ -287,8 +286,9 @@ impl proto::job_service_server::JobService for JobService {
         let req = req.into_inner();
         let tenant = tenant_of(&who, &req.tenant)?;
         let job = self.visible_job(&req.job_id, &tenant).await?;
-        if job.state.is_terminal() {
-            return Err(ApiError::FailedPrecondition(format!("job {} is already {}", job.id, job.state)).into());
+        if job.status.state.is_terminal() {
+            let (id, state) = (&job.submission.id, job.status.state);
+            return Err(ApiError::FailedPrecondition(format!("job {id} is already {state}")).into());
         }
         let (job_id, reason) = (req.job_id.clone(), req.reason);
         let tenant = (!tenant.is_empty()).then_some(tenant);
@@ -303,7 +303,7 @@ impl proto::job_service_server::JobService for JobService {
         let req = req.into_inner();
         let tenant = tenant_of(&who, &req.tenant)?;
         // A job already finished has all its events in the store: send those after `after_seq` and end.
-        let finished = self.visible_job(&req.job_id, &tenant).await?.state.is_terminal();
+        let finished = self.visible_job(&req.job_id, &tenant).await?.status.state.is_terminal();
         // Subscribe before reading history, so no event falls between the two.
         let mut live = self.events.subscribe();
         let reader = self.reader.clone();
@@ -363,7 +363,7 @@ impl proto::job_service_server::JobService for JobService {
             Some(l) => Some(l),
             None => self.reader.attempt_output(&req.job_id, req.attempt).await.map_err(ApiError::from)?,
         };
-        let done = job.state.is_terminal();
+        let done = job.status.state.is_terminal();
         let Some(out) = out else {
             if req.attempt != 0 {
                 return Err(Status::not_found(format!("job {} has no attempt {}", req.job_id, req.attempt)));

@@ -1,5 +1,6 @@
 //! The broker: the control plane. Job service (gateway, admins) and agent service (one stream per
-//! agent) over mutual TLS, both feeding the [`core::Core`] task that owns live state and commits it.
+//! agent) over mutual TLS, both feeding the [`core::Core`] state machine that owns live state, run
+//! by its [`core::Driver`] task, which commits it.
 
 pub mod admin;
 pub mod agents;
@@ -70,7 +71,7 @@ pub async fn run(
         dedicated: dedicated.clone(),
     };
     let data = Arc::new(data::DataPlane::start(&config).await?);
-    let core = core::Core::load(writer, settings, events.clone()).await?;
+    let core = core::Driver::load(writer, settings, events.clone()).await?;
     let (core_tx, core_rx) = mpsc::channel(CORE_QUEUE);
     let mut core_task = tokio::spawn(core.run(core_rx));
 

@@ -183,6 +183,12 @@ impl JobSpec {
     /// Parses JSON and validates.
     pub fn from_json(doc: &[u8], limit: usize) -> Result<Self, SpecError> {
         check_size(doc, limit)?;
+        Self::from_json_unlimited(doc)
+    }
+
+    /// Parses JSON of any size and validates: for a spec read back from the store, whose size
+    /// was checked at submit.
+    pub fn from_json_unlimited(doc: &[u8]) -> Result<Self, SpecError> {
         let mut de = serde_json::Deserializer::from_slice(doc);
         let spec: JobSpec = serde_path_to_error::deserialize(&mut de)
             .map_err(|e| syntax("JSON", e.path().to_string(), e.inner().to_string()))?;

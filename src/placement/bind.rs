@@ -1,5 +1,8 @@
-//! First-fit binding of one job to one agent's free resources, and the one place where a node
-//! dedicated to a tenant (`[[dedicated]]` in the broker's config) refuses other tenants' jobs.
+//! First-fit binding of jobs to agents' free resources — one loop for plain first fit and for
+//! binding jobs placed at a site to that site's agents — and the one place where a node dedicated
+//! to a tenant (`[[dedicated]]` in the broker's config) refuses other tenants' jobs.
+
+use std::collections::HashMap;
 
 use crate::model::job::Resources;
 
@@ -53,6 +56,65 @@ pub fn first_fit(tenant: &str, req: &Resources, agents: &[FreeCapacity]) -> Opti
         .find_map(|(agent, free)| fit(tenant, req, free).map(|gpu_indices| Binding { agent, gpu_indices }))
 }
 
+/// One job to bind: whose it is, what it needs, and the site it must run at (`None`: any agent).
+#[derive(Debug, Clone, Copy)]
+pub struct Wanted<'a> {
+    pub tenant: &'a str,
+    pub resources: &'a Resources,
+    pub site: Option<&'a str>,
+}
+
+/// Binds jobs, in the order given, each to the first agent (in the order given, of its site when
+/// it names one) with room; what a job takes is booked before the next one is bound. `agents` are
+/// (site, free capacity); a binding's `agent` indexes them. Stops early once no agent has a CPU left.
+pub fn bind_in_order<'a, K>(
+    agents: Vec<(&'a str, FreeCapacity)>,
+    jobs: impl IntoIterator<Item = (K, Wanted<'a>)>,
+) -> Vec<(K, Binding)> {
+    let (sites, mut free): (Vec<&str>, Vec<FreeCapacity>) = agents.into_iter().unzip();
+    // Agents by site, built when the first job names a site (plain first fit never does).
+    let mut by_site: Option<HashMap<&str, Vec<usize>>> = None;
+    let everyone: Vec<usize> = (0..free.len()).collect();
+    let mut with_cpus = free.iter().filter(|f| f.cpus > 0).count();
+    let mut bound = Vec::new();
+    for (key, wanted) in jobs {
+        if with_cpus == 0 {
+            break;
+        }
+        let candidates = match wanted.site {
+            None => everyone.as_slice(),
+            Some(site) => {
+                let by_site = by_site.get_or_insert_with(|| {
+                    let mut map: HashMap<&str, Vec<usize>> = HashMap::new();
+                    for (i, site) in sites.iter().enumerate() {
+                        map.entry(*site).or_default().push(i);
+                    }
+                    map
+                });
+                by_site.get(site).map_or(&[][..], Vec::as_slice)
+            }
+        };
+        let found =
+            candidates.iter().find_map(|&i| fit(wanted.tenant, wanted.resources, &free[i]).map(|gpus| (i, gpus)));
+        let Some((agent, gpu_indices)) = found else { continue };
+        let f = &mut free[agent];
+        let had_cpus = f.cpus > 0;
+        book(f, wanted.resources, &gpu_indices);
+        if had_cpus && f.cpus == 0 {
+            with_cpus -= 1;
+        }
+        bound.push((key, Binding { agent, gpu_indices }));
+    }
+    bound
+}
+
+/// Takes what a job bound to `free` with `gpus` needs out of it.
+fn book(free: &mut FreeCapacity, req: &Resources, gpus: &[u32]) {
+    free.cpus -= req.cpus;
+    free.memory_mib -= u64::from(req.memory_gib) * 1024;
+    free.gpus.retain(|(i, _)| !gpus.contains(i));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,6 +163,36 @@ mod tests {
         assert_eq!(first_fit("acme", &gpu_job, &agents).unwrap().agent, 0);
         assert_eq!(first_fit("globex", &gpu_job, &agents).unwrap().agent, 1);
         assert_eq!(first_fit("globex", &gpu_job, &agents[..1]), None);
+    }
+
+    #[test]
+    fn jobs_are_bound_in_order_to_their_sites_agents_and_booked() {
+        let agents = vec![
+            ("lab", agent(&[(0, "H100-80GB")], 4, 16)),
+            ("cloud", agent(&[(0, "H100-80GB"), (1, "H100-80GB")], 8, 32)),
+            ("lab", agent(&[], 2, 4)),
+        ];
+        let gpu = job(1, &[], 2, 4);
+        let small = job(0, &[], 2, 4);
+        let wanted = |resources, site| Wanted { tenant: "acme", resources, site };
+        let jobs = [
+            ("a", wanted(&gpu, Some("lab"))),
+            ("b", wanted(&gpu, Some("lab"))), // lab's only GPU is taken by a
+            ("c", wanted(&small, None)),      // any agent: the first with room
+            ("d", wanted(&small, Some("lab"))),
+            ("e", wanted(&gpu, Some("mars"))), // no such site
+        ];
+        let bound: Vec<(&str, usize, Vec<u32>)> =
+            bind_in_order(agents, jobs).into_iter().map(|(k, b)| (k, b.agent, b.gpu_indices)).collect();
+        assert_eq!(bound, [("a", 0, vec![0]), ("c", 0, vec![]), ("d", 2, vec![])]);
+    }
+
+    #[test]
+    fn binding_stops_once_no_agent_has_a_cpu_left() {
+        let one = job(0, &[], 1, 1);
+        let jobs = (0..5).map(|i| (i, Wanted { tenant: "acme", resources: &one, site: None }));
+        let bound = bind_in_order(vec![("lab", agent(&[], 2, 8))], jobs);
+        assert_eq!(bound.iter().map(|(k, _)| *k).collect::<Vec<_>>(), [0, 1]);
     }
 
     proptest! {

@@ -20,15 +20,15 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 
-use super::{AgentRecord, AttemptEnd, AttemptRecord, Batch, JobEvent, JobRecord, KeyRecord, Write};
+use super::{AgentRecord, AttemptEnd, AttemptRecord, Batch, JobEvent, JobStatus, JobSubmission, KeyRecord, Write};
 use crate::model::UnixMillis;
 
-/// A job inserted by the batch: its immutable columns from the `NewJob`, the mutable ones from the
-/// last write of it (the `NewJob` itself, or a later `UpdateJob`).
+/// A job inserted by the batch: its submission from the `NewJob`, its status from the last write
+/// of it (the `NewJob` itself, or a later `UpdateJob`).
 #[derive(Debug)]
 pub struct NewJob<'a> {
-    pub new: &'a JobRecord,
-    pub last: &'a JobRecord,
+    pub new: &'a JobSubmission,
+    pub last: &'a JobStatus,
 }
 
 /// An attempt inserted by the batch, ended by it too when `end` is set.
@@ -69,7 +69,7 @@ pub struct KeyChange<'a> {
 pub struct Folded<'a> {
     pub new_jobs: Vec<NewJob<'a>>,
     /// Jobs the batch did not create: their final row (update only if it exists).
-    pub job_updates: Vec<&'a JobRecord>,
+    pub job_updates: Vec<(&'a str, &'a JobStatus)>,
     pub events: Vec<&'a JobEvent>,
     pub new_attempts: Vec<NewAttempt<'a>>,
     /// Attempts the batch did not create: how they ended last (update only if they exist).
@@ -106,7 +106,7 @@ struct KeySlot {
 pub fn fold(batch: &Batch) -> Folded<'_> {
     let mut f = Folded::default();
     let mut jobs: HashMap<&str, Slot> = HashMap::new();
-    let mut job_updates: Vec<Option<&JobRecord>> = Vec::new();
+    let mut job_updates: Vec<Option<(&str, &JobStatus)>> = Vec::new();
     let mut attempts: HashMap<(&str, u32), Slot> = HashMap::new();
     let mut attempt_ends: Vec<Option<&AttemptEnd>> = Vec::new();
     // Jobs given an attempt in this batch before (or without) a `NewJob` of theirs in it.
@@ -117,28 +117,28 @@ pub fn fold(batch: &Batch) -> Folded<'_> {
 
     for write in &batch.writes {
         match write {
-            Write::NewJob(j) => match jobs.entry(j.id.as_str()) {
+            Write::NewJob { job: j, status } => match jobs.entry(j.id.as_str()) {
                 Entry::Occupied(mut e) => match *e.get() {
-                    Slot::Insert(_) => f.new_jobs.push(NewJob { new: j, last: j }),
+                    Slot::Insert(_) => f.new_jobs.push(NewJob { new: j, last: status }),
                     Slot::Update(u) => {
                         job_updates[u] = None;
                         e.insert(Slot::Insert(f.new_jobs.len()));
-                        f.new_jobs.push(NewJob { new: j, last: j });
+                        f.new_jobs.push(NewJob { new: j, last: status });
                     }
                 },
                 Entry::Vacant(e) => {
                     e.insert(Slot::Insert(f.new_jobs.len()));
-                    f.new_jobs.push(NewJob { new: j, last: j });
+                    f.new_jobs.push(NewJob { new: j, last: status });
                 }
             },
-            Write::UpdateJob(j) => match jobs.entry(j.id.as_str()) {
+            Write::UpdateJob { id, status } => match jobs.entry(id.as_str()) {
                 Entry::Occupied(e) => match *e.get() {
-                    Slot::Insert(i) => f.new_jobs[i].last = j,
-                    Slot::Update(u) => job_updates[u] = Some(j),
+                    Slot::Insert(i) => f.new_jobs[i].last = status,
+                    Slot::Update(u) => job_updates[u] = Some((id, status)),
                 },
                 Entry::Vacant(e) => {
                     e.insert(Slot::Update(job_updates.len()));
-                    job_updates.push(Some(j));
+                    job_updates.push(Some((id, status)));
                 }
             },
             Write::Event(e) => f.events.push(e),

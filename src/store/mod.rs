@@ -13,6 +13,8 @@ pub use sqlite::{Reader, Writer, open};
 #[cfg(test)]
 mod tests;
 
+use std::sync::Arc;
+
 use crate::model::UnixMillis;
 use crate::model::state::JobState;
 
@@ -26,37 +28,50 @@ pub enum StoreError {
     Open { path: String, message: String },
 }
 
-/// A job as stored.
+/// A job as submitted: written once, at submit, and never changed.
 #[derive(Debug, Clone, PartialEq)]
-pub struct JobRecord {
+pub struct JobSubmission {
     pub id: String,
     pub tenant: String,
     pub name: String,
-    pub state: JobState,
     pub spec_json: String,
     pub priority: u32,
-    pub attempts: u32,
     pub max_attempts: u32,
-    pub epoch: u64,
-    pub site: Option<String>,
-    pub agent: Option<String>,
-    pub exit_code: Option<i32>,
-    pub reason: String,
     pub idempotency_key: Option<String>,
     /// SHA-256 (hex) of the submitted document, to tell a retry from a reused key.
     pub request_sha256: Option<String>,
     /// The job's data plan (`model::data::JobData` as JSON): input objects with sizes, output targets.
     pub data_json: Option<String>,
-    /// The latest placement decision (`placement::engine::Decision` as JSON), once placed by the engine.
-    pub placement_json: Option<String>,
     /// The submission's W3C trace context (`{"traceparent": …}` as JSON): placement and dispatch,
     /// however much later, continue that trace.
     pub trace_context: Option<String>,
     /// The job's `secret_env`, sealed (`broker::secrets`: AES-256-GCM, key id recorded); never
-    /// the clear values. Written once, at submit.
+    /// the clear values.
     pub secret_env_sealed: Option<String>,
     pub created_at: UnixMillis,
+}
+
+/// Where a job stands: the columns every transition writes, and only those.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobStatus {
+    pub state: JobState,
+    pub attempts: u32,
+    pub epoch: u64,
+    pub site: Option<String>,
+    pub agent: Option<String>,
+    pub exit_code: Option<i32>,
+    pub reason: String,
+    /// The latest placement decision (`placement::engine::Decision` as JSON), once placed by the
+    /// engine; shared, not copied, by the transitions that keep it.
+    pub placement_json: Option<Arc<str>>,
     pub updated_at: UnixMillis,
+}
+
+/// A job as stored: its submission and where it stands.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRecord {
+    pub submission: JobSubmission,
+    pub status: JobStatus,
 }
 
 /// One entry of the append-only job event log; `seq` is global and strictly increasing.
@@ -137,9 +152,17 @@ pub struct KeyRecord {
 /// One write of a batch.
 #[derive(Debug, Clone)]
 pub enum Write {
-    NewJob(JobRecord),
-    /// Updates the job's mutable fields (state, attempts, epoch, site, agent, exit code, reason, placement).
-    UpdateJob(JobRecord),
+    /// Inserts a job: its submission (shared with the core, not copied) and its first status.
+    NewJob {
+        job: Arc<JobSubmission>,
+        status: JobStatus,
+    },
+    /// Updates the job's status columns (state, attempts, epoch, site, agent, exit code, reason,
+    /// placement).
+    UpdateJob {
+        id: String,
+        status: JobStatus,
+    },
     Event(JobEvent),
     NewAttempt(AttemptRecord),
     EndAttempt(AttemptEnd),

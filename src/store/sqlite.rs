@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
@@ -11,7 +11,9 @@ use sqlx::{AssertSqlSafe, Connection, Row, SqliteConnection, SqlitePool};
 
 use super::coalesce::{self, AgentUpsert, NewAttempt, NewJob};
 use super::schema::MIGRATIONS;
-use super::{AgentRecord, AttemptOutput, Batch, JobEvent, JobFilter, JobRecord, KeyRecord, StoreError};
+use super::{
+    AgentRecord, AttemptOutput, Batch, JobEvent, JobFilter, JobRecord, JobStatus, JobSubmission, KeyRecord, StoreError,
+};
 use crate::model::state::JobState;
 use crate::private_files;
 
@@ -125,7 +127,7 @@ impl Writer {
                     .bind(&j.idempotency_key)
                     .bind(&j.request_sha256)
                     .bind(&j.data_json)
-                    .bind(&u.placement_json)
+                    .bind(u.placement_json.as_deref())
                     .bind(&j.trace_context)
                     .bind(&j.secret_env_sealed)
                     .bind(j.created_at)
@@ -135,9 +137,9 @@ impl Writer {
         }
         for rows in chunks(&f.job_updates) {
             let mut q = sqlx::query(UPDATE_JOBS.sql(rows.len()));
-            for j in rows {
+            for (id, j) in rows {
                 q = q
-                    .bind(&j.id)
+                    .bind(*id)
                     .bind(j.state.as_str())
                     .bind(j.attempts)
                     .bind(j.epoch as i64)
@@ -145,7 +147,7 @@ impl Writer {
                     .bind(&j.agent)
                     .bind(j.exit_code)
                     .bind(&j.reason)
-                    .bind(&j.placement_json)
+                    .bind(j.placement_json.as_deref())
                     .bind(j.updated_at);
             }
             q.execute(&mut *tx).await?;
@@ -571,27 +573,30 @@ fn state_of(s: String) -> Result<JobState, StoreError> {
 }
 
 fn job_from_row(r: &SqliteRow) -> Result<JobRecord, StoreError> {
-    Ok(JobRecord {
+    let submission = JobSubmission {
         id: r.try_get("id")?,
         tenant: r.try_get("tenant")?,
         name: r.try_get("name")?,
-        state: state_of(r.try_get("state")?)?,
         spec_json: r.try_get("spec_json")?,
         priority: r.try_get("priority")?,
-        attempts: r.try_get("attempts")?,
         max_attempts: r.try_get("max_attempts")?,
+        idempotency_key: r.try_get("idempotency_key")?,
+        request_sha256: r.try_get("request_sha256")?,
+        data_json: r.try_get("data_json")?,
+        trace_context: r.try_get("trace_context")?,
+        secret_env_sealed: r.try_get("secret_env_sealed")?,
+        created_at: r.try_get("created_at_ms")?,
+    };
+    let status = JobStatus {
+        state: state_of(r.try_get("state")?)?,
+        attempts: r.try_get("attempts")?,
         epoch: r.try_get::<i64, _>("epoch")? as u64,
         site: r.try_get("site")?,
         agent: r.try_get("agent")?,
         exit_code: r.try_get("exit_code")?,
         reason: r.try_get("reason")?,
-        idempotency_key: r.try_get("idempotency_key")?,
-        request_sha256: r.try_get("request_sha256")?,
-        data_json: r.try_get("data_json")?,
-        placement_json: r.try_get("placement_json")?,
-        trace_context: r.try_get("trace_context")?,
-        secret_env_sealed: r.try_get("secret_env_sealed")?,
-        created_at: r.try_get("created_at_ms")?,
+        placement_json: r.try_get::<Option<String>, _>("placement_json")?.map(Arc::from),
         updated_at: r.try_get("updated_at_ms")?,
-    })
+    };
+    Ok(JobRecord { submission, status })
 }

@@ -2,29 +2,42 @@ use super::*;
 use crate::model::state::JobState;
 
 fn job(id: &str) -> JobRecord {
-    JobRecord {
+    let submission = JobSubmission {
         id: id.into(),
         tenant: "acme".into(),
         name: "n".into(),
-        state: JobState::Queued,
         spec_json: "{}".into(),
         priority: 50,
-        attempts: 0,
         max_attempts: 3,
+        idempotency_key: Some(format!("key-{id}")),
+        request_sha256: Some("h".into()),
+        data_json: None,
+        trace_context: Some("{\"traceparent\":\"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\"}".into()),
+        secret_env_sealed: Some("aes256gcm:k1:bm9uY2UtY2lwaGVydGV4dA==".into()),
+        created_at: 1,
+    };
+    let status = JobStatus {
+        state: JobState::Queued,
+        attempts: 0,
         epoch: 0,
         site: None,
         agent: None,
         exit_code: None,
         reason: String::new(),
-        idempotency_key: Some(format!("key-{id}")),
-        request_sha256: Some("h".into()),
-        data_json: None,
         placement_json: None,
-        trace_context: Some("{\"traceparent\":\"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\"}".into()),
-        secret_env_sealed: Some("aes256gcm:k1:bm9uY2UtY2lwaGVydGV4dA==".into()),
-        created_at: 1,
         updated_at: 1,
-    }
+    };
+    JobRecord { submission, status }
+}
+
+/// The write that inserts `j`.
+fn new_job(j: JobRecord) -> Write {
+    Write::NewJob { job: std::sync::Arc::new(j.submission), status: j.status }
+}
+
+/// The write that updates `j`'s status.
+fn update_job(j: JobRecord) -> Write {
+    Write::UpdateJob { id: j.submission.id, status: j.status }
 }
 
 fn event(seq: u64, id: &str, state: JobState) -> Write {
@@ -46,28 +59,28 @@ async fn batches_commit_atomically_and_survive_reopening() {
     let path = dir.path().join("store.db");
     let (mut writer, reader) = open(&path).await.unwrap();
     let mut batch = Batch::default();
-    batch.push(Write::NewJob(job("a")));
+    batch.push(new_job(job("a")));
     batch.push(event(1, "a", JobState::Queued));
     let mut done = job("b");
-    batch.push(Write::NewJob(done.clone()));
-    done.state = JobState::Succeeded;
-    batch.push(Write::UpdateJob(done));
+    batch.push(new_job(done.clone()));
+    done.status.state = JobState::Succeeded;
+    batch.push(update_job(done));
     batch.push(event(2, "b", JobState::Succeeded));
     writer.commit(&batch).await.unwrap();
 
     // A failing batch leaves nothing behind: the second insert of "a" violates the primary key.
     let mut bad = Batch::default();
-    bad.push(Write::NewJob(job("c")));
-    bad.push(Write::NewJob(job("a")));
+    bad.push(new_job(job("c")));
+    bad.push(new_job(job("a")));
     assert!(writer.commit(&bad).await.is_err());
     assert!(reader.job("c").await.unwrap().is_none());
     drop((writer, reader));
 
     let (mut writer, reader) = open(&path).await.unwrap();
-    let active: Vec<String> = writer.load_active().await.unwrap().into_iter().map(|j| j.id).collect();
+    let active: Vec<String> = writer.load_active().await.unwrap().into_iter().map(|j| j.submission.id).collect();
     assert_eq!(active, ["a"]);
-    let sealed = reader.job("a").await.unwrap().unwrap().secret_env_sealed;
-    assert_eq!(sealed, job("a").secret_env_sealed, "sealed secrets survive reopening");
+    let sealed = reader.job("a").await.unwrap().unwrap().submission.secret_env_sealed;
+    assert_eq!(sealed, job("a").submission.secret_env_sealed, "sealed secrets survive reopening");
     assert_eq!(writer.last_event_seq().await.unwrap(), 2);
     let keys =
         [("acme".to_string(), "key-a".to_string()), ("acme".into(), "nope".into()), ("other".into(), "key-b".into())];
@@ -85,7 +98,7 @@ async fn the_database_its_wal_and_shm_are_private() {
     let path = dir.path().join("state/store.db");
     let (mut writer, reader) = open(&path).await.unwrap();
     let mut batch = Batch::default();
-    batch.push(Write::NewJob(job("a")));
+    batch.push(new_job(job("a")));
     writer.commit(&batch).await.unwrap();
     assert!(reader.job("a").await.unwrap().is_some());
     assert_eq!(mode(&dir.path().join("state")), 0o700, "a directory the store makes is private");
@@ -137,7 +150,7 @@ mod reference {
         let mut tx = conn.begin().await?;
         for write in &batch.writes {
             match write {
-                Write::NewJob(j) => {
+                Write::NewJob { job: j, status: u } => {
                     sqlx::query(
                         "INSERT INTO jobs (id, tenant, name, state, spec_json, priority, attempts, max_attempts, \
                          epoch, site, agent, exit_code, reason, idempotency_key, request_sha256, data_json, \
@@ -147,28 +160,28 @@ mod reference {
                     .bind(&j.id)
                     .bind(&j.tenant)
                     .bind(&j.name)
-                    .bind(j.state.as_str())
+                    .bind(u.state.as_str())
                     .bind(&j.spec_json)
                     .bind(j.priority)
-                    .bind(j.attempts)
+                    .bind(u.attempts)
                     .bind(j.max_attempts)
-                    .bind(j.epoch as i64)
-                    .bind(&j.site)
-                    .bind(&j.agent)
-                    .bind(j.exit_code)
-                    .bind(&j.reason)
+                    .bind(u.epoch as i64)
+                    .bind(&u.site)
+                    .bind(&u.agent)
+                    .bind(u.exit_code)
+                    .bind(&u.reason)
                     .bind(&j.idempotency_key)
                     .bind(&j.request_sha256)
                     .bind(&j.data_json)
-                    .bind(&j.placement_json)
+                    .bind(u.placement_json.as_deref())
                     .bind(&j.trace_context)
                     .bind(&j.secret_env_sealed)
                     .bind(j.created_at)
-                    .bind(j.updated_at)
+                    .bind(u.updated_at)
                     .execute(&mut *tx)
                     .await?;
                 }
-                Write::UpdateJob(j) => {
+                Write::UpdateJob { id, status: j } => {
                     sqlx::query(
                         "UPDATE jobs SET state = ?, attempts = ?, epoch = ?, site = ?, agent = ?, exit_code = ?, \
                          reason = ?, placement_json = ?, updated_at_ms = ? WHERE id = ?",
@@ -180,9 +193,9 @@ mod reference {
                     .bind(&j.agent)
                     .bind(j.exit_code)
                     .bind(&j.reason)
-                    .bind(&j.placement_json)
+                    .bind(j.placement_json.as_deref())
                     .bind(j.updated_at)
-                    .bind(&j.id)
+                    .bind(id)
                     .execute(&mut *tx)
                     .await?;
                 }
@@ -392,28 +405,33 @@ mod model {
         [0, 1, 1_700_000_000_000, i64::MAX, -5][rng.usize(..5)]
     }
 
-    fn job(rng: &mut fastrand::Rng, id: String) -> JobRecord {
-        JobRecord {
+    fn submission(rng: &mut fastrand::Rng, id: String) -> JobSubmission {
+        JobSubmission {
             idempotency_key: rng.bool().then(|| format!("idem-{id}")),
             id,
             tenant: ["acme", "beta"][rng.usize(..2)].into(),
             name: text(rng),
-            state: state(rng),
             spec_json: ["{}", "{\"labels\":{\"a\":\"b\"}}"][rng.usize(..2)].into(),
             priority: rng.u32(..100),
-            attempts: rng.u32(..4),
             max_attempts: rng.u32(1..4),
+            request_sha256: opt(rng, text),
+            data_json: opt(rng, text),
+            trace_context: opt(rng, text),
+            secret_env_sealed: opt(rng, text),
+            created_at: millis(rng),
+        }
+    }
+
+    fn status(rng: &mut fastrand::Rng) -> JobStatus {
+        JobStatus {
+            state: state(rng),
+            attempts: rng.u32(..4),
             epoch: [0, 1, 7, u64::MAX][rng.usize(..4)],
             site: opt(rng, text),
             agent: opt(rng, text),
             exit_code: opt(rng, |r| [0, 1, -9, i32::MAX][r.usize(..4)]),
             reason: text(rng),
-            request_sha256: opt(rng, text),
-            data_json: opt(rng, text),
-            placement_json: opt(rng, text),
-            trace_context: opt(rng, text),
-            secret_env_sealed: opt(rng, text),
-            created_at: millis(rng),
+            placement_json: opt(rng, |r| text(r).into()),
             updated_at: millis(rng),
         }
     }
@@ -453,7 +471,8 @@ mod model {
                                 id
                             }
                         };
-                        Write::NewJob(job(rng, id))
+                        let job = std::sync::Arc::new(submission(rng, id));
+                        Write::NewJob { job, status: status(rng) }
                     }
                     20..45 => {
                         let id = match rng.u8(..8) {
@@ -461,7 +480,7 @@ mod model {
                             1 => format!("job-{}", self.next_job + 1),
                             _ => pick(rng, &self.jobs).cloned().unwrap_or_else(|| "ghost-0".into()),
                         };
-                        Write::UpdateJob(job(rng, id))
+                        Write::UpdateJob { id, status: status(rng) }
                     }
                     45..65 => {
                         self.seq += 1;
@@ -591,37 +610,37 @@ proptest::proptest! {
 fn life(i: u64, stage: u8, out: &mut Batch) {
     let id = format!("0190f5c8-7d3a-7c41-9a6b-{i:012}");
     let mut rec = job(&id);
-    rec.spec_json = format!(
+    rec.submission.spec_json = format!(
         "{{\"name\":\"bench-{i}\",\"command\":[\"/bin/true\"],\"resources\":{{\"cpus\":1,\"memory_gib\":1,\"gpus\":0}},\"labels\":{{\"team\":\"bench\"}}}}"
     );
-    rec.idempotency_key = None;
-    rec.request_sha256 = Some("9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into());
+    rec.submission.idempotency_key = None;
+    rec.submission.request_sha256 = Some("9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into());
     let seq = i * 5;
     let ev = |seq: u64, rec: &JobRecord| {
         Write::Event(JobEvent {
             seq,
-            job_id: rec.id.clone(),
-            state: rec.state,
-            attempt: rec.attempts,
-            agent: rec.agent.clone(),
-            reason: rec.reason.clone(),
-            exit_code: rec.exit_code,
-            at: rec.updated_at,
+            job_id: rec.submission.id.clone(),
+            state: rec.status.state,
+            attempt: rec.status.attempts,
+            agent: rec.status.agent.clone(),
+            reason: rec.status.reason.clone(),
+            exit_code: rec.status.exit_code,
+            at: rec.status.updated_at,
         })
     };
     let agent = format!("agent-{}", i % 1000);
     if stage == 0 {
-        rec.reason = "submitted".into();
-        out.push(Write::NewJob(rec.clone()));
+        rec.status.reason = "submitted".into();
+        out.push(new_job(rec.clone()));
         out.push(ev(seq + 1, &rec));
-        rec.state = JobState::Placed;
-        rec.site = Some("onprem".into());
-        rec.reason = "placed at site onprem (first fit)".into();
-        out.push(Write::UpdateJob(rec.clone()));
+        rec.status.state = JobState::Placed;
+        rec.status.site = Some("onprem".into());
+        rec.status.reason = "placed at site onprem (first fit)".into();
+        out.push(update_job(rec.clone()));
         out.push(ev(seq + 2, &rec));
-        rec.attempts = 1;
-        rec.epoch = 1;
-        rec.agent = Some(agent.clone());
+        rec.status.attempts = 1;
+        rec.status.epoch = 1;
+        rec.status.agent = Some(agent.clone());
         out.push(Write::NewAttempt(AttemptRecord {
             job_id: id.clone(),
             attempt: 1,
@@ -630,15 +649,16 @@ fn life(i: u64, stage: u8, out: &mut Batch) {
             gpu_indices: vec![],
             started_at: 2,
         }));
-        rec.state = JobState::Leased;
-        rec.reason = format!("attempt 1 leased to {agent} (gpus [])");
-        out.push(Write::UpdateJob(rec.clone()));
+        rec.status.state = JobState::Leased;
+        rec.status.reason = format!("attempt 1 leased to {agent} (gpus [])");
+        out.push(update_job(rec.clone()));
         out.push(ev(seq + 3, &rec));
     } else {
-        (rec.attempts, rec.epoch, rec.site, rec.agent) = (1, 1, Some("onprem".into()), Some(agent));
-        rec.state = JobState::Running;
-        rec.reason = "running".into();
-        out.push(Write::UpdateJob(rec.clone()));
+        (rec.status.attempts, rec.status.epoch, rec.status.site, rec.status.agent) =
+            (1, 1, Some("onprem".into()), Some(agent));
+        rec.status.state = JobState::Running;
+        rec.status.reason = "running".into();
+        out.push(update_job(rec.clone()));
         out.push(ev(seq + 4, &rec));
         out.push(Write::EndAttempt(AttemptEnd {
             job_id: id.clone(),
@@ -653,10 +673,10 @@ fn life(i: u64, stage: u8, out: &mut Batch) {
             cost_usd: None,
             ended_at: 3,
         }));
-        rec.state = JobState::Succeeded;
-        rec.exit_code = Some(0);
-        rec.reason = "exited 0".into();
-        out.push(Write::UpdateJob(rec.clone()));
+        rec.status.state = JobState::Succeeded;
+        rec.status.exit_code = Some(0);
+        rec.status.reason = "exited 0".into();
+        out.push(update_job(rec.clone()));
         out.push(ev(seq + 5, &rec));
     }
 }
@@ -700,13 +720,14 @@ async fn large_batches_span_many_statements_and_still_match() {
     for batch in lifecycles(300, 300, true).iter().map(|b| {
         // The same jobs again, under new ids, whole lives at once.
         let writes = b.writes.iter().cloned().map(|w| match w {
-            Write::NewJob(mut j) => {
-                j.id.push('w');
-                Write::NewJob(j)
+            Write::NewJob { job, status } => {
+                let mut job = (*job).clone();
+                job.id.push('w');
+                Write::NewJob { job: std::sync::Arc::new(job), status }
             }
-            Write::UpdateJob(mut j) => {
-                j.id.push('w');
-                Write::UpdateJob(j)
+            Write::UpdateJob { mut id, status } => {
+                id.push('w');
+                Write::UpdateJob { id, status }
             }
             Write::NewAttempt(mut a) => {
                 a.job_id.push('w');
@@ -732,10 +753,10 @@ async fn large_batches_span_many_statements_and_still_match() {
 async fn updates_of_missing_rows_create_nothing() {
     let mut pair = Pair::new().await;
     let mut ghost = job("ghost");
-    ghost.state = JobState::Running;
+    ghost.status.state = JobState::Running;
     let batch = Batch {
         writes: vec![
-            Write::UpdateJob(ghost),
+            update_job(ghost),
             Write::EndAttempt(AttemptEnd {
                 job_id: "ghost".into(),
                 attempt: 1,
@@ -770,13 +791,13 @@ async fn an_attempt_before_its_jobs_creation_fails_the_batch() {
         gpu_indices: vec![0, 1],
         started_at: 1,
     });
-    let batch = Batch { writes: vec![attempt.clone(), Write::NewJob(job("a"))] };
+    let batch = Batch { writes: vec![attempt.clone(), new_job(job("a"))] };
     assert!(!pair.commit(&batch).await.unwrap());
     // With the job committed first, the same attempt is fine.
-    assert!(pair.commit(&Batch { writes: vec![Write::NewJob(job("a"))] }).await.unwrap());
+    assert!(pair.commit(&Batch { writes: vec![new_job(job("a"))] }).await.unwrap());
     assert!(pair.commit(&Batch { writes: vec![attempt.clone()] }).await.unwrap());
     // And so is creating it again then: it fails, as the job's second NewJob does.
-    assert!(!pair.commit(&Batch { writes: vec![attempt, Write::NewJob(job("a"))] }).await.unwrap());
+    assert!(!pair.commit(&Batch { writes: vec![attempt, new_job(job("a"))] }).await.unwrap());
 }
 
 #[tokio::test]

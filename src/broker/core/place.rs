@@ -1,21 +1,30 @@
-//! Engine placement inside the core (with `[[site]]` configured): queued jobs are placed at the
-//! cheapest allowed site on the current prices and capacity (the decision is stored with the job
-//! and its summary is the `placed` event), then bound to an agent of that site with room. A job
-//! that waits at its site longer than `placement.replace_after` is placed again.
+//! Placement and binding inside the core. Without `[[site]]`, queued jobs are bound by first fit
+//! to any agent with room. With sites (engine placement), queued jobs are placed at the cheapest
+//! allowed site on the current prices and capacity (the decision is stored with the job and its
+//! summary is the `placed` event), then bound to an agent of that site with room; a job that waits
+//! at its site longer than `placement.replace_after` is placed again. Both bind through the one
+//! loop of `placement::bind`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tracing::Span;
 
-use super::{ActiveJob, Core, Effects, now_ms};
+use super::fleet::Alloc;
+use super::jobs::ActiveJob;
+use super::messages::AgentMessage;
+use super::{Core, Effects, metrics, trace};
 use crate::broker::placer::summary;
+use crate::broker::tail::Tail;
 use crate::error::ApiError;
+use crate::model::data::JobData;
+use crate::model::job::JobSpec;
 use crate::model::state::{Input, JobState};
-use crate::placement::bind::{FreeCapacity, first_fit};
+use crate::placement::bind::{FreeCapacity, Wanted, bind_in_order};
 use crate::placement::engine::{Decision, Verdict};
 use crate::placement::world::World;
+use crate::store::{AttemptRecord, Write};
 
 /// How long a job no site can take waits before placement tries it again.
 const RETRY_UNPLACED: Duration = Duration::from_secs(1);
@@ -25,13 +34,8 @@ impl Core {
     /// `tenant`'s jobs (a node dedicated to another tenant has no room for it).
     fn capacity(&self, tenant: &str) -> HashMap<&str, (Vec<FreeCapacity>, Vec<FreeCapacity>)> {
         let mut per_site: HashMap<&str, (Vec<FreeCapacity>, Vec<FreeCapacity>)> = HashMap::new();
-        for e in self.agents.values().filter(|e| e.conn.is_some() && !e.draining) {
-            let total = FreeCapacity {
-                gpus: e.inventory.gpus.iter().filter(|g| g.healthy).map(|g| (g.index, g.model.clone())).collect(),
-                cpus: e.inventory.cpus,
-                memory_mib: e.inventory.memory_mib,
-                tenant: e.dedicated.clone(),
-            };
+        for e in self.agents.values().filter(|e| e.takes_work()) {
+            let total = e.total();
             if !total.admits(tenant) {
                 continue;
             }
@@ -56,17 +60,17 @@ impl Core {
     /// Admission: a job whose policy widens its tenant's is invalid, so is one every site rejects
     /// for a reason about the job itself (an output outside its residency); with a budget, a job
     /// every site would refuse for the budget is refused now, with the numbers.
-    pub(super) fn admit(&self, tenant: &str, job: &ActiveJobParts<'_>) -> Result<(), ApiError> {
+    pub(super) fn admit(&self, tenant: &str, spec: &JobSpec, data: Option<&JobData>) -> Result<(), ApiError> {
         let placer = &self.settings.placer;
         if !placer.enabled() {
-            if job.data.is_some_and(|d| !d.outputs_resolved()) {
+            if data.is_some_and(|d| !d.outputs_resolved()) {
                 return Err(ApiError::InvalidArgument(
                     "outputs: an output with `residency` needs placement to choose its location, and this broker \
                      has no [[site]] configured; give `to`"
                         .into(),
                 ));
             }
-            if job.spec.policy.is_some() {
+            if spec.policy.is_some() {
                 return Err(ApiError::InvalidArgument(
                     "policy: this broker places jobs by first fit (no [[site]] configured), so it cannot enforce \
                      a placement policy"
@@ -76,7 +80,7 @@ impl Core {
             return Ok(());
         }
         let budget_left = self.budget_left(tenant);
-        let req = placer.request(tenant, job.spec, job.data, budget_left).map_err(ApiError::InvalidArgument)?;
+        let req = placer.request(tenant, spec, data, budget_left).map_err(ApiError::InvalidArgument)?;
         // A reason about the job itself (an output leaving its residency) rejects every site, now
         // and later: refused now with that reason rather than queued for ever.
         if !req.outputs.is_empty()
@@ -87,7 +91,7 @@ impl Core {
         if budget_left.is_none() {
             return Ok(());
         }
-        let world = placer.world(&self.capacity(tenant), now_ms());
+        let world = placer.world(&self.capacity(tenant), self.now.ms);
         let decision = placer.place(&req, &world);
         let budget = decision.candidates.iter().find_map(|c| match &c.verdict {
             Verdict::Rejected(why) if why.starts_with("budget:") => Some(why.clone()),
@@ -102,12 +106,7 @@ impl Core {
     }
 
     /// The decision placement would take for this job now (a dry run).
-    pub(super) fn plan(
-        &self,
-        tenant: &str,
-        spec: &crate::model::job::JobSpec,
-        data: Option<&crate::model::data::JobData>,
-    ) -> Result<Decision, ApiError> {
+    pub(super) fn plan(&self, tenant: &str, spec: &JobSpec, data: Option<&JobData>) -> Result<Decision, ApiError> {
         let placer = &self.settings.placer;
         if !placer.enabled() {
             return Err(ApiError::FailedPrecondition(
@@ -115,13 +114,23 @@ impl Core {
             ));
         }
         let req = placer.request(tenant, spec, data, self.budget_left(tenant)).map_err(ApiError::InvalidArgument)?;
-        Ok(placer.place(&req, &placer.world(&self.capacity(tenant), now_ms())))
+        Ok(placer.place(&req, &placer.world(&self.capacity(tenant), self.now.ms)))
     }
 
-    /// Places queued jobs (and jobs waiting too long at their site) and binds placed jobs to
-    /// agents of their site.
-    pub(super) fn dispatch_placed(&mut self, out: &mut Effects) {
-        let now = Instant::now();
+    /// Places queued jobs (engine placement) and binds them to agents with room.
+    pub(super) fn dispatch(&mut self, out: &mut Effects) {
+        if self.queue.is_empty() {
+            return;
+        }
+        if self.settings.placer.enabled() {
+            self.place_due(out);
+        }
+        self.bind(out);
+    }
+
+    /// Places queued jobs (and jobs waiting too long at their site).
+    fn place_due(&mut self, out: &mut Effects) {
+        let now = self.now.at;
         let placer = self.settings.placer.clone();
         // Capacity and the world are built only when some job is due (not on every batch); with
         // dedicated nodes, once per tenant (each sees only the nodes that may run its jobs).
@@ -140,26 +149,26 @@ impl Core {
             if !due {
                 continue;
             }
-            let budget_left = self.budget_left(&job.rec.tenant);
-            let req = match placer.request(&job.rec.tenant, &job.spec, job.data.as_deref(), budget_left) {
+            let budget_left = self.budget_left(job.tenant());
+            let req = match placer.request(job.tenant(), &job.spec, job.data.as_deref(), budget_left) {
                 Ok(req) => req,
                 Err(why) => {
                     unplaced.push((job_id.clone(), format!("not placed: {why}"), None));
                     continue;
                 }
             };
-            let key = if per_tenant { job.rec.tenant.as_str() } else { "" };
+            let key = if per_tenant { job.tenant() } else { "" };
             let world = worlds
                 .entry(key.to_string())
-                .or_insert_with(|| placer.world(&self.capacity(&job.rec.tenant), now_ms()));
+                .or_insert_with(|| placer.world(&self.capacity(job.tenant()), self.now.ms));
             // A job retried after "no site can take it" gets a span only when the answer changes.
-            let span = job.next_placement.is_none().then(|| super::trace::place_span(job));
-            let started = Instant::now();
+            let span = job.next_placement.is_none().then(|| trace::place_span(job));
+            let started = std::time::Instant::now();
             let decision = {
                 let _entered = span.as_ref().map(Span::enter);
                 placer.place(&req, world)
             };
-            super::metrics::decision_time(started.elapsed());
+            metrics::decision_time(started.elapsed());
             if decision.chosen.is_some() {
                 decisions.push((job_id.clone(), Decided { decision, span }));
             } else {
@@ -172,66 +181,109 @@ impl Core {
         for (job_id, why, decision) in unplaced {
             let mut job = self.jobs.remove(&job_id).expect("queued jobs are active");
             job.next_placement = Some(now + RETRY_UNPLACED);
-            if job.rec.reason != why {
+            if job.reason != why {
                 if let Some(Decided { decision, span }) = decision {
-                    let span = span.unwrap_or_else(|| super::trace::place_span(&job));
-                    super::trace::record_decision(&span, &decision);
+                    let span = span.unwrap_or_else(|| trace::place_span(&job));
+                    trace::record_decision(&span, &decision);
                 }
                 self.event(&mut job, why, false, out);
             }
             self.jobs.insert(job_id, job);
         }
-        self.bind_placed(out);
     }
 
     /// Records a decision: the job is placed at the chosen site (again, if it was already placed).
     fn placed(&mut self, job_id: &str, decision: Decision, span: Option<Span>, out: &mut Effects) {
         let Some(chosen) = &decision.chosen else { return };
         let mut job = self.jobs.remove(job_id).expect("queued jobs are active");
-        let span = span.unwrap_or_else(|| super::trace::place_span(&job));
-        super::trace::record_decision(&span, &decision);
+        let span = span.unwrap_or_else(|| trace::place_span(&job));
+        trace::record_decision(&span, &decision);
         if job.life.state == JobState::Queued {
             job.life.apply(&Input::Place).expect("queued jobs can be placed");
         }
         let reason = summary(&decision);
-        job.rec.site = Some(chosen.site.clone());
-        job.rec.agent = None;
-        job.rec.state = JobState::Placed;
-        job.rec.updated_at = now_ms();
-        job.rec.placement_json = Some(serde_json::to_string(&decision).expect("decisions serialise"));
+        job.site = Some(chosen.site.clone());
+        job.agent = None;
+        job.updated_at = self.now.ms;
+        job.placement_json = Some(serde_json::to_string(&decision).expect("decisions serialise").into());
         job.decision = Some(Arc::new(decision));
-        job.placed_at = Some(Instant::now());
+        job.placed_at = Some(self.now.at);
         job.next_placement = None;
         self.event(&mut job, reason, true, out);
         self.jobs.insert(job_id.to_string(), job);
     }
 
-    /// Binds placed jobs, by priority, to agents of their site with room (first fit).
-    fn bind_placed(&mut self, out: &mut Effects) {
-        let ids: Vec<String> = self
+    /// Binds jobs, by priority then age, to agents with room (first fit): without sites, queued
+    /// jobs to any connected agent that takes work; with sites, placed jobs to their site's agents.
+    fn bind(&mut self, out: &mut Effects) {
+        let placed = self.settings.placer.enabled();
+        let placer = &self.settings.placer;
+        let agents: Vec<(&str, &str)> = self
             .agents
-            .iter()
-            .filter(|(_, e)| e.conn.is_some() && !e.draining && self.settings.placer.knows_site(&e.site))
-            .map(|(id, _)| id.clone())
+            .values()
+            .filter(|e| e.takes_work() && (!placed || placer.knows_site(&e.site)))
+            .map(|e| (e.id.as_str(), e.site.as_str()))
             .collect();
-        let mut free: Vec<FreeCapacity> = ids.iter().map(|id| self.agents[id].free()).collect();
-        let mut bound = Vec::new();
-        for (_, job_id) in &self.queue {
-            let job = &self.jobs[job_id];
-            let Some(site) = job.rec.site.as_deref().filter(|_| job.life.state == JobState::Placed) else { continue };
-            let at_site: Vec<usize> = (0..ids.len()).filter(|&i| self.agents[&ids[i]].site == site).collect();
-            let candidates: Vec<FreeCapacity> = at_site.iter().map(|&i| free[i].clone()).collect();
-            let req = &job.spec.resources;
-            if let Some(b) = first_fit(&job.rec.tenant, req, &candidates) {
-                let f = &mut free[at_site[b.agent]];
-                f.cpus -= req.cpus;
-                f.memory_mib -= u64::from(req.memory_gib) * 1024;
-                f.gpus.retain(|(i, _)| !b.gpu_indices.contains(i));
-                bound.push((job_id.clone(), ids[at_site[b.agent]].clone(), b.gpu_indices));
-            }
+        if agents.is_empty() {
+            return;
         }
+        let free: Vec<(&str, FreeCapacity)> =
+            agents.iter().map(|(id, site)| (*site, self.agents[*id].free())).collect();
+        let jobs = self.queue.iter().filter_map(|(_, job_id)| {
+            let job = &self.jobs[job_id];
+            let site =
+                if placed { Some(job.site.as_deref().filter(|_| job.life.state == JobState::Placed)?) } else { None };
+            Some((job_id.as_str(), Wanted { tenant: job.tenant(), resources: &job.spec.resources, site }))
+        });
+        let bound: Vec<(String, String, Vec<u32>)> = bind_in_order(free, jobs)
+            .into_iter()
+            .map(|(job_id, b)| (job_id.to_string(), agents[b.agent].0.to_string(), b.gpu_indices))
+            .collect();
         for (job_id, agent, gpus) in bound {
             self.lease(&job_id, &agent, gpus, out);
+        }
+    }
+
+    /// Leases the job's next attempt to `agent` on `gpus` (placing it at the agent's site first,
+    /// under first fit) and sends the assignment.
+    fn lease(&mut self, job_id: &str, agent: &str, gpus: Vec<u32>, out: &mut Effects) {
+        let mut job = self.jobs.remove(job_id).expect("queued jobs are active");
+        self.queue.remove(&job.queue_key());
+        let site = self.agents[agent].site.clone();
+        if job.life.state == JobState::Queued {
+            job.life.apply(&Input::Place).expect("queued jobs can be placed");
+            job.site = Some(site.clone());
+            job.agent = None;
+            job.updated_at = self.now.ms;
+            self.event(&mut job, format!("placed at site {site} (first fit)"), true, out);
+        }
+        job.life.apply(&Input::Lease).expect("placed jobs with attempts left can be leased");
+        job.agent = Some(agent.to_string());
+        job.lease_deadline = Some(self.now.at + self.settings.lease_ttl);
+        job.attempt_started = Some(self.now.at);
+        job.tail = Tail::new(self.settings.log_tail_bytes);
+        let (epoch, attempt) = (job.life.epoch, job.life.attempts);
+        let resources = &job.spec.resources;
+        let alloc =
+            Alloc { gpus: gpus.clone(), cpus: resources.cpus, memory_mib: u64::from(resources.memory_gib) * 1024 };
+        self.agents.get_mut(agent).expect("agent exists").allocate(job_id, epoch, alloc);
+        let (trace_context, dispatched) = trace::dispatch(&job, agent, &site);
+        job.dispatched = dispatched;
+        let assign = job.assignment(&gpus, trace_context, &self.settings.secrets);
+        metrics::dispatched(&job, self.now.ms);
+        let reason = format!("attempt {attempt} leased to {agent} (gpus {gpus:?})");
+        out.batch.push(Write::NewAttempt(AttemptRecord {
+            job_id: job_id.to_string(),
+            attempt,
+            epoch,
+            agent: agent.to_string(),
+            gpu_indices: gpus,
+            started_at: self.now.ms,
+        }));
+        self.transition(job, reason, None, out);
+        match assign {
+            Ok(assign) => out.send(agent, AgentMessage::Assign(assign)),
+            Err(e) => self.unassignable(job_id, epoch, &e, out),
         }
     }
 
@@ -240,19 +292,10 @@ impl Core {
     pub(super) fn accrue(&mut self, job: &ActiveJob) -> Option<f64> {
         let decision = job.decision.as_ref()?;
         let chosen = decision.chosen.as_ref()?;
-        let hours = job.attempt_started?.elapsed().as_secs_f64() / 3600.0;
+        let hours = self.now.at.saturating_duration_since(job.attempt_started?).as_secs_f64() / 3600.0;
         let cost = chosen.offer.cost.usd_per_hour * hours;
-        *self.spent.entry(job.rec.tenant.clone()).or_default() += cost;
+        *self.spent.entry(job.sub.tenant.clone()).or_default() += cost;
         Some(cost)
-    }
-}
-
-/// The job's data with the output locations its placement decision chose (for minting URLs).
-pub(super) fn effective_data(job: &ActiveJob) -> Arc<crate::model::data::JobData> {
-    let data = job.data.clone().unwrap_or_default();
-    match job.decision.as_ref().and_then(|d| d.chosen.as_ref()) {
-        Some(chosen) if !data.outputs_resolved() => Arc::new(data.with_chosen_outputs(&chosen.output_locations)),
-        _ => data,
     }
 }
 
@@ -275,12 +318,6 @@ pub(super) fn month_start(now: crate::model::UnixMillis) -> crate::model::UnixMi
 struct Decided {
     decision: Decision,
     span: Option<Span>,
-}
-
-/// The parts of a job admission looks at.
-pub(super) struct ActiveJobParts<'a> {
-    pub spec: &'a crate::model::job::JobSpec,
-    pub data: Option<&'a crate::model::data::JobData>,
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use opentelemetry::{Context, KeyValue};
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use super::ActiveJob;
+use super::jobs::ActiveJob;
 use crate::model::state::JobState;
 use crate::placement::engine::{Decision, Verdict};
 use crate::telemetry::context;
@@ -29,9 +29,9 @@ pub(super) const MAX_REJECTION_EVENTS: usize = 16;
 pub(super) fn place_span(job: &ActiveJob) -> Span {
     let span = tracing::info_span!(
         "job.place",
-        job.id = %job.rec.id,
-        job.name = %job.rec.name,
-        tenant = %job.rec.tenant,
+        job.id = %job.sub.id,
+        job.name = %job.sub.name,
+        tenant = %job.sub.tenant,
         placement.site = tracing::field::Empty,
         placement.candidates = tracing::field::Empty,
         placement.rejections = tracing::field::Empty,
@@ -94,7 +94,7 @@ pub(super) fn record_decision(span: &Span, decision: &Decision) {
 pub(super) fn dispatch(job: &ActiveJob, agent: &str, site: &str) -> (HashMap<String, String>, Context) {
     let attributes = || {
         vec![
-            KeyValue::new("job.id", job.rec.id.clone()),
+            KeyValue::new("job.id", job.sub.id.clone()),
             KeyValue::new("job.attempt", i64::from(job.life.attempts)),
             KeyValue::new("hybroker.agent", agent.to_string()),
             KeyValue::new("hybroker.site", site.to_string()),
@@ -115,7 +115,7 @@ pub(super) fn attempt_ended(
 ) {
     let attributes = || {
         let mut attributes = vec![
-            KeyValue::new("job.id", job.rec.id.clone()),
+            KeyValue::new("job.id", job.sub.id.clone()),
             KeyValue::new("job.attempt", i64::from(job.life.attempts)),
             KeyValue::new("hybroker.outcome", state.as_str()),
             KeyValue::new("hybroker.reason", reason.to_string()),

@@ -3,14 +3,15 @@
 
 use std::collections::BTreeMap;
 
-use super::{ActiveJob, Core, now_ms};
+use super::jobs::ActiveJob;
+use super::{Core, now_ms};
 use crate::metrics::global;
 use crate::model::data::StagingStats;
 use crate::model::state::JobState;
 
 /// The site label of a job: where it is placed or ran, `none` while only queued.
 fn site(job: &ActiveJob) -> &str {
-    match job.rec.site.as_deref() {
+    match job.site.as_deref() {
         Some(site) if job.life.state != JobState::Queued && !site.is_empty() => site,
         _ => "none",
     }
@@ -29,7 +30,7 @@ impl Core {
             let Some(job) = self.jobs.get(id) else { continue };
             let entry = depth.entry(site(job)).or_default();
             entry.0 += 1.0;
-            entry.1 = entry.1.max(now.saturating_sub(job.rec.created_at).max(0) as f64 / 1000.0);
+            entry.1 = entry.1.max(now.saturating_sub(job.sub.created_at).max(0) as f64 / 1000.0);
         }
         let mut agents: BTreeMap<&str, f64> = BTreeMap::new();
         for entry in self.agents.values() {
@@ -58,16 +59,16 @@ impl Core {
 
 /// A job reached a terminal state.
 pub(super) fn finished(job: &ActiveJob, state: JobState) {
-    let site = job.rec.site.as_deref().filter(|s| !s.is_empty()).unwrap_or("none");
+    let site = job.site.as_deref().filter(|s| !s.is_empty()).unwrap_or("none");
     global().inc("hybroker_jobs_finished_total", &[state.as_str(), site], 1.0);
 }
 
 /// An attempt ended: its cost and what it staged.
 pub(super) fn attempt_ended(job: &ActiveJob, cost_usd: Option<f64>, staging: Option<&StagingStats>) {
-    let site = job.rec.site.as_deref().filter(|s| !s.is_empty()).unwrap_or("none");
+    let site = job.site.as_deref().filter(|s| !s.is_empty()).unwrap_or("none");
     let r = global();
     if let Some(cost) = cost_usd {
-        r.inc("hybroker_cost_actual_usd_total", &[&job.rec.tenant, site], cost);
+        r.inc("hybroker_cost_actual_usd_total", &[&job.sub.tenant, site], cost);
     }
     if let Some(s) = staging {
         for (direction, files, bytes, ms) in
@@ -85,15 +86,15 @@ pub(super) fn attempt_ended(job: &ActiveJob, cost_usd: Option<f64>, staging: Opt
 /// An attempt was dispatched: the first one's wait since submit, and the estimate of the decision
 /// it runs on (counted per attempt started, like actual cost, not per decision: a job placed
 /// again while it waits is estimated once).
-pub(super) fn dispatched(job: &ActiveJob) {
+pub(super) fn dispatched(job: &ActiveJob, now: crate::model::UnixMillis) {
     if job.life.attempts == 1 {
-        let waited = now_ms().saturating_sub(job.rec.created_at).max(0) as f64 / 1000.0;
+        let waited = now.saturating_sub(job.sub.created_at).max(0) as f64 / 1000.0;
         global().observe("hybroker_submit_to_dispatch_seconds", &[], waited);
     }
     if let Some(chosen) = job.decision.as_ref().and_then(|d| d.chosen.as_ref()) {
         global().inc(
             "hybroker_cost_estimated_usd_total",
-            &[&job.rec.tenant, &chosen.site],
+            &[&job.sub.tenant, &chosen.site],
             chosen.offer.cost.total_usd,
         );
     }

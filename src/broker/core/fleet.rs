@@ -1,0 +1,180 @@
+//! The core's state of the fleet: one entry per agent the broker knows, with what its attempts
+//! hold (allocations, kept summed so that binding needs no walk over them).
+
+use std::collections::HashMap;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use crate::model::agent::Inventory;
+use crate::placement::bind::FreeCapacity;
+
+/// Resources held by one attempt on an agent.
+#[derive(Debug, Clone)]
+pub struct Alloc {
+    pub gpus: Vec<u32>,
+    pub cpus: u32,
+    pub memory_mib: u64,
+}
+
+/// The core's view of one agent.
+pub struct AgentEntry {
+    pub id: String,
+    pub site: String,
+    pub node: String,
+    pub inventory: Inventory,
+    /// The id of its open stream, when it has one (the stream itself is the driver's).
+    pub conn: Option<u64>,
+    pub last_seen: Instant,
+    /// Resources held by attempts, keyed by (job id, epoch); change only through `allocate`/`release`.
+    allocs: HashMap<(String, u64), Alloc>,
+    /// Sums over `allocs`, kept so that dispatch needs no walk over them.
+    used_cpus: u32,
+    used_memory_mib: u64,
+    held_gpus: Vec<u32>,
+    /// Takes no new work; running attempts finish.
+    pub draining: bool,
+    /// The only tenant whose jobs this node runs (`[[dedicated]]` in the broker's config).
+    pub dedicated: Option<String>,
+}
+
+/// What the job service shows of an agent.
+#[derive(Debug, Clone)]
+pub struct AgentView {
+    pub id: String,
+    pub site: String,
+    pub node: String,
+    pub inventory: Inventory,
+    pub connected: bool,
+    pub running_jobs: Vec<String>,
+    pub last_seen_ms: i64,
+    pub draining: bool,
+    pub dedicated: Option<String>,
+}
+
+impl AgentEntry {
+    pub fn new(id: &str, site: &str, node: &str, now: Instant) -> Self {
+        Self {
+            id: id.to_string(),
+            site: site.to_string(),
+            node: node.to_string(),
+            inventory: Inventory::default(),
+            conn: None,
+            last_seen: now,
+            allocs: HashMap::new(),
+            used_cpus: 0,
+            used_memory_mib: 0,
+            held_gpus: Vec::new(),
+            draining: false,
+            dedicated: None,
+        }
+    }
+
+    /// Connected and not draining: it may take new work.
+    pub fn takes_work(&self) -> bool {
+        self.conn.is_some() && !self.draining
+    }
+
+    /// Books resources for an attempt (replacing what the same attempt held).
+    pub fn allocate(&mut self, job_id: &str, epoch: u64, alloc: Alloc) {
+        self.release(job_id, epoch);
+        self.used_cpus += alloc.cpus;
+        self.used_memory_mib += alloc.memory_mib;
+        self.held_gpus.extend(&alloc.gpus);
+        self.allocs.insert((job_id.to_string(), epoch), alloc);
+    }
+
+    /// Frees what the attempt held, if anything.
+    pub fn release(&mut self, job_id: &str, epoch: u64) {
+        if let Some(a) = self.allocs.remove(&(job_id.to_string(), epoch)) {
+            self.used_cpus -= a.cpus;
+            self.used_memory_mib -= a.memory_mib;
+            for gpu in &a.gpus {
+                if let Some(i) = self.held_gpus.iter().position(|g| g == gpu) {
+                    self.held_gpus.swap_remove(i);
+                }
+            }
+        }
+    }
+
+    /// Frees everything, returning what was held.
+    pub fn take_allocs(&mut self) -> HashMap<(String, u64), Alloc> {
+        (self.used_cpus, self.used_memory_mib) = (0, 0);
+        self.held_gpus.clear();
+        std::mem::take(&mut self.allocs)
+    }
+
+    /// Whether the attempt of `job_id` at `epoch` holds resources here.
+    pub fn holds(&self, job_id: &str, epoch: u64) -> bool {
+        self.allocs.contains_key(&(job_id.to_string(), epoch))
+    }
+
+    /// The attempts holding resources here: (job id, epoch).
+    pub fn attempts(&self) -> impl Iterator<Item = &(String, u64)> {
+        self.allocs.keys()
+    }
+
+    /// Healthy GPUs, CPUs and memory not held by any attempt.
+    pub fn free(&self) -> FreeCapacity {
+        FreeCapacity {
+            gpus: self
+                .inventory
+                .gpus
+                .iter()
+                .filter(|g| g.healthy && !self.held_gpus.contains(&g.index))
+                .map(|g| (g.index, g.model.clone()))
+                .collect(),
+            cpus: self.inventory.cpus.saturating_sub(self.used_cpus),
+            memory_mib: self.inventory.memory_mib.saturating_sub(self.used_memory_mib),
+            tenant: self.dedicated.clone(),
+        }
+    }
+
+    /// Healthy GPUs, CPUs and memory, held or not.
+    pub fn total(&self) -> FreeCapacity {
+        FreeCapacity {
+            gpus: self.inventory.gpus.iter().filter(|g| g.healthy).map(|g| (g.index, g.model.clone())).collect(),
+            cpus: self.inventory.cpus,
+            memory_mib: self.inventory.memory_mib,
+            tenant: self.dedicated.clone(),
+        }
+    }
+
+    /// The agent as the job service shows it; `now` is the core's clock.
+    pub fn view(&self, now: Instant) -> AgentView {
+        let seen = SystemTime::now() - now.saturating_duration_since(self.last_seen);
+        let mut running_jobs: Vec<String> = self.allocs.keys().map(|(job, _)| job.clone()).collect();
+        running_jobs.sort();
+        AgentView {
+            id: self.id.clone(),
+            site: self.site.clone(),
+            node: self.node.clone(),
+            inventory: self.inventory.clone(),
+            connected: self.conn.is_some(),
+            running_jobs,
+            last_seen_ms: seen.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),
+            draining: self.draining,
+            dedicated: self.dedicated.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::gpu::{parse_simulated, simulated_gpus};
+
+    #[test]
+    fn unhealthy_and_allocated_gpus_are_not_free() {
+        let mut entry = AgentEntry::new("lab/a", "lab", "a", Instant::now());
+        let mut gpus = simulated_gpus(&parse_simulated("4xH100-80GB").unwrap(), 0, "a");
+        gpus[1].healthy = false;
+        entry.inventory =
+            Inventory { gpus, cpus: 16, memory_mib: 65536, labels: Default::default(), ..Default::default() };
+        entry.allocate("job-1", 1, Alloc { gpus: vec![2], cpus: 4, memory_mib: 1024 });
+        let free = entry.free();
+        assert_eq!(free.gpus.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [0, 3]);
+        assert_eq!((free.cpus, free.memory_mib), (12, 64512));
+        entry.release("job-1", 1);
+        assert_eq!(entry.free().gpus.len(), 3);
+        assert_eq!(entry.free().cpus, 16);
+    }
+}
