@@ -3,8 +3,9 @@
 
 use std::time::Instant;
 
+use super::active_job::ActiveJob;
 use super::fleet::{AgentEntry, Alloc};
-use super::jobs::{ActiveJob, staged};
+use super::jobs::staged;
 use super::messages::{AgentMessage, StopAttempt};
 use super::{Core, Effects, trace};
 use crate::broker::secrets::SecretsError;

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use super::jobs::ActiveJob;
+use super::active_job::ActiveJob;
 use super::{Core, now_ms};
 use crate::metrics::global;
 use crate::model::data::StagingStats;

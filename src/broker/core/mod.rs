@@ -11,6 +11,7 @@
 //! binding), `trace` and `metrics`, `driver` (the loop around the store). The services talk to it
 //! through [`Cmd`] and hear from it through [`AgentMessage`]; `proto` stays at their edge.
 
+mod active_job;
 mod attempts;
 mod driver;
 mod fleet;
@@ -47,7 +48,7 @@ use crate::model::data::JobData;
 use crate::model::job::JobSpec;
 use crate::placement::engine::Decision;
 use crate::store::{AgentRecord, AttemptOutput, Batch, JobEvent, JobRecord, KeyRecord, StoreError, Write};
-use jobs::ActiveJob;
+use active_job::ActiveJob;
 
 /// An idempotency key's job and the hash of the request that created it.
 pub type KeyedJob = (String, Option<String>);

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use tracing::Span;
 
+use super::active_job::ActiveJob;
 use super::fleet::Alloc;
-use super::jobs::ActiveJob;
 use super::messages::AgentMessage;
 use super::{Core, Effects, metrics, trace};
 use crate::broker::placer::summary;

@@ -109,7 +109,7 @@ impl Harness {
         self.step(vec![Cmd::Heartbeat { agent: format!("lab/{node}"), conn, inventory: None }])
     }
 
-    pub fn job(&self, id: &str) -> &jobs::ActiveJob {
+    pub fn job(&self, id: &str) -> &active_job::ActiveJob {
         &self.core.jobs[id]
     }
 

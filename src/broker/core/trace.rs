@@ -13,7 +13,7 @@ use opentelemetry::{Context, KeyValue};
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use super::jobs::ActiveJob;
+use super::active_job::ActiveJob;
 use crate::model::state::JobState;
 use crate::placement::engine::{Decision, Verdict};
 use crate::telemetry::context;
