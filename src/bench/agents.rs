@@ -83,7 +83,8 @@ impl Fleet {
         let mut tasks = JoinSet::new();
         for (index, tls) in configs.into_iter().enumerate() {
             let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (index / PER_SOURCE % 254) as u8));
-            let agent = Agent { index, site: site_of(index), node: node_name(index), tls, source, pending: HashMap::new() };
+            let agent =
+                Agent { index, site: site_of(index), node: node_name(index), tls, source, pending: HashMap::new() };
             tasks.spawn(agent.run(shared.clone()));
         }
         Fleet { shared, storm, stop, tasks }

@@ -388,6 +388,9 @@ impl Run<'_> {
     }
 }
 
+/// The largest page of jobs the bench reads.
+const LIST_PAGE_MAX_BYTES: usize = 256 << 20;
+
 /// Where a succeeded job ran.
 struct Succeeded {
     site: String,
@@ -397,7 +400,9 @@ struct Succeeded {
 
 /// Every succeeded job of the bench tenant by id, from the job service.
 async fn succeeded_jobs(channel: Channel) -> anyhow::Result<HashMap<String, Succeeded>> {
-    let mut client = JobServiceClient::new(channel);
+    // With placement on, each job carries its decision (every candidate): a page of 1,000 is
+    // several MiB, above tonic's default limit of 4 MiB.
+    let mut client = JobServiceClient::new(channel).max_decoding_message_size(LIST_PAGE_MAX_BYTES);
     let mut ids = HashMap::new();
     let mut before = String::new();
     loop {
@@ -409,7 +414,9 @@ async fn succeeded_jobs(channel: Channel) -> anyhow::Result<HashMap<String, Succ
             labels: vec![],
         };
         let page = client.list(request).await?.into_inner();
-        ids.extend(page.jobs.into_iter().map(|j| (j.id, Succeeded { site: j.site, placed: !j.placement_json.is_empty() })));
+        ids.extend(
+            page.jobs.into_iter().map(|j| (j.id, Succeeded { site: j.site, placed: !j.placement_json.is_empty() })),
+        );
         if page.next_cursor.is_empty() {
             return Ok(ids);
         }

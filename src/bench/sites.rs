@@ -53,7 +53,8 @@ impl SiteLayout {
     /// `[prices]` section and the bench tenant's cap to `config`.
     pub fn write(&self, dir: &Path, config: &mut String) -> anyhow::Result<()> {
         let mut rng = fastrand::Rng::with_seed(SEED);
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
         let prices = synthetic_prices(&mut rng, SEED, now);
         let snapshot = dir.join("prices.json");
         let json = serde_json::to_string_pretty(&prices)?;
@@ -64,7 +65,12 @@ impl SiteLayout {
             };
             let onprem: Vec<&str> = ONPREM_REGIONS.iter().filter(|(_, g)| *g == group).map(|(r, _)| *r).collect();
             writeln!(config, "[[residency]]\nname = \"{group}\"")?;
-            writeln!(config, "aws = {}\nazure = {}", toml_list(&regions(Cloud::Aws)), toml_list(&regions(Cloud::Azure)))?;
+            writeln!(
+                config,
+                "aws = {}\nazure = {}",
+                toml_list(&regions(Cloud::Aws)),
+                toml_list(&regions(Cloud::Azure))
+            )?;
             writeln!(config, "onprem = {}\n", toml_list(&onprem))?;
         }
         for i in 0..self.onprem {

@@ -14,7 +14,7 @@ use crate::broker::placer::summary;
 use crate::error::ApiError;
 use crate::model::state::{Input, JobState};
 use crate::placement::bind::{FreeCapacity, first_fit};
-use crate::placement::engine::{Decision, Verdict};
+use crate::placement::engine::{Decision, RejectionKind, Verdict};
 use crate::placement::world::World;
 
 /// How long a job no site can take waits before placement tries it again.
@@ -90,7 +90,7 @@ impl Core {
         let world = placer.world(&self.capacity(tenant), now_ms());
         let decision = placer.place(&req, &world);
         let budget = decision.candidates.iter().find_map(|c| match &c.verdict {
-            Verdict::Rejected(why) if why.starts_with("budget:") => Some(why.clone()),
+            Verdict::Rejected(why) if why.kind == RejectionKind::Budget => Some(why.clone()),
             _ => None,
         });
         match (&decision.chosen, budget) {

@@ -7,6 +7,7 @@
 
 pub mod bind;
 pub mod engine;
+pub mod rejection;
 pub mod request;
 pub mod synthetic;
 pub mod world;
