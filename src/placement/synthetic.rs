@@ -147,7 +147,7 @@ pub fn synthetic_cloud_site(rng: &mut fastrand::Rng, i: usize) -> Site {
         cpu_hour_usd: 0.0,
         uplink_usd_per_gb: 0.0,
         instance_types: types,
-        spot: i % 2 == 0,
+        spot: i.is_multiple_of(2),
         elastic: true,
     }
 }
