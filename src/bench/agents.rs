@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::record::{Event, Events};
-use super::setup::{SITE, node_name};
+use super::setup::node_name;
 use crate::proto::agent_service_client::AgentServiceClient;
 use crate::proto::{self, agent_message::Msg as Out, broker_message::Msg as In};
 use crate::tls;
@@ -53,9 +53,15 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// Starts one agent per TLS configuration (agent `i` is `bench/node-<i>`), each reporting
+    /// Starts one agent per TLS configuration (agent `i` is `<site_of(i)>/node-<i>`), each reporting
     /// `cpus` CPUs, against the broker at `url`.
-    pub fn spawn(url: String, configs: Vec<Arc<ClientConfig>>, cpus: u32, events: Events) -> Fleet {
+    pub fn spawn(
+        url: String,
+        configs: Vec<Arc<ClientConfig>>,
+        site_of: &dyn Fn(usize) -> String,
+        cpus: u32,
+        events: Events,
+    ) -> Fleet {
         let (storm, storm_rx) = watch::channel(0);
         let (stop, stop_rx) = watch::channel(false);
         let inventory = proto::Inventory {
@@ -77,7 +83,8 @@ impl Fleet {
         let mut tasks = JoinSet::new();
         for (index, tls) in configs.into_iter().enumerate() {
             let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (index / PER_SOURCE % 254) as u8));
-            let agent = Agent { index, node: node_name(index), tls, source, pending: HashMap::new() };
+            let agent =
+                Agent { index, site: site_of(index), node: node_name(index), tls, source, pending: HashMap::new() };
             tasks.spawn(agent.run(shared.clone()));
         }
         Fleet { shared, storm, stop, tasks }
@@ -112,6 +119,7 @@ enum End {
 
 struct Agent {
     index: usize,
+    site: String,
     node: String,
     tls: Arc<ClientConfig>,
     source: IpAddr,
@@ -168,7 +176,7 @@ impl Agent {
         };
         let (tx, rx) = mpsc::channel(OUTBOX);
         let register = proto::Register {
-            site: SITE.into(),
+            site: self.site.clone(),
             node: self.node.clone(),
             inventory: Some(shared.inventory.clone()),
             attempts: self.pending.values().cloned().collect(),

@@ -17,9 +17,10 @@ mod process;
 mod record;
 mod report;
 mod setup;
+mod sites;
 pub mod staging;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -38,6 +39,7 @@ use driver::{Plan, Trouble};
 use process::{Broker, own_stats};
 use record::{Event, Events, Record, quantile};
 use report::{BrokerUsage, Kill, Latency, Report, Storm};
+use sites::SiteLayout;
 
 /// `hybroker bench`'s flags.
 #[derive(Debug, Clone, Args)]
@@ -57,6 +59,11 @@ pub struct BenchArgs {
     /// Jobs per SubmitBatch call.
     #[arg(long, default_value_t = 500)]
     pub batch: usize,
+    /// Sites, with placement on: the first 4 on-prem (the agents spread over them), the rest
+    /// elastic cloud sites priced from a snapshot the bench writes (`--sites 54`: 4 on-prem, 50
+    /// cloud). 0: no sites, agents are bound by first fit.
+    #[arg(long, default_value_t = 0)]
+    pub sites: usize,
     /// CPUs each agent reports; every job asks for 1 CPU and no GPU.
     #[arg(long, default_value_t = 64)]
     pub cpus_per_agent: u32,
@@ -138,9 +145,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
     }
     let dir = setup::state_dir(args.state_dir.as_deref())?;
     println!("state directory: {}", dir.display());
-    let pki = tokio::task::block_in_place(|| setup::make_pki(&dir, args.agents))?;
+    let layout = SiteLayout::new(args.sites);
+    let site_of = |i: usize| layout.map_or_else(|| setup::SITE.to_owned(), |l| l.agent_site(i));
+    let pki = tokio::task::block_in_place(|| setup::make_pki(&dir, args.agents, &site_of))?;
     println!("issued {} agent certificates in {:.3} s", args.agents, pki.elapsed.as_secs_f64());
-    let config = setup::write_broker_config(&dir, args.lease_ttl.0, args.jobs)?;
+    let config = setup::write_broker_config(&dir, args.lease_ttl.0, args.jobs, layout)?;
+    if let Some(l) = layout {
+        println!("placement on: {} on-prem sites (the agents), {} cloud sites", l.onprem, l.cloud);
+    }
     let mut broker = Broker::start(&dir, config, &pki.admin).await?;
     let log = dir.join("broker.log");
     println!("broker pid {} listening on {} (log: {})", broker.pid(), broker.addr, log.display());
@@ -149,7 +161,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
     let mut watch = Watch { rx, rec: Record::default() };
     let rss_before = own_stats().rss_kib;
     let started = Instant::now();
-    let fleet = Fleet::spawn(broker.url(), pki.agents, args.cpus_per_agent, events.clone());
+    let fleet = Fleet::spawn(broker.url(), pki.agents, &site_of, args.cpus_per_agent, events.clone());
     let connected = watch.until_registered(args.agents).await;
     let connect_seconds = started.elapsed().as_secs_f64();
     let bench_kib_per_agent = own_stats().rss_kib.saturating_sub(rss_before) as f64 / args.agents as f64;
@@ -169,14 +181,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
             watch.rec.apply(event);
         }
         let succeeded = succeeded_jobs(channel.clone()).await?;
-        let all_succeeded = watch.rec.submitted_ids().all(|id| succeeded.contains(id));
+        let all_succeeded = watch.rec.submitted_ids().all(|id| succeeded.contains_key(id));
         if (all_succeeded && watch.rec.completed() >= watch.rec.submitted()) || Instant::now() >= settle {
             break succeeded;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let rec = &watch.rec;
-    let lost = rec.submitted_ids().filter(|id| !succeeded.contains(*id)).count();
+    let lost = rec.submitted_ids().filter(|id| !succeeded.contains_key(*id)).count();
+    let mut jobs_per_site = BTreeMap::new();
+    for job in succeeded.values() {
+        *jobs_per_site.entry(job.site.clone()).or_default() += 1;
+    }
+    let placed_by_engine = succeeded.values().filter(|j| j.placed).count();
     // More succeeded jobs than acknowledged ones would mean a retried submit made a second job.
     let extra_jobs = succeeded.len().saturating_sub(rec.submitted());
     let mut kill = driven.kill;
@@ -202,6 +219,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
         offered_rate: args.rate,
         batch: args.batch,
         cpus_per_agent: args.cpus_per_agent,
+        sites: args.sites,
+        jobs_per_site,
+        placed_by_engine,
         pki_seconds: pki.elapsed.as_secs_f64(),
         connect_seconds,
         bench_kib_per_agent,
@@ -368,10 +388,22 @@ impl Run<'_> {
     }
 }
 
-/// The ids of every succeeded job of the bench tenant, from the job service.
-async fn succeeded_jobs(channel: Channel) -> anyhow::Result<HashSet<String>> {
-    let mut client = JobServiceClient::new(channel);
-    let mut ids = HashSet::new();
+/// The largest page of jobs the bench reads.
+const LIST_PAGE_MAX_BYTES: usize = 256 << 20;
+
+/// Where a succeeded job ran.
+struct Succeeded {
+    site: String,
+    /// Whether it has a placement decision (placement on).
+    placed: bool,
+}
+
+/// Every succeeded job of the bench tenant by id, from the job service.
+async fn succeeded_jobs(channel: Channel) -> anyhow::Result<HashMap<String, Succeeded>> {
+    // With placement on, each job carries its decision (every candidate): a page of 1,000 is
+    // several MiB, above tonic's default limit of 4 MiB.
+    let mut client = JobServiceClient::new(channel).max_decoding_message_size(LIST_PAGE_MAX_BYTES);
+    let mut ids = HashMap::new();
     let mut before = String::new();
     loop {
         let request = proto::ListJobsRequest {
@@ -382,7 +414,9 @@ async fn succeeded_jobs(channel: Channel) -> anyhow::Result<HashSet<String>> {
             labels: vec![],
         };
         let page = client.list(request).await?.into_inner();
-        ids.extend(page.jobs.into_iter().map(|j| j.id));
+        ids.extend(
+            page.jobs.into_iter().map(|j| (j.id, Succeeded { site: j.site, placed: !j.placement_json.is_empty() })),
+        );
         if page.next_cursor.is_empty() {
             return Ok(ids);
         }

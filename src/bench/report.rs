@@ -1,5 +1,6 @@
 //! The result: a table on stdout and the same figures as JSON.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::Context;
@@ -14,6 +15,12 @@ pub struct Report {
     pub offered_rate: f64,
     pub batch: usize,
     pub cpus_per_agent: u32,
+    /// Sites configured (`--sites`; 0: placement off, first fit).
+    pub sites: usize,
+    /// Succeeded jobs per site they ran at.
+    pub jobs_per_site: BTreeMap<String, usize>,
+    /// Succeeded jobs with a placement decision (all of them with `--sites`, none without).
+    pub placed_by_engine: usize,
     /// Issuing the CA, broker, admin and agent certificates.
     pub pki_seconds: f64,
     /// From starting the fleet until every agent had registered.
@@ -102,6 +109,7 @@ impl Report {
         let rows: Vec<(&str, String)> = vec![
             ("agents", format!("{} ({} cpus each)", self.agents, self.cpus_per_agent)),
             ("jobs", format!("{} in batches of {}, {rate}", self.jobs, self.batch)),
+            ("sites", self.sites_row()),
             ("certificates issued", format!("{:.3} s", self.pki_seconds)),
             ("all agents connected", format!("{:.2} s", self.connect_seconds)),
             ("bench memory per agent", format!("{:.1} KiB", self.bench_kib_per_agent)),
@@ -146,6 +154,15 @@ impl Report {
         for (key, value) in rows {
             println!("  {key:<width$}  {value}");
         }
+    }
+
+    /// `none (first fit)`, or the sites and where the jobs ran.
+    fn sites_row(&self) -> String {
+        if self.sites == 0 {
+            return "none (first fit)".into();
+        }
+        let per_site: Vec<String> = self.jobs_per_site.iter().map(|(site, n)| format!("{site} {n}")).collect();
+        format!("{} ({} jobs placed by the engine: {})", self.sites, self.placed_by_engine, per_site.join(", "))
     }
 
     /// Writes the JSON document to `path`.

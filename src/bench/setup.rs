@@ -12,13 +12,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use rustls::ClientConfig;
 
+use super::sites::{SiteLayout, TENANT_MAX_USD_PER_HOUR};
 use crate::model::identity::Role;
 use crate::pki::{Ca, IssueRequest};
 use crate::tls;
 
 /// The trust domain of a bench PKI.
 pub const TRUST_DOMAIN: &str = "bench.hybroker.local";
-/// The site every simulated agent belongs to.
+/// The site every simulated agent belongs to (without `--sites`).
 pub const SITE: &str = "bench";
 /// The tenant the jobs are submitted for.
 pub const TENANT: &str = "bench";
@@ -39,8 +40,9 @@ pub fn node_name(i: usize) -> String {
 }
 
 /// Makes a CA, writes it and the broker's certificate into `dir`, and issues an admin and
-/// `agents` agent certificates in memory, in parallel on all cores.
-pub fn make_pki(dir: &Path, agents: usize) -> anyhow::Result<Pki> {
+/// `agents` agent certificates in memory, in parallel on all cores (agent `i` at site
+/// `site_of(i)`).
+pub fn make_pki(dir: &Path, agents: usize, site_of: &(dyn Fn(usize) -> String + Sync)) -> anyhow::Result<Pki> {
     let started = Instant::now();
     let ca = Ca::generate(TRUST_DOMAIN)?;
     std::fs::write(dir.join("ca.pem"), ca.cert_pem()).context("writing ca.pem")?;
@@ -63,7 +65,7 @@ pub fn make_pki(dir: &Path, agents: usize) -> anyhow::Result<Pki> {
                 scope.spawn(move || {
                     (t..agents)
                         .step_by(threads)
-                        .map(|i| Ok((i, client(ca, Role::Agent, &node_name(i), Some(SITE))?)))
+                        .map(|i| Ok((i, client(ca, Role::Agent, &node_name(i), Some(&site_of(i)))?)))
                         .collect::<anyhow::Result<Vec<_>>>()
                 })
             })
@@ -96,8 +98,14 @@ fn client(ca: &Ca, role: Role, name: &str, site: Option<&str>) -> anyhow::Result
 
 /// Writes the broker's config into `dir` and returns its path: listen on any loopback port, the
 /// SQLite store in `dir` (its default `synchronous=FULL`), the lease TTL, heartbeats every third
-/// of it, and a `bench` tenant allowed `max_unfinished` unfinished jobs.
-pub fn write_broker_config(dir: &Path, lease_ttl: Duration, max_unfinished: usize) -> anyhow::Result<PathBuf> {
+/// of it, and a `bench` tenant allowed `max_unfinished` unfinished jobs; with `sites`, placement on
+/// (see [`super::sites`]).
+pub fn write_broker_config(
+    dir: &Path,
+    lease_ttl: Duration,
+    max_unfinished: usize,
+    sites: Option<SiteLayout>,
+) -> anyhow::Result<PathBuf> {
     let quote = |p: PathBuf| toml::Value::String(p.to_string_lossy().into_owned()).to_string();
     let heartbeat = (lease_ttl / 3).max(Duration::from_millis(100));
     let mut config = String::new();
@@ -112,7 +120,13 @@ pub fn write_broker_config(dir: &Path, lease_ttl: Duration, max_unfinished: usiz
         heartbeat.as_millis()
     )?;
     let cap = u32::try_from(max_unfinished.max(1000)).unwrap_or(u32::MAX);
+    if let Some(sites) = sites {
+        sites.write(dir, &mut config)?;
+    }
     writeln!(config, "[[tenant]]\nname = \"{TENANT}\"\nmax_queued_jobs = {cap}")?;
+    if sites.is_some() {
+        writeln!(config, "max_usd_per_hour = {TENANT_MAX_USD_PER_HOUR}")?;
+    }
     let path = dir.join("broker.toml");
     std::fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)

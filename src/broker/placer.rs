@@ -135,7 +135,7 @@ impl Placer {
 
     /// Why no site could ever take the job, whatever the capacity and prices (an output leaving
     /// its residency, an unknown location).
-    pub fn refusal(&self, job: &PlacementJob) -> Option<String> {
+    pub fn refusal(&self, job: &PlacementJob) -> Option<engine::Rejection> {
         engine::refusal(job, &self.data_world)
     }
 

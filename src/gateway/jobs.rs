@@ -118,7 +118,9 @@ pub async fn get_job(
 
 /// Why the job is where it is: the placement decision (chosen site and storage, the estimated cost
 /// and its parts, the price snapshot and its age, and every candidate with its cost or the rule
-/// that rejected it). 404 while the job has none (not placed yet, or placement is off).
+/// that rejected it: `rejected` (the reason as text) and `kind` (`budget`, `price_cap`,
+/// `capacity`, …; `other` for decisions stored before kinds). 404 while the job has none (not
+/// placed yet, or placement is off).
 #[utoipa::path(
     get,
     path = "/v1/jobs/{id}/placement",

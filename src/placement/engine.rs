@@ -27,88 +27,13 @@
 use std::cmp::Ordering;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
+pub use super::decision::{Candidate, Chosen, CostBreakdown, Decision, Offer, Verdict};
+pub use super::rejection::{Rejection, RejectionKind};
 use super::request::{OutputDest, PlacementJob};
 use super::world::{NodeShape, SiteCapacity, World};
 use crate::model::job::Spot;
 use crate::model::price::Market;
 use crate::model::site::SiteKind;
-
-/// What a candidate would cost, in US dollars.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-pub struct CostBreakdown {
-    pub compute_usd: f64,
-    pub egress_usd: f64,
-    pub storage_usd: f64,
-    /// compute + egress + storage.
-    pub total_usd: f64,
-    /// Compute $/hour (what `max_usd_per_hour` caps).
-    pub usd_per_hour: f64,
-    /// Estimated hours of compute.
-    pub hours: f64,
-}
-
-/// A feasible candidate: what it would run on, when it could start, and its cost.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Offer {
-    /// Cloud: the instance type; `None` on-prem.
-    pub instance_type: Option<String>,
-    /// Instances (always 1: single node).
-    pub instances: u32,
-    /// Cloud: on-demand or spot; `None` on-prem.
-    pub market: Option<Market>,
-    /// The GPU model priced (cloud: the type's; on-prem: the one whose price was used).
-    pub gpu_model: Option<String>,
-    /// Estimated wait before the job starts, seconds (0: now).
-    pub wait_s: u64,
-    pub cost: CostBreakdown,
-}
-
-/// A candidate's verdict. JSON: `"feasible": {…offer…}` or `"rejected": "reason"`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Verdict {
-    /// It breaks no rule; what it would run on and cost.
-    Feasible(Offer),
-    /// The first rule it breaks, e.g. `price cap: $31.20/h > $20/h`.
-    Rejected(String),
-}
-
-/// One candidate: a site and where each output would go.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Candidate {
-    pub site: String,
-    /// One location per job output, in the job's order.
-    pub output_locations: Vec<String>,
-    #[serde(flatten)]
-    pub verdict: Verdict,
-}
-
-/// The chosen candidate.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Chosen {
-    pub site: String,
-    pub output_locations: Vec<String>,
-    #[serde(flatten)]
-    pub offer: Offer,
-}
-
-/// A placement decision: stored with the job and served as its explanation (a stable JSON contract).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Decision {
-    /// `None` when every candidate was rejected.
-    pub chosen: Option<Chosen>,
-    /// Every candidate, by site name then output locations.
-    pub candidates: Vec<Candidate>,
-    /// The residency group enforced, if any (given by policy or derived from the inputs).
-    pub residency: Option<String>,
-    pub snapshot_id: String,
-    /// How old the prices were at decision time.
-    pub snapshot_age_ms: i64,
-    /// Whether the prices were older than allowed.
-    pub stale: bool,
-}
 
 /// The job resolved against the world: residency (group, derived?), inputs, output choices, and a
 /// reason that rejects every candidate (an unknown location, an output outside the job's residency,
@@ -117,11 +42,19 @@ struct Plan {
     residency: Option<(String, bool)>,
     /// Aggregated input bytes per location index.
     inputs: Vec<(usize, u64)>,
-    /// Per output: fixed location index, or the index of its choice dimension.
-    outputs: Vec<Result<usize, usize>>,
+    outputs: Vec<OutputPlan>,
     /// Per choice dimension: the candidate location indices.
     choices: Vec<Vec<usize>>,
-    global: Option<String>,
+    global: Option<Rejection>,
+}
+
+/// Where one output goes.
+#[derive(Clone, Copy)]
+enum OutputPlan {
+    /// A fixed location index; `None`: an unknown location (which rejects every candidate).
+    Fixed(Option<usize>),
+    /// The location picked in this choice dimension.
+    Chosen(usize),
 }
 
 /// Places one job: every candidate with its verdict, and the cheapest feasible one.
@@ -130,28 +63,30 @@ pub fn place(job: &PlacementJob, world: &World) -> Decision {
     let combos: usize = plan.choices.iter().map(Vec::len).product();
     let mut candidates = Vec::with_capacity(world.sites.len() * combos.max(1));
     let mut site_of = Vec::with_capacity(candidates.capacity());
-    let mut choice = vec![0usize; plan.choices.len()];
-    let mut locs = vec![0usize; job.outputs.len()];
+    // The location picked per choice dimension and per output (`None`: no such location).
+    let mut choice: Vec<Option<usize>> = vec![None; plan.choices.len()];
+    let mut locs: Vec<Option<usize>> = vec![None; job.outputs.len()];
     for (si, state) in world.sites.iter().enumerate() {
         let base = plan.global.clone().map_or_else(|| site_offer(job, world, si, &plan), Err);
         for combo in 0..combos.max(1) {
             let mut rest = combo;
             for (d, options) in plan.choices.iter().enumerate().rev() {
-                choice[d] = options.get(rest % options.len().max(1)).copied().unwrap_or(usize::MAX);
+                choice[d] = options.get(rest % options.len().max(1)).copied();
                 rest /= options.len().max(1);
             }
             for (o, dest) in plan.outputs.iter().enumerate() {
-                locs[o] = match dest {
-                    Ok(l) => *l,
-                    Err(d) => choice[*d],
+                locs[o] = match *dest {
+                    OutputPlan::Fixed(l) => l,
+                    OutputPlan::Chosen(d) => choice[d],
                 };
             }
             let verdict = match &base {
                 Err(reason) => Verdict::Rejected(reason.clone()),
-                Ok((offer, inbound_usd)) => finish(job, world, si, &locs, offer.clone(), *inbound_usd),
+                Ok((offer, inbound_usd)) => finish(job, world, si, &locs, offer, *inbound_usd),
             };
-            let output_locations =
-                locs.iter().map(|&l| world.locations.get(l).map_or_else(String::new, |x| x.name.clone())).collect();
+            let name =
+                |l: Option<usize>| l.and_then(|l| world.locations.get(l)).map_or_else(String::new, |x| x.name.clone());
+            let output_locations = locs.iter().map(|&l| name(l)).collect();
             candidates.push(Candidate { site: state.site.name.clone(), output_locations, verdict });
             site_of.push(si);
         }
@@ -174,7 +109,7 @@ pub fn place(job: &PlacementJob, world: &World) -> Decision {
 /// Why no candidate can take the job whatever the capacity and prices: a reason about the job
 /// itself (an unknown storage location, an output outside the job's residency), which rejects
 /// every candidate of [`place`]. The broker refuses such a job at submit.
-pub fn refusal(job: &PlacementJob, world: &World) -> Option<String> {
+pub fn refusal(job: &PlacementJob, world: &World) -> Option<Rejection> {
     plan(job, world).global
 }
 
@@ -189,7 +124,7 @@ fn plan(job: &PlacementJob, world: &World) -> Plan {
                 None => inputs.push((l, input.bytes)),
             },
             None => {
-                global.get_or_insert_with(|| format!("unknown storage location {}", input.location));
+                global.get_or_insert_with(|| unknown_location(&input.location));
             }
         }
     }
@@ -208,12 +143,12 @@ fn plan(job: &PlacementJob, world: &World) -> Plan {
         let group = match &output.dest {
             OutputDest::Location(name) => match world.location_index.get(name) {
                 Some(&l) => {
-                    outputs.push(Ok(l));
+                    outputs.push(OutputPlan::Fixed(Some(l)));
                     Some(world.locations[l].residency.as_str())
                 }
                 None => {
-                    global.get_or_insert_with(|| format!("unknown storage location {name}"));
-                    outputs.push(Ok(usize::MAX));
+                    global.get_or_insert_with(|| unknown_location(name));
+                    outputs.push(OutputPlan::Fixed(None));
                     None
                 }
             },
@@ -228,12 +163,17 @@ fn plan(job: &PlacementJob, world: &World) -> Plan {
                         })
                         .collect();
                     if options.is_empty() {
-                        global.get_or_insert_with(|| format!("no storage location in {group} for output {o}"));
+                        global.get_or_insert_with(|| {
+                            Rejection::new(
+                                RejectionKind::Location,
+                                format!("no storage location in {group} for output {o}"),
+                            )
+                        });
                     }
                     choices.push(options);
                     choices.len() - 1
                 });
-                outputs.push(Err(d));
+                outputs.push(OutputPlan::Chosen(d));
                 Some(group.as_str())
             }
         };
@@ -244,37 +184,45 @@ fn plan(job: &PlacementJob, world: &World) -> Plan {
     Plan { residency, inputs, outputs, choices, global }
 }
 
+fn unknown_location(name: &str) -> Rejection {
+    Rejection::new(RejectionKind::Location, format!("unknown storage location {name}"))
+}
+
 /// Why an output going to residency group `group` would leave the job's residency (explicit, or
 /// derived from its inputs), e.g. `residency: output out/ goes to us, data in eu`.
-fn output_outside(residency: &Option<(String, bool)>, o: usize, path: &str, group: &str) -> Option<String> {
+fn output_outside(residency: &Option<(String, bool)>, o: usize, path: &str, group: &str) -> Option<Rejection> {
     let (required, derived) = residency.as_ref()?;
     if required == group {
         return None;
     }
     let whose = if *derived { "data" } else { "policy" };
     let output = if path.is_empty() { format!("#{o}") } else { path.to_owned() };
-    Some(format!("residency: output {output} goes to {group}, {whose} in {required}"))
+    Some(Rejection::new(
+        RejectionKind::Residency,
+        format!("residency: output {output} goes to {group}, {whose} in {required}"),
+    ))
 }
 
 /// The site-level part of a candidate: allow-lists, residency, compute, wait and input transfer.
 /// Gives the offer (cost so far: compute) and the input egress in dollars.
-fn site_offer(job: &PlacementJob, world: &World, si: usize, plan: &Plan) -> Result<(Offer, f64), String> {
+fn site_offer(job: &PlacementJob, world: &World, si: usize, plan: &Plan) -> Result<(Offer, f64), Rejection> {
     let state = &world.sites[si];
     let site = &state.site;
     let policy = &job.policy;
     if policy.sites.as_ref().is_some_and(|s| !s.contains(&site.name)) {
-        return Err(format!("site {} not allowed", site.name));
+        return Err(Rejection::new(RejectionKind::NotAllowed, format!("site {} not allowed", site.name)));
     }
     if let Some(cloud) = site.kind.cloud()
         && policy.clouds.as_ref().is_some_and(|c| !c.contains(&cloud))
     {
-        return Err(format!("cloud {} not allowed", cloud.as_str()));
+        return Err(Rejection::new(RejectionKind::NotAllowed, format!("cloud {} not allowed", cloud.as_str())));
     }
     if let Some((group, derived)) = &plan.residency
         && site.residency != *group
     {
         let whose = if *derived { "data" } else { "policy" };
-        return Err(format!("residency: {whose} in {group}, site in {}", site.residency));
+        let why = format!("residency: {whose} in {group}, site in {}", site.residency);
+        return Err(Rejection::new(RejectionKind::Residency, why));
     }
     let hours = job.hours();
     let needs_capacity = site.kind == SiteKind::Onprem || !site.elastic;
@@ -283,7 +231,8 @@ fn site_offer(job: &PlacementJob, world: &World, si: usize, plan: &Plan) -> Resu
         Some(_) => cloud_compute(job, world, si)?,
         None => onprem_compute(job, world, si, now)?,
     };
-    let wait = wait.ok_or_else(|| "busy: no node free now and no wait estimate".to_owned())?;
+    let wait =
+        wait.ok_or_else(|| Rejection::new(RejectionKind::Capacity, "busy: no node free now and no wait estimate"))?;
     check_time(job, world, wait)?;
     offer.wait_s = wait.as_secs();
     offer.cost.hours = hours;
@@ -298,13 +247,25 @@ fn site_offer(job: &PlacementJob, world: &World, si: usize, plan: &Plan) -> Resu
 }
 
 /// Adds the outputs' transfer and storage to a site offer and applies the caps and the budget.
-fn finish(job: &PlacementJob, world: &World, si: usize, locs: &[usize], mut offer: Offer, inbound: f64) -> Verdict {
+/// The offer is cloned only when feasible.
+fn finish(
+    job: &PlacementJob,
+    world: &World,
+    si: usize,
+    locs: &[Option<usize>],
+    offer: &Offer,
+    inbound: f64,
+) -> Verdict {
     let mut egress = inbound;
     let mut storage = 0.0;
     for (output, &l) in job.outputs.iter().zip(locs) {
         if output.bytes == 0 {
             continue;
         }
+        // Unreachable: a job with an output of no known location is rejected before (`Plan::global`).
+        let Some(l) = l else {
+            return Verdict::Rejected(Rejection::new(RejectionKind::Location, "an output has no storage location"));
+        };
         let (out, keep) = (&world.outbound[si][l], &world.storage[l]);
         match (out, keep) {
             (Ok(out), Ok(keep)) => {
@@ -314,38 +275,39 @@ fn finish(job: &PlacementJob, world: &World, si: usize, locs: &[usize], mut offe
             (Err(e), _) | (_, Err(e)) => return Verdict::Rejected(e.clone()),
         }
     }
-    let c = &mut offer.cost;
+    let mut c = offer.cost;
     c.egress_usd = egress;
     c.storage_usd = storage;
     c.total_usd = c.compute_usd + egress + storage;
     let policy = &job.policy;
+    let reject = |kind, why| Verdict::Rejected(Rejection::new(kind, why));
     if let Some(cap) = policy.max_usd_per_hour
         && c.usd_per_hour > cap
     {
-        return Verdict::Rejected(format!("price cap: {}/h > {}/h", usd(c.usd_per_hour), usd(cap)));
+        return reject(RejectionKind::PriceCap, format!("price cap: {}/h > {}/h", usd(c.usd_per_hour), usd(cap)));
     }
     if let Some(cap) = policy.max_usd_total
         && c.total_usd > cap
     {
-        return Verdict::Rejected(format!("cost cap: {} > {}", usd(c.total_usd), usd(cap)));
+        return reject(RejectionKind::CostCap, format!("cost cap: {} > {}", usd(c.total_usd), usd(cap)));
     }
     if let Some(left) = job.budget_left_usd
         && c.total_usd > left
     {
-        return Verdict::Rejected(format!("budget: {} left, estimate {}", usd(left), usd(c.total_usd)));
+        return reject(RejectionKind::Budget, format!("budget: {} left, estimate {}", usd(left), usd(c.total_usd)));
     }
-    Verdict::Feasible(offer)
+    Verdict::Feasible(Offer { cost: c, ..offer.clone() })
 }
 
 /// The wait before the job could start at a site whose capacity counts (`None`: unknown) and
 /// whether a node has room now, or why no node of the site could ever take it.
-fn capacity_wait(job: &PlacementJob, capacity: &SiteCapacity) -> Result<(Option<Duration>, bool), String> {
+fn capacity_wait(job: &PlacementJob, capacity: &SiteCapacity) -> Result<(Option<Duration>, bool), Rejection> {
     if capacity.free.iter().any(|s| fits(job, s)) {
         return Ok((Some(Duration::ZERO), true));
     }
     if !capacity.total.iter().any(|s| fits(job, s)) {
         if capacity.total.is_empty() {
-            return Err("no connected agent at site".to_owned());
+            return Err(Rejection::new(RejectionKind::Capacity, "no connected agent at site"));
         }
         return Err(no_fit(job, "node", capacity.total.iter().flat_map(|s| s.gpus.iter().map(|(m, _)| m.as_str()))));
     }
@@ -359,24 +321,25 @@ pub(crate) fn fits(job: &PlacementJob, shape: &NodeShape) -> bool {
 }
 
 /// The reason nothing fits: the GPU model is missing altogether, or nothing is large enough.
-fn no_fit<'a>(job: &PlacementJob, what: &str, mut models: impl Iterator<Item = &'a str>) -> String {
+fn no_fit<'a>(job: &PlacementJob, what: &str, mut models: impl Iterator<Item = &'a str>) -> Rejection {
+    let reject = |why| Rejection::new(RejectionKind::Capacity, why);
     if job.gpus > 0 && !models.any(|m| job.accepts(m)) {
-        return if job.gpu_models.is_empty() {
+        return reject(if job.gpu_models.is_empty() {
             "no gpu at site".to_owned()
         } else {
             format!("no {} at site", job.gpu_models.join(" or "))
-        };
+        });
     }
     let gpus = match (job.gpus, job.gpu_models.as_slice()) {
         (0, _) => String::new(),
         (n, []) => format!("{n} gpus, "),
         (n, models) => format!("{n}×{}, ", models.join("/")),
     };
-    format!("no {what} fits {gpus}{} cpus, {} GiB", job.cpus, job.memory_gib)
+    reject(format!("no {what} fits {gpus}{} cpus, {} GiB", job.cpus, job.memory_gib))
 }
 
 /// Cloud compute: the cheapest priced instance type that fits.
-fn cloud_compute(job: &PlacementJob, world: &World, si: usize) -> Result<Offer, String> {
+fn cloud_compute(job: &PlacementJob, world: &World, si: usize) -> Result<Offer, Rejection> {
     let site = &world.sites[si].site;
     let spot_ok = site.spot && job.policy.spot == Spot::Allowed;
     let mut best: Option<(f64, &str, Market, Option<&str>)> = None;
@@ -414,9 +377,11 @@ fn cloud_compute(job: &PlacementJob, world: &World, si: usize) -> Result<Offer, 
     let Some((price, name, market, model)) = best else {
         if let Some(name) = spot_only {
             let who = if site.spot { "policy" } else { "site" };
-            return Err(format!("spot: only a spot price for {name} in {}, and the {who} says no spot", site.region));
+            let why = format!("spot: only a spot price for {name} in {}, and the {who} says no spot", site.region);
+            return Err(Rejection::new(RejectionKind::Spot, why));
         }
-        return Err(format!("no price for {} in {}", unpriced.unwrap_or("?"), site.region));
+        let why = format!("no price for {} in {}", unpriced.unwrap_or("?"), site.region);
+        return Err(Rejection::new(RejectionKind::NoPrice, why));
     };
     Ok(Offer {
         instance_type: Some(name.to_owned()),
@@ -429,7 +394,7 @@ fn cloud_compute(job: &PlacementJob, world: &World, si: usize) -> Result<Offer, 
 }
 
 /// On-prem compute: the highest $/GPU-hour among the acceptable models of the nodes that fit.
-fn onprem_compute(job: &PlacementJob, world: &World, si: usize, now: bool) -> Result<Offer, String> {
+fn onprem_compute(job: &PlacementJob, world: &World, si: usize, now: bool) -> Result<Offer, Rejection> {
     let state = &world.sites[si];
     let site = &state.site;
     let per_hour;
@@ -441,12 +406,9 @@ fn onprem_compute(job: &PlacementJob, world: &World, si: usize, now: bool) -> Re
         let mut worst: Option<(f64, &str)> = None;
         for shape in shapes.iter().filter(|s| fits(job, s)) {
             for (m, _) in shape.gpus.iter().filter(|(m, n)| *n > 0 && job.accepts(m)) {
-                let p = site
-                    .gpu_hour_usd_by_model
-                    .get(m)
-                    .copied()
-                    .or(site.gpu_hour_usd)
-                    .ok_or_else(|| format!("no gpu-hour price for {m} at site"))?;
+                let p = site.gpu_hour_usd_by_model.get(m).copied().or(site.gpu_hour_usd).ok_or_else(|| {
+                    Rejection::new(RejectionKind::NoPrice, format!("no gpu-hour price for {m} at site"))
+                })?;
                 if worst.is_none_or(|(wp, wm)| p > wp || (p == wp && m.as_str() < wm)) {
                     worst = Some((p, m));
                 }
@@ -467,16 +429,17 @@ fn onprem_compute(job: &PlacementJob, world: &World, si: usize, now: bool) -> Re
 }
 
 /// `max_wait` and the deadline (wait + estimated runtime must end by it).
-fn check_time(job: &PlacementJob, world: &World, wait: Duration) -> Result<(), String> {
+fn check_time(job: &PlacementJob, world: &World, wait: Duration) -> Result<(), Rejection> {
     if let Some(max) = job.policy.max_wait
         && wait > max
     {
-        return Err(format!("max wait: wait {} > {}", dur(wait), dur(max)));
+        return Err(Rejection::new(RejectionKind::MaxWait, format!("max wait: wait {} > {}", dur(wait), dur(max))));
     }
     if let Some(deadline) = job.policy.deadline {
         let left = Duration::from_millis(u64::try_from(deadline.saturating_sub(world.now)).unwrap_or(0));
         if wait + job.runtime > left {
-            return Err(format!("deadline: wait {} + run {} > {}", dur(wait), dur(job.runtime), dur(left)));
+            let why = format!("deadline: wait {} + run {} > {}", dur(wait), dur(job.runtime), dur(left));
+            return Err(Rejection::new(RejectionKind::Deadline, why));
         }
     }
     Ok(())

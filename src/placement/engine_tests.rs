@@ -137,7 +137,7 @@ fn standard_prices(aws_p5: f64, azure_nd: f64) -> Vec<ComputePrice> {
 fn rejection<'a>(d: &'a Decision, site: &str) -> &'a str {
     let c = d.candidates.iter().find(|c| c.site == site).unwrap_or_else(|| panic!("no candidate {site}"));
     match &c.verdict {
-        Verdict::Rejected(r) => r,
+        Verdict::Rejected(r) => r.as_str(),
         Verdict::Feasible(o) => panic!("{site} is feasible: {o:?}"),
     }
 }
@@ -392,12 +392,19 @@ fn outputs_of_eu_data_never_leave_the_eu() {
     assert_eq!(d.residency.as_deref(), Some("eu"));
     assert!(d.chosen.is_none(), "{:?}", d.chosen);
     for c in &d.candidates {
-        assert_eq!(c.verdict, Verdict::Rejected("residency: output out/ goes to us, data in eu".into()), "{}", c.site);
+        let why = Rejection::new(RejectionKind::Residency, "residency: output out/ goes to us, data in eu");
+        assert_eq!(c.verdict, Verdict::Rejected(why), "{}", c.site);
     }
-    assert_eq!(refusal(&j, &w).as_deref(), Some("residency: output out/ goes to us, data in eu"));
+    assert_eq!(
+        refusal(&j, &w).map(|r| r.to_string()).as_deref(),
+        Some("residency: output out/ goes to us, data in eu")
+    );
     // An output asking placement for a US location is refused the same way.
     j.outputs = vec![choose("ckpt/", "us", GB)];
-    assert_eq!(refusal(&j, &w).as_deref(), Some("residency: output ckpt/ goes to us, data in eu"));
+    assert_eq!(
+        refusal(&j, &w).map(|r| r.to_string()).as_deref(),
+        Some("residency: output ckpt/ goes to us, data in eu")
+    );
     assert!(place(&j, &w).chosen.is_none());
     // An output given by residency only gets EU locations: every candidate is in the group.
     j.outputs = vec![choose("ckpt/", "eu", GB)];
@@ -409,7 +416,10 @@ fn outputs_of_eu_data_never_leave_the_eu() {
     assert!(eu.contains(&chosen(&d).output_locations[0].as_str()));
     // The same EU output with US data is refused; an EU output with EU data is placed.
     j.inputs = vec![input("s3-use1", GB)];
-    assert_eq!(refusal(&j, &w).as_deref(), Some("residency: output ckpt/ goes to eu, data in us"));
+    assert_eq!(
+        refusal(&j, &w).map(|r| r.to_string()).as_deref(),
+        Some("residency: output ckpt/ goes to eu, data in us")
+    );
     j.inputs = vec![input("lab", GB)];
     j.outputs = vec![output("out/", OutputDest::Location("s3-euw1".into()), GB)];
     assert_eq!(chosen(&place(&j, &w)).output_locations, ["s3-euw1"]);
@@ -489,4 +499,74 @@ fn bench_placement() {
     let report = crate::placement::synthetic::bench(&world, &jobs, 5);
     println!("{}", serde_json::to_string_pretty(&report).unwrap());
     assert!(report.placed > 0);
+}
+
+fn kind(d: &Decision, site: &str) -> RejectionKind {
+    let c = d.candidates.iter().find(|c| c.site == site).unwrap_or_else(|| panic!("no candidate {site}"));
+    match &c.verdict {
+        Verdict::Rejected(r) => r.kind,
+        Verdict::Feasible(o) => panic!("{site} is feasible: {o:?}"),
+    }
+}
+
+#[test]
+fn rejections_carry_their_kind() {
+    let w = world(lab("H100-80GB", 0, None), standard_prices(86.25, 120.0));
+    let mut j = job(8, &["H100-80GB"], 8);
+    j.policy.residency = Some("eu".into());
+    j.budget_left_usd = Some(412.0);
+    let d = place(&j, &w);
+    assert_eq!((kind(&d, "aws-euw1"), kind(&d, "aws-use1")), (RejectionKind::Budget, RejectionKind::Residency));
+    j.budget_left_usd = None;
+    j.policy.max_usd_total = Some(500.0);
+    assert_eq!(kind(&place(&j, &w), "aws-euw1"), RejectionKind::CostCap);
+    j.policy.max_usd_per_hour = Some(20.0);
+    assert_eq!(kind(&place(&j, &w), "aws-euw1"), RejectionKind::PriceCap);
+    j.policy.sites = Some(vec!["lab-sto".into()]);
+    assert_eq!(kind(&place(&j, &w), "aws-euw1"), RejectionKind::NotAllowed);
+    // Capacity: the lab has no free GPU now and no wait estimate; no L4 anywhere.
+    let d = place(&job(8, &["H100-80GB"], 1), &w);
+    assert_eq!(kind(&d, "lab-sto"), RejectionKind::Capacity);
+    assert_eq!(kind(&place(&job(1, &["L4-24GB"], 1), &w), "azure-weu"), RejectionKind::Capacity);
+    let mut prices = standard_prices(98.0, 99.0);
+    prices.retain(|p| p.instance_type != "p5.48xlarge");
+    let d = place(&job(8, &["H100-80GB"], 1), &world(lab("H100-80GB", 0, None), prices));
+    assert_eq!(kind(&d, "aws-use1"), RejectionKind::NoPrice);
+    let mut prices = standard_prices(98.0, 99.0);
+    prices.iter_mut().filter(|p| p.instance_type == "p5.48xlarge").for_each(|p| p.market = Market::Spot);
+    let d = place(&job(8, &[], 1), &world(lab("H100-80GB", 0, None), prices));
+    assert_eq!(kind(&d, "aws-euw1"), RejectionKind::Spot);
+    let mut j = job(0, &[], 1);
+    j.outputs = vec![output("out/", OutputDest::Location("nowhere".into()), GB)];
+    let d = place(&j, &w);
+    assert!(
+        d.candidates.iter().all(|c| matches!(&c.verdict, Verdict::Rejected(r) if r.kind == RejectionKind::Location))
+    );
+    assert_eq!(
+        refusal(&j, &w).map(|r| (r.kind, r.to_string())),
+        Some((RejectionKind::Location, "unknown storage location nowhere".into()))
+    );
+}
+
+#[test]
+fn rejection_kinds_travel_in_the_json_and_older_decisions_still_read() {
+    let w = world(lab("H100-80GB", 8, None), standard_prices(98.0, 99.0));
+    let d = place(&job(2, &["L4-24GB"], 1), &w);
+    let v = serde_json::to_value(&d).unwrap();
+    let first = &v["candidates"][0];
+    assert_eq!((first["rejected"].as_str(), first["kind"].as_str()), (Some("no L4-24GB at site"), Some("capacity")));
+    assert!(first.get("feasible").is_none(), "{first}");
+    let feasible = serde_json::to_value(place(&job(2, &["H100-80GB"], 1), &w)).unwrap();
+    assert!(feasible["candidates"][0].get("kind").is_none() && feasible["candidates"][0].get("rejected").is_none());
+    // A decision stored before kinds (no `kind`), or with a kind this version does not know.
+    for extra in ["", r#","kind":"quota""#] {
+        let text =
+            format!(r#"{{"site":"lab","output_locations":[],"rejected":"budget: $1 left, estimate $2"{extra}}}"#);
+        let c: Candidate = serde_json::from_str(&text).unwrap();
+        assert_eq!(c.verdict, Verdict::Rejected(Rejection::new(RejectionKind::Other, "budget: $1 left, estimate $2")));
+    }
+    // Neither, or both.
+    assert!(serde_json::from_str::<Candidate>(r#"{"site":"lab","output_locations":[]}"#).is_err());
+    let both = r#"{"site":"lab","output_locations":[],"rejected":"x","feasible":{"instance_type":null,"instances":1,"market":null,"gpu_model":null,"wait_s":0,"cost":{"compute_usd":0,"egress_usd":0,"storage_usd":0,"total_usd":0,"usd_per_hour":0,"hours":0}}}"#;
+    assert!(serde_json::from_str::<Candidate>(both).is_err());
 }

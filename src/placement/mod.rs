@@ -3,10 +3,13 @@
 //! Two levels (DESIGN §4): [`engine::place`] chooses the cheapest allowed site (and output
 //! locations) for a job from a [`world::World`] of sites, capacity and prices, with every candidate
 //! explained; [`bind::first_fit`] then binds the job to an agent of that site with free GPUs, CPUs
-//! and memory. [`synthetic`] builds large worlds for the placement benchmark.
+//! and memory. [`decision`] holds what a decision is (its JSON contract), [`rejection`] why a
+//! candidate is rejected, and [`synthetic`] builds large worlds for the placement benchmark.
 
 pub mod bind;
+pub mod decision;
 pub mod engine;
+pub mod rejection;
 pub mod request;
 pub mod synthetic;
 pub mod world;

@@ -10,6 +10,7 @@ use super::bind::FreeCapacity;
 use super::engine::place;
 use super::request::{OutputDest, PlacementInput, PlacementJob, PlacementOutput, PlacementPolicy};
 use super::world::{SiteCapacity, SiteState, World};
+use crate::model::UnixMillis;
 use crate::model::job::Spot;
 use crate::model::price::{
     Cloud, ComputePrice, Destination, EgressPrice, Market, PriceSnapshot, Provenance, StoragePrice,
@@ -17,7 +18,7 @@ use crate::model::price::{
 use crate::model::site::{Site, SiteKind, StorageLocation, instance_types};
 
 /// Regions the synthetic cloud sites cycle through: (cloud, region, residency).
-const REGIONS: [(Cloud, &str, &str); 10] = [
+pub const REGIONS: [(Cloud, &str, &str); 10] = [
     (Cloud::Aws, "us-east-1", "us"),
     (Cloud::Aws, "us-west-2", "us"),
     (Cloud::Aws, "eu-west-1", "eu"),
@@ -39,57 +40,10 @@ const GPU_MODELS: [&str; 5] = ["H100-80GB", "A100-80GB", "L4-24GB", "L40S-48GB",
 /// most with inputs of up to 2 TB; a third with a $/hour cap; some with an output placement chooses).
 pub fn bench_world(cloud_sites: usize, agents: usize, seed: u64) -> (World, Vec<PlacementJob>) {
     let mut rng = fastrand::Rng::with_seed(seed);
-    let provenance = Provenance { source: "synthetic".into(), fetched_at: 0 };
-    let mut prices = PriceSnapshot {
-        id: format!("synthetic-{seed}"),
-        fetched_at: 0,
-        sources: vec!["synthetic".into()],
-        ..Default::default()
-    };
-    for (cloud, region, _) in REGIONS {
-        for (destination, usd) in [(Destination::Internet, 0.09), (Destination::InterRegion, 0.02)] {
-            let (region, provenance) = (region.to_owned(), provenance.clone());
-            prices.egress.push(EgressPrice { cloud, region, destination, usd_per_gb: usd, provenance });
-        }
-        let (r, p) = (region.to_owned(), provenance.clone());
-        prices.storage.push(StoragePrice { cloud, region: r, usd_per_gb_month: 0.02, provenance: p });
-        for t in instance_types().iter().filter(|t| t.cloud == cloud) {
-            let base = 0.05 * f64::from(t.vcpus) + 4.0 * f64::from(t.gpus);
-            let on_demand = base * (0.8 + 0.4 * rng.f64());
-            for (market, usd) in [(Market::OnDemand, on_demand), (Market::Spot, on_demand * 0.4)] {
-                prices.compute.push(ComputePrice {
-                    cloud,
-                    region: region.to_owned(),
-                    instance_type: t.name.to_owned(),
-                    market,
-                    usd_per_hour: usd,
-                    provenance: provenance.clone(),
-                });
-            }
-        }
-    }
-    let mut sites = Vec::new();
-    for i in 0..cloud_sites {
-        let (cloud, region, residency) = REGIONS[i % REGIONS.len()];
-        let mut types: Vec<String> =
-            instance_types().iter().filter(|t| t.cloud == cloud).map(|t| t.name.to_owned()).collect();
-        rng.shuffle(&mut types);
-        types.truncate(rng.usize(4..=8));
-        let site = Site {
-            name: format!("{}-{region}-{i}", cloud.as_str()),
-            kind: SiteKind::from(cloud),
-            region: region.into(),
-            residency: residency.into(),
-            gpu_hour_usd: None,
-            gpu_hour_usd_by_model: BTreeMap::new(),
-            cpu_hour_usd: 0.0,
-            uplink_usd_per_gb: 0.0,
-            instance_types: types,
-            spot: i % 2 == 0,
-            elastic: true,
-        };
-        sites.push(SiteState { site, capacity: SiteCapacity::default() });
-    }
+    let prices = synthetic_prices(&mut rng, seed, 0);
+    let mut sites: Vec<SiteState> = (0..cloud_sites)
+        .map(|i| SiteState { site: synthetic_cloud_site(&mut rng, i), capacity: SiteCapacity::default() })
+        .collect();
     for i in 0..ONPREM_SITES {
         let per_site = agents / ONPREM_SITES + usize::from(i < agents % ONPREM_SITES);
         let (mut free, mut total) = (Vec::with_capacity(per_site), Vec::with_capacity(per_site));
@@ -137,6 +91,65 @@ pub fn bench_world(cloud_sites: usize, agents: usize, seed: u64) -> (World, Vec<
     ];
     let jobs = (0..1000).map(|_| bench_job(&mut rng, &locations)).collect();
     (World::new(sites, locations, &prices, 60_000, Duration::from_secs(3600)), jobs)
+}
+
+/// A snapshot fetched at `fetched_at` with every region of [`REGIONS`] priced: internet and
+/// inter-region egress, storage, and every catalog instance type of the region's cloud on demand
+/// (about $0.05 per vCPU-hour plus $4 per GPU-hour, ±20 %) and spot (40 % of on demand).
+pub fn synthetic_prices(rng: &mut fastrand::Rng, seed: u64, fetched_at: UnixMillis) -> PriceSnapshot {
+    let provenance = Provenance { source: "synthetic".into(), fetched_at };
+    let mut prices = PriceSnapshot {
+        id: format!("synthetic-{seed}"),
+        fetched_at,
+        sources: vec!["synthetic".into()],
+        ..Default::default()
+    };
+    for (cloud, region, _) in REGIONS {
+        for (destination, usd) in [(Destination::Internet, 0.09), (Destination::InterRegion, 0.02)] {
+            let (region, provenance) = (region.to_owned(), provenance.clone());
+            prices.egress.push(EgressPrice { cloud, region, destination, usd_per_gb: usd, provenance });
+        }
+        let (r, p) = (region.to_owned(), provenance.clone());
+        prices.storage.push(StoragePrice { cloud, region: r, usd_per_gb_month: 0.02, provenance: p });
+        for t in instance_types().iter().filter(|t| t.cloud == cloud) {
+            let base = 0.05 * f64::from(t.vcpus) + 4.0 * f64::from(t.gpus);
+            let on_demand = base * (0.8 + 0.4 * rng.f64());
+            for (market, usd) in [(Market::OnDemand, on_demand), (Market::Spot, on_demand * 0.4)] {
+                prices.compute.push(ComputePrice {
+                    cloud,
+                    region: region.to_owned(),
+                    instance_type: t.name.to_owned(),
+                    market,
+                    usd_per_hour: usd,
+                    provenance: provenance.clone(),
+                });
+            }
+        }
+    }
+    prices
+}
+
+/// Cloud site `i`: the `i`-th region of [`REGIONS`] (cycling), 4–8 instance types of its cloud,
+/// spot on even sites, elastic. Named `<cloud>-<region>-<i>`.
+pub fn synthetic_cloud_site(rng: &mut fastrand::Rng, i: usize) -> Site {
+    let (cloud, region, residency) = REGIONS[i % REGIONS.len()];
+    let mut types: Vec<String> =
+        instance_types().iter().filter(|t| t.cloud == cloud).map(|t| t.name.to_owned()).collect();
+    rng.shuffle(&mut types);
+    types.truncate(rng.usize(4..=8));
+    Site {
+        name: format!("{}-{region}-{i}", cloud.as_str()),
+        kind: SiteKind::from(cloud),
+        region: region.into(),
+        residency: residency.into(),
+        gpu_hour_usd: None,
+        gpu_hour_usd_by_model: BTreeMap::new(),
+        cpu_hour_usd: 0.0,
+        uplink_usd_per_gb: 0.0,
+        instance_types: types,
+        spot: i.is_multiple_of(2),
+        elastic: true,
+    }
 }
 
 fn bench_job(rng: &mut fastrand::Rng, locations: &[StorageLocation]) -> PlacementJob {

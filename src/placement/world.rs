@@ -18,6 +18,7 @@ use crate::model::UnixMillis;
 use crate::model::price::{Cloud, Destination, Market, PriceSnapshot};
 use crate::model::site::{InstanceType, Site, SiteKind, StorageLocation, instance_type};
 use crate::placement::bind::FreeCapacity;
+use crate::placement::rejection::{Rejection, RejectionKind};
 
 /// Resources of one node, free or total: GPUs per canonical model, CPUs, memory.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -105,7 +106,7 @@ enum Place {
 }
 
 /// $/GB, or why there is no price.
-pub(crate) type Rate = Result<f64, String>;
+pub(crate) type Rate = Result<f64, Rejection>;
 
 /// Sites, locations and prices, indexed. Build it once per snapshot and place many jobs in it.
 #[derive(Debug, Clone)]
@@ -170,10 +171,14 @@ impl World {
             .iter()
             .map(|place| match place {
                 Place::Onprem { .. } => Ok(0.0),
-                Place::Cloud(cloud, region) => prices
-                    .storage(*cloud, region)
-                    .map(|p| p.usd_per_gb_month)
-                    .ok_or_else(|| format!("no storage price for {} {region}", cloud.as_str())),
+                Place::Cloud(cloud, region) => {
+                    prices.storage(*cloud, region).map(|p| p.usd_per_gb_month).ok_or_else(|| {
+                        Rejection::new(
+                            RejectionKind::NoPrice,
+                            format!("no storage price for {} {region}", cloud.as_str()),
+                        )
+                    })
+                }
             })
             .collect();
         let location_index = locations.iter().enumerate().map(|(i, l)| (l.name.clone(), i)).collect();
@@ -235,6 +240,6 @@ fn rate(from: &Place, to: &Place, prices: &PriceSnapshot) -> Rate {
     };
     prices.egress(cloud, region, destination).map(|p| p.usd_per_gb).ok_or_else(|| {
         let what = if destination == Destination::Internet { "internet" } else { "inter-region" };
-        format!("no egress price for {} {region} ({what})", cloud.as_str())
+        Rejection::new(RejectionKind::NoPrice, format!("no egress price for {} {region} ({what})", cloud.as_str()))
     })
 }

@@ -47,3 +47,33 @@ fn the_placement_bench_runs_and_prints_its_numbers() {
         assert!(stdout.contains(line), "{stdout}");
     }
 }
+
+#[test]
+fn a_small_bench_with_sites_places_every_job_through_the_engine_on_the_onprem_agents() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("result.json");
+    // 6 sites: 4 on-prem (the agents) and 2 cloud sites, which the tenant's cap rules out.
+    let out = Command::new(BIN)
+        .args(["bench", "--sites", "6", "--agents", "12", "--jobs", "1000", "--deadline", "50s", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .arg("--out")
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("4 on-prem sites (the agents), 2 cloud sites"), "{stdout}");
+    let config = std::fs::read_to_string(dir.path().join("state/broker.toml")).unwrap();
+    assert_eq!(config.matches("[[site]]").count(), 6, "{config}");
+    assert!(dir.path().join("state/prices.json").is_file());
+
+    let result: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out_path).unwrap()).unwrap();
+    assert_eq!((result["sites"].as_u64(), result["completed"].as_u64()), (Some(6), Some(1000)), "{result}");
+    assert_eq!((result["lost"].as_u64(), result["ok"].as_bool()), (Some(0), Some(true)), "{result}");
+    assert_eq!(result["placed_by_engine"], 1000, "every job has a placement decision: {result}");
+    let per_site = result["jobs_per_site"].as_object().unwrap();
+    let sites: Vec<&str> = per_site.keys().map(String::as_str).collect();
+    assert!(sites.iter().all(|s| ["lab-0", "lab-1", "lab-2", "lab-3"].contains(s)), "{result}");
+    assert_eq!(per_site.values().map(|n| n.as_u64().unwrap()).sum::<u64>(), 1000, "{result}");
+}

@@ -22,7 +22,7 @@ use crate::model::data::JobData;
 use crate::model::job::JobSpec;
 use crate::model::state::{Input, JobState};
 use crate::placement::bind::{FreeCapacity, Wanted, bind_in_order};
-use crate::placement::engine::{Decision, Verdict};
+use crate::placement::engine::{Decision, RejectionKind, Verdict};
 use crate::placement::world::World;
 use crate::store::{AttemptRecord, Write};
 
@@ -94,7 +94,7 @@ impl Core {
         let world = placer.world(&self.capacity(tenant), self.now.ms);
         let decision = placer.place(&req, &world);
         let budget = decision.candidates.iter().find_map(|c| match &c.verdict {
-            Verdict::Rejected(why) if why.starts_with("budget:") => Some(why.clone()),
+            Verdict::Rejected(why) if why.kind == RejectionKind::Budget => Some(why.clone()),
             _ => None,
         });
         match (&decision.chosen, budget) {

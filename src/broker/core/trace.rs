@@ -158,7 +158,7 @@ mod tests {
     use tracing_subscriber::prelude::*;
 
     use super::{MAX_REJECTION_EVENTS, record_decision};
-    use crate::placement::engine::{Candidate, Decision, Verdict};
+    use crate::placement::engine::{Candidate, Decision, Rejection, RejectionKind, Verdict};
 
     /// Keeps every exported span.
     #[derive(Debug, Clone, Default)]
@@ -181,7 +181,10 @@ mod tests {
             .map(|i| Candidate {
                 site: format!("site-{i}"),
                 output_locations: vec![],
-                verdict: Verdict::Rejected(format!("gpu: no H100 at site-{i}")),
+                verdict: Verdict::Rejected(Rejection::new(
+                    RejectionKind::Capacity,
+                    format!("gpu: no H100 at site-{i}"),
+                )),
             })
             .collect();
         let decision = Decision {

@@ -56,7 +56,9 @@ pub fn decision_table(d: &Decision) -> String {
                     format!("${:.2}", o.cost.usd_per_hour),
                     describe_offer(&o.instance_type, o.instances, &o.gpu_model),
                 ],
-                Verdict::Rejected(why) => [site, outputs, "-".into(), "-".into(), format!("rejected: {}", escape(why))],
+                Verdict::Rejected(why) => {
+                    [site, outputs, "-".into(), "-".into(), format!("rejected: {}", escape(why.as_str()))]
+                }
             }
         })
         .collect();
@@ -93,6 +95,7 @@ fn describe_offer(instance_type: &Option<String>, instances: u32, gpu_model: &Op
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::placement::engine::{Rejection, RejectionKind};
 
     #[test]
     fn reasons_quoting_tenant_text_are_shown_escaped() {
@@ -102,7 +105,7 @@ mod tests {
             candidates: vec![crate::placement::engine::Candidate {
                 site: "lab".into(),
                 output_locations: vec!["us-a".into()],
-                verdict: Verdict::Rejected(why.into()),
+                verdict: Verdict::Rejected(Rejection::new(RejectionKind::Residency, why)),
             }],
             residency: Some("eu".into()),
             snapshot_id: "snap".into(),

@@ -212,7 +212,7 @@ fn prices_table(value: &Value, only: Option<&str>) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::placement::engine::Verdict;
+    use crate::placement::engine::{Rejection, RejectionKind, Verdict};
 
     /// Plans `yaml` offline against the shipped hybrid config and price snapshot.
     fn plan(yaml: &str) -> Decision {
@@ -234,7 +234,7 @@ mod tests {
         assert!(d.chosen.is_none());
         for c in &d.candidates {
             let why = "residency: output out/ goes to us, data in eu";
-            assert_eq!(c.verdict, Verdict::Rejected(why.into()), "{}", c.site);
+            assert_eq!(c.verdict, Verdict::Rejected(Rejection::new(RejectionKind::Residency, why)), "{}", c.site);
         }
         // An output given by residency is planned too (next to one given by `to`), in the group.
         let mixed = format!(
