@@ -147,3 +147,30 @@ pub fn state_dir(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::super::sites::ONPREM_CPU_HOUR_USD;
+    use super::*;
+
+    #[test]
+    fn the_written_config_loads_and_every_cloud_price_is_above_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = SiteLayout::new(14);
+        let path = write_broker_config(dir.path(), Duration::from_secs(30), 10, layout).unwrap();
+        // Validation wants the TLS files to exist (the bench writes them with its PKI).
+        for file in ["ca.pem", "broker.pem", "broker-key.pem"] {
+            std::fs::write(dir.path().join(file), "").unwrap();
+        }
+        let parsed: crate::config::BrokerConfig = crate::config::load_toml(&path, []).unwrap();
+        parsed.validate(&path).unwrap();
+        assert_eq!(parsed.sites.len(), 14);
+        let bench = parsed.tenants.iter().find(|t| t.name == TENANT).unwrap();
+        assert_eq!(bench.max_usd_per_hour, Some(TENANT_MAX_USD_PER_HOUR));
+        let prices = crate::pricing::read_snapshot(&dir.path().join("prices.json")).unwrap();
+        let cheapest = prices.compute.iter().map(|p| p.usd_per_hour).fold(f64::INFINITY, f64::min);
+        assert!(cheapest > TENANT_MAX_USD_PER_HOUR && ONPREM_CPU_HOUR_USD < TENANT_MAX_USD_PER_HOUR, "{cheapest}");
+    }
+}
