@@ -3,7 +3,7 @@
 //! The CA is ECDSA P-256, valid 10 years, path length 0. A directory holds `ca.pem`, `ca-key.pem`
 //! (mode 0600) and `trust-domain`. Leaves get one URI SAN (their [`Identity`]), the requested
 //! DNS/IP SANs, key usage digitalSignature, `CA:FALSE`, and the role's extended key usage:
-//! serverAuth for the broker, clientAuth for agents, gateways and admins (DESIGN §6).
+//! serverAuth for the broker, clientAuth for agents, gateways and admins (docs/design.md §6).
 //! [`Ca::issue_custom`] can also make the malformed certificates the TLS tests must see refused.
 
 use std::fmt;

@@ -28,7 +28,7 @@ pub struct Job {
     pub created_at: String,
     /// RFC 3339.
     pub updated_at: String,
-    /// The job spec as submitted (canonical JSON of the DESIGN §3 fields); `secret_env` values
+    /// The job spec as submitted (canonical JSON of the docs/design.md §3 fields); `secret_env` values
     /// show as `"<redacted>"`: the API never returns them.
     #[schema(value_type = Object)]
     pub spec: serde_json::Value,

@@ -1,4 +1,4 @@
-//! Job data (DESIGN §3): data URIs, the plan a submission resolves to (input objects with their
+//! Job data (docs/design.md §3): data URIs, the plan a submission resolves to (input objects with their
 //! sizes, output targets), where each attempt's outputs go, and what staging moved. Pure: resolving
 //! a URI against the configured locations and listing objects happen in the broker.
 

@@ -1,6 +1,6 @@
 //! SPIFFE-style workload identities carried as the single URI SAN of every internal certificate.
 //!
-//! Shapes (DESIGN §6):
+//! Shapes (docs/design.md §6):
 //! - `spiffe://<trust-domain>/agent/<site>/<node>`: an agent speaks only for its own site and node;
 //! - `spiffe://<trust-domain>/<role>/<name>` for the broker, gateways and admins.
 //!

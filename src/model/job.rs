@@ -1,4 +1,4 @@
-//! The job spec (DESIGN §3): parsed from YAML or JSON, validated with every problem reported at once.
+//! The job spec (docs/design.md §3): parsed from YAML or JSON, validated with every problem reported at once.
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -1,4 +1,4 @@
-//! Prices (DESIGN §5): what a price feed yields and the placement engine reads. Every price carries
+//! Prices (docs/design.md §5): what a price feed yields and the placement engine reads. Every price carries
 //! its source and fetch time, so a decision can say how old the numbers behind it were.
 
 use serde::{Deserialize, Serialize};

@@ -1,4 +1,4 @@
-//! Sites (DESIGN §3): the places that run work, the storage locations job data lives in, the
+//! Sites (docs/design.md §3): the places that run work, the storage locations job data lives in, the
 //! residency groups both belong to, and the built-in catalog of cloud instance types that maps each
 //! to its GPUs. Pure: no I/O; the broker's config reuses [`Site`] and [`ResidencyGroup`] as they are.
 

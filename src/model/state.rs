@@ -1,4 +1,4 @@
-//! The job lifecycle (DESIGN §3), as a pure state machine with fencing epochs.
+//! The job lifecycle (docs/design.md §3), as a pure state machine with fencing epochs.
 //!
 //! `queued → placed → leased → running → succeeded | failed | cancelled`. A lost lease sends the job
 //! back to `queued` while attempts remain. Every report names the epoch of the attempt it is about;

@@ -1,4 +1,4 @@
-//! The global placement engine (DESIGN §4): [`place`] one job in a [`World`]. Pure and fast.
+//! The global placement engine (docs/design.md §4): [`place`] one job in a [`World`]. Pure and fast.
 //!
 //! Candidates are sites × output location choices (only outputs that let placement choose add
 //! choices; outputs with the same group share one). Each breaks a rule (its verdict is the first

@@ -1,6 +1,6 @@
 //! Placement. Pure: decisions are functions of plain values (README invariant 1).
 //!
-//! Two levels (DESIGN §4): [`engine::place`] chooses the cheapest allowed site (and output
+//! Two levels (docs/design.md §4): [`engine::place`] chooses the cheapest allowed site (and output
 //! locations) for a job from a [`world::World`] of sites, capacity and prices, with every candidate
 //! explained; [`bind::first_fit`] then binds the job to an agent of that site with free GPUs, CPUs
 //! and memory. [`decision`] holds what a decision is (its JSON contract), [`rejection`] why a

@@ -1,4 +1,4 @@
-//! Price feeds (DESIGN §5): the Azure Retail Prices API, AWS price data and the snapshot file behind
+//! Price feeds (docs/design.md §5): the Azure Retail Prices API, AWS price data and the snapshot file behind
 //! one [`PriceFeed`] trait, and the [`PriceBook`] that refreshes them in the background and merges
 //! what they give into one [`PriceSnapshot`] for placement.
 //!

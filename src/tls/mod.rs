@@ -1,7 +1,7 @@
 //! Mutual TLS for every internal hop: rustls configurations, the identity checks and the tonic glue.
 //!
 //! Both sides verify the peer chain with rustls' webpki verifiers and then check the end-entity
-//! certificate beyond the chain (DESIGN §6): exactly one URI SAN that parses as an [`Identity`](crate::model::identity::Identity) in
+//! certificate beyond the chain (docs/design.md §6): exactly one URI SAN that parses as an [`Identity`](crate::model::identity::Identity) in
 //! our trust domain, a role allowed for the endpoint, an extendedKeyUsage extension that is present
 //! and names the purpose (webpki accepts a certificate without one; we refuse it), and not a CA;
 //! and the certificate profile (module `verify`): basicConstraints present, no certificate-signing key

@@ -1,4 +1,4 @@
-//! Who may talk to the broker: every refusal of DESIGN §6, against the real broker process.
+//! Who may talk to the broker: every refusal of docs/design.md §6, against the real broker process.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

@@ -1,4 +1,4 @@
-//! Job spec files: YAML (DESIGN §3) converted to the JSON the API takes, or a `.json` file sent as
+//! Job spec files: YAML (docs/design.md §3) converted to the JSON the API takes, or a `.json` file sent as
 //! is. Problems a file has on its own (unreadable, not YAML, not a mapping) are reported here, naming
 //! the file and line; what the fields mean is the gateway's to check, so its answer names the field.
 
