@@ -17,6 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::record::{Event, Events};
 use super::setup::node_name;
+use crate::model::retry::RetryPolicy;
 use crate::proto::agent_service_client::AgentServiceClient;
 use crate::proto::{self, agent_message::Msg as Out, broker_message::Msg as In};
 use crate::tls;
@@ -132,17 +133,18 @@ impl Agent {
         let mut storm = shared.storm.clone();
         let mut stop = shared.stop.clone();
         let mut setup = Some(shared.setup.clone().acquire_owned().await.expect("never closed"));
-        let mut backoff = MIN_BACKOFF;
+        let policy = RetryPolicy::exponential(MIN_BACKOFF, MAX_BACKOFF).with_jitter(0.5);
+        let mut failures = 0u32;
         loop {
             storm.borrow_and_update();
             let end = self.session(&shared, &mut storm, &mut stop, &mut setup).await;
             setup = None;
             match end {
                 End::Stop => return,
-                End::Storm => backoff = MIN_BACKOFF,
+                End::Storm => failures = 0,
                 End::Broke { registered } => {
-                    backoff = if registered { MIN_BACKOFF } else { (backoff * 2).min(MAX_BACKOFF) };
-                    let pause = backoff.mul_f64(0.5 + fastrand::f64());
+                    failures = if registered { 1 } else { failures.saturating_add(1) };
+                    let pause = policy.delay(failures, None, fastrand::f64());
                     tokio::select! {
                         () = tokio::time::sleep(pause) => {}
                         _ = stop.changed() => return,
