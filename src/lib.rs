@@ -1,26 +1,33 @@
 //! hybroker: a hybrid-cloud GPU workload broker.
 //!
-//! Code map (each module is drawn as if it were a crate; see README "Architecture"):
-//! - [`model`]: domain types and ids (jobs, states, GPUs, identities); pure, no I/O.
-//! - [`placement`]: pure binding of jobs to agents' free resources.
-//! - [`pricing`]: price feeds (Azure Retail Prices, AWS Price List and spot, snapshot file) and the
-//!   price book that refreshes, merges and persists them.
-//! - [`store`]: durable jobs, attempts, agents and the append-only event log (SQLite).
-//! - [`broker`]: the control plane: job service, agent streams, leases, dispatch.
-//! - [`gateway`]: the tenants' HTTP API (keys, rate limits, jobs, streams) in front of the broker.
+//! Code map (each module is drawn as if it were a crate, listed bottom layer first; the README's
+//! "Architecture" has the file-level map and "a job's path"; `docs/design.md` the long form):
+//! - [`model`]: domain types, pure: the job spec, lifecycle, GPUs, identities, sites, prices, job
+//!   data and presigned requests, the one `RetryPolicy`.
+//! - [`placement`]: pure: the placement engine (the cheapest allowed site, typed rejections) and
+//!   the one binding loop of jobs to agents' free resources.
+//! - [`private_files`]: owner-only modes for the store, the local object store and private keys;
+//!   atomic address files. [`telemetry`]: logs, traces, OTLP export.
+//! - [`metrics`]: the Prometheus registry (lock-free per update), `process_*`, each service's
+//!   `/metrics` endpoint. [`pki`]: development CA and role certificates.
+//! - [`store`]: durable jobs (submission + status), attempts, agents and the event log (SQLite).
+//! - [`tls`]: the mutual-TLS identity checks and the one TCP accept loop of every server with its
+//!   limits on unfinished handshakes.
 //! - [`storage`]: object stores for job data (S3, Azure Blob, the embedded local store) and presigning.
-//! - [`agent`]: the GPU node daemon: inventory (NVML), executor, the stream to the broker.
-//! - [`cli`]: `pki`, `quickstart` and the client commands.
-//! - [`bench`]: `hybroker bench`: a broker child process, simulated agents and a job driver; numbers.
-//! - [`pki`], [`tls`]: development CA, role certificates, the mutual-TLS identity checks, and the
-//!   one TCP accept loop of every server with its limits on unfinished handshakes.
-//! - [`metrics`]: the Prometheus registry and each service's `/metrics` endpoint.
-//! - [`private_files`]: owner-only modes for the store, the local object store and private keys.
+//! - [`pricing`]: price feeds (Azure Retail Prices, AWS Price List and spot, snapshot file) and the
+//!   price book that refreshes, merges and persists them. [`error`]: API errors and their codes.
 //! - [`config`]: the TOML configuration by role (`broker` with `tenants`, `storage`, `placement`;
-//!   `gateway`; `agent`), environment overrides and `validate()`.
-//! - [`telemetry`], [`error`], [`proto`]: logs and traces, errors, generated gRPC.
+//!   `gateway`; `agent`), environment overrides and `validate()`. [`proto`]: generated gRPC.
+//! - [`broker`]: the control plane: the core (`broker::core`: a state machine, commands in,
+//!   effects out; its driver commits each batch before releasing it) and the job, admin and agent
+//!   services around it.
+//! - [`gateway`]: the tenants' HTTP API (keys, rate limits, jobs, streams) in front of the broker.
+//! - [`agent`]: the GPU node daemon: inventory (NVML), the per-attempt sandbox, staging, the stream
+//!   to the broker.
+//! - [`cli`]: `pki`, `quickstart`, the operators' commands (`tenants`, `admin`) and the tenants'
+//!   client, sharing one error printer and exit-code table. [`bench`]: `hybroker bench`.
 //!
-//! Which module may import which, and who may read the environment: `tests/layers.rs`.
+//! Which module may import which, and who may read the environment: `tests/layers/`.
 
 pub mod agent;
 pub mod bench;
