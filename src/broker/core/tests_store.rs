@@ -115,3 +115,44 @@ async fn a_key_id_gone_from_the_key_file_fails_the_attempt_and_the_job_without_p
     }
     assert!(core2.agents["lab/a"].free().cpus == 8, "the failed attempts hold nothing");
 }
+
+/// Invariant 6 through the driver: a batch whose commit fails releases none of its effects. The
+/// submitter gets no acknowledgement, the agent neither its registration nor the assignment,
+/// watchers no event; the driver stops with the store's error (crash-only).
+#[tokio::test]
+async fn a_batch_whose_commit_fails_releases_nothing() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let (writer, _reader) = crate::store::open(&path).await.unwrap();
+    let (events, mut watcher) = tokio::sync::broadcast::channel(16);
+    let driver = driver::Driver::load(writer, settings(K1), events).await.unwrap();
+    // Every insert of a job now fails inside the batch's transaction.
+    let mut sql = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display())).await.unwrap();
+    sqlx::raw_sql("CREATE TRIGGER refuse BEFORE INSERT ON jobs BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+        .execute(&mut sql)
+        .await
+        .unwrap();
+    sql.close().await.unwrap();
+
+    let (outbox, mut agent) = tokio::sync::mpsc::channel(16);
+    let connected = Cmd::Connected {
+        agent: "lab/n1".into(),
+        site: "lab".into(),
+        node: "n1".into(),
+        inventory: Inventory { cpus: 8, memory_mib: 65536, ..Default::default() },
+        attempts: vec![],
+        conn: Conn { id: 1, outbox },
+    };
+    let (submit, answer) = submit_cmd("name: x\ncommand: [\"true\"]\nresources: {cpus: 1, memory_gib: 1}\n", None);
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(connected).await.unwrap();
+    tx.send(submit).await.unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(30), driver.run(rx)).await.expect("the driver stops");
+    let err = stopped.expect_err("the commit fails");
+    assert!(err.to_string().contains("refused by the test"), "{err}");
+    assert!(answer.await.is_err(), "the submit was acknowledged although its commit failed");
+    assert!(agent.try_recv().is_err(), "the agent got a message of an uncommitted batch");
+    assert!(watcher.try_recv().is_err(), "a watcher saw an event of an uncommitted batch");
+    drop(tx);
+}
