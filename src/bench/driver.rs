@@ -13,6 +13,7 @@ use tonic::transport::Channel;
 
 use super::record::{Event, Events};
 use super::setup::TENANT;
+use crate::model::retry::RetryPolicy;
 use crate::proto::job_service_client::JobServiceClient;
 use crate::proto::{self, SpecFormat, submit_result::Result as Submitted};
 
@@ -111,7 +112,8 @@ async fn paced(ctx: Arc<Ctx>) {
 async fn submit(ctx: &Ctx, range: std::ops::Range<usize>) {
     let first_sent = Instant::now();
     let mut todo: Vec<usize> = range.collect();
-    let mut backoff = RETRY_MIN;
+    let policy = RetryPolicy::exponential(RETRY_MIN, RETRY_MAX).with_jitter(0.5);
+    let mut failures = 0u32;
     while !todo.is_empty() && Instant::now() < ctx.plan.deadline {
         let jobs = todo.iter().map(|&i| request(&ctx.plan.run_id, i)).collect();
         let mut client = ctx.client.clone();
@@ -139,8 +141,8 @@ async fn submit(ctx: &Ctx, range: std::ops::Range<usize>) {
                 }
             }
         }
-        tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64())).await;
-        backoff = (backoff * 2).min(RETRY_MAX);
+        failures = failures.saturating_add(1);
+        tokio::time::sleep(policy.delay(failures, None, fastrand::f64())).await;
     }
 }
 
