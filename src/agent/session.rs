@@ -140,6 +140,7 @@ fn on_message(agent: &mut Agent, msg: In) -> Option<Out> {
             agent.ack(&ack);
             None
         }
+        In::Reconnect(_) | In::Renewed(_) => None,
     }
 }
 

@@ -253,6 +253,7 @@ impl Agent {
                 None
             }
             In::Stop(_) => None, // every attempt has already exited
+            In::Reconnect(_) | In::Renewed(_) => None,
         }
     }
 }

@@ -75,6 +75,62 @@ impl proto::admin_service_server::AdminService for AdminService {
         tracing::info!(key_id = info.key_id, tenant = info.tenant, "api key revoked");
         Ok(Response::new(info.into()))
     }
+
+    async fn create_join_token(
+        &self,
+        req: Request<proto::CreateJoinTokenRequest>,
+    ) -> Result<Response<proto::CreateJoinTokenResponse>, Status> {
+        tls::require_role(&req, &[Role::Admin])?;
+        Err(Status::unimplemented("create_join_token is not built yet"))
+    }
+
+    async fn list_join_tokens(
+        &self,
+        req: Request<proto::ListJoinTokensRequest>,
+    ) -> Result<Response<proto::ListJoinTokensResponse>, Status> {
+        tls::require_role(&req, &[Role::Admin])?;
+        Err(Status::unimplemented("list_join_tokens is not built yet"))
+    }
+
+    async fn revoke_join_token(
+        &self,
+        req: Request<proto::RevokeJoinTokenRequest>,
+    ) -> Result<Response<proto::JoinTokenInfo>, Status> {
+        tls::require_role(&req, &[Role::Admin])?;
+        Err(Status::unimplemented("revoke_join_token is not built yet"))
+    }
+
+    async fn revoke_certificates(
+        &self,
+        req: Request<proto::RevokeCertificatesRequest>,
+    ) -> Result<Response<proto::RevocationInfo>, Status> {
+        tls::require_role(&req, &[Role::Admin])?;
+        Err(Status::unimplemented("revoke_certificates is not built yet"))
+    }
+
+    async fn list_revocations(
+        &self,
+        req: Request<proto::ListRevocationsRequest>,
+    ) -> Result<Response<proto::ListRevocationsResponse>, Status> {
+        tls::require_role(&req, &[Role::Admin])?;
+        Err(Status::unimplemented("list_revocations is not built yet"))
+    }
+
+    async fn remove_agent(
+        &self,
+        req: Request<proto::RemoveAgentRequest>,
+    ) -> Result<Response<proto::AgentInfo>, Status> {
+        tls::require_role(&req, &[Role::Admin])?;
+        Err(Status::unimplemented("remove_agent is not built yet"))
+    }
+
+    async fn list_admin_events(
+        &self,
+        req: Request<proto::ListAdminEventsRequest>,
+    ) -> Result<Response<proto::ListAdminEventsResponse>, Status> {
+        tls::require_role(&req, &[Role::Admin])?;
+        Err(Status::unimplemented("list_admin_events is not built yet"))
+    }
 }
 
 fn unavailable() -> Status {

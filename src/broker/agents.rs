@@ -150,6 +150,10 @@ impl proto::agent_service_server::AgentService for AgentService {
 fn command(agent: &str, conn: u64, msg: proto::AgentMessage) -> Option<Cmd> {
     let agent = agent.to_string();
     match msg.msg? {
+        In::Renew(_) => {
+            tracing::warn!(agent, "ignored a renew request: renewal is not built yet");
+            None
+        }
         In::Register(_) => {
             tracing::warn!(agent, "ignored a second register on one stream");
             None

@@ -405,6 +405,14 @@ impl proto::job_service_server::JobService for JobService {
         Ok(Response::new(view.into()))
     }
 
+    async fn undrain_agent(
+        &self,
+        req: Request<proto::DrainAgentRequest>,
+    ) -> Result<Response<proto::AgentInfo>, Status> {
+        tls::require_role(&req, CALLERS)?;
+        Err(Status::unimplemented("undrain is not built yet"))
+    }
+
     async fn authenticate(
         &self,
         req: Request<proto::AuthenticateRequest>,
@@ -439,6 +447,7 @@ impl From<AgentView> for proto::AgentInfo {
             last_seen_ms: v.last_seen_ms,
             draining: v.draining,
             dedicated_tenant: v.dedicated.unwrap_or_default(),
+            cert_not_after_ms: 0,
         }
     }
 }

@@ -15,12 +15,17 @@
 //!   or the job existed and its `NewJob` fails): [`Folded::attempts_first`] asks for the attempts
 //!   to be inserted before the jobs, so that it fails too.
 //!
+//! - an `Identity` write touches only tables no other write touches (join tokens, revocations, the
+//!   admin audit trail): they are kept as they are, in order, and written after the rest.
+//!
 //! Rows are kept in the order of their first write, so that inserts allocate the same rowids.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 
-use super::{AgentRecord, AttemptEnd, AttemptRecord, Batch, JobEvent, JobStatus, JobSubmission, KeyRecord, Write};
+use super::{
+    AgentRecord, AttemptEnd, AttemptRecord, Batch, IdentityWrite, JobEvent, JobStatus, JobSubmission, KeyRecord, Write,
+};
 use crate::model::UnixMillis;
 
 /// A job inserted by the batch: its submission from the `NewJob`, its status from the last write
@@ -81,6 +86,8 @@ pub struct Folded<'a> {
     pub agents: Vec<AgentUpsert<'a>>,
     pub new_keys: Vec<NewKey<'a>>,
     pub key_changes: Vec<KeyChange<'a>>,
+    /// The identity tables' writes, unfolded, in batch order (written last).
+    pub identity: Vec<&'a IdentityWrite>,
 }
 
 #[derive(Clone, Copy)]
@@ -222,6 +229,7 @@ pub fn fold(batch: &Batch) -> Folded<'_> {
                     }
                 }
             }
+            Write::Identity(w) => f.identity.push(w),
         }
     }
     f.attempts_first = attempted_before_new.iter().any(|id| matches!(jobs.get(id), Some(Slot::Insert(_))));

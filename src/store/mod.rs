@@ -149,6 +149,64 @@ pub struct KeyRecord {
     pub revoked_at: Option<UnixMillis>,
 }
 
+/// A join token as stored: only a hash of its secret, its scope, expiry and remaining uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinTokenRecord {
+    pub token_id: String,
+    pub secret_sha256: String,
+    pub site: String,
+    /// Empty: the node name comes from the agent's CSR.
+    pub node: String,
+    /// The admin identity that created it.
+    pub created_by: String,
+    pub created_at: UnixMillis,
+    pub expires_at: UnixMillis,
+    pub uses_left: u32,
+    pub revoked_at: Option<UnixMillis>,
+}
+
+/// A deny entry: an identity (every certificate issued for it before `revoked_at`) or one
+/// certificate serial (hex), of any role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevocationRecord {
+    /// The SPIFFE URI; empty when by serial.
+    pub identity: String,
+    /// Lower-case hex; empty when by identity.
+    pub serial: String,
+    pub reason: String,
+    pub revoked_by: String,
+    pub revoked_at: UnixMillis,
+}
+
+/// One admin action in the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminEventRecord {
+    pub at: UnixMillis,
+    /// The admin (or gateway) identity that acted.
+    pub actor: String,
+    /// `token.create`, `token.revoke`, `cert.revoke`, `agent.remove`, `agent.undrain`, `agent.drain`.
+    pub action: String,
+    pub target: String,
+    pub detail: String,
+}
+
+/// Rare writes to the identity tables (join tokens, revocations, the admin audit trail). No other
+/// write touches these tables, so they run one by one, in batch order, after the folded writes.
+#[derive(Debug, Clone)]
+pub enum IdentityWrite {
+    NewJoinToken(JoinTokenRecord),
+    /// One use of the token spent (`uses_left` down by one).
+    JoinTokenUsed {
+        token_id: String,
+    },
+    RevokeJoinToken {
+        token_id: String,
+        at: UnixMillis,
+    },
+    Revocation(RevocationRecord),
+    AdminEvent(AdminEventRecord),
+}
+
 /// One write of a batch.
 #[derive(Debug, Clone)]
 pub enum Write {
@@ -181,6 +239,7 @@ pub enum Write {
         key_id: String,
         at: UnixMillis,
     },
+    Identity(IdentityWrite),
 }
 
 /// Writes committed together, in order, in one transaction.

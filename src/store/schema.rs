@@ -88,4 +88,34 @@ ALTER TABLE jobs ADD COLUMN trace_context TEXT;
     r#"
 ALTER TABLE jobs ADD COLUMN secret_env_sealed TEXT;
 "#,
+    r#"
+ALTER TABLE agents ADD COLUMN cert_not_after_ms INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE join_tokens (
+    token_id      TEXT PRIMARY KEY,
+    secret_sha256 TEXT NOT NULL,
+    site          TEXT NOT NULL,
+    node          TEXT NOT NULL DEFAULT '',
+    created_by    TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL,
+    uses_left     INTEGER NOT NULL,
+    revoked_at_ms INTEGER
+);
+CREATE TABLE revocations (
+    seq           INTEGER PRIMARY KEY,
+    identity      TEXT NOT NULL DEFAULT '',
+    serial        TEXT NOT NULL DEFAULT '',
+    reason        TEXT NOT NULL DEFAULT '',
+    revoked_by    TEXT NOT NULL,
+    revoked_at_ms INTEGER NOT NULL
+);
+CREATE TABLE admin_events (
+    seq    INTEGER PRIMARY KEY,
+    at_ms  INTEGER NOT NULL,
+    actor  TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT ''
+);
+"#,
 ];

@@ -12,7 +12,8 @@ use sqlx::{AssertSqlSafe, Connection, Row, SqliteConnection, SqlitePool};
 use super::coalesce::{self, AgentUpsert, NewAttempt, NewJob};
 use super::schema::MIGRATIONS;
 use super::{
-    AgentRecord, AttemptOutput, Batch, JobEvent, JobFilter, JobRecord, JobStatus, JobSubmission, KeyRecord, StoreError,
+    AdminEventRecord, AgentRecord, AttemptOutput, Batch, IdentityWrite, JobEvent, JobFilter, JobRecord, JobStatus,
+    JobSubmission, JoinTokenRecord, KeyRecord, RevocationRecord, StoreError,
 };
 use crate::model::state::JobState;
 use crate::private_files;
@@ -229,6 +230,9 @@ impl Writer {
             }
             q.execute(&mut *tx).await?;
         }
+        for w in &f.identity {
+            write_identity(&mut tx, w).await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -274,6 +278,50 @@ impl Writer {
                     inventory_json: r.try_get("inventory_json")?,
                     last_seen: r.try_get("last_seen_ms")?,
                     draining: r.try_get("draining")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Every join token (hashes only), used up and expired ones included.
+    pub async fn load_join_tokens(&mut self) -> Result<Vec<JoinTokenRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT token_id, secret_sha256, site, node, created_by, created_at_ms, expires_at_ms, uses_left, \
+             revoked_at_ms FROM join_tokens ORDER BY created_at_ms, token_id",
+        )
+        .fetch_all(&mut self.conn)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(JoinTokenRecord {
+                    token_id: r.try_get("token_id")?,
+                    secret_sha256: r.try_get("secret_sha256")?,
+                    site: r.try_get("site")?,
+                    node: r.try_get("node")?,
+                    created_by: r.try_get("created_by")?,
+                    created_at: r.try_get("created_at_ms")?,
+                    expires_at: r.try_get("expires_at_ms")?,
+                    uses_left: r.try_get::<i64, _>("uses_left")?.clamp(0, i64::from(u32::MAX)) as u32,
+                    revoked_at: r.try_get("revoked_at_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Every revocation, oldest first.
+    pub async fn load_revocations(&mut self) -> Result<Vec<RevocationRecord>, StoreError> {
+        let rows =
+            sqlx::query("SELECT identity, serial, reason, revoked_by, revoked_at_ms FROM revocations ORDER BY seq")
+                .fetch_all(&mut self.conn)
+                .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(RevocationRecord {
+                    identity: r.try_get("identity")?,
+                    serial: r.try_get("serial")?,
+                    reason: r.try_get("reason")?,
+                    revoked_by: r.try_get("revoked_by")?,
+                    revoked_at: r.try_get("revoked_at_ms")?,
                 })
             })
             .collect()
@@ -332,6 +380,51 @@ impl Writer {
         let seq: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM job_events").fetch_one(&mut self.conn).await?;
         Ok(seq.unwrap_or(0) as u64)
     }
+}
+
+/// Writes one identity-table write (see [`IdentityWrite`]).
+pub(super) async fn write_identity(conn: &mut SqliteConnection, w: &IdentityWrite) -> Result<(), sqlx::Error> {
+    let q = match w {
+        IdentityWrite::NewJoinToken(t) => sqlx::query(
+            "INSERT INTO join_tokens (token_id, secret_sha256, site, node, created_by, created_at_ms, expires_at_ms, \
+             uses_left, revoked_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )
+        .bind(&t.token_id)
+        .bind(&t.secret_sha256)
+        .bind(&t.site)
+        .bind(&t.node)
+        .bind(&t.created_by)
+        .bind(t.created_at)
+        .bind(t.expires_at)
+        .bind(i64::from(t.uses_left))
+        .bind(t.revoked_at),
+        IdentityWrite::JoinTokenUsed { token_id } => {
+            sqlx::query("UPDATE join_tokens SET uses_left = MAX(uses_left - 1, 0) WHERE token_id = ?1").bind(token_id)
+        }
+        IdentityWrite::RevokeJoinToken { token_id, at } => {
+            sqlx::query("UPDATE join_tokens SET revoked_at_ms = COALESCE(revoked_at_ms, ?2) WHERE token_id = ?1")
+                .bind(token_id)
+                .bind(*at)
+        }
+        IdentityWrite::Revocation(r) => sqlx::query(
+            "INSERT INTO revocations (identity, serial, reason, revoked_by, revoked_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .bind(&r.identity)
+        .bind(&r.serial)
+        .bind(&r.reason)
+        .bind(&r.revoked_by)
+        .bind(r.revoked_at),
+        IdentityWrite::AdminEvent(e) => {
+            sqlx::query("INSERT INTO admin_events (at_ms, actor, action, target, detail) VALUES (?1, ?2, ?3, ?4, ?5)")
+                .bind(e.at)
+                .bind(&e.actor)
+                .bind(&e.action)
+                .bind(&e.target)
+                .bind(&e.detail)
+        }
+    };
+    q.execute(conn).await?;
+    Ok(())
 }
 
 async fn insert_attempts(conn: &mut SqliteConnection, attempts: &[NewAttempt<'_>]) -> Result<(), StoreError> {
@@ -520,6 +613,26 @@ impl Reader {
     }
 
     /// The job's events with `seq > after`, in order.
+    /// The newest `limit` admin events, newest first.
+    pub async fn admin_events(&self, limit: u32) -> Result<Vec<AdminEventRecord>, StoreError> {
+        let rows =
+            sqlx::query("SELECT at_ms, actor, action, target, detail FROM admin_events ORDER BY seq DESC LIMIT ?1")
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AdminEventRecord {
+                    at: r.try_get("at_ms")?,
+                    actor: r.try_get("actor")?,
+                    action: r.try_get("action")?,
+                    target: r.try_get("target")?,
+                    detail: r.try_get("detail")?,
+                })
+            })
+            .collect()
+    }
+
     pub async fn events(&self, job_id: &str, after: u64) -> Result<Vec<JobEvent>, StoreError> {
         let rows = sqlx::query(
             "SELECT seq, job_id, state, attempt, agent, reason, exit_code, at_ms FROM job_events \

@@ -299,6 +299,8 @@ mod reference {
                         .execute(&mut *tx)
                         .await?;
                 }
+                // Not folded: the store writes these one by one too.
+                Write::Identity(w) => super::sqlite::write_identity(&mut tx, w).await?,
             }
         }
         tx.commit().await?;
