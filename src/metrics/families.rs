@@ -19,6 +19,8 @@ pub const NAMES: &[&str] = &[
     "hybroker_agents_connected",
     "hybroker_site_info",
     "hybroker_tls_handshake_failures_total",
+    "hybroker_tls_reload_total",
+    "hybroker_cert_expiry_timestamp_seconds",
     "hybroker_staging_bytes_total",
     "hybroker_staging_duration_seconds",
     "hybroker_gateway_requests_total",
@@ -124,6 +126,21 @@ pub static FAMILIES: &[Family] = &[
          no_client_hello, protocol_version), and sockets closed unread: too_many_unfinished (their \
          source address has too many unfinished handshakes), server_busy (too many in all).",
         &["reason"],
+    ),
+    family(
+        "hybroker_tls_reload_total",
+        Counter,
+        "Reloads of this process's certificate, key and CA bundle after a change on disk or SIGHUP: ok \
+         (new handshakes use them), error (a bad file: the previous ones stay in use).",
+        &["result"],
+    ),
+    family(
+        "hybroker_cert_expiry_timestamp_seconds",
+        Gauge,
+        "NotAfter (Unix seconds) of each certificate this process holds: its own (role broker, gateway, \
+         agent or admin, by identity URI) and the CA certificates it trusts (role ca, by subject); \
+         updated on reload and renewal.",
+        &["role", "identity"],
     ),
     family("hybroker_staging_bytes_total", Counter, "Bytes staged by ended attempts.", &["direction", "site"]),
     histogram("hybroker_staging_duration_seconds", "Stage-in and stage-out durations.", &["direction"], SLOW),

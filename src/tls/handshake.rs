@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use rustls::ServerConfig;
 use rustls::server::Acceptor;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -30,7 +30,7 @@ use super::verify::Refused;
 /// Least time between two warnings about refused sockets.
 const REFUSAL_WARN_INTERVAL: Duration = Duration::from_secs(10);
 /// The metric family of failed and refused handshakes.
-const FAILURES: &str = "hybroker_tls_handshake_failures_total";
+pub(super) const FAILURES: &str = "hybroker_tls_handshake_failures_total";
 
 /// How long a handshake may take and how many may be unfinished at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,11 +132,11 @@ fn rustls_reason(e: &rustls::Error) -> &'static str {
 }
 
 /// Runs the server side of a handshake on `tcp` within `limits`' timeouts.
-pub async fn accept_tls(
-    tcp: TcpStream,
+pub async fn accept_tls<IO: AsyncRead + AsyncWrite + Unpin>(
+    tcp: IO,
     config: Arc<ServerConfig>,
     limits: &HandshakeLimits,
-) -> Result<TlsStream<TcpStream>, HandshakeError> {
+) -> Result<TlsStream<IO>, HandshakeError> {
     let deadline = Instant::now() + limits.handshake_timeout;
     let hello = LazyConfigAcceptor::new(Acceptor::default(), tcp);
     let start = tokio::time::timeout(limits.client_hello_timeout, hello)

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -25,24 +26,43 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::handshake::{HandshakeGate, HandshakeLimits, accept_tls, log_handshake_error};
+use super::handshake::{FAILURES, HandshakeGate, HandshakeLimits, accept_tls, log_handshake_error};
+use super::live::{LiveConnections, RevocableTcp};
+use super::peer::{DenyList, PeerCert};
 
 /// Pause after an accept error such as "too many open files".
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// A TLS server's side of the accept loop: its configuration and the gate that bounds its
-/// unfinished handshakes.
+/// A TLS server's side of the accept loop: its configuration (the current one is loaded for each
+/// handshake, so a reload applies to new connections only), the gate that bounds its unfinished
+/// handshakes, and optionally the registry of live connections with the deny list that closes
+/// them ([`ServerTls::revocable`]).
 #[derive(Debug, Clone)]
 pub struct ServerTls {
-    pub config: Arc<ServerConfig>,
+    pub config: Arc<ArcSwap<ServerConfig>>,
     pub gate: Arc<HandshakeGate>,
+    pub live: Option<(Arc<LiveConnections>, Arc<dyn DenyList>)>,
+}
+
+impl ServerTls {
+    /// A configuration that never changes, without a registry.
+    pub fn fixed(config: Arc<ServerConfig>, gate: Arc<HandshakeGate>) -> Self {
+        Self { config: Arc::new(ArcSwap::new(config)), gate, live: None }
+    }
+
+    /// Registers each verified connection in `live`, and refuses (after its handshake) a peer
+    /// that `deny` refuses: the handshake's own check cannot see a revocation committed while it ran.
+    pub fn revocable(mut self, live: Arc<LiveConnections>, deny: Arc<dyn DenyList>) -> Self {
+        self.live = Some((live, deny));
+        self
+    }
 }
 
 /// An accepted connection, ready to serve: plain TCP, or TLS after a finished handshake.
 #[derive(Debug)]
 pub enum Connection {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsStream<RevocableTcp>>),
 }
 
 /// Accepts on `listener` until `stop` resolves and spawns `serve` for each admitted connection (TLS
@@ -79,7 +99,7 @@ where
         let handshake = match &tls {
             None => None,
             Some(tls) => match tls.gate.admit(peer) {
-                Some(slot) => Some((Arc::clone(&tls.config), *tls.gate.limits(), slot)),
+                Some(slot) => Some((tls.config.load_full(), *tls.gate.limits(), slot, tls.live.clone())),
                 None => continue,
             },
         };
@@ -90,11 +110,18 @@ where
         connections.spawn(async move {
             let connection = match handshake {
                 None => Connection::Plain(tcp),
-                Some((config, limits, slot)) => {
-                    let finished = accept_tls(tcp, config, &limits).await;
+                Some((config, limits, slot, live)) => {
+                    let finished = accept_tls(RevocableTcp::new(tcp), config, &limits).await;
                     drop(slot);
                     match finished {
-                        Ok(stream) => Connection::Tls(Box::new(stream)),
+                        Ok(mut stream) => {
+                            if let Some((live, deny)) = live
+                                && !admit_peer(&mut stream, &live, deny.as_ref())
+                            {
+                                return;
+                            }
+                            Connection::Tls(Box::new(stream))
+                        }
                         Err(e) => return log_handshake_error(peer, &e),
                     }
                 }
@@ -105,12 +132,27 @@ where
     connections
 }
 
+/// Registers a verified connection in `live`, unless `deny` refuses its peer (counted as `revoked`).
+fn admit_peer(stream: &mut TlsStream<RevocableTcp>, live: &Arc<LiveConnections>, deny: &dyn DenyList) -> bool {
+    let (tcp, session) = stream.get_mut();
+    let Some(peer) = session.peer_certificates().and_then(|certs| PeerCert::from_der(certs.first()?).ok()) else {
+        return true;
+    };
+    if let Some(reason) = deny.denies_peer(&peer) {
+        crate::metrics::global().inc(FAILURES, &["revoked"], 1.0);
+        tracing::warn!(peer = peer.identity_uri, serial = peer.serial_hex, reason, "refused a revoked certificate");
+        return false;
+    }
+    live.register(tcp, peer);
+    true
+}
+
 /// Serves TLS streams accepted on `listener`, for `Server::serve_with_incoming_shutdown`, with the
 /// default [`HandshakeLimits`]. Must be called inside a tokio runtime.
 pub fn tls_incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
-) -> impl Stream<Item = Result<TlsStream<TcpStream>, io::Error>> + Send + 'static {
+) -> impl Stream<Item = Result<TlsStream<RevocableTcp>, io::Error>> + Send + 'static {
     tls_incoming_with(listener, config, HandshakeGate::new(HandshakeLimits::default()))
 }
 
@@ -122,10 +164,18 @@ pub fn tls_incoming_with(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     gate: Arc<HandshakeGate>,
-) -> impl Stream<Item = Result<TlsStream<TcpStream>, io::Error>> + Send + 'static {
+) -> impl Stream<Item = Result<TlsStream<RevocableTcp>, io::Error>> + Send + 'static {
+    tls_incoming_served(listener, ServerTls::fixed(config, gate))
+}
+
+/// [`tls_incoming_with`] for a [`ServerTls`]: a reloading configuration, a registry of live
+/// connections.
+pub fn tls_incoming_served(
+    listener: TcpListener,
+    tls: ServerTls,
+) -> impl Stream<Item = Result<TlsStream<RevocableTcp>, io::Error>> + Send + 'static {
     let (tx, rx) = mpsc::channel(32);
     let receiver_gone = tx.clone();
-    let tls = ServerTls { config, gate };
     tokio::spawn(async move {
         let stop = async move { receiver_gone.closed().await };
         let pass_on = move |connection, _peer| {

@@ -21,9 +21,12 @@ mod handshake;
 mod incoming;
 #[cfg(test)]
 mod incoming_tests;
+mod live;
 mod net;
+mod peer;
 #[cfg(test)]
 mod profile_tests;
+mod reload;
 #[cfg(test)]
 mod tests;
 mod verify;
@@ -32,8 +35,11 @@ pub use explain::explain_status;
 pub use handshake::{
     HandshakeError, HandshakeGate, HandshakeLimits, HandshakeSlot, accept_tls, log_handshake_error, source_of,
 };
-pub use incoming::{Connection, ServerTls, accept_connections, tls_incoming, tls_incoming_with};
-pub use net::{connect, connect_from, connect_lazy};
+pub use incoming::{Connection, ServerTls, accept_connections, tls_incoming, tls_incoming_served, tls_incoming_with};
+pub use live::{LiveConnections, RevocableTcp};
+pub use net::{ClientTls, connect, connect_from, connect_lazy};
+pub use peer::{BACKDATE, DenyList, PeerCert, normalize_serial};
+pub use reload::{RELOAD_INTERVAL, Reloading, ReloadingClientTls, ReloadingServerTls, record_ca_expiry, record_expiry};
 pub use verify::{
     CLOCK_SKEW, KeyPurpose, PeerCertError, check_peer_cert, identity_of_cert_file, peer_identity, require_role,
     trust_domain_of_cert,
@@ -169,6 +175,17 @@ pub fn server_config(
     trust_domain: &str,
     client_roles: &[Role],
 ) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_with(paths, trust_domain, client_roles, None)
+}
+
+/// [`server_config`] whose verifier also refuses the certificates `deny` refuses (reason
+/// `revoked`).
+pub fn server_config_with(
+    paths: &TlsPaths,
+    trust_domain: &str,
+    client_roles: &[Role],
+    deny: Option<Arc<dyn DenyList>>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     validate_trust_domain(trust_domain)?;
     if client_roles.is_empty() {
         return Err(TlsError::NoClientRoles);
@@ -182,6 +199,7 @@ pub fn server_config(
         anchors: AnchorPathLimits::new(&ca_certs, provider().signature_verification_algorithms)?,
         trust_domain: trust_domain.to_string(),
         roles: client_roles.to_vec(),
+        deny,
     };
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
@@ -23,9 +24,34 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Client HTTP/2 keepalive ping interval.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 
+/// The client configuration a connector dials with: fixed, or the current one of a
+/// [`Reloading`](super::Reloading) holder (loaded for each new connection, so a reload or renewal
+/// applies to the next handshake and live connections stay).
+#[derive(Debug, Clone)]
+pub struct ClientTls(Arc<ArcSwap<ClientConfig>>);
+
+impl ClientTls {
+    /// The configuration for the next connection.
+    pub fn current(&self) -> Arc<ClientConfig> {
+        self.0.load_full()
+    }
+}
+
+impl From<Arc<ClientConfig>> for ClientTls {
+    fn from(config: Arc<ClientConfig>) -> Self {
+        Self(Arc::new(ArcSwap::new(config)))
+    }
+}
+
+impl From<Arc<ArcSwap<ClientConfig>>> for ClientTls {
+    fn from(swap: Arc<ArcSwap<ClientConfig>>) -> Self {
+        Self(swap)
+    }
+}
+
 /// Connects to `url` (`https://host:port`) with mutual TLS; `server_name` overrides the name the
 /// server certificate must carry (by default the URL host; IP addresses work).
-pub async fn connect(url: &str, config: Arc<ClientConfig>, server_name: Option<&str>) -> Result<Channel, TlsError> {
+pub async fn connect(url: &str, config: impl Into<ClientTls>, server_name: Option<&str>) -> Result<Channel, TlsError> {
     let (endpoint, connector) = endpoint(url, config, server_name)?;
     dial(url, endpoint, connector).await
 }
@@ -35,7 +61,7 @@ pub async fn connect(url: &str, config: Arc<ClientConfig>, server_name: Option<&
 /// process that holds tens of thousands of connections spreads them over several.
 pub async fn connect_from(
     url: &str,
-    config: Arc<ClientConfig>,
+    config: impl Into<ClientTls>,
     server_name: Option<&str>,
     local: IpAddr,
 ) -> Result<Channel, TlsError> {
@@ -53,7 +79,7 @@ async fn dial(url: &str, endpoint: Endpoint, connector: Dialer) -> Result<Channe
 
 /// Like [`connect`], but connects on first use (and reconnects as needed). Must be called inside
 /// a tokio runtime.
-pub fn connect_lazy(url: &str, config: Arc<ClientConfig>, server_name: Option<&str>) -> Result<Channel, TlsError> {
+pub fn connect_lazy(url: &str, config: impl Into<ClientTls>, server_name: Option<&str>) -> Result<Channel, TlsError> {
     let (endpoint, connector) = endpoint(url, config, server_name)?;
     Ok(endpoint.connect_with_connector_lazy(connector))
 }
@@ -65,7 +91,7 @@ type ClientStream = tokio_rustls::client::TlsStream<TcpStream>;
 ///
 /// tonic would insist on its own TLS settings for an `https` endpoint, so the endpoint dials
 /// `http://host:port` through our connector (which always does TLS) and its origin stays `https`.
-fn endpoint(url: &str, config: Arc<ClientConfig>, server_name: Option<&str>) -> Result<(Endpoint, Dialer), TlsError> {
+fn endpoint(url: &str, config: impl Into<ClientTls>, server_name: Option<&str>) -> Result<(Endpoint, Dialer), TlsError> {
     let bad = |reason: String| TlsError::BadUrl { url: url.to_string(), reason };
     let uri = url.parse::<Uri>().map_err(|e| bad(e.to_string()))?;
     if uri.scheme_str() != Some("https") {
@@ -88,14 +114,14 @@ fn endpoint(url: &str, config: Arc<ClientConfig>, server_name: Option<&str>) -> 
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_while_idle(true)
         .tcp_nodelay(true);
-    let dialer = Dialer { connector: TlsConnector::from(config), host: bare_host.to_string(), port, name, local: None };
+    let dialer = Dialer { tls: config.into(), host: bare_host.to_string(), port, name, local: None };
     Ok((endpoint, dialer))
 }
 
 /// The connector service: TCP connect (no Nagle), then the rustls handshake.
 #[derive(Clone)]
 struct Dialer {
-    connector: TlsConnector,
+    tls: ClientTls,
     host: String,
     port: u16,
     name: ServerName<'static>,
@@ -133,7 +159,7 @@ impl tower::Service<Uri> for Dialer {
         Box::pin(async move {
             let tcp = this.tcp().await?;
             tcp.set_nodelay(true)?;
-            let tls = this.connector.connect(this.name, tcp).await?;
+            let tls = TlsConnector::from(this.tls.current()).connect(this.name, tcp).await?;
             Ok(TokioIo::new(tls))
         })
     }

@@ -24,6 +24,7 @@ use tonic::{Request, Status};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 
+use super::peer::{DenyList, PeerCert};
 use super::{TlsError, load_certs};
 use crate::model::identity::{Identity, IdentityError, Role};
 
@@ -293,6 +294,8 @@ pub(super) struct ClientIdentityVerifier {
     pub(super) anchors: AnchorPathLimits,
     pub(super) trust_domain: String,
     pub(super) roles: Vec<Role>,
+    /// Revoked identities and serials, refused as `CertificateError::Revoked`.
+    pub(super) deny: Option<Arc<dyn DenyList>>,
 }
 
 impl ClientCertVerifier for ClientIdentityVerifier {
@@ -317,6 +320,13 @@ impl ClientCertVerifier for ClientIdentityVerifier {
             .map_err(|e| refuse("client", end_entity, e))?;
         check_peer_cert(end_entity, &self.trust_domain, &self.roles, KeyPurpose::ClientAuth)
             .map_err(|e| refuse("client", end_entity, e))?;
+        if let Some(deny) = &self.deny {
+            let peer = PeerCert::from_der(end_entity).map_err(|e| refuse("client", end_entity, e))?;
+            if let Some(reason) = deny.denies_peer(&peer) {
+                log_refusal("client", end_entity, &format_args!("revoked: {reason}"));
+                return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+            }
+        }
         Ok(verified)
     }
 
