@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::core::Cmd;
 use super::keys::{KeyRing, KeyView};
+use super::revocations::RevocationAdmin;
 use crate::config::TenantConfig;
 use crate::model::identity::Role;
 use crate::proto;
@@ -17,11 +18,22 @@ pub struct AdminService {
     core: mpsc::Sender<Cmd>,
     keys: Arc<KeyRing>,
     tenants: Arc<HashMap<String, TenantConfig>>,
+    revocation: Option<Arc<RevocationAdmin>>,
 }
 
 impl AdminService {
     pub fn new(core: mpsc::Sender<Cmd>, keys: Arc<KeyRing>, tenants: Arc<HashMap<String, TenantConfig>>) -> Self {
-        Self { core, keys, tenants }
+        Self { core, keys, tenants, revocation: None }
+    }
+
+    /// Serves `RevokeCertificates` and `ListRevocations` through `revocation`.
+    pub fn with_revocation(mut self, revocation: Arc<RevocationAdmin>) -> Self {
+        self.revocation = Some(revocation);
+        self
+    }
+
+    fn revocation(&self) -> Result<&RevocationAdmin, Status> {
+        self.revocation.as_deref().ok_or_else(|| Status::unimplemented("revocation is not enabled on this broker"))
     }
 }
 
@@ -104,8 +116,8 @@ impl proto::admin_service_server::AdminService for AdminService {
         &self,
         req: Request<proto::RevokeCertificatesRequest>,
     ) -> Result<Response<proto::RevocationInfo>, Status> {
-        tls::require_role(&req, &[Role::Admin])?;
-        Err(Status::unimplemented("revoke_certificates is not built yet"))
+        let actor = tls::require_role(&req, &[Role::Admin])?.uri();
+        Ok(Response::new(self.revocation()?.revoke(&actor, req.into_inner()).await?))
     }
 
     async fn list_revocations(
@@ -113,7 +125,7 @@ impl proto::admin_service_server::AdminService for AdminService {
         req: Request<proto::ListRevocationsRequest>,
     ) -> Result<Response<proto::ListRevocationsResponse>, Status> {
         tls::require_role(&req, &[Role::Admin])?;
-        Err(Status::unimplemented("list_revocations is not built yet"))
+        Ok(Response::new(self.revocation()?.list()))
     }
 
     async fn remove_agent(

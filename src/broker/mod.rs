@@ -9,6 +9,7 @@ pub mod data;
 pub mod jobs;
 pub mod keys;
 pub mod placer;
+pub mod revocations;
 pub mod secrets;
 mod staging;
 mod tail;
@@ -43,8 +44,10 @@ pub async fn run(
     tls::install_crypto_provider();
     crate::private_files::narrow_logged(&config.tls.key).context("broker private key")?;
     let trust_domain = tls::trust_domain_of_cert(&config.tls.cert).context("broker certificate")?;
-    let server_tls = tls::server_config(&config.tls, &trust_domain, &[Role::Agent, Role::Gateway, Role::Admin])?;
-    let (writer, reader) = store::open(&config.store.path).await?;
+    let (mut writer, reader) = store::open(&config.store.path).await?;
+    let revoked = revocations::Revocations::new(writer.load_revocations().await?);
+    let live = tls::LiveConnections::new();
+    let server_tls = broker_tls(&config, &trust_domain, &revoked, &live)?;
     let secrets = Arc::new(secrets::SecretKeys::load_or_create(&config.secrets_key_file())?);
     let (events, _) = broadcast::channel(EVENT_BUFFER);
     let mut tenants: HashMap<String, TenantConfig> =
@@ -87,11 +90,17 @@ pub async fn run(
         prices: (prices.clone(), config.placement.price_max_age.0, Arc::new(config.sites.clone())),
     };
     let job_service = jobs::JobService::new(core_tx.clone(), reader, events, parts);
-    let admin_service = admin::AdminService::new(core_tx.clone(), keys, tenants);
+    let revocation = Arc::new(revocations::RevocationAdmin {
+        core: core_tx.clone(),
+        list: revoked,
+        live,
+        trust_domain: trust_domain.clone(),
+        own: tls::PeerCert::from_pem_file(&config.tls.cert).context("broker certificate")?,
+    });
+    let admin_service = admin::AdminService::new(core_tx.clone(), keys, tenants).with_revocation(revocation);
     let agent_service = agents::AgentService::new(core_tx, data, dedicated);
     let addr = listener.local_addr()?;
     tracing::info!(%addr, trust_domain, "broker listening");
-    let handshakes = tls::HandshakeGate::new(config.broker.handshake_limits());
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -100,7 +109,7 @@ pub async fn run(
         .add_service(JobServiceServer::new(job_service).max_decoding_message_size(8 << 20))
         .add_service(AgentServiceServer::new(agent_service))
         .add_service(AdminServiceServer::new(admin_service))
-        .serve_with_incoming_shutdown(tls::tls_incoming_with(listener, server_tls, handshakes), shutdown);
+        .serve_with_incoming_shutdown(tls::tls_incoming_served(listener, server_tls), shutdown);
     tokio::select! {
         served = server => served.context("broker server")?,
         stopped = &mut core_task => {
@@ -108,6 +117,29 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+/// The broker's TLS: reloaded when its files change or on SIGHUP, refusing revoked certificates
+/// at the handshake and after it, its live connections registered so that a revocation closes them.
+fn broker_tls(
+    config: &BrokerConfig,
+    trust_domain: &str,
+    revoked: &Arc<revocations::Revocations>,
+    live: &Arc<tls::LiveConnections>,
+) -> anyhow::Result<tls::ServerTls> {
+    let deny: Arc<dyn tls::DenyList> = revoked.clone();
+    let (td, check) = (trust_domain.to_string(), deny.clone());
+    let build = move |paths: &tls::TlsPaths| {
+        tls::server_config_with(paths, &td, &[Role::Agent, Role::Gateway, Role::Admin], Some(check.clone()))
+    };
+    let reloading = tls::ReloadingServerTls::new("broker", &config.tls, build).context("broker tls")?;
+    // Runs as long as the runtime: the broker's runtime ends with the process.
+    drop(reloading.watch(tls::RELOAD_INTERVAL));
+    Ok(tls::ServerTls {
+        config: reloading.swap(),
+        gate: tls::HandshakeGate::new(config.broker.handshake_limits()),
+        live: Some((live.clone(), deny)),
+    })
 }
 
 /// The price book when sites are configured (offline snapshot, persisted last prices, live feeds

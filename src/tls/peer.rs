@@ -41,6 +41,12 @@ pub struct PeerCert {
 }
 
 impl PeerCert {
+    /// The facts of the first (leaf) certificate of a PEM file, e.g. our own.
+    pub fn from_pem_file(path: &std::path::Path) -> Result<Self, super::TlsError> {
+        let certs = super::load_certs("certificate", path)?;
+        Self::from_der(&certs[0]).map_err(|source| super::TlsError::CertIdentity { path: path.to_path_buf(), source })
+    }
+
     /// Reads the facts of a DER certificate.
     pub fn from_der(der: &[u8]) -> Result<Self, PeerCertError> {
         let cert = parse_cert(der)?;

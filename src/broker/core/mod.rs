@@ -19,6 +19,7 @@ mod jobs;
 mod messages;
 mod metrics;
 mod place;
+mod revocations;
 mod trace;
 
 #[cfg(test)]
@@ -36,6 +37,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use driver::Driver;
 pub use fleet::{AgentEntry, AgentView, Alloc};
 pub use messages::{AgentMessage, AssignedInput, Assignment, StopAttempt};
+pub use revocations::Revoke;
 
 use super::keys::{self, KeyRing, KeyView};
 use super::placer::Placer;
@@ -164,6 +166,8 @@ pub enum Cmd {
         key_id: String,
         reply: Reply<KeyView>,
     },
+    /// A certificate revocation (by identity or serial); an agent's stream ends, its attempts are lost.
+    Revoke(Revoke),
 }
 
 /// A submit as the core takes it.
@@ -500,6 +504,7 @@ impl Core {
             Cmd::Agents { reply } => {
                 let _ = reply.send(self.agents.values().map(|e| e.view(self.now.at)).collect());
             }
+            Cmd::Revoke(revoke) => self.revoke(revoke, out),
         }
     }
 
