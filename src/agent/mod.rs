@@ -68,6 +68,8 @@ struct Agent {
     events: mpsc::Sender<AttemptEvent>,
     staging: attempt::Staging,
     sandbox: Arc<sandbox::Sandbox>,
+    /// The client TLS from the certificate files: `reload_now()` after writing new ones.
+    tls: Arc<tls::ReloadingClientTls>,
 }
 
 /// Runs the agent until `shutdown` resolves. Attempts still running then are stopped.
@@ -81,7 +83,12 @@ pub async fn run(mut config: AgentConfig, shutdown: impl Future<Output = ()> + S
             identity.role
         );
     }
-    let client_tls = tls::client_config(&config.tls, &identity.trust_domain, Role::Broker)?;
+    let trust_domain = identity.trust_domain.clone();
+    let reloading = tls::ReloadingClientTls::new("agent", &config.tls, move |paths| {
+        tls::client_config(paths, &trust_domain, Role::Broker)
+    })?;
+    let _reloader = AbortOnDrop(reloading.watch(tls::RELOAD_INTERVAL));
+    let client_tls = ClientTls::from(reloading.swap());
     let probe = Arc::new(GpuProbe::new(config.simulated_gpus(), &identity.name));
     let scraped = probe.clone();
     let refresh: crate::metrics::Refresh = Arc::new(move |registry| gpu_gauges(registry, &scraped.gpus()));
@@ -135,8 +142,10 @@ pub async fn run(mut config: AgentConfig, shutdown: impl Future<Output = ()> + S
         )),
         limits: Arc::new(staging_limits(&config.staging)),
     };
-    let mut agent = Agent { config, identity, probe, attempts: HashMap::new(), events, staging, sandbox };
-    tracing::info!(agent = agent.identity.agent_id(), gpus = agent.probe.gpus().len(), "agent starting");
+    let mut agent =
+        Agent { config, identity, probe, attempts: HashMap::new(), events, staging, sandbox, tls: reloading };
+    let cert = agent.tls.paths().cert.display().to_string();
+    tracing::info!(agent = agent.identity.agent_id(), gpus = agent.probe.gpus().len(), cert, "agent starting");
     session::run_sessions(&mut agent, client_tls, &mut event_rx, shutdown).await;
     for attempt in agent.attempts.values() {
         let _ = attempt.cancel.send(true);
@@ -388,5 +397,14 @@ fn broker_target(config: &AgentConfig) -> (String, Option<String>) {
     (config.agent.broker_url.clone(), config.agent.broker_server_name.clone())
 }
 
-/// Shared by the session loop for its TLS configuration.
-type ClientTls = Arc<rustls::ClientConfig>;
+/// Shared by the session loop for its TLS configuration (the current one for each connection).
+type ClientTls = tls::ClientTls;
+
+/// Stops a background task when the agent stops.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

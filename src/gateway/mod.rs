@@ -155,8 +155,15 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     tls::install_crypto_provider();
     let trust_domain = tls::trust_domain_of_cert(&config.tls.cert).context("gateway certificate")?;
-    let client_tls = tls::client_config(&config.tls, &trust_domain, Role::Broker).context("gateway tls")?;
-    let broker = tls::connect_lazy(&config.broker.url, client_tls, config.broker.server_name.as_deref())?;
+    let td = trust_domain.clone();
+    let client_tls = tls::ReloadingClientTls::new("gateway", &config.tls, move |paths| {
+        tls::client_config(paths, &td, Role::Broker)
+    })
+    .context("gateway tls")?;
+    // The broker connection is dialled with the current files: a reload applies to the next
+    // connection; the live one stays.
+    let reloader = client_tls.watch(tls::RELOAD_INTERVAL);
+    let broker = tls::connect_lazy(&config.broker.url, client_tls.swap(), config.broker.server_name.as_deref())?;
     let public_tls = match (&config.gateway.public_cert, &config.gateway.public_key) {
         (Some(cert), Some(key)) => Some(serve::public_tls(cert, key)?),
         _ => None,
@@ -176,5 +183,6 @@ pub async fn run(
         let _ = stopping_tx.send(true);
     };
     serve::serve(listener, public_tls, app, shutdown).await;
+    reloader.abort();
     Ok(())
 }
