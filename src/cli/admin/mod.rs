@@ -8,6 +8,7 @@
 //! `--output table|json` (JSON in the HTTP API's shapes where it has one), and the exit statuses and
 //! `error:`/`hint:` lines of [`super::report`].
 
+mod certs;
 mod connection;
 mod keys;
 
@@ -67,12 +68,35 @@ enum AdminCommand {
     Cancel { id: String },
     /// Print the output tail the broker keeps for the job's latest attempt.
     Logs { id: String },
-    /// Show connected agents and their GPUs.
-    Agents,
+    /// Show connected agents and their GPUs (`agents revoke SITE/NODE`: revoke an agent).
+    Agents {
+        #[command(subcommand)]
+        command: Option<AgentsCommand>,
+    },
+    /// Certificates: revoke (by identity or serial), list revocations.
+    Certs {
+        #[command(subcommand)]
+        command: certs::CertsCommand,
+    },
     /// Stop giving an agent new work; its running jobs finish (kept across broker restarts).
     Drain {
         #[arg(value_name = "SITE/NODE")]
         id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentsCommand {
+    /// Show connected agents and their GPUs (the same as `agents` alone).
+    List,
+    /// Revoke an agent's certificates: its stream is closed at once, its running attempts are
+    /// re-queued, and it cannot connect again until it enrols with a new join token.
+    Revoke {
+        #[arg(value_name = "SITE/NODE")]
+        id: String,
+        /// Why (kept with the revocation and in the audit trail).
+        #[arg(long, default_value = "")]
+        reason: String,
     },
 }
 
@@ -93,9 +117,14 @@ pub async fn run(args: AdminArgs) -> i32 {
 }
 
 async fn admin(args: AdminArgs) -> anyhow::Result<i32> {
-    let mut client = JobServiceClient::new(args.broker.channel().await?);
+    let channel = args.broker.channel().await?;
+    let mut client = JobServiceClient::new(channel.clone());
     let out = args.broker.output;
     match args.command {
+        AdminCommand::Agents { command: Some(AgentsCommand::Revoke { id, reason }) } => {
+            certs::revoke(channel, out, id, String::new(), reason).await?;
+        }
+        AdminCommand::Certs { command } => certs::certs(channel, out, command).await?,
         AdminCommand::Submit { file, wait, tenant, idempotency_key } => {
             let spec = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let format =
@@ -152,7 +181,7 @@ async fn admin(args: AdminArgs) -> anyhow::Result<i32> {
                 }
             }
         }
-        AdminCommand::Agents => {
+        AdminCommand::Agents { command: None | Some(AgentsCommand::List) } => {
             let agents = client.list_agents(proto::ListAgentsRequest {}).await.map_err(status_error)?;
             let agents =
                 api::AgentList { agents: agents.into_inner().agents.into_iter().map(api::Agent::from).collect() };
