@@ -156,10 +156,9 @@ pub async fn run(
     tls::install_crypto_provider();
     let trust_domain = tls::trust_domain_of_cert(&config.tls.cert).context("gateway certificate")?;
     let td = trust_domain.clone();
-    let client_tls = tls::ReloadingClientTls::new("gateway", &config.tls, move |paths| {
-        tls::client_config(paths, &td, Role::Broker)
-    })
-    .context("gateway tls")?;
+    let client_tls =
+        tls::ReloadingClientTls::new("gateway", &config.tls, move |paths| tls::client_config(paths, &td, Role::Broker))
+            .context("gateway tls")?;
     // The broker connection is dialled with the current files: a reload applies to the next
     // connection; the live one stays.
     let reloader = client_tls.watch(tls::RELOAD_INTERVAL);

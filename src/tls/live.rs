@@ -45,7 +45,12 @@ impl LiveConnections {
         let mut closed = 0;
         self.lock().retain(|_, (peer, switch)| match deny.denies_peer(peer) {
             Some(reason) => {
-                tracing::info!(peer = peer.identity_uri, serial = peer.serial_hex, reason, "closing a revoked connection");
+                tracing::info!(
+                    peer = peer.identity_uri,
+                    serial = peer.serial_hex,
+                    reason,
+                    "closing a revoked connection"
+                );
                 switch.trip();
                 closed += 1;
                 false

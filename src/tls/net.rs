@@ -91,7 +91,11 @@ type ClientStream = tokio_rustls::client::TlsStream<TcpStream>;
 ///
 /// tonic would insist on its own TLS settings for an `https` endpoint, so the endpoint dials
 /// `http://host:port` through our connector (which always does TLS) and its origin stays `https`.
-fn endpoint(url: &str, config: impl Into<ClientTls>, server_name: Option<&str>) -> Result<(Endpoint, Dialer), TlsError> {
+fn endpoint(
+    url: &str,
+    config: impl Into<ClientTls>,
+    server_name: Option<&str>,
+) -> Result<(Endpoint, Dialer), TlsError> {
     let bad = |reason: String| TlsError::BadUrl { url: url.to_string(), reason };
     let uri = url.parse::<Uri>().map_err(|e| bad(e.to_string()))?;
     if uri.scheme_str() != Some("https") {

@@ -123,14 +123,15 @@ impl<C: Send + Sync + 'static> Reloading<C> {
     /// or dropped with the runtime. Must be called inside a tokio runtime.
     pub fn watch(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
         let this = Arc::clone(self);
+        // Listening before returning: a SIGHUP from now on reloads rather than ends the process.
+        let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(signals) => Some(signals),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; tls files are still checked for changes");
+                None
+            }
+        };
         tokio::spawn(async move {
-            let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-                Ok(signals) => Some(signals),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for SIGHUP; tls files are still checked for changes");
-                    None
-                }
-            };
             let mut ticks = tokio::time::interval(interval);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {

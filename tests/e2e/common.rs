@@ -136,6 +136,11 @@ impl Cluster {
         }
     }
 
+    /// The broker process's pid.
+    pub fn broker_pid(&self) -> i32 {
+        self.broker.as_ref().map(|c| c.id() as i32).expect("broker started")
+    }
+
     /// `kill -9` the broker.
     pub fn kill_broker(&mut self) {
         if let Some(mut child) = self.broker.take() {
@@ -394,6 +399,26 @@ impl Cluster {
         let admin = self.issue(Role::Admin, "tenants-admin", None);
         let out = Command::new(BIN)
             .arg("tenants")
+            .args(["--broker", &format!("https://{}", self.addr)])
+            .args([
+                "--ca-cert",
+                path_str(&admin.ca_cert),
+                "--cert",
+                path_str(&admin.cert),
+                "--key",
+                path_str(&admin.key),
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    }
+
+    /// Runs `hybroker admin ARGS` with an admin certificate; returns (success, stdout, stderr).
+    pub fn admin_command(&self, args: &[&str]) -> (bool, String, String) {
+        let admin = self.issue(Role::Admin, "cli-admin", None);
+        let out = Command::new(BIN)
+            .arg("admin")
             .args(["--broker", &format!("https://{}", self.addr)])
             .args([
                 "--ca-cert",

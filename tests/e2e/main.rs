@@ -18,6 +18,8 @@ mod metrics;
 mod operator_cli;
 mod placement;
 mod product;
+mod reload;
+mod revocation;
 mod sandbox;
 mod secrets;
 mod stores;

@@ -21,7 +21,8 @@ impl Core {
     pub(super) fn revoke(&mut self, revoke: Revoke, out: &mut Effects) {
         let Revoke { mut record, agent, reply } = revoke;
         record.revoked_at = self.now.ms;
-        let target = if record.identity.is_empty() { format!("serial {}", record.serial) } else { record.identity.clone() };
+        let target =
+            if record.identity.is_empty() { format!("serial {}", record.serial) } else { record.identity.clone() };
         tracing::info!(actor = record.revoked_by, target, reason = record.reason, "certificate revoked");
         out.batch.push(Write::Identity(IdentityWrite::Revocation(record.clone())));
         out.batch.push(Write::Identity(IdentityWrite::AdminEvent(AdminEventRecord {

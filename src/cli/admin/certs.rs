@@ -122,10 +122,8 @@ pub(super) async fn revoke(
 }
 
 fn revocations_table(rows: &[RevocationRow]) -> String {
-    let rows: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| vec![r.target(), r.revoked_at.clone(), r.revoked_by.clone(), r.reason.clone()])
-        .collect();
+    let rows: Vec<Vec<String>> =
+        rows.iter().map(|r| vec![r.target(), r.revoked_at.clone(), r.revoked_by.clone(), r.reason.clone()]).collect();
     table(&["REVOKED", "AT", "BY", "REASON"], &rows)
 }
 
