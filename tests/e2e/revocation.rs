@@ -51,7 +51,7 @@ const FIRST_ATTEMPT_HANGS: &str =
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_agent_is_cut_off_its_attempt_runs_elsewhere_and_it_cannot_reconnect() {
     // A lease far longer than the deadline: only the revocation can re-queue the attempt in time.
-    let cluster = Cluster::start_with(Duration::from_secs(300), &[("node-a", ""), ("node-b", "")], |dir| Setup {
+    let cluster = Cluster::start_with(Duration::from_secs(180), &[("node-a", ""), ("node-b", "")], |dir| Setup {
         broker_extra: Some(with_metrics(&dir.join("broker-metrics.addr"))),
         ..Setup::default()
     })
