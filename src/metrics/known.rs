@@ -50,3 +50,12 @@ pub fn declare_agent_series(registry: &Registry) {
         registry.declare("hybroker_agent_staging_bytes_total", &[direction]);
     }
 }
+
+/// The TLS reload outcomes of a service that reloads its certificate files (broker, gateway,
+/// agent), at 0 until the first reload: an alert on `increase(...{result="error"})` then sees a
+/// series from the start.
+pub fn declare_tls_series(registry: &Registry) {
+    for result in ["ok", "error"] {
+        registry.declare("hybroker_tls_reload_total", &[result]);
+    }
+}

@@ -25,7 +25,7 @@ use anyhow::Context;
 use serde::Deserialize;
 
 pub use families::{FAMILIES, Family, Kind, NAMES};
-pub use known::{declare_agent_series, declare_broker_series};
+pub use known::{declare_agent_series, declare_broker_series, declare_tls_series};
 pub use registry::{Handle, Registry, escape, global};
 
 /// The content type of the text exposition format.

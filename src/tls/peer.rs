@@ -6,8 +6,6 @@ use std::time::Duration;
 
 use crate::model::UnixMillis;
 
-use super::verify::{PeerCertError, identity_of, parse_cert};
-
 /// How far a certificate's NotBefore lies before the moment it was issued (clock-skew allowance of
 /// the issuer). The time of issue is NotBefore + `BACKDATE`.
 ///
@@ -27,7 +25,8 @@ pub trait DenyList: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// The facts of a certificate that revocation and the expiry metric look at.
+/// The facts of a certificate that revocation and the expiry metric look at (read by
+/// `PeerCert::from_der`, beside the other certificate parsing in `verify`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerCert {
     /// The single URI SAN.
@@ -38,28 +37,6 @@ pub struct PeerCert {
     pub issued_at: UnixMillis,
     /// NotAfter.
     pub not_after: UnixMillis,
-}
-
-impl PeerCert {
-    /// The facts of the first (leaf) certificate of a PEM file, e.g. our own.
-    pub fn from_pem_file(path: &std::path::Path) -> Result<Self, super::TlsError> {
-        let certs = super::load_certs("certificate", path)?;
-        Self::from_der(&certs[0]).map_err(|source| super::TlsError::CertIdentity { path: path.to_path_buf(), source })
-    }
-
-    /// Reads the facts of a DER certificate.
-    pub fn from_der(der: &[u8]) -> Result<Self, PeerCertError> {
-        let cert = parse_cert(der)?;
-        let identity = identity_of(&cert)?;
-        let serial: String = cert.raw_serial().iter().map(|b| format!("{b:02x}")).collect();
-        let validity = cert.validity();
-        Ok(PeerCert {
-            identity_uri: identity.uri(),
-            serial_hex: normalize_serial(&serial).unwrap_or_default(),
-            issued_at: validity.not_before.timestamp() * 1000 + BACKDATE.as_millis() as i64,
-            not_after: validity.not_after.timestamp() * 1000,
-        })
-    }
 }
 
 /// A serial as the deny list keys it: lower-case hex, colons and spaces dropped, no leading

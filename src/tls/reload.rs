@@ -62,6 +62,7 @@ impl<C: Send + Sync + 'static> Reloading<C> {
     ) -> Result<Arc<Self>, TlsError> {
         let seen = fingerprint(paths);
         let config = build(paths)?;
+        crate::metrics::declare_tls_series(crate::metrics::global());
         record_expiry(role, paths);
         Ok(Arc::new(Reloading {
             role,

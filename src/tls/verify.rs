@@ -24,7 +24,7 @@ use tonic::{Request, Status};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 
-use super::peer::{DenyList, PeerCert};
+use super::peer::{BACKDATE, DenyList, PeerCert, normalize_serial};
 use super::{TlsError, load_certs};
 use crate::model::identity::{Identity, IdentityError, Role};
 
@@ -440,6 +440,28 @@ impl std::fmt::Display for Refused {
 impl StdError for Refused {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
         Some(&self.0)
+    }
+}
+
+impl PeerCert {
+    /// The facts of the first (leaf) certificate of a PEM file, e.g. our own.
+    pub fn from_pem_file(path: &Path) -> Result<Self, TlsError> {
+        let certs = load_certs("certificate", path)?;
+        Self::from_der(&certs[0]).map_err(|source| TlsError::CertIdentity { path: path.to_path_buf(), source })
+    }
+
+    /// Reads the facts of a DER certificate.
+    pub fn from_der(der: &[u8]) -> Result<Self, PeerCertError> {
+        let cert = parse_cert(der)?;
+        let identity = identity_of(&cert)?;
+        let serial: String = cert.raw_serial().iter().map(|b| format!("{b:02x}")).collect();
+        let validity = cert.validity();
+        Ok(PeerCert {
+            identity_uri: identity.uri(),
+            serial_hex: normalize_serial(&serial).unwrap_or_default(),
+            issued_at: validity.not_before.timestamp() * 1000 + BACKDATE.as_millis() as i64,
+            not_after: validity.not_after.timestamp() * 1000,
+        })
     }
 }
 
