@@ -133,17 +133,18 @@ where
 }
 
 /// Registers a verified connection in `live`, unless `deny` refuses its peer (counted as `revoked`).
+/// Registered first, checked second: a revocation that lands in between closes it either way.
 fn admit_peer(stream: &mut TlsStream<RevocableTcp>, live: &Arc<LiveConnections>, deny: &dyn DenyList) -> bool {
     let (tcp, session) = stream.get_mut();
     let Some(peer) = session.peer_certificates().and_then(|certs| PeerCert::from_der(certs.first()?).ok()) else {
         return true;
     };
+    live.register(tcp, peer.clone());
     if let Some(reason) = deny.denies_peer(&peer) {
         crate::metrics::global().inc(FAILURES, &["revoked"], 1.0);
         tracing::warn!(peer = peer.identity_uri, serial = peer.serial_hex, reason, "refused a revoked certificate");
         return false;
     }
-    live.register(tcp, peer);
     true
 }
 

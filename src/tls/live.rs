@@ -180,3 +180,51 @@ impl AsyncWrite for RevocableTcp {
         Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::AsyncReadExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::model::UnixMillis;
+
+    #[derive(Debug)]
+    struct DenyUri(&'static str);
+
+    impl DenyList for DenyUri {
+        fn denies(&self, identity_uri: &str, _serial: &str, _issued_at: UnixMillis) -> Option<String> {
+            (identity_uri == self.0).then(|| "test".to_string())
+        }
+    }
+
+    fn peer(uri: &str) -> PeerCert {
+        PeerCert { identity_uri: uri.into(), serial_hex: "1".into(), issued_at: 0, not_after: 0 }
+    }
+
+    /// A connected pair: the server side wrapped and registered as `uri`, and the client side.
+    async fn registered(live: &Arc<LiveConnections>, uri: &str) -> (RevocableTcp, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let mut server = RevocableTcp::new(listener.accept().await.unwrap().0);
+        live.register(&mut server, peer(uri));
+        (server, client)
+    }
+
+    #[tokio::test]
+    async fn a_denied_connection_fails_its_pending_read_and_others_stay() {
+        let live = LiveConnections::new();
+        let (mut revoked, _c1) = registered(&live, "spiffe://td/agent/s/a").await;
+        let (kept, _c2) = registered(&live, "spiffe://td/agent/s/b").await;
+        let pending = tokio::spawn(async move { revoked.read(&mut [0u8; 8]).await });
+        tokio::task::yield_now().await;
+        assert_eq!(live.close_denied(&DenyUri("spiffe://td/agent/s/a")), 1);
+        let read = tokio::time::timeout(Duration::from_secs(10), pending).await.expect("woken").unwrap();
+        assert_eq!(read.unwrap_err().kind(), io::ErrorKind::ConnectionAborted);
+        assert_eq!(live.len(), 1, "the other connection stays registered");
+        drop(kept);
+        assert!(live.is_empty(), "a dropped connection unregisters itself");
+    }
+}
