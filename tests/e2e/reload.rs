@@ -167,3 +167,44 @@ async fn a_ca_bundle_with_two_roots_accepts_leaves_of_both() {
     .await;
     assert!(works(&cluster, &old_admin).await, "leaves of the old root still work");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_dials_with_its_replaced_certificate_once_the_old_one_is_revoked() {
+    let cluster = Cluster::start(Duration::from_secs(5), &[]).await;
+    let metrics_file = cluster.path("gateway-metrics.addr");
+    let extra = format!("[metrics]\nlisten = \"127.0.0.1:0\"\naddr_file = \"{}\"\n", metrics_file.display());
+    let gateway = cluster.start_gateway_with("gateway", false, &extra);
+    crate::gateway::wait_ready(&gateway).await;
+    let metrics = eventually("the gateway's metrics address", || {
+        let file = metrics_file.clone();
+        async move { std::fs::read_to_string(file).ok()?.trim().parse::<SocketAddr>().ok() }
+    })
+    .await;
+    let acme = crate::gateway::Api::new(&gateway, &cluster.tenant_key("acme"));
+    acme.submit_ok(&crate::gateway::spec("before", "true")).await;
+    let old = PeerCert::from_pem_file(&cluster.path("pki/gateway.pem")).unwrap();
+
+    // Replaced on disk: the gateway reloads it (its expiry metric follows) and keeps its connection.
+    let replaced = PeerCert::from_pem_file(&cluster.issue(Role::Gateway, "gateway", None).cert).unwrap();
+    let expiry = format!(
+        "hybroker_cert_expiry_timestamp_seconds{{role=\"gateway\",identity=\"spiffe://{TRUST_DOMAIN}/gateway/gateway\"}}"
+    );
+    let want = (replaced.not_after / 1000) as f64;
+    eventually("the gateway reloaded its certificate", || {
+        let expiry = expiry.clone();
+        async move { (metric(metrics, &expiry).await == Some(want)).then_some(()) }
+    })
+    .await;
+
+    // Revoking the old certificate closes the gateway's connection; it dials again with the new one.
+    let (ok, stdout, stderr) = cluster.admin_command(&["certs", "revoke", "--serial", &old.serial_hex]);
+    assert!(ok && stdout.contains("1 live connection(s) closed"), "{stdout}{stderr}");
+    eventually("a submit through the gateway's new connection", || {
+        let acme = acme.clone();
+        async move {
+            let (status, _, _) = acme.submit(&crate::gateway::spec("after", "true"), None).await;
+            (status == reqwest::StatusCode::CREATED).then_some(())
+        }
+    })
+    .await;
+}
