@@ -208,3 +208,33 @@ async fn a_gateway_dials_with_its_replaced_certificate_once_the_old_one_is_revok
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_reconnects_with_its_replaced_certificate_once_the_old_one_is_revoked() {
+    let cluster = Cluster::start(Duration::from_secs(5), &[("node-a", "")]).await;
+    let mut admin = cluster.admin().await;
+    let connected = |admin: &JobServiceClient<tonic::transport::Channel>| {
+        let mut admin = admin.clone();
+        async move {
+            let agents = admin.list_agents(proto::ListAgentsRequest {}).await.ok()?.into_inner().agents;
+            agents.iter().any(|a| a.id == "lab/node-a" && a.connected).then_some(())
+        }
+    };
+    eventually("the agent registered", || connected(&admin)).await;
+    let old = PeerCert::from_pem_file(&cluster.path("pki/node-a.pem")).unwrap();
+    cluster.issue(Role::Agent, "node-a", Some("lab"));
+    eventually("the agent reloaded its certificate", || async {
+        cluster.agent_log("node-a").contains("tls certificate, key and ca bundle reloaded").then_some(())
+    })
+    .await;
+
+    let (ok, stdout, stderr) = cluster.admin_command(&["certs", "revoke", "--serial", &old.serial_hex]);
+    assert!(ok && stdout.contains("1 live connection(s) closed"), "{stdout}{stderr}");
+    eventually("the agent registered again with its new certificate", || async {
+        (cluster.agent_log("node-a").matches("registered with the broker").count() == 2).then_some(())
+    })
+    .await;
+    eventually("the agent connected", || connected(&admin)).await;
+    let id = submit(&mut admin, "name: after-renewal\ncommand: [sh, -c, 'echo ok']\n").await;
+    wait_job(&admin, &id, "a job on the agent", |j| j.state == "succeeded").await;
+}
