@@ -15,6 +15,14 @@
 //! [`accept_connections`].
 //! A client whose certificate the server refuses fails at its first call with an opaque status:
 //! [`explain_status`] turns that into a message a person can act on.
+//!
+//! Revocation: a server built with [`server_config_with`] refuses what its [`DenyList`] refuses at
+//! the handshake (`CertificateError::Revoked`, reason `revoked`); with [`ServerTls::revocable`] it
+//! checks again after the handshake and registers each connection in [`LiveConnections`], so that
+//! [`LiveConnections::close_denied`] closes those of a newly revoked certificate at once.
+//! Reload: a [`Reloading`] holder owns the configuration built from a set of files and rebuilds it
+//! when they change or on SIGHUP; servers ([`ServerTls`]) and connectors ([`ClientTls`]) load the
+//! current one per connection, and it exports `hybroker_cert_expiry_timestamp_seconds`.
 
 mod explain;
 mod handshake;
