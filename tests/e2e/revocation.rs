@@ -74,8 +74,10 @@ async fn a_revoked_agent_is_cut_off_its_attempt_runs_elsewhere_and_it_cannot_rec
     let job = wait_job(&admin, &id, "first attempt running", |j| j.state == "running").await;
     let victim = job.agent.clone();
 
+    let started = std::time::Instant::now();
     let (ok, stdout, stderr) =
         cluster.admin_command(&["--output", "json", "agents", "revoke", &victim, "--reason", "stolen laptop"]);
+    let answered = started.elapsed();
     assert!(ok, "agents revoke failed: {stdout}{stderr}");
     let revoked = json(&stdout);
     assert_eq!(revoked["identity"], format!("spiffe://{TRUST_DOMAIN}/agent/{victim}"), "{revoked}");
@@ -83,6 +85,13 @@ async fn a_revoked_agent_is_cut_off_its_attempt_runs_elsewhere_and_it_cannot_rec
     assert!(revoked["connections_closed"].as_u64().unwrap() >= 1, "the agent's stream was live: {revoked}");
 
     // Its attempt is lost at once and runs on the other agent.
+    wait_job(&admin, &id, "second attempt leased", |j| j.attempts == 2).await;
+    println!(
+        "agent revoked: CLI answered in {answered:?} (process start included), attempt re-queued and leased \
+         elsewhere {:?} after the command started (lease ttl {:?})",
+        started.elapsed(),
+        cluster.lease_ttl
+    );
     let job = wait_job(&admin, &id, "second attempt", |j| j.attempts == 2 && j.state == "succeeded").await;
     for pid in processes_with(&format!("{id}/attempt-1")) {
         let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
