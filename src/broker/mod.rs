@@ -92,7 +92,7 @@ pub async fn run(
     let job_service = jobs::JobService::new(core_tx.clone(), reader, events, parts);
     let revocation = Arc::new(revocations::RevocationAdmin {
         core: core_tx.clone(),
-        list: revoked,
+        list: revoked.clone(),
         live,
         trust_domain: trust_domain.clone(),
         own: tls::PeerCert::from_pem_file(&config.tls.cert).context("broker certificate")?,
@@ -105,6 +105,7 @@ pub async fn run(
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .layer(crate::telemetry::grpc::ServerLayer)
+        .layer(revocations::DenyCallsLayer(revoked.clone()))
         .add_service(health_service)
         .add_service(JobServiceServer::new(job_service).max_decoding_message_size(8 << 20))
         .add_service(AgentServiceServer::new(agent_service))

@@ -13,6 +13,8 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
+use tonic::codegen::http;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
 use super::core::{Cmd, Revoke};
 use crate::model::UnixMillis;
@@ -69,6 +71,11 @@ impl Revocations {
         });
     }
 
+    /// Whether nothing is revoked (then no call needs a check).
+    pub fn is_empty(&self) -> bool {
+        self.index.load().records.is_empty()
+    }
+
     /// Every entry, oldest first.
     pub fn list(&self) -> Vec<RevocationRecord> {
         self.index.load().records.clone()
@@ -91,6 +98,63 @@ impl Revocations {
 impl DenyList for Revocations {
     fn denies(&self, identity_uri: &str, serial_hex: &str, issued_at: UnixMillis) -> Option<String> {
         Revocations::denies(self, identity_uri, serial_hex, issued_at)
+    }
+}
+
+/// Refuses every call whose connection's certificate is revoked, with `permission_denied`: the
+/// per-call check behind the handshake's and the closing of live connections (which already end
+/// the calls of a revoked connection). Free while nothing is revoked.
+#[derive(Debug, Clone)]
+pub struct DenyCallsLayer(pub Arc<Revocations>);
+
+impl<S> tower::Layer<S> for DenyCallsLayer {
+    type Service = DenyCalls<S>;
+
+    fn layer(&self, inner: S) -> DenyCalls<S> {
+        DenyCalls { inner, list: self.0.clone() }
+    }
+}
+
+/// The service of [`DenyCallsLayer`].
+#[derive(Debug, Clone)]
+pub struct DenyCalls<S> {
+    inner: S,
+    list: Arc<Revocations>,
+}
+
+impl<S> DenyCalls<S> {
+    /// Why the call's peer certificate is revoked, if it is.
+    fn refusal<B>(&self, req: &http::Request<B>) -> Option<String> {
+        if self.list.is_empty() {
+            return None;
+        }
+        let info = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>()?;
+        let certs = info.peer_certs()?;
+        self.list.denies_peer(&PeerCert::from_der(certs.first()?).ok()?)
+    }
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for DenyCalls<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    R: Default,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::Either<S::Future, std::future::Ready<Result<S::Response, S::Error>>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        match self.refusal(&req) {
+            Some(reason) => {
+                let status = Status::permission_denied(format!("certificate revoked: {reason}"));
+                futures::future::Either::Right(std::future::ready(Ok(status.into_http())))
+            }
+            None => futures::future::Either::Left(self.inner.call(req)),
+        }
     }
 }
 
