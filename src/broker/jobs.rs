@@ -399,9 +399,9 @@ impl proto::job_service_server::JobService for JobService {
     }
 
     async fn drain_agent(&self, req: Request<proto::DrainAgentRequest>) -> Result<Response<proto::AgentInfo>, Status> {
-        tls::require_role(&req, CALLERS)?;
+        let actor = tls::require_role(&req, CALLERS)?.uri();
         let agent = req.into_inner().agent_id;
-        let view = self.ask(|reply| Cmd::Drain { agent, reply }).await??;
+        let view = self.ask(|reply| Cmd::Drain { agent, actor, reply }).await??;
         Ok(Response::new(view.into()))
     }
 
@@ -409,8 +409,10 @@ impl proto::job_service_server::JobService for JobService {
         &self,
         req: Request<proto::DrainAgentRequest>,
     ) -> Result<Response<proto::AgentInfo>, Status> {
-        tls::require_role(&req, CALLERS)?;
-        Err(Status::unimplemented("undrain is not built yet"))
+        let actor = tls::require_role(&req, CALLERS)?.uri();
+        let agent = req.into_inner().agent_id;
+        let view = self.ask(|reply| Cmd::Undrain { agent, actor, reply }).await??;
+        Ok(Response::new(view.into()))
     }
 
     async fn authenticate(

@@ -189,6 +189,10 @@ impl Writer {
             }
             q.execute(&mut *tx).await?;
         }
+        // Removals first: the batch's later writes of a removed agent follow them.
+        for id in &f.removed_agents {
+            sqlx::query("DELETE FROM agents WHERE id = ?").bind(*id).execute(&mut *tx).await?;
+        }
         // Draining first: for agents that existed, the upsert below leaves it as set here.
         for rows in chunks(&f.agent_draining) {
             let mut q = sqlx::query(UPDATE_AGENTS_DRAINING.sql(rows.len()));

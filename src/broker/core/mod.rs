@@ -19,6 +19,7 @@ mod jobs;
 mod messages;
 mod metrics;
 mod place;
+mod shutdown;
 mod trace;
 
 #[cfg(test)]
@@ -152,9 +153,33 @@ pub enum Cmd {
     Agents {
         reply: oneshot::Sender<Vec<AgentView>>,
     },
+    /// No new work for the agent; `actor` (an identity URI) is kept in the audit trail.
     Drain {
         agent: String,
+        actor: String,
         reply: Reply<AgentView>,
+    },
+    /// The agent takes new work again.
+    Undrain {
+        agent: String,
+        actor: String,
+        reply: Reply<AgentView>,
+    },
+    /// Forget an agent that is gone: refused while it is connected unless `force` (then its
+    /// stream is closed and its attempts are lost and queued again).
+    RemoveAgent {
+        agent: String,
+        force: bool,
+        actor: String,
+        reply: Reply<AgentView>,
+    },
+    /// The broker is stopping: every connected agent is told to reconnect (after a pause drawn
+    /// below `jitter` from `seed`) and its stream ends; the reply (after the commit of every
+    /// command queued before) says how many were told.
+    Shutdown {
+        jitter: Duration,
+        seed: u64,
+        reply: oneshot::Sender<usize>,
     },
     AddKey {
         tenant: String,
@@ -231,6 +256,8 @@ pub struct Effects {
     pub messages: Vec<(String, AgentMessage)>,
     /// Streams to close: (agent, stream id); a stream that is no longer the agent's stays.
     pub closed: Vec<(String, u64)>,
+    /// Streams to end after this batch's messages were sent on them: (agent, stream id).
+    pub ended: Vec<(String, u64)>,
     /// Idempotency keys found in the store, and those submitted in this batch.
     keys: FoundKeys,
 }
@@ -287,6 +314,8 @@ pub struct Core {
     placement_hold_until: Option<Instant>,
     /// The clock of the batch being applied.
     now: Now,
+    /// Set by [`Cmd::Shutdown`] (its jitter and seed): agents that register are told to reconnect.
+    stopping: Option<(Duration, u64)>,
 }
 
 /// The broker's clock for stored timestamps.
@@ -307,6 +336,7 @@ impl Core {
             spent: HashMap::new(),
             placement_hold_until: None,
             now,
+            stopping: None,
         }
     }
 
@@ -401,19 +431,23 @@ impl Core {
             Cmd::AttemptData { agent, job_id, epoch, reply } => {
                 let _ = reply.send(self.attempt_data(&agent, &job_id, epoch));
             }
-            Cmd::Drain { agent, reply } => {
-                let result = match self.agents.get_mut(&agent) {
-                    Some(entry) => {
-                        if !entry.draining {
-                            tracing::info!(agent, "agent draining: no new work");
-                            entry.draining = true;
-                            out.batch.push(Write::AgentDraining { id: agent.clone(), draining: true });
-                        }
-                        Ok(entry.view(self.now.at))
-                    }
-                    None => Err(ApiError::NotFound(format!("agent {agent} not found"))),
-                };
+            Cmd::Drain { agent, actor, reply } => {
+                let result = self.set_draining(&agent, true, &actor, out);
                 out.reply(reply, result);
+            }
+            Cmd::Undrain { agent, actor, reply } => {
+                let result = self.set_draining(&agent, false, &actor, out);
+                out.reply(reply, result);
+            }
+            Cmd::RemoveAgent { agent, force, actor, reply } => {
+                let result = self.remove_agent(&agent, force, &actor, out);
+                out.reply(reply, result);
+            }
+            Cmd::Shutdown { jitter, seed, reply } => {
+                let told = self.shutdown(jitter, seed, out);
+                out.after_commit(move || {
+                    let _ = reply.send(told);
+                });
             }
             Cmd::AddKey { tenant, reply } => {
                 let (record, key) = keys::generate(&tenant, self.now.ms);
@@ -444,6 +478,7 @@ impl Core {
             }
             Cmd::Connected { agent, site, node, inventory, attempts, conn } => {
                 self.connected(attempts::Registration { agent, site, node, inventory }, attempts, conn.id, out);
+                self.refuse_while_stopping(out);
             }
             Cmd::Disconnected { agent, conn } => {
                 if let Some(entry) = self.agents.get_mut(&agent).filter(|e| e.conn == Some(conn)) {
