@@ -18,8 +18,14 @@ use crate::tls;
 /// Messages queued for the broker; output chunks are dropped (never updates) when it is full.
 const OUTBOX: usize = 1024;
 
-/// Why a session ended.
-struct End(String);
+/// Why a session ended, and the pause the broker asked for before the next (`Reconnect`).
+struct End(String, Option<Duration>);
+
+impl End {
+    fn because(why: impl Into<String>) -> Self {
+        End(why.into(), None)
+    }
+}
 
 pub(super) async fn run_sessions(
     agent: &mut Agent,
@@ -39,7 +45,9 @@ pub(super) async fn run_sessions(
         };
         tracing::warn!(agent = agent.identity.agent_id(), "broker session ended: {}", end.0);
         failures = if registered { 1 } else { failures.saturating_add(1) };
-        let pause = policy.delay(failures, None, fastrand::f64());
+        // A broker going away says when to come back (spread over its agents); failed attempts
+        // after that back off as usual.
+        let pause = end.1.unwrap_or_else(|| policy.delay(failures, None, fastrand::f64()));
         let until = tokio::time::Instant::now() + pause;
         loop {
             tokio::select! {
@@ -63,7 +71,7 @@ async fn session(agent: &mut Agent, client_tls: &ClientTls, events: &mut mpsc::R
     let (url, server_name) = broker_target(&agent.config);
     let channel = match tls::connect(&url, client_tls.clone(), server_name.as_deref()).await {
         Ok(channel) => channel,
-        Err(e) => return (false, End(e.to_string())),
+        Err(e) => return (false, End::because(e.to_string())),
     };
     let mut client = AgentServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(OUTBOX);
@@ -71,7 +79,7 @@ async fn session(agent: &mut Agent, client_tls: &ClientTls, events: &mut mpsc::R
     tx.try_send(register).expect("a new outbox has room");
     let mut inbound = match client.session(ReceiverStream::new(rx)).await {
         Ok(response) => response.into_inner(),
-        Err(status) => return (false, End(tls::explain_status(&status))),
+        Err(status) => return (false, End::because(tls::explain_status(&status))),
     };
     let mut registered = false;
     let mut heartbeat = tokio::time::interval(Duration::from_secs(10));
@@ -80,6 +88,13 @@ async fn session(agent: &mut Agent, client_tls: &ClientTls, events: &mut mpsc::R
         tokio::select! {
             msg = inbound.message() => match msg {
                 Ok(Some(proto::BrokerMessage { msg: Some(msg) })) => {
+                    // The broker is going away: end the request stream (returning drops it) and
+                    // come back after its pause; attempts keep running meanwhile.
+                    if let In::Reconnect(r) = &msg {
+                        let after = Duration::from_millis(u64::from(r.after_ms));
+                        tracing::info!(reason = r.reason, ?after, "the broker asked to reconnect");
+                        return (registered, End(format!("the broker asked to reconnect: {}", r.reason), Some(after)));
+                    }
                     if let In::Registered(r) = &msg {
                         registered = true;
                         let every = Duration::from_millis(u64::from(r.heartbeat_interval_ms.max(50)));
@@ -89,12 +104,12 @@ async fn session(agent: &mut Agent, client_tls: &ClientTls, events: &mut mpsc::R
                     }
                     if let Some(reply) = on_message(agent, msg)
                         && !send(&tx, reply) {
-                            return (registered, End("outbox full".into()));
+                            return (registered, End::because("outbox full"));
                         }
                 }
                 Ok(Some(_)) => {}
-                Ok(None) => return (registered, End("the broker closed the stream".into())),
-                Err(status) => return (registered, End(tls::explain_status(&status))),
+                Ok(None) => return (registered, End::because("the broker closed the stream")),
+                Err(status) => return (registered, End::because(tls::explain_status(&status))),
             },
             Some(ev) = events.recv() => {
                 let is_output = matches!(ev, AttemptEvent::Output { .. });
@@ -103,19 +118,19 @@ async fn session(agent: &mut Agent, client_tls: &ClientTls, events: &mut mpsc::R
                     if is_output {
                         let _ = tx.try_send(msg); // output is best effort; the work dir keeps all of it
                     } else if tx.send(msg).await.is_err() {
-                        return (registered, End("stream closed".into()));
+                        return (registered, End::because("stream closed"));
                     }
                 }
             }
             _ = heartbeat.tick() => {
                 let hb = Out::Heartbeat(proto::Heartbeat { inventory: Some(agent.inventory().into()) });
                 if !send(&tx, hb) {
-                    return (registered, End("outbox full".into()));
+                    return (registered, End::because("outbox full"));
                 }
             }
         }
         if tx.is_closed() {
-            return (registered, End("the request stream closed".into()));
+            return (registered, End::because("the request stream closed"));
         }
     }
 }
@@ -140,6 +155,7 @@ fn on_message(agent: &mut Agent, msg: In) -> Option<Out> {
             agent.ack(&ack);
             None
         }
+        // Reconnect ends the session (`session`).
         In::Reconnect(_) | In::Renewed(_) => None,
     }
 }

@@ -81,12 +81,14 @@ pub async fn run(
     health.set_serving::<JobServiceServer<jobs::JobService>>().await;
     health.set_serving::<AgentServiceServer<agents::AgentService>>().await;
     health.set_serving::<AdminServiceServer<admin::AdminService>>().await;
+    let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
     let parts = jobs::JobServiceParts {
         max_spec_bytes: config.limits.max_spec_bytes,
         tenants: tenants.clone(),
         keys: keys.clone(),
         data: data.clone(),
         prices: (prices.clone(), config.placement.price_max_age.0, Arc::new(config.sites.clone())),
+        stopping: stopping_rx,
     };
     let admin_service = admin::AdminService::new(core_tx.clone(), keys, tenants).with_reader(reader.clone());
     let job_service = jobs::JobService::new(core_tx.clone(), reader, events, parts);
@@ -123,6 +125,7 @@ pub async fn run(
     health.set_not_serving::<AgentServiceServer<agents::AgentService>>().await;
     health.set_not_serving::<AdminServiceServer<admin::AdminService>>().await;
     let _ = stop_accepting.send(());
+    let _ = stopping.send(true);
     tracing::info!(elapsed = ?started.elapsed(), "broker stopped accepting");
     let (told_tx, told_rx) = tokio::sync::oneshot::channel();
     let cmd = core::Cmd::Shutdown { jitter: RECONNECT_JITTER, seed: fastrand::u64(..), reply: told_tx };

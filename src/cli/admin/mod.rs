@@ -8,6 +8,7 @@
 //! `--output table|json` (JSON in the HTTP API's shapes where it has one), and the exit statuses and
 //! `error:`/`hint:` lines of [`super::report`].
 
+mod agents;
 mod connection;
 mod keys;
 
@@ -67,12 +68,23 @@ enum AdminCommand {
     Cancel { id: String },
     /// Print the output tail the broker keeps for the job's latest attempt.
     Logs { id: String },
-    /// Show connected agents and their GPUs.
-    Agents,
+    /// The agents: list them (the default), or remove one that is gone.
+    Agents(agents::AgentsArgs),
     /// Stop giving an agent new work; its running jobs finish (kept across broker restarts).
     Drain {
         #[arg(value_name = "SITE/NODE")]
         id: String,
+    },
+    /// Give a drained agent new work again.
+    Undrain {
+        #[arg(value_name = "SITE/NODE")]
+        id: String,
+    },
+    /// The audit trail of admin actions (drain, undrain, remove, tokens, revocations), newest first.
+    Events {
+        /// At most this many events (at most 1000).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
     },
 }
 
@@ -93,7 +105,8 @@ pub async fn run(args: AdminArgs) -> i32 {
 }
 
 async fn admin(args: AdminArgs) -> anyhow::Result<i32> {
-    let mut client = JobServiceClient::new(args.broker.channel().await?);
+    let channel = args.broker.channel().await?;
+    let mut client = JobServiceClient::new(channel.clone());
     let out = args.broker.output;
     match args.command {
         AdminCommand::Submit { file, wait, tenant, idempotency_key } => {
@@ -152,21 +165,19 @@ async fn admin(args: AdminArgs) -> anyhow::Result<i32> {
                 }
             }
         }
-        AdminCommand::Agents => {
-            let agents = client.list_agents(proto::ListAgentsRequest {}).await.map_err(status_error)?;
-            let agents =
-                api::AgentList { agents: agents.into_inner().agents.into_iter().map(api::Agent::from).collect() };
-            match out {
-                Output::Json => print_json(&agents),
-                Output::Table => {
-                    for agent in &agents.agents {
-                        println!("{}", output::agent_details(agent));
-                    }
-                }
-            }
-        }
+        AdminCommand::Agents(args) => agents::agents(channel, args, out).await?,
+        AdminCommand::Events { limit } => agents::events(channel, limit, out).await?,
         AdminCommand::Drain { id } => {
             let agent = client.drain_agent(proto::DrainAgentRequest { agent_id: id }).await.map_err(status_error)?;
+            let agent = api::Agent::from(agent.into_inner());
+            match out {
+                Output::Json => print_json(&agent),
+                Output::Table => print!("{}", output::agent_details(&agent)),
+            }
+        }
+        AdminCommand::Undrain { id } => {
+            let request = proto::DrainAgentRequest { agent_id: id };
+            let agent = client.undrain_agent(request).await.map_err(status_error)?;
             let agent = api::Agent::from(agent.into_inner());
             match out {
                 Output::Json => print_json(&agent),
