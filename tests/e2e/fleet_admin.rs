@@ -72,6 +72,10 @@ async fn agents_are_undrained_and_removed_and_every_action_is_in_the_audit_trail
     })
     .await;
 
+    let series = "hybroker_agents_connected{site=\"lab\"} 1";
+    eventually("the site's series on /metrics", || async { metrics(metrics_addr).await.contains(series).then_some(()) })
+        .await;
+
     // Drain and undrain: the admin CLI, then the tenants' CLI through the gateway (admin tenant).
     assert!(json::<Agent>(&fleet.admin(&["drain", "lab/node-a"]).await).draining);
     assert!(!json::<Agent>(&fleet.admin(&["undrain", "lab/node-a"]).await).draining);
@@ -105,6 +109,12 @@ async fn agents_are_undrained_and_removed_and_every_action_is_in_the_audit_trail
         .await
         .unwrap();
 
+    // The agent still runs: it reconnects and is known again.
+    eventually("node-a back", || async {
+        fleet.agents().await.iter().any(|a| a.id == "lab/node-a" && a.connected).then_some(())
+    })
+    .await;
+
     // Gone for good: the agent stopped, then removed without --force; no longer listed, and its
     // site's series leaves /metrics.
     let mut cluster = fleet.cluster;
@@ -117,7 +127,7 @@ async fn agents_are_undrained_and_removed_and_every_action_is_in_the_audit_trail
     json::<Agent>(&fleet.admin(&["agents", "remove", "lab/node-a"]).await);
     assert!(fleet.agents().await.is_empty());
     eventually("the site's series to leave /metrics", || async {
-        (!metrics(metrics_addr).await.contains("hybroker_agents_connected{site=\"lab\"}")).then_some(())
+        (!metrics(metrics_addr).await.contains("hybroker_agents_connected{site=\"lab\"")).then_some(())
     })
     .await;
 

@@ -25,6 +25,8 @@ mod trace;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_fleet;
+#[cfg(test)]
 mod tests_store;
 
 use std::cmp::Reverse;
