@@ -15,9 +15,9 @@
 //!   or the job existed and its `NewJob` fails): [`Folded::attempts_first`] asks for the attempts
 //!   to be inserted before the jobs, so that it fails too.
 //!
-//! - a `RemoveAgent` deletes the row, so the agent's writes before it in the batch leave no trace:
-//!   they are dropped, the deletions run first, and the writes after it apply as to an agent that
-//!   did not exist before the batch;
+//! - a `RemoveAgent` deletes a row, after which the same id may be inserted again with a new rowid:
+//!   a batch holding one writes every agent write of its own, in order ([`Folded::agent_writes`]);
+//!   the agents table has no foreign keys, so its writes may run before or after the other tables';
 //! - an `Identity` write touches only tables no other write touches (join tokens, revocations, the
 //!   admin audit trail): they are kept as they are, in order, and written after the rest.
 //!
@@ -71,7 +71,7 @@ pub struct KeyChange<'a> {
     pub used: Option<UnixMillis>,
 }
 
-/// A batch folded. Write, in this order: `removed_agents`, `agent_draining` (before `agents`), then the jobs, then
+/// A batch folded. Write, in this order: `agent_draining` (before `agents`), then the jobs, then
 /// the attempts (before the jobs when `attempts_first`); the other lists in any order.
 #[derive(Debug, Default)]
 pub struct Folded<'a> {
@@ -84,11 +84,12 @@ pub struct Folded<'a> {
     pub attempt_ends: Vec<&'a AttemptEnd>,
     /// The batch must fail: insert the attempts before the jobs so that it does.
     pub attempts_first: bool,
-    /// Agents deleted by the batch (before their later writes, which follow).
-    pub removed_agents: Vec<&'a str>,
     /// Agents with a draining write: its last value, for an agent that existed before the batch.
     pub agent_draining: Vec<(&'a str, bool)>,
     pub agents: Vec<AgentUpsert<'a>>,
+    /// The batch's agent writes (`Agent`, `AgentDraining`, `RemoveAgent`) one by one, in order,
+    /// when it removes an agent (removals are rare); `agent_draining` and `agents` are empty then.
+    pub agent_writes: Vec<&'a Write>,
     pub new_keys: Vec<NewKey<'a>>,
     pub key_changes: Vec<KeyChange<'a>>,
     /// The identity tables' writes, unfolded, in batch order (written last).
@@ -124,14 +125,16 @@ pub fn fold(batch: &Batch) -> Folded<'_> {
     // Jobs given an attempt in this batch before (or without) a `NewJob` of theirs in it.
     let mut attempted_before_new: Vec<&str> = Vec::new();
     let mut agents: HashMap<&str, AgentSlot> = HashMap::new();
-    // Indices into these are the slots'; a `RemoveAgent` empties the entries before it.
-    let mut agent_upserts: Vec<Option<AgentUpsert>> = Vec::new();
-    let mut agent_draining: Vec<Option<(&str, bool)>> = Vec::new();
     let mut keys: HashMap<&str, KeySlot> = HashMap::new();
     let mut key_changes: Vec<Option<KeyChange>> = Vec::new();
+    let agents_in_order = batch.writes.iter().any(|w| matches!(w, Write::RemoveAgent { .. }));
 
     for write in &batch.writes {
         match write {
+            Write::Agent(_) | Write::AgentDraining { .. } | Write::RemoveAgent { .. } if agents_in_order => {
+                f.agent_writes.push(write);
+            }
+            Write::RemoveAgent { .. } => unreachable!("a batch with a removal writes its agents in order"),
             Write::NewJob { job: j, status } => match jobs.entry(j.id.as_str()) {
                 Entry::Occupied(mut e) => match *e.get() {
                     Slot::Insert(_) => f.new_jobs.push(NewJob { new: j, last: status }),
@@ -188,37 +191,27 @@ pub fn fold(batch: &Batch) -> Folded<'_> {
             },
             Write::Agent(a) => {
                 let slot = agents.entry(a.id.as_str()).or_default();
-                match slot.upsert.and_then(|i| agent_upserts[i].as_mut()) {
-                    Some(upsert) => upsert.last = a,
+                match slot.upsert {
+                    Some(i) => f.agents[i].last = a,
                     None => {
-                        slot.upsert = Some(agent_upserts.len());
-                        agent_upserts.push(Some(AgentUpsert { first: a, last: a, draining: a.draining }));
+                        slot.upsert = Some(f.agents.len());
+                        f.agents.push(AgentUpsert { first: a, last: a, draining: a.draining });
                     }
                 }
             }
             Write::AgentDraining { id, draining } => {
                 let slot = agents.entry(id.as_str()).or_default();
-                match slot.draining.and_then(|i| agent_draining[i].as_mut()) {
-                    Some(change) => change.1 = *draining,
+                match slot.draining {
+                    Some(i) => f.agent_draining[i].1 = *draining,
                     None => {
-                        slot.draining = Some(agent_draining.len());
-                        agent_draining.push(Some((id, *draining)));
+                        slot.draining = Some(f.agent_draining.len());
+                        f.agent_draining.push((id, *draining));
                     }
                 }
                 // Once the batch has inserted the agent, this write applies to the new row too.
-                if let Some(upsert) = slot.upsert.and_then(|i| agent_upserts[i].as_mut()) {
-                    upsert.draining = *draining;
+                if let Some(i) = slot.upsert {
+                    f.agents[i].draining = *draining;
                 }
-            }
-            Write::RemoveAgent { id } => {
-                let slot = agents.entry(id.as_str()).or_default();
-                if let Some(i) = slot.upsert.take() {
-                    agent_upserts[i] = None;
-                }
-                if let Some(i) = slot.draining.take() {
-                    agent_draining[i] = None;
-                }
-                f.removed_agents.push(id);
             }
             Write::NewKey(k) => {
                 let slot = keys.entry(k.key_id.as_str()).or_default();
@@ -254,8 +247,6 @@ pub fn fold(batch: &Batch) -> Folded<'_> {
     f.job_updates = job_updates.into_iter().flatten().collect();
     f.attempt_ends = attempt_ends.into_iter().flatten().collect();
     f.key_changes = key_changes.into_iter().flatten().collect();
-    f.agents = agent_upserts.into_iter().flatten().collect();
-    f.agent_draining = agent_draining.into_iter().flatten().collect();
     f
 }
 
