@@ -344,6 +344,15 @@ impl Run<'_> {
                 break;
             }
         }
+        // The jobs may all be done before every agent is back (they return spread over the
+        // broker's reconnect jitter): the time until all are back is still measured.
+        if let Some((k, at, failures)) = &mut kill
+            && k.reregistered_seconds.is_none()
+        {
+            self.watch.until_registered(args.agents).await?;
+            k.reregistered_seconds = Some(at.elapsed().as_secs_f64());
+            k.failed_connects = self.fleet.failures() - *failures;
+        }
         let rec = &self.watch.rec;
         let run_seconds = rec.window().map_or(0.0, |(first, last)| last.duration_since(first).as_secs_f64());
         println!("{} of {} jobs completed in {run_seconds:.2} s", rec.completed(), args.jobs);
