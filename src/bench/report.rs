@@ -156,7 +156,10 @@ impl Report {
             }
             rows.push((label("kill: lost", "restart: lost"), k.lost.to_string()));
             rows.push((label("kill: completed twice", "restart: completed twice"), k.completed_twice.to_string()));
-            rows.push((label("kill: restart to serving", "restart: stop to serving"), format!("{:.2} s", k.restart_seconds)));
+            rows.push((
+                label("kill: restart to serving", "restart: stop to serving"),
+                format!("{:.2} s", k.restart_seconds),
+            ));
             let again = k.reregistered_seconds.map_or("not all".into(), |s| format!("{s:.2} s"));
             rows.push((label("kill: all agents back", "restart: all agents back"), again));
             rows.push((label("kill: failed connects", "restart: failed connects"), k.failed_connects.to_string()));

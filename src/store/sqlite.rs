@@ -204,7 +204,11 @@ impl Writer {
                         .await?;
                 }
                 super::Write::AgentDraining { id, draining } => {
-                    sqlx::query("UPDATE agents SET draining = ? WHERE id = ?").bind(draining).bind(id).execute(&mut *tx).await?;
+                    sqlx::query("UPDATE agents SET draining = ? WHERE id = ?")
+                        .bind(draining)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
                 }
                 super::Write::RemoveAgent { id } => {
                     sqlx::query("DELETE FROM agents WHERE id = ?").bind(id).execute(&mut *tx).await?;

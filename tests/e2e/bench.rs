@@ -96,7 +96,10 @@ fn a_small_bench_with_a_clean_broker_restart_loses_and_repeats_nothing() {
     let result: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out_path).unwrap()).unwrap();
     let restart = &result["kill"];
     assert_eq!((restart["signal"].as_str(), &result["ok"]), (Some("SIGTERM"), &true.into()), "{result}");
-    assert_eq!((&restart["lost"], &restart["completed_twice"], &result["extra_jobs"]), (&0.into(), &0.into(), &0.into()));
+    assert_eq!(
+        (&restart["lost"], &restart["completed_twice"], &result["extra_jobs"]),
+        (&0.into(), &0.into(), &0.into())
+    );
     // Well inside the broker's 10 s grace: the agents hang up when told to reconnect.
     assert!(restart["exit_seconds"].as_f64().unwrap() < 10.0, "{result}");
     assert!(restart["reregistered_seconds"].is_number(), "{result}");

@@ -351,7 +351,10 @@ fn terminate(child: &mut Child, deadline: Duration, what: &str, log: &Path) -> D
         if started.elapsed() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("{what} still running {deadline:?} after SIGTERM:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+            panic!(
+                "{what} still running {deadline:?} after SIGTERM:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -43,7 +43,12 @@ impl Fleet {
 }
 
 fn json<T: serde::de::DeserializeOwned>(out: &Output) -> T {
-    assert!(out.status.success(), "stdout {}\nstderr {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "stdout {}\nstderr {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -73,8 +78,10 @@ async fn agents_are_undrained_and_removed_and_every_action_is_in_the_audit_trail
     .await;
 
     let series = "hybroker_agents_connected{site=\"lab\"} 1";
-    eventually("the site's series on /metrics", || async { metrics(metrics_addr).await.contains(series).then_some(()) })
-        .await;
+    eventually("the site's series on /metrics", || async {
+        metrics(metrics_addr).await.contains(series).then_some(())
+    })
+    .await;
 
     // Drain and undrain: the admin CLI, then the tenants' CLI through the gateway (admin tenant).
     assert!(json::<Agent>(&fleet.admin(&["drain", "lab/node-a"]).await).draining);
@@ -137,7 +144,13 @@ async fn agents_are_undrained_and_removed_and_every_action_is_in_the_audit_trail
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| (e["action"].as_str().unwrap().into(), e["target"].as_str().unwrap().into(), e["actor"].as_str().unwrap().into()))
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap().into(),
+                e["target"].as_str().unwrap().into(),
+                e["actor"].as_str().unwrap().into(),
+            )
+        })
         .collect();
     let admin_uri = format!("spiffe://{TRUST_DOMAIN}/admin/fleet-admin");
     let gateway_uri = format!("spiffe://{TRUST_DOMAIN}/gateway/gateway");

@@ -20,10 +20,7 @@ const GRACE: &str = "3s";
 const EXIT_DEADLINE: Duration = Duration::from_secs(20);
 
 fn with_grace(_: &Path) -> Setup {
-    Setup {
-        broker_env: vec![("HYBROKER_BROKER__SHUTDOWN_GRACE".into(), GRACE.into())],
-        ..Setup::default()
-    }
+    Setup { broker_env: vec![("HYBROKER_BROKER__SHUTDOWN_GRACE".into(), GRACE.into())], ..Setup::default() }
 }
 
 async fn connected(admin: &mut proto::job_service_client::JobServiceClient<tonic::transport::Channel>) -> usize {
@@ -77,7 +74,11 @@ async fn a_terminated_broker_exits_in_bound_and_every_agent_and_job_carries_on_w
         let logs = logs.into_inner();
         // (The tail the old broker kept in memory, `run`, went with it; the new one has the rest.)
         let output = String::from_utf8_lossy(&logs.output);
-        assert_eq!((logs.attempt, output.matches("run").count() <= 1, output.matches("done").count()), (1, true, 1), "job {id}: {output:?}");
+        assert_eq!(
+            (logs.attempt, output.matches("run").count() <= 1, output.matches("done").count()),
+            (1, true, 1),
+            "job {id}: {output:?}"
+        );
     }
 }
 
@@ -131,9 +132,7 @@ async fn a_terminated_gateway_ends_its_event_streams_and_exits_in_bound() {
     println!("gateway with an open event stream exited {took:?} after SIGTERM (grace 2s)");
     assert!(took < Duration::from_secs(8), "the gateway took {took:?} to exit:\n{}", gateway.log());
     // The stream ended (cleanly or cut), it did not hang.
-    let rest = tokio::time::timeout(Duration::from_secs(5), async {
-        while let Ok(Some(_)) = events.chunk().await {}
-    })
-    .await;
+    let rest =
+        tokio::time::timeout(Duration::from_secs(5), async { while let Ok(Some(_)) = events.chunk().await {} }).await;
     assert!(rest.is_ok(), "the event stream stayed open after the gateway exited");
 }

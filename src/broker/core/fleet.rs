@@ -174,7 +174,13 @@ impl Core {
         if entry.draining != draining {
             entry.draining = draining;
             let action = if draining { "agent.drain" } else { "agent.undrain" };
-            tracing::info!(agent, actor, action, "{}", if draining { "agent draining: no new work" } else { "agent undrained: takes new work" });
+            tracing::info!(
+                agent,
+                actor,
+                action,
+                "{}",
+                if draining { "agent draining: no new work" } else { "agent undrained: takes new work" }
+            );
             out.batch.push(Write::AgentDraining { id: agent.to_string(), draining });
             out.batch.push(admin_event(now.ms, actor, action, agent, ""));
         }

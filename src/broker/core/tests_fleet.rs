@@ -69,7 +69,9 @@ fn an_undrained_agent_takes_work_again_and_both_changes_are_audited() {
     let (tx, rx) = oneshot::channel();
     let out = h.step(vec![Cmd::Undrain { agent: "lab/a".into(), actor: ADMIN.into(), reply: tx }]);
     assert!(!reply(rx).unwrap().draining);
-    assert!(out.batch.writes.iter().any(|w| matches!(w, Write::AgentDraining { id, draining: false } if id == "lab/a")));
+    assert!(
+        out.batch.writes.iter().any(|w| matches!(w, Write::AgentDraining { id, draining: false } if id == "lab/a"))
+    );
     assert_eq!(audit(&out), [("agent.undrain".into(), "lab/a".into(), ADMIN.into())]);
     assert_eq!(assigned(&out, "lab/a"), [(waiting, 1)], "the waiting job goes to the undrained agent");
     // Undraining an agent that takes work changes (and audits) nothing.
