@@ -138,6 +138,13 @@ async fn agents_are_undrained_and_removed_and_every_action_is_in_the_audit_trail
     })
     .await;
 
+    // Forgotten by the store too: a restarted broker does not know it.
+    let mut fleet = fleet;
+    let port = fleet.cluster.addr.port();
+    fleet.cluster.kill_broker();
+    fleet.cluster.start_broker(port);
+    assert!(fleet.agents().await.is_empty());
+
     // The audit trail: newest first, each action with the identity that acted.
     let trail: Value = json(&fleet.admin(&["events", "--limit", "10"]).await);
     let rows: Vec<(String, String, String)> = trail["events"]
