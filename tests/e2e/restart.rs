@@ -138,3 +138,23 @@ async fn a_terminated_gateway_ends_its_event_streams_and_exits_in_bound() {
         tokio::time::timeout(Duration::from_secs(5), async { while let Ok(Some(_)) = events.chunk().await {} }).await;
     assert!(rest.is_ok(), "the event stream stayed open after the gateway exited");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_agent_ends_its_session_cleanly_and_stops_its_attempts() {
+    let cluster = Cluster::start(Duration::from_secs(5), &[("node-a", "")]).await;
+    let mut admin = cluster.admin().await;
+    let mark = format!("agent-stop-{}", fastrand::u64(..));
+    let id = submit(&mut admin, &format!("name: long\ncommand: [sh, -c, 'sleep 60; :', {mark}]\n")).await;
+    wait_job(&admin, &id, "running", |j| j.state == "running").await;
+    let pid = nix::unistd::Pid::from_raw(cluster.agent_pid("node-a"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    eventually("the agent to exit", || async { (!alive(pid)).then_some(()) }).await;
+    let log = cluster.agent_log("node-a");
+    assert!(log.contains("broker session ended: the agent is stopping clean=true"), "{log}");
+    // The broker saw the stream end (not a lease running out), and the attempt was stopped.
+    eventually("the broker to see the stream end", || async {
+        cluster.broker_log().contains("agent stream closed").then_some(())
+    })
+    .await;
+    eventually("the attempt's processes to be gone", || async { processes_with(&mark).is_empty().then_some(()) }).await;
+}
