@@ -383,7 +383,9 @@ impl Core {
         for cmd in cmds {
             self.handle(cmd, &mut out);
         }
-        if expire {
+        // A stopping broker has sent its agents to the next one: their leases are for that one to
+        // judge, not lost here.
+        if expire && self.stopping.is_none() {
             self.expire(now.at, &mut out);
         }
         self.dispatch(&mut out);

@@ -50,6 +50,10 @@ fn a_stop_tells_every_connected_agent_to_reconnect_within_the_jitter_and_ends_it
     assert_eq!(h.job(&running).life.state, JobState::Running);
     let (_, out) = h.submit_ok(ONE_CPU);
     assert!(assigned(&out, "lab/a").is_empty() && assigned(&out, "lab/b").is_empty());
+    // Leases are not judged while stopping: the agents went to the next broker.
+    let out = h.expire_after(Duration::from_secs(3600));
+    assert!(out.batch.writes.is_empty(), "nothing expires while stopping");
+    assert_eq!(h.job(&running).life.state, JobState::Running);
     // An agent that registers while the broker stops is sent away at once.
     let out = h.connect("c", 3, vec![]);
     assert_eq!(reconnects(&out).len(), 1);
