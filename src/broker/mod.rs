@@ -155,8 +155,9 @@ pub async fn run(
         Err(_) => tracing::warn!("connections still open after the shutdown grace; closing them"),
     }
     // The core commits what the last calls sent, then stops when their senders are gone.
-    if tokio::time::timeout_at(deadline, &mut core_task).await.is_err() {
-        tracing::warn!("commands still arriving after the shutdown grace; stopping the core");
+    match tokio::time::timeout_at(deadline, &mut core_task).await {
+        Ok(stopped) => stopped.context("broker core panicked")?.context("broker core stopped")?,
+        Err(_) => tracing::warn!("commands still arriving after the shutdown grace; stopping the core"),
     }
     tracing::info!("exiting after {:?}", started.elapsed());
     Ok(())
