@@ -224,7 +224,13 @@ impl Core {
 }
 
 /// An audit-trail entry (`IdentityWrite::AdminEvent`), for every admin action the core applies.
-pub(super) fn admin_event(at: crate::model::UnixMillis, actor: &str, action: &str, target: &str, detail: &str) -> Write {
+pub(super) fn admin_event(
+    at: crate::model::UnixMillis,
+    actor: &str,
+    action: &str,
+    target: &str,
+    detail: &str,
+) -> Write {
     Write::Identity(IdentityWrite::AdminEvent(AdminEventRecord {
         at,
         actor: actor.to_string(),
