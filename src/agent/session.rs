@@ -18,8 +18,14 @@ use crate::tls;
 /// Messages queued for the broker; output chunks are dropped (never updates) when it is full.
 const OUTBOX: usize = 1024;
 
-/// Why a session ended.
-struct End(String);
+/// Why a session ended, and the pause the broker asked for before the next (`Reconnect`).
+struct End(String, Option<Duration>);
+
+impl End {
+    fn because(why: impl Into<String>) -> Self {
+        End(why.into(), None)
+    }
+}
 
 pub(super) async fn run_sessions(
     agent: &mut Agent,
@@ -33,13 +39,12 @@ pub(super) async fn run_sessions(
     // Sessions that ended in a row without registering, the last one included.
     let mut failures = 0u32;
     loop {
-        let (registered, end) = tokio::select! {
-            r = session(agent, &client_tls, events) => r,
-            () = &mut shutdown => return,
-        };
+        let Some((registered, end)) = session(agent, &client_tls, events, &mut shutdown).await else { return };
         tracing::warn!(agent = agent.identity.agent_id(), "broker session ended: {}", end.0);
         failures = if registered { 1 } else { failures.saturating_add(1) };
-        let pause = policy.delay(failures, None, fastrand::f64());
+        // A broker going away says when to come back (spread over its agents); failed attempts
+        // after that back off as usual.
+        let pause = end.1.unwrap_or_else(|| policy.delay(failures, None, fastrand::f64()));
         let until = tokio::time::Instant::now() + pause;
         loop {
             tokio::select! {
@@ -58,20 +63,32 @@ fn reconnect_policy(min: Duration, max: Duration) -> RetryPolicy {
     RetryPolicy::exponential(min, max).with_jitter(0.5)
 }
 
-/// One session; returns whether it got as far as registering, and why it ended.
-async fn session(agent: &mut Agent, client_tls: &ClientTls, events: &mut mpsc::Receiver<AttemptEvent>) -> (bool, End) {
+/// How long an agent that is stopping waits for the broker to close its side of the stream.
+const HANGUP_WAIT: Duration = Duration::from_secs(2);
+
+/// One session; returns whether it got as far as registering, and why it ended; `None` when
+/// `shutdown` came first (the stream then ended cleanly: our side first, then the broker's).
+async fn session<F: Future<Output = ()>>(
+    agent: &mut Agent,
+    client_tls: &ClientTls,
+    events: &mut mpsc::Receiver<AttemptEvent>,
+    shutdown: &mut std::pin::Pin<&mut F>,
+) -> Option<(bool, End)> {
     let (url, server_name) = broker_target(&agent.config);
-    let channel = match tls::connect(&url, client_tls.clone(), server_name.as_deref()).await {
+    let connect = tls::connect(&url, client_tls.clone(), server_name.as_deref());
+    let channel = match tokio::select! { c = connect => c, () = shutdown.as_mut() => return None } {
         Ok(channel) => channel,
-        Err(e) => return (false, End(e.to_string())),
+        Err(e) => return Some((false, End::because(e.to_string()))),
     };
     let mut client = AgentServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(OUTBOX);
     let register = proto::AgentMessage { msg: Some(Out::Register(agent.register())) };
     tx.try_send(register).expect("a new outbox has room");
-    let mut inbound = match client.session(ReceiverStream::new(rx)).await {
+    let opened =
+        tokio::select! { o = client.session(ReceiverStream::new(rx)) => o, () = shutdown.as_mut() => return None };
+    let mut inbound = match opened {
         Ok(response) => response.into_inner(),
-        Err(status) => return (false, End(tls::explain_status(&status))),
+        Err(status) => return Some((false, End::because(tls::explain_status(&status)))),
     };
     let mut registered = false;
     let mut heartbeat = tokio::time::interval(Duration::from_secs(10));
@@ -80,6 +97,13 @@ async fn session(agent: &mut Agent, client_tls: &ClientTls, events: &mut mpsc::R
         tokio::select! {
             msg = inbound.message() => match msg {
                 Ok(Some(proto::BrokerMessage { msg: Some(msg) })) => {
+                    // The broker is going away: end the request stream (returning drops it) and
+                    // come back after its pause; attempts keep running meanwhile.
+                    if let In::Reconnect(r) = &msg {
+                        let after = Duration::from_millis(u64::from(r.after_ms));
+                        tracing::info!(reason = r.reason, ?after, "the broker asked to reconnect");
+                        return Some((registered, End(format!("the broker asked to reconnect: {}", r.reason), Some(after))));
+                    }
                     if let In::Registered(r) = &msg {
                         registered = true;
                         let every = Duration::from_millis(u64::from(r.heartbeat_interval_ms.max(50)));
@@ -89,12 +113,12 @@ async fn session(agent: &mut Agent, client_tls: &ClientTls, events: &mut mpsc::R
                     }
                     if let Some(reply) = on_message(agent, msg)
                         && !send(&tx, reply) {
-                            return (registered, End("outbox full".into()));
+                            return Some((registered, End::because("outbox full")));
                         }
                 }
                 Ok(Some(_)) => {}
-                Ok(None) => return (registered, End("the broker closed the stream".into())),
-                Err(status) => return (registered, End(tls::explain_status(&status))),
+                Ok(None) => return Some((registered, End::because("the broker closed the stream"))),
+                Err(status) => return Some((registered, End::because(tls::explain_status(&status)))),
             },
             Some(ev) = events.recv() => {
                 let is_output = matches!(ev, AttemptEvent::Output { .. });
@@ -103,19 +127,28 @@ async fn session(agent: &mut Agent, client_tls: &ClientTls, events: &mut mpsc::R
                     if is_output {
                         let _ = tx.try_send(msg); // output is best effort; the work dir keeps all of it
                     } else if tx.send(msg).await.is_err() {
-                        return (registered, End("stream closed".into()));
+                        return Some((registered, End::because("stream closed")));
                     }
                 }
+            }
+            () = shutdown.as_mut() => {
+                // End our half, and give the broker a moment to end its own: the stream closes
+                // cleanly instead of being reset.
+                drop(tx);
+                let hangup = async { while let Ok(Some(_)) = inbound.message().await {} };
+                let clean = tokio::time::timeout(HANGUP_WAIT, hangup).await.is_ok();
+                tracing::info!(clean, "broker session ended: the agent is stopping");
+                return None;
             }
             _ = heartbeat.tick() => {
                 let hb = Out::Heartbeat(proto::Heartbeat { inventory: Some(agent.inventory().into()) });
                 if !send(&tx, hb) {
-                    return (registered, End("outbox full".into()));
+                    return Some((registered, End::because("outbox full")));
                 }
             }
         }
         if tx.is_closed() {
-            return (registered, End("the request stream closed".into()));
+            return Some((registered, End::because("the request stream closed")));
         }
     }
 }
@@ -140,6 +173,7 @@ fn on_message(agent: &mut Agent, msg: In) -> Option<Out> {
             agent.ack(&ack);
             None
         }
+        // Reconnect ends the session (`session`).
         In::Reconnect(_) | In::Renewed(_) => None,
     }
 }

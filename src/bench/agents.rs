@@ -112,6 +112,8 @@ impl Fleet {
 enum End {
     Stop,
     Storm,
+    /// The broker is going away: connect again after this pause.
+    Reconnect(Duration),
     /// The connection failed or broke; whether it had registered.
     Broke {
         registered: bool,
@@ -142,6 +144,13 @@ impl Agent {
             match end {
                 End::Stop => return,
                 End::Storm => failures = 0,
+                End::Reconnect(after) => {
+                    failures = 1;
+                    tokio::select! {
+                        () = tokio::time::sleep(after) => {}
+                        _ = stop.changed() => return,
+                    }
+                }
                 End::Broke { registered } => {
                     failures = if registered { 1 } else { failures.saturating_add(1) };
                     let pause = policy.delay(failures, None, fastrand::f64());
@@ -201,6 +210,9 @@ impl Agent {
                         }
                         return End::Broke { registered };
                     };
+                    if let In::Reconnect(r) = &msg {
+                        return End::Reconnect(Duration::from_millis(u64::from(r.after_ms)));
+                    }
                     if let In::Registered(r) = &msg {
                         registered = true;
                         *setup = None;
@@ -253,6 +265,7 @@ impl Agent {
                 None
             }
             In::Stop(_) => None, // every attempt has already exited
+            // Reconnect ends the session (`session`).
             In::Reconnect(_) | In::Renewed(_) => None,
         }
     }

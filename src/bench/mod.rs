@@ -71,8 +71,13 @@ pub struct BenchArgs {
     #[arg(long)]
     pub storm: bool,
     /// `kill -9` the broker when half the jobs are acknowledged, restart it on the same port.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "restart_broker")]
     pub kill_broker: bool,
+    /// `kill -TERM` the broker when half the jobs are acknowledged (a clean stop: agents are told
+    /// to reconnect), restart it on the same port; reports the time to exit and until all agents
+    /// are back.
+    #[arg(long)]
+    pub restart_broker: bool,
     /// Where the PKI, config, database, logs and result go; default: a fresh temporary directory.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
@@ -129,6 +134,8 @@ pub fn raise_open_file_limit() -> anyhow::Result<u64> {
     Ok(hard)
 }
 
+/// How long `--restart-broker` waits for the broker to exit after SIGTERM (its grace is 10 s).
+const TERM_PATIENCE: Duration = Duration::from_secs(30);
 /// How often progress is printed.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// Longest the fleet may take to (re)connect.
@@ -322,8 +329,8 @@ impl Run<'_> {
                 }
             }
             let rec = &self.watch.rec;
-            if args.kill_broker && kill.is_none() && rec.submitted() >= args.jobs.div_ceil(2) {
-                kill = Some(self.kill().await?);
+            if (args.kill_broker || args.restart_broker) && kill.is_none() && rec.submitted() >= args.jobs.div_ceil(2) {
+                kill = Some(self.kill(args.restart_broker).await?);
             }
             if let Some((k, at, failures)) = &mut kill
                 && k.reregistered_seconds.is_none()
@@ -337,6 +344,15 @@ impl Run<'_> {
                 break;
             }
         }
+        // The jobs may all be done before every agent is back (they return spread over the
+        // broker's reconnect jitter): the time until all are back is still measured.
+        if let Some((k, at, failures)) = &mut kill
+            && k.reregistered_seconds.is_none()
+        {
+            self.watch.until_registered(args.agents).await?;
+            k.reregistered_seconds = Some(at.elapsed().as_secs_f64());
+            k.failed_connects = self.fleet.failures() - *failures;
+        }
         let rec = &self.watch.rec;
         let run_seconds = rec.window().map_or(0.0, |(first, last)| last.duration_since(first).as_secs_f64());
         println!("{} of {} jobs completed in {run_seconds:.2} s", rec.completed(), args.jobs);
@@ -349,19 +365,30 @@ impl Run<'_> {
         })
     }
 
-    /// `kill -9`s the broker, restarts it and waits until it serves; returns the record so far,
-    /// when it was killed and the fleet's failure count then.
-    async fn kill(&mut self) -> anyhow::Result<(Kill, Instant, u64)> {
+    /// `kill -9`s the broker (with `graceful`, SIGTERM and its exit awaited), restarts it and waits
+    /// until it serves; returns the record so far, when it was stopped and the fleet's failure
+    /// count then.
+    async fn kill(&mut self, graceful: bool) -> anyhow::Result<(Kill, Instant, u64)> {
         let acknowledged_at_kill = self.watch.rec.submitted();
-        println!("killing the broker (kill -9) with {acknowledged_at_kill} jobs acknowledged");
+        let signal = if graceful { "SIGTERM" } else { "kill -9" };
+        println!("stopping the broker ({signal}) with {acknowledged_at_kill} jobs acknowledged");
         let failures = self.fleet.failures();
         let at = Instant::now();
         self.watch.rec.reset_registered();
-        self.broker.kill_and_restart().await?;
+        let exit_seconds = if graceful {
+            let exited = self.broker.terminate_and_restart(TERM_PATIENCE).await?;
+            println!("broker exited {:.2} s after SIGTERM", exited.as_secs_f64());
+            Some(exited.as_secs_f64())
+        } else {
+            self.broker.kill_and_restart().await?;
+            None
+        };
         self.broker.wait_serving(self.admin).await?;
         let restart_seconds = at.elapsed().as_secs_f64();
         println!("broker (pid {}) serving again after {restart_seconds:.2} s", self.broker.pid());
         let kill = Kill {
+            signal,
+            exit_seconds,
             acknowledged_at_kill,
             acknowledged: 0,
             lost: 0,

@@ -98,6 +98,28 @@ impl Broker {
         Ok(())
     }
 
+    /// Stops the broker with SIGTERM, waits for it to exit (`kill -9` after `patience`) and starts
+    /// it again on the same port; returns how long it took to exit.
+    pub async fn terminate_and_restart(&mut self, patience: Duration) -> anyhow::Result<Duration> {
+        let last = self.stats();
+        let at = Instant::now();
+        if let Some(pid) = self.child.id() {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).context("signalling the broker")?;
+        }
+        if tokio::time::timeout(patience, self.child.wait()).await.is_err() {
+            tracing::warn!("the broker did not exit within {patience:?} of SIGTERM; killing it");
+            self.child.start_kill().context("killing the broker")?;
+            self.child.wait().await.context("waiting for the killed broker")?;
+        }
+        let exited = at.elapsed();
+        self.cpu_before += last.cpu_seconds;
+        self.peak_before_kib = self.peak_before_kib.max(last.peak_rss_kib);
+        let _ = std::fs::remove_file(&self.addr_file);
+        self.child = spawn(&self.config, &self.addr_file, &self.log, Some(self.addr))?;
+        Ok(exited)
+    }
+
     /// Waits until the broker answers health checks (it loads its store before serving).
     pub async fn wait_serving(&mut self, admin: &Arc<ClientConfig>) -> anyhow::Result<()> {
         let started = Instant::now();

@@ -86,6 +86,10 @@ pub struct Storm {
 /// The broker killed with SIGKILL mid-load.
 #[derive(Debug, Clone, Serialize)]
 pub struct Kill {
+    /// How the broker was stopped: `kill -9`, or `SIGTERM` (`--restart-broker`).
+    pub signal: &'static str,
+    /// From SIGTERM until the broker had exited (none for `kill -9`).
+    pub exit_seconds: Option<f64>,
     /// Jobs acknowledged when it was killed.
     pub acknowledged_at_kill: usize,
     /// Jobs acknowledged over the whole run.
@@ -141,13 +145,24 @@ impl Report {
             rows.push(("storm: failed connects", s.failed_connects.to_string()));
         }
         if let Some(k) = &self.kill {
-            rows.push(("kill: acknowledged (at kill)", format!("{} ({})", k.acknowledged, k.acknowledged_at_kill)));
-            rows.push(("kill: lost", k.lost.to_string()));
-            rows.push(("kill: completed twice", k.completed_twice.to_string()));
-            rows.push(("kill: restart to serving", format!("{:.2} s", k.restart_seconds)));
+            let graceful = k.exit_seconds.is_some();
+            let label = |kill: &'static str, term: &'static str| if graceful { term } else { kill };
+            rows.push((
+                label("kill: acknowledged (at kill)", "restart: acknowledged (at SIGTERM)"),
+                format!("{} ({})", k.acknowledged, k.acknowledged_at_kill),
+            ));
+            if let Some(exit) = k.exit_seconds {
+                rows.push(("restart: SIGTERM to exit", format!("{exit:.2} s")));
+            }
+            rows.push((label("kill: lost", "restart: lost"), k.lost.to_string()));
+            rows.push((label("kill: completed twice", "restart: completed twice"), k.completed_twice.to_string()));
+            rows.push((
+                label("kill: restart to serving", "restart: stop to serving"),
+                format!("{:.2} s", k.restart_seconds),
+            ));
             let again = k.reregistered_seconds.map_or("not all".into(), |s| format!("{s:.2} s"));
-            rows.push(("kill: all agents back", again));
-            rows.push(("kill: failed connects", k.failed_connects.to_string()));
+            rows.push((label("kill: all agents back", "restart: all agents back"), again));
+            rows.push((label("kill: failed connects", "restart: failed connects"), k.failed_connects.to_string()));
         }
         rows.push(("result", if self.ok { "ok".into() } else { "FAILED".into() }));
         let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);

@@ -10,8 +10,10 @@ use super::core::Cmd;
 use super::keys::{KeyRing, KeyView};
 use super::revocations::RevocationAdmin;
 use crate::config::TenantConfig;
+use crate::error::ApiError;
 use crate::model::identity::Role;
 use crate::proto;
+use crate::store::Reader;
 use crate::tls;
 
 pub struct AdminService {
@@ -19,11 +21,13 @@ pub struct AdminService {
     keys: Arc<KeyRing>,
     tenants: Arc<HashMap<String, TenantConfig>>,
     revocation: Option<Arc<RevocationAdmin>>,
+    /// Reads the audit trail (`ListAdminEvents`).
+    reader: Option<Reader>,
 }
 
 impl AdminService {
     pub fn new(core: mpsc::Sender<Cmd>, keys: Arc<KeyRing>, tenants: Arc<HashMap<String, TenantConfig>>) -> Self {
-        Self { core, keys, tenants, revocation: None }
+        Self { core, keys, tenants, revocation: None, reader: None }
     }
 
     /// Serves `RevokeCertificates` and `ListRevocations` through `revocation`.
@@ -35,7 +39,17 @@ impl AdminService {
     fn revocation(&self) -> Result<&RevocationAdmin, Status> {
         self.revocation.as_deref().ok_or_else(|| Status::unimplemented("revocation is not enabled on this broker"))
     }
+
+    /// Serves the audit trail from `reader`.
+    pub fn with_reader(mut self, reader: Reader) -> Self {
+        self.reader = Some(reader);
+        self
+    }
 }
+
+/// Most audit events one `ListAdminEvents` returns (and its default).
+const MAX_ADMIN_EVENTS: u32 = 1000;
+const DEFAULT_ADMIN_EVENTS: u32 = 50;
 
 impl From<KeyView> for proto::KeyInfo {
     fn from(k: KeyView) -> Self {
@@ -132,8 +146,13 @@ impl proto::admin_service_server::AdminService for AdminService {
         &self,
         req: Request<proto::RemoveAgentRequest>,
     ) -> Result<Response<proto::AgentInfo>, Status> {
-        tls::require_role(&req, &[Role::Admin])?;
-        Err(Status::unimplemented("remove_agent is not built yet"))
+        let who = tls::require_role(&req, &[Role::Admin])?;
+        let proto::RemoveAgentRequest { agent_id: agent, force } = req.into_inner();
+        let (tx, rx) = oneshot::channel();
+        let cmd = Cmd::RemoveAgent { agent, force, actor: who.uri(), reply: tx };
+        self.core.send(cmd).await.map_err(|_| unavailable())?;
+        let view = rx.await.map_err(|_| unavailable())??;
+        Ok(Response::new(view.into()))
     }
 
     async fn list_admin_events(
@@ -141,7 +160,23 @@ impl proto::admin_service_server::AdminService for AdminService {
         req: Request<proto::ListAdminEventsRequest>,
     ) -> Result<Response<proto::ListAdminEventsResponse>, Status> {
         tls::require_role(&req, &[Role::Admin])?;
-        Err(Status::unimplemented("list_admin_events is not built yet"))
+        let limit = match req.into_inner().limit {
+            0 => DEFAULT_ADMIN_EVENTS,
+            n => n.min(MAX_ADMIN_EVENTS),
+        };
+        let reader = self.reader.as_ref().ok_or_else(unavailable)?;
+        let events = reader.admin_events(limit).await.map_err(ApiError::from)?;
+        let events = events
+            .into_iter()
+            .map(|e| proto::AdminEvent {
+                at_ms: e.at,
+                actor: e.actor,
+                action: e.action,
+                target: e.target,
+                detail: e.detail,
+            })
+            .collect();
+        Ok(Response::new(proto::ListAdminEventsResponse { events }))
     }
 }
 

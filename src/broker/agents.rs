@@ -191,6 +191,10 @@ impl From<AgentMessage> for Out {
                 Out::Stop(proto::StopAttempt { job_id, attempt, epoch, reason })
             }
             AgentMessage::Ack { job_id, epoch } => Out::Ack(proto::Ack { job_id, epoch }),
+            AgentMessage::Reconnect { after, reason } => Out::Reconnect(proto::Reconnect {
+                after_ms: after.as_millis().min(u128::from(u32::MAX)) as u32,
+                reason,
+            }),
         }
     }
 }

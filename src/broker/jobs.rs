@@ -43,6 +43,8 @@ pub struct JobServiceParts {
     pub data: Arc<DataPlane>,
     /// The current prices, the age past which they are stale, and the sites (for `Prices`).
     pub prices: (Prices, std::time::Duration, Arc<Vec<crate::model::site::Site>>),
+    /// Turns true when the broker stops: watch streams end (UNAVAILABLE) so their callers hang up.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 pub struct JobService {
@@ -55,6 +57,7 @@ pub struct JobService {
     data: Arc<DataPlane>,
     /// The current prices and the age past which they count as stale.
     prices: (Prices, std::time::Duration, Arc<Vec<crate::model::site::Site>>),
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl JobService {
@@ -127,8 +130,8 @@ impl JobService {
         events: broadcast::Sender<JobEvent>,
         parts: JobServiceParts,
     ) -> Self {
-        let JobServiceParts { max_spec_bytes, tenants, keys, data, prices } = parts;
-        Self { core, reader, events, max_spec_bytes, tenants, keys, data, prices }
+        let JobServiceParts { max_spec_bytes, tenants, keys, data, prices, stopping } = parts;
+        Self { core, reader, events, max_spec_bytes, tenants, keys, data, prices, stopping }
     }
 
     async fn agent_view(&self, agent_id: String) -> Result<AgentView, Status> {
@@ -307,6 +310,7 @@ impl proto::job_service_server::JobService for JobService {
         // Subscribe before reading history, so no event falls between the two.
         let mut live = self.events.subscribe();
         let reader = self.reader.clone();
+        let mut stopping = self.stopping.clone();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             let mut last = req.after_seq;
@@ -329,6 +333,7 @@ impl proto::job_service_server::JobService for JobService {
                 // A watcher that went away must not keep a receiver of every event alive.
                 let next = tokio::select! {
                     () = tx.closed() => return,
+                    _ = stopping.wait_for(|stop| *stop) => Err(broadcast::error::RecvError::Closed),
                     next = live.recv() => next,
                 };
                 match next {
@@ -399,9 +404,9 @@ impl proto::job_service_server::JobService for JobService {
     }
 
     async fn drain_agent(&self, req: Request<proto::DrainAgentRequest>) -> Result<Response<proto::AgentInfo>, Status> {
-        tls::require_role(&req, CALLERS)?;
+        let actor = tls::require_role(&req, CALLERS)?.uri();
         let agent = req.into_inner().agent_id;
-        let view = self.ask(|reply| Cmd::Drain { agent, reply }).await??;
+        let view = self.ask(|reply| Cmd::Drain { agent, actor, reply }).await??;
         Ok(Response::new(view.into()))
     }
 
@@ -409,8 +414,10 @@ impl proto::job_service_server::JobService for JobService {
         &self,
         req: Request<proto::DrainAgentRequest>,
     ) -> Result<Response<proto::AgentInfo>, Status> {
-        tls::require_role(&req, CALLERS)?;
-        Err(Status::unimplemented("undrain is not built yet"))
+        let actor = tls::require_role(&req, CALLERS)?.uri();
+        let agent = req.into_inner().agent_id;
+        let view = self.ask(|reply| Cmd::Undrain { agent, actor, reply }).await??;
+        Ok(Response::new(view.into()))
     }
 
     async fn authenticate(

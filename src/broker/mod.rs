@@ -17,7 +17,7 @@ mod tail;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -32,6 +32,8 @@ use crate::{store, tls};
 
 /// Commands waiting for the core; submitters wait (backpressure) when it is full.
 const CORE_QUEUE: usize = 65_536;
+/// Agents told to reconnect at a stop come back spread over this long.
+const RECONNECT_JITTER: Duration = Duration::from_secs(2);
 /// Job events buffered for watchers; a watcher that falls further behind re-reads the store.
 const EVENT_BUFFER: usize = 65_536;
 
@@ -82,13 +84,16 @@ pub async fn run(
     health.set_serving::<JobServiceServer<jobs::JobService>>().await;
     health.set_serving::<AgentServiceServer<agents::AgentService>>().await;
     health.set_serving::<AdminServiceServer<admin::AdminService>>().await;
+    let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
     let parts = jobs::JobServiceParts {
         max_spec_bytes: config.limits.max_spec_bytes,
         tenants: tenants.clone(),
         keys: keys.clone(),
         data: data.clone(),
         prices: (prices.clone(), config.placement.price_max_age.0, Arc::new(config.sites.clone())),
+        stopping: stopping_rx,
     };
+    let admin_service = admin::AdminService::new(core_tx.clone(), keys, tenants).with_reader(reader.clone());
     let job_service = jobs::JobService::new(core_tx.clone(), reader, events, parts);
     let revocation = Arc::new(revocations::RevocationAdmin {
         core: core_tx.clone(),
@@ -97,10 +102,11 @@ pub async fn run(
         trust_domain: trust_domain.clone(),
         own: tls::PeerCert::from_pem_file(&config.tls.cert).context("broker certificate")?,
     });
-    let admin_service = admin::AdminService::new(core_tx.clone(), keys, tenants).with_revocation(revocation);
-    let agent_service = agents::AgentService::new(core_tx, data, dedicated);
+    let admin_service = admin_service.with_revocation(revocation);
+    let agent_service = agents::AgentService::new(core_tx.clone(), data, dedicated);
     let addr = listener.local_addr()?;
     tracing::info!(%addr, trust_domain, "broker listening");
+    let (stop_accepting, stop_accepting_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -110,13 +116,61 @@ pub async fn run(
         .add_service(JobServiceServer::new(job_service).max_decoding_message_size(8 << 20))
         .add_service(AgentServiceServer::new(agent_service))
         .add_service(AdminServiceServer::new(admin_service))
-        .serve_with_incoming_shutdown(tls::tls_incoming_served(listener, server_tls), shutdown);
+        .serve_with_incoming_shutdown(tls::tls_incoming_served(listener, server_tls), async {
+            let _ = stop_accepting_rx.await;
+        });
+    tokio::pin!(server);
+    tokio::pin!(shutdown);
     tokio::select! {
-        served = server => served.context("broker server")?,
+        served = &mut server => return served.context("broker server"),
         stopped = &mut core_task => {
             stopped.context("broker core panicked")?.context("broker core stopped")?;
+            return Ok(());
+        }
+        () = &mut shutdown => {}
+    }
+    // SIGTERM: stop accepting, send agents away, drain the core, and exit within the grace.
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + config.broker.shutdown_grace.0;
+    health.set_not_serving::<JobServiceServer<jobs::JobService>>().await;
+    health.set_not_serving::<AgentServiceServer<agents::AgentService>>().await;
+    health.set_not_serving::<AdminServiceServer<admin::AdminService>>().await;
+    let _ = stop_accepting.send(());
+    let _ = stopping.send(true);
+    tracing::info!(elapsed = ?started.elapsed(), "broker stopped accepting");
+    let (told_tx, told_rx) = tokio::sync::oneshot::channel();
+    let cmd = core::Cmd::Shutdown { jitter: RECONNECT_JITTER, seed: fastrand::u64(..), reply: told_tx };
+    let drained = async move {
+        core_tx.send(cmd).await.ok()?;
+        drop(core_tx);
+        told_rx.await.ok()
+    };
+    tokio::select! {
+        told = tokio::time::timeout_at(deadline, drained) => match told {
+            Ok(Some(told)) => {
+                tracing::info!(elapsed = ?started.elapsed(), "told {told} agents to reconnect");
+                tracing::info!(elapsed = ?started.elapsed(), "core drained: every command queued before the stop is committed");
+            }
+            Ok(None) => tracing::warn!("the core stopped before it was drained"),
+            Err(_) => tracing::warn!("the core was not drained within the shutdown grace"),
+        },
+        stopped = &mut core_task => {
+            stopped.context("broker core panicked")?.context("broker core stopped")?;
+            return Ok(());
         }
     }
+    // Agents hang up once their streams end; calls in flight finish. Streams of clients that never
+    // end their half (hung or old agents) would hold the server forever: the grace bounds them.
+    match tokio::time::timeout_at(deadline, &mut server).await {
+        Ok(served) => served.context("broker server")?,
+        Err(_) => tracing::warn!("connections still open after the shutdown grace; closing them"),
+    }
+    // The core commits what the last calls sent, then stops when their senders are gone.
+    match tokio::time::timeout_at(deadline, &mut core_task).await {
+        Ok(stopped) => stopped.context("broker core panicked")?.context("broker core stopped")?,
+        Err(_) => tracing::warn!("commands still arriving after the shutdown grace; stopping the core"),
+    }
+    tracing::info!("exiting after {:?}", started.elapsed());
     Ok(())
 }
 

@@ -158,6 +158,11 @@ enum AgentsCommand {
         #[arg(value_name = "SITE/NODE", value_parser = parse_agent_id)]
         id: String,
     },
+    /// Give a drained agent new work again.
+    Undrain {
+        #[arg(value_name = "SITE/NODE", value_parser = parse_agent_id)]
+        id: String,
+    },
 }
 
 fn parse_state(s: &str) -> Result<String, String> {
@@ -364,9 +369,10 @@ async fn agents(args: AgentsArgs) -> anyhow::Result<i32> {
             let value = gw.json(gw.request(Method::GET, &["v1", "agents", site, node], false)).await?;
             (value.clone(), typed::<Agent>(value)?)
         }
-        AgentsCommand::Drain { id } => {
+        AgentsCommand::Drain { id } | AgentsCommand::Undrain { id } => {
+            let action = if matches!(args.command, AgentsCommand::Drain { .. }) { "drain" } else { "undrain" };
             let (site, node) = id.split_once('/').expect("checked by the parser");
-            let value = gw.json(gw.request(Method::POST, &["v1", "agents", site, node, "drain"], false)).await?;
+            let value = gw.json(gw.request(Method::POST, &["v1", "agents", site, node, action], false)).await?;
             (value.clone(), typed::<Agent>(value)?)
         }
     };

@@ -77,6 +77,14 @@ pub struct BrokerSection {
     /// How long a new connection may take to send its ClientHello.
     #[serde(default = "default_client_hello_timeout")]
     pub client_hello_timeout: HumanDuration,
+    /// On SIGTERM: how long the broker waits for agents to hang up and in-flight calls to finish
+    /// before it exits anyway.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace: HumanDuration,
+}
+
+fn default_shutdown_grace() -> HumanDuration {
+    Duration::from_secs(10).into()
 }
 
 fn default_unfinished_per_source() -> usize {
@@ -99,6 +107,7 @@ impl BrokerSection {
             max_unfinished_handshakes_per_source: default_unfinished_per_source(),
             max_unfinished_handshakes: default_unfinished_total(),
             client_hello_timeout: default_client_hello_timeout(),
+            shutdown_grace: default_shutdown_grace(),
         }
     }
 

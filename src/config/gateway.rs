@@ -64,6 +64,14 @@ pub struct GatewaySection {
     /// Event streams and followed logs a tenant may have open at once (429 beyond).
     #[serde(default = "default_max_streams_per_tenant")]
     pub max_streams_per_tenant: u32,
+    /// On SIGTERM: how long open requests may take to finish (event streams end at once) before
+    /// the gateway exits anyway.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace: crate::model::duration::HumanDuration,
+}
+
+fn default_shutdown_grace() -> crate::model::duration::HumanDuration {
+    std::time::Duration::from_secs(10).into()
 }
 
 fn default_max_body_bytes() -> usize {
@@ -102,6 +110,7 @@ impl Default for GatewaySection {
             trusted_proxy_header: None,
             trusted_proxies: Vec::new(),
             max_streams_per_tenant: default_max_streams_per_tenant(),
+            shutdown_grace: default_shutdown_grace(),
         }
     }
 }

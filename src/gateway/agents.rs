@@ -64,3 +64,23 @@ pub async fn drain(
     let request = proto::DrainAgentRequest { agent_id: format!("{site}/{node}") };
     Ok(Json(state.jobs().drain_agent(request).await?.into_inner().into()))
 }
+
+/// Undrain an agent: it takes new work again (admin tenants only).
+#[utoipa::path(
+    post,
+    path = "/v1/agents/{site}/{node}/undrain",
+    operation_id = "undrain_agent",
+    tag = "agents",
+    params(("site" = String, Path, description = "The agent's site"), ("node" = String, Path, description = "The node")),
+    responses((status = 200, description = "The agent, taking work", body = Agent), Forbidden, NotFound, TenantErrors),
+    security(("bearer" = []))
+)]
+pub async fn undrain(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path((site, node)): Path<(String, String)>,
+) -> Result<Json<Agent>, HttpError> {
+    tenant.require_admin()?;
+    let request = proto::DrainAgentRequest { agent_id: format!("{site}/{node}") };
+    Ok(Json(state.jobs().undrain_agent(request).await?.into_inner().into()))
+}

@@ -181,7 +181,7 @@ pub async fn run(
         // Event and log streams end first, so their connections can finish.
         let _ = stopping_tx.send(true);
     };
-    serve::serve(listener, public_tls, app, shutdown).await;
+    serve::serve(listener, public_tls, app, shutdown, config.gateway.shutdown_grace.0).await;
     reloader.abort();
     Ok(())
 }

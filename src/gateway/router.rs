@@ -52,6 +52,7 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(agents::list))
         .routes(routes!(agents::get_agent))
         .routes(routes!(agents::drain))
+        .routes(routes!(agents::undrain))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(openapi_json))

@@ -20,6 +20,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/agents"),
     ("get", "/v1/agents/{site}/{node}"),
     ("post", "/v1/agents/{site}/{node}/drain"),
+    ("post", "/v1/agents/{site}/{node}/undrain"),
     ("get", "/v1/jobs"),
     ("post", "/v1/jobs"),
     ("get", "/v1/jobs/{id}"),

@@ -28,8 +28,6 @@ use crate::tls::{Connection, HandshakeGate, HandshakeLimits, ServerTls, accept_c
 /// Longest a client may take for its request headers (the TLS handshake's bounds are
 /// [`HandshakeLimits`]'s).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long shutdown waits for open connections before dropping them.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Errors setting up the public listener.
 #[derive(Debug, thiserror::Error)]
@@ -58,12 +56,14 @@ pub fn public_tls(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, ServeErr
     Ok(Arc::new(config))
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves, then drains connections.
+/// Serves `router` on `listener` until `shutdown` resolves, then drains connections for at most
+/// `grace`.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<ServerConfig>>,
     router: Router,
     shutdown: impl Future<Output = ()> + Send,
+    grace: Duration,
 ) {
     // The broker's limits on unfinished handshakes: a ClientHello within 3 s, at most 1,024
     // unfinished per client address. Plain HTTP (loopback only) has no handshakes to limit.
@@ -76,16 +76,16 @@ pub async fn serve(
         async move { serve_connection(&builder, connection, peer, router, closing).await }
     };
     let mut connections = accept_connections("gateway", listener, tls, shutdown, serve_one).await;
+    let started = std::time::Instant::now();
     let _ = closing_tx.send(true);
     let open = connections.len();
-    if open > 0 {
-        tracing::info!(open, "waiting for open connections to finish");
-    }
-    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async { while connections.join_next().await.is_some() {} }).await;
+    tracing::info!(open, "gateway stopped accepting; waiting up to {grace:?} for open connections to finish");
+    let drained = tokio::time::timeout(grace, async { while connections.join_next().await.is_some() {} }).await;
     if drained.is_err() {
-        tracing::warn!(left = connections.len(), "dropping connections still open after {DRAIN_TIMEOUT:?}");
+        tracing::warn!(left = connections.len(), "dropping connections still open after {grace:?}");
         connections.abort_all();
     }
+    tracing::info!("gateway exiting after {:?}", started.elapsed());
 }
 
 /// One connection, HTTP/1.1 or HTTP/2; finishes gracefully once `closing` turns true. Every

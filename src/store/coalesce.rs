@@ -15,6 +15,9 @@
 //!   or the job existed and its `NewJob` fails): [`Folded::attempts_first`] asks for the attempts
 //!   to be inserted before the jobs, so that it fails too.
 //!
+//! - a `RemoveAgent` deletes a row, after which the same id may be inserted again with a new rowid:
+//!   a batch holding one writes every agent write of its own, in order ([`Folded::agent_writes`]);
+//!   the agents table has no foreign keys, so its writes may run before or after the other tables';
 //! - an `Identity` write touches only tables no other write touches (join tokens, revocations, the
 //!   admin audit trail): they are kept as they are, in order, and written after the rest.
 //!
@@ -84,6 +87,9 @@ pub struct Folded<'a> {
     /// Agents with a draining write: its last value, for an agent that existed before the batch.
     pub agent_draining: Vec<(&'a str, bool)>,
     pub agents: Vec<AgentUpsert<'a>>,
+    /// The batch's agent writes (`Agent`, `AgentDraining`, `RemoveAgent`) one by one, in order,
+    /// when it removes an agent (removals are rare); `agent_draining` and `agents` are empty then.
+    pub agent_writes: Vec<&'a Write>,
     pub new_keys: Vec<NewKey<'a>>,
     pub key_changes: Vec<KeyChange<'a>>,
     /// The identity tables' writes, unfolded, in batch order (written last).
@@ -121,9 +127,14 @@ pub fn fold(batch: &Batch) -> Folded<'_> {
     let mut agents: HashMap<&str, AgentSlot> = HashMap::new();
     let mut keys: HashMap<&str, KeySlot> = HashMap::new();
     let mut key_changes: Vec<Option<KeyChange>> = Vec::new();
+    let agents_in_order = batch.writes.iter().any(|w| matches!(w, Write::RemoveAgent { .. }));
 
     for write in &batch.writes {
         match write {
+            Write::Agent(_) | Write::AgentDraining { .. } | Write::RemoveAgent { .. } if agents_in_order => {
+                f.agent_writes.push(write);
+            }
+            Write::RemoveAgent { .. } => unreachable!("a batch with a removal writes its agents in order"),
             Write::NewJob { job: j, status } => match jobs.entry(j.id.as_str()) {
                 Entry::Occupied(mut e) => match *e.get() {
                     Slot::Insert(_) => f.new_jobs.push(NewJob { new: j, last: status }),

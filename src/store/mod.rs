@@ -230,6 +230,10 @@ pub enum Write {
         id: String,
         draining: bool,
     },
+    /// Deletes the agent's row (an agent removed by an admin); nothing when there is none.
+    RemoveAgent {
+        id: String,
+    },
     NewKey(KeyRecord),
     RevokeKey {
         key_id: String,

@@ -189,6 +189,33 @@ impl Writer {
             }
             q.execute(&mut *tx).await?;
         }
+        // A batch that removes an agent writes its agents one by one, in order.
+        for write in &f.agent_writes {
+            match write {
+                super::Write::Agent(a) => {
+                    sqlx::query(UPSERT_AGENTS.sql(1))
+                        .bind(&a.id)
+                        .bind(&a.site)
+                        .bind(&a.node)
+                        .bind(&a.inventory_json)
+                        .bind(a.last_seen)
+                        .bind(a.draining)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                super::Write::AgentDraining { id, draining } => {
+                    sqlx::query("UPDATE agents SET draining = ? WHERE id = ?")
+                        .bind(draining)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                super::Write::RemoveAgent { id } => {
+                    sqlx::query("DELETE FROM agents WHERE id = ?").bind(id).execute(&mut *tx).await?;
+                }
+                _ => unreachable!("only agent writes are kept in order"),
+            }
+        }
         // Draining first: for agents that existed, the upsert below leaves it as set here.
         for rows in chunks(&f.agent_draining) {
             let mut q = sqlx::query(UPDATE_AGENTS_DRAINING.sql(rows.len()));

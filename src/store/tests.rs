@@ -264,6 +264,9 @@ mod reference {
                     .execute(&mut *tx)
                     .await?;
                 }
+                Write::RemoveAgent { id } => {
+                    sqlx::query("DELETE FROM agents WHERE id = ?").bind(id).execute(&mut *tx).await?;
+                }
                 Write::AgentDraining { id, draining } => {
                     sqlx::query("UPDATE agents SET draining = ? WHERE id = ?")
                         .bind(draining)
@@ -541,7 +544,8 @@ mod model {
                         last_seen: millis(rng),
                         draining: rng.bool(),
                     }),
-                    90..93 => Write::AgentDraining { id: format!("agent-{}", rng.u8(..5)), draining: rng.bool() },
+                    90..92 => Write::AgentDraining { id: format!("agent-{}", rng.u8(..5)), draining: rng.bool() },
+                    92..93 => Write::RemoveAgent { id: format!("agent-{}", rng.u8(..5)) },
                     93..95 => {
                         let key_id = match pick(rng, &self.keys).filter(|_| bad) {
                             Some(id) => id.clone(),

@@ -77,3 +77,31 @@ fn a_small_bench_with_sites_places_every_job_through_the_engine_on_the_onprem_ag
     assert!(sites.iter().all(|s| ["lab-0", "lab-1", "lab-2", "lab-3"].contains(s)), "{result}");
     assert_eq!(per_site.values().map(|n| n.as_u64().unwrap()).sum::<u64>(), 1000, "{result}");
 }
+
+#[test]
+fn a_small_bench_with_a_clean_broker_restart_loses_and_repeats_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("result.json");
+    let out = Command::new(BIN)
+        .args(["bench", "--agents", "20", "--jobs", "2000", "--restart-broker"])
+        .args(["--lease-ttl", "5s", "--deadline", "50s", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .arg("--out")
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let log = std::fs::read_to_string(dir.path().join("state/broker.log")).unwrap_or_default();
+    assert!(out.status.success(), "bench failed\nstdout:\n{stdout}\nbroker log:\n{log}");
+    let result: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out_path).unwrap()).unwrap();
+    let restart = &result["kill"];
+    assert_eq!((restart["signal"].as_str(), &result["ok"]), (Some("SIGTERM"), &true.into()), "{result}");
+    assert_eq!(
+        (&restart["lost"], &restart["completed_twice"], &result["extra_jobs"]),
+        (&0.into(), &0.into(), &0.into())
+    );
+    // Well inside the broker's 10 s grace: the agents hang up when told to reconnect.
+    assert!(restart["exit_seconds"].as_f64().unwrap() < 10.0, "{result}");
+    assert!(restart["reregistered_seconds"].is_number(), "{result}");
+    assert!(log.contains("told 20 agents to reconnect"), "{log}");
+}

@@ -149,6 +149,13 @@ impl Cluster {
         }
     }
 
+    /// `kill -TERM` the broker and wait for it to exit; returns how long it took. Panics (after a
+    /// `kill -9`) when it is still running after `deadline`.
+    pub fn terminate_broker(&mut self, deadline: Duration) -> Duration {
+        let mut child = self.broker.take().expect("broker started");
+        terminate(&mut child, deadline, "broker", &self.path("broker.log"))
+    }
+
     pub fn start_agent(&mut self, node: &str, gpus: &str) {
         let tls = self.issue(Role::Agent, node, Some("lab"));
         let config = format!(
@@ -328,6 +335,33 @@ pub struct Gateway {
 impl Gateway {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `kill -TERM` the gateway and wait for it to exit; returns how long it took (panics past
+    /// `deadline`).
+    pub fn terminate(&mut self, deadline: Duration) -> Duration {
+        terminate(&mut self.child, deadline, "gateway", &self.log)
+    }
+}
+
+/// SIGTERM to `child`, then its exit awaited until `deadline` (then `kill -9` and a panic).
+fn terminate(child: &mut Child, deadline: Duration, what: &str, log: &Path) -> Duration {
+    use nix::sys::signal::{Signal, kill};
+    let started = Instant::now();
+    kill(nix::unistd::Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return started.elapsed();
+        }
+        if started.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{what} still running {deadline:?} after SIGTERM:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -25,6 +25,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/agents"),
     ("get", "/v1/agents/{site}/{node}"),
     ("post", "/v1/agents/{site}/{node}/drain"),
+    ("post", "/v1/agents/{site}/{node}/undrain"),
     ("get", "/v1/jobs"),
     ("post", "/v1/jobs"),
     ("get", "/v1/jobs/{id}"),
@@ -255,6 +256,13 @@ async fn tenants_never_see_each_others_jobs_and_only_admins_see_agents() {
     assert_eq!((status, &drained["draining"]), (StatusCode::OK, &json!(true)), "{drained}");
     let (_, _, agent) = ops.get("/v1/agents/lab/node-a").await;
     assert_eq!(agent["draining"], true, "{agent}");
+    let (status, headers, body) = send(acme.request(Method::POST, "/v1/agents/lab/node-a/undrain")).await;
+    problem(status, &headers, &body, StatusCode::FORBIDDEN);
+    let (status, _, undrained) = send(ops.request(Method::POST, "/v1/agents/lab/node-a/undrain")).await;
+    assert_eq!((status, &undrained["draining"]), (StatusCode::OK, &json!(false)), "{undrained}");
+    let (_, _, agent) = ops.get("/v1/agents/lab/node-a").await;
+    assert_eq!(agent["draining"], false, "{agent}");
+    send(ops.request(Method::POST, "/v1/agents/lab/node-a/drain")).await;
 
     // The owner cancels; a second cancel is a conflict.
     let (status, _, job) = acme.post(&format!("/v1/jobs/{a}/cancel"), &json!({"reason": "changed my mind"})).await;

@@ -102,6 +102,12 @@ impl Driver {
                 self.core.stream_lost(&agent, id);
             }
         }
+        // Their last messages are queued: dropping the outbox ends the stream after them.
+        for (agent, conn) in out.ended {
+            if self.outboxes.get(&agent).is_some_and(|c| c.id == conn) {
+                self.outboxes.remove(&agent);
+            }
+        }
         // Job events travel in the batch; they are sent only when someone watches.
         if self.events.receiver_count() > 0 {
             for write in out.batch.writes {

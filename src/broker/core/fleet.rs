@@ -4,8 +4,11 @@
 use std::collections::HashMap;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use super::{Core, Effects};
+use crate::error::ApiError;
 use crate::model::agent::Inventory;
 use crate::placement::bind::FreeCapacity;
+use crate::store::{AdminEventRecord, IdentityWrite, Write};
 
 /// Resources held by one attempt on an agent.
 #[derive(Debug, Clone)]
@@ -155,6 +158,86 @@ impl AgentEntry {
             dedicated: self.dedicated.clone(),
         }
     }
+}
+
+impl Core {
+    /// Drains (`true`: no new work) or undrains an agent; a change is written with its audit event.
+    pub(super) fn set_draining(
+        &mut self,
+        agent: &str,
+        draining: bool,
+        actor: &str,
+        out: &mut Effects,
+    ) -> Result<AgentView, ApiError> {
+        let now = self.now;
+        let entry = self.agents.get_mut(agent).ok_or_else(|| ApiError::NotFound(format!("agent {agent} not found")))?;
+        if entry.draining != draining {
+            entry.draining = draining;
+            let action = if draining { "agent.drain" } else { "agent.undrain" };
+            tracing::info!(
+                agent,
+                actor,
+                action,
+                "{}",
+                if draining { "agent draining: no new work" } else { "agent undrained: takes new work" }
+            );
+            out.batch.push(Write::AgentDraining { id: agent.to_string(), draining });
+            out.batch.push(admin_event(now.ms, actor, action, agent, ""));
+        }
+        Ok(entry.view(now.at))
+    }
+
+    /// Forgets an agent: its row, its capacity and (on the next publish) its series. Refused while
+    /// it is connected unless `force`, which closes its stream; attempts it held are lost and queued
+    /// again, as when a lease is lost.
+    pub(super) fn remove_agent(
+        &mut self,
+        agent: &str,
+        force: bool,
+        actor: &str,
+        out: &mut Effects,
+    ) -> Result<AgentView, ApiError> {
+        let now = self.now;
+        let entry = self.agents.get(agent).ok_or_else(|| ApiError::NotFound(format!("agent {agent} not found")))?;
+        if entry.conn.is_some() && !force {
+            return Err(ApiError::FailedPrecondition(format!(
+                "agent {agent} is connected; stop it first, or remove it with --force (its running attempts are lost \
+                 and queued again)"
+            )));
+        }
+        let view = entry.view(now.at);
+        let held: Vec<(String, u64)> = entry.attempts().cloned().collect();
+        let conn = entry.conn;
+        for (job_id, epoch) in held {
+            self.lease_lost(&job_id, epoch, "the agent was removed", out);
+        }
+        if let Some(conn) = conn {
+            out.closed.push((agent.to_string(), conn));
+        }
+        self.agents.remove(agent);
+        let detail = if conn.is_some() { "forced while connected" } else { "" };
+        tracing::info!(agent, actor, force, "agent removed");
+        out.batch.push(Write::RemoveAgent { id: agent.to_string() });
+        out.batch.push(admin_event(now.ms, actor, "agent.remove", agent, detail));
+        Ok(view)
+    }
+}
+
+/// An audit-trail entry (`IdentityWrite::AdminEvent`), for every admin action the core applies.
+pub(super) fn admin_event(
+    at: crate::model::UnixMillis,
+    actor: &str,
+    action: &str,
+    target: &str,
+    detail: &str,
+) -> Write {
+    Write::Identity(IdentityWrite::AdminEvent(AdminEventRecord {
+        at,
+        actor: actor.to_string(),
+        action: action.to_string(),
+        target: target.to_string(),
+        detail: detail.to_string(),
+    }))
 }
 
 #[cfg(test)]

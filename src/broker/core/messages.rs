@@ -15,6 +15,9 @@ pub enum AgentMessage {
     Stop(StopAttempt),
     /// A final report was recorded (or refused for good): the agent may forget the attempt.
     Ack { job_id: String, epoch: u64 },
+    /// The broker is going away: end the session and connect again after `after` (to whichever
+    /// broker answers then).
+    Reconnect { after: Duration, reason: String },
 }
 
 /// What an agent needs to run one attempt.

@@ -20,10 +20,13 @@ mod messages;
 mod metrics;
 mod place;
 mod revocations;
+mod shutdown;
 mod trace;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_fleet;
 #[cfg(test)]
 mod tests_store;
 
@@ -154,9 +157,33 @@ pub enum Cmd {
     Agents {
         reply: oneshot::Sender<Vec<AgentView>>,
     },
+    /// No new work for the agent; `actor` (an identity URI) is kept in the audit trail.
     Drain {
         agent: String,
+        actor: String,
         reply: Reply<AgentView>,
+    },
+    /// The agent takes new work again.
+    Undrain {
+        agent: String,
+        actor: String,
+        reply: Reply<AgentView>,
+    },
+    /// Forget an agent that is gone: refused while it is connected unless `force` (then its
+    /// stream is closed and its attempts are lost and queued again).
+    RemoveAgent {
+        agent: String,
+        force: bool,
+        actor: String,
+        reply: Reply<AgentView>,
+    },
+    /// The broker is stopping: every connected agent is told to reconnect (after a pause drawn
+    /// below `jitter` from `seed`) and its stream ends; the reply (after the commit of every
+    /// command queued before) says how many were told.
+    Shutdown {
+        jitter: Duration,
+        seed: u64,
+        reply: oneshot::Sender<usize>,
     },
     AddKey {
         tenant: String,
@@ -235,6 +262,8 @@ pub struct Effects {
     pub messages: Vec<(String, AgentMessage)>,
     /// Streams to close: (agent, stream id); a stream that is no longer the agent's stays.
     pub closed: Vec<(String, u64)>,
+    /// Streams to end after this batch's messages were sent on them: (agent, stream id).
+    pub ended: Vec<(String, u64)>,
     /// Idempotency keys found in the store, and those submitted in this batch.
     keys: FoundKeys,
 }
@@ -291,6 +320,8 @@ pub struct Core {
     placement_hold_until: Option<Instant>,
     /// The clock of the batch being applied.
     now: Now,
+    /// Set by [`Cmd::Shutdown`] (its jitter and seed): agents that register are told to reconnect.
+    stopping: Option<(Duration, u64)>,
 }
 
 /// The broker's clock for stored timestamps.
@@ -311,6 +342,7 @@ impl Core {
             spent: HashMap::new(),
             placement_hold_until: None,
             now,
+            stopping: None,
         }
     }
 
@@ -355,7 +387,9 @@ impl Core {
         for cmd in cmds {
             self.handle(cmd, &mut out);
         }
-        if expire {
+        // A stopping broker has sent its agents to the next one: their leases are for that one to
+        // judge, not lost here.
+        if expire && self.stopping.is_none() {
             self.expire(now.at, &mut out);
         }
         self.dispatch(&mut out);
@@ -405,19 +439,23 @@ impl Core {
             Cmd::AttemptData { agent, job_id, epoch, reply } => {
                 let _ = reply.send(self.attempt_data(&agent, &job_id, epoch));
             }
-            Cmd::Drain { agent, reply } => {
-                let result = match self.agents.get_mut(&agent) {
-                    Some(entry) => {
-                        if !entry.draining {
-                            tracing::info!(agent, "agent draining: no new work");
-                            entry.draining = true;
-                            out.batch.push(Write::AgentDraining { id: agent.clone(), draining: true });
-                        }
-                        Ok(entry.view(self.now.at))
-                    }
-                    None => Err(ApiError::NotFound(format!("agent {agent} not found"))),
-                };
+            Cmd::Drain { agent, actor, reply } => {
+                let result = self.set_draining(&agent, true, &actor, out);
                 out.reply(reply, result);
+            }
+            Cmd::Undrain { agent, actor, reply } => {
+                let result = self.set_draining(&agent, false, &actor, out);
+                out.reply(reply, result);
+            }
+            Cmd::RemoveAgent { agent, force, actor, reply } => {
+                let result = self.remove_agent(&agent, force, &actor, out);
+                out.reply(reply, result);
+            }
+            Cmd::Shutdown { jitter, seed, reply } => {
+                let told = self.shutdown(jitter, seed, out);
+                out.after_commit(move || {
+                    let _ = reply.send(told);
+                });
             }
             Cmd::AddKey { tenant, reply } => {
                 let (record, key) = keys::generate(&tenant, self.now.ms);
@@ -448,6 +486,7 @@ impl Core {
             }
             Cmd::Connected { agent, site, node, inventory, attempts, conn } => {
                 self.connected(attempts::Registration { agent, site, node, inventory }, attempts, conn.id, out);
+                self.refuse_while_stopping(out);
             }
             Cmd::Disconnected { agent, conn } => {
                 if let Some(entry) = self.agents.get_mut(&agent).filter(|e| e.conn == Some(conn)) {

@@ -203,6 +203,7 @@ fn written_states(out: &Effects, job: &str) -> Vec<JobState> {
         .collect()
 }
 
+const ADMIN: &str = "spiffe://test.hybroker.local/admin/ops";
 const ONE_CPU: &str = "name: x\ncommand: [\"true\"]\nmax_attempts: 2\nresources: {cpus: 1, memory_gib: 1}\n";
 const SIX_CPUS: &str = "name: big\ncommand: [\"true\"]\nresources: {cpus: 6, memory_gib: 1}\n";
 
@@ -342,7 +343,7 @@ fn a_draining_agent_takes_no_new_work_and_its_attempts_finish() {
     let (running, _) = h.submit_ok(ONE_CPU);
     h.report("a", 1, report(&running, 1, Phase::Running, None));
     let (tx, rx) = oneshot::channel();
-    let out = h.step(vec![Cmd::Drain { agent: "lab/a".into(), reply: tx }]);
+    let out = h.step(vec![Cmd::Drain { agent: "lab/a".into(), actor: ADMIN.into(), reply: tx }]);
     assert!(reply(rx).unwrap().draining);
     assert!(out.batch.writes.iter().any(|w| matches!(w, Write::AgentDraining { id, draining: true } if id == "lab/a")));
     let (waiting, out) = h.submit_ok(ONE_CPU);
@@ -352,7 +353,7 @@ fn a_draining_agent_takes_no_new_work_and_its_attempts_finish() {
     let out = h.connect("b", 2, vec![]);
     assert_eq!(assigned(&out, "lab/b"), [(waiting, 1)], "the waiting job goes to another agent");
     let (tx, rx) = oneshot::channel();
-    h.step(vec![Cmd::Drain { agent: "lab/nobody".into(), reply: tx }]);
+    h.step(vec![Cmd::Drain { agent: "lab/nobody".into(), actor: ADMIN.into(), reply: tx }]);
     assert!(matches!(reply(rx), Err(ApiError::NotFound(_))));
 }
 

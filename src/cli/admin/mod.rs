@@ -8,6 +8,7 @@
 //! `--output table|json` (JSON in the HTTP API's shapes where it has one), and the exit statuses and
 //! `error:`/`hint:` lines of [`super::report`].
 
+mod agents;
 mod certs;
 mod connection;
 mod keys;
@@ -68,11 +69,8 @@ enum AdminCommand {
     Cancel { id: String },
     /// Print the output tail the broker keeps for the job's latest attempt.
     Logs { id: String },
-    /// Show connected agents and their GPUs (`agents revoke SITE/NODE`: revoke an agent).
-    Agents {
-        #[command(subcommand)]
-        command: Option<AgentsCommand>,
-    },
+    /// The agents: list them (the default), revoke one, or remove one that is gone.
+    Agents(agents::AgentsArgs),
     /// Certificates: revoke (by identity or serial), list revocations.
     Certs {
         #[command(subcommand)]
@@ -83,20 +81,16 @@ enum AdminCommand {
         #[arg(value_name = "SITE/NODE")]
         id: String,
     },
-}
-
-#[derive(Subcommand)]
-enum AgentsCommand {
-    /// Show connected agents and their GPUs (the same as `agents` alone).
-    List,
-    /// Revoke an agent's certificates: its stream is closed at once, its running attempts are
-    /// re-queued, and it cannot connect again until it enrols with a new join token.
-    Revoke {
+    /// Give a drained agent new work again.
+    Undrain {
         #[arg(value_name = "SITE/NODE")]
         id: String,
-        /// Why (kept with the revocation and in the audit trail).
-        #[arg(long, default_value = "")]
-        reason: String,
+    },
+    /// The audit trail of admin actions (drain, undrain, remove, tokens, revocations), newest first.
+    Events {
+        /// At most this many events (at most 1000).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
     },
 }
 
@@ -121,9 +115,6 @@ async fn admin(args: AdminArgs) -> anyhow::Result<i32> {
     let mut client = JobServiceClient::new(channel.clone());
     let out = args.broker.output;
     match args.command {
-        AdminCommand::Agents { command: Some(AgentsCommand::Revoke { id, reason }) } => {
-            certs::revoke(channel, out, id, String::new(), reason).await?;
-        }
         AdminCommand::Certs { command } => certs::certs(channel, out, command).await?,
         AdminCommand::Submit { file, wait, tenant, idempotency_key } => {
             let spec = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
@@ -181,21 +172,19 @@ async fn admin(args: AdminArgs) -> anyhow::Result<i32> {
                 }
             }
         }
-        AdminCommand::Agents { command: None | Some(AgentsCommand::List) } => {
-            let agents = client.list_agents(proto::ListAgentsRequest {}).await.map_err(status_error)?;
-            let agents =
-                api::AgentList { agents: agents.into_inner().agents.into_iter().map(api::Agent::from).collect() };
-            match out {
-                Output::Json => print_json(&agents),
-                Output::Table => {
-                    for agent in &agents.agents {
-                        println!("{}", output::agent_details(agent));
-                    }
-                }
-            }
-        }
+        AdminCommand::Agents(args) => agents::agents(channel, args, out).await?,
+        AdminCommand::Events { limit } => agents::events(channel, limit, out).await?,
         AdminCommand::Drain { id } => {
             let agent = client.drain_agent(proto::DrainAgentRequest { agent_id: id }).await.map_err(status_error)?;
+            let agent = api::Agent::from(agent.into_inner());
+            match out {
+                Output::Json => print_json(&agent),
+                Output::Table => print!("{}", output::agent_details(&agent)),
+            }
+        }
+        AdminCommand::Undrain { id } => {
+            let request = proto::DrainAgentRequest { agent_id: id };
+            let agent = client.undrain_agent(request).await.map_err(status_error)?;
             let agent = api::Agent::from(agent.into_inner());
             match out {
                 Output::Json => print_json(&agent),
