@@ -155,7 +155,7 @@ pub fn issued_at(cert_der: &[u8]) -> Result<UnixMillis, PkiError> {
 }
 
 /// A certificate's NotAfter.
-fn not_after(cert_der: &[u8]) -> Result<UnixMillis, PkiError> {
+pub fn not_after(cert_der: &[u8]) -> Result<UnixMillis, PkiError> {
     Ok(parse(cert_der)?.validity().not_after.timestamp() * 1000)
 }
 

@@ -17,7 +17,7 @@ mod csr_tests;
 #[cfg(test)]
 mod tests;
 
-pub use csr::{SignedLeaf, agent_csr, issued_at, serial_hex};
+pub use csr::{SignedLeaf, agent_csr, issued_at, not_after, serial_hex};
 
 use std::fmt;
 use std::fs::{self, OpenOptions};

@@ -16,6 +16,7 @@
 //! A client whose certificate the server refuses fails at its first call with an opaque status:
 //! [`explain_status`] turns that into a message a person can act on.
 
+mod enroll;
 mod explain;
 mod handshake;
 mod incoming;
@@ -28,6 +29,7 @@ mod profile_tests;
 mod tests;
 mod verify;
 
+pub use enroll::{enroll_client_config, enroll_server_config, read_bundle};
 pub use explain::explain_status;
 pub use handshake::{
     HandshakeError, HandshakeGate, HandshakeLimits, HandshakeSlot, accept_tls, log_handshake_error, source_of,

@@ -15,6 +15,21 @@ pub enum AgentMessage {
     Stop(StopAttempt),
     /// A final report was recorded (or refused for good): the agent may forget the attempt.
     Ack { job_id: String, epoch: u64 },
+    /// The answer to a renewal (sent by the stream itself, not the core).
+    Renewed(RenewedCert),
+}
+
+/// A renewed certificate, or why renewal was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RenewedCert {
+    /// Leaf then issuing CA; empty when refused.
+    pub cert_chain_pem: String,
+    pub issued_at: i64,
+    pub not_after: i64,
+    /// Why it was refused; empty when renewed.
+    pub error: String,
+    /// The current trust bundle.
+    pub ca_bundle_pem: String,
 }
 
 /// What an agent needs to run one attempt.

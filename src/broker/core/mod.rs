@@ -19,6 +19,7 @@ mod jobs;
 mod messages;
 mod metrics;
 mod place;
+mod tokens;
 mod trace;
 
 #[cfg(test)]
@@ -35,7 +36,8 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use driver::Driver;
 pub use fleet::{AgentEntry, AgentView, Alloc};
-pub use messages::{AgentMessage, AssignedInput, Assignment, StopAttempt};
+pub use messages::{AgentMessage, AssignedInput, Assignment, RenewedCert, StopAttempt};
+pub use tokens::{JoinToken, Refusal, Scope, TokenCmd, TokenView};
 
 use super::keys::{self, KeyRing, KeyView};
 use super::placer::Placer;
@@ -164,6 +166,8 @@ pub enum Cmd {
         key_id: String,
         reply: Reply<KeyView>,
     },
+    /// Join tokens: create, list, revoke, check and spend (`tokens`).
+    Token(TokenCmd),
 }
 
 /// A submit as the core takes it.
@@ -266,6 +270,8 @@ pub struct Stored {
     pub spent: HashMap<String, f64>,
     pub keys: Vec<KeyRecord>,
     pub agents: Vec<AgentRecord>,
+    /// Every join token (hashes only).
+    pub join_tokens: Vec<crate::store::JoinTokenRecord>,
     /// Every unfinished job.
     pub jobs: Vec<JobRecord>,
 }
@@ -287,6 +293,8 @@ pub struct Core {
     placement_hold_until: Option<Instant>,
     /// The clock of the batch being applied.
     now: Now,
+    /// Join tokens (`tokens`).
+    tokens: tokens::Tokens,
 }
 
 /// The broker's clock for stored timestamps.
@@ -307,6 +315,7 @@ impl Core {
             spent: HashMap::new(),
             placement_hold_until: None,
             now,
+            tokens: tokens::Tokens::default(),
         }
     }
 
@@ -316,6 +325,7 @@ impl Core {
         let mut core = Core::new(settings, now);
         core.next_seq = stored.last_event_seq + 1;
         core.spent = stored.spent;
+        core.tokens = tokens::Tokens::load(stored.join_tokens);
         for key in stored.keys {
             core.settings.keys.insert(key);
         }
@@ -438,6 +448,7 @@ impl Core {
                     });
                 }
             }
+            Cmd::Token(cmd) => self.token_cmd(cmd, out),
             Cmd::Cancel { job_id, tenant, reason, reply } => {
                 let result = self.cancel(&job_id, tenant.as_deref(), reason, out);
                 out.reply(reply, result);

@@ -1,0 +1,114 @@
+//! Renewal on the agent's stream: an agent sends a CSR for a new key on its live session; the
+//! broker signs it for the stream's own identity (site and node from the peer certificate, never
+//! from the CSR) and answers `Renewed` on the same stream. A stream ends when its certificate's
+//! NotAfter passes, unless the agent renewed on it (the newest certificate's NotAfter counts).
+//! Results are counted in `hybroker_cert_renewals_total{result}`.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tonic::Request;
+
+use super::core::{AgentMessage, RenewedCert};
+use crate::model::UnixMillis;
+use crate::model::identity::Identity;
+use crate::pki::{Ca, PkiError};
+
+const RENEWALS: &str = "hybroker_cert_renewals_total";
+
+/// What signs renewals: the issuing CA and the lifetime it grants.
+pub struct Renewal {
+    ca: Arc<Ca>,
+    lifetime: Duration,
+}
+
+impl Renewal {
+    pub fn new(ca: Arc<Ca>, lifetime: Duration) -> Self {
+        let registry = crate::metrics::global();
+        for result in ["ok", "bad_csr", "refused"] {
+            registry.declare(RENEWALS, &[result]);
+        }
+        Renewal { ca, lifetime }
+    }
+}
+
+/// The NotAfter of the peer certificate of a request, if it has a parsable one.
+pub fn peer_not_after<T>(req: &Request<T>) -> Option<UnixMillis> {
+    let certs = req.peer_certs()?;
+    crate::pki::not_after(certs.first()?.as_ref()).ok()
+}
+
+fn now_ms() -> UnixMillis {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// One stream's certificate: when it expires, and how to renew it.
+pub struct StreamCert {
+    identity: Identity,
+    /// The NotAfter that ends the stream (the newest renewal's, once renewed).
+    not_after: Option<UnixMillis>,
+    renewal: Option<Arc<Renewal>>,
+    outbox: mpsc::Sender<AgentMessage>,
+}
+
+impl StreamCert {
+    pub fn new(
+        identity: Identity,
+        not_after: Option<UnixMillis>,
+        renewal: Option<Arc<Renewal>>,
+        outbox: mpsc::Sender<AgentMessage>,
+    ) -> Self {
+        StreamCert { identity, not_after, renewal, outbox }
+    }
+
+    /// Resolves when the stream's certificate has expired (never, without a NotAfter).
+    pub async fn expired(&self) {
+        match self.not_after {
+            Some(at) => {
+                let left = Duration::from_millis(at.saturating_sub(now_ms()).max(0) as u64);
+                tokio::time::sleep_until(Instant::now() + left).await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Signs `csr_der` for this stream's identity and answers on the stream.
+    pub fn renew(&mut self, csr_der: &[u8]) {
+        let agent = self.identity.agent_id();
+        let answer = match self.sign(csr_der) {
+            Ok(signed) => {
+                crate::metrics::global().inc(RENEWALS, &["ok"], 1.0);
+                tracing::info!(agent, serial = signed.serial, not_after = signed.not_after, "agent certificate renewed");
+                self.not_after = Some(signed.not_after);
+                RenewedCert {
+                    cert_chain_pem: signed.chain_pem,
+                    issued_at: signed.issued_at,
+                    not_after: signed.not_after,
+                    error: String::new(),
+                    ca_bundle_pem: self.renewal.as_ref().map(|r| r.ca.cert_pem().to_string()).unwrap_or_default(),
+                }
+            }
+            Err((result, error)) => {
+                crate::metrics::global().inc(RENEWALS, &[result], 1.0);
+                tracing::warn!(agent, result, error, "agent certificate renewal refused");
+                RenewedCert { error, ..RenewedCert::default() }
+            }
+        };
+        // A full outbox means the stream is being dropped as too slow; the agent retries later.
+        let _ = self.outbox.try_send(AgentMessage::Renewed(answer));
+    }
+
+    fn sign(&self, csr_der: &[u8]) -> Result<crate::pki::SignedLeaf, (&'static str, String)> {
+        let Some(renewal) = &self.renewal else {
+            return Err(("refused", "this broker does not renew certificates (no broker.ca_dir)".to_string()));
+        };
+        // REVOCATION: refuse when revoked
+        let site = self.identity.site.as_deref().unwrap_or_default();
+        renewal.ca.sign_agent_csr(csr_der, site, Some(&self.identity.name), renewal.lifetime).map_err(|e| {
+            let result = if matches!(e, PkiError::BadCsr(_)) { "bad_csr" } else { "refused" };
+            (result, e.to_string())
+        })
+    }
+}
