@@ -3,8 +3,10 @@
 //! attempts while the broker is away, and reports them again when it reconnects.
 
 mod attempt;
+pub mod enroll;
 pub mod executor;
 pub mod gpu;
+mod renew;
 pub mod sandbox;
 mod session;
 pub mod staging;
@@ -68,11 +70,16 @@ struct Agent {
     events: mpsc::Sender<AttemptEvent>,
     staging: attempt::Staging,
     sandbox: Arc<sandbox::Sandbox>,
+    /// The TLS of the next connections to the broker (replaced after a renewal).
+    client_tls: ClientTls,
+    /// Renews the certificate on the stream (`renew`).
+    renewer: Option<renew::Renewer>,
 }
 
 /// Runs the agent until `shutdown` resolves. Attempts still running then are stopped.
 pub async fn run(mut config: AgentConfig, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     tls::install_crypto_provider();
+    enroll::ensure_certificate(&config).await?;
     let identity = tls::identity_of_cert_file(&config.tls.cert).context("agent certificate")?;
     if identity.role != Role::Agent {
         anyhow::bail!(
@@ -135,9 +142,11 @@ pub async fn run(mut config: AgentConfig, shutdown: impl Future<Output = ()> + S
         )),
         limits: Arc::new(staging_limits(&config.staging)),
     };
-    let mut agent = Agent { config, identity, probe, attempts: HashMap::new(), events, staging, sandbox };
+    let renewer = renew::Renewer::load(&config.tls.cert);
+    let mut agent =
+        Agent { config, identity, probe, attempts: HashMap::new(), events, staging, sandbox, client_tls, renewer };
     tracing::info!(agent = agent.identity.agent_id(), gpus = agent.probe.gpus().len(), "agent starting");
-    session::run_sessions(&mut agent, client_tls, &mut event_rx, shutdown).await;
+    session::run_sessions(&mut agent, &mut event_rx, shutdown).await;
     for attempt in agent.attempts.values() {
         let _ = attempt.cancel.send(true);
     }
@@ -146,6 +155,17 @@ pub async fn run(mut config: AgentConfig, shutdown: impl Future<Output = ()> + S
 }
 
 impl Agent {
+    /// Uses `client_tls` for the next sessions and staging calls.
+    fn use_client_tls(&mut self, client_tls: ClientTls) -> anyhow::Result<()> {
+        let (url, server_name) = broker_target(&self.config);
+        self.staging.broker = AgentServiceClient::new(crate::telemetry::grpc::traced(
+            tls::connect_lazy(&url, client_tls.clone(), server_name.as_deref())?,
+            &url,
+        ));
+        self.client_tls = client_tls;
+        Ok(())
+    }
+
     fn inventory(&self) -> Inventory {
         let cfg = &self.config.agent;
         Inventory {

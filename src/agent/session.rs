@@ -23,7 +23,6 @@ struct End(String);
 
 pub(super) async fn run_sessions(
     agent: &mut Agent,
-    client_tls: ClientTls,
     events: &mut mpsc::Receiver<AttemptEvent>,
     shutdown: impl Future<Output = ()> + Send,
 ) {
@@ -33,6 +32,8 @@ pub(super) async fn run_sessions(
     // Sessions that ended in a row without registering, the last one included.
     let mut failures = 0u32;
     loop {
+        // A renewal replaces it: each session dials with the current one.
+        let client_tls = agent.client_tls.clone();
         let (registered, end) = tokio::select! {
             r = session(agent, &client_tls, events) => r,
             () = &mut shutdown => return,
@@ -107,6 +108,12 @@ async fn session(agent: &mut Agent, client_tls: &ClientTls, events: &mut mpsc::R
                     }
                 }
             }
+            () = tokio::time::sleep(agent.renewal_due_in()), if registered => {
+                if let Some(renew) = agent.renewal_request()
+                    && !send(&tx, renew) {
+                        return (registered, End("outbox full".into()));
+                    }
+            }
             _ = heartbeat.tick() => {
                 let hb = Out::Heartbeat(proto::Heartbeat { inventory: Some(agent.inventory().into()) });
                 if !send(&tx, hb) {
@@ -140,7 +147,11 @@ fn on_message(agent: &mut Agent, msg: In) -> Option<Out> {
             agent.ack(&ack);
             None
         }
-        In::Reconnect(_) | In::Renewed(_) => None,
+        In::Renewed(renewed) => {
+            agent.renewed(renewed);
+            None
+        }
+        In::Reconnect(_) => None,
     }
 }
 

@@ -470,6 +470,12 @@ fn read_file(path: &Path) -> Result<String, PkiError> {
     fs::read_to_string(path).map_err(io_err("read", path))
 }
 
+/// Writes `contents` to `path` with `mode` (0600 for keys) through a temporary file and a rename,
+/// so readers see the old file or the whole new one.
+pub fn write_atomically(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
+    write_file(path, contents, mode, true)
+}
+
 /// Writes `contents` with `mode`: through a temporary file and a rename when `replace`, or with
 /// `create_new` (failing if the file exists) otherwise.
 fn write_file(path: &Path, contents: &str, mode: u32, replace: bool) -> Result<(), PkiError> {
