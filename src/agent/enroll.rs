@@ -166,6 +166,6 @@ fn retryable(e: &anyhow::Error) -> bool {
 }
 
 /// Now, in Unix milliseconds.
-pub(super) fn now_ms() -> UnixMillis {
+pub fn now_ms() -> UnixMillis {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }

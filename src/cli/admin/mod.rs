@@ -10,6 +10,7 @@
 
 mod connection;
 mod keys;
+mod tokens;
 
 use std::path::PathBuf;
 
@@ -67,8 +68,11 @@ enum AdminCommand {
     Cancel { id: String },
     /// Print the output tail the broker keeps for the job's latest attempt.
     Logs { id: String },
-    /// Show connected agents and their GPUs.
-    Agents,
+    /// Show connected agents and their GPUs; `agents token …`: join tokens for enrolling nodes.
+    Agents {
+        #[command(subcommand)]
+        command: Option<tokens::AgentsCommand>,
+    },
     /// Stop giving an agent new work; its running jobs finish (kept across broker restarts).
     Drain {
         #[arg(value_name = "SITE/NODE")]
@@ -93,6 +97,9 @@ pub async fn run(args: AdminArgs) -> i32 {
 }
 
 async fn admin(args: AdminArgs) -> anyhow::Result<i32> {
+    if let AdminCommand::Agents { command: Some(command) } = args.command {
+        return tokens::run(&args.broker, command).await;
+    }
     let mut client = JobServiceClient::new(args.broker.channel().await?);
     let out = args.broker.output;
     match args.command {
@@ -152,7 +159,7 @@ async fn admin(args: AdminArgs) -> anyhow::Result<i32> {
                 }
             }
         }
-        AdminCommand::Agents => {
+        AdminCommand::Agents { command: _ } => {
             let agents = client.list_agents(proto::ListAgentsRequest {}).await.map_err(status_error)?;
             let agents =
                 api::AgentList { agents: agents.into_inner().agents.into_iter().map(api::Agent::from).collect() };
