@@ -57,7 +57,8 @@ impl fmt::Debug for JoinFile {
 
 impl JoinFile {
     pub fn read(path: &Path) -> anyhow::Result<JoinFile> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read join file {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read join file {}", path.display()))?;
         // The parse error could quote the token: name the file only.
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("join file {} is not valid: {}", path.display(), e.message()))
     }

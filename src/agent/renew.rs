@@ -44,7 +44,12 @@ impl Renewer {
         let (issued_at, not_after) = cert_times(cert).ok()?;
         let policy = RetryPolicy::exponential(Duration::from_secs(2), Duration::from_secs(32)).with_jitter(0.5);
         let next_at = renewal_point(issued_at, not_after, fastrand::f64());
-        tracing::info!(issued_at_ms = issued_at, not_after_ms = not_after, renew_at_ms = next_at, "certificate renewal scheduled");
+        tracing::info!(
+            issued_at_ms = issued_at,
+            not_after_ms = not_after,
+            renew_at_ms = next_at,
+            "certificate renewal scheduled"
+        );
         Some(Renewer { issued_at, not_after, next_at, pending_key: None, failures: 0, policy })
     }
 
@@ -54,7 +59,12 @@ impl Renewer {
     }
 
     /// A renewal request for a fresh key, kept until the answer.
-    pub(super) fn request(&mut self, trust_domain: &str, site: &str, node: &str) -> anyhow::Result<proto::RenewRequest> {
+    pub(super) fn request(
+        &mut self,
+        trust_domain: &str,
+        site: &str,
+        node: &str,
+    ) -> anyhow::Result<proto::RenewRequest> {
         let (key_pem, csr_der) = pki::agent_csr(trust_domain, site, node)?;
         self.pending_key = Some(key_pem);
         self.next_at = now_ms() + ANSWER_TIMEOUT.as_millis() as i64;
@@ -72,7 +82,11 @@ impl Renewer {
             tracing::warn!("ignored a renewal answer with no renewal in flight");
             return false;
         };
-        let written = if renewed.error.is_empty() { write(config, &key_pem, &renewed) } else { Err(anyhow::anyhow!(renewed.error)) };
+        let written = if renewed.error.is_empty() {
+            write(config, &key_pem, &renewed)
+        } else {
+            Err(anyhow::anyhow!(renewed.error))
+        };
         match written {
             Ok(()) => {
                 self.issued_at = renewed.issued_at_ms;
@@ -101,7 +115,8 @@ impl Renewer {
 /// the old one).
 fn write(config: &AgentConfig, key_pem: &str, renewed: &proto::Renewed) -> anyhow::Result<()> {
     pki::write_atomically(&config.tls.key, key_pem, 0o600).context("writing the renewed key")?;
-    pki::write_atomically(&config.tls.cert, &renewed.cert_chain_pem, 0o644).context("writing the renewed certificate")?;
+    pki::write_atomically(&config.tls.cert, &renewed.cert_chain_pem, 0o644)
+        .context("writing the renewed certificate")?;
     if !renewed.ca_bundle_pem.is_empty() {
         pki::write_atomically(&config.tls.ca_cert, &renewed.ca_bundle_pem, 0o644).context("writing the CA bundle")?;
     }
@@ -116,8 +131,11 @@ impl super::Agent {
 
     /// A renewal request to send now, if this agent renews.
     pub(super) fn renewal_request(&mut self) -> Option<proto::agent_message::Msg> {
-        let (td, site, node) =
-            (self.identity.trust_domain.clone(), self.identity.site.clone().unwrap_or_default(), self.identity.name.clone());
+        let (td, site, node) = (
+            self.identity.trust_domain.clone(),
+            self.identity.site.clone().unwrap_or_default(),
+            self.identity.name.clone(),
+        );
         let renewer = self.renewer.as_mut()?;
         match renewer.request(&td, &site, &node) {
             Ok(request) => Some(proto::agent_message::Msg::Renew(request)),
@@ -134,7 +152,11 @@ impl super::Agent {
         if !renewer.answer(&self.config, renewed) {
             return;
         }
-        match crate::tls::client_config(&self.config.tls, &self.identity.trust_domain, crate::model::identity::Role::Broker) {
+        match crate::tls::client_config(
+            &self.config.tls,
+            &self.identity.trust_domain,
+            crate::model::identity::Role::Broker,
+        ) {
             Ok(client_tls) => {
                 if let Err(e) = self.use_client_tls(client_tls) {
                     tracing::error!("the renewed certificate cannot be used for staging calls: {e:#}");

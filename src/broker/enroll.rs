@@ -20,7 +20,8 @@ use crate::proto;
 
 const ENROLLMENTS: &str = "hybroker_enrollments_total";
 /// Every result label, declared at start so each reads 0.
-pub const RESULTS: [&str; 8] = ["ok", "unknown", "expired", "used_up", "revoked", "wrong_site", "bad_csr", "rate_limited"];
+pub const RESULTS: [&str; 8] =
+    ["ok", "unknown", "expired", "used_up", "revoked", "wrong_site", "bad_csr", "rate_limited"];
 
 /// Enrolments allowed from one source address: a burst, then a steady rate.
 const PER_SOURCE: Bucket = Bucket { burst: 20.0, per_second: 5.0 };
@@ -82,7 +83,10 @@ impl EnrollService {
         self.limiter.lock().expect("limiter lock").allow(key, shape, Instant::now())
     }
 
-    async fn ask(&self, cmd: impl FnOnce(oneshot::Sender<Result<Scope, Refusal>>) -> TokenCmd) -> Result<Result<Scope, Refusal>, Status> {
+    async fn ask(
+        &self,
+        cmd: impl FnOnce(oneshot::Sender<Result<Scope, Refusal>>) -> TokenCmd,
+    ) -> Result<Result<Scope, Refusal>, Status> {
         let (tx, rx) = oneshot::channel();
         self.core.send(Cmd::Token(cmd(tx))).await.map_err(|_| unavailable())?;
         rx.await.map_err(|_| unavailable())
@@ -105,7 +109,10 @@ impl proto::enroll_service_server::EnrollService for EnrollService {
         let source = req.remote_addr().map(|a| a.ip()).unwrap_or(IpAddr::from([0, 0, 0, 0]));
         if !self.allow(&format!("source {source}"), PER_SOURCE) {
             tracing::warn!(%source, "enrolment refused: too many from this address");
-            return Err(refused("rate_limited", Status::resource_exhausted("too many enrolments from this address; retry later")));
+            return Err(refused(
+                "rate_limited",
+                Status::resource_exhausted("too many enrolments from this address; retry later"),
+            ));
         }
         let req = req.into_inner();
         let Some(token) = JoinToken::parse(&req.token) else {
@@ -114,7 +121,10 @@ impl proto::enroll_service_server::EnrollService for EnrollService {
         };
         if !self.allow(&format!("token {}", token.token_id), PER_TOKEN) {
             tracing::warn!(%source, token_id = token.token_id, "enrolment refused: too many with this token");
-            return Err(refused("rate_limited", Status::resource_exhausted("too many enrolments with this join token; retry later")));
+            return Err(refused(
+                "rate_limited",
+                Status::resource_exhausted("too many enrolments with this join token; retry later"),
+            ));
         }
         let token_id = token.token_id.clone();
         let scope = self.ask(|reply| TokenCmd::Check { token: token.clone(), reply }).await?;
@@ -122,14 +132,15 @@ impl proto::enroll_service_server::EnrollService for EnrollService {
             tracing::warn!(%source, token_id, reason = why.label(), "enrolment refused");
             refused(why.label(), Status::permission_denied(why.message(&token_id)))
         })?;
-        let signed = self.ca.sign_agent_csr(&req.csr_der, &scope.site, scope.node.as_deref(), self.lifetime).map_err(|e| {
-            let (result, status) = match &e {
-                PkiError::CsrNotAllowed { .. } => ("wrong_site", Status::permission_denied(e.to_string())),
-                _ => ("bad_csr", Status::invalid_argument(e.to_string())),
-            };
-            tracing::warn!(%source, token_id, result, error = %e, "enrolment refused");
-            refused(result, status)
-        })?;
+        let signed =
+            self.ca.sign_agent_csr(&req.csr_der, &scope.site, scope.node.as_deref(), self.lifetime).map_err(|e| {
+                let (result, status) = match &e {
+                    PkiError::CsrNotAllowed { .. } => ("wrong_site", Status::permission_denied(e.to_string())),
+                    _ => ("bad_csr", Status::invalid_argument(e.to_string())),
+                };
+                tracing::warn!(%source, token_id, result, error = %e, "enrolment refused");
+                refused(result, status)
+            })?;
         // Checked again and spent at once: a token used up meanwhile gets nothing.
         let spent = self.ask(|reply| TokenCmd::Spend { token, reply }).await?;
         spent.map_err(|why| {

@@ -10,11 +10,11 @@ pub mod enroll;
 pub mod jobs;
 pub mod keys;
 pub mod placer;
-mod tokens;
 mod renew;
 pub mod secrets;
 mod staging;
 mod tail;
+mod tokens;
 
 use std::collections::HashMap;
 use std::future::Future;

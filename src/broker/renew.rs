@@ -80,7 +80,12 @@ impl StreamCert {
         let answer = match self.sign(csr_der) {
             Ok(signed) => {
                 crate::metrics::global().inc(RENEWALS, &["ok"], 1.0);
-                tracing::info!(agent, serial = signed.serial, not_after = signed.not_after, "agent certificate renewed");
+                tracing::info!(
+                    agent,
+                    serial = signed.serial,
+                    not_after = signed.not_after,
+                    "agent certificate renewed"
+                );
                 self.not_after = Some(signed.not_after);
                 RenewedCert {
                     cert_chain_pem: signed.chain_pem,

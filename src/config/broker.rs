@@ -249,7 +249,9 @@ impl BrokerConfig {
         self.telemetry.check(&mut problems);
         self.broker.check_handshake_limits(&mut problems);
         if self.broker.enroll_listen.is_some() && self.broker.ca_dir.is_none() {
-            problems.push("broker.enroll_listen needs broker.ca_dir (the issuing CA that signs agents' certificates)".into());
+            problems.push(
+                "broker.enroll_listen needs broker.ca_dir (the issuing CA that signs agents' certificates)".into(),
+            );
         }
         let lifetime = self.broker.agent_cert_lifetime.0;
         if lifetime < Duration::from_secs(10) || lifetime > Duration::from_secs(366 * 24 * 3600) {

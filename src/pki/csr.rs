@@ -105,7 +105,7 @@ impl Ca {
         let cert = params.signed_by(&csr.public_key, &Issuer::from_params(&self.params, &self.key))?;
         let cert_der = cert.der().to_vec();
         Ok(SignedLeaf {
-            chain_pem: format!("{}{}", cert.pem(), self.cert_pem),
+            chain_pem: format!("{}{}", cert.pem(), self.issuing_pem),
             issued_at: issued_at(&cert_der)?,
             not_after: not_after(&cert_der)?,
             serial: hex(serial.as_ref()),

@@ -47,7 +47,9 @@ fn an_enrolled_certificate_has_the_agent_profile_and_the_key_of_the_csr() {
     assert!(eku.client_auth && !eku.server_auth && !eku.any);
     let ku = cert.key_usage().unwrap().unwrap().value;
     assert!(ku.digital_signature() && !ku.key_cert_sign());
-    assert!(cert.get_extension_unique(&x509_parser::oid_registry::OID_X509_EXT_AUTHORITY_KEY_IDENTIFIER).unwrap().is_some());
+    assert!(
+        cert.get_extension_unique(&x509_parser::oid_registry::OID_X509_EXT_AUTHORITY_KEY_IDENTIFIER).unwrap().is_some()
+    );
     // The chain's second certificate is the issuing CA, which signed the leaf.
     assert!(signed.chain_pem.ends_with(ca.issuing_cert_pem()));
     // Issue time: NotBefore + BACKDATE, in whole seconds; NotAfter one lifetime later.
@@ -150,9 +152,14 @@ async fn an_enrolled_chain_passes_the_brokers_tls_verifier() {
     assert!(handshake(server.clone(), client).await.is_ok());
     // Without the issuing CA in the chain the root cannot be reached.
     let leaf_only = signed.chain_pem.replace(ca.issuing_cert_pem(), "");
-    let client =
-        tls::client_config_from_pem(ca.cert_pem().as_bytes(), leaf_only.as_bytes(), key_pem.as_bytes(), TD, Role::Broker)
-            .unwrap();
+    let client = tls::client_config_from_pem(
+        ca.cert_pem().as_bytes(),
+        leaf_only.as_bytes(),
+        key_pem.as_bytes(),
+        TD,
+        Role::Broker,
+    )
+    .unwrap();
     assert!(handshake(server, client).await.is_err());
 }
 

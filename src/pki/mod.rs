@@ -135,9 +135,7 @@ const OLD_CA_KEY: &str = "ca-key.pem";
 /// overwrite a CA, also one of the older single-CA layout.
 pub fn init_ca(dir: &Path, trust_domain: &str) -> Result<CaPaths, PkiError> {
     let paths = CaPaths::in_dir(dir);
-    if [&paths.cert, &paths.root_key, &paths.issuing_cert, &paths.key, &dir.join(OLD_CA_KEY)]
-        .iter()
-        .any(|p| p.exists())
+    if [&paths.cert, &paths.root_key, &paths.issuing_cert, &paths.key, &dir.join(OLD_CA_KEY)].iter().any(|p| p.exists())
     {
         return Err(PkiError::CaExists(dir.to_path_buf()));
     }
@@ -145,7 +143,7 @@ pub fn init_ca(dir: &Path, trust_domain: &str) -> Result<CaPaths, PkiError> {
     crate::private_files::create_dir_all(dir).map_err(io_err("create directory", dir))?;
     write_file(&paths.root_key, &root_key.serialize_pem(), 0o600, false)?;
     write_file(&paths.key, &ca.key.serialize_pem(), 0o600, false)?;
-    write_file(&paths.issuing_cert, &ca.cert_pem, 0o644, false)?;
+    write_file(&paths.issuing_cert, &ca.issuing_pem, 0o644, false)?;
     write_file(&paths.cert, &ca.bundle_pem, 0o644, false)?;
     write_file(&paths.trust_domain, &format!("{trust_domain}\n"), 0o644, true)?;
     Ok(paths)
@@ -157,7 +155,7 @@ pub struct Ca {
     /// The trust bundle (`ca.pem`): the roots.
     bundle_pem: String,
     /// The issuing CA certificate, appended to every leaf's chain.
-    cert_pem: String,
+    issuing_pem: String,
     /// Carries the issuing CA subject (and key id method) for the `Issuer`.
     params: CertificateParams,
     key: KeyPair,
@@ -283,7 +281,7 @@ impl Ca {
         let mut params = ca_params("issuing CA", 0);
         params.use_authority_key_identifier_extension = true;
         let cert_pem = params.signed_by(&key, &Issuer::from_params(&root_params, &root_key))?.pem();
-        Ok((Ca { trust_domain: trust_domain.to_string(), bundle_pem, cert_pem, params, key }, root_key))
+        Ok((Ca { trust_domain: trust_domain.to_string(), bundle_pem, issuing_pem: cert_pem, params, key }, root_key))
     }
 
     /// Loads the issuing CA written by [`init_ca`] from `dir` (the root's key is not needed).
@@ -307,8 +305,7 @@ impl Ca {
         let key = KeyPair::from_pem(&key_pem).map_err(|e| bad(&paths.key, e.to_string()))?;
         let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
             .map_err(|e| bad(&paths.issuing_cert, format!("not a pem certificate: {e}")))?;
-        let cert =
-            pem.parse_x509().map_err(|e| bad(&paths.issuing_cert, format!("not an x509 certificate: {e}")))?;
+        let cert = pem.parse_x509().map_err(|e| bad(&paths.issuing_cert, format!("not an x509 certificate: {e}")))?;
         if !cert.is_ca() {
             return Err(bad(&paths.issuing_cert, "not a CA certificate".to_string()));
         }
@@ -318,7 +315,7 @@ impl Ca {
         let mut params = CertificateParams::default();
         params.distinguished_name = subject_to_rcgen(cert.subject()).map_err(|r| bad(&paths.issuing_cert, r))?;
         params.use_authority_key_identifier_extension = true;
-        Ok(Ca { trust_domain, bundle_pem, cert_pem, params, key })
+        Ok(Ca { trust_domain, bundle_pem, issuing_pem: cert_pem, params, key })
     }
 
     /// The trust domain this CA issues identities in.
@@ -333,7 +330,7 @@ impl Ca {
 
     /// The issuing CA certificate, PEM-encoded (the second certificate of every leaf's chain).
     pub fn issuing_cert_pem(&self) -> &str {
-        &self.cert_pem
+        &self.issuing_pem
     }
 
     /// Issues a role certificate (see the module docs for its contents).
@@ -413,7 +410,7 @@ impl Ca {
         params.not_after = opts.not_after.into();
         let issuer = Issuer::from_params(&self.params, &self.key);
         let cert = params.signed_by(&key, &issuer)?;
-        Ok(Issued { cert_pem: format!("{}{}", cert.pem(), self.cert_pem), key_pem: key.serialize_pem() })
+        Ok(Issued { cert_pem: format!("{}{}", cert.pem(), self.issuing_pem), key_pem: key.serialize_pem() })
     }
 }
 

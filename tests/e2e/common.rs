@@ -440,7 +440,14 @@ impl Cluster {
         let out = Command::new(BIN)
             .arg("admin")
             .args(["--broker", &format!("https://{}", self.addr)])
-            .args(["--ca-cert", path_str(&admin.ca_cert), "--cert", path_str(&admin.cert), "--key", path_str(&admin.key)])
+            .args([
+                "--ca-cert",
+                path_str(&admin.ca_cert),
+                "--cert",
+                path_str(&admin.cert),
+                "--key",
+                path_str(&admin.key),
+            ])
             .args(args)
             .output()
             .unwrap();

@@ -52,7 +52,12 @@ fn token(cluster: &Cluster, args: &[&str]) -> (String, String) {
 }
 
 /// One enrol call as an agent would make it: (the answer, or the refusal's code and message).
-async fn enrol(cluster: &Cluster, token: &str, site: &str, node: &str) -> Result<proto::EnrollResponse, (Code, String)> {
+async fn enrol(
+    cluster: &Cluster,
+    token: &str,
+    site: &str,
+    node: &str,
+) -> Result<proto::EnrollResponse, (Code, String)> {
     let (_, csr_der) = pki::agent_csr(TRUST_DOMAIN, site, node).unwrap();
     enrol_csr(cluster, token, csr_der).await
 }

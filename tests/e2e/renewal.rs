@@ -38,7 +38,8 @@ async fn agents_renew_twenty_second_certificates_while_running_jobs() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     for id in &ids {
-        let job = wait_job(&admin, id, "a job across renewals", |j| j.state == "succeeded" || j.state == "failed").await;
+        let job =
+            wait_job(&admin, id, "a job across renewals", |j| j.state == "succeeded" || j.state == "failed").await;
         assert_eq!(job.state, "succeeded", "{job:?}");
         assert_eq!(job.attempts, 1, "no attempt lost or repeated: {job:?}");
     }

@@ -181,7 +181,14 @@ impl Tokens {
 }
 
 /// A new token's record and text.
-fn generate(site: &str, node: &str, actor: &str, now: UnixMillis, ttl: Duration, uses: u32) -> (JoinTokenRecord, String) {
+fn generate(
+    site: &str,
+    node: &str,
+    actor: &str,
+    now: UnixMillis,
+    ttl: Duration,
+    uses: u32,
+) -> (JoinTokenRecord, String) {
     let rng = SystemRandom::new();
     let mut id = [0u8; 8];
     let mut secret = [0u8; 16];
@@ -231,7 +238,8 @@ impl Core {
                 if record.revoked_at.is_none() {
                     record.revoked_at = Some(now);
                     tracing::info!(actor, token_id, "join token revoked");
-                    out.batch.push(Write::Identity(IdentityWrite::RevokeJoinToken { token_id: token_id.clone(), at: now }));
+                    out.batch
+                        .push(Write::Identity(IdentityWrite::RevokeJoinToken { token_id: token_id.clone(), at: now }));
                     let target = format!("{}/{}", record.site, if record.node.is_empty() { "*" } else { &record.node });
                     let view = TokenView::from(&*record);
                     admin_event(out, now, &actor, "token.revoke", &target, &format!("token {token_id}"));
