@@ -23,7 +23,7 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// plus 70 % to 90 % of the lifetime, `random` (in [0, 1)) picking where.
 pub fn renewal_point(issued_at: UnixMillis, not_after: UnixMillis, random: f64) -> UnixMillis {
     let lifetime = (not_after - issued_at).max(0) as f64;
-    issued_at + (lifetime * (0.7 + 0.2 * random.clamp(0.0, 1.0))) as UnixMillis
+    issued_at + (lifetime * (0.7 + 0.2 * random.clamp(0.0, 1.0))).round() as UnixMillis
 }
 
 /// The current certificate's times, and a renewal in flight.

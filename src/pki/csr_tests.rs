@@ -1,4 +1,3 @@
-use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::string::Ia5String;
@@ -7,7 +6,6 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
 use super::*;
-use crate::tls::{self, TlsPaths};
 
 const TD: &str = "hybroker.test";
 const DAY: Duration = Duration::from_secs(24 * 3600);
@@ -120,63 +118,4 @@ fn a_csr_with_a_bad_signature_or_garbage_is_refused() {
     let err = ca.sign_agent_csr(&csr, "lab", None, DAY).unwrap_err();
     assert!(matches!(err, PkiError::BadCsr(_)), "{err}");
     assert!(matches!(ca.sign_agent_csr(b"not a csr", "lab", None, DAY), Err(PkiError::BadCsr(_))));
-}
-
-#[tokio::test]
-async fn an_enrolled_chain_passes_the_brokers_tls_verifier() {
-    tls::install_crypto_provider();
-    let dir = tempfile::tempdir().unwrap();
-    init_ca(dir.path(), TD).unwrap();
-    let ca = Ca::load(dir.path()).unwrap();
-    let broker = IssueRequest {
-        role: Role::Broker,
-        name: "broker".into(),
-        site: None,
-        dns: vec!["localhost".into()],
-        ips: vec![],
-        days: 1,
-    };
-    let (cert, key) = ca.issue_to_dir(dir.path(), &broker).unwrap();
-    let paths = TlsPaths { ca_cert: dir.path().join("ca.pem"), cert, key };
-    let server = tls::server_config(&paths, TD, &[Role::Agent]).unwrap();
-    let (key_pem, csr) = agent_csr(TD, "lab", "n1").unwrap();
-    let signed = ca.sign_agent_csr(&csr, "lab", None, DAY).unwrap();
-    let client = tls::client_config_from_pem(
-        ca.cert_pem().as_bytes(),
-        signed.chain_pem.as_bytes(),
-        key_pem.as_bytes(),
-        TD,
-        Role::Broker,
-    )
-    .unwrap();
-    assert!(handshake(server.clone(), client).await.is_ok());
-    // Without the issuing CA in the chain the root cannot be reached.
-    let leaf_only = signed.chain_pem.replace(ca.issuing_cert_pem(), "");
-    let client = tls::client_config_from_pem(
-        ca.cert_pem().as_bytes(),
-        leaf_only.as_bytes(),
-        key_pem.as_bytes(),
-        TD,
-        Role::Broker,
-    )
-    .unwrap();
-    assert!(handshake(server, client).await.is_err());
-}
-
-/// A TLS handshake over an in-memory pipe; the server's verdict.
-async fn handshake(server: Arc<rustls::ServerConfig>, client: Arc<rustls::ClientConfig>) -> Result<(), String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (a, b) = tokio::io::duplex(64 * 1024);
-    let server_side = tokio::spawn(async move {
-        let mut tls = tokio_rustls::TlsAcceptor::from(server).accept(a).await.map_err(|e| e.to_string())?;
-        let mut byte = [0u8; 1];
-        tls.read_exact(&mut byte).await.map_err(|e| e.to_string())?;
-        Ok::<_, String>(())
-    });
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    if let Ok(mut tls) = tokio_rustls::TlsConnector::from(client).connect(name, b).await {
-        let _ = tls.write_all(b"x").await;
-        let _ = tls.flush().await;
-    }
-    server_side.await.unwrap()
 }
