@@ -101,6 +101,7 @@ impl proto::agent_service_server::AgentService for AgentService {
             agent: agent.clone(),
             site,
             node,
+            cert_not_after: cert_expiry.unwrap_or(0),
             inventory,
             attempts,
             conn: Conn { id: conn, outbox: tx },

@@ -96,6 +96,9 @@ async fn an_agent_enrols_with_a_join_token_once_and_runs_a_job() {
     assert!(chain.ends_with(cluster.ca.issuing_cert_pem()));
     assert_eq!(std::fs::read_to_string(&tls.ca_cert).unwrap(), cluster.ca.cert_pem());
     assert_eq!(enrollments(&cluster, "ok").await, 1.0);
+    // The broker recorded the certificate's expiry on connect; `admin agents` shows it.
+    let (ok, agents, _) = cluster.admin_command(&["agents"]);
+    assert!(ok && agents.contains("cert:      expires "), "{agents}");
 
     // Used up: listed so, and a second node with the same file is refused with the reason.
     let (ok, listed, _) = cluster.admin_command(&["agents", "token", "list"]);

@@ -122,6 +122,8 @@ pub enum Cmd {
         agent: String,
         site: String,
         node: String,
+        /// The NotAfter of the stream's certificate (0: unknown).
+        cert_not_after: UnixMillis,
         inventory: Inventory,
         attempts: Vec<AttemptReport>,
         conn: Conn,
@@ -335,6 +337,7 @@ impl Core {
             entry.dedicated = core.settings.dedicated.get(&a.id).cloned();
             entry.inventory = serde_json::from_str(&a.inventory_json).unwrap_or_default();
             entry.draining = a.draining;
+            entry.cert_not_after = a.cert_not_after;
             core.agents.insert(a.id, entry);
         }
         for rec in stored.jobs {
@@ -453,8 +456,9 @@ impl Core {
                 let result = self.cancel(&job_id, tenant.as_deref(), reason, out);
                 out.reply(reply, result);
             }
-            Cmd::Connected { agent, site, node, inventory, attempts, conn } => {
-                self.connected(attempts::Registration { agent, site, node, inventory }, attempts, conn.id, out);
+            Cmd::Connected { agent, site, node, cert_not_after, inventory, attempts, conn } => {
+                let registration = attempts::Registration { agent, site, node, inventory, cert_not_after };
+                self.connected(registration, attempts, conn.id, out);
             }
             Cmd::Disconnected { agent, conn } => {
                 if let Some(entry) = self.agents.get_mut(&agent).filter(|e| e.conn == Some(conn)) {
