@@ -223,3 +223,50 @@ async fn the_enrol_listener_serves_nothing_else_and_mtls_still_wants_a_certifica
     let log = cluster.broker_log();
     assert!(!log.contains("agent enrolled"), "{log}");
 }
+
+#[tokio::test]
+async fn an_agent_whose_certificate_expired_says_so_and_enrols_again_only_with_a_new_token() {
+    let mut cluster = Cluster::start_with(Duration::from_secs(5), &[], |dir| Setup {
+        broker_env: enrolling(dir, "10s"),
+        ..Setup::default()
+    })
+    .await;
+    let join = cluster.join_file("join-x1.toml", &["--site", "lab", "--node", "x1"]);
+    cluster.start_joining_agent("x1", "1xH100-80GB", &join);
+    eventually("x1 to enrol", || {
+        let log = cluster.agent_log("x1");
+        async move { log.contains("registered with the broker").then_some(()) }
+    })
+    .await;
+    // The agent is stopped (as if its node were off) until its certificate has expired.
+    cluster.kill_agent("x1");
+    let cert = cluster.joined_tls("x1").cert;
+    eventually("the certificate to expire", || {
+        let expired = hybroker::agent::enroll::cert_not_after(&cert).is_some_and(|at| at <= now_ms());
+        async move { expired.then_some(()) }
+    })
+    .await;
+    let (_, agents, _) = cluster.admin_command(&["agents"]);
+    assert!(agents.contains("EXPIRED at"), "{agents}");
+    // Started again with its used-up join file: it says its certificate expired, and is refused.
+    cluster.start_joining_agent("x1", "1xH100-80GB", &join);
+    eventually("x1 to give up", || {
+        let status = cluster.agent_exited("x1");
+        async move { status }
+    })
+    .await;
+    let log = cluster.agent_log("x1");
+    assert!(log.contains("the agent certificate expired") && log.contains("is used up"), "{log}");
+    // A new token enrols it again.
+    cluster.kill_agent("x1");
+    let fresh = cluster.join_file("join-x1b.toml", &["--site", "lab", "--node", "x1"]);
+    cluster.start_joining_agent("x1", "1xH100-80GB", &fresh);
+    let mut admin = cluster.admin().await;
+    let id = submit(&mut admin, "name: back\ncommand: [sh, -c, 'echo back']\n").await;
+    let job = wait_job(&admin, &id, "a job after re-enrolment", |j| j.state == "succeeded").await;
+    assert_eq!(job.agent, "lab/x1");
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
