@@ -108,14 +108,14 @@ impl proto::agent_service_server::AgentService for AgentService {
         };
         self.core.send(connected).await.map_err(|_| Status::unavailable("broker is shutting down"))?;
         let core = self.core.clone();
-        let (end_tx, end_rx) = mpsc::channel(1);
+        let (end_tx, end_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             loop {
                 let msg = tokio::select! {
                     msg = inbound.message() => msg,
                     () = stream.expired() => {
                         tracing::warn!(agent, "agent certificate expired on a live stream without renewal; ending the stream");
-                        let _ = end_tx.try_send(Status::unauthenticated("your certificate expired and was not renewed on this stream"));
+                        let _ = end_tx.send(Status::unauthenticated("your certificate expired and was not renewed on this stream"));
                         break;
                     }
                 };
@@ -132,8 +132,7 @@ impl proto::agent_service_server::AgentService for AgentService {
             let _ = core.send(Cmd::Disconnected { agent, conn }).await;
         });
         let outbound = ReceiverStream::new(rx).map(|msg| Ok(proto::BrokerMessage { msg: Some(msg.into()) }));
-        let ended = ReceiverStream::new(end_rx).map(Err);
-        Ok(Response::new(Box::pin(outbound.merge(ended))))
+        Ok(Response::new(Box::pin(super::renew::EndWhenExpired::new(outbound, end_rx))))
     }
 
     async fn input_urls(

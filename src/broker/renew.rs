@@ -4,12 +4,17 @@
 //! NotAfter passes, unless the agent renewed on it (the newest certificate's NotAfter counts).
 //! Results are counted in `hybroker_cert_renewals_total{result}`.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::mpsc;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use tonic::Request;
+use tokio_stream::Stream;
+use tonic::{Request, Status};
 
 use super::core::{AgentMessage, RenewedCert};
 use crate::model::UnixMillis;
@@ -50,7 +55,8 @@ pub struct StreamCert {
     /// The NotAfter that ends the stream (the newest renewal's, once renewed).
     not_after: Option<UnixMillis>,
     renewal: Option<Arc<Renewal>>,
-    outbox: mpsc::Sender<AgentMessage>,
+    /// Weak: the stream ends when the driver drops the agent's outbox, which this must not keep.
+    outbox: mpsc::WeakSender<AgentMessage>,
 }
 
 impl StreamCert {
@@ -60,7 +66,7 @@ impl StreamCert {
         renewal: Option<Arc<Renewal>>,
         outbox: mpsc::Sender<AgentMessage>,
     ) -> Self {
-        StreamCert { identity, not_after, renewal, outbox }
+        StreamCert { identity, not_after, renewal, outbox: outbox.downgrade() }
     }
 
     /// Resolves when the stream's certificate has expired (never, without a NotAfter).
@@ -101,8 +107,10 @@ impl StreamCert {
                 RenewedCert { error, ..RenewedCert::default() }
             }
         };
-        // A full outbox means the stream is being dropped as too slow; the agent retries later.
-        let _ = self.outbox.try_send(AgentMessage::Renewed(answer));
+        // A full or closed outbox means the stream is being dropped; the agent retries later.
+        if let Some(outbox) = self.outbox.upgrade() {
+            let _ = outbox.try_send(AgentMessage::Renewed(answer));
+        }
     }
 
     fn sign(&self, csr_der: &[u8]) -> Result<crate::pki::SignedLeaf, (&'static str, String)> {
@@ -115,5 +123,42 @@ impl StreamCert {
             let result = if matches!(e, PkiError::BadCsr(_)) { "bad_csr" } else { "refused" };
             (result, e.to_string())
         })
+    }
+}
+
+/// The messages of an agent's stream, ended with an error when `end` fires (its certificate
+/// expired); without that, they end when the outbox closes, as a stream always did.
+pub struct EndWhenExpired<S> {
+    messages: S,
+    end: Option<oneshot::Receiver<Status>>,
+    done: bool,
+}
+
+impl<S> EndWhenExpired<S> {
+    pub fn new(messages: S, end: oneshot::Receiver<Status>) -> Self {
+        EndWhenExpired { messages, end: Some(end), done: false }
+    }
+}
+
+impl<S, T> Stream for EndWhenExpired<S>
+where
+    S: Stream<Item = Result<T, Status>> + Unpin,
+{
+    type Item = Result<T, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if let Some(end) = self.end.as_mut()
+            && let Poll::Ready(ended) = Pin::new(end).poll(cx)
+        {
+            self.end = None;
+            if let Ok(status) = ended {
+                self.done = true;
+                return Poll::Ready(Some(Err(status)));
+            }
+        }
+        Pin::new(&mut self.messages).poll_next(cx)
     }
 }
