@@ -30,6 +30,9 @@ enum Command {
         /// Write the bound address to this file once listening (useful with port 0).
         #[arg(long)]
         addr_file: Option<PathBuf>,
+        /// Write the enrol listener's bound address (broker.enroll_listen) to this file.
+        #[arg(long)]
+        enroll_addr_file: Option<PathBuf>,
     },
     /// Run the gateway: the tenants' HTTP API, a client of the broker.
     Gateway {
@@ -50,6 +53,10 @@ enum Command {
         /// Add simulated GPUs, e.g. `4xH100-80GB` (overrides the config's agent.simulate_gpus).
         #[arg(long)]
         simulate_gpus: Option<String>,
+        /// Enrol with the join token in this file when the node has no valid certificate (see
+        /// `admin agents token create --output-file`); overrides agent.join_token_file.
+        #[arg(long, value_name = "PATH")]
+        join_file: Option<PathBuf>,
     },
     /// Operate the broker directly with an admin certificate: submit, get, list, cancel, logs, agents,
     /// drain.
@@ -97,17 +104,21 @@ fn main() -> anyhow::Result<()> {
             telemetry::init(format, None)?;
         }
         match cli.command {
-            Command::Broker { config, addr_file } => {
+            Command::Broker { config, addr_file, enroll_addr_file } => {
                 let config = BrokerConfig::load(&config)?;
                 let tracing = traced(format, "broker", &config.telemetry, &config.tls.cert)?;
                 if let Err(e) = bench::raise_open_file_limit() {
                     tracing::warn!("could not raise the open-file limit: {e}");
                 }
                 let listener = cli::listen(config.broker.listen)?;
+                let enroll = config.broker.enroll_listen.map(cli::listen).transpose()?;
+                if let (Some(path), Some(enroll)) = (enroll_addr_file, &enroll) {
+                    private_files::write_atomically(&path, &enroll.local_addr()?.to_string())?;
+                }
                 if let Some(path) = addr_file {
                     private_files::write_atomically(&path, &listener.local_addr()?.to_string())?;
                 }
-                let served = broker::run(config, listener, cli::shutdown_signal()).await;
+                let served = broker::run_with(config, listener, enroll, cli::shutdown_signal()).await;
                 tracing.shutdown().await;
                 served
             }
@@ -124,8 +135,8 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Client(cmd) => exit_with(cli::client::run(cmd).await?),
             Command::Tenants(args) => exit_with(cli::admin::tenants(args).await),
-            Command::Agent { config, simulate_gpus } => {
-                let mut config = AgentConfig::load(&config)?;
+            Command::Agent { config, simulate_gpus, join_file } => {
+                let mut config = AgentConfig::load_joining(&config, join_file)?;
                 if let Some(spec) = simulate_gpus {
                     config.agent.simulate_gpus = spec;
                     config.validate(std::path::Path::new("--simulate-gpus"))?;

@@ -3,8 +3,10 @@
 //! attempts while the broker is away, and reports them again when it reconnects.
 
 mod attempt;
+pub mod enroll;
 pub mod executor;
 pub mod gpu;
+mod renew;
 pub mod sandbox;
 mod session;
 pub mod staging;
@@ -70,11 +72,14 @@ struct Agent {
     sandbox: Arc<sandbox::Sandbox>,
     /// The client TLS from the certificate files: `reload_now()` after writing new ones.
     tls: Arc<tls::ReloadingClientTls>,
+    /// Renews the certificate on the stream (`renew`).
+    renewer: Option<renew::Renewer>,
 }
 
 /// Runs the agent until `shutdown` resolves. Attempts still running then are stopped.
 pub async fn run(mut config: AgentConfig, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     tls::install_crypto_provider();
+    enroll::ensure_certificate(&config).await?;
     let identity = tls::identity_of_cert_file(&config.tls.cert).context("agent certificate")?;
     if identity.role != Role::Agent {
         anyhow::bail!(
@@ -142,8 +147,9 @@ pub async fn run(mut config: AgentConfig, shutdown: impl Future<Output = ()> + S
         )),
         limits: Arc::new(staging_limits(&config.staging)),
     };
+    let renewer = renew::Renewer::load(&config.tls.cert);
     let mut agent =
-        Agent { config, identity, probe, attempts: HashMap::new(), events, staging, sandbox, tls: reloading };
+        Agent { config, identity, probe, attempts: HashMap::new(), events, staging, sandbox, tls: reloading, renewer };
     let cert = agent.tls.paths().cert.display().to_string();
     tracing::info!(agent = agent.identity.agent_id(), gpus = agent.probe.gpus().len(), cert, "agent starting");
     session::run_sessions(&mut agent, client_tls, &mut event_rx, shutdown).await;

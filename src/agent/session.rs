@@ -140,6 +140,12 @@ async fn session<F: Future<Output = ()>>(
                 tracing::info!(clean, "broker session ended: the agent is stopping");
                 return None;
             }
+            () = tokio::time::sleep(agent.renewal_due_in()), if registered => {
+                if let Some(renew) = agent.renewal_request()
+                    && !send(&tx, renew) {
+                        return Some((registered, End::because("outbox full")));
+                    }
+            }
             _ = heartbeat.tick() => {
                 let hb = Out::Heartbeat(proto::Heartbeat { inventory: Some(agent.inventory().into()) });
                 if !send(&tx, hb) {
@@ -173,8 +179,12 @@ fn on_message(agent: &mut Agent, msg: In) -> Option<Out> {
             agent.ack(&ack);
             None
         }
+        In::Renewed(renewed) => {
+            agent.renewed(renewed);
+            None
+        }
         // Reconnect ends the session (`session`).
-        In::Reconnect(_) | In::Renewed(_) => None,
+        In::Reconnect(_) => None,
     }
 }
 

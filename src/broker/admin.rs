@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
-use super::core::Cmd;
+use super::core::{Cmd, TokenCmd};
 use super::keys::{KeyRing, KeyView};
 use super::revocations::RevocationAdmin;
 use crate::config::TenantConfig;
@@ -23,11 +23,13 @@ pub struct AdminService {
     revocation: Option<Arc<RevocationAdmin>>,
     /// Reads the audit trail (`ListAdminEvents`).
     reader: Option<Reader>,
+    /// Configured sites (`[[site]]`); join tokens must name one when there are any.
+    sites: Vec<String>,
 }
 
 impl AdminService {
     pub fn new(core: mpsc::Sender<Cmd>, keys: Arc<KeyRing>, tenants: Arc<HashMap<String, TenantConfig>>) -> Self {
-        Self { core, keys, tenants, revocation: None, reader: None }
+        Self { core, keys, tenants, revocation: None, reader: None, sites: Vec::new() }
     }
 
     /// Serves `RevokeCertificates` and `ListRevocations` through `revocation`.
@@ -43,6 +45,12 @@ impl AdminService {
     /// Serves the audit trail from `reader`.
     pub fn with_reader(mut self, reader: Reader) -> Self {
         self.reader = Some(reader);
+        self
+    }
+
+    /// Join tokens are checked against these sites (none: any valid site name).
+    pub fn with_sites(mut self, sites: Vec<String>) -> Self {
+        self.sites = sites;
         self
     }
 }
@@ -106,8 +114,13 @@ impl proto::admin_service_server::AdminService for AdminService {
         &self,
         req: Request<proto::CreateJoinTokenRequest>,
     ) -> Result<Response<proto::CreateJoinTokenResponse>, Status> {
-        tls::require_role(&req, &[Role::Admin])?;
-        Err(Status::unimplemented("create_join_token is not built yet"))
+        let admin = tls::require_role(&req, &[Role::Admin])?;
+        let r = req.into_inner();
+        let (tx, rx) = oneshot::channel();
+        let cmd = super::tokens::create_command(r, &self.sites, admin.uri(), tx)?;
+        self.core.send(Cmd::Token(cmd)).await.map_err(|_| unavailable())?;
+        let (view, token) = rx.await.map_err(|_| unavailable())??;
+        Ok(Response::new(proto::CreateJoinTokenResponse { info: Some(view.into()), token }))
     }
 
     async fn list_join_tokens(
@@ -115,15 +128,22 @@ impl proto::admin_service_server::AdminService for AdminService {
         req: Request<proto::ListJoinTokensRequest>,
     ) -> Result<Response<proto::ListJoinTokensResponse>, Status> {
         tls::require_role(&req, &[Role::Admin])?;
-        Err(Status::unimplemented("list_join_tokens is not built yet"))
+        let (tx, rx) = oneshot::channel();
+        self.core.send(Cmd::Token(TokenCmd::List { reply: tx })).await.map_err(|_| unavailable())?;
+        let tokens = rx.await.map_err(|_| unavailable())?;
+        Ok(Response::new(proto::ListJoinTokensResponse { tokens: tokens.into_iter().map(Into::into).collect() }))
     }
 
     async fn revoke_join_token(
         &self,
         req: Request<proto::RevokeJoinTokenRequest>,
     ) -> Result<Response<proto::JoinTokenInfo>, Status> {
-        tls::require_role(&req, &[Role::Admin])?;
-        Err(Status::unimplemented("revoke_join_token is not built yet"))
+        let admin = tls::require_role(&req, &[Role::Admin])?;
+        let token_id = req.into_inner().token_id;
+        let (tx, rx) = oneshot::channel();
+        let cmd = TokenCmd::Revoke { token_id, actor: admin.uri(), reply: tx };
+        self.core.send(Cmd::Token(cmd)).await.map_err(|_| unavailable())?;
+        Ok(Response::new(rx.await.map_err(|_| unavailable())??.into()))
     }
 
     async fn revoke_certificates(

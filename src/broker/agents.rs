@@ -31,11 +31,24 @@ pub struct AgentService {
     data: Arc<DataPlane>,
     /// Agent id (`site/node`) → the tenant it is dedicated to (`[[dedicated]]`).
     dedicated: Arc<HashMap<String, String>>,
+    /// Signs renewals on the stream (none: renewals are refused).
+    renewal: Option<Arc<super::renew::Renewal>>,
 }
 
 impl AgentService {
     pub fn new(core: mpsc::Sender<Cmd>, data: Arc<DataPlane>, dedicated: Arc<HashMap<String, String>>) -> Self {
-        Self { core, next_conn: Arc::new(AtomicU64::new(1)), data, dedicated }
+        Self { core, next_conn: Arc::new(AtomicU64::new(1)), data, dedicated, renewal: None }
+    }
+
+    /// Renews agents' certificates on their streams with `ca`, for `lifetime`.
+    pub fn with_renewal(
+        mut self,
+        ca: Arc<crate::pki::Ca>,
+        lifetime: Duration,
+        revoked: Arc<super::revocations::Revocations>,
+    ) -> Self {
+        self.renewal = Some(Arc::new(super::renew::Renewal::new(ca, lifetime, revoked)));
+        self
     }
 
     /// The calling agent's id, and the data of the attempt it names.
@@ -56,6 +69,8 @@ impl proto::agent_service_server::AgentService for AgentService {
         let who = tls::require_role(&req, &[Role::Agent])?;
         let (site, node) = (who.site.clone().unwrap_or_default(), who.name.clone());
         let agent = who.agent_id();
+        let peer_cert = super::renew::peer_cert(&req);
+        let cert_expiry = peer_cert.as_ref().map(|c| c.not_after);
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
             .await
@@ -87,18 +102,34 @@ impl proto::agent_service_server::AgentService for AgentService {
         let attempts = reg.attempts.into_iter().map(AttemptReport::try_from).collect::<Result<Vec<_>, _>>()?;
         let (tx, rx) = mpsc::channel(OUTBOX);
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let mut stream = super::renew::StreamCert::new(who, peer_cert, self.renewal.clone(), tx.clone());
         let connected = Cmd::Connected {
             agent: agent.clone(),
             site,
             node,
+            cert_not_after: cert_expiry.unwrap_or(0),
             inventory,
             attempts,
             conn: Conn { id: conn, outbox: tx },
         };
         self.core.send(connected).await.map_err(|_| Status::unavailable("broker is shutting down"))?;
         let core = self.core.clone();
+        let (end_tx, end_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            while let Ok(Some(msg)) = inbound.message().await {
+            loop {
+                let msg = tokio::select! {
+                    msg = inbound.message() => msg,
+                    () = stream.expired() => {
+                        tracing::warn!(agent, "agent certificate expired on a live stream without renewal; ending the stream");
+                        let _ = end_tx.send(Status::unauthenticated("your certificate expired and was not renewed on this stream"));
+                        break;
+                    }
+                };
+                let Ok(Some(msg)) = msg else { break };
+                if let Some(In::Renew(renew)) = msg.msg {
+                    stream.renew(&renew.csr_der);
+                    continue;
+                }
                 let Some(cmd) = command(&agent, conn, msg) else { continue };
                 if core.send(cmd).await.is_err() {
                     return;
@@ -107,7 +138,7 @@ impl proto::agent_service_server::AgentService for AgentService {
             let _ = core.send(Cmd::Disconnected { agent, conn }).await;
         });
         let outbound = ReceiverStream::new(rx).map(|msg| Ok(proto::BrokerMessage { msg: Some(msg.into()) }));
-        Ok(Response::new(Box::pin(outbound)))
+        Ok(Response::new(Box::pin(super::renew::EndWhenExpired::new(outbound, end_rx))))
     }
 
     async fn input_urls(
@@ -150,10 +181,7 @@ impl proto::agent_service_server::AgentService for AgentService {
 fn command(agent: &str, conn: u64, msg: proto::AgentMessage) -> Option<Cmd> {
     let agent = agent.to_string();
     match msg.msg? {
-        In::Renew(_) => {
-            tracing::warn!(agent, "ignored a renew request: renewal is not built yet");
-            None
-        }
+        In::Renew(_) => None, // answered by the stream (`renew`), never a core command
         In::Register(_) => {
             tracing::warn!(agent, "ignored a second register on one stream");
             None
@@ -194,6 +222,13 @@ impl From<AgentMessage> for Out {
             AgentMessage::Reconnect { after, reason } => Out::Reconnect(proto::Reconnect {
                 after_ms: after.as_millis().min(u128::from(u32::MAX)) as u32,
                 reason,
+            }),
+            AgentMessage::Renewed(r) => Out::Renewed(proto::Renewed {
+                cert_chain_pem: r.cert_chain_pem,
+                issued_at_ms: r.issued_at,
+                not_after_ms: r.not_after,
+                error: r.error,
+                ca_bundle_pem: r.ca_bundle_pem,
             }),
         }
     }

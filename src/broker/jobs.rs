@@ -454,7 +454,7 @@ impl From<AgentView> for proto::AgentInfo {
             last_seen_ms: v.last_seen_ms,
             draining: v.draining,
             dedicated_tenant: v.dedicated.unwrap_or_default(),
-            cert_not_after_ms: 0,
+            cert_not_after_ms: v.cert_not_after_ms,
         }
     }
 }

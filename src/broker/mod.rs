@@ -6,13 +6,16 @@ pub mod admin;
 pub mod agents;
 pub mod core;
 pub mod data;
+pub mod enroll;
 pub mod jobs;
 pub mod keys;
 pub mod placer;
+mod renew;
 pub mod revocations;
 pub mod secrets;
 mod staging;
 mod tail;
+mod tokens;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -37,10 +40,25 @@ const RECONNECT_JITTER: Duration = Duration::from_secs(2);
 /// Job events buffered for watchers; a watcher that falls further behind re-reads the store.
 const EVENT_BUFFER: usize = 65_536;
 
-/// Serves the broker on `listener` until `shutdown` resolves or the core stops (a failed commit).
+/// Serves the broker on `listener` until `shutdown` resolves or the core stops (a failed commit);
+/// the enrol listener, when configured, on `broker.enroll_listen`.
 pub async fn run(
     config: BrokerConfig,
     listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let enroll = match config.broker.enroll_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?),
+        None => None,
+    };
+    run_with(config, listener, enroll, shutdown).await
+}
+
+/// [`run`], with the enrol listener bound by the caller (`None`: no enrolment).
+pub async fn run_with(
+    config: BrokerConfig,
+    listener: TcpListener,
+    enroll_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     tls::install_crypto_provider();
@@ -102,8 +120,35 @@ pub async fn run(
         trust_domain: trust_domain.clone(),
         own: tls::PeerCert::from_pem_file(&config.tls.cert).context("broker certificate")?,
     });
-    let admin_service = admin_service.with_revocation(revocation);
-    let agent_service = agents::AgentService::new(core_tx.clone(), data, dedicated);
+    let site_names = config.sites.iter().map(|s| s.name.clone()).collect();
+    let admin_service = admin_service.with_revocation(revocation).with_sites(site_names);
+    let issuing_ca = match &config.broker.ca_dir {
+        Some(dir) => Some(Arc::new(crate::pki::Ca::load(dir).context("broker.ca_dir")?)),
+        None => None,
+    };
+    let lifetime = config.broker.agent_cert_lifetime.0;
+    let _enroll = match (enroll_listener, &issuing_ca) {
+        (Some(enroll_listener), Some(ca)) => {
+            let service = enroll::EnrollService::new(core_tx.clone(), ca.clone(), lifetime);
+            let enroll_tls = tls::enroll_server_config(&config.tls)?;
+            let gate = tls::HandshakeGate::new(config.broker.handshake_limits());
+            tracing::info!(addr = %enroll_listener.local_addr()?, "enrol listener");
+            let server = tonic::transport::Server::builder()
+                .add_service(crate::proto::enroll_service_server::EnrollServiceServer::new(service))
+                .serve_with_incoming(tls::tls_incoming_with(enroll_listener, enroll_tls, gate));
+            Some(AbortOnDrop(tokio::spawn(async move {
+                if let Err(e) = server.await {
+                    tracing::error!(error = %e, "enrol listener failed");
+                }
+            })))
+        }
+        (Some(_), None) => anyhow::bail!("broker.enroll_listen needs broker.ca_dir"),
+        (None, _) => None,
+    };
+    let mut agent_service = agents::AgentService::new(core_tx.clone(), data, dedicated);
+    if let Some(ca) = issuing_ca {
+        agent_service = agent_service.with_renewal(ca, lifetime, revoked.clone());
+    }
     let addr = listener.local_addr()?;
     tracing::info!(%addr, trust_domain, "broker listening");
     let (stop_accepting, stop_accepting_rx) = tokio::sync::oneshot::channel::<()>();

@@ -18,14 +18,16 @@ use crate::pki::{self, IssueRequest};
 
 #[derive(Subcommand)]
 pub enum PkiCommand {
-    /// Make an ECDSA P-256 development CA in DIR.
+    /// Make a root CA (ca.pem, root-key.pem: keep that key offline) and an issuing CA signed by it
+    /// (issuing-ca.pem, issuing-ca-key.pem: the broker's) in DIR.
     Init {
         #[arg(long)]
         dir: PathBuf,
         #[arg(long, default_value = "hybroker.local")]
         trust_domain: String,
     },
-    /// Issue a role certificate signed by the CA in DIR, written as NAME.pem and NAME-key.pem.
+    /// Issue a role certificate signed by the issuing CA in DIR, written as NAME.pem (the
+    /// certificate, then the issuing CA) and NAME-key.pem.
     Issue {
         #[arg(long)]
         dir: PathBuf,
@@ -43,7 +45,7 @@ pub enum PkiCommand {
         /// IP addresses the certificate is valid for (servers).
         #[arg(long)]
         ip: Vec<IpAddr>,
-        #[arg(long, default_value_t = 90)]
+        #[arg(long, default_value_t = 30)]
         days: u32,
         /// Where to write the files; default: DIR.
         #[arg(long)]
@@ -55,7 +57,13 @@ pub fn pki(cmd: PkiCommand) -> anyhow::Result<()> {
     match cmd {
         PkiCommand::Init { dir, trust_domain } => {
             let paths = pki::init_ca(&dir, &trust_domain)?;
-            println!("made CA for trust domain {trust_domain}: {}", paths.cert.display());
+            println!(
+                "made a root and an issuing CA for trust domain {trust_domain}: trust bundle {}, issuing CA {} \
+                 (keep {} offline: the broker needs only the issuing CA)",
+                paths.cert.display(),
+                paths.issuing_cert.display(),
+                paths.root_key.display()
+            );
         }
         PkiCommand::Issue { dir, role, name, site, dns, ip, days, out } => {
             let ca = pki::Ca::load(&dir)?;

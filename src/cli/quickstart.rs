@@ -206,6 +206,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
                 cpus: 8,
                 memory_mib: 32 * 1024,
                 labels: Default::default(),
+                join_token_file: None,
             },
             tls: issue(Role::Agent, node, Some(site))?,
             reconnect: ReconnectSection::default(),

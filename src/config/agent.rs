@@ -112,6 +112,11 @@ pub struct AgentSection {
     /// Free-form labels reported with the inventory.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// A join file (`hybroker admin agents token create --output-file`): when the node has no
+    /// valid certificate at `tls.cert`, the agent makes its key and enrols with the file's token.
+    /// `--join-file` sets it too; the token itself is never on the command line.
+    #[serde(default)]
+    pub join_token_file: Option<PathBuf>,
 }
 
 /// `[sandbox]`: the per-attempt sandbox (namespaces, a per-attempt UID, a cgroup, a device gate).
@@ -282,7 +287,15 @@ impl Default for ReconnectSection {
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_joining(path, None)
+    }
+
+    /// [`AgentConfig::load`], with `join_file` (from `--join-file`) replacing `agent.join_token_file`.
+    pub fn load_joining(path: &Path, join_file: Option<PathBuf>) -> Result<Self, ConfigError> {
         let mut config: Self = load_toml(path, std::env::vars())?;
+        if join_file.is_some() {
+            config.agent.join_token_file = join_file;
+        }
         config.validate(path)?;
         config.source = Some(path.to_owned());
         Ok(config)
@@ -294,7 +307,14 @@ impl AgentConfig {
 
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
-        check_tls(&self.tls, &mut problems);
+        match &self.agent.join_token_file {
+            // The enrolment writes the certificate, key and CA bundle.
+            Some(join) if !join.is_file() => {
+                problems.push(format!("agent.join_token_file: {} does not exist", join.display()));
+            }
+            Some(_) => {}
+            None => check_tls(&self.tls, &mut problems),
+        }
         self.telemetry.check(&mut problems);
         if !self.agent.broker_url.starts_with("https://") {
             problems.push(format!("agent.broker_url {:?} must start with https://", self.agent.broker_url));

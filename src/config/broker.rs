@@ -81,6 +81,22 @@ pub struct BrokerSection {
     /// before it exits anyway.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace: HumanDuration,
+    /// Where agents enrol with a join token (server-authenticated TLS, the enrol call only); off
+    /// when unset. Needs `ca_dir`.
+    #[serde(default)]
+    pub enroll_listen: Option<SocketAddr>,
+    /// The PKI directory holding the issuing CA (`issuing-ca.pem`, `issuing-ca-key.pem`, `ca.pem`,
+    /// `trust-domain`) that signs agents' certificates at enrolment and renewal. The root's key
+    /// need not be there.
+    #[serde(default)]
+    pub ca_dir: Option<PathBuf>,
+    /// How long an agent certificate signed here is valid; agents renew at 70-90 % of it.
+    #[serde(default = "default_agent_cert_lifetime")]
+    pub agent_cert_lifetime: HumanDuration,
+}
+
+fn default_agent_cert_lifetime() -> HumanDuration {
+    Duration::from_secs(24 * 3600).into()
 }
 
 fn default_shutdown_grace() -> HumanDuration {
@@ -108,6 +124,9 @@ impl BrokerSection {
             max_unfinished_handshakes: default_unfinished_total(),
             client_hello_timeout: default_client_hello_timeout(),
             shutdown_grace: default_shutdown_grace(),
+            enroll_listen: None,
+            ca_dir: None,
+            agent_cert_lifetime: default_agent_cert_lifetime(),
         }
     }
 
@@ -238,6 +257,15 @@ impl BrokerConfig {
         }
         self.telemetry.check(&mut problems);
         self.broker.check_handshake_limits(&mut problems);
+        if self.broker.enroll_listen.is_some() && self.broker.ca_dir.is_none() {
+            problems.push(
+                "broker.enroll_listen needs broker.ca_dir (the issuing CA that signs agents' certificates)".into(),
+            );
+        }
+        let lifetime = self.broker.agent_cert_lifetime.0;
+        if lifetime < Duration::from_secs(10) || lifetime > Duration::from_secs(366 * 24 * 3600) {
+            problems.push(format!("broker.agent_cert_lifetime ({lifetime:?}) must be 10s to 366 days"));
+        }
         let (ttl, hb) = (self.leases.ttl.0, self.leases.heartbeat_interval.0);
         if hb.is_zero() || hb >= ttl {
             problems.push(format!(

@@ -126,6 +126,9 @@ pub struct Agent {
     pub running_jobs: Vec<String>,
     /// RFC 3339.
     pub last_seen: String,
+    /// When the certificate it last connected with expires (RFC 3339); absent when unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_not_after: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -98,6 +98,7 @@ impl From<proto::AgentInfo> for api::Agent {
             labels: inventory.labels.into_iter().collect(),
             running_jobs: a.running_jobs,
             last_seen: rfc3339(a.last_seen_ms),
+            cert_not_after: (a.cert_not_after_ms > 0).then(|| rfc3339(a.cert_not_after_ms)),
         }
     }
 }

@@ -21,6 +21,8 @@ pub const NAMES: &[&str] = &[
     "hybroker_tls_handshake_failures_total",
     "hybroker_tls_reload_total",
     "hybroker_cert_expiry_timestamp_seconds",
+    "hybroker_enrollments_total",
+    "hybroker_cert_renewals_total",
     "hybroker_staging_bytes_total",
     "hybroker_staging_duration_seconds",
     "hybroker_gateway_requests_total",
@@ -141,6 +143,19 @@ pub static FAMILIES: &[Family] = &[
          agent or admin, by identity URI) and the CA certificates it trusts (role ca, by subject); \
          updated on reload and renewal.",
         &["role", "identity"],
+    ),
+    family(
+        "hybroker_enrollments_total",
+        Counter,
+        "Agent enrolments with a join token by result: ok, unknown, expired, used_up, revoked, wrong_site \
+         (the CSR names another site or node than the token allows), bad_csr, rate_limited.",
+        &["result"],
+    ),
+    family(
+        "hybroker_cert_renewals_total",
+        Counter,
+        "Agent certificate renewals on the stream by result: ok, bad_csr, refused.",
+        &["result"],
     ),
     family("hybroker_staging_bytes_total", Counter, "Bytes staged by ended attempts.", &["direction", "site"]),
     histogram("hybroker_staging_duration_seconds", "Stage-in and stage-out durations.", &["direction"], SLOW),

@@ -126,6 +126,8 @@ pub struct AgentRecord {
     pub inventory_json: String,
     pub last_seen: UnixMillis,
     pub draining: bool,
+    /// The NotAfter of the certificate it last connected with (0: unknown).
+    pub cert_not_after: UnixMillis,
 }
 
 /// The tail of one attempt's output.

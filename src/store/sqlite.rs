@@ -233,7 +233,8 @@ impl Writer {
                     .bind(&first.node)
                     .bind(&last.inventory_json)
                     .bind(last.last_seen)
-                    .bind(*draining);
+                    .bind(*draining)
+                    .bind(last.cert_not_after);
             }
             q.execute(&mut *tx).await?;
         }
@@ -293,9 +294,11 @@ impl Writer {
 
     /// Every agent ever registered (for the broker's start: draining flags, last inventory).
     pub async fn load_agents(&mut self) -> Result<Vec<AgentRecord>, StoreError> {
-        let rows = sqlx::query("SELECT id, site, node, inventory_json, last_seen_ms, draining FROM agents ORDER BY id")
-            .fetch_all(&mut self.conn)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT id, site, node, inventory_json, last_seen_ms, draining, cert_not_after_ms FROM agents ORDER BY id",
+        )
+        .fetch_all(&mut self.conn)
+        .await?;
         rows.iter()
             .map(|r| {
                 Ok(AgentRecord {
@@ -305,6 +308,7 @@ impl Writer {
                     inventory_json: r.try_get("inventory_json")?,
                     last_seen: r.try_get("last_seen_ms")?,
                     draining: r.try_get("draining")?,
+                    cert_not_after: r.try_get("cert_not_after_ms")?,
                 })
             })
             .collect()
@@ -573,9 +577,10 @@ static UPDATE_AGENTS_DRAINING: MultiRow =
     MultiRow::new("UPDATE agents SET draining = v.column2 FROM (", 2, ") AS v WHERE agents.id = v.column1");
 
 static UPSERT_AGENTS: MultiRow = MultiRow::new(
-    "INSERT INTO agents (id, site, node, inventory_json, last_seen_ms, draining)",
-    6,
-    " ON CONFLICT (id) DO UPDATE SET inventory_json = excluded.inventory_json, last_seen_ms = excluded.last_seen_ms",
+    "INSERT INTO agents (id, site, node, inventory_json, last_seen_ms, draining, cert_not_after_ms)",
+    7,
+    " ON CONFLICT (id) DO UPDATE SET inventory_json = excluded.inventory_json, last_seen_ms = excluded.last_seen_ms, \
+     cert_not_after_ms = excluded.cert_not_after_ms",
 );
 
 static INSERT_KEYS: MultiRow = MultiRow::new(

@@ -251,9 +251,10 @@ mod reference {
                 }
                 Write::Agent(a) => {
                     sqlx::query(
-                        "INSERT INTO agents (id, site, node, inventory_json, last_seen_ms, draining) VALUES (?, ?, ?, ?, ?, ?) \
-                         ON CONFLICT (id) DO UPDATE SET inventory_json = excluded.inventory_json, \
-                         last_seen_ms = excluded.last_seen_ms",
+                        "INSERT INTO agents (id, site, node, inventory_json, last_seen_ms, draining, cert_not_after_ms) \
+                         VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET inventory_json = \
+                         excluded.inventory_json, last_seen_ms = excluded.last_seen_ms, \
+                         cert_not_after_ms = excluded.cert_not_after_ms",
                     )
                     .bind(&a.id)
                     .bind(&a.site)
@@ -261,6 +262,7 @@ mod reference {
                     .bind(&a.inventory_json)
                     .bind(a.last_seen)
                     .bind(a.draining)
+                    .bind(a.cert_not_after)
                     .execute(&mut *tx)
                     .await?;
                 }
@@ -543,6 +545,7 @@ mod model {
                         inventory_json: text(rng),
                         last_seen: millis(rng),
                         draining: rng.bool(),
+                        cert_not_after: millis(rng),
                     }),
                     90..92 => Write::AgentDraining { id: format!("agent-{}", rng.u8(..5)), draining: rng.bool() },
                     92..93 => Write::RemoveAgent { id: format!("agent-{}", rng.u8(..5)) },

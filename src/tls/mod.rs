@@ -24,6 +24,7 @@
 //! when they change or on SIGHUP; servers ([`ServerTls`]) and connectors ([`ClientTls`]) load the
 //! current one per connection, and it exports `hybroker_cert_expiry_timestamp_seconds`.
 
+mod enroll;
 mod explain;
 mod handshake;
 mod incoming;
@@ -39,6 +40,7 @@ mod reload;
 mod tests;
 mod verify;
 
+pub use enroll::{enroll_client_config, enroll_server_config, read_bundle};
 pub use explain::explain_status;
 pub use handshake::{
     HandshakeError, HandshakeGate, HandshakeLimits, HandshakeSlot, accept_tls, log_handshake_error, source_of,

@@ -2,16 +2,10 @@
 //! issue, expiry), and the deny-list check ([`DenyList`]) the broker passes into its TLS server so
 //! that the tls layer refuses revoked certificates without knowing where the list comes from.
 
-use std::time::Duration;
-
 use crate::model::UnixMillis;
-
-/// How far a certificate's NotBefore lies before the moment it was issued (clock-skew allowance of
-/// the issuer). The time of issue is NotBefore + `BACKDATE`.
-///
-/// Local stand-in for `pki::BACKDATE` / `pki::issued_at` (added by the enrolment work, same
-/// meaning); the tls layer sits below `pki` in spirit and keeps its own copy.
-pub const BACKDATE: Duration = Duration::from_secs(5 * 60);
+/// How far a certificate's NotBefore lies before the moment it was issued: the time of issue is
+/// NotBefore + `BACKDATE` (`pki` sets it so).
+pub use crate::pki::BACKDATE;
 
 /// Answers whether a certificate is revoked. Implemented by the broker's revocation list.
 pub trait DenyList: Send + Sync + std::fmt::Debug {

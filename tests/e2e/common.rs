@@ -116,8 +116,18 @@ impl Cluster {
             extra = self.broker_extra.as_deref().unwrap_or(TENANTS),
         );
         std::fs::write(self.path("broker.toml"), config).unwrap();
+        let enroll_addr_file = self.path("broker.enroll.addr");
+        let _ = std::fs::remove_file(&enroll_addr_file);
         let child = spawn_with(
-            &["broker", "--config", path_str(&self.path("broker.toml")), "--addr-file", path_str(&addr_file)],
+            &[
+                "broker",
+                "--config",
+                path_str(&self.path("broker.toml")),
+                "--addr-file",
+                path_str(&addr_file),
+                "--enroll-addr-file",
+                path_str(&enroll_addr_file),
+            ],
             &self.path("broker.log"),
             &self.broker_env,
         );
@@ -482,6 +492,65 @@ impl Cluster {
     pub fn tenant_key(&self, tenant: &str) -> String {
         self.tenant_key_with_id(tenant).0
     }
+
+    /// The enrol listener's URL (the broker runs with [`enrolling`]).
+    pub fn enroll_url(&self) -> String {
+        let addr = std::fs::read_to_string(self.path("broker.enroll.addr")).expect("the broker has an enrol listener");
+        format!("https://{}", addr.trim())
+    }
+
+    /// Makes a join token with `admin agents token create ARGS` written to the join file `name`.
+    pub fn join_file(&self, name: &str, args: &[&str]) -> PathBuf {
+        let path = self.path(name);
+        let url = self.enroll_url();
+        let mut all = vec!["agents", "token", "create", "--output-file", path_str(&path), "--enroll-url", &url];
+        all.extend_from_slice(args);
+        let (ok, stdout, stderr) = self.admin_command(&all);
+        assert!(ok, "token create failed: {stdout}{stderr}");
+        path
+    }
+
+    /// Where an enrolling agent `node` keeps its certificate, key and CA bundle.
+    pub fn joined_tls(&self, node: &str) -> TlsPaths {
+        let dir = self.path(&format!("node-{node}"));
+        TlsPaths { ca_cert: dir.join("ca.pem"), cert: dir.join("agent.pem"), key: dir.join("agent-key.pem") }
+    }
+
+    /// Starts an agent `node` that has no certificate and enrols with `join_file`.
+    pub fn start_joining_agent(&mut self, node: &str, gpus: &str, join_file: &Path) {
+        let tls = self.joined_tls(node);
+        let config = format!(
+            "[agent]\nbroker_url = \"https://{addr}\"\nwork_dir = \"{work}\"\nsimulate_gpus = \"{gpus}\"\ncpus = 8\nmemory_mib = 65536\n\
+             [tls]\nca_cert = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n[reconnect]\nmin_backoff = \"50ms\"\nmax_backoff = \"500ms\"\n{extra}",
+            addr = self.addr,
+            work = self.work_dir(node).display(),
+            ca = tls.ca_cert.display(),
+            cert = tls.cert.display(),
+            key = tls.key.display(),
+            extra = self.agent_extra,
+        );
+        let config_path = self.path(&format!("agent-{node}.toml"));
+        std::fs::write(&config_path, config).unwrap();
+        let args = ["agent", "--config", path_str(&config_path), "--join-file", path_str(join_file)];
+        let child = spawn(&args, &self.path(&format!("agent-{node}.log")));
+        self.agents.push((node.to_string(), child));
+    }
+
+    /// The exit status of agent `node` once it has exited (None while it runs).
+    pub fn agent_exited(&mut self, node: &str) -> Option<std::process::ExitStatus> {
+        let (_, child) = self.agents.iter_mut().find(|(n, _)| n == node).expect("agent started");
+        child.try_wait().unwrap()
+    }
+}
+
+/// Broker environment for enrolment: the enrol listener on port 0, the cluster's issuing CA
+/// (`pki` in `dir`), agent certificates valid for `lifetime` (e.g. `20s`).
+pub fn enrolling(dir: &Path, lifetime: &str) -> Vec<(String, String)> {
+    vec![
+        ("HYBROKER_BROKER__ENROLL_LISTEN".into(), "127.0.0.1:0".into()),
+        ("HYBROKER_BROKER__CA_DIR".into(), dir.join("pki").display().to_string()),
+        ("HYBROKER_BROKER__AGENT_CERT_LIFETIME".into(), lifetime.into()),
+    ]
 }
 
 /// Whether a process runs (a zombie waiting to be reaped does not count).

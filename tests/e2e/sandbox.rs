@@ -97,7 +97,8 @@ async fn a_job_cannot_read_the_agents_secrets_nor_signal_it() {
         cluster.path("pki/node-a-key.pem"),
         cluster.path("agent-node-a.toml"),
         cluster.path("broker.db"),
-        cluster.path("pki/ca-key.pem"),
+        cluster.path("pki/issuing-ca-key.pem"),
+        cluster.path("pki/root-key.pem"),
     ];
     for s in &secrets {
         eventually(&format!("{} on the host", s.display()), || async { s.is_file().then_some(()) }).await;

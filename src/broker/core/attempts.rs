@@ -21,6 +21,7 @@ pub(super) struct Registration {
     pub site: String,
     pub node: String,
     pub inventory: Inventory,
+    pub cert_not_after: crate::model::UnixMillis,
 }
 
 impl Core {
@@ -58,7 +59,7 @@ impl Core {
         conn: u64,
         out: &mut Effects,
     ) {
-        let Registration { agent, site, node, inventory } = registration;
+        let Registration { agent, site, node, inventory, cert_not_after } = registration;
         tracing::info!(agent, gpus = inventory.gpus.len(), attempts = reports.len(), "agent registered");
         let now = self.now;
         let entry = self.agents.entry(agent.clone()).or_insert_with(|| AgentEntry::new(&agent, &site, &node, now.at));
@@ -73,6 +74,7 @@ impl Core {
             (None, _) => {}
         }
         entry.inventory = inventory;
+        entry.cert_not_after = cert_not_after;
         if let Some(old) = entry.conn.replace(conn) {
             out.closed.push((agent.clone(), old));
         }
@@ -92,6 +94,7 @@ impl Core {
             inventory_json: serde_json::to_string(&entry.inventory).unwrap_or_default(),
             last_seen: now.ms,
             draining: entry.draining,
+            cert_not_after: entry.cert_not_after,
         }));
         // Reconcile: what the agent still holds is adopted (if current) or stopped; what the broker
         // thinks it holds but the agent does not report is lost.

@@ -126,6 +126,7 @@ pub(super) async fn stored(writer: &mut Writer, now: Now) -> Result<Stored, Stor
         spent: writer.load_spend(place::month_start(now.ms)).await?,
         keys: writer.load_keys().await?,
         agents: writer.load_agents().await?,
+        join_tokens: writer.load_join_tokens().await?,
         jobs: writer.load_active().await?,
     })
 }

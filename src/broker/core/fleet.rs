@@ -37,6 +37,8 @@ pub struct AgentEntry {
     pub draining: bool,
     /// The only tenant whose jobs this node runs (`[[dedicated]]` in the broker's config).
     pub dedicated: Option<String>,
+    /// The NotAfter of the certificate it last connected with (0: unknown).
+    pub cert_not_after: crate::model::UnixMillis,
 }
 
 /// What the job service shows of an agent.
@@ -51,6 +53,8 @@ pub struct AgentView {
     pub last_seen_ms: i64,
     pub draining: bool,
     pub dedicated: Option<String>,
+    /// The NotAfter of the certificate it last connected with (0: unknown).
+    pub cert_not_after_ms: i64,
 }
 
 impl AgentEntry {
@@ -67,6 +71,7 @@ impl AgentEntry {
             used_memory_mib: 0,
             held_gpus: Vec::new(),
             draining: false,
+            cert_not_after: 0,
             dedicated: None,
         }
     }
@@ -156,6 +161,7 @@ impl AgentEntry {
             last_seen_ms: seen.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),
             draining: self.draining,
             dedicated: self.dedicated.clone(),
+            cert_not_after_ms: self.cert_not_after,
         }
     }
 }

@@ -18,6 +18,21 @@ pub enum AgentMessage {
     /// The broker is going away: end the session and connect again after `after` (to whichever
     /// broker answers then).
     Reconnect { after: Duration, reason: String },
+    /// The answer to a renewal (sent by the stream itself, not the core).
+    Renewed(RenewedCert),
+}
+
+/// A renewed certificate, or why renewal was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RenewedCert {
+    /// Leaf then issuing CA; empty when refused.
+    pub cert_chain_pem: String,
+    pub issued_at: i64,
+    pub not_after: i64,
+    /// Why it was refused; empty when renewed.
+    pub error: String,
+    /// The current trust bundle.
+    pub ca_bundle_pem: String,
 }
 
 /// What an agent needs to run one attempt.

@@ -21,6 +21,7 @@ mod metrics;
 mod place;
 mod revocations;
 mod shutdown;
+mod tokens;
 mod trace;
 
 #[cfg(test)]
@@ -39,8 +40,9 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use driver::Driver;
 pub use fleet::{AgentEntry, AgentView, Alloc};
-pub use messages::{AgentMessage, AssignedInput, Assignment, StopAttempt};
+pub use messages::{AgentMessage, AssignedInput, Assignment, RenewedCert, StopAttempt};
 pub use revocations::Revoke;
+pub use tokens::{JoinToken, Refusal, Scope, TokenCmd, TokenView};
 
 use super::keys::{self, KeyRing, KeyView};
 use super::placer::Placer;
@@ -125,6 +127,8 @@ pub enum Cmd {
         agent: String,
         site: String,
         node: String,
+        /// The NotAfter of the stream's certificate (0: unknown).
+        cert_not_after: UnixMillis,
         inventory: Inventory,
         attempts: Vec<AttemptReport>,
         conn: Conn,
@@ -195,6 +199,8 @@ pub enum Cmd {
     },
     /// A certificate revocation (by identity or serial); an agent's stream ends, its attempts are lost.
     Revoke(Revoke),
+    /// Join tokens: create, list, revoke, check and spend (`tokens`).
+    Token(TokenCmd),
 }
 
 /// A submit as the core takes it.
@@ -299,6 +305,8 @@ pub struct Stored {
     pub spent: HashMap<String, f64>,
     pub keys: Vec<KeyRecord>,
     pub agents: Vec<AgentRecord>,
+    /// Every join token (hashes only).
+    pub join_tokens: Vec<crate::store::JoinTokenRecord>,
     /// Every unfinished job.
     pub jobs: Vec<JobRecord>,
 }
@@ -322,6 +330,8 @@ pub struct Core {
     now: Now,
     /// Set by [`Cmd::Shutdown`] (its jitter and seed): agents that register are told to reconnect.
     stopping: Option<(Duration, u64)>,
+    /// Join tokens (`tokens`).
+    tokens: tokens::Tokens,
 }
 
 /// The broker's clock for stored timestamps.
@@ -343,6 +353,7 @@ impl Core {
             placement_hold_until: None,
             now,
             stopping: None,
+            tokens: tokens::Tokens::default(),
         }
     }
 
@@ -352,6 +363,7 @@ impl Core {
         let mut core = Core::new(settings, now);
         core.next_seq = stored.last_event_seq + 1;
         core.spent = stored.spent;
+        core.tokens = tokens::Tokens::load(stored.join_tokens);
         for key in stored.keys {
             core.settings.keys.insert(key);
         }
@@ -361,6 +373,7 @@ impl Core {
             entry.dedicated = core.settings.dedicated.get(&a.id).cloned();
             entry.inventory = serde_json::from_str(&a.inventory_json).unwrap_or_default();
             entry.draining = a.draining;
+            entry.cert_not_after = a.cert_not_after;
             core.agents.insert(a.id, entry);
         }
         for rec in stored.jobs {
@@ -480,12 +493,14 @@ impl Core {
                     });
                 }
             }
+            Cmd::Token(cmd) => self.token_cmd(cmd, out),
             Cmd::Cancel { job_id, tenant, reason, reply } => {
                 let result = self.cancel(&job_id, tenant.as_deref(), reason, out);
                 out.reply(reply, result);
             }
-            Cmd::Connected { agent, site, node, inventory, attempts, conn } => {
-                self.connected(attempts::Registration { agent, site, node, inventory }, attempts, conn.id, out);
+            Cmd::Connected { agent, site, node, cert_not_after, inventory, attempts, conn } => {
+                let registration = attempts::Registration { agent, site, node, inventory, cert_not_after };
+                self.connected(registration, attempts, conn.id, out);
                 self.refuse_while_stopping(out);
             }
             Cmd::Disconnected { agent, conn } => {

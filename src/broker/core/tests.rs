@@ -78,6 +78,7 @@ impl Harness {
     ) -> Effects {
         let (outbox, _) = mpsc::channel(1);
         let cmd = Cmd::Connected {
+            cert_not_after: 0,
             agent: format!("lab/{node}"),
             site: "lab".into(),
             node: node.into(),

@@ -29,6 +29,7 @@ async fn step(core: &mut Core, writer: &mut Writer, cmds: Vec<Cmd>) -> Effects {
 fn connect(node: &str, conn: u64) -> Cmd {
     let (outbox, _) = tokio::sync::mpsc::channel(1);
     Cmd::Connected {
+        cert_not_after: 0,
         agent: format!("lab/{node}"),
         site: "lab".into(),
         node: node.into(),
@@ -137,6 +138,7 @@ async fn a_batch_whose_commit_fails_releases_nothing() {
 
     let (outbox, mut agent) = tokio::sync::mpsc::channel(16);
     let connected = Cmd::Connected {
+        cert_not_after: 0,
         agent: "lab/n1".into(),
         site: "lab".into(),
         node: "n1".into(),

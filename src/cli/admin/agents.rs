@@ -1,4 +1,4 @@
-//! `hybroker admin agents [list|revoke|remove]` (a group: with no subcommand it lists, as it always did)
+//! `hybroker admin agents [list|token|revoke|remove]` (a group: with no subcommand it lists, as it always did)
 //! and `hybroker admin events`, the audit trail of admin actions.
 
 use clap::{Args, Subcommand};
@@ -16,13 +16,16 @@ use crate::proto::{self, admin_service_client::AdminServiceClient};
 #[derive(Args)]
 pub struct AgentsArgs {
     #[command(subcommand)]
-    command: Option<AgentsCommand>,
+    pub(super) command: Option<AgentsCommand>,
 }
 
 #[derive(Subcommand)]
-enum AgentsCommand {
+pub(super) enum AgentsCommand {
     /// Show the agents and their GPUs (the default).
     List,
+    /// Join tokens that let a node enrol (`hybroker agent --join-file`): create, list, revoke.
+    #[command(subcommand)]
+    Token(super::tokens::TokenCommand),
     /// Revoke an agent's certificates: its stream is closed at once, its running attempts are
     /// re-queued, and it cannot connect again until it enrols with a new join token.
     Revoke {
@@ -61,6 +64,8 @@ pub(super) async fn agents(channel: Channel, args: AgentsArgs, out: Output) -> a
                 }
             }
         }
+        // Run by `tokens::run` before a channel is opened (it needs the broker's arguments).
+        AgentsCommand::Token(_) => unreachable!("admin agents token is dispatched before"),
         AgentsCommand::Revoke { id, reason } => super::certs::revoke(channel, out, id, String::new(), reason).await?,
         AgentsCommand::Remove { id, force } => {
             let mut client = AdminServiceClient::new(channel);

@@ -50,6 +50,15 @@ pub struct BrokerArgs {
 }
 
 impl BrokerArgs {
+    /// The CA bundle the broker is verified with (`--ca-cert`).
+    pub fn ca_cert(&self) -> &Path {
+        &self.ca_cert
+    }
+
+    /// The trust domain of the admin certificate.
+    pub fn trust_domain(&self) -> anyhow::Result<String> {
+        Ok(tls::identity_of_cert_file(&self.cert).map_err(|e| self.file_error(e))?.trust_domain)
+    }
     /// A mutual-TLS channel to the broker; each failure says which flag to fix.
     pub async fn channel(&self) -> anyhow::Result<Channel> {
         tls::install_crypto_provider();

@@ -12,6 +12,7 @@ mod agents;
 mod certs;
 mod connection;
 mod keys;
+mod tokens;
 
 use std::path::PathBuf;
 
@@ -111,6 +112,11 @@ pub async fn run(args: AdminArgs) -> i32 {
 }
 
 async fn admin(args: AdminArgs) -> anyhow::Result<i32> {
+    if let AdminCommand::Agents(agents::AgentsArgs { command: Some(agents::AgentsCommand::Token(command)) }) =
+        args.command
+    {
+        return tokens::run(&args.broker, command).await;
+    }
     let channel = args.broker.channel().await?;
     let mut client = JobServiceClient::new(channel.clone());
     let out = args.broker.output;

@@ -158,6 +158,16 @@ pub fn job_details(j: &Job) -> String {
 }
 
 /// One agent, a field per line, then one line per GPU.
+/// The agent certificate's expiry as `agents get` shows it: `expires <time>`, or `EXPIRED at <time>`
+/// (it must enrol again with a new join token), or `-` when unknown.
+fn cert_expiry(not_after: Option<&str>) -> String {
+    let Some(at) = not_after else { return "-".into() };
+    match humantime::parse_rfc3339(at) {
+        Ok(t) if t <= std::time::SystemTime::now() => format!("EXPIRED at {at} (enrol again with a new join token)"),
+        _ => format!("expires {at}"),
+    }
+}
+
 pub fn agent_details(a: &Agent) -> String {
     let mut out = String::new();
     let running = if a.running_jobs.is_empty() { "-".into() } else { a.running_jobs.join(", ") };
@@ -172,6 +182,7 @@ pub fn agent_details(a: &Agent) -> String {
         ("labels", labels(&a.labels)),
         ("running", running),
         ("last seen", a.last_seen.clone()),
+        ("cert", cert_expiry(a.cert_not_after.as_deref())),
         ("gpus", gpus(a)),
     ];
     for (k, v) in fields {

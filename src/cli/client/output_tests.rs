@@ -57,6 +57,7 @@ fn agent(id: &str, gpus: Vec<Gpu>) -> Agent {
         labels: BTreeMap::new(),
         running_jobs: vec!["j1".into()],
         last_seen: "2026-01-01T12:00:00Z".into(),
+        cert_not_after: None,
     }
 }
 
@@ -225,4 +226,14 @@ fn names_labels_reasons_and_events_are_shown_escaped() {
     a.gpus[0].name = "NVIDIA\u{202e}".into();
     let out = agent_details(&a);
     assert!(out.contains("rack=r\\u{202e}1") && out.contains("(NVIDIA\\u{202e})"), "{out}");
+}
+
+#[test]
+fn agent_details_say_when_the_certificate_expires_or_expired() {
+    let mut a = agent("lab/node-a", vec![]);
+    assert!(agent_details(&a).contains("cert:      -\n"), "{}", agent_details(&a));
+    a.cert_not_after = Some("2000-01-01T00:00:00Z".into());
+    assert!(agent_details(&a).contains("EXPIRED at 2000-01-01T00:00:00Z"), "{}", agent_details(&a));
+    a.cert_not_after = Some("2999-01-01T00:00:00Z".into());
+    assert!(agent_details(&a).contains("cert:      expires 2999-01-01T00:00:00Z"), "{}", agent_details(&a));
 }

@@ -1,10 +1,23 @@
-//! Development CA and role certificates (`hybroker pki init|issue`, and the tests).
+//! The CA and role certificates (`hybroker pki init|issue`, enrolment, renewal, and the tests).
 //!
-//! The CA is ECDSA P-256, valid 10 years, path length 0. A directory holds `ca.pem`, `ca-key.pem`
-//! (mode 0600) and `trust-domain`. Leaves get one URI SAN (their [`Identity`]), the requested
-//! DNS/IP SANs, key usage digitalSignature, `CA:FALSE`, and the role's extended key usage:
-//! serverAuth for the broker, clientAuth for agents, gateways and admins (docs/design.md §6).
-//! [`Ca::issue_custom`] can also make the malformed certificates the TLS tests must see refused.
+//! `pki init` makes two CAs, both ECDSA P-256 and valid 10 years: a root (path length 1) whose key
+//! can stay offline, and an issuing CA (path length 0) signed by it, whose key the broker holds to
+//! sign agents' CSRs. A directory holds `ca.pem` (the trust bundle: roots, several during a
+//! rollover), `root-key.pem`, `issuing-ca.pem`, `issuing-ca-key.pem` (keys mode 0600) and
+//! `trust-domain`. Leaves get one URI SAN (their [`Identity`]), the requested DNS/IP SANs, key
+//! usage digitalSignature, `CA:FALSE`, a random serial, NotBefore at the issue time less
+//! [`BACKDATE`], and the role's extended key usage: serverAuth for the broker, clientAuth for
+//! agents, gateways and admins (docs/design.md §6). Their `.pem` holds the chain: leaf, then the
+//! issuing CA. [`Ca::issue_custom`] can also make the malformed certificates the TLS tests must see
+//! refused; [`Ca::sign_agent_csr`] (module `csr`) signs what enrolment and renewal ask for.
+
+mod csr;
+#[cfg(test)]
+mod csr_tests;
+#[cfg(test)]
+mod tests;
+
+pub use csr::{SignedLeaf, agent_csr, issued_at, not_after, serial_hex};
 
 use std::fmt;
 use std::fs::{self, OpenOptions};
@@ -25,8 +38,9 @@ use crate::model::identity::{Identity, IdentityError, Role, validate_name, valid
 
 /// Validity of a new CA.
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-/// How far back `not_before` is set, to tolerate small clock skew between machines.
-const BACKDATE: Duration = Duration::from_secs(5 * 60);
+/// How far back `not_before` is set, to tolerate small clock skew between machines: a certificate
+/// was issued at its NotBefore plus this ([`issued_at`]).
+pub const BACKDATE: Duration = Duration::from_secs(5 * 60);
 
 /// Errors from creating, loading or using the development CA.
 #[derive(Debug, thiserror::Error)]
@@ -70,14 +84,32 @@ pub enum PkiError {
     /// rcgen refused to build or sign the certificate.
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
+    /// A certificate signing request is unusable (unparsable, bad signature, unsupported).
+    #[error("bad certificate signing request: {0}")]
+    BadCsr(String),
+    /// A CSR names an identity the token or the stream does not grant.
+    #[error("the certificate signing request asks for {asked}, but this may only issue {allowed}")]
+    CsrNotAllowed {
+        /// What the CSR asked for.
+        asked: String,
+        /// What may be issued.
+        allowed: String,
+    },
+    /// A certificate cannot be parsed.
+    #[error("invalid certificate: {0}")]
+    BadCert(String),
 }
 
-/// Where [`init_ca`] wrote the CA.
+/// Where [`init_ca`] wrote the CAs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaPaths {
-    /// `ca.pem`: the CA certificate (the trust bundle to hand out).
+    /// `ca.pem`: the trust bundle (root certificates) to hand out.
     pub cert: PathBuf,
-    /// `ca-key.pem`: the CA private key (mode 0600).
+    /// `root-key.pem`: the root's private key (mode 0600); keep it offline.
+    pub root_key: PathBuf,
+    /// `issuing-ca.pem`: the issuing CA certificate, signed by the root.
+    pub issuing_cert: PathBuf,
+    /// `issuing-ca-key.pem`: the issuing CA's private key (mode 0600), the one the broker holds.
     pub key: PathBuf,
     /// `trust-domain`: the trust domain, as text.
     pub trust_domain: PathBuf,
@@ -86,29 +118,45 @@ pub struct CaPaths {
 impl CaPaths {
     /// The file names inside `dir`.
     pub fn in_dir(dir: &Path) -> Self {
-        CaPaths { cert: dir.join("ca.pem"), key: dir.join("ca-key.pem"), trust_domain: dir.join("trust-domain") }
+        CaPaths {
+            cert: dir.join("ca.pem"),
+            root_key: dir.join("root-key.pem"),
+            issuing_cert: dir.join("issuing-ca.pem"),
+            key: dir.join("issuing-ca-key.pem"),
+            trust_domain: dir.join("trust-domain"),
+        }
     }
 }
 
-/// Creates a new CA for `trust_domain` in `dir` (created if missing); refuses to overwrite one.
+/// The key file of a CA directory made before issuing CAs.
+const OLD_CA_KEY: &str = "ca-key.pem";
+
+/// Creates a root and an issuing CA for `trust_domain` in `dir` (created if missing); refuses to
+/// overwrite a CA, also one of the older single-CA layout.
 pub fn init_ca(dir: &Path, trust_domain: &str) -> Result<CaPaths, PkiError> {
     let paths = CaPaths::in_dir(dir);
-    if paths.cert.exists() || paths.key.exists() {
+    if [&paths.cert, &paths.root_key, &paths.issuing_cert, &paths.key, &dir.join(OLD_CA_KEY)].iter().any(|p| p.exists())
+    {
         return Err(PkiError::CaExists(dir.to_path_buf()));
     }
-    let ca = Ca::generate(trust_domain)?;
+    let (ca, root_key) = Ca::generate_with_root(trust_domain)?;
     crate::private_files::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+    write_file(&paths.root_key, &root_key.serialize_pem(), 0o600, false)?;
     write_file(&paths.key, &ca.key.serialize_pem(), 0o600, false)?;
-    write_file(&paths.cert, &ca.cert_pem, 0o644, false)?;
+    write_file(&paths.issuing_cert, &ca.issuing_pem, 0o644, false)?;
+    write_file(&paths.cert, &ca.bundle_pem, 0o644, false)?;
     write_file(&paths.trust_domain, &format!("{trust_domain}\n"), 0o644, true)?;
     Ok(paths)
 }
 
-/// A loaded (or freshly generated) CA that can issue leaf certificates.
+/// A loaded (or freshly generated) issuing CA that can issue leaf certificates.
 pub struct Ca {
     trust_domain: String,
-    cert_pem: String,
-    /// Carries the CA subject (and key id method) for the `Issuer`.
+    /// The trust bundle (`ca.pem`): the roots.
+    bundle_pem: String,
+    /// The issuing CA certificate, appended to every leaf's chain.
+    issuing_pem: String,
+    /// Carries the issuing CA subject (and key id method) for the `Issuer`.
     params: CertificateParams,
     key: KeyPair,
 }
@@ -206,44 +254,68 @@ impl Default for LeafOptions {
 }
 
 impl Ca {
-    /// Generates a new CA in memory (see [`init_ca`] to write one).
+    /// Generates a new root and issuing CA in memory (see [`init_ca`] to write them).
     pub fn generate(trust_domain: &str) -> Result<Ca, PkiError> {
-        validate_trust_domain(trust_domain)?;
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = ca_subject(trust_domain);
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages =
-            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-        let now = SystemTime::now();
-        params.not_before = (now - BACKDATE).into();
-        params.not_after = (now + CA_VALIDITY).into();
-        let cert_pem = params.self_signed(&key)?.pem();
-        Ok(Ca { trust_domain: trust_domain.to_string(), cert_pem, params, key })
+        Ok(Self::generate_with_root(trust_domain)?.0)
     }
 
-    /// Loads the CA written by [`init_ca`] from `dir`.
+    /// [`Ca::generate`], also returning the root's key.
+    fn generate_with_root(trust_domain: &str) -> Result<(Ca, KeyPair), PkiError> {
+        validate_trust_domain(trust_domain)?;
+        let now = SystemTime::now();
+        let ca_params = |kind: &str, path_len: u8| {
+            let mut params = CertificateParams::default();
+            params.distinguished_name = ca_subject(kind, trust_domain);
+            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_len));
+            params.key_usages =
+                vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+            params.not_before = (now - BACKDATE).into();
+            params.not_after = (now + CA_VALIDITY).into();
+            params.serial_number = Some(random_serial());
+            params
+        };
+        let root_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let root_params = ca_params("root CA", 1);
+        let bundle_pem = root_params.self_signed(&root_key)?.pem();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = ca_params("issuing CA", 0);
+        params.use_authority_key_identifier_extension = true;
+        let cert_pem = params.signed_by(&key, &Issuer::from_params(&root_params, &root_key))?.pem();
+        Ok((Ca { trust_domain: trust_domain.to_string(), bundle_pem, issuing_pem: cert_pem, params, key }, root_key))
+    }
+
+    /// Loads the issuing CA written by [`init_ca`] from `dir` (the root's key is not needed).
     pub fn load(dir: &Path) -> Result<Ca, PkiError> {
         let paths = CaPaths::in_dir(dir);
+        let bad = |path: &Path, reason: String| PkiError::BadCa { path: path.to_path_buf(), reason };
+        if !paths.issuing_cert.exists() && dir.join(OLD_CA_KEY).exists() {
+            return Err(bad(
+                dir,
+                "it was made before issuing CAs (it has ca-key.pem, no issuing-ca.pem); make a new one with \
+                 `hybroker pki init --dir NEW_DIR` and issue every certificate again from it"
+                    .to_string(),
+            ));
+        }
         let trust_domain = read_file(&paths.trust_domain)?.trim().to_string();
         validate_trust_domain(&trust_domain)?;
-        let cert_pem = read_file(&paths.cert)?;
+        let bundle_pem = read_file(&paths.cert)?;
+        let cert_pem = read_file(&paths.issuing_cert)?;
         crate::private_files::narrow_logged(&paths.key).map_err(io_err("restrict", &paths.key))?;
         let key_pem = read_file(&paths.key)?;
-        let bad = |path: &Path, reason: String| PkiError::BadCa { path: path.to_path_buf(), reason };
         let key = KeyPair::from_pem(&key_pem).map_err(|e| bad(&paths.key, e.to_string()))?;
         let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
-            .map_err(|e| bad(&paths.cert, format!("not a pem certificate: {e}")))?;
-        let cert = pem.parse_x509().map_err(|e| bad(&paths.cert, format!("not an x509 certificate: {e}")))?;
+            .map_err(|e| bad(&paths.issuing_cert, format!("not a pem certificate: {e}")))?;
+        let cert = pem.parse_x509().map_err(|e| bad(&paths.issuing_cert, format!("not an x509 certificate: {e}")))?;
         if !cert.is_ca() {
-            return Err(bad(&paths.cert, "not a CA certificate".to_string()));
+            return Err(bad(&paths.issuing_cert, "not a CA certificate".to_string()));
         }
         if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
-            return Err(bad(&paths.key, "the key does not match ca.pem".to_string()));
+            return Err(bad(&paths.key, "the key does not match issuing-ca.pem".to_string()));
         }
         let mut params = CertificateParams::default();
-        params.distinguished_name = subject_to_rcgen(cert.subject()).map_err(|r| bad(&paths.cert, r))?;
-        Ok(Ca { trust_domain, cert_pem, params, key })
+        params.distinguished_name = subject_to_rcgen(cert.subject()).map_err(|r| bad(&paths.issuing_cert, r))?;
+        params.use_authority_key_identifier_extension = true;
+        Ok(Ca { trust_domain, bundle_pem, issuing_pem: cert_pem, params, key })
     }
 
     /// The trust domain this CA issues identities in.
@@ -251,9 +323,14 @@ impl Ca {
         &self.trust_domain
     }
 
-    /// The CA certificate, PEM-encoded (the trust bundle).
+    /// The trust bundle (the roots), PEM-encoded: what peers verify chains against.
     pub fn cert_pem(&self) -> &str {
-        &self.cert_pem
+        &self.bundle_pem
+    }
+
+    /// The issuing CA certificate, PEM-encoded (the second certificate of every leaf's chain).
+    pub fn issuing_cert_pem(&self) -> &str {
+        &self.issuing_pem
     }
 
     /// Issues a role certificate (see the module docs for its contents).
@@ -328,22 +405,32 @@ impl Ca {
             IsCa::ExplicitNoCa
         };
         params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial());
         params.not_before = opts.not_before.into();
         params.not_after = opts.not_after.into();
         let issuer = Issuer::from_params(&self.params, &self.key);
         let cert = params.signed_by(&key, &issuer)?;
-        Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+        Ok(Issued { cert_pem: format!("{}{}", cert.pem(), self.issuing_pem), key_pem: key.serialize_pem() })
     }
 }
 
-/// The subject of a new CA.
-fn ca_subject(trust_domain: &str) -> DistinguishedName {
+/// The subject of a new CA (`kind`: "root CA", "issuing CA").
+fn ca_subject(kind: &str, trust_domain: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "hybroker");
     // A random suffix keeps two CAs of one trust domain apart (rotation bundles, clear errors).
     let suffix = fastrand::u32(..);
-    dn.push(DnType::CommonName, format!("hybroker CA {trust_domain} {suffix:08x}"));
+    dn.push(DnType::CommonName, format!("hybroker {kind} {trust_domain} {suffix:08x}"));
     dn
+}
+
+/// A random positive 16-byte serial (rcgen would derive one from the key, repeated on key reuse).
+fn random_serial() -> rcgen::SerialNumber {
+    let mut bytes = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).expect("system random");
+    bytes[0] &= 0x7f;
+    bytes[0] |= 0x01; // no leading zero byte: the DER encoding keeps all 16
+    rcgen::SerialNumber::from_slice(&bytes)
 }
 
 /// Rebuilds an rcgen subject from a parsed certificate's, keeping the string types so that the
@@ -380,6 +467,12 @@ fn read_file(path: &Path) -> Result<String, PkiError> {
     fs::read_to_string(path).map_err(io_err("read", path))
 }
 
+/// Writes `contents` to `path` with `mode` (0600 for keys) through a temporary file and a rename,
+/// so readers see the old file or the whole new one.
+pub fn write_atomically(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
+    write_file(path, contents, mode, true)
+}
+
 /// Writes `contents` with `mode`: through a temporary file and a rename when `replace`, or with
 /// `create_new` (failing if the file exists) otherwise.
 fn write_file(path: &Path, contents: &str, mode: u32, replace: bool) -> Result<(), PkiError> {
@@ -402,7 +495,3 @@ fn write_file(path: &Path, contents: &str, mode: u32, replace: bool) -> Result<(
     }
     Ok(())
 }
-
-#[cfg(test)]
-#[path = "pki_tests.rs"]
-mod tests;

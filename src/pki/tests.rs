@@ -45,8 +45,15 @@ fn loaded_ca_issues_role_certificates() {
     init_ca(dir.path(), "hybroker.test").unwrap();
     let ca = Ca::load(dir.path()).unwrap();
     assert_eq!(ca.trust_domain(), "hybroker.test");
-    let (_, ca_pem) = x509_parser::pem::parse_x509_pem(ca.cert_pem().as_bytes()).unwrap();
+    let (_, ca_pem) = x509_parser::pem::parse_x509_pem(ca.issuing_cert_pem().as_bytes()).unwrap();
     let ca_cert = ca_pem.parse_x509().unwrap();
+    let (_, root_pem) = x509_parser::pem::parse_x509_pem(ca.cert_pem().as_bytes()).unwrap();
+    let root = root_pem.parse_x509().unwrap();
+    // The issuing CA is signed by the root; the root may have one CA below it, the issuing CA none.
+    assert_eq!(ca_cert.issuer().as_raw(), root.subject().as_raw());
+    ca_cert.verify_signature(Some(root.public_key())).unwrap();
+    assert_eq!(root.basic_constraints().unwrap().unwrap().value.path_len_constraint, Some(1));
+    assert_eq!(ca_cert.basic_constraints().unwrap().unwrap().value.path_len_constraint, Some(0));
 
     let cases = [
         (Role::Agent, Some("lab-sto"), "spiffe://hybroker.test/agent/lab-sto/gpu-01"),
@@ -75,6 +82,8 @@ fn loaded_ca_issues_role_certificates() {
         assert!(!cert.is_ca());
         assert!(cert.key_usage().unwrap().unwrap().value.digital_signature());
         assert!(format!("{issued:?}").contains("<redacted>"));
+        // The .pem holds the chain: the leaf, then the issuing CA.
+        assert!(issued.cert_pem.ends_with(ca.issuing_cert_pem()));
     }
 }
 
@@ -116,4 +125,27 @@ fn load_reports_missing_files() {
     let dir = tempfile::tempdir().unwrap();
     let err = Ca::load(dir.path()).unwrap_err();
     assert!(err.to_string().contains("trust-domain"), "{err}");
+}
+
+#[test]
+fn init_writes_a_root_and_an_issuing_ca_and_the_broker_needs_no_root_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = init_ca(dir.path(), "hybroker.test").unwrap();
+    assert_eq!(mode(&paths.root_key), 0o600);
+    assert_eq!(mode(&paths.key), 0o600);
+    assert_eq!(paths.key, dir.path().join("issuing-ca-key.pem"));
+    fs::remove_file(&paths.root_key).unwrap();
+    let ca = Ca::load(dir.path()).unwrap();
+    assert_eq!(ca.cert_pem(), fs::read_to_string(&paths.cert).unwrap());
+}
+
+#[test]
+fn a_directory_of_the_single_ca_layout_asks_for_pki_init_again() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("ca.pem"), "x").unwrap();
+    fs::write(dir.path().join("ca-key.pem"), "x").unwrap();
+    fs::write(dir.path().join("trust-domain"), "hybroker.test\n").unwrap();
+    let err = Ca::load(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("made before issuing CAs") && err.contains("hybroker pki init --dir"), "{err}");
+    assert!(matches!(init_ca(dir.path(), "hybroker.test"), Err(PkiError::CaExists(_))));
 }
