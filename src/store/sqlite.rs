@@ -200,6 +200,7 @@ impl Writer {
                         .bind(&a.inventory_json)
                         .bind(a.last_seen)
                         .bind(a.draining)
+                        .bind(a.cert_not_after)
                         .execute(&mut *tx)
                         .await?;
                 }
