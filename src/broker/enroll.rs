@@ -15,13 +15,14 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
 use super::core::{Cmd, JoinToken, Refusal, Scope, TokenCmd};
+use super::revocations::Revocations;
 use crate::pki::{Ca, PkiError};
 use crate::proto;
 
 const ENROLLMENTS: &str = "hybroker_enrollments_total";
 /// Every result label, declared at start so each reads 0.
-pub const RESULTS: [&str; 8] =
-    ["ok", "unknown", "expired", "used_up", "revoked", "wrong_site", "bad_csr", "rate_limited"];
+pub const RESULTS: [&str; 9] =
+    ["ok", "unknown", "expired", "used_up", "revoked", "wrong_site", "node_known", "bad_csr", "rate_limited"];
 
 /// Enrolments allowed from one source address: a burst, then a steady rate.
 const PER_SOURCE: Bucket = Bucket { burst: 20.0, per_second: 5.0 };
@@ -67,16 +68,17 @@ pub struct EnrollService {
     core: mpsc::Sender<Cmd>,
     ca: Arc<Ca>,
     lifetime: Duration,
+    revoked: Arc<Revocations>,
     limiter: Mutex<Limiter>,
 }
 
 impl EnrollService {
-    pub fn new(core: mpsc::Sender<Cmd>, ca: Arc<Ca>, lifetime: Duration) -> Self {
+    pub fn new(core: mpsc::Sender<Cmd>, ca: Arc<Ca>, lifetime: Duration, revoked: Arc<Revocations>) -> Self {
         let registry = crate::metrics::global();
         for result in RESULTS {
             registry.declare(ENROLLMENTS, &[result]);
         }
-        Self { core, ca, lifetime, limiter: Mutex::new(Limiter::default()) }
+        Self { core, ca, lifetime, revoked, limiter: Mutex::new(Limiter::default()) }
     }
 
     fn allow(&self, key: &str, shape: Bucket) -> bool {
@@ -141,8 +143,19 @@ impl proto::enroll_service_server::EnrollService for EnrollService {
                 tracing::warn!(%source, token_id, result, error = %e, "enrolment refused");
                 refused(result, status)
             })?;
+        // An identity revoked after the token was made (a stolen node keeping its join file) is not
+        // enrolled with it; a token made after the revocation enrols the node afresh.
+        if let Some(reason) = self.revoked.denies(&signed.identity.uri(), "", scope.created_at) {
+            tracing::warn!(%source, token_id, agent = signed.identity.agent_id(), reason, "enrolment refused");
+            let message = format!(
+                "agent {} was revoked after join token {token_id} was made; ask an admin for a new token",
+                signed.identity.agent_id()
+            );
+            return Err(refused("revoked", Status::permission_denied(message)));
+        }
         // Checked again and spent at once: a token used up meanwhile gets nothing.
-        let spent = self.ask(|reply| TokenCmd::Spend { token, reply }).await?;
+        let agent = signed.identity.agent_id();
+        let spent = self.ask(|reply| TokenCmd::Spend { token, agent, reply }).await?;
         spent.map_err(|why| {
             tracing::warn!(%source, token_id, reason = why.label(), "enrolment refused");
             refused(why.label(), Status::permission_denied(why.message(&token_id)))

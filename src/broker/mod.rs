@@ -129,7 +129,7 @@ pub async fn run_with(
     let lifetime = config.broker.agent_cert_lifetime.0;
     let _enroll = match (enroll_listener, &issuing_ca) {
         (Some(enroll_listener), Some(ca)) => {
-            let service = enroll::EnrollService::new(core_tx.clone(), ca.clone(), lifetime);
+            let service = enroll::EnrollService::new(core_tx.clone(), ca.clone(), lifetime, revoked.clone());
             let enroll_tls = tls::enroll_server_config(&config.tls)?;
             let gate = tls::HandshakeGate::new(config.broker.handshake_limits());
             tracing::info!(addr = %enroll_listener.local_addr()?, "enrol listener");

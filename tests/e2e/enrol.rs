@@ -270,3 +270,33 @@ async fn an_agent_whose_certificate_expired_says_so_and_enrols_again_only_with_a
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
 }
+
+#[tokio::test]
+async fn a_site_token_cannot_take_a_known_node_and_a_revoked_node_needs_a_token_made_after() {
+    let mut cluster = enrolling_cluster().await;
+    let join = cluster.join_file("join-k1.toml", &["--site", "lab", "--node", "k1"]);
+    cluster.start_joining_agent("k1", "1xH100-80GB", &join);
+    let mut admin = cluster.admin().await;
+    let id = submit(&mut admin, "name: known\ncommand: [sh, -c, 'echo hi']\n").await;
+    wait_job(&admin, &id, "a job on the enrolled agent", |j| j.state == "succeeded").await;
+
+    // A token for any node of the site cannot mint the live node's identity.
+    let (_, site_wide) = token(&cluster, &["--site", "lab", "--uses", "2"]);
+    let (code, message) = enrol(&cluster, &site_wide, "lab", "k1").await.unwrap_err();
+    assert_eq!(code, Code::PermissionDenied);
+    assert!(message.contains("already enrolled"), "{message}");
+    assert_eq!(enrollments(&cluster, "node_known").await, 1.0);
+    assert_eq!(enrol(&cluster, &site_wide, "lab", "k2").await.unwrap().agent_id, "lab/k2");
+
+    // A node revoked after its token was made is not enrolled with that token (a stolen node
+    // keeps its join file); a token made after the revocation enrols it afresh.
+    let (_, before) = token(&cluster, &["--site", "lab", "--node", "k1"]);
+    let (ok, out, err) = cluster.admin_command(&["agents", "revoke", "lab/k1", "--reason", "stolen"]);
+    assert!(ok, "{out}{err}");
+    let (code, message) = enrol(&cluster, &before, "lab", "k1").await.unwrap_err();
+    assert_eq!(code, Code::PermissionDenied);
+    assert!(message.contains("was revoked after join token"), "{message}");
+    assert_eq!(enrollments(&cluster, "revoked").await, 1.0);
+    let (_, after) = token(&cluster, &["--site", "lab", "--node", "k1"]);
+    assert_eq!(enrol(&cluster, &after, "lab", "k1").await.unwrap().agent_id, "lab/k1");
+}

@@ -212,20 +212,29 @@ impl Core {
             )));
         }
         let view = entry.view(now.at);
-        let held: Vec<(String, u64)> = entry.attempts().cloned().collect();
-        let conn = entry.conn;
-        for (job_id, epoch) in held {
-            self.lease_lost(&job_id, epoch, "the agent was removed", out);
-        }
-        if let Some(conn) = conn {
-            out.closed.push((agent.to_string(), conn));
-        }
+        let connected = entry.conn.is_some();
+        self.cut_off(agent, "the agent was removed", out);
         self.agents.remove(agent);
-        let detail = if conn.is_some() { "forced while connected" } else { "" };
+        let detail = if connected { "forced while connected" } else { "" };
         tracing::info!(agent, actor, force, "agent removed");
         out.batch.push(Write::RemoveAgent { id: agent.to_string() });
         out.batch.push(admin_event(now.ms, actor, "agent.remove", agent, detail));
         Ok(view)
+    }
+}
+
+impl Core {
+    /// Ends `agent`'s stream (if it has one) and declares the attempts it holds lost, so they are
+    /// queued again at once (a revoked or removed agent).
+    pub(super) fn cut_off(&mut self, agent: &str, reason: &str, out: &mut Effects) {
+        let Some(entry) = self.agents.get_mut(agent) else { return };
+        if let Some(conn) = entry.conn.take() {
+            out.closed.push((agent.to_string(), conn));
+        }
+        let held: Vec<(String, u64)> = entry.attempts().cloned().collect();
+        for (job_id, epoch) in held {
+            self.lease_lost(&job_id, epoch, reason, out);
+        }
     }
 }
 

@@ -3,8 +3,9 @@
 //! an expired lease), so they are re-queued and run elsewhere. The deny list itself and the closing
 //! of TLS connections live in the service (`broker/revocations.rs`), after the commit.
 
+use super::fleet::admin_event;
 use super::{Core, Effects, Reply};
-use crate::store::{AdminEventRecord, IdentityWrite, RevocationRecord, Write};
+use crate::store::{IdentityWrite, RevocationRecord, Write};
 
 /// A revocation as the core takes it.
 pub struct Revoke {
@@ -25,28 +26,10 @@ impl Core {
             if record.identity.is_empty() { format!("serial {}", record.serial) } else { record.identity.clone() };
         tracing::info!(actor = record.revoked_by, target, reason = record.reason, "certificate revoked");
         out.batch.push(Write::Identity(IdentityWrite::Revocation(record.clone())));
-        out.batch.push(Write::Identity(IdentityWrite::AdminEvent(AdminEventRecord {
-            at: record.revoked_at,
-            actor: record.revoked_by.clone(),
-            action: "cert.revoke".to_string(),
-            target,
-            detail: record.reason.clone(),
-        })));
+        out.batch.push(admin_event(record.revoked_at, &record.revoked_by, "cert.revoke", &target, &record.reason));
         if let Some(agent) = agent {
-            self.cut_off(&agent, out);
+            self.cut_off(&agent, "agent certificate revoked", out);
         }
         out.reply(reply, Ok(record));
-    }
-
-    /// Ends `agent`'s stream and declares its attempts lost.
-    fn cut_off(&mut self, agent: &str, out: &mut Effects) {
-        let Some(entry) = self.agents.get_mut(agent) else { return };
-        if let Some(conn) = entry.conn.take() {
-            out.closed.push((agent.to_string(), conn));
-        }
-        let held: Vec<(String, u64)> = entry.attempts().cloned().collect();
-        for (job_id, epoch) in held {
-            self.lease_lost(&job_id, epoch, "agent certificate revoked", out);
-        }
     }
 }

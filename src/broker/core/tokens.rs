@@ -15,10 +15,11 @@ use ring::rand::{SecureRandom, SystemRandom};
 use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
 
+use super::fleet::admin_event;
 use super::{Core, Effects, Reply};
 use crate::error::ApiError;
 use crate::model::UnixMillis;
-use crate::store::{AdminEventRecord, IdentityWrite, JoinTokenRecord, Write};
+use crate::store::{IdentityWrite, JoinTokenRecord, Write};
 
 const PREFIX: &str = "hbj_";
 /// The longest a token may live.
@@ -86,6 +87,9 @@ pub enum Refusal {
     Expired,
     UsedUp,
     Revoked,
+    /// A token without a node asked for a node the broker already knows (or a dedicated one):
+    /// only a token scoped to that node may enrol it again.
+    NodeKnown,
 }
 
 impl Refusal {
@@ -95,6 +99,7 @@ impl Refusal {
             Refusal::Expired => "expired",
             Refusal::UsedUp => "used_up",
             Refusal::Revoked => "revoked",
+            Refusal::NodeKnown => "node_known",
         }
     }
 
@@ -105,6 +110,10 @@ impl Refusal {
             Refusal::Expired => format!("join token {token_id} has expired; ask an admin for a new one"),
             Refusal::UsedUp => format!("join token {token_id} is used up; ask an admin for a new one"),
             Refusal::Revoked => format!("join token {token_id} was revoked; ask an admin for a new one"),
+            Refusal::NodeKnown => format!(
+                "join token {token_id} names no node, and this node name is already enrolled (or dedicated); \
+                 enrol it with a token made for it (admin agents token create --node)"
+            ),
         }
     }
 }
@@ -115,6 +124,8 @@ pub struct Scope {
     pub site: String,
     /// `None`: the node comes from the CSR.
     pub node: Option<String>,
+    /// When the token was made: an identity revoked after that is not enrolled with it.
+    pub created_at: UnixMillis,
 }
 
 /// The join-token commands of the core.
@@ -142,9 +153,10 @@ pub enum TokenCmd {
         token: JoinToken,
         reply: oneshot::Sender<Result<Scope, Refusal>>,
     },
-    /// Checks again and spends one use (answered after the commit).
+    /// Checks again and spends one use for the agent `site/node` (answered after the commit).
     Spend {
         token: JoinToken,
+        agent: String,
         reply: oneshot::Sender<Result<Scope, Refusal>>,
     },
 }
@@ -176,7 +188,11 @@ impl Tokens {
         if record.uses_left == 0 {
             return Err(Refusal::UsedUp);
         }
-        Ok(Scope { site: record.site.clone(), node: (!record.node.is_empty()).then(|| record.node.clone()) })
+        Ok(Scope {
+            site: record.site.clone(),
+            node: (!record.node.is_empty()).then(|| record.node.clone()),
+            created_at: record.created_at,
+        })
     }
 }
 
@@ -224,7 +240,13 @@ impl Core {
                 let target = format!("{site}/{}", node.as_deref().unwrap_or("*"));
                 tracing::info!(actor, token_id = record.token_id, target, uses, ttl = ?ttl, "join token created");
                 out.batch.push(Write::Identity(IdentityWrite::NewJoinToken(record.clone())));
-                admin_event(out, now, &actor, "token.create", &target, &format!("token {} uses {uses}", view.token_id));
+                out.batch.push(admin_event(
+                    now,
+                    &actor,
+                    "token.create",
+                    &target,
+                    &format!("token {} uses {uses}", view.token_id),
+                ));
                 self.tokens.by_id.insert(record.token_id.clone(), record);
                 out.reply(reply, Ok((view, text)));
             }
@@ -242,7 +264,7 @@ impl Core {
                         .push(Write::Identity(IdentityWrite::RevokeJoinToken { token_id: token_id.clone(), at: now }));
                     let target = format!("{}/{}", record.site, if record.node.is_empty() { "*" } else { &record.node });
                     let view = TokenView::from(&*record);
-                    admin_event(out, now, &actor, "token.revoke", &target, &format!("token {token_id}"));
+                    out.batch.push(admin_event(now, &actor, "token.revoke", &target, &format!("token {token_id}")));
                     return out.reply(reply, Ok(view));
                 }
                 out.reply(reply, Ok(TokenView::from(&*record)));
@@ -250,8 +272,14 @@ impl Core {
             TokenCmd::Check { token, reply } => {
                 let _ = reply.send(self.tokens.check(&token, now));
             }
-            TokenCmd::Spend { token, reply } => {
-                let result = self.tokens.check(&token, now);
+            TokenCmd::Spend { token, agent, reply } => {
+                // A token for any node of a site must not take over one that exists: the real
+                // node's stream would be replaced and its (dedicated) work sent to the newcomer.
+                let known = self.agents.contains_key(&agent) || self.settings.dedicated.contains_key(&agent);
+                let result = match self.tokens.check(&token, now) {
+                    Ok(scope) if scope.node.is_none() && known => Err(Refusal::NodeKnown),
+                    result => result,
+                };
                 if result.is_ok()
                     && let Some(record) = self.tokens.by_id.get_mut(&token.token_id)
                 {
@@ -264,17 +292,6 @@ impl Core {
             }
         }
     }
-}
-
-/// Records an admin action in the audit trail (same batch as the change).
-fn admin_event(out: &mut Effects, at: UnixMillis, actor: &str, action: &str, target: &str, detail: &str) {
-    out.batch.push(Write::Identity(IdentityWrite::AdminEvent(AdminEventRecord {
-        at,
-        actor: actor.to_string(),
-        action: action.to_string(),
-        target: target.to_string(),
-        detail: detail.to_string(),
-    })));
 }
 
 #[cfg(test)]
@@ -291,7 +308,7 @@ mod tests {
         let token = JoinToken::parse(&text).unwrap();
         assert!(!format!("{token:?}").contains(&text[21..]), "{token:?}");
         let tokens = table(record.clone());
-        assert_eq!(tokens.check(&token, 1_000), Ok(Scope { site: "lab".into(), node: None }));
+        assert_eq!(tokens.check(&token, 1_000), Ok(Scope { site: "lab".into(), node: None, created_at: 1_000 }));
         assert_eq!(tokens.check(&token, 61_000), Err(Refusal::Expired));
         let mut tampered = text.clone();
         let last = if tampered.ends_with('0') { "1" } else { "0" };
