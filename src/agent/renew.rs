@@ -83,7 +83,7 @@ impl Renewer {
             return false;
         };
         let written = if renewed.error.is_empty() {
-            write(config, &key_pem, &renewed)
+            write(&config.tls, &key_pem, &renewed)
         } else {
             Err(anyhow::anyhow!(renewed.error))
         };
@@ -113,12 +113,21 @@ impl Renewer {
 
 /// Writes the renewed key (0600), chain and bundle, each atomically (a temporary file renamed over
 /// the old one).
-fn write(config: &AgentConfig, key_pem: &str, renewed: &proto::Renewed) -> anyhow::Result<()> {
-    pki::write_atomically(&config.tls.key, key_pem, 0o600).context("writing the renewed key")?;
-    pki::write_atomically(&config.tls.cert, &renewed.cert_chain_pem, 0o644)
-        .context("writing the renewed certificate")?;
+fn write(paths: &crate::tls::TlsPaths, key_pem: &str, renewed: &proto::Renewed) -> anyhow::Result<()> {
+    // A late answer to an earlier request (resent after a timeout) carries another key's
+    // certificate: writing it beside this key would leave a pair that cannot connect.
+    let key = rcgen::KeyPair::from_pem(key_pem).context("the renewal key")?;
+    let (_, leaf) = x509_parser::pem::parse_x509_pem(renewed.cert_chain_pem.as_bytes())
+        .map_err(|e| anyhow::anyhow!("the renewed certificate is not PEM: {e}"))?;
+    let leaf = leaf.parse_x509().map_err(|e| anyhow::anyhow!("the renewed certificate cannot be parsed: {e}"))?;
+    anyhow::ensure!(
+        leaf.public_key().subject_public_key.data.as_ref() == key.public_key_raw(),
+        "the renewed certificate is for another key (an answer to an earlier request); not written"
+    );
+    pki::write_atomically(&paths.key, key_pem, 0o600).context("writing the renewed key")?;
+    pki::write_atomically(&paths.cert, &renewed.cert_chain_pem, 0o644).context("writing the renewed certificate")?;
     if !renewed.ca_bundle_pem.is_empty() {
-        pki::write_atomically(&config.tls.ca_cert, &renewed.ca_bundle_pem, 0o644).context("writing the CA bundle")?;
+        pki::write_atomically(&paths.ca_cert, &renewed.ca_bundle_pem, 0o644).context("writing the CA bundle")?;
     }
     Ok(())
 }
@@ -169,6 +178,26 @@ fn cert_times(cert: &Path) -> anyhow::Result<(UnixMillis, UnixMillis)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_for_another_key_is_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = crate::tls::TlsPaths {
+            ca_cert: dir.path().join("ca.pem"),
+            cert: dir.path().join("agent.pem"),
+            key: dir.path().join("agent-key.pem"),
+        };
+        let ca = pki::Ca::generate("t.example").unwrap();
+        let (key_pem, _) = pki::agent_csr("t.example", "lab", "n1").unwrap();
+        let (other_key, other_csr) = pki::agent_csr("t.example", "lab", "n1").unwrap();
+        let signed = ca.sign_agent_csr(&other_csr, "lab", Some("n1"), Duration::from_secs(3600)).unwrap();
+        let renewed = proto::Renewed { cert_chain_pem: signed.chain_pem, ..Default::default() };
+        let err = write(&paths, &key_pem, &renewed).unwrap_err();
+        assert!(err.to_string().contains("another key"), "{err:#}");
+        assert!(!paths.key.exists() && !paths.cert.exists(), "nothing is written");
+        write(&paths, &other_key, &renewed).unwrap();
+        assert_eq!(std::fs::read_to_string(&paths.key).unwrap(), other_key);
+    }
 
     #[test]
     fn the_renewal_point_lies_in_70_to_90_percent_of_the_lifetime_from_the_issue_time() {

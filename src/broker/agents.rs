@@ -126,6 +126,11 @@ impl proto::agent_service_server::AgentService for AgentService {
                     }
                 };
                 let Ok(Some(msg)) = msg else { break };
+                if let Some(reason) = stream.revoked() {
+                    tracing::warn!(agent, reason, "agent certificate revoked; ending the stream");
+                    let _ = end_tx.send(Status::permission_denied(format!("certificate revoked: {reason}")));
+                    break;
+                }
                 if let Some(In::Renew(renew)) = msg.msg {
                     stream.renew(&renew.csr_der);
                     continue;

@@ -127,7 +127,7 @@ pub async fn run_with(
         None => None,
     };
     let lifetime = config.broker.agent_cert_lifetime.0;
-    let _enroll = match (enroll_listener, &issuing_ca) {
+    let enroll_task = match (enroll_listener, &issuing_ca) {
         (Some(enroll_listener), Some(ca)) => {
             let service = enroll::EnrollService::new(core_tx.clone(), ca.clone(), lifetime, revoked.clone());
             let enroll_tls = tls::enroll_server_config(&config.tls)?;
@@ -181,6 +181,8 @@ pub async fn run_with(
     health.set_not_serving::<AgentServiceServer<agents::AgentService>>().await;
     health.set_not_serving::<AdminServiceServer<admin::AdminService>>().await;
     let _ = stop_accepting.send(());
+    // The enrol listener stops too: its service holds a core sender the drain waits for.
+    drop(enroll_task);
     let _ = stopping.send(true);
     tracing::info!(elapsed = ?started.elapsed(), "broker stopped accepting");
     let (told_tx, told_rx) = tokio::sync::oneshot::channel();

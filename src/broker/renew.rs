@@ -62,6 +62,8 @@ pub struct StreamCert {
     renewal: Option<Arc<Renewal>>,
     /// Weak: the stream ends when the driver drops the agent's outbox, which this must not keep.
     outbox: mpsc::WeakSender<AgentMessage>,
+    /// When this stream last got a certificate: one renewal per quarter lifetime at most.
+    last_renewed: Option<Instant>,
 }
 
 impl StreamCert {
@@ -71,7 +73,7 @@ impl StreamCert {
         renewal: Option<Arc<Renewal>>,
         outbox: mpsc::Sender<AgentMessage>,
     ) -> Self {
-        StreamCert { identity, cert, renewal, outbox: outbox.downgrade() }
+        StreamCert { identity, cert, renewal, outbox: outbox.downgrade(), last_renewed: None }
     }
 
     /// Resolves when the stream's certificate has expired (never, without a NotAfter).
@@ -123,10 +125,27 @@ impl StreamCert {
         }
     }
 
-    fn sign(&self, csr_der: &[u8]) -> Result<crate::pki::SignedLeaf, (&'static str, String)> {
+    /// Why the certificate this stream runs on is now revoked (a serial revocation of a renewed
+    /// certificate, which the handshake registry does not know); `None` when it is not.
+    pub fn revoked(&self) -> Option<String> {
+        let (renewal, cert) = (self.renewal.as_ref()?, self.cert.as_ref()?);
+        if renewal.revoked.is_empty() {
+            return None;
+        }
+        renewal.revoked.denies_peer(cert)
+    }
+
+    fn sign(&mut self, csr_der: &[u8]) -> Result<crate::pki::SignedLeaf, (&'static str, String)> {
         let Some(renewal) = &self.renewal else {
             return Err(("refused", "this broker does not renew certificates (no broker.ca_dir)".to_string()));
         };
+        // A misbehaving (or stolen) agent must not make the stream sign in a loop.
+        let pause = renewal.lifetime / 4;
+        if let Some(at) = self.last_renewed
+            && at.elapsed() < pause
+        {
+            return Err(("refused", format!("renewed less than {pause:?} ago on this stream")));
+        }
         // A revoked certificate's stream is closed at the revocation; this covers one renewing
         // in the same moment.
         if let Some(cert) = &self.cert
@@ -135,10 +154,13 @@ impl StreamCert {
             return Err(("refused", reason));
         }
         let site = self.identity.site.as_deref().unwrap_or_default();
-        renewal.ca.sign_agent_csr(csr_der, site, Some(&self.identity.name), renewal.lifetime).map_err(|e| {
-            let result = if matches!(e, PkiError::BadCsr(_)) { "bad_csr" } else { "refused" };
-            (result, e.to_string())
-        })
+        let signed =
+            renewal.ca.sign_agent_csr(csr_der, site, Some(&self.identity.name), renewal.lifetime).map_err(|e| {
+                let result = if matches!(e, PkiError::BadCsr(_)) { "bad_csr" } else { "refused" };
+                (result, e.to_string())
+            })?;
+        self.last_renewed = Some(Instant::now());
+        Ok(signed)
     }
 }
 

@@ -201,13 +201,16 @@ impl RevocationAdmin {
             serial,
             reason: req.reason.trim().to_string(),
             revoked_by: actor.to_string(),
-            revoked_at: 0,
+            revoked_at: crate::broker::core::now_ms(),
         };
+        // Denied from now on, before the commit: a renewal or handshake racing with the commit
+        // cannot slip through (a certificate issued after this stamp is a new enrolment's). A
+        // failed commit leaves the entry denied in memory until a restart, and the caller an error.
+        self.list.add(record.clone());
         let (tx, rx) = oneshot::channel();
         let unavailable = || Status::unavailable("the broker's core is not running");
         self.core.send(Cmd::Revoke(Revoke { record, agent, reply: tx })).await.map_err(|_| unavailable())?;
         let record = rx.await.map_err(|_| unavailable())??;
-        self.list.add(record.clone());
         let closed = self.live.close_denied(self.list.as_ref());
         tracing::info!(actor, identity = record.identity, serial = record.serial, closed, "revocation in force");
         Ok(info(record, closed))

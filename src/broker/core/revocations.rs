@@ -21,7 +21,9 @@ impl Core {
     /// Records `revoke` and, for an agent, ends its stream and loses its attempts.
     pub(super) fn revoke(&mut self, revoke: Revoke, out: &mut Effects) {
         let Revoke { mut record, agent, reply } = revoke;
-        record.revoked_at = self.now.ms;
+        if record.revoked_at == 0 {
+            record.revoked_at = self.now.ms;
+        }
         let target =
             if record.identity.is_empty() { format!("serial {}", record.serial) } else { record.identity.clone() };
         tracing::info!(actor = record.revoked_by, target, reason = record.reason, "certificate revoked");
