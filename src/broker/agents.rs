@@ -44,10 +44,11 @@ impl AgentService {
     pub fn with_renewal(
         mut self,
         ca: Arc<crate::pki::Ca>,
+        bundle: std::path::PathBuf,
         lifetime: Duration,
         revoked: Arc<super::revocations::Revocations>,
     ) -> Self {
-        self.renewal = Some(Arc::new(super::renew::Renewal::new(ca, lifetime, revoked)));
+        self.renewal = Some(Arc::new(super::renew::Renewal::new(ca, bundle, lifetime, revoked)));
         self
     }
 
@@ -132,7 +133,13 @@ impl proto::agent_service_server::AgentService for AgentService {
                     break;
                 }
                 if let Some(In::Renew(renew)) = msg.msg {
-                    stream.renew(&renew.csr_der);
+                    // `agents get` shows the renewed certificate's expiry.
+                    if let Some(not_after) = stream.renew(&renew.csr_der) {
+                        let renewed = Cmd::CertRenewed { agent: agent.clone(), conn, not_after };
+                        if core.send(renewed).await.is_err() {
+                            return;
+                        }
+                    }
                     continue;
                 }
                 let Some(cmd) = command(&agent, conn, msg) else { continue };

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -67,18 +68,27 @@ impl Limiter {
 pub struct EnrollService {
     core: mpsc::Sender<Cmd>,
     ca: Arc<Ca>,
+    /// The broker's own CA bundle (`tls.ca_cert`), handed to agents: read at each call, so a
+    /// rollover's two-root bundle reaches them.
+    bundle: PathBuf,
     lifetime: Duration,
     revoked: Arc<Revocations>,
     limiter: Mutex<Limiter>,
 }
 
 impl EnrollService {
-    pub fn new(core: mpsc::Sender<Cmd>, ca: Arc<Ca>, lifetime: Duration, revoked: Arc<Revocations>) -> Self {
+    pub fn new(
+        core: mpsc::Sender<Cmd>,
+        ca: Arc<Ca>,
+        bundle: PathBuf,
+        lifetime: Duration,
+        revoked: Arc<Revocations>,
+    ) -> Self {
         let registry = crate::metrics::global();
         for result in RESULTS {
             registry.declare(ENROLLMENTS, &[result]);
         }
-        Self { core, ca, lifetime, revoked, limiter: Mutex::new(Limiter::default()) }
+        Self { core, ca, bundle, lifetime, revoked, limiter: Mutex::new(Limiter::default()) }
     }
 
     fn allow(&self, key: &str, shape: Bucket) -> bool {
@@ -93,6 +103,15 @@ impl EnrollService {
         self.core.send(Cmd::Token(cmd(tx))).await.map_err(|_| unavailable())?;
         rx.await.map_err(|_| unavailable())
     }
+}
+
+/// The trust bundle to give an agent: the broker's `tls.ca_cert` as it is now (it holds both
+/// roots during a rollover); the issuing CA's bundle when that file cannot be read.
+pub fn trust_bundle(path: &Path, ca: &Ca) -> String {
+    crate::tls::read_bundle(path).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "could not read the CA bundle; handing out the issuing CA's");
+        ca.cert_pem().to_string()
+    })
 }
 
 fn unavailable() -> Status {
@@ -170,7 +189,7 @@ impl proto::enroll_service_server::EnrollService for EnrollService {
         );
         Ok(Response::new(proto::EnrollResponse {
             cert_chain_pem: signed.chain_pem,
-            ca_bundle_pem: self.ca.cert_pem().to_string(),
+            ca_bundle_pem: trust_bundle(&self.bundle, &self.ca),
             agent_id: signed.identity.agent_id(),
             issued_at_ms: signed.issued_at,
             not_after_ms: signed.not_after,

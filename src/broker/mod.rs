@@ -129,14 +129,25 @@ pub async fn run_with(
     let lifetime = config.broker.agent_cert_lifetime.0;
     let enroll_task = match (enroll_listener, &issuing_ca) {
         (Some(enroll_listener), Some(ca)) => {
-            let service = enroll::EnrollService::new(core_tx.clone(), ca.clone(), lifetime, revoked.clone());
-            let enroll_tls = tls::enroll_server_config(&config.tls)?;
+            let service = enroll::EnrollService::new(
+                core_tx.clone(),
+                ca.clone(),
+                config.tls.ca_cert.clone(),
+                lifetime,
+                revoked.clone(),
+            );
+            // The broker's certificate, reloaded like the main listener's.
+            let reloading = tls::ReloadingServerTls::new("broker", &config.tls, tls::enroll_server_config)
+                .context("enrol listener tls")?;
+            let watching = AbortOnDrop(reloading.watch(tls::RELOAD_INTERVAL));
             let gate = tls::HandshakeGate::new(config.broker.handshake_limits());
+            let enroll_tls = tls::ServerTls { config: reloading.swap(), gate, live: None };
             tracing::info!(addr = %enroll_listener.local_addr()?, "enrol listener");
             let server = tonic::transport::Server::builder()
                 .add_service(crate::proto::enroll_service_server::EnrollServiceServer::new(service))
-                .serve_with_incoming(tls::tls_incoming_with(enroll_listener, enroll_tls, gate));
+                .serve_with_incoming(tls::tls_incoming_served(enroll_listener, enroll_tls));
             Some(AbortOnDrop(tokio::spawn(async move {
+                let _watching = watching;
                 if let Err(e) = server.await {
                     tracing::error!(error = %e, "enrol listener failed");
                 }
@@ -147,7 +158,7 @@ pub async fn run_with(
     };
     let mut agent_service = agents::AgentService::new(core_tx.clone(), data, dedicated);
     if let Some(ca) = issuing_ca {
-        agent_service = agent_service.with_renewal(ca, lifetime, revoked.clone());
+        agent_service = agent_service.with_renewal(ca, config.tls.ca_cert.clone(), lifetime, revoked.clone());
     }
     let addr = listener.local_addr()?;
     tracing::info!(%addr, trust_domain, "broker listening");

@@ -29,17 +29,19 @@ const RENEWALS: &str = "hybroker_cert_renewals_total";
 /// What signs renewals: the issuing CA and the lifetime it grants; revoked identities get none.
 pub struct Renewal {
     ca: Arc<Ca>,
+    /// The broker's `tls.ca_cert`, handed out with each renewal (see `enroll::trust_bundle`).
+    bundle: std::path::PathBuf,
     lifetime: Duration,
     revoked: Arc<Revocations>,
 }
 
 impl Renewal {
-    pub fn new(ca: Arc<Ca>, lifetime: Duration, revoked: Arc<Revocations>) -> Self {
+    pub fn new(ca: Arc<Ca>, bundle: std::path::PathBuf, lifetime: Duration, revoked: Arc<Revocations>) -> Self {
         let registry = crate::metrics::global();
         for result in ["ok", "bad_csr", "refused"] {
             registry.declare(RENEWALS, &[result]);
         }
-        Renewal { ca, lifetime, revoked }
+        Renewal { ca, bundle, lifetime, revoked }
     }
 }
 
@@ -88,7 +90,8 @@ impl StreamCert {
     }
 
     /// Signs `csr_der` for this stream's identity and answers on the stream.
-    pub fn renew(&mut self, csr_der: &[u8]) {
+    /// Returns the new certificate's NotAfter when one was issued.
+    pub fn renew(&mut self, csr_der: &[u8]) -> Option<UnixMillis> {
         let agent = self.identity.agent_id();
         let answer = match self.sign(csr_der) {
             Ok(signed) => {
@@ -110,7 +113,11 @@ impl StreamCert {
                     issued_at: signed.issued_at,
                     not_after: signed.not_after,
                     error: String::new(),
-                    ca_bundle_pem: self.renewal.as_ref().map(|r| r.ca.cert_pem().to_string()).unwrap_or_default(),
+                    ca_bundle_pem: self
+                        .renewal
+                        .as_ref()
+                        .map(|r| super::enroll::trust_bundle(&r.bundle, &r.ca))
+                        .unwrap_or_default(),
                 }
             }
             Err((result, error)) => {
@@ -119,10 +126,12 @@ impl StreamCert {
                 RenewedCert { error, ..RenewedCert::default() }
             }
         };
+        let issued = (!answer.cert_chain_pem.is_empty()).then_some(answer.not_after);
         // A full or closed outbox means the stream is being dropped; the agent retries later.
         if let Some(outbox) = self.outbox.upgrade() {
             let _ = outbox.try_send(AgentMessage::Renewed(answer));
         }
+        issued
     }
 
     /// Why the certificate this stream runs on is now revoked (a serial revocation of a renewed

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use hybroker::proto;
+
 use crate::common::*;
 
 /// The `lifetime_used=` values an agent logged when it sent its renewals.
@@ -52,6 +54,21 @@ async fn agents_renew_twenty_second_certificates_while_running_jobs() {
         let points = renewal_points(&log);
         assert!(points.len() >= 2, "{log}");
         assert!(points.iter().all(|p| (0.68..=0.95).contains(p)), "{points:?}");
+    }
+    // The broker shows each agent's current certificate expiry, the renewed one's.
+    for node in ["r1", "r2"] {
+        eventually("the broker to show the renewed certificate's expiry", || {
+            let mut admin = admin.clone();
+            let cert = std::fs::read(cluster.joined_tls(node).cert).unwrap();
+            async move {
+                let (_, pem) = x509_parser::pem::parse_x509_pem(&cert).ok()?;
+                let on_disk = hybroker::pki::not_after(&pem.contents).ok()?;
+                let request = proto::GetAgentRequest { agent_id: format!("lab/{node}") };
+                let shown = admin.get_agent(request).await.ok()?.into_inner().cert_not_after_ms;
+                (shown == on_disk).then_some(())
+            }
+        })
+        .await;
     }
     let broker = cluster.broker_log();
     assert!(broker.matches("agent certificate renewed").count() >= 4, "{broker}");

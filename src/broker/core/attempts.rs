@@ -13,7 +13,7 @@ use crate::broker::tail::Tail;
 use crate::model::agent::{AttemptReport, Inventory, Isolation, Phase};
 use crate::model::state::{Input, JobState};
 use crate::placement::bind::fit;
-use crate::store::{AgentRecord, Write};
+use crate::store::Write;
 
 /// Who registered: the agent's id, where it runs, and its inventory.
 pub(super) struct Registration {
@@ -87,15 +87,7 @@ impl Core {
                 lease_ttl: self.settings.lease_ttl,
             },
         );
-        out.batch.push(Write::Agent(AgentRecord {
-            id: agent.clone(),
-            site,
-            node,
-            inventory_json: serde_json::to_string(&entry.inventory).unwrap_or_default(),
-            last_seen: now.ms,
-            draining: entry.draining,
-            cert_not_after: entry.cert_not_after,
-        }));
+        out.batch.push(Write::Agent(entry.record(now.ms)));
         // Reconcile: what the agent still holds is adopted (if current) or stopped; what the broker
         // thinks it holds but the agent does not report is lost.
         let mut previous = entry.take_allocs();

@@ -6,9 +6,10 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use super::{Core, Effects};
 use crate::error::ApiError;
+use crate::model::UnixMillis;
 use crate::model::agent::Inventory;
 use crate::placement::bind::FreeCapacity;
-use crate::store::{AdminEventRecord, IdentityWrite, Write};
+use crate::store::{AdminEventRecord, AgentRecord, IdentityWrite, Write};
 
 /// Resources held by one attempt on an agent.
 #[derive(Debug, Clone)]
@@ -58,6 +59,19 @@ pub struct AgentView {
 }
 
 impl AgentEntry {
+    /// The agent's row as written at `now_ms` (register, certificate renewal).
+    pub fn record(&self, now_ms: UnixMillis) -> AgentRecord {
+        AgentRecord {
+            id: self.id.clone(),
+            site: self.site.clone(),
+            node: self.node.clone(),
+            inventory_json: serde_json::to_string(&self.inventory).unwrap_or_default(),
+            last_seen: now_ms,
+            draining: self.draining,
+            cert_not_after: self.cert_not_after,
+        }
+    }
+
     pub fn new(id: &str, site: &str, node: &str, now: Instant) -> Self {
         Self {
             id: id.to_string(),
@@ -224,6 +238,15 @@ impl Core {
 }
 
 impl Core {
+    /// Records the NotAfter of the certificate `agent` renewed on its live stream `conn`.
+    pub(super) fn cert_renewed(&mut self, agent: &str, conn: u64, not_after: UnixMillis, out: &mut Effects) {
+        let now = self.now.ms;
+        if let Some(entry) = self.agents.get_mut(agent).filter(|e| e.conn == Some(conn)) {
+            entry.cert_not_after = not_after;
+            out.batch.push(Write::Agent(entry.record(now)));
+        }
+    }
+
     /// Ends `agent`'s stream (if it has one) and declares the attempts it holds lost, so they are
     /// queued again at once (a revoked or removed agent).
     pub(super) fn cut_off(&mut self, agent: &str, reason: &str, out: &mut Effects) {

@@ -142,6 +142,12 @@ pub enum Cmd {
         conn: u64,
         inventory: Option<Inventory>,
     },
+    /// The agent renewed its certificate on stream `conn`: its new NotAfter.
+    CertRenewed {
+        agent: String,
+        conn: u64,
+        not_after: UnixMillis,
+    },
     Report {
         agent: String,
         conn: u64,
@@ -510,6 +516,7 @@ impl Core {
                     out.closed.push((agent, conn));
                 }
             }
+            Cmd::CertRenewed { agent, conn, not_after } => self.cert_renewed(&agent, conn, not_after, out),
             Cmd::Heartbeat { agent, conn, inventory } => {
                 if self.touch(&agent, conn)
                     && let (Some(mut inventory), Some(entry)) = (inventory, self.agents.get_mut(&agent))
