@@ -626,6 +626,15 @@ async fn a_job_gets_no_terminal_session_no_keys_of_its_uids_past_no_hidden_path_
         .await
         .unwrap();
     watch_to_end(&mut admin, &id).await;
+    // The job is cancelled at once; its attempt's teardown (the init holds the UID's claim until
+    // the last process is gone) may take a moment more on a busy machine, and the next job needs
+    // the range's one UID.
+    let claim = Path::new("/run/hybroker/uids/2100007");
+    eventually("the cancelled attempt to release its uid", || async {
+        let file = std::fs::File::open(claim).ok()?;
+        file.try_lock().ok()
+    })
+    .await;
 
     // The second job has the same UID: no key of the first, and the hidden directory is empty.
     let script = format!(
