@@ -127,7 +127,8 @@ fn refused(result: &str, status: Status) -> Status {
 #[tonic::async_trait]
 impl proto::enroll_service_server::EnrollService for EnrollService {
     async fn enroll(&self, req: Request<proto::EnrollRequest>) -> Result<Response<proto::EnrollResponse>, Status> {
-        let source = req.remote_addr().map(|a| a.ip()).unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        // IPv6 by its /64: one host could otherwise take a fresh address per request.
+        let source = crate::tls::source_of(req.remote_addr().map(|a| a.ip()).unwrap_or(IpAddr::from([0, 0, 0, 0])));
         if !self.allow(&format!("source {source}"), PER_SOURCE) {
             tracing::warn!(%source, "enrolment refused: too many from this address");
             return Err(refused(
@@ -140,19 +141,21 @@ impl proto::enroll_service_server::EnrollService for EnrollService {
             tracing::warn!(%source, "enrolment refused: not a join token");
             return Err(refused("unknown", Status::unauthenticated(Refusal::Unknown.message(""))));
         };
-        if !self.allow(&format!("token {}", token.token_id), PER_TOKEN) {
-            tracing::warn!(%source, token_id = token.token_id, "enrolment refused: too many with this token");
-            return Err(refused(
-                "rate_limited",
-                Status::resource_exhausted("too many enrolments with this join token; retry later"),
-            ));
-        }
         let token_id = token.token_id.clone();
         let scope = self.ask(|reply| TokenCmd::Check { token: token.clone(), reply }).await?;
         let scope = scope.map_err(|why| {
             tracing::warn!(%source, token_id, reason = why.label(), "enrolment refused");
             refused(why.label(), Status::permission_denied(why.message(&token_id)))
         })?;
+        // Charged only with the right secret: token ids are listed and logged, and a stranger
+        // guessing secrets must not use up a real token's rate.
+        if !self.allow(&format!("token {token_id}"), PER_TOKEN) {
+            tracing::warn!(%source, token_id, "enrolment refused: too many with this token");
+            return Err(refused(
+                "rate_limited",
+                Status::resource_exhausted("too many enrolments with this join token; retry later"),
+            ));
+        }
         let signed =
             self.ca.sign_agent_csr(&req.csr_der, &scope.site, scope.node.as_deref(), self.lifetime).map_err(|e| {
                 let (result, status) = match &e {

@@ -146,6 +146,14 @@ pub enum TlsError {
         /// What is wrong.
         reason: String,
     },
+    /// A replaced certificate file was refused at reload.
+    #[error("not reloading {path}: {reason}")]
+    BadReload {
+        /// The certificate file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// Connecting failed.
     #[error("could not connect to {url}: {reason}")]
     Connect {

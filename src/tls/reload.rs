@@ -92,7 +92,7 @@ impl<C: Send + Sync + 'static> Reloading<C> {
     /// configuration stays. Logged and counted either way.
     pub fn reload_now(&self) -> Result<(), TlsError> {
         let seen = fingerprint(&self.paths);
-        let result = (self.build)(&self.paths);
+        let result = self.still_ours(&self.paths).and_then(|()| (self.build)(&self.paths));
         *self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = seen;
         match result {
             Ok(config) => {
@@ -107,6 +107,24 @@ impl<C: Send + Sync + 'static> Reloading<C> {
                 tracing::error!(role = self.role, error = %e, "tls reload failed; still using the previous certificate, key and ca bundle");
                 Err(e)
             }
+        }
+    }
+
+    /// Refuses a replacement certificate that is already expired or carries another role than
+    /// the one this process has (a gateway certificate copied over the broker's): it would load
+    /// fine and fail every handshake after.
+    fn still_ours(&self, paths: &TlsPaths) -> Result<(), TlsError> {
+        let bad = |reason: String| TlsError::BadReload { path: paths.cert.clone(), reason };
+        let cert = super::PeerCert::from_pem_file(&paths.cert)?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        if i128::from(cert.not_after) <= now as i128 {
+            return Err(bad("the certificate has expired".to_string()));
+        }
+        let role = crate::model::identity::Identity::parse(&cert.identity_uri).map(|i| i.role.as_str().to_string());
+        match role {
+            Ok(role) if role == self.role => Ok(()),
+            Ok(role) => Err(bad(format!("the certificate is for role {role}, not {}", self.role))),
+            Err(e) => Err(bad(format!("the certificate's identity is invalid: {e}"))),
         }
     }
 

@@ -121,6 +121,20 @@ async fn sighup_reloads_and_a_broken_file_keeps_the_previous_certificate() {
     assert_eq!(served_serial(&cluster, &admin_paths).await, served, "the previous certificate is served");
     assert!(works(&cluster, &admin_paths).await, "new connections still work");
 
+    // Another role's certificate and key copied over the broker's: refused, the previous served.
+    let gateway = cluster.issue(Role::Gateway, "gw-copied", None);
+    let cert = cluster.path("pki/broker.pem");
+    let good_cert = std::fs::read(&cert).unwrap();
+    std::fs::copy(&gateway.cert, &cert).unwrap();
+    std::fs::copy(&gateway.key, &key).unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    eventually("the wrong role refused", || async {
+        cluster.broker_log().contains("the certificate is for role gateway, not broker").then_some(())
+    })
+    .await;
+    assert_eq!(served_serial(&cluster, &admin_paths).await, served, "the previous certificate is served");
+    std::fs::write(&cert, good_cert).unwrap();
+
     // Repaired (a new certificate and key): SIGHUP loads them.
     std::fs::write(&key, good_key).unwrap();
     let replaced = cluster.issue(Role::Broker, "broker", None);
