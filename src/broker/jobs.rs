@@ -404,8 +404,7 @@ impl proto::job_service_server::JobService for JobService {
     }
 
     async fn drain_agent(&self, req: Request<proto::DrainAgentRequest>) -> Result<Response<proto::AgentInfo>, Status> {
-        let actor = tls::require_role(&req, CALLERS)?.uri();
-        let agent = req.into_inner().agent_id;
+        let (actor, agent) = drain_actor(req)?;
         let view = self.ask(|reply| Cmd::Drain { agent, actor, reply }).await??;
         Ok(Response::new(view.into()))
     }
@@ -414,8 +413,7 @@ impl proto::job_service_server::JobService for JobService {
         &self,
         req: Request<proto::DrainAgentRequest>,
     ) -> Result<Response<proto::AgentInfo>, Status> {
-        let actor = tls::require_role(&req, CALLERS)?.uri();
-        let agent = req.into_inner().agent_id;
+        let (actor, agent) = drain_actor(req)?;
         let view = self.ask(|reply| Cmd::Undrain { agent, actor, reply }).await??;
         Ok(Response::new(view.into()))
     }
@@ -440,6 +438,18 @@ impl proto::job_service_server::JobService for JobService {
             burst: t.burst,
         }))
     }
+}
+
+/// Who drains or undrains (the caller's identity, and the admin tenant a gateway acts for, as the
+/// audit trail shows it) and which agent.
+fn drain_actor(req: Request<proto::DrainAgentRequest>) -> Result<(String, String), Status> {
+    let who = tls::require_role(&req, CALLERS)?;
+    let req = req.into_inner();
+    let actor = match (who.role, req.tenant.as_str()) {
+        (Role::Gateway, tenant) if !tenant.is_empty() => format!("{} (tenant {tenant})", who.uri()),
+        _ => who.uri(),
+    };
+    Ok((actor, req.agent_id))
 }
 
 impl From<AgentView> for proto::AgentInfo {

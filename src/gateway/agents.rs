@@ -61,7 +61,7 @@ pub async fn drain(
     Path((site, node)): Path<(String, String)>,
 ) -> Result<Json<Agent>, HttpError> {
     tenant.require_admin()?;
-    let request = proto::DrainAgentRequest { agent_id: format!("{site}/{node}") };
+    let request = proto::DrainAgentRequest { agent_id: format!("{site}/{node}"), tenant: tenant.name.clone() };
     Ok(Json(state.jobs().drain_agent(request).await?.into_inner().into()))
 }
 
@@ -81,6 +81,6 @@ pub async fn undrain(
     Path((site, node)): Path<(String, String)>,
 ) -> Result<Json<Agent>, HttpError> {
     tenant.require_admin()?;
-    let request = proto::DrainAgentRequest { agent_id: format!("{site}/{node}") };
+    let request = proto::DrainAgentRequest { agent_id: format!("{site}/{node}"), tenant: tenant.name.clone() };
     Ok(Json(state.jobs().undrain_agent(request).await?.into_inner().into()))
 }

@@ -160,7 +160,8 @@ async fn agents_are_undrained_and_removed_and_every_action_is_in_the_audit_trail
         })
         .collect();
     let admin_uri = format!("spiffe://{TRUST_DOMAIN}/admin/fleet-admin");
-    let gateway_uri = format!("spiffe://{TRUST_DOMAIN}/gateway/gateway");
+    // The gateway acts for an admin tenant: both are named.
+    let gateway_uri = format!("spiffe://{TRUST_DOMAIN}/gateway/gateway (tenant ops)");
     let expected = [
         ("agent.remove", &admin_uri),
         ("agent.remove", &admin_uri),

@@ -262,6 +262,9 @@ async fn tenants_never_see_each_others_jobs_and_only_admins_see_agents() {
     assert_eq!((status, &undrained["draining"]), (StatusCode::OK, &json!(false)), "{undrained}");
     let (_, _, agent) = ops.get("/v1/agents/lab/node-a").await;
     assert_eq!(agent["draining"], false, "{agent}");
+    // The audit trail names the admin tenant the gateway acted for.
+    let (ok, events, err) = cluster.admin_command(&["events"]);
+    assert!(ok && events.contains("agent.undrain") && events.contains("(tenant ops)"), "{events}{err}");
     send(ops.request(Method::POST, "/v1/agents/lab/node-a/drain")).await;
 
     // The owner cancels; a second cancel is a conflict.

@@ -105,9 +105,15 @@ async fn a_drained_agent_takes_no_new_work_even_after_a_broker_restart() {
         }
     })
     .await;
-    let drained = admin.drain_agent(proto::DrainAgentRequest { agent_id: "lab/node-a".into() }).await.unwrap();
+    let drained = admin
+        .drain_agent(proto::DrainAgentRequest { agent_id: "lab/node-a".into(), ..Default::default() })
+        .await
+        .unwrap();
     assert!(drained.into_inner().draining);
-    let err = admin.drain_agent(proto::DrainAgentRequest { agent_id: "lab/nope".into() }).await.unwrap_err();
+    let err = admin
+        .drain_agent(proto::DrainAgentRequest { agent_id: "lab/nope".into(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     cluster.kill_broker();
     cluster.start_broker(cluster.addr.port());

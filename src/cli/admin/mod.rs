@@ -181,7 +181,10 @@ async fn admin(args: AdminArgs) -> anyhow::Result<i32> {
         AdminCommand::Agents(args) => agents::agents(channel, args, out).await?,
         AdminCommand::Events { limit } => agents::events(channel, limit, out).await?,
         AdminCommand::Drain { id } => {
-            let agent = client.drain_agent(proto::DrainAgentRequest { agent_id: id }).await.map_err(status_error)?;
+            let agent = client
+                .drain_agent(proto::DrainAgentRequest { agent_id: id, tenant: String::new() })
+                .await
+                .map_err(status_error)?;
             let agent = api::Agent::from(agent.into_inner());
             match out {
                 Output::Json => print_json(&agent),
@@ -189,7 +192,7 @@ async fn admin(args: AdminArgs) -> anyhow::Result<i32> {
             }
         }
         AdminCommand::Undrain { id } => {
-            let request = proto::DrainAgentRequest { agent_id: id };
+            let request = proto::DrainAgentRequest { agent_id: id, tenant: String::new() };
             let agent = client.undrain_agent(request).await.map_err(status_error)?;
             let agent = api::Agent::from(agent.into_inner());
             match out {
