@@ -440,29 +440,19 @@ impl Cluster {
 
     /// Runs `hybroker tenants ARGS` with an admin certificate; returns (success, stdout, stderr).
     pub fn tenants_command(&self, args: &[&str]) -> (bool, String, String) {
-        let admin = self.issue(Role::Admin, "tenants-admin", None);
-        let out = Command::new(BIN)
-            .arg("tenants")
-            .args(["--broker", &format!("https://{}", self.addr)])
-            .args([
-                "--ca-cert",
-                path_str(&admin.ca_cert),
-                "--cert",
-                path_str(&admin.cert),
-                "--key",
-                path_str(&admin.key),
-            ])
-            .args(args)
-            .output()
-            .unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+        self.operator_command("tenants", "tenants-admin", args)
     }
 
     /// Runs `hybroker admin ARGS` with an admin certificate; returns (success, stdout, stderr).
     pub fn admin_command(&self, args: &[&str]) -> (bool, String, String) {
-        let admin = self.issue(Role::Admin, "cli-admin", None);
+        self.operator_command("admin", "cli-admin", args)
+    }
+
+    /// Runs `hybroker COMMAND ARGS` with the admin certificate `name` against this broker.
+    fn operator_command(&self, command: &str, name: &str, args: &[&str]) -> (bool, String, String) {
+        let admin = self.issue(Role::Admin, name, None);
         let out = Command::new(BIN)
-            .arg("admin")
+            .arg(command)
             .args(["--broker", &format!("https://{}", self.addr)])
             .args([
                 "--ca-cert",
