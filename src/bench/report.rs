@@ -6,6 +6,8 @@ use std::path::Path;
 use anyhow::Context;
 use serde::Serialize;
 
+use super::renew::RenewalReport;
+
 /// Everything a run measured (the JSON document).
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -48,8 +50,41 @@ pub struct Report {
     pub extra_jobs: usize,
     pub storm: Option<Storm>,
     pub kill: Option<Kill>,
-    /// Every job completed and none was lost.
+    /// `--renew` or `--renew-storm`.
+    pub renewal: Option<RenewalReport>,
+    /// This run's jobs/s against `--baseline`'s.
+    pub baseline: Option<Baseline>,
+    /// Every job completed and none was lost, and every agent renewed when asked to.
     pub ok: bool,
+}
+
+/// An earlier run's throughput, and this one's against it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Baseline {
+    pub path: std::path::PathBuf,
+    /// The earlier run's sustained jobs/s.
+    pub jobs_per_second: f64,
+    /// (this run's − the earlier run's) / the earlier run's, percent.
+    pub change_percent: f64,
+}
+
+impl Baseline {
+    /// Reads `sustained_jobs_per_second` from an earlier result.
+    pub fn read(path: &Path) -> anyhow::Result<Baseline> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading --baseline {}", path.display()))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("--baseline {} is not JSON", path.display()))?;
+        let jobs_per_second = json["sustained_jobs_per_second"].as_f64().filter(|r| *r > 0.0).with_context(|| {
+            format!("--baseline {} has no sustained_jobs_per_second (is it a bench result?)", path.display())
+        })?;
+        Ok(Baseline { path: path.to_path_buf(), jobs_per_second, change_percent: 0.0 })
+    }
+
+    /// This baseline compared with `jobs_per_second`.
+    pub fn compared_with(self, jobs_per_second: f64) -> Baseline {
+        let change_percent = (jobs_per_second - self.jobs_per_second) / self.jobs_per_second * 100.0;
+        Baseline { change_percent, ..self }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -120,6 +155,7 @@ impl Report {
             ("submitted / completed", format!("{} / {}", self.submitted, self.completed)),
             ("run (first submit→last done)", format!("{:.2} s", self.run_seconds)),
             ("sustained submit→complete", format!("{:.0} jobs/s", self.sustained_jobs_per_second)),
+            ("baseline (--baseline)", self.baseline_row()),
             (
                 "submit→agent latency",
                 format!(
@@ -164,11 +200,22 @@ impl Report {
             rows.push((label("kill: all agents back", "restart: all agents back"), again));
             rows.push((label("kill: failed connects", "restart: failed connects"), k.failed_connects.to_string()));
         }
+        if let Some(r) = &self.renewal {
+            rows.extend(r.rows());
+        }
+        rows.retain(|(_, v)| !v.is_empty());
         rows.push(("result", if self.ok { "ok".into() } else { "FAILED".into() }));
         let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
         for (key, value) in rows {
             println!("  {key:<width$}  {value}");
         }
+    }
+
+    /// This run's jobs/s against the baseline's (empty without one).
+    fn baseline_row(&self) -> String {
+        self.baseline.as_ref().map_or_else(String::new, |b| {
+            format!("{:.0} jobs/s: this run {:+.1} % ({})", b.jobs_per_second, b.change_percent, b.path.display())
+        })
     }
 
     /// `none (first fit)`, or the sites and where the jobs ran.
