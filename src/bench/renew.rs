@@ -151,10 +151,7 @@ impl RenewalReport {
         if self.mode != "storm" {
             rows.push(("renewal: answered during the jobs", self.during_jobs.to_string()));
         }
-        rows.push((
-            "renewal: failed connects / drops",
-            format!("{} / {}", self.failed_connects, self.dropped_streams),
-        ));
+        rows.push(("renewal: failed connects / drops", format!("{} / {}", self.failed_connects, self.dropped_streams)));
         if let Some(e) = &self.first_error {
             rows.push(("renewal: first refusal", e.clone()));
         }
@@ -203,17 +200,16 @@ impl Run<'_> {
         let cpu = self.broker.cpu_seconds() - s.cpu;
         let elapsed = s.at.elapsed().as_secs_f64();
         let rec = &self.watch.rec;
-        let (failed_connects, dropped_streams) =
-            (self.fleet.failures() - s.failures, self.fleet.dropped() - s.dropped);
+        let (failed_connects, dropped_streams) = (self.fleet.failures() - s.failures, self.fleet.dropped() - s.dropped);
         let signed = rec.renewals().filter(|r| r.error.is_none()).count();
         let refused = rec.renewals_answered() - signed;
         let last = rec.renewals().map(|r| r.answered).max();
         let seconds = last.map_or(0.0, |t| t.saturating_duration_since(s.at).as_secs_f64());
         let mut latencies: Vec<f64> = rec.renewals().map(|r| r.latency().as_secs_f64() * 1000.0).collect();
         latencies.sort_by(f64::total_cmp);
-        let during_jobs = rec.window().map_or(0, |(first, last)| {
-            rec.renewals().filter(|r| (first..=last).contains(&r.answered)).count()
-        });
+        let during_jobs = rec
+            .window()
+            .map_or(0, |(first, last)| rec.renewals().filter(|r| (first..=last).contains(&r.answered)).count());
         let storm = s.round.window.is_zero();
         let interrupted = self.args.kill_broker || self.args.restart_broker;
         let unanswered = agents - rec.renewals_answered();
