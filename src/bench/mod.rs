@@ -219,7 +219,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
         println!("waiting for the renewals spread over {}", args.renew_window);
         renewal = Some(run.finish_renewals(started, csr_seconds).await);
     }
-    let storm = if args.storm { Some(run.storm().await?) } else { None };
+    let mut storm = if args.storm { Some(run.storm().await?) } else { None };
+    if let Some(s) = &mut storm
+        && renewal.is_some()
+    {
+        s.on_renewed_certificates = Some(renew::agents_on_renewed_certificates(channel.clone()).await?);
+    }
     // An agent's completion can be a stale attempt's (acknowledged, then refused); give requeued
     // jobs up to a lease and some to finish before counting what never succeeded.
     // Agents' acknowledgements keep arriving meanwhile: fold them in, so `completed` counts them.
@@ -457,7 +462,8 @@ impl Run<'_> {
         self.watch.until_registered(n).await?;
         let reregistered_seconds = at.elapsed().as_secs_f64();
         println!("all {n} agents registered again after {reregistered_seconds:.2} s");
-        Ok(Storm { reregistered_seconds, failed_connects: self.fleet.failures() - failures })
+        let failed_connects = self.fleet.failures() - failures;
+        Ok(Storm { reregistered_seconds, failed_connects, on_renewed_certificates: None })
     }
 }
 

@@ -15,8 +15,9 @@ use serde::Serialize;
 use super::Run;
 use super::record::quantile;
 use super::report::Latency;
-use super::setup::{TRUST_DOMAIN, node_name};
+use super::setup::{RENEWED_LIFETIME, TRUST_DOMAIN, node_name};
 use crate::pki;
+use crate::proto::{self, job_service_client::JobServiceClient};
 
 /// How long past the end of the window the bench waits for the last answers.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -71,6 +72,16 @@ pub fn make_csrs(agents: usize, site_of: &(dyn Fn(usize) -> String + Sync)) -> a
         Ok(())
     })?;
     Ok(made.into_iter().map(|c| c.expect("every agent has a csr")).collect())
+}
+
+/// How many agents the broker sees on a renewed certificate: its NotAfter (what the agent
+/// connected with) lies beyond three quarters of the renewal lifetime from now, which a first
+/// certificate (1 day) never does.
+pub async fn agents_on_renewed_certificates(channel: tonic::transport::Channel) -> anyhow::Result<usize> {
+    let agents = JobServiceClient::new(channel).list_agents(proto::ListAgentsRequest {}).await?.into_inner().agents;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let beyond = (now + RENEWED_LIFETIME.mul_f64(0.75)).as_millis() as i64;
+    Ok(agents.iter().filter(|a| a.connected && a.cert_not_after_ms > beyond).count())
 }
 
 /// What the renewals measured (the `renewal` object of the JSON).

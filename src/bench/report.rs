@@ -116,6 +116,8 @@ pub struct Storm {
     pub reregistered_seconds: f64,
     /// Connects, handshakes and stream opens that failed (and were retried).
     pub failed_connects: u64,
+    /// After a renewal: agents the broker sees on a renewed certificate once all were back.
+    pub on_renewed_certificates: Option<usize>,
 }
 
 /// The broker killed with SIGKILL mid-load.
@@ -179,6 +181,9 @@ impl Report {
         if let Some(s) = &self.storm {
             rows.push(("storm: all re-registered", format!("{:.2} s", s.reregistered_seconds)));
             rows.push(("storm: failed connects", s.failed_connects.to_string()));
+            if let Some(n) = s.on_renewed_certificates {
+                rows.push(("storm: back on renewed certs", format!("{n} of {}", self.agents)));
+            }
         }
         if let Some(k) = &self.kill {
             let graceful = k.exit_seconds.is_some();

@@ -24,6 +24,11 @@ pub const TRUST_DOMAIN: &str = "bench.hybroker.local";
 pub const SITE: &str = "bench";
 /// The tenant the jobs are submitted for.
 pub const TENANT: &str = "bench";
+/// How long the agents' first certificates are valid.
+const ISSUED_DAYS: u32 = 1;
+/// How long the broker's renewals are valid: longer than [`ISSUED_DAYS`], so the broker's view of
+/// an agent's certificate tells a renewed one from its first.
+pub const RENEWED_LIFETIME: Duration = Duration::from_secs(48 * 3600);
 
 /// What the bench's clients need: one TLS configuration per identity.
 pub struct Pki {
@@ -92,8 +97,14 @@ pub fn make_pki(dir: &Path, agents: usize, site_of: &(dyn Fn(usize) -> String + 
 
 /// Issues a client certificate and builds its TLS configuration, trusting only broker servers.
 fn client(ca: &Ca, role: Role, name: &str, site: Option<&str>) -> anyhow::Result<Arc<ClientConfig>> {
-    let request =
-        IssueRequest { role, name: name.into(), site: site.map(Into::into), dns: vec![], ips: vec![], days: 1 };
+    let request = IssueRequest {
+        role,
+        name: name.into(),
+        site: site.map(Into::into),
+        dns: vec![],
+        ips: vec![],
+        days: ISSUED_DAYS,
+    };
     let issued = ca.issue(&request)?;
     let config = tls::client_config_from_pem(
         ca.cert_pem().as_bytes(),
@@ -118,7 +129,8 @@ pub fn write_broker_config(
     let quote = |p: PathBuf| toml::Value::String(p.to_string_lossy().into_owned()).to_string();
     let heartbeat = (lease_ttl / 3).max(Duration::from_millis(100));
     let mut config = String::new();
-    writeln!(config, "[broker]\nlisten = \"127.0.0.1:0\"\nca_dir = {}\n", quote(ca_dir(dir)))?;
+    writeln!(config, "[broker]\nlisten = \"127.0.0.1:0\"\nca_dir = {}", quote(ca_dir(dir)))?;
+    writeln!(config, "agent_cert_lifetime = \"{}h\"\n", RENEWED_LIFETIME.as_secs() / 3600)?;
     writeln!(config, "[tls]\nca_cert = {}", quote(dir.join("ca.pem")))?;
     writeln!(config, "cert = {}\nkey = {}\n", quote(dir.join("broker.pem")), quote(dir.join("broker-key.pem")))?;
     writeln!(config, "[store]\npath = {}\n", quote(dir.join("broker.db")))?;

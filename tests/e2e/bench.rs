@@ -144,6 +144,7 @@ fn a_renewal_storm_renews_every_agent_on_its_stream_and_the_fleet_reconnects_on_
     assert_eq!(log.matches("agent certificate renewed").count(), 20, "{log}");
     // The reconnect storm afterwards dials on the renewed certificates, none refused.
     assert_eq!(result["storm"]["failed_connects"], 0, "{result}");
+    assert_eq!(result["storm"]["on_renewed_certificates"], 20, "{result}");
     assert_eq!((&result["completed"], &result["lost"], &result["ok"]), (&200.into(), &0.into(), &true.into()));
 }
 
