@@ -10,11 +10,9 @@
 
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
 use super::Run;
 use super::record::quantile;
-use super::report::Latency;
+use super::report::{Latency, RenewalReport};
 use super::setup::{RENEWED_LIFETIME, TRUST_DOMAIN, node_name};
 use crate::pki;
 use crate::proto::{self, job_service_client::JobServiceClient};
@@ -82,92 +80,6 @@ pub async fn agents_on_renewed_certificates(channel: tonic::transport::Channel) 
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let beyond = (now + RENEWED_LIFETIME.mul_f64(0.75)).as_millis() as i64;
     Ok(agents.iter().filter(|a| a.connected && a.cert_not_after_ms > beyond).count())
-}
-
-/// What the renewals measured (the `renewal` object of the JSON).
-#[derive(Debug, Clone, Serialize)]
-pub struct RenewalReport {
-    /// `spread` (`--renew`) or `storm` (`--renew-storm`).
-    pub mode: &'static str,
-    /// The window the renewals were spread over (0 for a storm).
-    pub window_seconds: f64,
-    /// Making every agent's key and CSR, in the bench before the run: the agents' cost.
-    pub csr_seconds: f64,
-    pub csr_us_per_agent: f64,
-    pub agents: usize,
-    /// Renewals the broker signed (and whose certificate loaded).
-    pub signed: usize,
-    /// Renewals refused, or signed with a certificate that did not load.
-    pub refused: usize,
-    /// Renewals never answered.
-    pub unanswered: usize,
-    /// From the signal until the last answer.
-    pub seconds: f64,
-    /// signed / seconds: the issuance rate.
-    pub per_second: f64,
-    /// From an agent first sending its CSR until its answer.
-    pub latency_ms: Latency,
-    /// The broker's CPU (user + system) from the signal until every renewal was answered; with
-    /// `--renew` the job load runs meanwhile and is included.
-    pub broker_cpu_seconds: f64,
-    pub broker_avg_cores: f64,
-    /// broker_cpu_seconds / signed, for a storm (nothing else runs then).
-    pub broker_cpu_ms_per_renewal: Option<f64>,
-    /// Renewals answered between the first submit and the last completion.
-    pub during_jobs: usize,
-    /// Connects, handshakes and stream opens that failed while renewing.
-    pub failed_connects: u64,
-    /// Streams that broke after registering while renewing.
-    pub dropped_streams: u64,
-    /// The first refusal, if any.
-    pub first_error: Option<String>,
-    /// Every agent renewed, and (without a broker kill or restart) no connect failed and no
-    /// stream broke.
-    pub ok: bool,
-}
-
-impl RenewalReport {
-    /// The table rows.
-    pub fn rows(&self) -> Vec<(&'static str, String)> {
-        let how = match self.mode {
-            "storm" => "storm (every agent at once)".to_string(),
-            _ => format!("spread over {:.0} s", self.window_seconds),
-        };
-        let mut rows = vec![
-            ("renewal", how),
-            (
-                "renewal: keys + CSRs (agents)",
-                format!("{:.2} s ({:.0} µs per agent, before the run)", self.csr_seconds, self.csr_us_per_agent),
-            ),
-            (
-                "renewal: signed / refused / lost",
-                format!("{} / {} / {} of {}", self.signed, self.refused, self.unanswered, self.agents),
-            ),
-            ("renewal: signal→last answer", format!("{:.2} s ({:.0} renewals/s)", self.seconds, self.per_second)),
-            (
-                "renewal: latency",
-                format!(
-                    "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-                    self.latency_ms.p50, self.latency_ms.p99, self.latency_ms.max
-                ),
-            ),
-            (
-                "renewal: broker cpu",
-                format!("{:.2} s ({:.2} cores on average)", self.broker_cpu_seconds, self.broker_avg_cores),
-            ),
-        ];
-        if let Some(ms) = self.broker_cpu_ms_per_renewal {
-            rows.push(("renewal: broker cpu per renewal", format!("{ms:.3} ms")));
-        }
-        if self.mode != "storm" {
-            rows.push(("renewal: answered during the jobs", self.during_jobs.to_string()));
-        }
-        rows.push(("renewal: failed connects / drops", format!("{} / {}", self.failed_connects, self.dropped_streams)));
-        if let Some(e) = &self.first_error {
-            rows.push(("renewal: first refusal", e.clone()));
-        }
-        rows
-    }
 }
 
 /// The fleet's state when the renewals were signalled.
