@@ -293,7 +293,7 @@ impl Agent {
                         r.due = Some(round.start + round.window.mul_f64(fastrand::f64()));
                     }
                 }
-                () = sleep_until(self.renewal.as_ref().and_then(|r| r.due)), if registered && self.renewal.as_ref().is_some_and(|r| r.due.is_some()) => {
+                () = until_due(self.renewal.as_ref().and_then(|r| r.due)), if registered && self.renewal.as_ref().is_some_and(|r| r.due.is_some()) => {
                     let r = self.renewal.as_mut().expect("checked by the guard");
                     r.due = None;
                     r.sent.get_or_insert_with(Instant::now);
@@ -381,7 +381,7 @@ struct Signals<'a> {
 }
 
 /// Resolves at `due` (never without one).
-async fn sleep_until(due: Option<tokio::time::Instant>) {
+async fn until_due(due: Option<tokio::time::Instant>) {
     match due {
         Some(due) => tokio::time::sleep_until(due).await,
         None => std::future::pending().await,

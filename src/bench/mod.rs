@@ -95,11 +95,11 @@ pub struct BenchArgs {
     #[arg(long, default_value = "10m", value_parser = HumanDuration::parse)]
     pub deadline: HumanDuration,
     /// Every agent renews its certificate once on its stream, at a uniformly random point of
-    /// `--renew-window` from the first submit, while the jobs run.
+    /// `--renew-window` from when the jobs start, while they run.
     #[arg(long, conflicts_with = "renew_storm")]
     pub renew: bool,
     /// The window `--renew` spreads the renewals over.
-    #[arg(long, default_value = "10m", value_parser = HumanDuration::parse)]
+    #[arg(long, default_value = "10m", value_parser = HumanDuration::parse, requires = "renew")]
     pub renew_window: HumanDuration,
     /// Every agent renews its certificate at once, after the fleet registered and before the jobs.
     #[arg(long)]
@@ -211,13 +211,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
     if args.renew_storm {
         println!("renewal storm: {} agents renew at once", args.agents);
         let started = run.start_renewals(Duration::ZERO);
-        renewal = Some(run.finish_renewals(started, csr_seconds).await);
+        renewal = Some(run.finish_renewals(started, csr_seconds, channel.clone()).await?);
     }
     let spread = args.renew.then(|| run.start_renewals(args.renew_window.0));
     let driven = run.drive(channel.clone(), events).await?;
     if let Some(started) = spread {
         println!("waiting for the renewals spread over {}", args.renew_window);
-        renewal = Some(run.finish_renewals(started, csr_seconds).await);
+        renewal = Some(run.finish_renewals(started, csr_seconds, channel.clone()).await?);
     }
     let mut storm = if args.storm { Some(run.storm().await?) } else { None };
     if let Some(s) = &mut storm

@@ -19,6 +19,8 @@ use crate::proto::{self, job_service_client::JobServiceClient};
 
 /// How long past the end of the window the bench waits for the last answers.
 const PATIENCE: Duration = Duration::from_secs(60);
+/// How long the broker's view may lag the agents' answers (it is updated after each answer).
+const VIEW_PATIENCE: Duration = Duration::from_secs(10);
 /// How often progress is printed while waiting.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
@@ -108,7 +110,12 @@ impl Run<'_> {
 
     /// Waits until every agent's renewal was answered (or the window and a minute more passed),
     /// then sums up; `csr_seconds` is what making the CSRs took.
-    pub(super) async fn finish_renewals(&mut self, s: Started, csr_seconds: f64) -> RenewalReport {
+    pub(super) async fn finish_renewals(
+        &mut self,
+        s: Started,
+        csr_seconds: f64,
+        channel: tonic::transport::Channel,
+    ) -> anyhow::Result<RenewalReport> {
         let agents = self.args.agents;
         let deadline = s.round.start + s.round.window + PATIENCE;
         let mut progress = tokio::time::interval(PROGRESS_EVERY);
@@ -133,10 +140,20 @@ impl Run<'_> {
         let during_jobs = rec
             .window()
             .map_or(0, |(first, last)| rec.renewals().filter(|r| (first..=last).contains(&r.answered)).count());
+        // The broker shows each renewed expiry once it has taken the renewal in (just after the
+        // answer): wait a little for the last ones.
+        let view_deadline = Instant::now() + VIEW_PATIENCE;
+        let broker_shows_renewed = loop {
+            let shown = agents_on_renewed_certificates(channel.clone()).await?;
+            if shown >= signed || Instant::now() >= view_deadline {
+                break shown;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         let storm = s.round.window.is_zero();
         let interrupted = self.args.kill_broker || self.args.restart_broker;
         let unanswered = agents - rec.renewals_answered();
-        RenewalReport {
+        Ok(RenewalReport {
             mode: if storm { "storm" } else { "spread" },
             window_seconds: s.round.window.as_secs_f64(),
             csr_seconds,
@@ -161,7 +178,8 @@ impl Run<'_> {
             failed_connects,
             dropped_streams,
             first_error: rec.renewals().find_map(|r| r.error.clone()),
+            broker_shows_renewed,
             ok: signed == agents && (interrupted || failed_connects == 0 && dropped_streams == 0),
-        }
+        })
     }
 }

@@ -274,6 +274,8 @@ pub struct RenewalReport {
     pub dropped_streams: u64,
     /// The first refusal, if any.
     pub first_error: Option<String>,
+    /// Connected agents the broker lists with a renewed certificate's expiry afterwards.
+    pub broker_shows_renewed: usize,
     /// Every agent renewed, and (without a broker kill or restart) no connect failed and no
     /// stream broke.
     pub ok: bool,
@@ -316,6 +318,7 @@ impl RenewalReport {
             rows.push(("renewal: answered during the jobs", self.during_jobs.to_string()));
         }
         rows.push(("renewal: failed connects / drops", format!("{} / {}", self.failed_connects, self.dropped_streams)));
+        rows.push(("renewal: broker lists renewed", format!("{} of {}", self.broker_shows_renewed, self.agents)));
         if let Some(e) = &self.first_error {
             rows.push(("renewal: first refusal", e.clone()));
         }

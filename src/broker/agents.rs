@@ -127,7 +127,12 @@ impl proto::agent_service_server::AgentService for AgentService {
                 };
                 let Ok(Some(msg)) = msg else { break };
                 if let Some(In::Renew(renew)) = msg.msg {
-                    stream.renew(&renew.csr_der);
+                    // The core shows (and stores) the renewed certificate's expiry.
+                    if let Some(not_after) = stream.renew(&renew.csr_der)
+                        && core.send(Cmd::CertRenewed { agent: agent.clone(), conn, not_after }).await.is_err()
+                    {
+                        return;
+                    }
                     continue;
                 }
                 let Some(cmd) = command(&agent, conn, msg) else { continue };

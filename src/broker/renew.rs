@@ -85,8 +85,9 @@ impl StreamCert {
         }
     }
 
-    /// Signs `csr_der` for this stream's identity and answers on the stream.
-    pub fn renew(&mut self, csr_der: &[u8]) {
+    /// Signs `csr_der` for this stream's identity and answers on the stream; returns the new
+    /// certificate's NotAfter when it signed.
+    pub fn renew(&mut self, csr_der: &[u8]) -> Option<UnixMillis> {
         let agent = self.identity.agent_id();
         let answer = match self.sign(csr_der) {
             Ok(signed) => {
@@ -117,10 +118,12 @@ impl StreamCert {
                 RenewedCert { error, ..RenewedCert::default() }
             }
         };
+        let signed = answer.error.is_empty().then_some(answer.not_after);
         // A full or closed outbox means the stream is being dropped; the agent retries later.
         if let Some(outbox) = self.outbox.upgrade() {
             let _ = outbox.try_send(AgentMessage::Renewed(answer));
         }
+        signed
     }
 
     fn sign(&self, csr_der: &[u8]) -> Result<crate::pki::SignedLeaf, (&'static str, String)> {

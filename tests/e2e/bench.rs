@@ -140,6 +140,8 @@ fn a_renewal_storm_renews_every_agent_on_its_stream_and_the_fleet_reconnects_on_
     assert_eq!((&renewal["signed"], &renewal["refused"], &renewal["unanswered"]), (&20.into(), &0.into(), &0.into()));
     assert_eq!((&renewal["failed_connects"], &renewal["dropped_streams"]), (&0.into(), &0.into()), "{result}");
     assert!(renewal["broker_cpu_ms_per_renewal"].as_f64().unwrap() > 0.0, "{result}");
+    // `admin agents` shows the renewed certificates' expiry, though no stream reconnected.
+    assert_eq!(renewal["broker_shows_renewed"], 20, "{result}");
     // The broker signed each one (not the bench), on the agent's stream.
     assert_eq!(log.matches("agent certificate renewed").count(), 20, "{log}");
     // The reconnect storm afterwards dials on the renewed certificates, none refused.

@@ -19,6 +19,7 @@ mod jobs;
 mod messages;
 mod metrics;
 mod place;
+mod renewals;
 mod revocations;
 mod shutdown;
 mod tokens;
@@ -141,6 +142,12 @@ pub enum Cmd {
         agent: String,
         conn: u64,
         inventory: Option<Inventory>,
+    },
+    /// The stream's certificate was renewed on it: valid until `not_after` now.
+    CertRenewed {
+        agent: String,
+        conn: u64,
+        not_after: UnixMillis,
     },
     Report {
         agent: String,
@@ -528,6 +535,7 @@ impl Core {
                     entry.inventory = inventory;
                 }
             }
+            Cmd::CertRenewed { agent, conn, not_after } => self.cert_renewed(&agent, conn, not_after, out),
             Cmd::Report { agent, conn, report } => {
                 if self.touch(&agent, conn) {
                     self.report(&agent, report, out);
