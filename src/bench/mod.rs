@@ -2,10 +2,12 @@
 //! simulated agents over real mutual-TLS streams (one certificate and one connection each), and M
 //! jobs through the real job service, flat out or at an offered rate. It measures sustained
 //! submit→complete throughput, submit→agent latency, the broker's CPU and memory, the bench's
-//! memory per agent, and optionally a reconnect storm and a `kill -9` of the broker mid-load.
+//! memory per agent, and optionally a reconnect storm, a `kill -9` of the broker mid-load, and
+//! certificate renewal of the whole fleet, spread over a window or all at once (`renew`).
 //!
-//! [`run`] goes step by step: PKI and broker, the fleet, the jobs (and the kill), the storm, the
-//! check against the job service, the report. `setup` makes the PKI and the broker config,
+//! [`run`] goes step by step: PKI and broker, the fleet, a renewal storm, the jobs (and the kill,
+//! and spread renewals), the storm, the check against the job service, the report. `setup` makes
+//! the PKI (an issuing CA, so the broker signs renewals) and the broker config,
 //! `process` runs the broker child and reads its `/proc` figures, `agents` simulates the fleet,
 //! `driver` submits the jobs, `record` gathers what agents and driver saw (over one channel, no
 //! shared lock) and `report` turns it into the table and the JSON.
@@ -15,6 +17,7 @@ mod driver;
 pub mod placement;
 mod process;
 mod record;
+mod renew;
 mod report;
 mod setup;
 mod sites;
@@ -38,7 +41,8 @@ use agents::Fleet;
 use driver::{Plan, Trouble};
 use process::{Broker, own_stats};
 use record::{Event, Events, Record, quantile};
-use report::{BrokerUsage, Kill, Latency, Report, Storm};
+use renew::RenewKit;
+use report::{Baseline, BrokerUsage, Kill, Latency, Report, Storm};
 use sites::SiteLayout;
 
 /// `hybroker bench`'s flags.
@@ -90,6 +94,20 @@ pub struct BenchArgs {
     /// Give up (and exit 1) when the jobs have not all completed this long after the first submit.
     #[arg(long, default_value = "10m", value_parser = HumanDuration::parse)]
     pub deadline: HumanDuration,
+    /// Every agent renews its certificate once on its stream, at a uniformly random point of
+    /// `--renew-window` from when the jobs start, while they run.
+    #[arg(long, conflicts_with = "renew_storm")]
+    pub renew: bool,
+    /// The window `--renew` spreads the renewals over.
+    #[arg(long, default_value = "10m", value_parser = HumanDuration::parse, requires = "renew")]
+    pub renew_window: HumanDuration,
+    /// Every agent renews its certificate at once, after the fleet registered and before the jobs.
+    #[arg(long)]
+    pub renew_storm: bool,
+    /// An earlier result (`bench-result.json`, best a run without renewals on the same machine):
+    /// the report compares this run's jobs/s with its.
+    #[arg(long)]
+    pub baseline: Option<PathBuf>,
 }
 
 /// The benchmarks other than the broker's (`hybroker bench` alone).
@@ -118,6 +136,9 @@ impl BenchArgs {
         }
         if self.lease_ttl.0 < Duration::from_millis(300) {
             anyhow::bail!("--lease-ttl must be at least 300ms");
+        }
+        if self.renew && self.renew_window.0 < Duration::from_secs(1) {
+            anyhow::bail!("--renew-window must be at least 1s");
         }
         Ok(())
     }
@@ -156,6 +177,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
     let site_of = |i: usize| layout.map_or_else(|| setup::SITE.to_owned(), |l| l.agent_site(i));
     let pki = tokio::task::block_in_place(|| setup::make_pki(&dir, args.agents, &site_of))?;
     println!("issued {} agent certificates in {:.3} s", args.agents, pki.elapsed.as_secs_f64());
+    let baseline = args.baseline.as_deref().map(Baseline::read).transpose()?;
+    let renewing = args.renew || args.renew_storm;
+    let csr_started = Instant::now();
+    let csrs = if renewing { tokio::task::block_in_place(|| renew::make_csrs(args.agents, &site_of))? } else { vec![] };
+    let csr_seconds = csr_started.elapsed().as_secs_f64();
+    if renewing {
+        println!("made {} renewal keys and CSRs (the agents' side) in {csr_seconds:.3} s", args.agents);
+    }
     let config = setup::write_broker_config(&dir, args.lease_ttl.0, args.jobs, layout)?;
     if let Some(l) = layout {
         println!("placement on: {} on-prem sites (the agents), {} cloud sites", l.onprem, l.cloud);
@@ -168,7 +197,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
     let mut watch = Watch { rx, rec: Record::default() };
     let rss_before = own_stats().rss_kib;
     let started = Instant::now();
-    let fleet = Fleet::spawn(broker.url(), pki.agents, &site_of, args.cpus_per_agent, events.clone());
+    let kit = RenewKit { ca_pem: pki.ca_pem.clone(), csrs };
+    let fleet = Fleet::spawn(broker.url(), pki.agents, &site_of, args.cpus_per_agent, events.clone(), kit);
     let connected = watch.until_registered(args.agents).await;
     let connect_seconds = started.elapsed().as_secs_f64();
     let bench_kib_per_agent = own_stats().rss_kib.saturating_sub(rss_before) as f64 / args.agents as f64;
@@ -177,8 +207,24 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
 
     let channel = tls::connect(&broker.url(), pki.admin.clone(), None).await?;
     let mut run = Run { args: &args, broker: &mut broker, fleet: &fleet, admin: &pki.admin, watch: &mut watch };
+    let mut renewal = None;
+    if args.renew_storm {
+        println!("renewal storm: {} agents renew at once", args.agents);
+        let started = run.start_renewals(Duration::ZERO);
+        renewal = Some(run.finish_renewals(started, csr_seconds, channel.clone()).await?);
+    }
+    let spread = args.renew.then(|| run.start_renewals(args.renew_window.0));
     let driven = run.drive(channel.clone(), events).await?;
-    let storm = if args.storm { Some(run.storm().await?) } else { None };
+    if let Some(started) = spread {
+        println!("waiting for the renewals spread over {}", args.renew_window);
+        renewal = Some(run.finish_renewals(started, csr_seconds, channel.clone()).await?);
+    }
+    let mut storm = if args.storm { Some(run.storm().await?) } else { None };
+    if let Some(s) = &mut storm
+        && renewal.is_some()
+    {
+        s.on_renewed_certificates = Some(renew::agents_on_renewed_certificates(channel.clone()).await?);
+    }
     // An agent's completion can be a stale attempt's (acknowledged, then refused); give requeued
     // jobs up to a lease and some to finish before counting what never succeeded.
     // Agents' acknowledgements keep arriving meanwhile: fold them in, so `completed` counts them.
@@ -220,6 +266,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
 
     let completed = rec.completed();
     let latencies = rec.latencies_ms();
+    let sustained_jobs_per_second = if run_seconds > 0.0 { completed as f64 / run_seconds } else { 0.0 };
+    let baseline = baseline.map(|b| b.compared_with(sustained_jobs_per_second));
+    let renewed = renewal.as_ref().is_none_or(|r| r.ok);
     let report = Report {
         agents: args.agents,
         jobs: args.jobs,
@@ -235,7 +284,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
         submitted: rec.submitted(),
         completed,
         run_seconds,
-        sustained_jobs_per_second: if run_seconds > 0.0 { completed as f64 / run_seconds } else { 0.0 },
+        sustained_jobs_per_second,
         latency_ms: Latency {
             p50: quantile(&latencies, 0.5),
             p99: quantile(&latencies, 0.99),
@@ -250,7 +299,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
         extra_jobs,
         storm,
         kill,
-        ok: lost == 0 && extra_jobs == 0 && completed == args.jobs,
+        renewal,
+        baseline,
+        ok: lost == 0 && extra_jobs == 0 && completed == args.jobs && renewed,
     };
     report.print();
     let out = args.out.clone().unwrap_or_else(|| dir.join("bench-result.json"));
@@ -411,7 +462,8 @@ impl Run<'_> {
         self.watch.until_registered(n).await?;
         let reregistered_seconds = at.elapsed().as_secs_f64();
         println!("all {n} agents registered again after {reregistered_seconds:.2} s");
-        Ok(Storm { reregistered_seconds, failed_connects: self.fleet.failures() - failures })
+        let failed_connects = self.fleet.failures() - failures;
+        Ok(Storm { reregistered_seconds, failed_connects, on_renewed_certificates: None })
     }
 }
 

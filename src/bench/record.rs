@@ -2,7 +2,7 @@
 //! send (lock-free) and never share a map.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -17,6 +17,23 @@ pub enum Event {
     Acked { job: String, at: Instant },
     /// The broker acknowledged these submits; the batch was first sent at `sent`.
     Submitted { jobs: Vec<String>, sent: Instant },
+    /// Agent `agent` first sent its renewal at `sent`; the answer came at `at`, refused with
+    /// `error` (or signed, with `None`).
+    Renewed { agent: usize, sent: Instant, at: Instant, error: Option<String> },
+}
+
+/// One agent's renewal as the bench saw it.
+#[derive(Debug, Clone)]
+pub struct RenewalSeen {
+    pub sent: Instant,
+    pub answered: Instant,
+    pub error: Option<String>,
+}
+
+impl RenewalSeen {
+    pub fn latency(&self) -> Duration {
+        self.answered.duration_since(self.sent)
+    }
 }
 
 pub type Events = mpsc::UnboundedSender<Event>;
@@ -36,6 +53,8 @@ pub struct Record {
     last_completion: Option<Instant>,
     /// Agents registered since the last [`Record::reset_registered`].
     registered: HashSet<usize>,
+    /// Agent → its renewal's first answer.
+    renewals: HashMap<usize, RenewalSeen>,
 }
 
 impl Record {
@@ -55,6 +74,9 @@ impl Record {
                     self.complete(at);
                 }
                 self.acked.insert(job, at);
+            }
+            Event::Renewed { agent, sent, at, error } => {
+                self.renewals.entry(agent).or_insert(RenewalSeen { sent, answered: at, error });
             }
             Event::Submitted { jobs, sent } => {
                 self.first_submit = Some(self.first_submit.map_or(sent, |t| t.min(sent)));
@@ -115,6 +137,16 @@ impl Record {
     /// Jobs that agents were assigned (and completed) more than once.
     pub fn completed_twice(&self) -> usize {
         self.assigned.values().filter(|(_, n)| *n > 1).count()
+    }
+
+    /// Agents whose renewal was answered (signed or refused).
+    pub fn renewals_answered(&self) -> usize {
+        self.renewals.len()
+    }
+
+    /// Every answered renewal.
+    pub fn renewals(&self) -> impl Iterator<Item = &RenewalSeen> {
+        self.renewals.values()
     }
 
     /// The acknowledged job ids.

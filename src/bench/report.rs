@@ -48,8 +48,41 @@ pub struct Report {
     pub extra_jobs: usize,
     pub storm: Option<Storm>,
     pub kill: Option<Kill>,
-    /// Every job completed and none was lost.
+    /// `--renew` or `--renew-storm`.
+    pub renewal: Option<RenewalReport>,
+    /// This run's jobs/s against `--baseline`'s.
+    pub baseline: Option<Baseline>,
+    /// Every job completed and none was lost, and every agent renewed when asked to.
     pub ok: bool,
+}
+
+/// An earlier run's throughput, and this one's against it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Baseline {
+    pub path: std::path::PathBuf,
+    /// The earlier run's sustained jobs/s.
+    pub jobs_per_second: f64,
+    /// (this run's − the earlier run's) / the earlier run's, percent.
+    pub change_percent: f64,
+}
+
+impl Baseline {
+    /// Reads `sustained_jobs_per_second` from an earlier result.
+    pub fn read(path: &Path) -> anyhow::Result<Baseline> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading --baseline {}", path.display()))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("--baseline {} is not JSON", path.display()))?;
+        let jobs_per_second = json["sustained_jobs_per_second"].as_f64().filter(|r| *r > 0.0).with_context(|| {
+            format!("--baseline {} has no sustained_jobs_per_second (is it a bench result?)", path.display())
+        })?;
+        Ok(Baseline { path: path.to_path_buf(), jobs_per_second, change_percent: 0.0 })
+    }
+
+    /// This baseline compared with `jobs_per_second`.
+    pub fn compared_with(self, jobs_per_second: f64) -> Baseline {
+        let change_percent = (jobs_per_second - self.jobs_per_second) / self.jobs_per_second * 100.0;
+        Baseline { change_percent, ..self }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -81,6 +114,8 @@ pub struct Storm {
     pub reregistered_seconds: f64,
     /// Connects, handshakes and stream opens that failed (and were retried).
     pub failed_connects: u64,
+    /// After a renewal: agents the broker sees on a renewed certificate once all were back.
+    pub on_renewed_certificates: Option<usize>,
 }
 
 /// The broker killed with SIGKILL mid-load.
@@ -120,6 +155,7 @@ impl Report {
             ("submitted / completed", format!("{} / {}", self.submitted, self.completed)),
             ("run (first submit→last done)", format!("{:.2} s", self.run_seconds)),
             ("sustained submit→complete", format!("{:.0} jobs/s", self.sustained_jobs_per_second)),
+            ("baseline (--baseline)", self.baseline_row()),
             (
                 "submit→agent latency",
                 format!(
@@ -143,6 +179,9 @@ impl Report {
         if let Some(s) = &self.storm {
             rows.push(("storm: all re-registered", format!("{:.2} s", s.reregistered_seconds)));
             rows.push(("storm: failed connects", s.failed_connects.to_string()));
+            if let Some(n) = s.on_renewed_certificates {
+                rows.push(("storm: back on renewed certs", format!("{n} of {}", self.agents)));
+            }
         }
         if let Some(k) = &self.kill {
             let graceful = k.exit_seconds.is_some();
@@ -164,11 +203,22 @@ impl Report {
             rows.push((label("kill: all agents back", "restart: all agents back"), again));
             rows.push((label("kill: failed connects", "restart: failed connects"), k.failed_connects.to_string()));
         }
+        if let Some(r) = &self.renewal {
+            rows.extend(r.rows());
+        }
+        rows.retain(|(_, v)| !v.is_empty());
         rows.push(("result", if self.ok { "ok".into() } else { "FAILED".into() }));
         let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
         for (key, value) in rows {
             println!("  {key:<width$}  {value}");
         }
+    }
+
+    /// This run's jobs/s against the baseline's (empty without one).
+    fn baseline_row(&self) -> String {
+        self.baseline.as_ref().map_or_else(String::new, |b| {
+            format!("{:.0} jobs/s: this run {:+.1} % ({})", b.jobs_per_second, b.change_percent, b.path.display())
+        })
     }
 
     /// `none (first fit)`, or the sites and where the jobs ran.
@@ -184,5 +234,94 @@ impl Report {
     pub fn write(&self, path: &Path) -> anyhow::Result<()> {
         let json = serde_json::to_string_pretty(self)?;
         std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+/// What the renewals measured (the `renewal` object of the JSON).
+#[derive(Debug, Clone, Serialize)]
+pub struct RenewalReport {
+    /// `spread` (`--renew`) or `storm` (`--renew-storm`).
+    pub mode: &'static str,
+    /// The window the renewals were spread over (0 for a storm).
+    pub window_seconds: f64,
+    /// Making every agent's key and CSR, in the bench before the run: the agents' cost.
+    pub csr_seconds: f64,
+    pub csr_us_per_agent: f64,
+    pub agents: usize,
+    /// Renewals the broker signed (and whose certificate loaded).
+    pub signed: usize,
+    /// Renewals refused, or signed with a certificate that did not load.
+    pub refused: usize,
+    /// Renewals never answered.
+    pub unanswered: usize,
+    /// From the signal until the last answer.
+    pub seconds: f64,
+    /// signed / seconds: the issuance rate.
+    pub per_second: f64,
+    /// From an agent first sending its CSR until its answer.
+    pub latency_ms: Latency,
+    /// The broker's CPU (user + system) from the signal until every renewal was answered; with
+    /// `--renew` the job load runs meanwhile and is included.
+    pub broker_cpu_seconds: f64,
+    pub broker_avg_cores: f64,
+    /// broker_cpu_seconds / signed, for a storm (nothing else runs then).
+    pub broker_cpu_ms_per_renewal: Option<f64>,
+    /// Renewals answered between the first submit and the last completion.
+    pub during_jobs: usize,
+    /// Connects, handshakes and stream opens that failed while renewing.
+    pub failed_connects: u64,
+    /// Streams that broke after registering while renewing.
+    pub dropped_streams: u64,
+    /// The first refusal, if any.
+    pub first_error: Option<String>,
+    /// Connected agents the broker lists with a renewed certificate's expiry afterwards.
+    pub broker_shows_renewed: usize,
+    /// Every agent renewed, and (without a broker kill or restart) no connect failed and no
+    /// stream broke.
+    pub ok: bool,
+}
+
+impl RenewalReport {
+    /// The table rows.
+    pub fn rows(&self) -> Vec<(&'static str, String)> {
+        let how = match self.mode {
+            "storm" => "storm (every agent at once)".to_string(),
+            _ => format!("spread over {:.0} s", self.window_seconds),
+        };
+        let mut rows = vec![
+            ("renewal", how),
+            (
+                "renewal: keys + CSRs (agents)",
+                format!("{:.2} s ({:.0} µs per agent, before the run)", self.csr_seconds, self.csr_us_per_agent),
+            ),
+            (
+                "renewal: signed / refused / lost",
+                format!("{} / {} / {} of {}", self.signed, self.refused, self.unanswered, self.agents),
+            ),
+            ("renewal: signal→last answer", format!("{:.2} s ({:.0} renewals/s)", self.seconds, self.per_second)),
+            (
+                "renewal: latency",
+                format!(
+                    "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                    self.latency_ms.p50, self.latency_ms.p99, self.latency_ms.max
+                ),
+            ),
+            (
+                "renewal: broker cpu",
+                format!("{:.2} s ({:.2} cores on average)", self.broker_cpu_seconds, self.broker_avg_cores),
+            ),
+        ];
+        if let Some(ms) = self.broker_cpu_ms_per_renewal {
+            rows.push(("renewal: broker cpu per renewal", format!("{ms:.3} ms")));
+        }
+        if self.mode != "storm" {
+            rows.push(("renewal: answered during the jobs", self.during_jobs.to_string()));
+        }
+        rows.push(("renewal: failed connects / drops", format!("{} / {}", self.failed_connects, self.dropped_streams)));
+        rows.push(("renewal: broker lists renewed", format!("{} of {}", self.broker_shows_renewed, self.agents)));
+        if let Some(e) = &self.first_error {
+            rows.push(("renewal: first refusal", e.clone()));
+        }
+        rows
     }
 }

@@ -1,8 +1,9 @@
 //! The bench's PKI and the broker's configuration.
 //!
-//! The CA and every client identity live in memory; only what the broker child reads (the CA
-//! certificate, its own certificate and key, its config) is written to the state directory.
-//! Agent certificates (`spiffe://<td>/agent/bench/node-<i>`) are issued on all cores at once.
+//! The CAs are an issuing-CA layout (`pki init`'s, in `<state>/pki`) so the broker signs
+//! renewals; every client identity lives in memory, and only what the broker child reads (the CA
+//! directory, its own certificate and key, its config) is written to the state directory. Agent
+//! certificates (`spiffe://<td>/agent/bench/node-<i>`) are issued on all cores at once.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -14,7 +15,7 @@ use rustls::ClientConfig;
 
 use super::sites::{SiteLayout, TENANT_MAX_USD_PER_HOUR};
 use crate::model::identity::Role;
-use crate::pki::{Ca, IssueRequest};
+use crate::pki::{self, Ca, IssueRequest};
 use crate::tls;
 
 /// The trust domain of a bench PKI.
@@ -23,6 +24,11 @@ pub const TRUST_DOMAIN: &str = "bench.hybroker.local";
 pub const SITE: &str = "bench";
 /// The tenant the jobs are submitted for.
 pub const TENANT: &str = "bench";
+/// How long the agents' first certificates are valid.
+const ISSUED_DAYS: u32 = 1;
+/// How long the broker's renewals are valid: longer than [`ISSUED_DAYS`], so the broker's view of
+/// an agent's certificate tells a renewed one from its first.
+pub const RENEWED_LIFETIME: Duration = Duration::from_secs(48 * 3600);
 
 /// What the bench's clients need: one TLS configuration per identity.
 pub struct Pki {
@@ -30,6 +36,8 @@ pub struct Pki {
     pub admin: Arc<ClientConfig>,
     /// Agent `i`'s configuration, for node `node-<i>`.
     pub agents: Vec<Arc<ClientConfig>>,
+    /// The trust bundle (the root), PEM: what renewed agent certificates are loaded with.
+    pub ca_pem: String,
     /// How long issuing took.
     pub elapsed: Duration,
 }
@@ -39,12 +47,18 @@ pub fn node_name(i: usize) -> String {
     format!("node-{i}")
 }
 
-/// Makes a CA, writes it and the broker's certificate into `dir`, and issues an admin and
-/// `agents` agent certificates in memory, in parallel on all cores (agent `i` at site
-/// `site_of(i)`).
+/// The directory of the root and issuing CA inside the state directory (the broker's `ca_dir`).
+pub fn ca_dir(dir: &Path) -> PathBuf {
+    dir.join("pki")
+}
+
+/// Makes a root and an issuing CA in [`ca_dir`], writes the trust bundle and the broker's
+/// certificate into `dir`, and issues an admin and `agents` agent certificates in memory, in
+/// parallel on all cores (agent `i` at site `site_of(i)`).
 pub fn make_pki(dir: &Path, agents: usize, site_of: &(dyn Fn(usize) -> String + Sync)) -> anyhow::Result<Pki> {
     let started = Instant::now();
-    let ca = Ca::generate(TRUST_DOMAIN)?;
+    pki::init_ca(&ca_dir(dir), TRUST_DOMAIN)?;
+    let ca = Ca::load(&ca_dir(dir))?;
     std::fs::write(dir.join("ca.pem"), ca.cert_pem()).context("writing ca.pem")?;
     let broker = IssueRequest {
         role: Role::Broker,
@@ -78,13 +92,19 @@ pub fn make_pki(dir: &Path, agents: usize, site_of: &(dyn Fn(usize) -> String + 
         Ok(())
     })?;
     let agents = issued.into_iter().map(|c| c.expect("every agent was issued")).collect();
-    Ok(Pki { admin, agents, elapsed: started.elapsed() })
+    Ok(Pki { admin, agents, ca_pem: ca.cert_pem().to_owned(), elapsed: started.elapsed() })
 }
 
 /// Issues a client certificate and builds its TLS configuration, trusting only broker servers.
 fn client(ca: &Ca, role: Role, name: &str, site: Option<&str>) -> anyhow::Result<Arc<ClientConfig>> {
-    let request =
-        IssueRequest { role, name: name.into(), site: site.map(Into::into), dns: vec![], ips: vec![], days: 1 };
+    let request = IssueRequest {
+        role,
+        name: name.into(),
+        site: site.map(Into::into),
+        dns: vec![],
+        ips: vec![],
+        days: ISSUED_DAYS,
+    };
     let issued = ca.issue(&request)?;
     let config = tls::client_config_from_pem(
         ca.cert_pem().as_bytes(),
@@ -97,9 +117,9 @@ fn client(ca: &Ca, role: Role, name: &str, site: Option<&str>) -> anyhow::Result
 }
 
 /// Writes the broker's config into `dir` and returns its path: listen on any loopback port, the
-/// SQLite store in `dir` (its default `synchronous=FULL`), the lease TTL, heartbeats every third
-/// of it, and a `bench` tenant allowed `max_unfinished` unfinished jobs; with `sites`, placement on
-/// (see [`super::sites`]).
+/// issuing CA of [`ca_dir`] (it signs renewals), the SQLite store in `dir` (its default
+/// `synchronous=FULL`), the lease TTL, heartbeats every third of it, and a `bench` tenant allowed
+/// `max_unfinished` unfinished jobs; with `sites`, placement on (see [`super::sites`]).
 pub fn write_broker_config(
     dir: &Path,
     lease_ttl: Duration,
@@ -109,7 +129,8 @@ pub fn write_broker_config(
     let quote = |p: PathBuf| toml::Value::String(p.to_string_lossy().into_owned()).to_string();
     let heartbeat = (lease_ttl / 3).max(Duration::from_millis(100));
     let mut config = String::new();
-    writeln!(config, "[broker]\nlisten = \"127.0.0.1:0\"\n")?;
+    writeln!(config, "[broker]\nlisten = \"127.0.0.1:0\"\nca_dir = {}", quote(ca_dir(dir)))?;
+    writeln!(config, "agent_cert_lifetime = \"{}h\"\n", RENEWED_LIFETIME.as_secs() / 3600)?;
     writeln!(config, "[tls]\nca_cert = {}", quote(dir.join("ca.pem")))?;
     writeln!(config, "cert = {}\nkey = {}\n", quote(dir.join("broker.pem")), quote(dir.join("broker-key.pem")))?;
     writeln!(config, "[store]\npath = {}\n", quote(dir.join("broker.db")))?;

@@ -133,12 +133,11 @@ impl proto::agent_service_server::AgentService for AgentService {
                     break;
                 }
                 if let Some(In::Renew(renew)) = msg.msg {
-                    // `agents get` shows the renewed certificate's expiry.
-                    if let Some(not_after) = stream.renew(&renew.csr_der) {
-                        let renewed = Cmd::CertRenewed { agent: agent.clone(), conn, not_after };
-                        if core.send(renewed).await.is_err() {
-                            return;
-                        }
+                    // The core shows (and stores) the renewed certificate's expiry.
+                    if let Some(not_after) = stream.renew(&renew.csr_der)
+                        && core.send(Cmd::CertRenewed { agent: agent.clone(), conn, not_after }).await.is_err()
+                    {
+                        return;
                     }
                     continue;
                 }

@@ -105,3 +105,63 @@ fn a_small_bench_with_a_clean_broker_restart_loses_and_repeats_nothing() {
     assert!(restart["reregistered_seconds"].is_number(), "{result}");
     assert!(log.contains("told 20 agents to reconnect"), "{log}");
 }
+
+/// Runs `hybroker bench` with `args` in a fresh state directory; returns the result and the
+/// broker's log, after asserting that it succeeded.
+fn bench(args: &[&str]) -> (serde_json::Value, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("result.json");
+    let out = Command::new(BIN)
+        .arg("bench")
+        .args(args)
+        .args(["--deadline", "50s", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .arg("--out")
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let log = std::fs::read_to_string(dir.path().join("state/broker.log")).unwrap_or_default();
+    let tail: String = log.lines().rev().take(40).collect::<Vec<_>>().join("\n");
+    assert!(
+        out.status.success(),
+        "bench failed\nstdout:\n{stdout}\nstderr:\n{}\nbroker log:\n{tail}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result = serde_json::from_str(&std::fs::read_to_string(&out_path).unwrap()).unwrap();
+    (result, log)
+}
+
+#[test]
+fn a_renewal_storm_renews_every_agent_on_its_stream_and_the_fleet_reconnects_on_the_new_certificates() {
+    let (result, log) = bench(&["--agents", "20", "--jobs", "200", "--renew-storm", "--storm"]);
+    let renewal = &result["renewal"];
+    assert_eq!(renewal["mode"], "storm", "{result}");
+    assert_eq!((&renewal["signed"], &renewal["refused"], &renewal["unanswered"]), (&20.into(), &0.into(), &0.into()));
+    assert_eq!((&renewal["failed_connects"], &renewal["dropped_streams"]), (&0.into(), &0.into()), "{result}");
+    assert!(renewal["broker_cpu_ms_per_renewal"].as_f64().unwrap() > 0.0, "{result}");
+    // `admin agents` shows the renewed certificates' expiry, though no stream reconnected.
+    assert_eq!(renewal["broker_shows_renewed"], 20, "{result}");
+    // The broker signed each one (not the bench), on the agent's stream.
+    assert_eq!(log.matches("agent certificate renewed").count(), 20, "{log}");
+    // The reconnect storm afterwards dials on the renewed certificates, none refused.
+    assert_eq!(result["storm"]["failed_connects"], 0, "{result}");
+    assert_eq!(result["storm"]["on_renewed_certificates"], 20, "{result}");
+    assert_eq!((&result["completed"], &result["lost"], &result["ok"]), (&200.into(), &0.into(), &true.into()));
+}
+
+#[test]
+fn spread_renewals_run_alongside_the_jobs_and_the_throughput_is_compared_with_a_baseline() {
+    let dir = tempfile::tempdir().unwrap();
+    let baseline = dir.path().join("baseline.json");
+    std::fs::write(&baseline, r#"{"sustained_jobs_per_second": 1000.0}"#).unwrap();
+    let baseline = baseline.to_str().unwrap();
+    let (result, _) =
+        bench(&["--agents", "20", "--jobs", "2000", "--renew", "--renew-window", "2s", "--baseline", baseline]);
+    let renewal = &result["renewal"];
+    assert_eq!((renewal["mode"].as_str(), renewal["window_seconds"].as_f64()), (Some("spread"), Some(2.0)), "{result}");
+    assert_eq!((&renewal["signed"], &renewal["unanswered"], &renewal["ok"]), (&20.into(), &0.into(), &true.into()));
+    assert_eq!(result["baseline"]["jobs_per_second"], 1000.0, "{result}");
+    assert!(result["baseline"]["change_percent"].is_number(), "{result}");
+    assert_eq!((&result["lost"], &result["ok"]), (&0.into(), &true.into()), "{result}");
+}

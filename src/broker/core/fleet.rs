@@ -238,15 +238,6 @@ impl Core {
 }
 
 impl Core {
-    /// Records the NotAfter of the certificate `agent` renewed on its live stream `conn`.
-    pub(super) fn cert_renewed(&mut self, agent: &str, conn: u64, not_after: UnixMillis, out: &mut Effects) {
-        let now = self.now.ms;
-        if let Some(entry) = self.agents.get_mut(agent).filter(|e| e.conn == Some(conn)) {
-            entry.cert_not_after = not_after;
-            out.batch.push(Write::Agent(entry.record(now)));
-        }
-    }
-
     /// Ends `agent`'s stream (if it has one) and declares the attempts it holds lost, so they are
     /// queued again at once (a revoked or removed agent).
     pub(super) fn cut_off(&mut self, agent: &str, reason: &str, out: &mut Effects) {

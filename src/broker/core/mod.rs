@@ -19,6 +19,7 @@ mod jobs;
 mod messages;
 mod metrics;
 mod place;
+mod renewals;
 mod revocations;
 mod shutdown;
 mod tokens;
@@ -142,7 +143,7 @@ pub enum Cmd {
         conn: u64,
         inventory: Option<Inventory>,
     },
-    /// The agent renewed its certificate on stream `conn`: its new NotAfter.
+    /// The stream's certificate was renewed on it: valid until `not_after` now.
     CertRenewed {
         agent: String,
         conn: u64,
