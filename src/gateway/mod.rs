@@ -163,9 +163,19 @@ pub async fn run(
     // connection; the live one stays.
     let reloader = client_tls.watch(tls::RELOAD_INTERVAL);
     let broker = tls::connect_lazy(&config.broker.url, client_tls.swap(), config.broker.server_name.as_deref())?;
-    let public_tls = match (&config.gateway.public_cert, &config.gateway.public_key) {
-        (Some(cert), Some(key)) => Some(serve::public_tls(cert, key)?),
-        _ => None,
+    // The public certificate (any CA) reloads like the others: on a change of its files or SIGHUP.
+    let (public_tls, public_reloader) = match (&config.gateway.public_cert, &config.gateway.public_key) {
+        (Some(cert), Some(key)) => {
+            serve::public_tls(cert, key)?;
+            let paths = tls::TlsPaths { ca_cert: cert.clone(), cert: cert.clone(), key: key.clone() };
+            let reloading = tls::ReloadingServerTls::new(tls::PUBLIC, &paths, |p| {
+                serve::public_tls(&p.cert, &p.key)
+                    .map_err(|e| tls::TlsError::BadReload { path: p.cert.clone(), reason: e.to_string() })
+            })
+            .context("gateway public tls")?;
+            (Some(reloading.swap()), Some(reloading.watch(tls::RELOAD_INTERVAL)))
+        }
+        _ => (None, None),
     };
     let _metrics = crate::metrics::start(&config.metrics, None).await?;
     let (stopping_tx, stopping) = watch::channel(false);
@@ -183,5 +193,8 @@ pub async fn run(
     };
     serve::serve(listener, public_tls, app, shutdown, config.gateway.shutdown_grace.0).await;
     reloader.abort();
+    if let Some(public_reloader) = public_reloader {
+        public_reloader.abort();
+    }
     Ok(())
 }

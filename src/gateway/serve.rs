@@ -60,14 +60,14 @@ pub fn public_tls(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, ServeErr
 /// `grace`.
 pub async fn serve(
     listener: TcpListener,
-    tls: Option<Arc<ServerConfig>>,
+    tls: Option<Arc<arc_swap::ArcSwap<ServerConfig>>>,
     router: Router,
     shutdown: impl Future<Output = ()> + Send,
     grace: Duration,
 ) {
     // The broker's limits on unfinished handshakes: a ClientHello within 3 s, at most 1,024
     // unfinished per client address. Plain HTTP (loopback only) has no handshakes to limit.
-    let tls = tls.map(|config| ServerTls::fixed(config, HandshakeGate::new(HandshakeLimits::default())));
+    let tls = tls.map(|config| ServerTls { config, gate: HandshakeGate::new(HandshakeLimits::default()), live: None });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
     let (closing_tx, closing) = watch::channel(false);

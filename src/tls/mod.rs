@@ -49,7 +49,9 @@ pub use incoming::{Connection, ServerTls, accept_connections, tls_incoming, tls_
 pub use live::{LiveConnections, RevocableTcp};
 pub use net::{ClientTls, connect, connect_from, connect_lazy};
 pub use peer::{BACKDATE, DenyList, PeerCert, normalize_serial};
-pub use reload::{RELOAD_INTERVAL, Reloading, ReloadingClientTls, ReloadingServerTls, record_ca_expiry, record_expiry};
+pub use reload::{
+    PUBLIC, RELOAD_INTERVAL, Reloading, ReloadingClientTls, ReloadingServerTls, record_ca_expiry, record_expiry,
+};
 pub use verify::{
     CLOCK_SKEW, KeyPurpose, PeerCertError, check_peer_cert, identity_of_cert_file, peer_identity, require_role,
     trust_domain_of_cert,

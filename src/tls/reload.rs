@@ -25,6 +25,10 @@ use super::{TlsError, TlsPaths, load_certs};
 /// How often the files are checked for a change.
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 
+/// The role of the gateway's public HTTPS certificate (any CA, no SPIFFE identity, no CA bundle:
+/// its `TlsPaths::ca_cert` is the certificate file itself).
+pub const PUBLIC: &str = "public";
+
 const RELOADS: &str = "hybroker_tls_reload_total";
 const EXPIRY: &str = "hybroker_cert_expiry_timestamp_seconds";
 
@@ -115,15 +119,18 @@ impl<C: Send + Sync + 'static> Reloading<C> {
     /// fine and fail every handshake after.
     fn still_ours(&self, paths: &TlsPaths) -> Result<(), TlsError> {
         let bad = |reason: String| TlsError::BadReload { path: paths.cert.clone(), reason };
-        let cert = super::PeerCert::from_pem_file(&paths.cert)?;
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
-        if i128::from(cert.not_after) <= now as i128 {
+        let certs = load_certs("certificate", &paths.cert)?;
+        let cert = parse_cert(&certs[0]).map_err(|e| bad(e.to_string()))?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if cert.validity().not_after.timestamp() <= now as i64 {
             return Err(bad("the certificate has expired".to_string()));
         }
-        let role = crate::model::identity::Identity::parse(&cert.identity_uri).map(|i| i.role.as_str().to_string());
-        match role {
-            Ok(role) if role == self.role => Ok(()),
-            Ok(role) => Err(bad(format!("the certificate is for role {role}, not {}", self.role))),
+        if self.role == PUBLIC {
+            return Ok(());
+        }
+        match super::verify::identity_of(&cert) {
+            Ok(identity) if identity.role.as_str() == self.role => Ok(()),
+            Ok(identity) => Err(bad(format!("the certificate is for role {}, not {}", identity.role, self.role))),
             Err(e) => Err(bad(format!("the certificate's identity is invalid: {e}"))),
         }
     }
@@ -187,6 +194,15 @@ fn fingerprint(paths: &TlsPaths) -> Option<Vec<u8>> {
 /// identity URI) and for every certificate of the CA bundle (as `ca`, by subject). Unreadable
 /// files are skipped (the configuration build reports them).
 pub fn record_expiry(role: &str, paths: &TlsPaths) {
+    if role == PUBLIC {
+        // By subject: a public certificate has no SPIFFE identity, and no bundle beside it.
+        if let Ok(certs) = load_certs("certificate", &paths.cert)
+            && let Some((subject, not_after)) = subject_and_expiry(&certs[0])
+        {
+            crate::metrics::global().set(EXPIRY, &[PUBLIC, &subject], not_after as f64);
+        }
+        return;
+    }
     if let Ok(certs) = load_certs("certificate", &paths.cert)
         && let Ok(peer) = PeerCert::from_der(&certs[0])
     {

@@ -343,6 +343,13 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// The gateway process's id (to signal it).
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+impl Gateway {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -19,8 +19,14 @@ use crate::common::*;
 
 /// The serial of the certificate the broker serves to a new handshake.
 async fn served_serial(cluster: &Cluster, client: &TlsPaths) -> String {
+    served_serial_at(cluster.addr, client).await
+}
+
+/// The serial of the certificate the server at `addr` presents (a certificate of our CA with a
+/// broker identity: the broker's, or the test gateway's public one).
+async fn served_serial_at(addr: SocketAddr, client: &TlsPaths) -> String {
     let config = tls::client_config(client, TRUST_DOMAIN, Role::Broker).unwrap();
-    let tcp = tokio::net::TcpStream::connect(cluster.addr).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = ServerName::try_from("127.0.0.1").unwrap();
     let stream = TlsConnector::from(config).connect(name, tcp).await.expect("handshake");
     let leaf = stream.get_ref().1.peer_certificates().unwrap()[0].clone();
@@ -251,4 +257,26 @@ async fn an_agent_reconnects_with_its_replaced_certificate_once_the_old_one_is_r
     eventually("the agent connected", || connected(&admin)).await;
     let id = submit(&mut admin, "name: after-renewal\ncommand: [sh, -c, 'echo ok']\n").await;
     wait_job(&admin, &id, "a job on the agent", |j| j.state == "succeeded").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateways_public_certificate_is_reloaded() {
+    let cluster = Cluster::start(Duration::from_secs(5), &[]).await;
+    let gateway = cluster.start_gateway_named("gw", true);
+    let port: u16 = gateway.url.rsplit(':').next().unwrap().parse().unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let client = cluster.issue(Role::Admin, "ops", None);
+    let served = served_serial_at(addr, &client).await;
+    // The public certificate replaced on disk (the test's public certificates come from its CA):
+    // SIGHUP, and new handshakes get the new one.
+    let replaced = cluster.issue(Role::Broker, "gw-public", None);
+    let new = PeerCert::from_pem_file(&replaced.cert).unwrap().serial_hex;
+    assert_ne!(new, served);
+    let pid = nix::unistd::Pid::from_raw(gateway.pid());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    eventually("the gateway to serve its new public certificate", || {
+        let (client, new) = (&client, new.clone());
+        async move { (served_serial_at(addr, client).await == new).then_some(()) }
+    })
+    .await;
 }
