@@ -193,16 +193,7 @@ impl Writer {
         for write in &f.agent_writes {
             match write {
                 super::Write::Agent(a) => {
-                    sqlx::query(UPSERT_AGENTS.sql(1))
-                        .bind(&a.id)
-                        .bind(&a.site)
-                        .bind(&a.node)
-                        .bind(&a.inventory_json)
-                        .bind(a.last_seen)
-                        .bind(a.draining)
-                        .bind(a.cert_not_after)
-                        .execute(&mut *tx)
-                        .await?;
+                    upsert_agents(&mut tx, &[AgentUpsert { first: a, last: a, draining: a.draining }]).await?;
                 }
                 super::Write::AgentDraining { id, draining } => {
                     sqlx::query("UPDATE agents SET draining = ? WHERE id = ?")
@@ -225,20 +216,7 @@ impl Writer {
             }
             q.execute(&mut *tx).await?;
         }
-        for rows in chunks(&f.agents) {
-            let mut q = sqlx::query(UPSERT_AGENTS.sql(rows.len()));
-            for AgentUpsert { first, last, draining } in rows {
-                q = q
-                    .bind(&first.id)
-                    .bind(&first.site)
-                    .bind(&first.node)
-                    .bind(&last.inventory_json)
-                    .bind(last.last_seen)
-                    .bind(*draining)
-                    .bind(last.cert_not_after);
-            }
-            q.execute(&mut *tx).await?;
-        }
+        upsert_agents(&mut tx, &f.agents).await?;
         for rows in chunks(&f.new_keys) {
             let mut q = sqlx::query(INSERT_KEYS.sql(rows.len()));
             for k in rows {
@@ -456,6 +434,25 @@ pub(super) async fn write_identity(conn: &mut SqliteConnection, w: &IdentityWrit
         }
     };
     q.execute(conn).await?;
+    Ok(())
+}
+
+/// Upserts agents, a few hundred per statement (the one place the agents' columns are bound).
+async fn upsert_agents(conn: &mut SqliteConnection, agents: &[AgentUpsert<'_>]) -> Result<(), StoreError> {
+    for rows in chunks(agents) {
+        let mut q = sqlx::query(UPSERT_AGENTS.sql(rows.len()));
+        for AgentUpsert { first, last, draining } in rows {
+            q = q
+                .bind(&first.id)
+                .bind(&first.site)
+                .bind(&first.node)
+                .bind(&last.inventory_json)
+                .bind(last.last_seen)
+                .bind(*draining)
+                .bind(last.cert_not_after);
+        }
+        q.execute(&mut *conn).await?;
+    }
     Ok(())
 }
 
