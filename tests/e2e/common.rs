@@ -168,18 +168,7 @@ impl Cluster {
 
     pub fn start_agent(&mut self, node: &str, gpus: &str) {
         let tls = self.issue(Role::Agent, node, Some("lab"));
-        let config = format!(
-            "[agent]\nbroker_url = \"https://{addr}\"\nwork_dir = \"{work}\"\nsimulate_gpus = \"{gpus}\"\ncpus = 8\nmemory_mib = 65536\n\
-             [tls]\nca_cert = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n[reconnect]\nmin_backoff = \"50ms\"\nmax_backoff = \"500ms\"\n{extra}",
-            addr = self.addr,
-            work = self.work_dir(node).display(),
-            ca = tls.ca_cert.display(),
-            cert = tls.cert.display(),
-            key = tls.key.display(),
-            extra = self.agent_extra,
-        );
-        let config_path = self.path(&format!("agent-{node}.toml"));
-        std::fs::write(&config_path, config).unwrap();
+        let config_path = self.write_agent_config(node, gpus, &tls);
         let child = spawn(&["agent", "--config", path_str(&config_path)], &self.path(&format!("agent-{node}.log")));
         self.agents.push((node.to_string(), child));
     }
@@ -516,6 +505,14 @@ impl Cluster {
     /// Starts an agent `node` that has no certificate and enrols with `join_file`.
     pub fn start_joining_agent(&mut self, node: &str, gpus: &str, join_file: &Path) {
         let tls = self.joined_tls(node);
+        let config_path = self.write_agent_config(node, gpus, &tls);
+        let args = ["agent", "--config", path_str(&config_path), "--join-file", path_str(join_file)];
+        let child = spawn(&args, &self.path(&format!("agent-{node}.log")));
+        self.agents.push((node.to_string(), child));
+    }
+
+    /// Writes `agent-<node>.toml` for an agent of site `lab` with its certificate files at `tls`.
+    fn write_agent_config(&self, node: &str, gpus: &str, tls: &TlsPaths) -> PathBuf {
         let config = format!(
             "[agent]\nbroker_url = \"https://{addr}\"\nwork_dir = \"{work}\"\nsimulate_gpus = \"{gpus}\"\ncpus = 8\nmemory_mib = 65536\n\
              [tls]\nca_cert = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n[reconnect]\nmin_backoff = \"50ms\"\nmax_backoff = \"500ms\"\n{extra}",
@@ -528,9 +525,7 @@ impl Cluster {
         );
         let config_path = self.path(&format!("agent-{node}.toml"));
         std::fs::write(&config_path, config).unwrap();
-        let args = ["agent", "--config", path_str(&config_path), "--join-file", path_str(join_file)];
-        let child = spawn(&args, &self.path(&format!("agent-{node}.log")));
-        self.agents.push((node.to_string(), child));
+        config_path
     }
 
     /// The exit status of agent `node` once it has exited (None while it runs).
@@ -566,4 +561,24 @@ pub fn processes_with(text: &str) -> Vec<i32> {
         String::from_utf8_lossy(&cmdline).contains(text) && alive(nix::unistd::Pid::from_raw(*pid))
     })
     .collect()
+}
+
+/// The test tenants, then a `[metrics]` section that writes its bound address to `file`.
+pub fn tenants_with_metrics(file: &Path) -> String {
+    format!("{TENANTS}\n[metrics]\nlisten = \"127.0.0.1:0\"\naddr_file = \"{}\"\n", file.display())
+}
+
+/// The metrics address a service wrote to `file`, once it has.
+pub async fn metrics_addr(file: &Path) -> SocketAddr {
+    eventually("the metrics address", || async { std::fs::read_to_string(file).ok()?.trim().parse().ok() }).await
+}
+
+/// The value of `series` (name and labels as rendered) in one scrape of `addr`; `None` when absent.
+pub async fn metric(addr: SocketAddr, series: &str) -> Option<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await.unwrap();
+    let mut body = String::new();
+    tcp.read_to_string(&mut body).await.unwrap();
+    body.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
 }

@@ -3,27 +3,20 @@
 //! say why and are counted; the enrol listener serves nothing else and the mutual-TLS listener
 //! still refuses clients without a certificate; no token text reaches a log.
 
-use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::time::Duration;
 
 use hybroker::pki;
 use hybroker::proto::{self, enroll_service_client::EnrollServiceClient, job_service_client::JobServiceClient};
 use hybroker::tls;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
 use crate::common::*;
 
 /// A `[metrics]` section writing its bound address to `file`, after the test tenants.
-fn with_metrics(file: &Path) -> String {
-    format!("{TENANTS}\n[metrics]\nlisten = \"127.0.0.1:0\"\naddr_file = \"{}\"\n", file.display())
-}
-
 async fn enrolling_cluster() -> Cluster {
     Cluster::start_with(Duration::from_secs(5), &[], |dir| Setup {
-        broker_extra: Some(with_metrics(&dir.join("broker.metrics"))),
+        broker_extra: Some(tenants_with_metrics(&dir.join("broker.metrics"))),
         broker_env: enrolling(dir, "24h"),
         ..Setup::default()
     })
@@ -32,13 +25,8 @@ async fn enrolling_cluster() -> Cluster {
 
 /// `hybroker_enrollments_total{result}` as the broker's `/metrics` says now.
 async fn enrollments(cluster: &Cluster, result: &str) -> f64 {
-    let addr: SocketAddr = std::fs::read_to_string(cluster.path("broker.metrics")).unwrap().trim().parse().unwrap();
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await.unwrap();
-    let mut body = String::new();
-    tcp.read_to_string(&mut body).await.unwrap();
-    let prefix = format!("hybroker_enrollments_total{{result=\"{result}\"}} ");
-    body.lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0.0, |v| v.trim().parse().unwrap())
+    let addr = metrics_addr(&cluster.path("broker.metrics")).await;
+    metric(addr, &format!("hybroker_enrollments_total{{result=\"{result}\"}} ")).await.unwrap_or(0.0)
 }
 
 /// A join token made through the CLI (JSON output): (token id, token).

@@ -59,18 +59,14 @@ async fn metrics(addr: SocketAddr) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_are_undrained_and_removed_and_every_action_is_in_the_audit_trail() {
     let metrics_file = std::env::temp_dir().join(format!("fleet-admin-{}.addr", fastrand::u64(..)));
-    let metrics_section =
-        format!("{TENANTS}\n[metrics]\nlisten = \"127.0.0.1:0\"\naddr_file = \"{}\"\n", metrics_file.display());
+    let metrics_section = tenants_with_metrics(&metrics_file);
     let setup = |_: &std::path::Path| Setup { broker_extra: Some(metrics_section), ..Setup::default() };
     let cluster = Cluster::start_with(Duration::from_secs(4), &[("node-a", "")], setup).await;
     let admin = cluster.issue(Role::Admin, "fleet-admin", None);
     let gateway = cluster.start_gateway();
     let ops_key = cluster.tenant_key("ops");
     let fleet = Fleet { cluster, admin };
-    let metrics_addr: SocketAddr = eventually("the broker's metrics address", || async {
-        std::fs::read_to_string(&metrics_file).ok()?.trim().parse().ok()
-    })
-    .await;
+    let metrics_addr = metrics_addr(&metrics_file).await;
     let _ = std::fs::remove_file(&metrics_file);
     eventually("node-a connected", || async {
         fleet.agents().await.iter().any(|a| a.id == "lab/node-a" && a.connected).then_some(())

@@ -3,7 +3,6 @@
 //! two roots (rollover) accepts leaves of both.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
 use hybroker::model::identity::Role;
@@ -12,7 +11,6 @@ use hybroker::proto;
 use hybroker::proto::job_service_client::JobServiceClient;
 use hybroker::tls::{self, PeerCert, TlsPaths};
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsConnector;
 
 use crate::common::*;
@@ -33,19 +31,6 @@ async fn served_serial_at(addr: SocketAddr, client: &TlsPaths) -> String {
     PeerCert::from_der(&leaf).unwrap().serial_hex
 }
 
-/// The value of `series` in a scrape of `addr`; `None` when absent.
-async fn metric(addr: SocketAddr, series: &str) -> Option<f64> {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await.unwrap();
-    let mut body = String::new();
-    tcp.read_to_string(&mut body).await.unwrap();
-    body.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-}
-
-fn with_metrics(file: &Path) -> String {
-    format!("{TENANTS}\n[metrics]\nlisten = \"127.0.0.1:0\"\naddr_file = \"{}\"\n", file.display())
-}
-
 async fn works(cluster: &Cluster, paths: &TlsPaths) -> bool {
     let config = tls::client_config(paths, TRUST_DOMAIN, Role::Broker).unwrap();
     match tls::connect(&format!("https://{}", cluster.addr), config, None).await {
@@ -57,15 +42,11 @@ async fn works(cluster: &Cluster, paths: &TlsPaths) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replaced_broker_certificate_is_served_to_new_handshakes_while_agents_stay_connected() {
     let cluster = Cluster::start_with(Duration::from_secs(5), &[("node-a", "")], |dir| Setup {
-        broker_extra: Some(with_metrics(&dir.join("broker-metrics.addr"))),
+        broker_extra: Some(tenants_with_metrics(&dir.join("broker-metrics.addr"))),
         ..Setup::default()
     })
     .await;
-    let metrics = eventually("the broker's metrics address", || {
-        let file = cluster.path("broker-metrics.addr");
-        async move { std::fs::read_to_string(file).ok()?.trim().parse::<SocketAddr>().ok() }
-    })
-    .await;
+    let metrics = metrics_addr(&cluster.path("broker-metrics.addr")).await;
     let admin_paths = cluster.issue(Role::Admin, "ops", None);
     let mut admin = cluster.client_as(&admin_paths).await;
     eventually("the agent registered", || {

@@ -2,8 +2,6 @@
 //! gateway's or an admin's certificate stops working at once; by identity or by serial; refused at
 //! the handshake (`hybroker_tls_handshake_failures_total{reason="revoked"}`) and after a restart.
 
-use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
 use hybroker::model::identity::Role;
@@ -11,24 +9,9 @@ use hybroker::proto;
 use hybroker::proto::job_service_client::JobServiceClient;
 use hybroker::tls::{self, TlsPaths};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::*;
 use crate::gateway::{Api, spec, wait_ready};
-
-/// A `[metrics]` section writing its bound address to `file`, after the test tenants.
-fn with_metrics(file: &Path) -> String {
-    format!("{TENANTS}\n[metrics]\nlisten = \"127.0.0.1:0\"\naddr_file = \"{}\"\n", file.display())
-}
-
-/// The value of `series` (name and labels as rendered) in a scrape of `addr`; 0 when absent.
-async fn metric(addr: SocketAddr, series: &str) -> f64 {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await.unwrap();
-    let mut body = String::new();
-    tcp.read_to_string(&mut body).await.unwrap();
-    body.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0)
-}
 
 /// Whether a call with `paths` fails: at connect (the broker refused the handshake) or at the
 /// first call on the connection.
@@ -52,15 +35,11 @@ const FIRST_ATTEMPT_HANGS: &str =
 async fn a_revoked_agent_is_cut_off_its_attempt_runs_elsewhere_and_it_cannot_reconnect() {
     // A lease far longer than the deadline: only the revocation can re-queue the attempt in time.
     let cluster = Cluster::start_with(Duration::from_secs(180), &[("node-a", ""), ("node-b", "")], |dir| Setup {
-        broker_extra: Some(with_metrics(&dir.join("broker-metrics.addr"))),
+        broker_extra: Some(tenants_with_metrics(&dir.join("broker-metrics.addr"))),
         ..Setup::default()
     })
     .await;
-    let metrics = eventually("the broker's metrics address", || {
-        let file = cluster.path("broker-metrics.addr");
-        async move { std::fs::read_to_string(file).ok()?.trim().parse::<SocketAddr>().ok() }
-    })
-    .await;
+    let metrics = metrics_addr(&cluster.path("broker-metrics.addr")).await;
     let mut admin = cluster.admin().await;
     eventually("both agents connected", || {
         let mut admin = admin.clone();
@@ -106,7 +85,8 @@ async fn a_revoked_agent_is_cut_off_its_attempt_runs_elsewhere_and_it_cannot_rec
 
     // The revoked agent keeps trying and is refused at the handshake.
     eventually("a handshake refused as revoked", || async move {
-        (metric(metrics, "hybroker_tls_handshake_failures_total{reason=\"revoked\"}").await > 0.0).then_some(())
+        (metric(metrics, "hybroker_tls_handshake_failures_total{reason=\"revoked\"}").await.unwrap_or(0.0) > 0.0)
+            .then_some(())
     })
     .await;
     let agents = admin.list_agents(proto::ListAgentsRequest {}).await.unwrap().into_inner().agents;
