@@ -40,7 +40,7 @@ use crate::tls;
 use agents::Fleet;
 use driver::{Plan, Trouble};
 use process::{Broker, own_stats};
-use record::{Event, Events, Record, quantile};
+use record::{Event, Events, Record};
 use renew::RenewKit;
 use report::{Baseline, BrokerUsage, Kill, Latency, Report, Storm};
 use sites::SiteLayout;
@@ -285,13 +285,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
         completed,
         run_seconds,
         sustained_jobs_per_second,
-        latency_ms: Latency {
-            p50: quantile(&latencies, 0.5),
-            p99: quantile(&latencies, 0.99),
-            p999: quantile(&latencies, 0.999),
-            max: latencies.last().copied().unwrap_or(0.0),
-            samples: latencies.len(),
-        },
+        latency_ms: Latency::of(&latencies),
         broker: broker_usage,
         failed_submit_calls: driven.trouble.failed_calls.load(Ordering::Relaxed),
         refused_submits: driven.trouble.refused_jobs.load(Ordering::Relaxed),

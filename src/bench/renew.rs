@@ -11,7 +11,6 @@
 use std::time::{Duration, Instant};
 
 use super::Run;
-use super::record::quantile;
 use super::report::{Latency, RenewalReport};
 use super::setup::{RENEWED_LIFETIME, TRUST_DOMAIN, node_name};
 use crate::pki;
@@ -164,13 +163,7 @@ impl Run<'_> {
             unanswered,
             seconds,
             per_second: if seconds > 0.0 { signed as f64 / seconds } else { 0.0 },
-            latency_ms: Latency {
-                p50: quantile(&latencies, 0.5),
-                p99: quantile(&latencies, 0.99),
-                p999: quantile(&latencies, 0.999),
-                max: latencies.last().copied().unwrap_or(0.0),
-                samples: latencies.len(),
-            },
+            latency_ms: Latency::of(&latencies),
             broker_cpu_seconds: cpu,
             broker_avg_cores: if elapsed > 0.0 { cpu / elapsed } else { 0.0 },
             broker_cpu_ms_per_renewal: (storm && signed > 0).then(|| cpu * 1000.0 / signed as f64),

@@ -6,6 +6,8 @@ use std::path::Path;
 use anyhow::Context;
 use serde::Serialize;
 
+use super::record::quantile;
+
 /// Everything a run measured (the JSON document).
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -93,6 +95,19 @@ pub struct Latency {
     pub max: f64,
     /// How many jobs the figures cover.
     pub samples: usize,
+}
+
+impl Latency {
+    /// The figures of `sorted` (milliseconds, ascending).
+    pub fn of(sorted: &[f64]) -> Self {
+        Latency {
+            p50: quantile(sorted, 0.5),
+            p99: quantile(sorted, 0.99),
+            p999: quantile(sorted, 0.999),
+            max: sorted.last().copied().unwrap_or(0.0),
+            samples: sorted.len(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

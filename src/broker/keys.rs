@@ -60,7 +60,8 @@ pub fn generate(tenant: &str, now: UnixMillis) -> (KeyRecord, String) {
     (record, format!("{PREFIX}{key_id}_{secret}"))
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// `bytes` in lowercase hex.
+pub(super) fn hex(bytes: &[u8]) -> String {
     bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
         let _ = write!(s, "{b:02x}");
         s

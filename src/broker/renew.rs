@@ -6,7 +6,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -51,10 +51,6 @@ pub fn peer_cert<T>(req: &Request<T>) -> Option<PeerCert> {
     PeerCert::from_der(certs.first()?.as_ref()).ok()
 }
 
-fn now_ms() -> UnixMillis {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
 /// One stream's certificate: when it expires, and how to renew it.
 pub struct StreamCert {
     identity: Identity,
@@ -82,7 +78,7 @@ impl StreamCert {
     pub async fn expired(&self) {
         match self.cert.as_ref().map(|c| c.not_after) {
             Some(at) => {
-                let left = Duration::from_millis(at.saturating_sub(now_ms()).max(0) as u64);
+                let left = Duration::from_millis(at.saturating_sub(super::core::now_ms()).max(0) as u64);
                 tokio::time::sleep_until(Instant::now() + left).await;
             }
             None => std::future::pending().await,

@@ -210,8 +210,7 @@ fn generate(
     let mut secret = [0u8; 16];
     rng.fill(&mut id).expect("the system random source works");
     rng.fill(&mut secret).expect("the system random source works");
-    let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
-    let (token_id, secret) = (hex(&id), hex(&secret));
+    let (token_id, secret) = (super::keys::hex(&id), super::keys::hex(&secret));
     let record = JoinTokenRecord {
         token_id: token_id.clone(),
         secret_sha256: super::keys::sha256_hex(secret.as_bytes()),
