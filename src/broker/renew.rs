@@ -205,3 +205,60 @@ where
         Pin::new(&mut self.messages).poll_next(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::RevocationRecord;
+
+    const TD: &str = "t.example";
+
+    /// A stream of agent `lab/n1` whose certificate was issued at `issued_at`, and its outbox
+    /// (the sender, which the stream holds only weakly, as the driver does, and the receiver).
+    type Outbox = (mpsc::Sender<AgentMessage>, mpsc::Receiver<AgentMessage>);
+
+    fn stream(revoked: Vec<RevocationRecord>, issued_at: UnixMillis) -> (StreamCert, Outbox) {
+        let ca = Arc::new(Ca::generate(TD).unwrap());
+        let renewal = Renewal::new(ca, "no-bundle.pem".into(), Duration::from_secs(3600), Revocations::new(revoked));
+        let identity = Identity::agent(TD, "lab", "n1");
+        let cert = PeerCert { identity_uri: identity.uri(), serial_hex: "a1".into(), issued_at, not_after: i64::MAX };
+        let (tx, rx) = mpsc::channel(8);
+        (StreamCert::new(identity, Some(cert), Some(Arc::new(renewal)), tx.clone()), (tx, rx))
+    }
+
+    fn answer(rx: &mut mpsc::Receiver<AgentMessage>) -> RenewedCert {
+        match rx.try_recv().unwrap() {
+            AgentMessage::Renewed(renewed) => renewed,
+            other => panic!("not a renewal answer: {other:?}"),
+        }
+    }
+
+    fn csr() -> Vec<u8> {
+        crate::pki::agent_csr(TD, "lab", "n1").unwrap().1
+    }
+
+    #[test]
+    fn a_stream_gets_one_certificate_per_quarter_lifetime() {
+        let (mut stream, (_tx, mut rx)) = stream(vec![], super::super::core::now_ms());
+        assert!(stream.renew(&csr()).is_some());
+        assert!(answer(&mut rx).error.is_empty());
+        assert_eq!(stream.renew(&csr()), None, "a second renewal at once");
+        let refused = answer(&mut rx);
+        assert!(refused.cert_chain_pem.is_empty() && refused.error.contains("renewed less than"), "{refused:?}");
+    }
+
+    #[test]
+    fn a_revoked_identity_is_not_renewed_and_its_stream_says_so() {
+        let record = RevocationRecord {
+            identity: Identity::agent(TD, "lab", "n1").uri(),
+            serial: String::new(),
+            reason: "stolen".into(),
+            revoked_by: "spiffe://t.example/admin/ops".into(),
+            revoked_at: 2_000,
+        };
+        let (mut stream, (_tx, mut rx)) = stream(vec![record], 1_000);
+        assert!(stream.revoked().is_some_and(|why| why.contains("stolen")));
+        assert_eq!(stream.renew(&csr()), None);
+        assert!(answer(&mut rx).error.contains("revoked"));
+    }
+}
