@@ -16,6 +16,8 @@
 //! - [`storage`]: object stores for job data (S3, Azure Blob, the embedded local store) and presigning.
 //! - [`pricing`]: price feeds (Azure Retail Prices, AWS Price List and spot, snapshot file) and the
 //!   price book that refreshes, merges and persists them. [`error`]: API errors and their codes.
+//! - [`capacity`]: cloud capacity providers (EC2, Azure VMs, local agent processes) behind one
+//!   trait, and the user data that makes a launched instance enrol.
 //! - [`config`]: the TOML configuration by role (`broker` with `tenants`, `storage`, `placement`;
 //!   `gateway`; `agent`), environment overrides and `validate()`. [`proto`]: generated gRPC.
 //! - [`broker`]: the control plane: the core (`broker::core`: a state machine, commands in,
@@ -32,6 +34,7 @@
 pub mod agent;
 pub mod bench;
 pub mod broker;
+pub mod capacity;
 pub mod cli;
 pub mod config;
 pub mod error;

@@ -84,7 +84,8 @@ impl SiteLayout {
             writeln!(config, "[[site]]\nname = \"{}\"\nkind = \"{}\"", site.name, site.kind.as_str())?;
             writeln!(config, "region = \"{}\"\nresidency = \"{}\"", site.region, site.residency)?;
             let types: Vec<&str> = site.instance_types.iter().map(String::as_str).collect();
-            writeln!(config, "instance_types = {}\nspot = {}\nelastic = true\n", toml_list(&types), site.spot)?;
+            writeln!(config, "instance_types = {}\nspot = {}", toml_list(&types), site.spot)?;
+            writeln!(config, "[site.capacity]\nprovider = \"local\"\n")?;
         }
         let snapshot = toml::Value::String(snapshot.to_string_lossy().into_owned());
         writeln!(config, "[prices]\nsnapshot = {snapshot}\n")?;

@@ -81,7 +81,12 @@ kind = "aws"
 region = "us-east-1"
 residency = "us"
 instance_types = ["g6.xlarge", "g5.xlarge", "p4de.24xlarge", "p5.48xlarge"]
-elastic = true
+
+[site.capacity]
+provider = "local"
+max_instances = 2
+boot_timeout = "30s"
+idle_timeout = "3s"
 
 [[site]]
 name = "azure-westeurope"
@@ -89,7 +94,12 @@ kind = "azure"
 region = "westeurope"
 residency = "eu"
 instance_types = ["Standard_NC24ads_A100_v4", "Standard_ND96isr_H100_v5"]
-elastic = true
+
+[site.capacity]
+provider = "local"
+max_instances = 2
+boot_timeout = "30s"
+idle_timeout = "3s"
 "#;
 
 /// Sites, residency groups and prices, as a broker config's `[[site]]`, `[[residency]]` and `[prices]`.
@@ -207,6 +217,8 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
                 memory_mib: 32 * 1024,
                 labels: Default::default(),
                 join_token_file: None,
+                cloud: None,
+                metadata_url: None,
             },
             tls: issue(Role::Agent, node, Some(site))?,
             reconnect: ReconnectSection::default(),

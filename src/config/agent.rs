@@ -117,6 +117,21 @@ pub struct AgentSection {
     /// `--join-file` sets it too; the token itself is never on the command line.
     #[serde(default)]
     pub join_token_file: Option<PathBuf>,
+    /// `aws` or `azure` on a launched cloud instance: the agent names its node after the instance
+    /// id from the instance metadata service and watches it for spot interruption notices.
+    #[serde(default)]
+    pub cloud: Option<CloudKind>,
+    /// The instance metadata service; default `http://169.254.169.254` (tests serve one on loopback).
+    #[serde(default)]
+    pub metadata_url: Option<String>,
+}
+
+/// `agent.cloud`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CloudKind {
+    Aws,
+    Azure,
 }
 
 /// `[sandbox]`: the per-attempt sandbox (namespaces, a per-attempt UID, a cgroup, a device gate).

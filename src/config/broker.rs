@@ -93,6 +93,20 @@ pub struct BrokerSection {
     /// How long an agent certificate signed here is valid; agents renew at 70-90 % of it.
     #[serde(default = "default_agent_cert_lifetime")]
     pub agent_cert_lifetime: HumanDuration,
+    /// The value of the `hybroker-broker` tag on the instances this broker launches; brokers sharing
+    /// a cloud account need different names.
+    #[serde(default = "default_broker_name")]
+    pub name: String,
+    /// The gRPC address launched instances dial (`https://host:port`); default: `listen` as bound.
+    #[serde(default)]
+    pub advertise_url: Option<String>,
+    /// The enrol address launched instances use; default: `enroll_listen` as bound.
+    #[serde(default)]
+    pub advertise_enroll_url: Option<String>,
+}
+
+fn default_broker_name() -> String {
+    "hybroker".into()
 }
 
 fn default_agent_cert_lifetime() -> HumanDuration {
@@ -127,6 +141,9 @@ impl BrokerSection {
             enroll_listen: None,
             ca_dir: None,
             agent_cert_lifetime: default_agent_cert_lifetime(),
+            name: default_broker_name(),
+            advertise_url: None,
+            advertise_enroll_url: None,
         }
     }
 

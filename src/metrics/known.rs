@@ -15,7 +15,7 @@ const DIRECTIONS: [&str; 2] = ["in", "out"];
 /// jobs that finish before placement.
 pub fn declare_broker_series(registry: &Registry, sites: &[Site], tenants: &[&str]) {
     for site in sites {
-        let elastic = if site.elastic { "true" } else { "false" };
+        let elastic = if site.elastic() { "true" } else { "false" };
         registry.set("hybroker_site_info", &[&site.name, site.kind.as_str(), elastic], 1.0);
     }
     let sites: Vec<&str> = sites.iter().map(|s| s.name.as_str()).collect();

@@ -1,6 +1,7 @@
 //! Domain types and ids. Pure: no I/O, no tonic, prost, sqlx or cloud SDK (README invariant 1).
 
 pub mod agent;
+pub mod capacity;
 pub mod data;
 pub mod duration;
 pub mod gpu;

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::capacity::CapacityConfig;
 use super::gpu::is_known_model;
 use super::price::Cloud;
 use super::price::Cloud::{Aws, Azure};
@@ -80,12 +81,18 @@ pub struct Site {
     /// Cloud: whether spot capacity may be used here.
     #[serde(default)]
     pub spot: bool,
-    /// Cloud: whether the site may be scaled up, so it takes work before an agent exists.
-    #[serde(default)]
-    pub elastic: bool,
+    /// Cloud: the capacity provider that launches the site's instances (`[site.capacity]`). A site
+    /// with one is elastic: it takes work before an agent exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<CapacityConfig>,
 }
 
 impl Site {
+    /// Whether placement may choose the site before an agent exists (it has a capacity provider).
+    pub fn elastic(&self) -> bool {
+        self.capacity.is_some()
+    }
+
     /// Every problem with the site, as `field: message`; empty when it is valid.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
@@ -126,8 +133,8 @@ impl Site {
         if !(self.uplink_usd_per_gb.is_finite() && self.uplink_usd_per_gb >= 0.0) {
             p.push("uplink_usd_per_gb: must be 0 or more".to_owned());
         }
-        if !self.instance_types.is_empty() || self.spot || self.elastic {
-            p.push("instance_types, spot and elastic are for cloud sites".to_owned());
+        if !self.instance_types.is_empty() || self.spot || self.capacity.is_some() {
+            p.push("instance_types, spot and capacity are for cloud sites".to_owned());
         }
     }
 
@@ -152,6 +159,9 @@ impl Site {
                 }
                 Some(_) => {}
             }
+        }
+        if let Some(capacity) = &self.capacity {
+            p.extend(capacity.problems(cloud.as_str()).into_iter().map(|m| format!("capacity.{m}")));
         }
     }
 
@@ -317,7 +327,7 @@ mod tests {
             uplink_usd_per_gb: 0.01,
             instance_types: Vec::new(),
             spot: false,
-            elastic: false,
+            capacity: None,
         }
     }
 
@@ -338,10 +348,10 @@ mod tests {
     fn sites_parse_from_toml_with_defaults() {
         let site: Site = toml::from_str(
             "name = \"aws-use1\"\nkind = \"aws\"\nregion = \"us-east-1\"\nresidency = \"us\"\n\
-             instance_types = [\"p5.48xlarge\", \"g6.xlarge\"]\nelastic = true\n",
+             instance_types = [\"p5.48xlarge\", \"g6.xlarge\"]\n[capacity]\nprovider = \"local\"\n",
         )
         .unwrap();
-        assert_eq!((site.kind, site.spot, site.elastic, site.uplink_usd_per_gb), (SiteKind::Aws, false, true, 0.0));
+        assert_eq!((site.kind, site.spot, site.elastic(), site.uplink_usd_per_gb), (SiteKind::Aws, false, true, 0.0));
         assert_eq!(site.problems(), Vec::<String>::new());
         assert!(toml::from_str::<Site>("name = \"x\"\nkind = \"aws\"\nregion = \"r\"\nprice = 1\n").is_err());
     }

@@ -225,7 +225,7 @@ fn site_offer(job: &PlacementJob, world: &World, si: usize, plan: &Plan) -> Resu
         return Err(Rejection::new(RejectionKind::Residency, why));
     }
     let hours = job.hours();
-    let needs_capacity = site.kind == SiteKind::Onprem || !site.elastic;
+    let needs_capacity = site.kind == SiteKind::Onprem || !site.elastic();
     let (wait, now) = if needs_capacity { capacity_wait(job, &state.capacity)? } else { (Some(Duration::ZERO), true) };
     let mut offer = match site.kind.cloud() {
         Some(_) => cloud_compute(job, world, si)?,

@@ -7,6 +7,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::*;
+use crate::model::capacity::{CapacityConfig, ProviderKind};
 use crate::model::price::{Cloud, ComputePrice, Destination, EgressPrice, PriceSnapshot, Provenance, StoragePrice};
 use crate::model::site::{Site, StorageLocation, instance_type};
 use crate::placement::request::{OutputDest, PlacementInput, PlacementOutput, PlacementPolicy};
@@ -88,7 +89,7 @@ fn random_site(rng: &mut fastrand::Rng, name: String) -> SiteState {
         uplink_usd_per_gb: 0.0,
         instance_types: Vec::new(),
         spot: rng.bool(),
-        elastic: rng.f64() < 0.8,
+        capacity: (rng.f64() < 0.8).then(|| CapacityConfig::new(ProviderKind::Local)),
     };
     if kind == SiteKind::Onprem {
         site.gpu_hour_usd = maybe(rng, 0.9, |r| 0.5 + 4.0 * r.f64());
@@ -97,7 +98,7 @@ fn random_site(rng: &mut fastrand::Rng, name: String) -> SiteState {
         }
         site.cpu_hour_usd = if rng.bool() { 0.0 } else { 0.02 * rng.f64() };
         site.uplink_usd_per_gb = 0.05 * rng.f64();
-        (site.spot, site.elastic) = (false, false);
+        (site.spot, site.capacity) = (false, None);
     } else {
         for t in TYPES {
             if instance_type(t).is_some_and(|ty| Some(ty.cloud) == kind.cloud()) && rng.f64() < 0.6 {
@@ -293,7 +294,7 @@ fn evaluate(case: &Case, st: &SiteState, outs: &[usize]) -> Option<(f64, bool)> 
         g >= job.gpus && sh.cpus >= job.cpus && sh.memory_mib >= u64::from(job.memory_gib) * 1024
     };
     let cap = &st.capacity;
-    let (wait, now) = if site.kind == SiteKind::Onprem || !site.elastic {
+    let (wait, now) = if site.kind == SiteKind::Onprem || !site.elastic() {
         if cap.free.iter().any(|s| fits(&s)) {
             (0, true)
         } else if cap.total.iter().any(|s| fits(&s)) {

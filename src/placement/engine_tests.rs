@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::*;
+use crate::model::capacity::{CapacityConfig, ProviderKind};
 use crate::model::price::{Cloud, ComputePrice, Destination, EgressPrice, PriceSnapshot, Provenance, StoragePrice};
 use crate::model::site::{Site, StorageLocation};
 use crate::placement::request::{OutputDest, PlacementInput, PlacementOutput, PlacementPolicy};
@@ -41,7 +42,7 @@ pub(super) fn onprem(name: &str, region: &str, residency: &str, gpu_hour: f64) -
         uplink_usd_per_gb: 0.01,
         instance_types: Vec::new(),
         spot: false,
-        elastic: false,
+        capacity: None,
     }
 }
 
@@ -51,7 +52,7 @@ pub(super) fn cloud(name: &str, kind: SiteKind, region: &str, residency: &str, t
         gpu_hour_usd: None,
         uplink_usd_per_gb: 0.0,
         instance_types: types.iter().map(|t| (*t).to_owned()).collect(),
-        elastic: true,
+        capacity: Some(CapacityConfig::new(ProviderKind::Local)),
         ..onprem(name, region, residency, 0.0)
     }
 }

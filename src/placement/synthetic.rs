@@ -11,6 +11,7 @@ use super::engine::place;
 use super::request::{OutputDest, PlacementInput, PlacementJob, PlacementOutput, PlacementPolicy};
 use super::world::{SiteCapacity, SiteState, World};
 use crate::model::UnixMillis;
+use crate::model::capacity::{CapacityConfig, ProviderKind};
 use crate::model::job::Spot;
 use crate::model::price::{
     Cloud, ComputePrice, Destination, EgressPrice, Market, PriceSnapshot, Provenance, StoragePrice,
@@ -71,7 +72,7 @@ pub fn bench_world(cloud_sites: usize, agents: usize, seed: u64) -> (World, Vec<
             uplink_usd_per_gb: 0.01,
             instance_types: Vec::new(),
             spot: false,
-            elastic: false,
+            capacity: None,
         };
         sites.push(SiteState { site, capacity: SiteCapacity::from_agents(&free, &total, Some(wait)) });
     }
@@ -148,7 +149,7 @@ pub fn synthetic_cloud_site(rng: &mut fastrand::Rng, i: usize) -> Site {
         uplink_usd_per_gb: 0.0,
         instance_types: types,
         spot: i.is_multiple_of(2),
-        elastic: true,
+        capacity: Some(CapacityConfig::new(ProviderKind::Local)),
     }
 }
 

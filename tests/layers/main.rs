@@ -26,7 +26,7 @@ const LAYERS: &[&[&str]] = &[
     &["placement", "private_files", "telemetry"],
     &["metrics", "pki", "store"],
     &["tls"],
-    &["storage", "pricing", "error"],
+    &["storage", "pricing", "error", "capacity"],
     &["config", "proto"],
     &["broker", "agent", "gateway"],
     &["bench", "cli"],
