@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
-use super::core::{Cmd, TokenCmd};
+use super::core::{CapacityCmd, Cmd, SiteView, TokenCmd};
 use super::keys::{KeyRing, KeyView};
 use super::revocations::RevocationAdmin;
 use crate::config::TenantConfig;
@@ -197,6 +197,58 @@ impl proto::admin_service_server::AdminService for AdminService {
             })
             .collect();
         Ok(Response::new(proto::ListAdminEventsResponse { events }))
+    }
+
+    async fn list_sites(
+        &self,
+        req: Request<proto::ListSitesRequest>,
+    ) -> Result<Response<proto::ListSitesResponse>, Status> {
+        tls::require_role(&req, &[Role::Admin, Role::Gateway])?;
+        let wanted = req.into_inner().site;
+        let (tx, rx) = oneshot::channel();
+        self.core.send(Cmd::Capacity(CapacityCmd::Sites { reply: tx })).await.map_err(|_| unavailable())?;
+        let views = rx.await.map_err(|_| unavailable())?;
+        if !wanted.is_empty() && !views.iter().any(|v| v.site == wanted) {
+            return Err(Status::not_found(format!("site {wanted} has no capacity provider (or does not exist)")));
+        }
+        let sites = views.into_iter().filter(|v| wanted.is_empty() || v.site == wanted).map(site_info).collect();
+        Ok(Response::new(proto::ListSitesResponse { sites }))
+    }
+}
+
+fn site_info(v: SiteView) -> proto::SiteCapacityInfo {
+    proto::SiteCapacityInfo {
+        site: v.site,
+        provider: v.provider,
+        instances: v
+            .instances
+            .into_iter()
+            .map(|i| proto::InstanceInfo {
+                launch_id: i.launch_id,
+                instance_id: i.instance_id,
+                state: i.state,
+                instance_type: i.instance_type,
+                market: i.market,
+                usd_per_hour: i.usd_per_hour,
+                age_s: i.age_s,
+                idle_s: i.idle_s,
+                agent: i.agent,
+                reason: i.reason,
+            })
+            .collect(),
+        pending_launches: v.pending_launches,
+        spend_usd: v.spend_usd,
+        idle_usd: v.idle_usd,
+        unavailable: v
+            .unavailable
+            .into_iter()
+            .map(|(instance_type, market, reason, since_ms)| proto::UnavailablePool {
+                instance_type,
+                market,
+                reason,
+                since_ms,
+            })
+            .collect(),
     }
 }
 

@@ -87,7 +87,7 @@ impl proto::agent_service_server::AgentService for AgentService {
         }
         let reported = reg.inventory.as_ref().map(|i| i.isolation.clone()).unwrap_or_default();
         let inventory = Inventory::from(reg.inventory.unwrap_or_default());
-        if inventory.isolation == Isolation::None && !self.dedicated.contains_key(&agent) {
+        if inventory.isolation == Isolation::None && crate::config::dedicated_to(&self.dedicated, &agent).is_none() {
             tracing::warn!(agent, isolation = reported, "refused an agent without isolation: it is not dedicated");
             let runs = if reported.is_empty() {
                 "reports no isolation (an agent older than the field), so it counts as isolation \"none\"".to_string()

@@ -145,7 +145,9 @@ impl proto::enroll_service_server::EnrollService for EnrollService {
         let scope = self.ask(|reply| TokenCmd::Check { token: token.clone(), reply }).await?;
         let scope = scope.map_err(|why| {
             tracing::warn!(%source, token_id, reason = why.label(), "enrolment refused");
-            refused(why.label(), Status::permission_denied(why.message(&token_id)))
+            // A launched instance early for its launch's answer tries again.
+            let status = if why == Refusal::Unbound { Status::unavailable } else { Status::permission_denied };
+            refused(why.label(), status(why.message(&token_id)))
         })?;
         // Charged only with the right secret: token ids are listed and logged, and a stranger
         // guessing secrets must not use up a real token's rate.

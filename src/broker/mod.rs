@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod agents;
+pub mod capacity;
 pub mod core;
 pub mod data;
 pub mod enroll;
@@ -121,7 +122,9 @@ pub async fn run_with(
         own: tls::PeerCert::from_pem_file(&config.tls.cert).context("broker certificate")?,
     });
     let site_names = config.sites.iter().map(|s| s.name.clone()).collect();
-    let admin_service = admin_service.with_revocation(revocation).with_sites(site_names);
+    let admin_service = admin_service.with_revocation(revocation.clone()).with_sites(site_names);
+    let providers = capacity::providers(&config).await?;
+    let enroll_addr = enroll_listener.as_ref().map(TcpListener::local_addr).transpose()?;
     let issuing_ca = match &config.broker.ca_dir {
         Some(dir) => Some(Arc::new(crate::pki::Ca::load(dir).context("broker.ca_dir")?)),
         None => None,
@@ -161,6 +164,23 @@ pub async fn run_with(
         agent_service = agent_service.with_renewal(ca, config.tls.ca_cert.clone(), lifetime, revoked.clone());
     }
     let addr = listener.local_addr()?;
+    let capacity_task = match (providers.is_empty(), enroll_addr) {
+        (true, _) => None,
+        (false, None) => anyhow::bail!(
+            "sites with [site.capacity] need broker.enroll_listen and broker.ca_dir: launched instances enrol there"
+        ),
+        (false, Some(enroll_addr)) => {
+            let joining = capacity::Joining {
+                trust_domain: trust_domain.clone(),
+                enroll_url: config.broker.advertise_enroll_url.clone().unwrap_or(format!("https://{enroll_addr}")),
+                broker_url: config.broker.advertise_url.clone().unwrap_or(format!("https://{addr}")),
+                server_name: config.broker.advertise_server_name.clone(),
+                ca_bundle: config.tls.ca_cert.clone(),
+            };
+            let controller = capacity::Controller::new(&config, core_tx.clone(), providers, joining, revocation);
+            Some(AbortOnDrop(tokio::spawn(controller.run())))
+        }
+    };
     tracing::info!(%addr, trust_domain, "broker listening");
     let (stop_accepting, stop_accepting_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
@@ -194,6 +214,7 @@ pub async fn run_with(
     let _ = stop_accepting.send(());
     // The enrol listener stops too: its service holds a core sender the drain waits for.
     drop(enroll_task);
+    drop(capacity_task);
     let _ = stopping.send(true);
     tracing::info!(elapsed = ?started.elapsed(), "broker stopped accepting");
     let (told_tx, told_rx) = tokio::sync::oneshot::channel();

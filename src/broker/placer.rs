@@ -18,7 +18,7 @@ use crate::model::site::{Site, SiteKind, StorageLocation};
 use crate::placement::bind::FreeCapacity;
 use crate::placement::engine::{self, Decision};
 use crate::placement::request::{PlacementJob, PlacementPolicy};
-use crate::placement::world::{SiteCapacity, SiteState, World};
+use crate::placement::world::{SiteCapacity, SiteState, Unavailable, World};
 
 /// The current prices; the price book replaces them in the background.
 pub type Prices = watch::Receiver<Arc<PriceSnapshot>>;
@@ -96,6 +96,15 @@ impl Placer {
         self.sites.iter().any(|s| s.name == site)
     }
 
+    /// The configured site of that name.
+    pub fn site(&self, name: &str) -> Option<&Site> {
+        self.sites.iter().find(|s| s.name == name)
+    }
+
+    pub fn sites(&self) -> &[Site] {
+        &self.sites
+    }
+
     /// The tenant's monthly budget, if it has one.
     pub fn budget(&self, tenant: &str) -> Option<f64> {
         self.budgets.get(tenant).copied()
@@ -118,15 +127,24 @@ impl Placer {
         Ok(PlacementJob::from_spec(spec, data.unwrap_or(&empty), policy, budget_left))
     }
 
-    /// Sites with their capacity (from the agents' free and total resources per site), locations
-    /// and the current prices.
-    pub fn world(&self, capacity: &HashMap<&str, (Vec<FreeCapacity>, Vec<FreeCapacity>)>, now: UnixMillis) -> World {
+    /// Sites with their capacity (from the agents' free and total resources per site, and the
+    /// instance pools a provider cannot launch now), locations and the current prices.
+    pub fn world(
+        &self,
+        capacity: &HashMap<&str, (Vec<FreeCapacity>, Vec<FreeCapacity>)>,
+        unavailable: impl Fn(&str) -> Vec<Unavailable>,
+        now: UnixMillis,
+    ) -> World {
         let sites = self
             .sites
             .iter()
             .map(|site| {
                 let (free, total) = capacity.get(site.name.as_str()).map(|(f, t)| (&f[..], &t[..])).unwrap_or_default();
-                SiteState { site: site.clone(), capacity: SiteCapacity::from_agents(free, total, None) }
+                let mut capacity = SiteCapacity::from_agents(free, total, None);
+                if site.elastic() {
+                    capacity.unavailable = unavailable(&site.name);
+                }
+                SiteState { site: site.clone(), capacity }
             })
             .collect();
         let prices = self.prices.borrow().clone();

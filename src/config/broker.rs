@@ -103,6 +103,10 @@ pub struct BrokerSection {
     /// The enrol address launched instances use; default: `enroll_listen` as bound.
     #[serde(default)]
     pub advertise_enroll_url: Option<String>,
+    /// The name launched instances verify in the broker's certificate, when it is not the
+    /// advertised URLs' host.
+    #[serde(default)]
+    pub advertise_server_name: Option<String>,
 }
 
 fn default_broker_name() -> String {
@@ -144,6 +148,7 @@ impl BrokerSection {
             name: default_broker_name(),
             advertise_url: None,
             advertise_enroll_url: None,
+            advertise_server_name: None,
         }
     }
 
@@ -274,6 +279,15 @@ impl BrokerConfig {
         }
         self.telemetry.check(&mut problems);
         self.broker.check_handshake_limits(&mut problems);
+        if self.sites.iter().any(|s| s.capacity.is_some())
+            && (self.broker.enroll_listen.is_none() || self.broker.ca_dir.is_none())
+        {
+            problems.push(
+                "site.capacity: sites with a capacity provider need broker.enroll_listen and broker.ca_dir (launched \
+                 instances enrol with a join token)"
+                    .into(),
+            );
+        }
         if self.broker.enroll_listen.is_some() && self.broker.ca_dir.is_none() {
             problems.push(
                 "broker.enroll_listen needs broker.ca_dir (the issuing CA that signs agents' certificates)".into(),

@@ -26,7 +26,7 @@ pub use broker::{BrokerConfig, BrokerSection, LeaseSection, LimitSection, Secret
 pub use gateway::{BrokerTarget, GatewayConfig, GatewaySection};
 pub use placement::{PlacementSection, PricesSection};
 pub use storage::{StagingSection, StorageCloud, StorageConfig};
-pub use tenants::{DedicatedAgent, TenantConfig};
+pub use tenants::{DedicatedAgent, TenantConfig, dedicated_to};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

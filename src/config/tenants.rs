@@ -92,15 +92,21 @@ impl TenantConfig {
 }
 
 /// Problems of the `[[dedicated]]` nodes: each names a node once, and a declared tenant.
+/// The tenant an agent (`site/node`) is dedicated to: its own `[[dedicated]]` entry, else its
+/// site's `site/*` entry (every node of the site, e.g. the instances a provider launches).
+pub fn dedicated_to<'a>(dedicated: &'a std::collections::HashMap<String, String>, agent: &str) -> Option<&'a String> {
+    dedicated.get(agent).or_else(|| dedicated.get(&format!("{}/*", agent.split_once('/')?.0)))
+}
+
 pub(super) fn dedicated_problems(dedicated: &[DedicatedAgent], tenants: &[TenantConfig], problems: &mut Vec<String>) {
     let mut agents = std::collections::HashSet::new();
     for (i, d) in dedicated.iter().enumerate() {
         let valid = d.agent.split_once('/').is_some_and(|(site, node)| {
             crate::model::identity::validate_name("site", site).is_ok()
-                && crate::model::identity::validate_name("node", node).is_ok()
+                && (node == "*" || crate::model::identity::validate_name("node", node).is_ok())
         });
         if !valid {
-            problems.push(format!("dedicated[{i}].agent: {:?} is not <site>/<node>", d.agent));
+            problems.push(format!("dedicated[{i}].agent: {:?} is not <site>/<node> or <site>/*", d.agent));
         }
         if d.tenant != "default" && !tenants.iter().any(|t| t.name == d.tenant) {
             problems.push(format!("dedicated[{i}].tenant: {:?} is not a declared [[tenant]]", d.tenant));

@@ -23,6 +23,9 @@ pub const NAMES: &[&str] = &[
     "hybroker_cert_expiry_timestamp_seconds",
     "hybroker_enrollments_total",
     "hybroker_cert_renewals_total",
+    "hybroker_capacity_launches_total",
+    "hybroker_capacity_instances",
+    "hybroker_capacity_usd_total",
     "hybroker_staging_bytes_total",
     "hybroker_staging_duration_seconds",
     "hybroker_gateway_requests_total",
@@ -150,6 +153,27 @@ pub static FAMILIES: &[Family] = &[
         "Agent enrolments with a join token by result: ok, unknown, expired, used_up, revoked, wrong_site \
          (the CSR names another site or node than the token allows), bad_csr, rate_limited.",
         &["result"],
+    ),
+    family(
+        "hybroker_capacity_launches_total",
+        Counter,
+        "Capacity provider launches by site and result: requested, launched (the cloud answered with an \
+         instance), enrolled (its agent joined), boot_timeout, terminated, or the error class of a failed \
+         call (capacity, quota, invalid, throttled, transient).",
+        &["site", "result"],
+    ),
+    family(
+        "hybroker_capacity_instances",
+        Gauge,
+        "Instances of each elastic site by state: requested, booting, enrolled, retiring.",
+        &["site", "state"],
+    ),
+    family(
+        "hybroker_capacity_usd_total",
+        Gauge,
+        "Instance-hours × $/h this month per elastic site: part used (time running attempts, charged to \
+         tenants) and idle (charged to the site).",
+        &["site", "part"],
     ),
     family(
         "hybroker_cert_renewals_total",

@@ -202,14 +202,15 @@ pub struct LocalLaunch {
     /// beside the store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dir: Option<PathBuf>,
-    /// `sandbox.isolation` of the agents: `none` (the default; the site's instances must then be
-    /// trusted like dedicated nodes) or `auto` (the full sandbox, as root).
+    /// `sandbox.isolation` of the agents: `auto` (the default: the full sandbox as root, else
+    /// unprivileged user namespaces) or `none` (then the site must be dedicated to one tenant:
+    /// `[[dedicated]] agent = "<site>/*"`).
     #[serde(default = "default_local_isolation")]
     pub isolation: String,
 }
 
 fn default_local_isolation() -> String {
-    "none".into()
+    "auto".into()
 }
 
 impl CapacityConfig {

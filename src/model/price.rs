@@ -30,6 +30,21 @@ pub enum Market {
     Spot,
 }
 
+impl Market {
+    /// `on-demand` or `spot`, as people (and the capacity tables) write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Market::OnDemand => "on-demand",
+            Market::Spot => "spot",
+        }
+    }
+
+    /// The inverse of [`Market::as_str`].
+    pub fn parse(text: &str) -> Option<Market> {
+        [Market::OnDemand, Market::Spot].into_iter().find(|m| m.as_str() == text)
+    }
+}
+
 /// Where a price came from and when it was fetched.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Provenance {

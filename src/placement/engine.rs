@@ -30,7 +30,7 @@ use std::time::Duration;
 pub use super::decision::{Candidate, Chosen, CostBreakdown, Decision, Offer, Verdict};
 pub use super::rejection::{Rejection, RejectionKind};
 use super::request::{OutputDest, PlacementJob};
-use super::world::{NodeShape, SiteCapacity, World};
+use super::world::{NodeShape, SiteCapacity, Unavailable, World};
 use crate::model::job::Spot;
 use crate::model::price::Market;
 use crate::model::site::SiteKind;
@@ -342,6 +342,9 @@ fn no_fit<'a>(job: &PlacementJob, what: &str, mut models: impl Iterator<Item = &
 fn cloud_compute(job: &PlacementJob, world: &World, si: usize) -> Result<Offer, Rejection> {
     let site = &world.sites[si].site;
     let spot_ok = site.spot && job.policy.spot == Spot::Allowed;
+    let unavailable = &world.sites[si].capacity.unavailable;
+    let gone = |name: &str, market| unavailable.iter().find(|u| u.instance_type == name && u.market == market);
+    let mut left_out: Option<&Unavailable> = None;
     let mut best: Option<(f64, &str, Market, Option<&str>)> = None;
     let mut unpriced: Option<&str> = None;
     let mut spot_only: Option<&str> = None;
@@ -354,7 +357,18 @@ fn cloud_compute(job: &PlacementJob, world: &World, si: usize) -> Result<Offer, 
         }
         any_fit = true;
         let spot = offer.spot.filter(|_| spot_ok);
-        let price = match (offer.on_demand, spot) {
+        let (on_demand, spot) = (
+            offer.on_demand.filter(|_| gone(t.name, Market::OnDemand).is_none()),
+            spot.filter(|_| gone(t.name, Market::Spot).is_none()),
+        );
+        if on_demand.is_none() && spot.is_none() {
+            let priced = [(offer.on_demand, Market::OnDemand), (offer.spot.filter(|_| spot_ok), Market::Spot)];
+            if let Some(u) = priced.iter().find_map(|(p, m)| p.and_then(|_| gone(t.name, *m))) {
+                left_out = left_out.or(Some(u));
+                continue;
+            }
+        }
+        let price = match (on_demand, spot) {
             (Some(d), Some(s)) if s < d => Some((s, Market::Spot)),
             (Some(d), _) => Some((d, Market::OnDemand)),
             (None, Some(s)) => Some((s, Market::Spot)),
@@ -375,6 +389,17 @@ fn cloud_compute(job: &PlacementJob, world: &World, si: usize) -> Result<Offer, 
         return Err(no_fit(job, "instance type", models));
     }
     let Some((price, name, market, model)) = best else {
+        if let Some(u) = left_out {
+            let age = Duration::from_millis(u64::try_from(world.now.saturating_sub(u.since)).unwrap_or(0));
+            let why = format!(
+                "unavailable: {} {} since {} ago: {}",
+                u.instance_type,
+                u.market.as_str(),
+                dur(Duration::from_secs(age.as_secs())),
+                u.reason
+            );
+            return Err(Rejection::new(RejectionKind::Capacity, why));
+        }
         if let Some(name) = spot_only {
             let who = if site.spot { "policy" } else { "site" };
             let why = format!("spot: only a spot price for {name} in {}, and the {who} says no spot", site.region);

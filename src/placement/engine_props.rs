@@ -73,7 +73,7 @@ fn random_capacity(rng: &mut fastrand::Rng) -> SiteCapacity {
         }
     }
     let queue_wait = maybe(rng, 0.7, |r| Duration::from_secs(r.u64(0..5 * 3600)));
-    SiteCapacity { free, total, queue_wait }
+    SiteCapacity { free, total, queue_wait, unavailable: Vec::new() }
 }
 
 fn random_site(rng: &mut fastrand::Rng, name: String) -> SiteState {

@@ -64,7 +64,12 @@ pub(super) fn shape(model: &str, gpus: u32, cpus: u32, gib: u64) -> NodeShape {
 
 /// An on-prem capacity: `free` GPUs of `model` free now out of 8 on one node; `wait` when busy.
 pub(super) fn lab(model: &str, free: u32, wait: Option<Duration>) -> SiteCapacity {
-    SiteCapacity { free: vec![shape(model, free, 64, 512)], total: vec![shape(model, 8, 64, 512)], queue_wait: wait }
+    SiteCapacity {
+        free: vec![shape(model, free, 64, 512)],
+        total: vec![shape(model, 8, 64, 512)],
+        queue_wait: wait,
+        unavailable: Vec::new(),
+    }
 }
 
 pub(super) fn elastic(site: Site) -> SiteState {

@@ -11,5 +11,6 @@ pub mod decision;
 pub mod engine;
 pub mod rejection;
 pub mod request;
+pub mod scale;
 pub mod synthetic;
 pub mod world;

@@ -61,6 +61,20 @@ pub struct SiteCapacity {
     /// Estimated wait before a job that fits some node's total but no node's free resources can
     /// start (from the site's queue); `None` = unknown, and such a job is not placed here.
     pub queue_wait: Option<Duration>,
+    /// Cloud: (instance type, market) pools the provider recently could not launch (capacity,
+    /// quota, a spot interruption): left out until their backoff ends.
+    pub unavailable: Vec<Unavailable>,
+}
+
+/// An instance type and market a cloud site cannot launch for now, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unavailable {
+    pub instance_type: String,
+    pub market: Market,
+    /// The provider's error (`InsufficientInstanceCapacity: …`) or `spot interruption`.
+    pub reason: String,
+    /// When it was found.
+    pub since: UnixMillis,
 }
 
 impl SiteCapacity {
@@ -70,6 +84,7 @@ impl SiteCapacity {
             free: frontier(free.iter().map(NodeShape::of).collect()),
             total: frontier(total.iter().map(NodeShape::of).collect()),
             queue_wait,
+            unavailable: Vec::new(),
         }
     }
 }

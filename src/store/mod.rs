@@ -165,6 +165,35 @@ pub struct JoinTokenRecord {
     pub expires_at: UnixMillis,
     pub uses_left: u32,
     pub revoked_at: Option<UnixMillis>,
+    /// The launch it was made for (empty: made by an admin); such a token enrols only the
+    /// launch's instance, once the launch has answered with its id.
+    pub launch_id: String,
+}
+
+/// One instance launch of a capacity provider, from the intent (written before the cloud is
+/// called) to the termination the cloud confirmed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LaunchRecord {
+    /// `hbl-<16 hex>`: the cloud call's idempotency key and the instance's launch tag.
+    pub launch_id: String,
+    pub site: String,
+    pub instance_type: String,
+    /// `on_demand` or `spot`.
+    pub market: String,
+    pub usd_per_hour: f64,
+    /// The launch's join token.
+    pub token_id: String,
+    /// The cloud's instance id once known (empty before).
+    pub instance_id: String,
+    /// `requested`, `booting`, `enrolled`, `retiring`, `terminated`, `failed`.
+    pub state: String,
+    /// Why it is retiring, terminated or failed.
+    pub reason: String,
+    pub created_at: UnixMillis,
+    pub enrolled_at: Option<UnixMillis>,
+    pub ended_at: Option<UnixMillis>,
+    /// Time it ran at least one attempt (the rest of its life was idle).
+    pub busy_ms: i64,
 }
 
 /// A deny entry: an identity (every certificate issued for it before `revoked_at`) or one
@@ -192,7 +221,7 @@ pub struct AdminEventRecord {
     pub detail: String,
 }
 
-/// Rare writes to the identity tables (join tokens, revocations, the admin audit trail). No other
+/// Rare writes to the identity tables (join tokens, revocations, the admin audit trail, launches). No other
 /// write touches these tables, so they run one by one, in batch order, after the folded writes.
 #[derive(Debug, Clone)]
 pub enum IdentityWrite {
@@ -207,6 +236,13 @@ pub enum IdentityWrite {
     },
     Revocation(RevocationRecord),
     AdminEvent(AdminEventRecord),
+    /// The token now enrols only this node (a launch's instance id).
+    BindJoinToken {
+        token_id: String,
+        node: String,
+    },
+    /// Inserts or replaces a launch.
+    Launch(LaunchRecord),
 }
 
 /// One write of a batch.

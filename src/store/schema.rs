@@ -118,4 +118,22 @@ CREATE TABLE admin_events (
     detail TEXT NOT NULL DEFAULT ''
 );
 "#,
+    r#"
+ALTER TABLE join_tokens ADD COLUMN launch_id TEXT NOT NULL DEFAULT '';
+CREATE TABLE launches (
+    launch_id      TEXT PRIMARY KEY,
+    site           TEXT NOT NULL,
+    instance_type  TEXT NOT NULL,
+    market         TEXT NOT NULL,
+    usd_per_hour   REAL NOT NULL,
+    token_id       TEXT NOT NULL,
+    instance_id    TEXT NOT NULL DEFAULT '',
+    state          TEXT NOT NULL,
+    reason         TEXT NOT NULL DEFAULT '',
+    created_at_ms  INTEGER NOT NULL,
+    enrolled_at_ms INTEGER,
+    ended_at_ms    INTEGER,
+    busy_ms        INTEGER NOT NULL DEFAULT 0
+);
+"#,
 ];

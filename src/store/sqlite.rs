@@ -13,7 +13,7 @@ use super::coalesce::{self, AgentUpsert, NewAttempt, NewJob};
 use super::schema::MIGRATIONS;
 use super::{
     AdminEventRecord, AgentRecord, AttemptOutput, Batch, IdentityWrite, JobEvent, JobFilter, JobRecord, JobStatus,
-    JobSubmission, JoinTokenRecord, KeyRecord, RevocationRecord, StoreError,
+    JobSubmission, JoinTokenRecord, KeyRecord, LaunchRecord, RevocationRecord, StoreError,
 };
 use crate::model::state::JobState;
 use crate::private_files;
@@ -297,7 +297,7 @@ impl Writer {
     pub async fn load_join_tokens(&mut self) -> Result<Vec<JoinTokenRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT token_id, secret_sha256, site, node, created_by, created_at_ms, expires_at_ms, uses_left, \
-             revoked_at_ms FROM join_tokens ORDER BY created_at_ms, token_id",
+             revoked_at_ms, launch_id FROM join_tokens ORDER BY created_at_ms, token_id",
         )
         .fetch_all(&mut self.conn)
         .await?;
@@ -313,6 +313,38 @@ impl Writer {
                     expires_at: r.try_get("expires_at_ms")?,
                     uses_left: r.try_get::<i64, _>("uses_left")?.clamp(0, i64::from(u32::MAX)) as u32,
                     revoked_at: r.try_get("revoked_at_ms")?,
+                    launch_id: r.try_get("launch_id")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Every launch not yet ended, and those that ended since `since` (for the sites' spend).
+    pub async fn load_launches(&mut self, since: crate::model::UnixMillis) -> Result<Vec<LaunchRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT launch_id, site, instance_type, market, usd_per_hour, token_id, instance_id, state, reason, \
+             created_at_ms, enrolled_at_ms, ended_at_ms, busy_ms FROM launches \
+             WHERE ended_at_ms IS NULL OR ended_at_ms >= ?1 ORDER BY created_at_ms, launch_id",
+        )
+        .bind(since)
+        .fetch_all(&mut self.conn)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(LaunchRecord {
+                    launch_id: r.try_get("launch_id")?,
+                    site: r.try_get("site")?,
+                    instance_type: r.try_get("instance_type")?,
+                    market: r.try_get("market")?,
+                    usd_per_hour: r.try_get("usd_per_hour")?,
+                    token_id: r.try_get("token_id")?,
+                    instance_id: r.try_get("instance_id")?,
+                    state: r.try_get("state")?,
+                    reason: r.try_get("reason")?,
+                    created_at: r.try_get("created_at_ms")?,
+                    enrolled_at: r.try_get("enrolled_at_ms")?,
+                    ended_at: r.try_get("ended_at_ms")?,
+                    busy_ms: r.try_get("busy_ms")?,
                 })
             })
             .collect()
@@ -397,7 +429,7 @@ pub(super) async fn write_identity(conn: &mut SqliteConnection, w: &IdentityWrit
     let q = match w {
         IdentityWrite::NewJoinToken(t) => sqlx::query(
             "INSERT INTO join_tokens (token_id, secret_sha256, site, node, created_by, created_at_ms, expires_at_ms, \
-             uses_left, revoked_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+             uses_left, revoked_at_ms, launch_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )
         .bind(&t.token_id)
         .bind(&t.secret_sha256)
@@ -407,7 +439,8 @@ pub(super) async fn write_identity(conn: &mut SqliteConnection, w: &IdentityWrit
         .bind(t.created_at)
         .bind(t.expires_at)
         .bind(i64::from(t.uses_left))
-        .bind(t.revoked_at),
+        .bind(t.revoked_at)
+        .bind(&t.launch_id),
         IdentityWrite::JoinTokenUsed { token_id } => {
             sqlx::query("UPDATE join_tokens SET uses_left = MAX(uses_left - 1, 0) WHERE token_id = ?1").bind(token_id)
         }
@@ -424,6 +457,27 @@ pub(super) async fn write_identity(conn: &mut SqliteConnection, w: &IdentityWrit
         .bind(&r.reason)
         .bind(&r.revoked_by)
         .bind(r.revoked_at),
+        IdentityWrite::BindJoinToken { token_id, node } => {
+            sqlx::query("UPDATE join_tokens SET node = ?2 WHERE token_id = ?1").bind(token_id).bind(node)
+        }
+        IdentityWrite::Launch(l) => sqlx::query(
+            "INSERT OR REPLACE INTO launches (launch_id, site, instance_type, market, usd_per_hour, token_id, \
+             instance_id, state, reason, created_at_ms, enrolled_at_ms, ended_at_ms, busy_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        )
+        .bind(&l.launch_id)
+        .bind(&l.site)
+        .bind(&l.instance_type)
+        .bind(&l.market)
+        .bind(l.usd_per_hour)
+        .bind(&l.token_id)
+        .bind(&l.instance_id)
+        .bind(&l.state)
+        .bind(&l.reason)
+        .bind(l.created_at)
+        .bind(l.enrolled_at)
+        .bind(l.ended_at)
+        .bind(l.busy_ms),
         IdentityWrite::AdminEvent(e) => {
             sqlx::query("INSERT INTO admin_events (at_ms, actor, action, target, detail) VALUES (?1, ?2, ?3, ?4, ?5)")
                 .bind(e.at)

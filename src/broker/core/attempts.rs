@@ -63,7 +63,7 @@ impl Core {
         tracing::info!(agent, gpus = inventory.gpus.len(), attempts = reports.len(), "agent registered");
         let now = self.now;
         let entry = self.agents.entry(agent.clone()).or_insert_with(|| AgentEntry::new(&agent, &site, &node, now.at));
-        entry.dedicated = self.settings.dedicated.get(&agent).cloned();
+        entry.dedicated = crate::config::dedicated_to(&self.settings.dedicated, &agent).cloned();
         match (&entry.dedicated, inventory.isolation) {
             (Some(tenant), Isolation::None) => {
                 tracing::warn!(agent, tenant, "agent without isolation: it runs only its dedicated tenant's jobs")

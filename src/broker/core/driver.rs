@@ -127,6 +127,7 @@ pub(super) async fn stored(writer: &mut Writer, now: Now) -> Result<Stored, Stor
         keys: writer.load_keys().await?,
         agents: writer.load_agents().await?,
         join_tokens: writer.load_join_tokens().await?,
+        launches: writer.load_launches(place::month_start(now.ms)).await?,
         jobs: writer.load_active().await?,
     })
 }

@@ -13,6 +13,7 @@
 
 mod active_job;
 mod attempts;
+mod capacity;
 mod driver;
 mod fleet;
 mod jobs;
@@ -39,6 +40,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
 
+pub use capacity::{Call, CallResult, CapacityCmd, InstanceView, LaunchState, SiteView, StepReply};
 pub use driver::Driver;
 pub use fleet::{AgentEntry, AgentView, Alloc};
 pub use messages::{AgentMessage, AssignedInput, Assignment, RenewedCert, StopAttempt};
@@ -208,6 +210,8 @@ pub enum Cmd {
     Revoke(Revoke),
     /// Join tokens: create, list, revoke, check and spend (`tokens`).
     Token(TokenCmd),
+    /// Cloud capacity: the controller's steps, the sites' view (`capacity`).
+    Capacity(CapacityCmd),
 }
 
 /// A submit as the core takes it.
@@ -314,6 +318,8 @@ pub struct Stored {
     pub agents: Vec<AgentRecord>,
     /// Every join token (hashes only).
     pub join_tokens: Vec<crate::store::JoinTokenRecord>,
+    /// Launches not ended, and those ended this month.
+    pub launches: Vec<crate::store::LaunchRecord>,
     /// Every unfinished job.
     pub jobs: Vec<JobRecord>,
 }
@@ -339,6 +345,8 @@ pub struct Core {
     stopping: Option<(Duration, u64)>,
     /// Join tokens (`tokens`).
     tokens: tokens::Tokens,
+    /// Launches of capacity providers and pools left out of placement (`capacity`).
+    cloud: capacity::Capacity,
 }
 
 /// The broker's clock for stored timestamps.
@@ -361,6 +369,7 @@ impl Core {
             now,
             stopping: None,
             tokens: tokens::Tokens::default(),
+            cloud: capacity::Capacity::default(),
         }
     }
 
@@ -371,13 +380,14 @@ impl Core {
         core.next_seq = stored.last_event_seq + 1;
         core.spent = stored.spent;
         core.tokens = tokens::Tokens::load(stored.join_tokens);
+        core.cloud = capacity::Capacity::load(stored.launches, now);
         for key in stored.keys {
             core.settings.keys.insert(key);
         }
         for a in stored.agents {
             let age = Duration::from_millis(now.ms.saturating_sub(a.last_seen).max(0) as u64);
             let mut entry = AgentEntry::new(&a.id, &a.site, &a.node, now.at.checked_sub(age).unwrap_or(now.at));
-            entry.dedicated = core.settings.dedicated.get(&a.id).cloned();
+            entry.dedicated = crate::config::dedicated_to(&core.settings.dedicated, &a.id).cloned();
             entry.inventory = serde_json::from_str(&a.inventory_json).unwrap_or_default();
             entry.draining = a.draining;
             entry.cert_not_after = a.cert_not_after;
@@ -501,11 +511,13 @@ impl Core {
                 }
             }
             Cmd::Token(cmd) => self.token_cmd(cmd, out),
+            Cmd::Capacity(cmd) => self.capacity_cmd(cmd, out),
             Cmd::Cancel { job_id, tenant, reason, reply } => {
                 let result = self.cancel(&job_id, tenant.as_deref(), reason, out);
                 out.reply(reply, result);
             }
             Cmd::Connected { agent, site, node, cert_not_after, inventory, attempts, conn } => {
+                self.capacity_enrolled(&agent, &site, &node, out);
                 let registration = attempts::Registration { agent, site, node, inventory, cert_not_after };
                 self.connected(registration, attempts, conn.id, out);
                 self.refuse_while_stopping(out);

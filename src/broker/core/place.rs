@@ -46,6 +46,12 @@ impl Core {
         per_site
     }
 
+    /// The world `tenant`'s jobs are placed in now.
+    fn world(&self, tenant: &str) -> World {
+        let now = self.now.at;
+        self.settings.placer.world(&self.capacity(tenant), |site| self.cloud.unavailable(site, now), self.now.ms)
+    }
+
     /// Whether every agent the broker knows (from the store or since) has its stream open.
     fn all_known_agents_connected(&self) -> bool {
         self.agents.values().all(|e| e.conn.is_some())
@@ -91,7 +97,7 @@ impl Core {
         if budget_left.is_none() {
             return Ok(());
         }
-        let world = placer.world(&self.capacity(tenant), self.now.ms);
+        let world = self.world(tenant);
         let decision = placer.place(&req, &world);
         let budget = decision.candidates.iter().find_map(|c| match &c.verdict {
             Verdict::Rejected(why) if why.kind == RejectionKind::Budget => Some(why.clone()),
@@ -114,7 +120,7 @@ impl Core {
             ));
         }
         let req = placer.request(tenant, spec, data, self.budget_left(tenant)).map_err(ApiError::InvalidArgument)?;
-        Ok(placer.place(&req, &placer.world(&self.capacity(tenant), self.now.ms)))
+        Ok(placer.place(&req, &self.world(tenant)))
     }
 
     /// Places queued jobs (engine placement) and binds them to agents with room.
@@ -143,7 +149,11 @@ impl Core {
             let job = &self.jobs[job_id];
             let due = match job.life.state {
                 JobState::Queued => !held && job.next_placement.is_none_or(|t| t <= now),
-                JobState::Placed => job.placed_at.is_some_and(|t| now.duration_since(t) >= placer.replace_after),
+                // Placed again after `replace_after`, or at once when its site's launch failed.
+                JobState::Placed => {
+                    job.placed_at.is_some_and(|t| now.duration_since(t) >= placer.replace_after)
+                        || job.next_placement.is_some_and(|t| t <= now)
+                }
                 _ => false,
             };
             if !due {
@@ -158,9 +168,7 @@ impl Core {
                 }
             };
             let key = if per_tenant { job.tenant() } else { "" };
-            let world = worlds
-                .entry(key.to_string())
-                .or_insert_with(|| placer.world(&self.capacity(job.tenant()), self.now.ms));
+            let world = worlds.entry(key.to_string()).or_insert_with(|| self.world(job.tenant()));
             // A job retried after "no site can take it" gets a span only when the answer changes.
             let span = job.next_placement.is_none().then(|| trace::place_span(job));
             let started = std::time::Instant::now();

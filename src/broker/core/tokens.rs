@@ -90,6 +90,9 @@ pub enum Refusal {
     /// A token without a node asked for a node the broker already knows (or a dedicated one):
     /// only a token scoped to that node may enrol it again.
     NodeKnown,
+    /// A launch's token before the cloud answered the launch with the instance id it is for: the
+    /// agent tries again.
+    Unbound,
 }
 
 impl Refusal {
@@ -100,6 +103,7 @@ impl Refusal {
             Refusal::UsedUp => "used_up",
             Refusal::Revoked => "revoked",
             Refusal::NodeKnown => "node_known",
+            Refusal::Unbound => "unbound",
         }
     }
 
@@ -110,6 +114,9 @@ impl Refusal {
             Refusal::Expired => format!("join token {token_id} has expired; ask an admin for a new one"),
             Refusal::UsedUp => format!("join token {token_id} is used up; ask an admin for a new one"),
             Refusal::Revoked => format!("join token {token_id} was revoked; ask an admin for a new one"),
+            Refusal::Unbound => format!(
+                "join token {token_id} is for a launch the cloud has not answered yet; try again in a few seconds"
+            ),
             Refusal::NodeKnown => format!(
                 "join token {token_id} names no node, and this node name is already enrolled (or dedicated); \
                  enrol it with a token made for it (admin agents token create --node)"
@@ -172,6 +179,39 @@ impl Tokens {
         Tokens { by_id: records.into_iter().map(|r| (r.token_id.clone(), r)).collect() }
     }
 
+    /// A single-use token for a launch of `site` (bound to its instance id later, by [`Tokens::bind`]).
+    pub fn for_launch(
+        &mut self,
+        site: &str,
+        launch_id: &str,
+        now: UnixMillis,
+        ttl: Duration,
+    ) -> (JoinTokenRecord, String) {
+        let (mut record, text) = generate(site, "", "capacity", now, ttl, 1);
+        record.launch_id = launch_id.to_string();
+        self.by_id.insert(record.token_id.clone(), record.clone());
+        (record, text)
+    }
+
+    /// The token now enrols only `node`.
+    pub fn bind(&mut self, token_id: &str, node: &str) {
+        if let Some(record) = self.by_id.get_mut(token_id) {
+            record.node = node.to_string();
+        }
+    }
+
+    /// Revokes a token without an audit entry (the capacity controller's own tokens); whether it
+    /// changed.
+    pub fn revoke_quietly(&mut self, token_id: &str, now: UnixMillis) -> bool {
+        match self.by_id.get_mut(token_id) {
+            Some(record) if record.revoked_at.is_none() => {
+                record.revoked_at = Some(now);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The token's scope if it is valid at `now`.
     fn check(&self, token: &JoinToken, now: UnixMillis) -> Result<Scope, Refusal> {
         let Some(record) = self.by_id.get(&token.token_id) else { return Err(Refusal::Unknown) };
@@ -187,6 +227,9 @@ impl Tokens {
         }
         if record.uses_left == 0 {
             return Err(Refusal::UsedUp);
+        }
+        if !record.launch_id.is_empty() && record.node.is_empty() {
+            return Err(Refusal::Unbound);
         }
         Ok(Scope {
             site: record.site.clone(),
@@ -221,6 +264,7 @@ fn generate(
         expires_at: now + ttl.as_millis() as i64,
         uses_left: uses,
         revoked_at: None,
+        launch_id: String::new(),
     };
     (record, format!("{PREFIX}{token_id}_{secret}"))
 }

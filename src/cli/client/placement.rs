@@ -89,7 +89,7 @@ fn plan_offline(
     let capacity: HashMap<&str, (Vec<FreeCapacity>, Vec<FreeCapacity>)> =
         room.iter().map(|(name, free)| (name.as_str(), (free.clone(), free.clone()))).collect();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-    Ok(placer.place(&job, &placer.world(&capacity, now)))
+    Ok(placer.place(&job, &placer.world(&capacity, |_| Vec::new(), now)))
 }
 
 /// Inputs and outputs mapped to the config's locations (sizes unknown offline: 0).
