@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod bench;
+mod capacity;
 mod cli;
 mod common;
 mod conformance;
