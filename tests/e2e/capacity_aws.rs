@@ -7,7 +7,9 @@ use std::collections::BTreeSet;
 
 use hybroker::capacity::aws::{AwsProvider, AwsSettings};
 use hybroker::capacity::user_data::{Boot, play, render};
-use hybroker::capacity::{Instance, InstanceState, LaunchSpec, Provider, ProviderError, TAG_BROKER, TAG_LAUNCH, TAG_SITE};
+use hybroker::capacity::{
+    Instance, InstanceState, LaunchSpec, Provider, ProviderError, TAG_BROKER, TAG_LAUNCH, TAG_SITE,
+};
 use hybroker::model::capacity::AwsLaunch;
 use hybroker::model::price::Market;
 
@@ -119,7 +121,8 @@ async fn capacity_aws_launches_on_demand_and_spot_with_tags_imdsv2_and_user_data
     let seen = &seen[0];
     assert_eq!(seen.instance_id, instance.instance_id);
     let name = format!("hybroker-{SITE}-{launch}");
-    let want_tags = [("Name", name.as_str()), (TAG_BROKER, f.broker.as_str()), (TAG_SITE, SITE), (TAG_LAUNCH, launch.as_str())];
+    let want_tags =
+        [("Name", name.as_str()), (TAG_BROKER, f.broker.as_str()), (TAG_SITE, SITE), (TAG_LAUNCH, launch.as_str())];
     let want_tags = want_tags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     assert_eq!(seen.tags, want_tags);
     assert_eq!((seen.lifecycle.as_deref(), seen.http_tokens.as_str()), (None, "required"), "on-demand, IMDSv2 only");

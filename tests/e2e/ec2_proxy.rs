@@ -209,7 +209,11 @@ async fn run_instances(
             return Ok(if same_launch(&bound.params, &params) {
                 answer(bound.status, bound.body.clone())
             } else {
-                error_answer(400, "IdempotentParameterMismatch", "The client token you have provided is associated with a resource that is already deleted or has different parameters")
+                error_answer(
+                    400,
+                    "IdempotentParameterMismatch",
+                    "The client token you have provided is associated with a resource that is already deleted or has different parameters",
+                )
             });
         }
         inner.faults.pop_front()

@@ -71,7 +71,8 @@ impl Moto {
 
     /// The default subnets, by availability zone (`us-east-1a` first).
     pub async fn ec2_default_subnets(&self) -> Vec<String> {
-        let params = [("Filter.1.Name".to_owned(), "default-for-az".to_owned()), ("Filter.1.Value.1".into(), "true".into())];
+        let params =
+            [("Filter.1.Name".to_owned(), "default-for-az".to_owned()), ("Filter.1.Value.1".into(), "true".into())];
         let xml = self.ec2_call("DescribeSubnets", &params).await;
         let answer: wire::Subnets = quick_xml::de::from_str(&xml).unwrap_or_else(|e| panic!("{e}: {xml}"));
         let mut subnets: Vec<(String, String)> = answer

@@ -301,7 +301,8 @@ fn run_instances_params(launch: &AwsLaunch, spec: &LaunchSpec, subnet: Option<&s
     put("MetadataOptions.HttpTokens", "required");
     put("MetadataOptions.HttpEndpoint", "enabled");
     let name = format!("hybroker-{}-{}", spec.site, spec.launch_id);
-    let tags = [("Name", name.as_str()), (TAG_BROKER, &spec.broker), (TAG_SITE, &spec.site), (TAG_LAUNCH, &spec.launch_id)];
+    let tags =
+        [("Name", name.as_str()), (TAG_BROKER, &spec.broker), (TAG_SITE, &spec.site), (TAG_LAUNCH, &spec.launch_id)];
     for (i, resource) in ["instance", "volume"].iter().enumerate() {
         let prefix = format!("TagSpecification.{}", i + 1);
         put(&format!("{prefix}.ResourceType"), resource);

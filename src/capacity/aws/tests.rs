@@ -202,7 +202,10 @@ fn errors_are_classified_as_the_broker_acts_on_them() {
     assert_eq!(class(500, "InternalError"), "transient");
     assert_eq!(class(503, "Unavailable"), "transient");
     let throttled = classify(503, "RequestLimitExceeded", "m", Some(Duration::from_secs(2)));
-    assert_eq!(throttled, ProviderError::Throttled { code: "RequestLimitExceeded".into(), retry_after: Some(Duration::from_secs(2)) });
+    assert_eq!(
+        throttled,
+        ProviderError::Throttled { code: "RequestLimitExceeded".into(), retry_after: Some(Duration::from_secs(2)) }
+    );
     assert!(throttled.retryable());
     let capacity = classify(500, " InsufficientInstanceCapacity ", " none left ", None);
     assert_eq!(capacity.code(), "InsufficientInstanceCapacity");
@@ -324,7 +327,11 @@ async fn a_launch_for_another_site_or_with_too_much_user_data_is_refused_before_
         site: "aws-eu-west-1".into(),
         region: "eu-west-1".into(),
         broker: "b1".into(),
-        launch: AwsLaunch { image_id: Some("ami-1".into()), endpoint: Some("http://127.0.0.1:9".into()), ..AwsLaunch::default() },
+        launch: AwsLaunch {
+            image_id: Some("ami-1".into()),
+            endpoint: Some("http://127.0.0.1:9".into()),
+            ..AwsLaunch::default()
+        },
         static_credentials: Some(("id".into(), "secret".into())),
     };
     let provider = AwsProvider::new(settings.clone()).await.unwrap();
