@@ -277,6 +277,11 @@ async fn capacity_aws_a_capacity_error_in_the_first_subnet_launches_in_the_secon
     let requests = f.proxy.run_requests();
     let tried: Vec<_> = requests.iter().map(|r| param(r, "SubnetId").unwrap().to_owned()).collect();
     assert_eq!(tried, f.subnets[..2]);
+    // Its retry (a lost answer) starts in the first subnet again: the token's launch had another
+    // subnet, EC2 answers IdempotentParameterMismatch, the instance is found by its tag.
+    let again = provider.launch(&f.spec(&launch, Market::OnDemand)).await.unwrap();
+    assert_eq!(again.instance_id, instance.instance_id);
+    assert_eq!(f.moto.ec2_launched(&launch).await.len(), 1);
 
     // No capacity in either: a capacity error naming both.
     f.proxy.script([Fault::insufficient_capacity(), Fault::error(500, "InsufficientInstanceCapacity")]);
