@@ -51,7 +51,7 @@ impl Ec2Client {
             .timeout(Duration::from_secs(60))
             .user_agent(concat!("hybroker/", env!("CARGO_PKG_VERSION"), " (capacity)"))
             .build()
-            .map_err(|e| ProviderError::Invalid { code: "HttpClient".into(), message: describe(&e) })?;
+            .map_err(|e| ProviderError::Invalid { code: "HttpClient".into(), message: chain(&e) })?;
         Ok(Self { http, url, region: region.to_owned(), credentials })
     }
 
@@ -68,7 +68,7 @@ impl Ec2Client {
             request = request.header(name, value);
         }
         let response = request.send().await.map_err(|e| ProviderError::Transient {
-            message: format!("ec2 {action} at {}: {}", self.url, describe(&e)),
+            message: format!("ec2 {action} at {}: {}", self.url, chain(&e)),
         })?;
         let status = response.status().as_u16();
         let retry_after = response
@@ -78,7 +78,7 @@ impl Ec2Client {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
         let text = response.text().await.map_err(|e| ProviderError::Transient {
-            message: format!("ec2 {action}: reading the answer: {}", describe(&e)),
+            message: format!("ec2 {action}: reading the answer: {}", chain(&e)),
         })?;
         if (200..300).contains(&status) {
             return Ok(text);
@@ -182,7 +182,7 @@ pub(super) fn classify(status: u16, code: &str, message: &str, retry_after: Opti
         ProviderError::Quota { code, message }
     } else if is(THROTTLE) || status == 429 {
         ProviderError::Throttled { code, retry_after }
-    } else if is(AUTH) || code.starts_with("Invalid") || code.starts_with("MissingParameter") || code == "Unknown" {
+    } else if is(AUTH) || code.starts_with("Invalid") || code.starts_with("MissingParameter") {
         ProviderError::Invalid { code, message }
     } else if status >= 500 {
         ProviderError::Transient { message: format!("{code}: {message}") }
@@ -202,11 +202,8 @@ fn unparsed(action: &str, status: u16, body: &str) -> ProviderError {
     }
 }
 
-/// A reqwest error with its causes, which its `Display` leaves out.
-fn describe(error: &reqwest::Error) -> String {
-    chain(error)
-}
-
+/// An error with its causes, which the `Display` of reqwest's and the credential chain's errors
+/// leaves out.
 fn chain(error: &dyn std::error::Error) -> String {
     let mut message = error.to_string();
     let mut source = error.source();

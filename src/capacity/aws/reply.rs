@@ -149,10 +149,8 @@ pub(super) fn parse_time(text: &str) -> Option<UnixMillis> {
         return None;
     }
     let millis: i64 = format!("{fraction:0<3}")[..3].parse().ok()?;
-    let date = time::Date::from_calendar_date(year, time::Month::try_from(u8::try_from(month).ok()?).ok()?, {
-        u8::try_from(day).ok()?
-    })
-    .ok()?;
+    let month = time::Month::try_from(u8::try_from(month).ok()?).ok()?;
+    let date = time::Date::from_calendar_date(year, month, u8::try_from(day).ok()?).ok()?;
     let at = date.with_hms(hour, minute, second).ok()?.assume_utc();
     Some(at.unix_timestamp() * 1000 + millis)
 }
