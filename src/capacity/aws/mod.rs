@@ -228,7 +228,7 @@ impl Provider for AwsProvider {
         let code = capacity_errors.last().map(|(_, code, _)| code.clone()).unwrap_or_default();
         let message = capacity_errors
             .iter()
-            .map(|(subnet, code, message)| format!("{}: {code}: {message}", subnet.unwrap_or("default subnet")))
+            .map(|(subnet, _, message)| format!("in {}: {message}", subnet.unwrap_or("the template's subnet")))
             .collect::<Vec<_>>()
             .join("; ");
         Err(ProviderError::Capacity { code, message })
