@@ -347,3 +347,36 @@ async fn a_launch_for_another_site_or_with_too_much_user_data_is_refused_before_
     let no_region = AwsSettings { region: String::new(), ..settings };
     assert_eq!(AwsProvider::new(no_region).await.unwrap_err().class(), "invalid");
 }
+
+#[test]
+fn every_aws_launch_problem_is_reported_with_its_key() {
+    use crate::model::capacity::{CapacityConfig, ProviderKind};
+    let mut config = CapacityConfig::new(ProviderKind::Aws);
+    config.aws = Some(AwsLaunch {
+        launch_template_version: Some("3".into()),
+        image_id: Some("img-1".into()),
+        subnets: vec!["subnet-a".into(), "net-b".into()],
+        security_groups: vec!["group".into()],
+        instance_profile: Some(" ".into()),
+        key_name: Some(String::new()),
+        endpoint: Some("127.0.0.1:4566".into()),
+        ..AwsLaunch::default()
+    });
+    let problems = config.problems("aws");
+    let keys: Vec<&str> = problems.iter().map(|p| p.split(':').next().unwrap()).collect();
+    assert_eq!(
+        keys,
+        [
+            "aws.image_id",
+            "aws.subnets[1]",
+            "aws.security_groups[0]",
+            "aws.launch_template_version",
+            "aws.instance_profile",
+            "aws.key_name",
+            "aws.endpoint",
+        ],
+        "{problems:?}"
+    );
+    config.aws = Some(AwsLaunch { launch_template: Some("lt-0abc".into()), ..AwsLaunch::default() });
+    assert!(config.problems("aws").is_empty(), "a template alone is enough: {:?}", config.problems("aws"));
+}
