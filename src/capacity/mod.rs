@@ -18,7 +18,11 @@ use async_trait::async_trait;
 use crate::model::UnixMillis;
 use crate::model::price::Market;
 
+<<<<<<< HEAD
 pub mod local;
+=======
+pub mod aws;
+>>>>>>> aws
 pub mod user_data;
 
 /// The tag naming the broker that launched an instance (`broker.name`).
