@@ -18,11 +18,8 @@ use async_trait::async_trait;
 use crate::model::UnixMillis;
 use crate::model::price::Market;
 
-<<<<<<< HEAD
-pub mod local;
-=======
 pub mod aws;
->>>>>>> aws
+pub mod local;
 pub mod user_data;
 
 /// The tag naming the broker that launched an instance (`broker.name`).
