@@ -600,13 +600,18 @@ impl Core {
         let mut by_site: BTreeMap<&str, Vec<Want<'_>>> = BTreeMap::new();
         for (_, job_id) in &self.queue {
             let job = &self.jobs[job_id];
-            if job.life.state != JobState::Placed {
+            // A job about to be placed again (its launch failed) waits for its new decision.
+            if job.life.state != JobState::Placed || job.next_placement.is_some() {
                 continue;
             }
             let (Some(site), Some(chosen)) = (&job.site, job.decision.as_ref().and_then(|d| d.chosen.as_ref())) else {
                 continue;
             };
             let (Some(ty), Some(market)) = (&chosen.offer.instance_type, chosen.offer.market) else { continue };
+            let left_out = self.cloud.unavailable.get(&(site.clone(), ty.clone(), market));
+            if left_out.is_some_and(|g| g.until > self.now.at) {
+                continue;
+            }
             let r = &job.spec.resources;
             by_site.entry(site.as_str()).or_default().push(Want {
                 job: job_id,
