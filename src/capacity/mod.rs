@@ -18,6 +18,7 @@ use async_trait::async_trait;
 use crate::model::UnixMillis;
 use crate::model::price::Market;
 
+pub mod azure;
 pub mod user_data;
 
 /// The tag naming the broker that launched an instance (`broker.name`).
