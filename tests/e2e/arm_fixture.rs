@@ -152,7 +152,9 @@ impl ArmFixture {
                 tokio::spawn(async move {
                     if let Ok(stream) = acceptor.accept(tcp).await {
                         let service = TowerToHyperService::new(router);
-                        let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
+                        let _ = auto::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
                     }
                 });
             }
@@ -314,10 +316,26 @@ async fn handle(State(shared): State<Shared>, method: Method, uri: Uri, headers:
         return error(StatusCode::UNAUTHORIZED, "InvalidAuthenticationToken", "The access token is invalid.");
     }
     if !query.contains_key("api-version") {
-        return error(StatusCode::BAD_REQUEST, "MissingApiVersionParameter", "The api-version query parameter is required.");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "MissingApiVersionParameter",
+            "The api-version query parameter is required.",
+        );
     }
     match (&method, segments.as_slice()) {
-        (_, ["subscriptions", SUBSCRIPTION, "resourceGroups", GROUP, "providers", "Microsoft.Compute", "virtualMachines", name]) => {
+        (
+            _,
+            [
+                "subscriptions",
+                SUBSCRIPTION,
+                "resourceGroups",
+                GROUP,
+                "providers",
+                "Microsoft.Compute",
+                "virtualMachines",
+                name,
+            ],
+        ) => {
             let name = name.to_string();
             match method {
                 Method::PUT => put_vm(&mut s, &name, header("if-none-match"), &body),
@@ -329,7 +347,18 @@ async fn handle(State(shared): State<Shared>, method: Method, uri: Uri, headers:
                 _ => error(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "no"),
             }
         }
-        (&Method::GET, ["subscriptions", SUBSCRIPTION, "resourceGroups", GROUP, "providers", "Microsoft.Compute", "virtualMachines"]) => {
+        (
+            &Method::GET,
+            [
+                "subscriptions",
+                SUBSCRIPTION,
+                "resourceGroups",
+                GROUP,
+                "providers",
+                "Microsoft.Compute",
+                "virtualMachines",
+            ],
+        ) => {
             let skip: usize = query.get("$skiptoken").and_then(|t| t.parse().ok()).unwrap_or(0);
             let value: Vec<Value> = s.vms.values().skip(skip).take(s.page_size).map(shown).collect();
             let mut page = json!({ "value": value });
@@ -339,9 +368,15 @@ async fn handle(State(shared): State<Shared>, method: Method, uri: Uri, headers:
             }
             axum::Json(page).into_response()
         }
-        (&Method::GET, ["subscriptions", SUBSCRIPTION, "providers", "Microsoft.Compute", "locations", _, "operations", id]) => {
-            poll(&mut s, id.parse().unwrap_or(0), query.contains_key("monitor"), uri.path_and_query().map(|p| p.to_string()).unwrap_or_default())
-        }
+        (
+            &Method::GET,
+            ["subscriptions", SUBSCRIPTION, "providers", "Microsoft.Compute", "locations", _, "operations", id],
+        ) => poll(
+            &mut s,
+            id.parse().unwrap_or(0),
+            query.contains_key("monitor"),
+            uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+        ),
         _ => error(StatusCode::NOT_FOUND, "InvalidResourceType", "no such resource type"),
     }
 }
@@ -408,7 +443,11 @@ fn put_vm(s: &mut Fixture, name: &str, if_none_match: Option<String>, body: &[u8
     };
     for pointer in ["/location", "/properties/hardwareProfile/vmSize", "/properties/storageProfile/imageReference"] {
         if vm.pointer(pointer).is_none() {
-            return error(StatusCode::BAD_REQUEST, "InvalidParameter", &format!("Required parameter '{pointer}' is missing"));
+            return error(
+                StatusCode::BAD_REQUEST,
+                "InvalidParameter",
+                &format!("Required parameter '{pointer}' is missing"),
+            );
         }
     }
     vm["name"] = json!(name);
