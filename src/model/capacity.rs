@@ -410,6 +410,36 @@ mod tests {
     }
 
     #[test]
+    fn azure_settings_report_every_problem_with_its_key() {
+        let mut c = CapacityConfig::new(ProviderKind::Azure);
+        c.azure = Some(AzureLaunch {
+            image: "ubuntu".into(),
+            subnet_id: "subnet-1".into(),
+            endpoint: Some("http://127.0.0.1:1".into()),
+            credential: AzureCredential {
+                kind: AzureCredentialKind::ManagedIdentity,
+                client_secret_file: Some("secret".into()),
+                ..AzureCredential::default()
+            },
+            ..AzureLaunch::default()
+        });
+        let p = c.problems("azure");
+        for want in [
+            "azure.subscription_id:",
+            "azure.resource_group:",
+            "azure.ssh_public_key:",
+            "azure.admin_username:",
+            "azure.image:",
+            "azure.subnet_id:",
+            "azure.endpoint:",
+            "azure.credential.client_secret_file: not used by kind managed_identity",
+        ] {
+            assert!(p.iter().any(|m| m.starts_with(want)), "{want} missing from {p:?}");
+        }
+        assert_eq!(p.len(), 8, "{p:?}");
+    }
+
+    #[test]
     fn capacity_parses_from_toml() {
         let c: CapacityConfig = toml::from_str(
             "provider = \"aws\"\nmax_instances = 3\nidle_timeout = \"2m\"\n[aws]\nimage_id = \"ami-1\"\n\

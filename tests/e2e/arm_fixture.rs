@@ -209,6 +209,11 @@ impl ArmFixture {
         self.with(|s| s.assertions.push(assertion.to_owned()));
     }
 
+    /// Every token issued so far is refused from now on (401 `InvalidAuthenticationToken`).
+    pub fn revoke_tokens(&self) {
+        self.with(|s| s.issued.clear());
+    }
+
     pub fn set_token_lifetime(&self, seconds: u64) {
         self.with(|s| s.token_lifetime_s = seconds);
     }

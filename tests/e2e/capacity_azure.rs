@@ -241,7 +241,11 @@ async fn azure_quota_and_allocation_errors_are_classified_the_latter_from_the_po
 async fn azure_client_secret_tokens_are_requested_once_and_refused_when_wrong() {
     let fixture = ArmFixture::start().await;
     let p = provider(&fixture);
-    p.launch(&spec("hbl-00000000000000f1", Market::OnDemand)).await.unwrap();
+    // Four launches at once share one token request, and later calls reuse the token.
+    let launches = (1..=4).map(|n| spec(&format!("hbl-00000000000000f{n}"), Market::OnDemand)).collect::<Vec<_>>();
+    for result in futures::future::join_all(launches.iter().map(|s| p.launch(s))).await {
+        result.unwrap();
+    }
     p.list().await.unwrap();
     let tokens = fixture.token_requests();
     assert_eq!(tokens.len(), 1, "the token was not cached: {} requests", tokens.len());
@@ -250,6 +254,10 @@ async fn azure_client_secret_tokens_are_requested_once_and_refused_when_wrong() 
     assert_eq!(form["client_id"], arm_fixture::CLIENT_ID);
     assert_eq!(form["client_secret"], arm_fixture::SECRET);
     assert_eq!(form["scope"], "https://management.azure.com/.default");
+    // A token Resource Manager refuses is replaced once, and the call goes through.
+    fixture.revoke_tokens();
+    assert_eq!(p.list().await.unwrap().len(), 4);
+    assert_eq!(fixture.token_requests().len(), 2);
 
     let wrong = ResolvedCredential::ClientSecret {
         tenant_id: arm_fixture::TENANT.into(),

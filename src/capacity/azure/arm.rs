@@ -269,6 +269,9 @@ impl Arm {
                 }
                 Err(e) if e.retryable() && failures + 1 < POLL_FAILURES => {
                     failures += 1;
+                    if let ProviderError::Throttled { retry_after: Some(after), .. } = e {
+                        wait = after;
+                    }
                     continue;
                 }
                 Err(e) => return Err(e),
