@@ -4,15 +4,15 @@
 //! classification of Azure's error codes into [`ProviderError`]s — the same for an error in a
 //! direct answer and one that appears only when the operation is polled.
 
-use std::error::Error as _;
 use std::time::{Duration, Instant};
 
-use reqwest::header::{AUTHORIZATION, HeaderMap, RETRY_AFTER};
+use reqwest::header::{AUTHORIZATION, HeaderMap};
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::auth::TokenSource;
+use super::http::{describe, retry_after};
 use crate::capacity::ProviderError;
 
 /// A throttled call is tried this many times in all before [`ProviderError::Throttled`] goes back
@@ -146,24 +146,6 @@ pub(super) fn classify(
         None if TRANSIENT_CODES.contains(&code) => ProviderError::Transient { message: format!("{code}: {message}") },
         _ => ProviderError::Invalid { code: code_s, message: message_s },
     }
-}
-
-/// `Retry-After` in seconds (Resource Manager's form), if present.
-pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let text = headers.get(RETRY_AFTER)?.to_str().ok()?;
-    text.trim().parse::<u64>().ok().map(Duration::from_secs)
-}
-
-/// A reqwest error with its causes, which name the real problem (refused, certificate…).
-pub(crate) fn describe(e: &reqwest::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// Resource Manager at one base URL, with one credential.
@@ -330,6 +312,8 @@ fn path_of(url: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
+    use reqwest::header::RETRY_AFTER;
+
     use super::*;
 
     fn class(status: Option<u16>, code: &str, message: &str) -> &'static str {

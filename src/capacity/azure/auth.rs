@@ -23,7 +23,7 @@ use reqwest::header::CONTENT_TYPE;
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
-use super::arm::{describe, retry_after};
+use super::http::{describe, retry_after};
 use crate::capacity::ProviderError;
 use crate::model::secret::SecretValue;
 

@@ -11,9 +11,6 @@
 //! allocation failures often appear only there, and are classified like direct ones. A VM whose
 //! creation failed is deleted at once (not followed), so it does not linger in the group.
 
-use std::path::Path;
-use std::time::Duration;
-
 use async_trait::async_trait;
 use reqwest::{Method, StatusCode};
 
@@ -22,6 +19,7 @@ use crate::model::capacity::AzureLaunch;
 
 pub mod arm;
 pub mod auth;
+mod http;
 pub mod vm;
 
 pub use auth::ResolvedCredential;
@@ -63,16 +61,7 @@ impl AzureProvider {
     /// source; makes no request yet.
     pub fn new(settings: AzureSettings) -> Result<AzureProvider, ProviderError> {
         let invalid = |message: String| ProviderError::Invalid { code: "InvalidSettings".into(), message };
-        crate::tls::install_crypto_provider();
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(20))
-            .timeout(Duration::from_secs(120))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("hybroker/", env!("CARGO_PKG_VERSION"), " (capacity)"));
-        if let Some(path) = &settings.launch.ca_file {
-            builder = builder.tls_certs_merge(read_roots(path).map_err(invalid)?);
-        }
-        let http = builder.build().map_err(|e| invalid(format!("http client: {}", arm::describe(&e))))?;
+        let http = http::client(settings.launch.ca_file.as_deref()).map_err(invalid)?;
         let launch = &settings.launch;
         let tokens = TokenSource::new(
             settings.credential.clone(),
@@ -210,15 +199,4 @@ impl Provider for AzureProvider {
 
 fn unreadable(what: &str) -> ProviderError {
     ProviderError::Transient { message: format!("unreadable resource manager answer: {what}") }
-}
-
-/// The certificates of a PEM file, at least one.
-fn read_roots(path: &Path) -> Result<Vec<reqwest::Certificate>, String> {
-    let pem = std::fs::read(path).map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-    let certs = reqwest::Certificate::from_pem_bundle(&pem)
-        .map_err(|e| format!("ca_file {}: {}", path.display(), arm::describe(&e)))?;
-    if certs.is_empty() {
-        return Err(format!("ca_file {} holds no certificate", path.display()));
-    }
-    Ok(certs)
 }
