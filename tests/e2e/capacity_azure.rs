@@ -15,6 +15,7 @@ use hybroker::model::price::Market;
 use serde_json::json;
 
 use crate::arm_fixture::{self, ArmFixture, Fault, Logged};
+use crate::common::DEADLINE;
 
 const SITE: &str = "azure-westeurope";
 const BROKER: &str = "broker-test";
@@ -225,7 +226,8 @@ async fn azure_quota_and_allocation_errors_are_classified_the_latter_from_the_po
     assert!(fixture.vm("hbl-00000000000000e1").is_none());
 
     fixture.fault(Fault::AllocationFailedInPoll);
-    let err = p.launch(&spec("hbl-00000000000000e2", Market::OnDemand)).await.unwrap_err();
+    let launch = p.launch(&spec("hbl-00000000000000e2", Market::OnDemand));
+    let err = tokio::time::timeout(DEADLINE, launch).await.expect("the failed operation was not seen").unwrap_err();
     assert!(matches!(&err, ProviderError::Capacity { code, .. } if code == "AllocationFailed"), "{err:?}");
     assert!(!err.retryable());
     let requests = fixture.requests();
