@@ -226,8 +226,11 @@ async fn azure_quota_and_allocation_errors_are_classified_the_latter_from_the_po
     assert!(fixture.vm("hbl-00000000000000e1").is_none());
 
     fixture.fault(Fault::AllocationFailedInPoll);
-    let launch = p.launch(&spec("hbl-00000000000000e2", Market::OnDemand));
-    let err = tokio::time::timeout(DEADLINE, launch).await.expect("the failed operation was not seen").unwrap_err();
+    let failing = spec("hbl-00000000000000e2", Market::OnDemand);
+    let err = tokio::time::timeout(DEADLINE, p.launch(&failing))
+        .await
+        .expect("the failed operation was not seen")
+        .unwrap_err();
     assert!(matches!(&err, ProviderError::Capacity { code, .. } if code == "AllocationFailed"), "{err:?}");
     assert!(!err.retryable());
     let requests = fixture.requests();
