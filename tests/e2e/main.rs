@@ -1,10 +1,12 @@
 //! End-to-end tests: the real `hybroker` binary's services as separate processes, real mutual TLS,
 //! port 0, conditions waited on with deadlines. One test binary, so it links once.
 
+mod arm_fixture;
 mod bad_input;
 mod bench;
 mod capacity;
 mod capacity_aws;
+mod capacity_azure;
 mod cli;
 mod common;
 mod conformance;
