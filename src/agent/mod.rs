@@ -6,6 +6,7 @@ mod attempt;
 pub mod enroll;
 pub mod executor;
 pub mod gpu;
+pub mod metadata;
 mod renew;
 pub mod sandbox;
 mod session;

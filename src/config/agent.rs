@@ -124,6 +124,21 @@ pub struct AgentSection {
     /// The instance metadata service; default `http://169.254.169.254` (tests serve one on loopback).
     #[serde(default)]
     pub metadata_url: Option<String>,
+    /// How often the metadata service is asked for a spot interruption notice (with `cloud`);
+    /// default 5s on AWS, 1s on Azure.
+    #[serde(default)]
+    pub spot_poll: Option<HumanDuration>,
+}
+
+impl AgentSection {
+    /// `spot_poll`, or the cloud's default.
+    pub fn spot_poll_or_default(&self) -> Option<Duration> {
+        let default = match self.cloud? {
+            CloudKind::Aws => Duration::from_secs(5),
+            CloudKind::Azure => Duration::from_secs(1),
+        };
+        Some(self.spot_poll.map_or(default, |p| p.0))
+    }
 }
 
 /// `agent.cloud`.
@@ -341,6 +356,14 @@ impl AgentConfig {
             problems.push("agent.run_as must name an unprivileged user".into());
         }
         self.sandbox.check(&mut problems);
+        if self.agent.spot_poll.is_some_and(|p| p.0 < Duration::from_millis(50) || p.0 > Duration::from_secs(60)) {
+            problems.push("agent.spot_poll must be 50ms to 60s".into());
+        }
+        if let Some(url) = &self.agent.metadata_url
+            && !url.starts_with("http://")
+        {
+            problems.push(format!("agent.metadata_url {url:?} must start with http://"));
+        }
         let (min, max) = (self.reconnect.min_backoff.0, self.reconnect.max_backoff.0);
         if min.is_zero() || min > max {
             problems.push("reconnect.min_backoff must be more than 0 and at most reconnect.max_backoff".into());
