@@ -288,7 +288,7 @@ async fn execute(
 
 /// An outcome that is an error on the trace: not a success, and not a cancel someone asked for.
 fn failed(outcome: &Outcome) -> bool {
-    !outcome.succeeded() && !matches!(outcome, Outcome::Cancelled)
+    !outcome.succeeded() && !matches!(outcome, Outcome::Cancelled | Outcome::Preempted(_))
 }
 
 async fn run_process(

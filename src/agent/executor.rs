@@ -7,7 +7,9 @@
 //! it is the job itself, as `run_as` when the agent is root. Its stdout and stderr are appended to
 //! `<work_dir>/output.log` and streamed to the caller. On max runtime or cancel the whole group
 //! gets SIGTERM, then SIGKILL after a grace period; when the attempt ends, whatever is left of
-//! the group is killed.
+//! the group is killed. On a spot interruption notice the deadline (RFC 3339) is written to the
+//! file named by `HYBROKER_PREEMPT_FILE` (in the job's environment from the start, under the work
+//! directory's `.hybroker/`), then the group gets SIGTERM, and SIGKILL at the deadline.
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
@@ -32,6 +34,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 
+use super::metadata::SpotNotice;
 use super::sandbox::spec::{InitSpec, SETUP_FAILED};
 
 /// Default time between SIGTERM and SIGKILL on max runtime or cancel.
@@ -51,6 +54,12 @@ const KILL_WAIT: Duration = Duration::from_secs(10);
 /// How long one chunk may wait for room in the caller's channel before chunks are dropped
 /// from the stream (never from the log file).
 const SEND_TIMEOUT: Duration = Duration::from_secs(1);
+/// The agent's files for the job, in its work directory (readable by the job).
+pub const AGENT_FILES_DIR: &str = ".hybroker";
+/// In [`AGENT_FILES_DIR`]: the spot interruption deadline, once there is one.
+pub const PREEMPT_FILE: &str = "preempt";
+/// The variable naming the preempt file.
+pub const PREEMPT_FILE_ENV: &str = "HYBROKER_PREEMPT_FILE";
 /// The agent's variables a job inherits; every other one (config, credentials) is dropped.
 const KEPT_AGENT_ENV: [&str; 4] = ["PATH", "HOME", "LANG", "TZ"];
 
@@ -78,6 +87,8 @@ pub struct Launch {
     pub grace: Duration,
     /// The attempt's sandbox; `None` runs the process directly (`isolation = "none"`).
     pub sandbox: Option<SandboxLaunch>,
+    /// The node's spot interruption notice, once there is one (`None`: not a spot watcher).
+    pub preempt: Option<watch::Receiver<Option<SpotNotice>>>,
 }
 
 /// How to start an attempt in its sandbox: `hybroker sandbox-init` with a spec, in its cgroup.
@@ -108,6 +119,8 @@ pub enum Outcome {
     StartFailed(String),
     /// It hit a limit of its sandbox (memory, disk); the text says which, as people read it.
     LimitReached(String),
+    /// A spot interruption notice stopped it; the text is the notice's reason.
+    Preempted(String),
 }
 
 impl Outcome {
@@ -134,7 +147,7 @@ impl Outcome {
             }
             Outcome::Cancelled => "cancelled".to_owned(),
             Outcome::StartFailed(why) => format!("could not start: {why}"),
-            Outcome::LimitReached(why) => why.clone(),
+            Outcome::LimitReached(why) | Outcome::Preempted(why) => why.clone(),
         }
     }
 }
@@ -144,6 +157,7 @@ enum Stop {
     Exited(std::io::Result<ExitStatus>),
     TimedOut,
     Cancelled,
+    Preempted(SpotNotice),
 }
 
 /// Runs `launch` to its end: output goes to `output` (best effort; the log file has it all) and
@@ -180,18 +194,35 @@ pub async fn run(launch: Launch, output: mpsc::Sender<Vec<u8>>, mut cancel: watc
     let streams = Streams::start(&mut child, log, output);
 
     let deadline = Instant::now().checked_add(launch.max_runtime);
+    let mut preempt = launch.preempt.clone();
     let stop = tokio::select! {
         status = child.wait() => Stop::Exited(status),
         () = until(deadline) => Stop::TimedOut,
         () = cancelled(&mut cancel) => Stop::Cancelled,
+        notice = preempted(&mut preempt) => Stop::Preempted(notice),
     };
     let outcome = match stop {
         Stop::Exited(status) => exited(status),
-        Stop::TimedOut | Stop::Cancelled => {
+        Stop::TimedOut | Stop::Cancelled | Stop::Preempted(_) => {
+            let grace = match &stop {
+                Stop::Preempted(notice) => {
+                    // The deadline first, so that the job's SIGTERM handler finds it.
+                    if let Err(e) = write_preempt_file(&launch.work_dir, &notice.deadline_rfc3339()) {
+                        tracing::warn!(job = %launch.job_id, error = %e, "cannot write the preempt file");
+                    }
+                    notice.time_left(std::time::SystemTime::now())
+                }
+                _ => launch.grace,
+            };
             group.signal(Signal::SIGTERM);
+            if let Stop::Preempted(notice) = &stop {
+                let latency_ms = notice.seen_at.elapsed().as_secs_f64() * 1000.0;
+                tracing::info!(job = %launch.job_id, attempt = launch.attempt, latency_ms, deadline = %notice.deadline_rfc3339(),
+                    "spot interruption notice: SIGTERM sent to the attempt");
+            }
             tokio::select! {
                 _ = child.wait() => {}
-                () = sleep(launch.grace) => {
+                () = sleep(grace) => {
                     group.signal(Signal::SIGKILL);
                     if timeout(KILL_WAIT, child.wait()).await.is_err() {
                         // Stuck in the kernel (a hung driver, say). The attempt does not end before
@@ -203,6 +234,7 @@ pub async fn run(launch: Launch, output: mpsc::Sender<Vec<u8>>, mut cancel: watc
             }
             match stop {
                 Stop::TimedOut => Outcome::TimedOut(launch.max_runtime),
+                Stop::Preempted(notice) => Outcome::Preempted(notice.reason()),
                 _ => Outcome::Cancelled,
             }
         }
@@ -254,6 +286,46 @@ async fn until(deadline: Option<Instant>) {
 async fn cancelled(cancel: &mut watch::Receiver<bool>) {
     if cancel.wait_for(|c| *c).await.is_err() {
         std::future::pending::<()>().await;
+    }
+}
+
+/// Completes with the notice once there is one; never without a notice channel.
+async fn preempted(notices: &mut Option<watch::Receiver<Option<SpotNotice>>>) -> SpotNotice {
+    if let Some(rx) = notices
+        && let Ok(notice) = rx.wait_for(Option::is_some).await
+    {
+        return notice.clone().expect("waited for a notice");
+    }
+    std::future::pending().await
+}
+
+/// Writes the deadline to `<work_dir>/.hybroker/preempt`, following no link the job may have
+/// planted (the directory is opened first without following one, the file is made beside it).
+fn write_preempt_file(work_dir: &Path, deadline: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW)
+        .open(work_dir.join(AGENT_FILES_DIR))?;
+    let path = format!("/proc/self/fd/{}/{PREEMPT_FILE}", dir.as_raw_fd());
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)?;
+    file.write_all(format!("{deadline}\n").as_bytes())
+}
+
+/// Makes `<work_dir>/.hybroker` (0755, the agent's): the job reads the agent's files there.
+fn make_agent_files_dir(work_dir: &Path) -> std::io::Result<()> {
+    let dir = work_dir.join(AGENT_FILES_DIR);
+    match std::fs::DirBuilder::new().mode(0o755).create(&dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && std::fs::symlink_metadata(&dir)?.is_dir() => Ok(()),
+        other => other,
     }
 }
 
@@ -336,7 +408,7 @@ async fn prepare(launch: &Launch) -> Result<Prepared, String> {
         Some(sandbox) => sandbox.spec.user,
         None => credentials.as_ref().map(|c| (c.uid.as_raw(), c.gid.as_raw())),
     };
-    tokio::task::spawn_blocking(move || make_work_dir(&dir, owner))
+    tokio::task::spawn_blocking(move || make_work_dir(&dir, owner).and_then(|()| make_agent_files_dir(&dir)))
         .await
         .map_err(|e| format!("work directory: {e}"))?
         .map_err(|e| format!("work directory {}: {e}", launch.work_dir.display()))?;
@@ -370,6 +442,10 @@ async fn prepare(launch: &Launch) -> Result<Prepared, String> {
         ("HYBROKER_JOB_ID".to_owned(), launch.job_id.clone()),
         ("HYBROKER_ATTEMPT".to_owned(), launch.attempt.to_string()),
         ("CUDA_VISIBLE_DEVICES".to_owned(), launch.cuda_visible_devices.clone()),
+        (
+            PREEMPT_FILE_ENV.to_owned(),
+            launch.work_dir.join(AGENT_FILES_DIR).join(PREEMPT_FILE).to_string_lossy().into_owned(),
+        ),
     ]);
     if let Some(sandbox) = &launch.sandbox {
         return sandboxed_command(launch, sandbox, env, log);

@@ -10,6 +10,7 @@ pub mod metadata;
 mod renew;
 pub mod sandbox;
 mod session;
+mod spot;
 pub mod staging;
 
 use std::collections::HashMap;
@@ -75,6 +76,8 @@ struct Agent {
     tls: Arc<tls::ReloadingClientTls>,
     /// Renews the certificate on the stream (`renew`).
     renewer: Option<renew::Renewer>,
+    /// The spot interruption notice, on a cloud instance (`agent.cloud`).
+    spot: Option<spot::Notices>,
 }
 
 /// Runs the agent until `shutdown` resolves. Attempts still running then are stopped.
@@ -149,8 +152,28 @@ pub async fn run(mut config: AgentConfig, shutdown: impl Future<Output = ()> + S
         limits: Arc::new(staging_limits(&config.staging)),
     };
     let renewer = renew::Renewer::load(&config.tls.cert);
-    let mut agent =
-        Agent { config, identity, probe, attempts: HashMap::new(), events, staging, sandbox, tls: reloading, renewer };
+    let (spot, _spot_watch) = match (config.agent.cloud, config.agent.spot_poll_or_default()) {
+        (Some(cloud), Some(period)) => {
+            let url = config.agent.metadata_url.as_deref().unwrap_or(metadata::DEFAULT_METADATA_URL);
+            let client = metadata::MetadataClient::new(cloud, url)?;
+            let notices = spot::notices();
+            let task = tokio::spawn(spot::watch(client, period, notices.clone()));
+            (Some(notices), Some(AbortOnDrop(task)))
+        }
+        _ => (None, None),
+    };
+    let mut agent = Agent {
+        config,
+        identity,
+        probe,
+        attempts: HashMap::new(),
+        events,
+        staging,
+        sandbox,
+        tls: reloading,
+        renewer,
+        spot,
+    };
     let cert = agent.tls.paths().cert.display().to_string();
     tracing::info!(agent = agent.identity.agent_id(), gpus = agent.probe.gpus().len(), cert, "agent starting");
     session::run_sessions(&mut agent, client_tls, &mut event_rx, shutdown).await;
@@ -280,6 +303,7 @@ impl Agent {
             run_as: self.config.agent.run_as.clone().filter(|_| self.sandbox.init_program().is_none()),
             grace: executor::DEFAULT_GRACE,
             sandbox: None,
+            preempt: self.spot.as_ref().map(|notices| notices.subscribe()),
         };
         let (staging, events) = (self.staging.clone(), self.events.clone());
         tokio::spawn(async move {
@@ -314,6 +338,7 @@ impl Agent {
                 report.staging = ended.staging;
                 (report.phase, report.reason) = match ended.staging_error {
                     Some(why) => (Phase::StagingFailed, why),
+                    None if matches!(outcome, Outcome::Preempted(_)) => (Phase::Preempted, outcome.reason()),
                     None if matches!(outcome, Outcome::Exited(_)) => (Phase::Exited, outcome.reason()),
                     None => (Phase::Failed, outcome.reason()),
                 };

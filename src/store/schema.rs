@@ -118,4 +118,9 @@ CREATE TABLE admin_events (
     detail TEXT NOT NULL DEFAULT ''
 );
 "#,
+    // 9 (8 is the launch records'): attempts a spot interruption ended, which do not count
+    // toward max_attempts.
+    r#"
+ALTER TABLE jobs ADD COLUMN preemptions INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
