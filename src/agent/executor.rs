@@ -408,10 +408,17 @@ async fn prepare(launch: &Launch) -> Result<Prepared, String> {
         Some(sandbox) => sandbox.spec.user,
         None => credentials.as_ref().map(|c| (c.uid.as_raw(), c.gid.as_raw())),
     };
-    tokio::task::spawn_blocking(move || make_work_dir(&dir, owner).and_then(|()| make_agent_files_dir(&dir)))
-        .await
-        .map_err(|e| format!("work directory: {e}"))?
-        .map_err(|e| format!("work directory {}: {e}", launch.work_dir.display()))?;
+    tokio::task::spawn_blocking(move || {
+        make_work_dir(&dir, owner)?;
+        // Without it the job still runs; only a spot notice's deadline cannot reach it.
+        if let Err(e) = make_agent_files_dir(&dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot make the agent's files directory");
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await
+    .map_err(|e| format!("work directory: {e}"))?
+    .map_err(|e| format!("work directory {}: {e}", launch.work_dir.display()))?;
     let log_path = launch.work_dir.join(OUTPUT_LOG);
     // O_NOFOLLOW: the directory belongs to the job's user, who must not point the agent elsewhere.
     let log = tokio::fs::OpenOptions::new()

@@ -211,6 +211,8 @@ impl Core {
                     out.send(agent, AgentMessage::Ack { job_id: r.job_id.clone(), epoch: r.epoch });
                 }
                 let reason = if r.phase == Phase::Preempted {
+                    // The instance is going away: no new work for its agent.
+                    let _ = self.set_draining(agent, true, "spot interruption notice", out);
                     // capacity: mark the attempt's (site, instance type, spot) pool unavailable here.
                     job.tail = Tail::new(self.settings.log_tail_bytes);
                     format!(
