@@ -207,7 +207,8 @@ pub async fn run(launch: Launch, output: mpsc::Sender<Vec<u8>>, mut cancel: watc
             let grace = match &stop {
                 Stop::Preempted(notice) => {
                     // The deadline first, so that the job's SIGTERM handler finds it.
-                    if let Err(e) = write_preempt_file(&launch.work_dir, &notice.deadline_rfc3339()) {
+                    let deadline = format!("{}\n", notice.deadline_rfc3339());
+                    if let Err(e) = write_agent_file(&launch.work_dir, PREEMPT_FILE, deadline.as_bytes()) {
                         tracing::warn!(job = %launch.job_id, error = %e, "cannot write the preempt file");
                     }
                     notice.time_left(std::time::SystemTime::now())
@@ -299,9 +300,10 @@ async fn preempted(notices: &mut Option<watch::Receiver<Option<SpotNotice>>>) ->
     std::future::pending().await
 }
 
-/// Writes the deadline to `<work_dir>/.hybroker/preempt`, following no link the job may have
-/// planted (the directory is opened first without following one, the file is made beside it).
-fn write_preempt_file(work_dir: &Path, deadline: &str) -> std::io::Result<()> {
+/// Writes `<work_dir>/.hybroker/<name>` (the preempt file, a checkpoint marker), following no
+/// link the job may have planted (the directory is opened first without following one, the file
+/// is made in it without following one either).
+pub fn write_agent_file(work_dir: &Path, name: &str, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
@@ -309,7 +311,7 @@ fn write_preempt_file(work_dir: &Path, deadline: &str) -> std::io::Result<()> {
         .read(true)
         .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW)
         .open(work_dir.join(AGENT_FILES_DIR))?;
-    let path = format!("/proc/self/fd/{}/{PREEMPT_FILE}", dir.as_raw_fd());
+    let path = format!("/proc/self/fd/{}/{name}", dir.as_raw_fd());
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -317,7 +319,7 @@ fn write_preempt_file(work_dir: &Path, deadline: &str) -> std::io::Result<()> {
         .mode(0o644)
         .custom_flags(nix::libc::O_NOFOLLOW)
         .open(path)?;
-    file.write_all(format!("{deadline}\n").as_bytes())
+    file.write_all(contents)
 }
 
 /// Makes `<work_dir>/.hybroker` (0755, the agent's): the job reads the agent's files there.

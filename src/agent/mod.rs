@@ -3,6 +3,7 @@
 //! attempts while the broker is away, and reports them again when it reconnects.
 
 mod attempt;
+mod checkpoint;
 pub mod enroll;
 pub mod executor;
 pub mod gpu;
@@ -287,6 +288,11 @@ impl Agent {
     ) {
         let work_dir: PathBuf = self.config.agent.work_dir.join(&a.job_id).join(format!("attempt-{}", a.attempt));
         let data = attempt::AttemptData::from_assignment(&a);
+        let mut env: std::collections::BTreeMap<String, String> = a.env.into_iter().collect();
+        if data.checkpoint.is_some() {
+            let request = work_dir.join(checkpoint::REQUEST_FILE);
+            env.insert(checkpoint::REQUEST_ENV.to_string(), request.to_string_lossy().into_owned());
+        }
         let plan = attempt::SandboxPlan {
             sandbox: self.sandbox.clone(),
             resources: sandbox::AttemptResources { cpus: a.cpus, memory_gib: a.memory_gib },
@@ -296,7 +302,7 @@ impl Agent {
             job_id: a.job_id.clone(),
             attempt: a.attempt,
             command: a.command,
-            env: a.env.into_iter().collect(),
+            env,
             cuda_visible_devices,
             max_runtime: Duration::from_millis(a.max_runtime_ms),
             work_dir,

@@ -157,6 +157,7 @@ impl ActiveJob {
             trace_context,
             cpus: self.spec.resources.cpus,
             memory_gib: self.spec.resources.memory_gib,
+            checkpoint_path: data.and_then(|d| d.checkpoint.as_ref()).map(|c| c.path.clone()),
         })
     }
 
