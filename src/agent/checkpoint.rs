@@ -14,8 +14,8 @@ use std::time::UNIX_EPOCH;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use super::executor::{self, AGENT_FILES_DIR};
 use super::staging::{self, CompletedUpload, FoundFile, InputFile, Progress, StagingLimits, UploadPlan, UrlSource};
+use super::work_files::{AGENT_FILES_DIR, write_agent_file};
 use crate::model::presigned::Presigned;
 use crate::proto::{self, agent_service_client::AgentServiceClient};
 use crate::telemetry::grpc::TracedChannel;
@@ -152,8 +152,7 @@ impl Checkpointer {
 
     async fn upload_marker(&self, marker: &Marker) -> Result<(), String> {
         let json = serde_json::to_vec(marker).map_err(|e| e.to_string())?;
-        executor::write_agent_file(&self.work_dir, MARKER_FILE, &json)
-            .map_err(|e| format!("checkpoint marker: {e}"))?;
+        write_agent_file(&self.work_dir, MARKER_FILE, &json).map_err(|e| format!("checkpoint marker: {e}"))?;
         let local = format!("{AGENT_FILES_DIR}/{MARKER_FILE}");
         let source = self.source(self.attempt, Vec::new(), vec![MARKER.to_string()]);
         staging::stage_out(&self.http, &source, &self.work_dir, &[local], &self.limits, &quiet)
@@ -263,7 +262,7 @@ impl UrlSource for CheckpointUrls {
             .collect::<Result<Vec<_>, String>>()?;
         let req = proto::PlanOutputsRequest { job_id: self.job_id.clone(), epoch: self.epoch, files };
         let resp = self.client.clone().plan_outputs(req).await.map_err(|s| s.message().to_string())?;
-        super::attempt::upload_plans(resp.into_inner())
+        super::urls::upload_plans(resp.into_inner())
     }
 
     async fn part_urls(&self, _: u32, key: &str, upload_id: &str, numbers: &[u32]) -> Result<Vec<Presigned>, String> {
@@ -280,7 +279,7 @@ impl UrlSource for CheckpointUrls {
     }
 
     async fn complete_outputs(&self, uploads: Vec<CompletedUpload>) -> Result<(), String> {
-        let uploads = uploads.into_iter().map(|u| super::attempt::completed(CHECKPOINT_OUTPUT, u)).collect();
+        let uploads = uploads.into_iter().map(|u| super::urls::completed(CHECKPOINT_OUTPUT, u)).collect();
         let req = proto::CompleteOutputsRequest { job_id: self.job_id.clone(), epoch: self.epoch, uploads };
         self.client.clone().complete_outputs(req).await.map_err(|s| s.message().to_string())?;
         Ok(())

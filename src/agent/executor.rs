@@ -36,6 +36,7 @@ use tokio::time::{Instant, sleep, sleep_until, timeout};
 
 use super::metadata::SpotNotice;
 use super::sandbox::spec::{InitSpec, SETUP_FAILED};
+use super::work_files::{AGENT_FILES_DIR, PREEMPT_FILE, PREEMPT_FILE_ENV, make_agent_files_dir, write_agent_file};
 
 /// Default time between SIGTERM and SIGKILL on max runtime or cancel.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
@@ -54,12 +55,6 @@ const KILL_WAIT: Duration = Duration::from_secs(10);
 /// How long one chunk may wait for room in the caller's channel before chunks are dropped
 /// from the stream (never from the log file).
 const SEND_TIMEOUT: Duration = Duration::from_secs(1);
-/// The agent's files for the job, in its work directory (readable by the job).
-pub const AGENT_FILES_DIR: &str = ".hybroker";
-/// In [`AGENT_FILES_DIR`]: the spot interruption deadline, once there is one.
-pub const PREEMPT_FILE: &str = "preempt";
-/// The variable naming the preempt file.
-pub const PREEMPT_FILE_ENV: &str = "HYBROKER_PREEMPT_FILE";
 /// The agent's variables a job inherits; every other one (config, credentials) is dropped.
 const KEPT_AGENT_ENV: [&str; 4] = ["PATH", "HOME", "LANG", "TZ"];
 
@@ -298,37 +293,6 @@ async fn preempted(notices: &mut Option<watch::Receiver<Option<SpotNotice>>>) ->
         return notice.clone().expect("waited for a notice");
     }
     std::future::pending().await
-}
-
-/// Writes `<work_dir>/.hybroker/<name>` (the preempt file, a checkpoint marker), following no
-/// link the job may have planted (the directory is opened first without following one, the file
-/// is made in it without following one either).
-pub fn write_agent_file(work_dir: &Path, name: &str, contents: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW)
-        .open(work_dir.join(AGENT_FILES_DIR))?;
-    let path = format!("/proc/self/fd/{}/{name}", dir.as_raw_fd());
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o644)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(path)?;
-    file.write_all(contents)
-}
-
-/// Makes `<work_dir>/.hybroker` (0755, the agent's): the job reads the agent's files there.
-fn make_agent_files_dir(work_dir: &Path) -> std::io::Result<()> {
-    let dir = work_dir.join(AGENT_FILES_DIR);
-    match std::fs::DirBuilder::new().mode(0o755).create(&dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && std::fs::symlink_metadata(&dir)?.is_dir() => Ok(()),
-        other => other,
-    }
 }
 
 /// The attempt's process group; SIGKILLed when dropped, so even an aborted `run` leaves no

@@ -13,6 +13,8 @@ pub mod sandbox;
 mod session;
 mod spot;
 pub mod staging;
+mod urls;
+mod work_files;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -48,7 +48,7 @@ pub(super) async fn watch(client: MetadataClient, period: Duration, notices: Not
             Ok(Some(notice)) => break notice,
             Ok(None) => failures = 0,
             Err(e) => {
-                if failures % WARN_EVERY == 0 {
+                if failures.is_multiple_of(WARN_EVERY) {
                     tracing::warn!(failures, "spot watch: {e}");
                 }
                 failures += 1;

@@ -313,6 +313,36 @@ mod tests {
             choices: Vec::new(),
         };
         assert_eq!(o.attempt_prefix("acme", "j1", 2), "runs/acme/j1/attempt-2/");
+        assert_eq!(o.checkpoint_prefix("acme", "j1", 2), "runs/acme/j1/attempt-2/checkpoint/");
         assert_eq!(o.attempt_uri("acme", "j1", 2), "az://acct/results/runs/acme/j1/attempt-2/");
+    }
+
+    #[test]
+    fn a_checkpoint_that_follows_the_first_output_takes_its_chosen_location() {
+        let choices = vec![
+            OutputChoice { location: "eu1".into(), to: "s3://eu1/acme/".into(), prefix: "acme/".into() },
+            OutputChoice { location: "eu2".into(), to: "s3://eu2/x/".into(), prefix: "x/".into() },
+        ];
+        let open = OutputTarget {
+            path: "out/".into(),
+            location: String::new(),
+            to: String::new(),
+            prefix: String::new(),
+            residency: Some("eu".into()),
+            choices,
+        };
+        let data = JobData {
+            inputs: Vec::new(),
+            outputs: vec![open.clone()],
+            checkpoint: Some(OutputTarget { path: "ckpt/".into(), ..open }),
+        };
+        assert!(!data.outputs_resolved(), "the checkpoint waits for placement too");
+        let chosen = data.with_chosen_outputs(&["eu2".into()]);
+        assert!(chosen.outputs_resolved());
+        let checkpoint = chosen.checkpoint.unwrap();
+        assert_eq!(
+            (checkpoint.path.as_str(), checkpoint.location.as_str(), checkpoint.prefix.as_str()),
+            ("ckpt/", "eu2", "x/")
+        );
     }
 }

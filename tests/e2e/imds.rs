@@ -106,21 +106,21 @@ async fn aws_token(State(s): Shared, headers: HeaderMap) -> Response {
     token.into_response()
 }
 
-/// `Err(401)` unless the request carries a live token.
-fn check_token(s: &mut Served, headers: &HeaderMap) -> Result<(), Response> {
+/// 401 unless the request carries a live token.
+fn check_token(s: &mut Served, headers: &HeaderMap) -> Result<(), StatusCode> {
     let token = headers.get("x-aws-ec2-metadata-token").and_then(|v| v.to_str().ok()).unwrap_or_default();
     if s.tokens.iter().any(|(t, end)| t == token && Instant::now() < *end) {
         Ok(())
     } else {
         s.refused += 1;
-        Err(StatusCode::UNAUTHORIZED.into_response())
+        Err(StatusCode::UNAUTHORIZED)
     }
 }
 
 async fn aws_instance_id(State(s): Shared, headers: HeaderMap) -> Response {
     let mut s = s.lock().unwrap();
     if let Err(refused) = check_token(&mut s, &headers) {
-        return refused;
+        return refused.into_response();
     }
     s.instance_id.clone().into_response()
 }
@@ -128,7 +128,7 @@ async fn aws_instance_id(State(s): Shared, headers: HeaderMap) -> Response {
 async fn aws_instance_action(State(s): Shared, headers: HeaderMap) -> Response {
     let mut s = s.lock().unwrap();
     if let Err(refused) = check_token(&mut s, &headers) {
-        return refused;
+        return refused.into_response();
     }
     let Some((action, deadline)) = s.notice.clone() else { return StatusCode::NOT_FOUND.into_response() };
     s.first_served.get_or_insert_with(SystemTime::now);
@@ -136,13 +136,13 @@ async fn aws_instance_action(State(s): Shared, headers: HeaderMap) -> Response {
     Json(serde_json::json!({ "action": action, "time": time })).into_response()
 }
 
-/// `Err(400)` without `Metadata: true`, as Azure answers.
-fn check_metadata_header(s: &mut Served, headers: &HeaderMap) -> Result<(), Response> {
+/// 400 without `Metadata: true`, as Azure answers.
+fn check_metadata_header(s: &mut Served, headers: &HeaderMap) -> Result<(), StatusCode> {
     if headers.get("metadata").and_then(|v| v.to_str().ok()) == Some("true") {
         Ok(())
     } else {
         s.refused += 1;
-        Err(StatusCode::BAD_REQUEST.into_response())
+        Err(StatusCode::BAD_REQUEST)
     }
 }
 
@@ -156,7 +156,7 @@ struct AzureQuery {
 async fn azure_name(State(s): Shared, Query(q): Query<AzureQuery>, headers: HeaderMap) -> Response {
     let mut s = s.lock().unwrap();
     if let Err(refused) = check_metadata_header(&mut s, &headers) {
-        return refused;
+        return refused.into_response();
     }
     if q.api_version != "2021-02-01" || q.format.as_deref() != Some("text") {
         return StatusCode::BAD_REQUEST.into_response();
@@ -167,7 +167,7 @@ async fn azure_name(State(s): Shared, Query(q): Query<AzureQuery>, headers: Head
 async fn azure_events(State(s): Shared, Query(q): Query<AzureQuery>, headers: HeaderMap) -> Response {
     let mut s = s.lock().unwrap();
     if let Err(refused) = check_metadata_header(&mut s, &headers) {
-        return refused;
+        return refused.into_response();
     }
     if q.api_version != "2020-07-01" {
         return StatusCode::BAD_REQUEST.into_response();
@@ -192,7 +192,7 @@ async fn azure_events(State(s): Shared, Query(q): Query<AzureQuery>, headers: He
 async fn azure_ack(State(s): Shared, headers: HeaderMap, Json(body): Json<serde_json::Value>) -> Response {
     let mut s = s.lock().unwrap();
     if let Err(refused) = check_metadata_header(&mut s, &headers) {
-        return refused;
+        return refused.into_response();
     }
     let ids = body["StartRequests"].as_array().cloned().unwrap_or_default();
     for id in ids.iter().filter_map(|r| r["EventId"].as_str()) {

@@ -188,3 +188,26 @@ async fn the_metadata_client_refreshes_imdsv2_tokens_and_reads_notices() {
     assert_eq!(imds.acknowledged(), [EVENT_ID]);
     assert_eq!(azure.spot_notice("i-0fedcba9876543210").await.unwrap(), None, "gone once acknowledged");
 }
+
+#[tokio::test]
+async fn a_checkpoint_is_refused_where_an_output_would_be() {
+    let cluster = Cluster::start_with(Duration::from_secs(5), &[], |dir| {
+        let broker_extra = format!(
+            "[[tenant]]\nname = \"acme\"\nstorage = [\"local://lab/acme/\"]\n\
+             [[storage]]\nname = \"lab\"\ncloud = \"local\"\ndir = \"{}\"\n",
+            dir.join("objects").display()
+        );
+        Setup { broker_extra: Some(broker_extra), ..Setup::default() }
+    })
+    .await;
+    let outside = "name: x\ncommand: [true]\ncheckpoint: {path: ckpt/, to: 'local://lab/globex/'}\n";
+    let refused = submit_as(&cluster, "acme", outside).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(refused.message().contains("checkpoint.to: tenant acme may not use local://lab/globex/"), "{refused:?}");
+    let unknown = "name: x\ncommand: [true]\ncheckpoint: {path: ckpt/, to: 's3://nowhere/x/'}\n";
+    let refused = submit_as(&cluster, "acme", unknown).await.unwrap_err();
+    assert!(
+        refused.message().contains("checkpoint.to: s3://nowhere is not a configured storage location"),
+        "{refused:?}"
+    );
+}
