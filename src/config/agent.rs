@@ -383,3 +383,35 @@ impl AgentConfig {
         finish(path, problems)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str =
+        "[agent]\nbroker_url = \"https://b:1\"\nwork_dir = \"w\"\n[tls]\nca_cert = \"a\"\ncert = \"b\"\nkey = \"c\"\n";
+
+    fn parse(extra: &str, vars: &[(&str, &str)]) -> AgentConfig {
+        let vars = vars.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        super::super::parse_toml(&format!("{BASE}{extra}"), Path::new("agent.toml"), vars).unwrap()
+    }
+
+    #[test]
+    fn spot_polling_defaults_by_cloud_and_is_overridable() {
+        assert_eq!(parse("", &[]).agent.spot_poll_or_default(), None, "no cloud, no watch");
+        let aws = parse("", &[("HYBROKER_AGENT__CLOUD", "aws")]);
+        assert_eq!(aws.agent.spot_poll_or_default(), Some(Duration::from_secs(5)));
+        let azure = parse("", &[("HYBROKER_AGENT__CLOUD", "azure")]);
+        assert_eq!(azure.agent.spot_poll_or_default(), Some(Duration::from_secs(1)));
+        let fast = parse("", &[("HYBROKER_AGENT__CLOUD", "azure"), ("HYBROKER_AGENT__SPOT_POLL", "200ms")]);
+        assert_eq!(fast.agent.spot_poll_or_default(), Some(Duration::from_millis(200)));
+    }
+
+    #[test]
+    fn bad_spot_settings_are_reported_together() {
+        let c = parse("", &[("HYBROKER_AGENT__SPOT_POLL", "1ms"), ("HYBROKER_AGENT__METADATA_URL", "https://imds")]);
+        let err = c.validate(Path::new("agent.toml")).unwrap_err().to_string();
+        assert!(err.contains("agent.spot_poll must be 50ms to 60s"), "{err}");
+        assert!(err.contains("agent.metadata_url \"https://imds\" must start with http://"), "{err}");
+    }
+}
