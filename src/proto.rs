@@ -179,6 +179,7 @@ impl From<store::JobRecord> for Job {
             state: s.state.to_string(),
             spec_json: j.spec_json,
             attempts: s.attempts,
+            preemptions: s.preemptions,
             max_attempts: j.max_attempts,
             site: s.site.unwrap_or_default(),
             agent: s.agent.unwrap_or_default(),

@@ -138,7 +138,7 @@ async fn preempted_then_resumed(cloud: &str, instance: &str) -> Duration {
     }
     assert_eq!((job.agent.as_str(), job.attempts, job.max_attempts), ("lab/od", 2, 1));
     let job = wait_job(&admin, &id, "the job done on demand", |j| j.state == "succeeded").await;
-    assert_eq!(job.attempts, 2);
+    assert_eq!((job.attempts, job.preemptions, job.max_attempts), (2, 1, 1));
     let log = output(&mut admin, &id, 2).await;
     assert!(log.contains("resumed from step-2, weights") && log.contains("attempt 2 ran"), "{log}");
     let events = watch_to_end(&mut admin, &id).await;
