@@ -51,15 +51,15 @@ type Seen = BTreeMap<String, (u64, i128)>;
 
 /// One attempt's checkpoint.
 pub(super) struct Checkpointer {
-    pub http: reqwest::Client,
-    pub broker: AgentServiceClient<TracedChannel>,
-    pub limits: std::sync::Arc<StagingLimits>,
-    pub job_id: String,
-    pub epoch: u64,
-    pub attempt: u32,
-    pub work_dir: PathBuf,
+    http: reqwest::Client,
+    broker: AgentServiceClient<TracedChannel>,
+    limits: std::sync::Arc<StagingLimits>,
+    job_id: String,
+    epoch: u64,
+    attempt: u32,
+    work_dir: PathBuf,
     /// The checkpoint directory, relative to the work directory, without a trailing `/`.
-    pub path: String,
+    path: String,
     /// What the last save uploaded.
     uploaded: Option<Seen>,
 }
