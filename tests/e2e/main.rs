@@ -8,6 +8,8 @@ mod capacity;
 mod capacity_aws;
 mod capacity_azure;
 mod cli;
+mod cloud_aws;
+mod cloud_init;
 mod common;
 mod conformance;
 mod data;

@@ -213,7 +213,10 @@ impl Core {
                 let reason = if r.phase == Phase::Preempted {
                     // The instance is going away: no new work for its agent.
                     let _ = self.set_draining(agent, true, "spot interruption notice", out);
-                    // capacity: mark the attempt's (site, instance type, spot) pool unavailable here.
+                    // Its pool is left out for a while: the job goes on-demand or elsewhere.
+                    if let Some(chosen) = job.decision.as_ref().and_then(|d| d.chosen.clone()) {
+                        self.pool_interrupted(&chosen.site, &chosen.offer);
+                    }
                     job.tail = Tail::new(self.settings.log_tail_bytes);
                     format!(
                         "{reason}; placed again (attempt {} not counted: {} of max_attempts {} used)",
