@@ -20,6 +20,10 @@ use crate::imds::Imds;
 struct Booted {
     agent: Child,
     _imds: Imds,
+    /// How to start the agent again (systemd's `Restart=on-failure`).
+    config: String,
+    log: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 impl Drop for Booted {
@@ -63,13 +67,23 @@ impl CloudInit {
             ("HYBROKER_SANDBOX__UID_LOCK_DIR", format!("\"{}\"", root.join("uids").display())),
         ];
         let env: Vec<(String, String)> = env.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-        let config = played.agent_config.to_str().unwrap();
-        let agent = spawn_with(&["agent", "--config", config], &root.join("agent.log"), &env);
-        self.booted.lock().unwrap().insert(instance_id.to_string(), Booted { agent, _imds: imds });
+        let config = played.agent_config.to_str().unwrap().to_string();
+        let log = root.join("agent.log");
+        let agent = spawn_with(&["agent", "--config", &config], &log, &env);
+        self.booted.lock().unwrap().insert(instance_id.to_string(), Booted { agent, _imds: imds, config, log, env });
     }
 
-    /// The instance is gone: its agent dies with it.
-    pub fn gone(&self, instance_id: &str) {
-        self.booted.lock().unwrap().remove(instance_id);
+    /// Starts again every agent that exited, as systemd would (`Restart=on-failure`).
+    pub fn revive(&self) {
+        for booted in self.booted.lock().unwrap().values_mut() {
+            if booted.agent.try_wait().ok().flatten().is_some() {
+                booted.agent = spawn_with(&["agent", "--config", &booted.config], &booted.log, &booted.env);
+            }
+        }
+    }
+
+    /// Instances not in `alive` are gone: their agents die with them.
+    pub fn keep_only(&self, alive: &[&str]) {
+        self.booted.lock().unwrap().retain(|id, _| alive.contains(&id.as_str()));
     }
 }

@@ -47,11 +47,24 @@ impl Moto {
             let values = params.iter().filter(|(k, _)| k.starts_with(&format!("Filter.{n}.Value."))).count();
             params.push((format!("Filter.{n}.Value.{}", values + 1), (*value).to_owned()));
         }
-        let xml = self.ec2_call("DescribeInstances", &params).await;
-        let answer: wire::Describe = quick_xml::de::from_str(&xml).unwrap_or_else(|e| panic!("{e}: {xml}"));
-        let reservations = answer.reservation_set.map(|s| s.item).unwrap_or_default();
-        let wires = reservations.into_iter().flat_map(|r| r.instances_set.map(|s| s.item).unwrap_or_default());
-        wires.map(wire::Instance::into_instance).collect()
+        // Every page (moto answers at most 100 reservations at once).
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut page = params.clone();
+            if let Some(t) = &token {
+                page.push(("NextToken".to_owned(), t.clone()));
+            }
+            let xml = self.ec2_call("DescribeInstances", &page).await;
+            let answer: wire::Describe = quick_xml::de::from_str(&xml).unwrap_or_else(|e| panic!("{e}: {xml}"));
+            let reservations = answer.reservation_set.map(|s| s.item).unwrap_or_default();
+            let wires = reservations.into_iter().flat_map(|r| r.instances_set.map(|s| s.item).unwrap_or_default());
+            out.extend(wires.map(wire::Instance::into_instance));
+            match answer.next_token.filter(|t| !t.is_empty()) {
+                Some(t) => token = Some(t),
+                None => return out,
+            }
+        }
     }
 
     /// The instances of one launch (by its `hybroker-launch` tag).
@@ -125,6 +138,7 @@ mod wire {
     #[serde(rename_all = "camelCase")]
     pub struct Describe {
         pub reservation_set: Option<Set<Reservation>>,
+        pub next_token: Option<String>,
     }
 
     #[derive(Deserialize)]
