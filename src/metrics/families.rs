@@ -170,9 +170,11 @@ pub static FAMILIES: &[Family] = &[
     ),
     family(
         "hybroker_capacity_usd_total",
-        Gauge,
-        "Instance-hours × $/h this month per elastic site: part used (time running attempts, charged to \
-         tenants) and idle (charged to the site).",
+        Counter,
+        "Instance-hours × $/h this month per elastic site, launch to termination: part used (time running \
+         attempts, charged to tenants) and idle (charged to the site). Set from the broker's launch records \
+         on its tick; it starts again from the month's total after a restart and falls at a new month \
+         (a counter reset to PromQL's increase and rate).",
         &["site", "part"],
     ),
     family(

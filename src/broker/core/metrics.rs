@@ -58,7 +58,8 @@ impl Core {
     }
 
     /// Each elastic site's live instances by state and its spend this month, used and idle (the
-    /// view `hybroker sites` shows; declared at start, so a site without instances reads 0).
+    /// view `hybroker sites` shows; declared at start, so a site without instances reads 0). The
+    /// spend is a counter set from the launch records: it only grows within a month.
     fn publish_capacity_gauges(&self) {
         let views = self.site_views();
         let mut instances: BTreeMap<(&str, &str), f64> = BTreeMap::new();
