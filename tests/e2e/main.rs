@@ -26,6 +26,7 @@ mod restart;
 mod revocation;
 mod sandbox;
 mod secrets;
+mod sites;
 mod stores;
 mod tenants;
 mod traces;
