@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the object-storage emulators the e2e tests start (tests/e2e/emulators.rs), idempotently,
 # into ${HYBROKER_EMULATORS:-$HOME/.cache/hybroker/emulators}:
-#   moto/     a Python venv with moto's S3 server   (bin/moto_server)
+#   moto/     a Python venv with moto's server      (bin/moto_server: S3, and EC2 for the capacity tests)
 #   azurite/  Azurite's Blob service from npm        (node_modules/.bin/azurite-blob)
 # and promtool (Debian's `prometheus` package), which checks deploy/prometheus (tests/e2e/deploy.rs).
 # A tool already installed at the pinned version is skipped. Prints one line per tool with the time

@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::core::{Call, CallResult, CapacityCmd, Cmd, StepReply};
 use super::revocations::RevocationAdmin;
+use crate::capacity::aws::{AwsProvider, AwsSettings};
 use crate::capacity::local::LocalProvider;
 use crate::capacity::user_data::{self, Boot};
 use crate::capacity::{LaunchSpec, Provider, ProviderError};
@@ -71,6 +72,19 @@ pub async fn providers(config: &BrokerConfig) -> anyhow::Result<HashMap<String, 
                     dir,
                     isolation: if local.isolation.is_empty() { "auto".into() } else { local.isolation },
                 })
+            }
+            ProviderKind::Aws => {
+                let settings = AwsSettings {
+                    site: site.name.clone(),
+                    region: site.region.clone(),
+                    broker: config.broker.name.clone(),
+                    launch: capacity.aws.clone().unwrap_or_default(),
+                    static_credentials: None,
+                };
+                let provider = AwsProvider::new(settings)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("site {}: capacity provider aws: {e}", site.name))?;
+                Arc::new(provider)
             }
             other => anyhow::bail!(
                 "site {}: capacity provider {} is not built into this broker yet",

@@ -89,7 +89,10 @@ impl LocalProvider {
             _ => String::new(),
         };
         let mut cmd = std::process::Command::new(&self.binary);
-        cmd.arg("agent")
+        // A fresh VM's environment: none of the broker's (its cloud credentials, its HYBROKER_*).
+        cmd.env_clear()
+            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .arg("agent")
             .arg("--config")
             .arg(&agent_config)
             .env("HYBROKER_AGENT__SIMULATE_GPUS", format!("\"{gpus}\""))

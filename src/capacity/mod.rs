@@ -18,6 +18,7 @@ use async_trait::async_trait;
 use crate::model::UnixMillis;
 use crate::model::price::Market;
 
+pub mod aws;
 pub mod local;
 pub mod user_data;
 

@@ -95,7 +95,7 @@ pub fn render(boot: &Boot<'_>) -> String {
     tls.insert("key".into(), format!("{VAR}/tls/agent-key.pem").into());
     agent.insert("tls".into(), tls.into());
     let mut metrics = toml::Table::new();
-    metrics.insert("listen".into(), "0.0.0.0:9464".into());
+    metrics.insert("listen".into(), "0.0.0.0:9466".into());
     agent.insert("metrics".into(), metrics.into());
     let doc = CloudConfig {
         write_files: vec![
@@ -194,5 +194,31 @@ mod tests {
         let mode = std::fs::metadata(&played.join_file).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(play("#!/bin/sh\necho", root.path()).is_err());
+    }
+
+    /// `deploy/image/cloud-init.yaml` is what a launch's user data looks like (placeholders for the
+    /// token and bundle), and stays playable.
+    #[test]
+    fn the_sample_cloud_init_is_a_launch_s_user_data() {
+        let sample = include_str!("../../deploy/image/cloud-init.yaml");
+        let boot = Boot {
+            launch_id: "hbl-0123456789abcdef",
+            site: "aws-eu-west-1",
+            cloud: Some("aws"),
+            node: None,
+            token: "hbj_0123456789abcdef_00000000000000000000000000000000",
+            trust_domain: "acme.example",
+            enroll_url: "https://broker.acme.example:7444",
+            broker_url: "https://broker.acme.example:7443",
+            server_name: None,
+            ca_bundle: "-----BEGIN CERTIFICATE-----\n(the broker's tls.ca_cert)\n-----END CERTIFICATE-----\n",
+        };
+        let rendered = render(&boot);
+        let body = |t: &str| t.lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n");
+        assert_eq!(body(sample), body(&rendered), "regenerate deploy/image/cloud-init.yaml from render():\n{rendered}");
+        let root = tempfile::tempdir().unwrap();
+        let played = play(sample, root.path()).unwrap();
+        let join: toml::Table = toml::from_str(&std::fs::read_to_string(&played.join_file).unwrap()).unwrap();
+        assert!(join["token"].as_str().unwrap().starts_with("hbj_"));
     }
 }

@@ -20,6 +20,7 @@ use crate::config::{
     StorageConfig, StoreSection, TenantConfig,
 };
 use crate::gateway::api::{AgentList, Job, Submitted};
+use crate::model::capacity::LocalLaunch;
 use crate::model::identity::Role;
 use crate::pki::{self, IssueRequest};
 use crate::placement::engine::Decision;
@@ -46,13 +47,13 @@ const POEMS: &[(&str, &str)] = &[
 const TRUST_DOMAIN: &str = "quickstart.hybroker.local";
 const DEMO_TENANT: &str = "demo";
 const SITE: &str = "lab-sto";
-/// (site, node, simulated GPUs): the on-prem site's two nodes and one simulated node per cloud site.
-const AGENTS: &[(&str, &str, &str)] = &[
-    (SITE, "gpu-node-1", "4xH100-80GB"),
-    (SITE, "gpu-node-2", "2xL4-24GB"),
-    ("aws-us-east-1", "aws-node-1", "8xH100-80GB,1xL4-24GB"),
-    ("azure-westeurope", "azure-node-1", "1xA100-80GB"),
-];
+/// (site, node, simulated GPUs): the on-prem site's two nodes. The cloud sites start empty: their
+/// `local` capacity provider launches an agent process per instance when placement sends work.
+const AGENTS: &[(&str, &str, &str)] = &[(SITE, "gpu-node-1", "4xH100-80GB"), (SITE, "gpu-node-2", "2xL4-24GB")];
+/// The elastic sites, scaled from zero by the `local` provider.
+const CLOUD_SITES: &[&str] = &["aws-us-east-1", "azure-westeurope"];
+/// How long the quickstart waits for idle instances to be retired.
+const RETIRE_DEADLINE: Duration = Duration::from_secs(60);
 /// The sites and residency groups placement chooses among, with the offline price snapshot.
 const SITES: &str = r#"
 [[residency]]
@@ -160,7 +161,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
         std::fs::write(poems.join(name), text)?;
     }
 
-    let sites: Sites = toml::from_str(SITES).expect("the quickstart's sites parse");
+    let mut sites: Sites = toml::from_str(SITES).expect("the quickstart's sites parse");
     let prices_file = state_dir.join("prices-snapshot.json");
     std::fs::write(&prices_file, include_str!("../../config/prices/snapshot.json"))?;
 
@@ -172,12 +173,26 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
     let dedicated = match isolation {
         IsolationSetting::None => AGENTS
             .iter()
-            .map(|(site, node, _)| DedicatedAgent { agent: format!("{site}/{node}"), tenant: DEMO_TENANT.into() })
+            .map(|(site, node, _)| format!("{site}/{node}"))
+            .chain(CLOUD_SITES.iter().map(|site| format!("{site}/*")))
+            .map(|agent| DedicatedAgent { agent, tenant: DEMO_TENANT.into() })
             .collect(),
         _ => Vec::new(),
     };
+    for site in &mut sites.site {
+        if let Some(capacity) = &mut site.capacity {
+            capacity.local = Some(LocalLaunch {
+                binary: None,
+                dir: Some(state_dir.join("instances")),
+                isolation: if isolation == IsolationSetting::None { "none" } else { "auto" }.into(),
+            });
+        }
+    }
+    let mut broker_section = BrokerSection::listening_on(addr);
+    broker_section.enroll_listen = Some("127.0.0.1:0".parse().expect("an address"));
+    broker_section.ca_dir = Some(pki_dir.clone());
     let broker_config = BrokerConfig {
-        broker: BrokerSection::listening_on(addr),
+        broker: broker_section,
         tls: issue(Role::Broker, "broker", None)?,
         store: StoreSection { path: state_dir.join("broker.db") },
         secrets: Default::default(),
@@ -234,7 +249,8 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
     let admin = issue(Role::Admin, "quickstart-admin", None)?;
     let client_tls = tls::client_config(&admin, TRUST_DOMAIN, Role::Broker)?;
     let channel = tls::connect(&format!("https://{addr}"), client_tls, None).await?;
-    let demo = AdminServiceClient::new(channel)
+    let mut demo_admin = AdminServiceClient::new(channel);
+    let demo = demo_admin
         .add_key(proto::AddKeyRequest { tenant: DEMO_TENANT.into() })
         .await
         .map_err(|s| anyhow::anyhow!("making the demo key: {}", tls::explain_status(&s)))?
@@ -287,6 +303,11 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
         "  agents:              {}",
         AGENTS.iter().map(|(s, n, g)| format!("{s}/{n} ({g}, simulated)")).collect::<Vec<_>>().join(", ")
     );
+    println!(
+        "  cloud sites:         {} (no agents yet: the local capacity provider launches one per instance on \
+         demand, as a VM would enrol, and retires it after 3s idle)",
+        CLOUD_SITES.join(", ")
+    );
     println!();
 
     let mut ids = Vec::new();
@@ -318,6 +339,9 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
         println!("{:<16} {:<17} {:<10} {:<10} {:<38} {}", job.name, site, job.state, cost, job.id, job.reason);
         explanations.push((job.name, decision));
     }
+    println!();
+    let mut admin = demo_admin;
+    print_capacity(&mut admin).await?;
     println!();
     for (name, decision) in &explanations {
         println!("why {name} ran where it did (hybroker jobs explain):");
@@ -370,6 +394,50 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
     }
     broker_task.await??;
     Ok(all_ok)
+}
+
+/// What the cloud sites launched for the samples, then their retirement once idle.
+async fn print_capacity(admin: &mut AdminServiceClient<tonic::transport::Channel>) -> anyhow::Result<()> {
+    let list = |admin: &mut AdminServiceClient<tonic::transport::Channel>| {
+        let mut admin = admin.clone();
+        async move {
+            let sites = admin.list_sites(proto::ListSitesRequest::default()).await;
+            sites
+                .map(|r| r.into_inner().sites)
+                .map_err(|s| anyhow::anyhow!("listing sites: {}", tls::explain_status(&s)))
+        }
+    };
+    println!("cloud capacity (hybroker sites list):");
+    let mut launched = Vec::new();
+    for site in list(admin).await? {
+        for i in &site.instances {
+            println!(
+                "  {:<17} {} {:<22} {:<14} {:<9} {:<9} ${:.2}/h  agent {}",
+                site.site, i.launch_id, i.instance_id, i.instance_type, i.market, i.state, i.usd_per_hour, i.agent
+            );
+            launched.push(i.launch_id.clone());
+        }
+    }
+    if launched.is_empty() {
+        println!("  (no instance was launched: every sample ran on-prem)");
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    loop {
+        let alive: usize = list(admin).await?.iter().map(|s| s.instances.len()).sum();
+        if alive == 0 {
+            println!(
+                "  retired: {} instance(s) idle past idle_timeout were drained, terminated, revoked and removed ({:.1}s)",
+                launched.len(),
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        if started.elapsed() > RETIRE_DEADLINE {
+            anyhow::bail!("the launched instances were not retired within {RETIRE_DEADLINE:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Whether the quickstart's agents can sandbox their attempts (root: the full sandbox; else user

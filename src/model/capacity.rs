@@ -311,6 +311,22 @@ impl AwsLaunch {
                 p.push(format!("aws.security_groups[{i}]: {s:?} is not a security group id (sg-…)"));
             }
         }
+        if self.launch_template.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            p.push("aws.launch_template: must not be empty".into());
+        }
+        if self.launch_template_version.is_some() && self.launch_template.is_none() {
+            p.push("aws.launch_template_version: given without aws.launch_template".into());
+        }
+        for (key, value) in [("instance_profile", &self.instance_profile), ("key_name", &self.key_name)] {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                p.push(format!("aws.{key}: must not be empty (leave it out for none)"));
+            }
+        }
+        if let Some(endpoint) = &self.endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            p.push(format!("aws.endpoint: {endpoint:?} is not an http(s) url"));
+        }
     }
 }
 

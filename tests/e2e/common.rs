@@ -535,6 +535,18 @@ impl Cluster {
     }
 }
 
+/// A `[site.capacity]` for the `[[site]]` just above it: the `local` provider with instances that
+/// never boot (`tests/fixtures/no-boot.sh`), so the site is elastic (placement may choose it with no
+/// agent) and its jobs stay placed. The broker needs [`enrolling`] too.
+pub fn no_boot_capacity() -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/no-boot.sh");
+    format!(
+        "[site.capacity]\nprovider = \"local\"\nboot_timeout = \"1h\"\norphan_grace = \"1h\"\n\
+         [site.capacity.local]\nbinary = \"{}\"\nisolation = \"none\"\n",
+        script.display()
+    )
+}
+
 /// Broker environment for enrolment: the enrol listener on port 0, the cluster's issuing CA
 /// (`pki` in `dir`), agent certificates valid for `lifetime` (e.g. `20s`).
 pub fn enrolling(dir: &Path, lifetime: &str) -> Vec<(String, String)> {

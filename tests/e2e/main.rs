@@ -3,11 +3,14 @@
 
 mod bad_input;
 mod bench;
+mod capacity;
+mod capacity_aws;
 mod cli;
 mod common;
 mod conformance;
 mod data;
 mod deploy;
+mod ec2_proxy;
 mod emulators;
 mod enrol;
 mod fleet_admin;
@@ -17,6 +20,7 @@ mod identity;
 mod isolation;
 mod lifecycle;
 mod metrics;
+mod moto_ec2;
 mod operator_cli;
 mod placement;
 mod product;

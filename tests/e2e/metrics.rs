@@ -216,11 +216,13 @@ async fn a_broker_reports_its_configured_sites_and_tenants_at_zero() {
              [[residency]]\nname = \"us\"\naws = [\"us-east-1\"]\nonprem = [\"stockholm\"]\n\
              [[site]]\nname = \"lab\"\nkind = \"onprem\"\nregion = \"stockholm\"\nresidency = \"us\"\ngpu_hour_usd = 1.5\n\
              [[site]]\nname = \"aws-us-east-1\"\nkind = \"aws\"\nregion = \"us-east-1\"\nresidency = \"us\"\n\
-             elastic = true\ninstance_types = [\"g6.xlarge\"]\n\
+             instance_types = [\"g6.xlarge\"]\n{}\
              [[tenant]]\nname = \"acme\"\n{}",
             snapshot.display(),
+            crate::common::no_boot_capacity(),
             section(&dir.join("broker.metrics"))
         )),
+        broker_env: crate::common::enrolling(dir, "24h"),
         ..Setup::default()
     })
     .await;

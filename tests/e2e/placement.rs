@@ -10,7 +10,7 @@ use hybroker::proto;
 use serde_json::Value;
 use tonic::Code;
 
-use crate::common::{Cluster, Setup, get, wait_job, watch_to_end};
+use crate::common::{Cluster, Setup, enrolling, get, no_boot_capacity, wait_job, watch_to_end};
 use crate::data::submit_as;
 
 const TTL: Duration = Duration::from_secs(3);
@@ -21,12 +21,13 @@ fn sites(snapshot: &Path) -> String {
         "[prices]\nsnapshot = \"{}\"\n\
          [[residency]]\nname = \"us\"\naws = [\"us-east-1\"]\nazure = [\"eastus\"]\nonprem = [\"stockholm\"]\n\
          [[site]]\nname = \"lab\"\nkind = \"onprem\"\nregion = \"stockholm\"\nresidency = \"us\"\ngpu_hour_usd = 1.5\n\
-         [[site]]\nname = \"aws-us-east-1\"\nkind = \"aws\"\nregion = \"us-east-1\"\nresidency = \"us\"\nelastic = true\n\
-         instance_types = [\"g6.xlarge\", \"p4de.24xlarge\", \"p5.48xlarge\"]\n\
-         [[site]]\nname = \"azure-eastus\"\nkind = \"azure\"\nregion = \"eastus\"\nresidency = \"us\"\nelastic = true\n\
-         instance_types = [\"Standard_NC24ads_A100_v4\", \"Standard_ND96isr_H100_v5\"]\n\
+         [[site]]\nname = \"aws-us-east-1\"\nkind = \"aws\"\nregion = \"us-east-1\"\nresidency = \"us\"\n\
+         instance_types = [\"g6.xlarge\", \"p4de.24xlarge\", \"p5.48xlarge\"]\n{nb}\
+         [[site]]\nname = \"azure-eastus\"\nkind = \"azure\"\nregion = \"eastus\"\nresidency = \"us\"\n\
+         instance_types = [\"Standard_NC24ads_A100_v4\", \"Standard_ND96isr_H100_v5\"]\n{nb}\
          [[tenant]]\nname = \"acme\"\n[[tenant]]\nname = \"thrifty\"\nmonthly_budget_usd = 1.0\n",
-        snapshot.display()
+        snapshot.display(),
+        nb = no_boot_capacity(),
     )
 }
 
@@ -37,8 +38,9 @@ fn shipped_snapshot() -> std::path::PathBuf {
 /// The cluster, once its lab agent is connected: placement sees only connected agents' capacity,
 /// so a job submitted before would (rightly) go to a cloud site.
 async fn cluster(snapshot: std::path::PathBuf) -> Cluster {
-    let cluster = Cluster::start_with(TTL, &[("n1", "1xH100-80GB")], move |_| Setup {
+    let cluster = Cluster::start_with(TTL, &[("n1", "1xH100-80GB")], move |dir| Setup {
         broker_extra: Some(sites(&snapshot)),
+        broker_env: enrolling(dir, "24h"),
         ..Setup::default()
     })
     .await;
@@ -236,15 +238,16 @@ fn residency_setup(dir: &Path, snapshot: &Path) -> Setup {
          [[residency]]\nname = \"eu\"\nonprem = [\"stockholm\"]\n\
          [[residency]]\nname = \"us\"\naws = [\"us-east-1\"]\nonprem = [\"virginia\"]\n\
          [[site]]\nname = \"lab\"\nkind = \"onprem\"\nregion = \"stockholm\"\nresidency = \"eu\"\ngpu_hour_usd = 1.5\n\
-         [[site]]\nname = \"aws-us-east-1\"\nkind = \"aws\"\nregion = \"us-east-1\"\nresidency = \"us\"\nelastic = true\n\
-         instance_types = [\"g6.xlarge\", \"m7i.2xlarge\"]\n{}{}{}\
+         [[site]]\nname = \"aws-us-east-1\"\nkind = \"aws\"\nregion = \"us-east-1\"\nresidency = \"us\"\n\
+         instance_types = [\"g6.xlarge\", \"m7i.2xlarge\"]\n{nb}{}{}{}\
          [[tenant]]\nname = \"acme\"\nstorage = [\"local://eu-a/acme/\", \"local://eu-b/acme/\", \"local://us-a/acme/\"]\n",
         snapshot.display(),
         local("eu-a", "stockholm", "eu"),
         local("eu-b", "stockholm", "eu"),
         local("us-a", "virginia", "us"),
+        nb = no_boot_capacity(),
     );
-    Setup { broker_extra: Some(extra), ..Setup::default() }
+    Setup { broker_extra: Some(extra), broker_env: enrolling(dir, "24h"), ..Setup::default() }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -133,13 +133,14 @@ fn broker_extra(dir: &std::path::Path, otlp: SocketAddr) -> String {
         "[prices]\nsnapshot = \"{snapshot}\"\n\
          [[residency]]\nname = \"any\"\naws = [\"us-east-1\"]\nonprem = [\"stockholm\"]\n\
          [[site]]\nname = \"lab\"\nkind = \"onprem\"\nregion = \"stockholm\"\nresidency = \"any\"\ngpu_hour_usd = 1.5\n\
-         [[site]]\nname = \"aws-us-east-1\"\nkind = \"aws\"\nregion = \"us-east-1\"\nresidency = \"any\"\nelastic = true\n\
-         instance_types = [\"g6.xlarge\"]\n\
+         [[site]]\nname = \"aws-us-east-1\"\nkind = \"aws\"\nregion = \"us-east-1\"\nresidency = \"any\"\n\
+         instance_types = [\"g6.xlarge\"]\n{nb}\
          [[storage]]\nname = \"lab\"\ncloud = \"local\"\ndir = \"{objects}\"\nlisten = \"127.0.0.1:0\"\nregion = \"stockholm\"\nresidency = \"any\"\n\
          [[tenant]]\nname = \"acme\"\nstorage = [\"local://lab/acme/\"]\n{telemetry}",
         snapshot = snapshot.display(),
         objects = dir.join("objects").display(),
         telemetry = telemetry(otlp),
+        nb = crate::common::no_boot_capacity(),
     )
 }
 
@@ -157,7 +158,10 @@ async fn one_job_is_one_trace_across_gateway_broker_and_agent() {
         Setup {
             broker_extra: Some(broker_extra(dir, otlp)),
             // The standard variables work too (and win over the config).
-            broker_env: vec![("OTEL_RESOURCE_ATTRIBUTES".into(), "deployment.environment=e2e".into())],
+            broker_env: [("OTEL_RESOURCE_ATTRIBUTES".to_string(), "deployment.environment=e2e".to_string())]
+                .into_iter()
+                .chain(crate::common::enrolling(dir, "24h"))
+                .collect(),
             agent_extra: telemetry(otlp),
         }
     })

@@ -136,8 +136,6 @@ struct Launch {
     next_try: Instant,
     /// Since when its agent has held no attempt.
     idle_since: Option<Instant>,
-    /// When busy accounting last ran.
-    counted_at: Instant,
     agent: Option<String>,
 }
 
@@ -207,7 +205,6 @@ impl Capacity {
                     unanswered: state == LaunchState::Requested,
                     next_try: now.at,
                     idle_since: None,
-                    counted_at: now.at,
                     agent: None,
                     rec,
                 };
@@ -255,7 +252,6 @@ impl Core {
                 }
                 self.retire_due(&mut step, out);
                 self.launch_for_demand(&mut step, out);
-                self.account_busy();
                 out.after_commit(move || {
                     let _ = reply.send(step);
                 });
@@ -604,13 +600,18 @@ impl Core {
         let mut by_site: BTreeMap<&str, Vec<Want<'_>>> = BTreeMap::new();
         for (_, job_id) in &self.queue {
             let job = &self.jobs[job_id];
-            if job.life.state != JobState::Placed {
+            // A job about to be placed again (its launch failed) waits for its new decision.
+            if job.life.state != JobState::Placed || job.next_placement.is_some() {
                 continue;
             }
             let (Some(site), Some(chosen)) = (&job.site, job.decision.as_ref().and_then(|d| d.chosen.as_ref())) else {
                 continue;
             };
             let (Some(ty), Some(market)) = (&chosen.offer.instance_type, chosen.offer.market) else { continue };
+            let left_out = self.cloud.unavailable.get(&(site.clone(), ty.clone(), market));
+            if left_out.is_some_and(|g| g.until > self.now.at) {
+                continue;
+            }
             let r = &job.spec.resources;
             by_site.entry(site.as_str()).or_default().push(Want {
                 job: job_id,
@@ -724,7 +725,6 @@ impl Core {
             unanswered: false,
             next_try: now.at,
             idle_since: None,
-            counted_at: now.at,
             agent: None,
         };
         Self::write_launch(&launch, out);
@@ -762,16 +762,11 @@ impl Core {
         }
     }
 
-    /// Adds the time each enrolled instance ran attempts since the last step to its `busy_ms`.
-    fn account_busy(&mut self) {
-        let now = self.now.at;
-        for l in self.cloud.launches.values_mut().filter(|l| l.state.alive()) {
-            let busy =
-                l.agent.as_deref().and_then(|a| self.agents.get(a)).is_some_and(|a| a.attempts().next().is_some());
-            if busy {
-                l.rec.busy_ms += now.duration_since(l.counted_at).as_millis() as i64;
-            }
-            l.counted_at = now;
+    /// An attempt of `agent` ran for `ran`: if the agent is a launched instance, that time is
+    /// its used part (charged to the tenant); the rest of its life is idle (charged to the site).
+    pub(super) fn instance_busy(&mut self, agent: &str, ran: Duration) {
+        if let Some(l) = self.cloud.launches.values_mut().find(|l| l.agent.as_deref() == Some(agent)) {
+            l.rec.busy_ms += ran.as_millis() as i64;
         }
     }
 

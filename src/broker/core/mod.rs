@@ -29,6 +29,8 @@ mod trace;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_capacity;
+#[cfg(test)]
 mod tests_fleet;
 #[cfg(test)]
 mod tests_store;

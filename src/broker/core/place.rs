@@ -300,7 +300,11 @@ impl Core {
     pub(super) fn accrue(&mut self, job: &ActiveJob) -> Option<f64> {
         let decision = job.decision.as_ref()?;
         let chosen = decision.chosen.as_ref()?;
-        let hours = self.now.at.saturating_duration_since(job.attempt_started?).as_secs_f64() / 3600.0;
+        let ran = self.now.at.saturating_duration_since(job.attempt_started?);
+        if let Some(agent) = &job.agent {
+            self.instance_busy(agent, ran);
+        }
+        let hours = ran.as_secs_f64() / 3600.0;
         let cost = chosen.offer.cost.usd_per_hour * hours;
         *self.spent.entry(job.sub.tenant.clone()).or_default() += cost;
         Some(cost)
