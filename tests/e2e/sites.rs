@@ -62,7 +62,8 @@ fn broker_config(dir: &Path) -> String {
          [[residency]]\nname = \"us\"\naws = [\"us-east-1\"]\nonprem = [\"stockholm\"]\n\
          [[site]]\nname = \"lab\"\nkind = \"onprem\"\nregion = \"stockholm\"\nresidency = \"us\"\ngpu_hour_usd = 1.5\n\
          [[site]]\nname = \"{ELASTIC}\"\nkind = \"aws\"\nregion = \"us-east-1\"\nresidency = \"us\"\n\
-         instance_types = [\"p5.48xlarge\"]\n[site.capacity]\nprovider = \"local\"\n",
+         instance_types = [\"p5.48xlarge\"]\n[site.capacity]\nprovider = \"local\"\n\
+         [site.capacity.local]\nisolation = \"none\"\n[[dedicated]]\nagent = \"{ELASTIC}/*\"\ntenant = \"default\"\n",
         metrics = dir.join("broker-metrics.addr").display(),
         snapshot = snapshot.display(),
     )
