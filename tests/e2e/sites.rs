@@ -168,7 +168,7 @@ async fn sites_are_listed_for_admins_through_the_gateway_and_with_an_admin_certi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_launched_instance_is_listed_counted_and_discovered_for_prometheus() {
-    let sites = Sites::start().await;
+    let mut sites = Sites::start().await;
     let metrics = sites.metrics().await;
     // The lab agent is discovered at the address its stream comes from, with its metrics port.
     let lab = eventually("the lab agent in /sd/agents", || async {
@@ -218,4 +218,22 @@ async fn a_launched_instance_is_listed_counted_and_discovered_for_prometheus() {
     let target: SocketAddr = group["targets"][0].as_str().unwrap().parse().unwrap();
     assert!(target.ip().is_loopback(), "a local instance connects over loopback: {target}");
     assert!(http_get(target, "/metrics").await.contains("hybroker_agent_attempts_running"), "{target}");
+
+    // An agent that disconnects stays listed (Prometheus sees it down); once removed, it is gone.
+    sites.cluster.kill_agent("n1");
+    let jobs = sites.cluster.admin().await;
+    eventually("lab/n1 disconnected", || {
+        let mut jobs = jobs.clone();
+        async move {
+            let agents = jobs.list_agents(hybroker::proto::ListAgentsRequest {}).await.ok()?.into_inner().agents;
+            agents.iter().any(|a| a.id == "lab/n1" && !a.connected).then_some(())
+        }
+    })
+    .await;
+    let nodes = |groups: Vec<Value>| groups.iter().map(|g| g["labels"]["node"].to_string()).collect::<Vec<_>>();
+    assert!(nodes(discovered(metrics).await).contains(&"\"n1\"".to_string()), "a disconnected agent stays listed");
+    let (ok, out, err) = sites.cluster.admin_command(&["agents", "remove", "lab/n1"]);
+    assert!(ok, "{out}{err}");
+    let left = nodes(discovered(metrics).await);
+    assert_eq!(left, [format!("\"{node}\"")], "a removed agent is not listed");
 }
