@@ -1,6 +1,7 @@
 //! The broker: the control plane. Job service (gateway, admins) and agent service (one stream per
 //! agent) over mutual TLS, both feeding the [`core::Core`] state machine that owns live state, run
-//! by its [`core::Driver`] task, which commits it.
+//! by its [`core::Driver`] task, which commits it. The metrics listener also serves the agents'
+//! Prometheus service discovery ([`scrape_targets`]).
 
 pub mod admin;
 pub mod agents;

@@ -32,7 +32,10 @@ pub enum SitesCommand {
     List,
     /// One site: each instance (launch, state, type, market, $/h, age, idle, agent) and the
     /// instance types left out of placement after a capacity or quota error, with the reason.
-    Get { site: String },
+    Get {
+        /// The site's name (`[[site]] name`).
+        site: String,
+    },
 }
 
 /// Runs `hybroker sites …` against the gateway.
