@@ -163,6 +163,9 @@ fn main() -> anyhow::Result<()> {
             Command::Bench(bench::BenchArgs { other: Some(bench::BenchCommand::Placement(args)), .. }) => {
                 bench::placement::run(&args)
             }
+            Command::Bench(bench::BenchArgs { other: Some(bench::BenchCommand::Capacity(args)), .. }) => {
+                bench::capacity::run(&args).await
+            }
             Command::Bench(bench::BenchArgs { other: Some(bench::BenchCommand::Staging(args)), .. }) => {
                 bench::staging::run(args).await
             }

@@ -13,6 +13,7 @@
 //! shared lock) and `report` turns it into the table and the JSON.
 
 mod agents;
+pub mod capacity;
 mod driver;
 pub mod placement;
 mod process;
@@ -117,6 +118,9 @@ pub enum BenchCommand {
     Staging(staging::StagingArgs),
     /// Decisions per second and decision latency of the placement engine on a synthetic fleet.
     Placement(placement::PlacementBenchArgs),
+    /// Cloud capacity: instances launched for 1,000 mixed jobs against the fewest possible, and
+    /// submit → running on an empty elastic site with the local provider.
+    Capacity(capacity::CapacityBenchArgs),
 }
 
 impl BenchArgs {

@@ -105,7 +105,7 @@ pub fn plan<'a>(
         let empty = Free { gpus: shape.gpus, cpus: shape.vcpus, memory_gib: shape.memory_gib };
         let mut jobs: Vec<&Want<'a>> = wants.iter().filter(|w| w.instance_type == ty && w.market == market).collect();
         // Largest first (stable: equal jobs keep the caller's priority order).
-        jobs.sort_by(|a, b| (b.gpus, b.cpus, b.memory_gib).cmp(&(a.gpus, a.cpus, a.memory_gib)));
+        jobs.sort_by_key(|w| std::cmp::Reverse((w.gpus, w.cpus, w.memory_gib)));
         let mut bins: Vec<(Option<&'a str>, Free, Vec<&'a str>)> = launching
             .iter()
             .filter(|l| l.instance_type == ty && l.market == market)

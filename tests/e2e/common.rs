@@ -227,7 +227,7 @@ fn spawn(args: &[&str], log: &Path) -> Child {
     spawn_with(args, log, &[])
 }
 
-fn spawn_with(args: &[&str], log: &Path, env: &[(String, String)]) -> Child {
+pub fn spawn_with(args: &[&str], log: &Path, env: &[(String, String)]) -> Child {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     Command::new(BIN)
         .args(args)

@@ -1,0 +1,166 @@
+//! The broker against moto's EC2 behind the fault-injecting proxy, with the cloud-init harness
+//! booting each instance into a real agent: launch, enrolment under the instance id, the job run,
+//! the idle instance terminated in moto; a launch whose reply is lost adopted by its tag (one
+//! instance, not two); and `kill -9` of the broker in the middle of a launch burst: after the
+//! restart no duplicate instance, no orphan, and every job runs once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hybroker::proto;
+
+use crate::cloud_init::CloudInit;
+use crate::common::{Cluster, Setup, enrolling, eventually, submit, wait_job};
+use crate::ec2_proxy::{Ec2Proxy, Fault};
+use crate::emulators::{Moto, moto, unique_name};
+
+const TTL: Duration = Duration::from_secs(3);
+const IMAGE: &str = "ami-12c6146b";
+
+struct Aws {
+    cluster: Cluster,
+    proxy: Ec2Proxy,
+    broker: String,
+    cloud: Arc<CloudInit>,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Aws {
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
+}
+
+/// A broker whose `aws-us-east-1` site launches through the proxy into moto, and the harness that
+/// boots what it launches.
+async fn aws(capacity: &str) -> Aws {
+    let moto = moto().await;
+    let proxy = Ec2Proxy::start(&moto.endpoint()).await;
+    let subnet = moto.ec2_default_subnets().await.remove(0);
+    let broker = unique_name("broker");
+    let snapshot = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/prices/snapshot.json");
+    let extra = format!(
+        "[prices]\nsnapshot = \"{}\"\n\
+         [[residency]]\nname = \"us\"\naws = [\"us-east-1\"]\n\
+         [[site]]\nname = \"aws-us-east-1\"\nkind = \"aws\"\nregion = \"us-east-1\"\nresidency = \"us\"\n\
+         instance_types = [\"p5.48xlarge\"]\n\
+         [site.capacity]\nprovider = \"aws\"\nmax_instances = 16\nmax_pending = 16\n{capacity}\
+         [site.capacity.aws]\nimage_id = \"{IMAGE}\"\nsubnets = [\"{subnet}\"]\nendpoint = \"{}\"\n\
+         [[dedicated]]\nagent = \"aws-us-east-1/*\"\ntenant = \"default\"\n",
+        snapshot.display(),
+        proxy.endpoint(),
+    );
+    let name = broker.clone();
+    // A fixed enrol port: instances keep the address from their user data across a broker restart.
+    let enroll_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let cluster = Cluster::start_with(TTL, &[], move |dir| {
+        let mut env = enrolling(dir, "1h");
+        env.retain(|(k, _)| k != "HYBROKER_BROKER__ENROLL_LISTEN");
+        env.extend([
+            ("HYBROKER_BROKER__ENROLL_LISTEN".to_string(), format!("127.0.0.1:{enroll_port}")),
+            ("AWS_ACCESS_KEY_ID".to_string(), Moto::ACCESS_KEY.to_string()),
+            ("AWS_SECRET_ACCESS_KEY".to_string(), Moto::SECRET_KEY.to_string()),
+            ("AWS_EC2_METADATA_DISABLED".to_string(), "true".to_string()),
+            ("HYBROKER_BROKER__NAME".to_string(), name),
+        ]);
+        Setup { broker_extra: Some(extra), broker_env: env, ..Setup::default() }
+    })
+    .await;
+    let cloud = CloudInit::new(&cluster.path("instances"));
+    let watcher = tokio::spawn(watch(moto, broker.clone(), cloud.clone()));
+    Aws { cluster, proxy, broker, cloud, watcher }
+}
+
+/// Boots every new instance of `broker` in moto; kills the agents of those moto ended.
+async fn watch(moto: &'static Moto, broker: String, cloud: Arc<CloudInit>) {
+    loop {
+        for i in moto.ec2_instances(&[("tag:hybroker-broker", broker.as_str())]).await {
+            match i.state.as_str() {
+                "pending" | "running" => {
+                    let user_data = moto.ec2_user_data(&i.instance_id).await;
+                    cloud.boot(&i.instance_id, &i.instance_type, &user_data).await;
+                }
+                _ => cloud.gone(&i.instance_id),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// This broker's instances in moto, by state.
+async fn instances(broker: &str) -> Vec<crate::moto_ec2::MotoInstance> {
+    moto().await.ec2_instances(&[("tag:hybroker-broker", broker)]).await
+}
+
+const BIG: &str = "name: big\ncommand: [\"echo\", \"on ec2\"]\nresources: {gpus: 8}\n";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_launched_ec2_instance_enrols_runs_the_job_and_is_terminated_when_idle() {
+    let aws = aws("idle_timeout = \"1s\"\n").await;
+    let mut jobs = aws.cluster.admin().await;
+    let id = submit(&mut jobs, BIG).await;
+    let job = wait_job(&jobs, &id, "the job to succeed on an EC2 instance", |j| j.state == "succeeded").await;
+    let launched = instances(&aws.broker).await;
+    assert_eq!(launched.len(), 1, "{launched:?}");
+    let instance = &launched[0];
+    assert_eq!(job.agent, format!("aws-us-east-1/{}", instance.instance_id), "named after the instance id");
+    assert_eq!(instance.http_tokens, "required", "IMDSv2 only");
+    assert!(instance.tags.get("hybroker-launch").is_some_and(|l| l == &instance.client_token));
+    eventually("the idle instance to be terminated in moto", || async {
+        let gone = instances(&aws.broker).await.iter().all(|i| i.state == "terminated" || i.state == "shutting-down");
+        gone.then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_launch_whose_reply_is_lost_is_adopted_by_its_tag_not_launched_twice() {
+    let aws = aws("").await;
+    aws.proxy.script([Fault::DropReply]);
+    let mut jobs = aws.cluster.admin().await;
+    let id = submit(&mut jobs, BIG).await;
+    wait_job(&jobs, &id, "the job to succeed on the adopted instance", |j| j.state == "succeeded").await;
+    let launched = instances(&aws.broker).await;
+    assert_eq!(launched.len(), 1, "one instance for one launch: {launched:?}");
+    assert_eq!(aws.proxy.counts().run_forwarded, 1, "the lost launch was not sent again");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_killed_mid_burst_leaves_no_duplicate_or_orphan_and_runs_every_job_once() {
+    let mut aws = aws("idle_timeout = \"2s\"\norphan_grace = \"5s\"\n").await;
+    let mut jobs = aws.cluster.admin().await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let spec = format!("name: burst-{i}\ncommand: [\"sleep\", \"1\"]\nresources: {{gpus: 8}}\n");
+        ids.push(submit(&mut jobs, &spec).await);
+    }
+    eventually("the first launches to reach moto", || async {
+        (aws.proxy.counts().run_forwarded >= 2).then_some(())
+    })
+    .await;
+    aws.cluster.kill_broker();
+    // The same addresses: the launched instances' user data names them.
+    let port = aws.cluster.addr.port();
+    aws.cluster.start_broker(port);
+    let mut jobs = aws.cluster.admin().await;
+    for id in &ids {
+        let job = wait_job(&jobs, id, "every job to succeed after the restart", |j| j.state == "succeeded").await;
+        assert_eq!(job.attempts, 1, "job {id} ran more than once: {job:?}");
+    }
+    let launched = instances(&aws.broker).await;
+    let mut launch_ids: Vec<&String> = launched.iter().filter_map(|i| i.tags.get("hybroker-launch")).collect();
+    launch_ids.sort();
+    let distinct = {
+        let mut d = launch_ids.clone();
+        d.dedup();
+        d.len()
+    };
+    assert_eq!(distinct, launch_ids.len(), "a launch made two instances: {launched:?}");
+    assert!(launched.len() <= ids.len(), "more instances than jobs: {launched:?}");
+    eventually("every instance to be terminated (idle or orphan)", || async {
+        instances(&aws.broker).await.iter().all(|i| i.state == "terminated" || i.state == "shutting-down").then_some(())
+    })
+    .await;
+    let agents = jobs.list_agents(proto::ListAgentsRequest {}).await.unwrap().into_inner().agents;
+    assert!(agents.is_empty(), "retired agents are removed: {agents:?}");
+}
