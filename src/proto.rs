@@ -88,6 +88,7 @@ impl TryFrom<AttemptUpdate> for AttemptReport {
             Ok(AttemptPhase::Exited) => agent::Phase::Exited,
             Ok(AttemptPhase::Failed) => agent::Phase::Failed,
             Ok(AttemptPhase::StagingFailed) => agent::Phase::StagingFailed,
+            Ok(AttemptPhase::Preempted) => agent::Phase::Preempted,
             _ => return Err(tonic::Status::invalid_argument(format!("unknown attempt phase {}", u.phase))),
         };
         if phase == agent::Phase::Exited && u.exit_code.is_none() {
@@ -120,6 +121,7 @@ impl From<AttemptReport> for AttemptUpdate {
             agent::Phase::Exited => AttemptPhase::Exited,
             agent::Phase::Failed => AttemptPhase::Failed,
             agent::Phase::StagingFailed => AttemptPhase::StagingFailed,
+            agent::Phase::Preempted => AttemptPhase::Preempted,
         };
         Self {
             job_id: r.job_id,
@@ -177,6 +179,7 @@ impl From<store::JobRecord> for Job {
             state: s.state.to_string(),
             spec_json: j.spec_json,
             attempts: s.attempts,
+            preemptions: s.preemptions,
             max_attempts: j.max_attempts,
             site: s.site.unwrap_or_default(),
             agent: s.agent.unwrap_or_default(),

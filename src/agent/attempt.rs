@@ -6,18 +6,16 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
+use super::checkpoint::Checkpointer;
 use super::executor::{self, Launch, Outcome, SandboxLaunch};
 use super::sandbox::{AttemptResources, AttemptSandbox, Sandbox, devices};
-use super::staging::{
-    self, CompletedUpload, FoundFile, InputFile, Progress, Stage, StageStats, StagingLimits, UploadPlan, UrlSource,
-};
+use super::staging::{self, InputFile, Progress, Stage, StageStats, StagingLimits, UrlSource};
+use super::urls::BrokerUrls;
 use super::{AttemptEvent, Ended};
 use crate::model::data::StagingStats;
-use crate::model::presigned::{CompletedPart, Presigned};
 use crate::proto::{self, agent_service_client::AgentServiceClient};
 use crate::telemetry::context;
 use crate::telemetry::grpc::TracedChannel;
@@ -42,6 +40,8 @@ pub(super) struct SandboxPlan {
 pub(super) struct AttemptData {
     pub inputs: Vec<InputFile>,
     pub outputs: Vec<String>,
+    /// The job's checkpoint directory, if it has one.
+    pub checkpoint: Option<String>,
 }
 
 impl AttemptData {
@@ -51,11 +51,12 @@ impl AttemptData {
             .iter()
             .map(|i| InputFile { path: i.path.clone(), size: i.size, md5: (!i.md5.is_empty()).then(|| i.md5.clone()) })
             .collect();
-        Self { inputs, outputs: a.outputs.clone() }
+        let checkpoint = (!a.checkpoint_path.is_empty()).then(|| a.checkpoint_path.clone());
+        Self { inputs, outputs: a.outputs.clone(), checkpoint }
     }
 
     fn is_empty(&self) -> bool {
-        self.inputs.is_empty() && self.outputs.is_empty()
+        self.inputs.is_empty() && self.outputs.is_empty() && self.checkpoint.is_none()
     }
 }
 
@@ -194,7 +195,24 @@ async fn attempt(
         Ok(s) => (stats.in_bytes, stats.in_files, stats.in_ms) = counts(&s),
         Err(e) => return Ended::staging_failed(format!("stage-in failed: {e}"), stats),
     }
-    let outcome = execute_sandboxed(launch.clone(), epoch, sandbox, events, cancel.clone()).await;
+    let mut checkpointer = data.checkpoint.as_deref().map(|path| {
+        let work_dir = launch.work_dir.clone();
+        let (http, broker, limits) = (staging.http.clone(), staging.broker.clone(), staging.limits.clone());
+        Checkpointer::new(http, broker, limits, job_id.clone(), epoch, launch.attempt, work_dir, path)
+    });
+    if let Some(c) = &checkpointer {
+        let restored = tokio::select! {
+            restored = c.restore() => restored,
+            () = cancelled(&mut cancel) => return Ended::plain(Outcome::Cancelled),
+        };
+        if let Err(e) = restored {
+            return Ended::staging_failed(format!("checkpoint stage-in failed: {e}"), stats);
+        }
+    }
+    let outcome = match checkpointer.as_mut() {
+        Some(c) => execute_checkpointing(launch.clone(), epoch, sandbox, events, cancel.clone(), c).await,
+        None => execute_sandboxed(launch.clone(), epoch, sandbox, events, cancel.clone()).await,
+    };
     if !outcome.succeeded() || data.outputs.is_empty() {
         return Ended { outcome, staging: Some(stats), staging_error: None };
     }
@@ -216,6 +234,63 @@ async fn attempt(
             Ended { outcome, staging: Some(stats), staging_error: None }
         }
         Err(e) => Ended::staging_failed(format!("stage-out failed: {e}"), stats),
+    }
+}
+
+/// Runs the job, saving its checkpoint whenever it asks; after a spot notice stopped it, saves
+/// what changed since (before the attempt reports, so before another attempt may start).
+async fn execute_checkpointing(
+    launch: Launch,
+    epoch: u64,
+    sandbox: &mut Option<AttemptSandbox>,
+    events: &mpsc::Sender<AttemptEvent>,
+    cancel: watch::Receiver<bool>,
+    checkpointer: &mut Checkpointer,
+) -> Outcome {
+    let job = launch.job_id.clone();
+    let run = execute_sandboxed(launch, epoch, sandbox, events, cancel);
+    tokio::pin!(run);
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut run => break outcome,
+            () = tokio::time::sleep(CHECKPOINT_REQUEST_POLL) => {
+                if checkpointer.requested() {
+                    // The job waits for its request to go; it runs on meanwhile.
+                    let ended = {
+                        let save = checkpointer.save();
+                        tokio::pin!(save);
+                        tokio::select! {
+                            saved = &mut save => {
+                                log_save(&job, "asked", saved);
+                                None
+                            }
+                            outcome = &mut run => {
+                                log_save(&job, "asked", save.await);
+                                Some(outcome)
+                            }
+                        }
+                    };
+                    checkpointer.answer_request();
+                    if let Some(outcome) = ended {
+                        break outcome;
+                    }
+                }
+            }
+        }
+    };
+    if matches!(outcome, Outcome::Preempted(_)) {
+        log_save(&job, "spot notice", checkpointer.save().await);
+    }
+    outcome
+}
+
+/// How often the agent looks for the job's checkpoint request.
+const CHECKPOINT_REQUEST_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+fn log_save(job: &str, why: &str, saved: Result<usize, String>) {
+    match saved {
+        Ok(files) => tracing::info!(job, why, files, "checkpoint saved"),
+        Err(e) => tracing::warn!(job, why, "checkpoint not saved: {e}"),
     }
 }
 
@@ -288,7 +363,7 @@ async fn execute(
 
 /// An outcome that is an error on the trace: not a success, and not a cancel someone asked for.
 fn failed(outcome: &Outcome) -> bool {
-    !outcome.succeeded() && !matches!(outcome, Outcome::Cancelled)
+    !outcome.succeeded() && !matches!(outcome, Outcome::Cancelled | Outcome::Preempted(_))
 }
 
 async fn run_process(
@@ -321,81 +396,6 @@ async fn make_work_dir(dir: &std::path::Path) -> Result<(), String> {
         .await
         .map_err(|e| format!("work directory: {e}"))?
         .map_err(|e| format!("work directory: {e}"))
-}
-
-/// The broker's data calls for one attempt.
-struct BrokerUrls {
-    client: AgentServiceClient<TracedChannel>,
-    job_id: String,
-    epoch: u64,
-}
-
-#[async_trait]
-impl UrlSource for BrokerUrls {
-    async fn input_urls(&self, indices: &[u32]) -> Result<Vec<Presigned>, String> {
-        let req = proto::InputUrlsRequest { job_id: self.job_id.clone(), epoch: self.epoch, indices: indices.to_vec() };
-        let resp = self.client.clone().input_urls(req).await.map_err(|s| s.message().to_string())?;
-        Ok(resp.into_inner().urls.into_iter().map(Presigned::from).collect())
-    }
-
-    async fn plan_outputs(&self, files: &[FoundFile]) -> Result<Vec<UploadPlan>, String> {
-        let files =
-            files.iter().map(|f| proto::OutputFile { output: f.output, path: f.path.clone(), size: f.size }).collect();
-        let req = proto::PlanOutputsRequest { job_id: self.job_id.clone(), epoch: self.epoch, files };
-        let resp = self.client.clone().plan_outputs(req).await.map_err(|s| s.message().to_string())?;
-        resp.into_inner()
-            .uploads
-            .into_iter()
-            .map(|u| match u.put {
-                Some(put) => Ok(UploadPlan::Single { key: u.key, put: Presigned::from(put) }),
-                None if !u.upload_id.is_empty() && u.part_size > 0 => Ok(UploadPlan::Multipart {
-                    key: u.key,
-                    upload_id: u.upload_id,
-                    part_size: u.part_size,
-                    parts: u.parts.into_iter().map(Presigned::from).collect(),
-                }),
-                None => Err(format!("the broker sent an empty upload plan for {}", u.key)),
-            })
-            .collect()
-    }
-
-    async fn part_urls(
-        &self,
-        output: u32,
-        key: &str,
-        upload_id: &str,
-        numbers: &[u32],
-    ) -> Result<Vec<Presigned>, String> {
-        let req = proto::PartUrlsRequest {
-            job_id: self.job_id.clone(),
-            epoch: self.epoch,
-            output,
-            key: key.to_string(),
-            upload_id: upload_id.to_string(),
-            numbers: numbers.to_vec(),
-        };
-        let resp = self.client.clone().part_urls(req).await.map_err(|s| s.message().to_string())?;
-        Ok(resp.into_inner().parts.into_iter().map(Presigned::from).collect())
-    }
-
-    async fn complete_outputs(&self, uploads: Vec<CompletedUpload>) -> Result<(), String> {
-        let uploads = uploads
-            .into_iter()
-            .map(|u| proto::CompletedUpload {
-                output: u.output,
-                key: u.key,
-                upload_id: u.upload_id,
-                parts: u
-                    .parts
-                    .into_iter()
-                    .map(|p: CompletedPart| proto::UploadedPart { number: p.number, etag: p.etag })
-                    .collect(),
-            })
-            .collect();
-        let req = proto::CompleteOutputsRequest { job_id: self.job_id.clone(), epoch: self.epoch, uploads };
-        self.client.clone().complete_outputs(req).await.map_err(|s| s.message().to_string())?;
-        Ok(())
-    }
 }
 
 /// `stage` as sent to the broker.

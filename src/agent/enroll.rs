@@ -5,7 +5,8 @@
 //! says so and enrols only with a new token. The token never reaches a log.
 //!
 //! The join file is TOML (`hybroker admin agents token create --output-file` writes it):
-//! `token`, `enroll_url`, `trust_domain`, `site`, `node` (absent: the host name), optional
+//! `token`, `enroll_url`, `trust_domain`, `site`, `node` (absent: the instance id from the metadata
+//! service with `agent.cloud`, else the host name), optional
 //! `server_name`, and `ca_bundle` (PEM).
 
 use std::fmt;
@@ -109,9 +110,15 @@ pub async fn ensure_certificate(config: &AgentConfig) -> anyhow::Result<()> {
 }
 
 async fn enroll(config: &AgentConfig, join: &JoinFile) -> anyhow::Result<()> {
-    let node = match &join.node {
-        Some(node) => node.clone(),
-        None => nix::unistd::gethostname()
+    let node = match (&join.node, config.agent.cloud) {
+        (Some(node), _) => node.clone(),
+        // A launched instance is named after itself: the broker knows it by that name.
+        (None, Some(cloud)) => {
+            let url = config.agent.metadata_url.as_deref().unwrap_or(super::metadata::DEFAULT_METADATA_URL);
+            let client = super::metadata::MetadataClient::new(cloud, url)?;
+            client.instance_name().await.context("the node name from the instance metadata service")?
+        }
+        (None, None) => nix::unistd::gethostname()
             .context("host name")?
             .into_string()
             .map_err(|_| anyhow::anyhow!("the host name is not UTF-8; set node in the join file"))?,

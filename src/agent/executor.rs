@@ -7,7 +7,9 @@
 //! it is the job itself, as `run_as` when the agent is root. Its stdout and stderr are appended to
 //! `<work_dir>/output.log` and streamed to the caller. On max runtime or cancel the whole group
 //! gets SIGTERM, then SIGKILL after a grace period; when the attempt ends, whatever is left of
-//! the group is killed.
+//! the group is killed. On a spot interruption notice the deadline (RFC 3339) is written to the
+//! file named by `HYBROKER_PREEMPT_FILE` (in the job's environment from the start, under the work
+//! directory's `.hybroker/`), then the group gets SIGTERM, and SIGKILL at the deadline.
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
@@ -32,7 +34,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 
+use super::metadata::SpotNotice;
 use super::sandbox::spec::{InitSpec, SETUP_FAILED};
+use super::work_files::{AGENT_FILES_DIR, PREEMPT_FILE, PREEMPT_FILE_ENV, make_agent_files_dir, write_agent_file};
 
 /// Default time between SIGTERM and SIGKILL on max runtime or cancel.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
@@ -78,6 +82,8 @@ pub struct Launch {
     pub grace: Duration,
     /// The attempt's sandbox; `None` runs the process directly (`isolation = "none"`).
     pub sandbox: Option<SandboxLaunch>,
+    /// The node's spot interruption notice, once there is one (`None`: not a spot watcher).
+    pub preempt: Option<watch::Receiver<Option<SpotNotice>>>,
 }
 
 /// How to start an attempt in its sandbox: `hybroker sandbox-init` with a spec, in its cgroup.
@@ -108,6 +114,8 @@ pub enum Outcome {
     StartFailed(String),
     /// It hit a limit of its sandbox (memory, disk); the text says which, as people read it.
     LimitReached(String),
+    /// A spot interruption notice stopped it; the text is the notice's reason.
+    Preempted(String),
 }
 
 impl Outcome {
@@ -134,7 +142,7 @@ impl Outcome {
             }
             Outcome::Cancelled => "cancelled".to_owned(),
             Outcome::StartFailed(why) => format!("could not start: {why}"),
-            Outcome::LimitReached(why) => why.clone(),
+            Outcome::LimitReached(why) | Outcome::Preempted(why) => why.clone(),
         }
     }
 }
@@ -144,6 +152,7 @@ enum Stop {
     Exited(std::io::Result<ExitStatus>),
     TimedOut,
     Cancelled,
+    Preempted(SpotNotice),
 }
 
 /// Runs `launch` to its end: output goes to `output` (best effort; the log file has it all) and
@@ -180,18 +189,36 @@ pub async fn run(launch: Launch, output: mpsc::Sender<Vec<u8>>, mut cancel: watc
     let streams = Streams::start(&mut child, log, output);
 
     let deadline = Instant::now().checked_add(launch.max_runtime);
+    let mut preempt = launch.preempt.clone();
     let stop = tokio::select! {
         status = child.wait() => Stop::Exited(status),
         () = until(deadline) => Stop::TimedOut,
         () = cancelled(&mut cancel) => Stop::Cancelled,
+        notice = preempted(&mut preempt) => Stop::Preempted(notice),
     };
     let outcome = match stop {
         Stop::Exited(status) => exited(status),
-        Stop::TimedOut | Stop::Cancelled => {
+        Stop::TimedOut | Stop::Cancelled | Stop::Preempted(_) => {
+            let grace = match &stop {
+                Stop::Preempted(notice) => {
+                    // The deadline first, so that the job's SIGTERM handler finds it.
+                    let deadline = format!("{}\n", notice.deadline_rfc3339());
+                    if let Err(e) = write_agent_file(&launch.work_dir, PREEMPT_FILE, deadline.as_bytes()) {
+                        tracing::warn!(job = %launch.job_id, error = %e, "cannot write the preempt file");
+                    }
+                    notice.time_left(std::time::SystemTime::now())
+                }
+                _ => launch.grace,
+            };
             group.signal(Signal::SIGTERM);
+            if let Stop::Preempted(notice) = &stop {
+                let latency_ms = notice.seen_at.elapsed().as_secs_f64() * 1000.0;
+                tracing::info!(job = %launch.job_id, attempt = launch.attempt, latency_ms, deadline = %notice.deadline_rfc3339(),
+                    "spot interruption notice: SIGTERM sent to the attempt");
+            }
             tokio::select! {
                 _ = child.wait() => {}
-                () = sleep(launch.grace) => {
+                () = sleep(grace) => {
                     group.signal(Signal::SIGKILL);
                     if timeout(KILL_WAIT, child.wait()).await.is_err() {
                         // Stuck in the kernel (a hung driver, say). The attempt does not end before
@@ -203,6 +230,7 @@ pub async fn run(launch: Launch, output: mpsc::Sender<Vec<u8>>, mut cancel: watc
             }
             match stop {
                 Stop::TimedOut => Outcome::TimedOut(launch.max_runtime),
+                Stop::Preempted(notice) => Outcome::Preempted(notice.reason()),
                 _ => Outcome::Cancelled,
             }
         }
@@ -255,6 +283,16 @@ async fn cancelled(cancel: &mut watch::Receiver<bool>) {
     if cancel.wait_for(|c| *c).await.is_err() {
         std::future::pending::<()>().await;
     }
+}
+
+/// Completes with the notice once there is one; never without a notice channel.
+async fn preempted(notices: &mut Option<watch::Receiver<Option<SpotNotice>>>) -> SpotNotice {
+    if let Some(rx) = notices
+        && let Ok(notice) = rx.wait_for(Option::is_some).await
+    {
+        return notice.clone().expect("waited for a notice");
+    }
+    std::future::pending().await
 }
 
 /// The attempt's process group; SIGKILLed when dropped, so even an aborted `run` leaves no
@@ -336,10 +374,17 @@ async fn prepare(launch: &Launch) -> Result<Prepared, String> {
         Some(sandbox) => sandbox.spec.user,
         None => credentials.as_ref().map(|c| (c.uid.as_raw(), c.gid.as_raw())),
     };
-    tokio::task::spawn_blocking(move || make_work_dir(&dir, owner))
-        .await
-        .map_err(|e| format!("work directory: {e}"))?
-        .map_err(|e| format!("work directory {}: {e}", launch.work_dir.display()))?;
+    tokio::task::spawn_blocking(move || {
+        make_work_dir(&dir, owner)?;
+        // Without it the job still runs; only a spot notice's deadline cannot reach it.
+        if let Err(e) = make_agent_files_dir(&dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot make the agent's files directory");
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await
+    .map_err(|e| format!("work directory: {e}"))?
+    .map_err(|e| format!("work directory {}: {e}", launch.work_dir.display()))?;
     let log_path = launch.work_dir.join(OUTPUT_LOG);
     // O_NOFOLLOW: the directory belongs to the job's user, who must not point the agent elsewhere.
     let log = tokio::fs::OpenOptions::new()
@@ -370,6 +415,10 @@ async fn prepare(launch: &Launch) -> Result<Prepared, String> {
         ("HYBROKER_JOB_ID".to_owned(), launch.job_id.clone()),
         ("HYBROKER_ATTEMPT".to_owned(), launch.attempt.to_string()),
         ("CUDA_VISIBLE_DEVICES".to_owned(), launch.cuda_visible_devices.clone()),
+        (
+            PREEMPT_FILE_ENV.to_owned(),
+            launch.work_dir.join(AGENT_FILES_DIR).join(PREEMPT_FILE).to_string_lossy().into_owned(),
+        ),
     ]);
     if let Some(sandbox) = &launch.sandbox {
         return sandboxed_command(launch, sandbox, env, log);

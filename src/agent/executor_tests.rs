@@ -15,6 +15,7 @@ fn launch(dir: &Path, argv: &[&str]) -> Launch {
         run_as: None,
         grace: Duration::from_millis(200),
         sandbox: None,
+        preempt: None,
     }
 }
 
@@ -93,7 +94,8 @@ async fn environment_is_clean_and_ours_wins() {
     let allowed = ["PATH", "HOME", "LANG", "TZ", "BATCH_SIZE"];
     for key in vars.keys() {
         assert!(
-            allowed.contains(key) || ["HYBROKER_JOB_ID", "HYBROKER_ATTEMPT", "CUDA_VISIBLE_DEVICES"].contains(key),
+            allowed.contains(key)
+                || ["HYBROKER_JOB_ID", "HYBROKER_ATTEMPT", "CUDA_VISIBLE_DEVICES", PREEMPT_FILE_ENV].contains(key),
             "agent variable {key} leaked into the job"
         );
     }
@@ -184,6 +186,63 @@ async fn cancel_kills() {
     assert_eq!(outcome, Outcome::Cancelled);
     assert_eq!(outcome.reason(), "cancelled");
     assert_dies(read_pid(&l)).await;
+}
+
+/// A notice due `after` from now.
+fn notice(after: Duration) -> SpotNotice {
+    SpotNotice {
+        action: "terminate".into(),
+        deadline: std::time::SystemTime::now() + after,
+        event_id: None,
+        seen_at: StdInstant::now(),
+    }
+}
+
+#[tokio::test]
+async fn a_spot_notice_writes_the_deadline_then_terms_the_group() {
+    let dir = tempfile::tempdir().unwrap();
+    // The handler reads the deadline the agent wrote before the signal.
+    let script = r#"trap 'echo "term: $(cat "$HYBROKER_PREEMPT_FILE")"; exit 0' TERM
+        test -e "$HYBROKER_PREEMPT_FILE" && echo early
+        echo ready; while :; do sleep 0.05; done"#;
+    let mut l = launch(dir.path(), &["sh", "-c", script]);
+    let (notice_tx, notice_rx) = watch::channel(None);
+    l.preempt = Some(notice_rx);
+    let (tx, mut rx) = mpsc::channel(4);
+    let (_cancel_tx, cancel_rx) = watch::channel(false);
+    let task = tokio::spawn(run(l.clone(), tx, cancel_rx));
+    assert_eq!(rx.recv().await.unwrap(), b"ready\n");
+    let n = notice(Duration::from_secs(60));
+    notice_tx.send_replace(Some(n.clone()));
+    let mut out = Vec::new();
+    while let Some(chunk) = rx.recv().await {
+        out.extend(chunk);
+    }
+    let outcome = task.await.unwrap();
+    assert_eq!(outcome, Outcome::Preempted(n.reason()));
+    assert!(outcome.reason().starts_with("spot interruption notice: terminate at 20"), "{}", outcome.reason());
+    // (The shell may also say that its `sleep` was terminated.)
+    let out = String::from_utf8(out).unwrap();
+    assert!(out.lines().any(|l| l == format!("term: {}", n.deadline_rfc3339())), "{out}");
+    assert!(!out.contains("early"), "no deadline before the notice: {out}");
+    let file = l.work_dir.join(AGENT_FILES_DIR).join(PREEMPT_FILE);
+    assert_eq!(std::fs::read_to_string(file).unwrap(), format!("{}\n", n.deadline_rfc3339()));
+}
+
+#[tokio::test]
+async fn a_job_ignoring_the_notice_is_killed_at_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut l = launch(dir.path(), &["sh", "-c", "trap '' TERM; echo ready; while :; do sleep 0.05; done"]);
+    l.grace = Duration::from_secs(60); // the deadline, not the grace, decides
+    let (notice_tx, notice_rx) = watch::channel(None);
+    l.preempt = Some(notice_rx);
+    let (tx, mut rx) = mpsc::channel(4);
+    let (_cancel_tx, cancel_rx) = watch::channel(false);
+    let task = tokio::spawn(run(l, tx, cancel_rx));
+    assert_eq!(rx.recv().await.unwrap(), b"ready\n");
+    notice_tx.send_replace(Some(notice(Duration::from_millis(300))));
+    let outcome = timeout(Duration::from_secs(20), task).await.expect("killed at the deadline").unwrap();
+    assert!(matches!(outcome, Outcome::Preempted(_)), "{outcome:?}");
 }
 
 #[tokio::test]

@@ -3,13 +3,18 @@
 //! attempts while the broker is away, and reports them again when it reconnects.
 
 mod attempt;
+mod checkpoint;
 pub mod enroll;
 pub mod executor;
 pub mod gpu;
+pub mod metadata;
 mod renew;
 pub mod sandbox;
 mod session;
+mod spot;
 pub mod staging;
+mod urls;
+mod work_files;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -74,6 +79,8 @@ struct Agent {
     tls: Arc<tls::ReloadingClientTls>,
     /// Renews the certificate on the stream (`renew`).
     renewer: Option<renew::Renewer>,
+    /// The spot interruption notice, on a cloud instance (`agent.cloud`).
+    spot: Option<spot::Notices>,
 }
 
 /// Runs the agent until `shutdown` resolves. Attempts still running then are stopped.
@@ -155,8 +162,28 @@ pub async fn run(mut config: AgentConfig, shutdown: impl Future<Output = ()> + S
         limits: Arc::new(staging_limits(&config.staging)),
     };
     let renewer = renew::Renewer::load(&config.tls.cert);
-    let mut agent =
-        Agent { config, identity, probe, attempts: HashMap::new(), events, staging, sandbox, tls: reloading, renewer };
+    let (spot, _spot_watch) = match (config.agent.cloud, config.agent.spot_poll_or_default()) {
+        (Some(cloud), Some(period)) => {
+            let url = config.agent.metadata_url.as_deref().unwrap_or(metadata::DEFAULT_METADATA_URL);
+            let client = metadata::MetadataClient::new(cloud, url)?;
+            let notices = spot::notices();
+            let task = tokio::spawn(spot::watch(client, period, notices.clone()));
+            (Some(notices), Some(AbortOnDrop(task)))
+        }
+        _ => (None, None),
+    };
+    let mut agent = Agent {
+        config,
+        identity,
+        probe,
+        attempts: HashMap::new(),
+        events,
+        staging,
+        sandbox,
+        tls: reloading,
+        renewer,
+        spot,
+    };
     let cert = agent.tls.paths().cert.display().to_string();
     tracing::info!(agent = agent.identity.agent_id(), gpus = agent.probe.gpus().len(), cert, "agent starting");
     session::run_sessions(&mut agent, client_tls, &mut event_rx, shutdown).await;
@@ -270,6 +297,11 @@ impl Agent {
     ) {
         let work_dir: PathBuf = self.config.agent.work_dir.join(&a.job_id).join(format!("attempt-{}", a.attempt));
         let data = attempt::AttemptData::from_assignment(&a);
+        let mut env: std::collections::BTreeMap<String, String> = a.env.into_iter().collect();
+        if data.checkpoint.is_some() {
+            let request = work_dir.join(checkpoint::REQUEST_FILE);
+            env.insert(checkpoint::REQUEST_ENV.to_string(), request.to_string_lossy().into_owned());
+        }
         let plan = attempt::SandboxPlan {
             sandbox: self.sandbox.clone(),
             resources: sandbox::AttemptResources { cpus: a.cpus, memory_gib: a.memory_gib },
@@ -279,13 +311,14 @@ impl Agent {
             job_id: a.job_id.clone(),
             attempt: a.attempt,
             command: a.command,
-            env: a.env.into_iter().collect(),
+            env,
             cuda_visible_devices,
             max_runtime: Duration::from_millis(a.max_runtime_ms),
             work_dir,
             run_as: self.config.agent.run_as.clone().filter(|_| self.sandbox.init_program().is_none()),
             grace: executor::DEFAULT_GRACE,
             sandbox: None,
+            preempt: self.spot.as_ref().map(|notices| notices.subscribe()),
         };
         let (staging, events) = (self.staging.clone(), self.events.clone());
         tokio::spawn(async move {
@@ -320,6 +353,7 @@ impl Agent {
                 report.staging = ended.staging;
                 (report.phase, report.reason) = match ended.staging_error {
                     Some(why) => (Phase::StagingFailed, why),
+                    None if matches!(outcome, Outcome::Preempted(_)) => (Phase::Preempted, outcome.reason()),
                     None if matches!(outcome, Outcome::Exited(_)) => (Phase::Exited, outcome.reason()),
                     None => (Phase::Failed, outcome.reason()),
                 };

@@ -198,6 +198,15 @@ impl proto::agent_service_server::AgentService for AgentService {
         let job_id = req.get_ref().job_id.clone();
         Ok(Response::new(staging::complete_outputs(&self.data, &job_id, &attempt, req.into_inner()).await?))
     }
+
+    async fn checkpoint_urls(
+        &self,
+        req: Request<proto::CheckpointUrlsRequest>,
+    ) -> Result<Response<proto::CheckpointUrlsResponse>, Status> {
+        let attempt = self.attempt(&req, &req.get_ref().job_id, req.get_ref().epoch).await?;
+        let job_id = req.get_ref().job_id.clone();
+        Ok(Response::new(staging::checkpoint_urls(&self.data, &job_id, &attempt, req.into_inner()).await?))
+    }
 }
 
 /// Turns one stream message into a core command; invalid messages are logged and skipped.
@@ -276,6 +285,7 @@ impl From<Assignment> for proto::Assignment {
             trace_context: a.trace_context,
             cpus: a.cpus,
             memory_gib: a.memory_gib,
+            checkpoint_path: a.checkpoint_path.unwrap_or_default(),
         }
     }
 }

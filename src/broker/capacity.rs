@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::core::{Call, CallResult, CapacityCmd, Cmd, StepReply};
 use super::revocations::RevocationAdmin;
 use crate::capacity::aws::{AwsProvider, AwsSettings};
+use crate::capacity::azure::{AzureProvider, AzureSettings};
 use crate::capacity::local::LocalProvider;
 use crate::capacity::user_data::{self, Boot};
 use crate::capacity::{LaunchSpec, Provider, ProviderError};
@@ -86,11 +87,24 @@ pub async fn providers(config: &BrokerConfig) -> anyhow::Result<HashMap<String, 
                     .map_err(|e| anyhow::anyhow!("site {}: capacity provider aws: {e}", site.name))?;
                 Arc::new(provider)
             }
-            other => anyhow::bail!(
-                "site {}: capacity provider {} is not built into this broker yet",
-                site.name,
-                other.as_str()
-            ),
+            ProviderKind::Azure => {
+                let launch = capacity.azure.clone().unwrap_or_default();
+                let credential =
+                    crate::config::azure_env::azure_credential_from_env(&launch.credential).map_err(|p| {
+                        let p: Vec<String> = p.iter().map(|m| format!("site {}: capacity.{m}", site.name)).collect();
+                        anyhow::anyhow!("{}", p.join("; "))
+                    })?;
+                let settings = AzureSettings {
+                    site: site.name.clone(),
+                    location: site.region.clone(),
+                    broker: config.broker.name.clone(),
+                    launch,
+                    credential,
+                };
+                let provider = AzureProvider::new(settings)
+                    .map_err(|e| anyhow::anyhow!("site {}: capacity provider azure: {e}", site.name))?;
+                Arc::new(provider)
+            }
         };
         out.insert(site.name.clone(), provider);
     }

@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use crate::config::{BrokerConfig, StorageCloud, StorageConfig, TenantConfig};
 use crate::error::ApiError;
 use crate::model::data::{DataUri, InputObject, JobData, OutputChoice, OutputTarget, Scheme, input_destination};
-use crate::model::job::JobSpec;
+use crate::model::job::{Checkpoint, JobSpec};
 use crate::storage::azure::{AzureBlobStore, AzureSettings};
 use crate::storage::local::LocalS3Server;
 use crate::storage::s3::{S3Settings, S3Store};
@@ -203,6 +203,25 @@ impl DataPlane {
                 choices: Vec::new(),
             });
         }
+        data.checkpoint = match &spec.checkpoint {
+            None => None,
+            // Checked like an output's `to`: a location the tenant may write.
+            Some(Checkpoint { path, to: Some(to) }) => {
+                let (uri, location) = self.locate("checkpoint.to", to, tenant)?;
+                let prefix =
+                    if uri.path.is_empty() || uri.path.ends_with('/') { uri.path } else { format!("{}/", uri.path) };
+                let to = format!("{}://{}/{prefix}", uri.scheme.as_str(), uri.store);
+                let location = location.config.name.clone();
+                Some(OutputTarget { path: path.clone(), location, to, prefix, residency: None, choices: Vec::new() })
+            }
+            // The first output's location (or its choices, which placement settles for both).
+            Some(Checkpoint { path, to: None }) => match data.outputs.first() {
+                Some(first) => Some(OutputTarget { path: path.clone(), ..first.clone() }),
+                None => {
+                    return Err(ApiError::InvalidArgument("checkpoint.to: missing, and the job has no output".into()));
+                }
+            },
+        };
         Ok(data)
     }
 
@@ -265,6 +284,12 @@ impl DataPlane {
             urls.push(store.presign_get(&input.key, self.url_ttl).await.map_err(|e| store_error("inputs", e))?);
         }
         Ok(urls)
+    }
+
+    /// A GET of one object of a location (an earlier attempt's checkpoint).
+    pub async fn presign_get(&self, location: &str, key: &str) -> Result<Presigned, ApiError> {
+        let store = self.store(location)?;
+        store.presign_get(key, self.url_ttl).await.map_err(|e| store_error("checkpoint", e))
     }
 
     /// The key of one output file of one attempt; `None` when the relative path is unsafe.

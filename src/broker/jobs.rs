@@ -116,7 +116,7 @@ impl JobService {
             Err(_) => return Err(Status::invalid_argument(format!("format: unknown spec format {}", req.format))),
         }
         .map_err(ApiError::from)?;
-        let data = if spec.inputs.is_empty() && spec.outputs.is_empty() {
+        let data = if spec.inputs.is_empty() && spec.outputs.is_empty() && spec.checkpoint.is_none() {
             None
         } else {
             Some(Arc::new(self.data.resolve(tenant_config, &spec).await?))

@@ -15,6 +15,8 @@ use crate::storage::CompletedPart;
 
 /// Most files planned in one call.
 const MAX_FILES_PER_CALL: usize = 1000;
+/// The output number of the job's checkpoint in the output calls.
+pub const CHECKPOINT_OUTPUT: u32 = u32::MAX;
 
 /// The attempt's data, when `agent` holds `job_id` at `epoch`.
 pub(super) async fn attempt_data(
@@ -50,8 +52,7 @@ pub(super) async fn plan_outputs(
     }
     let mut uploads = Vec::with_capacity(req.files.len());
     for file in req.files {
-        let target = target(attempt, file.output)?;
-        let prefix = target.attempt_prefix(&attempt.tenant, job_id, attempt.attempt);
+        let (target, prefix) = target(attempt, job_id, file.output)?;
         let key = DataPlane::output_key(target, &prefix, &file.path)
             .ok_or_else(|| Status::invalid_argument(format!("output file path {:?} is not a safe name", file.path)))?;
         uploads.push(match data.plan_upload(target, key, file.size).await? {
@@ -74,8 +75,8 @@ pub(super) async fn part_urls(
     attempt: &AttemptData,
     req: proto::PartUrlsRequest,
 ) -> Result<proto::PartUrlsResponse, Status> {
-    let target = target(attempt, req.output)?;
-    check_key(target, job_id, attempt, &req.key)?;
+    let (target, prefix) = target(attempt, job_id, req.output)?;
+    check_key(target, &prefix, &req.key)?;
     let parts = data.part_urls(target, &req.key, &req.upload_id, &req.numbers).await?;
     Ok(proto::PartUrlsResponse { parts: parts.into_iter().map(proto::PresignedRequest::from).collect() })
 }
@@ -87,8 +88,8 @@ pub(super) async fn complete_outputs(
     req: proto::CompleteOutputsRequest,
 ) -> Result<proto::CompleteOutputsResponse, Status> {
     for upload in req.uploads {
-        let target = target(attempt, upload.output)?;
-        check_key(target, job_id, attempt, &upload.key)?;
+        let (target, prefix) = target(attempt, job_id, upload.output)?;
+        check_key(target, &prefix, &upload.key)?;
         let parts: Vec<CompletedPart> =
             upload.parts.into_iter().map(|p| CompletedPart { number: p.number, etag: p.etag }).collect();
         data.complete(target, &upload.key, &upload.upload_id, &parts).await?;
@@ -96,19 +97,54 @@ pub(super) async fn complete_outputs(
     Ok(proto::CompleteOutputsResponse {})
 }
 
-fn target(attempt: &AttemptData, output: u32) -> Result<&OutputTarget, Status> {
-    attempt
+/// GETs of an earlier attempt's checkpoint objects; never of the caller's own attempt or a later
+/// one, nor outside that attempt's `checkpoint/` prefix.
+pub(super) async fn checkpoint_urls(
+    data: &DataPlane,
+    job_id: &str,
+    attempt: &AttemptData,
+    req: proto::CheckpointUrlsRequest,
+) -> Result<proto::CheckpointUrlsResponse, Status> {
+    let target = checkpoint(attempt)?;
+    if req.attempt == 0 || req.attempt >= attempt.attempt {
+        return Err(Status::invalid_argument(format!("attempt {} is not an earlier attempt", req.attempt)));
+    }
+    if req.paths.len() > MAX_FILES_PER_CALL {
+        return Err(Status::invalid_argument(format!("paths: at most {MAX_FILES_PER_CALL} per call")));
+    }
+    let prefix = target.checkpoint_prefix(&attempt.tenant, job_id, req.attempt);
+    let mut urls = Vec::with_capacity(req.paths.len());
+    for path in &req.paths {
+        let key = DataPlane::output_key(target, &prefix, path)
+            .filter(|_| !path.is_empty())
+            .ok_or_else(|| Status::invalid_argument(format!("checkpoint path {path:?} is not a safe name")))?;
+        urls.push(data.presign_get(&target.location, &key).await?.into());
+    }
+    Ok(proto::CheckpointUrlsResponse { urls })
+}
+
+fn checkpoint(attempt: &AttemptData) -> Result<&OutputTarget, Status> {
+    attempt.data.checkpoint.as_ref().ok_or_else(|| Status::invalid_argument("the job has no checkpoint"))
+}
+
+/// The output (or the checkpoint) and the prefix its keys lie under for this attempt.
+fn target<'a>(attempt: &'a AttemptData, job_id: &str, output: u32) -> Result<(&'a OutputTarget, String), Status> {
+    if output == CHECKPOINT_OUTPUT {
+        let target = checkpoint(attempt)?;
+        return Ok((target, target.checkpoint_prefix(&attempt.tenant, job_id, attempt.attempt)));
+    }
+    let target = attempt
         .data
         .outputs
         .get(output as usize)
-        .ok_or_else(|| Status::invalid_argument(format!("output {output} does not exist")))
+        .ok_or_else(|| Status::invalid_argument(format!("output {output} does not exist")))?;
+    Ok((target, target.attempt_prefix(&attempt.tenant, job_id, attempt.attempt)))
 }
 
 /// Keys an agent sends back must lie under this attempt's prefix.
-fn check_key(target: &OutputTarget, job_id: &str, attempt: &AttemptData, key: &str) -> Result<(), Status> {
-    let prefix = target.attempt_prefix(&attempt.tenant, job_id, attempt.attempt);
-    match key.strip_prefix(&prefix) {
-        Some(rest) if DataPlane::output_key(target, &prefix, rest).as_deref() == Some(key) => Ok(()),
+fn check_key(target: &OutputTarget, prefix: &str, key: &str) -> Result<(), Status> {
+    match key.strip_prefix(prefix) {
+        Some(rest) if DataPlane::output_key(target, prefix, rest).as_deref() == Some(key) => Ok(()),
         _ => Err(ApiError::PermissionDenied(format!("key {key:?} is not under this attempt's prefix {prefix}")).into()),
     }
 }

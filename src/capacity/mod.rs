@@ -19,6 +19,7 @@ use crate::model::UnixMillis;
 use crate::model::price::Market;
 
 pub mod aws;
+pub mod azure;
 pub mod local;
 pub mod user_data;
 

@@ -234,6 +234,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
                 join_token_file: None,
                 cloud: None,
                 metadata_url: None,
+                spot_poll: None,
             },
             tls: issue(Role::Agent, node, Some(site))?,
             reconnect: ReconnectSection::default(),

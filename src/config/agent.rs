@@ -124,6 +124,21 @@ pub struct AgentSection {
     /// The instance metadata service; default `http://169.254.169.254` (tests serve one on loopback).
     #[serde(default)]
     pub metadata_url: Option<String>,
+    /// How often the metadata service is asked for a spot interruption notice (with `cloud`);
+    /// default 5s on AWS, 1s on Azure.
+    #[serde(default)]
+    pub spot_poll: Option<HumanDuration>,
+}
+
+impl AgentSection {
+    /// `spot_poll`, or the cloud's default.
+    pub fn spot_poll_or_default(&self) -> Option<Duration> {
+        let default = match self.cloud? {
+            CloudKind::Aws => Duration::from_secs(5),
+            CloudKind::Azure => Duration::from_secs(1),
+        };
+        Some(self.spot_poll.map_or(default, |p| p.0))
+    }
 }
 
 /// `agent.cloud`.
@@ -341,6 +356,14 @@ impl AgentConfig {
             problems.push("agent.run_as must name an unprivileged user".into());
         }
         self.sandbox.check(&mut problems);
+        if self.agent.spot_poll.is_some_and(|p| p.0 < Duration::from_millis(50) || p.0 > Duration::from_secs(60)) {
+            problems.push("agent.spot_poll must be 50ms to 60s".into());
+        }
+        if let Some(url) = &self.agent.metadata_url
+            && !url.starts_with("http://")
+        {
+            problems.push(format!("agent.metadata_url {url:?} must start with http://"));
+        }
         let (min, max) = (self.reconnect.min_backoff.0, self.reconnect.max_backoff.0);
         if min.is_zero() || min > max {
             problems.push("reconnect.min_backoff must be more than 0 and at most reconnect.max_backoff".into());
@@ -358,5 +381,37 @@ impl AgentConfig {
             );
         }
         finish(path, problems)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str =
+        "[agent]\nbroker_url = \"https://b:1\"\nwork_dir = \"w\"\n[tls]\nca_cert = \"a\"\ncert = \"b\"\nkey = \"c\"\n";
+
+    fn parse(extra: &str, vars: &[(&str, &str)]) -> AgentConfig {
+        let vars = vars.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        super::super::parse_toml(&format!("{BASE}{extra}"), Path::new("agent.toml"), vars).unwrap()
+    }
+
+    #[test]
+    fn spot_polling_defaults_by_cloud_and_is_overridable() {
+        assert_eq!(parse("", &[]).agent.spot_poll_or_default(), None, "no cloud, no watch");
+        let aws = parse("", &[("HYBROKER_AGENT__CLOUD", "aws")]);
+        assert_eq!(aws.agent.spot_poll_or_default(), Some(Duration::from_secs(5)));
+        let azure = parse("", &[("HYBROKER_AGENT__CLOUD", "azure")]);
+        assert_eq!(azure.agent.spot_poll_or_default(), Some(Duration::from_secs(1)));
+        let fast = parse("", &[("HYBROKER_AGENT__CLOUD", "azure"), ("HYBROKER_AGENT__SPOT_POLL", "200ms")]);
+        assert_eq!(fast.agent.spot_poll_or_default(), Some(Duration::from_millis(200)));
+    }
+
+    #[test]
+    fn bad_spot_settings_are_reported_together() {
+        let c = parse("", &[("HYBROKER_AGENT__SPOT_POLL", "1ms"), ("HYBROKER_AGENT__METADATA_URL", "https://imds")]);
+        let err = c.validate(Path::new("agent.toml")).unwrap_err().to_string();
+        assert!(err.contains("agent.spot_poll must be 50ms to 60s"), "{err}");
+        assert!(err.contains("agent.metadata_url \"https://imds\" must start with http://"), "{err}");
     }
 }

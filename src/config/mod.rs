@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 use crate::tls::TlsPaths;
 
 pub mod agent;
+pub mod azure_env;
 pub mod broker;
 pub mod gateway;
 pub mod placement;

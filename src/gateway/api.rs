@@ -16,6 +16,10 @@ pub struct Job {
     pub state: String,
     pub attempts: u32,
     pub max_attempts: u32,
+    /// Attempts a spot interruption ended: counted in `attempts`, not toward `max_attempts`
+    /// (left out while 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub preemptions: u32,
     /// The site the job was placed at, once placed.
     pub site: Option<String>,
     /// The agent (`site/node`) of the current or last attempt.
@@ -211,4 +215,8 @@ pub struct Problem {
     /// The request path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }

@@ -31,6 +31,7 @@ impl From<proto::Job> for api::Job {
             state: j.state,
             attempts: j.attempts,
             max_attempts: j.max_attempts,
+            preemptions: j.preemptions,
             site: non_empty(j.site),
             agent: non_empty(j.agent),
             exit_code: j.exit_code,

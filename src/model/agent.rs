@@ -78,6 +78,9 @@ pub enum Phase {
     Failed,
     /// Stage-in or stage-out failed; `reason` says why. The job may be tried again.
     StagingFailed,
+    /// Stopped by a spot interruption notice (`reason`: `spot interruption notice: <action> at
+    /// <deadline>`). The job is placed again; the attempt does not count toward `max_attempts`.
+    Preempted,
 }
 
 /// One agent report about one attempt, fenced by its epoch.

@@ -157,6 +157,10 @@ pub struct AzureLaunch {
     /// The instance metadata service (managed identity); default `http://169.254.169.254`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub imds_endpoint: Option<String>,
+    /// Extra trust roots (PEM) for `endpoint` and `authority`, beside the platform's: a private
+    /// Resource Manager proxy's CA, or the tests' fixture CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_admin_username() -> String {
@@ -180,6 +184,37 @@ pub struct AzureCredential {
     /// `workload_identity`: the projected service-account token, re-read for every token request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub federated_token_file: Option<PathBuf>,
+}
+
+impl AzureCredential {
+    /// Settings that the kind does not use (a secret file for a managed identity…) are mistakes.
+    fn problems(&self, p: &mut Vec<String>) {
+        let kind = self.kind.as_str();
+        let unused = [
+            ("client_secret_file", self.client_secret_file.is_some(), self.kind != AzureCredentialKind::ClientSecret),
+            (
+                "federated_token_file",
+                self.federated_token_file.is_some(),
+                self.kind != AzureCredentialKind::WorkloadIdentity,
+            ),
+            ("tenant_id", self.tenant_id.is_some(), self.kind == AzureCredentialKind::ManagedIdentity),
+        ];
+        for (key, given, unused) in unused {
+            if given && unused {
+                p.push(format!("azure.credential.{key}: not used by kind {kind}"));
+            }
+        }
+    }
+}
+
+impl AzureCredentialKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AzureCredentialKind::ClientSecret => "client_secret",
+            AzureCredentialKind::WorkloadIdentity => "workload_identity",
+            AzureCredentialKind::ManagedIdentity => "managed_identity",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -351,6 +386,23 @@ impl AzureLaunch {
         if !self.subnet_id.trim().is_empty() && !self.subnet_id.starts_with("/subscriptions/") {
             p.push("azure.subnet_id: must be a subnet resource id (/subscriptions/…/subnets/…)".into());
         }
+        for (key, url) in [("endpoint", &self.endpoint), ("authority", &self.authority)] {
+            if let Some(url) = url
+                && !url.starts_with("https://")
+            {
+                p.push(format!("azure.{key}: {url:?} must be an https:// URL (it carries the credential)"));
+            }
+        }
+        if let Some(url) = &self.imds_endpoint
+            && !url.starts_with("http://")
+            && !url.starts_with("https://")
+        {
+            p.push(format!("azure.imds_endpoint: {url:?} is not an http:// URL"));
+        }
+        if self.ca_file.as_ref().is_some_and(|f| f.as_os_str().is_empty()) {
+            p.push("azure.ca_file: must not be empty".into());
+        }
+        self.credential.problems(p);
     }
 }
 
@@ -372,6 +424,36 @@ mod tests {
         assert!(CapacityConfig::new(ProviderKind::Local).problems("aws").is_empty());
         let p = CapacityConfig::new(ProviderKind::Azure).problems("aws");
         assert_eq!(p, ["provider: a aws site cannot use provider azure"]);
+    }
+
+    #[test]
+    fn azure_settings_report_every_problem_with_its_key() {
+        let mut c = CapacityConfig::new(ProviderKind::Azure);
+        c.azure = Some(AzureLaunch {
+            image: "ubuntu".into(),
+            subnet_id: "subnet-1".into(),
+            endpoint: Some("http://127.0.0.1:1".into()),
+            credential: AzureCredential {
+                kind: AzureCredentialKind::ManagedIdentity,
+                client_secret_file: Some("secret".into()),
+                ..AzureCredential::default()
+            },
+            ..AzureLaunch::default()
+        });
+        let p = c.problems("azure");
+        for want in [
+            "azure.subscription_id:",
+            "azure.resource_group:",
+            "azure.ssh_public_key:",
+            "azure.admin_username:",
+            "azure.image:",
+            "azure.subnet_id:",
+            "azure.endpoint:",
+            "azure.credential.client_secret_file: not used by kind managed_identity",
+        ] {
+            assert!(p.iter().any(|m| m.starts_with(want)), "{want} missing from {p:?}");
+        }
+        assert_eq!(p.len(), 8, "{p:?}");
     }
 
     #[test]

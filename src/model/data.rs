@@ -103,11 +103,15 @@ impl fmt::Display for DataUri {
 pub struct JobData {
     pub inputs: Vec<InputObject>,
     pub outputs: Vec<OutputTarget>,
+    /// Where the job's checkpoint goes (its `path` is the work-directory path); with `residency`,
+    /// it follows the first output's choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<OutputTarget>,
 }
 
 impl JobData {
     pub fn is_empty(&self) -> bool {
-        self.inputs.is_empty() && self.outputs.is_empty()
+        self.inputs.is_empty() && self.outputs.is_empty() && self.checkpoint.is_none()
     }
 
     /// Bytes of input, as listed at submit (what placement prices moving).
@@ -119,7 +123,9 @@ impl JobData {
     /// output, in order, as a decision gives them). Outputs with a fixed location are unchanged.
     pub fn with_chosen_outputs(&self, chosen: &[String]) -> JobData {
         let mut data = self.clone();
-        for (output, location) in data.outputs.iter_mut().zip(chosen) {
+        let first = chosen.first();
+        let targets = data.outputs.iter_mut().zip(chosen).chain(data.checkpoint.as_mut().zip(first));
+        for (output, location) in targets {
             if let Some(choice) = output.choices.iter().find(|c| &c.location == location) {
                 output.location = choice.location.clone();
                 output.to = choice.to.clone();
@@ -131,7 +137,7 @@ impl JobData {
 
     /// Whether every output has its location (none waits for placement to choose).
     pub fn outputs_resolved(&self) -> bool {
-        self.outputs.iter().all(|o| !o.location.is_empty())
+        self.outputs.iter().chain(&self.checkpoint).all(|o| !o.location.is_empty())
     }
 }
 
@@ -183,6 +189,12 @@ impl OutputTarget {
     /// retry never mixes with an earlier attempt's files.
     pub fn attempt_prefix(&self, tenant: &str, job_id: &str, attempt: u32) -> String {
         format!("{}{tenant}/{job_id}/attempt-{attempt}/", self.prefix)
+    }
+
+    /// `<attempt prefix>checkpoint/`: where a checkpoint target keeps one attempt's checkpoint
+    /// (`files/…` and the `complete.json` marker written last).
+    pub fn checkpoint_prefix(&self, tenant: &str, job_id: &str, attempt: u32) -> String {
+        format!("{}checkpoint/", self.attempt_prefix(tenant, job_id, attempt))
     }
 
     /// The URI of that prefix, for people.
@@ -301,6 +313,36 @@ mod tests {
             choices: Vec::new(),
         };
         assert_eq!(o.attempt_prefix("acme", "j1", 2), "runs/acme/j1/attempt-2/");
+        assert_eq!(o.checkpoint_prefix("acme", "j1", 2), "runs/acme/j1/attempt-2/checkpoint/");
         assert_eq!(o.attempt_uri("acme", "j1", 2), "az://acct/results/runs/acme/j1/attempt-2/");
+    }
+
+    #[test]
+    fn a_checkpoint_that_follows_the_first_output_takes_its_chosen_location() {
+        let choices = vec![
+            OutputChoice { location: "eu1".into(), to: "s3://eu1/acme/".into(), prefix: "acme/".into() },
+            OutputChoice { location: "eu2".into(), to: "s3://eu2/x/".into(), prefix: "x/".into() },
+        ];
+        let open = OutputTarget {
+            path: "out/".into(),
+            location: String::new(),
+            to: String::new(),
+            prefix: String::new(),
+            residency: Some("eu".into()),
+            choices,
+        };
+        let data = JobData {
+            inputs: Vec::new(),
+            outputs: vec![open.clone()],
+            checkpoint: Some(OutputTarget { path: "ckpt/".into(), ..open }),
+        };
+        assert!(!data.outputs_resolved(), "the checkpoint waits for placement too");
+        let chosen = data.with_chosen_outputs(&["eu2".into()]);
+        assert!(chosen.outputs_resolved());
+        let checkpoint = chosen.checkpoint.unwrap();
+        assert_eq!(
+            (checkpoint.path.as_str(), checkpoint.location.as_str(), checkpoint.prefix.as_str()),
+            ("ckpt/", "eu2", "x/")
+        );
     }
 }

@@ -52,6 +52,10 @@ pub struct JobSpec {
     pub inputs: Vec<Input>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outputs: Vec<Output>,
+    /// A work-directory path the agent saves under the attempt's prefix and the next attempt
+    /// finds again (spot interruptions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Checkpoint>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<Policy>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -110,6 +114,16 @@ pub struct Output {
     pub to: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub residency: Option<String>,
+}
+
+/// `checkpoint: {path: ckpt/, to: …}`: `to` (a data URI prefix) defaults to the first output's
+/// location.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checkpoint {
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
 }
 
 pub use super::price::Cloud;
@@ -357,6 +371,22 @@ impl JobSpec {
                 }
                 (None, Some(_)) => {}
                 _ => p.add(format!("outputs[{i}]"), "give exactly one of `to` or `residency`"),
+            }
+        }
+        if let Some(checkpoint) = &self.checkpoint {
+            if let Err(e) = check_work_path(&checkpoint.path) {
+                p.add("checkpoint.path", e);
+            }
+            match &checkpoint.to {
+                Some(to) => {
+                    if let Err(e) = check_data_uri(to) {
+                        p.add("checkpoint.to", e);
+                    }
+                }
+                None if self.outputs.is_empty() => {
+                    p.add("checkpoint.to", "give `to`, or an output whose location the checkpoint goes to")
+                }
+                None => {}
             }
         }
         if let Some(policy) = &self.policy {

@@ -147,3 +147,20 @@ fn bidi_and_control_characters_are_refused_in_names_labels_and_paths_naming_the_
     let spec = r#"{"name":"تدريب-模型-é","command":["true"],"labels":{"team":"ج"}}"#;
     assert!(JobSpec::from_json(spec.as_bytes(), LIMIT).is_ok());
 }
+
+#[test]
+fn a_checkpoint_is_checked_like_an_output() {
+    let spec = "name: x\ncommand: [true]\ncheckpoint: {path: ckpt/, to: 's3://b/ckpt/'}\n";
+    let spec = JobSpec::from_yaml(spec.as_bytes(), LIMIT).unwrap();
+    assert_eq!(spec.checkpoint, Some(Checkpoint { path: "ckpt/".into(), to: Some("s3://b/ckpt/".into()) }));
+    let follows = "name: x\ncommand: [true]\noutputs: [{path: out/, residency: eu}]\ncheckpoint: {path: ckpt}\n";
+    assert!(JobSpec::from_yaml(follows.as_bytes(), LIMIT).is_ok(), "to defaults to the first output's location");
+    let bad = "name: x\ncommand: [true]\ncheckpoint: {path: ../up, to: 'http://169.254.169.254/'}\n";
+    let SpecError::Invalid(errors) = JobSpec::from_yaml(bad.as_bytes(), LIMIT).unwrap_err() else { panic!() };
+    let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(fields, ["checkpoint.path", "checkpoint.to"], "every problem at once");
+    let nowhere = "name: x\ncommand: [true]\ncheckpoint: {path: ckpt/}\n";
+    let SpecError::Invalid(errors) = JobSpec::from_yaml(nowhere.as_bytes(), LIMIT).unwrap_err() else { panic!() };
+    assert_eq!(errors[0].field, "checkpoint.to");
+    assert!(errors[0].message.contains("give `to`"), "{}", errors[0].message);
+}

@@ -73,9 +73,11 @@ impl FromStr for JobState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lifecycle {
     pub state: JobState,
-    /// Attempts started so far (the current one included).
+    /// Attempts started so far (the current one included); numbers attempts and their prefixes.
     pub attempts: u32,
     pub max_attempts: u32,
+    /// Attempts a spot interruption ended: they do not count toward `max_attempts`.
+    pub preemptions: u32,
     /// Fencing epoch of the current attempt; 0 before the first lease. Strictly increases per lease.
     pub epoch: u64,
 }
@@ -109,6 +111,11 @@ pub enum Input {
     StagingFailed {
         epoch: u64,
     },
+    /// A spot interruption notice stopped the attempt: the job is tried again, and the attempt
+    /// does not count toward `max_attempts`.
+    Preempted {
+        epoch: u64,
+    },
     Cancel,
 }
 
@@ -125,7 +132,12 @@ pub enum Refusal {
 
 impl Lifecycle {
     pub fn new(max_attempts: u32) -> Self {
-        Self { state: JobState::Queued, attempts: 0, max_attempts: max_attempts.max(1), epoch: 0 }
+        Self { state: JobState::Queued, attempts: 0, max_attempts: max_attempts.max(1), preemptions: 0, epoch: 0 }
+    }
+
+    /// Attempts that count toward `max_attempts`: every attempt but the preempted ones.
+    pub fn counted_attempts(&self) -> u32 {
+        self.attempts.saturating_sub(self.preemptions)
     }
 
     /// Applies one input; returns the new state, or why it was refused (then nothing changed).
@@ -136,7 +148,7 @@ impl Lifecycle {
         }
         let next = match *input {
             Input::Place if self.state == Queued => Placed,
-            Input::Lease if self.state == Placed && self.attempts < self.max_attempts => {
+            Input::Lease if self.state == Placed && self.counted_attempts() < self.max_attempts => {
                 self.attempts += 1;
                 self.epoch += 1;
                 Leased
@@ -159,7 +171,12 @@ impl Lifecycle {
             }
             Input::LeaseLost { epoch } | Input::StagingFailed { epoch } => {
                 self.fence(epoch)?;
-                if self.attempts < self.max_attempts { Queued } else { Failed }
+                if self.counted_attempts() < self.max_attempts { Queued } else { Failed }
+            }
+            Input::Preempted { epoch } => {
+                self.fence(epoch)?;
+                self.preemptions += 1;
+                Queued
             }
             Input::Place | Input::Lease => return Err(Refusal::WrongState(self.state)),
         };
@@ -194,6 +211,7 @@ mod tests {
             (0u64..5).prop_map(|epoch| Input::AttemptFailed { epoch }),
             (0u64..5).prop_map(|epoch| Input::LeaseLost { epoch }),
             (0u64..5).prop_map(|epoch| Input::StagingFailed { epoch }),
+            (0u64..5).prop_map(|epoch| Input::Preempted { epoch }),
         ]
     }
 
@@ -234,6 +252,41 @@ mod tests {
         assert_eq!(l.state, JobState::Leased);
     }
 
+    #[test]
+    fn preemption_requeues_without_using_up_attempts() {
+        let mut l = Lifecycle::new(1);
+        for epoch in 1..=3 {
+            l.apply(&Input::Place).unwrap();
+            assert_eq!(l.apply(&Input::Lease), Ok(JobState::Leased), "preempted attempts leave room");
+            l.apply(&Input::Started { epoch }).unwrap();
+            assert_eq!(l.apply(&Input::Preempted { epoch }), Ok(JobState::Queued));
+        }
+        assert_eq!((l.attempts, l.preemptions, l.counted_attempts()), (3, 3, 0));
+        l.apply(&Input::Place).unwrap();
+        l.apply(&Input::Lease).unwrap();
+        assert_eq!(l.epoch, 4, "attempt numbers and epochs stay unique");
+        assert_eq!(
+            l.apply(&Input::LeaseLost { epoch: 4 }),
+            Ok(JobState::Failed),
+            "a counted attempt uses the one allowed"
+        );
+    }
+
+    #[test]
+    fn stale_or_early_preemption_is_refused() {
+        let mut l = Lifecycle::new(3);
+        assert_eq!(l.apply(&Input::Preempted { epoch: 0 }), Err(Refusal::WrongState(JobState::Queued)));
+        l.apply(&Input::Place).unwrap();
+        l.apply(&Input::Lease).unwrap();
+        l.apply(&Input::Preempted { epoch: 1 }).unwrap();
+        l.apply(&Input::Place).unwrap();
+        l.apply(&Input::Lease).unwrap();
+        let before = l.clone();
+        assert_eq!(l.apply(&Input::Preempted { epoch: 1 }), Err(Refusal::StaleEpoch { got: 1, current: 2 }));
+        assert_eq!(l, before, "a zombie's notice changes nothing");
+        assert_eq!(l.preemptions, 1);
+    }
+
     proptest! {
         /// Random sequences of reports, expiries, cancels and stale epochs never break the invariants.
         #[test]
@@ -249,13 +302,19 @@ mod tests {
                         prop_assert!(!before.state.is_terminal(), "terminal states are final");
                         if state == JobState::Succeeded { successes += 1; }
                         if let Input::Started { epoch } | Input::Exited { epoch, .. }
-                            | Input::AttemptFailed { epoch } | Input::LeaseLost { epoch } = inp {
+                            | Input::AttemptFailed { epoch } | Input::LeaseLost { epoch }
+                            | Input::Preempted { epoch } = inp {
                             prop_assert_eq!(*epoch, before.epoch, "only the current epoch changes a job");
                         }
                     }
                     Err(_) => prop_assert_eq!(&l, &before, "a refused input changes nothing"),
                 }
-                prop_assert!(l.attempts <= l.max_attempts);
+                prop_assert!(l.counted_attempts() <= l.max_attempts);
+                prop_assert!(l.preemptions <= l.attempts);
+                if matches!(inp, Input::Preempted { .. }) && l != before {
+                    prop_assert_eq!(l.preemptions, before.preemptions + 1);
+                    prop_assert_eq!(l.state, JobState::Queued);
+                }
                 prop_assert_eq!(l.epoch, u64::from(l.attempts));
             }
             prop_assert!(successes <= 1);

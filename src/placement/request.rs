@@ -165,6 +165,11 @@ impl PlacementJob {
                 (o.path.clone(), dest)
             })
             .collect();
+        // A checkpoint with its own location is held to the same rules as an output there (one
+        // that follows the first output's choice is settled with it).
+        if let Some(c) = data.checkpoint.as_ref().filter(|c| c.residency.is_none()) {
+            dests.push((c.path.clone(), OutputDest::Location(c.location.clone())));
+        }
         // Outputs not resolved against storage (a dry run without data): placement still chooses.
         if data.outputs.is_empty() {
             for output in &spec.outputs {

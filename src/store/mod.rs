@@ -56,6 +56,8 @@ pub struct JobSubmission {
 pub struct JobStatus {
     pub state: JobState,
     pub attempts: u32,
+    /// Attempts a spot interruption ended (not counted toward `max_attempts`).
+    pub preemptions: u32,
     pub epoch: u64,
     pub site: Option<String>,
     pub agent: Option<String>,

@@ -136,4 +136,9 @@ CREATE TABLE launches (
     busy_ms        INTEGER NOT NULL DEFAULT 0
 );
 "#,
+    // 9 (8 is the launch records'): attempts a spot interruption ended, which do not count
+    // toward max_attempts.
+    r#"
+ALTER TABLE jobs ADD COLUMN preemptions INTEGER NOT NULL DEFAULT 0;
+"#,
 ];

@@ -20,7 +20,7 @@ use crate::private_files;
 
 const JOB_COLUMNS: &str = "id, tenant, name, state, spec_json, priority, attempts, max_attempts, epoch, \
      site, agent, exit_code, reason, idempotency_key, request_sha256, data_json, placement_json, trace_context, \
-     secret_env_sealed, created_at_ms, updated_at_ms";
+     secret_env_sealed, created_at_ms, updated_at_ms, preemptions";
 
 /// Opens (creating and migrating if needed) the store at `path`.
 /// The database file and SQLite's `-wal` and `-shm` next to it are private (0600, a missing
@@ -132,7 +132,8 @@ impl Writer {
                     .bind(&j.trace_context)
                     .bind(&j.secret_env_sealed)
                     .bind(j.created_at)
-                    .bind(u.updated_at);
+                    .bind(u.updated_at)
+                    .bind(u.preemptions);
             }
             q.execute(&mut *tx).await?;
         }
@@ -149,7 +150,8 @@ impl Writer {
                     .bind(j.exit_code)
                     .bind(&j.reason)
                     .bind(j.placement_json.as_deref())
-                    .bind(j.updated_at);
+                    .bind(j.updated_at)
+                    .bind(j.preemptions);
             }
             q.execute(&mut *tx).await?;
         }
@@ -592,8 +594,8 @@ impl MultiRow {
 static INSERT_JOBS: MultiRow = MultiRow::new(
     "INSERT INTO jobs (id, tenant, name, state, spec_json, priority, attempts, max_attempts, epoch, site, agent, \
      exit_code, reason, idempotency_key, request_sha256, data_json, placement_json, trace_context, secret_env_sealed, \
-     created_at_ms, updated_at_ms)",
-    21,
+     created_at_ms, updated_at_ms, preemptions)",
+    22,
     "",
 );
 
@@ -602,8 +604,8 @@ static INSERT_JOBS: MultiRow = MultiRow::new(
 static UPDATE_JOBS: MultiRow = MultiRow::new(
     "UPDATE jobs SET state = v.column2, attempts = v.column3, epoch = v.column4, site = v.column5, \
      agent = v.column6, exit_code = v.column7, reason = v.column8, placement_json = v.column9, \
-     updated_at_ms = v.column10 FROM (",
-    10,
+     updated_at_ms = v.column10, preemptions = v.column11 FROM (",
+    11,
     ") AS v WHERE jobs.id = v.column1",
 );
 
@@ -787,6 +789,7 @@ fn job_from_row(r: &SqliteRow) -> Result<JobRecord, StoreError> {
     let status = JobStatus {
         state: state_of(r.try_get("state")?)?,
         attempts: r.try_get("attempts")?,
+        preemptions: r.try_get("preemptions")?,
         epoch: r.try_get::<i64, _>("epoch")? as u64,
         site: r.try_get("site")?,
         agent: r.try_get("agent")?,

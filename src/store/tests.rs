@@ -19,6 +19,7 @@ fn job(id: &str) -> JobRecord {
     let status = JobStatus {
         state: JobState::Queued,
         attempts: 0,
+        preemptions: 0,
         epoch: 0,
         site: None,
         agent: None,
@@ -154,8 +155,8 @@ mod reference {
                     sqlx::query(
                         "INSERT INTO jobs (id, tenant, name, state, spec_json, priority, attempts, max_attempts, \
                          epoch, site, agent, exit_code, reason, idempotency_key, request_sha256, data_json, \
-                         placement_json, trace_context, secret_env_sealed, created_at_ms, updated_at_ms) \
-                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         placement_json, trace_context, secret_env_sealed, created_at_ms, updated_at_ms, preemptions) \
+                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     )
                     .bind(&j.id)
                     .bind(&j.tenant)
@@ -178,13 +179,14 @@ mod reference {
                     .bind(&j.secret_env_sealed)
                     .bind(j.created_at)
                     .bind(u.updated_at)
+                    .bind(u.preemptions)
                     .execute(&mut *tx)
                     .await?;
                 }
                 Write::UpdateJob { id, status: j } => {
                     sqlx::query(
                         "UPDATE jobs SET state = ?, attempts = ?, epoch = ?, site = ?, agent = ?, exit_code = ?, \
-                         reason = ?, placement_json = ?, updated_at_ms = ? WHERE id = ?",
+                         reason = ?, placement_json = ?, updated_at_ms = ?, preemptions = ? WHERE id = ?",
                     )
                     .bind(j.state.as_str())
                     .bind(j.attempts)
@@ -195,6 +197,7 @@ mod reference {
                     .bind(&j.reason)
                     .bind(j.placement_json.as_deref())
                     .bind(j.updated_at)
+                    .bind(j.preemptions)
                     .bind(id)
                     .execute(&mut *tx)
                     .await?;
@@ -433,6 +436,7 @@ mod model {
         JobStatus {
             state: state(rng),
             attempts: rng.u32(..4),
+            preemptions: rng.u32(..3),
             epoch: [0, 1, 7, u64::MAX][rng.usize(..4)],
             site: opt(rng, text),
             agent: opt(rng, text),

@@ -16,10 +16,10 @@ use hybroker::model::site::instance_type;
 use crate::common::spawn_with;
 use crate::imds::Imds;
 
-/// One booted instance: its agent process and its metadata service.
+/// One booted instance: its agent process and its metadata service (served while it lives).
 struct Booted {
     agent: Child,
-    imds: Imds,
+    _imds: Imds,
 }
 
 impl Drop for Booted {
@@ -40,11 +40,6 @@ pub struct CloudInit {
 impl CloudInit {
     pub fn new(dir: &Path) -> Arc<CloudInit> {
         Arc::new(CloudInit { dir: dir.to_path_buf(), booted: Mutex::default(), seen: Mutex::default() })
-    }
-
-    /// Whether `instance_id` was booted (now or before).
-    pub fn seen(&self) -> Vec<String> {
-        self.seen.lock().unwrap().clone()
     }
 
     /// Boots the instance once: plays its user data, serves its metadata, starts its agent.
@@ -70,21 +65,11 @@ impl CloudInit {
         let env: Vec<(String, String)> = env.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         let config = played.agent_config.to_str().unwrap();
         let agent = spawn_with(&["agent", "--config", config], &root.join("agent.log"), &env);
-        self.booted.lock().unwrap().insert(instance_id.to_string(), Booted { agent, imds });
+        self.booted.lock().unwrap().insert(instance_id.to_string(), Booted { agent, _imds: imds });
     }
 
     /// The instance is gone: its agent dies with it.
     pub fn gone(&self, instance_id: &str) {
         self.booted.lock().unwrap().remove(instance_id);
-    }
-
-    /// The agent log of an instance (for failure messages).
-    pub fn log(&self, instance_id: &str) -> String {
-        std::fs::read_to_string(self.dir.join(instance_id).join("agent.log")).unwrap_or_default()
-    }
-
-    /// The metadata service of a booted instance: `f` runs with it.
-    pub fn with_imds<T>(&self, instance_id: &str, f: impl FnOnce(&Imds) -> T) -> Option<T> {
-        self.booted.lock().unwrap().get(instance_id).map(|b| f(&b.imds))
     }
 }

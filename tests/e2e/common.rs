@@ -511,6 +511,15 @@ impl Cluster {
         self.agents.push((node.to_string(), child));
     }
 
+    /// [`Cluster::start_joining_agent`] with extra environment (`HYBROKER_AGENT__*` overrides).
+    pub fn start_joining_agent_with_env(&mut self, node: &str, gpus: &str, join_file: &Path, env: &[(String, String)]) {
+        let tls = self.joined_tls(node);
+        let config_path = self.write_agent_config(node, gpus, &tls);
+        let args = ["agent", "--config", path_str(&config_path), "--join-file", path_str(join_file)];
+        let child = spawn_with(&args, &self.path(&format!("agent-{node}.log")), env);
+        self.agents.push((node.to_string(), child));
+    }
+
     /// Writes `agent-<node>.toml` for an agent of site `lab` with its certificate files at `tls`.
     fn write_agent_config(&self, node: &str, gpus: &str, tls: &TlsPaths) -> PathBuf {
         let config = format!(

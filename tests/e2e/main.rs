@@ -1,11 +1,15 @@
 //! End-to-end tests: the real `hybroker` binary's services as separate processes, real mutual TLS,
 //! port 0, conditions waited on with deadlines. One test binary, so it links once.
 
+mod arm_fixture;
 mod bad_input;
 mod bench;
 mod capacity;
 mod capacity_aws;
+mod capacity_azure;
 mod cli;
+mod cloud_aws;
+mod cloud_init;
 mod common;
 mod conformance;
 mod data;
@@ -17,6 +21,7 @@ mod fleet_admin;
 mod gateway;
 mod handshakes;
 mod identity;
+mod imds;
 mod isolation;
 mod lifecycle;
 mod metrics;
@@ -31,6 +36,7 @@ mod revocation;
 mod sandbox;
 mod secrets;
 mod sites;
+mod spot;
 mod stores;
 mod tenants;
 mod traces;

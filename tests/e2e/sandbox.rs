@@ -448,6 +448,7 @@ async fn sandbox_overhead() {
         run_as: None,
         grace: Duration::from_secs(1),
         sandbox: None,
+        preempt: None,
     };
     let (_cancel_tx, cancel) = tokio::sync::watch::channel(false);
     let mut plain = Vec::with_capacity(RUNS);

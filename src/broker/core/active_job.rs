@@ -67,6 +67,7 @@ impl ActiveJob {
             state: status.state,
             attempts: status.attempts,
             max_attempts: sub.max_attempts,
+            preemptions: status.preemptions,
             epoch: status.epoch,
         };
         let decision = status.placement_json.as_deref().and_then(|d| serde_json::from_str(d).ok()).map(Arc::new);
@@ -106,6 +107,7 @@ impl ActiveJob {
         JobStatus {
             state: self.life.state,
             attempts: self.life.attempts,
+            preemptions: self.life.preemptions,
             epoch: self.life.epoch,
             site: self.site.clone(),
             agent: self.agent.clone(),
@@ -155,6 +157,7 @@ impl ActiveJob {
             trace_context,
             cpus: self.spec.resources.cpus,
             memory_gib: self.spec.resources.memory_gib,
+            checkpoint_path: data.and_then(|d| d.checkpoint.as_ref()).map(|c| c.path.clone()),
         })
     }
 

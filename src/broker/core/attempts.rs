@@ -191,12 +191,14 @@ impl Core {
             Phase::Exited => Input::Exited { epoch: r.epoch, exit_code: r.exit_code.unwrap_or(-1) },
             Phase::Failed => Input::AttemptFailed { epoch: r.epoch },
             Phase::StagingFailed => Input::StagingFailed { epoch: r.epoch },
+            Phase::Preempted => Input::Preempted { epoch: r.epoch },
         };
         match job.life.apply(&input) {
             Ok(state) => {
                 let mut reason = match (r.phase, r.exit_code) {
                     (Phase::Running, _) => "started".to_string(),
                     (Phase::Exited, Some(code)) if r.reason.is_empty() => format!("exited with code {code}"),
+                    (Phase::Preempted, _) => format!("preempted: {}", r.reason),
                     _ => r.reason.clone(),
                 };
                 if let Some(s) = r.staging.as_ref().filter(|s| s.in_files + s.out_files > 0) {
@@ -208,7 +210,21 @@ impl Core {
                     self.free(agent, &r.job_id, r.epoch);
                     out.send(agent, AgentMessage::Ack { job_id: r.job_id.clone(), epoch: r.epoch });
                 }
-                let reason = if state == JobState::Queued {
+                let reason = if r.phase == Phase::Preempted {
+                    // The instance is going away: no new work for its agent.
+                    let _ = self.set_draining(agent, true, "spot interruption notice", out);
+                    // Its pool is left out for a while: the job goes on-demand or elsewhere.
+                    if let Some(chosen) = job.decision.as_ref().and_then(|d| d.chosen.clone()) {
+                        self.pool_interrupted(&chosen.site, &chosen.offer);
+                    }
+                    job.tail = Tail::new(self.settings.log_tail_bytes);
+                    format!(
+                        "{reason}; placed again (attempt {} not counted: {} of max_attempts {} used)",
+                        job.life.attempts,
+                        job.life.counted_attempts(),
+                        job.life.max_attempts
+                    )
+                } else if state == JobState::Queued {
                     job.tail = Tail::new(self.settings.log_tail_bytes);
                     format!("attempt {} failed: {reason}; trying again", job.life.attempts)
                 } else if state == JobState::Failed && r.phase == Phase::StagingFailed {

@@ -389,6 +389,15 @@ impl Core {
         self.cloud.unavailable.insert((site.to_string(), ty.to_string(), market), gone);
     }
 
+    /// A spot interruption ended an attempt placed on `offer` at `site`: that pool is left out of
+    /// placement for the site's `capacity_backoff` (SkyPilot's "eager next region").
+    pub(super) fn pool_interrupted(&mut self, site: &str, offer: &crate::placement::engine::Offer) {
+        let (Some(ty), Some(market)) = (&offer.instance_type, offer.market) else { return };
+        if let Some(backoff) = self.provider_of(site).map(|(_, c)| c.capacity_backoff.0) {
+            self.mark_unavailable(site, ty, market, "spot interruption notice".into(), backoff);
+        }
+    }
+
     fn revoke_launch_token(&mut self, token_id: &str, out: &mut Effects) {
         if self.tokens.revoke_quietly(token_id, self.now.ms) {
             out.batch

@@ -53,6 +53,8 @@ pub struct Assignment {
     pub trace_context: HashMap<String, String>,
     pub cpus: u32,
     pub memory_gib: u32,
+    /// The job's checkpoint path, if it has one.
+    pub checkpoint_path: Option<String>,
 }
 
 /// One input the agent stages in before the command starts.

@@ -311,6 +311,43 @@ fn reports_about_a_stale_epoch_are_refused_and_change_nothing() {
 }
 
 #[test]
+fn a_preempted_attempt_is_placed_again_without_using_up_max_attempts() {
+    let mut h = Harness::new();
+    h.connect("a", 1, vec![]);
+    let (id, _) = h.submit_ok("name: x\ncommand: [\"true\"]\nmax_attempts: 1\n");
+    h.report("a", 1, report(&id, 1, Phase::Running, None));
+    let mut preempted = report(&id, 1, Phase::Preempted, None);
+    preempted.reason = "spot interruption notice: terminate at 2026-12-06T20:00:00Z".into();
+    let out = h.report("a", 1, preempted.clone());
+    // Acknowledged and queued again; the agent, whose instance is going away, takes no new work.
+    assert_eq!(acked(&out, "lab/a"), [(id.clone(), 1)]);
+    assert_eq!(written_states(&out, &id), [JobState::Queued]);
+    assert!(assigned(&out, "lab/a").is_empty());
+    assert!(out.batch.writes.iter().any(|w| matches!(w, Write::AgentDraining { id, draining: true } if id == "lab/a")));
+    assert!(
+        out.events().any(|e| e.job_id == id
+            && e.reason.starts_with("preempted: spot interruption notice: terminate at 2026-12-06T20:00:00Z")),
+        "{:?}",
+        out.events().map(|e| &e.reason).collect::<Vec<_>>()
+    );
+    let job = h.job(&id);
+    assert_eq!((job.life.attempts, job.life.preemptions, job.life.counted_attempts()), (1, 1, 0));
+    assert_eq!(job.status().preemptions, 1, "durable with the job's status");
+    // Another agent takes it: attempt 2, epoch 2, though max_attempts is 1.
+    let out = h.connect("b", 2, vec![]);
+    assert_eq!(assigned(&out, "lab/b"), [(id.clone(), 2)]);
+    assert_eq!((h.job(&id).life.attempts, h.job(&id).life.max_attempts), (2, 1));
+    // A zombie's late notice about epoch 1 changes nothing.
+    let out = h.report("a", 1, preempted);
+    assert!(out.batch.is_empty());
+    assert_eq!(h.job(&id).life.preemptions, 1);
+    // The second attempt is the one counted: a failed staging now fails the job.
+    h.report("b", 2, report(&id, 2, Phase::Running, None));
+    let out = h.report("b", 2, report(&id, 2, Phase::StagingFailed, None));
+    assert_eq!(written_states(&out, &id), [JobState::Failed]);
+}
+
+#[test]
 fn a_reconnect_adopts_what_the_agent_holds_resends_what_it_never_got_and_loses_the_rest() {
     let mut h = Harness::new();
     h.connect("a", 1, vec![]);

@@ -135,7 +135,13 @@ pub fn job_details(j: &Job) -> String {
         ("name", j.name.clone()),
         ("tenant", j.tenant.clone()),
         ("state", state),
-        ("attempts", format!("{}/{}", j.attempts, j.max_attempts)),
+        (
+            "attempts",
+            match j.preemptions {
+                0 => format!("{}/{}", j.attempts, j.max_attempts),
+                n => format!("{}/{} ({n} preempted, not counted)", j.attempts, j.max_attempts),
+            },
+        ),
         ("site", or_dash(j.site.as_deref())),
         ("agent", or_dash(j.agent.as_deref())),
         ("exit code", j.exit_code.map_or("-".into(), |c| c.to_string())),

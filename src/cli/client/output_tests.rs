@@ -9,6 +9,7 @@ fn job(id: &str, name: &str, state: &str) -> Job {
         state: state.into(),
         attempts: 1,
         max_attempts: 3,
+        preemptions: 0,
         site: None,
         agent: None,
         exit_code: None,
@@ -116,6 +117,8 @@ fn details_list_one_field_per_line() {
     assert!(out.contains("state:     running (started)\n"), "{out}");
     assert!(out.contains("labels:    team=vision\n"), "{out}");
     assert!(out.contains("attempts:  1/3\n"), "{out}");
+    let preempted = Job { attempts: 3, preemptions: 2, ..j.clone() };
+    assert!(job_details(&preempted).contains("attempts:  3/3 (2 preempted, not counted)\n"));
     assert!(out.contains("secrets:   -\n"), "{out}");
     // Names only, whatever the answer holds as values.
     j.spec = serde_json::json!({"secret_env": {"TOKEN": "<redacted>", "PIN": "0042"}});
