@@ -59,7 +59,7 @@ enum Command {
         join_file: Option<PathBuf>,
     },
     /// Operate the broker directly with an admin certificate: submit, get, list, cancel, logs, agents,
-    /// drain.
+    /// drain, sites.
     Admin(cli::admin::AdminArgs),
     /// Make a development CA and issue role certificates.
     #[command(subcommand)]

@@ -106,6 +106,13 @@ pub async fn run(mut config: AgentConfig, shutdown: impl Future<Output = ()> + S
     let refresh: crate::metrics::Refresh = Arc::new(move |registry| gpu_gauges(registry, &scraped.gpus()));
     crate::metrics::declare_agent_series(crate::metrics::global());
     let _metrics = crate::metrics::start(&config.metrics, Some(refresh)).await?;
+    // Reported with the inventory: the broker lists it for Prometheus (`/sd/agents`).
+    let metrics_port = _metrics.as_ref().map(|m| m.addr.port().to_string());
+    let labels = &mut config.agent.labels;
+    match metrics_port {
+        Some(port) => labels.insert(crate::model::agent::METRICS_PORT_LABEL.into(), port),
+        None => labels.remove(crate::model::agent::METRICS_PORT_LABEL),
+    };
     crate::metrics::global().set("hybroker_agent_attempts_running", &[], 0.0);
     std::fs::create_dir_all(&config.agent.work_dir)
         .with_context(|| format!("work directory {}", config.agent.work_dir.display()))?;

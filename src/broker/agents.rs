@@ -33,11 +33,19 @@ pub struct AgentService {
     dedicated: Arc<HashMap<String, String>>,
     /// Signs renewals on the stream (none: renewals are refused).
     renewal: Option<Arc<super::renew::Renewal>>,
+    /// Where each agent's stream comes from (Prometheus service discovery).
+    addresses: Option<Arc<super::scrape_targets::AgentAddresses>>,
 }
 
 impl AgentService {
     pub fn new(core: mpsc::Sender<Cmd>, data: Arc<DataPlane>, dedicated: Arc<HashMap<String, String>>) -> Self {
-        Self { core, next_conn: Arc::new(AtomicU64::new(1)), data, dedicated, renewal: None }
+        Self { core, next_conn: Arc::new(AtomicU64::new(1)), data, dedicated, renewal: None, addresses: None }
+    }
+
+    /// Records where each agent's stream comes from in `addresses`.
+    pub fn with_addresses(mut self, addresses: Arc<super::scrape_targets::AgentAddresses>) -> Self {
+        self.addresses = Some(addresses);
+        self
     }
 
     /// Renews agents' certificates on their streams with `ca`, for `lifetime`.
@@ -71,6 +79,7 @@ impl proto::agent_service_server::AgentService for AgentService {
         let (site, node) = (who.site.clone().unwrap_or_default(), who.name.clone());
         let agent = who.agent_id();
         let peer_cert = super::renew::peer_cert(&req);
+        let peer_ip = req.remote_addr().map(|a| a.ip());
         let cert_expiry = peer_cert.as_ref().map(|c| c.not_after);
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
@@ -114,6 +123,9 @@ impl proto::agent_service_server::AgentService for AgentService {
             conn: Conn { id: conn, outbox: tx },
         };
         self.core.send(connected).await.map_err(|_| Status::unavailable("broker is shutting down"))?;
+        if let (Some(addresses), Some(ip)) = (&self.addresses, peer_ip) {
+            addresses.record(&agent, ip);
+        }
         let core = self.core.clone();
         let (end_tx, end_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {

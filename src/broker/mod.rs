@@ -1,6 +1,7 @@
 //! The broker: the control plane. Job service (gateway, admins) and agent service (one stream per
 //! agent) over mutual TLS, both feeding the [`core::Core`] state machine that owns live state, run
-//! by its [`core::Driver`] task, which commits it.
+//! by its [`core::Driver`] task, which commits it. The metrics listener also serves the agents'
+//! Prometheus service discovery ([`scrape_targets`]).
 
 pub mod admin;
 pub mod agents;
@@ -13,6 +14,7 @@ pub mod keys;
 pub mod placer;
 mod renew;
 pub mod revocations;
+pub mod scrape_targets;
 pub mod secrets;
 mod staging;
 mod tail;
@@ -83,7 +85,10 @@ pub async fn run_with(
     let refresh: crate::metrics::Refresh = Arc::new(move |registry| feed_gauges(registry, book.as_deref()));
     let tenant_names: Vec<&str> = tenants.keys().map(String::as_str).collect();
     crate::metrics::declare_broker_series(crate::metrics::global(), &config.sites, &tenant_names);
-    let _metrics = crate::metrics::start(&config.metrics, Some(refresh)).await?;
+    let (core_tx, core_rx) = mpsc::channel(CORE_QUEUE);
+    let agent_addresses = Arc::new(scrape_targets::AgentAddresses::default());
+    let discovery = scrape_targets::routes(core_tx.clone(), agent_addresses.clone());
+    let _metrics = crate::metrics::start_with_routes(&config.metrics, Some(refresh), discovery).await?;
     let settings = core::CoreSettings {
         lease_ttl: config.leases.ttl.0,
         heartbeat_interval: config.leases.heartbeat_interval.0,
@@ -96,7 +101,6 @@ pub async fn run_with(
     };
     let data = Arc::new(data::DataPlane::start(&config).await?);
     let core = core::Driver::load(writer, settings, events.clone()).await?;
-    let (core_tx, core_rx) = mpsc::channel(CORE_QUEUE);
     let mut core_task = tokio::spawn(core.run(core_rx));
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -159,7 +163,7 @@ pub async fn run_with(
         (Some(_), None) => anyhow::bail!("broker.enroll_listen needs broker.ca_dir"),
         (None, _) => None,
     };
-    let mut agent_service = agents::AgentService::new(core_tx.clone(), data, dedicated);
+    let mut agent_service = agents::AgentService::new(core_tx.clone(), data, dedicated).with_addresses(agent_addresses);
     if let Some(ca) = issuing_ca {
         agent_service = agent_service.with_renewal(ca, config.tls.ca_cert.clone(), lifetime, revoked.clone());
     }

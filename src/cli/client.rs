@@ -1,6 +1,6 @@
-//! The tenants' CLI, a client of the gateway's HTTP API: `hybroker submit`, `hybroker jobs …` and
-//! `hybroker agents …`. Every command takes the gateway's URL, the tenant's API key and, for a gateway
-//! whose certificate a private CA signed, that CA (`--gateway`/`--token`/`--ca-cert` or
+//! The tenants' CLI, a client of the gateway's HTTP API: `hybroker submit`, `hybroker jobs …`,
+//! `hybroker agents …` and `hybroker sites …`. Every command takes the gateway's URL, the tenant's
+//! API key and, for a gateway whose certificate a private CA signed, that CA (`--gateway`/`--token`/`--ca-cert` or
 //! `HYBROKER_GATEWAY`/`HYBROKER_TOKEN`/`HYBROKER_CA_CERT`), and prints tables or, with
 //! `--output json`, the API's JSON as it came.
 //!
@@ -13,6 +13,7 @@ pub(crate) mod follow;
 pub(crate) mod gateway;
 pub(crate) mod output;
 pub(crate) mod placement;
+pub(crate) mod sites;
 pub(crate) mod spec;
 mod sse;
 
@@ -47,6 +48,8 @@ pub enum ClientCommand {
     Jobs(JobsArgs),
     /// Show agents and their GPUs, and drain them (admin tenants).
     Agents(AgentsArgs),
+    /// The elastic sites' cloud capacity: instances, pending launches, spend (admin tenants).
+    Sites(sites::SitesArgs),
     /// Where a job would run and why, without submitting it (from the gateway, or offline from a
     /// broker config and a price snapshot with --config).
     Plan(placement::PlanArgs),
@@ -190,6 +193,7 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<i32> {
         ClientCommand::Submit(args) => submit(args).await,
         ClientCommand::Jobs(args) => jobs(args).await,
         ClientCommand::Agents(args) => agents(args).await,
+        ClientCommand::Sites(args) => sites::sites(args).await,
         ClientCommand::Plan(args) => placement::plan(args).await,
         ClientCommand::Prices(args) => placement::prices(args).await,
     };

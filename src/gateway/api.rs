@@ -140,6 +140,66 @@ pub struct AgentList {
     pub agents: Vec<Agent>,
 }
 
+/// An elastic site's capacity (admin tenants): its provider's live instances, the launches not
+/// yet enrolled, this month's spend, and the (instance type, market) pools left out of placement.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SiteCapacity {
+    pub site: String,
+    /// `aws`, `azure` or `local`.
+    pub provider: String,
+    /// Live instances per state: `requested`, `booting`, `enrolled`, `retiring` (absent: none).
+    pub instances_by_state: BTreeMap<String, u32>,
+    pub instances: Vec<Instance>,
+    /// Launches whose agent has not enrolled yet (requested or booting).
+    pub pending_launches: u32,
+    /// Instance-hours × $/h this month, launch to termination.
+    pub spend_usd: f64,
+    /// The part of `spend_usd` while no attempt ran (charged to the site, not to tenants).
+    pub idle_usd: f64,
+    pub unavailable: Vec<UnavailablePool>,
+}
+
+/// One live instance of an elastic site.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Instance {
+    /// The launch id (`hbl-…`), also the cloud's client token and the instance's launch tag.
+    pub launch_id: String,
+    /// Absent until the cloud answered the launch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    /// `requested`, `booting`, `enrolled` or `retiring`.
+    pub state: String,
+    pub instance_type: String,
+    /// `on-demand` or `spot`.
+    pub market: String,
+    pub usd_per_hour: f64,
+    /// Seconds since the launch was requested.
+    pub age_s: u64,
+    /// Seconds its agent has held no attempt (0 while busy or not enrolled).
+    pub idle_s: u64,
+    /// `site/node` once its agent enrolled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// Why it is retiring, or what its launch last met.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// An (instance type, market) of a site left out of placement after a capacity, quota or SKU error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct UnavailablePool {
+    pub instance_type: String,
+    pub market: String,
+    pub reason: String,
+    /// When the error was met (RFC 3339).
+    pub since: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SiteList {
+    pub sites: Vec<SiteCapacity>,
+}
+
 /// Every error: RFC 9457 problem details (`application/problem+json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Problem {

@@ -35,7 +35,10 @@ impl Tenant {
         if self.admin {
             Ok(())
         } else {
-            Err(HttpError::Forbidden(format!("tenant {} is not an admin tenant; agents are for admins", self.name)))
+            Err(HttpError::Forbidden(format!(
+                "tenant {} is not an admin tenant; agents and sites are for admins",
+                self.name
+            )))
         }
     }
 }

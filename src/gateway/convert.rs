@@ -104,6 +104,51 @@ impl From<proto::AgentInfo> for api::Agent {
     }
 }
 
+impl From<proto::SiteCapacityInfo> for api::SiteCapacity {
+    fn from(s: proto::SiteCapacityInfo) -> Self {
+        let mut instances_by_state = std::collections::BTreeMap::new();
+        for i in &s.instances {
+            *instances_by_state.entry(i.state.clone()).or_default() += 1;
+        }
+        let instances = s
+            .instances
+            .into_iter()
+            .map(|i| api::Instance {
+                launch_id: i.launch_id,
+                instance_id: non_empty(i.instance_id),
+                state: i.state,
+                instance_type: i.instance_type,
+                market: i.market,
+                usd_per_hour: i.usd_per_hour,
+                age_s: i.age_s,
+                idle_s: i.idle_s,
+                agent: non_empty(i.agent),
+                reason: non_empty(i.reason),
+            })
+            .collect();
+        let unavailable = s
+            .unavailable
+            .into_iter()
+            .map(|u| api::UnavailablePool {
+                instance_type: u.instance_type,
+                market: u.market,
+                reason: u.reason,
+                since: rfc3339(u.since_ms),
+            })
+            .collect();
+        Self {
+            site: s.site,
+            provider: s.provider,
+            instances_by_state,
+            instances,
+            pending_launches: s.pending_launches,
+            spend_usd: s.spend_usd,
+            idle_usd: s.idle_usd,
+            unavailable,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,6 +170,36 @@ mod tests {
         assert_eq!(job.spec["command"][0], "true");
         let json = serde_json::to_value(&job).unwrap();
         assert!(json.get("epoch").is_none() && json.get("created_at_ms").is_none());
+    }
+
+    #[test]
+    fn sites_count_instances_by_state_and_lose_empty_fields() {
+        let instance = |id: &str, state: &str| proto::InstanceInfo {
+            launch_id: format!("hbl-{id}"),
+            instance_id: id.into(),
+            state: state.into(),
+            ..Default::default()
+        };
+        let info = proto::SiteCapacityInfo {
+            site: "aws-us-east-1".into(),
+            provider: "aws".into(),
+            instances: vec![instance("i-1", "enrolled"), instance("", "requested"), instance("i-3", "enrolled")],
+            unavailable: vec![proto::UnavailablePool {
+                instance_type: "p5.48xlarge".into(),
+                market: "spot".into(),
+                reason: "InsufficientInstanceCapacity".into(),
+                since_ms: 1_764_245_281_123,
+            }],
+            ..Default::default()
+        };
+        let site = api::SiteCapacity::from(info);
+        let by_state: Vec<(&str, u32)> = site.instances_by_state.iter().map(|(s, n)| (s.as_str(), *n)).collect();
+        assert_eq!(by_state, [("enrolled", 2), ("requested", 1)]);
+        assert_eq!(site.instances[1].instance_id, None);
+        assert_eq!(site.instances[0].instance_id.as_deref(), Some("i-1"));
+        assert_eq!(site.unavailable[0].since, "2025-11-27T12:08:01.123Z");
+        let json = serde_json::to_value(&site.instances[1]).unwrap();
+        assert!(json.get("instance_id").is_none() && json.get("agent").is_none(), "{json}");
     }
 
     #[test]

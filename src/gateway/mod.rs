@@ -9,7 +9,7 @@
 //! - [`api`]: the JSON shapes (shared with the CLI).
 //! - `router`: routes, middleware, `/healthz`, `/readyz`, `/openapi.json`; `openapi`: the
 //!   document's frame and problem responses.
-//! - `jobs`, `streams` (events, logs), `agents`: the handlers; `convert`: gRPC → JSON.
+//! - `jobs`, `streams` (events, logs), `agents`, `sites`: the handlers; `convert`: gRPC → JSON.
 //! - `auth`: API keys and rate limits; `limits`: requests without an accepted key per client
 //!   address (`client_address`: the TCP peer, or behind a trusted proxy its header) and open
 //!   streams per tenant; `problem`: errors; `serve`: the TLS/HTTP listener.
@@ -26,6 +26,7 @@ mod placement;
 mod problem;
 mod router;
 mod serve;
+mod sites;
 mod streams;
 
 use std::future::Future;
@@ -38,6 +39,7 @@ use tonic_health::pb::health_client::HealthClient;
 
 use crate::config::gateway::{GatewayConfig, GatewaySection};
 use crate::model::identity::Role;
+use crate::proto::admin_service_client::AdminServiceClient;
 use crate::proto::job_service_client::JobServiceClient;
 use crate::telemetry::ClientTraces;
 use crate::telemetry::grpc::{TracedChannel, traced};
@@ -113,6 +115,11 @@ impl AppState {
     fn jobs(&self) -> JobServiceClient<TracedChannel> {
         // A page of 1000 jobs with 64 KiB specs is 64 MiB.
         JobServiceClient::new(self.inner.broker.clone()).max_decoding_message_size(64 << 20)
+    }
+
+    /// The broker's admin service (the gateway's certificate may call `ListSites` only).
+    fn admin(&self) -> AdminServiceClient<TracedChannel> {
+        AdminServiceClient::new(self.inner.broker.clone())
     }
 
     fn health(&self) -> HealthClient<TracedChannel> {

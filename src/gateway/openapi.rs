@@ -12,7 +12,8 @@ use super::api::Problem;
     info(
         title = "hybroker gateway",
         description = "The tenants' HTTP API of hybroker: submit and follow GPU jobs, and (for admin \
-                       tenants) see and drain agents. Authenticate with `Authorization: Bearer <api key>`. \
+                       tenants) see and drain agents and see the elastic sites' cloud capacity. \
+                       Authenticate with `Authorization: Bearer <api key>`. \
                        Every error is an RFC 9457 problem (`application/problem+json`).",
         license(name = "Apache-2.0", identifier = "Apache-2.0"),
     ),
@@ -21,6 +22,7 @@ use super::api::Problem;
     tags(
         (name = "jobs", description = "The tenant's jobs"),
         (name = "agents", description = "GPU nodes (admin tenants)"),
+        (name = "sites", description = "Elastic sites' cloud capacity: instances, launches, spend (admin tenants)"),
         (name = "service", description = "Health and this document"),
     )
 )]

@@ -21,7 +21,7 @@ use utoipa_axum::routes;
 use super::auth::TenantSlot;
 use super::openapi::{ApiDoc, NotReady};
 use super::problem::{self, HttpError};
-use super::{AppState, agents, jobs, placement, streams};
+use super::{AppState, agents, jobs, placement, sites, streams};
 use crate::proto::job_service_server::SERVICE_NAME as JOB_SERVICE;
 use crate::telemetry::{ClientTraces, context};
 
@@ -53,6 +53,8 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(agents::get_agent))
         .routes(routes!(agents::drain))
         .routes(routes!(agents::undrain))
+        .routes(routes!(sites::list))
+        .routes(routes!(sites::get_site))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(openapi_json))

@@ -30,6 +30,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/jobs/{id}/placement"),
     ("post", "/v1/plan"),
     ("get", "/v1/prices"),
+    ("get", "/v1/sites"),
+    ("get", "/v1/sites/{site}"),
 ];
 
 fn app() -> (Router, utoipa::openapi::OpenApi) {

@@ -22,10 +22,10 @@ pub const NAMES: &[&str] = &[
     "hybroker_tls_reload_total",
     "hybroker_cert_expiry_timestamp_seconds",
     "hybroker_enrollments_total",
-    "hybroker_cert_renewals_total",
     "hybroker_capacity_launches_total",
     "hybroker_capacity_instances",
     "hybroker_capacity_usd_total",
+    "hybroker_cert_renewals_total",
     "hybroker_staging_bytes_total",
     "hybroker_staging_duration_seconds",
     "hybroker_gateway_requests_total",
@@ -170,9 +170,11 @@ pub static FAMILIES: &[Family] = &[
     ),
     family(
         "hybroker_capacity_usd_total",
-        Gauge,
-        "Instance-hours × $/h this month per elastic site: part used (time running attempts, charged to \
-         tenants) and idle (charged to the site).",
+        Counter,
+        "Instance-hours × $/h this month per elastic site, launch to termination: part used (time running \
+         attempts, charged to tenants) and idle (charged to the site). Set from the broker's launch records \
+         on its tick; it starts again from the month's total after a restart and falls at a new month \
+         (a counter reset to PromQL's increase and rate).",
         &["site", "part"],
     ),
     family(

@@ -8,15 +8,33 @@ use crate::model::state::JobState;
 
 /// Staging directions, as the `direction` label spells them.
 const DIRECTIONS: [&str; 2] = ["in", "out"];
+/// An elastic site's live instance states (`hybroker_capacity_instances{state}`).
+pub const INSTANCE_STATES: [&str; 4] = ["requested", "booting", "enrolled", "retiring"];
+/// The launch results declared at 0 (`hybroker_capacity_launches_total{result}`): an alert on
+/// `increase(…{result="boot_timeout"}[1h])` then sees the first timeout (an error class appears
+/// when it first happens).
+const LAUNCH_RESULTS: [&str; 5] = ["requested", "launched", "enrolled", "boot_timeout", "terminated"];
 
 /// The broker's series for its configured `sites` and `tenants`: each site's kind and elasticity
 /// (`hybroker_site_info`, 1), agents connected, jobs per unfinished state, waiting jobs, finished
-/// jobs per terminal state, staging bytes and costs. Queued jobs have no site yet (`none`), nor do
-/// jobs that finish before placement.
+/// jobs per terminal state, staging bytes and costs; for sites with a capacity provider, instances
+/// per state, spend (used and idle) and launch results. Queued jobs have no site yet (`none`), nor
+/// do jobs that finish before placement.
 pub fn declare_broker_series(registry: &Registry, sites: &[Site], tenants: &[&str]) {
     for site in sites {
         let elastic = if site.elastic() { "true" } else { "false" };
         registry.set("hybroker_site_info", &[&site.name, site.kind.as_str(), elastic], 1.0);
+        if site.capacity.is_some() {
+            for state in INSTANCE_STATES {
+                registry.declare("hybroker_capacity_instances", &[&site.name, state]);
+            }
+            for part in ["used", "idle"] {
+                registry.declare("hybroker_capacity_usd_total", &[&site.name, part]);
+            }
+            for result in LAUNCH_RESULTS {
+                registry.declare("hybroker_capacity_launches_total", &[&site.name, result]);
+            }
+        }
     }
     let sites: Vec<&str> = sites.iter().map(|s| s.name.as_str()).collect();
     let (finished, unfinished): (Vec<JobState>, Vec<JobState>) =

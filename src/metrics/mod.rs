@@ -10,7 +10,8 @@
 //! [`Handle`] skips the lookup), allocating only the first time a label set is seen. Known label
 //! sets (configured sites, tenants, job states) are [declared](Registry::declare) so they read 0
 //! instead of being absent.
-//! Every scrape adds the `process_*` metrics and `hybroker_build_info`.
+//! Every scrape adds the `process_*` metrics and `hybroker_build_info`. A service may serve more
+//! routes on the same listener ([`start_with_routes`]: the broker's `/sd/agents`).
 
 mod families;
 mod known;
@@ -60,26 +61,37 @@ impl Drop for Server {
 
 /// Starts the `/metrics` server when the section says where; `None` when metrics are off.
 pub async fn start(section: &MetricsSection, refresh: Option<Refresh>) -> anyhow::Result<Option<Server>> {
+    start_with_routes(section, refresh, axum::Router::new()).await
+}
+
+/// [`start`], serving `routes` beside `/metrics` (the broker's Prometheus service discovery).
+pub async fn start_with_routes(
+    section: &MetricsSection,
+    refresh: Option<Refresh>,
+    routes: axum::Router,
+) -> anyhow::Result<Option<Server>> {
     let Some(listen) = section.listen else { return Ok(None) };
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("metrics: binding {listen}"))?;
     let addr = listener.local_addr()?;
     if let Some(path) = &section.addr_file {
         crate::private_files::write_atomically(path, &addr.to_string()).context("metrics addr_file")?;
     }
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let refresh = refresh.clone();
-            async move {
-                process::publish(global());
-                process::publish_build_info(global());
-                if let Some(refresh) = &refresh {
-                    refresh(global());
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let refresh = refresh.clone();
+                async move {
+                    process::publish(global());
+                    process::publish_build_info(global());
+                    if let Some(refresh) = &refresh {
+                        refresh(global());
+                    }
+                    ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], global().render())
                 }
-                ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], global().render())
-            }
-        }),
-    );
+            }),
+        )
+        .merge(routes);
     tracing::info!(%addr, "metrics listening at /metrics");
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {

@@ -266,7 +266,9 @@ fn a_brokers_known_sites_tenants_and_states_read_zero() {
     let site = |toml: &str| -> crate::model::site::Site { toml::from_str(toml).unwrap() };
     let sites = [
         site("name = \"lab\"\nkind = \"onprem\"\nregion = \"stockholm\"\nresidency = \"eu\"\n"),
-        site("name = \"aws-1\"\nkind = \"aws\"\nregion = \"us-east-1\"\nresidency = \"us\"\nelastic = true\n"),
+        site(
+            "name = \"aws-1\"\nkind = \"aws\"\nregion = \"us-east-1\"\nresidency = \"us\"\n[capacity]\nprovider = \"local\"\n",
+        ),
     ];
     let r = Registry::default();
     declare_broker_series(&r, &sites, &["acme", "default"]);
@@ -294,6 +296,15 @@ fn a_brokers_known_sites_tenants_and_states_read_zero() {
     assert!(info("lab").is_some() && info("aws-1").is_some());
     assert_eq!(sample(&r, "hybroker_site_info", &[("site", "aws-1"), ("kind", "aws"), ("elastic", "true")]), Some(1.0));
     assert_eq!(sample(&r, "hybroker_site_info", &[("site", "lab"), ("elastic", "false")]), Some(1.0));
+    // A site with a capacity provider: its instances, spend and launch results read 0.
+    for state in ["requested", "booting", "enrolled", "retiring"] {
+        zero("hybroker_capacity_instances", &[("site", "aws-1"), ("state", state)]);
+    }
+    for part in ["used", "idle"] {
+        zero("hybroker_capacity_usd_total", &[("site", "aws-1"), ("part", part)]);
+    }
+    zero("hybroker_capacity_launches_total", &[("site", "aws-1"), ("result", "boot_timeout")]);
+    assert_eq!(sample(&r, "hybroker_capacity_instances", &[("site", "lab")]), None, "lab has no provider");
     // The core's tick replaces the gauges: the declared sites stay, at 0.
     r.set_family("hybroker_agents_connected", vec![(vec!["lab".into()], 2.0)]);
     r.set_family("hybroker_agents_connected", Vec::new());

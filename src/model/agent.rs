@@ -7,6 +7,10 @@ use serde::{Deserialize, Serialize};
 use super::data::StagingStats;
 use super::gpu::Gpu;
 
+/// The inventory label with the port of the agent's `/metrics` (`[metrics] listen`, as bound): the
+/// broker joins it to the address the agent's stream comes from for Prometheus service discovery.
+pub const METRICS_PORT_LABEL: &str = "hybroker.metrics_port";
+
 /// A node's resources as its agent reports them.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Inventory {

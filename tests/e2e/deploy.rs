@@ -117,8 +117,16 @@ fn prometheus_scrapes_every_service_and_the_alerts_cover_the_fleet() {
     for role in ["broker", "gateway", "agent"] {
         assert!(jobs.contains(&format!("hybroker-{role}").as_str()), "no scrape job for the {role}: {jobs:?}");
     }
-    let agents: Json = serde_json::from_str(&read(&deploy().join("prometheus/agents.json"))).expect("agents.json");
-    assert!(agents[0]["targets"].as_array().is_some_and(|t| !t.is_empty()), "agents.json lists no target");
+    // The agents come from the broker's service discovery on its metrics listener.
+    let agent_job = config["scrape_configs"].as_sequence().unwrap().iter().find(|j| j["job_name"] == "hybroker-agent");
+    let discovery =
+        agent_job.and_then(|j| j["http_sd_configs"][0]["url"].as_str()).expect("agents from http_sd_configs");
+    let broker = config["scrape_configs"][0]["static_configs"][0]["targets"][0].as_str().expect("the broker's target");
+    assert_eq!(
+        discovery,
+        format!("http://{broker}/sd/agents"),
+        "agents are discovered at the broker's metrics listener"
+    );
 
     let rules = yaml(&deploy().join("prometheus/alerts.yml"));
     let mut unknown = Vec::new();
@@ -139,9 +147,11 @@ fn prometheus_scrapes_every_service_and_the_alerts_cover_the_fleet() {
         }
     }
     assert!(unknown.is_empty(), "alert rules query metrics the code does not export:\n{}", unknown.join("\n"));
-    // Agent lost, GPU unhealthy, price feed stale, queue wait over target, tenant near budget.
+    // Agent lost, GPU unhealthy, price feed stale, queue wait over target, tenant near budget,
+    // launches that did not enrol.
     for metric in [
         "up",
+        "hybroker_capacity_launches_total",
         "hybroker_gpu_healthy",
         "hybroker_price_feed_stale",
         "hybroker_queue_oldest_wait_seconds",

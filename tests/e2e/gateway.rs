@@ -35,6 +35,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/jobs/{id}/placement"),
     ("post", "/v1/plan"),
     ("get", "/v1/prices"),
+    ("get", "/v1/sites"),
+    ("get", "/v1/sites/{site}"),
 ];
 
 /// A tenant's view of a gateway.

@@ -35,6 +35,7 @@ mod restart;
 mod revocation;
 mod sandbox;
 mod secrets;
+mod sites;
 mod spot;
 mod stores;
 mod tenants;

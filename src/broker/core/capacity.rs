@@ -779,7 +779,7 @@ impl Core {
         }
     }
 
-    fn site_views(&self) -> Vec<SiteView> {
+    pub(super) fn site_views(&self) -> Vec<SiteView> {
         let now = self.now;
         let mut views = Vec::new();
         for site in self.settings.placer.sites() {

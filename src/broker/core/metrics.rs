@@ -54,6 +54,30 @@ impl Core {
         r.set_family("hybroker_queue_oldest_wait_seconds", depth.iter().map(|(s, d)| (vec![s.to_string()], d.1)));
         r.set_family("hybroker_agents_connected", agents.into_iter().map(|(s, n)| (vec![s.into()], n)));
         r.set_family("hybroker_tenant_budget_used_ratio", budgets);
+        self.publish_capacity_gauges();
+    }
+
+    /// Each elastic site's live instances by state and its spend this month, used and idle (the
+    /// view `hybroker sites` shows; declared at start, so a site without instances reads 0). The
+    /// spend is a counter set from the launch records: it only grows within a month.
+    fn publish_capacity_gauges(&self) {
+        let views = self.site_views();
+        let mut instances: BTreeMap<(&str, &str), f64> = BTreeMap::new();
+        for view in &views {
+            for i in &view.instances {
+                *instances.entry((view.site.as_str(), i.state.as_str())).or_default() += 1.0;
+            }
+        }
+        let spend = views.iter().flat_map(|v| {
+            let used = (v.spend_usd - v.idle_usd).max(0.0);
+            [(vec![v.site.clone(), "used".into()], used), (vec![v.site.clone(), "idle".into()], v.idle_usd)]
+        });
+        let r = global();
+        r.set_family(
+            "hybroker_capacity_instances",
+            instances.into_iter().map(|((site, state), n)| (vec![site.into(), state.into()], n)),
+        );
+        r.set_family("hybroker_capacity_usd_total", spend);
     }
 }
 

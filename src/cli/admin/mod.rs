@@ -1,6 +1,6 @@
 //! The operators' CLI, a client of the broker over mutual TLS with an admin certificate:
-//! `hybroker admin …` (every tenant's jobs, the agents) and `hybroker tenants …` (API keys, in
-//! [`keys`]). The tenants use the gateway's HTTP API and [`super::client`] instead.
+//! `hybroker admin …` (every tenant's jobs, the agents, the elastic sites' capacity) and
+//! `hybroker tenants …` (API keys, in [`keys`]). The tenants use the gateway's HTTP API and [`super::client`] instead.
 //!
 //! The conventions are the tenants' CLI's: connection flags anywhere on the command line or from
 //! the environment (`--broker`/`--ca-cert`/`--cert`/`--key` or `HYBROKER_BROKER`/
@@ -12,6 +12,7 @@ mod agents;
 mod certs;
 mod connection;
 mod keys;
+mod sites;
 mod tokens;
 
 use std::path::PathBuf;
@@ -86,6 +87,12 @@ enum AdminCommand {
     Undrain {
         #[arg(value_name = "SITE/NODE")]
         id: String,
+    },
+    /// The elastic sites' cloud capacity: list them (the default), or get one's instances and
+    /// unavailable pools.
+    Sites {
+        #[command(subcommand)]
+        command: Option<super::client::sites::SitesCommand>,
     },
     /// The audit trail of admin actions (drain, undrain, remove, tokens, revocations), newest first.
     Events {
@@ -180,6 +187,7 @@ async fn admin(args: AdminArgs) -> anyhow::Result<i32> {
         }
         AdminCommand::Agents(args) => agents::agents(channel, args, out).await?,
         AdminCommand::Events { limit } => agents::events(channel, limit, out).await?,
+        AdminCommand::Sites { command } => sites::sites(channel, command, out).await?,
         AdminCommand::Drain { id } => {
             let agent = client
                 .drain_agent(proto::DrainAgentRequest { agent_id: id, tenant: String::new() })
