@@ -130,6 +130,11 @@ pub fn write_broker_config(
     let heartbeat = (lease_ttl / 3).max(Duration::from_millis(100));
     let mut config = String::new();
     writeln!(config, "[broker]\nlisten = \"127.0.0.1:0\"\nca_dir = {}", quote(ca_dir(dir)))?;
+    if sites.is_some() {
+        // The cloud sites are elastic (a `local` provider), which needs the enrol listener; the
+        // bench tenant's cap keeps every job off them, so nothing is ever launched.
+        writeln!(config, "enroll_listen = \"127.0.0.1:0\"")?;
+    }
     writeln!(config, "agent_cert_lifetime = \"{}h\"\n", RENEWED_LIFETIME.as_secs() / 3600)?;
     writeln!(config, "[tls]\nca_cert = {}", quote(dir.join("ca.pem")))?;
     writeln!(config, "cert = {}\nkey = {}\n", quote(dir.join("broker.pem")), quote(dir.join("broker-key.pem")))?;
