@@ -87,7 +87,7 @@ pub async fn run_with(
     crate::metrics::declare_broker_series(crate::metrics::global(), &config.sites, &tenant_names);
     let (core_tx, core_rx) = mpsc::channel(CORE_QUEUE);
     let agent_addresses = Arc::new(scrape_targets::AgentAddresses::default());
-    let discovery = scrape_targets::routes(core_tx.clone(), agent_addresses.clone());
+    let discovery = scrape_targets::routes(&core_tx, agent_addresses.clone());
     let _metrics = crate::metrics::start_with_routes(&config.metrics, Some(refresh), discovery).await?;
     let settings = core::CoreSettings {
         lease_ttl: config.leases.ttl.0,

@@ -65,19 +65,21 @@ pub fn target_groups(agents: &[AgentView], addresses: &HashMap<String, IpAddr>) 
 
 #[derive(Clone)]
 struct Discovery {
-    core: mpsc::Sender<Cmd>,
+    /// Weak: the metrics server outlives the core's drain at a stop, which waits for every sender.
+    core: mpsc::WeakSender<Cmd>,
     addresses: Arc<AgentAddresses>,
 }
 
 /// The `/sd/agents` route, asking `core` for the agents.
-pub fn routes(core: mpsc::Sender<Cmd>, addresses: Arc<AgentAddresses>) -> axum::Router {
-    axum::Router::new().route(PATH, axum::routing::get(agents)).with_state(Discovery { core, addresses })
+pub fn routes(core: &mpsc::Sender<Cmd>, addresses: Arc<AgentAddresses>) -> axum::Router {
+    let discovery = Discovery { core: core.downgrade(), addresses };
+    axum::Router::new().route(PATH, axum::routing::get(agents)).with_state(discovery)
 }
 
 async fn agents(State(discovery): State<Discovery>) -> Response {
     let (reply, answer) = oneshot::channel();
     let listed = async {
-        discovery.core.send(Cmd::Agents { reply }).await.ok()?;
+        discovery.core.upgrade()?.send(Cmd::Agents { reply }).await.ok()?;
         answer.await.ok()
     };
     match tokio::time::timeout(CORE_TIMEOUT, listed).await {

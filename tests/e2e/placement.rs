@@ -185,7 +185,7 @@ async fn placement_chooses_the_location_of_an_output_given_by_residency() {
                 dir.join("objects").display()
             ),
         );
-        Setup { broker_extra: Some(extra), ..Setup::default() }
+        Setup { broker_extra: Some(extra), broker_env: enrolling(dir, "24h"), ..Setup::default() }
     })
     .await;
     lab_agent_connected(&cluster).await;
