@@ -169,7 +169,11 @@ pub async fn run_with(
     }
     let addr = listener.local_addr()?;
     let capacity_task = match (providers.is_empty(), enroll_addr) {
-        (true, _) => None,
+        (true, _) => {
+            // It holds a core sender: kept, it would hold the core's drain at a stop.
+            drop(revocation);
+            None
+        }
         (false, None) => anyhow::bail!(
             "sites with [site.capacity] need broker.enroll_listen and broker.ca_dir: launched instances enrol there"
         ),
