@@ -38,7 +38,12 @@ fn shipped_snapshot() -> std::path::PathBuf {
 /// The cluster, once its lab agent is connected: placement sees only connected agents' capacity,
 /// so a job submitted before would (rightly) go to a cloud site.
 async fn cluster(snapshot: std::path::PathBuf) -> Cluster {
-    let cluster = Cluster::start_with(TTL, &[("n1", "1xH100-80GB")], move |dir| Setup {
+    cluster_with_ttl(snapshot, TTL).await
+}
+
+/// [`cluster`] with another lease TTL (the hold after a restart lasts one lease period).
+async fn cluster_with_ttl(snapshot: std::path::PathBuf, ttl: Duration) -> Cluster {
+    let cluster = Cluster::start_with(ttl, &[("n1", "1xH100-80GB")], move |dir| Setup {
         broker_extra: Some(sites(&snapshot)),
         broker_env: enrolling(dir, "24h"),
         ..Setup::default()
@@ -208,7 +213,9 @@ async fn placement_chooses_the_location_of_an_output_given_by_residency() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn after_a_broker_restart_jobs_wait_for_known_agents_instead_of_spilling() {
-    let mut cluster = cluster(shipped_snapshot()).await;
+    // The hold lasts one lease period: long enough here for the agent's reconnect backoff on a
+    // loaded machine (the job is not placed before the agent is back or the hold ends).
+    let mut cluster = cluster_with_ttl(shipped_snapshot(), Duration::from_secs(15)).await;
     let port = cluster.addr.port();
     cluster.kill_broker();
     cluster.start_broker(port);
