@@ -33,6 +33,11 @@ impl Drop for Aws {
 /// A broker whose `aws-us-east-1` site launches through the proxy into moto, and the harness that
 /// boots what it launches.
 async fn aws(capacity: &str) -> Aws {
+    aws_and(capacity, "").await
+}
+
+/// [`aws`] with more sites (`[[site]]` tables) after the AWS one.
+async fn aws_and(capacity: &str, more_sites: &str) -> Aws {
     let moto = moto().await;
     let proxy = Ec2Proxy::start(&moto.endpoint()).await;
     let subnet = moto.ec2_default_subnets().await.remove(0);
@@ -40,12 +45,14 @@ async fn aws(capacity: &str) -> Aws {
     let snapshot = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/prices/snapshot.json");
     let extra = format!(
         "[prices]\nsnapshot = \"{}\"\n\
-         [[residency]]\nname = \"us\"\naws = [\"us-east-1\"]\n\
+         [[residency]]\nname = \"us\"\naws = [\"us-east-1\"]\nazure = [\"eastus\"]\n\
          [[site]]\nname = \"aws-us-east-1\"\nkind = \"aws\"\nregion = \"us-east-1\"\nresidency = \"us\"\n\
          instance_types = [\"p5.48xlarge\"]\n\
          [site.capacity]\nprovider = \"aws\"\nmax_instances = 16\nmax_pending = 16\n{capacity}\
          [site.capacity.aws]\nimage_id = \"{IMAGE}\"\nsubnets = [\"{subnet}\"]\nendpoint = \"{}\"\n\
-         [[dedicated]]\nagent = \"aws-us-east-1/*\"\ntenant = \"default\"\n",
+         {more_sites}\
+         [[dedicated]]\nagent = \"aws-us-east-1/*\"\ntenant = \"default\"\n\
+         [[dedicated]]\nagent = \"azure-eastus/*\"\ntenant = \"default\"\n",
         snapshot.display(),
         proxy.endpoint(),
     );
@@ -218,5 +225,33 @@ async fn kills_mid_burst(kills: usize, per_round: usize) {
         launched.len(),
         launched.len().saturating_sub(answered),
         started.elapsed().as_secs_f64()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn insufficient_capacity_sends_the_job_to_the_next_site_and_explain_says_why() {
+    // Azure eastus (local instances) costs more than AWS for 8 × H100: the second choice. The
+    // explanation (`hybroker jobs explain`) is the stored decision.
+    let azure = "[[site]]\nname = \"azure-eastus\"\nkind = \"azure\"\nregion = \"eastus\"\nresidency = \"us\"\n\
+                 instance_types = [\"Standard_ND96isr_H100_v5\"]\n\
+                 [site.capacity]\nprovider = \"local\"\n[site.capacity.local]\nisolation = \"none\"\n";
+    let aws = aws_and("", azure).await;
+    aws.proxy.script([Fault::insufficient_capacity()]);
+    let mut jobs = aws.cluster.admin().await;
+    let id = submit(&mut jobs, BIG).await;
+    let job = wait_job(&jobs, &id, "the job to succeed at the next site", |j| j.state == "succeeded").await;
+    assert_eq!(job.site, "azure-eastus", "{job:?}");
+    assert!(instances(&aws.broker).await.is_empty(), "no EC2 instance was made");
+    let events = crate::common::watch_to_end(&mut jobs, &id).await;
+    let placed: Vec<&str> =
+        events.iter().map(|e| e.reason.as_str()).filter(|r| r.starts_with("placed at site")).collect();
+    assert!(placed.len() == 2 && placed[0].starts_with("placed at site aws-us-east-1"), "{placed:?}");
+    let decision: serde_json::Value = serde_json::from_str(&job.placement_json).unwrap();
+    let aws_candidate =
+        decision["candidates"].as_array().unwrap().iter().find(|c| c["site"] == "aws-us-east-1").unwrap();
+    let why = aws_candidate["rejected"].as_str().unwrap_or_default();
+    assert!(
+        why.starts_with("unavailable: p5.48xlarge on-demand since") && why.contains("InsufficientInstanceCapacity"),
+        "{why}"
     );
 }
