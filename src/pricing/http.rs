@@ -2,7 +2,6 @@
 //! backs off on throttling (429, AWS `ThrottlingException`) and server errors as the feed's
 //! [`RetryPolicy`] says, honouring `Retry-After`.
 
-use std::error::Error as _;
 use std::time::{Duration, Instant};
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
@@ -86,13 +85,14 @@ fn retryable(status: StatusCode, body: &str) -> bool {
 }
 
 /// `Retry-After` in seconds (the HTTP-date form is ignored: backoff applies).
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
     value.parse::<u64>().ok().map(Duration::from_secs)
 }
 
-/// A reqwest error with its causes, which its `Display` leaves out.
-pub(crate) fn describe(error: &reqwest::Error) -> String {
+/// An error with its causes, which the `Display` of reqwest's (and the AWS credential chain's)
+/// errors leaves out.
+pub(crate) fn describe(error: &dyn std::error::Error) -> String {
     let mut message = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -17,9 +17,9 @@
 mod aws;
 mod azure;
 mod book;
-mod http;
+pub(crate) mod http;
 mod price_list;
-mod sigv4;
+pub(crate) mod sigv4;
 mod snapshot;
 mod spot;
 

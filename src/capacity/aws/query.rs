@@ -10,13 +10,13 @@ use std::time::{Duration, SystemTime};
 
 use aws_credential_types::provider::error::CredentialsError;
 use aws_sdk_s3::config::{Credentials, ProvideCredentials, SharedCredentialsProvider};
-use aws_sigv4::http_request::{self, SignableBody, SigningSettings};
-use aws_sigv4::sign::v4;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::header::RETRY_AFTER;
 
 use super::reply::parse_error;
 use crate::capacity::ProviderError;
+use crate::pricing::http::describe;
+use crate::pricing::sigv4::{self, SignableRequest};
 
 /// The EC2 API version every call names.
 pub(super) const API_VERSION: &str = "2016-11-15";
@@ -51,7 +51,7 @@ impl Ec2Client {
             .timeout(Duration::from_secs(60))
             .user_agent(concat!("hybroker/", env!("CARGO_PKG_VERSION"), " (capacity)"))
             .build()
-            .map_err(|e| ProviderError::Invalid { code: "HttpClient".into(), message: chain(&e) })?;
+            .map_err(|e| ProviderError::Invalid { code: "HttpClient".into(), message: describe(&e) })?;
         Ok(Self { http, url, region: region.to_owned(), credentials })
     }
 
@@ -68,7 +68,7 @@ impl Ec2Client {
             request = request.header(name, value);
         }
         let response = request.send().await.map_err(|e| ProviderError::Transient {
-            message: format!("ec2 {action} at {}: {}", self.url, chain(&e)),
+            message: format!("ec2 {action} at {}: {}", self.url, describe(&e)),
         })?;
         let status = response.status().as_u16();
         let retry_after = response
@@ -78,7 +78,7 @@ impl Ec2Client {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
         let text = response.text().await.map_err(|e| ProviderError::Transient {
-            message: format!("ec2 {action}: reading the answer: {}", chain(&e)),
+            message: format!("ec2 {action}: reading the answer: {}", describe(&e)),
         })?;
         if (200..300).contains(&status) {
             return Ok(text);
@@ -91,7 +91,7 @@ impl Ec2Client {
 
     async fn credentials(&self) -> Result<Credentials, ProviderError> {
         self.credentials.provide_credentials().await.map_err(|e| {
-            let message = format!("aws credentials: {}", chain(&e));
+            let message = format!("aws credentials: {}", describe(&e));
             match e {
                 CredentialsError::CredentialsNotLoaded(_) | CredentialsError::InvalidConfiguration(_) => {
                     ProviderError::Invalid { code: "NoCredentials".into(), message }
@@ -123,22 +123,7 @@ pub(super) fn sign(
     region: &str,
     time: SystemTime,
 ) -> Result<Vec<(String, String)>, String> {
-    let identity = credentials.clone().into();
-    let params = v4::SigningParams::builder()
-        .identity(&identity)
-        .region(region)
-        .name("ec2")
-        .time(time)
-        .settings(SigningSettings::default())
-        .build()
-        .map_err(|e| format!("signing: {e}"))?
-        .into();
-    let signable =
-        http_request::SignableRequest::new("POST", url.as_str(), headers.iter().copied(), SignableBody::Bytes(body))
-            .map_err(|e| format!("signing: {e}"))?;
-    let (instructions, _signature) =
-        http_request::sign(signable, &params).map_err(|e| format!("signing: {e}"))?.into_parts();
-    Ok(instructions.headers().map(|(name, value)| (name.to_string(), value.to_string())).collect())
+    sigv4::sign(&SignableRequest { method: "POST", url, headers, body }, credentials, region, "ec2", time)
 }
 
 /// Error codes of no capacity for the asked type (and market) in that place now: another subnet
@@ -200,17 +185,4 @@ fn unparsed(action: &str, status: u16, body: &str) -> ProviderError {
         500.. => ProviderError::Transient { message },
         _ => ProviderError::Invalid { code: format!("http-{status}"), message },
     }
-}
-
-/// An error with its causes, which the `Display` of reqwest's and the credential chain's errors
-/// leaves out.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }

@@ -1,11 +1,8 @@
 //! The HTTP pieces the Resource Manager calls and the token requests share: the client (rustls
 //! with ring, the platform's roots plus a `ca_file`'s), `Retry-After`, error text.
 
-use std::error::Error as _;
 use std::path::Path;
 use std::time::Duration;
-
-use reqwest::header::{HeaderMap, RETRY_AFTER};
 
 /// The client of one provider: rustls with the process's ring provider, bounded connect and
 /// request times, no redirects (a redirect would carry the bearer token elsewhere).
@@ -22,23 +19,7 @@ pub(super) fn client(ca_file: Option<&Path>) -> Result<reqwest::Client, String> 
     builder.build().map_err(|e| format!("http client: {}", describe(&e)))
 }
 
-/// `Retry-After` in seconds (Resource Manager's form), if present.
-pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let text = headers.get(RETRY_AFTER)?.to_str().ok()?;
-    text.trim().parse::<u64>().ok().map(Duration::from_secs)
-}
-
-/// A reqwest error with its causes, which name the real problem (refused, certificate…).
-pub(crate) fn describe(e: &reqwest::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
+pub(crate) use crate::pricing::http::{describe, retry_after};
 
 /// The certificates of a PEM file, at least one.
 fn read_roots(path: &Path) -> Result<Vec<reqwest::Certificate>, String> {
