@@ -15,6 +15,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use super::staging::{self, CompletedUpload, FoundFile, InputFile, Progress, StagingLimits, UploadPlan, UrlSource};
+use super::urls::BrokerUrls;
 use super::work_files::{AGENT_FILES_DIR, write_agent_file};
 use crate::model::presigned::Presigned;
 use crate::proto::{self, agent_service_client::AgentServiceClient};
@@ -177,9 +178,7 @@ impl Checkpointer {
 
     fn source(&self, attempt: u32, inputs: Vec<String>, uploads: Vec<String>) -> CheckpointUrls {
         CheckpointUrls {
-            client: self.broker.clone(),
-            job_id: self.job_id.clone(),
-            epoch: self.epoch,
+            broker: BrokerUrls { client: self.broker.clone(), job_id: self.job_id.clone(), epoch: self.epoch },
             attempt,
             inputs,
             uploads,
@@ -220,9 +219,9 @@ fn walk(dir: &Path) -> Result<Seen, String> {
 /// The broker's URLs for one attempt's checkpoint: GETs of `inputs` (names under an earlier
 /// attempt's `checkpoint/`), uploads of the found files as `uploads` (by output index).
 struct CheckpointUrls {
-    client: AgentServiceClient<TracedChannel>,
-    job_id: String,
-    epoch: u64,
+    /// The attempt's own data calls: a checkpoint's multipart uploads are outputs of index
+    /// [`CHECKPOINT_OUTPUT`].
+    broker: BrokerUrls,
     attempt: u32,
     inputs: Vec<String>,
     uploads: Vec<String>,
@@ -231,12 +230,12 @@ struct CheckpointUrls {
 impl CheckpointUrls {
     async fn urls(&self, paths: &[String]) -> Result<Vec<Presigned>, String> {
         let req = proto::CheckpointUrlsRequest {
-            job_id: self.job_id.clone(),
-            epoch: self.epoch,
+            job_id: self.broker.job_id.clone(),
+            epoch: self.broker.epoch,
             attempt: self.attempt,
             paths: paths.to_vec(),
         };
-        let resp = self.client.clone().checkpoint_urls(req).await.map_err(|s| s.message().to_string())?;
+        let resp = self.broker.client.clone().checkpoint_urls(req).await.map_err(|s| s.message().to_string())?;
         Ok(resp.into_inner().urls.into_iter().map(Presigned::from).collect())
     }
 }
@@ -260,28 +259,17 @@ impl UrlSource for CheckpointUrls {
                 Ok(proto::OutputFile { output: CHECKPOINT_OUTPUT, path, size: f.size })
             })
             .collect::<Result<Vec<_>, String>>()?;
-        let req = proto::PlanOutputsRequest { job_id: self.job_id.clone(), epoch: self.epoch, files };
-        let resp = self.client.clone().plan_outputs(req).await.map_err(|s| s.message().to_string())?;
+        let req = proto::PlanOutputsRequest { job_id: self.broker.job_id.clone(), epoch: self.broker.epoch, files };
+        let resp = self.broker.client.clone().plan_outputs(req).await.map_err(|s| s.message().to_string())?;
         super::urls::upload_plans(resp.into_inner())
     }
 
     async fn part_urls(&self, _: u32, key: &str, upload_id: &str, numbers: &[u32]) -> Result<Vec<Presigned>, String> {
-        let req = proto::PartUrlsRequest {
-            job_id: self.job_id.clone(),
-            epoch: self.epoch,
-            output: CHECKPOINT_OUTPUT,
-            key: key.to_string(),
-            upload_id: upload_id.to_string(),
-            numbers: numbers.to_vec(),
-        };
-        let resp = self.client.clone().part_urls(req).await.map_err(|s| s.message().to_string())?;
-        Ok(resp.into_inner().parts.into_iter().map(Presigned::from).collect())
+        self.broker.part_urls(CHECKPOINT_OUTPUT, key, upload_id, numbers).await
     }
 
     async fn complete_outputs(&self, uploads: Vec<CompletedUpload>) -> Result<(), String> {
-        let uploads = uploads.into_iter().map(|u| super::urls::completed(CHECKPOINT_OUTPUT, u)).collect();
-        let req = proto::CompleteOutputsRequest { job_id: self.job_id.clone(), epoch: self.epoch, uploads };
-        self.client.clone().complete_outputs(req).await.map_err(|s| s.message().to_string())?;
-        Ok(())
+        let uploads = uploads.into_iter().map(|u| CompletedUpload { output: CHECKPOINT_OUTPUT, ..u }).collect();
+        self.broker.complete_outputs(uploads).await
     }
 }
