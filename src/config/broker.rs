@@ -402,4 +402,26 @@ mod tests {
         assert!(dedicated.iter().any(|p| p.contains("\"lab/gpu-9\" is dedicated twice")), "{problems:?}");
         assert!(dedicated.iter().any(|p| p.contains("\"gpu-7\" is not <site>/<node>")), "{problems:?}");
     }
+
+    #[test]
+    fn every_capacity_problem_is_reported_at_once_with_its_key() {
+        let text = "[broker]\nlisten = \"127.0.0.1:1\"\n[tls]\nca_cert = \"/nope/a\"\ncert = \"/nope/b\"\nkey = \"/nope/c\"\n\
+                    [store]\npath = \"x.db\"\n[[residency]]\nname = \"us\"\naws = [\"us-east-1\"]\n\
+                    [[site]]\nname = \"aws-use1\"\nkind = \"aws\"\nregion = \"us-east-1\"\nresidency = \"us\"\n\
+                    instance_types = [\"p5.48xlarge\", \"p9.mega\"]\n\
+                    [site.capacity]\nprovider = \"aws\"\nmax_instances = 0\nmax_usd_per_hour = -5.0\n\
+                    [site.capacity.aws]\nsubnets = [\"subnet-1\"]\n";
+        let c: BrokerConfig = parse_toml(text, Path::new("t.toml"), []).unwrap();
+        let ConfigError::Invalid { problems, .. } = c.validate(Path::new("t.toml")).unwrap_err() else { panic!() };
+        for want in [
+            "instance_types[1]: unknown instance type \"p9.mega\"",
+            "capacity.max_instances: must be more than 0",
+            "capacity.max_usd_per_hour: must be more than 0",
+            "capacity.aws.image_id: give an image",
+            "site.capacity: sites with a capacity provider need broker.enroll_listen and broker.ca_dir",
+        ] {
+            assert!(problems.iter().any(|p| p.contains(want)), "{want:?} not in {problems:?}");
+        }
+        assert!(problems.iter().any(|p| p.starts_with("site[0] (aws-use1): capacity.aws.image_id")), "{problems:?}");
+    }
 }
