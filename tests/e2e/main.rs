@@ -9,6 +9,7 @@ mod capacity_aws;
 mod capacity_azure;
 mod cli;
 mod cloud_aws;
+mod cloud_azure;
 mod cloud_init;
 mod common;
 mod conformance;
