@@ -106,21 +106,38 @@ pub(super) async fn checkpoint_urls(
     req: proto::CheckpointUrlsRequest,
 ) -> Result<proto::CheckpointUrlsResponse, Status> {
     let target = checkpoint(attempt)?;
-    if req.attempt == 0 || req.attempt >= attempt.attempt {
+    let keys = checkpoint_keys(target, &attempt.tenant, job_id, attempt.attempt, &req)?;
+    let mut urls = Vec::with_capacity(keys.len());
+    for key in keys {
+        urls.push(data.presign_get(&target.location, &key).await?.into());
+    }
+    Ok(proto::CheckpointUrlsResponse { urls })
+}
+
+/// The keys `req` asks to read, for the holder of attempt `own`: only an earlier attempt's, and
+/// only safe names under its `checkpoint/` prefix.
+fn checkpoint_keys(
+    target: &OutputTarget,
+    tenant: &str,
+    job_id: &str,
+    own: u32,
+    req: &proto::CheckpointUrlsRequest,
+) -> Result<Vec<String>, Status> {
+    if req.attempt == 0 || req.attempt >= own {
         return Err(Status::invalid_argument(format!("attempt {} is not an earlier attempt", req.attempt)));
     }
     if req.paths.len() > MAX_FILES_PER_CALL {
         return Err(Status::invalid_argument(format!("paths: at most {MAX_FILES_PER_CALL} per call")));
     }
-    let prefix = target.checkpoint_prefix(&attempt.tenant, job_id, req.attempt);
-    let mut urls = Vec::with_capacity(req.paths.len());
-    for path in &req.paths {
-        let key = DataPlane::output_key(target, &prefix, path)
-            .filter(|_| !path.is_empty())
-            .ok_or_else(|| Status::invalid_argument(format!("checkpoint path {path:?} is not a safe name")))?;
-        urls.push(data.presign_get(&target.location, &key).await?.into());
-    }
-    Ok(proto::CheckpointUrlsResponse { urls })
+    let prefix = target.checkpoint_prefix(tenant, job_id, req.attempt);
+    req.paths
+        .iter()
+        .map(|path| {
+            DataPlane::output_key(target, &prefix, path)
+                .filter(|_| !path.is_empty())
+                .ok_or_else(|| Status::invalid_argument(format!("checkpoint path {path:?} is not a safe name")))
+        })
+        .collect()
 }
 
 fn checkpoint(attempt: &AttemptData) -> Result<&OutputTarget, Status> {
@@ -146,5 +163,48 @@ fn check_key(target: &OutputTarget, prefix: &str, key: &str) -> Result<(), Statu
     match key.strip_prefix(prefix) {
         Some(rest) if DataPlane::output_key(target, prefix, rest).as_deref() == Some(key) => Ok(()),
         _ => Err(ApiError::PermissionDenied(format!("key {key:?} is not under this attempt's prefix {prefix}")).into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target() -> OutputTarget {
+        OutputTarget {
+            path: "ckpt/".into(),
+            location: "lab".into(),
+            to: "local://lab/acme/ckpt/".into(),
+            prefix: "acme/ckpt/".into(),
+            residency: None,
+            choices: Vec::new(),
+        }
+    }
+
+    fn ask(attempt: u32, paths: &[&str]) -> proto::CheckpointUrlsRequest {
+        let paths = paths.iter().map(|p| p.to_string()).collect();
+        proto::CheckpointUrlsRequest { job_id: "j1".into(), epoch: 3, attempt, paths }
+    }
+
+    /// A checkpoint is read only from an earlier attempt of the same job, under its checkpoint
+    /// prefix: never the caller's own or a later attempt, never a path that climbs out.
+    #[test]
+    fn only_an_earlier_attempts_checkpoint_is_readable() {
+        let keys = checkpoint_keys(&target(), "acme", "j1", 3, &ask(2, &["files/state", "complete.json"])).unwrap();
+        assert_eq!(
+            keys,
+            [
+                "acme/ckpt/acme/j1/attempt-2/checkpoint/files/state",
+                "acme/ckpt/acme/j1/attempt-2/checkpoint/complete.json"
+            ]
+        );
+        for attempt in [0, 3, 4] {
+            let refused = checkpoint_keys(&target(), "acme", "j1", 3, &ask(attempt, &["complete.json"])).unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::InvalidArgument, "attempt {attempt}");
+        }
+        for path in ["", "../attempt-3/checkpoint/complete.json", "files/../../x", "/etc/passwd", "files//x", "a\nb"] {
+            let refused = checkpoint_keys(&target(), "acme", "j1", 3, &ask(1, &[path])).unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{path:?}");
+        }
     }
 }
