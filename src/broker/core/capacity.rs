@@ -281,7 +281,7 @@ impl Core {
                 self.bind_instance(&launch_id, &instance.instance_id, step, out);
             }
             CallResult::Launched { launch_id, result: Err(e) } => {
-                let Some(launch) = self.launches_mut().get_mut(&launch_id) else { return };
+                let Some(launch) = self.cloud.launches.get_mut(&launch_id) else { return };
                 launch.in_flight = false;
                 if e.retryable() {
                     // It may have been made (a lost reply): the next listing decides.
@@ -318,10 +318,6 @@ impl Core {
                 }
             }
         }
-    }
-
-    fn launches_mut(&mut self) -> &mut BTreeMap<String, Launch> {
-        &mut self.cloud.launches
     }
 
     /// The launch made `instance_id`: its token now enrols only that node.
@@ -380,7 +376,7 @@ impl Core {
         if let Some(backoff) = backoff {
             self.mark_unavailable(&site, &ty, market, e.to_string(), backoff);
         }
-        self.replace_waiting(&site, out);
+        self.replace_waiting(&site);
     }
 
     /// Leaves (site, type, market) out of placement for `backoff`.
@@ -406,7 +402,7 @@ impl Core {
     }
 
     /// Jobs placed at `site` and not bound are placed again now.
-    fn replace_waiting(&mut self, site: &str, _out: &mut Effects) {
+    fn replace_waiting(&mut self, site: &str) {
         let now = self.now.at;
         for (_, job_id) in &self.queue {
             if let Some(job) = self.jobs.get_mut(job_id)
@@ -447,9 +443,8 @@ impl Core {
         let now = self.now;
         let Some((_, config)) = self.provider_of(site) else { return };
         let grace = config.orphan_grace.0;
-        let listed: HashSet<&str> =
-            instances.iter().filter(|i| i.state != InstanceState::Terminated).map(|i| i.instance_id.as_str()).collect();
-        let listed: HashSet<String> = listed.into_iter().map(str::to_string).collect();
+        let listed: HashSet<String> =
+            instances.iter().filter(|i| i.state != InstanceState::Terminated).map(|i| i.instance_id.clone()).collect();
         for inst in &instances {
             if inst.state == InstanceState::Terminated {
                 continue;
@@ -583,7 +578,7 @@ impl Core {
                 Self::write_launch(launch, out);
                 retry.push(id.clone());
             }
-            self.replace_waiting(&site, out);
+            self.replace_waiting(&site);
         }
         for (id, timeout) in idle {
             let launch = self.cloud.launches.get_mut(&id).expect("listed above");
