@@ -16,6 +16,7 @@ use tonic::transport::Channel;
 use crate::common::{Cluster, Setup, TRUST_DOMAIN, enrolling, eventually, submit, wait_job};
 
 const TTL: Duration = Duration::from_secs(3);
+const BROKER_SECRET: &str = "broker-only-secret-key";
 
 /// An on-prem `lab` without GPUs and an elastic AWS site whose instances are local agents.
 fn sites(dir: &Path, capacity: &str) -> String {
@@ -40,10 +41,11 @@ fn local(extra: &str) -> String {
 }
 
 async fn cluster(capacity: String) -> Cluster {
-    Cluster::start_with(TTL, &[], move |dir| Setup {
-        broker_extra: Some(sites(dir, &capacity)),
-        broker_env: enrolling(dir, "1h"),
-        ..Setup::default()
+    Cluster::start_with(TTL, &[], move |dir| {
+        let mut broker_env = enrolling(dir, "1h");
+        // The broker's own cloud credentials: a launched instance must never get them.
+        broker_env.push(("AWS_SECRET_ACCESS_KEY".into(), BROKER_SECRET.into()));
+        Setup { broker_extra: Some(sites(dir, &capacity)), broker_env, ..Setup::default() }
     })
     .await
 }
@@ -71,6 +73,14 @@ async fn an_elastic_site_scales_from_zero_and_retires_the_idle_instance() {
     let job = wait_job(&jobs, &id, "the job to succeed on a launched p5", |j| j.state == "succeeded").await;
     let agent = job.agent.clone();
     assert!(agent.starts_with("aws-us-east-1/local-"), "ran on {agent}");
+    // The instance's agent starts as on a fresh VM: nothing of the broker's environment.
+    let pids = crate::common::processes_with(agent.split_once('/').unwrap().1);
+    assert!(!pids.is_empty(), "the instance's agent runs");
+    for pid in pids {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let environ = String::from_utf8_lossy(&environ);
+        assert!(!environ.contains(BROKER_SECRET) && !environ.contains("HYBROKER_BROKER__"), "{environ}");
+    }
     let events = crate::common::watch_to_end(&mut jobs, &id).await;
     let reasons: Vec<&str> = events.iter().map(|e| e.reason.as_str()).collect();
     assert!(
