@@ -110,17 +110,19 @@ impl Placer {
         self.budgets.get(tenant).copied()
     }
 
-    /// The job as placement sees it; an error when its policy would widen its tenant's.
+    /// The job as placement sees it; an error when its policy would widen its tenant's. A
+    /// deadline given as a duration counts from `submitted_at`.
     pub fn request(
         &self,
         tenant: &str,
         spec: &JobSpec,
         data: Option<&JobData>,
         budget_left: Option<f64>,
+        submitted_at: UnixMillis,
     ) -> Result<PlacementJob, String> {
         let tenant_policy = self.policies.get(tenant).cloned().unwrap_or_default();
         let policy = match &spec.policy {
-            Some(p) => tenant_policy.narrow(p)?,
+            Some(p) => tenant_policy.narrow(p, submitted_at)?,
             None => tenant_policy,
         };
         let empty = JobData::default();
@@ -180,6 +182,7 @@ fn policy_of(t: &TenantConfig, config: &BrokerConfig) -> PlacementPolicy {
         max_wait: Some(config.placement.replace_after.0),
         deadline: None,
         owned_first: t.owned_first,
+        delay_usd_per_hour: t.delay_usd_per_hour.unwrap_or(config.placement.delay_usd_per_hour),
     }
 }
 

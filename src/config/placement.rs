@@ -105,6 +105,24 @@ pub struct PlacementSection {
     /// Prices older than this are flagged as stale in decisions (the last good ones are still used).
     #[serde(default = "default_price_max_age")]
     pub price_max_age: HumanDuration,
+    /// What an hour of waiting costs a job whose tenant and spec say nothing, in dollars: a
+    /// candidate costs `compute + egress + storage + wait × delay_usd_per_hour`.
+    #[serde(default = "default_delay_usd_per_hour")]
+    pub delay_usd_per_hour: f64,
+    /// Fair share forgets past usage with this half-life.
+    #[serde(default = "default_fair_share_half_life")]
+    pub fair_share_half_life: HumanDuration,
+    /// The instance catalog file (default: the one built in, `config/catalog/instance-types.json`).
+    #[serde(default)]
+    pub catalog: Option<PathBuf>,
+}
+
+fn default_delay_usd_per_hour() -> f64 {
+    10.0
+}
+
+fn default_fair_share_half_life() -> HumanDuration {
+    Duration::from_secs(24 * 3600).into()
 }
 
 fn default_replace_after() -> HumanDuration {
@@ -117,7 +135,13 @@ fn default_price_max_age() -> HumanDuration {
 
 impl Default for PlacementSection {
     fn default() -> Self {
-        Self { replace_after: default_replace_after(), price_max_age: default_price_max_age() }
+        Self {
+            replace_after: default_replace_after(),
+            price_max_age: default_price_max_age(),
+            delay_usd_per_hour: default_delay_usd_per_hour(),
+            fair_share_half_life: default_fair_share_half_life(),
+            catalog: None,
+        }
     }
 }
 
@@ -165,6 +189,18 @@ pub(super) fn placement_problems(
                 problems.push(format!("tenant[{i}].{k} must be a positive number"));
             }
         }
+        if !(t.weight.is_finite() && t.weight > 0.0) {
+            problems.push(format!("tenant[{i}].weight must be a positive number"));
+        }
+        if t.max_priority.is_some_and(|p| p > 100) {
+            problems.push(format!("tenant[{i}].max_priority must be 0 to 100"));
+        }
+        if t.max_gpus_per_site == Some(0) {
+            problems.push(format!("tenant[{i}].max_gpus_per_site must be at least 1"));
+        }
+        if t.delay_usd_per_hour.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
+            problems.push(format!("tenant[{i}].delay_usd_per_hour must be a number 0 or more"));
+        }
     }
     for (i, s) in storage.iter().enumerate() {
         if !sites.is_empty() && !s.residency.is_empty() && !groups.contains(s.residency.as_str()) {
@@ -173,5 +209,11 @@ pub(super) fn placement_problems(
     }
     if placement.replace_after.0.is_zero() || placement.price_max_age.0.is_zero() {
         problems.push("placement.replace_after and price_max_age must be more than 0".into());
+    }
+    if !(placement.delay_usd_per_hour.is_finite() && placement.delay_usd_per_hour >= 0.0) {
+        problems.push("placement.delay_usd_per_hour must be a number 0 or more".into());
+    }
+    if placement.fair_share_half_life.0.is_zero() {
+        problems.push("placement.fair_share_half_life must be more than 0".into());
     }
 }

@@ -46,6 +46,22 @@ pub struct TenantConfig {
     /// Use owned (on-prem) hardware whenever it has room, whatever the cloud prices.
     #[serde(default)]
     pub owned_first: bool,
+    /// The tenant's weight in fair share between tenants on a site (default 1).
+    #[serde(default = "default_weight")]
+    pub weight: f64,
+    /// The highest `priority` the tenant's jobs get (higher values are lowered to it); default 100.
+    #[serde(default)]
+    pub max_priority: Option<u32>,
+    /// The most GPUs the tenant's jobs may hold at once on one site.
+    #[serde(default)]
+    pub max_gpus_per_site: Option<u32>,
+    /// What an hour of waiting costs the tenant's jobs (default: `placement.delay_usd_per_hour`).
+    #[serde(default)]
+    pub delay_usd_per_hour: Option<f64>,
+}
+
+fn default_weight() -> f64 {
+    1.0
 }
 
 /// One node dedicated to one tenant (`[[dedicated]]`).
@@ -87,6 +103,10 @@ impl TenantConfig {
             max_usd_per_job: None,
             monthly_budget_usd: None,
             owned_first: false,
+            weight: default_weight(),
+            max_priority: None,
+            max_gpus_per_site: None,
+            delay_usd_per_hour: None,
         }
     }
 }

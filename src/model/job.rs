@@ -10,6 +10,7 @@ use super::data::DataUri;
 use super::duration::HumanDuration;
 use super::gpu::{is_known_model, known_models};
 use super::secret::{SecretEnv, SecretValue};
+use super::size::ByteSize;
 
 /// Largest accepted values; they keep one job from exhausting the broker or an agent.
 pub const MAX_GPUS: u32 = 64;
@@ -46,8 +47,14 @@ pub struct JobSpec {
     pub max_runtime: Option<HumanDuration>,
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+    /// Order among the tenant's own jobs (0–100, capped by the tenant's `max_priority`); fair
+    /// share decides between tenants.
     #[serde(default = "default_priority")]
     pub priority: u32,
+    /// The job may be stopped (SIGTERM, its checkpoint saved, `preempted`, queued again) for a
+    /// higher-priority job of its tenant, or for another tenant under its fair share.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub preemptible: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inputs: Vec<Input>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -104,6 +111,9 @@ impl Default for Resources {
 pub struct Input {
     pub uri: String,
     pub path: String,
+    /// The input's size when it cannot be read from its store (it does not exist yet), for pricing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_hint: Option<ByteSize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -114,6 +124,9 @@ pub struct Output {
     pub to: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub residency: Option<String>,
+    /// The expected size of what the job writes here, for pricing egress and storage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_hint: Option<ByteSize>,
 }
 
 /// `checkpoint: {path: ckpt/, to: …}`: `to` (a data URI prefix) defaults to the first output's
@@ -150,10 +163,31 @@ pub struct Policy {
     pub max_usd_total: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spot: Option<Spot>,
+    /// Finish by: an RFC 3339 time, or a duration from submit (`4h`). Hard.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<String>,
+    /// Start by: the longest acceptable wait. Hard.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_wait: Option<HumanDuration>,
+    /// What an hour of waiting costs this job, in dollars: candidates compare
+    /// `compute + egress + storage + wait × delay_usd_per_hour` (default: the tenant's, else the
+    /// broker's `placement.delay_usd_per_hour`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay_usd_per_hour: Option<f64>,
+}
+
+/// When a spec's `deadline` falls: an RFC 3339 time, or `submitted_at` + a duration.
+pub fn deadline_at(text: &str, submitted_at: super::UnixMillis) -> Result<super::UnixMillis, String> {
+    if let Ok(at) = humantime::parse_rfc3339_weak(text) {
+        let ms = at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as super::UnixMillis);
+        return Ok(ms);
+    }
+    match HumanDuration::parse(text) {
+        Ok(d) => Ok(submitted_at.saturating_add(d.0.as_millis() as super::UnixMillis)),
+        Err(_) => Err(format!(
+            "{text:?} is neither an RFC 3339 time like 2026-12-01T18:00:00Z nor a duration from submit like 4h"
+        )),
+    }
 }
 
 /// One problem with one field of a spec.
@@ -397,12 +431,12 @@ impl JobSpec {
                 p.add("policy.max_usd_total", "must be a positive number");
             }
             if let Some(deadline) = &policy.deadline
-                && humantime::parse_rfc3339_weak(deadline).is_err()
+                && let Err(e) = deadline_at(deadline, 0)
             {
-                p.add("policy.deadline", "must be an RFC 3339 time like 2026-12-01T18:00:00Z");
+                p.add("policy.deadline", e);
             }
-            if policy.deadline.is_some() && policy.max_wait.is_some() {
-                p.add("policy", "give at most one of `deadline` or `max_wait`");
+            if policy.delay_usd_per_hour.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
+                p.add("policy.delay_usd_per_hour", "must be a number 0 or more");
             }
         }
     }

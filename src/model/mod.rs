@@ -13,6 +13,7 @@ pub mod price;
 pub mod retry;
 pub mod secret;
 pub mod site;
+pub mod size;
 pub mod state;
 pub mod text;
 

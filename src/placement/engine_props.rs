@@ -149,6 +149,7 @@ fn random_job(rng: &mut fastrand::Rng, locations: &[StorageLocation]) -> Placeme
         max_wait: maybe(rng, 0.4, |r| Duration::from_secs(r.u64(0..4 * 3600))),
         deadline: maybe(rng, 0.2, |r| NOW + r.i64(0..12 * 3_600_000)),
         owned_first: rng.f64() < 0.3,
+        delay_usd_per_hour: 0.0,
     };
     PlacementJob {
         gpus,

@@ -479,13 +479,13 @@ fn policies_only_narrow() {
             "max_wait":"30m","deadline":"2026-12-01T18:00:00Z"}"#,
     )
     .unwrap();
-    let p = tenant.narrow(&job).unwrap();
+    let p = tenant.narrow(&job, 0).unwrap();
     assert_eq!(p.clouds, Some(vec![Cloud::Aws]));
     assert_eq!((p.max_usd_per_hour, p.max_usd_total, p.spot), (Some(40.0), Some(200.0), Spot::Never));
     assert_eq!(p.max_wait, Some(Duration::from_secs(1800)));
     assert_eq!(p.deadline, Some(1_796_148_000_000));
     let us: crate::model::job::Policy = serde_json::from_str(r#"{"residency":"us"}"#).unwrap();
-    assert!(tenant.narrow(&us).unwrap_err().contains("outside the tenant's residency eu"));
+    assert!(tenant.narrow(&us, 0).unwrap_err().contains("outside the tenant's residency eu"));
 }
 
 #[test]

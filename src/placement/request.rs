@@ -2,13 +2,13 @@
 //! ([`PlacementJob`]), built from a spec and its resolved data with [`PlacementJob::from_spec`].
 
 use std::collections::BTreeMap;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::model::UnixMillis;
 use crate::model::data::JobData;
-use crate::model::job::{JobSpec, Policy, Spot};
+use crate::model::job::{JobSpec, Policy, Spot, deadline_at};
 use crate::model::price::Cloud;
 
 /// The policy placement enforces: the tenant's, narrowed by the job's ([`PlacementPolicy::narrow`]).
@@ -33,13 +33,17 @@ pub struct PlacementPolicy {
     pub deadline: Option<UnixMillis>,
     /// Owned hardware first: an on-prem site that can start the job now wins whatever the price.
     pub owned_first: bool,
+    /// What an hour of waiting costs, in dollars (the job's, else the tenant's, else the broker's).
+    #[serde(default)]
+    pub delay_usd_per_hour: f64,
 }
 
 impl PlacementPolicy {
     /// The tenant's policy (`self`) narrowed by a job's: residency must agree, clouds are
     /// intersected, caps, `max_wait` and deadlines take the smaller, spot is `never` if either says
     /// so. A job's policy can never widen its tenant's.
-    pub fn narrow(&self, job: &Policy) -> Result<PlacementPolicy, String> {
+    /// A `deadline` given as a duration counts from `submitted_at`.
+    pub fn narrow(&self, job: &Policy, submitted_at: UnixMillis) -> Result<PlacementPolicy, String> {
         let mut out = self.clone();
         if let Some(r) = &job.residency {
             match &self.residency {
@@ -66,10 +70,11 @@ impl PlacementPolicy {
             (a, b) => a.or(b.map(|d| d.0)),
         };
         if let Some(text) = &job.deadline {
-            let at = humantime::parse_rfc3339_weak(text)
-                .map_err(|e| format!("policy.deadline: {text:?} is not an RFC 3339 time ({e})"))?;
-            let ms = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as UnixMillis);
+            let ms = deadline_at(text, submitted_at).map_err(|e| format!("policy.deadline: {e}"))?;
             out.deadline = Some(self.deadline.map_or(ms, |t| t.min(ms)));
+        }
+        if let Some(d) = job.delay_usd_per_hour {
+            out.delay_usd_per_hour = d;
         }
         Ok(out)
     }

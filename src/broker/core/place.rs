@@ -86,7 +86,7 @@ impl Core {
             return Ok(());
         }
         let budget_left = self.budget_left(tenant);
-        let req = placer.request(tenant, spec, data, budget_left).map_err(ApiError::InvalidArgument)?;
+        let req = placer.request(tenant, spec, data, budget_left, self.now.ms).map_err(ApiError::InvalidArgument)?;
         // A reason about the job itself (an output leaving its residency) rejects every site, now
         // and later: refused now with that reason rather than queued for ever.
         if !req.outputs.is_empty()
@@ -119,7 +119,9 @@ impl Core {
                 "this broker places jobs by first fit: no [[site]] is configured, so there is nothing to plan".into(),
             ));
         }
-        let req = placer.request(tenant, spec, data, self.budget_left(tenant)).map_err(ApiError::InvalidArgument)?;
+        let req = placer
+            .request(tenant, spec, data, self.budget_left(tenant), self.now.ms)
+            .map_err(ApiError::InvalidArgument)?;
         Ok(placer.place(&req, &self.world(tenant)))
     }
 
@@ -160,13 +162,14 @@ impl Core {
                 continue;
             }
             let budget_left = self.budget_left(job.tenant());
-            let req = match placer.request(job.tenant(), &job.spec, job.data.as_deref(), budget_left) {
-                Ok(req) => req,
-                Err(why) => {
-                    unplaced.push((job_id.clone(), format!("not placed: {why}"), None));
-                    continue;
-                }
-            };
+            let req =
+                match placer.request(job.tenant(), &job.spec, job.data.as_deref(), budget_left, job.sub.created_at) {
+                    Ok(req) => req,
+                    Err(why) => {
+                        unplaced.push((job_id.clone(), format!("not placed: {why}"), None));
+                        continue;
+                    }
+                };
             let key = if per_tenant { job.tenant() } else { "" };
             let world = worlds.entry(key.to_string()).or_insert_with(|| self.world(job.tenant()));
             // A job retried after "no site can take it" gets a span only when the answer changes.

@@ -83,12 +83,12 @@ fn plan_offline(
     let data = offline_data(&spec, &config)?;
     let (_tx, prices) = tokio::sync::watch::channel(Arc::new(snapshot));
     let placer = Placer::new(&config, prices);
-    let job = placer.request(tenant, &spec, Some(&data), None).map_err(anyhow::Error::msg)?;
+    let now = crate::pricing::now_ms();
+    let job = placer.request(tenant, &spec, Some(&data), None, now).map_err(anyhow::Error::msg)?;
     let room: Vec<(String, Vec<FreeCapacity>)> =
         config.sites.iter().filter(|s| s.kind == SiteKind::Onprem).map(|s| (s.name.clone(), vec![room(s)])).collect();
     let capacity: HashMap<&str, (Vec<FreeCapacity>, Vec<FreeCapacity>)> =
         room.iter().map(|(name, free)| (name.as_str(), (free.clone(), free.clone()))).collect();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
     Ok(placer.place(&job, &placer.world(&capacity, |_| Vec::new(), now)))
 }
 
