@@ -12,8 +12,12 @@ pub struct CostBreakdown {
     pub compute_usd: f64,
     pub egress_usd: f64,
     pub storage_usd: f64,
-    /// compute + egress + storage.
+    /// compute + egress + storage: the dollars the job is estimated to cost.
     pub total_usd: f64,
+    /// The estimated wait × the job's `delay_usd_per_hour`: not paid, but what waiting is worth;
+    /// candidates compare `total_usd + delay_usd`.
+    #[serde(default)]
+    pub delay_usd: f64,
     /// Compute $/hour (what `max_usd_per_hour` caps).
     pub usd_per_hour: f64,
     /// Estimated hours of compute.
@@ -33,7 +37,14 @@ pub struct Offer {
     pub gpu_model: Option<String>,
     /// Estimated wait before the job starts, seconds (0: now).
     pub wait_s: u64,
+    /// Jobs waiting ahead of it at the site (when it waits).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub ahead: u32,
     pub cost: CostBreakdown,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A candidate's verdict. JSON: `"feasible": {…offer…}`, or `"rejected": "reason"` with the

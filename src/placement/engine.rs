@@ -226,7 +226,8 @@ fn site_offer(job: &PlacementJob, world: &World, si: usize, plan: &Plan) -> Resu
     }
     let hours = job.hours();
     let needs_capacity = site.kind == SiteKind::Onprem || !site.elastic();
-    let (wait, now) = if needs_capacity { capacity_wait(job, &state.capacity)? } else { (Some(Duration::ZERO), true) };
+    let (wait, now, ahead) =
+        if needs_capacity { capacity_wait(job, &site.name, &state.capacity)? } else { (Some(Duration::ZERO), true, 0) };
     let mut offer = match site.kind.cloud() {
         Some(_) => cloud_compute(job, world, si)?,
         None => onprem_compute(job, world, si, now)?,
@@ -235,8 +236,10 @@ fn site_offer(job: &PlacementJob, world: &World, si: usize, plan: &Plan) -> Resu
         wait.ok_or_else(|| Rejection::new(RejectionKind::Capacity, "busy: no node free now and no wait estimate"))?;
     check_time(job, world, wait)?;
     offer.wait_s = wait.as_secs();
+    offer.ahead = ahead;
     offer.cost.hours = hours;
     offer.cost.compute_usd = offer.cost.usd_per_hour * hours;
+    offer.cost.delay_usd = wait.as_secs_f64() / 3600.0 * policy.delay_usd_per_hour;
     let mut inbound = 0.0;
     for &(l, bytes) in &plan.inputs {
         if bytes > 0 {
@@ -299,11 +302,17 @@ fn finish(
     Verdict::Feasible(Offer { cost: c, ..offer.clone() })
 }
 
-/// The wait before the job could start at a site whose capacity counts (`None`: unknown) and
-/// whether a node has room now, or why no node of the site could ever take it.
-fn capacity_wait(job: &PlacementJob, capacity: &SiteCapacity) -> Result<(Option<Duration>, bool), Rejection> {
+/// The wait before the job could start at a site whose capacity counts (`None`: unknown), whether
+/// a node has room now and how many jobs wait ahead of it, or why no node of the site could ever
+/// take it. The wait is the job's own estimate where it already waits, else the site's replay
+/// ([`super::wait`]), else the site's given `queue_wait`.
+fn capacity_wait(
+    job: &PlacementJob,
+    site: &str,
+    capacity: &SiteCapacity,
+) -> Result<(Option<Duration>, bool, u32), Rejection> {
     if capacity.free.iter().any(|s| fits(job, s)) {
-        return Ok((Some(Duration::ZERO), true));
+        return Ok((Some(Duration::ZERO), true, 0));
     }
     if !capacity.total.iter().any(|s| fits(job, s)) {
         if capacity.total.is_empty() {
@@ -311,7 +320,13 @@ fn capacity_wait(job: &PlacementJob, capacity: &SiteCapacity) -> Result<(Option<
         }
         return Err(no_fit(job, "node", capacity.total.iter().flat_map(|s| s.gpus.iter().map(|(m, _)| m.as_str()))));
     }
-    Ok((capacity.queue_wait, false))
+    if let Some(w) = job.waiting_at.as_ref().filter(|w| w.site == site) {
+        return Ok((w.wait, false, w.ahead));
+    }
+    match &capacity.profile {
+        Some(p) => Ok((p.earliest(&job.need()), false, u32::try_from(p.waiting()).unwrap_or(u32::MAX))),
+        None => Ok((capacity.queue_wait, false, 0)),
+    }
 }
 
 /// Whether the job fits a node shape.
@@ -414,6 +429,7 @@ fn cloud_compute(job: &PlacementJob, world: &World, si: usize) -> Result<Offer, 
         market: Some(market),
         gpu_model: model.map(str::to_owned),
         wait_s: 0,
+        ahead: 0,
         cost: CostBreakdown { usd_per_hour: price, ..CostBreakdown::default() },
     })
 }
@@ -449,6 +465,7 @@ fn onprem_compute(job: &PlacementJob, world: &World, si: usize, now: bool) -> Re
         market: None,
         gpu_model: model,
         wait_s: 0,
+        ahead: 0,
         cost: CostBreakdown { usd_per_hour: per_hour, ..CostBreakdown::default() },
     })
 }
@@ -470,18 +487,34 @@ fn check_time(job: &PlacementJob, world: &World, wait: Duration) -> Result<(), R
     Ok(())
 }
 
-/// The index of the chosen candidate: owned-first, else the cheapest; ties by candidate order.
+/// The index of the chosen candidate: owned-first, else the cheapest counting the cost of delay
+/// (`total_usd + delay_usd`); ties go to the candidate with more outputs in the site's own cloud
+/// region (a 0-byte estimate makes every location cost the same), then by candidate order.
 fn choose(job: &PlacementJob, world: &World, candidates: &[Candidate], site_of: &[usize]) -> Option<usize> {
     let feasible = candidates.iter().enumerate().filter_map(|(i, c)| match &c.verdict {
         Verdict::Feasible(o) => Some((i, o)),
         Verdict::Rejected(_) => None,
     });
+    let away = |i: usize| {
+        let site = &world.sites[site_of[i]].site;
+        let here = |name: &String| {
+            world.location_index.get(name).is_some_and(|&l| {
+                let loc = &world.locations[l];
+                loc.kind == site.kind && loc.region == site.region
+            })
+        };
+        candidates[i].output_locations.iter().filter(|l| !here(l)).count()
+    };
     let cheapest = |it: &mut dyn Iterator<Item = (usize, &Offer)>| {
-        it.fold(None::<(usize, f64)>, |best, (i, o)| match best {
-            Some((_, b)) if o.cost.total_usd.total_cmp(&b) != Ordering::Less => best,
-            _ => Some((i, o.cost.total_usd)),
+        it.fold(None::<(usize, f64, usize)>, |best, (i, o)| {
+            let score = o.cost.total_usd + o.cost.delay_usd;
+            match best {
+                Some((_, b, _)) if score.total_cmp(&b) == Ordering::Greater => best,
+                Some((_, b, a)) if score.total_cmp(&b) == Ordering::Equal && away(i) >= a => best,
+                _ => Some((i, score, away(i))),
+            }
         })
-        .map(|(i, _)| i)
+        .map(|(i, ..)| i)
     };
     if job.policy.owned_first {
         let owned = |&(i, o): &(usize, &Offer)| o.wait_s == 0 && world.sites[site_of[i]].site.kind == SiteKind::Onprem;

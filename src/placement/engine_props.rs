@@ -2,6 +2,7 @@
 //! written from the cost rules alone (plain scans of the snapshot, no indexes, no shared helpers).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::*;
@@ -10,7 +11,8 @@ use super::*;
 use crate::model::capacity::{CapacityConfig, ProviderKind};
 use crate::model::price::{Cloud, ComputePrice, Destination, EgressPrice, PriceSnapshot, Provenance, StoragePrice};
 use crate::model::site::{Site, StorageLocation, instance_type};
-use crate::placement::request::{OutputDest, PlacementInput, PlacementOutput, PlacementPolicy};
+use crate::placement::request::{OutputDest, PlacementInput, PlacementOutput, PlacementPolicy, WaitingAt};
+use crate::placement::wait::{Need, Node, Profile};
 use crate::placement::world::{SiteCapacity, SiteState};
 
 const NOW: i64 = 1_000_000_000;
@@ -73,7 +75,27 @@ fn random_capacity(rng: &mut fastrand::Rng) -> SiteCapacity {
         }
     }
     let queue_wait = maybe(rng, 0.7, |r| Duration::from_secs(r.u64(0..5 * 3600)));
-    SiteCapacity { free, total, queue_wait, unavailable: Vec::new() }
+    // A replay of the site's nodes (their totals, each busy until some time) with jobs waiting.
+    let profile = (rng.f64() < 0.4).then(|| {
+        let nodes = total
+            .iter()
+            .map(|t| Node {
+                free: NodeShape { gpus: Vec::new(), cpus: 0, memory_mib: 0 },
+                running: vec![(Duration::from_secs(rng.u64(0..4 * 3600)), t.clone())],
+            })
+            .collect();
+        let waiting: Vec<Need> = (0..rng.usize(0..3))
+            .map(|_| Need {
+                gpus: rng.u32(0..=4),
+                gpu_models: Vec::new(),
+                cpus: rng.u32(1..=8),
+                memory_mib: 1024,
+                runtime: Duration::from_secs(rng.u64(600..4 * 3600)),
+            })
+            .collect();
+        Arc::new(Profile::build(nodes, &waiting))
+    });
+    SiteCapacity { free, total, queue_wait, profile, unavailable: Vec::new() }
 }
 
 fn random_site(rng: &mut fastrand::Rng, name: String) -> SiteState {
@@ -149,7 +171,7 @@ fn random_job(rng: &mut fastrand::Rng, locations: &[StorageLocation]) -> Placeme
         max_wait: maybe(rng, 0.4, |r| Duration::from_secs(r.u64(0..4 * 3600))),
         deadline: maybe(rng, 0.2, |r| NOW + r.i64(0..12 * 3_600_000)),
         owned_first: rng.f64() < 0.3,
-        delay_usd_per_hour: 0.0,
+        delay_usd_per_hour: if rng.bool() { 0.0 } else { 50.0 * rng.f64() },
     };
     PlacementJob {
         gpus,
@@ -161,6 +183,11 @@ fn random_job(rng: &mut fastrand::Rng, locations: &[StorageLocation]) -> Placeme
         outputs,
         policy,
         budget_left_usd: maybe(rng, 0.3, |r| 1000.0 * r.f64()),
+        waiting_at: maybe(rng, 0.2, |r| WaitingAt {
+            site: format!("s{}", r.usize(0..5)),
+            wait: maybe(r, 0.8, |r| Duration::from_secs(r.u64(0..5 * 3600))),
+            ahead: r.u32(0..5),
+        }),
     }
 }
 
@@ -268,8 +295,18 @@ fn local_uplink(case: &Case, region: &str) -> f64 {
     sites.iter().find(|s| s.kind == SiteKind::Onprem && s.region == region).map_or(0.0, |s| s.uplink_usd_per_gb)
 }
 
-/// The brute force's verdict on one candidate: its total and whether it is owned hardware free now.
-fn evaluate(case: &Case, st: &SiteState, outs: &[usize]) -> Option<(f64, bool)> {
+/// The brute force's verdict on one candidate.
+#[derive(Debug, Clone, Copy)]
+struct Verdict2 {
+    total: f64,
+    /// The wait × the job's `delay_usd_per_hour`.
+    delay: f64,
+    /// Owned hardware free now.
+    owned_now: bool,
+}
+
+/// The brute force's verdict on one candidate.
+fn evaluate(case: &Case, st: &SiteState, outs: &[usize]) -> Option<Verdict2> {
     let (job, site, pol) = (&case.job, &st.site, &case.job.policy);
     let accept = |m: &str| job.gpu_models.is_empty() || job.gpu_models.iter().any(|g| g == m);
     let mut ins = Vec::new();
@@ -299,7 +336,19 @@ fn evaluate(case: &Case, st: &SiteState, outs: &[usize]) -> Option<(f64, bool)> 
         if cap.free.iter().any(|s| fits(&s)) {
             (0, true)
         } else if cap.total.iter().any(|s| fits(&s)) {
-            (cap.queue_wait?.as_secs(), false)
+            let need = Need {
+                gpus: job.gpus,
+                gpu_models: job.gpu_models.clone(),
+                cpus: job.cpus,
+                memory_mib: u64::from(job.memory_gib) * 1024,
+                runtime: job.runtime,
+            };
+            let wait = match (&job.waiting_at, &cap.profile) {
+                (Some(w), _) if w.site == site.name => w.wait,
+                (_, Some(p)) => p.earliest(&need),
+                _ => cap.queue_wait,
+            };
+            (wait?.as_secs(), false)
         } else {
             return None;
         }
@@ -368,17 +417,30 @@ fn evaluate(case: &Case, st: &SiteState, outs: &[usize]) -> Option<(f64, bool)> 
     if over(pol.max_usd_per_hour, rate) || over(pol.max_usd_total, total) || over(job.budget_left_usd, total) {
         return None;
     }
-    Some((total, site.kind == SiteKind::Onprem && wait == 0))
+    let delay = wait as f64 / 3600.0 * pol.delay_usd_per_hour;
+    Some(Verdict2 { total, delay, owned_now: site.kind == SiteKind::Onprem && wait == 0 })
 }
 
-/// The optimum by brute force: (total, site, output locations), owned-first applied.
+/// How many of a candidate's outputs go outside the site's own cloud region.
+fn away(case: &Case, site: &Site, outs: &[usize]) -> usize {
+    outs.iter().filter(|&&o| !(case.locations[o].kind == site.kind && case.locations[o].region == site.region)).count()
+}
+
+/// The optimum by brute force: (total + delay, site, output locations), owned-first applied; ties
+/// go to fewer outputs away from the site's region, then by name.
 fn brute_force(case: &Case) -> Option<(f64, String, Vec<String>)> {
     let mut feasible = Vec::new();
     for st in &case.sites {
         for outs in assignments(case) {
-            if let Some((total, owned_now)) = evaluate(case, st, &outs) {
+            if let Some(v) = evaluate(case, st, &outs) {
                 let names: Vec<String> = outs.iter().map(|&o| case.locations[o].name.clone()).collect();
-                feasible.push((total, owned_now, st.site.name.clone(), names));
+                feasible.push((
+                    v.total + v.delay,
+                    v.owned_now,
+                    away(case, &st.site, &outs),
+                    st.site.name.clone(),
+                    names,
+                ));
             }
         }
     }
@@ -386,8 +448,8 @@ fn brute_force(case: &Case) -> Option<(f64, String, Vec<String>)> {
     feasible
         .into_iter()
         .filter(|f| !owned || f.1)
-        .min_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.2.cmp(&b.2)).then_with(|| a.3.cmp(&b.3)))
-        .map(|(t, _, s, l)| (t, s, l))
+        .min_by(|a, b| a.0.total_cmp(&b.0).then(a.2.cmp(&b.2)).then_with(|| a.3.cmp(&b.3)).then_with(|| a.4.cmp(&b.4)))
+        .map(|(t, _, _, s, l)| (t, s, l))
 }
 
 fn close(a: f64, b: f64) -> bool {
@@ -395,7 +457,7 @@ fn close(a: f64, b: f64) -> bool {
 }
 
 /// The brute force's verdict on an engine candidate (by names).
-fn evaluate_candidate(case: &Case, c: &Candidate) -> Option<(f64, bool)> {
+fn evaluate_candidate(case: &Case, c: &Candidate) -> Option<Verdict2> {
     let st = case.sites.iter().find(|s| s.site.name == c.site)?;
     let outs: Option<Vec<usize>> =
         c.output_locations.iter().map(|n| case.locations.iter().position(|l| l.name == *n)).collect();
@@ -413,6 +475,18 @@ fn total(c: &Candidate) -> Option<f64> {
     }
 }
 
+/// What candidates are compared by: dollars plus the cost of delay.
+fn score(c: &Candidate) -> Option<f64> {
+    match &c.verdict {
+        Verdict::Feasible(o) => Some(o.cost.total_usd + o.cost.delay_usd),
+        Verdict::Rejected(_) => None,
+    }
+}
+
+fn chosen_score(c: &Chosen) -> f64 {
+    c.offer.cost.total_usd + c.offer.cost.delay_usd
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(400))]
 
@@ -424,17 +498,20 @@ proptest! {
         let expected = case.sites.len() * assignments(&case).len().max(1);
         prop_assert!(d.candidates.len() >= expected.min(d.candidates.len()));
         for c in &d.candidates {
-            let brute = evaluate_candidate(&case, c).map(|b| b.0);
-            match (total(c), brute) {
-                (Some(a), Some(b)) => prop_assert!(close(a, b), "{c:?}: brute {b}"),
-                (a, b) => prop_assert!(a.is_none() && b.is_none(), "{c:?}: brute {b:?}"),
+            let brute = evaluate_candidate(&case, c);
+            match (total(c), score(c), brute) {
+                (Some(a), Some(s), Some(b)) => {
+                    prop_assert!(close(a, b.total), "{c:?}: brute {b:?}");
+                    prop_assert!(close(s, b.total + b.delay), "{c:?}: brute {b:?}");
+                }
+                (a, _, b) => prop_assert!(a.is_none() && b.is_none(), "{c:?}: brute {b:?}"),
             }
         }
         let best = brute_force(&case);
         prop_assert_eq!(d.chosen.is_some(), best.is_some(), "{:?} vs {:?}", d.chosen, best);
         if let (Some(c), Some((t, site, locs))) = (&d.chosen, best) {
-            prop_assert!(close(c.offer.cost.total_usd, t), "{} vs {t}", c.offer.cost.total_usd);
-            if c.offer.cost.total_usd == t {
+            prop_assert!(close(chosen_score(c), t), "{} vs {t}", chosen_score(c));
+            if chosen_score(c) == t {
                 prop_assert_eq!((&c.site, &c.output_locations), (&site, &locs));
             }
         }
@@ -452,7 +529,7 @@ proptest! {
                 verdict: Verdict::Feasible(c.offer.clone()),
             };
             let brute = evaluate_candidate(&case, &as_candidate);
-            prop_assert!(brute.is_some_and(|b| close(b.0, c.offer.cost.total_usd)), "{c:?} vs {brute:?}");
+            prop_assert!(brute.is_some_and(|b| close(b.total, c.offer.cost.total_usd)), "{c:?} vs {brute:?}");
             let policy = &case.job.policy;
             prop_assert!(policy.max_usd_per_hour.is_none_or(|cap| c.offer.cost.usd_per_hour <= cap));
             prop_assert!(case.job.budget_left_usd.is_none_or(|b| c.offer.cost.total_usd <= b));
@@ -474,8 +551,8 @@ proptest! {
         let owned = case.job.policy.owned_first && onprem(&chosen.site) && chosen.offer.wait_s == 0;
         for c in &d.candidates {
             let comparable = !owned || (onprem(&c.site) && matches!(&c.verdict, Verdict::Feasible(o) if o.wait_s == 0));
-            if let (Some(t), true) = (total(c), comparable) {
-                prop_assert!(chosen.offer.cost.total_usd <= t, "{chosen:?} costs more than {c:?}");
+            if let (Some(t), true) = (score(c), comparable) {
+                prop_assert!(chosen_score(chosen) <= t, "{chosen:?} costs more than {c:?}");
             }
         }
     }
@@ -502,7 +579,7 @@ proptest! {
     fn adding_a_site_never_raises_the_cost(seed in any::<u64>(), extra in any::<u64>()) {
         let mut case = random_case(seed, 5);
         case.job.policy.owned_first = false;
-        let before = place(&case.job, &case.world()).chosen.map(|c| c.offer.cost.total_usd);
+        let before = place(&case.job, &case.world()).chosen.map(|c| chosen_score(&c));
         let mut site = random_site(&mut fastrand::Rng::with_seed(extra), "s-extra".into());
         // The first on-prem site of a region (by name) sets the uplink of local locations there;
         // keep it, so that only the candidates change, not the prices.
@@ -511,13 +588,61 @@ proptest! {
         }
         case.sites.push(site);
         let after = place(&case.job, &case.world());
-        let new = after.candidates.iter().filter(|c| c.site == "s-extra").filter_map(total).reduce(f64::min);
-        let after = after.chosen.map(|c| c.offer.cost.total_usd);
+        let new = after.candidates.iter().filter(|c| c.site == "s-extra").filter_map(score).reduce(f64::min);
+        let after = after.chosen.map(|c| chosen_score(&c));
         if let Some(b) = before {
             prop_assert!(after.is_some_and(|a| a <= b), "{after:?} > {b}");
         }
         if let Some(n) = new {
             prop_assert!(after.is_some_and(|a| a <= n));
+        }
+    }
+
+    /// Dearer prices never lower the chosen cost (without owned-first, which may prefer a dearer lab).
+    #[test]
+    fn monotone_in_prices(seed in any::<u64>(), factor in 1.0f64..3.0) {
+        let mut case = random_case(seed, 5);
+        case.job.policy.owned_first = false;
+        let before = place(&case.job, &case.world()).chosen.map(|c| chosen_score(&c));
+        for p in &mut case.prices.compute {
+            p.usd_per_hour *= factor;
+        }
+        for p in &mut case.prices.egress {
+            p.usd_per_gb *= factor;
+        }
+        for p in &mut case.prices.storage {
+            p.usd_per_gb_month *= factor;
+        }
+        for st in &mut case.sites {
+            st.site.gpu_hour_usd = st.site.gpu_hour_usd.map(|p| p * factor);
+            st.site.gpu_hour_usd_by_model.values_mut().for_each(|p| *p *= factor);
+            st.site.cpu_hour_usd *= factor;
+            st.site.uplink_usd_per_gb *= factor;
+        }
+        let after = place(&case.job, &case.world()).chosen.map(|c| chosen_score(&c));
+        if let Some(a) = after {
+            prop_assert!(before.is_some_and(|b| b <= a * (1.0 + 1e-9)), "{before:?} > {a}");
+        }
+    }
+
+    /// Longer waits never lower the chosen cost (without owned-first).
+    #[test]
+    fn monotone_in_waits(seed in any::<u64>(), longer in 0u64..3 * 3600) {
+        let mut case = random_case(seed, 5);
+        case.job.policy.owned_first = false;
+        for st in &mut case.sites {
+            st.capacity.profile = None;
+        }
+        let before = place(&case.job, &case.world()).chosen.map(|c| chosen_score(&c));
+        for st in &mut case.sites {
+            st.capacity.queue_wait = st.capacity.queue_wait.map(|w| w + Duration::from_secs(longer));
+        }
+        if let Some(w) = &mut case.job.waiting_at {
+            w.wait = w.wait.map(|w| w + Duration::from_secs(longer));
+        }
+        let after = place(&case.job, &case.world()).chosen.map(|c| chosen_score(&c));
+        if let Some(a) = after {
+            prop_assert!(before.is_some_and(|b| b <= a * (1.0 + 1e-9)), "{before:?} > {a}");
         }
     }
 }

@@ -68,6 +68,7 @@ pub(super) fn lab(model: &str, free: u32, wait: Option<Duration>) -> SiteCapacit
         free: vec![shape(model, free, 64, 512)],
         total: vec![shape(model, 8, 64, 512)],
         queue_wait: wait,
+        profile: None,
         unavailable: Vec::new(),
     }
 }
@@ -91,6 +92,7 @@ pub(super) fn job(gpus: u32, models: &[&str], hours: u64) -> PlacementJob {
         outputs: Vec::new(),
         policy: PlacementPolicy::default(),
         budget_left_usd: None,
+        waiting_at: None,
     }
 }
 

@@ -13,4 +13,5 @@ pub mod rejection;
 pub mod request;
 pub mod scale;
 pub mod synthetic;
+pub mod wait;
 pub mod world;

@@ -10,6 +10,7 @@ use crate::model::UnixMillis;
 use crate::model::data::JobData;
 use crate::model::job::{JobSpec, Policy, Spot, deadline_at};
 use crate::model::price::Cloud;
+use crate::placement::wait::Need;
 
 /// The policy placement enforces: the tenant's, narrowed by the job's ([`PlacementPolicy::narrow`]).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -134,6 +135,20 @@ pub struct PlacementJob {
     pub policy: PlacementPolicy,
     /// The tenant's remaining monthly budget, when it has one.
     pub budget_left_usd: Option<f64>,
+    /// Placed again while waiting at a site: its own estimate there (the site's replay counts the
+    /// job itself among those waiting, so it cannot be asked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_at: Option<WaitingAt>,
+}
+
+/// Where a job already waits, and its estimate there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaitingAt {
+    pub site: String,
+    /// Its estimated start from now; `None`: no estimate.
+    pub wait: Option<Duration>,
+    /// Jobs ahead of it in the site's queue.
+    pub ahead: u32,
 }
 
 impl PlacementJob {
@@ -197,6 +212,18 @@ impl PlacementJob {
             outputs,
             policy,
             budget_left_usd,
+            waiting_at: None,
+        }
+    }
+
+    /// What the job needs, for queue-wait estimates.
+    pub fn need(&self) -> Need {
+        Need {
+            gpus: self.gpus,
+            gpu_models: self.gpu_models.clone(),
+            cpus: self.cpus,
+            memory_mib: u64::from(self.memory_gib) * 1024,
+            runtime: self.runtime,
         }
     }
 

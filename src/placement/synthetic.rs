@@ -196,6 +196,7 @@ fn bench_job(rng: &mut fastrand::Rng, locations: &[StorageLocation]) -> Placemen
         outputs,
         policy,
         budget_left_usd: rng.bool().then(|| rng.f64() * 2000.0),
+        waiting_at: None,
     }
 }
 

@@ -12,6 +12,7 @@
 //! A missing price is never guessed: the pair gets the reason `no egress price for …` instead.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::model::UnixMillis;
@@ -19,6 +20,7 @@ use crate::model::price::{Cloud, Destination, Market, PriceSnapshot};
 use crate::model::site::{InstanceType, Site, SiteKind, StorageLocation, instance_type};
 use crate::placement::bind::FreeCapacity;
 use crate::placement::rejection::{Rejection, RejectionKind};
+use crate::placement::wait::Profile;
 
 /// Resources of one node, free or total: GPUs per canonical model, CPUs, memory.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -52,15 +54,18 @@ impl NodeShape {
 }
 
 /// What a site's connected agents offer, summarised for placement.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct SiteCapacity {
     /// Free resources per node now (distinct shapes; a shape within another is dropped).
     pub free: Vec<NodeShape>,
     /// Total resources per node (the same summary).
     pub total: Vec<NodeShape>,
     /// Estimated wait before a job that fits some node's total but no node's free resources can
-    /// start (from the site's queue); `None` = unknown, and such a job is not placed here.
+    /// start, when given as a fact (what-if planning); `None` = unknown.
     pub queue_wait: Option<Duration>,
+    /// The site's replayed future (running attempts' ends, the jobs waiting there): the wait of a
+    /// job of any shape, in preference to `queue_wait`. Neither: such a job is not placed here.
+    pub profile: Option<Arc<Profile>>,
     /// Cloud: (instance type, market) pools the provider recently could not launch (capacity,
     /// quota, a spot interruption): left out until their backoff ends.
     pub unavailable: Vec<Unavailable>,
@@ -84,6 +89,7 @@ impl SiteCapacity {
             free: frontier(free.iter().map(NodeShape::of).collect()),
             total: frontier(total.iter().map(NodeShape::of).collect()),
             queue_wait,
+            profile: None,
             unavailable: Vec::new(),
         }
     }
