@@ -18,6 +18,7 @@ use crate::model::site::{Site, SiteKind, StorageLocation};
 use crate::placement::bind::FreeCapacity;
 use crate::placement::engine::{self, Decision};
 use crate::placement::request::{PlacementJob, PlacementPolicy};
+use crate::placement::wait::Profile;
 use crate::placement::world::{SiteCapacity, SiteState, Unavailable, World};
 
 /// The current prices; the price book replaces them in the background.
@@ -129,12 +130,14 @@ impl Placer {
         Ok(PlacementJob::from_spec(spec, data.unwrap_or(&empty), policy, budget_left))
     }
 
-    /// Sites with their capacity (from the agents' free and total resources per site, and the
-    /// instance pools a provider cannot launch now), locations and the current prices.
+    /// Sites with their capacity (from the agents' free and total resources per site, the replay
+    /// of each site that needs room — on-prem and fixed cloud sites — and the instance pools a
+    /// provider cannot launch now), locations and the current prices.
     pub fn world(
         &self,
         capacity: &HashMap<&str, (Vec<FreeCapacity>, Vec<FreeCapacity>)>,
         unavailable: impl Fn(&str) -> Vec<Unavailable>,
+        mut profile: impl FnMut(&Site) -> Option<Arc<Profile>>,
         now: UnixMillis,
     ) -> World {
         let sites = self
@@ -145,6 +148,8 @@ impl Placer {
                 let mut capacity = SiteCapacity::from_agents(free, total, None);
                 if site.elastic() {
                     capacity.unavailable = unavailable(&site.name);
+                } else {
+                    capacity.profile = profile(site);
                 }
                 SiteState { site: site.clone(), capacity }
             })
@@ -169,8 +174,8 @@ fn data_world(locations: &[StorageLocation]) -> World {
     World::new(Vec::new(), locations.to_vec(), &PriceSnapshot::default(), 0, Duration::ZERO)
 }
 
-/// A tenant's placement policy from its config; the placement section's `replace_after` is the
-/// default longest wait.
+/// A tenant's placement policy from its config: no longest wait (waiting is priced by
+/// `delay_usd_per_hour`), the tenant's delay cost else the broker's.
 fn policy_of(t: &TenantConfig, config: &BrokerConfig) -> PlacementPolicy {
     PlacementPolicy {
         residency: t.residency.clone(),
@@ -179,7 +184,7 @@ fn policy_of(t: &TenantConfig, config: &BrokerConfig) -> PlacementPolicy {
         max_usd_per_hour: t.max_usd_per_hour,
         max_usd_total: t.max_usd_per_job,
         spot: Spot::Allowed,
-        max_wait: Some(config.placement.replace_after.0),
+        max_wait: None,
         deadline: None,
         owned_first: t.owned_first,
         delay_usd_per_hour: t.delay_usd_per_hour.unwrap_or(config.placement.delay_usd_per_hour),
@@ -192,8 +197,9 @@ pub fn summary(d: &Decision) -> String {
         Some(c) => {
             let feasible = d.candidates.iter().filter(|c| matches!(c.verdict, engine::Verdict::Feasible(_))).count();
             let stale = if d.stale { ", prices stale" } else { "" };
+            let wait = c.offer.wait_text().map_or_else(String::new, |w| format!(", {w}"));
             format!(
-                "placed at site {}: est. ${:.2} (compute ${:.2}, egress ${:.2}, storage ${:.2}); {} of {} candidates feasible{stale}",
+                "placed at site {}{wait}: est. ${:.2} (compute ${:.2}, egress ${:.2}, storage ${:.2}); {} of {} candidates feasible{stale}",
                 c.site,
                 c.offer.cost.total_usd,
                 c.offer.cost.compute_usd,

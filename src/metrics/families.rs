@@ -11,6 +11,7 @@ pub const NAMES: &[&str] = &[
     "hybroker_queue_oldest_wait_seconds",
     "hybroker_placement_duration_seconds",
     "hybroker_submit_to_dispatch_seconds",
+    "hybroker_placement_wait_seconds",
     "hybroker_cost_estimated_usd_total",
     "hybroker_cost_actual_usd_total",
     "hybroker_tenant_budget_used_ratio",
@@ -83,6 +84,9 @@ const FAST: &[f64] = &[0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 
 /// Waits and transfers: 10 ms to 1 h.
 const SLOW: &[f64] = &[0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0];
 
+/// Queue waits: 1 s to 1 day.
+const WAITS: &[f64] = &[1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0, 86400.0];
+
 const fn family(name: &'static str, kind: Kind, help: &'static str, labels: &'static [&'static str]) -> Family {
     Family { name, kind, help, labels, buckets: &[] }
 }
@@ -106,6 +110,12 @@ pub static FAMILIES: &[Family] = &[
     family("hybroker_queue_oldest_wait_seconds", Gauge, "Age of the oldest waiting job since submit.", &["site"]),
     histogram("hybroker_placement_duration_seconds", "Placement engine decision time.", &[], FAST),
     histogram("hybroker_submit_to_dispatch_seconds", "Time from submit to the first lease.", &[], SLOW),
+    histogram(
+        "hybroker_placement_wait_seconds",
+        "A placed attempt's wait before its lease: the decision's estimate, and the actual.",
+        &["kind"],
+        WAITS,
+    ),
     family(
         "hybroker_cost_estimated_usd_total",
         Counter,

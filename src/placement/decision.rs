@@ -43,6 +43,24 @@ pub struct Offer {
     pub cost: CostBreakdown,
 }
 
+impl Offer {
+    /// `wait ~35 min (4 jobs ahead)` when the job would wait; `None` when it starts now.
+    pub fn wait_text(&self) -> Option<String> {
+        if self.wait_s == 0 {
+            return None;
+        }
+        let minutes = self.wait_s.div_ceil(60);
+        let when =
+            if minutes < 120 { format!("~{minutes} min") } else { format!("~{:.1} h", self.wait_s as f64 / 3600.0) };
+        let ahead = match self.ahead {
+            0 => String::new(),
+            1 => " (1 job ahead)".to_owned(),
+            n => format!(" ({n} jobs ahead)"),
+        };
+        Some(format!("wait {when}{ahead}"))
+    }
+}
+
 fn is_zero(n: &u32) -> bool {
     *n == 0
 }

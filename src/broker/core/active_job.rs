@@ -44,6 +44,8 @@ pub(super) struct ActiveJob {
     pub attempt_started: Option<Instant>,
     /// Engine placement: not before this (a job no site can take is retried now and then).
     pub next_placement: Option<Instant>,
+    /// Placed and waiting: when to look again whether another site has become clearly better.
+    pub replan_at: Option<Instant>,
     /// The submission's trace context (`sub.trace_context`, parsed once): the parent of the job's
     /// placement and dispatch spans.
     pub trace: opentelemetry::Context,
@@ -89,6 +91,7 @@ impl ActiveJob {
             placed_at: None,
             attempt_started: None,
             next_placement: None,
+            replan_at: None,
             dispatched: opentelemetry::Context::new(),
         })
     }

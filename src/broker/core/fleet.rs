@@ -134,6 +134,11 @@ impl AgentEntry {
         self.allocs.keys()
     }
 
+    /// What each attempt holds: ((job id, epoch), resources).
+    pub fn allocs(&self) -> impl Iterator<Item = (&(String, u64), &Alloc)> {
+        self.allocs.iter()
+    }
+
     /// Healthy GPUs, CPUs and memory not held by any attempt.
     pub fn free(&self) -> FreeCapacity {
         FreeCapacity {

@@ -92,6 +92,7 @@ impl Core {
             placed_at: None,
             attempt_started: None,
             next_placement: None,
+            replan_at: None,
             trace: trace_parent,
             dispatched: opentelemetry::Context::new(),
         };

@@ -106,16 +106,20 @@ pub(super) fn attempt_ended(job: &ActiveJob, cost_usd: Option<f64>, staging: Opt
     }
 }
 
-/// A job's first attempt was leased: how long it waited since submit.
 /// An attempt was dispatched: the first one's wait since submit, and the estimate of the decision
 /// it runs on (counted per attempt started, like actual cost, not per decision: a job placed
 /// again while it waits is estimated once).
-pub(super) fn dispatched(job: &ActiveJob, now: crate::model::UnixMillis) {
+/// `waited`: since the job was placed (engine placement), for the estimate's error.
+pub(super) fn dispatched(job: &ActiveJob, now: crate::model::UnixMillis, waited: Option<std::time::Duration>) {
     if job.life.attempts == 1 {
         let waited = now.saturating_sub(job.sub.created_at).max(0) as f64 / 1000.0;
         global().observe("hybroker_submit_to_dispatch_seconds", &[], waited);
     }
     if let Some(chosen) = job.decision.as_ref().and_then(|d| d.chosen.as_ref()) {
+        if let Some(waited) = waited {
+            global().observe("hybroker_placement_wait_seconds", &["estimated"], chosen.offer.wait_s as f64);
+            global().observe("hybroker_placement_wait_seconds", &["actual"], waited.as_secs_f64());
+        }
         global().inc(
             "hybroker_cost_estimated_usd_total",
             &[&job.sub.tenant, &chosen.site],

@@ -25,6 +25,7 @@ mod revocations;
 mod shutdown;
 mod tokens;
 mod trace;
+mod waits;
 
 #[cfg(test)]
 mod tests;

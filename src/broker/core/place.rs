@@ -14,6 +14,7 @@ use tracing::Span;
 use super::active_job::ActiveJob;
 use super::fleet::Alloc;
 use super::messages::AgentMessage;
+use super::waits::SiteWaits;
 use super::{Core, Effects, metrics, trace};
 use crate::broker::placer::summary;
 use crate::broker::tail::Tail;
@@ -28,6 +29,15 @@ use crate::store::{AttemptRecord, Write};
 
 /// How long a job no site can take waits before placement tries it again.
 const RETRY_UNPLACED: Duration = Duration::from_secs(1);
+
+/// How often a job waiting at its site is looked at again (a replan).
+const REPLAN_EVERY: Duration = Duration::from_secs(2);
+
+/// A replan moves a job only when the other site is cheaper (cost + delay) by this fraction of
+/// the current one's, and by at least [`MOVE_MARGIN_USD`]: estimates that wobble do not make it
+/// flap between sites.
+const MOVE_MARGIN: f64 = 0.05;
+const MOVE_MARGIN_USD: f64 = 1.0;
 
 impl Core {
     /// Free and total resources, by site, of every connected, non-draining agent that may run
@@ -46,10 +56,22 @@ impl Core {
         per_site
     }
 
-    /// The world `tenant`'s jobs are placed in now.
-    fn world(&self, tenant: &str) -> World {
+    /// The world `tenant`'s jobs are placed in now, and the replay of each site that needs room.
+    fn world(&self, tenant: &str) -> (World, HashMap<String, SiteWaits>) {
         let now = self.now.at;
-        self.settings.placer.world(&self.capacity(tenant), |site| self.cloud.unavailable(site, now), self.now.ms)
+        let mut waits = HashMap::new();
+        let world = self.settings.placer.world(
+            &self.capacity(tenant),
+            |site| self.cloud.unavailable(site, now),
+            |site| {
+                let w = self.site_waits(&site.name, tenant);
+                let profile = w.profile.clone();
+                waits.insert(site.name.clone(), w);
+                Some(profile)
+            },
+            self.now.ms,
+        );
+        (world, waits)
     }
 
     /// Whether every agent the broker knows (from the store or since) has its stream open.
@@ -94,11 +116,15 @@ impl Core {
         {
             return Err(ApiError::InvalidArgument(format!("no site can take this job: {why}")));
         }
-        if budget_left.is_none() {
+        let timed = req.policy.deadline.is_some() || req.policy.max_wait.is_some();
+        if budget_left.is_none() && !timed {
             return Ok(());
         }
-        let world = self.world(tenant);
+        let (world, _) = self.world(tenant);
         let decision = placer.place(&req, &world);
+        if let Some(why) = too_late(&decision) {
+            return Err(ApiError::InvalidArgument(format!("no site can finish this job in time: {why}")));
+        }
         let budget = decision.candidates.iter().find_map(|c| match &c.verdict {
             Verdict::Rejected(why) if why.kind == RejectionKind::Budget => Some(why.clone()),
             _ => None,
@@ -122,7 +148,7 @@ impl Core {
         let req = placer
             .request(tenant, spec, data, self.budget_left(tenant), self.now.ms)
             .map_err(ApiError::InvalidArgument)?;
-        Ok(placer.place(&req, &self.world(tenant)))
+        Ok(placer.place(&req, &self.world(tenant).0))
     }
 
     /// Places queued jobs (engine placement) and binds them to agents with room.
@@ -142,27 +168,30 @@ impl Core {
         let placer = self.settings.placer.clone();
         // Capacity and the world are built only when some job is due (not on every batch); with
         // dedicated nodes, once per tenant (each sees only the nodes that may run its jobs).
-        let mut worlds: HashMap<String, World> = HashMap::new();
+        let mut worlds: HashMap<String, (World, HashMap<String, SiteWaits>)> = HashMap::new();
         let per_tenant = self.agents.values().any(|e| e.dedicated.is_some());
         let mut decisions: Vec<(String, Decided)> = Vec::new();
         let mut unplaced: Vec<(String, String, Option<Decided>)> = Vec::new();
+        let mut stay: Vec<String> = Vec::new();
         let held = self.placement_hold_until.is_some_and(|t| now < t && !self.all_known_agents_connected());
         for (_, job_id) in &self.queue {
             let job = &self.jobs[job_id];
+            // Placed again after `replace_after`, or at once when its site's launch failed
+            // (forced); looked at again now and then while it waits, and moved when another
+            // site has become clearly better (a replan).
+            let forced = job.life.state == JobState::Placed
+                && (job.placed_at.is_some_and(|t| now.duration_since(t) >= placer.replace_after)
+                    || job.next_placement.is_some_and(|t| t <= now));
             let due = match job.life.state {
                 JobState::Queued => !held && job.next_placement.is_none_or(|t| t <= now),
-                // Placed again after `replace_after`, or at once when its site's launch failed.
-                JobState::Placed => {
-                    job.placed_at.is_some_and(|t| now.duration_since(t) >= placer.replace_after)
-                        || job.next_placement.is_some_and(|t| t <= now)
-                }
+                JobState::Placed => forced || job.replan_at.is_some_and(|t| t <= now),
                 _ => false,
             };
             if !due {
                 continue;
             }
             let budget_left = self.budget_left(job.tenant());
-            let req =
+            let mut req =
                 match placer.request(job.tenant(), &job.spec, job.data.as_deref(), budget_left, job.sub.created_at) {
                     Ok(req) => req,
                     Err(why) => {
@@ -171,7 +200,10 @@ impl Core {
                     }
                 };
             let key = if per_tenant { job.tenant() } else { "" };
-            let world = worlds.entry(key.to_string()).or_insert_with(|| self.world(job.tenant()));
+            let (world, waits) = worlds.entry(key.to_string()).or_insert_with(|| self.world(job.tenant()));
+            if let Some(site) = job.site.as_deref().filter(|_| job.life.state == JobState::Placed) {
+                req.waiting_at = waits.get(site).and_then(|w| w.of(site, job_id));
+            }
             // A job retried after "no site can take it" gets a span only when the answer changes.
             let span = job.next_placement.is_none().then(|| trace::place_span(job));
             let started = std::time::Instant::now();
@@ -180,10 +212,17 @@ impl Core {
                 placer.place(&req, world)
             };
             metrics::decision_time(started.elapsed());
-            if decision.chosen.is_some() {
+            if job.life.state == JobState::Placed && !forced && !moves(job.site.as_deref(), &decision) {
+                stay.push(job_id.clone());
+            } else if decision.chosen.is_some() {
                 decisions.push((job_id.clone(), Decided { decision, span }));
             } else {
                 unplaced.push((job_id.clone(), summary(&decision), Some(Decided { decision, span })));
+            }
+        }
+        for job_id in stay {
+            if let Some(job) = self.jobs.get_mut(&job_id) {
+                job.replan_at = Some(now + REPLAN_EVERY);
             }
         }
         for (job_id, Decided { decision, span }) in decisions {
@@ -220,6 +259,7 @@ impl Core {
         job.decision = Some(Arc::new(decision));
         job.placed_at = Some(self.now.at);
         job.next_placement = None;
+        job.replan_at = Some(self.now.at + REPLAN_EVERY);
         self.event(&mut job, reason, true, out);
         self.jobs.insert(job_id.to_string(), job);
     }
@@ -281,7 +321,8 @@ impl Core {
         let (trace_context, dispatched) = trace::dispatch(&job, agent, &site);
         job.dispatched = dispatched;
         let assign = job.assignment(&gpus, trace_context, &self.settings.secrets);
-        metrics::dispatched(&job, self.now.ms);
+        let waited = job.placed_at.map(|t| self.now.at.saturating_duration_since(t));
+        metrics::dispatched(&job, self.now.ms, waited);
         let reason = format!("attempt {attempt} leased to {agent} (gpus {gpus:?})");
         out.batch.push(Write::NewAttempt(AttemptRecord {
             job_id: job_id.to_string(),
@@ -326,6 +367,54 @@ pub(super) fn month_start(now: crate::model::UnixMillis) -> crate::model::UnixMi
     let mp = (5 * doy + 2) / 153;
     let day_of_month = doy - (153 * mp + 2) / 5; // 0-based
     (days - day_of_month) * 86_400_000
+}
+
+/// Whether a replan moves a job waiting at `current`: the site can no longer take it (now every
+/// candidate there is rejected) and another can, or another is cheaper by the margin.
+fn moves(current: Option<&str>, decision: &Decision) -> bool {
+    let Some(chosen) = &decision.chosen else { return false };
+    if Some(chosen.site.as_str()) == current {
+        return false;
+    }
+    let score = |o: &crate::placement::engine::Offer| o.cost.total_usd + o.cost.delay_usd;
+    let here = decision
+        .candidates
+        .iter()
+        .filter(|c| Some(c.site.as_str()) == current)
+        .filter_map(|c| match &c.verdict {
+            Verdict::Feasible(o) => Some(score(o)),
+            Verdict::Rejected(_) => None,
+        })
+        .reduce(f64::min);
+    match here {
+        None => true,
+        Some(here) => score(&chosen.offer) < here - (here * MOVE_MARGIN).max(MOVE_MARGIN_USD),
+    }
+}
+
+/// Why the job cannot be done in time anywhere: every candidate is rejected, some for the
+/// deadline or `max_wait`, and the others for reasons that waiting does not change (policy,
+/// residency, caps); `None` otherwise.
+fn too_late(decision: &Decision) -> Option<String> {
+    use RejectionKind as K;
+    if decision.chosen.is_some() {
+        return None;
+    }
+    let mut timing = false;
+    let mut reasons = Vec::new();
+    for c in &decision.candidates {
+        let Verdict::Rejected(why) = &c.verdict else { return None };
+        match why.kind {
+            K::Deadline | K::MaxWait => timing = true,
+            K::NotAllowed | K::Residency | K::Location | K::PriceCap | K::CostCap | K::Spot => {}
+            _ => return None,
+        }
+        let line = format!("{}: {why}", c.site);
+        if !reasons.contains(&line) {
+            reasons.push(line);
+        }
+    }
+    timing.then(|| reasons.join("; "))
 }
 
 /// A decision taken this round, with the span opened before it (none for a job retried after

@@ -22,6 +22,9 @@ pub fn decision_table(d: &Decision) -> String {
                 cost.hours,
                 cost.usd_per_hour,
             ));
+            if let Some(wait) = c.offer.wait_text() {
+                out.push_str(&format!("wait:      {wait}, worth ${:.2} of delay\n", cost.delay_usd));
+            }
             if !c.output_locations.is_empty() {
                 out.push_str(&format!("outputs:   {}\n", c.output_locations.join(", ")));
             }
@@ -54,7 +57,14 @@ pub fn decision_table(d: &Decision) -> String {
                     outputs,
                     format!("${:.2}", o.cost.total_usd),
                     format!("${:.2}", o.cost.usd_per_hour),
-                    describe_offer(&o.instance_type, o.instances, &o.gpu_model),
+                    match o.wait_text() {
+                        Some(wait) => format!(
+                            "{}, {wait}, +${:.2} delay",
+                            describe_offer(&o.instance_type, o.instances, &o.gpu_model),
+                            o.cost.delay_usd
+                        ),
+                        None => describe_offer(&o.instance_type, o.instances, &o.gpu_model),
+                    },
                 ],
                 Verdict::Rejected(why) => {
                     [site, outputs, "-".into(), "-".into(), format!("rejected: {}", escape(why.as_str()))]

@@ -89,7 +89,7 @@ fn plan_offline(
         config.sites.iter().filter(|s| s.kind == SiteKind::Onprem).map(|s| (s.name.clone(), vec![room(s)])).collect();
     let capacity: HashMap<&str, (Vec<FreeCapacity>, Vec<FreeCapacity>)> =
         room.iter().map(|(name, free)| (name.as_str(), (free.clone(), free.clone()))).collect();
-    Ok(placer.place(&job, &placer.world(&capacity, |_| Vec::new(), now)))
+    Ok(placer.place(&job, &placer.world(&capacity, |_| Vec::new(), |_| None, now)))
 }
 
 /// Inputs and outputs mapped to the config's locations (sizes unknown offline: 0).
