@@ -41,3 +41,4 @@ mod spot;
 mod stores;
 mod tenants;
 mod traces;
+mod waits;

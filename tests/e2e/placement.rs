@@ -31,13 +31,13 @@ fn sites(snapshot: &Path) -> String {
     )
 }
 
-fn shipped_snapshot() -> std::path::PathBuf {
+pub fn shipped_snapshot() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("config/prices/snapshot.json")
 }
 
 /// The cluster, once its lab agent is connected: placement sees only connected agents' capacity,
 /// so a job submitted before would (rightly) go to a cloud site.
-async fn cluster(snapshot: std::path::PathBuf) -> Cluster {
+pub async fn cluster(snapshot: std::path::PathBuf) -> Cluster {
     cluster_with_ttl(snapshot, TTL).await
 }
 
@@ -70,12 +70,12 @@ fn job(gpu: &str) -> String {
     format!("name: {gpu}\ncommand: [\"true\"]\nexpected_runtime: 1h\nresources: {{gpus: 1, gpu_model: [{gpu}]}}\n")
 }
 
-fn decision(job: &proto::Job) -> Value {
+pub fn decision(job: &proto::Job) -> Value {
     assert!(!job.placement_json.is_empty(), "no decision stored: {job:?}");
     serde_json::from_str(&job.placement_json).unwrap()
 }
 
-fn verdict<'a>(d: &'a Value, site: &str) -> &'a Value {
+pub fn verdict<'a>(d: &'a Value, site: &str) -> &'a Value {
     d["candidates"].as_array().unwrap().iter().find(|c| c["site"] == site).unwrap_or_else(|| panic!("{site} in {d}"))
 }
 
