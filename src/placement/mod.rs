@@ -12,5 +12,6 @@ pub mod engine;
 pub mod rejection;
 pub mod request;
 pub mod scale;
+pub mod sizes;
 pub mod synthetic;
 pub mod world;
