@@ -244,21 +244,20 @@ mod tests {
     }
 
     #[test]
-    fn a_full_lab_with_a_long_wait_loses_to_the_cloud_and_a_short_one_wins() {
+    fn a_full_lab_waits_as_the_site_state_says() {
         let job = "name: x\ncommand: [\"true\"]\nexpected_runtime: 1h\nresources: {gpus: 1, gpu_model: [H100-80GB]}\n";
+        let lab = |p: &OfflinePlan| p.decision.candidates.iter().find(|c| c.site == "lab-sto").unwrap().verdict.clone();
         let free = plan(job);
-        assert_eq!(free.decision.chosen.as_ref().unwrap().site, "lab-sto");
+        assert!(matches!(lab(&free), Verdict::Feasible(o) if o.wait_s == 0), "{:?}", lab(&free));
         // Full, with no wait given: busy for this job.
         let busy = plan_in(job, "[site.lab-sto]\nfree_gpus = {}\n");
-        let lab = busy.decision.candidates.iter().find(|c| c.site == "lab-sto").unwrap();
-        assert!(matches!(&lab.verdict, Verdict::Rejected(r) if r.kind == RejectionKind::Capacity), "{lab:?}");
+        assert!(matches!(lab(&busy), Verdict::Rejected(r) if r.kind == RejectionKind::Capacity), "{:?}", lab(&busy));
         assert!(!busy.assumed.iter().any(|a| a.starts_with("lab-sto")), "{:?}", busy.assumed);
-        // Full, with a wait: it waits (the offer says how long).
-        let waits = plan_in(job, "[site.lab-sto]\nfree_gpus = { \"L4-24GB\" = 4 }\nwait = \"35m\"\n");
-        let lab = waits.decision.candidates.iter().find(|c| c.site == "lab-sto").unwrap();
-        match &lab.verdict {
-            Verdict::Feasible(offer) => assert_eq!(offer.wait_s, 35 * 60),
-            other => panic!("lab-sto: {other:?}"),
-        }
+        // Full for H100s, with a wait: the job waits that long there.
+        let waits = plan_in(job, "[site.lab-sto]\nfree_gpus = { \"L4-24GB\" = 4 }\nwait = \"5m\"\n");
+        assert!(matches!(lab(&waits), Verdict::Feasible(o) if o.wait_s == 300), "{:?}", lab(&waits));
+        // Free H100s: it starts now.
+        let room = plan_in(job, "[site.lab-sto]\nfree_gpus = { \"H100-80GB\" = 1 }\nwait = \"5m\"\n");
+        assert!(matches!(lab(&room), Verdict::Feasible(o) if o.wait_s == 0), "{:?}", lab(&room));
     }
 }
