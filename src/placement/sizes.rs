@@ -138,7 +138,10 @@ mod tests {
         assert_eq!(sizes[0].source, SizeSource::SizeHint);
         assert_eq!((sizes[1].source, sizes[1].bytes), (SizeSource::Estimate, 500));
         let said = assumed(&sizes);
-        assert_eq!(said, ["outputs[1] s3://b/out/ is 500B, the input bytes divided evenly among the outputs (no size_hint)"]);
+        assert_eq!(
+            said,
+            ["outputs[1] s3://b/out/ is 500B, the input bytes divided evenly among the outputs (no size_hint)"]
+        );
     }
 
     #[test]

@@ -232,7 +232,12 @@ mod tests {
         ];
         assert_eq!(got, want);
         let assumed = p.assumed.join("\n");
-        for said in ["inputs[0] s3://acme-datasets-eu/acme/a/ is 465.7GiB from size_hint", "inputs[1] ", "outputs[1] ", "lab-sto has room now"] {
+        for said in [
+            "inputs[0] s3://acme-datasets-eu/acme/a/ is 465.7GiB from size_hint",
+            "inputs[1] ",
+            "outputs[1] ",
+            "lab-sto has room now",
+        ] {
             assert!(assumed.contains(said), "{said:?} in\n{assumed}");
         }
         // The data is priced: moving 500 GB out of eu-west-1 costs something wherever it is not.

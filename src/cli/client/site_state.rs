@@ -79,7 +79,9 @@ fn problems(file: &SiteStateFile, sites: &[Site]) -> Vec<String> {
             continue;
         };
         if site.elastic() {
-            out.push(format!("site.{name}: launches instances on demand (it has a capacity provider): no state to give"));
+            out.push(format!(
+                "site.{name}: launches instances on demand (it has a capacity provider): no state to give"
+            ));
         }
         for model in entry.free_gpus.keys().filter(|m| !is_known_model(m)) {
             out.push(format!("site.{name}.free_gpus: unknown GPU model {model:?}"));
@@ -94,7 +96,9 @@ pub fn capacity(sites: &[Site], file: &SiteStateFile) -> PlannedCapacity {
     let mut planned = PlannedCapacity::default();
     for site in sites {
         if site.elastic() {
-            planned.assumed.push(format!("{} can launch an instance now (no launch failures known offline)", site.name));
+            planned
+                .assumed
+                .push(format!("{} can launch an instance now (no launch failures known offline)", site.name));
             continue;
         }
         let room = room(site);
@@ -107,7 +111,9 @@ pub fn capacity(sites: &[Site], file: &SiteStateFile) -> PlannedCapacity {
                 }
             }
             (None, SiteKind::Onprem) => {
-                planned.assumed.push(format!("{} has room now (one free node of its size; not in --site-state)", site.name));
+                planned
+                    .assumed
+                    .push(format!("{} has room now (one free node of its size; not in --site-state)", site.name));
                 planned.nodes.insert(site.name.clone(), (vec![room.clone()], vec![room]));
             }
             (None, _) => planned.assumed.push(format!("{} has no agent (not in --site-state)", site.name)),
