@@ -472,3 +472,60 @@ fn store_error(field: &str, e: StorageError) -> ApiError {
         StorageError::Request(_) | StorageError::Config(_) => ApiError::Unavailable(format!("{field}: {e}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::sizes::SizeSource;
+
+    /// A broker config with one local store under `dir` and tenant `acme` allowed all of it.
+    fn config(dir: &std::path::Path) -> BrokerConfig {
+        let text = format!(
+            "[broker]\nlisten = \"127.0.0.1:0\"\n[tls]\nca_cert = \"a\"\ncert = \"b\"\nkey = \"c\"\n[store]\npath = \"x.db\"\n\
+             [[storage]]\nname = \"scratch\"\ncloud = \"local\"\ndir = \"{}\"\n\
+             [[tenant]]\nname = \"acme\"\nstorage = [\"local://scratch/\"]\n",
+            dir.display()
+        );
+        crate::config::parse_toml(&text, std::path::Path::new("t.toml"), []).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_missing_input_is_refused_at_submit_even_with_a_hint_and_a_plan_takes_the_hint() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("scratch/ds")).unwrap();
+        std::fs::write(dir.path().join("scratch/ds/a.bin"), vec![0u8; 1234]).unwrap();
+        let config = config(dir.path());
+        let tenant = config.tenant("acme").unwrap();
+        let spec = |inputs: &str| {
+            JobSpec::from_yaml(format!("name: x\ncommand: [\"true\"]\ninputs: [{inputs}]\n").as_bytes(), 1 << 20)
+                .unwrap()
+        };
+        let present = spec("{uri: local://scratch/ds/, path: ds/}");
+        let later =
+            spec("{uri: local://scratch/ds/, path: ds/}, {uri: local://scratch/later.bin, path: l, size_hint: 2GiB}");
+        let unknown = spec("{uri: local://scratch/none/, path: none/}");
+
+        let plane = DataPlane::start(&config).await.unwrap();
+        assert_eq!(plane.resolve(&tenant, &present).await.unwrap().input_bytes(), 1234);
+        let refused = plane.resolve(&tenant, &later).await.unwrap_err().to_string();
+        assert_eq!(
+            refused,
+            "inputs[1].uri: local://scratch/later.bin does not exist (size_hint prices a plan; the broker stages \
+             only inputs that exist at submit)"
+        );
+        let refused = plane.resolve(&tenant, &unknown).await.unwrap_err().to_string();
+        assert_eq!(refused, "inputs[0].uri: no objects under local://scratch/none/");
+
+        let planning = DataPlane::for_planning(&config).await.unwrap();
+        let (data, sizes) = planning.resolve_for_plan(&tenant, &later).await.unwrap();
+        assert_eq!(data.input_bytes(), 1234 + (2 << 30));
+        let got: Vec<(u64, SizeSource)> = sizes.iter().map(|s| (s.bytes, s.source)).collect();
+        assert_eq!(got, [(1234, SizeSource::Store), (2 << 30, SizeSource::SizeHint)]);
+        assert_eq!(sizes[1].why, "local://scratch/later.bin does not exist");
+        let (_, sizes) = planning.resolve_for_plan(&tenant, &unknown).await.unwrap();
+        assert_eq!((sizes[0].bytes, sizes[0].source), (0, SizeSource::Assumed));
+        // The tenant's allowed prefixes still hold: a plan refuses what the broker would.
+        let other = config.tenant("default").unwrap();
+        assert!(planning.resolve_for_plan(&other, &present).await.unwrap_err().to_string().contains("may not use"));
+    }
+}
