@@ -6,6 +6,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -21,6 +22,9 @@ use crate::model::price::PriceSnapshot;
 use crate::model::size::ByteSize;
 use crate::placement::engine::Decision;
 use crate::placement::sizes::{self, DataSize};
+
+/// The longest a plan waits for the stores to list its inputs.
+const STORE_READS: Duration = Duration::from_secs(120);
 
 /// What to plan, and from what.
 pub struct OfflineRequest<'a> {
@@ -62,7 +66,14 @@ pub async fn plan_offline(request: &OfflineRequest<'_>) -> anyhow::Result<Offlin
         let tenant = (config.tenant(request.tenant))
             .ok_or_else(|| anyhow::anyhow!("no tenant {} in {}", request.tenant, request.config.display()))?;
         let plane = DataPlane::for_planning(&config).await?;
-        plane.resolve_for_plan(&tenant, &spec).await.map_err(|e| anyhow::anyhow!("{e}"))?
+        let resolved = tokio::time::timeout(STORE_READS, plane.resolve_for_plan(&tenant, &spec)).await;
+        let resolved = resolved.map_err(|_| {
+            anyhow::anyhow!(
+                "the stores did not tell the input sizes within {}s (plan without them: --no-store-reads)",
+                STORE_READS.as_secs()
+            )
+        })?;
+        resolved.map_err(|e| anyhow::anyhow!("{e}"))?
     } else {
         unread_data(&spec, &config)?
     };
