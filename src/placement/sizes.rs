@@ -72,14 +72,15 @@ pub fn output_sizes(spec: &JobSpec, job: &PlacementJob) -> Vec<DataSize> {
         .collect()
 }
 
-/// One sentence per size the plan did not read from a store or take from the spec as given: inputs
+/// One line per size the plan did not read from a store or take from the spec as given: inputs
 /// it assumed (0, or the hint because the store did not answer) and estimated outputs.
 pub fn assumed(sizes: &[DataSize]) -> Vec<String> {
     sizes
         .iter()
         .filter_map(|s| {
             let size = ByteSize(s.bytes);
-            let why = if s.why.is_empty() { String::new() } else { format!(": {}", s.why) };
+            // The store's answer may run over lines (the AWS SDK's credential chain): its first.
+            let why = s.why.lines().next().map_or(String::new(), |w| format!(": {w}"));
             let what = match s.source {
                 SizeSource::Store => return None,
                 SizeSource::SizeHint if s.why.is_empty() => return None,

@@ -20,6 +20,7 @@ use crate::model::data::{DataUri, InputObject, JobData, OutputTarget};
 use crate::model::job::JobSpec;
 use crate::model::price::PriceSnapshot;
 use crate::model::size::ByteSize;
+use crate::model::text::escape;
 use crate::placement::engine::Decision;
 use crate::placement::sizes::{self, DataSize};
 
@@ -118,7 +119,7 @@ fn unread_data(spec: &JobSpec, config: &BrokerConfig) -> anyhow::Result<(JobData
     let mut input_sizes = Vec::new();
     for (i, input) in spec.inputs.iter().enumerate() {
         let (name, uri) = location(&format!("inputs[{i}].uri"), &input.uri)?;
-        let size = sizes::unread_input(i, &input.uri, input.size_hint, "stores not read (--no-store-reads)");
+        let size = sizes::unread_input(i, &input.uri, input.size_hint, "--no-store-reads");
         data.inputs.push(InputObject {
             location: name,
             key: uri.path,
@@ -155,7 +156,8 @@ fn unread_data(spec: &JobSpec, config: &BrokerConfig) -> anyhow::Result<(JobData
     Ok((data, input_sizes))
 }
 
-/// The plan as people read it: the decision's table, then the sizes and the assumptions.
+/// The plan as people read it: the decision's table, then the sizes and the assumptions (escaped:
+/// they quote the spec's URIs and the stores' answers).
 pub fn plan_table(plan: &OfflinePlan) -> String {
     let mut out = super::explain::decision_table(&plan.decision);
     for (i, s) in plan.sizes.iter().enumerate() {
@@ -164,13 +166,13 @@ pub fn plan_table(plan: &OfflinePlan) -> String {
             "{:<11}{} {}: {} ({})\n",
             if i == 0 { "sizes:" } else { "" },
             s.field,
-            s.target,
+            escape(&s.target),
             ByteSize(s.bytes),
             source.unwrap_or_default()
         ));
     }
     for (i, a) in plan.assumed.iter().enumerate() {
-        out.push_str(&format!("{:<11}{a}\n", if i == 0 { "assumed:" } else { "" }));
+        out.push_str(&format!("{:<11}{}\n", if i == 0 { "assumed:" } else { "" }, escape(a)));
     }
     out
 }
