@@ -63,9 +63,9 @@ pub async fn plan_offline(request: &OfflineRequest<'_>) -> anyhow::Result<Offlin
         Some(path) => site_state::read(path, &config.sites)?,
         None => SiteStateFile::default(),
     };
+    let tenant = (config.tenant(request.tenant))
+        .ok_or_else(|| anyhow::anyhow!("no tenant {} in {}", request.tenant, request.config.display()))?;
     let (data, input_sizes) = if request.read_stores {
-        let tenant = (config.tenant(request.tenant))
-            .ok_or_else(|| anyhow::anyhow!("no tenant {} in {}", request.tenant, request.config.display()))?;
         let plane = DataPlane::for_planning(&config).await?;
         let resolved = tokio::time::timeout(STORE_READS, plane.resolve_for_plan(&tenant, &spec)).await;
         let resolved = resolved.map_err(|_| {

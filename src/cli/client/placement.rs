@@ -32,7 +32,7 @@ pub struct PlanArgs {
     /// With --config: the price snapshot to use (default: the config's `prices.snapshot`).
     #[arg(long, requires = "config", value_name = "JSON")]
     prices: Option<PathBuf>,
-    /// With --config: the tenant whose policy applies.
+    /// With --config: the tenant whose policy and allowed storage prefixes apply.
     #[arg(long, requires = "config", default_value = "default")]
     tenant: String,
     #[command(flatten)]
