@@ -3,6 +3,7 @@
 //! prefixes) and minting each attempt's presigned requests. Only the broker holds credentials.
 
 use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,11 +13,28 @@ use tokio::task::JoinHandle;
 use crate::config::{BrokerConfig, StorageCloud, StorageConfig, TenantConfig};
 use crate::error::ApiError;
 use crate::model::data::{DataUri, InputObject, JobData, OutputChoice, OutputTarget, Scheme, input_destination};
-use crate::model::job::{Checkpoint, JobSpec};
+use crate::model::job::{Checkpoint, Input, JobSpec};
+use crate::placement::sizes::{self, DataSize};
 use crate::storage::azure::{AzureBlobStore, AzureSettings};
 use crate::storage::local::LocalS3Server;
 use crate::storage::s3::{S3Settings, S3Store};
-use crate::storage::{CompletedPart, ObjectStore, Presigned, StorageError};
+use crate::storage::{CompletedPart, ObjectMeta, ObjectStore, Presigned, StorageError, Unreachable};
+
+/// What [`DataPlane::resolve_with`] does with an input whose size its store does not give.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Missing {
+    /// Refuse the job (submit).
+    Refuse,
+    /// Take its `size_hint`, else 0 (a plan).
+    Assume,
+}
+
+/// Why an input's objects were not listed: the broker's refusal, and the store's answer when it
+/// only means that the size is unknown (missing object, unreachable store).
+struct Unlisted {
+    error: ApiError,
+    why: Option<String>,
+}
 
 /// Most parts one upload may have (S3's limit).
 const MAX_PARTS: u64 = 10_000;
@@ -56,6 +74,18 @@ pub enum Upload {
 impl DataPlane {
     /// Connects to every location and starts the embedded local stores.
     pub async fn start(config: &BrokerConfig) -> anyhow::Result<Self> {
+        Self::connect(config, false).await
+    }
+
+    /// Every location for planning offline (`hybroker plan --config`): the broker's clients and
+    /// credential resolution, but a location that cannot be reached (no credentials) answers every
+    /// request with why, and local stores are served on a free loopback port (the broker may hold
+    /// theirs).
+    pub async fn for_planning(config: &BrokerConfig) -> anyhow::Result<Self> {
+        Self::connect(config, true).await
+    }
+
+    async fn connect(config: &BrokerConfig, planning: bool) -> anyhow::Result<Self> {
         let mut plane = DataPlane {
             locations: HashMap::new(),
             by_uri: HashMap::new(),
@@ -66,39 +96,13 @@ impl DataPlane {
             servers: Vec::new(),
         };
         for s in &config.storage {
-            let store: Arc<dyn ObjectStore> = match s.cloud {
-                StorageCloud::Aws => Arc::new(
-                    S3Store::new(S3Settings {
-                        bucket: s.bucket.clone().unwrap_or_default(),
-                        region: if s.region.is_empty() { "us-east-1".into() } else { s.region.clone() },
-                        endpoint: s.endpoint.clone(),
-                        profile: s.profile.clone(),
-                        static_credentials: None,
-                    })
-                    .await
-                    .with_context(|| format!("storage {}", s.name))?,
-                ),
-                StorageCloud::Azure => Arc::new(
-                    AzureBlobStore::new(AzureSettings {
-                        account: s.account.clone().unwrap_or_default(),
-                        container: s.container.clone().unwrap_or_default(),
-                        endpoint: s.endpoint.clone(),
-                        account_key: s.account_key().map_err(|e| anyhow::anyhow!("storage {}: {e}", s.name))?,
-                    })
-                    .await
-                    .with_context(|| format!("storage {}", s.name))?,
-                ),
-                StorageCloud::Local => {
-                    let dir = s.dir.clone().unwrap_or_default();
-                    let listener = tokio::net::TcpListener::bind(s.listen)
-                        .await
-                        .with_context(|| format!("storage {}: listen on {}", s.name, s.listen))?;
-                    let server = LocalS3Server::new(&dir, listener).with_context(|| format!("storage {}", s.name))?;
-                    let store = server.store(&s.name).await.with_context(|| format!("storage {}", s.name))?;
-                    tracing::info!(location = s.name, endpoint = server.endpoint(), dir = %dir.display(), "local store serving");
-                    plane.servers.push(tokio::spawn(server.run(std::future::pending())));
-                    Arc::new(store)
+            let store: Arc<dyn ObjectStore> = match connect_location(s, planning).await {
+                Ok((store, server)) => {
+                    plane.servers.extend(server.map(|server| tokio::spawn(server.run(std::future::pending()))));
+                    store
                 }
+                Err(e) if planning => Arc::new(Unreachable { reason: format!("{e:#}") }),
+                Err(e) => return Err(e),
             };
             plane.by_uri.insert(s.uri_store(), s.name.clone());
             plane.locations.insert(s.name.clone(), Location { config: s.clone(), store });
@@ -141,24 +145,48 @@ impl DataPlane {
 
     /// Resolves a submission's data: every input object with its size, every output's target.
     pub async fn resolve(&self, tenant: &TenantConfig, spec: &JobSpec) -> Result<JobData, ApiError> {
+        Ok(self.resolve_with(tenant, spec, Missing::Refuse).await?.0)
+    }
+
+    /// [`DataPlane::resolve`] for a plan: an input whose size its store does not give (missing,
+    /// or the store unreachable) takes its `size_hint`, else 0, instead of refusing the job; with
+    /// where each input's size came from.
+    pub async fn resolve_for_plan(
+        &self,
+        tenant: &TenantConfig,
+        spec: &JobSpec,
+    ) -> Result<(JobData, Vec<DataSize>), ApiError> {
+        self.resolve_with(tenant, spec, Missing::Assume).await
+    }
+
+    async fn resolve_with(
+        &self,
+        tenant: &TenantConfig,
+        spec: &JobSpec,
+        missing: Missing,
+    ) -> Result<(JobData, Vec<DataSize>), ApiError> {
         let mut data = JobData::default();
+        let mut sizes = Vec::new();
         let mut destinations = HashSet::new();
         for (i, input) in spec.inputs.iter().enumerate() {
             let field = format!("inputs[{i}].uri");
             let (uri, location) = self.locate(&field, &input.uri, tenant)?;
-            let objects = if uri.is_prefix() {
-                let limit = self.max_input_objects.saturating_sub(data.inputs.len());
-                let listed = location.store.list(&uri.path, limit).await.map_err(|e| store_error(&field, e))?;
-                let listed: Vec<_> = listed.into_iter().filter(|o| !o.key.ends_with('/')).collect();
-                if listed.is_empty() {
-                    return Err(ApiError::InvalidArgument(format!("{field}: no objects under {}", input.uri)));
+            let objects = match self.input_objects(&field, input, &uri, location, data.inputs.len()).await {
+                Ok(objects) => objects,
+                Err(Unlisted { why: Some(why), .. }) if missing == Missing::Assume => {
+                    let size = sizes::unread_input(i, &input.uri, input.size_hint, &why);
+                    data.inputs.push(InputObject {
+                        location: location.config.name.clone(),
+                        key: uri.path.clone(),
+                        path: input.path.clone(),
+                        size: size.bytes,
+                        etag: None,
+                        md5: None,
+                    });
+                    sizes.push(size);
+                    continue;
                 }
-                listed
-            } else {
-                match location.store.head(&uri.path).await.map_err(|e| store_error(&field, e))? {
-                    Some(meta) => vec![meta],
-                    None => return Err(ApiError::InvalidArgument(format!("{field}: {} does not exist", input.uri))),
-                }
+                Err(unlisted) => return Err(unlisted.error),
             };
             if data.inputs.len() + objects.len() > self.max_input_objects {
                 return Err(ApiError::InvalidArgument(format!(
@@ -166,6 +194,7 @@ impl DataPlane {
                     self.max_input_objects
                 )));
             }
+            sizes.push(sizes::listed_input(i, &input.uri, objects.iter().map(|o| o.size).sum()));
             for meta in objects {
                 let path = input_destination(&input.path, &uri.path, uri.is_prefix(), &meta.key).ok_or_else(|| {
                     ApiError::InvalidArgument(format!("{field}: object key {:?} cannot be staged safely", meta.key))
@@ -222,7 +251,45 @@ impl DataPlane {
                 }
             },
         };
-        Ok(data)
+        Ok((data, sizes))
+    }
+
+    /// The objects of one input (listed under a prefix, or HEADed), or why not. A missing input
+    /// is refused even with a `size_hint`: agents stage exactly the objects listed at submit.
+    async fn input_objects(
+        &self,
+        field: &str,
+        input: &Input,
+        uri: &DataUri,
+        location: &Location,
+        listed_before: usize,
+    ) -> Result<Vec<ObjectMeta>, Unlisted> {
+        let absent = |what: String| {
+            let hint = if input.size_hint.is_some() {
+                " (size_hint prices a plan; the broker stages only inputs that exist at submit)"
+            } else {
+                ""
+            };
+            Unlisted { error: ApiError::InvalidArgument(format!("{field}: {what}{hint}")), why: Some(what) }
+        };
+        let unread = |e: StorageError| {
+            let why = (!matches!(e, StorageError::TooMany { .. })).then(|| e.to_string());
+            Unlisted { error: store_error(field, e), why }
+        };
+        if uri.is_prefix() {
+            let limit = self.max_input_objects.saturating_sub(listed_before);
+            let listed = location.store.list(&uri.path, limit).await.map_err(unread)?;
+            let listed: Vec<_> = listed.into_iter().filter(|o| !o.key.ends_with('/')).collect();
+            if listed.is_empty() {
+                return Err(absent(format!("no objects under {}", input.uri)));
+            }
+            Ok(listed)
+        } else {
+            match location.store.head(&uri.path).await.map_err(unread)? {
+                Some(meta) => Ok(vec![meta]),
+                None => Err(absent(format!("{} does not exist", input.uri))),
+            }
+        }
     }
 
     /// An output that leaves its location to placement: every location of the residency group
@@ -347,11 +414,118 @@ impl DataPlane {
     }
 }
 
+/// The client of one location, and the embedded server a local one needs running. Planning
+/// serves a local store on a free loopback port instead of its `listen`.
+async fn connect_location(
+    s: &StorageConfig,
+    planning: bool,
+) -> anyhow::Result<(Arc<dyn ObjectStore>, Option<LocalS3Server>)> {
+    Ok(match s.cloud {
+        StorageCloud::Aws => (
+            Arc::new(
+                S3Store::new(S3Settings {
+                    bucket: s.bucket.clone().unwrap_or_default(),
+                    region: if s.region.is_empty() { "us-east-1".into() } else { s.region.clone() },
+                    endpoint: s.endpoint.clone(),
+                    profile: s.profile.clone(),
+                    static_credentials: None,
+                })
+                .await
+                .with_context(|| format!("storage {}", s.name))?,
+            ),
+            None,
+        ),
+        StorageCloud::Azure => (
+            Arc::new(
+                AzureBlobStore::new(AzureSettings {
+                    account: s.account.clone().unwrap_or_default(),
+                    container: s.container.clone().unwrap_or_default(),
+                    endpoint: s.endpoint.clone(),
+                    account_key: s.account_key().map_err(|e| anyhow::anyhow!("storage {}: {e}", s.name))?,
+                })
+                .await
+                .with_context(|| format!("storage {}", s.name))?,
+            ),
+            None,
+        ),
+        StorageCloud::Local => {
+            let dir = s.dir.clone().unwrap_or_default();
+            let listen = if planning { SocketAddr::from(([127, 0, 0, 1], 0)) } else { s.listen };
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("storage {}: listen on {listen}", s.name))?;
+            let server = LocalS3Server::new(&dir, listener).with_context(|| format!("storage {}", s.name))?;
+            let store = server.store(&s.name).await.with_context(|| format!("storage {}", s.name))?;
+            if !planning {
+                tracing::info!(location = s.name, endpoint = server.endpoint(), dir = %dir.display(), "local store serving");
+            }
+            (Arc::new(store), Some(server))
+        }
+    })
+}
+
 /// A store's answer as the caller sees it: a missing or denied object is the request's fault.
 fn store_error(field: &str, e: StorageError) -> ApiError {
     match e {
         StorageError::NotFound(_) | StorageError::TooMany { .. } => ApiError::InvalidArgument(format!("{field}: {e}")),
         StorageError::Denied(_) => ApiError::FailedPrecondition(format!("{field}: {e}")),
         StorageError::Request(_) | StorageError::Config(_) => ApiError::Unavailable(format!("{field}: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::sizes::SizeSource;
+
+    /// A broker config with one local store under `dir` and tenant `acme` allowed all of it.
+    fn config(dir: &std::path::Path) -> BrokerConfig {
+        let text = format!(
+            "[broker]\nlisten = \"127.0.0.1:0\"\n[tls]\nca_cert = \"a\"\ncert = \"b\"\nkey = \"c\"\n[store]\npath = \"x.db\"\n\
+             [[storage]]\nname = \"scratch\"\ncloud = \"local\"\ndir = \"{}\"\n\
+             [[tenant]]\nname = \"acme\"\nstorage = [\"local://scratch/\"]\n",
+            dir.display()
+        );
+        crate::config::parse_toml(&text, std::path::Path::new("t.toml"), []).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_missing_input_is_refused_at_submit_even_with_a_hint_and_a_plan_takes_the_hint() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("scratch/ds")).unwrap();
+        std::fs::write(dir.path().join("scratch/ds/a.bin"), vec![0u8; 1234]).unwrap();
+        let config = config(dir.path());
+        let tenant = config.tenant("acme").unwrap();
+        let spec = |inputs: &str| {
+            JobSpec::from_yaml(format!("name: x\ncommand: [\"true\"]\ninputs: [{inputs}]\n").as_bytes(), 1 << 20)
+                .unwrap()
+        };
+        let present = spec("{uri: local://scratch/ds/, path: ds/}");
+        let later =
+            spec("{uri: local://scratch/ds/, path: ds/}, {uri: local://scratch/later.bin, path: l, size_hint: 2GiB}");
+        let unknown = spec("{uri: local://scratch/none/, path: none/}");
+
+        let plane = DataPlane::start(&config).await.unwrap();
+        assert_eq!(plane.resolve(&tenant, &present).await.unwrap().input_bytes(), 1234);
+        let refused = plane.resolve(&tenant, &later).await.unwrap_err().to_string();
+        assert_eq!(
+            refused,
+            "inputs[1].uri: local://scratch/later.bin does not exist (size_hint prices a plan; the broker stages \
+             only inputs that exist at submit)"
+        );
+        let refused = plane.resolve(&tenant, &unknown).await.unwrap_err().to_string();
+        assert_eq!(refused, "inputs[0].uri: no objects under local://scratch/none/");
+
+        let planning = DataPlane::for_planning(&config).await.unwrap();
+        let (data, sizes) = planning.resolve_for_plan(&tenant, &later).await.unwrap();
+        assert_eq!(data.input_bytes(), 1234 + (2 << 30));
+        let got: Vec<(u64, SizeSource)> = sizes.iter().map(|s| (s.bytes, s.source)).collect();
+        assert_eq!(got, [(1234, SizeSource::Store), (2 << 30, SizeSource::SizeHint)]);
+        assert_eq!(sizes[1].why, "local://scratch/later.bin does not exist");
+        let (_, sizes) = planning.resolve_for_plan(&tenant, &unknown).await.unwrap();
+        assert_eq!((sizes[0].bytes, sizes[0].source), (0, SizeSource::Assumed));
+        // The tenant's allowed prefixes still hold: a plan refuses what the broker would.
+        let other = config.tenant("default").unwrap();
+        assert!(planning.resolve_for_plan(&other, &present).await.unwrap_err().to_string().contains("may not use"));
     }
 }

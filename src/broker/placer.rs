@@ -158,6 +158,24 @@ impl Placer {
         World::new(sites, self.locations.clone(), &prices, now, self.price_max_age)
     }
 
+    /// [`Placer::world`] with the queue wait of the sites `waits` gives one for (a what-if plan's
+    /// site state); the others keep theirs.
+    pub fn world_with_waits(
+        &self,
+        capacity: &HashMap<&str, (Vec<FreeCapacity>, Vec<FreeCapacity>)>,
+        waits: impl Fn(&str) -> Option<Duration>,
+        unavailable: impl Fn(&str) -> Vec<Unavailable>,
+        now: UnixMillis,
+    ) -> World {
+        let mut world = self.world(capacity, unavailable, |_| None, now);
+        for state in &mut world.sites {
+            if let Some(wait) = waits(&state.site.name) {
+                state.capacity.queue_wait = Some(wait);
+            }
+        }
+        world
+    }
+
     /// Why no site could ever take the job, whatever the capacity and prices (an output leaving
     /// its residency, an unknown location).
     pub fn refusal(&self, job: &PlacementJob) -> Option<engine::Rejection> {

@@ -11,8 +11,10 @@
 pub(crate) mod explain;
 pub(crate) mod follow;
 pub(crate) mod gateway;
+pub(crate) mod offline_plan;
 pub(crate) mod output;
 pub(crate) mod placement;
+pub(crate) mod site_state;
 pub(crate) mod sites;
 pub(crate) mod spec;
 mod sse;

@@ -272,8 +272,24 @@ impl BrokerConfig {
 
     /// Every problem at once.
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        self.check(path, true)
+    }
+
+    /// Reads the file like [`BrokerConfig::load`] (environment overrides included) and checks it
+    /// like the broker does at start, except for the files of the broker's host (TLS): what
+    /// `hybroker plan --config` refuses, with the broker's messages.
+    pub fn load_for_planning(path: &Path) -> Result<Self, ConfigError> {
+        let config: Self = load_toml(path, std::env::vars())?;
+        config.check(path, false)?;
+        Ok(config)
+    }
+
+    /// [`BrokerConfig::validate`]; `host_files`: whether the TLS files must exist here.
+    fn check(&self, path: &Path, host_files: bool) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
-        check_tls(&self.tls, &mut problems);
+        if host_files {
+            check_tls(&self.tls, &mut problems);
+        }
         if self.secrets.key_file.as_ref().is_some_and(|p| p.as_os_str().is_empty() || p.ends_with("..")) {
             problems.push("secrets.key_file must name a file".into());
         }

@@ -12,6 +12,7 @@ pub mod engine;
 pub mod rejection;
 pub mod request;
 pub mod scale;
+pub mod sizes;
 pub mod synthetic;
 pub mod wait;
 pub mod world;

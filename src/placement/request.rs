@@ -155,8 +155,9 @@ impl PlacementJob {
     /// Builds the placement view of a validated spec and its resolved data. Inputs are summed per
     /// location. Outputs are `data.outputs` in the spec's order (a fixed location, or a residency
     /// group placement chooses in); without resolved outputs, the spec's outputs that give
-    /// `residency`. Output sizes are unknown before the job runs, so the job's
-    /// input bytes are divided evenly among its outputs (as much out as in; 0 without inputs).
+    /// `residency`. An output's size is its `size_hint`; an output without one (and the
+    /// checkpoint) gets the estimate: the job's input bytes divided evenly among its outputs (as
+    /// much out as in; 0 without inputs).
     pub fn from_spec(
         spec: &JobSpec,
         data: &JobData,
@@ -171,10 +172,15 @@ impl PlacementJob {
             .into_iter()
             .map(|(location, bytes)| PlacementInput { location: location.into(), bytes })
             .collect();
-        let mut dests: Vec<(String, OutputDest)> = data
+        // The spec's size hint of a resolved output (resolved outputs keep the spec's order).
+        let hint = |i: usize, path: &str| {
+            spec.outputs.get(i).filter(|o| o.path == path).and_then(|o| o.size_hint).map(|h| h.0)
+        };
+        let mut dests: Vec<(String, OutputDest, Option<u64>)> = data
             .outputs
             .iter()
-            .map(|o| {
+            .enumerate()
+            .map(|(i, o)| {
                 let dest = match &o.residency {
                     Some(residency) if o.location.is_empty() => OutputDest::Choose {
                         residency: residency.clone(),
@@ -182,25 +188,28 @@ impl PlacementJob {
                     },
                     _ => OutputDest::Location(o.location.clone()),
                 };
-                (o.path.clone(), dest)
+                (o.path.clone(), dest, hint(i, &o.path))
             })
             .collect();
         // A checkpoint with its own location is held to the same rules as an output there (one
         // that follows the first output's choice is settled with it).
         if let Some(c) = data.checkpoint.as_ref().filter(|c| c.residency.is_none()) {
-            dests.push((c.path.clone(), OutputDest::Location(c.location.clone())));
+            dests.push((c.path.clone(), OutputDest::Location(c.location.clone()), None));
         }
         // Outputs not resolved against storage (a dry run without data): placement still chooses.
         if data.outputs.is_empty() {
             for output in &spec.outputs {
                 if let (None, Some(residency)) = (&output.to, &output.residency) {
                     let dest = OutputDest::Choose { residency: residency.clone(), among: Vec::new() };
-                    dests.push((output.path.clone(), dest));
+                    dests.push((output.path.clone(), dest, output.size_hint.map(|h| h.0)));
                 }
             }
         }
         let each = if dests.is_empty() { 0 } else { data.input_bytes() / dests.len() as u64 };
-        let outputs = dests.into_iter().map(|(path, dest)| PlacementOutput { path, dest, bytes: each }).collect();
+        let outputs = dests
+            .into_iter()
+            .map(|(path, dest, hint)| PlacementOutput { path, dest, bytes: hint.unwrap_or(each) })
+            .collect();
         let r = &spec.resources;
         PlacementJob {
             gpus: r.gpus,

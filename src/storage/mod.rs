@@ -83,3 +83,55 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     /// Deletes the object; deleting a missing object is not an error.
     async fn delete(&self, key: &str) -> Result<(), StorageError>;
 }
+
+/// A location whose client could not be built (no credentials, a bad setting): every call fails
+/// with the reason, as [`StorageError::Config`]. Offline planning keeps going without its sizes.
+#[derive(Debug, Clone)]
+pub struct Unreachable {
+    pub reason: String,
+}
+
+#[async_trait]
+impl ObjectStore for Unreachable {
+    async fn head(&self, _: &str) -> Result<Option<ObjectMeta>, StorageError> {
+        Err(self.error())
+    }
+
+    async fn list(&self, _: &str, _: usize) -> Result<Vec<ObjectMeta>, StorageError> {
+        Err(self.error())
+    }
+
+    async fn presign_get(&self, _: &str, _: Duration) -> Result<Presigned, StorageError> {
+        Err(self.error())
+    }
+
+    async fn presign_put(&self, _: &str, _: Duration) -> Result<Presigned, StorageError> {
+        Err(self.error())
+    }
+
+    async fn create_multipart(&self, _: &str) -> Result<String, StorageError> {
+        Err(self.error())
+    }
+
+    async fn presign_part(&self, _: &str, _: &str, _: u32, _: Duration) -> Result<Presigned, StorageError> {
+        Err(self.error())
+    }
+
+    async fn complete_multipart(&self, _: &str, _: &str, _: &[CompletedPart]) -> Result<(), StorageError> {
+        Err(self.error())
+    }
+
+    async fn abort_multipart(&self, _: &str, _: &str) -> Result<(), StorageError> {
+        Err(self.error())
+    }
+
+    async fn delete(&self, _: &str) -> Result<(), StorageError> {
+        Err(self.error())
+    }
+}
+
+impl Unreachable {
+    fn error(&self) -> StorageError {
+        StorageError::Config(self.reason.clone())
+    }
+}

@@ -27,6 +27,7 @@ mod isolation;
 mod lifecycle;
 mod metrics;
 mod moto_ec2;
+mod offline_plan;
 mod operator_cli;
 mod placement;
 mod product;
