@@ -24,7 +24,7 @@ pub fn run(args: &PlacementBenchArgs) -> anyhow::Result<()> {
     if args.rounds == 0 || args.cloud_sites == 0 {
         anyhow::bail!("--rounds and --cloud-sites must be at least 1");
     }
-    let (world, jobs) = bench_world(args.cloud_sites, args.agents, args.seed);
+    let (world, jobs, replay) = bench_world(args.cloud_sites, args.agents, args.seed);
     let report = bench(&world, &jobs, args.rounds);
     println!(
         "placement: {} jobs x {} sites ({} agents), {} rounds",
@@ -34,6 +34,11 @@ pub fn run(args: &PlacementBenchArgs) -> anyhow::Result<()> {
     println!("  p50           {:>10.1} us", report.p50_us);
     println!("  p99           {:>10.1} us   (target <= 100 us)", report.p99_us);
     println!("  max           {:>10.1} us", report.max_us);
+    println!(
+        "  site replay   {:>10.1} ms   (one on-prem site's queue-wait estimate: {} agents, 250 jobs waiting; once per dispatch round that needs it)",
+        replay.as_secs_f64() * 1e3,
+        args.agents / 4
+    );
     println!(
         "  placed        {:>10} of {} (the rest break a rule: residency, caps, no fitting type)",
         report.placed, report.jobs

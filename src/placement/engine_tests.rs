@@ -503,7 +503,7 @@ fn stale_snapshots_are_flagged() {
 #[test]
 #[ignore = "benchmark; run with --release"]
 fn bench_placement() {
-    let (world, jobs) = crate::placement::synthetic::bench_world(50, 10_000, 7);
+    let (world, jobs, _) = crate::placement::synthetic::bench_world(50, 10_000, 7);
     let report = crate::placement::synthetic::bench(&world, &jobs, 5);
     println!("{}", serde_json::to_string_pretty(&report).unwrap());
     assert!(report.placed > 0);

@@ -2,6 +2,7 @@
 //! percentiles (`hybroker bench placement` and the engine's ignored benchmark test use it).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -9,7 +10,8 @@ use serde::Serialize;
 use super::bind::FreeCapacity;
 use super::engine::place;
 use super::request::{OutputDest, PlacementInput, PlacementJob, PlacementOutput, PlacementPolicy};
-use super::world::{SiteCapacity, SiteState, World};
+use super::wait::{Need, Node, Profile};
+use super::world::{NodeShape, SiteCapacity, SiteState, World};
 use crate::model::UnixMillis;
 use crate::model::capacity::{CapacityConfig, ProviderKind};
 use crate::model::job::Spot;
@@ -37,10 +39,13 @@ const GPU_MODELS: [&str; 5] = ["H100-80GB", "A100-80GB", "L4-24GB", "L40S-48GB",
 
 /// A world of `cloud_sites` cloud sites (each with 4–8 instance types of its cloud, all priced,
 /// spot on half of them), 4 on-prem sites whose capacity summarises `agents` agents (8 GPUs each,
-/// about half busy), 6 storage locations, and 1,000 jobs (a quarter CPU-only; GPU jobs of 1–8 GPUs;
-/// most with inputs of up to 2 TB; a third with a $/hour cap; some with an output placement chooses).
-pub fn bench_world(cloud_sites: usize, agents: usize, seed: u64) -> (World, Vec<PlacementJob>) {
+/// about half busy for up to 4 h more) each with 250 jobs waiting (its queue-wait replay), 6 storage
+/// locations, and 1,000 jobs to place (a quarter CPU-only; GPU jobs of 1–8 GPUs; most with inputs
+/// of up to 2 TB; a third with a $/hour cap; some with an output placement chooses). Also gives
+/// the mean time to build one site's replay.
+pub fn bench_world(cloud_sites: usize, agents: usize, seed: u64) -> (World, Vec<PlacementJob>, Duration) {
     let mut rng = fastrand::Rng::with_seed(seed);
+    let mut replay = Duration::ZERO;
     let prices = synthetic_prices(&mut rng, seed, 0);
     let mut sites: Vec<SiteState> = (0..cloud_sites)
         .map(|i| SiteState { site: synthetic_cloud_site(&mut rng, i), capacity: SiteCapacity::default() })
@@ -48,6 +53,8 @@ pub fn bench_world(cloud_sites: usize, agents: usize, seed: u64) -> (World, Vec<
     for i in 0..ONPREM_SITES {
         let per_site = agents / ONPREM_SITES + usize::from(i < agents % ONPREM_SITES);
         let (mut free, mut total) = (Vec::with_capacity(per_site), Vec::with_capacity(per_site));
+        let mut nodes = Vec::with_capacity(per_site);
+        let mut models = Vec::new();
         for _ in 0..per_site {
             let model = GPU_MODELS[rng.usize(..GPU_MODELS.len())].to_owned();
             let node = |gpus: u32, cpus, gib: u64| FreeCapacity {
@@ -58,9 +65,36 @@ pub fn bench_world(cloud_sites: usize, agents: usize, seed: u64) -> (World, Vec<
             };
             total.push(node(8, 96, 1024));
             let busy = rng.u32(0..=8);
-            free.push(node(8 - busy, 96 - busy * 12, 1024 - u64::from(busy) * 128));
+            let idle = node(8 - busy, 96 - busy * 12, 1024 - u64::from(busy) * 128);
+            // What the busy part holds, until 0–4 h from now.
+            let held = NodeShape {
+                gpus: vec![(model.clone(), busy)],
+                cpus: busy * 12,
+                memory_mib: u64::from(busy) * 128 * 1024,
+            };
+            let running = if busy == 0 { Vec::new() } else { vec![(Duration::from_secs(rng.u64(0..4 * 3600)), held)] };
+            nodes.push(Node { free: NodeShape::of(&idle), running });
+            free.push(idle);
+            if !models.contains(&model) {
+                models.push(model);
+            }
         }
-        let wait = Duration::from_secs(rng.u64(0..4 * 3600));
+        // A quarter of the 1,000 queued jobs wait at each site: 1–8 GPUs of its models, 1–10 h.
+        let waiting: Vec<Need> = (0..250)
+            .map(|_| {
+                let gpus = rng.u32(1..=8);
+                Need {
+                    gpus,
+                    gpu_models: vec![models[rng.usize(..models.len())].clone()],
+                    cpus: gpus * 8,
+                    memory_mib: u64::from(gpus) * 64 * 1024,
+                    runtime: Duration::from_secs(rng.u64(3600..10 * 3600)),
+                }
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        let profile = Profile::build(nodes, &waiting);
+        replay += started.elapsed();
         let site = Site {
             name: format!("lab-{i}"),
             kind: SiteKind::Onprem,
@@ -74,7 +108,9 @@ pub fn bench_world(cloud_sites: usize, agents: usize, seed: u64) -> (World, Vec<
             spot: false,
             capacity: None,
         };
-        sites.push(SiteState { site, capacity: SiteCapacity::from_agents(&free, &total, Some(wait)) });
+        let mut capacity = SiteCapacity::from_agents(&free, &total, None);
+        capacity.profile = Some(Arc::new(profile));
+        sites.push(SiteState { site, capacity });
     }
     let loc = |name: &str, kind, region: &str, residency: &str| StorageLocation {
         name: name.into(),
@@ -91,7 +127,7 @@ pub fn bench_world(cloud_sites: usize, agents: usize, seed: u64) -> (World, Vec<
         loc("lab-us", SiteKind::Onprem, "virginia", "us"),
     ];
     let jobs = (0..1000).map(|_| bench_job(&mut rng, &locations)).collect();
-    (World::new(sites, locations, &prices, 60_000, Duration::from_secs(3600)), jobs)
+    (World::new(sites, locations, &prices, 60_000, Duration::from_secs(3600)), jobs, replay / ONPREM_SITES as u32)
 }
 
 /// A snapshot fetched at `fetched_at` with every region of [`REGIONS`] priced: internet and
