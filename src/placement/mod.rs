@@ -9,6 +9,7 @@
 pub mod bind;
 pub mod decision;
 pub mod engine;
+pub mod fair;
 pub mod rejection;
 pub mod request;
 pub mod scale;
