@@ -16,6 +16,7 @@ fn launch(dir: &Path, argv: &[&str]) -> Launch {
         grace: Duration::from_millis(200),
         sandbox: None,
         preempt: None,
+        preempt_order: None,
     }
 }
 
@@ -195,6 +196,7 @@ fn notice(after: Duration) -> SpotNotice {
         deadline: std::time::SystemTime::now() + after,
         event_id: None,
         seen_at: StdInstant::now(),
+        by_broker: None,
     }
 }
 

@@ -168,6 +168,18 @@ impl ActiveJob {
             attempt: self.life.attempts,
             epoch: self.life.epoch,
             reason: reason.to_string(),
+            preempt: false,
+        })
+    }
+
+    /// Preempt its current attempt: the agent stops it like a spot notice (checkpoint saved).
+    pub fn preempt(&self, reason: &str) -> AgentMessage {
+        AgentMessage::Stop(StopAttempt {
+            job_id: self.sub.id.clone(),
+            attempt: self.life.attempts,
+            epoch: self.life.epoch,
+            reason: reason.to_string(),
+            preempt: true,
         })
     }
 }

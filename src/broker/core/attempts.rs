@@ -175,7 +175,7 @@ impl Core {
                 out.send(agent, AgentMessage::Ack { job_id: r.job_id, epoch: r.epoch });
             } else {
                 let reason = "stale attempt: the job moved on".to_string();
-                let stop = StopAttempt { job_id: r.job_id, attempt: r.attempt, epoch: r.epoch, reason };
+                let stop = StopAttempt { job_id: r.job_id, attempt: r.attempt, epoch: r.epoch, reason, preempt: false };
                 out.send(agent, AgentMessage::Stop(stop));
             }
             return;
@@ -257,7 +257,7 @@ impl Core {
             out.send(agent, AgentMessage::Ack { job_id: r.job_id, epoch: r.epoch });
         } else {
             let reason = "not this agent's attempt: it is leased to another agent".to_string();
-            let stop = StopAttempt { job_id: r.job_id, attempt: r.attempt, epoch: r.epoch, reason };
+            let stop = StopAttempt { job_id: r.job_id, attempt: r.attempt, epoch: r.epoch, reason, preempt: false };
             out.send(agent, AgentMessage::Stop(stop));
         }
     }
