@@ -49,6 +49,8 @@ pub(super) struct ActiveJob {
     pub trace: opentelemetry::Context,
     /// The current attempt's dispatch span: the parent of the attempt's end.
     pub dispatched: opentelemetry::Context,
+    /// The broker told its agent to preempt its current attempt (not yet reported).
+    pub preempting: bool,
 }
 
 impl ActiveJob {
@@ -90,6 +92,7 @@ impl ActiveJob {
             attempt_started: None,
             next_placement: None,
             dispatched: opentelemetry::Context::new(),
+            preempting: false,
         })
     }
 

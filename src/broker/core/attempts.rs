@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use super::active_job::ActiveJob;
+use super::fair::preempted_by_broker;
 use super::fleet::{AgentEntry, Alloc};
 use super::jobs::staged;
 use super::messages::{AgentMessage, StopAttempt};
@@ -211,12 +212,15 @@ impl Core {
                     out.send(agent, AgentMessage::Ack { job_id: r.job_id.clone(), epoch: r.epoch });
                 }
                 let reason = if r.phase == Phase::Preempted {
-                    // The instance is going away: no new work for its agent.
-                    let _ = self.set_draining(agent, true, "spot interruption notice", out);
-                    // Its pool is left out for a while: the job goes on-demand or elsewhere.
-                    if let Some(chosen) = job.decision.as_ref().and_then(|d| d.chosen.clone()) {
-                        self.pool_interrupted(&chosen.site, &chosen.offer);
+                    if !job.preempting && !preempted_by_broker(&r.reason) {
+                        // The instance is going away: no new work for its agent.
+                        let _ = self.set_draining(agent, true, "spot interruption notice", out);
+                        // Its pool is left out for a while: the job goes on-demand or elsewhere.
+                        if let Some(chosen) = job.decision.as_ref().and_then(|d| d.chosen.clone()) {
+                            self.pool_interrupted(&chosen.site, &chosen.offer);
+                        }
                     }
+                    job.preempting = false;
                     job.tail = Tail::new(self.settings.log_tail_bytes);
                     format!(
                         "{reason}; placed again (attempt {} not counted: {} of max_attempts {} used)",

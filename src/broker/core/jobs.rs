@@ -94,6 +94,7 @@ impl Core {
             next_placement: None,
             trace: trace_parent,
             dispatched: opentelemetry::Context::new(),
+            preempting: false,
         };
         let submitted = match &job.data {
             Some(d) if !d.inputs.is_empty() => {
@@ -189,6 +190,7 @@ impl Core {
         out: &mut Effects,
     ) {
         let cost_usd = self.accrue(job);
+        self.accrue_usage(job);
         metrics::attempt_ended(job, cost_usd, staging);
         trace::attempt_ended(job, state, exit_code, reason, cost_usd);
         out.batch.push(Write::EndAttempt(AttemptEnd {

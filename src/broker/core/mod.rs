@@ -15,6 +15,7 @@ mod active_job;
 mod attempts;
 mod capacity;
 mod driver;
+mod fair;
 mod fleet;
 mod jobs;
 mod messages;
@@ -349,6 +350,10 @@ pub struct Core {
     tokens: tokens::Tokens,
     /// Launches of capacity providers and pools left out of placement (`capacity`).
     cloud: capacity::Capacity,
+    /// Each tenant's decayed usage, for fair share (`fair`); in memory only.
+    usage: HashMap<String, crate::placement::fair::PastUsage>,
+    /// When the reasons of waiting jobs were last refreshed (`fair`).
+    explained_at: Option<Instant>,
 }
 
 /// The broker's clock for stored timestamps.
@@ -372,6 +377,8 @@ impl Core {
             stopping: None,
             tokens: tokens::Tokens::default(),
             cloud: capacity::Capacity::default(),
+            usage: HashMap::new(),
+            explained_at: None,
         }
     }
 
