@@ -76,7 +76,8 @@ pub fn choose_victims<K: Clone>(
     let standing = standings(total, tenants, |i| i == job.tenant);
     let under = standing[job.tenant].share < standing[job.tenant].fair;
     let mine_after = me.holds.plus(me.past).plus(Amount::of(job.resources)).dominant_share(total) / me.weight;
-    let mut best: Option<(usize, u32, Vec<(K, Why)>)> = None;
+    // The best so far, with the GPUs it frees.
+    let mut best: Option<(Victims<K>, u32)> = None;
     for (agent, room) in agents.iter().enumerate() {
         let mut eligible: Vec<(&Running<K>, Why)> = room
             .running
@@ -119,12 +120,13 @@ pub fn choose_victims<K: Clone>(
             }
         }
         let gpus: u32 = taken.iter().map(|(r, _)| r.holds.gpus.len() as u32).sum();
-        let better = best.as_ref().is_none_or(|(_, g, v)| (taken.len(), gpus) < (v.len(), *g));
+        let better = best.as_ref().is_none_or(|(v, g)| (taken.len(), gpus) < (v.victims.len(), *g));
         if better {
-            best = Some((agent, gpus, taken.iter().map(|(r, why)| (r.key.clone(), *why)).collect()));
+            let victims = taken.iter().map(|(r, why)| (r.key.clone(), *why)).collect();
+            best = Some((Victims { agent, victims }, gpus));
         }
     }
-    best.map(|(agent, _, victims)| Victims { agent, victims })
+    best.map(|(victims, _)| victims)
 }
 
 /// Whether `job` fits in `free` plus what `victims` hold.
