@@ -29,6 +29,8 @@ pub(super) const PREEMPTED_BY_BROKER: &str = "by the broker";
 /// One pool's queue in fair order: a site (placement on) or every agent (`None`).
 pub(super) struct PoolOrder {
     pub site: Option<String>,
+    /// The sites of its agents (one, with placement on).
+    pub sites: Vec<String>,
     pub total: Amount,
     pub tenants: Vec<Tenant>,
     /// Job ids, first to bind first.
@@ -86,8 +88,12 @@ impl Core {
         for (pool, jobs) in queued {
             let in_pool = |site: &str| pool.is_none_or(|p| p == site);
             let mut total = Amount::default();
-            for (id, _) in agents.iter().filter(|(_, s)| in_pool(s)) {
+            let mut sites: Vec<String> = Vec::new();
+            for (id, site) in agents.iter().filter(|(_, s)| in_pool(s)) {
                 total = total.plus(holding(&self.agents[*id].total()));
+                if !sites.iter().any(|s| s == site) {
+                    sites.push(site.to_string());
+                }
             }
             let mut names: Vec<&str> = jobs.iter().map(|j| j.tenant()).collect();
             // What each tenant holds in the pool: only worth the walk where tenants share it.
@@ -129,7 +135,7 @@ impl Core {
                 })
                 .collect();
             let FairOrder { order, standings } = fair_order(total, &tenants, waiting);
-            pools.push(PoolOrder { site: pool.map(str::to_string), total, tenants, order, standings });
+            pools.push(PoolOrder { site: pool.map(str::to_string), sites, total, tenants, order, standings });
         }
         pools
     }
@@ -172,16 +178,18 @@ impl Core {
                 let Some(job) = self.jobs.get(job_id).filter(|j| !j.life.state.has_attempt()) else { continue };
                 position += 1;
                 let (tenant, gpus) = (job.tenant(), job.spec.resources.gpus);
-                let held_back = pool.site.as_deref().is_some_and(|s| !quota.allows(tenant, s, gpus));
+                // Held back by its quota at every site of the pool: the first says by how much.
+                let held_back = !pool.sites.is_empty() && pool.sites.iter().all(|s| !quota.allows(tenant, s, gpus));
                 if !shared && !held_back {
                     continue;
                 }
                 let why = if position > TOLD_POSITIONS && !held_back {
                     behind.clone()
                 } else {
-                    let (held, max) = pool.site.as_deref().map_or((0, None), |s| quota.of(tenant, s));
+                    let site = pool.sites.first().map_or("", String::as_str);
+                    let (held, max) = quota.of(tenant, site);
                     let mut why = format!("waiting{at}: {} in line", ordinal(position));
-                    if let (Some(site), Some(max), true) = (pool.site.as_deref(), max, held_back) {
+                    if let (Some(max), true) = (max, held_back) {
                         why = format!("{why}; quota: {tenant} holds {held} of max {max} GPUs at {site}");
                     } else if let Some((s, weight)) = pool
                         .tenants

@@ -32,6 +32,8 @@ mod tests;
 #[cfg(test)]
 mod tests_capacity;
 #[cfg(test)]
+mod tests_fair;
+#[cfg(test)]
 mod tests_fleet;
 #[cfg(test)]
 mod tests_store;
