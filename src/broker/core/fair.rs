@@ -96,9 +96,10 @@ impl Core {
                 }
             }
             let mut names: Vec<&str> = jobs.iter().map(|j| j.tenant()).collect();
-            // What each tenant holds in the pool: only worth the walk where tenants share it.
+            // What each tenant holds in the pool: only worth the walk where tenants wait for it
+            // together, or where an attempt might be preempted (by a tenant under its share).
             let mut holds: HashMap<&str, Amount> = HashMap::new();
-            if self.settings.tenants.len() > 1 || names.iter().any(|n| *n != names[0]) {
+            if self.preemptible_jobs > 0 || names.iter().any(|n| *n != names[0]) {
                 for entry in self.agents.values().filter(|e| in_pool(&e.site)) {
                     for ((job_id, _), alloc) in entry.allocations() {
                         let Some(job) = self.jobs.get(job_id) else { continue };

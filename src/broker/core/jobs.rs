@@ -61,6 +61,7 @@ impl Core {
             out.keys.insert((tenant.clone(), key.clone()), (id.clone(), Some(request_sha256.clone())));
         }
         *self.unfinished.entry(tenant.clone()).or_default() += 1;
+        self.preemptible_jobs += usize::from(spec.preemptible);
         let sub = Arc::new(JobSubmission {
             id,
             tenant,
@@ -151,6 +152,7 @@ impl Core {
             if let Some(n) = self.unfinished.get_mut(job.tenant()) {
                 *n = n.saturating_sub(1);
             }
+            self.preemptible_jobs = self.preemptible_jobs.saturating_sub(usize::from(job.spec.preemptible));
             return;
         }
         if state == JobState::Queued {

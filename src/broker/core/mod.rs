@@ -356,6 +356,9 @@ pub struct Core {
     usage: HashMap<String, crate::placement::fair::PastUsage>,
     /// When the reasons of waiting jobs were last refreshed (`fair`).
     explained_at: Option<Instant>,
+    /// Unfinished `preemptible: true` jobs: while there are none, fair share needs no holdings
+    /// of tenants with nothing waiting.
+    preemptible_jobs: usize,
 }
 
 /// The broker's clock for stored timestamps.
@@ -381,6 +384,7 @@ impl Core {
             cloud: capacity::Capacity::default(),
             usage: HashMap::new(),
             explained_at: None,
+            preemptible_jobs: 0,
         }
     }
 
@@ -410,6 +414,7 @@ impl Core {
                 core.queue.insert((Reverse(job.sub.priority), job.sub.id.clone()));
             }
             *core.unfinished.entry(job.sub.tenant.clone()).or_default() += 1;
+            core.preemptible_jobs += usize::from(job.spec.preemptible);
             core.jobs.insert(job.sub.id.clone(), job);
         }
         if !core.agents.is_empty() && core.settings.placer.enabled() {
