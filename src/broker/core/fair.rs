@@ -1,6 +1,7 @@
 //! Fair share in the core: the order `bind` takes queued jobs in (per site with placement on, one
 //! pool of every agent without), per-tenant GPU quotas, the tenants' decayed usage (accrued as
-//! attempts end; kept in memory, so a restarted broker starts everyone at 0), why a waiting job
+//! attempts end, plus what running attempts used so far; kept in memory, so a restarted broker
+//! starts everyone at 0), why a waiting job
 //! waits (its status reason), and preemption of `preemptible: true` attempts for a waiting job.
 //! The choices themselves are the pure functions of `placement::fair`.
 
@@ -13,7 +14,7 @@ use crate::model::state::JobState;
 use crate::placement::bind::FreeCapacity;
 use crate::placement::fair::preempt::{AgentRoom, Running, Wanting, Why, choose_victims};
 use crate::placement::fair::{
-    Amount, DEFAULT_MAX_PRIORITY, FairOrder, GpuQuota, Standing, Tenant, Waiting, fair_order,
+    Amount, DEFAULT_MAX_PRIORITY, FairOrder, GpuQuota, PastUsage, Standing, Tenant, Waiting, fair_order,
 };
 use crate::store::Write;
 
@@ -96,9 +97,11 @@ impl Core {
                 }
             }
             let mut names: Vec<&str> = jobs.iter().map(|j| j.tenant()).collect();
-            // What each tenant holds in the pool: only worth the walk where tenants wait for it
-            // together, or where an attempt might be preempted (by a tenant under its share).
-            let mut holds: HashMap<&str, Amount> = HashMap::new();
+            // What each tenant holds in the pool, and the usage of its running attempts so far:
+            // only worth the walk where tenants wait for it together, or where an attempt might
+            // be preempted (by a tenant under its share).
+            let half_life = self.settings.placer.fair.half_life;
+            let mut holds: HashMap<&str, (Amount, Amount)> = HashMap::new();
             if self.preemptible_jobs > 0 || names.iter().any(|n| *n != names[0]) {
                 for entry in self.agents.values().filter(|e| in_pool(&e.site)) {
                     for ((job_id, _), alloc) in entry.allocations() {
@@ -108,8 +111,13 @@ impl Core {
                             cpus: f64::from(alloc.cpus),
                             memory_gib: alloc.memory_mib as f64 / 1024.0,
                         };
-                        let sum = holds.entry(job.tenant()).or_default();
+                        let ran =
+                            job.attempt_started.map_or(Duration::ZERO, |t| self.now.at.saturating_duration_since(t));
+                        let mut running = PastUsage::default();
+                        running.add_run(held, ran, self.now.ms, half_life);
+                        let (sum, used) = holds.entry(job.tenant()).or_default();
                         *sum = sum.plus(held);
+                        *used = used.plus(running.hours(self.now.ms, half_life));
                     }
                 }
             }
@@ -120,9 +128,9 @@ impl Core {
                 .iter()
                 .map(|name| {
                     let (weight, max_priority, _) = self.tenant_rules(name);
-                    let past = self.usage.get(*name).map(|u| u.hours(self.now.ms, self.settings.placer.fair.half_life));
-                    let holds = holds.get(name).copied().unwrap_or_default();
-                    Tenant { weight, max_priority, holds, past: past.unwrap_or_default(), ..Tenant::new(name) }
+                    let past = self.usage.get(*name).map_or(Amount::default(), |u| u.hours(self.now.ms, half_life));
+                    let (holds, running) = holds.get(name).copied().unwrap_or_default();
+                    Tenant { weight, max_priority, holds, past: past.plus(running), ..Tenant::new(name) }
                 })
                 .collect();
             let waiting = jobs

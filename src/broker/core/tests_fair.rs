@@ -90,3 +90,35 @@ fn a_job_that_is_not_preemptible_or_of_equal_priority_is_never_preempted() {
     h.now = h.now.after(Duration::from_secs(3600));
     assert!(preempted(&h.heartbeat("a", 1), "lab/a").is_empty());
 }
+
+/// Submits `yaml` for `tenant`; the new job's id.
+fn submit_as(h: &mut Harness, tenant: &str, yaml: &str) -> String {
+    let (cmd, rx) = super::tests::submit_cmd(yaml, None);
+    let Cmd::Submit(mut submit) = cmd else { unreachable!() };
+    submit.tenant = tenant.into();
+    h.step(vec![Cmd::Submit(submit)]);
+    super::tests::reply(rx).unwrap().0
+}
+
+#[test]
+fn a_tenant_under_its_share_preempts_one_that_used_the_pool_for_hours() {
+    let mut s = settings(K1);
+    let mut globex = s.tenants["acme"].clone();
+    globex.name = "globex".into();
+    s.tenants.insert("globex".into(), globex);
+    let now = Now::system();
+    let mut h = Harness { core: Core::new(s, now), now };
+    h.connect_with("a", 1, gpus(1), vec![]);
+    let hog = submit_as(&mut h, "globex", &one_gpu_job("hog", 0, true));
+    h.report("a", 1, report(&hog, 1, Phase::Running, None));
+    let waiting = submit_as(&mut h, "acme", &one_gpu_job("fair", 0, false));
+    // After the minimum runtime, one GPU-hour-ish of globex's is not yet worth swapping for.
+    h.now = h.now.after(Duration::from_secs(11 * 60));
+    assert!(preempted(&h.heartbeat("a", 1), "lab/a").is_empty(), "the swap would turn the order round");
+    assert!(h.job(&waiting).reason.contains("1st in line"), "{}", h.job(&waiting).reason);
+    // Hours later globex has used far more than acme: its job is preempted for acme's.
+    h.now = h.now.after(Duration::from_secs(3 * 3600));
+    let stops = preempted(&h.heartbeat("a", 1), "lab/a");
+    let why = format!("by the broker for job {waiting}: tenant acme is under its fair share, globex over");
+    assert_eq!(stops, [(hog, 1, why)]);
+}
