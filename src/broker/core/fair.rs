@@ -228,18 +228,24 @@ impl Core {
     /// per pool (none while an earlier one is still stopping).
     pub(super) fn preempt_for_waiting(&mut self, pools: &[PoolOrder], out: &mut Effects) {
         let rules = self.settings.placer.fair;
+        if self.preemptible_jobs == 0 {
+            return;
+        }
         for pool in pools {
+            if pool.order.is_empty() {
+                continue;
+            }
             let in_pool = |site: &str| pool.site.as_deref().is_none_or(|p| p == site);
             let mut rooms: Vec<(String, AgentRoom<String>)> = Vec::new();
             let mut stopping = false;
             for entry in self.agents.values().filter(|e| e.takes_work() && in_pool(&e.site)) {
                 let mut running = Vec::new();
+                let models: HashMap<u32, &str> =
+                    entry.inventory.gpus.iter().map(|g| (g.index, g.model.as_str())).collect();
                 for ((job_id, epoch), alloc) in entry.allocations() {
                     let Some(job) = self.jobs.get(job_id).filter(|j| j.life.epoch == *epoch) else { continue };
                     stopping |= job.preempting;
                     let Some(tenant) = pool.tenants.iter().position(|t| t.name == job.tenant()) else { continue };
-                    let models: HashMap<u32, &str> =
-                        entry.inventory.gpus.iter().map(|g| (g.index, g.model.as_str())).collect();
                     running.push(Running {
                         key: job_id.clone(),
                         tenant,
