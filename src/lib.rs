@@ -5,7 +5,8 @@
 //! - [`model`]: domain types, pure: the job spec, lifecycle, GPUs, identities, sites, prices, job
 //!   data and presigned requests, the one `RetryPolicy`.
 //! - [`placement`]: pure: the placement engine (the cheapest allowed site, typed rejections) and
-//!   the one binding loop of jobs to agents' free resources.
+//!   the one binding loop of jobs to agents' free resources; fair share between tenants (the
+//!   queue order, GPU quotas, preemption victims).
 //! - [`private_files`]: owner-only modes for the store, the local object store and private keys;
 //!   atomic address files. [`telemetry`]: logs, traces, OTLP export.
 //! - [`metrics`]: the Prometheus registry (lock-free per update), `process_*`, each service's

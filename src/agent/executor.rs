@@ -84,6 +84,8 @@ pub struct Launch {
     pub sandbox: Option<SandboxLaunch>,
     /// The node's spot interruption notice, once there is one (`None`: not a spot watcher).
     pub preempt: Option<watch::Receiver<Option<SpotNotice>>>,
+    /// The broker's order to preempt this attempt, once given: handled like a spot notice.
+    pub preempt_order: Option<watch::Receiver<Option<SpotNotice>>>,
 }
 
 /// How to start an attempt in its sandbox: `hybroker sandbox-init` with a spec, in its cgroup.
@@ -189,12 +191,13 @@ pub async fn run(launch: Launch, output: mpsc::Sender<Vec<u8>>, mut cancel: watc
     let streams = Streams::start(&mut child, log, output);
 
     let deadline = Instant::now().checked_add(launch.max_runtime);
-    let mut preempt = launch.preempt.clone();
+    let (mut preempt, mut ordered) = (launch.preempt.clone(), launch.preempt_order.clone());
     let stop = tokio::select! {
         status = child.wait() => Stop::Exited(status),
         () = until(deadline) => Stop::TimedOut,
         () = cancelled(&mut cancel) => Stop::Cancelled,
         notice = preempted(&mut preempt) => Stop::Preempted(notice),
+        notice = preempted(&mut ordered) => Stop::Preempted(notice),
     };
     let outcome = match stop {
         Stop::Exited(status) => exited(status),
@@ -214,7 +217,7 @@ pub async fn run(launch: Launch, output: mpsc::Sender<Vec<u8>>, mut cancel: watc
             if let Stop::Preempted(notice) = &stop {
                 let latency_ms = notice.seen_at.elapsed().as_secs_f64() * 1000.0;
                 tracing::info!(job = %launch.job_id, attempt = launch.attempt, latency_ms, deadline = %notice.deadline_rfc3339(),
-                    "spot interruption notice: SIGTERM sent to the attempt");
+                    reason = %notice.reason(), "preempted: SIGTERM sent to the attempt");
             }
             tokio::select! {
                 _ = child.wait() => {}

@@ -16,6 +16,7 @@ fn launch(dir: &Path, argv: &[&str]) -> Launch {
         grace: Duration::from_millis(200),
         sandbox: None,
         preempt: None,
+        preempt_order: None,
     }
 }
 
@@ -195,6 +196,7 @@ fn notice(after: Duration) -> SpotNotice {
         deadline: std::time::SystemTime::now() + after,
         event_id: None,
         seen_at: StdInstant::now(),
+        by_broker: None,
     }
 }
 
@@ -227,6 +229,38 @@ async fn a_spot_notice_writes_the_deadline_then_terms_the_group() {
     assert!(!out.contains("early"), "no deadline before the notice: {out}");
     let file = l.work_dir.join(AGENT_FILES_DIR).join(PREEMPT_FILE);
     assert_eq!(std::fs::read_to_string(file).unwrap(), format!("{}\n", n.deadline_rfc3339()));
+}
+
+#[tokio::test]
+async fn the_brokers_order_to_preempt_stops_the_attempt_like_a_notice_with_the_brokers_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = r#"trap 'echo "term: $(cat "$HYBROKER_PREEMPT_FILE")"; exit 0' TERM
+        echo ready; while :; do sleep 0.05; done"#;
+    let mut l = launch(dir.path(), &["sh", "-c", script]);
+    // The node's spot watch says nothing; the broker's order for this attempt does.
+    let (_spot_tx, spot_rx) = watch::channel(None);
+    let (order_tx, order_rx) = watch::channel(None);
+    (l.preempt, l.preempt_order) = (Some(spot_rx), Some(order_rx));
+    let (tx, mut rx) = mpsc::channel(4);
+    let (_cancel_tx, cancel_rx) = watch::channel(false);
+    let task = tokio::spawn(run(l, tx, cancel_rx));
+    assert_eq!(rx.recv().await.unwrap(), b"ready\n");
+    let order = SpotNotice {
+        by_broker: Some("by the broker for job j2: a higher priority".into()),
+        ..notice(Duration::from_secs(5))
+    };
+    order_tx.send_replace(Some(order.clone()));
+    let mut out = Vec::new();
+    let ended = async {
+        while let Some(chunk) = rx.recv().await {
+            out.extend(chunk);
+        }
+        task.await.unwrap()
+    };
+    let outcome = timeout(Duration::from_secs(20), ended).await.expect("stopped by the order");
+    assert_eq!(outcome, Outcome::Preempted("by the broker for job j2: a higher priority".into()));
+    let out = String::from_utf8(out).unwrap();
+    assert!(out.lines().any(|l| l == format!("term: {}", order.deadline_rfc3339())), "{out}");
 }
 
 #[tokio::test]

@@ -57,6 +57,8 @@ pub struct SpotNotice {
     pub event_id: Option<String>,
     /// When the agent's poll saw it.
     pub seen_at: Instant,
+    /// Set when the broker preempted the attempt (fair share or a higher priority): its reason.
+    pub by_broker: Option<String>,
 }
 
 impl SpotNotice {
@@ -67,7 +69,10 @@ impl SpotNotice {
 
     /// The reason an attempt it ended reports.
     pub fn reason(&self) -> String {
-        format!("spot interruption notice: {} at {}", self.action, self.deadline_rfc3339())
+        match &self.by_broker {
+            Some(reason) => reason.clone(),
+            None => format!("spot interruption notice: {} at {}", self.action, self.deadline_rfc3339()),
+        }
     }
 
     /// Time left before the deadline, from `now` (zero once it passed).
@@ -186,7 +191,13 @@ impl MetadataClient {
                     .map_err(|e| MetadataError::Invalid { url: url.clone(), why: e.to_string() })?;
                 let deadline = humantime::parse_rfc3339_weak(a.time.trim())
                     .map_err(|e| MetadataError::Invalid { url, why: format!("time {:?}: {e}", a.time) })?;
-                Ok(Some(SpotNotice { action: a.action, deadline, event_id: None, seen_at: Instant::now() }))
+                Ok(Some(SpotNotice {
+                    action: a.action,
+                    deadline,
+                    event_id: None,
+                    seen_at: Instant::now(),
+                    by_broker: None,
+                }))
             }
             CloudKind::Azure => {
                 let url = format!("{}{AZURE_EVENTS}", self.base);
@@ -298,6 +309,7 @@ impl ScheduledEvents {
             deadline,
             event_id: Some(e.event_id.clone()),
             seen_at: Instant::now(),
+            by_broker: None,
         })
     }
 }
@@ -328,6 +340,7 @@ mod tests {
             deadline: SystemTime::UNIX_EPOCH + Duration::from_secs(100),
             event_id: None,
             seen_at: Instant::now(),
+            by_broker: None,
         };
         assert_eq!(notice.time_left(SystemTime::UNIX_EPOCH + Duration::from_secs(40)), Duration::from_secs(60));
         assert_eq!(notice.time_left(SystemTime::UNIX_EPOCH + Duration::from_secs(400)), Duration::ZERO);

@@ -33,6 +33,7 @@ use crate::proto::{self, agent_service_client::AgentServiceClient};
 use crate::tls;
 use executor::{Launch, Outcome};
 use gpu::GpuProbe;
+use metadata::SpotNotice;
 
 /// What an attempt's task tells the agent.
 #[derive(Debug)]
@@ -64,6 +65,8 @@ impl Ended {
 struct Attempt {
     report: AttemptReport,
     cancel: watch::Sender<bool>,
+    /// The broker's order to preempt it (a notice with the grace period as its deadline).
+    preempt: watch::Sender<Option<SpotNotice>>,
 }
 
 /// The agent's state, kept across broker sessions.
@@ -233,19 +236,20 @@ impl Agent {
             staging: None,
         };
         let (cancel, cancel_rx) = watch::channel(false);
+        let (preempt, preempt_rx) = watch::channel(None);
         // One NVML probe per assignment, for both the devices' names and their nodes.
         let gpus = self.probe.gpus();
         match self.cuda_devices(&gpus, &a.gpu_indices) {
             Ok(devices) => {
                 let nodes = self.gpu_nodes(&gpus, &a.gpu_indices);
-                self.spawn(a, devices, nodes, cancel_rx)
+                self.spawn(a, devices, nodes, cancel_rx, preempt_rx)
             }
             Err(reason) => {
                 report.phase = Phase::Failed;
                 report.reason = reason;
             }
         }
-        self.attempts.insert(key, Attempt { report: report.clone(), cancel });
+        self.attempts.insert(key, Attempt { report: report.clone(), cancel, preempt });
         self.publish_running();
         Some(report)
     }
@@ -294,6 +298,7 @@ impl Agent {
         cuda_visible_devices: String,
         gpu_nodes: Vec<(u32, PathBuf)>,
         cancel: watch::Receiver<bool>,
+        preempt_order: watch::Receiver<Option<SpotNotice>>,
     ) {
         let work_dir: PathBuf = self.config.agent.work_dir.join(&a.job_id).join(format!("attempt-{}", a.attempt));
         let data = attempt::AttemptData::from_assignment(&a);
@@ -319,6 +324,7 @@ impl Agent {
             grace: executor::DEFAULT_GRACE,
             sandbox: None,
             preempt: self.spot.as_ref().map(|notices| notices.subscribe()),
+            preempt_order: Some(preempt_order),
         };
         let (staging, events) = (self.staging.clone(), self.events.clone());
         tokio::spawn(async move {
@@ -378,8 +384,21 @@ impl Agent {
 
     fn stop(&mut self, s: &proto::StopAttempt) {
         if let Some(a) = self.attempts.get(&(s.job_id.clone(), s.epoch)) {
-            tracing::info!(job = s.job_id, epoch = s.epoch, reason = s.reason, "stopping attempt");
-            let _ = a.cancel.send(true);
+            if s.preempt {
+                // Like a spot notice: SIGTERM, the grace period, the checkpoint saved, `preempted`.
+                tracing::info!(job = s.job_id, epoch = s.epoch, reason = s.reason, "preempting attempt");
+                let notice = SpotNotice {
+                    action: "preempt".into(),
+                    deadline: std::time::SystemTime::now() + executor::DEFAULT_GRACE,
+                    event_id: None,
+                    seen_at: std::time::Instant::now(),
+                    by_broker: Some(s.reason.clone()),
+                };
+                a.preempt.send_replace(Some(notice));
+            } else {
+                tracing::info!(job = s.job_id, epoch = s.epoch, reason = s.reason, "stopping attempt");
+                let _ = a.cancel.send(true);
+            }
         }
     }
 

@@ -247,8 +247,8 @@ impl From<AgentMessage> for Out {
                 })
             }
             AgentMessage::Assign(a) => Out::Assign(a.into()),
-            AgentMessage::Stop(StopAttempt { job_id, attempt, epoch, reason }) => {
-                Out::Stop(proto::StopAttempt { job_id, attempt, epoch, reason })
+            AgentMessage::Stop(StopAttempt { job_id, attempt, epoch, reason, preempt }) => {
+                Out::Stop(proto::StopAttempt { job_id, attempt, epoch, reason, preempt })
             }
             AgentMessage::Ack { job_id, epoch } => Out::Ack(proto::Ack { job_id, epoch }),
             AgentMessage::Reconnect { after, reason } => Out::Reconnect(proto::Reconnect {

@@ -17,6 +17,7 @@ use crate::model::price::PriceSnapshot;
 use crate::model::site::{Site, SiteKind, StorageLocation};
 use crate::placement::bind::FreeCapacity;
 use crate::placement::engine::{self, Decision};
+use crate::placement::fair::FairRules;
 use crate::placement::request::{PlacementJob, PlacementPolicy};
 use crate::placement::wait::Profile;
 use crate::placement::world::{SiteCapacity, SiteState, Unavailable, World};
@@ -37,6 +38,8 @@ pub struct Placer {
     data_world: World,
     pub replace_after: Duration,
     price_max_age: Duration,
+    /// Fair share and preemption (`[placement]`); they apply with or without sites.
+    pub fair: FairRules,
 }
 
 impl Placer {
@@ -71,6 +74,11 @@ impl Placer {
             data_world,
             replace_after: config.placement.replace_after.0,
             price_max_age: config.placement.price_max_age.0,
+            fair: FairRules {
+                half_life: config.placement.fair_share_half_life.0,
+                preempt_min_runtime: config.placement.preempt_min_runtime.0,
+                max_preemptions: config.placement.max_preemptions,
+            },
         }
     }
 
@@ -85,6 +93,7 @@ impl Placer {
             data_world: data_world(&[]),
             replace_after: Duration::from_secs(600),
             price_max_age: Duration::from_secs(3600),
+            fair: FairRules::default(),
         }
     }
 

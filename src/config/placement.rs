@@ -112,6 +112,13 @@ pub struct PlacementSection {
     /// Fair share forgets past usage with this half-life.
     #[serde(default = "default_fair_share_half_life")]
     pub fair_share_half_life: HumanDuration,
+    /// A running attempt of a `preemptible: true` job may be preempted (fair share, or a higher
+    /// priority of its tenant) only after it ran this long.
+    #[serde(default = "default_preempt_min_runtime")]
+    pub preempt_min_runtime: HumanDuration,
+    /// A job is preempted at most this many times; then it runs to its end.
+    #[serde(default = "default_max_preemptions")]
+    pub max_preemptions: u32,
     /// The instance catalog file (default: the one built in, `config/catalog/instance-types.json`).
     #[serde(default)]
     pub catalog: Option<PathBuf>,
@@ -123,6 +130,14 @@ fn default_delay_usd_per_hour() -> f64 {
 
 fn default_fair_share_half_life() -> HumanDuration {
     Duration::from_secs(24 * 3600).into()
+}
+
+fn default_preempt_min_runtime() -> HumanDuration {
+    Duration::from_secs(10 * 60).into()
+}
+
+fn default_max_preemptions() -> u32 {
+    3
 }
 
 fn default_replace_after() -> HumanDuration {
@@ -140,6 +155,8 @@ impl Default for PlacementSection {
             price_max_age: default_price_max_age(),
             delay_usd_per_hour: default_delay_usd_per_hour(),
             fair_share_half_life: default_fair_share_half_life(),
+            preempt_min_runtime: default_preempt_min_runtime(),
+            max_preemptions: default_max_preemptions(),
             catalog: None,
         }
     }

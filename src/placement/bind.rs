@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use super::fair::GpuQuota;
 use crate::model::job::Resources;
 
 /// One agent's free resources, as the dispatcher sees them.
@@ -71,6 +72,16 @@ pub fn bind_in_order<'a, K>(
     agents: Vec<(&'a str, FreeCapacity)>,
     jobs: impl IntoIterator<Item = (K, Wanted<'a>)>,
 ) -> Vec<(K, Binding)> {
+    bind_in_order_within(agents, jobs, &mut GpuQuota::none())
+}
+
+/// [`bind_in_order`] where no tenant takes more GPUs at a site than its quota allows; what is
+/// bound is held in `quota` too.
+pub fn bind_in_order_within<'a, K>(
+    agents: Vec<(&'a str, FreeCapacity)>,
+    jobs: impl IntoIterator<Item = (K, Wanted<'a>)>,
+    quota: &mut GpuQuota,
+) -> Vec<(K, Binding)> {
     let (sites, mut free): (Vec<&str>, Vec<FreeCapacity>) = agents.into_iter().unzip();
     // Agents by site, built when the first job names a site (plain first fit never does).
     let mut by_site: Option<HashMap<&str, Vec<usize>>> = None;
@@ -94,9 +105,13 @@ pub fn bind_in_order<'a, K>(
                 by_site.get(site).map_or(&[][..], Vec::as_slice)
             }
         };
-        let found =
-            candidates.iter().find_map(|&i| fit(wanted.tenant, wanted.resources, &free[i]).map(|gpus| (i, gpus)));
+        let gpus = wanted.resources.gpus;
+        let found = candidates
+            .iter()
+            .filter(|&&i| quota.allows(wanted.tenant, sites[i], gpus))
+            .find_map(|&i| fit(wanted.tenant, wanted.resources, &free[i]).map(|gpus| (i, gpus)));
         let Some((agent, gpu_indices)) = found else { continue };
+        quota.hold(wanted.tenant, sites[agent], gpus);
         let f = &mut free[agent];
         let had_cpus = f.cpus > 0;
         book(f, wanted.resources, &gpu_indices);
@@ -193,6 +208,24 @@ mod tests {
         let jobs = (0..5).map(|i| (i, Wanted { tenant: "acme", resources: &one, site: None }));
         let bound = bind_in_order(vec![("lab", agent(&[], 2, 8))], jobs);
         assert_eq!(bound.iter().map(|(k, _)| *k).collect::<Vec<_>>(), [0, 1]);
+    }
+
+    #[test]
+    fn a_tenant_at_its_quota_gets_no_more_gpus_at_that_site() {
+        let agents = vec![
+            ("lab", agent(&[(0, "H100-80GB"), (1, "H100-80GB")], 8, 32)),
+            ("cloud", agent(&[(0, "H100-80GB")], 8, 32)),
+        ];
+        let gpu = job(1, &[], 1, 1);
+        let mut quota = GpuQuota::none();
+        quota.limit("acme", 1);
+        let jobs = [("a1", "acme"), ("a2", "acme"), ("g1", "globex")]
+            .map(|(k, tenant)| (k, Wanted { tenant, resources: &gpu, site: None }));
+        let bound: Vec<(&str, usize)> =
+            bind_in_order_within(agents, jobs, &mut quota).into_iter().map(|(k, b)| (k, b.agent)).collect();
+        // acme's second job goes to the next site; globex has no quota.
+        assert_eq!(bound, [("a1", 0), ("a2", 1), ("g1", 0)]);
+        assert_eq!(quota.of("acme", "lab"), (1, Some(1)));
     }
 
     proptest! {

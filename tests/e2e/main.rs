@@ -18,6 +18,7 @@ mod deploy;
 mod ec2_proxy;
 mod emulators;
 mod enrol;
+mod fair_share;
 mod fleet_admin;
 mod gateway;
 mod handshakes;

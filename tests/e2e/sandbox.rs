@@ -449,6 +449,7 @@ async fn sandbox_overhead() {
         grace: Duration::from_secs(1),
         sandbox: None,
         preempt: None,
+        preempt_order: None,
     };
     let (_cancel_tx, cancel) = tokio::sync::watch::channel(false);
     let mut plain = Vec::with_capacity(RUNS);

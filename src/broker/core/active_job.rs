@@ -51,6 +51,8 @@ pub(super) struct ActiveJob {
     pub trace: opentelemetry::Context,
     /// The current attempt's dispatch span: the parent of the attempt's end.
     pub dispatched: opentelemetry::Context,
+    /// The broker told its agent to preempt its current attempt (not yet reported).
+    pub preempting: bool,
 }
 
 impl ActiveJob {
@@ -93,6 +95,7 @@ impl ActiveJob {
             next_placement: None,
             replan_at: None,
             dispatched: opentelemetry::Context::new(),
+            preempting: false,
         })
     }
 
@@ -171,6 +174,18 @@ impl ActiveJob {
             attempt: self.life.attempts,
             epoch: self.life.epoch,
             reason: reason.to_string(),
+            preempt: false,
+        })
+    }
+
+    /// Preempt its current attempt: the agent stops it like a spot notice (checkpoint saved).
+    pub fn preempt(&self, reason: &str) -> AgentMessage {
+        AgentMessage::Stop(StopAttempt {
+            job_id: self.sub.id.clone(),
+            attempt: self.life.attempts,
+            epoch: self.life.epoch,
+            reason: reason.to_string(),
+            preempt: true,
         })
     }
 }

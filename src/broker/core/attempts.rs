@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use super::active_job::ActiveJob;
+use super::fair::preempted_by_broker;
 use super::fleet::{AgentEntry, Alloc};
 use super::jobs::staged;
 use super::messages::{AgentMessage, StopAttempt};
@@ -175,7 +176,7 @@ impl Core {
                 out.send(agent, AgentMessage::Ack { job_id: r.job_id, epoch: r.epoch });
             } else {
                 let reason = "stale attempt: the job moved on".to_string();
-                let stop = StopAttempt { job_id: r.job_id, attempt: r.attempt, epoch: r.epoch, reason };
+                let stop = StopAttempt { job_id: r.job_id, attempt: r.attempt, epoch: r.epoch, reason, preempt: false };
                 out.send(agent, AgentMessage::Stop(stop));
             }
             return;
@@ -211,12 +212,15 @@ impl Core {
                     out.send(agent, AgentMessage::Ack { job_id: r.job_id.clone(), epoch: r.epoch });
                 }
                 let reason = if r.phase == Phase::Preempted {
-                    // The instance is going away: no new work for its agent.
-                    let _ = self.set_draining(agent, true, "spot interruption notice", out);
-                    // Its pool is left out for a while: the job goes on-demand or elsewhere.
-                    if let Some(chosen) = job.decision.as_ref().and_then(|d| d.chosen.clone()) {
-                        self.pool_interrupted(&chosen.site, &chosen.offer);
+                    if !job.preempting && !preempted_by_broker(&r.reason) {
+                        // The instance is going away: no new work for its agent.
+                        let _ = self.set_draining(agent, true, "spot interruption notice", out);
+                        // Its pool is left out for a while: the job goes on-demand or elsewhere.
+                        if let Some(chosen) = job.decision.as_ref().and_then(|d| d.chosen.clone()) {
+                            self.pool_interrupted(&chosen.site, &chosen.offer);
+                        }
                     }
+                    job.preempting = false;
                     job.tail = Tail::new(self.settings.log_tail_bytes);
                     format!(
                         "{reason}; placed again (attempt {} not counted: {} of max_attempts {} used)",
@@ -257,7 +261,7 @@ impl Core {
             out.send(agent, AgentMessage::Ack { job_id: r.job_id, epoch: r.epoch });
         } else {
             let reason = "not this agent's attempt: it is leased to another agent".to_string();
-            let stop = StopAttempt { job_id: r.job_id, attempt: r.attempt, epoch: r.epoch, reason };
+            let stop = StopAttempt { job_id: r.job_id, attempt: r.attempt, epoch: r.epoch, reason, preempt: false };
             out.send(agent, AgentMessage::Stop(stop));
         }
     }

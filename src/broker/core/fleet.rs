@@ -129,6 +129,11 @@ impl AgentEntry {
         self.allocs.contains_key(&(job_id.to_string(), epoch))
     }
 
+    /// What each attempt holds here: (job id, epoch) → its allocation.
+    pub fn allocations(&self) -> impl Iterator<Item = (&(String, u64), &Alloc)> {
+        self.allocs.iter()
+    }
+
     /// The attempts holding resources here: (job id, epoch).
     pub fn attempts(&self) -> impl Iterator<Item = &(String, u64)> {
         self.allocs.keys()

@@ -61,6 +61,7 @@ impl Core {
             out.keys.insert((tenant.clone(), key.clone()), (id.clone(), Some(request_sha256.clone())));
         }
         *self.unfinished.entry(tenant.clone()).or_default() += 1;
+        self.preemptible_jobs += usize::from(spec.preemptible);
         let sub = Arc::new(JobSubmission {
             id,
             tenant,
@@ -95,6 +96,7 @@ impl Core {
             replan_at: None,
             trace: trace_parent,
             dispatched: opentelemetry::Context::new(),
+            preempting: false,
         };
         let submitted = match &job.data {
             Some(d) if !d.inputs.is_empty() => {
@@ -151,6 +153,7 @@ impl Core {
             if let Some(n) = self.unfinished.get_mut(job.tenant()) {
                 *n = n.saturating_sub(1);
             }
+            self.preemptible_jobs = self.preemptible_jobs.saturating_sub(usize::from(job.spec.preemptible));
             return;
         }
         if state == JobState::Queued {
@@ -190,6 +193,7 @@ impl Core {
         out: &mut Effects,
     ) {
         let cost_usd = self.accrue(job);
+        self.accrue_usage(job);
         metrics::attempt_ended(job, cost_usd, staging);
         trace::attempt_ended(job, state, exit_code, reason, cost_usd);
         out.batch.push(Write::EndAttempt(AttemptEnd {

@@ -72,4 +72,6 @@ pub struct StopAttempt {
     pub attempt: u32,
     pub epoch: u64,
     pub reason: String,
+    /// Preempted (fair share or a higher priority): stopped like a spot notice, checkpoint saved.
+    pub preempt: bool,
 }

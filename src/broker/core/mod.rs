@@ -15,6 +15,7 @@ mod active_job;
 mod attempts;
 mod capacity;
 mod driver;
+mod fair;
 mod fleet;
 mod jobs;
 mod messages;
@@ -31,6 +32,8 @@ mod waits;
 mod tests;
 #[cfg(test)]
 mod tests_capacity;
+#[cfg(test)]
+mod tests_fair;
 #[cfg(test)]
 mod tests_fleet;
 #[cfg(test)]
@@ -350,6 +353,13 @@ pub struct Core {
     tokens: tokens::Tokens,
     /// Launches of capacity providers and pools left out of placement (`capacity`).
     cloud: capacity::Capacity,
+    /// Each tenant's decayed usage, for fair share (`fair`); in memory only.
+    usage: HashMap<String, crate::placement::fair::PastUsage>,
+    /// When the reasons of waiting jobs were last refreshed (`fair`).
+    explained_at: Option<Instant>,
+    /// Unfinished `preemptible: true` jobs: while there are none, fair share needs no holdings
+    /// of tenants with nothing waiting.
+    preemptible_jobs: usize,
 }
 
 /// The broker's clock for stored timestamps.
@@ -373,6 +383,9 @@ impl Core {
             stopping: None,
             tokens: tokens::Tokens::default(),
             cloud: capacity::Capacity::default(),
+            usage: HashMap::new(),
+            explained_at: None,
+            preemptible_jobs: 0,
         }
     }
 
@@ -402,6 +415,7 @@ impl Core {
                 core.queue.insert((Reverse(job.sub.priority), job.sub.id.clone()));
             }
             *core.unfinished.entry(job.sub.tenant.clone()).or_default() += 1;
+            core.preemptible_jobs += usize::from(job.spec.preemptible);
             core.jobs.insert(job.sub.id.clone(), job);
         }
         if !core.agents.is_empty() && core.settings.placer.enabled() {

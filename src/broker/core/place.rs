@@ -22,7 +22,7 @@ use crate::error::ApiError;
 use crate::model::data::JobData;
 use crate::model::job::JobSpec;
 use crate::model::state::{Input, JobState};
-use crate::placement::bind::{FreeCapacity, Wanted, bind_in_order};
+use crate::placement::bind::{FreeCapacity, Wanted, bind_in_order_within};
 use crate::placement::engine::{Decision, RejectionKind, Verdict};
 use crate::placement::world::World;
 use crate::store::{AttemptRecord, Write};
@@ -264,35 +264,45 @@ impl Core {
         self.jobs.insert(job_id.to_string(), job);
     }
 
-    /// Binds jobs, by priority then age, to agents with room (first fit): without sites, queued
-    /// jobs to any connected agent that takes work; with sites, placed jobs to their site's agents.
+    /// Binds jobs to agents with room (first fit), in fair order (`fair`: weighted fair share
+    /// between tenants, then capped priority and age within a tenant) and within GPU quotas:
+    /// without sites, queued jobs to any connected agent that takes work (one pool); with sites,
+    /// placed jobs to their site's agents (a pool per site). Jobs left waiting are told why, and
+    /// may preempt running `preemptible` attempts.
     fn bind(&mut self, out: &mut Effects) {
         let placed = self.settings.placer.enabled();
-        let placer = &self.settings.placer;
-        let agents: Vec<(&str, &str)> = self
-            .agents
-            .values()
-            .filter(|e| e.takes_work() && (!placed || placer.knows_site(&e.site)))
-            .map(|e| (e.id.as_str(), e.site.as_str()))
-            .collect();
-        if agents.is_empty() {
+        let placer = self.settings.placer.clone();
+        let takes = |e: &&super::AgentEntry| e.takes_work() && (!placed || placer.knows_site(&e.site));
+        let any_free = self.agents.values().filter(takes).any(|e| e.free().cpus > 0);
+        if !self.fair_due(any_free) {
             return;
         }
-        let free: Vec<(&str, FreeCapacity)> =
-            agents.iter().map(|(id, site)| (*site, self.agents[*id].free())).collect();
-        let jobs = self.queue.iter().filter_map(|(_, job_id)| {
-            let job = &self.jobs[job_id];
-            let site =
-                if placed { Some(job.site.as_deref().filter(|_| job.life.state == JobState::Placed)?) } else { None };
-            Some((job_id.as_str(), Wanted { tenant: job.tenant(), resources: &job.spec.resources, site }))
-        });
-        let bound: Vec<(String, String, Vec<u32>)> = bind_in_order(free, jobs)
-            .into_iter()
-            .map(|(job_id, b)| (job_id.to_string(), agents[b.agent].0.to_string(), b.gpu_indices))
-            .collect();
+        let (pools, quota, bound) = {
+            let agents: Vec<(&str, &str)> =
+                self.agents.values().filter(takes).map(|e| (e.id.as_str(), e.site.as_str())).collect();
+            if agents.is_empty() {
+                return;
+            }
+            let pools = self.fair_pools(placed, &agents);
+            let mut quota = self.gpu_quota();
+            let free: Vec<(&str, FreeCapacity)> =
+                agents.iter().map(|(id, site)| (*site, self.agents[*id].free())).collect();
+            let jobs = pools.iter().flat_map(|p| &p.order).map(|job_id| {
+                let job = &self.jobs[job_id];
+                let site = if placed { job.site.as_deref() } else { None };
+                (job_id.as_str(), Wanted { tenant: job.tenant(), resources: &job.spec.resources, site })
+            });
+            let bound: Vec<(String, String, Vec<u32>)> = bind_in_order_within(free, jobs, &mut quota)
+                .into_iter()
+                .map(|(job_id, b)| (job_id.to_string(), agents[b.agent].0.to_string(), b.gpu_indices))
+                .collect();
+            (pools, quota, bound)
+        };
         for (job_id, agent, gpus) in bound {
             self.lease(&job_id, &agent, gpus, out);
         }
+        self.explain_waiting(&pools, &quota, out);
+        self.preempt_for_waiting(&pools, out);
     }
 
     /// Leases the job's next attempt to `agent` on `gpus` (placing it at the agent's site first,
@@ -312,6 +322,7 @@ impl Core {
         job.agent = Some(agent.to_string());
         job.lease_deadline = Some(self.now.at + self.settings.lease_ttl);
         job.attempt_started = Some(self.now.at);
+        job.preempting = false;
         job.tail = Tail::new(self.settings.log_tail_bytes);
         let (epoch, attempt) = (job.life.epoch, job.life.attempts);
         let resources = &job.spec.resources;
