@@ -60,11 +60,13 @@ impl Core {
     fn world(&self, tenant: &str) -> (World, HashMap<String, SiteWaits>) {
         let now = self.now.at;
         let mut waits = HashMap::new();
+        let orders = self.bind_orders();
         let world = self.settings.placer.world(
             &self.capacity(tenant),
             |site| self.cloud.unavailable(site, now),
             |site| {
-                let w = self.site_waits(&site.name, tenant);
+                let order = orders.get(&site.name).map_or(&[][..], Vec::as_slice);
+                let w = self.site_waits(&site.name, tenant, order);
                 let profile = w.profile.clone();
                 waits.insert(site.name.clone(), w);
                 Some(profile)

@@ -45,9 +45,23 @@ fn need(job: &ActiveJob) -> Need {
 }
 
 impl Core {
+    /// The order jobs placed at each site would bind in now (fair share between tenants, then
+    /// priority and age).
+    pub(super) fn bind_orders(&self) -> HashMap<String, Vec<String>> {
+        let placer = &self.settings.placer;
+        let agents: Vec<(&str, &str)> = self
+            .agents
+            .values()
+            .filter(|e| e.takes_work() && placer.knows_site(&e.site))
+            .map(|e| (e.id.as_str(), e.site.as_str()))
+            .collect();
+        self.fair_pools(true, &agents).into_iter().filter_map(|p| Some((p.site?, p.order))).collect()
+    }
+
     /// The replay of `site` for `tenant`'s world: the site's agents that take work and may run
-    /// the tenant's jobs, and every job placed there and not yet leased.
-    pub(super) fn site_waits(&self, site: &str, tenant: &str) -> SiteWaits {
+    /// the tenant's jobs, and every job placed there and not yet leased, in `order` (the site's
+    /// bind order).
+    pub(super) fn site_waits(&self, site: &str, tenant: &str, order: &[String]) -> SiteWaits {
         let now = self.now.at;
         let nodes = self
             .agents
@@ -71,8 +85,8 @@ impl Core {
             .collect();
         let mut index = HashMap::new();
         let mut waiting = Vec::new();
-        for (_, job_id) in &self.queue {
-            let job = &self.jobs[job_id];
+        for job_id in order {
+            let Some(job) = self.jobs.get(job_id) else { continue };
             if job.life.state == JobState::Placed && job.site.as_deref() == Some(site) {
                 index.insert(job_id.clone(), waiting.len());
                 waiting.push(need(job));
