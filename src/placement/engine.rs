@@ -35,6 +35,10 @@ use crate::model::job::Spot;
 use crate::model::price::Market;
 use crate::model::site::SiteKind;
 
+/// The reason of a site whose nodes could hold the job but are busy, when the world has no
+/// estimate of the wait.
+pub const NO_ESTIMATE: &str = "busy: no node free now and no wait estimate";
+
 /// The job resolved against the world: residency (group, derived?), inputs, output choices, and a
 /// reason that rejects every candidate (an unknown location, an output outside the job's residency,
 /// explicit or derived from its inputs).
@@ -232,8 +236,7 @@ fn site_offer(job: &PlacementJob, world: &World, si: usize, plan: &Plan) -> Resu
         Some(_) => cloud_compute(job, world, si)?,
         None => onprem_compute(job, world, si, now)?,
     };
-    let wait =
-        wait.ok_or_else(|| Rejection::new(RejectionKind::Capacity, "busy: no node free now and no wait estimate"))?;
+    let wait = wait.ok_or_else(|| Rejection::new(RejectionKind::Capacity, NO_ESTIMATE))?;
     check_time(job, world, wait)?;
     offer.wait_s = wait.as_secs();
     offer.ahead = ahead;

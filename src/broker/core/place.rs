@@ -23,7 +23,7 @@ use crate::model::data::JobData;
 use crate::model::job::JobSpec;
 use crate::model::state::{Input, JobState};
 use crate::placement::bind::{FreeCapacity, Wanted, bind_in_order_within};
-use crate::placement::engine::{Decision, RejectionKind, Verdict};
+use crate::placement::engine::{Decision, NO_ESTIMATE, RejectionKind, Verdict};
 use crate::placement::world::World;
 use crate::store::{AttemptRecord, Write};
 
@@ -54,6 +54,19 @@ impl Core {
             entry.1.push(total);
         }
         per_site
+    }
+
+    /// The world `tenant`'s jobs are placed in now without queue-wait estimates: enough for a job
+    /// that some node has room for now, or that no busy site could hold (a decision with
+    /// [`NO_ESTIMATE`] among its reasons needs [`Core::world`]).
+    fn quick_world(&self, tenant: &str) -> World {
+        let now = self.now.at;
+        self.settings.placer.world(
+            &self.capacity(tenant),
+            |site| self.cloud.unavailable(site, now),
+            |_| None,
+            self.now.ms,
+        )
     }
 
     /// The world `tenant`'s jobs are placed in now, and the replay of each site that needs room.
@@ -170,6 +183,8 @@ impl Core {
         let placer = self.settings.placer.clone();
         // Capacity and the world are built only when some job is due (not on every batch); with
         // dedicated nodes, once per tenant (each sees only the nodes that may run its jobs).
+        // The replays (queue-wait estimates) only when a job needs one: most jobs find room now.
+        let mut quick: HashMap<String, World> = HashMap::new();
         let mut worlds: HashMap<String, (World, HashMap<String, SiteWaits>)> = HashMap::new();
         let per_tenant = self.agents.values().any(|e| e.dedicated.is_some());
         let mut decisions: Vec<(String, Decided)> = Vec::new();
@@ -202,16 +217,25 @@ impl Core {
                     }
                 };
             let key = if per_tenant { job.tenant() } else { "" };
-            let (world, waits) = worlds.entry(key.to_string()).or_insert_with(|| self.world(job.tenant()));
-            if let Some(site) = job.site.as_deref().filter(|_| job.life.state == JobState::Placed) {
-                req.waiting_at = waits.get(site).and_then(|w| w.of(site, job_id));
-            }
             // A job retried after "no site can take it" gets a span only when the answer changes.
             let span = job.next_placement.is_none().then(|| trace::place_span(job));
             let started = std::time::Instant::now();
             let decision = {
                 let _entered = span.as_ref().map(Span::enter);
-                placer.place(&req, world)
+                let first = (job.life.state == JobState::Queued).then(|| {
+                    let world = quick.entry(key.to_string()).or_insert_with(|| self.quick_world(job.tenant()));
+                    placer.place(&req, world)
+                });
+                match first.filter(|d| !needs_estimate(d)) {
+                    Some(decision) => decision,
+                    None => {
+                        let (world, waits) = worlds.entry(key.to_string()).or_insert_with(|| self.world(job.tenant()));
+                        if let Some(site) = job.site.as_deref().filter(|_| job.life.state == JobState::Placed) {
+                            req.waiting_at = waits.get(site).and_then(|w| w.of(site, job_id));
+                        }
+                        placer.place(&req, world)
+                    }
+                }
             };
             metrics::decision_time(started.elapsed());
             if job.life.state == JobState::Placed && !forced && !moves(job.site.as_deref(), &decision) {
@@ -380,6 +404,11 @@ pub(super) fn month_start(now: crate::model::UnixMillis) -> crate::model::UnixMi
     let mp = (5 * doy + 2) / 153;
     let day_of_month = doy - (153 * mp + 2) / 5; // 0-based
     (days - day_of_month) * 86_400_000
+}
+
+/// Whether some candidate was rejected only for want of a queue-wait estimate.
+fn needs_estimate(decision: &Decision) -> bool {
+    decision.candidates.iter().any(|c| matches!(&c.verdict, Verdict::Rejected(r) if r.as_str() == NO_ESTIMATE))
 }
 
 /// Whether a replan moves a job waiting at `current`: the site can no longer take it (now every
