@@ -26,11 +26,20 @@ fn quickstart_once_runs_the_samples_and_exits_zero() {
         ("inference-l4", "aws-us-east-1"),
         ("wordcount", "lab-sto"),
         ("finetune-8xh100", "aws-us-east-1"),
+        ("pretrain-4xh100", "lab-sto"),
+        ("sweep-4xh100", "lab-sto"),
     ] {
         let row =
             stdout.lines().find(|l| l.starts_with(sample)).unwrap_or_else(|| panic!("no row for {sample}:\n{stdout}"));
         assert!(row.contains("succeeded") && row.contains(site), "{row}");
     }
+    // Placement that waits: behind pretrain-4xh100, the sweep waits for the lab (cheaper counting
+    // the delay) and the eval, due in 45 minutes, bursts to a cloud.
+    let sweep = stdout.lines().find(|l| l.starts_with("sweep-4xh100")).unwrap();
+    assert!(sweep.contains("wait ~20 min, worth $3.33 of delay, rather than $"), "{sweep}");
+    let eval = stdout.lines().find(|l| l.starts_with("eval-4xh100")).unwrap();
+    assert!(eval.contains("succeeded") && !eval.contains("lab-sto  "), "{eval}");
+    assert!(eval.contains("lab-sto: deadline: wait 1h 19m") && eval.contains("+ run 30m > 45m"), "{eval}");
     assert!(stdout.contains("why inference-l4 ran where it did"), "{stdout}");
     assert!(stdout.contains("rejected: residency: data in eu, site in us"), "{stdout}");
     assert!(stdout.contains("broker (gRPC, mTLS): https://127.0.0.1:"), "{stdout}");

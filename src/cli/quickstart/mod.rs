@@ -13,13 +13,12 @@ use tokio::sync::watch;
 use super::client::explain::decision_table;
 use super::client::follow::{self, Progress};
 use super::client::gateway::Gateway;
-use super::client::spec;
 use crate::config::{
     AgentConfig, AgentSection, BrokerConfig, BrokerSection, BrokerTarget, DedicatedAgent, GatewayConfig,
     GatewaySection, IsolationSetting, LeaseSection, LimitSection, PricesSection, ReconnectSection, StorageCloud,
     StorageConfig, StoreSection, TenantConfig,
 };
-use crate::gateway::api::{AgentList, Job, Submitted};
+use crate::gateway::api::{AgentList, Job};
 use crate::model::capacity::LocalLaunch;
 use crate::model::identity::Role;
 use crate::pki::{self, IssueRequest};
@@ -29,13 +28,15 @@ use crate::proto::admin_service_client::AdminServiceClient;
 use crate::tls::{self, TlsPaths};
 use crate::{agent, broker, gateway};
 
+mod waits;
+
 /// The sample jobs, compiled in so the quickstart works from any directory.
 pub const SAMPLES: &[(&str, &str)] = &[
-    ("examples/hello.yaml", include_str!("../../examples/hello.yaml")),
-    ("examples/train-h100.yaml", include_str!("../../examples/train-h100.yaml")),
-    ("examples/inference-l4.yaml", include_str!("../../examples/inference-l4.yaml")),
-    ("examples/wordcount.yaml", include_str!("../../examples/wordcount.yaml")),
-    ("examples/finetune-8xh100.yaml", include_str!("../../examples/finetune-8xh100.yaml")),
+    ("examples/hello.yaml", include_str!("../../../examples/hello.yaml")),
+    ("examples/train-h100.yaml", include_str!("../../../examples/train-h100.yaml")),
+    ("examples/inference-l4.yaml", include_str!("../../../examples/inference-l4.yaml")),
+    ("examples/wordcount.yaml", include_str!("../../../examples/wordcount.yaml")),
+    ("examples/finetune-8xh100.yaml", include_str!("../../../examples/finetune-8xh100.yaml")),
 ];
 
 /// The input objects of `examples/wordcount.yaml`, put into the local store before it starts.
@@ -163,7 +164,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
 
     let mut sites: Sites = toml::from_str(SITES).expect("the quickstart's sites parse");
     let prices_file = state_dir.join("prices-snapshot.json");
-    std::fs::write(&prices_file, include_str!("../../config/prices/snapshot.json"))?;
+    std::fs::write(&prices_file, include_str!("../../../config/prices/snapshot.json"))?;
 
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -313,14 +314,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
 
     let mut ids = Vec::new();
     for (path, yaml) in SAMPLES {
-        let body = spec::yaml_to_json(yaml).map_err(|e| anyhow::anyhow!("{path}: {e}"))?;
-        let request = gw
-            .request(Method::POST, &["v1", "jobs"], false)
-            .header("content-type", "application/json")
-            .header("Idempotency-Key", format!("quickstart-{path}"))
-            .body(serde_json::to_vec(&body)?);
-        let submitted: Submitted = serde_json::from_value(gw.json(request).await.context(*path)?)?;
-        ids.push(submitted.id);
+        ids.push(waits::submit(&gw, path, yaml).await?);
     }
     let mut all_ok = true;
     let mut outputs = Vec::new();
@@ -341,6 +335,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
         explanations.push((job.name, decision));
     }
     println!();
+    all_ok &= waits::show(&gw, SAMPLE_DEADLINE).await?;
     let mut admin = demo_admin;
     print_capacity(&mut admin).await?;
     println!();
