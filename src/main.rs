@@ -107,6 +107,8 @@ fn main() -> anyhow::Result<()> {
             Command::Broker { config, addr_file, enroll_addr_file } => {
                 let config = BrokerConfig::load(&config)?;
                 let tracing = traced(format, "broker", &config.telemetry, &config.tls.cert)?;
+                let catalog = config.placement.install_catalog().map_err(anyhow::Error::msg)?;
+                tracing::info!(as_of = catalog.as_of(), types = catalog.types().len(), "instance catalog");
                 if let Err(e) = bench::raise_open_file_limit() {
                     tracing::warn!("could not raise the open-file limit: {e}");
                 }

@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use super::storage::StorageConfig;
 use super::tenants::TenantConfig;
+use crate::model::catalog::{self, Catalog};
 use crate::model::duration::HumanDuration;
 use crate::model::site::{ResidencyGroup, Site};
 
@@ -133,6 +134,24 @@ fn default_price_max_age() -> HumanDuration {
     Duration::from_secs(6 * 3600).into()
 }
 
+impl PlacementSection {
+    /// The catalog `catalog` names, read and checked; `None` when the built-in one is meant.
+    pub fn load_catalog(&self) -> Result<Option<Catalog>, String> {
+        let Some(path) = &self.catalog else { return Ok(None) };
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        Catalog::parse(&text).map(Some).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Makes the configured catalog the process's (at start, before the first placement); the
+    /// one in use after.
+    pub fn install_catalog(&self) -> Result<&'static Catalog, String> {
+        match self.load_catalog()? {
+            Some(c) => catalog::install(c).map_err(|e| e.to_string()),
+            None => Ok(catalog::current()),
+        }
+    }
+}
+
 impl Default for PlacementSection {
     fn default() -> Self {
         Self {
@@ -155,9 +174,14 @@ pub(super) fn placement_problems(
     placement: &PlacementSection,
     problems: &mut Vec<String>,
 ) {
+    let loaded = placement.load_catalog().unwrap_or_else(|e| {
+        problems.push(format!("placement.catalog: {e}"));
+        None
+    });
+    let catalog = loaded.as_ref().unwrap_or_else(|| catalog::current());
     let mut names = std::collections::HashSet::new();
     for (i, site) in sites.iter().enumerate() {
-        for p in site.problems().into_iter().chain(site.residency_problems(residency)) {
+        for p in site.problems_in(catalog).into_iter().chain(site.residency_problems(residency)) {
             problems.push(format!("site[{i}] ({}): {p}", site.name));
         }
         if !names.insert(site.name.as_str()) {
