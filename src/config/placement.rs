@@ -241,3 +241,61 @@ pub(super) fn placement_problems(
         problems.push("placement.fair_share_half_life must be more than 0".into());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::{BrokerConfig, ConfigError, parse_toml};
+
+    const BASE: &str = "[broker]\nlisten = \"127.0.0.1:1\"\n[tls]\nca_cert = \"/nope/a\"\ncert = \"/nope/b\"\nkey = \"/nope/c\"\n\
+                        [store]\npath = \"x.db\"\n[[residency]]\nname = \"eu\"\naws = [\"eu-north-1\", \"eu-west-1\"]\n";
+
+    fn problems(text: &str) -> Vec<String> {
+        let c: BrokerConfig = parse_toml(text, Path::new("t.toml"), []).unwrap();
+        let ConfigError::Invalid { problems, .. } = c.validate(Path::new("t.toml")).unwrap_err() else { panic!() };
+        problems.into_iter().filter(|p| !p.starts_with("tls.")).collect()
+    }
+
+    fn site(region: &str, types: &str) -> String {
+        format!(
+            "[[site]]\nname = \"aws-eu\"\nkind = \"aws\"\nregion = \"{region}\"\nresidency = \"eu\"\ninstance_types = [{types}]\n"
+        )
+    }
+
+    #[test]
+    fn a_type_not_offered_in_the_region_is_refused_with_its_key() {
+        let p = problems(&format!("{BASE}{}", site("eu-west-1", "\"g5.xlarge\", \"p5.48xlarge\"")));
+        let as_of = crate::model::catalog::current().as_of();
+        let want =
+            format!("site[0] (aws-eu): instance_types[1]: p5.48xlarge is not offered in eu-west-1 (catalog {as_of}; ");
+        assert!(p.len() == 1 && p[0].starts_with(&want), "{p:?}");
+        assert!(problems(&format!("{BASE}{}", site("eu-north-1", "\"p5.48xlarge\""))).is_empty());
+    }
+
+    #[test]
+    fn a_configured_catalog_decides_and_a_broken_one_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("catalog.json");
+        std::fs::write(
+            &file,
+            r#"{"as_of": "2031-02-03", "instance_types": [{"cloud": "aws", "name": "p9.mega", "gpus": 8,
+                "gpu_model": "B200-180GB", "vcpus": 192, "memory_gib": 2048, "regions": ["eu-west-1"]}]}"#,
+        )
+        .unwrap();
+        let with = |path: &Path, types: &str| {
+            format!("{BASE}[placement]\ncatalog = \"{}\"\n{}", path.display(), site("eu-west-1", types))
+        };
+        assert!(problems(&with(&file, "\"p9.mega\"")).is_empty());
+        let p = problems(&with(&file, "\"g5.xlarge\""));
+        assert_eq!(
+            p,
+            ["site[0] (aws-eu): instance_types[0]: unknown instance type \"g5.xlarge\" (catalog 2031-02-03)"]
+        );
+        std::fs::write(&file, r#"{"as_of": "soon", "instance_types": []}"#).unwrap();
+        let p = problems(&with(&file, "\"g5.xlarge\""));
+        assert!(p.len() == 1 && p[0].starts_with("placement.catalog: ") && p[0].contains("as_of: \"soon\""), "{p:?}");
+        let p = problems(&with(&dir.path().join("missing.json"), "\"g5.xlarge\""));
+        assert!(p.len() == 1 && p[0].starts_with("placement.catalog: cannot read "), "{p:?}");
+    }
+}

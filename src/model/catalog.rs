@@ -207,8 +207,7 @@ fn file_problems(file: &CatalogFile) -> Vec<String> {
 
 fn is_date(text: &str) -> bool {
     let b = text.as_bytes();
-    b.len() == 10
-        && b.iter().enumerate().all(|(i, c)| if i == 4 || i == 7 { *c == b'-' } else { c.is_ascii_digit() })
+    b.len() == 10 && b.iter().enumerate().all(|(i, c)| if i == 4 || i == 7 { *c == b'-' } else { c.is_ascii_digit() })
 }
 
 fn is_type_name(name: &str) -> bool {
@@ -329,7 +328,10 @@ mod tests {
         }
         assert_eq!(problems.len(), 11, "{problems:#?}");
         assert!(matches!(Catalog::parse("{\"as_of\": \"2026-01-01\", \"types\": []}"), Err(CatalogError::Json(_))));
-        assert!(matches!(Catalog::parse(&serde_json::to_string(&file(vec![])).unwrap()), Err(CatalogError::Invalid(_))));
+        assert!(matches!(
+            Catalog::parse(&serde_json::to_string(&file(vec![])).unwrap()),
+            Err(CatalogError::Invalid(_))
+        ));
     }
 
     #[test]

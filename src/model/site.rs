@@ -158,10 +158,9 @@ impl Site {
         }
         for (i, name) in self.instance_types.iter().enumerate() {
             match catalog.get(name) {
-                None => p.push(format!(
-                    "instance_types[{i}]: unknown instance type {name:?} (catalog {})",
-                    catalog.as_of()
-                )),
+                None => {
+                    p.push(format!("instance_types[{i}]: unknown instance type {name:?} (catalog {})", catalog.as_of()))
+                }
                 Some(t) if t.cloud != cloud => {
                     p.push(format!("instance_types[{i}]: {name} is an {} type", t.cloud.as_str()))
                 }
@@ -360,7 +359,8 @@ mod tests {
         let as_of = catalog::current().as_of();
         let p = site.problems();
         assert_eq!(p.len(), 1, "{p:?}");
-        let want = format!("instance_types[1]: p4de.24xlarge is not offered in eu-west-1 (catalog {as_of}; offered in ");
+        let want =
+            format!("instance_types[1]: p4de.24xlarge is not offered in eu-west-1 (catalog {as_of}; offered in ");
         assert!(p[0].starts_with(&want) && p[0].contains("us-east-1"), "{p:?}");
         // Against another catalog: what it says decides.
         let other = Catalog::parse(
@@ -371,7 +371,10 @@ mod tests {
         .unwrap();
         assert_eq!(site.problems_in(&other), Vec::<String>::new());
         let typo = Site { instance_types: vec!["p5.4xlarge".into()], ..site };
-        assert_eq!(typo.problems_in(&other), ["instance_types[0]: unknown instance type \"p5.4xlarge\" (catalog 2030-01-01)"]);
+        assert_eq!(
+            typo.problems_in(&other),
+            ["instance_types[0]: unknown instance type \"p5.4xlarge\" (catalog 2030-01-01)"]
+        );
     }
 
     #[test]
