@@ -64,6 +64,9 @@ enum Command {
     /// Make a development CA and issue role certificates.
     #[command(subcommand)]
     Pki(PkiCommand),
+    /// The instance catalog placement uses: show it, or write one from the EC2 and Azure APIs.
+    #[command(subcommand)]
+    Catalog(cli::catalog::CatalogCommand),
     /// Everything in one process on embedded defaults, with sample jobs.
     Quickstart {
         /// Run the sample jobs, print the results and exit (0 only if all succeeded).
@@ -150,6 +153,9 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Pki(cmd) => exit_with(cli::report::finish(cli::pki(cmd).map(|()| cli::report::EXIT_OK))),
             Command::Admin(args) => exit_with(cli::admin::run(args).await),
+            Command::Catalog(cmd) => {
+                exit_with(cli::report::finish(cli::catalog::run(cmd).await.map(|()| cli::report::EXIT_OK)))
+            }
             Command::Quickstart { once, state_dir } => {
                 let section = telemetry::TelemetrySection::default();
                 let service = telemetry::Service { role: "quickstart", section: &section, site: None, instance: None };
