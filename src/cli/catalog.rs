@@ -92,7 +92,10 @@ fn load(path: &std::path::Path) -> anyhow::Result<Catalog> {
 /// The catalog as a table, one type a line.
 fn show(catalog: &Catalog, region: Option<&str>) -> String {
     let mut out = format!("catalog {}\n", catalog.as_of());
-    out += &format!("{:<6} {:<28} {:>4} {:<14} {:>5} {:>7}  REGIONS\n", "CLOUD", "TYPE", "GPUS", "MODEL", "VCPUS", "MEM_GIB");
+    out += &format!(
+        "{:<6} {:<28} {:>4} {:<14} {:>5} {:>7}  REGIONS\n",
+        "CLOUD", "TYPE", "GPUS", "MODEL", "VCPUS", "MEM_GIB"
+    );
     for t in catalog.types().iter().filter(|t| region.is_none_or(|r| catalog.offered_in(t.name, r))) {
         out += &format!(
             "{:<6} {:<28} {:>4} {:<14} {:>5} {:>7}  {}\n",
@@ -168,7 +171,12 @@ async fn refresh(args: RefreshArgs) -> anyhow::Result<()> {
                  locations it may use; gpu models from the size names"
             ),
         );
-        println!("azure: {} types; skipped {} gpu sizes: {}", got.entries.len(), got.skipped.len(), got.skipped.join(", "));
+        println!(
+            "azure: {} types; skipped {} gpu sizes: {}",
+            got.entries.len(),
+            got.skipped.len(),
+            got.skipped.join(", ")
+        );
         refreshed.extend(got.entries);
         asked.push(Cloud::Azure);
     }

@@ -18,10 +18,24 @@ use thiserror::Error;
 
 use super::gpu::known_models;
 use super::price::Cloud;
-use super::site::InstanceType;
 
 /// The shipped catalog, built in.
 pub const BUILTIN: &str = include_str!("../../config/catalog/instance-types.json");
+
+/// One cloud instance type of the instance catalog, as placement reads it (a [`Catalog`] makes
+/// them; `crate::model::site` re-exports it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct InstanceType {
+    /// `p5.48xlarge`, `Standard_NC24ads_A100_v4`: the name price feeds use.
+    pub name: &'static str,
+    pub cloud: Cloud,
+    /// GPUs per instance (0 for CPU-only types).
+    pub gpus: u32,
+    /// Canonical GPU model id, `None` for CPU-only types.
+    pub gpu_model: Option<&'static str>,
+    pub vcpus: u32,
+    pub memory_gib: u32,
+}
 
 /// A catalog file as written: its date, where its facts came from, and one entry per type.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::capacity::CapacityConfig;
+pub use super::catalog::InstanceType;
 use super::catalog::{self, Catalog};
 use super::gpu::is_known_model;
 use super::price::Cloud;
@@ -243,20 +244,6 @@ pub struct StorageLocation {
     /// The cloud region; for `onprem` the region of the on-prem site(s) it sits with.
     pub region: String,
     pub residency: String,
-}
-
-/// One cloud instance type of the instance catalog ([`catalog::Catalog`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct InstanceType {
-    /// `p5.48xlarge`, `Standard_NC24ads_A100_v4`: the name price feeds use.
-    pub name: &'static str,
-    pub cloud: Cloud,
-    /// GPUs per instance (0 for CPU-only types).
-    pub gpus: u32,
-    /// Canonical GPU model id, `None` for CPU-only types.
-    pub gpu_model: Option<&'static str>,
-    pub vcpus: u32,
-    pub memory_gib: u32,
 }
 
 /// The catalog entry of an instance type in the process-wide catalog (exact, case-sensitive name;

@@ -88,7 +88,8 @@ async fn refresh_from_moto_and_the_arm_fixture_writes_a_catalog_that_loads() {
     assert!(sources["ec2-api"].contains("us-east-1, eu-west-1") && sources.contains_key("azure-skus"), "{sources:?}");
 
     // The file is one a broker config takes.
-    let show = Command::new(BIN).args(["catalog", "show", "--region", "eu-west-1", "--catalog"]).arg(&out).output().unwrap();
+    let show =
+        Command::new(BIN).args(["catalog", "show", "--region", "eu-west-1", "--catalog"]).arg(&out).output().unwrap();
     let shown = String::from_utf8_lossy(&show.stdout);
     assert!(show.status.success() && shown.contains("p4d.24xlarge") && !shown.contains("p5.4xlarge"), "{shown}");
 }

@@ -47,7 +47,9 @@ pub async fn describe_catalog(query: &AwsCatalogQuery) -> Result<AwsCatalog, Pro
     let invalid = |message: String| ProviderError::Invalid { code: "InvalidQuery".into(), message };
     let first = query.regions.first().ok_or_else(|| invalid("name at least one aws region".into()))?;
     let credentials = match &query.static_credentials {
-        Some((id, secret)) => SharedCredentialsProvider::new(Credentials::new(id, secret, None, None, "hybroker-static")),
+        Some((id, secret)) => {
+            SharedCredentialsProvider::new(Credentials::new(id, secret, None, None, "hybroker-static"))
+        }
         None => default_chain(first)
             .await
             .ok_or_else(|| invalid("the aws default credential chain has no provider".into()))?,
@@ -80,12 +82,15 @@ pub async fn describe_catalog(query: &AwsCatalogQuery) -> Result<AwsCatalog, Pro
     Ok(AwsCatalog { entries, skipped })
 }
 
+/// One parsed page: its items and the next page's token.
+type Page<T> = Result<(Vec<T>, Option<String>), String>;
+
 /// Every page of `action`, each parsed by `parse` into its items and next token.
 async fn pages<T>(
     client: &Ec2Client,
     action: &str,
     page_size: u32,
-    parse: fn(&str) -> Result<(Vec<T>, Option<String>), String>,
+    parse: fn(&str) -> Page<T>,
 ) -> Result<Vec<T>, ProviderError> {
     let mut all = Vec::new();
     let mut token: Option<String> = None;
@@ -208,13 +213,13 @@ fn token(next: Option<String>) -> Option<String> {
     next.map(|t| t.trim().to_owned()).filter(|t| !t.is_empty())
 }
 
-fn parse_types(xml: &str) -> Result<(Vec<WireType>, Option<String>), String> {
+fn parse_types(xml: &str) -> Page<WireType> {
     let answer: TypesAnswer =
         quick_xml::de::from_str(xml).map_err(|e| format!("not a DescribeInstanceTypes answer: {e}"))?;
     Ok((answer.instance_type_set.map(|s| s.items).unwrap_or_default(), token(answer.next_token)))
 }
 
-fn parse_offerings(xml: &str) -> Result<(Vec<String>, Option<String>), String> {
+fn parse_offerings(xml: &str) -> Page<String> {
     let answer: OfferingsAnswer =
         quick_xml::de::from_str(xml).map_err(|e| format!("not a DescribeInstanceTypeOfferings answer: {e}"))?;
     let items = answer.instance_type_offering_set.map(|s| s.items).unwrap_or_default();
@@ -265,7 +270,8 @@ mod tests {
                    <item><instanceType> g6.xlarge </instanceType></item></instanceTypeOfferingSet>\
                    <nextToken> </nextToken></DescribeInstanceTypeOfferingsResponse>";
         assert_eq!(parse_offerings(xml).unwrap(), (vec!["p5.4xlarge".to_owned(), "g6.xlarge".to_owned()], None));
-        let empty = "<DescribeInstanceTypeOfferingsResponse><instanceTypeOfferingSet/></DescribeInstanceTypeOfferingsResponse>";
+        let empty =
+            "<DescribeInstanceTypeOfferingsResponse><instanceTypeOfferingSet/></DescribeInstanceTypeOfferingsResponse>";
         assert_eq!(parse_offerings(empty).unwrap(), (vec![], None));
         assert!(parse_offerings("<html>").is_err());
     }

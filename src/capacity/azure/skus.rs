@@ -74,7 +74,9 @@ pub async fn describe_catalog(query: &AzureCatalogQuery) -> Result<AzureCatalog,
         for sku in page.value.iter().filter(|s| s.resource_type == "virtualMachines") {
             match sku_entry(sku, &query.cpu_types, &query.source) {
                 Ok(Some(fresh)) => {
-                    let e = entries.entry(fresh.name.clone()).or_insert_with(|| CatalogEntry { regions: Vec::new(), ..fresh });
+                    let e = entries
+                        .entry(fresh.name.clone())
+                        .or_insert_with(|| CatalogEntry { regions: Vec::new(), ..fresh });
                     for l in usable_locations(sku) {
                         if (query.locations.is_empty() || query.locations.contains(&l)) && !e.regions.contains(&l) {
                             e.regions.push(l);
@@ -137,7 +139,8 @@ pub fn gpu_model(name: &str, family: &str) -> Option<&'static str> {
 /// The entry of a SKU (no regions yet): `Ok(None)` for a size not kept, `Err(why)` for a GPU size
 /// left out.
 fn sku_entry(sku: &Sku, cpu_types: &[String], source: &str) -> Result<Option<CatalogEntry>, String> {
-    let number = |name: &str| sku.capabilities.iter().find(|c| c.name == name).and_then(|c| c.value.parse::<f64>().ok());
+    let number =
+        |name: &str| sku.capabilities.iter().find(|c| c.name == name).and_then(|c| c.value.parse::<f64>().ok());
     let gpus = number("GPUs").unwrap_or(0.0);
     let vcpus = number("vCPUs").unwrap_or(0.0);
     let model = if gpus > 0.0 {
@@ -257,7 +260,10 @@ mod tests {
         .unwrap();
         let cpu = ["Standard_D4s_v5".to_owned()];
         let h100 = sku_entry(&page.value[0], &cpu, "arm").unwrap().unwrap();
-        assert_eq!((h100.gpus, h100.gpu_model.as_deref(), h100.vcpus, h100.memory_gib), (1, Some("H100-94GB"), 40, 320));
+        assert_eq!(
+            (h100.gpus, h100.gpu_model.as_deref(), h100.vcpus, h100.memory_gib),
+            (1, Some("H100-94GB"), 40, 320)
+        );
         assert_eq!(usable_locations(&page.value[0]), ["eastus"]);
         assert_eq!(sku_entry(&page.value[1], &cpu, "arm").unwrap_err(), "a part of a gpu");
         let d4 = sku_entry(&page.value[2], &cpu, "arm").unwrap().unwrap();
