@@ -64,6 +64,9 @@ enum Command {
     /// Make a development CA and issue role certificates.
     #[command(subcommand)]
     Pki(PkiCommand),
+    /// The instance catalog placement uses: show it, or write one from the EC2 and Azure APIs.
+    #[command(subcommand)]
+    Catalog(cli::catalog::CatalogCommand),
     /// Everything in one process on embedded defaults, with sample jobs.
     Quickstart {
         /// Run the sample jobs, print the results and exit (0 only if all succeeded).
@@ -107,6 +110,8 @@ fn main() -> anyhow::Result<()> {
             Command::Broker { config, addr_file, enroll_addr_file } => {
                 let config = BrokerConfig::load(&config)?;
                 let tracing = traced(format, "broker", &config.telemetry, &config.tls.cert)?;
+                let catalog = config.placement.install_catalog().map_err(anyhow::Error::msg)?;
+                tracing::info!(as_of = catalog.as_of(), types = catalog.types().len(), "instance catalog");
                 if let Err(e) = bench::raise_open_file_limit() {
                     tracing::warn!("could not raise the open-file limit: {e}");
                 }
@@ -148,6 +153,9 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Pki(cmd) => exit_with(cli::report::finish(cli::pki(cmd).map(|()| cli::report::EXIT_OK))),
             Command::Admin(args) => exit_with(cli::admin::run(args).await),
+            Command::Catalog(cmd) => {
+                exit_with(cli::report::finish(cli::catalog::run(cmd).await.map(|()| cli::report::EXIT_OK)))
+            }
             Command::Quickstart { once, state_dir } => {
                 let section = telemetry::TelemetrySection::default();
                 let service = telemetry::Service { role: "quickstart", section: &section, site: None, instance: None };

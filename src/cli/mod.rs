@@ -3,6 +3,7 @@
 //! services' commands.
 
 pub mod admin;
+pub mod catalog;
 pub mod client;
 pub mod quickstart;
 pub mod report;

@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use super::storage::StorageConfig;
 use super::tenants::TenantConfig;
+use crate::model::catalog::{self, Catalog};
 use crate::model::duration::HumanDuration;
 use crate::model::site::{ResidencyGroup, Site};
 
@@ -148,6 +149,24 @@ fn default_price_max_age() -> HumanDuration {
     Duration::from_secs(6 * 3600).into()
 }
 
+impl PlacementSection {
+    /// The catalog `catalog` names, read and checked; `None` when the built-in one is meant.
+    pub fn load_catalog(&self) -> Result<Option<Catalog>, String> {
+        let Some(path) = &self.catalog else { return Ok(None) };
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        Catalog::parse(&text).map(Some).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Makes the configured catalog the process's (at start, before the first placement); the
+    /// one in use after.
+    pub fn install_catalog(&self) -> Result<&'static Catalog, String> {
+        match self.load_catalog()? {
+            Some(c) => catalog::install(c).map_err(|e| e.to_string()),
+            None => Ok(catalog::current()),
+        }
+    }
+}
+
 impl Default for PlacementSection {
     fn default() -> Self {
         Self {
@@ -172,9 +191,14 @@ pub(super) fn placement_problems(
     placement: &PlacementSection,
     problems: &mut Vec<String>,
 ) {
+    let loaded = placement.load_catalog().unwrap_or_else(|e| {
+        problems.push(format!("placement.catalog: {e}"));
+        None
+    });
+    let catalog = loaded.as_ref().unwrap_or_else(|| catalog::current());
     let mut names = std::collections::HashSet::new();
     for (i, site) in sites.iter().enumerate() {
-        for p in site.problems().into_iter().chain(site.residency_problems(residency)) {
+        for p in site.problems_in(catalog).into_iter().chain(site.residency_problems(residency)) {
             problems.push(format!("site[{i}] ({}): {p}", site.name));
         }
         if !names.insert(site.name.as_str()) {
@@ -232,5 +256,63 @@ pub(super) fn placement_problems(
     }
     if placement.fair_share_half_life.0.is_zero() {
         problems.push("placement.fair_share_half_life must be more than 0".into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::{BrokerConfig, ConfigError, parse_toml};
+
+    const BASE: &str = "[broker]\nlisten = \"127.0.0.1:1\"\n[tls]\nca_cert = \"/nope/a\"\ncert = \"/nope/b\"\nkey = \"/nope/c\"\n\
+                        [store]\npath = \"x.db\"\n[[residency]]\nname = \"eu\"\naws = [\"eu-north-1\", \"eu-west-1\"]\n";
+
+    fn problems(text: &str) -> Vec<String> {
+        let c: BrokerConfig = parse_toml(text, Path::new("t.toml"), []).unwrap();
+        let ConfigError::Invalid { problems, .. } = c.validate(Path::new("t.toml")).unwrap_err() else { panic!() };
+        problems.into_iter().filter(|p| !p.starts_with("tls.")).collect()
+    }
+
+    fn site(region: &str, types: &str) -> String {
+        format!(
+            "[[site]]\nname = \"aws-eu\"\nkind = \"aws\"\nregion = \"{region}\"\nresidency = \"eu\"\ninstance_types = [{types}]\n"
+        )
+    }
+
+    #[test]
+    fn a_type_not_offered_in_the_region_is_refused_with_its_key() {
+        let p = problems(&format!("{BASE}{}", site("eu-west-1", "\"g5.xlarge\", \"p5.48xlarge\"")));
+        let as_of = crate::model::catalog::current().as_of();
+        let want =
+            format!("site[0] (aws-eu): instance_types[1]: p5.48xlarge is not offered in eu-west-1 (catalog {as_of}; ");
+        assert!(p.len() == 1 && p[0].starts_with(&want), "{p:?}");
+        assert!(problems(&format!("{BASE}{}", site("eu-north-1", "\"p5.48xlarge\""))).is_empty());
+    }
+
+    #[test]
+    fn a_configured_catalog_decides_and_a_broken_one_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("catalog.json");
+        std::fs::write(
+            &file,
+            r#"{"as_of": "2031-02-03", "instance_types": [{"cloud": "aws", "name": "p9.mega", "gpus": 8,
+                "gpu_model": "B200-180GB", "vcpus": 192, "memory_gib": 2048, "regions": ["eu-west-1"]}]}"#,
+        )
+        .unwrap();
+        let with = |path: &Path, types: &str| {
+            format!("{BASE}[placement]\ncatalog = \"{}\"\n{}", path.display(), site("eu-west-1", types))
+        };
+        assert!(problems(&with(&file, "\"p9.mega\"")).is_empty());
+        let p = problems(&with(&file, "\"g5.xlarge\""));
+        assert_eq!(
+            p,
+            ["site[0] (aws-eu): instance_types[0]: unknown instance type \"g5.xlarge\" (catalog 2031-02-03)"]
+        );
+        std::fs::write(&file, r#"{"as_of": "soon", "instance_types": []}"#).unwrap();
+        let p = problems(&with(&file, "\"g5.xlarge\""));
+        assert!(p.len() == 1 && p[0].starts_with("placement.catalog: ") && p[0].contains("as_of: \"soon\""), "{p:?}");
+        let p = problems(&with(&dir.path().join("missing.json"), "\"g5.xlarge\""));
+        assert!(p.len() == 1 && p[0].starts_with("placement.catalog: cannot read "), "{p:?}");
     }
 }

@@ -12,7 +12,7 @@ use thiserror::Error;
 ///
 /// The memory figure is what a real board shows as "total" (slightly below the marketing size);
 /// simulated GPUs take it so they look like real ones.
-const MODELS: [(&str, u64); 18] = [
+const MODELS: [(&str, u64); 19] = [
     ("H100-80GB", 81_559),
     ("H100-94GB", 95_830),
     ("H200-141GB", 143_771),
@@ -31,6 +31,9 @@ const MODELS: [(&str, u64); 18] = [
     ("V100-32GB", 32_768),
     ("RTX6000ADA-48GB", 49_140),
     ("A6000-48GB", 49_140),
+    // AMD: for the instance catalog and placement only (the agent's inventory is NVML), so no
+    // agent reports it; the figure is the board's 192 GiB.
+    ("MI300X-192GB", 196_608),
 ];
 
 /// The canonical ids alone, in the order of [`MODELS`].

@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod capacity;
+pub mod catalog;
 pub mod data;
 pub mod duration;
 pub mod gpu;

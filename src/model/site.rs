@@ -1,15 +1,17 @@
 //! Sites (docs/design.md §3): the places that run work, the storage locations job data lives in, the
-//! residency groups both belong to, and the built-in catalog of cloud instance types that maps each
-//! to its GPUs. Pure: no I/O; the broker's config reuses [`Site`] and [`ResidencyGroup`] as they are.
+//! residency groups both belong to, and the cloud instance types of the instance catalog
+//! ([`catalog`]) that map each to its GPUs. Pure: no I/O; the broker's config reuses [`Site`] and
+//! [`ResidencyGroup`] as they are.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 use super::capacity::CapacityConfig;
+pub use super::catalog::InstanceType;
+use super::catalog::{self, Catalog};
 use super::gpu::is_known_model;
 use super::price::Cloud;
-use super::price::Cloud::{Aws, Azure};
 
 /// What kind of place a site (or a storage location) is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -93,8 +95,15 @@ impl Site {
         self.capacity.is_some()
     }
 
-    /// Every problem with the site, as `field: message`; empty when it is valid.
+    /// Every problem with the site against the process-wide catalog, as `field: message`; empty
+    /// when it is valid.
     pub fn problems(&self) -> Vec<String> {
+        self.problems_in(catalog::current())
+    }
+
+    /// Every problem with the site, its instance types checked against `catalog` (known, of the
+    /// site's cloud, offered in its region).
+    pub fn problems_in(&self, catalog: &Catalog) -> Vec<String> {
         let mut p = Vec::new();
         if !is_name(&self.name) {
             p.push("name: must be 1 to 63 characters of [A-Za-z0-9._-]".to_owned());
@@ -107,7 +116,7 @@ impl Site {
         }
         match self.kind.cloud() {
             None => self.onprem_problems(&mut p),
-            Some(cloud) => self.cloud_problems(cloud, &mut p),
+            Some(cloud) => self.cloud_problems(cloud, catalog, &mut p),
         }
         p
     }
@@ -138,7 +147,7 @@ impl Site {
         }
     }
 
-    fn cloud_problems(&self, cloud: Cloud, p: &mut Vec<String>) {
+    fn cloud_problems(&self, cloud: Cloud, catalog: &Catalog, p: &mut Vec<String>) {
         if self.gpu_hour_usd.is_some() || !self.gpu_hour_usd_by_model.is_empty() || self.cpu_hour_usd != 0.0 {
             p.push("gpu_hour_usd and cpu_hour_usd are for onprem sites; cloud prices come from the price feed".into());
         }
@@ -149,14 +158,22 @@ impl Site {
             p.push(format!("instance_types: a {} site needs at least one", cloud.as_str()));
         }
         for (i, name) in self.instance_types.iter().enumerate() {
-            match instance_type(name) {
-                None => p.push(format!("instance_types[{i}]: unknown instance type {name:?}")),
+            match catalog.get(name) {
+                None => {
+                    p.push(format!("instance_types[{i}]: unknown instance type {name:?} (catalog {})", catalog.as_of()))
+                }
                 Some(t) if t.cloud != cloud => {
                     p.push(format!("instance_types[{i}]: {name} is an {} type", t.cloud.as_str()))
                 }
                 Some(_) if self.instance_types[..i].contains(name) => {
                     p.push(format!("instance_types[{i}]: {name} is listed twice"))
                 }
+                Some(_) if !catalog.offered_in(name, &self.region) => p.push(format!(
+                    "instance_types[{i}]: {name} is not offered in {} (catalog {}; offered in {})",
+                    self.region,
+                    catalog.as_of(),
+                    catalog.regions(name).join(", ")
+                )),
                 Some(_) => {}
             }
         }
@@ -229,78 +246,15 @@ pub struct StorageLocation {
     pub residency: String,
 }
 
-/// One cloud instance type of the built-in catalog.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct InstanceType {
-    /// `p5.48xlarge`, `Standard_NC24ads_A100_v4`: the name price feeds use.
-    pub name: &'static str,
-    pub cloud: Cloud,
-    /// GPUs per instance (0 for CPU-only types).
-    pub gpus: u32,
-    /// Canonical GPU model id, `None` for CPU-only types.
-    pub gpu_model: Option<&'static str>,
-    pub vcpus: u32,
-    pub memory_gib: u32,
-}
-
-const fn gpu(
-    name: &'static str,
-    cloud: Cloud,
-    gpus: u32,
-    model: &'static str,
-    vcpus: u32,
-    memory_gib: u32,
-) -> InstanceType {
-    InstanceType { name, cloud, gpus, gpu_model: Some(model), vcpus, memory_gib }
-}
-
-const fn cpu(name: &'static str, cloud: Cloud, vcpus: u32, memory_gib: u32) -> InstanceType {
-    InstanceType { name, cloud, gpus: 0, gpu_model: None, vcpus, memory_gib }
-}
-
-/// The catalog: the providers' published shapes (GPU count and model, vCPUs, memory).
-static CATALOG: [InstanceType; 31] = [
-    gpu("p5.48xlarge", Aws, 8, "H100-80GB", 192, 2048),
-    gpu("p5en.48xlarge", Aws, 8, "H200-141GB", 192, 2048),
-    gpu("p4d.24xlarge", Aws, 8, "A100-40GB", 96, 1152),
-    gpu("p4de.24xlarge", Aws, 8, "A100-80GB", 96, 1152),
-    gpu("g5.xlarge", Aws, 1, "A10G-24GB", 4, 16),
-    gpu("g5.2xlarge", Aws, 1, "A10G-24GB", 8, 32),
-    gpu("g5.12xlarge", Aws, 4, "A10G-24GB", 48, 192),
-    gpu("g5.48xlarge", Aws, 8, "A10G-24GB", 192, 768),
-    gpu("g6.xlarge", Aws, 1, "L4-24GB", 4, 16),
-    gpu("g6.12xlarge", Aws, 4, "L4-24GB", 48, 192),
-    gpu("g6e.xlarge", Aws, 1, "L40S-48GB", 4, 32),
-    gpu("g6e.12xlarge", Aws, 4, "L40S-48GB", 48, 384),
-    gpu("g4dn.xlarge", Aws, 1, "T4-16GB", 4, 16),
-    cpu("m7i.2xlarge", Aws, 8, 32),
-    cpu("m7i.8xlarge", Aws, 32, 128),
-    cpu("c7i.8xlarge", Aws, 32, 64),
-    cpu("r7i.8xlarge", Aws, 32, 256),
-    gpu("Standard_ND96isr_H100_v5", Azure, 8, "H100-80GB", 96, 1900),
-    gpu("Standard_NC40ads_H100_v5", Azure, 1, "H100-94GB", 40, 320),
-    gpu("Standard_NC80adis_H100_v5", Azure, 2, "H100-94GB", 80, 640),
-    gpu("Standard_NC24ads_A100_v4", Azure, 1, "A100-80GB", 24, 220),
-    gpu("Standard_NC48ads_A100_v4", Azure, 2, "A100-80GB", 48, 440),
-    gpu("Standard_NC96ads_A100_v4", Azure, 4, "A100-80GB", 96, 880),
-    gpu("Standard_ND96asr_v4", Azure, 8, "A100-40GB", 96, 900),
-    gpu("Standard_ND96amsr_A100_v4", Azure, 8, "A100-80GB", 96, 1900),
-    gpu("Standard_NV36ads_A10_v5", Azure, 1, "A10-24GB", 36, 440),
-    gpu("Standard_NC4as_T4_v3", Azure, 1, "T4-16GB", 4, 28),
-    cpu("Standard_D4s_v5", Azure, 4, 16),
-    cpu("Standard_D16s_v5", Azure, 16, 64),
-    cpu("Standard_E16s_v5", Azure, 16, 128),
-    cpu("Standard_F32s_v2", Azure, 32, 64),
-];
-
-/// The catalog entry of an instance type (exact, case-sensitive name).
+/// The catalog entry of an instance type in the process-wide catalog (exact, case-sensitive name;
+/// see [`catalog::current`]).
 pub fn instance_type(name: &str) -> Option<&'static InstanceType> {
-    CATALOG.iter().find(|t| t.name == name)
+    catalog::current().get(name)
 }
 
-/// The whole catalog.
+/// The whole process-wide catalog.
 pub fn instance_types() -> &'static [InstanceType] {
-    &CATALOG
+    catalog::current().types()
 }
 
 fn is_positive(v: f64) -> bool {
@@ -333,10 +287,11 @@ mod tests {
 
     #[test]
     fn catalog_uses_canonical_models_and_unique_names() {
-        for (i, t) in CATALOG.iter().enumerate() {
+        let all = instance_types();
+        for (i, t) in all.iter().enumerate() {
             assert_eq!(t.gpus == 0, t.gpu_model.is_none(), "{}", t.name);
             assert!(t.gpu_model.is_none_or(is_known_model), "{}", t.name);
-            assert!(CATALOG[..i].iter().all(|o| o.name != t.name), "{} twice", t.name);
+            assert!(all[..i].iter().all(|o| o.name != t.name), "{} twice", t.name);
         }
         let p5 = instance_type("p5.48xlarge").unwrap();
         assert_eq!((p5.gpus, p5.gpu_model, p5.vcpus, p5.memory_gib), (8, Some("H100-80GB"), 192, 2048));
@@ -368,12 +323,45 @@ mod tests {
             gpu_hour_usd: None,
             uplink_usd_per_gb: 0.0,
             instance_types: vec!["p5.48xlarge".into(), "Standard_X".into(), "Standard_D4s_v5".into()],
+            region: "westeurope".into(),
             ..onprem()
         };
         let p = cloud.problems();
         assert!(p.iter().any(|m| m == "instance_types[0]: p5.48xlarge is an aws type"), "{p:?}");
         assert!(p.iter().any(|m| m.contains("unknown instance type \"Standard_X\"")), "{p:?}");
         assert_eq!(p.len(), 2, "{p:?}");
+    }
+
+    #[test]
+    fn an_instance_type_not_offered_in_the_sites_region_is_refused() {
+        let site = Site {
+            name: "aws-eun1".into(),
+            kind: SiteKind::Aws,
+            region: "eu-west-1".into(),
+            gpu_hour_usd: None,
+            uplink_usd_per_gb: 0.0,
+            instance_types: vec!["g5.xlarge".into(), "p4de.24xlarge".into()],
+            ..onprem()
+        };
+        let as_of = catalog::current().as_of();
+        let p = site.problems();
+        assert_eq!(p.len(), 1, "{p:?}");
+        let want =
+            format!("instance_types[1]: p4de.24xlarge is not offered in eu-west-1 (catalog {as_of}; offered in ");
+        assert!(p[0].starts_with(&want) && p[0].contains("us-east-1"), "{p:?}");
+        // Against another catalog: what it says decides.
+        let other = Catalog::parse(
+            r#"{"as_of": "2030-01-01", "instance_types": [
+                {"cloud": "aws", "name": "g5.xlarge", "gpus": 1, "gpu_model": "A10G-24GB", "vcpus": 4, "memory_gib": 16, "regions": ["eu-west-1"]},
+                {"cloud": "aws", "name": "p4de.24xlarge", "gpus": 8, "gpu_model": "A100-80GB", "vcpus": 96, "memory_gib": 1152, "regions": ["eu-west-1"]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(site.problems_in(&other), Vec::<String>::new());
+        let typo = Site { instance_types: vec!["p5.4xlarge".into()], ..site };
+        assert_eq!(
+            typo.problems_in(&other),
+            ["instance_types[0]: unknown instance type \"p5.4xlarge\" (catalog 2030-01-01)"]
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::model::job::Spot;
 use crate::model::price::{
     Cloud, ComputePrice, Destination, EgressPrice, Market, PriceSnapshot, Provenance, StoragePrice,
 };
-use crate::model::site::{Site, SiteKind, StorageLocation, instance_types};
+use crate::model::site::{InstanceType, Site, SiteKind, StorageLocation, instance_types};
 
 /// Regions the synthetic cloud sites cycle through: (cloud, region, residency).
 pub const REGIONS: [(Cloud, &str, &str); 10] = [
@@ -166,12 +166,14 @@ pub fn synthetic_prices(rng: &mut fastrand::Rng, seed: u64, fetched_at: UnixMill
     prices
 }
 
-/// Cloud site `i`: the `i`-th region of [`REGIONS`] (cycling), 4–8 instance types of its cloud,
+/// Cloud site `i`: the `i`-th region of [`REGIONS`] (cycling), 4–8 instance types of its cloud
+/// offered there,
 /// spot on even sites, elastic. Named `<cloud>-<region>-<i>`.
 pub fn synthetic_cloud_site(rng: &mut fastrand::Rng, i: usize) -> Site {
     let (cloud, region, residency) = REGIONS[i % REGIONS.len()];
-    let mut types: Vec<String> =
-        instance_types().iter().filter(|t| t.cloud == cloud).map(|t| t.name.to_owned()).collect();
+    let catalog = crate::model::catalog::current();
+    let offered = |t: &&InstanceType| t.cloud == cloud && catalog.offered_in(t.name, region);
+    let mut types: Vec<String> = instance_types().iter().filter(offered).map(|t| t.name.to_owned()).collect();
     rng.shuffle(&mut types);
     types.truncate(rng.usize(4..=8));
     Site {
@@ -278,5 +280,20 @@ pub fn bench(world: &World, jobs: &[PlacementJob], rounds: usize) -> BenchReport
         p99_us: us(pct(0.99)),
         max_us: us(samples.last()),
         placed: placed / rounds.max(1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synthetic_cloud_sites_are_valid_against_the_catalog() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for i in 0..3 * REGIONS.len() {
+            let site = synthetic_cloud_site(&mut rng, i);
+            assert!(site.instance_types.len() >= 4, "{site:?}");
+            assert_eq!(site.problems(), Vec::<String>::new(), "{}", site.name);
+        }
     }
 }

@@ -83,6 +83,8 @@ struct Fixture {
     polls: u32,
     poll_retry_after_s: u64,
     page_size: usize,
+    /// The subscription's resource SKUs (`Microsoft.Compute/skus`), served in pages.
+    skus: Vec<Value>,
 }
 
 type Shared = Arc<Mutex<Fixture>>;
@@ -143,6 +145,7 @@ impl ArmFixture {
             polls: 1,
             poll_retry_after_s: 0,
             page_size: 2,
+            skus: Vec::new(),
         }));
         let router = Router::new().fallback(handle).with_state(shared.clone());
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
@@ -221,6 +224,11 @@ impl ArmFixture {
     /// How many polls answer `InProgress` before an operation ends, and their `Retry-After`.
     pub fn set_polls(&self, polls: u32, retry_after_s: u64) {
         self.with(|s| (s.polls, s.poll_retry_after_s) = (polls, retry_after_s));
+    }
+
+    /// The resource SKUs `GET …/providers/Microsoft.Compute/skus` lists, in pages of two.
+    pub fn set_skus(&self, skus: Vec<Value>) {
+        self.with(|s| s.skus = skus);
     }
 
     pub fn requests(&self) -> Vec<Logged> {
@@ -369,6 +377,16 @@ async fn handle(State(shared): State<Shared>, method: Method, uri: Uri, headers:
             let mut page = json!({ "value": value });
             if skip + s.page_size < s.vms.len() {
                 let next = format!("{}{}?api-version=2024-07-01&$skiptoken={}", s.base, uri.path(), skip + s.page_size);
+                page["nextLink"] = json!(next);
+            }
+            axum::Json(page).into_response()
+        }
+        (&Method::GET, ["subscriptions", SUBSCRIPTION, "providers", "Microsoft.Compute", "skus"]) => {
+            let skip: usize = query.get("$skiptoken").and_then(|t| t.parse().ok()).unwrap_or(0);
+            let value: Vec<Value> = s.skus.iter().skip(skip).take(s.page_size).cloned().collect();
+            let mut page = json!({ "value": value });
+            if skip + s.page_size < s.skus.len() {
+                let next = format!("{}{}?api-version=2021-07-01&$skiptoken={}", s.base, uri.path(), skip + s.page_size);
                 page["nextLink"] = json!(next);
             }
             axum::Json(page).into_response()

@@ -7,6 +7,7 @@ mod bench;
 mod capacity;
 mod capacity_aws;
 mod capacity_azure;
+mod catalog;
 mod cli;
 mod cloud_aws;
 mod cloud_azure;

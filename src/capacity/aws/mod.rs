@@ -24,6 +24,7 @@ use crate::model::capacity::AwsLaunch;
 use crate::model::price::Market;
 use query::Ec2Client;
 
+pub mod catalog;
 mod query;
 mod reply;
 #[cfg(test)]

@@ -20,6 +20,7 @@ use crate::model::capacity::AzureLaunch;
 pub mod arm;
 pub mod auth;
 mod http;
+pub mod skus;
 pub mod vm;
 
 pub use auth::ResolvedCredential;
