@@ -55,6 +55,8 @@ pub async fn plan_offline(request: &OfflineRequest<'_>) -> anyhow::Result<Offlin
     if config.sites.is_empty() {
         anyhow::bail!("{} declares no [[site]]: there is nothing to plan", request.config.display());
     }
+    // The broker's catalog: `[placement] catalog`, else the built-in one.
+    config.placement.install_catalog().map_err(anyhow::Error::msg)?;
     let snapshot_path = request.prices.map_or_else(|| config.prices.snapshot.clone(), Path::to_path_buf);
     let snapshot: PriceSnapshot = crate::pricing::read_snapshot(&snapshot_path)?;
     let doc = std::fs::read(request.file).with_context(|| request.file.display().to_string())?;
