@@ -15,6 +15,7 @@ pub mod fair;
 pub mod rejection;
 pub mod request;
 pub mod scale;
+pub mod shape;
 pub mod sizes;
 pub mod synthetic;
 pub mod wait;

@@ -21,7 +21,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::Duration;
 
-use super::world::NodeShape;
+use super::shape::NodeShape;
 
 /// What one job needs and for how long: a waiting job, or the job asking for an estimate.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -20,38 +20,8 @@ use crate::model::price::{Cloud, Destination, Market, PriceSnapshot};
 use crate::model::site::{InstanceType, Site, SiteKind, StorageLocation, instance_type};
 use crate::placement::bind::FreeCapacity;
 use crate::placement::rejection::{Rejection, RejectionKind};
+pub use crate::placement::shape::NodeShape;
 use crate::placement::wait::Profile;
-
-/// Resources of one node, free or total: GPUs per canonical model, CPUs, memory.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct NodeShape {
-    /// (canonical model, count), sorted by model.
-    pub gpus: Vec<(String, u32)>,
-    pub cpus: u32,
-    pub memory_mib: u64,
-}
-
-impl NodeShape {
-    /// The shape of an agent's free (or, given its whole inventory, total) resources.
-    pub fn of(free: &FreeCapacity) -> NodeShape {
-        let mut counts: Vec<(String, u32)> = Vec::new();
-        for (_, model) in &free.gpus {
-            match counts.iter_mut().find(|(m, _)| m == model) {
-                Some((_, n)) => *n += 1,
-                None => counts.push((model.clone(), 1)),
-            }
-        }
-        counts.sort();
-        NodeShape { gpus: counts, cpus: free.cpus, memory_mib: free.memory_mib }
-    }
-
-    /// Whether every resource of `self` is at most `other`'s.
-    fn within(&self, other: &NodeShape) -> bool {
-        self.cpus <= other.cpus
-            && self.memory_mib <= other.memory_mib
-            && self.gpus.iter().all(|(m, n)| other.gpus.iter().any(|(om, on)| om == m && on >= n))
-    }
-}
 
 /// What a site's connected agents offer, summarised for placement.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -10,8 +10,8 @@ use super::Core;
 use super::active_job::ActiveJob;
 use crate::model::state::JobState;
 use crate::placement::request::WaitingAt;
+use crate::placement::shape::{NodeShape, gpu_counts};
 use crate::placement::wait::{Need, Node, Profile, time_left};
-use crate::placement::world::NodeShape;
 
 /// A site's replay, and each waiting job's place in it.
 pub(super) struct SiteWaits {
@@ -76,8 +76,8 @@ impl Core {
                             let ran = job.attempt_started.map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
                             time_left(ran, job.spec.expected_runtime.map(|d| d.0), job.spec.max_runtime())
                         });
-                        let held = FreeShape::of(alloc.gpus.iter().filter_map(model).map(|g| g.model.as_str()));
-                        (left, NodeShape { gpus: held.0, cpus: alloc.cpus, memory_mib: alloc.memory_mib })
+                        let gpus = gpu_counts(alloc.gpus.iter().filter_map(model).map(|g| g.model.as_str()));
+                        (left, NodeShape { gpus, cpus: alloc.cpus, memory_mib: alloc.memory_mib })
                     })
                     .collect();
                 Node { free: NodeShape::of(&e.free()), running }
@@ -93,22 +93,5 @@ impl Core {
             }
         }
         SiteWaits { profile: Arc::new(Profile::build(nodes, &waiting)), index }
-    }
-}
-
-/// GPU counts per model, sorted by model.
-struct FreeShape(Vec<(String, u32)>);
-
-impl FreeShape {
-    fn of<'a>(models: impl Iterator<Item = &'a str>) -> FreeShape {
-        let mut counts: Vec<(String, u32)> = Vec::new();
-        for m in models {
-            match counts.iter_mut().find(|(c, _)| c == m) {
-                Some((_, n)) => *n += 1,
-                None => counts.push((m.to_owned(), 1)),
-            }
-        }
-        counts.sort();
-        FreeShape(counts)
     }
 }
