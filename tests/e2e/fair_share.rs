@@ -4,7 +4,6 @@
 //! `preemptible: true` job, which is stopped like a spot notice (SIGTERM, checkpoint saved) and
 //! resumes from its checkpoint once the GPU is free again.
 
-use std::process::Output;
 use std::time::Duration;
 
 use hybroker::gateway::api::Job;
@@ -14,18 +13,10 @@ use tonic::transport::Channel;
 use crate::common::*;
 use crate::data::submit_as;
 
-/// `hybroker ARGS` as tenant `key`'s user runs it, against `gateway`.
-async fn cli(gateway: &Gateway, key: &str, args: &[&str]) -> Output {
-    let mut command = tokio::process::Command::new(BIN);
-    command
-        .args(args)
-        .env("HYBROKER_GATEWAY", &gateway.url)
-        .env("HYBROKER_TOKEN", key)
-        .env_remove("HYBROKER_CA_CERT")
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(DEADLINE, command.output()).await.expect("the cli finished").unwrap();
-    assert!(out.status.success(), "hybroker {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+/// `hybroker ARGS` as tenant `key`'s user runs it, against `gateway`: its stdout, once it succeeded.
+async fn cli(gateway: &Gateway, key: &str, args: &[&str]) -> String {
+    let (code, out, err) = crate::gateway::text::cli(gateway, key, args).await;
+    assert_eq!(code, 0, "hybroker {args:?}: {err}");
     out
 }
 
@@ -33,15 +24,14 @@ async fn cli(gateway: &Gateway, key: &str, args: &[&str]) -> Output {
 async fn submit_cli(cluster: &Cluster, gateway: &Gateway, key: &str, name: &str, spec: &str) -> String {
     let path = cluster.path(&format!("{name}.yaml"));
     std::fs::write(&path, spec).unwrap();
-    let out = cli(gateway, key, &["submit", path.to_str().unwrap()]).await;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let text = cli(gateway, key, &["submit", path.to_str().unwrap()]).await;
     text.lines().next().and_then(|l| l.strip_prefix("submitted ")).expect("a `submitted ID` line").to_string()
 }
 
 /// The job as the CLI shows it (`jobs get --output json`).
 async fn get_cli(gateway: &Gateway, key: &str, id: &str) -> Job {
     let out = cli(gateway, key, &["jobs", "get", id, "--output", "json"]).await;
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_str(&out).unwrap()
 }
 
 /// A 1-GPU job that runs until it is cancelled.

@@ -4,7 +4,7 @@
 
 mod limits;
 mod streams;
-mod text;
+pub mod text;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

@@ -10,6 +10,7 @@ use aws_sdk_s3::config::{Credentials, SharedCredentialsProvider};
 use serde::Deserialize;
 
 use super::query::Ec2Client;
+use super::reply::ItemSet;
 use super::{default_chain, regional_endpoint};
 use crate::capacity::ProviderError;
 use crate::model::catalog::CatalogEntry;
@@ -146,12 +147,6 @@ fn entry_of(t: &WireType, cpu_types: &[String], source: &str) -> Result<Option<C
         regions: Vec::new(),
         source: source.to_owned(),
     }))
-}
-
-#[derive(Deserialize)]
-struct ItemSet<T> {
-    #[serde(rename = "item", default = "Vec::new")]
-    items: Vec<T>,
 }
 
 #[derive(Deserialize)]

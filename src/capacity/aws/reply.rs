@@ -32,10 +32,11 @@ struct Reservation {
     instances_set: Option<ItemSet<WireInstance>>,
 }
 
+/// An EC2 Query list: `<fooSet><item>…</item>…</fooSet>`.
 #[derive(Deserialize)]
-struct ItemSet<T> {
+pub(super) struct ItemSet<T> {
     #[serde(rename = "item", default = "Vec::new")]
-    items: Vec<T>,
+    pub items: Vec<T>,
 }
 
 #[derive(Deserialize)]

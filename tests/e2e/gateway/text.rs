@@ -11,7 +11,7 @@ use super::{Api, problem};
 use crate::common::*;
 
 /// Runs the CLI against the gateway with `key`; returns (exit code, stdout, stderr).
-async fn cli(gateway: &Gateway, key: &str, args: &[&str]) -> (i32, String, String) {
+pub async fn cli(gateway: &Gateway, key: &str, args: &[&str]) -> (i32, String, String) {
     let mut command = tokio::process::Command::new(BIN);
     command
         .args(args)
