@@ -345,6 +345,8 @@ pub struct Core {
     /// After a restart, agents the store knows get one lease period to reconnect before engine
     /// placement runs: until then their sites would look empty and jobs would spill to the cloud.
     placement_hold_until: Option<Instant>,
+    /// When waiting jobs are next looked at again (replans come in rounds, one world each).
+    next_replan: Option<Instant>,
     /// The clock of the batch being applied.
     now: Now,
     /// Set by [`Cmd::Shutdown`] (its jitter and seed): agents that register are told to reconnect.
@@ -379,6 +381,7 @@ impl Core {
             next_seq: 1,
             spent: HashMap::new(),
             placement_hold_until: None,
+            next_replan: None,
             now,
             stopping: None,
             tokens: tokens::Tokens::default(),

@@ -14,7 +14,7 @@ use tracing::Span;
 use super::active_job::ActiveJob;
 use super::fleet::Alloc;
 use super::messages::AgentMessage;
-use super::waits::SiteWaits;
+use super::waits::{REPLAN_EVERY, SiteWaits, moves, needs_estimate, too_late};
 use super::{Core, Effects, metrics, trace};
 use crate::broker::placer::summary;
 use crate::broker::tail::Tail;
@@ -23,21 +23,12 @@ use crate::model::data::JobData;
 use crate::model::job::JobSpec;
 use crate::model::state::{Input, JobState};
 use crate::placement::bind::{FreeCapacity, Wanted, bind_in_order_within};
-use crate::placement::engine::{Decision, NO_ESTIMATE, RejectionKind, Verdict};
+use crate::placement::engine::{Decision, RejectionKind, Verdict};
 use crate::placement::world::World;
 use crate::store::{AttemptRecord, Write};
 
 /// How long a job no site can take waits before placement tries it again.
 const RETRY_UNPLACED: Duration = Duration::from_secs(1);
-
-/// How often a job waiting at its site is looked at again (a replan).
-const REPLAN_EVERY: Duration = Duration::from_secs(2);
-
-/// A replan moves a job only when the other site is cheaper (cost + delay) by this fraction of
-/// the current one's, and by at least [`MOVE_MARGIN_USD`]: estimates that wobble do not make it
-/// flap between sites.
-const MOVE_MARGIN: f64 = 0.05;
-const MOVE_MARGIN_USD: f64 = 1.0;
 
 impl Core {
     /// Free and total resources, by site, of every connected, non-draining agent that may run
@@ -191,6 +182,9 @@ impl Core {
         let mut unplaced: Vec<(String, String, Option<Decided>)> = Vec::new();
         let mut stay: Vec<String> = Vec::new();
         let held = self.placement_hold_until.is_some_and(|t| now < t && !self.all_known_agents_connected());
+        // Replans come in rounds, at most one per REPLAN_EVERY, so that a long queue costs one
+        // world (and one replay per busy site) every round, not one per job.
+        let replan = self.next_replan.is_none_or(|t| now >= t);
         for (_, job_id) in &self.queue {
             let job = &self.jobs[job_id];
             // Placed again after `replace_after`, or at once when its site's launch failed
@@ -201,7 +195,7 @@ impl Core {
                     || job.next_placement.is_some_and(|t| t <= now));
             let due = match job.life.state {
                 JobState::Queued => !held && job.next_placement.is_none_or(|t| t <= now),
-                JobState::Placed => forced || job.replan_at.is_some_and(|t| t <= now),
+                JobState::Placed => forced || (replan && job.replan_at.is_some_and(|t| t <= now)),
                 _ => false,
             };
             if !due {
@@ -245,6 +239,9 @@ impl Core {
             } else {
                 unplaced.push((job_id.clone(), summary(&decision), Some(Decided { decision, span })));
             }
+        }
+        if replan {
+            self.next_replan = Some(now + REPLAN_EVERY);
         }
         for job_id in stay {
             if let Some(job) = self.jobs.get_mut(&job_id) {
@@ -404,59 +401,6 @@ pub(super) fn month_start(now: crate::model::UnixMillis) -> crate::model::UnixMi
     let mp = (5 * doy + 2) / 153;
     let day_of_month = doy - (153 * mp + 2) / 5; // 0-based
     (days - day_of_month) * 86_400_000
-}
-
-/// Whether some candidate was rejected only for want of a queue-wait estimate.
-fn needs_estimate(decision: &Decision) -> bool {
-    decision.candidates.iter().any(|c| matches!(&c.verdict, Verdict::Rejected(r) if r.as_str() == NO_ESTIMATE))
-}
-
-/// Whether a replan moves a job waiting at `current`: the site can no longer take it (now every
-/// candidate there is rejected) and another can, or another is cheaper by the margin.
-fn moves(current: Option<&str>, decision: &Decision) -> bool {
-    let Some(chosen) = &decision.chosen else { return false };
-    if Some(chosen.site.as_str()) == current {
-        return false;
-    }
-    let score = |o: &crate::placement::engine::Offer| o.cost.total_usd + o.cost.delay_usd;
-    let here = decision
-        .candidates
-        .iter()
-        .filter(|c| Some(c.site.as_str()) == current)
-        .filter_map(|c| match &c.verdict {
-            Verdict::Feasible(o) => Some(score(o)),
-            Verdict::Rejected(_) => None,
-        })
-        .reduce(f64::min);
-    match here {
-        None => true,
-        Some(here) => score(&chosen.offer) < here - (here * MOVE_MARGIN).max(MOVE_MARGIN_USD),
-    }
-}
-
-/// Why the job cannot be done in time anywhere: every candidate is rejected, some for the
-/// deadline or `max_wait`, and the others for reasons that waiting does not change (policy,
-/// residency, caps); `None` otherwise.
-fn too_late(decision: &Decision) -> Option<String> {
-    use RejectionKind as K;
-    if decision.chosen.is_some() {
-        return None;
-    }
-    let mut timing = false;
-    let mut reasons = Vec::new();
-    for c in &decision.candidates {
-        let Verdict::Rejected(why) = &c.verdict else { return None };
-        match why.kind {
-            K::Deadline | K::MaxWait => timing = true,
-            K::NotAllowed | K::Residency | K::Location | K::PriceCap | K::CostCap | K::Spot => {}
-            _ => return None,
-        }
-        let line = format!("{}: {why}", c.site);
-        if !reasons.contains(&line) {
-            reasons.push(line);
-        }
-    }
-    timing.then(|| reasons.join("; "))
 }
 
 /// A decision taken this round, with the span opened before it (none for a job retried after
