@@ -127,3 +127,41 @@ fn logs_can_be_one_json_object_per_line() {
     assert!(traced_requests > 0, "{stderr}");
     assert!(!stderr.contains("hbk_"), "logs never carry the key");
 }
+
+#[test]
+fn a_second_quickstart_on_a_busy_state_directory_refuses_and_leaves_it_alone() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("qs");
+    let mut first = Command::new(BIN)
+        .args(["quickstart", "--state-dir"])
+        .arg(&state)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = first.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = rx.recv_timeout(left).expect("the first quickstart serves");
+        if line.starts_with("serving;") {
+            break;
+        }
+    }
+    let second = Command::new(BIN).args(["quickstart", "--once", "--state-dir"]).arg(&state).output().unwrap();
+    let _ = first.kill();
+    let _ = first.wait();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{stderr}");
+    assert!(stderr.contains("is in use by another quickstart"), "{stderr}");
+    assert!(state.join("broker.db").exists(), "the running quickstart's state is left alone");
+}

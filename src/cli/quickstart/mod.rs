@@ -136,6 +136,7 @@ fn local_store(dir: &Path) -> StorageConfig {
 /// Runs the quickstart; returns whether every sample job succeeded.
 pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
     tls::install_crypto_provider();
+    let _lock = lock_state(state_dir)?;
     if state_dir.exists() {
         std::fs::remove_dir_all(state_dir).with_context(|| format!("clearing {}", state_dir.display()))?;
     }
@@ -367,7 +368,8 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
     }
     println!("  (inputs were local://{LOCATION}/{DEMO_TENANT}/datasets/poems/ = {})", poems.display());
     println!();
-    println!("try next (in another terminal, while this one serves):");
+    println!("try next (in another terminal, while this one serves; `hybroker` is target/release/hybroker,");
+    println!("or on your PATH after `cargo install --locked --path .`):");
     println!("  export HYBROKER_GATEWAY={gateway_url} HYBROKER_TOKEN={demo}");
     println!("  hybroker jobs list");
     println!("  hybroker jobs events {}       # every transition, where it ran and why", ids[1]);
@@ -390,6 +392,30 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
     }
     broker_task.await??;
     Ok(all_ok)
+}
+
+/// Holds `<state dir>.lock`, beside the state directory, for the quickstart's life: a second
+/// quickstart on the same state directory refuses, rather than wiping a running one's state.
+fn lock_state(state_dir: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    let name = state_dir.file_name().map_or_else(|| "quickstart".into(), |n| n.to_string_lossy().into_owned());
+    let path = state_dir.with_file_name(format!("{name}.lock"));
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| parent.display().to_string())?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| path.display().to_string())?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        anyhow::anyhow!(
+            "{} is in use by another quickstart (it holds {}: {e}); stop that one first, or give this one another \
+             --state-dir",
+            state_dir.display(),
+            path.display()
+        )
+    })
 }
 
 /// What the cloud sites launched for the samples, then their retirement once idle.
