@@ -10,7 +10,7 @@ use hybroker::{agent, bench, broker, gateway, private_files, telemetry, tls};
 #[derive(Parser)]
 #[command(
     name = "hybroker",
-    version,
+    version = env!("HYBROKER_VERSION"),
     about = "Hybrid-cloud GPU workload broker: on-prem GPUs and AWS/Azure as one pool"
 )]
 struct Cli {

@@ -165,3 +165,21 @@ fn a_second_quickstart_on_a_busy_state_directory_refuses_and_leaves_it_alone() {
     assert!(stderr.contains("is in use by another quickstart"), "{stderr}");
     assert!(state.join("broker.db").exists(), "the running quickstart's state is left alone");
 }
+
+#[test]
+fn the_version_names_the_commit_it_was_built_from() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let commit = text
+        .trim()
+        .strip_prefix(&format!("hybroker {} (commit ", env!("CARGO_PKG_VERSION")))
+        .and_then(|rest| rest.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("{text}"));
+    // Built from a checkout: its abbreviated hash, `-dirty` with local changes.
+    if !Path::new(env!("CARGO_MANIFEST_DIR")).join(".git").exists() {
+        assert_eq!(commit, "unknown", "{text}");
+        return;
+    }
+    let hash = commit.strip_suffix("-dirty").unwrap_or(commit);
+    assert!(hash.len() == 12 && hash.bytes().all(|b| b.is_ascii_hexdigit()), "{text}");
+}
