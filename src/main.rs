@@ -25,8 +25,10 @@ struct Cli {
 enum Command {
     /// Run the broker (the control plane).
     Broker {
-        #[arg(long, default_value = "config/broker.toml")]
-        config: PathBuf,
+        /// The config file: this, else `HYBROKER_CONFIG`, else `./config/broker.toml`, else
+        /// `/etc/hybroker/broker.toml`.
+        #[arg(long, env = "HYBROKER_CONFIG")]
+        config: Option<PathBuf>,
         /// Write the bound address to this file once listening (useful with port 0).
         #[arg(long)]
         addr_file: Option<PathBuf>,
@@ -36,8 +38,10 @@ enum Command {
     },
     /// Run the gateway: the tenants' HTTP API, a client of the broker.
     Gateway {
-        #[arg(long, default_value = "config/gateway.toml")]
-        config: PathBuf,
+        /// The config file: this, else `HYBROKER_CONFIG`, else `./config/gateway.toml`, else
+        /// `/etc/hybroker/gateway.toml`.
+        #[arg(long, env = "HYBROKER_CONFIG")]
+        config: Option<PathBuf>,
         /// Write the bound address to this file once listening (useful with port 0).
         #[arg(long)]
         addr_file: Option<PathBuf>,
@@ -48,8 +52,10 @@ enum Command {
     Tenants(cli::admin::TenantsArgs),
     /// Run the agent on a GPU node; it dials out to the broker.
     Agent {
-        #[arg(long, default_value = "config/agent.toml")]
-        config: PathBuf,
+        /// The config file: this, else `HYBROKER_CONFIG`, else `./config/agent.toml`, else
+        /// `/etc/hybroker/agent.toml`.
+        #[arg(long, env = "HYBROKER_CONFIG")]
+        config: Option<PathBuf>,
         /// Add simulated GPUs, e.g. `4xH100-80GB` (overrides the config's agent.simulate_gpus).
         #[arg(long)]
         simulate_gpus: Option<String>,
@@ -108,7 +114,7 @@ fn main() -> anyhow::Result<()> {
         }
         match cli.command {
             Command::Broker { config, addr_file, enroll_addr_file } => {
-                let config = BrokerConfig::load(&config)?;
+                let config = BrokerConfig::load(&config_path(config, "broker")?)?;
                 let tracing = traced(format, "broker", &config.telemetry, &config.tls.cert)?;
                 let catalog = config.placement.install_catalog().map_err(anyhow::Error::msg)?;
                 tracing::info!(as_of = catalog.as_of(), types = catalog.types().len(), "instance catalog");
@@ -128,7 +134,7 @@ fn main() -> anyhow::Result<()> {
                 served
             }
             Command::Gateway { config, addr_file } => {
-                let config = GatewayConfig::load(&config)?;
+                let config = GatewayConfig::load(&config_path(config, "gateway")?)?;
                 let tracing = traced(format, "gateway", &config.telemetry, &config.tls.cert)?;
                 let listener = cli::listen(config.gateway.listen)?;
                 if let Some(path) = addr_file {
@@ -141,7 +147,7 @@ fn main() -> anyhow::Result<()> {
             Command::Client(cmd) => exit_with(cli::client::run(cmd).await?),
             Command::Tenants(args) => exit_with(cli::admin::tenants(args).await),
             Command::Agent { config, simulate_gpus, join_file } => {
-                let mut config = AgentConfig::load_joining(&config, join_file)?;
+                let mut config = AgentConfig::load_joining(&config_path(config, "agent")?, join_file)?;
                 if let Some(spec) = simulate_gpus {
                     config.agent.simulate_gpus = spec;
                     config.validate(std::path::Path::new("--simulate-gpus"))?;
@@ -204,6 +210,23 @@ fn traced(
 }
 
 /// Ends the process with `code` when it is not 0.
+/// A service's config file: the one given (`--config` or `HYBROKER_CONFIG`), else the first of
+/// `./config/<role>.toml` and `/etc/hybroker/<role>.toml` that exists.
+fn config_path(given: Option<PathBuf>, role: &str) -> anyhow::Result<PathBuf> {
+    if let Some(path) = given {
+        return Ok(path);
+    }
+    let candidates =
+        [PathBuf::from(format!("config/{role}.toml")), PathBuf::from(format!("/etc/hybroker/{role}.toml"))];
+    candidates.iter().find(|p| p.exists()).cloned().ok_or_else(|| {
+        anyhow::anyhow!(
+            "no {role} config: no --config given, HYBROKER_CONFIG is not set, and neither {} nor {} exists",
+            candidates[0].display(),
+            candidates[1].display()
+        )
+    })
+}
+
 fn exit_with(code: i32) -> anyhow::Result<()> {
     if code != 0 {
         std::process::exit(code);

@@ -183,3 +183,32 @@ fn the_version_names_the_commit_it_was_built_from() {
     let hash = commit.strip_suffix("-dirty").unwrap_or(commit);
     assert!(hash.len() == 12 && hash.bytes().all(|b| b.is_ascii_hexdigit()), "{text}");
 }
+
+#[test]
+fn services_find_their_config_by_flag_environment_working_directory_or_etc() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |env: Option<&str>| {
+        let mut command = Command::new(BIN);
+        command.args(["broker"]).current_dir(dir.path()).env_remove("HYBROKER_CONFIG").env("RUST_BACKTRACE", "0");
+        if let Some(path) = env {
+            command.env("HYBROKER_CONFIG", path);
+        }
+        let out = command.output().unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // Nothing anywhere (unless this host has /etc/hybroker/broker.toml): every place is named.
+    if !Path::new("/etc/hybroker/broker.toml").exists() {
+        let err = run(None);
+        assert!(err.contains("neither config/broker.toml nor /etc/hybroker/broker.toml exists"), "{err}");
+    }
+    // ./config/broker.toml is found (and read: this one is not a valid config).
+    std::fs::create_dir_all(dir.path().join("config")).unwrap();
+    std::fs::write(dir.path().join("config/broker.toml"), "not = [valid\n").unwrap();
+    let err = run(None);
+    assert!(err.contains("config/broker.toml"), "{err}");
+    // HYBROKER_CONFIG wins over the working directory.
+    let elsewhere = dir.path().join("elsewhere.toml");
+    let err = run(Some(elsewhere.to_str().unwrap()));
+    assert!(err.contains("elsewhere.toml"), "{err}");
+}
