@@ -281,12 +281,19 @@ impl Core {
             let agent = &ids[victims.agent];
             for (victim, why) in victims.victims {
                 let Some(mut job) = self.jobs.remove(&victim) else { continue };
-                let because = match why {
-                    Why::Priority => format!("job {for_job} of {tenant} has a higher priority ({priority})"),
-                    Why::FairShare => format!("tenant {tenant} is under its fair share, {} over", job.tenant()),
+                // The victim's tenant reads the reason: another tenant's name and job stay out of it
+                // (the operators' log has them).
+                let reason = match why {
+                    Why::Priority => format!(
+                        "{PREEMPTED_BY_BROKER} for job {for_job}: job {for_job} of {tenant} has a higher priority ({priority})"
+                    ),
+                    Why::FairShare => format!(
+                        "{PREEMPTED_BY_BROKER}: tenant {} is over its fair share and another tenant under its own",
+                        job.tenant()
+                    ),
                 };
-                let reason = format!("{PREEMPTED_BY_BROKER} for job {for_job}: {because}");
-                tracing::info!(job = victim, agent, for_job, "preempting: {because}");
+                let because = reason.split_once(": ").map_or(reason.as_str(), |(_, b)| b).to_owned();
+                tracing::info!(job = victim, agent, for_job, for_tenant = tenant, "preempting: {because}");
                 out.send(agent, job.preempt(&reason));
                 job.preempting = true;
                 self.event(&mut job, format!("preempting: {because}"), false, out);

@@ -119,6 +119,10 @@ fn a_tenant_under_its_share_preempts_one_that_used_the_pool_for_hours() {
     // Hours later globex has used far more than acme: its job is preempted for acme's.
     h.now = h.now.after(Duration::from_secs(3 * 3600));
     let stops = preempted(&h.heartbeat("a", 1), "lab/a");
-    let why = format!("by the broker for job {waiting}: tenant acme is under its fair share, globex over");
-    assert_eq!(stops, [(hog, 1, why)]);
+    // Globex is told why, without acme's name or job.
+    let why = "by the broker: tenant globex is over its fair share and another tenant under its own".to_owned();
+    assert_eq!(stops, [(hog.clone(), 1, why)]);
+    let told = &h.job(&hog).reason;
+    assert!(told.starts_with("preempting: tenant globex is over") && !told.contains("acme"), "{told}");
+    assert!(!told.contains(&waiting), "{told}");
 }
