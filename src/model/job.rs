@@ -183,7 +183,10 @@ pub fn deadline_at(text: &str, submitted_at: super::UnixMillis) -> Result<super:
         return Ok(ms);
     }
     match HumanDuration::parse(text) {
-        Ok(d) => Ok(submitted_at.saturating_add(d.0.as_millis() as super::UnixMillis)),
+        Ok(d) => {
+            Ok(submitted_at
+                .saturating_add(super::UnixMillis::try_from(d.0.as_millis()).unwrap_or(super::UnixMillis::MAX)))
+        }
         Err(_) => Err(format!(
             "{text:?} is neither an RFC 3339 time like 2026-12-01T18:00:00Z nor a duration from submit like 4h"
         )),
@@ -258,6 +261,11 @@ impl JobSpec {
     /// The hard limit on one attempt's wall time.
     pub fn max_runtime(&self) -> Duration {
         self.max_runtime.map_or(DEFAULT_MAX_RUNTIME, |d| d.0)
+    }
+
+    /// What cost and wait estimates assume one attempt takes: `expected_runtime`, else `max_runtime`.
+    pub fn estimated_runtime(&self) -> Duration {
+        self.expected_runtime.map_or_else(|| self.max_runtime(), |d| d.0)
     }
 
     fn validated(self) -> Result<Self, SpecError> {

@@ -164,3 +164,13 @@ fn a_checkpoint_is_checked_like_an_output() {
     assert_eq!(errors[0].field, "checkpoint.to");
     assert!(errors[0].message.contains("give `to`"), "{}", errors[0].message);
 }
+
+#[test]
+fn a_deadline_is_a_time_or_a_duration_from_submit() {
+    use super::deadline_at;
+    assert_eq!(deadline_at("2026-12-01T18:00:00Z", 0), Ok(1_796_148_000_000));
+    assert_eq!(deadline_at("4h", 1_000), Ok(1_000 + 4 * 3_600_000));
+    assert!(deadline_at("soonish", 0).unwrap_err().contains("neither an RFC 3339 time"));
+    // A duration too long for milliseconds stays far in the future instead of wrapping into the past.
+    assert_eq!(deadline_at("1000000000 years", 1_000), Ok(i64::MAX));
+}

@@ -30,6 +30,7 @@ use std::time::Duration;
 pub use super::decision::{Candidate, Chosen, CostBreakdown, Decision, Offer, Verdict};
 pub use super::rejection::{Rejection, RejectionKind};
 use super::request::{OutputDest, PlacementJob};
+use super::wait::Need;
 use super::world::{NodeShape, SiteCapacity, Unavailable, World};
 use crate::model::job::Spot;
 use crate::model::price::Market;
@@ -50,6 +51,8 @@ struct Plan {
     /// Per choice dimension: the candidate location indices.
     choices: Vec<Vec<usize>>,
     global: Option<Rejection>,
+    /// What the job needs, for the sites' queue-wait replays (built once, not per site).
+    need: Need,
 }
 
 /// Where one output goes.
@@ -185,7 +188,7 @@ fn plan(job: &PlacementJob, world: &World) -> Plan {
             global.get_or_insert(why);
         }
     }
-    Plan { residency, inputs, outputs, choices, global }
+    Plan { residency, inputs, outputs, choices, global, need: job.need() }
 }
 
 fn unknown_location(name: &str) -> Rejection {
@@ -230,8 +233,11 @@ fn site_offer(job: &PlacementJob, world: &World, si: usize, plan: &Plan) -> Resu
     }
     let hours = job.hours();
     let needs_capacity = site.kind == SiteKind::Onprem || !site.elastic();
-    let (wait, now, ahead) =
-        if needs_capacity { capacity_wait(job, &site.name, &state.capacity)? } else { (Some(Duration::ZERO), true, 0) };
+    let (wait, now, ahead) = if needs_capacity {
+        capacity_wait(job, &plan.need, &site.name, &state.capacity)?
+    } else {
+        (Some(Duration::ZERO), true, 0)
+    };
     let mut offer = match site.kind.cloud() {
         Some(_) => cloud_compute(job, world, si)?,
         None => onprem_compute(job, world, si, now)?,
@@ -311,6 +317,7 @@ fn finish(
 /// ([`super::wait`]), else the site's given `queue_wait`.
 fn capacity_wait(
     job: &PlacementJob,
+    need: &Need,
     site: &str,
     capacity: &SiteCapacity,
 ) -> Result<(Option<Duration>, bool, u32), Rejection> {
@@ -327,7 +334,7 @@ fn capacity_wait(
         return Ok((w.wait, false, w.ahead));
     }
     match &capacity.profile {
-        Some(p) => Ok((p.earliest(&job.need()), false, u32::try_from(p.waiting()).unwrap_or(u32::MAX))),
+        Some(p) => Ok((p.earliest(need), false, u32::try_from(p.waiting()).unwrap_or(u32::MAX))),
         None => Ok((capacity.queue_wait, false, 0)),
     }
 }

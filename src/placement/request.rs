@@ -216,7 +216,7 @@ impl PlacementJob {
             gpu_models: r.gpu_model.clone(),
             cpus: r.cpus,
             memory_gib: r.memory_gib,
-            runtime: spec.expected_runtime.map_or_else(|| spec.max_runtime(), |d| d.0),
+            runtime: spec.estimated_runtime(),
             inputs,
             outputs,
             policy,

@@ -42,7 +42,7 @@ fn need(job: &ActiveJob) -> Need {
         gpu_models: r.gpu_model.clone(),
         cpus: r.cpus,
         memory_mib: u64::from(r.memory_gib) * 1024,
-        runtime: job.spec.expected_runtime.map_or_else(|| job.spec.max_runtime(), |d| d.0),
+        runtime: job.spec.estimated_runtime(),
     }
 }
 
