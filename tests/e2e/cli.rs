@@ -26,18 +26,7 @@ impl Cli {
 
     /// Runs `hybroker ARGS` with the gateway and `key` in the environment, as a user would.
     async fn run_as(&self, key: &str, args: &[&str]) -> Output {
-        let mut command = tokio::process::Command::new(BIN);
-        command
-            .args(args)
-            .env("HYBROKER_GATEWAY", &self.gateway.url)
-            .env("HYBROKER_TOKEN", key)
-            .env_remove("HYBROKER_CA_CERT")
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true);
-        tokio::time::timeout(DEADLINE, command.output())
-            .await
-            .unwrap_or_else(|_| panic!("hybroker {args:?} did not finish within {DEADLINE:?}"))
-            .unwrap()
+        crate::common::tenant_cli(&self.gateway, key, args).await
     }
 
     async fn run(&self, args: &[&str]) -> Output {

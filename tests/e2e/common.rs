@@ -603,3 +603,20 @@ pub async fn metric(addr: SocketAddr, series: &str) -> Option<f64> {
     tcp.read_to_string(&mut body).await.unwrap();
     body.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
 }
+
+/// Runs `hybroker ARGS` against `gateway` with tenant `key` in the environment, as a tenant's user
+/// would (no CA override, no stdin).
+pub async fn tenant_cli(gateway: &Gateway, key: &str, args: &[&str]) -> std::process::Output {
+    let mut command = tokio::process::Command::new(BIN);
+    command
+        .args(args)
+        .env("HYBROKER_GATEWAY", &gateway.url)
+        .env("HYBROKER_TOKEN", key)
+        .env_remove("HYBROKER_CA_CERT")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    tokio::time::timeout(DEADLINE, command.output())
+        .await
+        .unwrap_or_else(|_| panic!("hybroker {args:?} did not finish within {DEADLINE:?}"))
+        .unwrap()
+}

@@ -38,15 +38,7 @@ impl Sites {
 
     /// Runs `hybroker ARGS` against the gateway with `key`, as a tenant would.
     async fn tenant(&self, key: &str, args: &[&str]) -> Output {
-        let mut command = tokio::process::Command::new(BIN);
-        command
-            .args(args)
-            .env("HYBROKER_GATEWAY", &self.gateway.url)
-            .env("HYBROKER_TOKEN", key)
-            .env_remove("HYBROKER_CA_CERT")
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true);
-        tokio::time::timeout(DEADLINE, command.output()).await.expect("the CLI finishes").unwrap()
+        crate::common::tenant_cli(&self.gateway, key, args).await
     }
 
     async fn metrics(&self) -> SocketAddr {

@@ -12,15 +12,7 @@ use crate::common::*;
 
 /// Runs the CLI against the gateway with `key`; returns (exit code, stdout, stderr).
 pub async fn cli(gateway: &Gateway, key: &str, args: &[&str]) -> (i32, String, String) {
-    let mut command = tokio::process::Command::new(BIN);
-    command
-        .args(args)
-        .env("HYBROKER_GATEWAY", &gateway.url)
-        .env("HYBROKER_TOKEN", key)
-        .env_remove("HYBROKER_CA_CERT")
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(DEADLINE, command.output()).await.unwrap().unwrap();
+    let out = crate::common::tenant_cli(gateway, key, args).await;
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
 }
