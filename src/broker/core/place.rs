@@ -24,6 +24,7 @@ use crate::model::job::JobSpec;
 use crate::model::state::{Input, JobState};
 use crate::placement::bind::{FreeCapacity, Wanted, bind_in_order_within};
 use crate::placement::engine::{Decision, RejectionKind, Verdict};
+use crate::placement::request::PlacementJob;
 use crate::placement::world::World;
 use crate::store::{AttemptRecord, Write};
 
@@ -80,6 +81,14 @@ impl Core {
         (world, waits)
     }
 
+    /// The decision for a job not yet placed: in the world without queue-wait replays, and again
+    /// with them only when some site needs its estimate (as `place_due` does).
+    fn decide(&self, tenant: &str, req: &PlacementJob) -> Decision {
+        let placer = &self.settings.placer;
+        let decision = placer.place(req, &self.quick_world(tenant));
+        if needs_estimate(&decision) { placer.place(req, &self.world(tenant).0) } else { decision }
+    }
+
     /// Whether every agent the broker knows (from the store or since) has its stream open.
     fn all_known_agents_connected(&self) -> bool {
         self.agents.values().all(|e| e.conn.is_some())
@@ -126,8 +135,7 @@ impl Core {
         if budget_left.is_none() && !timed {
             return Ok(());
         }
-        let (world, _) = self.world(tenant);
-        let decision = placer.place(&req, &world);
+        let decision = self.decide(tenant, &req);
         if let Some(why) = too_late(&decision) {
             return Err(ApiError::InvalidArgument(format!("no site can finish this job in time: {why}")));
         }
@@ -154,7 +162,7 @@ impl Core {
         let req = placer
             .request(tenant, spec, data, self.budget_left(tenant), self.now.ms)
             .map_err(ApiError::InvalidArgument)?;
-        Ok(placer.place(&req, &self.world(tenant).0))
+        Ok(self.decide(tenant, &req))
     }
 
     /// Places queued jobs (engine placement) and binds them to agents with room.
