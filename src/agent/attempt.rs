@@ -78,8 +78,8 @@ pub(super) async fn run(
         "job.attempt",
         otel.kind = "consumer",
         otel.status_code = tracing::field::Empty,
-        job.id = %launch.job_id,
-        job.attempt = launch.attempt,
+        hybroker.job.id = %launch.job_id,
+        hybroker.job.attempt = i64::from(launch.attempt),
         hybroker.outcome = tracing::field::Empty,
     );
     context::set_parent(&span, context::from_carrier(trace_context));
@@ -300,9 +300,9 @@ fn stage_span(name: &'static str) -> tracing::Span {
         "stage",
         otel.name = name,
         otel.status_code = tracing::field::Empty,
-        staging.bytes = tracing::field::Empty,
-        staging.files = tracing::field::Empty,
-        staging.duration_ms = tracing::field::Empty,
+        hybroker.staging.bytes = tracing::field::Empty,
+        hybroker.staging.files = tracing::field::Empty,
+        hybroker.staging.duration_ms = tracing::field::Empty,
         error.message = tracing::field::Empty,
     )
 }
@@ -310,9 +310,9 @@ fn stage_span(name: &'static str) -> tracing::Span {
 fn record_stage(span: &tracing::Span, staged: &Result<StageStats, String>) {
     match staged {
         Ok(s) => {
-            span.record("staging.bytes", s.bytes);
-            span.record("staging.files", s.files);
-            span.record("staging.duration_ms", s.duration.as_millis() as u64);
+            span.record("hybroker.staging.bytes", s.bytes as i64);
+            span.record("hybroker.staging.files", s.files as i64);
+            span.record("hybroker.staging.duration_ms", s.duration.as_millis() as i64);
         }
         Err(e) => {
             span.record("otel.status_code", "ERROR");

@@ -182,7 +182,7 @@ async fn log_requests(State(client_traces): State<ClientTraces>, mut request: Re
     let tenant = slot.0.get().map_or("-", String::as_str);
     let elapsed = started.elapsed().as_secs_f64();
     let status = response.status();
-    span.record("http.response.status_code", status.as_u16());
+    span.record("http.response.status_code", i64::from(status.as_u16()));
     span.record("hybroker.tenant", tenant);
     if status.is_server_error() {
         span.record("otel.status_code", "ERROR");

@@ -88,7 +88,7 @@ where
                 rpc.method = %method,
                 rpc.grpc.status_code = tracing::field::Empty,
                 server.address = server.0.as_str(),
-                server.port = server.1,
+                server.port = i64::from(server.1),
             ),
             Kind::Server => tracing::info_span!(
                 "grpc",

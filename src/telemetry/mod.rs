@@ -24,7 +24,7 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use serde::Deserialize;
-use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
+use tracing_subscriber::filter::{EnvFilter, FilterExt, LevelFilter, Targets, filter_fn};
 use tracing_subscriber::prelude::*;
 
 /// How log lines are written.
@@ -180,8 +180,11 @@ pub fn init(format: LogFormat, service: Option<Service<'_>>) -> anyhow::Result<T
     // The core's hot-path spans use the OpenTelemetry API directly, through the global provider.
     opentelemetry::global::set_tracer_provider(provider.clone());
     let tracer = provider.tracer("hybroker");
-    // Only our own spans become trace spans, whatever RUST_LOG says about logs.
-    let ours = Targets::new().with_target("hybroker", LevelFilter::INFO);
+    // Only our own spans become trace spans, whatever RUST_LOG says about logs. Log lines are not
+    // copied into spans as events: the bridge would turn their unsigned numbers into strings, and
+    // each line already carries its trace and span id. A span's own events (a placement's rejected
+    // candidates) are added through the OpenTelemetry API with typed values.
+    let ours = Targets::new().with_target("hybroker", LevelFilter::INFO).and(filter_fn(|meta| meta.is_span()));
     let spans = tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_tracked_inactivity(false)

@@ -37,6 +37,8 @@ struct Span {
     kind: i32,
     status: i32,
     attrs: BTreeMap<String, String>,
+    /// Each attribute's OTLP type (`string`, `int`, `double`, `bool`, …), of the span and its events.
+    types: BTreeMap<String, &'static str>,
     events: Vec<(String, BTreeMap<String, String>)>,
     /// (trace id, span id) of each link.
     links: Vec<(String, String)>,
@@ -69,6 +71,12 @@ impl TraceService for Collector {
                     kind: s.kind,
                     status: s.status.map_or(0, |st| st.code),
                     attrs: flatten(&s.attributes),
+                    types: s
+                        .attributes
+                        .iter()
+                        .chain(s.events.iter().flat_map(|e| &e.attributes))
+                        .map(|kv| (kv.key.clone(), kv.value.as_ref().map_or("none", type_name)))
+                        .collect(),
                     events: s.events.iter().map(|e| (e.name.clone(), flatten(&e.attributes))).collect(),
                     links: s.links.iter().map(|l| (hex(&l.trace_id), hex(&l.span_id))).collect(),
                     start_ns: s.start_time_unix_nano,
@@ -91,12 +99,64 @@ fn print_tree(spans: &[Span], parent: &str, depth: usize, t0: u64) {
     }
 }
 
+/// One key per concept, numbers as numbers: across the job's spans (all three services) and their
+/// events, a key always has one type; every count, size, code, port and cost is an int or a double
+/// (numeric TraceQL queries such as `{ .http.response.status_code >= 500 }` must match them); no
+/// string value reads as a number unless its key is a version; and hybroker's own keys are
+/// namespaced `hybroker.` (the OTel convention for attributes outside the semantic conventions).
+fn assert_attributes_typed(spans: &[Span]) {
+    let mut seen: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
+    for span in spans {
+        for (key, kind) in &span.types {
+            if let Some((other, at)) = seen.insert(key, (kind, &span.name)) {
+                assert_eq!(other, *kind, "{key} is {other} on {at} but {kind} on {}", span.name);
+            }
+        }
+        let values = span.attrs.iter().chain(span.events.iter().flat_map(|(_, attrs)| attrs));
+        for (key, value) in values {
+            let numeric_text = span.types[key] == "string" && value.parse::<f64>().is_ok();
+            assert!(!numeric_text || key.ends_with(".version"), "{key} = {value:?} is a string on {}", span.name);
+        }
+    }
+    for key in [
+        "http.response.status_code",
+        "server.port",
+        "rpc.grpc.status_code",
+        "process.exit.code",
+        "hybroker.job.attempt",
+        "hybroker.staging.bytes",
+        "hybroker.staging.files",
+        "hybroker.staging.duration_ms",
+        "hybroker.placement.candidates",
+        "hybroker.placement.rejections",
+    ] {
+        assert_eq!(seen.get(key).map(|(kind, _)| *kind), Some("int"), "{key}: {seen:?}");
+    }
+    for key in ["hybroker.placement.cost.total_usd", "hybroker.placement.price_age_seconds", "hybroker.cost_usd"] {
+        assert_eq!(seen.get(key).map(|(kind, _)| *kind), Some("double"), "{key}: {seen:?}");
+    }
+    let semantic = ["http.", "rpc.", "server.", "url.", "network.", "user_agent.", "process.", "error.", "otel."];
+    let stray: Vec<&&str> =
+        seen.keys().filter(|k| !k.starts_with("hybroker.") && !semantic.iter().any(|p| k.starts_with(p))).collect();
+    assert!(stray.is_empty(), "attributes outside the conventions and the hybroker. namespace: {stray:?}");
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn flatten(kvs: &[KeyValue]) -> BTreeMap<String, String> {
     kvs.iter().map(|kv| (kv.key.clone(), kv.value.as_ref().map(text).unwrap_or_default())).collect()
+}
+
+fn type_name(v: &AnyValue) -> &'static str {
+    match &v.value {
+        Some(any_value::Value::StringValue(_)) => "string",
+        Some(any_value::Value::IntValue(_)) => "int",
+        Some(any_value::Value::DoubleValue(_)) => "double",
+        Some(any_value::Value::BoolValue(_)) => "bool",
+        _ => "other",
+    }
 }
 
 fn text(v: &AnyValue) -> String {
@@ -260,33 +320,40 @@ async fn one_job_is_one_trace_across_gateway_broker_and_agent() {
     let places = children(&submit, "job.place");
     assert!(places.len() >= 2, "placed once per attempt: {places:#?}");
     let place = &places[0];
-    assert_eq!(place.attrs["job.id"], id);
-    assert_eq!(place.attrs["placement.site"], "lab");
-    assert_eq!(place.attrs["placement.candidates"], "2");
-    assert_eq!(place.attrs["placement.rejections"], "1");
-    for key in ["placement.cost.total_usd", "placement.cost.compute_usd", "placement.cost.egress_usd"] {
+    assert_eq!(place.attrs["hybroker.job.id"], id);
+    assert_eq!(place.attrs["hybroker.placement.site"], "lab");
+    assert_eq!(place.attrs["hybroker.placement.candidates"], "2");
+    assert_eq!(place.attrs["hybroker.placement.rejections"], "1");
+    for key in [
+        "hybroker.placement.cost.total_usd",
+        "hybroker.placement.cost.compute_usd",
+        "hybroker.placement.cost.egress_usd",
+    ] {
         assert!(place.attrs[key].parse::<f64>().is_ok_and(|v| v >= 0.0), "{key}: {place:#?}");
     }
-    assert!(place.attrs["placement.price_age_seconds"].parse::<f64>().is_ok_and(|v| v > 0.0), "{place:#?}");
+    assert!(place.attrs["hybroker.placement.price_age_seconds"].parse::<f64>().is_ok_and(|v| v > 0.0), "{place:#?}");
     let (event, attrs) = &place.events[0];
-    assert_eq!((event.as_str(), attrs["placement.candidate"].as_str()), ("candidate rejected", "aws-us-east-1"));
-    assert!(attrs["placement.reason"].contains("H100"), "{attrs:?}");
+    assert_eq!(
+        (event.as_str(), attrs["hybroker.placement.candidate"].as_str()),
+        ("candidate rejected", "aws-us-east-1")
+    );
+    assert!(attrs["hybroker.placement.reason"].contains("H100"), "{attrs:?}");
     let dispatches = children(&submit, "job.dispatch");
     assert_eq!(dispatches.len(), 2, "{dispatches:#?}");
 
     // Agent: one attempt span per dispatch, each with its stages; the workload saw its context.
     for dispatch in &dispatches {
         assert_eq!(dispatch.kind, PRODUCER);
-        let n = dispatch.attrs["job.attempt"].clone();
+        let n = dispatch.attrs["hybroker.job.attempt"].clone();
         let attempt = one("job.attempt", "hybroker-agent", &dispatch.span_id);
         // The broker's record of the attempt's end, beside it: outcome, reason, actual cost.
         let end = one("job.attempt.end", "hybroker-broker", &dispatch.span_id);
         let cost = end.attrs["hybroker.cost_usd"].parse::<f64>().unwrap();
         assert!(cost > 0.0 && cost < 0.01, "a few seconds at $1.50/h: {end:#?}");
-        assert_eq!((attempt.kind, attempt.attrs["job.attempt"].as_str()), (CONSUMER, n.as_str()));
+        assert_eq!((attempt.kind, attempt.attrs["hybroker.job.attempt"].as_str()), (CONSUMER, n.as_str()));
         assert_eq!(attempt.resource["hybroker.site"], "lab");
         let stage_in = one("stage-in", "hybroker-agent", &attempt.span_id);
-        assert_eq!(stage_in.attrs["staging.bytes"], "12");
+        assert_eq!(stage_in.attrs["hybroker.staging.bytes"], "12");
         assert!(!children(&stage_in, "hybroker.v1.AgentService/InputUrls").is_empty(), "URL calls in stage-in");
         let execute = one("execute", "hybroker-agent", &attempt.span_id);
         assert_eq!(execute.attrs["process.exit.code"], "0");
@@ -297,7 +364,7 @@ async fn one_job_is_one_trace_across_gateway_broker_and_agent() {
             assert_eq!(end.attrs["hybroker.outcome"], "failed");
             assert!(end.attrs["hybroker.reason"].contains("more/"), "{end:#?}");
         } else {
-            assert_eq!(stage_out.attrs["staging.files"], "2");
+            assert_eq!(stage_out.attrs["hybroker.staging.files"], "2");
             assert_eq!(
                 (end.attrs["hybroker.outcome"].as_str(), end.attrs["process.exit.code"].as_str()),
                 ("succeeded", "0")
@@ -307,6 +374,7 @@ async fn one_job_is_one_trace_across_gateway_broker_and_agent() {
             assert_eq!(seen.trim(), format!("00-{trace_id}-{}-01", execute.span_id));
         }
     }
+    assert_attributes_typed(&spans);
     drop(gateway);
 
     // A gateway told to `link` client traces starts its own trace, linked to the client's.

@@ -29,12 +29,12 @@ pub(super) const MAX_REJECTION_EVENTS: usize = 16;
 pub(super) fn place_span(job: &ActiveJob) -> Span {
     let span = tracing::info_span!(
         "job.place",
-        job.id = %job.sub.id,
-        job.name = %job.sub.name,
-        tenant = %job.sub.tenant,
-        placement.site = tracing::field::Empty,
-        placement.candidates = tracing::field::Empty,
-        placement.rejections = tracing::field::Empty,
+        hybroker.job.id = %job.sub.id,
+        hybroker.job.name = %job.sub.name,
+        hybroker.tenant = %job.sub.tenant,
+        hybroker.placement.site = tracing::field::Empty,
+        hybroker.placement.candidates = tracing::field::Empty,
+        hybroker.placement.rejections = tracing::field::Empty,
     );
     context::set_parent(&span, job.trace.clone());
     span
@@ -51,40 +51,43 @@ pub(super) fn record_decision(span: &Span, decision: &Decision) {
             Verdict::Feasible(_) => None,
         })
         .collect();
-    span.record("placement.candidates", decision.candidates.len() as u64);
-    span.record("placement.rejections", rejected.len() as u64);
-    span.set_attribute("placement.snapshot_id", decision.snapshot_id.clone());
-    span.set_attribute("placement.price_age_seconds", decision.snapshot_age_ms as f64 / 1000.0);
-    span.set_attribute("placement.prices_stale", decision.stale);
+    span.record("hybroker.placement.candidates", decision.candidates.len() as i64);
+    span.record("hybroker.placement.rejections", rejected.len() as i64);
+    span.set_attribute("hybroker.placement.snapshot_id", decision.snapshot_id.clone());
+    span.set_attribute("hybroker.placement.price_age_seconds", decision.snapshot_age_ms as f64 / 1000.0);
+    span.set_attribute("hybroker.placement.prices_stale", decision.stale);
     if let Some(residency) = &decision.residency {
-        span.set_attribute("placement.residency", residency.clone());
+        span.set_attribute("hybroker.placement.residency", residency.clone());
     }
     match &decision.chosen {
         Some(chosen) => {
             let cost = &chosen.offer.cost;
-            span.record("placement.site", chosen.site.as_str());
-            span.set_attribute("placement.cost.total_usd", cost.total_usd);
-            span.set_attribute("placement.cost.compute_usd", cost.compute_usd);
-            span.set_attribute("placement.cost.egress_usd", cost.egress_usd);
-            span.set_attribute("placement.cost.storage_usd", cost.storage_usd);
-            span.set_attribute("placement.usd_per_hour", cost.usd_per_hour);
+            span.record("hybroker.placement.site", chosen.site.as_str());
+            span.set_attribute("hybroker.placement.cost.total_usd", cost.total_usd);
+            span.set_attribute("hybroker.placement.cost.compute_usd", cost.compute_usd);
+            span.set_attribute("hybroker.placement.cost.egress_usd", cost.egress_usd);
+            span.set_attribute("hybroker.placement.cost.storage_usd", cost.storage_usd);
+            span.set_attribute("hybroker.placement.usd_per_hour", cost.usd_per_hour);
             if let Some(t) = &chosen.offer.instance_type {
-                span.set_attribute("placement.instance_type", t.clone());
+                span.set_attribute("hybroker.placement.instance_type", t.clone());
             }
         }
-        None => span.set_attribute("placement.outcome", "no site can take it now"),
+        None => span.set_attribute("hybroker.placement.outcome", "no site can take it now"),
     }
     for (site, why) in rejected.iter().take(MAX_REJECTION_EVENTS) {
         span.add_event(
             "candidate rejected",
             vec![
-                KeyValue::new("placement.candidate", site.to_string()),
-                KeyValue::new("placement.reason", why.to_string()),
+                KeyValue::new("hybroker.placement.candidate", site.to_string()),
+                KeyValue::new("hybroker.placement.reason", why.to_string()),
             ],
         );
     }
     if rejected.len() > MAX_REJECTION_EVENTS {
-        span.set_attribute("placement.rejection_events_dropped", (rejected.len() - MAX_REJECTION_EVENTS) as i64);
+        span.set_attribute(
+            "hybroker.placement.rejection_events_dropped",
+            (rejected.len() - MAX_REJECTION_EVENTS) as i64,
+        );
     }
 }
 
@@ -94,8 +97,8 @@ pub(super) fn record_decision(span: &Span, decision: &Decision) {
 pub(super) fn dispatch(job: &ActiveJob, agent: &str, site: &str) -> (HashMap<String, String>, Context) {
     let attributes = || {
         vec![
-            KeyValue::new("job.id", job.sub.id.clone()),
-            KeyValue::new("job.attempt", i64::from(job.life.attempts)),
+            KeyValue::new("hybroker.job.id", job.sub.id.clone()),
+            KeyValue::new("hybroker.job.attempt", i64::from(job.life.attempts)),
             KeyValue::new("hybroker.agent", agent.to_string()),
             KeyValue::new("hybroker.site", site.to_string()),
         ]
@@ -115,8 +118,8 @@ pub(super) fn attempt_ended(
 ) {
     let attributes = || {
         let mut attributes = vec![
-            KeyValue::new("job.id", job.sub.id.clone()),
-            KeyValue::new("job.attempt", i64::from(job.life.attempts)),
+            KeyValue::new("hybroker.job.id", job.sub.id.clone()),
+            KeyValue::new("hybroker.job.attempt", i64::from(job.life.attempts)),
             KeyValue::new("hybroker.outcome", state.as_str()),
             KeyValue::new("hybroker.reason", reason.to_string()),
         ];
@@ -198,9 +201,9 @@ mod tests {
         tracing::subscriber::with_default(subscriber, || {
             let span = tracing::info_span!(
                 "job.place",
-                placement.site = tracing::field::Empty,
-                placement.candidates = tracing::field::Empty,
-                placement.rejections = tracing::field::Empty,
+                hybroker.placement.site = tracing::field::Empty,
+                hybroker.placement.candidates = tracing::field::Empty,
+                hybroker.placement.rejections = tracing::field::Empty,
             );
             record_decision(&span, &decision);
         });
@@ -211,10 +214,13 @@ mod tests {
             |key: &str| span.attributes.iter().find(|kv| kv.key.as_str() == key).map(|kv| kv.value.to_string());
         assert_eq!(span.events.len(), MAX_REJECTION_EVENTS);
         assert_eq!(span.events[0].name, "candidate rejected");
-        assert_eq!(attribute("placement.rejections").as_deref(), Some("20"));
-        assert_eq!(attribute("placement.rejection_events_dropped").as_deref(), Some("4"));
-        assert_eq!(attribute("placement.price_age_seconds").as_deref(), Some("90"));
-        assert_eq!(attribute("placement.outcome").as_deref(), Some("no site can take it now"));
-        assert_eq!(attribute("placement.site"), None);
+        // Counts are numbers in the trace, not strings (numeric TraceQL queries match them).
+        let value = |key: &str| span.attributes.iter().find(|kv| kv.key.as_str() == key).map(|kv| kv.value.clone());
+        assert_eq!(value("hybroker.placement.rejections"), Some(opentelemetry::Value::I64(20)));
+        assert_eq!(value("hybroker.placement.candidates"), Some(opentelemetry::Value::I64(20)));
+        assert_eq!(attribute("hybroker.placement.rejection_events_dropped").as_deref(), Some("4"));
+        assert_eq!(attribute("hybroker.placement.price_age_seconds").as_deref(), Some("90"));
+        assert_eq!(attribute("hybroker.placement.outcome").as_deref(), Some("no site can take it now"));
+        assert_eq!(attribute("hybroker.placement.site"), None);
     }
 }
