@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use hybroker::cli::{self, PkiCommand};
-use hybroker::config::{AgentConfig, BrokerConfig, GatewayConfig};
+use hybroker::config::{AgentConfig, BrokerConfig, GatewayConfig, QuickstartConfig};
 use hybroker::{agent, bench, broker, gateway, private_files, telemetry, tls};
 
 #[derive(Parser)]
@@ -81,6 +81,10 @@ enum Command {
         /// Where the quickstart keeps its PKI, database and work directories (made afresh).
         #[arg(long, default_value = ".hybroker/quickstart")]
         state_dir: PathBuf,
+        /// Watch it: a file with `[metrics]` and `[telemetry]` sections, as in the services'
+        /// configs (see config/quickstart.toml); everything else is embedded.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Benchmark: a broker child process, N simulated agents over mTLS, M jobs; prints and writes
     /// throughput, latency, CPU and memory (and a reconnect storm or a broker kill on request).
@@ -162,11 +166,12 @@ fn main() -> anyhow::Result<()> {
             Command::Catalog(cmd) => {
                 exit_with(cli::report::finish(cli::catalog::run(cmd).await.map(|()| cli::report::EXIT_OK)))
             }
-            Command::Quickstart { once, state_dir } => {
-                let section = telemetry::TelemetrySection::default();
-                let service = telemetry::Service { role: "quickstart", section: &section, site: None, instance: None };
+            Command::Quickstart { once, state_dir, config } => {
+                let config = config.map(|path| QuickstartConfig::load(&path)).transpose()?.unwrap_or_default();
+                let service =
+                    telemetry::Service { role: "quickstart", section: &config.telemetry, site: None, instance: None };
                 let tracing = telemetry::init(format, Some(service))?;
-                let ok = cli::quickstart::run(&state_dir, once).await;
+                let ok = cli::quickstart::run(&state_dir, once, config.metrics).await;
                 tracing.shutdown().await;
                 let ok = ok?;
                 if !ok {

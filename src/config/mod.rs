@@ -17,6 +17,7 @@ pub mod azure_env;
 pub mod broker;
 pub mod gateway;
 pub mod placement;
+pub mod quickstart;
 pub mod storage;
 pub mod tenants;
 
@@ -26,6 +27,7 @@ pub use agent::{
 pub use broker::{BrokerConfig, BrokerSection, LeaseSection, LimitSection, SecretsSection, StoreSection};
 pub use gateway::{BrokerTarget, GatewayConfig, GatewaySection};
 pub use placement::{PlacementSection, PricesSection};
+pub use quickstart::QuickstartConfig;
 pub use storage::{StagingSection, StorageCloud, StorageConfig};
 pub use tenants::{DedicatedAgent, TenantConfig, dedicated_to};
 

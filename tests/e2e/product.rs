@@ -1,10 +1,11 @@
 //! The product as a new user meets it: the quickstart, the shipped configs and examples, and the
 //! architecture invariants of the README.
 
+use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
-use hybroker::config::{AgentConfig, BrokerConfig, parse_toml};
+use hybroker::config::{AgentConfig, BrokerConfig, QuickstartConfig, parse_toml};
 use hybroker::model::job::JobSpec;
 
 use crate::common::BIN;
@@ -18,6 +19,7 @@ fn quickstart_once_runs_the_samples_and_exits_zero() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "quickstart failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(!stdout.contains("metrics: http://"), "metrics only when a --config asks for them");
     // Owned GPUs win for H100 work; the cheaper cloud L4 wins over the owned one; EU data stays in
     // the EU; a job bigger than any owned node spills to the cheapest cloud.
     for (sample, site) in [
@@ -73,6 +75,8 @@ fn shipped_configs_parse() {
     let text = std::fs::read_to_string(&path).unwrap();
     let agent: AgentConfig = parse_toml(&text, &path, []).unwrap();
     assert!(agent.agent.broker_url.starts_with("https://"));
+    let quickstart = QuickstartConfig::load(&root.join("config/quickstart.toml")).unwrap();
+    assert!(quickstart.metrics.listen.is_some() && quickstart.telemetry.otlp_endpoint.is_some());
 }
 
 /// The shipped configs point at certificates made by `hybroker pki`; nothing else may be wrong.
@@ -128,19 +132,18 @@ fn logs_can_be_one_json_object_per_line() {
     assert!(!stderr.contains("hbk_"), "logs never carry the key");
 }
 
-#[test]
-fn a_second_quickstart_on_a_busy_state_directory_refuses_and_leaves_it_alone() {
+/// Starts `hybroker quickstart` (serving, not `--once`) with `args` and waits until it says it
+/// serves; returns the child and every line it printed until then.
+fn serving_quickstart(args: &[&std::ffi::OsStr]) -> (std::process::Child, Vec<String>) {
     use std::io::BufRead;
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("qs");
-    let mut first = Command::new(BIN)
-        .args(["quickstart", "--state-dir"])
-        .arg(&state)
+    let mut child = Command::new(BIN)
+        .arg("quickstart")
+        .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let stdout = first.stdout.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -150,13 +153,22 @@ fn a_second_quickstart_on_a_busy_state_directory_refuses_and_leaves_it_alone() {
         }
     });
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    let mut lines = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let line = rx.recv_timeout(left).expect("the first quickstart serves");
+        let line = rx.recv_timeout(left).unwrap_or_else(|e| panic!("the quickstart serves ({e}): {lines:#?}"));
         if line.starts_with("serving;") {
-            break;
+            return (child, lines);
         }
+        lines.push(line);
     }
+}
+
+#[test]
+fn a_second_quickstart_on_a_busy_state_directory_refuses_and_leaves_it_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("qs");
+    let (mut first, _) = serving_quickstart(&["--state-dir".as_ref(), state.as_ref()]);
     let second = Command::new(BIN).args(["quickstart", "--once", "--state-dir"]).arg(&state).output().unwrap();
     let _ = first.kill();
     let _ = first.wait();
@@ -211,4 +223,49 @@ fn services_find_their_config_by_flag_environment_working_directory_or_etc() {
     let elsewhere = dir.path().join("elsewhere.toml");
     let err = run(Some(elsewhere.to_str().unwrap()));
     assert!(err.contains("elsewhere.toml"), "{err}");
+}
+
+/// `quickstart --config` with `[metrics]`: one /metrics endpoint with the broker's, the gateway's and
+/// the agents' series (one process, one registry), its address printed, and the broker's
+/// Prometheus service discovery beside it (without `--config`, nothing listens: see
+/// `quickstart_once_runs_the_samples_and_exits_zero`); a bad config is refused with its path and key.
+#[test]
+fn the_quickstart_serves_metrics_when_its_config_asks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, config) = (dir.path().join("qs"), dir.path().join("quickstart.toml"));
+    std::fs::write(&config, "[metrics]\nlisten = \"127.0.0.1:0\"\n").unwrap();
+    let (mut child, lines) =
+        serving_quickstart(&["--state-dir".as_ref(), state.as_ref(), "--config".as_ref(), config.as_ref()]);
+    let scrape = |path: &str| {
+        let printed =
+            lines.iter().find_map(|l| l.strip_prefix("metrics: http://")).expect("the metrics address is printed");
+        let addr = printed.split('/').next().unwrap();
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+        let mut body = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut body).unwrap();
+        body
+    };
+    let metrics = scrape("/metrics");
+    let discovery = scrape("/sd/agents");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(metrics.starts_with("HTTP/1.0 200") || metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    for family in [
+        "hybroker_jobs_finished_total",
+        "hybroker_gateway_requests_total",
+        "hybroker_agent_attempts_running",
+        "process_threads",
+    ] {
+        assert!(
+            metrics.contains(&format!("\n{family}{{")) || metrics.contains(&format!("\n{family} ")),
+            "{family} missing:\n{metrics}"
+        );
+    }
+    assert!(discovery.contains("200"), "{discovery}");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[metrics]\nlisten = \"nowhere\"\n").unwrap();
+    let refused = Command::new(BIN).args(["quickstart", "--once", "--config"]).arg(&bad).output().unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("bad.toml") && stderr.contains("listen"), "{stderr}");
 }

@@ -19,6 +19,7 @@ use crate::config::{
     StorageConfig, StoreSection, TenantConfig,
 };
 use crate::gateway::api::{AgentList, Job};
+use crate::metrics::MetricsSection;
 use crate::model::capacity::LocalLaunch;
 use crate::model::identity::Role;
 use crate::pki::{self, IssueRequest};
@@ -134,7 +135,9 @@ fn local_store(dir: &Path) -> StorageConfig {
 }
 
 /// Runs the quickstart; returns whether every sample job succeeded.
-pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
+/// Runs the quickstart in `state_dir` (made afresh); `metrics` is the `[metrics]` of its
+/// `--config`: one endpoint for all its services, which share the process's registry.
+pub async fn run(state_dir: &Path, once: bool, mut metrics: MetricsSection) -> anyhow::Result<bool> {
     tls::install_crypto_provider();
     let _lock = lock_state(state_dir)?;
     if state_dir.exists() {
@@ -190,6 +193,8 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
             });
         }
     }
+    let metrics_addr_file =
+        metrics.listen.map(|_| metrics.addr_file.get_or_insert(state_dir.join("metrics.addr")).clone());
     let mut broker_section = BrokerSection::listening_on(addr);
     broker_section.enroll_listen = Some("127.0.0.1:0".parse().expect("an address"));
     broker_section.ca_dir = Some(pki_dir.clone());
@@ -213,7 +218,7 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
         residency: sites.residency,
         placement: Default::default(),
         prices: PricesSection { snapshot: prices_file, ..PricesSection::default() },
-        metrics: Default::default(),
+        metrics,
         telemetry: Default::default(),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -380,6 +385,13 @@ pub async fn run(state_dir: &Path, once: bool) -> anyhow::Result<bool> {
     println!("  curl -H \"Authorization: Bearer $HYBROKER_TOKEN\" $HYBROKER_GATEWAY/v1/jobs");
     println!("(prices: the offline snapshot config/prices/snapshot.json; turn on live feeds with [prices] azure/aws)");
 
+    if let Some(path) = &metrics_addr_file {
+        let addr =
+            std::fs::read_to_string(path).with_context(|| format!("the metrics address in {}", path.display()))?;
+        println!(
+            "metrics: http://{addr}/metrics (broker, gateway and agents; Prometheus service discovery at /sd/agents)"
+        );
+    }
     if !once {
         println!();
         println!("serving; press Ctrl-C to stop");
