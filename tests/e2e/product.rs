@@ -156,11 +156,15 @@ fn serving_quickstart(args: &[&std::ffi::OsStr]) -> (std::process::Child, Vec<St
     let mut lines = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let line = rx.recv_timeout(left).unwrap_or_else(|e| panic!("the quickstart serves ({e}): {lines:#?}"));
-        if line.starts_with("serving;") {
-            return (child, lines);
+        match rx.recv_timeout(left) {
+            Ok(line) if line.starts_with("serving;") => return (child, lines),
+            Ok(line) => lines.push(line),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the quickstart serves ({e}): {lines:#?}");
+            }
         }
-        lines.push(line);
     }
 }
 
