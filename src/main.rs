@@ -218,17 +218,9 @@ fn traced(
 /// A service's config file: the one given (`--config` or `HYBROKER_CONFIG`), else the first of
 /// `./config/<role>.toml` and `/etc/hybroker/<role>.toml` that exists.
 fn config_path(given: Option<PathBuf>, role: &str) -> anyhow::Result<PathBuf> {
-    if let Some(path) = given {
-        return Ok(path);
-    }
-    let candidates =
-        [PathBuf::from(format!("config/{role}.toml")), PathBuf::from(format!("/etc/hybroker/{role}.toml"))];
-    candidates.iter().find(|p| p.exists()).cloned().ok_or_else(|| {
-        anyhow::anyhow!(
-            "no {role} config: no --config given, HYBROKER_CONFIG is not set, and neither {} nor {} exists",
-            candidates[0].display(),
-            candidates[1].display()
-        )
+    hybroker::config::find(given, role).map_err(|e| match e {
+        hybroker::config::ConfigError::Parse { message, .. } => anyhow::anyhow!(message),
+        other => other.into(),
     })
 }
 

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod agents;
+pub mod backup;
 pub mod capacity;
 pub mod core;
 pub mod data;

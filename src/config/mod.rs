@@ -53,6 +53,24 @@ pub(crate) fn finish(path: &Path, problems: Vec<String>) -> Result<(), ConfigErr
     if problems.is_empty() { Ok(()) } else { Err(ConfigError::Invalid { path: path.display().to_string(), problems }) }
 }
 
+/// Where a service's config is: `given` (`--config`, or `HYBROKER_CONFIG` through clap), else
+/// `./config/<role>.toml`, else `/etc/hybroker/<role>.toml`; an error names every place looked at.
+pub fn find(given: Option<std::path::PathBuf>, role: &str) -> Result<std::path::PathBuf, ConfigError> {
+    if let Some(path) = given {
+        return Ok(path);
+    }
+    let candidates =
+        [format!("config/{role}.toml"), format!("/etc/hybroker/{role}.toml")].map(std::path::PathBuf::from);
+    candidates.iter().find(|p| p.exists()).cloned().ok_or_else(|| ConfigError::Parse {
+        path: candidates[0].display().to_string(),
+        message: format!(
+            "no {role} config: no --config given, HYBROKER_CONFIG is not set, and neither {} nor {} exists",
+            candidates[0].display(),
+            candidates[1].display()
+        ),
+    })
+}
+
 /// Reads a TOML file, applies `HYBROKER_<SECTION>__<KEY>` overrides from `vars`, and deserialises.
 /// Relative paths in the file stay relative to the working directory.
 pub fn load_toml<T: DeserializeOwned>(

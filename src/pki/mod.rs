@@ -129,7 +129,7 @@ impl CaPaths {
 }
 
 /// The key file of a CA directory made before issuing CAs.
-const OLD_CA_KEY: &str = "ca-key.pem";
+pub const OLD_CA_KEY: &str = "ca-key.pem";
 
 /// Creates a root and an issuing CA for `trust_domain` in `dir` (created if missing); refuses to
 /// overwrite a CA, also one of the older single-CA layout.

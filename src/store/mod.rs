@@ -6,9 +6,10 @@
 
 mod coalesce;
 mod schema;
+pub mod snapshot;
 mod sqlite;
 
-pub use sqlite::{Reader, Writer, open};
+pub use sqlite::{Reader, Writer, open, store_files};
 
 #[cfg(test)]
 mod tests;

@@ -61,7 +61,7 @@ pub async fn open(path: &Path) -> Result<(Writer, Reader), StoreError> {
 }
 
 /// The database file, its write-ahead log and its shared-memory index.
-pub(crate) fn store_files(path: &Path) -> [PathBuf; 3] {
+pub fn store_files(path: &Path) -> [PathBuf; 3] {
     let with_suffix = |suffix: &str| {
         let mut name = path.as_os_str().to_owned();
         name.push(suffix);

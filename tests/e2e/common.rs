@@ -219,7 +219,7 @@ impl Drop for Cluster {
     }
 }
 
-fn path_str(p: &Path) -> &str {
+pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 

@@ -2,6 +2,7 @@
 //! port 0, conditions waited on with deadlines. One test binary, so it links once.
 
 mod arm_fixture;
+mod backup;
 mod bad_input;
 mod bench;
 mod capacity;

@@ -9,6 +9,7 @@
 //! `error:`/`hint:` lines of [`super::report`].
 
 mod agents;
+mod backup;
 mod certs;
 mod connection;
 mod keys;
@@ -94,6 +95,12 @@ enum AdminCommand {
         #[command(subcommand)]
         command: Option<super::client::sites::SitesCommand>,
     },
+    /// Back up what the broker cannot rebuild (an online database snapshot, the secrets key, the
+    /// issuing CA) into a new directory; run on the broker's host, while it runs.
+    Backup(backup::BackupArgs),
+    /// Put a backup back where the broker's config says (the broker stopped, its database moved
+    /// away); every file is checked against the backup's manifest first.
+    Restore(backup::BackupArgs),
     /// The audit trail of admin actions (drain, undrain, remove, tokens, revocations), newest first.
     Events {
         /// At most this many events (at most 1000).
@@ -124,10 +131,15 @@ async fn admin(args: AdminArgs) -> anyhow::Result<i32> {
     {
         return tokens::run(&args.broker, command).await;
     }
+    let out = args.broker.output;
+    let command = match args.command {
+        AdminCommand::Backup(backup) => return backup::backup(backup, out).await,
+        AdminCommand::Restore(backup) => return backup::restore(backup, out).await,
+        command => command,
+    };
     let channel = args.broker.channel().await?;
     let mut client = JobServiceClient::new(channel.clone());
-    let out = args.broker.output;
-    match args.command {
+    match command {
         AdminCommand::Certs { command } => certs::certs(channel, out, command).await?,
         AdminCommand::Submit { file, wait, tenant, idempotency_key } => {
             let spec = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
@@ -185,6 +197,7 @@ async fn admin(args: AdminArgs) -> anyhow::Result<i32> {
                 }
             }
         }
+        AdminCommand::Backup(_) | AdminCommand::Restore(_) => unreachable!("local commands, handled above"),
         AdminCommand::Agents(args) => agents::agents(channel, args, out).await?,
         AdminCommand::Events { limit } => agents::events(channel, limit, out).await?,
         AdminCommand::Sites { command } => sites::sites(channel, command, out).await?,
