@@ -229,12 +229,14 @@ fn services_find_their_config_by_flag_environment_working_directory_or_etc() {
     assert!(err.contains("elsewhere.toml"), "{err}");
 }
 
-/// `quickstart --config` with `[metrics]`: one /metrics endpoint with the broker's, the gateway's and
+/// The "try next" commands a serving quickstart prints run as printed (with `hybroker` on the PATH,
+/// from the repository root, in a shell with its `export` line). `quickstart --config` with
+/// `[metrics]`: one /metrics endpoint with the broker's, the gateway's and
 /// the agents' series (one process, one registry), its address printed, and the broker's
 /// Prometheus service discovery beside it (without `--config`, nothing listens: see
 /// `quickstart_once_runs_the_samples_and_exits_zero`); a bad config is refused with its path and key.
 #[test]
-fn the_quickstart_serves_metrics_when_its_config_asks() {
+fn a_serving_quickstart_runs_the_commands_it_prints_and_serves_metrics_when_asked() {
     let dir = tempfile::tempdir().unwrap();
     let (state, config) = (dir.path().join("qs"), dir.path().join("quickstart.toml"));
     std::fs::write(&config, "[metrics]\nlisten = \"127.0.0.1:0\"\n").unwrap();
@@ -252,8 +254,15 @@ fn the_quickstart_serves_metrics_when_its_config_asks() {
     };
     let metrics = scrape("/metrics");
     let discovery = scrape("/sd/agents");
+    let printed = run_printed_commands(&lines);
     let _ = child.kill();
     let _ = child.wait();
+    for (command, out) in &printed {
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "`{command}` as printed failed:\n{stdout}{stderr}");
+        assert!(!stdout.trim().is_empty(), "`{command}` printed nothing");
+    }
+    assert!(printed.len() >= 7, "{printed:?}");
     assert!(metrics.starts_with("HTTP/1.0 200") || metrics.starts_with("HTTP/1.1 200"), "{metrics}");
     for family in [
         "hybroker_jobs_finished_total",
@@ -272,4 +281,27 @@ fn the_quickstart_serves_metrics_when_its_config_asks() {
     let refused = Command::new(BIN).args(["quickstart", "--once", "--config"]).arg(&bad).output().unwrap();
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && stderr.contains("bad.toml") && stderr.contains("listen"), "{stderr}");
+}
+
+/// Runs each command of the quickstart's "try next" block in `sh` from the repository root, after
+/// its `export` line, with the built `hybroker` first on the PATH; returns (command, output).
+fn run_printed_commands(lines: &[String]) -> Vec<(String, std::process::Output)> {
+    let block = lines.iter().skip_while(|l| !l.starts_with("try next")).skip(2);
+    let commands: Vec<&str> = block.map_while(|l| l.strip_prefix("  ")).collect();
+    let export = commands.iter().find(|c| c.starts_with("export ")).expect("an export line");
+    let bin_dir = Path::new(BIN).parent().unwrap();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    commands
+        .iter()
+        .filter(|c| !c.starts_with("export "))
+        .map(|command| {
+            let out = Command::new("sh")
+                .args(["-c", &format!("{export}\n{command}")])
+                .env("PATH", &path)
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .output()
+                .unwrap();
+            (command.to_string(), out)
+        })
+        .collect()
 }
