@@ -149,7 +149,8 @@ mod tests {
                 Some("broker") => parse_toml::<BrokerConfig>(&text, &path, []).map(drop),
                 Some("gateway") => parse_toml::<crate::config::GatewayConfig>(&text, &path, []).map(drop),
                 Some("agent") => parse_toml::<crate::config::AgentConfig>(&text, &path, []).map(drop),
-                _ => panic!("{name}: name an example config after its role (broker, gateway, agent)"),
+                Some("quickstart") => parse_toml::<QuickstartConfig>(&text, &path, []).map(drop),
+                _ => panic!("{name}: name an example config after its role (broker, gateway, agent, quickstart)"),
             };
             result.unwrap_or_else(|e| panic!("{e}"));
             parsed.push(name.to_string());
