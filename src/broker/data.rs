@@ -492,7 +492,8 @@ async fn connect_location(
 fn outside_prefixes(field: &str, uri: &str, parsed: &DataUri, tenant: &TenantConfig) -> Option<String> {
     let allowed = tenant.storage.iter().filter_map(|p| DataUri::parse(p).ok()).any(|p| parsed.is_within(&p));
     let list = if tenant.storage.is_empty() { "none".to_string() } else { tenant.storage.join(", ") };
-    (!allowed).then(|| format!("{field}: tenant {} may not use {uri} (its allowed storage prefixes: {list})", tenant.name))
+    (!allowed)
+        .then(|| format!("{field}: tenant {} may not use {uri} (its allowed storage prefixes: {list})", tenant.name))
 }
 
 /// A store's answer as the caller sees it: a missing or denied object is the request's fault.

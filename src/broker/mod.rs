@@ -34,8 +34,8 @@ use crate::config::{BrokerConfig, TenantConfig};
 use crate::model::identity::Role;
 use crate::proto::admin_service_server::AdminServiceServer;
 use crate::proto::agent_service_server::AgentServiceServer;
-use crate::proto::job_service_server::JobServiceServer;
 use crate::proto::data_service_server::DataServiceServer;
+use crate::proto::job_service_server::JobServiceServer;
 use crate::{store, tls};
 
 /// Commands waiting for the core; submitters wait (backpressure) when it is full.

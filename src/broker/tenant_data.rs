@@ -87,7 +87,13 @@ impl DataService {
     }
 
     /// A listed object as a tenant sees it: with a presigned GET unless the store is local.
-    async fn describe(&self, location: &str, meta: ObjectMeta, key: String, uri: String) -> Result<proto::DataObject, Status> {
+    async fn describe(
+        &self,
+        location: &str,
+        meta: ObjectMeta,
+        key: String,
+        uri: String,
+    ) -> Result<proto::DataObject, Status> {
         let download = if self.data.is_local(location) {
             None
         } else {
@@ -226,14 +232,18 @@ impl proto::data_service_server::DataService for DataService {
         Ok(Response::new(proto::ListOutputsResponse { attempt, outputs }))
     }
 
-    async fn list_data(&self, req: Request<proto::ListDataRequest>) -> Result<Response<proto::ListDataResponse>, Status> {
+    async fn list_data(
+        &self,
+        req: Request<proto::ListDataRequest>,
+    ) -> Result<Response<proto::ListDataResponse>, Status> {
         let who = tls::require_role(&req, CALLERS)?;
         let req = req.into_inner();
         let tenant = self.data_tenant(&who, &req.tenant)?;
         let (uri, location, _) = self.data.tenant_uri(&req.uri, tenant)?;
         let store = self.data.object_store(&location)?;
         // One object, else (no such object) everything under `path/`.
-        let single = if uri.is_prefix() { None } else { store.head(&uri.path).await.map_err(|e| store_error("uri", e))? };
+        let single =
+            if uri.is_prefix() { None } else { store.head(&uri.path).await.map_err(|e| store_error("uri", e))? };
         let (listed, dir) = match single {
             Some(meta) => (vec![meta], uri.path.rsplit_once('/').map_or(String::new(), |(d, _)| format!("{d}/"))),
             None => {
@@ -260,13 +270,14 @@ impl proto::data_service_server::DataService for DataService {
         let (location, key) = self.object_of(&who, &req).await?;
         self.require_local(&location)?;
         let store = self.data.object_store(&location)?;
-        let meta = store
-            .head(&key)
-            .await
-            .map_err(|e| store_error("key", e))?
-            .ok_or_else(|| Status::not_found(format!("object {} not found", if req.uri.is_empty() { &req.key } else { &req.uri })))?;
+        let meta = store.head(&key).await.map_err(|e| store_error("key", e))?.ok_or_else(|| {
+            Status::not_found(format!("object {} not found", if req.uri.is_empty() { &req.key } else { &req.uri }))
+        })?;
         if req.offset > meta.size {
-            return Err(Status::out_of_range(format!("offset {} is past the object's end ({} bytes)", req.offset, meta.size)));
+            return Err(Status::out_of_range(format!(
+                "offset {} is past the object's end ({} bytes)",
+                req.offset, meta.size
+            )));
         }
         let first = proto::ObjectChunk { data: Vec::new(), size: meta.size, md5: md5_hex(&meta).unwrap_or_default() };
         if req.offset == meta.size {
@@ -283,7 +294,10 @@ impl proto::data_service_server::DataService for DataService {
         let answer = request.send().await.map_err(|e| Status::unavailable(format!("the local store: {e}")))?;
         let expected = if req.offset > 0 { reqwest::StatusCode::PARTIAL_CONTENT } else { reqwest::StatusCode::OK };
         if answer.status() != expected {
-            return Err(Status::unavailable(format!("the local store answered {} to a read of {key}", answer.status())));
+            return Err(Status::unavailable(format!(
+                "the local store answered {} to a read of {key}",
+                answer.status()
+            )));
         }
         let body = answer.bytes_stream().map(|chunk| match chunk {
             Ok(data) => Ok(proto::ObjectChunk { data: data.to_vec(), size: 0, md5: String::new() }),
@@ -339,7 +353,8 @@ impl proto::data_service_server::DataService for DataService {
     ) -> Result<Response<proto::DataObject>, Status> {
         let who = tls::require_role(&req, CALLERS)?;
         let mut chunks = req.into_inner();
-        let first = chunks.message().await?.ok_or_else(|| Status::invalid_argument("no chunk: the first names the object"))?;
+        let first =
+            chunks.message().await?.ok_or_else(|| Status::invalid_argument("no chunk: the first names the object"))?;
         let tenant = self.data_tenant(&who, &first.tenant)?;
         let (uri, location, _) = self.data.tenant_uri(&first.uri, tenant)?;
         if uri.is_prefix() {

@@ -21,7 +21,9 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Deserialize;
 
 use super::AppState;
-use super::api::{CompleteUpload, DataObject, DataObjectList, HttpRequest, JobOutput, JobOutputs, UploadPlan, UploadRequest};
+use super::api::{
+    CompleteUpload, DataObject, DataObjectList, HttpRequest, JobOutput, JobOutputs, Problem, UploadPlan, UploadRequest,
+};
 use super::auth::Tenant;
 use super::convert::rfc3339;
 use super::openapi::{BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, TenantErrors};
@@ -149,7 +151,7 @@ pub async fn list_outputs(
     responses(
         (status = 200, description = "The object", content_type = "application/octet-stream", body = String),
         (status = 206, description = "The object from the requested byte", content_type = "application/octet-stream", body = String),
-        (status = 416, description = "The range starts at or past the object's end"),
+        (status = 416, description = "The range starts at or past the object's end", content_type = "application/problem+json", body = Problem),
         BadRequest, NotFound, Conflict, TenantErrors,
     ),
     security(("bearer" = []))
@@ -207,7 +209,7 @@ pub async fn list_data(
     responses(
         (status = 200, description = "The object", content_type = "application/octet-stream", body = String),
         (status = 206, description = "The object from the requested byte", content_type = "application/octet-stream", body = String),
-        (status = 416, description = "The range starts at or past the object's end"),
+        (status = 416, description = "The range starts at or past the object's end", content_type = "application/problem+json", body = Problem),
         BadRequest, Forbidden, NotFound, Conflict, TenantErrors,
     ),
     security(("bearer" = []))
@@ -337,8 +339,7 @@ pub async fn complete_upload(
     tenant: Tenant,
     Json(request): Json<CompleteUpload>,
 ) -> Result<StatusCode, HttpError> {
-    let parts =
-        request.parts.into_iter().map(|p| proto::UploadedPart { number: p.number, etag: p.etag }).collect();
+    let parts = request.parts.into_iter().map(|p| proto::UploadedPart { number: p.number, etag: p.etag }).collect();
     let call =
         proto::CompleteUploadRequest { tenant: tenant.name, uri: request.uri, upload_id: request.upload_id, parts };
     data_client(&state).complete_upload(call).await?;

@@ -68,7 +68,9 @@ async fn data_put_into_the_local_store_feeds_a_job_whose_output_comes_back() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains("tenant acme may not use local://lab/globex/a.txt (its allowed storage prefixes: local://lab/acme/) (403)"),
+        stderr.contains(
+            "tenant acme may not use local://lab/globex/a.txt (its allowed storage prefixes: local://lab/acme/) (403)"
+        ),
         "{stderr}"
     );
     assert!(!dc.objects.join("lab/globex/a.txt").exists());

@@ -147,7 +147,8 @@ fn maker(outputs: &[(&str, &str)]) -> String {
 async fn local_outputs_download_resume_and_verify_through_the_gateway() {
     let dc = DataCluster::start(None).await;
     let id = dc.run_job(&maker(&[("out/", "local://lab/acme/runs/")])).await;
-    let stored = |key: &str| std::fs::read(dc.objects.join(format!("lab/acme/runs/acme/{id}/attempt-1/{key}"))).unwrap();
+    let stored =
+        |key: &str| std::fs::read(dc.objects.join(format!("lab/acme/runs/acme/{id}/attempt-1/{key}"))).unwrap();
     let (a, b) = (stored("a.txt"), stored("sub/b.bin"));
 
     let outputs = listed(&dc, &id).await;
@@ -156,7 +157,10 @@ async fn local_outputs_download_resume_and_verify_through_the_gateway() {
     let got: Vec<(&str, u64, Option<&str>, &str)> =
         objects.iter().map(|o| (o.key.as_str(), o.size, o.md5.as_deref(), o.download.via.as_str())).collect();
     let (md5_a, md5_b) = (md5_hex(&a), md5_hex(&b));
-    assert_eq!(got, [("a.txt", 6, Some(md5_a.as_str()), "gateway"), ("sub/b.bin", 3 << 20, Some(md5_b.as_str()), "gateway")]);
+    assert_eq!(
+        got,
+        [("a.txt", 6, Some(md5_a.as_str()), "gateway"), ("sub/b.bin", 3 << 20, Some(md5_b.as_str()), "gateway")]
+    );
     assert!(objects[1].download.url.starts_with(&format!("/v1/jobs/{id}/outputs/0?key=")), "{:?}", objects[1].download);
     let table = dc.ok(&["jobs", "outputs", &id]).await;
     assert!(table.contains("sub/b.bin") && table.contains(&md5_b), "{table}");
@@ -198,8 +202,11 @@ async fn local_outputs_download_resume_and_verify_through_the_gateway() {
 async fn a_job_that_has_not_succeeded_has_no_outputs_to_read() {
     let dc = DataCluster::start(None).await;
     let file = dc.cluster.path("sleeper.yaml");
-    std::fs::write(&file, "name: sleeper\ncommand: [\"sleep\", \"60\"]\noutputs: [{path: out/, to: 'local://lab/acme/x/'}]\n")
-        .unwrap();
+    std::fs::write(
+        &file,
+        "name: sleeper\ncommand: [\"sleep\", \"60\"]\noutputs: [{path: out/, to: 'local://lab/acme/x/'}]\n",
+    )
+    .unwrap();
     let submitted = dc.ok(&["submit", file.to_str().unwrap()]).await;
     let id = submitted.trim().strip_prefix("submitted ").unwrap().to_string();
     let out = dc.cli(&["jobs", "outputs", &id]).await;

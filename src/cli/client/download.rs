@@ -188,7 +188,8 @@ pub fn request(gw: &Gateway, r: &HttpRequest) -> anyhow::Result<RequestBuilder> 
 /// Sends a handed-out request; a failure names the object (and the store or the gateway).
 pub async fn send(rb: RequestBuilder, r: &HttpRequest, uri: &str) -> anyhow::Result<Response> {
     let whom = if r.via == "gateway" { "the gateway" } else { "the store" };
-    let resp = rb.send().await.map_err(|e| ClientError::new(format!("{uri}: cannot reach {whom}: {}", chain(&e)), None))?;
+    let resp =
+        rb.send().await.map_err(|e| ClientError::new(format!("{uri}: cannot reach {whom}: {}", chain(&e)), None))?;
     if resp.status().is_success() {
         return Ok(resp);
     }

@@ -153,7 +153,9 @@ impl Gateway {
             .read_timeout(REQUEST_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none());
         let builder = if https { builder } else { builder.tls_certs_only([]) };
-        builder.build().map_err(|e| ClientError::new(format!("cannot set up https to the store: {}", chain(&e)), None).into())
+        builder
+            .build()
+            .map_err(|e| ClientError::new(format!("cannot set up https to the store: {}", chain(&e)), None).into())
     }
 
     /// Sends; a transport failure or an error status becomes a [`ClientError`].
