@@ -94,10 +94,16 @@ impl DataService {
         key: String,
         uri: String,
     ) -> Result<proto::DataObject, Status> {
-        let download = if self.data.is_local(location) {
+        let store = self.data.object_store(location)?;
+        let local = self.data.is_local(location);
+        // The local store's listings carry no ETag; its HEAD gives the MD5 it recorded.
+        let meta = match meta.etag {
+            None if local => store.head(&meta.key).await.map_err(|e| store_error("uri", e))?.unwrap_or(meta),
+            _ => meta,
+        };
+        let download = if local {
             None
         } else {
-            let store = self.data.object_store(location)?;
             let get = store.presign_get(&meta.key, self.data.url_ttl()).await.map_err(|e| store_error("uri", e))?;
             Some(get.into())
         };
