@@ -233,8 +233,8 @@ impl Bar {
 /// `[#####.....]  12.0 MiB / 24.0 MiB  50%  6.0 MiB/s`
 fn progress_line(done: u64, total: u64, elapsed: Duration) -> String {
     const WIDTH: u64 = 30;
-    let filled = if total == 0 { WIDTH } else { (done.min(total) * WIDTH / total).min(WIDTH) };
-    let percent = if total == 0 { 100 } else { done.min(total) * 100 / total };
+    let filled = (done.min(total) * WIDTH).checked_div(total).unwrap_or(WIDTH).min(WIDTH);
+    let percent = (done.min(total) * 100).checked_div(total).unwrap_or(100);
     let rate = done as f64 / elapsed.as_secs_f64().max(0.001);
     format!(
         "[{}{}] {} / {} {percent:>3}% {}/s",
