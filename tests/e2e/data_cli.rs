@@ -77,6 +77,21 @@ async fn data_put_into_the_local_store_feeds_a_job_whose_output_comes_back() {
     let out = dc.cli(&["data", "ls", "local://lab/globex/"]).await;
     assert!(text(&out.stderr).contains("(403)"), "{}", text(&out.stderr));
 
+    // A body that does not match its Content-MD5 is refused by the store and nothing is stored.
+    let http = reqwest::Client::new();
+    let put = http
+        .put(format!("{}/v1/data/object?uri=local://lab/acme/bad.bin", dc.gateway.url))
+        .bearer_auth(&dc.acme)
+        .header("content-md5", "AAAAAAAAAAAAAAAAAAAAAA==")
+        .body("not those bytes")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), reqwest::StatusCode::BAD_REQUEST);
+    let problem = put.text().await.unwrap();
+    assert!(problem.contains("content-md5 does not match the bytes of local://lab/acme/bad.bin"), "{problem}");
+    assert!(!dc.objects.join("lab/acme/bad.bin").exists());
+
     // Over the streamed upload limit: 413 from the announced length, before any byte is sent.
     let addr = dc.gateway.url.trim_start_matches("http://").to_string();
     let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();

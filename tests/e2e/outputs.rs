@@ -192,6 +192,23 @@ async fn local_outputs_download_resume_and_verify_through_the_gateway() {
     download(&dc, &id, &dir).await;
     assert_eq!(std::fs::read(&file_b).unwrap(), b);
 
+    // Keys stay inside the output's prefix: no way up to another job's objects.
+    let http = reqwest::Client::new();
+    for key in ["../../other/x", "sub/../../a.txt", "", "/etc/passwd"] {
+        let url = format!("{}/v1/jobs/{id}/outputs/0", dc.gateway.url);
+        let answer = http.get(url).query(&[("key", key)]).bearer_auth(&dc.acme).send().await.unwrap();
+        assert_eq!(answer.status(), reqwest::StatusCode::BAD_REQUEST, "{key:?}");
+        assert!(answer.text().await.unwrap().contains("is not an object key of the output"), "{key:?}");
+    }
+    let url = format!("{}/v1/jobs/{id}/outputs/0?key=a.txt", dc.gateway.url);
+    let answer = http.get(&url).bearer_auth(&dc.acme).header("range", "bytes=2-").send().await.unwrap();
+    assert_eq!(answer.status(), reqwest::StatusCode::PARTIAL_CONTENT);
+    assert_eq!(answer.headers()["content-range"], "bytes 2-5/6");
+    assert_eq!(answer.bytes().await.unwrap(), &b"llo\n"[..]);
+    let answer = http.get(&url).bearer_auth(&dc.acme).header("range", "bytes=6-").send().await.unwrap();
+    assert_eq!(answer.status(), reqwest::StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(answer.headers()["content-range"], "bytes */6");
+
     // Another tenant: not found, as for the job itself.
     let out = tenant_cli(&dc.gateway, &dc.globex, &["jobs", "outputs", &id]).await;
     assert_eq!(out.status.code(), Some(2));
