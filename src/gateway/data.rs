@@ -35,6 +35,8 @@ use crate::telemetry::grpc::TracedChannel;
 pub const UPLOAD_ROUTE: &str = "/v1/data/object";
 /// Largest body the upload route streams to the local store (S3's largest single PUT).
 pub const MAX_STREAMED_UPLOAD: u64 = 5 << 30;
+/// Bytes per message of an upload streamed to the broker.
+const CHUNK_BYTES: usize = 1 << 20;
 /// Escaped in query values: all but unreserved characters (and `/`, kept readable).
 const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~').remove(b'/');
 
@@ -262,12 +264,19 @@ pub async fn write_data(
     }
     let content_md5 = headers.get("content-md5").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
     let first = proto::WriteObjectChunk { tenant: tenant.name, uri: uri.clone(), size, content_md5, data: Vec::new() };
-    // A body that breaks off ends the stream early; the broker's store then refuses the short upload.
-    let rest = body
-        .into_data_stream()
-        .take_while(|chunk| ready(chunk.is_ok()))
-        .filter_map(|chunk| ready(chunk.ok()))
-        .map(|data| proto::WriteObjectChunk { data: data.to_vec(), ..Default::default() });
+    // A body that breaks off ends the stream early; the broker's store then refuses the short
+    // upload. Frames are gathered into messages of about CHUNK_BYTES (fewer, larger messages).
+    let frames = body.into_data_stream().take_while(|chunk| ready(chunk.is_ok())).filter_map(|chunk| ready(chunk.ok()));
+    let rest = futures::stream::unfold(Box::pin(frames), |mut frames| async move {
+        let mut data = Vec::new();
+        while data.len() < CHUNK_BYTES {
+            match frames.next().await {
+                Some(frame) => data.extend_from_slice(&frame),
+                None => break,
+            }
+        }
+        (!data.is_empty()).then(|| (proto::WriteObjectChunk { data, ..Default::default() }, frames))
+    });
     let chunks = futures::stream::iter([first]).chain(rest);
     let stored = data_client(&state).write_object(chunks).await?.into_inner();
     let object = data_object(stored, |_| format!("{UPLOAD_ROUTE}?uri={}", escape(&uri)));
