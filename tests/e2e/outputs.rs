@@ -209,6 +209,20 @@ async fn local_outputs_download_resume_and_verify_through_the_gateway() {
     assert_eq!(answer.status(), reqwest::StatusCode::RANGE_NOT_SATISFIABLE);
     assert_eq!(answer.headers()["content-range"], "bytes */6");
 
+    // On a terminal (a pty from `script`, util-linux), stderr shows a byte progress bar.
+    let tty_dir = dc.cluster.path("tty-downloads");
+    let command = format!("{} jobs outputs {id} --download {}", crate::common::BIN, tty_dir.display());
+    let mut script = tokio::process::Command::new("script");
+    script
+        .args(["-qec", &command, "/dev/null"])
+        .env("HYBROKER_GATEWAY", &dc.gateway.url)
+        .env("HYBROKER_TOKEN", &dc.acme);
+    let out = tokio::time::timeout(crate::common::DEADLINE, script.output()).await.unwrap().unwrap();
+    let screen = text(&out.stdout);
+    assert!(out.status.success(), "{screen}{}", text(&out.stderr));
+    assert!(screen.contains("] ") && screen.contains(" / 3.0 MiB "), "no progress bar in {screen:?}");
+    assert_eq!(std::fs::read(tty_dir.join("out/sub/b.bin")).unwrap(), b);
+
     // Another tenant: not found, as for the job itself.
     let out = tenant_cli(&dc.gateway, &dc.globex, &["jobs", "outputs", &id]).await;
     assert_eq!(out.status.code(), Some(2));
