@@ -297,7 +297,8 @@ impl proto::data_service_server::DataService for DataService {
         if req.offset > 0 {
             request = request.header(reqwest::header::RANGE, format!("bytes={}-", req.offset));
         }
-        let answer = request.send().await.map_err(|e| Status::unavailable(format!("the local store: {e}")))?;
+        let answer =
+            request.send().await.map_err(|e| Status::unavailable(format!("the local store: {}", e.without_url())))?;
         let expected = if req.offset > 0 { reqwest::StatusCode::PARTIAL_CONTENT } else { reqwest::StatusCode::OK };
         if answer.status() != expected {
             return Err(Status::unavailable(format!(
@@ -307,7 +308,8 @@ impl proto::data_service_server::DataService for DataService {
         }
         let body = answer.bytes_stream().map(|chunk| match chunk {
             Ok(data) => Ok(proto::ObjectChunk { data: data.to_vec(), size: 0, md5: String::new() }),
-            Err(e) => Err(Status::unavailable(format!("the local store: {e}"))),
+            // Never the presigned URL: errors reach tenants and logs.
+            Err(e) => Err(Status::unavailable(format!("the local store: {}", e.without_url()))),
         });
         Ok(Response::new(Box::pin(futures::stream::iter([Ok(first)]).chain(body))))
     }
@@ -382,7 +384,7 @@ impl proto::data_service_server::DataService for DataService {
             .body(reqwest::Body::wrap_stream(body))
             .send()
             .await
-            .map_err(|e| Status::aborted(format!("the upload of {} broke off: {e}", first.uri)))?;
+            .map_err(|e| Status::aborted(format!("the upload of {} broke off: {}", first.uri, e.without_url())))?;
         let status = answer.status();
         if !status.is_success() {
             let text = answer.text().await.unwrap_or_default();
