@@ -273,6 +273,29 @@ async fn s3_and_azure_outputs_download_with_presigned_urls_resume_and_verify() {
         assert!(b.download.expires_at.is_some() && b.download.url.starts_with("http://127.0.0.1:"), "{b:?}");
     }
 
+    // Outside clients: boto3 reads the S3 output as before, and plain urllib uses the listing's
+    // presigned URL and headers (no credentials); both see the listed MD5.
+    let s3_b = outputs.outputs[0].objects.iter().find(|o| o.key == "sub/b.bin").unwrap();
+    let headers = serde_json::to_string(&s3_b.download.headers).unwrap();
+    let python = format!(
+        "import boto3, hashlib, json, sys, urllib.request\n\
+         s3 = boto3.client('s3', endpoint_url='{endpoint}', region_name='us-east-1', aws_access_key_id='{ak}', aws_secret_access_key='{sk}')\n\
+         body = s3.get_object(Bucket='{bucket}', Key='{prefix}sub/b.bin')['Body'].read()\n\
+         req = urllib.request.Request(sys.argv[1], headers=json.loads(sys.argv[2]))\n\
+         fetched = urllib.request.urlopen(req).read()\n\
+         print(hashlib.md5(body).hexdigest(), hashlib.md5(fetched).hexdigest())\n",
+        endpoint = moto.endpoint(),
+        ak = Moto::ACCESS_KEY,
+        sk = Moto::SECRET_KEY,
+    );
+    let out = std::process::Command::new(crate::emulators::moto_python())
+        .args(["-c", &python, &s3_b.download.url, &headers])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let md5 = md5_hex(&from_s3);
+    assert_eq!(text(&out.stdout).trim(), format!("{md5} {md5}"));
+
     let dir = dc.cluster.path("downloads");
     let stderr = download(&dc, &id, &dir).await;
     assert!(stderr.contains("downloaded 4 objects (6291468 bytes received, 0 resumed, 4 md5-verified)"), "{stderr}");
