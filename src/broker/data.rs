@@ -132,15 +132,39 @@ impl DataPlane {
                     parsed.store
                 ))
             })?;
-        let allowed = tenant.storage.iter().filter_map(|p| DataUri::parse(p).ok()).any(|p| parsed.is_within(&p));
-        if !allowed {
-            let list = if tenant.storage.is_empty() { "none".to_string() } else { tenant.storage.join(", ") };
-            return Err(ApiError::InvalidArgument(format!(
-                "{field}: tenant {} may not use {uri} (its allowed storage prefixes: {list})",
-                tenant.name
-            )));
+        if let Some(refusal) = outside_prefixes(field, uri, &parsed, tenant) {
+            return Err(ApiError::InvalidArgument(refusal));
         }
         Ok((parsed, location))
+    }
+
+    /// A URI a tenant names directly (`hybroker data`): its location's name and whether that is
+    /// the embedded local store. Checked like a submission's URIs, but a URI outside the tenant's
+    /// prefixes is PERMISSION_DENIED (naming them).
+    pub fn tenant_uri(&self, uri: &str, tenant: &TenantConfig) -> Result<(DataUri, String, bool), ApiError> {
+        if let Ok(parsed) = DataUri::parse(uri)
+            && let Some(refusal) = outside_prefixes("uri", uri, &parsed, tenant)
+        {
+            return Err(ApiError::PermissionDenied(refusal));
+        }
+        let (parsed, location) = self.locate("uri", uri, tenant)?;
+        let local = location.config.cloud == StorageCloud::Local;
+        Ok((parsed, location.config.name.clone(), local))
+    }
+
+    /// Whether a location is the embedded local store (loopback only: tenants cannot reach it).
+    pub fn is_local(&self, location: &str) -> bool {
+        self.locations.get(location).is_some_and(|l| l.config.cloud == StorageCloud::Local)
+    }
+
+    /// The store of a location, by name.
+    pub fn object_store(&self, location: &str) -> Result<Arc<dyn ObjectStore>, ApiError> {
+        self.store(location).cloned()
+    }
+
+    /// How long minted URLs are valid (`staging.url_ttl`).
+    pub fn url_ttl(&self) -> Duration {
+        self.url_ttl
     }
 
     /// Resolves a submission's data: every input object with its size, every output's target.
@@ -464,8 +488,16 @@ async fn connect_location(
     })
 }
 
+/// Why `uri` is outside the tenant's allowed prefixes, or `None` when it is inside.
+fn outside_prefixes(field: &str, uri: &str, parsed: &DataUri, tenant: &TenantConfig) -> Option<String> {
+    let allowed = tenant.storage.iter().filter_map(|p| DataUri::parse(p).ok()).any(|p| parsed.is_within(&p));
+    let list = if tenant.storage.is_empty() { "none".to_string() } else { tenant.storage.join(", ") };
+    (!allowed)
+        .then(|| format!("{field}: tenant {} may not use {uri} (its allowed storage prefixes: {list})", tenant.name))
+}
+
 /// A store's answer as the caller sees it: a missing or denied object is the request's fault.
-fn store_error(field: &str, e: StorageError) -> ApiError {
+pub(super) fn store_error(field: &str, e: StorageError) -> ApiError {
     match e {
         StorageError::NotFound(_) | StorageError::TooMany { .. } => ApiError::InvalidArgument(format!("{field}: {e}")),
         StorageError::Denied(_) => ApiError::FailedPrecondition(format!("{field}: {e}")),

@@ -19,6 +19,7 @@ pub mod scrape_targets;
 pub mod secrets;
 mod staging;
 mod tail;
+pub mod tenant_data;
 mod tokens;
 
 use std::collections::HashMap;
@@ -34,6 +35,7 @@ use crate::config::{BrokerConfig, TenantConfig};
 use crate::model::identity::Role;
 use crate::proto::admin_service_server::AdminServiceServer;
 use crate::proto::agent_service_server::AgentServiceServer;
+use crate::proto::data_service_server::DataServiceServer;
 use crate::proto::job_service_server::JobServiceServer;
 use crate::{store, tls};
 
@@ -117,6 +119,7 @@ pub async fn run_with(
         prices: (prices.clone(), config.placement.price_max_age.0, Arc::new(config.sites.clone())),
         stopping: stopping_rx,
     };
+    let data_service = tenant_data::DataService::new(reader.clone(), tenants.clone(), data.clone());
     let admin_service = admin::AdminService::new(core_tx.clone(), keys, tenants).with_reader(reader.clone());
     let job_service = jobs::JobService::new(core_tx.clone(), reader, events, parts);
     let revocation = Arc::new(revocations::RevocationAdmin {
@@ -199,6 +202,7 @@ pub async fn run_with(
         .layer(revocations::DenyCallsLayer(revoked.clone()))
         .add_service(health_service)
         .add_service(JobServiceServer::new(job_service).max_decoding_message_size(8 << 20))
+        .add_service(DataServiceServer::new(data_service).max_decoding_message_size(8 << 20))
         .add_service(AgentServiceServer::new(agent_service))
         .add_service(AdminServiceServer::new(admin_service))
         .serve_with_incoming_shutdown(tls::tls_incoming_served(listener, server_tls), async {

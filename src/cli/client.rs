@@ -8,11 +8,14 @@
 //! the gateway, no connection), with `error: …` on stderr; with `--follow`, the job's result: 0
 //! succeeded, a failed job's own exit code clamped to 1..=125 (else 1), 1 cancelled.
 
+pub(crate) mod data;
+pub(crate) mod download;
 pub(crate) mod explain;
 pub(crate) mod follow;
 pub(crate) mod gateway;
 pub(crate) mod offline_plan;
 pub(crate) mod output;
+pub(crate) mod outputs;
 pub(crate) mod placement;
 pub(crate) mod site_state;
 pub(crate) mod sites;
@@ -57,6 +60,8 @@ pub enum ClientCommand {
     Plan(placement::PlanArgs),
     /// The current prices per site and instance type, with their source and age.
     Prices(placement::PricesArgs),
+    /// Your data in the stores: put files under your storage prefixes, list and get them.
+    Data(data::DataArgs),
 }
 
 /// How to reach the gateway, and how to print.
@@ -136,6 +141,14 @@ enum JobsCommand {
     },
     /// Print the job's state changes until it ends (with --output json, one event's JSON per line).
     Events { id: String },
+    /// A succeeded job's output objects (size, MD5, how to download); with --download DIR, writes
+    /// them to DIR/<output path>/<key>: resumed from a .part file, checked against the store's MD5,
+    /// skipped when already complete.
+    Outputs {
+        id: String,
+        #[arg(long, value_name = "DIR")]
+        download: Option<PathBuf>,
+    },
     /// Why the job is where it is: its placement decision, every candidate site with its cost or
     /// the rule that rejected it (with --output json, the decision as the API serves it).
     Explain { id: String },
@@ -198,6 +211,7 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<i32> {
         ClientCommand::Sites(args) => sites::sites(args).await,
         ClientCommand::Plan(args) => placement::plan(args).await,
         ClientCommand::Prices(args) => placement::prices(args).await,
+        ClientCommand::Data(args) => data::data(args).await,
     };
     // Problem details may quote what a tenant wrote: shown escaped, like every table.
     Ok(super::report::finish(result))
@@ -296,6 +310,7 @@ async fn jobs(args: JobsArgs) -> anyhow::Result<i32> {
                 }
             }
         }
+        JobsCommand::Outputs { id, download } => outputs::outputs(&gw, &id, download, out).await?,
         JobsCommand::Events { id } => {
             follow::follow_events(&gw, &id, &mut Progress::Stdout { json: out == Output::Json }).await?;
         }

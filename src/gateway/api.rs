@@ -220,3 +220,106 @@ pub struct Problem {
 fn is_zero(n: &u32) -> bool {
     *n == 0
 }
+
+/// An HTTP request to make as given: a store's presigned URL (`via: store`; send no API key,
+/// `headers` as they are) or a gateway route (`via: gateway`; `url` is its path, send the API key).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HttpRequest {
+    /// `GET` or `PUT`.
+    pub method: String,
+    pub url: String,
+    /// `store` or `gateway`.
+    pub via: String,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// When a presigned URL stops working (RFC 3339); absent for gateway routes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+}
+
+/// One stored object: a job's output file, or an object under the tenant's storage prefixes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DataObject {
+    /// Relative to the output's prefix (outputs) or to the listed URI's directory (data).
+    pub key: String,
+    pub uri: String,
+    pub size: u64,
+    /// The whole object's MD5 (hex) where the store keeps one: a single-part S3 upload's ETag,
+    /// Azure's Content-MD5, the local store's ETag. Absent (a multipart upload): only the size
+    /// can be checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub md5: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+    /// How to download it: a presigned GET (S3, Azure; ranges allowed), or the gateway route that
+    /// streams it from the broker (the local store; `Range: bytes=N-` resumes).
+    pub download: HttpRequest,
+}
+
+/// One output of a job: its work-directory path, where the succeeded attempt wrote it, its objects.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct JobOutput {
+    /// Index in the job's `outputs`.
+    pub index: u32,
+    /// The output's `path` in the job's work directory.
+    pub path: String,
+    /// The succeeded attempt's prefix of this output.
+    pub uri: String,
+    pub objects: Vec<DataObject>,
+}
+
+/// A succeeded job's outputs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct JobOutputs {
+    pub job_id: String,
+    /// The attempt that succeeded (whose objects these are).
+    pub attempt: u32,
+    pub outputs: Vec<JobOutput>,
+}
+
+/// The objects at a URI: one object, or every object under a prefix.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DataObjectList {
+    pub objects: Vec<DataObject>,
+}
+
+/// An upload to plan: the object's URI (inside the tenant's prefixes) and its size.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UploadRequest {
+    pub uri: String,
+    pub size: u64,
+}
+
+/// How to upload one object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UploadPlan {
+    pub uri: String,
+    /// `single` (one PUT of the whole body to `put`), `multipart` (each part of `part_size`
+    /// bytes to its URL in `parts`, then `POST /v1/data/uploads/complete` with their ETags) or
+    /// `gateway` (the body to `put`, a gateway route that streams it to the broker). Send
+    /// `Content-Length` and, best, `Content-MD5` with every PUT.
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub put: Option<HttpRequest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part_size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<HttpRequest>,
+}
+
+/// One uploaded part: its number (from 1) and the `ETag` the store answered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UploadedPart {
+    pub number: u32,
+    pub etag: String,
+}
+
+/// Completes a multipart upload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CompleteUpload {
+    pub uri: String,
+    pub upload_id: String,
+    pub parts: Vec<UploadedPart>,
+}

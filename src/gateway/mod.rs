@@ -9,7 +9,8 @@
 //! - [`api`]: the JSON shapes (shared with the CLI).
 //! - `router`: routes, middleware, `/healthz`, `/readyz`, `/openapi.json`; `openapi`: the
 //!   document's frame and problem responses.
-//! - `jobs`, `streams` (events, logs), `agents`, `sites`: the handlers; `convert`: gRPC → JSON.
+//! - `jobs`, `streams` (events, logs), `agents`, `sites`, `data` (job outputs, tenant data in and
+//!   out): the handlers; `convert`: gRPC → JSON.
 //! - `auth`: API keys and rate limits; `limits`: requests without an accepted key per client
 //!   address (`client_address`: the TCP peer, or behind a trusted proxy its header) and open
 //!   streams per tenant; `problem`: errors; `serve`: the TLS/HTTP listener.
@@ -19,6 +20,7 @@ pub mod api;
 mod auth;
 pub mod client_address;
 mod convert;
+mod data;
 mod jobs;
 mod limits;
 pub mod openapi;

@@ -21,6 +21,7 @@ use super::api::Problem;
     components(schemas(Problem)),
     tags(
         (name = "jobs", description = "The tenant's jobs"),
+        (name = "data", description = "Tenants' data in and out: job outputs, objects under the tenant's storage prefixes"),
         (name = "agents", description = "GPU nodes (admin tenants)"),
         (name = "sites", description = "Elastic sites' cloud capacity: instances, launches, spend (admin tenants)"),
         (name = "service", description = "Health and this document"),

@@ -21,7 +21,7 @@ use utoipa_axum::routes;
 use super::auth::TenantSlot;
 use super::openapi::{ApiDoc, NotReady};
 use super::problem::{self, HttpError};
-use super::{AppState, agents, jobs, placement, sites, streams};
+use super::{AppState, agents, data, jobs, placement, sites, streams};
 use crate::proto::job_service_server::SERVICE_NAME as JOB_SERVICE;
 use crate::telemetry::{ClientTraces, context};
 
@@ -49,6 +49,12 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(placement::prices))
         .routes(routes!(streams::events))
         .routes(routes!(streams::logs))
+        .routes(routes!(data::list_outputs))
+        .routes(routes!(data::read_output))
+        .routes(routes!(data::list_data))
+        .routes(routes!(data::read_data, data::write_data))
+        .routes(routes!(data::plan_upload))
+        .routes(routes!(data::complete_upload))
         .routes(routes!(agents::list))
         .routes(routes!(agents::get_agent))
         .routes(routes!(agents::drain))
@@ -220,6 +226,10 @@ fn protocol_version(version: axum::http::Version) -> &'static str {
 /// [`DRAIN_LIMIT`], so the client gets the answer instead of a reset connection). A body without a
 /// `Content-Length` (chunked) is read here, up to the limit, and handed on whole.
 async fn refuse_large_bodies(State(max): State<usize>, request: Request, next: Next) -> Response {
+    // Streamed uploads have their own limit (the handler's), and are never read whole here.
+    if request.extensions().get::<MatchedPath>().is_some_and(|p| p.as_str() == data::UPLOAD_ROUTE) {
+        return next.run(request).await;
+    }
     let announced =
         request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     match announced {

@@ -21,12 +21,19 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/agents/{site}/{node}"),
     ("post", "/v1/agents/{site}/{node}/drain"),
     ("post", "/v1/agents/{site}/{node}/undrain"),
+    ("get", "/v1/data/object"),
+    ("put", "/v1/data/object"),
+    ("get", "/v1/data/objects"),
+    ("post", "/v1/data/uploads"),
+    ("post", "/v1/data/uploads/complete"),
     ("get", "/v1/jobs"),
     ("post", "/v1/jobs"),
     ("get", "/v1/jobs/{id}"),
     ("post", "/v1/jobs/{id}/cancel"),
     ("get", "/v1/jobs/{id}/events"),
     ("get", "/v1/jobs/{id}/logs"),
+    ("get", "/v1/jobs/{id}/outputs"),
+    ("get", "/v1/jobs/{id}/outputs/{output}"),
     ("get", "/v1/jobs/{id}/placement"),
     ("post", "/v1/plan"),
     ("get", "/v1/prices"),
@@ -137,7 +144,7 @@ async fn the_document_is_openapi_3_1_and_lists_every_route() {
 
     // Every listed route is served: none answers "no route" or "wrong method".
     for (method, path) in ROUTES {
-        let uri = path.replace("{id}", "j1").replace("{site}", "lab").replace("{node}", "n1");
+        let uri = path.replace("{id}", "j1").replace("{site}", "lab").replace("{node}", "n1").replace("{output}", "0");
         let request = get(&uri).method(method.to_uppercase().as_str());
         let (status, _, body) = call(&app, request, Body::empty()).await;
         assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}: {body}");

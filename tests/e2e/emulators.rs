@@ -230,6 +230,11 @@ impl Drop for Process {
     }
 }
 
+/// The Python of moto's virtual environment (it has boto3): an outside S3 client for tests.
+pub fn moto_python() -> PathBuf {
+    install_dir().join("moto/bin/python")
+}
+
 /// `$HYBROKER_EMULATORS`, else `~/.cache/hybroker/emulators`.
 fn install_dir() -> PathBuf {
     match std::env::var_os("HYBROKER_EMULATORS") {

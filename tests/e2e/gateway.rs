@@ -26,12 +26,19 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/agents/{site}/{node}"),
     ("post", "/v1/agents/{site}/{node}/drain"),
     ("post", "/v1/agents/{site}/{node}/undrain"),
+    ("get", "/v1/data/object"),
+    ("put", "/v1/data/object"),
+    ("get", "/v1/data/objects"),
+    ("post", "/v1/data/uploads"),
+    ("post", "/v1/data/uploads/complete"),
     ("get", "/v1/jobs"),
     ("post", "/v1/jobs"),
     ("get", "/v1/jobs/{id}"),
     ("post", "/v1/jobs/{id}/cancel"),
     ("get", "/v1/jobs/{id}/events"),
     ("get", "/v1/jobs/{id}/logs"),
+    ("get", "/v1/jobs/{id}/outputs"),
+    ("get", "/v1/jobs/{id}/outputs/{output}"),
     ("get", "/v1/jobs/{id}/placement"),
     ("post", "/v1/plan"),
     ("get", "/v1/prices"),
@@ -393,7 +400,7 @@ async fn the_openapi_document_is_valid_3_1_and_lists_every_served_route() {
 
     // Each documented operation is served: none answers "no route" or 405.
     for (method, path) in ROUTES {
-        let uri = path.replace("{id}", "j1").replace("{site}", "lab").replace("{node}", "n1");
+        let uri = path.replace("{id}", "j1").replace("{site}", "lab").replace("{node}", "n1").replace("{output}", "0");
         let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
         let (status, _, body) = send(acme.request(method.clone(), &uri)).await;
         assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {uri}: {body}");

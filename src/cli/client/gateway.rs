@@ -128,6 +128,36 @@ impl Gateway {
         if streamed { rb } else { rb.timeout(REQUEST_TIMEOUT) }
     }
 
+    /// A request to a URL the gateway handed out: its own route (a path starting with `/`; the
+    /// key is sent) or a store's presigned URL (absolute; sent as is, never with the key). No
+    /// overall timeout: bodies may be large.
+    pub fn handed_out(&self, method: Method, url: &str) -> anyhow::Result<RequestBuilder> {
+        if url.starts_with('/') {
+            let joined = format!("{}{url}", self.base.as_str().trim_end_matches('/'));
+            let url = Url::parse(&joined).with_context(|| format!("the gateway handed out a bad path {url:?}"))?;
+            return Ok(self.http.request(method, url).header(AUTHORIZATION, self.token.clone()));
+        }
+        let parsed = Url::parse(url).map_err(|_| anyhow::anyhow!("the gateway handed out a bad url"))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            anyhow::bail!("the gateway handed out a url with scheme {:?}", parsed.scheme());
+        }
+        Ok(self.store_client(parsed.scheme() == "https")?.request(method, parsed))
+    }
+
+    /// The client for stores' presigned URLs: the system's roots for https (not `--ca-cert`,
+    /// which is the gateway's CA), none for plain http.
+    fn store_client(&self, https: bool) -> anyhow::Result<Client> {
+        let builder = Client::builder()
+            .user_agent(concat!("hybroker/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(REQUEST_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none());
+        let builder = if https { builder } else { builder.tls_certs_only([]) };
+        builder
+            .build()
+            .map_err(|e| ClientError::new(format!("cannot set up https to the store: {}", chain(&e)), None).into())
+    }
+
     /// Sends; a transport failure or an error status becomes a [`ClientError`].
     pub async fn send(&self, rb: RequestBuilder) -> anyhow::Result<Response> {
         let resp = rb.send().await.map_err(|e| self.transport_error(&e))?;
