@@ -262,7 +262,12 @@ fn a_serving_quickstart_runs_the_commands_it_prints_and_serves_metrics_when_aske
         assert!(out.status.success(), "`{command}` as printed failed:\n{stdout}{stderr}");
         assert!(!stdout.trim().is_empty(), "`{command}` printed nothing");
     }
-    assert!(printed.len() >= 7, "{printed:?}");
+    assert!(printed.len() >= 9, "{printed:?}");
+    assert!(
+        printed
+            .iter()
+            .any(|(c, out)| c.contains("--download") && String::from_utf8_lossy(&out.stdout).contains("counts.txt"))
+    );
     assert!(metrics.starts_with("HTTP/1.0 200") || metrics.starts_with("HTTP/1.1 200"), "{metrics}");
     for family in [
         "hybroker_jobs_finished_total",
@@ -283,12 +288,16 @@ fn a_serving_quickstart_runs_the_commands_it_prints_and_serves_metrics_when_aske
     assert!(!refused.status.success() && stderr.contains("bad.toml") && stderr.contains("listen"), "{stderr}");
 }
 
-/// Runs each command of the quickstart's "try next" block in `sh` from the repository root, after
+/// Runs each command of the quickstart's "try next" block in `sh` beside the repository's examples, after
 /// its `export` line, with the built `hybroker` first on the PATH; returns (command, output).
 fn run_printed_commands(lines: &[String]) -> Vec<(String, std::process::Output)> {
     let block = lines.iter().skip_while(|l| !l.starts_with("try next")).skip(2);
     let commands: Vec<&str> = block.map_while(|l| l.strip_prefix("  ")).collect();
     let export = commands.iter().find(|c| c.starts_with("export ")).expect("an export line");
+    // A working directory with the repository's examples, for the files the commands write.
+    let cwd = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples"), cwd.path().join("examples"))
+        .unwrap();
     let bin_dir = Path::new(BIN).parent().unwrap();
     let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
     commands
@@ -298,7 +307,7 @@ fn run_printed_commands(lines: &[String]) -> Vec<(String, std::process::Output)>
             let out = Command::new("sh")
                 .args(["-c", &format!("{export}\n{command}")])
                 .env("PATH", &path)
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .current_dir(cwd.path())
                 .output()
                 .unwrap();
             (command.to_string(), out)

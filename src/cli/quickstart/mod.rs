@@ -381,6 +381,10 @@ pub async fn run(state_dir: &Path, once: bool, mut metrics: MetricsSection) -> a
     println!("  hybroker jobs explain {}      # the placement decision: every site, its cost or why not", ids[2]);
     println!("  hybroker submit examples/train-h100.yaml --follow");
     println!("  hybroker jobs logs {}", ids[1]);
+    if let Some((name, id, _)) = outputs.first() {
+        println!("  hybroker jobs outputs {id} --download {name}-results   # the outputs, checked (MD5), resumable");
+    }
+    println!("  hybroker data ls local://{LOCATION}/{DEMO_TENANT}/datasets/   # your data; data put|get move it");
     println!("  hybroker agents list");
     println!("  curl -H \"Authorization: Bearer $HYBROKER_TOKEN\" $HYBROKER_GATEWAY/v1/jobs");
     println!("(prices: the offline snapshot config/prices/snapshot.json; turn on live feeds with [prices] azure/aws)");
