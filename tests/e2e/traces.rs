@@ -102,7 +102,7 @@ fn print_tree(spans: &[Span], parent: &str, depth: usize, t0: u64) {
 /// One key per concept, numbers as numbers: across the job's spans (all three services) and their
 /// events, a key always has one type; every count, size, code, port and cost is an int or a double
 /// (numeric TraceQL queries such as `{ .http.response.status_code >= 500 }` must match them); no
-/// string value reads as a number unless its key is a version; and hybroker's own keys are
+/// string value reads as a number unless the conventions make it text; and hybroker's own keys are
 /// namespaced `hybroker.` (the OTel convention for attributes outside the semantic conventions).
 fn assert_attributes_typed(spans: &[Span]) {
     let mut seen: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
@@ -115,7 +115,9 @@ fn assert_attributes_typed(spans: &[Span]) {
         let values = span.attrs.iter().chain(span.events.iter().flat_map(|(_, attrs)| attrs));
         for (key, value) in values {
             let numeric_text = span.types[key] == "string" && value.parse::<f64>().is_ok();
-            assert!(!numeric_text || key.ends_with(".version"), "{key} = {value:?} is a string on {}", span.name);
+            // Versions, and `error.type`, which the HTTP conventions make the status code as text.
+            let text_by_convention = key.ends_with(".version") || key == "error.type";
+            assert!(!numeric_text || text_by_convention, "{key} = {value:?} is a string on {}", span.name);
         }
     }
     for key in [
