@@ -27,6 +27,7 @@ mod identity;
 mod imds;
 mod isolation;
 mod lifecycle;
+mod manifests;
 mod metrics;
 mod moto_ec2;
 mod offline_plan;
