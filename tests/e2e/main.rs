@@ -24,6 +24,7 @@ mod fleet_admin;
 mod gateway;
 mod handshakes;
 mod identity;
+mod image;
 mod imds;
 mod isolation;
 mod lifecycle;

@@ -18,6 +18,7 @@ mod run;
 
 pub use pod::PodRoot;
 pub use readme::Readme;
+pub use run::make_pki;
 
 /// The Kubernetes versions the manifests are validated against: an old and the newest supported.
 const KUBERNETES_VERSIONS: [&str; 2] = ["1.31.0", "1.37.0"];
