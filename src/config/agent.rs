@@ -355,7 +355,8 @@ impl AgentConfig {
         if !self.agent.broker_url.starts_with("https://") {
             problems.push(format!("agent.broker_url {:?} must start with https://", self.agent.broker_url));
         }
-        if let Some(Err(e)) = self.agent.node_name.as_deref().map(|n| crate::model::identity::validate_name("node", n)) {
+        if let Some(Err(e)) = self.agent.node_name.as_deref().map(|n| crate::model::identity::validate_name("node", n))
+        {
             problems.push(format!("agent.node_name: {e}"));
         }
         if let Err(e) = parse_simulated(&self.agent.simulate_gpus) {

@@ -96,10 +96,11 @@ impl Store {
 
     /// Builds the image from the static binary with `deploy/container/build.sh`.
     fn build_image(&self) {
+        let binary = static_binary();
         let started = Instant::now();
         let out = self
             .command(&repo().join("deploy/container/build.sh").display().to_string())
-            .arg(static_binary())
+            .arg(binary)
             .arg(TAG)
             .output()
             .unwrap();
@@ -178,7 +179,8 @@ fn the_image_is_the_static_binary_and_ca_certificates_for_a_non_root_user() {
     assert!(passwd.contains(&format!("hybroker:x:{IMAGE_UID}:{IMAGE_UID}:")), "{passwd}");
 
     // It runs, from scratch: the binary needs nothing the image lacks.
-    let version = store.run("podman", &[&["run", "--rm", "--network", "host"][..], &ULIMITS, &[TAG, "--version"]].concat());
+    let version =
+        store.run("podman", &[&["run", "--rm", "--network", "host"][..], &ULIMITS, &[TAG, "--version"]].concat());
     assert!(version.starts_with(&format!("hybroker {}", env!("CARGO_PKG_VERSION"))), "{version}");
 }
 
@@ -269,24 +271,35 @@ async fn the_image_runs_the_broker_and_a_gateway_that_finds_it_by_its_service_na
     give_to_image_user(&broker_root.root);
     let state = broker_root.host(Path::new("/var/lib/hybroker"));
     let config = crate::manifests::config_arg(broker_pod).display().to_string();
-    let broker = run_role(&store, "broker", &broker_root, &[(state.clone(), "/var/lib/hybroker")], &[
-        "-e",
-        "HYBROKER_BROKER__LISTEN=127.0.0.1:0",
-        "-e",
-        "HYBROKER_BROKER__ENROLL_LISTEN=127.0.0.1:0",
-        "-e",
-        "HYBROKER_METRICS__LISTEN=127.0.0.1:0",
-        TAG,
+    let broker = run_role(
+        &store,
         "broker",
-        "--config",
-        &config,
-        "--addr-file",
-        "/var/lib/hybroker/broker.addr",
-    ]);
+        &broker_root,
+        &[(state.clone(), "/var/lib/hybroker")],
+        &[
+            "-e",
+            "HYBROKER_BROKER__LISTEN=127.0.0.1:0",
+            "-e",
+            "HYBROKER_BROKER__ENROLL_LISTEN=127.0.0.1:0",
+            "-e",
+            "HYBROKER_METRICS__LISTEN=127.0.0.1:0",
+            TAG,
+            "broker",
+            "--config",
+            &config,
+            "--addr-file",
+            "/var/lib/hybroker/broker.addr",
+        ],
+    );
     let broker_addr = wait_for_file(&store, &broker, &state.join("broker.addr"));
     let broker_port = broker_addr.rsplit(':').next().unwrap();
     // The image's user made the database and the secrets key, owner-only.
-    let key = std::fs::metadata(state.join("secrets.key")).unwrap();
+    let key_file = state.join("secrets.key");
+    let key = eventually("the broker's secrets key", || {
+        let key = std::fs::metadata(&key_file).ok();
+        async move { key }
+    })
+    .await;
     assert_eq!((key.uid(), key.permissions().mode() & 0o777), (IMAGE_UID, 0o600));
     let processes = store.run("podman", &["top", &broker, "user"]);
     assert!(!processes.lines().skip(1).any(|l| l.trim() == "root"), "the broker runs as root:\n{processes}");
@@ -303,22 +316,28 @@ async fn the_image_runs_the_broker_and_a_gateway_that_finds_it_by_its_service_na
     give_to_image_user(&out);
     let broker_url = format!("HYBROKER_BROKER__URL=https://{host}:{broker_port}");
     let config = crate::manifests::config_arg(gateway_pod).display().to_string();
-    let gateway = run_role(&store, "gateway", &gateway_root, &[(out.clone(), "/out")], &[
-        "--dns",
-        &dns.ip().to_string(),
-        "-e",
-        "HYBROKER_GATEWAY__LISTEN=127.0.0.1:0",
-        "-e",
-        "HYBROKER_METRICS__LISTEN=127.0.0.1:0",
-        "-e",
-        &broker_url,
-        TAG,
+    let gateway = run_role(
+        &store,
         "gateway",
-        "--config",
-        &config,
-        "--addr-file",
-        "/out/gateway.addr",
-    ]);
+        &gateway_root,
+        &[(out.clone(), "/out")],
+        &[
+            "--dns",
+            &dns.ip().to_string(),
+            "-e",
+            "HYBROKER_GATEWAY__LISTEN=127.0.0.1:0",
+            "-e",
+            "HYBROKER_METRICS__LISTEN=127.0.0.1:0",
+            "-e",
+            &broker_url,
+            TAG,
+            "gateway",
+            "--config",
+            &config,
+            "--addr-file",
+            "/out/gateway.addr",
+        ],
+    );
     let gateway_addr = wait_for_file(&store, &gateway, &out.join("gateway.addr"));
     let port = gateway_addr.rsplit(':').next().unwrap().to_string();
     let ca = reqwest::Certificate::from_pem(&std::fs::read(work.join("pki/ca.pem")).unwrap()).unwrap();

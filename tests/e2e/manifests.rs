@@ -68,7 +68,8 @@ impl Manifests {
                     continue;
                 }
                 let kind = text(&doc["kind"]).to_string();
-                let meta = doc["metadata"].as_mapping_mut().unwrap_or_else(|| panic!("{}: no metadata", path.display()));
+                let meta =
+                    doc["metadata"].as_mapping_mut().unwrap_or_else(|| panic!("{}: no metadata", path.display()));
                 if kind != "Namespace" {
                     meta.insert("namespace".into(), namespace.clone().into());
                 }

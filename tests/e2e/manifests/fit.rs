@@ -109,7 +109,13 @@ fn the_manifests_configs_secrets_and_image_fit_together() {
             .workloads()
             .filter(|w| selector.iter().all(|(k, v)| w["spec"]["template"]["metadata"]["labels"][text(k)] == *v))
             .collect();
-        assert_eq!(selected.len(), 1, "Service {} selects {} workloads", text(&svc["metadata"]["name"]), selected.len());
+        assert_eq!(
+            selected.len(),
+            1,
+            "Service {} selects {} workloads",
+            text(&svc["metadata"]["name"]),
+            selected.len()
+        );
         for p in items(&svc["spec"]["ports"]) {
             port(selected[0], text(&p["targetPort"]));
         }
@@ -177,7 +183,9 @@ fn the_manifests_configs_secrets_and_image_fit_together() {
     assert_eq!(agent.agent.broker_url, grpc_url, "agents dial the broker's Service");
     scraped(agent_pod, agent.metrics.listen, &mut problems);
     check_paths(agent_pod, &toml_of(&manifests, agent_pod), &readme, &mut problems);
-    for path in [&agent.agent.work_dir, &agent.tls.cert, &agent.tls.key, &agent.tls.ca_cert, &agent.sandbox.uid_lock_dir] {
+    for path in
+        [&agent.agent.work_dir, &agent.tls.cert, &agent.tls.key, &agent.tls.ca_cert, &agent.sandbox.uid_lock_dir]
+    {
         writable(agent_pod, path, &mut problems);
     }
     let join = agent.agent.join_token_file.as_deref().expect("agents enrol with a join file");

@@ -39,10 +39,9 @@ pub fn volume(workload: &Yaml, name: &str, read_only: bool) -> Volume {
     if claims.iter().any(|c| text(&c["metadata"]["name"]) == name) {
         return Volume::Writable(name.to_string());
     }
-    let v = items(&pod_spec(workload)["volumes"])
-        .iter()
-        .find(|v| text(&v["name"]) == name)
-        .unwrap_or_else(|| panic!("{}: a mount of volume {name}, which the pod lacks", text(&workload["metadata"]["name"])));
+    let v = items(&pod_spec(workload)["volumes"]).iter().find(|v| text(&v["name"]) == name).unwrap_or_else(|| {
+        panic!("{}: a mount of volume {name}, which the pod lacks", text(&workload["metadata"]["name"]))
+    });
     if !v["configMap"].is_null() {
         Volume::ConfigMap(text(&v["configMap"]["name"]).to_string())
     } else if !v["secret"].is_null() {
