@@ -182,6 +182,19 @@ fn the_image_is_the_static_binary_and_ca_certificates_for_a_non_root_user() {
     let version =
         store.run("podman", &[&["run", "--rm", "--network", "host"][..], &ULIMITS, &[TAG, "--version"]].concat());
     assert!(version.starts_with(&format!("hybroker {}", env!("CARGO_PKG_VERSION"))), "{version}");
+    // Host names from /etc/hosts resolve (glibc's `files` lookup is inside the static binary): the
+    // client reaches the address and is refused there, while an unknown name fails in DNS.
+    for (host, expected) in [("gw.hosts-file.test", "Connection refused"), ("gw.unknown.invalid", "dns error")] {
+        let out = store
+            .command("podman")
+            .args(["run", "--rm", "--network", "host", "--add-host", "gw.hosts-file.test:127.0.0.1"])
+            .args(ULIMITS)
+            .args(["-e", "HYBROKER_TOKEN=hbk_x_y", "-e", &format!("HYBROKER_GATEWAY=https://{host}:1")])
+            .args([TAG, "jobs", "list"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success() && both(&out).contains(expected), "{host}: {}", both(&out));
+    }
 }
 
 /// The paths under `dir` (relative to `root`): files, and directories with nothing below them
