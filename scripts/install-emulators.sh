@@ -3,12 +3,15 @@
 # into ${HYBROKER_EMULATORS:-$HOME/.cache/hybroker/emulators}:
 #   moto/     a Python venv with moto's server      (bin/moto_server: S3, and EC2 for the capacity tests)
 #   azurite/  Azurite's Blob service from npm        (node_modules/.bin/azurite-blob)
+#   kubernetes-validate/  a Python venv with kubernetes-validate (the Kubernetes API schemas, offline),
+#             which checks deploy/kubernetes (tests/e2e/manifests.rs)
 # and promtool (Debian's `prometheus` package), which checks deploy/prometheus (tests/e2e/deploy.rs).
 # A tool already installed at the pinned version is skipped. Prints one line per tool with the time
 # it took. Needs python3 with venv and node with npm; as root with apt-get, installs them if missing.
 set -euo pipefail
 
 MOTO_VERSION=5.2.5
+KUBERNETES_VALIDATE_VERSION=1.37.0
 AZURITE_VERSION=3.35.0
 DIR=${HYBROKER_EMULATORS:-$HOME/.cache/hybroker/emulators}
 mkdir -p "$DIR"
@@ -61,6 +64,24 @@ else
   npm install --prefix "$DIR/azurite" --no-audit --no-fund --loglevel=error "azurite@$AZURITE_VERSION" >/dev/null
   azurite_ok || { echo "azurite install in $DIR/azurite does not run" >&2; exit 1; }
   echo "azurite $AZURITE_VERSION: installed in $DIR/azurite ($(took "$start"))"
+fi
+
+# kubernetes-validate: ready when its venv reports the pinned version.
+kubernetes_validate_ok() {
+  [[ -x $DIR/kubernetes-validate/bin/kubernetes-validate ]] &&
+    [[ $("$DIR/kubernetes-validate/bin/kubernetes-validate" --version 2>/dev/null) == *"$KUBERNETES_VALIDATE_VERSION"* ]]
+}
+start=$(now)
+if kubernetes_validate_ok; then
+  echo "kubernetes-validate $KUBERNETES_VALIDATE_VERSION: already installed in $DIR/kubernetes-validate ($(took "$start"))"
+else
+  python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv python3-pip
+  rm -rf "$DIR/kubernetes-validate"
+  python3 -m venv "$DIR/kubernetes-validate"
+  "$DIR/kubernetes-validate/bin/pip" install -q --disable-pip-version-check \
+    "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+  kubernetes_validate_ok || { echo "kubernetes-validate in $DIR/kubernetes-validate does not run" >&2; exit 1; }
+  echo "kubernetes-validate $KUBERNETES_VALIDATE_VERSION: installed in $DIR/kubernetes-validate ($(took "$start"))"
 fi
 
 # promtool: from Debian's prometheus package. Its own Prometheus service (and node exporter) must not

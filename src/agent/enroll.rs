@@ -5,8 +5,8 @@
 //! says so and enrols only with a new token. The token never reaches a log.
 //!
 //! The join file is TOML (`hybroker admin agents token create --output-file` writes it):
-//! `token`, `enroll_url`, `trust_domain`, `site`, `node` (absent: the instance id from the metadata
-//! service with `agent.cloud`, else the host name), optional
+//! `token`, `enroll_url`, `trust_domain`, `site`, `node` (absent: `agent.node_name`, else the
+//! instance id from the metadata service with `agent.cloud`, else the host name), optional
 //! `server_name`, and `ca_bundle` (PEM).
 
 use std::fmt;
@@ -110,7 +110,7 @@ pub async fn ensure_certificate(config: &AgentConfig) -> anyhow::Result<()> {
 }
 
 async fn enroll(config: &AgentConfig, join: &JoinFile) -> anyhow::Result<()> {
-    let node = match (&join.node, config.agent.cloud) {
+    let node = match (join.node.as_ref().or(config.agent.node_name.as_ref()), config.agent.cloud) {
         (Some(node), _) => node.clone(),
         // A launched instance is named after itself: the broker knows it by that name.
         (None, Some(cloud)) => {

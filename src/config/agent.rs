@@ -117,6 +117,12 @@ pub struct AgentSection {
     /// `--join-file` sets it too; the token itself is never on the command line.
     #[serde(default)]
     pub join_token_file: Option<PathBuf>,
+    /// The node name to enrol as when the join file names none (a multi-use token for a whole
+    /// site); on Kubernetes the DaemonSet sets `HYBROKER_AGENT__NODE_NAME` from `spec.nodeName`,
+    /// since a pod's host name is the pod's. Default: the instance name with `cloud`, else the
+    /// host name.
+    #[serde(default)]
+    pub node_name: Option<String>,
     /// `aws` or `azure` on a launched cloud instance: the agent names its node after the instance
     /// id from the instance metadata service and watches it for spot interruption notices.
     #[serde(default)]
@@ -349,6 +355,10 @@ impl AgentConfig {
         if !self.agent.broker_url.starts_with("https://") {
             problems.push(format!("agent.broker_url {:?} must start with https://", self.agent.broker_url));
         }
+        if let Some(Err(e)) = self.agent.node_name.as_deref().map(|n| crate::model::identity::validate_name("node", n))
+        {
+            problems.push(format!("agent.node_name: {e}"));
+        }
         if let Err(e) = parse_simulated(&self.agent.simulate_gpus) {
             problems.push(format!("agent.simulate_gpus: {e}"));
         }
@@ -405,6 +415,16 @@ mod tests {
         assert_eq!(azure.agent.spot_poll_or_default(), Some(Duration::from_secs(1)));
         let fast = parse("", &[("HYBROKER_AGENT__CLOUD", "azure"), ("HYBROKER_AGENT__SPOT_POLL", "200ms")]);
         assert_eq!(fast.agent.spot_poll_or_default(), Some(Duration::from_millis(200)));
+    }
+
+    #[test]
+    fn the_node_name_comes_from_the_environment_and_must_be_a_valid_name() {
+        assert_eq!(parse("", &[]).agent.node_name, None);
+        let named = parse("", &[("HYBROKER_AGENT__NODE_NAME", "ip-10-0-1-23.eu-west-1.compute.internal")]);
+        assert_eq!(named.agent.node_name.as_deref(), Some("ip-10-0-1-23.eu-west-1.compute.internal"));
+        let bad = parse("", &[("HYBROKER_AGENT__NODE_NAME", "node/7")]);
+        let err = bad.validate(Path::new("agent.toml")).unwrap_err().to_string();
+        assert!(err.contains("agent.node_name: "), "{err}");
     }
 
     #[test]

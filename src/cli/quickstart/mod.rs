@@ -239,6 +239,7 @@ pub async fn run(state_dir: &Path, once: bool, mut metrics: MetricsSection) -> a
                 memory_mib: 32 * 1024,
                 labels: Default::default(),
                 join_token_file: None,
+                node_name: None,
                 cloud: None,
                 metadata_url: None,
                 spot_poll: None,
