@@ -232,7 +232,7 @@ fn dashboards_parse_and_query_only_exported_metrics() {
     );
     let searches_job = panels(&drilldown).iter().flat_map(|p| p["targets"].as_array().into_iter().flatten()).any(|t| {
         t["datasource"]["type"] == "tempo"
-            && t["query"].as_str().is_some_and(|q| q.contains(r#"{ .job.id = "$job_id" }"#))
+            && t["query"].as_str().is_some_and(|q| q.contains(r#"{ .hybroker.job.id = "$job_id" }"#))
     });
     assert!(searches_job, "the drill-down has no TraceQL search by $job_id");
 }

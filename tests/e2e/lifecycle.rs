@@ -57,8 +57,15 @@ async fn jobs_run_on_agents_and_every_transition_is_watched_in_order() {
     assert!(next.is_none(), "{next:?}");
 
     // Agents and their (simulated) inventory are visible.
-    let agents = admin.list_agents(proto::ListAgentsRequest {}).await.unwrap().into_inner().agents;
-    let a = agents.iter().find(|a| a.id == "lab/node-a").expect("node-a registered");
+    // node-a may join after the jobs that node-b ran have ended: wait for it.
+    let a = eventually("node-a registered", || {
+        let mut admin = admin.clone();
+        async move {
+            let agents = admin.list_agents(proto::ListAgentsRequest {}).await.ok()?.into_inner().agents;
+            agents.into_iter().find(|a| a.id == "lab/node-a" && a.inventory.is_some())
+        }
+    })
+    .await;
     let gpus = &a.inventory.as_ref().unwrap().gpus;
     assert_eq!(gpus.len(), 2);
     assert!(gpus.iter().all(|g| g.simulated && g.model == "H100-80GB"));
