@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use hybroker::cli::{self, PkiCommand};
 use hybroker::config::{AgentConfig, BrokerConfig, GatewayConfig};
 use hybroker::{agent, bench, broker, gateway, private_files, telemetry, tls};
@@ -86,6 +86,14 @@ enum Command {
     /// throughput, latency, CPU and memory (and a reconnect storm or a broker kill on request).
     /// `bench staging`: the agent's stage-in against curl; `bench placement`: the placement engine.
     Bench(bench::BenchArgs),
+    /// Shell completions on stdout, e.g. `hybroker completions bash >
+    /// /usr/share/bash-completion/completions/hybroker`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Man pages, one per command (`hybroker.1`, `hybroker-jobs.1`, …), written into DIR.
+    Manpages { dir: PathBuf },
     /// The agent's per-attempt sandbox init (the agent re-executes itself); not for people.
     #[command(hide = true)]
     SandboxInit { spec: PathBuf },
@@ -102,6 +110,14 @@ fn main() -> anyhow::Result<()> {
     }
     let cli = Cli::parse();
     let format = cli.log_format;
+    // systemd's readiness socket is this process's alone: read it, and take it out of the
+    // environment while no other thread exists, so that jobs and the broker's local agents do not
+    // inherit it (sd_notify's unset_environment).
+    let notify_socket = std::env::var_os("NOTIFY_SOCKET");
+    if notify_socket.is_some() {
+        // SAFETY: single-threaded here: the runtime and its threads start below.
+        unsafe { std::env::remove_var("NOTIFY_SOCKET") };
+    }
     tls::install_crypto_provider();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
@@ -116,6 +132,7 @@ fn main() -> anyhow::Result<()> {
             Command::Broker { config, addr_file, enroll_addr_file } => {
                 let config = BrokerConfig::load(&config_path(config, "broker")?)?;
                 let tracing = traced(format, "broker", &config.telemetry, &config.tls.cert)?;
+                telemetry::notify::install(notify_socket.as_deref());
                 let catalog = config.placement.install_catalog().map_err(anyhow::Error::msg)?;
                 tracing::info!(as_of = catalog.as_of(), types = catalog.types().len(), "instance catalog");
                 if let Err(e) = bench::raise_open_file_limit() {
@@ -136,6 +153,7 @@ fn main() -> anyhow::Result<()> {
             Command::Gateway { config, addr_file } => {
                 let config = GatewayConfig::load(&config_path(config, "gateway")?)?;
                 let tracing = traced(format, "gateway", &config.telemetry, &config.tls.cert)?;
+                telemetry::notify::install(notify_socket.as_deref());
                 let listener = cli::listen(config.gateway.listen)?;
                 if let Some(path) = addr_file {
                     private_files::write_atomically(&path, &listener.local_addr()?.to_string())?;
@@ -153,6 +171,7 @@ fn main() -> anyhow::Result<()> {
                     config.validate(std::path::Path::new("--simulate-gpus"))?;
                 }
                 let tracing = traced(format, "agent", &config.telemetry, &config.tls.cert)?;
+                telemetry::notify::install(notify_socket.as_deref());
                 let ran = agent::run(config, cli::shutdown_signal()).await;
                 tracing.shutdown().await;
                 ran
@@ -186,6 +205,16 @@ fn main() -> anyhow::Result<()> {
             Command::Bench(args) => {
                 if !bench::run(args).await? {
                     std::process::exit(1);
+                }
+                Ok(())
+            }
+            Command::Completions { shell } => {
+                cli::docs::write_completions(Cli::command(), shell, &mut std::io::stdout().lock())?;
+                Ok(())
+            }
+            Command::Manpages { dir } => {
+                for page in cli::docs::write_man_pages(Cli::command(), &dir)? {
+                    println!("{}", page.display());
                 }
                 Ok(())
             }
