@@ -4,7 +4,8 @@
 #   hybroker-<version>-<arch>-linux/
 #     bin/hybroker                       a static binary (glibc, +crt-static), stripped
 #     config/                            the commented example configs (copy to /etc/hybroker/)
-#     deploy/systemd/                    the units, sysusers.d and tmpfiles.d snippets
+#     deploy/systemd/                    the units and the sysusers.d snippet
+#     deploy/image/                      the cloud image script (it installs the agent unit)
 #     share/bash-completion/completions/hybroker, share/zsh/site-functions/_hybroker,
 #     share/fish/vendor_completions.d/hybroker.fish
 #     share/man/man1/hybroker*.1         one page per command
@@ -13,6 +14,9 @@
 #
 #   scripts/release.sh                   build x86_64 (and aarch64 when rustup has the target)
 #   scripts/release.sh --binary PATH     package an already-built x86_64 binary, no build
+#   scripts/release.sh --binary PATH --allow-dynamic
+#                                        … even a dynamic one (tests check the layout with a debug
+#                                        build; never for a release)
 #   scripts/release.sh --out DIR         write the archives to DIR instead of dist/
 #
 # The static binary is built with `--target x86_64-unknown-linux-gnu` so that
@@ -23,11 +27,13 @@ cd "$(dirname "$0")/.."
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
 binary=
+allow_dynamic=
 out=dist
 while (($#)); do
   case $1 in
     --binary) binary=${2:?--binary needs a path}; shift 2 ;;
     --out) out=${2:?--out needs a directory}; shift 2 ;;
+    --allow-dynamic) allow_dynamic=1; shift ;;
     -h | --help) usage ;;
     *) echo "unknown argument: $1" >&2; usage ;;
   esac
@@ -84,7 +90,10 @@ package() {
   local target=$1 bin=$2 arch=${arch_of[$1]}
   local name="hybroker-$version-$arch-linux"
   local stage="$generated/$name"
-  is_static "$bin" || { echo "$bin is not a static binary: $(ldd "$bin" 2>&1 | head -n3)" >&2; exit 1; }
+  if ! is_static "$bin"; then
+    [[ -n $allow_dynamic ]] || { echo "$bin is not a static binary: $(ldd "$bin" 2>&1 | head -n3)" >&2; exit 1; }
+    echo "warning: $bin is not static (--allow-dynamic): this archive is for tests, not for release" >&2
+  fi
   rm -rf "$stage"
   install -d "$stage/bin" "$stage/config" "$stage/deploy/systemd" "$stage/share/man/man1" \
     "$stage/share/bash-completion/completions" "$stage/share/zsh/site-functions" \
@@ -105,13 +114,16 @@ package() {
   install -m 0644 "$generated"/man1/*.1 "$stage/share/man/man1/"
   cp -R config/. "$stage/config/"
   install -m 0644 deploy/systemd/* "$stage/deploy/systemd/"
+  install -d "$stage/deploy/image"
+  install -m 0755 deploy/image/build-image.sh "$stage/deploy/image/"
+  install -m 0644 deploy/image/cloud-init.yaml "$stage/deploy/image/"
   install -m 0644 README.md "$stage/"
   for license in LICENSE LICENSE-APACHE LICENSE-MIT; do
     [[ -f $license ]] && install -m 0644 "$license" "$stage/"
   done
   (cd "$stage" && find . -type f ! -name SHA256SUMS -printf '%P\n' | LC_ALL=C sort | xargs -d '\n' sha256sum >SHA256SUMS)
   tar --sort=name --owner=0 --group=0 --numeric-owner --mtime="@$SOURCE_DATE_EPOCH" \
-    -C "$generated" -cf - "$name" | gzip -n -9 >"$out/$name.tar.gz"
+    -C "$generated" -cf - "$name" | gzip -n >"$out/$name.tar.gz"
   echo "$out/$name.tar.gz ($(du -h "$out/$name.tar.gz" | cut -f1); binary $(du -h "$stage/bin/hybroker" | cut -f1))"
 }
 

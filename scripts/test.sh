@@ -20,6 +20,10 @@ rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup compon
 # The sandbox tests (run as root, as CI does) use loop-mounted ext4 images, unshare and setpriv.
 need mkfs.ext4 || apt_install e2fsprogs
 { need unshare && need setpriv && need losetup; } || apt_install util-linux mount
+# The packaging tests (tests/e2e/ship.rs): systemd-analyze verifies the units, groff checks the man
+# pages, man resolves the units' Documentation= pages.
+need systemd-analyze || apt_install systemd
+{ need groff && need man; } || apt_install groff-base man-db
 # cargo-deny checks licenses, banned crates (a second crypto provider) and sources.
 cargo deny --version >/dev/null 2>&1 || cargo install --locked cargo-deny --version 0.20.2
 # No system protoc is needed (a vendored one builds the gRPC code); the tests start the real

@@ -39,6 +39,7 @@ mod restart;
 mod revocation;
 mod sandbox;
 mod secrets;
+mod ship;
 mod sites;
 mod spot;
 mod stores;
