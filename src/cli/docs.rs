@@ -45,8 +45,28 @@ fn write_pages(command: &clap::Command, dir: &Path, written: &mut Vec<PathBuf>) 
     for sub in command.get_subcommands().filter(|s| !s.is_hide_set()) {
         write_pages(sub, dir, written)?;
     }
-    written.push(clap_mangen::Man::new(command.clone()).generate_to(dir)?);
+    let man = clap_mangen::Man::new(command.clone());
+    let mut page = Vec::new();
+    man.render(&mut page)?;
+    let path = dir.join(man.get_filename());
+    std::fs::write(&path, ascii_roff(&String::from_utf8_lossy(&page)))?;
+    written.push(path);
     Ok(())
+}
+
+/// The page with every non-ASCII character as a roff escape (`—` → `\[u2014]`): troff reads its
+/// input as Latin-1 unless a `preconv` runs first (man-db's does, plain `groff` and others do
+/// not), and the help texts have dashes, arrows and ellipses.
+fn ascii_roff(page: &str) -> String {
+    let mut out = String::with_capacity(page.len());
+    for c in page.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            out.push_str(&format!("\\[u{:04X}]", u32::from(c)));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -80,5 +100,10 @@ mod tests {
         let page = std::fs::read_to_string(dir.path().join("tool-jobs.1")).unwrap();
         assert!(page.starts_with(".ie \\n(.g .ds Aq"), "{page}");
         assert!(page.contains(".TH tool-jobs 1"), "{page}");
+    }
+
+    #[test]
+    fn non_ascii_characters_become_roff_escapes() {
+        assert_eq!(ascii_roff("a \u{2014} b\u{2026} \u{1F600}"), "a \\[u2014] b\\[u2026] \\[u1F600]");
     }
 }

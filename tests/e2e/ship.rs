@@ -184,7 +184,9 @@ fn units_for_verify(dir: &Path) -> Vec<PathBuf> {
         }
         assert!(unit.lines().any(|l| l.starts_with("StateDirectory=hybroker")), "{name}: no StateDirectory");
         if role != "agent" {
-            for line in ["User=hybroker\n", "CapabilityBoundingSet=\n", "ProtectSystem=strict\n", "NoNewPrivileges=yes\n"] {
+            for line in
+                ["User=hybroker\n", "CapabilityBoundingSet=\n", "ProtectSystem=strict\n", "NoNewPrivileges=yes\n"]
+            {
                 assert!(unit.contains(line), "{name} lacks {line}");
             }
         }
@@ -210,8 +212,11 @@ fn the_systemd_units_verify_without_a_warning_and_name_man_pages_that_exist() {
 
     // The check sees warnings, not only errors: an unknown key is one.
     let broken = dir.path().join("broken.service");
-    std::fs::write(&broken, std::fs::read_to_string(&units[0]).unwrap().replace("[Service]\n", "[Service]\nProtectEverything=yes\n"))
-        .unwrap();
+    std::fs::write(
+        &broken,
+        std::fs::read_to_string(&units[0]).unwrap().replace("[Service]\n", "[Service]\nProtectEverything=yes\n"),
+    )
+    .unwrap();
     let out = run_tool("systemd-analyze", &["verify", broken.to_str().unwrap()], dir.path(), &[("MANPATH", &man)]);
     assert!(text(&out).contains("ProtectEverything"), "a warning goes unseen: {}", text(&out));
 
