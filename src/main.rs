@@ -108,6 +108,8 @@ fn main() -> anyhow::Result<()> {
     {
         agent::sandbox::init::main(std::path::Path::new(&spec));
     }
+    #[cfg(target_feature = "crt-static")]
+    nss_built_in_only();
     let cli = Cli::parse();
     let format = cli.log_format;
     // systemd's readiness socket is this process's alone: read it, and take it out of the
@@ -223,6 +225,23 @@ fn main() -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// The static release build (`scripts/release.sh`, glibc with `+crt-static`) looks up users, groups
+/// and hosts only in the NSS sources built into the C library (`files`, `dns`): a module it would
+/// load from the system (`libnss_systemd` for Debian's `passwd: files systemd`, `libnss_resolve`,
+/// `libnss_sss`, …) runs against a second C library and crashes the process — the agent looks up
+/// every UID it claims for an attempt. Dynamic builds (`cargo install`) use the system's NSS.
+#[cfg(target_feature = "crt-static")]
+fn nss_built_in_only() {
+    unsafe extern "C" {
+        /// glibc's per-process override of an `nsswitch.conf` line.
+        fn __nss_configure_lookup(db: *const std::ffi::c_char, services: *const std::ffi::c_char) -> std::ffi::c_int;
+    }
+    for (db, services) in [(c"passwd", c"files"), (c"group", c"files"), (c"hosts", c"files dns")] {
+        // SAFETY: static NUL-terminated strings, called before any other thread exists.
+        unsafe { __nss_configure_lookup(db.as_ptr(), services.as_ptr()) };
+    }
 }
 
 /// Logs and traces for a service: `hybroker-<role>`, its site and identity from its certificate.
