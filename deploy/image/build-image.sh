@@ -19,7 +19,8 @@ install -m 0755 "$binary" /usr/local/bin/hybroker
 # The one agent unit, shared with on-prem nodes (deploy/systemd/; the release archive has both).
 install -m 0644 "$here/../systemd/hybroker-agent.service" /etc/systemd/system/hybroker-agent.service
 install -d -m 0755 /etc/hybroker
-install -d -m 0700 /var/lib/hybroker /var/lib/hybroker/tls
+install -d -m 0711 /var/lib/hybroker
+install -d -m 0700 /var/lib/hybroker/tls
 # The sandbox: loop-mounted work dirs, unshare/setpriv (util-linux), ext4 tools.
 if command -v apt-get >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq util-linux e2fsprogs cloud-init >/dev/null

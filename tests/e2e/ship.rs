@@ -183,7 +183,13 @@ fn units_for_verify(dir: &Path) -> Vec<PathBuf> {
             assert!(unit.contains(line), "{name} lacks {line}");
         }
         assert!(unit.lines().any(|l| l.starts_with("StateDirectory=hybroker")), "{name}: no StateDirectory");
-        if role != "agent" {
+        if role == "agent" {
+            // A host running broker or gateway too: their user must get through the agent's
+            // /var/lib/hybroker to its own directory below.
+            let mode =
+                unit.lines().find_map(|l| l.strip_prefix("StateDirectoryMode=")).expect("agent StateDirectoryMode");
+            assert!(u32::from_str_radix(mode, 8).unwrap() & 0o001 != 0, "agent StateDirectoryMode={mode}");
+        } else {
             for line in
                 ["User=hybroker\n", "CapabilityBoundingSet=\n", "ProtectSystem=strict\n", "NoNewPrivileges=yes\n"]
             {
