@@ -41,8 +41,9 @@ done
 
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
 [[ -n $version ]] || { echo "no version in Cargo.toml" >&2; exit 1; }
-# Reproducible archives: file times from the commit (or now outside a checkout).
-export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
+# Reproducible archives: file times from the commit (or now outside a checkout). Not exported: the
+# cc crate reruns C builds (ring, SQLite) and everything above them when SOURCE_DATE_EPOCH changes.
+epoch=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 now() { date +%s.%N; }
@@ -122,7 +123,7 @@ package() {
     [[ -f $license ]] && install -m 0644 "$license" "$stage/"
   done
   (cd "$stage" && find . -type f ! -name SHA256SUMS -printf '%P\n' | LC_ALL=C sort | xargs -d '\n' sha256sum >SHA256SUMS)
-  tar --sort=name --owner=0 --group=0 --numeric-owner --mtime="@$SOURCE_DATE_EPOCH" \
+  tar --sort=name --owner=0 --group=0 --numeric-owner --mtime="@$epoch" \
     -C "$generated" -cf - "$name" | gzip -n >"$out/$name.tar.gz"
   echo "$out/$name.tar.gz ($(du -h "$out/$name.tar.gz" | cut -f1); binary $(du -h "$stage/bin/hybroker" | cut -f1))"
 }
