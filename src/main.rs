@@ -86,8 +86,9 @@ enum Command {
     /// throughput, latency, CPU and memory (and a reconnect storm or a broker kill on request).
     /// `bench staging`: the agent's stage-in against curl; `bench placement`: the placement engine.
     Bench(bench::BenchArgs),
-    /// Shell completions on stdout, e.g. `hybroker completions bash >
-    /// /usr/share/bash-completion/completions/hybroker`.
+    /// Shell completions on stdout (bash, zsh, fish, …).
+    ///
+    /// For example `hybroker completions bash > /usr/share/bash-completion/completions/hybroker`.
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
