@@ -24,6 +24,10 @@ need mkfs.ext4 || apt_install e2fsprogs
 # (crun 1.8 refuses these machines' hybrid cgroups); the image takes the host's CA bundle.
 { need podman && need buildah && need runc && [[ -f /etc/ssl/certs/ca-certificates.crt ]]; } ||
   apt_install podman buildah runc ca-certificates
+# The packaging tests (tests/e2e/ship.rs): systemd-analyze verifies the units, groff checks the man
+# pages, man resolves the units' Documentation= pages.
+need systemd-analyze || apt_install systemd
+{ need groff && need man; } || apt_install groff-base man-db
 # cargo-deny checks licenses, banned crates (a second crypto provider) and sources.
 cargo deny --version >/dev/null 2>&1 || cargo install --locked cargo-deny --version 0.20.2
 # No system protoc is needed (a vendored one builds the gRPC code); the tests start the real

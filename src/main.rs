@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use hybroker::cli::{self, PkiCommand};
 use hybroker::config::{AgentConfig, BrokerConfig, GatewayConfig, QuickstartConfig};
 use hybroker::{agent, bench, broker, gateway, private_files, telemetry, tls};
@@ -90,6 +90,15 @@ enum Command {
     /// throughput, latency, CPU and memory (and a reconnect storm or a broker kill on request).
     /// `bench staging`: the agent's stage-in against curl; `bench placement`: the placement engine.
     Bench(bench::BenchArgs),
+    /// Shell completions on stdout (bash, zsh, fish, …).
+    ///
+    /// For example `hybroker completions bash > /usr/share/bash-completion/completions/hybroker`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Man pages, one per command (`hybroker.1`, `hybroker-jobs.1`, …), written into DIR.
+    Manpages { dir: PathBuf },
     /// The agent's per-attempt sandbox init (the agent re-executes itself); not for people.
     #[command(hide = true)]
     SandboxInit { spec: PathBuf },
@@ -104,8 +113,18 @@ fn main() -> anyhow::Result<()> {
     {
         agent::sandbox::init::main(std::path::Path::new(&spec));
     }
+    #[cfg(target_feature = "crt-static")]
+    nss_built_in_only();
     let cli = Cli::parse();
     let format = cli.log_format;
+    // systemd's readiness socket is this process's alone: read it, and take it out of the
+    // environment while no other thread exists, so that jobs and the broker's local agents do not
+    // inherit it (sd_notify's unset_environment).
+    let notify_socket = std::env::var_os("NOTIFY_SOCKET");
+    if notify_socket.is_some() {
+        // SAFETY: single-threaded here: the runtime and its threads start below.
+        unsafe { std::env::remove_var("NOTIFY_SOCKET") };
+    }
     tls::install_crypto_provider();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
@@ -120,6 +139,7 @@ fn main() -> anyhow::Result<()> {
             Command::Broker { config, addr_file, enroll_addr_file } => {
                 let config = BrokerConfig::load(&config_path(config, "broker")?)?;
                 let tracing = traced(format, "broker", &config.telemetry, &config.tls.cert)?;
+                telemetry::notify::install(notify_socket.as_deref());
                 let catalog = config.placement.install_catalog().map_err(anyhow::Error::msg)?;
                 tracing::info!(as_of = catalog.as_of(), types = catalog.types().len(), "instance catalog");
                 if let Err(e) = bench::raise_open_file_limit() {
@@ -140,6 +160,7 @@ fn main() -> anyhow::Result<()> {
             Command::Gateway { config, addr_file } => {
                 let config = GatewayConfig::load(&config_path(config, "gateway")?)?;
                 let tracing = traced(format, "gateway", &config.telemetry, &config.tls.cert)?;
+                telemetry::notify::install(notify_socket.as_deref());
                 let listener = cli::listen(config.gateway.listen)?;
                 if let Some(path) = addr_file {
                     private_files::write_atomically(&path, &listener.local_addr()?.to_string())?;
@@ -157,6 +178,7 @@ fn main() -> anyhow::Result<()> {
                     config.validate(std::path::Path::new("--simulate-gpus"))?;
                 }
                 let tracing = traced(format, "agent", &config.telemetry, &config.tls.cert)?;
+                telemetry::notify::install(notify_socket.as_deref());
                 let ran = agent::run(config, cli::shutdown_signal()).await;
                 tracing.shutdown().await;
                 ran
@@ -194,11 +216,38 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
+            Command::Completions { shell } => {
+                cli::docs::write_completions(Cli::command(), shell, &mut std::io::stdout().lock())?;
+                Ok(())
+            }
+            Command::Manpages { dir } => {
+                for page in cli::docs::write_man_pages(Cli::command(), &dir)? {
+                    println!("{}", page.display());
+                }
+                Ok(())
+            }
             Command::SandboxInit { .. } => {
                 anyhow::bail!("sandbox-init is run by the agent only, as `hybroker sandbox-init <spec>`")
             }
         }
     })
+}
+
+/// The static release build (`scripts/release.sh`, glibc with `+crt-static`) looks up users, groups
+/// and hosts only in the NSS sources built into the C library (`files`, `dns`): a module it would
+/// load from the system (`libnss_systemd` for Debian's `passwd: files systemd`, `libnss_resolve`,
+/// `libnss_sss`, …) runs against a second C library and crashes the process — the agent looks up
+/// every UID it claims for an attempt. Dynamic builds (`cargo install`) use the system's NSS.
+#[cfg(target_feature = "crt-static")]
+fn nss_built_in_only() {
+    unsafe extern "C" {
+        /// glibc's per-process override of an `nsswitch.conf` line.
+        fn __nss_configure_lookup(db: *const std::ffi::c_char, services: *const std::ffi::c_char) -> std::ffi::c_int;
+    }
+    for (db, services) in [(c"passwd", c"files"), (c"group", c"files"), (c"hosts", c"files dns")] {
+        // SAFETY: static NUL-terminated strings, called before any other thread exists.
+        unsafe { __nss_configure_lookup(db.as_ptr(), services.as_ptr()) };
+    }
 }
 
 /// Logs and traces for a service: `hybroker-<role>`, its site and identity from its certificate.

@@ -6,8 +6,9 @@
 #
 #   sudo ./build-image.sh /path/to/hybroker          # the release binary (cargo build --release)
 #
-# It installs the binary and the systemd unit, and nothing else: no credentials, no join token (each
-# launch brings its own in its user data), no instance profile needed. Idempotent.
+# It installs the binary and the systemd unit (deploy/systemd/hybroker-agent.service), and nothing
+# else: no credentials, no join token (each launch brings its own in its user data), no instance
+# profile needed. Idempotent.
 set -euo pipefail
 binary=${1:?usage: build-image.sh PATH_TO_HYBROKER_BINARY}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -15,9 +16,11 @@ here=$(cd "$(dirname "$0")" && pwd)
 "$binary" --version >/dev/null || { echo "$binary does not run here" >&2; exit 1; }
 
 install -m 0755 "$binary" /usr/local/bin/hybroker
-install -m 0644 "$here/hybroker-agent.service" /etc/systemd/system/hybroker-agent.service
+# The one agent unit, shared with on-prem nodes (deploy/systemd/; the release archive has both).
+install -m 0644 "$here/../systemd/hybroker-agent.service" /etc/systemd/system/hybroker-agent.service
 install -d -m 0755 /etc/hybroker
-install -d -m 0700 /var/lib/hybroker /var/lib/hybroker/tls
+install -d -m 0711 /var/lib/hybroker
+install -d -m 0700 /var/lib/hybroker/tls
 # The sandbox: loop-mounted work dirs, unshare/setpriv (util-linux), ext4 tools.
 if command -v apt-get >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq util-linux e2fsprogs cloud-init >/dev/null

@@ -127,6 +127,7 @@ async fn enroll(config: &AgentConfig, join: &JoinFile) -> anyhow::Result<()> {
     let (key_pem, csr_der) = pki::agent_csr(&join.trust_domain, &join.site, &node)?;
     let client_tls = tls::enroll_client_config(join.ca_bundle.as_bytes(), &join.trust_domain)?;
     let request = proto::EnrollRequest { token: join.token.clone(), csr_der };
+    crate::telemetry::notify::status(&format!("enrolling at {} as {}/{node}", join.enroll_url, join.site));
     let policy = RetryPolicy::exponential(Duration::from_millis(200), Duration::from_secs(5)).with_jitter(0.5);
     let mut tries = 0;
     let response = loop {

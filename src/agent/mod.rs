@@ -189,6 +189,9 @@ pub async fn run(mut config: AgentConfig, shutdown: impl Future<Output = ()> + S
     };
     let cert = agent.tls.paths().cert.display().to_string();
     tracing::info!(agent = agent.identity.agent_id(), gpus = agent.probe.gpus().len(), cert, "agent starting");
+    // Ready when it starts dialling, not when the broker answers: attempts run on without the
+    // broker, and a unit must not fail to start because the broker is down.
+    crate::telemetry::notify::ready(&format!("connecting to the broker at {}", agent.config.agent.broker_url));
     session::run_sessions(&mut agent, client_tls, &mut event_rx, shutdown).await;
     for attempt in agent.attempts.values() {
         let _ = attempt.cancel.send(true);

@@ -41,6 +41,7 @@ pub(super) async fn run_sessions(
     loop {
         let Some((registered, end)) = session(agent, &client_tls, events, &mut shutdown).await else { return };
         tracing::warn!(agent = agent.identity.agent_id(), "broker session ended: {}", end.0);
+        crate::telemetry::notify::status(&format!("reconnecting: {}", end.0));
         failures = if registered { 1 } else { failures.saturating_add(1) };
         // A broker going away says when to come back (spread over its agents); failed attempts
         // after that back off as usual.
@@ -110,6 +111,7 @@ async fn session<F: Future<Output = ()>>(
                         heartbeat = tokio::time::interval(every);
                         heartbeat.reset();
                         tracing::info!(agent = r.agent_id, "registered with the broker");
+                        crate::telemetry::notify::status(&format!("registered with the broker as {}", r.agent_id));
                     }
                     if let Some(reply) = on_message(agent, msg)
                         && !send(&tx, reply) {

@@ -194,6 +194,10 @@ pub async fn run_with(
         }
     };
     tracing::info!(%addr, trust_domain, "broker listening");
+    crate::telemetry::notify::ready(&match enroll_addr {
+        Some(enroll) => format!("serving gRPC on {addr}, enrolment on {enroll}"),
+        None => format!("serving gRPC on {addr}"),
+    });
     let (stop_accepting, stop_accepting_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))

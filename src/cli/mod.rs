@@ -1,10 +1,11 @@
 //! The command-line side: `pki`, `quickstart`, the operators' `admin`/`tenants`, the tenants'
-//! `client`, what they all share ([`report`]: output, exit statuses, errors), and helpers of the
+//! `client`, completions and man pages ([`docs`]), what they all share ([`report`]: output, exit statuses, errors), and helpers of the
 //! services' commands.
 
 pub mod admin;
 pub mod catalog;
 pub mod client;
+pub mod docs;
 pub mod quickstart;
 pub mod report;
 
@@ -93,4 +94,5 @@ pub async fn shutdown_signal() {
         _ = term.recv() => {}
     }
     tracing::info!("shutting down");
+    crate::telemetry::notify::stopping();
 }

@@ -195,6 +195,7 @@ pub async fn run(
     let addr = listener.local_addr()?;
     let scheme = if public_tls.is_some() { "https" } else { "http" };
     tracing::info!(url = %format!("{scheme}://{addr}"), broker = config.broker.url, trust_domain, "gateway listening");
+    crate::telemetry::notify::ready(&format!("serving {scheme}://{addr}, broker {}", config.broker.url));
     let shutdown = async move {
         shutdown.await;
         // Event and log streams end first, so their connections can finish.

@@ -10,10 +10,12 @@
 //!   job record (JSON) and a workload's environment.
 //! - [`grpc`]: client and server spans around every gRPC call (OTel RPC conventions).
 //! - `format`: the log line formats (text, JSON).
+//! - [`notify`]: systemd readiness, reload and stop notifications (`NOTIFY_SOCKET`).
 
 pub mod context;
 mod format;
 pub mod grpc;
+pub mod notify;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -171,6 +171,8 @@ impl<C: Send + Sync + 'static> Reloading<C> {
                     _ = ticks.tick() => drop(this.reload_if_changed()),
                     Some(()) = hangup => {
                         tracing::info!(role = this.role, "SIGHUP: reloading tls files");
+                        // systemd: RELOADING=1 now, READY=1 once the files are loaded (or kept).
+                        let _reload = crate::telemetry::notify::reloading();
                         drop(this.reload_now());
                     }
                 }

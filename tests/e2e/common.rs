@@ -173,6 +173,15 @@ impl Cluster {
         self.agents.push((node.to_string(), child));
     }
 
+    /// [`Cluster::start_agent`] with extra environment (`NOTIFY_SOCKET`).
+    pub fn start_agent_with_env(&mut self, node: &str, gpus: &str, env: &[(String, String)]) {
+        let tls = self.issue(Role::Agent, node, Some("lab"));
+        let config_path = self.write_agent_config(node, gpus, &tls);
+        let log = self.path(&format!("agent-{node}.log"));
+        let child = spawn_with(&["agent", "--config", path_str(&config_path)], &log, env);
+        self.agents.push((node.to_string(), child));
+    }
+
     pub fn work_dir(&self, node: &str) -> PathBuf {
         self.path(&format!("work-{node}"))
     }

@@ -44,6 +44,7 @@ mod restart;
 mod revocation;
 mod sandbox;
 mod secrets;
+mod ship;
 mod sites;
 mod spot;
 mod stores;
