@@ -1,0 +1,97 @@
+//! The data routes against a hostile tenant: transfers through the gateway hold one of the
+//! tenant's stream slots (`max_streams_per_tenant`), so endless or stalled uploads and downloads
+//! cannot pile up on the gateway and the broker; and the CLI writes nothing through a symbolic
+//! link it finds in the download directory.
+
+use std::os::unix::fs::symlink;
+
+use reqwest::StatusCode;
+
+use crate::common::eventually;
+use crate::outputs::{DataCluster, text};
+
+/// `GET /v1/data/object?uri=` as `key` on `gateway`; its status.
+async fn read_status(gateway: &str, key: &str, uri: &str) -> StatusCode {
+    let client = reqwest::Client::new();
+    let url = format!("{gateway}/v1/data/object");
+    client.get(url).bearer_auth(key).query(&[("uri", uri)]).send().await.unwrap().status()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_upload_holds_a_stream_slot_until_its_client_goes() {
+    let dc = DataCluster::start(None).await;
+    let file = dc.cluster.path("small.txt");
+    std::fs::write(&file, "hello").unwrap();
+    dc.ok(&["data", "put", file.to_str().unwrap(), "local://lab/acme/small.txt"]).await;
+    let tight = dc.cluster.start_gateway_keyed("tight", false, "max_streams_per_tenant = 1", "");
+    let uri = "local://lab/acme/small.txt";
+    assert_eq!(read_status(&tight.url, &dc.acme, uri).await, StatusCode::OK);
+
+    // An upload announcing 1 MiB that sends 1 KiB and stalls.
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Vec<u8>, std::io::Error>>();
+    tx.unbounded_send(Ok(vec![0u8; 1024])).unwrap();
+    let put = reqwest::Client::new()
+        .put(format!("{}/v1/data/object", tight.url))
+        .bearer_auth(&dc.acme)
+        .query(&[("uri", "local://lab/acme/stalled.bin")])
+        .header(reqwest::header::CONTENT_LENGTH, 1 << 20)
+        .body(reqwest::Body::wrap_stream(rx));
+    let upload = tokio::spawn(put.send());
+
+    // While it stalls, the tenant's next transfer is refused; another tenant's is not.
+    eventually("the stalled upload to hold acme's only stream slot", || async {
+        (read_status(&tight.url, &dc.acme, uri).await == StatusCode::TOO_MANY_REQUESTS).then_some(())
+    })
+    .await;
+    let globex = dc.cluster.tenant_key("globex");
+    assert_eq!(read_status(&tight.url, &globex, "local://lab/globex/none").await, StatusCode::NOT_FOUND);
+
+    // The client goes: its slot is freed and nothing was stored.
+    drop(tx);
+    upload.abort();
+    eventually("acme's slot to be freed", || async {
+        (read_status(&tight.url, &dc.acme, uri).await == StatusCode::OK).then_some(())
+    })
+    .await;
+    assert!(!dc.objects.join("lab/acme/stalled.bin").exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn downloads_write_nothing_through_symbolic_links_in_the_directory() {
+    let dc = DataCluster::start(None).await;
+    let local = dc.cluster.path("in");
+    std::fs::create_dir_all(local.join("sub")).unwrap();
+    std::fs::write(local.join("a.txt"), "hello ").unwrap();
+    std::fs::write(local.join("sub/b.bin"), "bytes of b").unwrap();
+    dc.ok(&["data", "put", local.to_str().unwrap(), "local://lab/acme/in/"]).await;
+
+    // Someone who can write to the download directory left a `.part` pointing at a victim file:
+    // resuming or restarting it must not write there.
+    let victim = dc.cluster.path("victim.txt");
+    std::fs::write(&victim, "precious bytes").unwrap();
+    let got = dc.cluster.path("got");
+    std::fs::create_dir_all(&got).unwrap();
+    symlink(&victim, got.join("a.txt.part")).unwrap();
+    let out = dc.cli(&["data", "get", "local://lab/acme/in/a.txt", got.to_str().unwrap()]).await;
+    let stderr = text(&out.stderr);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious bytes", "{stderr}");
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("symbolic link") && stderr.contains("a.txt.part"), "{stderr}");
+
+    // A directory on the way that is a link to elsewhere: nothing lands there.
+    let elsewhere = dc.cluster.path("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let got = dc.cluster.path("got2");
+    std::fs::create_dir_all(&got).unwrap();
+    symlink(&elsewhere, got.join("sub")).unwrap();
+    let out = dc.cli(&["data", "get", "local://lab/acme/in/", got.to_str().unwrap()]).await;
+    let stderr = text(&out.stderr);
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0, "{stderr}");
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("symbolic link"), "{stderr}");
+
+    // Without links, the same downloads work.
+    std::fs::remove_file(got.join("sub")).unwrap();
+    dc.ok(&["data", "get", "local://lab/acme/in/", got.to_str().unwrap()]).await;
+    assert_eq!(std::fs::read(got.join("sub/b.bin")).unwrap(), b"bytes of b");
+}
