@@ -127,7 +127,11 @@ async fn fetch(gw: &Gateway, w: &Wanted, bar: &mut Bar) -> anyhow::Result<Outcom
         let mut body = resp.bytes_stream();
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| {
-                anyhow::anyhow!("{}: the download broke off: {}; run the command again to resume", o.uri, chain(&e))
+                anyhow::anyhow!(
+                    "{}: the download broke off: {}; run the command again to resume",
+                    o.uri,
+                    chain(&e.without_url())
+                )
             })?;
             file.write_all(&chunk).with_context(|| format!("cannot write {}", part.display()))?;
             received += chunk.len() as u64;
@@ -204,8 +208,10 @@ pub fn request(gw: &Gateway, r: &HttpRequest) -> anyhow::Result<RequestBuilder> 
 /// Sends a handed-out request; a failure names the object (and the store or the gateway).
 pub async fn send(rb: RequestBuilder, r: &HttpRequest, uri: &str) -> anyhow::Result<Response> {
     let whom = if r.via == "gateway" { "the gateway" } else { "the store" };
-    let resp =
-        rb.send().await.map_err(|e| ClientError::new(format!("{uri}: cannot reach {whom}: {}", chain(&e)), None))?;
+    let resp = rb
+        .send()
+        .await
+        .map_err(|e| ClientError::new(format!("{uri}: cannot reach {whom}: {}", chain(&e.without_url())), None))?;
     if resp.status().is_success() {
         return Ok(resp);
     }
