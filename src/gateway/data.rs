@@ -337,14 +337,15 @@ pub async fn plan_upload(
     Ok(Json(plan))
 }
 
-/// Complete a multipart upload with its parts' ETags (in part order).
+/// Complete a multipart upload with its parts' ETags (in part order). The local store has none
+/// (409): it takes uploads whole at `PUT /v1/data/object`.
 #[utoipa::path(
     post,
     path = "/v1/data/uploads/complete",
     operation_id = "complete_data_upload",
     tag = "data",
     request_body = CompleteUpload,
-    responses((status = 204, description = "The object is stored"), BadRequest, Forbidden, TenantErrors),
+    responses((status = 204, description = "The object is stored"), BadRequest, Forbidden, Conflict, TenantErrors),
     security(("bearer" = []))
 )]
 pub async fn complete_upload(

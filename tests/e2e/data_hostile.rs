@@ -95,3 +95,28 @@ async fn downloads_write_nothing_through_symbolic_links_in_the_directory() {
     dc.ok(&["data", "get", "local://lab/acme/in/", got.to_str().unwrap()]).await;
     assert_eq!(std::fs::read(got.join("sub/b.bin")).unwrap(), b"bytes of b");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_multipart_upload_is_completed_in_the_local_store() {
+    // The local store does not tie an upload id to its key: a completion there could assemble the
+    // parts of another tenant's upload under the caller's key. Tenants never get a local upload id,
+    // so the gateway refuses every local completion.
+    let dc = DataCluster::start(None).await;
+    let complete = serde_json::json!({
+        "uri": "local://lab/acme/stolen.bin",
+        "upload_id": "3f0e8c2a-5b7d-4c1e-9a6f-2d8b4e7c1a90",
+        "parts": [{"number": 1, "etag": "\"0cc175b9c0f1b6a831c399e269772661\""}],
+    });
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/data/uploads/complete", dc.gateway.url))
+        .bearer_auth(&dc.acme)
+        .json(&complete)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let body = response.text().await.unwrap();
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body.contains("no multipart upload to complete"), "{body}");
+    assert!(!dc.objects.join("lab/acme/stolen.bin").exists());
+}
