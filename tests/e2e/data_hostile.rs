@@ -120,3 +120,66 @@ async fn no_multipart_upload_is_completed_in_the_local_store() {
     assert!(body.contains("no multipart upload to complete"), "{body}");
     assert!(!dc.objects.join("lab/acme/stolen.bin").exists());
 }
+
+/// A hostile gateway for `data get`: its listing (`objects`) and a download route that sends
+/// 64 MiB whatever the listing said.
+async fn hostile_gateway(objects: serde_json::Value) -> String {
+    use axum::routing::get;
+    let endless = || async {
+        let chunks = futures::stream::iter((0..64).map(|_| Ok::<_, std::io::Error>(vec![b'x'; 1 << 20])));
+        axum::body::Body::from_stream(chunks)
+    };
+    let router = axum::Router::new()
+        .route("/v1/data/objects", get(move || async move { axum::Json(objects) }))
+        .route("/endless", get(endless));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    url
+}
+
+fn object(key: &str, size: u64) -> serde_json::Value {
+    serde_json::json!({
+        "key": key, "uri": format!("local://lab/acme/{key}"), "size": size,
+        "download": {"method": "GET", "url": "/endless", "via": "gateway"},
+    })
+}
+
+async fn get_from(gateway: &str, uri: &str, dir: &std::path::Path) -> std::process::Output {
+    let mut command = tokio::process::Command::new(crate::common::BIN);
+    command
+        .args(["data", "get", uri, dir.to_str().unwrap()])
+        .env("HYBROKER_GATEWAY", gateway)
+        .env("HYBROKER_TOKEN", "any-key")
+        .env_remove("HYBROKER_CA_CERT")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    tokio::time::timeout(crate::common::DEADLINE, command.output()).await.expect("hybroker data get finishes").unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_trusts_neither_the_keys_nor_the_bytes_of_a_hostile_gateway() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("dl");
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // Keys that leave the directory: refused before anything is written.
+    for key in ["../escape.txt", "/tmp/abs.txt", "a/../../escape.txt"] {
+        let gateway = hostile_gateway(serde_json::json!({"objects": [object("ok.txt", 1), object(key, 1)]})).await;
+        let out = get_from(&gateway, "local://lab/acme/", &dir).await;
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{key}: {stderr}");
+        assert!(stderr.contains("cannot be written safely"), "{key}: {stderr}");
+        assert!(!root.path().join("escape.txt").exists() && !std::path::Path::new("/tmp/abs.txt").exists());
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "{key}: nothing written");
+    }
+
+    // A body longer than the listed size: the download stops there and leaves no file.
+    let gateway = hostile_gateway(serde_json::json!({"objects": [object("big.bin", 1024)]})).await;
+    let out = get_from(&gateway, "local://lab/acme/", &dir).await;
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("sent more than the object's 1024 bytes"), "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -133,6 +133,16 @@ async fn fetch(gw: &Gateway, w: &Wanted, bar: &mut Bar) -> anyhow::Result<Outcom
                     chain(&e.without_url())
                 )
             })?;
+            // Never more than the listing announced: a hostile gateway or URL cannot fill the disk.
+            if have + received + chunk.len() as u64 > o.size {
+                drop(file);
+                let _ = std::fs::remove_file(&part);
+                anyhow::bail!(
+                    "{}: the download sent more than the object's {} bytes; the partial file was deleted",
+                    o.uri,
+                    o.size
+                );
+            }
             file.write_all(&chunk).with_context(|| format!("cannot write {}", part.display()))?;
             received += chunk.len() as u64;
             bar.advance(chunk.len() as u64);
