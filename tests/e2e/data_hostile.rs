@@ -1,7 +1,9 @@
-//! The data routes against a hostile tenant: transfers through the gateway hold one of the
-//! tenant's stream slots (`max_streams_per_tenant`), so endless or stalled uploads and downloads
-//! cannot pile up on the gateway and the broker; and the CLI writes nothing through a symbolic
-//! link it finds in the download directory.
+//! The data routes against a hostile tenant, and the CLI against a hostile gateway: transfers
+//! through the gateway hold one of the tenant's stream slots (`max_streams_per_tenant`), so
+//! stalled uploads and downloads cannot pile up; no URI spelling or output key reaches another
+//! tenant's objects; the local store completes no multipart upload a tenant names; the CLI
+//! writes nothing through a symbolic link in the download directory, nothing outside it, and
+//! never more than an object's listed size.
 
 use std::os::unix::fs::symlink;
 
@@ -182,4 +184,96 @@ async fn the_cli_trusts_neither_the_keys_nor_the_bytes_of_a_hostile_gateway() {
     assert!(stderr.contains("sent more than the object's 1024 bytes"), "{stderr}");
     let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn uris_and_keys_that_reach_for_another_tenants_objects_are_refused() {
+    let dc = DataCluster::start(None).await;
+    let globex = dc.cluster.tenant_key("globex");
+    let file = dc.cluster.path("secret.txt");
+    std::fs::write(&file, "globex secret").unwrap();
+    let out =
+        tenant_cli_as(&dc, &globex, &["data", "put", file.to_str().unwrap(), "local://lab/globex/secret.txt"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(read_status(&dc.gateway.url, &globex, "local://lab/globex/secret.txt").await, StatusCode::OK);
+
+    // acme's prefix is local://lab/acme/: every spelling that reaches outside it is refused.
+    for uri in [
+        "local://lab/globex/secret.txt",
+        "local://lab/acme/../globex/secret.txt",
+        "local://lab/acme/%2e%2e/globex/secret.txt",
+        "local://lab/acme/..%2fglobex/secret.txt",
+        "local://lab/acme%2f..%2fglobex/secret.txt",
+        "local://lab/acme//../globex/secret.txt",
+        "local://lab/acme\\..\\globex/secret.txt",
+        "local://lab/acme/./../globex/secret.txt",
+        "local://lab/acmeglobex/secret.txt",
+        "local://lab/acme",
+        "local://lab/",
+        "local://lab/acme/\u{ff0e}\u{ff0e}/globex/secret.txt",
+        "local://lab@127.0.0.1:1/acme/x",
+        "s3://lab/acme/x",
+        "http://169.254.169.254/latest/meta-data/",
+        "file:///etc/passwd",
+    ] {
+        let status = read_status(&dc.gateway.url, &dc.acme, uri).await;
+        assert!(
+            [StatusCode::BAD_REQUEST, StatusCode::FORBIDDEN, StatusCode::NOT_FOUND].contains(&status),
+            "{uri}: {status}"
+        );
+        let list = reqwest::Client::new()
+            .get(format!("{}/v1/data/objects", dc.gateway.url))
+            .bearer_auth(&dc.acme)
+            .query(&[("uri", uri)])
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = (list.status(), list.text().await.unwrap());
+        assert!(
+            status == StatusCode::OK && !body.contains("secret") || status.is_client_error(),
+            "{uri}: {status} {body}"
+        );
+    }
+
+    // A job's output key cannot climb out of its attempt's prefix; another tenant's job is 404.
+    let id = dc
+        .run_job("name: w\ncommand: [\"sh\", \"-c\", \"mkdir out && echo hi > out/a.txt\"]\noutputs: [{path: out/, to: 'local://lab/acme/r/'}]\n")
+        .await;
+    let client = reqwest::Client::new();
+    for key in [
+        "a.txt",
+        "../attempt-0/a.txt",
+        "..%2f..%2f..%2fglobex/secret.txt",
+        "../../../../globex/secret.txt",
+        "/a.txt",
+        "./a.txt",
+        "a.txt/",
+    ] {
+        let response = client
+            .get(format!("{}/v1/jobs/{id}/outputs/0", dc.gateway.url))
+            .bearer_auth(&dc.acme)
+            .query(&[("key", key)])
+            .send()
+            .await
+            .unwrap();
+        // `%2f` is no separator here: the key is those characters, and no such object exists.
+        let expected = match key {
+            "a.txt" => StatusCode::OK,
+            k if k.contains('%') => StatusCode::NOT_FOUND,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        assert_eq!(response.status(), expected, "{key}");
+    }
+    let theirs = client
+        .get(format!("{}/v1/jobs/{id}/outputs/0", dc.gateway.url))
+        .bearer_auth(&globex)
+        .query(&[("key", "a.txt")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(theirs.status(), StatusCode::NOT_FOUND);
+}
+
+async fn tenant_cli_as(dc: &DataCluster, key: &str, args: &[&str]) -> std::process::Output {
+    crate::common::tenant_cli(&dc.gateway, key, args).await
 }
