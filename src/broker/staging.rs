@@ -55,7 +55,14 @@ pub(super) async fn plan_outputs(
         let (target, prefix) = target(attempt, job_id, file.output)?;
         let key = DataPlane::output_key(target, &prefix, &file.path)
             .ok_or_else(|| Status::invalid_argument(format!("output file path {:?} is not a safe name", file.path)))?;
-        uploads.push(match data.plan_upload(target, key, file.size).await? {
+        uploads.push(data.plan_upload(target, key, file.size).await?.into());
+    }
+    Ok(proto::PlanOutputsResponse { uploads })
+}
+
+impl From<Upload> for proto::UploadPlan {
+    fn from(upload: Upload) -> Self {
+        match upload {
             Upload::Single { key, put } => proto::UploadPlan { key, put: Some(put.into()), ..Default::default() },
             Upload::Multipart { key, upload_id, part_size, parts } => proto::UploadPlan {
                 key,
@@ -64,9 +71,8 @@ pub(super) async fn plan_outputs(
                 part_size,
                 parts: parts.into_iter().map(proto::PresignedRequest::from).collect(),
             },
-        });
+        }
     }
-    Ok(proto::PlanOutputsResponse { uploads })
 }
 
 pub(super) async fn part_urls(

@@ -17,7 +17,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::data::{DataPlane, Upload, store_error};
+use super::data::{DataPlane, store_error};
 use crate::config::TenantConfig;
 use crate::error::ApiError;
 use crate::model::data::{DataUri, JobData, OutputTarget};
@@ -328,16 +328,7 @@ impl proto::data_service_server::DataService for DataService {
         if local {
             return Ok(Response::new(proto::PlanUploadResponse { plan: None, stream: true }));
         }
-        let plan = match self.data.plan_upload(&upload_target(location), uri.path, req.size).await? {
-            Upload::Single { key, put } => proto::UploadPlan { key, put: Some(put.into()), ..Default::default() },
-            Upload::Multipart { key, upload_id, part_size, parts } => proto::UploadPlan {
-                key,
-                put: None,
-                upload_id,
-                part_size,
-                parts: parts.into_iter().map(proto::PresignedRequest::from).collect(),
-            },
-        };
+        let plan = self.data.plan_upload(&upload_target(location), uri.path, req.size).await?.into();
         Ok(Response::new(proto::PlanUploadResponse { plan: Some(plan), stream: false }))
     }
 
@@ -348,7 +339,14 @@ impl proto::data_service_server::DataService for DataService {
         let who = tls::require_role(&req, CALLERS)?;
         let req = req.into_inner();
         let tenant = self.data_tenant(&who, &req.tenant)?;
-        let (uri, location, _) = self.data.tenant_uri(&req.uri, tenant)?;
+        let (uri, location, local) = self.data.tenant_uri(&req.uri, tenant)?;
+        // The local store does not tie an upload id to its key, and tenants never get one of its
+        // upload ids: completing there could only assemble someone else's parts.
+        if local {
+            return Err(Status::failed_precondition(format!(
+                "storage location {location} takes uploads whole at the gateway's PUT route: there is no multipart upload to complete"
+            )));
+        }
         let parts: Vec<CompletedPart> =
             req.parts.into_iter().map(|p| CompletedPart { number: p.number, etag: p.etag }).collect();
         self.data.complete(&upload_target(location), &uri.path, &req.upload_id, &parts).await?;

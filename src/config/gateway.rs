@@ -61,7 +61,8 @@ pub struct GatewaySection {
     /// The reverse proxies' addresses or networks (`10.0.0.0/8`).
     #[serde(default)]
     pub trusted_proxies: Vec<IpNetwork>,
-    /// Event streams and followed logs a tenant may have open at once (429 beyond).
+    /// Event streams, followed logs and downloads/uploads streamed through the gateway a tenant may
+    /// have open at once (429 beyond).
     #[serde(default = "default_max_streams_per_tenant")]
     pub max_streams_per_tenant: u32,
     /// On SIGTERM: how long open requests may take to finish (event streams end at once) before

@@ -6,7 +6,9 @@
 //! seeing its credentials. The embedded local store is loopback-only on the broker, so its bytes
 //! stream through the gateway: `GET` routes (with `Range: bytes=N-` to resume) and a `PUT` route
 //! whose body goes to the broker as it arrives, under its own size limit
-//! ([`MAX_STREAMED_UPLOAD`]) instead of the gateway's request body limit.
+//! ([`MAX_STREAMED_UPLOAD`]) instead of the gateway's request body limit. Each streamed transfer
+//! holds one of the tenant's stream slots (`max_streams_per_tenant`, with event streams and
+//! followed logs) while it runs.
 
 use std::collections::BTreeMap;
 use std::future::ready;
@@ -263,6 +265,8 @@ pub async fn write_data(
         return Err(HttpError::PayloadTooLarge(MAX_STREAMED_UPLOAD as usize));
     }
     let content_md5 = headers.get("content-md5").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    // Held until the upload ends: a stalled or endless body holds one of the tenant's slots.
+    let _slot = state.limits().streams.acquire(&tenant.name)?;
     let first = proto::WriteObjectChunk { tenant: tenant.name, uri: uri.clone(), size, content_md5, data: Vec::new() };
     // A body that breaks off ends the stream early; the broker's store then refuses the short
     // upload. Frames are gathered into messages of about CHUNK_BYTES (fewer, larger messages).
@@ -333,14 +337,15 @@ pub async fn plan_upload(
     Ok(Json(plan))
 }
 
-/// Complete a multipart upload with its parts' ETags (in part order).
+/// Complete a multipart upload with its parts' ETags (in part order). The local store has none
+/// (409): it takes uploads whole at `PUT /v1/data/object`.
 #[utoipa::path(
     post,
     path = "/v1/data/uploads/complete",
     operation_id = "complete_data_upload",
     tag = "data",
     request_body = CompleteUpload,
-    responses((status = 204, description = "The object is stored"), BadRequest, Forbidden, TenantErrors),
+    responses((status = 204, description = "The object is stored"), BadRequest, Forbidden, Conflict, TenantErrors),
     security(("bearer" = []))
 )]
 pub async fn complete_upload(
@@ -368,6 +373,9 @@ async fn stream_object(
     headers: &HeaderMap,
 ) -> Result<Response, HttpError> {
     let start = range_start(headers);
+    // Held by the body until it is sent or the client goes: a slow reader holds one of the
+    // tenant's slots.
+    let slot = state.limits().streams.acquire(&request.tenant)?;
     request.offset = start.unwrap_or(0);
     let mut chunks = match data_client(state).read_object(request).await {
         Ok(answer) => answer.into_inner(),
@@ -385,7 +393,8 @@ async fn stream_object(
     if start.is_some() && offset >= size {
         return Ok(unsatisfiable(format!("the object has {size} bytes: nothing from byte {offset} on"), Some(size)));
     }
-    let rest = chunks.map(|chunk| {
+    let rest = chunks.map(move |chunk| {
+        let _held = &slot;
         chunk.map(|c| Bytes::from(c.data)).map_err(|status| std::io::Error::other(status.message().to_string()))
     });
     let body = Body::from_stream(futures::stream::iter([Ok(Bytes::from(first.data))]).chain(rest));

@@ -50,8 +50,8 @@ pub enum TenantErrors {
         headers(("WWW-Authenticate" = String, description = "Bearer"))
     )]
     Unauthorized(Problem),
-    /// A limit was reached: the tenant's request rate, its unfinished jobs, its open event streams
-    /// and followed logs (`max_streams_per_tenant`; close one first), or the requests without an
+    /// A limit was reached: the tenant's request rate, its unfinished jobs, its open event streams,
+    /// followed logs and streamed downloads and uploads (`max_streams_per_tenant`; close one first), or the requests without an
     /// accepted API key from the client's address (answered before the key is checked, so while
     /// an address is over it every request from it gets 429).
     #[response(

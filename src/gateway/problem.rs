@@ -52,9 +52,9 @@ pub enum HttpError {
         "too many unauthenticated requests from {client} (at most {rate} per second, burst {burst}); retry in {retry_after} s"
     )]
     TooManyUnauthenticated { client: std::net::IpAddr, rate: f64, burst: u32, retry_after: u64 },
-    /// The tenant has as many event streams and followed logs open as it may.
+    /// The tenant has as many event streams, followed logs and streamed transfers open as it may.
     #[error(
-        "tenant {tenant} has {limit} event streams and followed logs open, its limit (max_streams_per_tenant); close one first"
+        "tenant {tenant} has {limit} event streams and followed logs open (downloads and uploads through the gateway count too), its limit (max_streams_per_tenant); close one first"
     )]
     TooManyStreams { tenant: String, limit: u32 },
     /// The broker could not be reached or did not answer in time.

@@ -40,7 +40,7 @@ fn setup(dir: &Path, moto: &Moto, bucket: &str, azurite: &Azurite, container: &s
 
 /// The broker's AWS credentials come from the default chain (here: the environment), and only
 /// the broker process gets them.
-fn aws_env() -> Vec<(String, String)> {
+pub fn aws_env() -> Vec<(String, String)> {
     [
         ("AWS_ACCESS_KEY_ID", Moto::ACCESS_KEY),
         ("AWS_SECRET_ACCESS_KEY", Moto::SECRET_KEY),

@@ -17,6 +17,7 @@ mod common;
 mod conformance;
 mod data;
 mod data_cli;
+mod data_hostile;
 mod deploy;
 mod ec2_proxy;
 mod emulators;

@@ -48,16 +48,7 @@ impl DataCluster {
                     az = azurite.endpoint(),
                     key = key_file.display(),
                 );
-                env = [
-                    ("AWS_ACCESS_KEY_ID", Moto::ACCESS_KEY),
-                    ("AWS_SECRET_ACCESS_KEY", Moto::SECRET_KEY),
-                    ("AWS_EC2_METADATA_DISABLED", "true"),
-                    ("AWS_CONFIG_FILE", "/nonexistent"),
-                    ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
-                ]
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
+                env = crate::data::aws_env();
             }
             let acme = acme.iter().map(|p| format!("\"{p}\"")).collect::<Vec<_>>().join(", ");
             let broker_extra = format!(

@@ -9,12 +9,14 @@
 //! stderr shows a byte progress bar; otherwise only a final line.
 
 use std::io::{IsTerminal, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures::StreamExt;
 use md5::{Digest, Md5};
+use nix::fcntl::OFlag;
 use reqwest::header::RANGE;
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 
@@ -96,6 +98,7 @@ async fn fetch(gw: &Gateway, w: &Wanted, bar: &mut Bar) -> anyhow::Result<Outcom
         return Ok(Outcome::Skipped);
     }
     let part = part_path(&w.dest);
+    refuse_link(&part)?;
     let mut have = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
     if have > o.size {
         have = 0;
@@ -112,7 +115,9 @@ async fn fetch(gw: &Gateway, w: &Wanted, bar: &mut Bar) -> anyhow::Result<Outcom
             have = 0; // The whole object came: start the file over.
         }
         bar.advance(have);
+        // Never through a link swapped in since the check above.
         let mut file = std::fs::OpenOptions::new()
+            .custom_flags(OFlag::O_NOFOLLOW.bits())
             .create(true)
             .write(true)
             .append(have > 0)
@@ -122,8 +127,22 @@ async fn fetch(gw: &Gateway, w: &Wanted, bar: &mut Bar) -> anyhow::Result<Outcom
         let mut body = resp.bytes_stream();
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| {
-                anyhow::anyhow!("{}: the download broke off: {}; run the command again to resume", o.uri, chain(&e))
+                anyhow::anyhow!(
+                    "{}: the download broke off: {}; run the command again to resume",
+                    o.uri,
+                    chain(&e.without_url())
+                )
             })?;
+            // Never more than the listing announced: a hostile gateway or URL cannot fill the disk.
+            if have + received + chunk.len() as u64 > o.size {
+                drop(file);
+                let _ = std::fs::remove_file(&part);
+                anyhow::bail!(
+                    "{}: the download sent more than the object's {} bytes; the partial file was deleted",
+                    o.uri,
+                    o.size
+                );
+            }
             file.write_all(&chunk).with_context(|| format!("cannot write {}", part.display()))?;
             received += chunk.len() as u64;
             bar.advance(chunk.len() as u64);
@@ -147,6 +166,17 @@ async fn fetch(gw: &Gateway, w: &Wanted, bar: &mut Bar) -> anyhow::Result<Outcom
     }
     std::fs::rename(&part, &w.dest).with_context(|| format!("cannot rename {} into place", part.display()))?;
     Ok(Outcome::Fetched { resumed: resumed && have > 0, bytes: received, verified: o.md5.is_some() })
+}
+
+/// Refuses a path that is a symbolic link: someone who can write to the download directory could
+/// otherwise point a file (or a `.part`) at one of the user's files.
+pub fn refuse_link(path: &Path) -> anyhow::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => {
+            anyhow::bail!("{} is a symbolic link: refusing to write through it", path.display())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Whether `dest` already holds the object: its size and, where known, its MD5.
@@ -188,8 +218,10 @@ pub fn request(gw: &Gateway, r: &HttpRequest) -> anyhow::Result<RequestBuilder> 
 /// Sends a handed-out request; a failure names the object (and the store or the gateway).
 pub async fn send(rb: RequestBuilder, r: &HttpRequest, uri: &str) -> anyhow::Result<Response> {
     let whom = if r.via == "gateway" { "the gateway" } else { "the store" };
-    let resp =
-        rb.send().await.map_err(|e| ClientError::new(format!("{uri}: cannot reach {whom}: {}", chain(&e)), None))?;
+    let resp = rb
+        .send()
+        .await
+        .map_err(|e| ClientError::new(format!("{uri}: cannot reach {whom}: {}", chain(&e.without_url())), None))?;
     if resp.status().is_success() {
         return Ok(resp);
     }

@@ -34,7 +34,11 @@ pub async fn outputs(gw: &Gateway, id: &str, download_to: Option<PathBuf>, out: 
     };
     let mut wanted = Vec::new();
     for output in &outputs.outputs {
-        let base = dir.join(output_dir(&output.path, output.index));
+        let mut base = dir.clone();
+        for segment in output_dir(&output.path, output.index).iter() {
+            base.push(segment);
+            download::refuse_link(&base)?;
+        }
         for object in &output.objects {
             wanted.push(Wanted { dest: destination(&base, object)?, object: object.clone() });
         }
@@ -66,12 +70,18 @@ pub fn output_dir(path: &str, index: u32) -> PathBuf {
     if is_relative_path(trimmed) { PathBuf::from(trimmed) } else { PathBuf::from(format!("output-{index}")) }
 }
 
-/// Where an object's key lands under `base`; a key that would leave it is refused.
+/// Where an object's key lands under `base`; a key that would leave it, or a path under `base`
+/// that is a symbolic link (a directory on the way or the file), is refused.
 pub fn destination(base: &Path, object: &DataObject) -> anyhow::Result<PathBuf> {
     if !is_relative_path(&object.key) {
         anyhow::bail!("{}: its key {:?} cannot be written safely under {}", object.uri, object.key, base.display());
     }
-    Ok(base.join(&object.key))
+    let mut path = base.to_path_buf();
+    for segment in object.key.split('/') {
+        path.push(segment);
+        download::refuse_link(&path)?;
+    }
+    Ok(path)
 }
 
 /// `a/b/c` with no empty, `.` or `..` segment and no control character.
