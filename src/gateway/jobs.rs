@@ -9,10 +9,12 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
-use super::api::{CancelRequest, Job, JobList, Submitted};
+use super::api::{CancelRequest, Decision, Job, JobList, JobSpec, Submitted};
 use super::auth::Tenant;
 use super::convert::job_url;
-use super::openapi::{BadRequest, Conflict, IdempotencyKeyReused, NotFound, PayloadTooLarge, TenantErrors};
+use super::openapi::{
+    BadRequest, Conflict, Forbidden, IdempotencyKeyReused, NotFound, TenantErrors, UnsupportedMediaType,
+};
 use super::problem::HttpError;
 use crate::model::state::JobState;
 use crate::proto::{self, SpecFormat};
@@ -38,12 +40,15 @@ const MAX_LIMIT: u32 = 1000;
     path = "/v1/jobs",
     operation_id = "submit_job",
     tag = "jobs",
-    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 128 printable ASCII characters (no spaces)")),
-    request_body(content = Object, content_type = "application/json", description = "A job spec"),
+    params((
+        "Idempotency-Key" = Option<String>, Header, nullable = false, pattern = "^[!-~]{1,128}$",
+        description = "1 to 128 printable ASCII characters (no spaces)"
+    )),
+    request_body(content = JobSpec, content_type = "application/json", description = "A job spec"),
     responses(
         (status = 201, description = "Submitted (or the earlier job of the same idempotency key)", body = Submitted,
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
-        BadRequest, PayloadTooLarge, IdempotencyKeyReused, TenantErrors,
+        BadRequest, Forbidden, Conflict, UnsupportedMediaType, IdempotencyKeyReused, TenantErrors,
     ),
     security(("bearer" = []))
 )]
@@ -77,8 +82,10 @@ pub async fn submit(
     operation_id = "list_jobs",
     tag = "jobs",
     params(
-        ("state" = Option<Vec<String>>, Query, description = "Only jobs in these states (repeat for several)"),
-        ("label" = Option<Vec<String>>, Query, description = "`key=value`; repeat: all must match"),
+        ("state" = Option<Vec<JobState>>, Query, description = "Only jobs in these states (repeat for several, or \
+            separate them with commas)"),
+        ("label" = Option<Vec<String>>, Query, pattern = "^(\\s*[^=\\s][^=]*=.*)?$", description = "`key=value`; repeat: \
+            all must match. An empty value filters nothing (as an empty `state`)."),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Jobs per page (default 50)"),
         ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
     ),
@@ -127,7 +134,7 @@ pub async fn get_job(
     operation_id = "get_job_placement",
     tag = "jobs",
     params(("id" = String, Path, description = "Job id")),
-    responses((status = 200, description = "The placement decision", body = Object), NotFound, TenantErrors),
+    responses((status = 200, description = "The placement decision", body = Decision), NotFound, TenantErrors),
     security(("bearer" = []))
 )]
 pub async fn placement(
@@ -153,8 +160,14 @@ pub async fn placement(
     operation_id = "cancel_job",
     tag = "jobs",
     params(("id" = String, Path, description = "Job id")),
-    request_body(content = Option<CancelRequest>, content_type = "application/json", description = "Optional reason"),
-    responses((status = 200, description = "The job after the cancel", body = Job), BadRequest, NotFound, Conflict, TenantErrors),
+    request_body(
+        content = Option<CancelRequest>, content_type = "application/json",
+        description = "Optional: no body, `null` or `{}` cancel without a reason"
+    ),
+    responses(
+        (status = 200, description = "The job after the cancel", body = Job),
+        BadRequest, NotFound, Conflict, UnsupportedMediaType, TenantErrors,
+    ),
     security(("bearer" = []))
 )]
 pub async fn cancel(
@@ -169,7 +182,9 @@ pub async fn cancel(
         String::new()
     } else {
         check_json_content_type(&headers)?;
-        serde_json::from_slice::<CancelRequest>(&body).map_err(|e| HttpError::BadRequest(format!("body: {e}")))?.reason
+        let request = serde_json::from_slice::<Option<CancelRequest>>(&body)
+            .map_err(|e| HttpError::BadRequest(format!("body: {e}")))?;
+        request.unwrap_or_default().reason
     };
     let request = proto::CancelJobRequest { job_id: id, tenant: tenant.name, reason };
     Ok(Json(state.jobs().cancel(request).await?.into_inner().into()))
@@ -224,6 +239,7 @@ fn list_request(params: Vec<(String, String)>) -> Result<proto::ListJobsRequest,
                     request.states.push(state.to_string());
                 }
             }
+            "label" if value.trim().is_empty() => {}
             "label" => {
                 let valid = value.split_once('=').is_some_and(|(k, _)| !k.trim().is_empty());
                 if !valid {
@@ -268,9 +284,13 @@ mod tests {
         assert_eq!(r.states, ["running", "queued"]);
         assert_eq!((r.labels, r.limit), (vec!["team=vision".to_string()], 5));
         assert_eq!(list_request(vec![]).unwrap().limit, DEFAULT_LIMIT);
+        // Empty filters filter nothing.
+        let r = list_request(params(&[("label", ""), ("state", "")])).unwrap();
+        assert!(r.labels.is_empty() && r.states.is_empty());
         for (bad, field) in [
             (("state", "sleeping"), "state:"),
             (("label", "novalue"), "label:"),
+            (("label", "=value"), "label:"),
             (("limit", "0"), "limit:"),
             (("limit", "x"), "limit:"),
             (("colour", "red"), "\"colour\""),

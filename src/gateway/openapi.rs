@@ -5,7 +5,7 @@
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{IntoResponses, Modify, OpenApi};
 
-use super::api::Problem;
+use super::api::{JobEvent, Problem};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -18,7 +18,7 @@ use super::api::Problem;
         license(name = "Apache-2.0", identifier = "Apache-2.0"),
     ),
     modifiers(&BearerAuth),
-    components(schemas(Problem)),
+    components(schemas(Problem, JobEvent)),
     tags(
         (name = "jobs", description = "The tenant's jobs"),
         (name = "agents", description = "GPU nodes (admin tenants)"),
@@ -39,9 +39,36 @@ impl Modify for BearerAuth {
     }
 }
 
+/// The route whose answer is Server-Sent Events of [`JobEvent`]s.
+const EVENTS_PATH: &str = "/v1/jobs/{id}/events";
+
+/// Completes the document once the routes are in: names the schema of the events stream's `data`
+/// lines (`x-sse-data` on its `text/event-stream` content), as OpenAPI 3.1 describes a stream
+/// only as a string.
+pub fn finish(openapi: &mut utoipa::openapi::OpenApi) {
+    let content = openapi
+        .paths
+        .paths
+        .get_mut(EVENTS_PATH)
+        .and_then(|item| item.get.as_mut())
+        .and_then(|op| op.responses.responses.get_mut("200"))
+        .and_then(|response| match response {
+            utoipa::openapi::RefOr::T(response) => response.content.get_mut("text/event-stream"),
+            utoipa::openapi::RefOr::Ref(_) => None,
+        });
+    if let Some(content) = content {
+        let data = serde_json::json!({"$ref": "#/components/schemas/JobEvent"});
+        let extensions = utoipa::openapi::extensions::ExtensionsBuilder::new().add("x-sse-data", data).build();
+        content.extensions.get_or_insert_with(Default::default).merge(extensions);
+    }
+}
+
 /// The errors of every authenticated route.
 #[derive(IntoResponses)]
 pub enum TenantErrors {
+    /// A request body (on any route) over the gateway's `max_body_bytes`.
+    #[response(status = 413, content_type = "application/problem+json")]
+    PayloadTooLarge(Problem),
     /// No API key, or an unknown or revoked one.
     #[response(
         status = 401,
@@ -72,7 +99,7 @@ pub enum TenantErrors {
 #[response(status = 400, content_type = "application/problem+json")]
 pub struct BadRequest(pub Problem);
 
-/// The tenant is not an admin tenant.
+/// The tenant is not an admin tenant (agents, sites), or not declared in the broker's config.
 #[derive(IntoResponses)]
 #[response(status = 403, content_type = "application/problem+json")]
 pub struct Forbidden(pub Problem);
@@ -87,10 +114,17 @@ pub struct NotFound(pub Problem);
 #[response(status = 409, content_type = "application/problem+json")]
 pub struct Conflict(pub Problem);
 
-/// The request body is over the gateway's limit.
+/// A body that says it is not JSON (`Content-Type` other than `application/json` or `…+json`;
+/// none is taken as JSON).
+#[derive(IntoResponses)]
+#[response(status = 415, content_type = "application/problem+json")]
+pub struct UnsupportedMediaType(pub Problem);
+
+/// The errors of the routes without a key (health, readiness, this document): only a body over
+/// the gateway's limit. They are not rate limited.
 #[derive(IntoResponses)]
 #[response(status = 413, content_type = "application/problem+json")]
-pub struct PayloadTooLarge(pub Problem);
+pub struct ServiceErrors(pub Problem);
 
 /// The idempotency key was used before with a different body.
 #[derive(IntoResponses)]

@@ -40,7 +40,7 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The service's routes and its OpenAPI document (which lists exactly these routes).
 pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
     let (max_body, client_traces) = (state.max_body_bytes(), state.client_traces());
-    let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (router, mut openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(jobs::submit, jobs::list))
         .routes(routes!(jobs::get_job))
         .routes(routes!(jobs::cancel))
@@ -60,6 +60,7 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(openapi_json))
         .with_state(state)
         .split_for_parts();
+    super::openapi::finish(&mut openapi);
     let document = Arc::new(openapi.to_json().expect("the OpenAPI document serialises"));
     let router = router
         .fallback(problem::no_route)

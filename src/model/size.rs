@@ -84,6 +84,33 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+/// A size as text: a number (fractions allowed) and an optional unit of [`UNITS`], any case.
+pub const SIZE_PATTERN: &str = "^\\s*([0-9]+(\\.[0-9]*)?|\\.[0-9]+)\\s*([bB]|[kKmMgGtTpP][iI]?[bB]|[kKgG])?\\s*$";
+
+/// A whole number of bytes, or a string like `200GiB` (the OpenAPI and job-file schemas).
+impl utoipa::PartialSchema for ByteSize {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, OneOfBuilder, SchemaFormat, Type};
+        let bytes = ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+            .minimum(Some(0))
+            .description(Some("Bytes"));
+        let text = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some(SIZE_PATTERN))
+            .description(Some("A number and a unit: B, KB, MB, GB, TB, PB (powers of 1000), KiB, MiB, GiB, TiB, PiB, K, G (powers of 1024)"));
+        OneOfBuilder::new()
+            .item(bytes)
+            .item(text)
+            .description(Some("A size: bytes, or text like `200GiB`, `1.5TB`, `512MB`"))
+            .examples([serde_json::json!("200GiB"), serde_json::json!(4096)])
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for ByteSize {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
