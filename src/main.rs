@@ -86,6 +86,12 @@ enum Command {
     /// throughput, latency, CPU and memory (and a reconnect storm or a broker kill on request).
     /// `bench staging`: the agent's stage-in against curl; `bench placement`: the placement engine.
     Bench(bench::BenchArgs),
+    /// Prints the job files' JSON Schema (`schema job`, the content of deploy/schema/job.schema.json).
+    #[command(hide = true)]
+    Schema {
+        #[arg(value_parser = ["job"])]
+        which: String,
+    },
     /// The agent's per-attempt sandbox init (the agent re-executes itself); not for people.
     #[command(hide = true)]
     SandboxInit { spec: PathBuf },
@@ -187,6 +193,10 @@ fn main() -> anyhow::Result<()> {
                 if !bench::run(args).await? {
                     std::process::exit(1);
                 }
+                Ok(())
+            }
+            Command::Schema { .. } => {
+                print!("{}", hybroker::gateway::job_schema::job_file_schema_text());
                 Ok(())
             }
             Command::SandboxInit { .. } => {

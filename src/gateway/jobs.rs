@@ -29,7 +29,8 @@ const MAX_LIMIT: u32 = 1000;
 
 /// Submit a job.
 ///
-/// The body is a job spec (the fields of the YAML job spec, as JSON). With an `Idempotency-Key`,
+/// The body is a job spec: JSON, or the YAML of a job file with `Content-Type: application/yaml`
+/// (a problem in it is reported at its YAML line and column). With an `Idempotency-Key`,
 /// a retried submit with the same body returns the same job and the same answer; the same key
 /// with a different body is refused (422). Keys are per tenant. Names and label values with
 /// control or bidirectional formatting characters (U+202A–U+202E, U+2066–U+2069, U+200E, U+200F,
@@ -44,7 +45,10 @@ const MAX_LIMIT: u32 = 1000;
         "Idempotency-Key" = Option<String>, Header, nullable = false, pattern = "^[!-~]{1,128}$",
         description = "1 to 128 printable ASCII characters (no spaces)"
     )),
-    request_body(content = JobSpec, content_type = "application/json", description = "A job spec"),
+    request_body(
+        content((JobSpec = "application/json"), (JobSpec = "application/yaml")),
+        description = "A job spec (JSON, or a YAML job file)"
+    ),
     responses(
         (status = 201, description = "Submitted (or the earlier job of the same idempotency key)", body = Submitted,
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
@@ -59,14 +63,10 @@ pub async fn submit(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HttpError> {
     let body = read_body(body, &state)?;
-    check_json_content_type(&headers)?;
+    let format = spec_format(&headers)?;
     let idempotency_key = idempotency_key(&headers)?;
-    let request = proto::SubmitRequest {
-        spec: body.to_vec(),
-        format: SpecFormat::Json.into(),
-        idempotency_key,
-        tenant: tenant.name,
-    };
+    let request =
+        proto::SubmitRequest { spec: body.to_vec(), format: format.into(), idempotency_key, tenant: tenant.name };
     let submitted = state.jobs().submit(request).await?.into_inner();
     let url = job_url(&submitted.job_id);
     let location =
@@ -200,12 +200,37 @@ pub(super) fn read_body(body: Result<Bytes, BytesRejection>, state: &AppState) -
 
 /// Refuses bodies that say they are not JSON (no `Content-Type` is taken as JSON).
 pub(super) fn check_json_content_type(headers: &HeaderMap) -> Result<(), HttpError> {
-    let Some(value) = headers.get(header::CONTENT_TYPE) else { return Ok(()) };
-    let media = value.to_str().unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    if media == "application/json" || (media.starts_with("application/") && media.ends_with("+json")) {
-        return Ok(());
+    match media_type(headers) {
+        Some(media) if !is_json(&media) => {
+            Err(HttpError::UnsupportedMediaType(format!("content-type: expected application/json, not {media:?}")))
+        }
+        _ => Ok(()),
     }
-    Err(HttpError::UnsupportedMediaType(format!("content-type: expected application/json, not {media:?}")))
+}
+
+/// A job spec body's format: JSON (also without a `Content-Type`), or YAML (`application/yaml`,
+/// `application/x-yaml`, `text/yaml`).
+pub(super) fn spec_format(headers: &HeaderMap) -> Result<SpecFormat, HttpError> {
+    match media_type(headers) {
+        None => Ok(SpecFormat::Json),
+        Some(media) if is_json(&media) => Ok(SpecFormat::Json),
+        Some(media) if matches!(media.as_str(), "application/yaml" | "application/x-yaml" | "text/yaml") => {
+            Ok(SpecFormat::Yaml)
+        }
+        Some(media) => Err(HttpError::UnsupportedMediaType(format!(
+            "content-type: expected application/json or application/yaml, not {media:?}"
+        ))),
+    }
+}
+
+/// The `Content-Type`'s media type, lowercase without parameters.
+fn media_type(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::CONTENT_TYPE)?;
+    Some(value.to_str().unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+}
+
+fn is_json(media: &str) -> bool {
+    media == "application/json" || (media.starts_with("application/") && media.ends_with("+json"))
 }
 
 /// The `Idempotency-Key` header: absent, or 1 to 128 printable ASCII characters.

@@ -8,7 +8,7 @@
 //!
 //! - [`api`]: the JSON shapes (shared with the CLI).
 //! - `router`: routes, middleware, `/healthz`, `/readyz`, `/openapi.json`; `openapi`: the
-//!   document's frame and problem responses.
+//!   document's frame and problem responses; `job_schema`: the job files' JSON Schema.
 //! - `jobs`, `streams` (events, logs), `agents`, `sites`: the handlers; `convert`: gRPC → JSON.
 //! - `auth`: API keys and rate limits; `limits`: requests without an accepted key per client
 //!   address (`client_address`: the TCP peer, or behind a trusted proxy its header) and open
@@ -19,6 +19,7 @@ pub mod api;
 mod auth;
 pub mod client_address;
 mod convert;
+pub mod job_schema;
 mod jobs;
 mod limits;
 pub mod openapi;

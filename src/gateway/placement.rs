@@ -9,11 +9,11 @@ use axum::http::HeaderMap;
 use super::AppState;
 use super::api::{Decision, JobSpec, Prices};
 use super::auth::Tenant;
-use super::jobs::{check_json_content_type, read_body};
+use super::jobs::{read_body, spec_format};
 use super::openapi::{BadRequest, Conflict, Forbidden, TenantErrors, UnsupportedMediaType};
 use super::problem::HttpError;
 use crate::model::site::Site;
-use crate::proto::{self, SpecFormat};
+use crate::proto;
 
 /// Where a job would run and why, without submitting it: the same checks as a submit (spec,
 /// data, policy, budget) and the decision placement would take now, in the JSON of
@@ -23,7 +23,10 @@ use crate::proto::{self, SpecFormat};
     path = "/v1/plan",
     operation_id = "plan_job",
     tag = "placement",
-    request_body(content = JobSpec, content_type = "application/json", description = "A job spec"),
+    request_body(
+        content((JobSpec = "application/json"), (JobSpec = "application/yaml")),
+        description = "A job spec (JSON, or a YAML job file)"
+    ),
     responses(
         (status = 200, description = "The placement decision", body = Decision),
         BadRequest, Forbidden, Conflict, UnsupportedMediaType, TenantErrors,
@@ -37,10 +40,10 @@ pub async fn plan(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, HttpError> {
     let body = read_body(body, &state)?;
-    check_json_content_type(&headers)?;
+    let format = spec_format(&headers)?;
     let request = proto::SubmitRequest {
         spec: body.to_vec(),
-        format: SpecFormat::Json.into(),
+        format: format.into(),
         idempotency_key: String::new(),
         tenant: tenant.name,
     };

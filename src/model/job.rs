@@ -298,9 +298,9 @@ impl JobSpec {
     /// Parses YAML (a superset of JSON) and validates.
     pub fn from_yaml(doc: &[u8], limit: usize) -> Result<Self, SpecError> {
         check_size(doc, limit)?;
+        // serde_yaml_ng's messages name the field and its line and column themselves.
         let de = serde_yaml_ng::Deserializer::from_slice(doc);
-        let spec: JobSpec = serde_path_to_error::deserialize(de)
-            .map_err(|e| syntax("YAML", e.path().to_string(), e.inner().to_string()))?;
+        let spec = JobSpec::deserialize(de).map_err(|e| syntax("YAML", String::new(), e.to_string()))?;
         spec.validated()
     }
 

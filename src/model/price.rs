@@ -51,6 +51,7 @@ impl Market {
 pub struct Provenance {
     /// e.g. `azure-retail-prices`, `aws-price-list`, `snapshot:config/prices/snapshot.json`.
     pub source: String,
+    #[schema(value_type = i64)]
     pub fetched_at: UnixMillis,
 }
 
@@ -105,6 +106,7 @@ pub struct PriceSnapshot {
     /// Changes whenever the prices do (e.g. a hash or a sequence number); decisions record it.
     pub id: String,
     /// When the oldest feed behind it was fetched.
+    #[schema(value_type = i64)]
     pub fetched_at: UnixMillis,
     /// The feeds it was built from.
     pub sources: Vec<String>,
