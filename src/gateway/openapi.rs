@@ -2,6 +2,8 @@
 //! routes declare. The paths come from the handlers' `#[utoipa::path]` through utoipa-axum's
 //! `OpenApiRouter`, so every served route is in the document.
 
+use utoipa::openapi::RefOr;
+use utoipa::openapi::schema::Schema;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{IntoResponses, Modify, OpenApi};
 
@@ -42,9 +44,10 @@ impl Modify for BearerAuth {
 /// The route whose answer is Server-Sent Events of [`JobEvent`]s.
 const EVENTS_PATH: &str = "/v1/jobs/{id}/events";
 
-/// Completes the document once the routes are in: names the schema of the events stream's `data`
-/// lines (`x-sse-data` on its `text/event-stream` content), as OpenAPI 3.1 describes a stream
-/// only as a string.
+/// Completes the document once the routes are in: the events stream's schema describes each of
+/// its events (the fields `id`, `event` and `data`, the `data` a JSON `JobEvent`, or a `Problem`
+/// for an `error` event), as OpenAPI before 3.2 (which adds `itemSchema`) describes an event
+/// stream and SSE-aware validators (schemathesis) read it.
 pub fn finish(openapi: &mut utoipa::openapi::OpenApi) {
     let content = openapi
         .paths
@@ -53,14 +56,40 @@ pub fn finish(openapi: &mut utoipa::openapi::OpenApi) {
         .and_then(|item| item.get.as_mut())
         .and_then(|op| op.responses.responses.get_mut("200"))
         .and_then(|response| match response {
-            utoipa::openapi::RefOr::T(response) => response.content.get_mut("text/event-stream"),
-            utoipa::openapi::RefOr::Ref(_) => None,
+            RefOr::T(response) => response.content.get_mut("text/event-stream"),
+            RefOr::Ref(_) => None,
         });
     if let Some(content) = content {
-        let data = serde_json::json!({"$ref": "#/components/schemas/JobEvent"});
-        let extensions = utoipa::openapi::extensions::ExtensionsBuilder::new().add("x-sse-data", data).build();
-        content.extensions.get_or_insert_with(Default::default).merge(extensions);
+        content.schema = Some(server_sent_event_schema());
     }
+}
+
+/// One Server-Sent Event of the events stream.
+fn server_sent_event_schema() -> RefOr<Schema> {
+    let schema = serde_json::json!({
+        "type": "object",
+        "description": "One Server-Sent Event: `id` (the event's `seq`), `event` (the job's state, or `error`) \
+                        and one `data` line (a `JobEvent` as JSON; for `error`, a `Problem`). Lines \
+                        `: keep-alive` come in between.",
+        "required": ["event", "data"],
+        "properties": {
+            "id": {"type": "string", "pattern": "^[0-9]+$"},
+            "event": {"type": "string"},
+            "data": {"type": "string", "contentMediaType": "application/json"}
+        }
+    });
+    let mut schema: Schema = serde_json::from_value(schema).expect("the event schema is a schema");
+    // utoipa has no `contentSchema`: it goes in as an extension (serialised in place).
+    let content_schema = serde_json::json!({"anyOf": [
+        {"$ref": "#/components/schemas/JobEvent"},
+        {"$ref": "#/components/schemas/Problem"}
+    ]});
+    if let Schema::Object(event) = &mut schema
+        && let Some(RefOr::T(Schema::Object(data))) = event.properties.get_mut("data")
+    {
+        data.extensions.get_or_insert_with(Default::default).insert("contentSchema".into(), content_schema);
+    }
+    RefOr::T(schema)
 }
 
 /// The errors of every authenticated route.

@@ -174,9 +174,3 @@ async fn a_flood_of_readyz_costs_at_most_one_broker_check_a_second() {
     assert!(again.elapsed() < READY_REUSE, "{:?}", again.elapsed());
     held.abort();
 }
-
-#[tokio::test]
-async fn zz_dump_openapi() {
-    let (_, doc) = app();
-    std::fs::write("/tmp/api-openapi.json", doc.to_pretty_json().unwrap()).unwrap();
-}
