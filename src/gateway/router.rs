@@ -19,7 +19,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::TenantSlot;
-use super::openapi::{ApiDoc, NotReady};
+use super::openapi::{ApiDoc, NotReady, ServiceErrors};
 use super::problem::{self, HttpError};
 use super::{AppState, agents, jobs, placement, sites, streams};
 use crate::proto::job_service_server::SERVICE_NAME as JOB_SERVICE;
@@ -81,7 +81,7 @@ pub struct Health {
 }
 
 /// Liveness: the gateway process serves requests.
-#[utoipa::path(get, path = "/healthz", operation_id = "healthz", tag = "service", responses((status = 200, description = "Alive", body = Health)))]
+#[utoipa::path(get, path = "/healthz", operation_id = "healthz", tag = "service", responses((status = 200, description = "Alive", body = Health), ServiceErrors))]
 pub async fn healthz() -> Json<Health> {
     Json(Health { status: "ok".into() })
 }
@@ -93,7 +93,7 @@ pub async fn healthz() -> Json<Health> {
     path = "/readyz",
     operation_id = "readyz",
     tag = "service",
-    responses((status = 200, description = "Ready", body = Health), NotReady)
+    responses((status = 200, description = "Ready", body = Health), NotReady, ServiceErrors)
 )]
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Health>, HttpError> {
     // One check at a time; those waiting for it take its answer.
@@ -133,7 +133,7 @@ struct OpenApiJson(Arc<String>);
     path = "/openapi.json",
     operation_id = "openapi",
     tag = "service",
-    responses((status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object))
+    responses((status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object), ServiceErrors)
 )]
 async fn openapi_json(Extension(OpenApiJson(document)): Extension<OpenApiJson>) -> Response {
     ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], document.as_str().to_owned())

@@ -8,8 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
 use crate::common::*;
-use crate::gateway::wait_ready;
+use crate::gateway::{Api, problem, send, wait_ready};
 use crate::placement::shipped_snapshot;
 
 /// The checks run on every answer. Left out: `negative_data_rejection` and
@@ -135,4 +138,65 @@ async fn schemathesis_finds_no_failures_in_the_gateway() {
 fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// What the schema once allowed and the gateway refused, now answered as documented; a job file
+/// with a wrong type deep inside is reported at its YAML line, by the CLI and by the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_valid_requests_are_accepted_and_yaml_errors_name_their_line() {
+    let cluster = Cluster::start(Duration::from_secs(5), &[]).await;
+    let gateway = cluster.start_gateway();
+    wait_ready(&gateway).await;
+    let key = cluster.tenant_key("acme");
+    let api = Api::new(&gateway, &key);
+    let job = json!({"name": "contract", "command": ["true"], "labels": {"team": "api"}});
+
+    // A `null` and a `{}` cancel body cancel without a reason, as no body does.
+    for body in ["null", "{}", ""] {
+        let id = api.submit_ok(&job).await;
+        let request = api.request(Method::POST, &format!("/v1/jobs/{id}/cancel"));
+        let (status, _, cancelled) = send(request.header("content-type", "application/json").body(body)).await;
+        assert_eq!(status, StatusCode::OK, "{body:?}: {cancelled}");
+        assert_eq!(cancelled["state"], "cancelled", "{body:?}: {cancelled}");
+    }
+    // An empty `label=` (or `state=`) filters nothing; a label without a key is still refused.
+    let all = api.job_ids("").await;
+    assert_eq!(all.len(), 3);
+    assert_eq!(api.job_ids("?label=").await, all);
+    assert_eq!(api.job_ids("?label=&state=").await, all);
+    assert_eq!(api.job_ids("?label=team%3Dapi").await, all);
+    let (status, headers, body) = api.get("/v1/jobs?label=%3Dapi").await;
+    assert!(problem(status, &headers, &body, StatusCode::BAD_REQUEST).starts_with("label:"));
+    // `{}` is not a job spec: the schema requires name and command, and so does the broker.
+    for path in ["/v1/jobs", "/v1/plan"] {
+        let (status, headers, body) = api.post(path, &json!({})).await;
+        assert!(problem(status, &headers, &body, StatusCode::BAD_REQUEST).contains("name"), "{path}: {body}");
+    }
+    // `Last-Event-ID` is a number (not nullable): `null` is refused, naming the header.
+    let request = api.request(Method::GET, &format!("/v1/jobs/{}/events", all[0])).header("last-event-id", "null");
+    let (status, headers, body) = send(request).await;
+    assert!(problem(status, &headers, &body, StatusCode::BAD_REQUEST).starts_with("last-event-id:"));
+
+    // A YAML body: accepted as a job file is, and a wrong type deep inside named at its line.
+    let yaml = |text: &'static str| {
+        api.request(Method::POST, "/v1/jobs").header("content-type", "application/yaml").body(text)
+    };
+    let (status, _, body) = send(yaml("name: from-yaml\ncommand: [sleep, 5]\nresources: {cpus: 1}\n")).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let bad = "name: x\ncommand: [a]\npolicy:\n  clouds: [aws]\n  max_wait: [1h]\n";
+    let (status, headers, body) = send(yaml(bad)).await;
+    let detail = problem(status, &headers, &body, StatusCode::BAD_REQUEST);
+    assert!(detail.contains("policy.max_wait") && detail.contains("line 5 column 13"), "{detail}");
+    let (status, headers, body) =
+        send(api.request(Method::POST, "/v1/jobs").header("content-type", "text/csv").body("a,b")).await;
+    assert!(problem(status, &headers, &body, StatusCode::UNSUPPORTED_MEDIA_TYPE).contains("application/yaml"));
+
+    // The CLI reports the same file's problem at its line before sending anything.
+    let file = cluster.path("bad.yaml");
+    std::fs::write(&file, bad).unwrap();
+    let out = tenant_cli(&gateway, &key, &["submit", file.to_str().unwrap()]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("invalid job spec at line 5 column 13: policy.max_wait"), "{stderr}");
+    assert_eq!(api.job_ids("").await.len(), 4, "the bad file made no job");
 }
