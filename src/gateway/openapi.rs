@@ -164,3 +164,106 @@ pub struct IdempotencyKeyReused(pub Problem);
 #[derive(IntoResponses)]
 #[response(status = 503, content_type = "application/problem+json")]
 pub struct NotReady(pub Problem);
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::super::{AppState, router};
+
+    /// The served document (the router of a gateway whose broker is never reached).
+    fn document() -> Value {
+        let broker = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        let (_tx, stopping) = tokio::sync::watch::channel(false);
+        let traced = crate::telemetry::grpc::traced(broker, "https://127.0.0.1:1");
+        let (_, doc) = router(AppState::new(traced, 1024, Default::default(), stopping));
+        serde_json::to_value(doc).unwrap()
+    }
+
+    fn schema_ref(name: &str) -> Value {
+        json!({"$ref": format!("#/components/schemas/{name}")})
+    }
+
+    /// Every object schema that says nothing about its fields, with where it is.
+    fn untyped_objects(value: &Value, at: &str, out: &mut Vec<String>) {
+        match value {
+            Value::Object(map) => {
+                let is_object = map.get("type") == Some(&json!("object"));
+                let described = ["properties", "additionalProperties", "allOf", "oneOf", "anyOf", "$ref"]
+                    .iter()
+                    .any(|k| map.contains_key(*k));
+                if is_object && !described {
+                    out.push(at.to_string());
+                }
+                map.iter().for_each(|(k, v)| untyped_objects(v, &format!("{at}/{k}"), out));
+            }
+            Value::Array(items) => {
+                items.iter().enumerate().for_each(|(i, v)| untyped_objects(v, &format!("{at}/{i}"), out))
+            }
+            _ => {}
+        }
+    }
+
+    #[tokio::test]
+    async fn specs_decisions_and_prices_are_typed() {
+        let doc = document();
+        let paths = &doc["paths"];
+        for path in ["/v1/jobs", "/v1/plan"] {
+            let content = &paths[path]["post"]["requestBody"]["content"];
+            assert_eq!(content["application/json"]["schema"], schema_ref("JobSpec"), "{path}");
+            assert_eq!(content["application/yaml"]["schema"], schema_ref("JobSpec"), "{path}");
+        }
+        let ok = |path: &str, method: &str| {
+            paths[path][method]["responses"]["200"]["content"]["application/json"]["schema"].clone()
+        };
+        assert_eq!(ok("/v1/plan", "post"), schema_ref("Decision"));
+        assert_eq!(ok("/v1/jobs/{id}/placement", "get"), schema_ref("Decision"));
+        assert_eq!(ok("/v1/prices", "get"), schema_ref("Prices"));
+        let schemas = &doc["components"]["schemas"];
+        assert_eq!(schemas["Job"]["properties"]["spec"]["$ref"], schema_ref("JobSpec")["$ref"]);
+        assert_eq!(schemas["JobSpec"]["additionalProperties"], false);
+        assert_eq!(schemas["JobState"]["enum"].as_array().unwrap().len(), 7);
+        // Only the document itself is a free-form object.
+        let mut untyped = Vec::new();
+        untyped_objects(&doc, "", &mut untyped);
+        assert_eq!(untyped, ["/paths//openapi.json/get/responses/200/content/application/json/schema"]);
+    }
+
+    #[tokio::test]
+    async fn every_route_documents_the_errors_it_can_answer() {
+        let doc = document();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                let responses = &op["responses"];
+                let problem = |code: &str| responses[code]["content"]["application/problem+json"]["schema"].clone();
+                assert_eq!(problem("413"), schema_ref("Problem"), "{method} {path}: 413");
+                if op.get("security").is_none() {
+                    continue;
+                }
+                for code in ["401", "429", "503"] {
+                    assert_eq!(problem(code), schema_ref("Problem"), "{method} {path}: {code}");
+                }
+                assert!(responses["429"]["headers"]["Retry-After"].is_object(), "{method} {path}");
+                assert!(responses["401"]["headers"]["WWW-Authenticate"].is_object(), "{method} {path}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_events_stream_is_described_as_server_sent_events_of_job_events() {
+        let doc = document();
+        let content = &doc["paths"]["/v1/jobs/{id}/events"]["get"]["responses"]["200"]["content"];
+        assert_eq!(content.as_object().unwrap().len(), 1, "{content}");
+        let event = &content["text/event-stream"]["schema"];
+        assert_eq!(event["type"], "object");
+        let data = &event["properties"]["data"];
+        assert_eq!((&data["type"], &data["contentMediaType"]), (&json!("string"), &json!("application/json")));
+        assert_eq!(data["contentSchema"]["anyOf"][0], schema_ref("JobEvent"));
+        assert!(doc["components"]["schemas"]["JobEvent"].is_object());
+        let last_event_id = &doc["paths"]["/v1/jobs/{id}/events"]["get"]["parameters"][1];
+        assert_eq!(
+            (&last_event_id["name"], &last_event_id["schema"]["type"]),
+            (&json!("Last-Event-ID"), &json!("integer"))
+        );
+    }
+}
