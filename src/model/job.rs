@@ -298,9 +298,12 @@ impl JobSpec {
     /// Parses YAML (a superset of JSON) and validates.
     pub fn from_yaml(doc: &[u8], limit: usize) -> Result<Self, SpecError> {
         check_size(doc, limit)?;
-        // serde_yaml_ng's messages name the field and its line and column themselves.
         let de = serde_yaml_ng::Deserializer::from_slice(doc);
-        let spec = JobSpec::deserialize(de).map_err(|e| syntax("YAML", String::new(), e.to_string()))?;
+        let spec: JobSpec = serde_path_to_error::deserialize(de).map_err(|e| {
+            // With a position, serde_yaml_ng's message names the field and its line and column.
+            let path = if e.inner().location().is_some() { String::new() } else { e.path().to_string() };
+            syntax("YAML", path, e.inner().to_string())
+        })?;
         spec.validated()
     }
 

@@ -69,18 +69,27 @@ impl Serialize for ByteSize {
     }
 }
 
+/// Read with a visitor (a whole number of bytes, or text), so a YAML reader reports a bad size at
+/// its line and column.
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Bytes(u64),
-            Text(String),
+        struct Size;
+        impl serde::de::Visitor<'_> for Size {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size like 200GiB, 1.5TB or 512MB, or a number of bytes")
+            }
+            fn visit_u64<E: serde::de::Error>(self, bytes: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(bytes))
+            }
+            fn visit_i64<E: serde::de::Error>(self, bytes: i64) -> Result<ByteSize, E> {
+                u64::try_from(bytes).map(ByteSize).map_err(|_| E::custom(format!("{bytes} is not a size (negative)")))
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<ByteSize, E> {
+                ByteSize::parse(text).map_err(E::custom)
+            }
         }
-        match Raw::deserialize(d)? {
-            Raw::Bytes(b) => Ok(ByteSize(b)),
-            Raw::Text(t) => ByteSize::parse(&t).map_err(serde::de::Error::custom),
-        }
+        d.deserialize_any(Size)
     }
 }
 
@@ -131,5 +140,13 @@ mod tests {
         }
         let from_json: ByteSize = serde_json::from_str("1024").unwrap();
         assert_eq!(from_json.0, 1024);
+        let from_json: ByteSize = serde_json::from_str("\"2KiB\"").unwrap();
+        assert_eq!(from_json.0, 2048);
+        assert!(serde_json::from_str::<ByteSize>("-1").is_err());
+        assert!(serde_json::from_str::<ByteSize>("1.5").is_err());
+        let from_yaml: ByteSize = serde_yaml_ng::from_str("200GiB").unwrap();
+        assert_eq!(from_yaml.0, 200 << 30);
+        let from_yaml: ByteSize = serde_yaml_ng::from_str("4096").unwrap();
+        assert_eq!(from_yaml.0, 4096);
     }
 }

@@ -71,12 +71,13 @@ pub fn yaml_to_json(text: &str) -> Result<Value, String> {
 /// the JSON it is sent as.
 fn check_field_types(text: &str) -> Result<(), String> {
     let de = serde_yaml_ng::Deserializer::from_str(text);
-    let Err(e) = JobSpec::deserialize(de) else { return Ok(()) };
-    // serde_yaml_ng's message names the field (and the mapping of an unknown one) itself.
-    let message = strip_location(&e);
-    Err(match e.location() {
-        Some(at) => format!("invalid job spec at line {} column {}: {message}", at.line(), at.column()),
-        None => format!("invalid job spec: {message}"),
+    let Err(e) = serde_path_to_error::deserialize::<_, JobSpec>(de) else { return Ok(()) };
+    // With a position, serde_yaml_ng's message names the field (or an unknown one's mapping).
+    Err(match e.inner().location() {
+        Some(at) => {
+            format!("invalid job spec at line {} column {}: {}", at.line(), at.column(), strip_location(e.inner()))
+        }
+        None => format!("invalid job spec: {}: {}", e.path(), e.inner()),
     })
 }
 
@@ -157,6 +158,17 @@ mod tests {
         std::fs::write(&file, "name: x\ncommand: [a]\nresources:\n  gpu: 2\n").unwrap();
         let e = request_body(&file).unwrap_err().to_string();
         assert!(e.contains("invalid job spec at line 4 column 3: resources: unknown field `gpu`,"), "{e}");
+        // Durations and sizes too.
+        std::fs::write(&file, "name: x\ncommand: [a]\ninputs:\n  - {uri: s3://b/k, path: in, size_hint: 12 parsecs}\n")
+            .unwrap();
+        let e = request_body(&file).unwrap_err().to_string();
+        assert!(
+            e.contains("invalid job spec at line 4 column 42: inputs[0].size_hint: \"12 parsecs\" is not a size"),
+            "{e}"
+        );
+        std::fs::write(&file, "name: x\ncommand: [a]\nmax_runtime: soon\n").unwrap();
+        let e = request_body(&file).unwrap_err().to_string();
+        assert!(e.contains("invalid job spec at line 3 column 14: max_runtime: \"soon\" is not a duration"), "{e}");
         // Secret values are never quoted, even when their type is wrong.
         std::fs::write(&file, "name: x\ncommand: [a]\nsecret_env: {TOKEN: [hunter2]}\n").unwrap();
         let e = request_body(&file).unwrap_err().to_string();
