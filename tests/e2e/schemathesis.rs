@@ -2,14 +2,16 @@
 //! `scripts/install-emulators.sh`) generates requests from `/openapi.json` for every operation and
 //! checks every answer (no 5xx, documented status, content type, headers and schema), against a
 //! real broker and gateway on port 0. A fixed seed and a bounded number of examples keep it
-//! repeatable and short.
+//! repeatable and short. Beside it: what the document says (typed specs, decisions and prices,
+//! errors on every route, the events stream as SSE), and requests the schema allows answered as
+//! documented.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::common::*;
 use crate::gateway::{Api, problem, send, wait_ready};
@@ -132,6 +134,99 @@ async fn schemathesis_finds_no_failures_in_the_gateway() {
     );
     let report = std::fs::read_to_string(&junit).unwrap();
     assert!(report.contains("testcase"), "no operations were tested:\n{stdout}");
+}
+
+/// The served document types what it serves: job specs (JSON and YAML bodies), decisions and
+/// prices; every route lists the errors it can answer; the events stream is Server-Sent Events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_document_types_specs_decisions_and_prices_and_lists_every_error() {
+    let cluster = Cluster::start(Duration::from_secs(5), &[]).await;
+    let gateway = cluster.start_gateway();
+    let doc: Value = reqwest::get(format!("{}/openapi.json", gateway.url)).await.unwrap().json().await.unwrap();
+    specs_decisions_and_prices_are_typed(&doc);
+    every_route_documents_the_errors_it_can_answer(&doc);
+    the_events_stream_is_described_as_server_sent_events_of_job_events(&doc);
+}
+
+fn schema_ref(name: &str) -> Value {
+    json!({"$ref": format!("#/components/schemas/{name}")})
+}
+
+/// Every object schema that says nothing about its fields, with where it is.
+fn untyped_objects(value: &Value, at: &str, out: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            let is_object = map.get("type") == Some(&json!("object"));
+            let described = ["properties", "additionalProperties", "allOf", "oneOf", "anyOf", "$ref"]
+                .iter()
+                .any(|k| map.contains_key(*k));
+            if is_object && !described {
+                out.push(at.to_string());
+            }
+            map.iter().for_each(|(k, v)| untyped_objects(v, &format!("{at}/{k}"), out));
+        }
+        Value::Array(items) => {
+            items.iter().enumerate().for_each(|(i, v)| untyped_objects(v, &format!("{at}/{i}"), out))
+        }
+        _ => {}
+    }
+}
+
+fn specs_decisions_and_prices_are_typed(doc: &Value) {
+    let paths = &doc["paths"];
+    for path in ["/v1/jobs", "/v1/plan"] {
+        let content = &paths[path]["post"]["requestBody"]["content"];
+        assert_eq!(content["application/json"]["schema"], schema_ref("JobSpec"), "{path}");
+        assert_eq!(content["application/yaml"]["schema"], schema_ref("JobSpec"), "{path}");
+    }
+    let ok = |path: &str, method: &str| {
+        paths[path][method]["responses"]["200"]["content"]["application/json"]["schema"].clone()
+    };
+    assert_eq!(ok("/v1/plan", "post"), schema_ref("Decision"));
+    assert_eq!(ok("/v1/jobs/{id}/placement", "get"), schema_ref("Decision"));
+    assert_eq!(ok("/v1/prices", "get"), schema_ref("Prices"));
+    let schemas = &doc["components"]["schemas"];
+    assert_eq!(schemas["Job"]["properties"]["spec"]["$ref"], schema_ref("JobSpec")["$ref"]);
+    assert_eq!(schemas["JobSpec"]["additionalProperties"], false);
+    assert_eq!(schemas["JobState"]["enum"].as_array().unwrap().len(), 7);
+    // Only the document itself is a free-form object.
+    let mut untyped = Vec::new();
+    untyped_objects(doc, "", &mut untyped);
+    assert_eq!(untyped, ["/paths//openapi.json/get/responses/200/content/application/json/schema"]);
+}
+
+fn every_route_documents_the_errors_it_can_answer(doc: &Value) {
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let responses = &op["responses"];
+            let problem = |code: &str| responses[code]["content"]["application/problem+json"]["schema"].clone();
+            assert_eq!(problem("413"), schema_ref("Problem"), "{method} {path}: 413");
+            if op.get("security").is_none() {
+                continue;
+            }
+            for code in ["401", "429", "503"] {
+                assert_eq!(problem(code), schema_ref("Problem"), "{method} {path}: {code}");
+            }
+            assert!(responses["429"]["headers"]["Retry-After"].is_object(), "{method} {path}");
+            assert!(responses["401"]["headers"]["WWW-Authenticate"].is_object(), "{method} {path}");
+        }
+    }
+}
+
+fn the_events_stream_is_described_as_server_sent_events_of_job_events(doc: &Value) {
+    let content = &doc["paths"]["/v1/jobs/{id}/events"]["get"]["responses"]["200"]["content"];
+    assert_eq!(content.as_object().unwrap().len(), 1, "{content}");
+    let event = &content["text/event-stream"]["schema"];
+    assert_eq!(event["type"], "object");
+    let data = &event["properties"]["data"];
+    assert_eq!((&data["type"], &data["contentMediaType"]), (&json!("string"), &json!("application/json")));
+    assert_eq!(data["contentSchema"]["anyOf"][0], schema_ref("JobEvent"));
+    assert!(doc["components"]["schemas"]["JobEvent"].is_object());
+    let last_event_id = &doc["paths"]["/v1/jobs/{id}/events"]["get"]["parameters"][1];
+    assert_eq!(
+        (&last_event_id["name"], &last_event_id["schema"]["type"]),
+        (&json!("Last-Event-ID"), &json!("integer"))
+    );
 }
 
 /// The last `n` lines of `text`.
