@@ -41,6 +41,7 @@ pub struct JobSpec {
     /// Environment variables (at most 128; names `[A-Za-z_][A-Za-z0-9_]*`, not `HYBROKER_*`,
     /// `CUDA_VISIBLE_DEVICES` or `TRACEPARENT`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(schema_with = env_schema)]
     pub env: BTreeMap<String, String>,
     /// Like `env`, but sealed at rest and never shown: serialised (stored, served) as
     /// `{NAME: "<redacted>"}`; the agent's assignment alone carries the values.
@@ -87,6 +88,7 @@ pub struct JobSpec {
     pub policy: Option<Policy>,
     /// At most 64; keys 1–63 of `[A-Za-z0-9._-/]`, values at most 256 bytes.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(schema_with = labels_schema)]
     pub labels: BTreeMap<String, String>,
 }
 
@@ -109,6 +111,7 @@ pub struct Resources {
     /// Acceptable canonical GPU models (e.g. `H100-80GB`, `A100-80GB`, `L4`); empty = any. Only
     /// with `gpus` more than 0.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(schema_with = gpu_models_schema)]
     pub gpu_model: Vec<String>,
     /// CPUs (1 to 1024; default 1).
     #[serde(default = "default_cpus")]
@@ -233,6 +236,50 @@ pub struct Policy {
 
 /// An RFC 3339 time like `2026-12-01T18:00:00Z` (UTC), or a duration from submit like `4h`.
 pub const RFC3339_PATTERN: &str = "^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,9})?[Zz]?$";
+
+/// `env`'s schema: names as [`is_env_name`] takes them (not those hybroker sets: checked on submit).
+fn env_schema() -> utoipa::openapi::schema::Schema {
+    string_map(
+        "^[A-Za-z_][A-Za-z0-9_]{0,127}$",
+        None,
+        MAX_ENV,
+        "Environment variables (at most 128; names `[A-Za-z_][A-Za-z0-9_]*`, not `HYBROKER_*`, \
+         `CUDA_VISIBLE_DEVICES` or `TRACEPARENT`)",
+    )
+}
+
+/// `labels`' schema: keys as [`is_label_key`] takes them, values at most 256 bytes.
+fn labels_schema() -> utoipa::openapi::schema::Schema {
+    let about = "At most 64 labels; keys 1–63 of `[A-Za-z0-9._-/]`, values at most 256 bytes";
+    string_map("^[A-Za-z0-9._/-]{1,63}$", Some(256), MAX_LABELS, about)
+}
+
+/// An object of strings whose names match `names`.
+fn string_map(names: &str, max_value: Option<usize>, max: usize, about: &str) -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, Type};
+    let value = ObjectBuilder::new().schema_type(Type::String).max_length(max_value);
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property_names(Some(ObjectBuilder::new().schema_type(Type::String).pattern(Some(names))))
+        .additional_properties(Some(AdditionalProperties::RefOr(value.into())))
+        .max_properties(Some(max))
+        .description(Some(about))
+        .build()
+        .into()
+}
+
+/// `resources.gpu_model`'s schema: the canonical model ids.
+fn gpu_models_schema() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    let model = ObjectBuilder::new().schema_type(Type::String).enum_values(Some(known_models().iter().copied()));
+    ArrayBuilder::new()
+        .items(model)
+        .description(Some(
+            "Acceptable canonical GPU models (e.g. `H100-80GB`); empty = any. Only with `gpus` more than 0.",
+        ))
+        .build()
+        .into()
+}
 
 /// `policy.deadline`'s schema: an RFC 3339 time (UTC) or a duration.
 fn deadline_schema() -> utoipa::openapi::schema::Schema {
