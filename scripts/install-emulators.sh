@@ -5,6 +5,8 @@
 #   azurite/  Azurite's Blob service from npm        (node_modules/.bin/azurite-blob)
 #   kubernetes-validate/  a Python venv with kubernetes-validate (the Kubernetes API schemas, offline),
 #             which checks deploy/kubernetes (tests/e2e/manifests.rs)
+#   schemathesis/  a Python venv with schemathesis   (bin/st: the gateway against its OpenAPI
+#             document; its bin/python has jsonschema-rs and PyYAML for deploy/schema/job.schema.json)
 # and promtool (Debian's `prometheus` package), which checks deploy/prometheus (tests/e2e/deploy.rs).
 # A tool already installed at the pinned version is skipped. Prints one line per tool with the time
 # it took. Needs python3 with venv and node with npm; as root with apt-get, installs them if missing.
@@ -13,6 +15,7 @@ set -euo pipefail
 MOTO_VERSION=5.2.5
 KUBERNETES_VALIDATE_VERSION=1.37.0
 AZURITE_VERSION=3.35.0
+SCHEMATHESIS_VERSION=4.32.5
 DIR=${HYBROKER_EMULATORS:-$HOME/.cache/hybroker/emulators}
 mkdir -p "$DIR"
 
@@ -82,6 +85,23 @@ else
     "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
   kubernetes_validate_ok || { echo "kubernetes-validate in $DIR/kubernetes-validate does not run" >&2; exit 1; }
   echo "kubernetes-validate $KUBERNETES_VALIDATE_VERSION: installed in $DIR/kubernetes-validate ($(took "$start"))"
+# schemathesis: ready when its venv reports the pinned version and imports the schema validator.
+schemathesis_ok() {
+  [[ -x $DIR/schemathesis/bin/st ]] &&
+    [[ $("$DIR/schemathesis/bin/st" --version 2>/dev/null) == "st, version $SCHEMATHESIS_VERSION" ]] &&
+    "$DIR/schemathesis/bin/python" -c 'import jsonschema_rs, yaml' 2>/dev/null
+}
+start=$(now)
+if schemathesis_ok; then
+  echo "schemathesis $SCHEMATHESIS_VERSION: already installed in $DIR/schemathesis ($(took "$start"))"
+else
+  need python3 || apt_install python3 python3-venv python3-pip
+  python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv python3-pip
+  rm -rf "$DIR/schemathesis"
+  python3 -m venv "$DIR/schemathesis"
+  "$DIR/schemathesis/bin/pip" install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+  schemathesis_ok || { echo "schemathesis install in $DIR/schemathesis does not run" >&2; exit 1; }
+  echo "schemathesis $SCHEMATHESIS_VERSION: installed in $DIR/schemathesis ($(took "$start"))"
 fi
 
 # promtool: from Debian's prometheus package. Its own Prometheus service (and node exporter) must not

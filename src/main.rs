@@ -99,6 +99,12 @@ enum Command {
     },
     /// Man pages, one per command (`hybroker.1`, `hybroker-jobs.1`, …), written into DIR.
     Manpages { dir: PathBuf },
+    /// Prints the job files' JSON Schema (`schema job`, the content of deploy/schema/job.schema.json).
+    #[command(hide = true)]
+    Schema {
+        #[arg(value_parser = ["job"])]
+        which: String,
+    },
     /// The agent's per-attempt sandbox init (the agent re-executes itself); not for people.
     #[command(hide = true)]
     SandboxInit { spec: PathBuf },
@@ -224,6 +230,10 @@ fn main() -> anyhow::Result<()> {
                 for page in cli::docs::write_man_pages(Cli::command(), &dir)? {
                     println!("{}", page.display());
                 }
+                Ok(())
+            }
+            Command::Schema { .. } => {
+                print!("{}", hybroker::gateway::job_schema::job_file_schema_text());
                 Ok(())
             }
             Command::SandboxInit { .. } => {

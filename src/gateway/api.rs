@@ -6,13 +6,19 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+pub use crate::model::job::JobSpec;
+use crate::model::price::PriceSnapshot;
+use crate::model::site::Site;
+use crate::model::state::JobState;
+pub use crate::placement::decision::Decision;
+
 /// A job as tenants see it (no lease epochs or other internals).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Job {
     pub id: String,
     pub name: String,
     pub tenant: String,
-    /// queued | placed | leased | running | succeeded | failed | cancelled
+    #[schema(value_type = JobState)]
     pub state: String,
     pub attempts: u32,
     pub max_attempts: u32,
@@ -34,7 +40,7 @@ pub struct Job {
     pub updated_at: String,
     /// The job spec as submitted (canonical JSON of the docs/design.md §3 fields); `secret_env` values
     /// show as `"<redacted>"`: the API never returns them.
-    #[schema(value_type = Object)]
+    #[schema(value_type = JobSpec)]
     pub spec: serde_json::Value,
     /// Input objects found at submit (listed or HEADed), and their total size in bytes.
     pub input_objects: u32,
@@ -69,6 +75,7 @@ pub struct JobList {
 pub struct JobEvent {
     pub seq: u64,
     pub job_id: String,
+    #[schema(value_type = JobState)]
     pub state: String,
     pub attempt: u32,
     pub agent: Option<String>,
@@ -76,6 +83,20 @@ pub struct JobEvent {
     pub exit_code: Option<i32>,
     /// RFC 3339 with milliseconds.
     pub at: String,
+}
+
+/// `GET /v1/prices`: the broker's current prices and the sites they apply to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Prices {
+    /// Whether the snapshot is older than the broker allows (placement then says so).
+    pub stale: bool,
+    /// The broker's clock (Unix milliseconds), to read the prices' ages against.
+    pub now_ms: i64,
+    /// Every compute, egress and storage price with its source and fetch time.
+    pub snapshot: PriceSnapshot,
+    /// The configured sites (without their capacity providers' launch settings), to read
+    /// prices per site and instance type.
+    pub sites: Vec<Site>,
 }
 
 /// `POST /v1/jobs/{id}/cancel` body (optional).

@@ -28,7 +28,7 @@ use super::api::{
 };
 use super::auth::Tenant;
 use super::convert::rfc3339;
-use super::openapi::{BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, TenantErrors};
+use super::openapi::{BadRequest, Conflict, Forbidden, NotFound, TenantErrors};
 use super::problem::HttpError;
 use crate::proto::{self, data_service_client::DataServiceClient};
 use crate::telemetry::grpc::TracedChannel;
@@ -245,7 +245,7 @@ pub async fn read_data(
     request_body(content = String, content_type = "application/octet-stream", description = "The object's bytes"),
     responses(
         (status = 201, description = "Stored", body = DataObject),
-        BadRequest, Forbidden, Conflict, PayloadTooLarge, TenantErrors,
+        BadRequest, Forbidden, Conflict, TenantErrors,
     ),
     security(("bearer" = []))
 )]

@@ -9,10 +9,12 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
-use super::api::{CancelRequest, Job, JobList, Submitted};
+use super::api::{CancelRequest, Decision, Job, JobList, JobSpec, Submitted};
 use super::auth::Tenant;
 use super::convert::job_url;
-use super::openapi::{BadRequest, Conflict, IdempotencyKeyReused, NotFound, PayloadTooLarge, TenantErrors};
+use super::openapi::{
+    BadRequest, Conflict, Forbidden, IdempotencyKeyReused, NotFound, TenantErrors, UnsupportedMediaType,
+};
 use super::problem::HttpError;
 use crate::model::state::JobState;
 use crate::proto::{self, SpecFormat};
@@ -27,7 +29,8 @@ const MAX_LIMIT: u32 = 1000;
 
 /// Submit a job.
 ///
-/// The body is a job spec (the fields of the YAML job spec, as JSON). With an `Idempotency-Key`,
+/// The body is a job spec: JSON, or the YAML of a job file with `Content-Type: application/yaml`
+/// (a problem in it is reported at its YAML line and column). With an `Idempotency-Key`,
 /// a retried submit with the same body returns the same job and the same answer; the same key
 /// with a different body is refused (422). Keys are per tenant. Names and label values with
 /// control or bidirectional formatting characters (U+202A–U+202E, U+2066–U+2069, U+200E, U+200F,
@@ -38,12 +41,18 @@ const MAX_LIMIT: u32 = 1000;
     path = "/v1/jobs",
     operation_id = "submit_job",
     tag = "jobs",
-    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 128 printable ASCII characters (no spaces)")),
-    request_body(content = Object, content_type = "application/json", description = "A job spec"),
+    params((
+        "Idempotency-Key" = Option<String>, Header, nullable = false, pattern = "^[!-~]{1,128}$",
+        description = "1 to 128 printable ASCII characters (no spaces)"
+    )),
+    request_body(
+        content((JobSpec = "application/json"), (JobSpec = "application/yaml")),
+        description = "A job spec (JSON, or a YAML job file)"
+    ),
     responses(
         (status = 201, description = "Submitted (or the earlier job of the same idempotency key)", body = Submitted,
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
-        BadRequest, PayloadTooLarge, IdempotencyKeyReused, TenantErrors,
+        BadRequest, Forbidden, Conflict, UnsupportedMediaType, IdempotencyKeyReused, TenantErrors,
     ),
     security(("bearer" = []))
 )]
@@ -54,14 +63,10 @@ pub async fn submit(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HttpError> {
     let body = read_body(body, &state)?;
-    check_json_content_type(&headers)?;
+    let format = spec_format(&headers)?;
     let idempotency_key = idempotency_key(&headers)?;
-    let request = proto::SubmitRequest {
-        spec: body.to_vec(),
-        format: SpecFormat::Json.into(),
-        idempotency_key,
-        tenant: tenant.name,
-    };
+    let request =
+        proto::SubmitRequest { spec: body.to_vec(), format: format.into(), idempotency_key, tenant: tenant.name };
     let submitted = state.jobs().submit(request).await?.into_inner();
     let url = job_url(&submitted.job_id);
     let location =
@@ -77,8 +82,10 @@ pub async fn submit(
     operation_id = "list_jobs",
     tag = "jobs",
     params(
-        ("state" = Option<Vec<String>>, Query, description = "Only jobs in these states (repeat for several)"),
-        ("label" = Option<Vec<String>>, Query, description = "`key=value`; repeat: all must match"),
+        ("state" = Option<Vec<JobState>>, Query, description = "Only jobs in these states (repeat for several, or \
+            separate them with commas)"),
+        ("label" = Option<Vec<String>>, Query, pattern = "^(\\s*[^=\\s][^=]*=.*)?$", description = "`key=value`; repeat: \
+            all must match. An empty value filters nothing (as an empty `state`)."),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Jobs per page (default 50)"),
         ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
     ),
@@ -127,7 +134,7 @@ pub async fn get_job(
     operation_id = "get_job_placement",
     tag = "jobs",
     params(("id" = String, Path, description = "Job id")),
-    responses((status = 200, description = "The placement decision", body = Object), NotFound, TenantErrors),
+    responses((status = 200, description = "The placement decision", body = Decision), NotFound, TenantErrors),
     security(("bearer" = []))
 )]
 pub async fn placement(
@@ -153,8 +160,14 @@ pub async fn placement(
     operation_id = "cancel_job",
     tag = "jobs",
     params(("id" = String, Path, description = "Job id")),
-    request_body(content = Option<CancelRequest>, content_type = "application/json", description = "Optional reason"),
-    responses((status = 200, description = "The job after the cancel", body = Job), BadRequest, NotFound, Conflict, TenantErrors),
+    request_body(
+        content = Option<CancelRequest>, content_type = "application/json",
+        description = "Optional: no body, `null` or `{}` cancel without a reason"
+    ),
+    responses(
+        (status = 200, description = "The job after the cancel", body = Job),
+        BadRequest, NotFound, Conflict, UnsupportedMediaType, TenantErrors,
+    ),
     security(("bearer" = []))
 )]
 pub async fn cancel(
@@ -169,7 +182,9 @@ pub async fn cancel(
         String::new()
     } else {
         check_json_content_type(&headers)?;
-        serde_json::from_slice::<CancelRequest>(&body).map_err(|e| HttpError::BadRequest(format!("body: {e}")))?.reason
+        let request = serde_json::from_slice::<Option<CancelRequest>>(&body)
+            .map_err(|e| HttpError::BadRequest(format!("body: {e}")))?;
+        request.unwrap_or_default().reason
     };
     let request = proto::CancelJobRequest { job_id: id, tenant: tenant.name, reason };
     Ok(Json(state.jobs().cancel(request).await?.into_inner().into()))
@@ -185,12 +200,37 @@ pub(super) fn read_body(body: Result<Bytes, BytesRejection>, state: &AppState) -
 
 /// Refuses bodies that say they are not JSON (no `Content-Type` is taken as JSON).
 pub(super) fn check_json_content_type(headers: &HeaderMap) -> Result<(), HttpError> {
-    let Some(value) = headers.get(header::CONTENT_TYPE) else { return Ok(()) };
-    let media = value.to_str().unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    if media == "application/json" || (media.starts_with("application/") && media.ends_with("+json")) {
-        return Ok(());
+    match media_type(headers) {
+        Some(media) if !is_json(&media) => {
+            Err(HttpError::UnsupportedMediaType(format!("content-type: expected application/json, not {media:?}")))
+        }
+        _ => Ok(()),
     }
-    Err(HttpError::UnsupportedMediaType(format!("content-type: expected application/json, not {media:?}")))
+}
+
+/// A job spec body's format: JSON (also without a `Content-Type`), or YAML (`application/yaml`,
+/// `application/x-yaml`, `text/yaml`).
+pub(super) fn spec_format(headers: &HeaderMap) -> Result<SpecFormat, HttpError> {
+    match media_type(headers) {
+        None => Ok(SpecFormat::Json),
+        Some(media) if is_json(&media) => Ok(SpecFormat::Json),
+        Some(media) if matches!(media.as_str(), "application/yaml" | "application/x-yaml" | "text/yaml") => {
+            Ok(SpecFormat::Yaml)
+        }
+        Some(media) => Err(HttpError::UnsupportedMediaType(format!(
+            "content-type: expected application/json or application/yaml, not {media:?}"
+        ))),
+    }
+}
+
+/// The `Content-Type`'s media type, lowercase without parameters.
+fn media_type(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::CONTENT_TYPE)?;
+    Some(value.to_str().unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+}
+
+fn is_json(media: &str) -> bool {
+    media == "application/json" || (media.starts_with("application/") && media.ends_with("+json"))
 }
 
 /// The `Idempotency-Key` header: absent, or 1 to 128 printable ASCII characters.
@@ -224,6 +264,7 @@ fn list_request(params: Vec<(String, String)>) -> Result<proto::ListJobsRequest,
                     request.states.push(state.to_string());
                 }
             }
+            "label" if value.trim().is_empty() => {}
             "label" => {
                 let valid = value.split_once('=').is_some_and(|(k, _)| !k.trim().is_empty());
                 if !valid {
@@ -268,9 +309,13 @@ mod tests {
         assert_eq!(r.states, ["running", "queued"]);
         assert_eq!((r.labels, r.limit), (vec!["team=vision".to_string()], 5));
         assert_eq!(list_request(vec![]).unwrap().limit, DEFAULT_LIMIT);
+        // Empty filters filter nothing.
+        let r = list_request(params(&[("label", ""), ("state", "")])).unwrap();
+        assert!(r.labels.is_empty() && r.states.is_empty());
         for (bad, field) in [
             (("state", "sleeping"), "state:"),
             (("label", "novalue"), "label:"),
+            (("label", "=value"), "label:"),
             (("limit", "0"), "limit:"),
             (("limit", "x"), "limit:"),
             (("colour", "red"), "\"colour\""),

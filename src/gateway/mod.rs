@@ -8,7 +8,7 @@
 //!
 //! - [`api`]: the JSON shapes (shared with the CLI).
 //! - `router`: routes, middleware, `/healthz`, `/readyz`, `/openapi.json`; `openapi`: the
-//!   document's frame and problem responses.
+//!   document's frame and problem responses; `job_schema`: the job files' JSON Schema.
 //! - `jobs`, `streams` (events, logs), `agents`, `sites`, `data` (job outputs, tenant data in and
 //!   out): the handlers; `convert`: gRPC → JSON.
 //! - `auth`: API keys and rate limits; `limits`: requests without an accepted key per client
@@ -21,6 +21,7 @@ mod auth;
 pub mod client_address;
 mod convert;
 mod data;
+pub mod job_schema;
 mod jobs;
 mod limits;
 pub mod openapi;

@@ -2,10 +2,12 @@
 //! routes declare. The paths come from the handlers' `#[utoipa::path]` through utoipa-axum's
 //! `OpenApiRouter`, so every served route is in the document.
 
+use utoipa::openapi::RefOr;
+use utoipa::openapi::schema::Schema;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{IntoResponses, Modify, OpenApi};
 
-use super::api::Problem;
+use super::api::{JobEvent, Problem};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -18,7 +20,7 @@ use super::api::Problem;
         license(name = "Apache-2.0", identifier = "Apache-2.0"),
     ),
     modifiers(&BearerAuth),
-    components(schemas(Problem)),
+    components(schemas(Problem, JobEvent)),
     tags(
         (name = "jobs", description = "The tenant's jobs"),
         (name = "data", description = "Tenants' data in and out: job outputs, objects under the tenant's storage prefixes"),
@@ -40,9 +42,63 @@ impl Modify for BearerAuth {
     }
 }
 
+/// The route whose answer is Server-Sent Events of [`JobEvent`]s.
+const EVENTS_PATH: &str = "/v1/jobs/{id}/events";
+
+/// Completes the document once the routes are in: the events stream's schema describes each of
+/// its events (the fields `id`, `event` and `data`, the `data` a JSON `JobEvent`, or a `Problem`
+/// for an `error` event), as OpenAPI before 3.2 (which adds `itemSchema`) describes an event
+/// stream and SSE-aware validators (schemathesis) read it.
+pub fn finish(openapi: &mut utoipa::openapi::OpenApi) {
+    let content = openapi
+        .paths
+        .paths
+        .get_mut(EVENTS_PATH)
+        .and_then(|item| item.get.as_mut())
+        .and_then(|op| op.responses.responses.get_mut("200"))
+        .and_then(|response| match response {
+            RefOr::T(response) => response.content.get_mut("text/event-stream"),
+            RefOr::Ref(_) => None,
+        });
+    if let Some(content) = content {
+        content.schema = Some(server_sent_event_schema());
+    }
+}
+
+/// One Server-Sent Event of the events stream.
+fn server_sent_event_schema() -> RefOr<Schema> {
+    let schema = serde_json::json!({
+        "type": "object",
+        "description": "One Server-Sent Event: `id` (the event's `seq`), `event` (the job's state, or `error`) \
+                        and one `data` line (a `JobEvent` as JSON; for `error`, a `Problem`). Lines \
+                        `: keep-alive` come in between.",
+        "required": ["event", "data"],
+        "properties": {
+            "id": {"type": "string", "pattern": "^[0-9]+$"},
+            "event": {"type": "string"},
+            "data": {"type": "string", "contentMediaType": "application/json"}
+        }
+    });
+    let mut schema: Schema = serde_json::from_value(schema).expect("the event schema is a schema");
+    // utoipa has no `contentSchema`: it goes in as an extension (serialised in place).
+    let content_schema = serde_json::json!({"anyOf": [
+        {"$ref": "#/components/schemas/JobEvent"},
+        {"$ref": "#/components/schemas/Problem"}
+    ]});
+    if let Schema::Object(event) = &mut schema
+        && let Some(RefOr::T(Schema::Object(data))) = event.properties.get_mut("data")
+    {
+        data.extensions.get_or_insert_with(Default::default).insert("contentSchema".into(), content_schema);
+    }
+    RefOr::T(schema)
+}
+
 /// The errors of every authenticated route.
 #[derive(IntoResponses)]
 pub enum TenantErrors {
+    /// A request body (on any route) over the gateway's `max_body_bytes`.
+    #[response(status = 413, content_type = "application/problem+json")]
+    PayloadTooLarge(Problem),
     /// No API key, or an unknown or revoked one.
     #[response(
         status = 401,
@@ -73,7 +129,7 @@ pub enum TenantErrors {
 #[response(status = 400, content_type = "application/problem+json")]
 pub struct BadRequest(pub Problem);
 
-/// The tenant is not an admin tenant.
+/// The tenant is not an admin tenant (agents, sites), or not declared in the broker's config.
 #[derive(IntoResponses)]
 #[response(status = 403, content_type = "application/problem+json")]
 pub struct Forbidden(pub Problem);
@@ -88,10 +144,17 @@ pub struct NotFound(pub Problem);
 #[response(status = 409, content_type = "application/problem+json")]
 pub struct Conflict(pub Problem);
 
-/// The request body is over the gateway's limit.
+/// A body that says it is not JSON (`Content-Type` other than `application/json` or `…+json`;
+/// none is taken as JSON).
+#[derive(IntoResponses)]
+#[response(status = 415, content_type = "application/problem+json")]
+pub struct UnsupportedMediaType(pub Problem);
+
+/// The errors of the routes without a key (health, readiness, this document): only a body over
+/// the gateway's limit. They are not rate limited.
 #[derive(IntoResponses)]
 #[response(status = 413, content_type = "application/problem+json")]
-pub struct PayloadTooLarge(pub Problem);
+pub struct ServiceErrors(pub Problem);
 
 /// The idempotency key was used before with a different body.
 #[derive(IntoResponses)]

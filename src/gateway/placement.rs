@@ -7,11 +7,13 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::HeaderMap;
 
 use super::AppState;
+use super::api::{Decision, JobSpec, Prices};
 use super::auth::Tenant;
-use super::jobs::{check_json_content_type, read_body};
-use super::openapi::{BadRequest, PayloadTooLarge, TenantErrors};
+use super::jobs::{read_body, spec_format};
+use super::openapi::{BadRequest, Conflict, Forbidden, TenantErrors, UnsupportedMediaType};
 use super::problem::HttpError;
-use crate::proto::{self, SpecFormat};
+use crate::model::site::Site;
+use crate::proto;
 
 /// Where a job would run and why, without submitting it: the same checks as a submit (spec,
 /// data, policy, budget) and the decision placement would take now, in the JSON of
@@ -21,8 +23,14 @@ use crate::proto::{self, SpecFormat};
     path = "/v1/plan",
     operation_id = "plan_job",
     tag = "placement",
-    request_body(content = Object, content_type = "application/json", description = "A job spec"),
-    responses((status = 200, description = "The placement decision", body = Object), BadRequest, PayloadTooLarge, TenantErrors),
+    request_body(
+        content((JobSpec = "application/json"), (JobSpec = "application/yaml")),
+        description = "A job spec (JSON, or a YAML job file)"
+    ),
+    responses(
+        (status = 200, description = "The placement decision", body = Decision),
+        BadRequest, Forbidden, Conflict, UnsupportedMediaType, TenantErrors,
+    ),
     security(("bearer" = []))
 )]
 pub async fn plan(
@@ -32,10 +40,10 @@ pub async fn plan(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, HttpError> {
     let body = read_body(body, &state)?;
-    check_json_content_type(&headers)?;
+    let format = spec_format(&headers)?;
     let request = proto::SubmitRequest {
         spec: body.to_vec(),
-        format: SpecFormat::Json.into(),
+        format: format.into(),
         idempotency_key: String::new(),
         tenant: tenant.name,
     };
@@ -53,19 +61,16 @@ pub async fn plan(
     path = "/v1/prices",
     operation_id = "get_prices",
     tag = "placement",
-    responses((status = 200, description = "The current price snapshot", body = Object), TenantErrors),
+    responses((status = 200, description = "The current price snapshot", body = Prices), TenantErrors),
     security(("bearer" = []))
 )]
-pub async fn prices(State(state): State<AppState>, _tenant: Tenant) -> Result<Json<serde_json::Value>, HttpError> {
+pub async fn prices(State(state): State<AppState>, _tenant: Tenant) -> Result<Json<Prices>, HttpError> {
     let prices = state.jobs().prices(proto::PricesRequest {}).await?.into_inner();
-    let parse = |what: &str, text: &str| {
-        serde_json::from_str::<serde_json::Value>(text)
-            .map_err(|e| HttpError::Broker(tonic::Status::internal(format!("{what}: {e}"))))
-    };
-    Ok(Json(serde_json::json!({
-        "stale": prices.stale,
-        "now_ms": prices.now_ms,
-        "snapshot": parse("price snapshot", &prices.snapshot_json)?,
-        "sites": parse("sites", &prices.sites_json)?,
-    })))
+    let internal =
+        |what: &str, e: serde_json::Error| HttpError::Broker(tonic::Status::internal(format!("{what}: {e}")));
+    let snapshot = serde_json::from_str(&prices.snapshot_json).map_err(|e| internal("price snapshot", e))?;
+    let mut sites: Vec<Site> = serde_json::from_str(&prices.sites_json).map_err(|e| internal("sites", e))?;
+    // A capacity provider's launch settings (accounts, subnets, images) are the operator's.
+    sites.iter_mut().for_each(|site| site.capacity = None);
+    Ok(Json(Prices { stale: prices.stale, now_ms: prices.now_ms, snapshot, sites }))
 }

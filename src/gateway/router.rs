@@ -19,7 +19,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::TenantSlot;
-use super::openapi::{ApiDoc, NotReady};
+use super::openapi::{ApiDoc, NotReady, ServiceErrors};
 use super::problem::{self, HttpError};
 use super::{AppState, agents, data, jobs, placement, sites, streams};
 use crate::proto::job_service_server::SERVICE_NAME as JOB_SERVICE;
@@ -40,7 +40,7 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The service's routes and its OpenAPI document (which lists exactly these routes).
 pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
     let (max_body, client_traces) = (state.max_body_bytes(), state.client_traces());
-    let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (router, mut openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(jobs::submit, jobs::list))
         .routes(routes!(jobs::get_job))
         .routes(routes!(jobs::cancel))
@@ -66,6 +66,7 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(openapi_json))
         .with_state(state)
         .split_for_parts();
+    super::openapi::finish(&mut openapi);
     let document = Arc::new(openapi.to_json().expect("the OpenAPI document serialises"));
     let router = router
         .fallback(problem::no_route)
@@ -86,7 +87,7 @@ pub struct Health {
 }
 
 /// Liveness: the gateway process serves requests.
-#[utoipa::path(get, path = "/healthz", operation_id = "healthz", tag = "service", responses((status = 200, description = "Alive", body = Health)))]
+#[utoipa::path(get, path = "/healthz", operation_id = "healthz", tag = "service", responses((status = 200, description = "Alive", body = Health), ServiceErrors))]
 pub async fn healthz() -> Json<Health> {
     Json(Health { status: "ok".into() })
 }
@@ -98,7 +99,7 @@ pub async fn healthz() -> Json<Health> {
     path = "/readyz",
     operation_id = "readyz",
     tag = "service",
-    responses((status = 200, description = "Ready", body = Health), NotReady)
+    responses((status = 200, description = "Ready", body = Health), NotReady, ServiceErrors)
 )]
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Health>, HttpError> {
     // One check at a time; those waiting for it take its answer.
@@ -138,7 +139,7 @@ struct OpenApiJson(Arc<String>);
     path = "/openapi.json",
     operation_id = "openapi",
     tag = "service",
-    responses((status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object))
+    responses((status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object), ServiceErrors)
 )]
 async fn openapi_json(Extension(OpenApiJson(document)): Extension<OpenApiJson>) -> Response {
     ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], document.as_str().to_owned())

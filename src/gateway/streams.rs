@@ -30,10 +30,12 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 /// Follow a job's events (Server-Sent Events).
 ///
-/// Each event has `id` = the event's sequence number, `event` = the job's state and `data` = a
-/// `JobEvent`. The stream ends after the terminal event. Reconnect with `Last-Event-ID` to resume
-/// after the last event seen. Each open stream counts against the tenant's
-/// `max_streams_per_tenant` (with followed logs); beyond it, 429.
+/// A `text/event-stream`: each event has `id` = the event's sequence number, `event` = the job's
+/// state and one `data:` line holding a `JobEvent` as JSON (the schema `x-sse-data` names); lines
+/// `: keep-alive` come every 15 s. The stream ends after the terminal event. If the broker goes
+/// away mid-stream, a last event `error` carries a `Problem` (503). Reconnect with
+/// `Last-Event-ID` to resume after the last event seen. Each open stream counts against the
+/// tenant's `max_streams_per_tenant` (with followed logs); beyond it, 429.
 #[utoipa::path(
     get,
     path = "/v1/jobs/{id}/events",
@@ -41,10 +43,11 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
     tag = "jobs",
     params(
         ("id" = String, Path, description = "Job id"),
-        ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event"),
+        ("Last-Event-ID" = Option<u64>, Header, nullable = false, description = "Resume after this event"),
     ),
     responses(
-        (status = 200, description = "A stream of job events", content_type = "text/event-stream", body = JobEvent),
+        (status = 200, description = "Server-Sent Events, each `data` a `JobEvent` (JSON)", content_type = "text/event-stream",
+            body = String, headers(("Cache-Control" = String, description = "no-cache"))),
         BadRequest, NotFound, TenantErrors,
     ),
     security(("bearer" = []))
@@ -132,7 +135,8 @@ pub struct LogsQuery {
     tag = "jobs",
     params(("id" = String, Path, description = "Job id"), LogsQuery),
     responses(
-        (status = 200, description = "The output", content_type = "text/plain", body = String),
+        (status = 200, description = "The output (with `follow=true`, streamed until the job ends)",
+            content_type = "text/plain", body = String),
         BadRequest, NotFound, TenantErrors,
     ),
     security(("bearer" = []))

@@ -35,12 +35,42 @@ impl Serialize for HumanDuration {
     }
 }
 
+/// Read with a visitor, so a YAML reader reports a bad duration at its line and column.
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        HumanDuration::parse(&text).map_err(serde::de::Error::custom)
+        struct Text;
+        impl serde::de::Visitor<'_> for Text {
+            type Value = HumanDuration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration like 90s, 30m or 2h")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<HumanDuration, E> {
+                HumanDuration::parse(text).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(Text)
     }
 }
+
+/// What [`humantime`] reads: `0`, or numbers (fractions allowed) each with a unit, spaces optional.
+pub const DURATION_PATTERN: &str = "^\\s*(0|([0-9]+(\\.[0-9]+)?\\s*(nanos|nsec|ns|usec|us|µs|millis|msec|ms|seconds|second|secs|sec|s|\
+                                    minutes|minute|mins|min|m|hours|hour|hrs|hr|h|days|day|d|weeks|week|wks|wk|w|\
+                                    months|month|M|years|year|yrs|yr|y)\\s*)+)$";
+
+/// A string like `90s`, `30m`, `2h` or `1h 30m` (the OpenAPI and job-file schemas).
+impl utoipa::PartialSchema for HumanDuration {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some(DURATION_PATTERN))
+            .description(Some("A duration: numbers with units, e.g. `90s`, `30m`, `2h`, `1h 30m`, `1.5d`"))
+            .examples(["2h", "1h 30m"])
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for HumanDuration {}
 
 #[cfg(test)]
 mod tests {

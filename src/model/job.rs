@@ -5,6 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::data::DataUri;
 use super::duration::HumanDuration;
@@ -27,37 +28,57 @@ const MAX_SECRET_ENV: usize = 64;
 const MAX_LABELS: usize = 64;
 const MAX_DATA_ENTRIES: usize = 64;
 
-/// What a tenant submits.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// What a tenant submits: a job file (YAML) or the body of `POST /v1/jobs` (JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
+    /// 1 to 128 characters, no control or bidirectional formatting characters.
+    #[schema(min_length = 1, max_length = 128, pattern = "\\S")]
     pub name: String,
+    /// The program and its arguments (at most 256 of at most 4096 bytes each).
+    #[schema(min_items = 1, max_items = 256)]
     pub command: Vec<String>,
+    /// Environment variables (at most 128; names `[A-Za-z_][A-Za-z0-9_]*`, not `HYBROKER_*`,
+    /// `CUDA_VISIBLE_DEVICES` or `TRACEPARENT`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(schema_with = env_schema)]
     pub env: BTreeMap<String, String>,
     /// Like `env`, but sealed at rest and never shown: serialised (stored, served) as
     /// `{NAME: "<redacted>"}`; the agent's assignment alone carries the values.
+    /// Served as `"<redacted>"`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(value_type = BTreeMap<String, String>)]
     pub secret_env: SecretEnv,
     #[serde(default)]
     pub resources: Resources,
+    /// What estimates (cost, waits) assume one attempt takes; at most `max_runtime`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<HumanDuration>)]
     pub expected_runtime: Option<HumanDuration>,
+    /// The hard limit on one attempt's wall time (default 24h, at most 30 days).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<HumanDuration>)]
     pub max_runtime: Option<HumanDuration>,
+    /// Attempts before the job fails (default 3).
     #[serde(default = "default_max_attempts")]
+    #[schema(minimum = 1, maximum = 10, default = 3)]
     pub max_attempts: u32,
     /// Order among the tenant's own jobs (0–100, capped by the tenant's `max_priority`); fair
     /// share decides between tenants.
     #[serde(default = "default_priority")]
+    #[schema(maximum = 100, default = 50)]
     pub priority: u32,
     /// The job may be stopped (SIGTERM, its checkpoint saved, `preempted`, queued again) for a
     /// higher-priority job of its tenant, or for another tenant under its fair share.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub preemptible: bool,
+    /// Objects staged into the work directory before the job starts (at most 64).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(max_items = 64)]
     pub inputs: Vec<Input>,
+    /// Work-directory paths uploaded when the job succeeds (at most 64).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(max_items = 64)]
     pub outputs: Vec<Output>,
     /// A work-directory path the agent saves under the attempt's prefix and the next attempt
     /// finds again (spot interruptions).
@@ -65,7 +86,9 @@ pub struct JobSpec {
     pub checkpoint: Option<Checkpoint>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<Policy>,
+    /// At most 64; keys 1–63 of `[A-Za-z0-9._-/]`, values at most 256 bytes.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(schema_with = labels_schema)]
     pub labels: BTreeMap<String, String>,
 }
 
@@ -78,17 +101,25 @@ fn default_priority() -> u32 {
 }
 
 /// What one attempt needs on a single node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Resources {
+    /// GPUs on one node (0 to 64; default 0).
     #[serde(default)]
+    #[schema(maximum = 64, default = 0)]
     pub gpus: u32,
-    /// Acceptable canonical GPU models; empty = any.
+    /// Acceptable canonical GPU models (e.g. `H100-80GB`, `A100-80GB`, `L4`); empty = any. Only
+    /// with `gpus` more than 0.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(schema_with = gpu_models_schema)]
     pub gpu_model: Vec<String>,
+    /// CPUs (1 to 1024; default 1).
     #[serde(default = "default_cpus")]
+    #[schema(minimum = 1, maximum = 1024, default = 1)]
     pub cpus: u32,
+    /// Memory in GiB (1 to 16384; default 1).
     #[serde(default = "default_memory_gib")]
+    #[schema(minimum = 1, maximum = 16384, default = 1)]
     pub memory_gib: u32,
 }
 
@@ -106,42 +137,60 @@ impl Default for Resources {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// An object (or a prefix) staged into the work directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Input {
+    /// `s3://bucket/key`, `az://account/container/path` or `local://location/path`.
+    #[schema(pattern = "^(s3|az|local)://")]
     pub uri: String,
+    /// A relative path inside the work directory.
+    #[schema(min_length = 1, max_length = 1024)]
     pub path: String,
     /// The input's size when it cannot be read from its store (it does not exist yet), for pricing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<ByteSize>)]
     pub size_hint: Option<ByteSize>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A work-directory path uploaded when the job succeeds: give exactly one of `to` (a data URI
+/// prefix) or `residency` (placement picks the location).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Output {
+    /// A relative path inside the work directory.
+    #[schema(min_length = 1, max_length = 1024)]
     pub path: String,
+    /// `s3://bucket/prefix`, `az://account/container/prefix` or `local://location/prefix`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^(s3|az|local)://")]
     pub to: Option<String>,
+    /// A residency group (`eu`, `us`): placement picks a storage location in it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub residency: Option<String>,
     /// The expected size of what the job writes here, for pricing egress and storage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<ByteSize>)]
     pub size_hint: Option<ByteSize>,
 }
 
 /// `checkpoint: {path: ckpt/, to: …}`: `to` (a data URI prefix) defaults to the first output's
 /// location.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Checkpoint {
+    /// A relative path inside the work directory.
+    #[schema(min_length = 1, max_length = 1024)]
     pub path: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^(s3|az|local)://")]
     pub to: Option<String>,
 }
 
 pub use super::price::Cloud;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+/// Whether spot capacity may be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Spot {
     #[default]
@@ -150,30 +199,101 @@ pub enum Spot {
 }
 
 /// Narrows the tenant's policy; enforced by placement (a later issue).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
+    /// The residency group compute and outputs must stay in (`eu`, `us`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub residency: Option<String>,
+    /// Clouds the job may run in (on-prem sites are always allowed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub clouds: Vec<Cloud>,
+    /// The most compute may cost per hour, in dollars (more than 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(exclusive_minimum = 0.0)]
     pub max_usd_per_hour: Option<f64>,
+    /// The most the job may cost in all, in dollars (more than 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(exclusive_minimum = 0.0)]
     pub max_usd_total: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spot: Option<Spot>,
     /// Finish by: an RFC 3339 time, or a duration from submit (`4h`). Hard.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = deadline_schema)]
     pub deadline: Option<String>,
     /// Start by: the longest acceptable wait. Hard.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<HumanDuration>)]
     pub max_wait: Option<HumanDuration>,
     /// What an hour of waiting costs this job, in dollars: candidates compare
     /// `compute + egress + storage + wait × delay_usd_per_hour` (default: the tenant's, else the
     /// broker's `placement.delay_usd_per_hour`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0.0)]
     pub delay_usd_per_hour: Option<f64>,
+}
+
+/// An RFC 3339 time like `2026-12-01T18:00:00Z` (UTC), or a duration from submit like `4h`.
+pub const RFC3339_PATTERN: &str = "^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,9})?[Zz]?$";
+
+/// `env`'s schema: names as [`is_env_name`] takes them (not those hybroker sets: checked on submit).
+fn env_schema() -> utoipa::openapi::schema::Schema {
+    string_map(
+        "^[A-Za-z_][A-Za-z0-9_]{0,127}$",
+        None,
+        MAX_ENV,
+        "Environment variables (at most 128; names `[A-Za-z_][A-Za-z0-9_]*`, not `HYBROKER_*`, \
+         `CUDA_VISIBLE_DEVICES` or `TRACEPARENT`)",
+    )
+}
+
+/// `labels`' schema: keys as [`is_label_key`] takes them, values at most 256 bytes.
+fn labels_schema() -> utoipa::openapi::schema::Schema {
+    let about = "At most 64 labels; keys 1–63 of `[A-Za-z0-9._-/]`, values at most 256 bytes";
+    string_map("^[A-Za-z0-9._/-]{1,63}$", Some(256), MAX_LABELS, about)
+}
+
+/// An object of strings whose names match `names`.
+fn string_map(names: &str, max_value: Option<usize>, max: usize, about: &str) -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, Type};
+    let value = ObjectBuilder::new().schema_type(Type::String).max_length(max_value);
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property_names(Some(ObjectBuilder::new().schema_type(Type::String).pattern(Some(names))))
+        .additional_properties(Some(AdditionalProperties::RefOr(value.into())))
+        .max_properties(Some(max))
+        .description(Some(about))
+        .build()
+        .into()
+}
+
+/// `resources.gpu_model`'s schema: the canonical model ids.
+fn gpu_models_schema() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    let model = ObjectBuilder::new().schema_type(Type::String).enum_values(Some(known_models().iter().copied()));
+    ArrayBuilder::new()
+        .items(model)
+        .description(Some(
+            "Acceptable canonical GPU models (e.g. `H100-80GB`); empty = any. Only with `gpus` more than 0.",
+        ))
+        .build()
+        .into()
+}
+
+/// `policy.deadline`'s schema: an RFC 3339 time (UTC) or a duration.
+fn deadline_schema() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{AnyOfBuilder, ObjectBuilder, Type};
+    let at = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(RFC3339_PATTERN))
+        .description(Some("An RFC 3339 time in UTC, e.g. `2026-12-01T18:00:00Z`"));
+    AnyOfBuilder::new()
+        .item(at)
+        .item(<HumanDuration as utoipa::PartialSchema>::schema())
+        .description(Some("Finish by: an RFC 3339 time (UTC), or a duration from submit (`4h`). Hard."))
+        .build()
+        .into()
 }
 
 /// When a spec's `deadline` falls: an RFC 3339 time, or `submitted_at` + a duration.
@@ -226,8 +346,11 @@ impl JobSpec {
     pub fn from_yaml(doc: &[u8], limit: usize) -> Result<Self, SpecError> {
         check_size(doc, limit)?;
         let de = serde_yaml_ng::Deserializer::from_slice(doc);
-        let spec: JobSpec = serde_path_to_error::deserialize(de)
-            .map_err(|e| syntax("YAML", e.path().to_string(), e.inner().to_string()))?;
+        let spec: JobSpec = serde_path_to_error::deserialize(de).map_err(|e| {
+            // With a position, serde_yaml_ng's message names the field and its line and column.
+            let path = if e.inner().location().is_some() { String::new() } else { e.path().to_string() };
+            syntax("YAML", path, e.inner().to_string())
+        })?;
         spec.validated()
     }
 

@@ -174,3 +174,12 @@ fn a_deadline_is_a_time_or_a_duration_from_submit() {
     // A duration too long for milliseconds stays far in the future instead of wrapping into the past.
     assert_eq!(deadline_at("1000000000 years", 1_000), Ok(i64::MAX));
 }
+
+#[test]
+fn yaml_type_errors_name_the_field_and_its_yaml_line_and_column() {
+    let doc = "name: x\ncommand: [a]\npolicy:\n  clouds: [aws]\n  max_usd_total: lots\n";
+    let e = JobSpec::from_yaml(doc.as_bytes(), 1 << 20).unwrap_err().to_string();
+    assert!(e.contains(": policy.max_usd_total: invalid type") && e.contains("line 5 column 18"), "{e}");
+    assert!(!e.contains("line 1 column"), "{e}");
+    assert_eq!(e.matches("max_usd_total").count(), 1, "{e}");
+}

@@ -2,11 +2,12 @@
 //! its source and fetch time, so a decision can say how old the numbers behind it were.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::UnixMillis;
 
 /// A cloud that sells compute, transfer and storage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Cloud {
     Aws,
@@ -23,7 +24,7 @@ impl Cloud {
 }
 
 /// Whether an hourly price is for on-demand or spot capacity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Market {
     OnDemand,
@@ -46,15 +47,16 @@ impl Market {
 }
 
 /// Where a price came from and when it was fetched.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Provenance {
     /// e.g. `azure-retail-prices`, `aws-price-list`, `snapshot:config/prices/snapshot.json`.
     pub source: String,
+    #[schema(value_type = i64)]
     pub fetched_at: UnixMillis,
 }
 
 /// The hourly price of one instance type in one region (Linux, shared tenancy).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ComputePrice {
     pub cloud: Cloud,
     /// `us-east-1`, `westeurope`.
@@ -68,7 +70,7 @@ pub struct ComputePrice {
 }
 
 /// Where data leaving a region goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Destination {
     /// Out to the internet (also: to another cloud, or to an on-prem site).
@@ -78,7 +80,7 @@ pub enum Destination {
 }
 
 /// The price of moving one GB out of a region (first paid tier).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct EgressPrice {
     pub cloud: Cloud,
     pub region: String,
@@ -89,7 +91,7 @@ pub struct EgressPrice {
 }
 
 /// The price of keeping one GB for a month (standard/hot tier, first tier).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct StoragePrice {
     pub cloud: Cloud,
     pub region: String,
@@ -99,11 +101,12 @@ pub struct StoragePrice {
 }
 
 /// Everything placement needs to know about prices, as of one moment.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct PriceSnapshot {
     /// Changes whenever the prices do (e.g. a hash or a sequence number); decisions record it.
     pub id: String,
     /// When the oldest feed behind it was fetched.
+    #[schema(value_type = i64)]
     pub fetched_at: UnixMillis,
     /// The feeds it was built from.
     pub sources: Vec<String>,

@@ -14,7 +14,7 @@ use super::gpu::is_known_model;
 use super::price::Cloud;
 
 /// What kind of place a site (or a storage location) is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SiteKind {
     /// Owned hardware (for storage: a `local://` location on the owned network).
@@ -53,7 +53,7 @@ impl From<Cloud> for SiteKind {
 }
 
 /// A place that runs work (`[[site]]` in the broker config): an on-prem site or a cloud pool.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Site {
     /// The name agents carry in their certificates (`lab-sto`, `aws-us-east-1`).
@@ -86,6 +86,7 @@ pub struct Site {
     /// Cloud: the capacity provider that launches the site's instances (`[site.capacity]`). A site
     /// with one is elastic: it takes work before an agent exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(ignore)]
     pub capacity: Option<CapacityConfig>,
 }
 

@@ -69,20 +69,56 @@ impl Serialize for ByteSize {
     }
 }
 
+/// Read with a visitor (a whole number of bytes, or text), so a YAML reader reports a bad size at
+/// its line and column.
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Bytes(u64),
-            Text(String),
+        struct Size;
+        impl serde::de::Visitor<'_> for Size {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size like 200GiB, 1.5TB or 512MB, or a number of bytes")
+            }
+            fn visit_u64<E: serde::de::Error>(self, bytes: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(bytes))
+            }
+            fn visit_i64<E: serde::de::Error>(self, bytes: i64) -> Result<ByteSize, E> {
+                u64::try_from(bytes).map(ByteSize).map_err(|_| E::custom(format!("{bytes} is not a size (negative)")))
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<ByteSize, E> {
+                ByteSize::parse(text).map_err(E::custom)
+            }
         }
-        match Raw::deserialize(d)? {
-            Raw::Bytes(b) => Ok(ByteSize(b)),
-            Raw::Text(t) => ByteSize::parse(&t).map_err(serde::de::Error::custom),
-        }
+        d.deserialize_any(Size)
     }
 }
+
+/// A size as text: a number (fractions allowed) and an optional unit of [`UNITS`], any case.
+pub const SIZE_PATTERN: &str = "^\\s*([0-9]+(\\.[0-9]*)?|\\.[0-9]+)\\s*([bB]|[kKmMgGtTpP][iI]?[bB]|[kKgG])?\\s*$";
+
+/// A whole number of bytes, or a string like `200GiB` (the OpenAPI and job-file schemas).
+impl utoipa::PartialSchema for ByteSize {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, OneOfBuilder, SchemaFormat, Type};
+        let bytes = ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+            .minimum(Some(0))
+            .description(Some("Bytes"));
+        let text = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some(SIZE_PATTERN))
+            .description(Some("A number and a unit: B, KB, MB, GB, TB, PB (powers of 1000), KiB, MiB, GiB, TiB, PiB, K, G (powers of 1024)"));
+        OneOfBuilder::new()
+            .item(bytes)
+            .item(text)
+            .description(Some("A size: bytes, or text like `200GiB`, `1.5TB`, `512MB`"))
+            .examples([serde_json::json!("200GiB"), serde_json::json!(4096)])
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for ByteSize {}
 
 #[cfg(test)]
 mod tests {
@@ -104,5 +140,13 @@ mod tests {
         }
         let from_json: ByteSize = serde_json::from_str("1024").unwrap();
         assert_eq!(from_json.0, 1024);
+        let from_json: ByteSize = serde_json::from_str("\"2KiB\"").unwrap();
+        assert_eq!(from_json.0, 2048);
+        assert!(serde_json::from_str::<ByteSize>("-1").is_err());
+        assert!(serde_json::from_str::<ByteSize>("1.5").is_err());
+        let from_yaml: ByteSize = serde_yaml_ng::from_str("200GiB").unwrap();
+        assert_eq!(from_yaml.0, 200 << 30);
+        let from_yaml: ByteSize = serde_yaml_ng::from_str("4096").unwrap();
+        assert_eq!(from_yaml.0, 4096);
     }
 }

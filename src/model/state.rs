@@ -8,7 +8,8 @@ use std::fmt;
 use std::str::FromStr;
 
 /// The full, fixed set of job states.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
 pub enum JobState {
     Queued,
     Placed,

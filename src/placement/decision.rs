@@ -2,12 +2,13 @@
 //! contract): every candidate with its verdict (an offer, or a [`Rejection`]) and the choice.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::rejection::{Rejection, RejectionKind};
 use crate::model::price::Market;
 
 /// What a candidate would cost, in US dollars.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct CostBreakdown {
     pub compute_usd: f64,
     pub egress_usd: f64,
@@ -25,7 +26,7 @@ pub struct CostBreakdown {
 }
 
 /// A feasible candidate: what it would run on, when it could start, and its cost.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Offer {
     /// Cloud: the instance type; `None` on-prem.
     pub instance_type: Option<String>,
@@ -77,7 +78,7 @@ pub enum Verdict {
 }
 
 /// One candidate: a site and where each output would go.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Candidate {
     pub site: String,
     /// One location per job output, in the job's order.
@@ -87,7 +88,7 @@ pub struct Candidate {
 }
 
 /// The chosen candidate.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Chosen {
     pub site: String,
     pub output_locations: Vec<String>,
@@ -96,7 +97,7 @@ pub struct Chosen {
 }
 
 /// A placement decision: stored with the job and served as its explanation (a stable JSON contract).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Decision {
     /// `None` when every candidate was rejected.
     pub chosen: Option<Chosen>,
@@ -112,14 +113,33 @@ pub struct Decision {
 }
 
 /// A verdict's JSON fields, flattened into its candidate.
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = Verdict)]
 struct VerdictJson<O = Offer, R = String> {
+    /// What the candidate would run on and cost (absent when rejected).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Offer>)]
     feasible: Option<O>,
+    /// The first rule the candidate breaks, as people read it (absent when feasible).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     rejected: Option<R>,
+    /// The rule's kind (with `rejected`).
     #[serde(skip_serializing_if = "Option::is_none")]
     kind: Option<RejectionKind>,
+}
+
+/// Described by [`VerdictJson`], the fields it writes.
+impl utoipa::PartialSchema for Verdict {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        <VerdictJson as utoipa::PartialSchema>::schema()
+    }
+}
+
+impl ToSchema for Verdict {
+    fn schemas(schemas: &mut Vec<(String, utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>)>) {
+        <VerdictJson as ToSchema>::schemas(schemas);
+    }
 }
 
 impl Serialize for Verdict {

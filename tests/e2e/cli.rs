@@ -175,7 +175,9 @@ async fn mistakes_get_clear_errors() {
     let unknown = cli.spec("unknown.yaml", "name: x\ncommand: [true]\ngpus: 2\n");
     let out = cli.run(&["submit", &unknown]).await;
     assert_eq!(out.status.code(), Some(2), "{}", show(&out));
-    assert!(stderr(&out).contains("gpus") && stderr(&out).contains("(400)"), "{}", show(&out));
+    // Refused before sending, at its line in the file.
+    let want = format!("error: {unknown}: invalid job spec at line 3 column 1: unknown field `gpus`");
+    assert!(stderr(&out).starts_with(&want), "{}", show(&out));
 
     let out = cli.run(&["submit", "/nonexistent/job.yaml"]).await;
     assert!(out.status.code() == Some(2) && stderr(&out).contains("/nonexistent/job.yaml"), "{}", show(&out));

@@ -72,6 +72,8 @@ const PURE_CRATES: &[&str] = &[
     "fastrand",
     "time",
     "proptest",
+    // Schemas of the model's types for the OpenAPI document and job.schema.json: descriptions, no I/O.
+    "utoipa",
 ];
 const IO_STD: &[&str] = &[
     "std::fs",

@@ -1,6 +1,7 @@
 //! Job spec files: YAML (docs/design.md §3) converted to the JSON the API takes, or a `.json` file sent as
-//! is. Problems a file has on its own (unreadable, not YAML, not a mapping) are reported here, naming
-//! the file and line; what the fields mean is the gateway's to check, so its answer names the field.
+//! is. Problems a file has on its own (unreadable, not YAML, not a mapping, a field of the wrong type
+//! or unknown) are reported here, naming the file, line and column; what the values mean is the
+//! gateway's to check, so its answer names the field.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -8,6 +9,8 @@ use std::path::Path;
 use anyhow::Context;
 use serde::Deserialize;
 use serde_json::Value;
+
+use crate::model::job::JobSpec;
 
 /// The request body for `POST /v1/jobs` from a spec file.
 pub fn request_body(path: &Path) -> anyhow::Result<Vec<u8>> {
@@ -22,6 +25,7 @@ pub fn request_body(path: &Path) -> anyhow::Result<Vec<u8>> {
     let text = std::str::from_utf8(&doc)
         .map_err(|e| anyhow::anyhow!("{}: not UTF-8 text (byte {})", path.display(), e.valid_up_to()))?;
     let value = yaml_to_json(text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    check_field_types(text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Ok(serde_json::to_vec(&value)?)
 }
 
@@ -60,6 +64,21 @@ pub fn yaml_to_json(text: &str) -> Result<Value, String> {
         }
     }
     Ok(value)
+}
+
+/// Reads the YAML into the spec's types as the broker reads a YAML spec, so a field of the wrong
+/// type (or an unknown one) is reported at its line and column in the file, not at a position in
+/// the JSON it is sent as.
+fn check_field_types(text: &str) -> Result<(), String> {
+    let de = serde_yaml_ng::Deserializer::from_str(text);
+    let Err(e) = serde_path_to_error::deserialize::<_, JobSpec>(de) else { return Ok(()) };
+    // With a position, serde_yaml_ng's message names the field (or an unknown one's mapping).
+    Err(match e.inner().location() {
+        Some(at) => {
+            format!("invalid job spec at line {} column {}: {}", at.line(), at.column(), strip_location(e.inner()))
+        }
+        None => format!("invalid job spec: {}: {}", e.path(), e.inner()),
+    })
 }
 
 fn check_mapping(value: &Value) -> Result<(), String> {
@@ -121,6 +140,39 @@ mod tests {
         assert!(e.starts_with("invalid YAML at line 3 column 10: did not find expected ',' or ']', while"), "{e}");
         let e = yaml_to_json("name: x\n  bad: indent\n").unwrap_err();
         assert!(e.starts_with("invalid YAML at line 2"), "{e}");
+    }
+
+    #[test]
+    fn a_wrong_type_deep_in_a_file_is_reported_at_its_yaml_line_and_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bad.yaml");
+        let doc = "# a job\nname: x\ncommand: [a]\npolicy:\n  clouds: [aws]\n  max_usd_total: lots\n";
+        std::fs::write(&file, doc).unwrap();
+        let e = request_body(&file).unwrap_err().to_string();
+        let want = format!(
+            "{}: invalid job spec at line 6 column 18: policy.max_usd_total: invalid type: string",
+            file.display()
+        );
+        assert!(e.starts_with(&want), "{e}");
+        // Unknown fields too, where they are.
+        std::fs::write(&file, "name: x\ncommand: [a]\nresources:\n  gpu: 2\n").unwrap();
+        let e = request_body(&file).unwrap_err().to_string();
+        assert!(e.contains("invalid job spec at line 4 column 3: resources: unknown field `gpu`,"), "{e}");
+        // Durations and sizes too.
+        std::fs::write(&file, "name: x\ncommand: [a]\ninputs:\n  - {uri: s3://b/k, path: in, size_hint: 12 parsecs}\n")
+            .unwrap();
+        let e = request_body(&file).unwrap_err().to_string();
+        assert!(
+            e.contains("invalid job spec at line 4 column 42: inputs[0].size_hint: \"12 parsecs\" is not a size"),
+            "{e}"
+        );
+        std::fs::write(&file, "name: x\ncommand: [a]\nmax_runtime: soon\n").unwrap();
+        let e = request_body(&file).unwrap_err().to_string();
+        assert!(e.contains("invalid job spec at line 3 column 14: max_runtime: \"soon\" is not a duration"), "{e}");
+        // Secret values are never quoted, even when their type is wrong.
+        std::fs::write(&file, "name: x\ncommand: [a]\nsecret_env: {TOKEN: [hunter2]}\n").unwrap();
+        let e = request_body(&file).unwrap_err().to_string();
+        assert!(e.contains("line 3") && !e.contains("hunter2"), "{e}");
     }
 
     #[test]
