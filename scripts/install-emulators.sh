@@ -32,25 +32,32 @@ apt_install() {
 now() { date +%s.%N; }
 took() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f s", b - a }'; }
 
+# A Python tool in its own venv under $DIR/NAME: kept when CHECK (a function) says it is ready at
+# its pinned version, else made afresh with `pip install SPEC` and checked again.
+venv_tool() {
+  local name=$1 spec=$2 check=$3 start
+  start=$(now)
+  if "$check"; then
+    echo "$spec: already installed in $DIR/$name ($(took "$start"))"
+    return
+  fi
+  need python3 || apt_install python3 python3-venv python3-pip
+  # Debian's python3 lacks venv/ensurepip until python3-venv is installed.
+  python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv python3-pip
+  rm -rf "${DIR:?}/$name"
+  python3 -m venv "$DIR/$name"
+  "$DIR/$name/bin/pip" install -q --disable-pip-version-check "$spec"
+  "$check" || { echo "$spec in $DIR/$name does not run" >&2; exit 1; }
+  echo "$spec: installed in $DIR/$name ($(took "$start"))"
+}
+
 # moto: ready when its venv imports the pinned version and the server script runs.
 moto_ok() {
   [[ -x $DIR/moto/bin/moto_server ]] &&
     [[ $("$DIR/moto/bin/python" -c 'import moto; print(moto.__version__)' 2>/dev/null) == "$MOTO_VERSION" ]] &&
     "$DIR/moto/bin/moto_server" --help >/dev/null 2>&1
 }
-start=$(now)
-if moto_ok; then
-  echo "moto $MOTO_VERSION: already installed in $DIR/moto ($(took "$start"))"
-else
-  need python3 || apt_install python3 python3-venv python3-pip
-  # Debian's python3 lacks venv/ensurepip until python3-venv is installed.
-  python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv python3-pip
-  rm -rf "$DIR/moto"
-  python3 -m venv "$DIR/moto"
-  "$DIR/moto/bin/pip" install -q --disable-pip-version-check "moto[server]==$MOTO_VERSION"
-  moto_ok || { echo "moto install in $DIR/moto does not run" >&2; exit 1; }
-  echo "moto $MOTO_VERSION: installed in $DIR/moto ($(took "$start"))"
-fi
+venv_tool moto "moto[server]==$MOTO_VERSION" moto_ok
 
 # Azurite: ready when azurite-blob reports the pinned version.
 azurite_ok() {
@@ -74,35 +81,15 @@ kubernetes_validate_ok() {
   [[ -x $DIR/kubernetes-validate/bin/kubernetes-validate ]] &&
     [[ $("$DIR/kubernetes-validate/bin/kubernetes-validate" --version 2>/dev/null) == *"$KUBERNETES_VALIDATE_VERSION"* ]]
 }
-start=$(now)
-if kubernetes_validate_ok; then
-  echo "kubernetes-validate $KUBERNETES_VALIDATE_VERSION: already installed in $DIR/kubernetes-validate ($(took "$start"))"
-else
-  python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv python3-pip
-  rm -rf "$DIR/kubernetes-validate"
-  python3 -m venv "$DIR/kubernetes-validate"
-  "$DIR/kubernetes-validate/bin/pip" install -q --disable-pip-version-check \
-    "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
-  kubernetes_validate_ok || { echo "kubernetes-validate in $DIR/kubernetes-validate does not run" >&2; exit 1; }
-  echo "kubernetes-validate $KUBERNETES_VALIDATE_VERSION: installed in $DIR/kubernetes-validate ($(took "$start"))"
+venv_tool kubernetes-validate "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" kubernetes_validate_ok
+
 # schemathesis: ready when its venv reports the pinned version and imports the schema validator.
 schemathesis_ok() {
   [[ -x $DIR/schemathesis/bin/st ]] &&
     [[ $("$DIR/schemathesis/bin/st" --version 2>/dev/null) == "st, version $SCHEMATHESIS_VERSION" ]] &&
     "$DIR/schemathesis/bin/python" -c 'import jsonschema_rs, yaml' 2>/dev/null
 }
-start=$(now)
-if schemathesis_ok; then
-  echo "schemathesis $SCHEMATHESIS_VERSION: already installed in $DIR/schemathesis ($(took "$start"))"
-else
-  need python3 || apt_install python3 python3-venv python3-pip
-  python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv python3-pip
-  rm -rf "$DIR/schemathesis"
-  python3 -m venv "$DIR/schemathesis"
-  "$DIR/schemathesis/bin/pip" install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
-  schemathesis_ok || { echo "schemathesis install in $DIR/schemathesis does not run" >&2; exit 1; }
-  echo "schemathesis $SCHEMATHESIS_VERSION: installed in $DIR/schemathesis ($(took "$start"))"
-fi
+venv_tool schemathesis "schemathesis==$SCHEMATHESIS_VERSION" schemathesis_ok
 
 # promtool: from Debian's prometheus package. Its own Prometheus service (and node exporter) must not
 # keep running: they would hold ports 9090/9100 on a test machine.
