@@ -404,6 +404,23 @@ impl Cluster {
         self.start_gateway_keyed(name, public_tls, "", extra)
     }
 
+    /// Writes `<name>.toml`: a plain-HTTP gateway on a free port, certificate `name` from the test
+    /// CA, this cluster's broker; returns its path (for tests that start the gateway themselves).
+    pub fn plain_gateway_config(&self, name: &str) -> PathBuf {
+        let tls = self.issue(Role::Gateway, name, None);
+        let config = format!(
+            "[gateway]\nlisten = \"127.0.0.1:0\"\nplain_http = true\n[broker]\nurl = \"https://{}\"\n\
+             [tls]\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            self.addr,
+            tls.ca_cert.display(),
+            tls.cert.display(),
+            tls.key.display()
+        );
+        let path = self.path(&format!("{name}.toml"));
+        std::fs::write(&path, config).unwrap();
+        path
+    }
+
     /// Like [`Cluster::start_gateway_with`], with `keys` added to its `[gateway]` section.
     pub fn start_gateway_keyed(&self, name: &str, public_tls: bool, keys: &str, extra: &str) -> Gateway {
         let tls = self.issue(Role::Gateway, name, None);

@@ -122,17 +122,7 @@ async fn broker_gateway_and_agent_tell_systemd_ready_reloading_and_stopping() {
 
     // The gateway, told through an abstract socket name; READY=1 means it answers at once.
     let gateway_socket = NotifySocket::abstract_named(&format!("hybroker-test-{}-gateway", std::process::id()));
-    let tls = cluster.issue(hybroker::model::identity::Role::Gateway, "gw-notify", None);
-    let config = format!(
-        "[gateway]\nlisten = \"127.0.0.1:0\"\nplain_http = true\n[broker]\nurl = \"https://{}\"\n\
-         [tls]\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-        cluster.addr,
-        tls.ca_cert.display(),
-        tls.cert.display(),
-        tls.key.display()
-    );
-    std::fs::write(cluster.path("gw-notify.toml"), config).unwrap();
-    let config = cluster.path("gw-notify.toml");
+    let config = cluster.plain_gateway_config("gw-notify");
     let mut gateway = spawn_with(
         &["gateway", "--config", config.to_str().unwrap()],
         &cluster.path("gw-notify.log"),

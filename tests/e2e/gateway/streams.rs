@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use hybroker::config::GatewayConfig;
-use hybroker::model::identity::Role;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use reqwest::{Method, StatusCode};
@@ -171,17 +170,7 @@ async fn a_followed_log_marks_a_new_attempt_after_a_lost_agent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_runs_in_process_and_stops_with_streams_open() {
     let cluster = Cluster::start(Duration::from_secs(5), &[]).await;
-    let tls = cluster.issue(Role::Gateway, "in-process", None);
-    let config = format!(
-        "[gateway]\nlisten = \"127.0.0.1:0\"\nplain_http = true\n[broker]\nurl = \"https://{}\"\n\
-         [tls]\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-        cluster.addr,
-        tls.ca_cert.display(),
-        tls.cert.display(),
-        tls.key.display()
-    );
-    std::fs::write(cluster.path("in-process.toml"), config).unwrap();
-    let config = GatewayConfig::load(&cluster.path("in-process.toml")).unwrap();
+    let config = GatewayConfig::load(&cluster.plain_gateway_config("in-process")).unwrap();
     let listener = tokio::net::TcpListener::bind(config.gateway.listen).await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
