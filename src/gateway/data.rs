@@ -15,6 +15,7 @@ use std::future::ready;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -28,7 +29,8 @@ use super::api::{
 };
 use super::auth::Tenant;
 use super::convert::rfc3339;
-use super::openapi::{BadRequest, Conflict, Forbidden, NotFound, TenantErrors};
+use super::jobs::json_body;
+use super::openapi::{BadRequest, Conflict, Forbidden, NotFound, TenantErrors, UnsupportedMediaType};
 use super::problem::HttpError;
 use crate::proto::{self, data_service_client::DataServiceClient};
 use crate::telemetry::grpc::TracedChannel;
@@ -296,15 +298,19 @@ pub async fn write_data(
     operation_id = "plan_data_upload",
     tag = "data",
     request_body = UploadRequest,
-    responses((status = 200, description = "How to upload it", body = UploadPlan), BadRequest, Forbidden, TenantErrors),
+    responses(
+        (status = 200, description = "How to upload it", body = UploadPlan),
+        BadRequest, Forbidden, UnsupportedMediaType, TenantErrors,
+    ),
     security(("bearer" = []))
 )]
 pub async fn plan_upload(
     State(state): State<AppState>,
     tenant: Tenant,
-    Json(request): Json<UploadRequest>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<UploadPlan>, HttpError> {
-    let UploadRequest { uri, size } = request;
+    let UploadRequest { uri, size } = json_body(body, &headers, &state)?;
     let call = proto::PlanUploadRequest { tenant: tenant.name, uri: uri.clone(), size };
     let answer = data_client(&state).plan_upload(call).await?.into_inner();
     let plan = match answer.plan {
@@ -345,14 +351,19 @@ pub async fn plan_upload(
     operation_id = "complete_data_upload",
     tag = "data",
     request_body = CompleteUpload,
-    responses((status = 204, description = "The object is stored"), BadRequest, Forbidden, Conflict, TenantErrors),
+    responses(
+        (status = 204, description = "The object is stored"),
+        BadRequest, Forbidden, Conflict, UnsupportedMediaType, TenantErrors,
+    ),
     security(("bearer" = []))
 )]
 pub async fn complete_upload(
     State(state): State<AppState>,
     tenant: Tenant,
-    Json(request): Json<CompleteUpload>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, HttpError> {
+    let request: CompleteUpload = json_body(body, &headers, &state)?;
     let parts = request.parts.into_iter().map(|p| proto::UploadedPart { number: p.number, etag: p.etag }).collect();
     let call =
         proto::CompleteUploadRequest { tenant: tenant.name, uri: request.uri, upload_id: request.upload_id, parts };

@@ -198,6 +198,18 @@ pub(super) fn read_body(body: Result<Bytes, BytesRejection>, state: &AppState) -
     })
 }
 
+/// A JSON request body as `T`: over the limit 413, declared as another media type 415, not `T` 400
+/// (the problem names the field), as every route of this API answers; never axum's 422.
+pub(super) fn json_body<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+    headers: &HeaderMap,
+    state: &AppState,
+) -> Result<T, HttpError> {
+    let body = read_body(body, state)?;
+    check_json_content_type(headers)?;
+    serde_json::from_slice(&body).map_err(|e| HttpError::BadRequest(format!("body: {e}")))
+}
+
 /// Refuses bodies that say they are not JSON (no `Content-Type` is taken as JSON).
 pub(super) fn check_json_content_type(headers: &HeaderMap) -> Result<(), HttpError> {
     match media_type(headers) {
