@@ -28,6 +28,8 @@ need mkfs.ext4 || apt_install e2fsprogs
 # pages, man resolves the units' Documentation= pages.
 need systemd-analyze || apt_install systemd
 { need groff && need man; } || apt_install groff-base man-db
+# The product test runs the quickstart's printed commands as printed, curl among them.
+need curl || apt_install curl
 # cargo-deny checks licenses, banned crates (a second crypto provider) and sources.
 cargo deny --version >/dev/null 2>&1 || cargo install --locked cargo-deny --version 0.20.2
 # No system protoc is needed (a vendored one builds the gRPC code); the tests start the real
