@@ -11,7 +11,7 @@ pub use generated::*;
 use std::time::{Duration, UNIX_EPOCH};
 
 use crate::model::agent::{self, AttemptReport};
-use crate::model::data::{self, JobData};
+use crate::model::data;
 use crate::model::gpu;
 use crate::model::presigned::Presigned;
 use crate::store;
@@ -145,21 +145,12 @@ impl From<AttemptReport> for AttemptUpdate {
 
 impl From<store::JobRecord> for Job {
     fn from(r: store::JobRecord) -> Self {
+        let data = r.effective_data();
         let store::JobRecord { submission: j, status: s } = r;
         let labels = serde_json::from_str::<serde_json::Value>(&j.spec_json)
             .ok()
             .and_then(|spec| serde_json::from_value(spec.get("labels")?.clone()).ok())
             .unwrap_or_default();
-        let mut data: JobData = j.data_json.as_deref().and_then(|d| serde_json::from_str(d).ok()).unwrap_or_default();
-        if !data.outputs_resolved()
-            && let Some(chosen) = s
-                .placement_json
-                .as_deref()
-                .and_then(|d| serde_json::from_str::<crate::placement::engine::Decision>(d).ok())
-                .and_then(|d| d.chosen)
-        {
-            data = data.with_chosen_outputs(&chosen.output_locations);
-        }
         let outputs = match s.state {
             crate::model::state::JobState::Succeeded => {
                 data.outputs.iter().map(|o| o.attempt_uri(&j.tenant, &j.id, s.attempts)).collect()

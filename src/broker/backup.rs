@@ -217,6 +217,5 @@ fn digest(path: &Path) -> Result<(u64, String), BackupError> {
         context.update(&buf[..n]);
         bytes += n as u64;
     }
-    let hex = context.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    Ok((bytes, hex))
+    Ok((bytes, super::keys::hex(context.finish().as_ref())))
 }

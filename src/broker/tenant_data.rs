@@ -82,7 +82,7 @@ impl DataService {
                 job.status.state
             )));
         }
-        let data = job_data(&job);
+        let data = job.effective_data();
         Ok((job, data))
     }
 
@@ -151,25 +151,6 @@ impl DataService {
     }
 }
 
-/// A job's data plan with placement's chosen output locations.
-fn job_data(job: &JobRecord) -> JobData {
-    let data: JobData =
-        job.submission.data_json.as_deref().and_then(|d| serde_json::from_str(d).ok()).unwrap_or_default();
-    if data.outputs_resolved() {
-        return data;
-    }
-    let chosen = job
-        .status
-        .placement_json
-        .as_deref()
-        .and_then(|d| serde_json::from_str::<crate::placement::engine::Decision>(d).ok())
-        .and_then(|d| d.chosen);
-    match chosen {
-        Some(chosen) => data.with_chosen_outputs(&chosen.output_locations),
-        None => data,
-    }
-}
-
 /// A key relative to an output's prefix: `/`-separated, no empty, `.` or `..` segment, no control
 /// character.
 fn safe_key(key: &str) -> bool {
@@ -188,7 +169,7 @@ fn md5_hex(meta: &ObjectMeta) -> Option<String> {
         return Some(etag.to_ascii_lowercase());
     }
     let md5 = B64.decode(meta.content_md5.as_deref()?).ok().filter(|m| m.len() == 16)?;
-    Some(md5.iter().map(|b| format!("{b:02x}")).collect())
+    Some(super::keys::hex(&md5))
 }
 
 /// The target `plan_upload` writes to: a location, keys as given.

@@ -77,6 +77,28 @@ pub struct JobRecord {
     pub status: JobStatus,
 }
 
+impl JobRecord {
+    /// The job's data plan as stored, with the output locations its stored placement decision
+    /// chose filled in (outputs given by residency group name none until placement chooses).
+    pub fn effective_data(&self) -> crate::model::data::JobData {
+        let data: crate::model::data::JobData =
+            self.submission.data_json.as_deref().and_then(|d| serde_json::from_str(d).ok()).unwrap_or_default();
+        if data.outputs_resolved() {
+            return data;
+        }
+        let chosen = self
+            .status
+            .placement_json
+            .as_deref()
+            .and_then(|d| serde_json::from_str::<crate::placement::engine::Decision>(d).ok())
+            .and_then(|d| d.chosen);
+        match chosen {
+            Some(chosen) => data.with_chosen_outputs(&chosen.output_locations),
+            None => data,
+        }
+    }
+}
+
 /// One entry of the append-only job event log; `seq` is global and strictly increasing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobEvent {

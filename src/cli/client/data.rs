@@ -8,11 +8,10 @@ use anyhow::Context;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use clap::{Args, Subcommand};
-use md5::{Digest, Md5};
 use reqwest::Method;
 use reqwest::header::{CONTENT_LENGTH, ETAG};
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::io::AsyncReadExt;
 
 use super::download::{self, Wanted};
 use super::gateway::Gateway;
@@ -175,7 +174,7 @@ fn walk(dir: &Path, rel: &str, files: &mut Vec<(PathBuf, String)>) -> anyhow::Re
 /// parts of a multipart upload, each with `Content-MD5` so the store checks what it got.
 async fn upload(gw: &Gateway, file: &Path, uri: &str) -> anyhow::Result<Uploaded> {
     let size = std::fs::metadata(file).with_context(|| format!("cannot read {}", file.display()))?.len();
-    let md5 = md5_range(file, 0, size).await?;
+    let md5 = download::md5_range(file, 0, size).await?;
     let request = UploadRequest { uri: uri.to_string(), size };
     let plan: UploadPlan =
         typed(gw.json(gw.request(Method::POST, &["v1", "data", "uploads"], false).json(&request)).await?)?;
@@ -194,7 +193,7 @@ async fn upload(gw: &Gateway, file: &Path, uri: &str) -> anyhow::Result<Uploaded
             for (i, put) in plan.parts.iter().enumerate() {
                 let offset = i as u64 * part_size;
                 let len = part_size.min(size.saturating_sub(offset));
-                let part_md5 = md5_range(file, offset, len).await?;
+                let part_md5 = download::md5_range(file, offset, len).await?;
                 let rb = download::request(gw, put)?
                     .header(CONTENT_LENGTH, len)
                     .header("content-md5", B64.encode(part_md5))
@@ -210,37 +209,13 @@ async fn upload(gw: &Gateway, file: &Path, uri: &str) -> anyhow::Result<Uploaded
         }
         other => anyhow::bail!("the gateway planned an upload of a kind this CLI does not know: {other}"),
     }
-    let md5 = md5.iter().map(|b| format!("{b:02x}")).collect();
+    let md5 = download::hex(&md5);
     Ok(Uploaded { file: file.display().to_string(), uri: uri.to_string(), size, md5 })
-}
-
-/// The MD5 of `len` bytes of a file from `offset`.
-async fn md5_range(path: &Path, offset: u64, len: u64) -> anyhow::Result<[u8; 16]> {
-    let mut file = open_at(path, offset).await?;
-    let mut md5 = Md5::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = len;
-    while left > 0 {
-        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-        let n = file.read(&mut buf[..want]).await.with_context(|| format!("cannot read {}", path.display()))?;
-        if n == 0 {
-            anyhow::bail!("{} became shorter while it was read", path.display());
-        }
-        md5.update(&buf[..n]);
-        left -= n as u64;
-    }
-    Ok(md5.finalize().into())
-}
-
-async fn open_at(path: &Path, offset: u64) -> anyhow::Result<tokio::fs::File> {
-    let mut file = tokio::fs::File::open(path).await.with_context(|| format!("cannot read {}", path.display()))?;
-    file.seek(std::io::SeekFrom::Start(offset)).await?;
-    Ok(file)
 }
 
 /// `len` bytes of a file from `offset`, read as they are sent.
 async fn file_body(path: &Path, offset: u64, len: u64) -> anyhow::Result<reqwest::Body> {
-    let file = open_at(path, offset).await?.take(len);
+    let file = download::open_at(path, offset).await?.take(len);
     let chunks = futures::stream::unfold(Some(file), |file| async move {
         let mut file = file?;
         let mut buf = vec![0u8; READ_CHUNK];

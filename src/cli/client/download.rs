@@ -8,7 +8,7 @@
 //! naming the object. A file already there with the right size and MD5 is skipped. On a terminal,
 //! stderr shows a byte progress bar; otherwise only a final line.
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -19,6 +19,7 @@ use md5::{Digest, Md5};
 use nix::fcntl::OFlag;
 use reqwest::header::RANGE;
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::gateway::{ClientError, Gateway, chain};
 use crate::gateway::api::{DataObject, HttpRequest};
@@ -93,7 +94,7 @@ async fn fetch(gw: &Gateway, w: &Wanted, bar: &mut Bar) -> anyhow::Result<Outcom
     if let Some(parent) = w.dest.parent() {
         std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
     }
-    if is_complete(&w.dest, o)? {
+    if is_complete(&w.dest, o).await? {
         bar.advance(o.size);
         return Ok(Outcome::Skipped);
     }
@@ -154,7 +155,7 @@ async fn fetch(gw: &Gateway, w: &Wanted, bar: &mut Bar) -> anyhow::Result<Outcom
         anyhow::bail!("{}: the download ended at {len} of {} bytes; run the command again to resume", o.uri, o.size);
     }
     if let Some(md5) = &o.md5 {
-        let got = md5_of_file(&part)?;
+        let got = md5_of_file(&part).await?;
         if !got.eq_ignore_ascii_case(md5) {
             let _ = std::fs::remove_file(&part);
             anyhow::bail!(
@@ -180,29 +181,50 @@ pub fn refuse_link(path: &Path) -> anyhow::Result<()> {
 }
 
 /// Whether `dest` already holds the object: its size and, where known, its MD5.
-fn is_complete(dest: &Path, o: &DataObject) -> anyhow::Result<bool> {
+async fn is_complete(dest: &Path, o: &DataObject) -> anyhow::Result<bool> {
     match std::fs::metadata(dest) {
         Ok(meta) if meta.is_file() && meta.len() == o.size => match &o.md5 {
-            Some(md5) => Ok(md5_of_file(dest)?.eq_ignore_ascii_case(md5)),
+            Some(md5) => Ok(md5_of_file(dest).await?.eq_ignore_ascii_case(md5)),
             None => Ok(true),
         },
         _ => Ok(false),
     }
 }
 
-/// The MD5 of a file, in hex.
-pub fn md5_of_file(path: &Path) -> anyhow::Result<String> {
-    let mut file = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+/// The MD5 of a whole file, in hex.
+async fn md5_of_file(path: &Path) -> anyhow::Result<String> {
+    let len = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?.len();
+    Ok(hex(&md5_range(path, 0, len).await?))
+}
+
+/// The MD5 of `len` bytes of a file from `offset` (whole files for checks, parts for uploads).
+pub async fn md5_range(path: &Path, offset: u64, len: u64) -> anyhow::Result<[u8; 16]> {
+    let mut file = open_at(path, offset).await?;
     let mut md5 = Md5::new();
     let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut left = len;
+    while left > 0 {
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = file.read(&mut buf[..want]).await.with_context(|| format!("cannot read {}", path.display()))?;
         if n == 0 {
-            break;
+            anyhow::bail!("{} became shorter while it was read", path.display());
         }
         md5.update(&buf[..n]);
+        left -= n as u64;
     }
-    Ok(md5.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(md5.finalize().into())
+}
+
+/// A file opened for reading at `offset`.
+pub async fn open_at(path: &Path, offset: u64) -> anyhow::Result<tokio::fs::File> {
+    let mut file = tokio::fs::File::open(path).await.with_context(|| format!("cannot read {}", path.display()))?;
+    file.seek(std::io::SeekFrom::Start(offset)).await?;
+    Ok(file)
+}
+
+/// An MD5 in lowercase hex, as listings show it.
+pub fn hex(md5: &[u8; 16]) -> String {
+    md5.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The request a handed-out [`HttpRequest`] describes, with its headers.
