@@ -277,3 +277,43 @@ async fn uris_and_keys_that_reach_for_another_tenants_objects_are_refused() {
 async fn tenant_cli_as(dc: &DataCluster, key: &str, args: &[&str]) -> std::process::Output {
     crate::common::tenant_cli(&dc.gateway, key, args).await
 }
+
+/// The broker's data service answers gateways and admins only: a stolen agent certificate (or a
+/// tenant's own, were one issued) gets PERMISSION_DENIED on every call that reads or lists data,
+/// and a gateway must name the tenant it acts for.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_data_service_refuses_agents_and_a_gateway_that_names_no_tenant() {
+    use hybroker::model::identity::Role;
+    use hybroker::proto::{self, data_service_client::DataServiceClient};
+    let dc = DataCluster::start(None).await;
+    let file = dc.cluster.path("secret.txt");
+    std::fs::write(&file, "acme's").unwrap();
+    dc.ok(&["data", "put", file.to_str().unwrap(), "local://lab/acme/secret.txt"]).await;
+    let client = |paths: hybroker::tls::TlsPaths| {
+        let addr = dc.cluster.addr;
+        async move {
+            let config = hybroker::tls::client_config(&paths, crate::common::TRUST_DOMAIN, Role::Broker).unwrap();
+            DataServiceClient::new(hybroker::tls::connect(&format!("https://{addr}"), config, None).await.unwrap())
+        }
+    };
+    let read = |tenant: &str| proto::ReadObjectRequest {
+        tenant: tenant.into(),
+        uri: "local://lab/acme/secret.txt".into(),
+        ..Default::default()
+    };
+    let list = |tenant: &str| proto::ListDataRequest { tenant: tenant.into(), uri: "local://lab/acme/".into() };
+
+    let mut agent = client(dc.cluster.issue(Role::Agent, "stolen", Some("lab"))).await;
+    let denied = agent.read_object(read("acme")).await.err().expect("an agent may not read tenants' data");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    let denied = agent.list_data(list("acme")).await.unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+
+    let mut gateway = client(dc.cluster.issue(Role::Gateway, "gw-direct", None)).await;
+    let refused = gateway.list_data(list("")).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    let refused = gateway.list_data(list("globex")).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "globex may not list acme's prefix: {refused:?}");
+    let listed = gateway.list_data(list("acme")).await.unwrap().into_inner();
+    assert_eq!(listed.objects.len(), 1, "the same call for the owner succeeds: {listed:?}");
+}
