@@ -304,7 +304,7 @@ async fn the_data_service_refuses_agents_and_a_gateway_that_names_no_tenant() {
     let list = |tenant: &str| proto::ListDataRequest { tenant: tenant.into(), uri: "local://lab/acme/".into() };
 
     let mut agent = client(dc.cluster.issue(Role::Agent, "stolen", Some("lab"))).await;
-    let denied = agent.read_object(read("acme")).await.err().expect("an agent may not read tenants' data");
+    let Err(denied) = agent.read_object(read("acme")).await else { panic!("an agent may not read tenants' data") };
     assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
     let denied = agent.list_data(list("acme")).await.unwrap_err();
     assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
